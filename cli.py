@@ -1,0 +1,6 @@
+"""mlxtral command line (installed as the module mlxtral.cli)."""
+from __future__ import annotations
+
+
+def main() -> None:
+    print("mlxtral")

@@ -1,0 +1,54 @@
+"""One exception hierarchy for users' errors.
+
+Everything a user can cause (a bad file, a wrong flag, a conversation that does not fit) raises
+a subclass of :class:`MlxtralError`. The CLI prints ``str(err)`` as one line and exits non-zero.
+Programming errors are left to raise normally.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MlxtralError(Exception):
+    """Base class of every error a user can cause. ``str()`` is one line, naming the file."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = str(path) if path is not None else None
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class FormatError(MlxtralError):
+    """A checkpoint file is malformed, truncated, or of an unsupported kind."""
+
+
+class ConfigError(MlxtralError):
+    """A configuration is missing keys or disagrees with the tensors."""
+
+
+class UnsafeCheckpointError(FormatError):
+    """A pickle tried to do something other than rebuild tensors."""
+
+
+class TokenizerError(MlxtralError):
+    """A tokenizer or chat template cannot be built or applied."""
+
+
+class ChatError(MlxtralError):
+    """A conversation is not valid (roles do not alternate, unknown role...)."""
+
+
+class ContextOverflowError(MlxtralError):
+    """A prompt or a conversation does not fit the context the model was loaded with."""
+
+
+class OutOfMemoryError(MlxtralError):
+    """The machine cannot hold what was asked for."""
+
+
+class UsageError(MlxtralError):
+    """A wrong argument or combination of arguments."""
+
+    exit_code = 2
