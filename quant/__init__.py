@@ -1,7 +1,23 @@
-"""Quantizers and dequantizers for GGUF block types and MLX affine quantization."""
+"""Quantizers and dequantizers for GGUF block types and MLX affine quantization.
+
+- :mod:`mlxtral.quant.ggml`: GGUF ``Q8_0``/``Q4_0``/``Q4_1``/``F16``/``BF16`` in vectorized NumPy,
+  byte-identical to ``gguf.quants.quantize``.
+- :mod:`mlxtral.quant.affine`: MLX affine 4/8-bit quantization, identical to ``mx.quantize``.
+- :func:`dequantize_blocks`: any GGUF type to float32 (K-quants through ``gguf.quants``).
+"""
 from __future__ import annotations
 
-
+from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes
 from mlxtral.quant.dequant import dequantize_blocks
+from mlxtral.quant.ggml import dequantize, quantize, quantized_shape, relative_rmse
 
-__all__ = ["dequantize_blocks"]
+__all__ = [
+    "affine_dequantize",
+    "affine_quantize",
+    "affine_shapes",
+    "dequantize",
+    "dequantize_blocks",
+    "quantize",
+    "quantized_shape",
+    "relative_rmse",
+]
