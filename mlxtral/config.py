@@ -39,7 +39,9 @@ class ModelArgs:
             if not isinstance(v, int) or v <= 0 or v > 1 << 24:
                 raise ConfigError(f"{name} must be a positive integer below 2**24, got {v!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.n_experts < 0 or self.n_experts > 4096:
             raise ConfigError(f"n_experts must be between 0 and 4096, got {self.n_experts}")
         if self.n_experts:

@@ -1,0 +1,213 @@
+"""Generation shared by every backend: chunked prefill, KV-cache prefix reuse, sampling, stop
+conditions, streaming text that never splits a UTF-8 character, and stats."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from mlxtral.errors import ContextOverflowError, UsageError
+from mlxtral.sampling import Sampler, SamplingParams
+
+
+class Cache(Protocol):
+    offset: int
+    max_context: int
+
+    def trim(self, n: int) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def new_cache(self, max_context: int) -> Cache: ...
+
+    def forward(self, ids: Sequence[int], cache: Cache, all_logits: bool = False) -> np.ndarray: ...
+
+    def peak_memory(self) -> int: ...
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens of the prompt, cached ones included
+    cached_tokens: int = 0  # of those, reused from the session's KV cache
+    prompt_time: float = 0.0  # seconds to prefill the uncached ones
+    generation_tokens: int = 0
+    generation_time: float = 0.0
+    peak_memory: int = 0  # bytes
+    finish_reason: str = ""  # "stop", "length", "context_length", "interrupted"
+
+    @property
+    def prompt_tps(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prompt_time if self.prompt_time > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_time if self.generation_time > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prompt_tps"] = round(self.prompt_tps, 3)
+        d["generation_tps"] = round(self.generation_tps, 3)
+        d["peak_memory_gb"] = round(self.peak_memory / 1e9, 3)
+        return d
+
+    def summary(self) -> str:
+        n = self.prompt_tokens - self.cached_tokens
+        cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+        return (
+            f"prompt: {n} tokens{cached}, {self.prompt_tps:.1f} tok/s | "
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+            f"peak memory: {self.peak_memory / 1e9:.2f} GB"
+        )
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # new text since the previous response
+    token: int | None  # the token just generated (None for the final flush)
+    stats: GenerationStats | None = None  # set on the last response only
+    finish_reason: str | None = None
+
+
+@dataclass
+class Session:
+    """A KV cache plus the tokens it holds: later prompts sharing a prefix skip re-prefill."""
+
+    cache: Cache
+    tokens: list[int] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.cache.trim(0)
+        self.tokens = []
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def prefill(backend: Backend, session: Session, ids: Sequence[int], chunk: int) -> tuple[np.ndarray, int]:
+    """Bring the session to ``ids``, reusing the longest cached prefix. Returns (last logits, reused)."""
+    if not ids:
+        raise UsageError("the prompt is empty")
+    cache = session.cache
+    if len(ids) >= cache.max_context:
+        raise ContextOverflowError(
+            f"the prompt has {len(ids)} tokens but the context holds {cache.max_context}: "
+            "shorten it or load the model with a larger max_context"
+        )
+    n = min(common_prefix(session.tokens, ids), len(ids) - 1)  # recompute at least one token
+    cache.trim(n)
+    session.tokens = list(ids[:n])
+    logits = None
+    for s in range(n, len(ids), chunk):
+        part = list(ids[s : s + chunk])
+        logits = backend.forward(part, cache)
+        session.tokens.extend(part)
+    assert logits is not None
+    return logits, n
+
+
+class _StopMatcher:
+    """Holds back text that may be the beginning of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        self.pending += text
+        for s in self.stops:
+            i = self.pending.find(s)
+            if i >= 0:
+                out = self.pending[:i]
+                self.pending = ""
+                return out, True
+        hold = 0
+        for s in self.stops:
+            for L in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:L]):
+                    hold = max(hold, L)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def stream_generate(
+    backend: Backend,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    session: Session,
+    *,
+    max_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop: Sequence[str] = (),
+    eos_ids: set[int] | None = None,
+    prefill_chunk: int = 512,
+) -> Iterator[GenerationResponse]:
+    """Yield one response per generated token; the last one carries the stats.
+
+    The session keeps every token fed through the model; a sampled EOS (or the final token at
+    ``max_tokens``) is not fed, so the next turn's prompt re-supplies it.
+    """
+    if max_tokens < 0:
+        raise UsageError(f"max_tokens must be >= 0, got {max_tokens}")
+    sampler = Sampler(sampling or SamplingParams())
+    eos = set(eos_ids if eos_ids is not None else getattr(tokenizer, "eos_ids", set()))
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    t0 = time.perf_counter()
+    logits, reused = prefill(backend, session, prompt_ids, prefill_chunk)
+    stats.cached_tokens = reused
+    t1 = time.perf_counter()
+    stats.prompt_time = t1 - t0
+    decoder = tokenizer.stream_decoder()
+    matcher = _StopMatcher(stop)
+    history = list(prompt_ids)
+    finish = "length"
+    cache = session.cache
+    try:
+        for i in range(max_tokens):
+            tok = sampler(logits, history)
+            history.append(tok)
+            stats.generation_tokens += 1
+            if tok in eos:
+                finish = "stop"
+                break
+            text, stopped = matcher.feed(decoder.add(tok))
+            if stopped:
+                if text:
+                    yield GenerationResponse(text, tok)
+                finish = "stop"
+                break
+            yield GenerationResponse(text, tok)
+            if i == max_tokens - 1:
+                break
+            if cache.offset + 1 >= cache.max_context:
+                finish = "context_length"
+                break
+            logits = backend.forward([tok], cache)
+            session.tokens.append(tok)
+    except KeyboardInterrupt:
+        finish = "interrupted"
+    if finish != "stop":
+        tail = matcher.feed(decoder.flush())[0] + matcher.flush()
+    else:
+        tail = ""
+    stats.generation_time = time.perf_counter() - t1
+    stats.peak_memory = backend.peak_memory()
+    stats.finish_reason = finish
+    yield GenerationResponse(tail, None, stats=stats, finish_reason=finish)

@@ -1,0 +1,207 @@
+"""The Python API: ``mlxtral.load(path)`` -> :class:`Model` with tokenize, logits, generate, stream."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlxtral.config import ModelArgs
+from mlxtral.errors import MlxtralError, UsageError
+from mlxtral.formats import Checkpoint
+from mlxtral.generate import GenerationResponse, Session, stream_generate
+from mlxtral.sampling import SamplingParams
+
+Messages = list[dict[str, str]]
+BACKENDS = ("auto", "numpy", "mlx")
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def metal_available() -> bool:
+    """True on Apple Silicon with a working MLX Metal device."""
+    if sys.platform != "darwin" or platform.machine() != "arm64":
+        return False
+    try:
+        import mlx.core as mx
+
+        return bool(mx.metal.is_available())
+    except Exception:
+        return False
+
+
+def resolve_backend(backend: str) -> str:
+    backend = (backend or "auto").lower()
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        env = os.environ.get("MLXTRAL_BACKEND")
+        if env:
+            return resolve_backend(env)
+        return "mlx" if metal_available() else "numpy"
+    return backend
+
+
+class Model:
+    """A loaded model: ``config``, ``tokenizer``, and generation on one backend."""
+
+    def __init__(self, checkpoint: Checkpoint, backend: Any, tokenizer: Any, max_context: int) -> None:
+        self.checkpoint = checkpoint
+        self.config: ModelArgs = checkpoint.args
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self._session: Session | None = None
+
+    def __repr__(self) -> str:
+        c = self.config
+        kind = f"{c.n_experts}x{c.n_experts_per_tok} MoE" if c.is_moe else "dense"
+        return (f"<mlxtral.Model {self.checkpoint.path.name}: {self.checkpoint.format}, {kind}, "
+                f"{c.n_layers} layers, dim {c.dim}, backend {self.backend.name}>")
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template_name", None)
+
+    # ---- tokens and logits ---------------------------------------------------------------
+    def encode(self, text: str, bos: bool | None = None) -> list[int]:
+        return self.tokenizer.encode(text, bos=self.tokenizer.add_bos if bos is None else bos)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """One full forward over ``ids`` from an empty cache: float32 ``[len(ids), vocab]``."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise UsageError("logits() needs at least one token")
+        self._check_ids(ids)
+        cache = self.backend.new_cache(max(len(ids), 1))
+        return np.asarray(self.backend.forward(ids, cache, all_logits=True), dtype=np.float32)
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        v = self.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < v]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{v - 1})")
+
+    # ---- chat ----------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        from mlxtral.tokenizer.chat import apply_chat_template
+
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt=add_generation_prompt)
+
+    def prompt_ids(self, prompt: str | Messages | Sequence[int], chat: bool | None = None) -> list[int]:
+        """Token ids for a string (raw, or chat-templated when ``chat``), messages, or ids."""
+        if isinstance(prompt, str):
+            if chat:
+                return self.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.encode(prompt)
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.apply_chat_template(prompt)  # type: ignore[arg-type]
+        if prompt and not all(isinstance(i, (int, np.integer)) for i in prompt):
+            raise UsageError("a prompt is a string, a list of messages, or a list of token ids")
+        ids = [int(i) for i in prompt]
+        self._check_ids(ids)
+        return ids
+
+    # ---- generation ----------------------------------------------------------------------
+    def new_session(self, max_context: int | None = None) -> Session:
+        return Session(self.backend.new_cache(max_context or self.max_context))
+
+    def stream(
+        self,
+        prompt: str | Messages | Sequence[int],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str = (),
+        chat: bool | None = None,
+        session: Session | None = None,
+        prefill_chunk: int = 512,
+    ) -> Iterator[GenerationResponse]:
+        """Yield responses as tokens come: ``r.text`` (new text), ``r.token``; the last has ``r.stats``.
+
+        Without ``session`` the model's own session is used, so a prompt that extends the previous
+        one (a chat) reuses its KV cache.
+        """
+        ids = self.prompt_ids(prompt, chat)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed)
+        if session is None:
+            if self._session is None:
+                self._session = self.new_session()
+            session = self._session
+        if isinstance(stop, str):
+            stop = [stop]
+        yield from stream_generate(
+            self.backend, self.tokenizer, ids, session, max_tokens=max_tokens, sampling=params,
+            stop=stop, prefill_chunk=prefill_chunk,
+        )
+
+    def generate(self, prompt: str | Messages | Sequence[int], max_tokens: int = 256, **kw: Any) -> str:
+        """The whole answer as a string (see :meth:`stream` for the arguments)."""
+        parts = []
+        for r in self.stream(prompt, max_tokens=max_tokens, **kw):
+            parts.append(r.text)
+            if r.stats is not None:
+                self.last_stats = r.stats
+        return "".join(parts)
+
+    def expert_counts(self) -> np.ndarray | None:
+        """Tokens routed to each expert so far, ``[n_layers, n_experts]``."""
+        c = getattr(self.backend, "expert_counts", None)
+        return None if c is None else np.asarray(c)
+
+
+def load(
+    path: str | os.PathLike[str],
+    backend: str = "auto",
+    max_context: int | None = None,
+    experts_per_token: int | None = None,
+    kv_dtype: str | None = None,
+    tokenizer: bool = True,
+) -> Model:
+    """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder."""
+    from mlxtral.formats.detect import open_checkpoint
+
+    name = resolve_backend(backend)
+    ckpt = open_checkpoint(Path(path))
+    ckpt.args = ckpt.args.with_experts_per_token(experts_per_token)
+    model_ctx = ckpt.args.max_position_embeddings
+    if max_context is None:
+        max_context = min(model_ctx, DEFAULT_MAX_CONTEXT)
+    if max_context < 1:
+        raise UsageError(f"max_context must be >= 1, got {max_context}")
+    if max_context > model_ctx:
+        raise UsageError(f"max_context {max_context} exceeds the model's context length {model_ctx}")
+    if name == "numpy":
+        from mlxtral.backends.numpy_backend import NumpyBackend
+
+        be = NumpyBackend(ckpt.args, ckpt.tensors, kv_dtype=kv_dtype or "float32")
+    else:
+        try:
+            from mlxtral.backends.mlx_backend import MLXBackend
+        except ImportError as e:
+            raise MlxtralError(f"the MLX backend is not available ({e})") from None
+        be = MLXBackend(ckpt.args, ckpt.tensors, dtype=kv_dtype)
+    tok = None
+    if tokenizer:
+        if ckpt.tokenizer is None:
+            raise MlxtralError("no tokenizer found beside the weights", ckpt.path)
+        from mlxtral.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(ckpt.tokenizer)
+    return Model(ckpt, be, tok, max_context)
