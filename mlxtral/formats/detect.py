@@ -1,0 +1,126 @@
+"""Open any checkpoint: detect its format by content, load it, check it against its config.
+
+- a file starting with ``b"GGUF"`` -> :func:`mlxtral.formats.gguf.load_gguf`
+- a folder with ``params.json`` and ``consolidated.*`` weights -> Mistral original
+- a folder whose ``config.json`` has ``quantization`` (mlx-lm) or whose tensors use mlx-lm's
+  ``switch_mlp`` names -> MLX folder
+- a folder with ``config.json`` -> Hugging Face
+
+Every loader ends with :func:`validate_tensors`: every tensor the config implies is there with
+the right shape, and nothing else is.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlxtral.errors import FormatError
+from mlxtral.formats import Checkpoint, expected_shapes
+
+_SHOW = 5
+
+
+def _few(names: list[str]) -> str:
+    more = f" and {len(names) - _SHOW} more" if len(names) > _SHOW else ""
+    return ", ".join(names[:_SHOW]) + more
+
+
+def validate_tensors(ckpt: Checkpoint) -> None:
+    """Raise :class:`FormatError` unless ``ckpt.tensors`` is exactly what ``ckpt.args`` implies."""
+    want = expected_shapes(ckpt.args)
+    have = ckpt.tensors
+    missing = [n for n in want if n not in have]
+    unused = sorted(n for n in have if n not in want)
+    wrong = [f"{n} {tuple(have[n].shape)} (config implies {want[n]})"
+             for n in want if n in have and tuple(have[n].shape) != want[n]]
+    if missing and unused and not wrong:
+        raise FormatError(f"the tensors do not match the config: {len(missing)} missing "
+                          f"({_few(missing)}); {len(unused)} unused ({_few(unused)})", ckpt.path)
+    if missing:
+        raise FormatError(f"{len(missing)} tensors the config needs are missing: {_few(missing)}", ckpt.path)
+    if wrong:
+        raise FormatError(f"{len(wrong)} tensors disagree with the config: {_few(wrong)}", ckpt.path)
+    if unused:
+        raise FormatError(f"{len(unused)} tensors are not used by the model: {_few(unused)}", ckpt.path)
+    for name, q in have.items():
+        if name.endswith(("_norm.weight", "ffn_gate_inp.weight")) and q.qtype != "F32":
+            raise FormatError(f"tensor {name} must be float32 after loading, got {q.qtype}", ckpt.path)
+
+
+def detect_format(path: str | Path) -> str:
+    """``"gguf"``, ``"original"``, ``"mlx"`` or ``"hf"``; :class:`FormatError` otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError("no such file or folder", p)
+    if p.is_file():
+        try:
+            with open(p, "rb") as f:
+                head = f.read(8)
+        except OSError as e:
+            raise FormatError(f"cannot read ({e.strerror})", p) from None
+        if head[:4] == b"GGUF":
+            return "gguf"
+        hint = ""
+        if head[:4] == b"PK\x03\x04" or p.suffix in (".safetensors", ".pth", ".bin"):
+            hint = "; for safetensors or .pth weights pass the folder that holds them with their config"
+        raise FormatError(f"not a GGUF file (starts with {head[:4]!r}){hint}", p)
+    if (p / "params.json").is_file() and _original_weights(p):
+        return "original"
+    cfg_path = p / "config.json"
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"config.json is not valid JSON ({e.__class__.__name__})", cfg_path) from None
+        if isinstance(cfg, dict) and "quantization" in cfg:
+            return "mlx"
+        if _has_switch_mlp(p):
+            return "mlx"
+        return "hf"
+    if (p / "params.json").is_file():
+        raise FormatError("params.json found but no consolidated.*.pth or consolidated.safetensors "
+                          "weights", p)
+    raise FormatError("not a checkpoint folder (no config.json or params.json): expected a GGUF file, or an "
+                      "HF, Mistral original or MLX folder", p)
+
+
+def _original_weights(folder: Path) -> bool:
+    return any(folder.glob("consolidated*.pth")) or any(folder.glob("consolidated*.safetensors"))
+
+
+def _has_switch_mlp(folder: Path) -> bool:
+    from mlxtral.formats.safetensors import tensor_names
+
+    idx = folder / "model.safetensors.index.json"
+    if idx.is_file():
+        try:
+            wm = json.loads(idx.read_text(encoding="utf-8")).get("weight_map", {})
+            return any(".switch_mlp." in k for k in wm)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return False  # the HF loader reports the broken index
+    for f in sorted(folder.glob("model*.safetensors"))[:1]:
+        try:
+            return any(".switch_mlp." in k for k in tensor_names(f))
+        except FormatError:
+            return False
+    return False
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Load any supported checkpoint into the internal layout (see :mod:`mlxtral.formats`)."""
+    kind = detect_format(path)
+    if kind == "gguf":
+        from mlxtral.formats.gguf import load_gguf
+
+        return load_gguf(path)
+    if kind == "original":
+        from mlxtral.formats.original import load_original
+
+        return load_original(path)
+    if kind == "mlx":
+        from mlxtral.formats.mlx_folder import load_mlx_folder
+
+        return load_mlx_folder(path)
+    from mlxtral.formats.hf import load_hf
+
+    return load_hf(path)
