@@ -1,0 +1,142 @@
+"""The tokenizer interface shared by every vocabulary kind, and the streaming decoder.
+
+Decoding is defined once, on bytes: each id has a surface byte string (``token_bytes``), the
+pieces are joined and decoded as UTF-8 with U+FFFD for invalid bytes. SentencePiece-style
+vocabularies drop the leading space of the first text piece (the dummy prefix added at encode
+time). ``StreamDecoder`` applies the same rule incrementally, so the concatenation of its
+outputs always equals ``decode`` of the same ids.
+"""
+from __future__ import annotations
+
+import codecs
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+# GGUF token types (gguf.TokenType), also used for the other vocabulary kinds.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Token texts that end a turn in common chat formats (llama.cpp's end-of-generation list).
+EOT_TEXTS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<EOT>",
+    "<|end_of_text|>",
+)
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids.
+
+    Attributes:
+        vocab_size: number of ids.
+        bos_id / eos_id: begin / end of sequence ids (None if the vocabulary has none).
+        eos_ids: every id that ends a turn (eos plus e.g. ChatML ``<|im_end|>``).
+        add_bos: whether the file asks for BOS at the start of a prompt.
+        chat_template: the Jinja chat template shipped with the file, if any.
+        kind: ``"sentencepiece"`` | ``"llama"`` (GGUF SentencePiece) | ``"bpe"`` (byte-level BPE).
+    """
+
+    kind: str = ""
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    eos_ids: set[int]
+    add_bos: bool = False
+    chat_template: str | None = None
+    #: Decode drops one leading space of the first text piece (SentencePiece dummy prefix).
+    strip_leading_space: bool = False
+
+    @abstractmethod
+    def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``bos`` prepends BOS; ``special`` parses control tokens in the text."""
+
+    @abstractmethod
+    def id_to_piece(self, i: int) -> str:
+        """The vocabulary entry of id ``i`` as stored (``▁Hello``, ``<0x0A>``, ``ĠHello``...)."""
+
+    @abstractmethod
+    def token_to_id(self, piece: str) -> int | None:
+        """The id of a vocabulary entry, or None."""
+
+    @abstractmethod
+    def token_type(self, i: int) -> int:
+        """The GGUF token type of id ``i`` (NORMAL, CONTROL, BYTE, ...)."""
+
+    @abstractmethod
+    def token_bytes(self, i: int) -> bytes:
+        """Surface bytes of id ``i`` in decoded text (control tokens: their text)."""
+
+    # ------------------------------------------------------------------ decoding
+    def _check_id(self, i: int) -> None:
+        if not 0 <= i < self.vocab_size:
+            from mlxtral.errors import TokenizerError
+
+            raise TokenizerError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+
+    def _piece_for_decode(self, i: int, first: bool, special: bool) -> tuple[bytes, bool]:
+        """Bytes of id ``i`` in decoded text and whether it counts as a text piece.
+
+        ``first`` is True while no text piece has been emitted yet.
+        """
+        self._check_id(i)
+        t = self.token_type(i)
+        if t == CONTROL or t == UNUSED:
+            return (self.token_bytes(i) if special else b""), False
+        b = self.token_bytes(i)
+        if first and self.strip_leading_space and t == NORMAL and b.startswith(b" "):
+            b = b[1:]
+        return b, True
+
+    def decode(self, ids: Iterable[int], special: bool = False) -> str:
+        """Text of ``ids``; control tokens are dropped unless ``special``."""
+        out: list[bytes] = []
+        first = True
+        for i in ids:
+            b, is_text = self._piece_for_decode(int(i), first, special)
+            if is_text:
+                first = False
+            out.append(b)
+        return b"".join(out).decode("utf-8", errors="replace")
+
+    def stream_decoder(self, special: bool = False) -> StreamDecoder:
+        """An incremental decoder: ``add(id)`` returns only complete new text."""
+        return StreamDecoder(self, special)
+
+    # ------------------------------------------------------------------ helpers
+    def _eot_ids(self) -> set[int]:
+        """eos plus the turn-ending control tokens this vocabulary has."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        for text in EOT_TEXTS:
+            i = self.token_to_id(text)
+            if i is not None and self.token_type(i) in (CONTROL, USER_DEFINED):
+                ids.add(i)
+        return ids
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+
+
+class StreamDecoder:
+    """Turns generated ids into text as they come, never splitting a UTF-8 character.
+
+    The concatenation of every ``add`` result and ``flush()`` equals ``tokenizer.decode(ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, special: bool = False) -> None:
+        self._tok = tokenizer
+        self._special = special
+        self._first = True
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token_id: int) -> str:
+        b, is_text = self._tok._piece_for_decode(int(token_id), self._first, self._special)
+        if is_text:
+            self._first = False
+        return self._utf8.decode(b)
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete UTF-8 sequence becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)

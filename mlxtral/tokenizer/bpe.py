@@ -1,0 +1,182 @@
+"""Byte-level BPE (GPT-2 style): GGUF ``tokenizer.ggml.model = gpt2`` and HF ``tokenizer.json``.
+
+Text is split into words by the pre-tokenizer regexes, each word's UTF-8 bytes are mapped to
+printable characters (GPT-2's byte-to-unicode table), then pairs are merged by merge rank
+(lowest first, leftmost on ties) as llama.cpp's ``llm_tokenizer_bpe`` does. Words are cached.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mlxtral.errors import TokenizerError
+from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+from mlxtral.tokenizer.pretok import PreTokenizer
+from mlxtral.tokenizer.special import SpecialSplitter
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+BYTE_TO_UNICODE = _bytes_to_unicode()
+UNICODE_TO_BYTE = {c: b for b, c in BYTE_TO_UNICODE.items()}
+# str.translate table: a latin-1 decoded byte string -> GPT-2's printable characters.
+_TRANSLATE = {b: c for b, c in BYTE_TO_UNICODE.items()}
+
+
+def parse_merges(merges: Sequence[str | Sequence[str]]) -> dict[tuple[str, str], int]:
+    """``["a b", ...]`` (or ``[["a", "b"], ...]``) -> {(a, b): rank}; the first occurrence wins."""
+    ranks: dict[tuple[str, str], int] = {}
+    for rank, m in enumerate(merges):
+        if isinstance(m, str):
+            cut = m.find(" ", 1)
+            if cut < 0:
+                raise TokenizerError(f"malformed BPE merge {m!r} (rank {rank})")
+            pair = (m[:cut], m[cut + 1 :])
+        else:
+            if len(m) != 2:
+                raise TokenizerError(f"malformed BPE merge {m!r} (rank {rank})")
+            pair = (m[0], m[1])
+        ranks.setdefault(pair, rank)
+    return ranks
+
+
+class ByteLevelBPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        merges: Sequence[str | Sequence[str]],
+        pretokenizer: PreTokenizer,
+        *,
+        token_types: Sequence[int] | None = None,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        add_bos: bool = False,
+        ignore_merges: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
+        self._tokens = list(tokens)
+        self.vocab_size = len(self._tokens)
+        if not self.vocab_size:
+            raise TokenizerError("empty vocabulary")
+        types = list(token_types) if token_types is not None else [NORMAL] * self.vocab_size
+        if len(types) != self.vocab_size:
+            raise TokenizerError(f"{len(types)} token types for {self.vocab_size} tokens")
+        self._types = [int(t) for t in types]
+        self._ids: dict[str, int] = {}
+        for i, t in enumerate(self._tokens):
+            self._ids[t] = i  # the last duplicate wins, as in llama.cpp
+        self._ranks = parse_merges(merges)
+        self._pre = pretokenizer
+        self.ignore_merges = ignore_merges
+        for name, i in (("bos", bos_id), ("eos", eos_id)):
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"{name} token id {i} is outside the vocabulary ({self.vocab_size})")
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.add_bos = add_bos and bos_id is not None
+        self.chat_template = chat_template
+        self._bytes = [self._surface(i) for i in range(self.vocab_size)]
+        always = [(t, i) for i, t in enumerate(self._tokens) if self._types[i] == USER_DEFINED]
+        on_request = [(t, i) for i, t in enumerate(self._tokens) if self._types[i] in (CONTROL, UNKNOWN)]
+        self._splitter = SpecialSplitter(always, on_request)
+        self._cache: dict[str, tuple[int, ...]] = {}
+        self.eos_ids = self._eot_ids()
+
+    def _surface(self, i: int) -> bytes:
+        t, text = self._types[i], self._tokens[i]
+        if t in (CONTROL, USER_DEFINED, UNKNOWN):
+            return text.encode("utf-8")
+        if t == BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            return bytes([int(text[3:5], 16)])
+        out = bytearray()
+        for c in text:
+            b = UNICODE_TO_BYTE.get(c)
+            if b is None:
+                out += c.encode("utf-8")
+            else:
+                out.append(b)
+        return bytes(out)
+
+    # ------------------------------------------------------------------ encoding
+    def _bpe_word(self, word: str) -> tuple[int, ...]:
+        """Ids of one byte-mapped word."""
+        ids = self._ids
+        if self.ignore_merges and word in ids:
+            return (ids[word],)
+        parts = list(word)
+        ranks = self._ranks
+        while len(parts) > 1:
+            best_rank, best = None, None
+            for k in range(len(parts) - 1):
+                r = ranks.get((parts[k], parts[k + 1]))
+                if r is not None and (best_rank is None or r < best_rank):
+                    best_rank, best = r, (parts[k], parts[k + 1])
+            if best is None:
+                break
+            a, b = best
+            merged: list[str] = []
+            k = 0
+            n = len(parts)
+            while k < n:
+                if k < n - 1 and parts[k] == a and parts[k + 1] == b:
+                    merged.append(a + b)
+                    k += 2
+                else:
+                    merged.append(parts[k])
+                    k += 1
+            parts = merged
+        out: list[int] = []
+        for p in parts:
+            i = ids.get(p)
+            if i is not None:
+                out.append(i)
+                continue
+            for c in p:  # not in the vocabulary: one token per byte
+                j = ids.get(c)
+                if j is None:
+                    raise TokenizerError(f"byte {UNICODE_TO_BYTE.get(c, -1):#04x} has no token")
+                out.append(j)
+        return tuple(out)
+
+    def _encode_text(self, text: str, out: list[int]) -> None:
+        cache = self._cache
+        for word in self._pre.split(text):
+            ids = cache.get(word)
+            if ids is None:
+                mapped = word.encode("utf-8").decode("latin-1").translate(_TRANSLATE)
+                ids = self._bpe_word(mapped)
+                if len(cache) < 200_000:
+                    cache[word] = ids
+            out.extend(ids)
+
+    def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
+        out: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
+        for frag in self._splitter.split(text, special):
+            if isinstance(frag, int):
+                out.append(frag)
+            else:
+                self._encode_text(frag, out)
+        return out
+
+    # ------------------------------------------------------------------ vocabulary
+    def id_to_piece(self, i: int) -> str:
+        self._check_id(i)
+        return self._tokens[i]
+
+    def token_to_id(self, piece: str) -> int | None:
+        return self._ids.get(piece)
+
+    def token_type(self, i: int) -> int:
+        return self._types[i]
+
+    def token_bytes(self, i: int) -> bytes:
+        return self._bytes[i]
