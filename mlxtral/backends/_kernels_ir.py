@@ -1,0 +1,429 @@
+"""Hand-written LLVM IR for the inner loops of :mod:`mlxtral.backends.kernels`, as numba intrinsics.
+
+Each ``dot_*`` intrinsic is one whole row dot product ``sum_k w[k] * x[k]`` over raw GGUF blocks,
+taking plain addresses (int64) so the same code runs on the calling thread and on the spinning
+worker threads. The loops keep an ``<8 x float>`` accumulator per block pair and use, on x86 with
+AVX2, ``vpmaddubsw`` (unsigned 4/8-bit weights x signed int8 activations -> int16 pairs) and
+``vpmaddwd`` (-> int32), as llama.cpp does. Without AVX2 the same two steps are written in portable
+vector IR (LLVM lowers them on any target; slower, same results).
+
+Activations for the block types are pre-quantized per 32-block (see ``kernels._quantize_x``):
+``xq`` int8 [in], ``xd`` float32 [in/32] (scale), ``xs`` float32 [in/32] (= xd * sum(xq), for the
+constant terms of Q4_0 / Q4_1).
+
+Also here: atomics (acquire load, release store, compare-and-swap, fetch-add), ``pause``, f16->f32,
+and address -> typed pointer casts for ``numba.carray``.
+"""
+from __future__ import annotations
+
+import llvmlite.binding as llvm_binding
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+def _host_has_avx2() -> bool:
+    try:
+        feats = llvm_binding.get_host_cpu_features()
+        return bool(feats.get("avx2", False))
+    except Exception:  # pragma: no cover - unusual platforms
+        return False
+
+
+HAVE_AVX2 = _host_has_avx2()
+
+i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+f32, f16 = ir.FloatType(), ir.HalfType()
+v8f = ir.VectorType(f32, 8)
+v8i32 = ir.VectorType(i32, 8)
+v16i16 = ir.VectorType(i16, 16)
+v16i8 = ir.VectorType(i8, 16)
+v32i8 = ir.VectorType(i8, 32)
+v8i16 = ir.VectorType(i16, 8)
+
+
+def _vconst(ty: ir.VectorType, value: int | float) -> ir.Constant:
+    return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+
+
+def _mask(idx: list[int]) -> ir.Constant:
+    return ir.Constant(ir.VectorType(i32, len(idx)), [ir.Constant(i32, i) for i in idx])
+
+
+def _intr(mod: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
+
+
+def _ptr(b: ir.IRBuilder, addr: ir.Value, ty: ir.Type) -> ir.Value:
+    return b.inttoptr(addr, ty.as_pointer())
+
+
+def _gep(b: ir.IRBuilder, p: ir.Value, off: ir.Value) -> ir.Value:
+    return b.gep(p, [off])
+
+
+def _load(b: ir.IRBuilder, base: ir.Value, off: ir.Value, ty: ir.Type) -> ir.Value:
+    """Unaligned load of ``ty`` at byte pointer ``base + off``."""
+    p = b.bitcast(_gep(b, base, off), ty.as_pointer())
+    return b.load(p, align=1)
+
+
+def _half(b: ir.IRBuilder, base: ir.Value, off: ir.Value) -> ir.Value:
+    return b.fpext(b.bitcast(_load(b, base, off, i16), f16), f32)
+
+
+def _split_even_odd(b: ir.IRBuilder, v: ir.Value, n: int) -> tuple[ir.Value, ir.Value]:
+    ev = b.shuffle_vector(v, v, _mask(list(range(0, n, 2))))
+    od = b.shuffle_vector(v, v, _mask(list(range(1, n, 2))))
+    return ev, od
+
+
+def _maddubs(b: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
+    """<32 x i8> unsigned u, <32 x i8> signed s -> <16 x i16> pair sums (callers never saturate)."""
+    if HAVE_AVX2:
+        fn = _intr(b.module, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+        return b.call(fn, [u, s])
+    v32i16 = ir.VectorType(i16, 32)
+    p = b.mul(b.zext(u, v32i16), b.sext(s, v32i16))
+    ev, od = _split_even_odd(b, p, 32)
+    return b.add(ev, od)
+
+
+def _madd_ones(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """<16 x i16> -> <8 x i32> pair sums."""
+    if HAVE_AVX2:
+        fn = _intr(b.module, "llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+        return b.call(fn, [v, _vconst(v16i16, 1)])
+    w = b.sext(v, ir.VectorType(i32, 16))
+    ev, od = _split_even_odd(b, w, 16)
+    return b.add(ev, od)
+
+
+def _abs_sign(b: ir.IRBuilder, w: ir.Value, x: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """(|w|, x * sign(w)) for a signed x signed dot through maddubs."""
+    if HAVE_AVX2:
+        fn = _intr(b.module, "llvm.x86.avx2.psign.b", v32i8, [v32i8, v32i8])
+        return b.call(fn, [w, w]), b.call(fn, [x, w])
+    zero = _vconst(v32i8, 0)
+    neg = b.icmp_signed("<", w, zero)
+    aw = b.select(neg, b.sub(zero, w), w)
+    sx = b.select(neg, b.sub(zero, x), x)
+    sx = b.select(b.icmp_signed("==", w, zero), zero, sx)
+    return aw, sx
+
+
+def _fma(b: ir.IRBuilder, a: ir.Value, c: ir.Value, acc: ir.Value) -> ir.Value:
+    fn = _intr(b.module, "llvm.fma.v8f32", v8f, [v8f, v8f, v8f])
+    return b.call(fn, [a, c, acc])
+
+
+def _splat(b: ir.IRBuilder, s: ir.Value) -> ir.Value:
+    v = b.insert_element(ir.Constant(v8f, ir.Undefined), s, ir.Constant(i32, 0))
+    return b.shuffle_vector(v, v, _mask([0] * 8))
+
+
+def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    lo = b.shuffle_vector(v, v, _mask([0, 1, 2, 3]))
+    hi = b.shuffle_vector(v, v, _mask([4, 5, 6, 7]))
+    s4 = b.fadd(lo, hi)
+    s2 = b.fadd(b.shuffle_vector(s4, s4, _mask([0, 1])), b.shuffle_vector(s4, s4, _mask([2, 3])))
+    return b.fadd(b.extract_element(s2, ir.Constant(i32, 0)), b.extract_element(s2, ir.Constant(i32, 1)))
+
+
+# ---- per-block bodies: return (<8 x float> integer-dot as float, weight scale d, constant term) ----
+def _block_q4(b, wp, xp, boff, xoff, with_min):
+    d = _half(b, wp, boff)
+    qoff = b.add(boff, ir.Constant(i64, 4 if with_min else 2))
+    q = _load(b, wp, qoff, v16i8)
+    lo = b.and_(q, _vconst(v16i8, 15))
+    hi = b.lshr(q, _vconst(v16i8, 4))
+    w = b.shuffle_vector(lo, hi, _mask(list(range(32))))
+    x = _load(b, xp, xoff, v32i8)
+    s = _madd_ones(b, _maddubs(b, w, x))
+    m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else None
+    return b.sitofp(s, v8f), d, m
+
+
+def _block_q8(b, wp, xp, boff, xoff):
+    d = _half(b, wp, boff)
+    w = _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8)
+    x = _load(b, xp, xoff, v32i8)
+    aw, sx = _abs_sign(b, w, x)
+    s = _madd_ones(b, _maddubs(b, aw, sx))
+    return b.sitofp(s, v8f), d, None
+
+
+_BLOCK = {"q4_0": (18, "q4", False), "q4_1": (20, "q4", True), "q8_0": (34, "q8", False)}
+
+
+def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
+    """float dot(w_addr, xq_addr, xd_addr, xs_addr, nb): one row of ``nb`` blocks."""
+    bsz, fam, with_min = _BLOCK[kind]
+    fn = ir.Function(mod, ir.FunctionType(f32, [i64] * 5), name)
+    fn.linkage = "internal"
+    wa, xa, xda, xsa, nb = fn.args
+    entry, loop, tail, done = (fn.append_basic_block(n) for n in ("entry", "loop", "tail", "done"))
+    b = ir.IRBuilder(entry)
+    wp, xp = _ptr(b, wa, i8), _ptr(b, xa, i8)
+    xdp, xsp = _ptr(b, xda, f32), _ptr(b, xsa, f32)
+    npair = b.lshr(nb, ir.Constant(i64, 1))
+    zero_v = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
+    zero_f = ir.Constant(f32, 0.0)
+    b.cbranch(b.icmp_unsigned(">", npair, ir.Constant(i64, 0)), loop, tail)
+
+    def block(bb, blk, acc, corr):
+        boff = bb.mul(blk, ir.Constant(i64, bsz))
+        xoff = bb.shl(blk, ir.Constant(i64, 5))
+        if fam == "q4":
+            s, d, m = _block_q4(bb, wp, xp, boff, xoff, with_min)
+        else:
+            s, d, m = _block_q8(bb, wp, xp, boff, xoff)
+        xd = bb.load(_gep(bb, xdp, blk))
+        acc = _fma(bb, s, _splat(bb, bb.fmul(d, xd)), acc)
+        if fam == "q4":
+            xs = bb.load(_gep(bb, xsp, blk))
+            coef = m if with_min else bb.fmul(d, ir.Constant(f32, -8.0))
+            corr = bb.fadd(corr, bb.fmul(coef, xs))
+        return acc, corr
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(i64)
+    a0, a1, c0 = b.phi(v8f), b.phi(v8f), b.phi(f32)
+    blk0 = b.shl(i, ir.Constant(i64, 1))
+    n0, c1 = block(b, blk0, a0, c0)
+    n1, c2 = block(b, b.add(blk0, ir.Constant(i64, 1)), a1, c1)
+    inext = b.add(i, ir.Constant(i64, 1))
+    loop_end = b.block
+    b.cbranch(b.icmp_unsigned("<", inext, npair), loop, tail)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    i.add_incoming(inext, loop_end)
+    for phi, new in ((a0, n0), (a1, n1)):
+        phi.add_incoming(zero_v, entry)
+        phi.add_incoming(new, loop_end)
+    c0.add_incoming(zero_f, entry)
+    c0.add_incoming(c2, loop_end)
+
+    b = ir.IRBuilder(tail)
+    ta = b.phi(v8f)
+    tb = b.phi(v8f)
+    tc = b.phi(f32)
+    for phi, v0, v1 in ((ta, zero_v, n0), (tb, zero_v, n1), (tc, zero_f, c2)):
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v1, loop_end)
+    acc = b.fadd(ta, tb)
+    odd = b.icmp_unsigned("!=", b.and_(nb, ir.Constant(i64, 1)), ir.Constant(i64, 0))
+    last = b.block
+    with b.if_then(odd):
+        acc_o, corr_o = block(b, b.sub(nb, ir.Constant(i64, 1)), acc, tc)
+        odd_end = b.block
+    accf = b.phi(v8f)
+    accf.add_incoming(acc, last)
+    accf.add_incoming(acc_o, odd_end)
+    corrf = b.phi(f32)
+    corrf.add_incoming(tc, last)
+    corrf.add_incoming(corr_o, odd_end)
+    b.branch(done)
+    b = ir.IRBuilder(done)
+    b.ret(b.fadd(_hsum(b, accf), corrf))
+    return fn
+
+
+def _load_f8(b: ir.IRBuilder, wp: ir.Value, idx: ir.Value, kind: str) -> ir.Value:
+    """8 weights starting at element ``idx`` as <8 x float>."""
+    if kind == "f32":
+        p = b.bitcast(_gep(b, b.bitcast(wp, f32.as_pointer()), idx), v8f.as_pointer())
+        return b.load(p, align=4)
+    p = b.bitcast(_gep(b, b.bitcast(wp, i16.as_pointer()), idx), v8i16.as_pointer())
+    v = b.load(p, align=2)
+    if kind == "f16":
+        return b.fpext(b.bitcast(v, ir.VectorType(f16, 8)), v8f)
+    u = b.shl(b.zext(v, v8i32), _vconst(v8i32, 16))
+    return b.bitcast(u, v8f)
+
+
+def _build_float_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
+    """float dot(w_addr, x_addr, n): the first ``n // 16 * 16`` elements (caller does the tail)."""
+    fn = ir.Function(mod, ir.FunctionType(f32, [i64] * 3), name)
+    fn.linkage = "internal"
+    wa, xa, n = fn.args
+    entry, loop, done = (fn.append_basic_block(s) for s in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    wp = _ptr(b, wa, i8)
+    xp = _ptr(b, xa, f32)
+    n16 = b.lshr(n, ir.Constant(i64, 4))
+    zero_v = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
+    b.cbranch(b.icmp_unsigned(">", n16, ir.Constant(i64, 0)), loop, done)
+    b = ir.IRBuilder(loop)
+    i = b.phi(i64)
+    a0, a1 = b.phi(v8f), b.phi(v8f)
+    e0 = b.shl(i, ir.Constant(i64, 4))
+    e1 = b.add(e0, ir.Constant(i64, 8))
+    accs = []
+    for acc, e in ((a0, e0), (a1, e1)):
+        w = _load_f8(b, wp, e, kind)
+        x = b.load(b.bitcast(_gep(b, xp, e), v8f.as_pointer()), align=4)
+        accs.append(_fma(b, w, x, acc))
+    inext = b.add(i, ir.Constant(i64, 1))
+    b.cbranch(b.icmp_unsigned("<", inext, n16), loop, done)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    i.add_incoming(inext, loop)
+    for phi, new in zip((a0, a1), accs, strict=True):
+        phi.add_incoming(zero_v, entry)
+        phi.add_incoming(new, loop)
+    b = ir.IRBuilder(done)
+    r0, r1 = b.phi(v8f), b.phi(v8f)
+    for phi, new in zip((r0, r1), accs, strict=True):
+        phi.add_incoming(zero_v, entry)
+        phi.add_incoming(new, loop)
+    b.ret(_hsum(b, b.fadd(r0, r1)))
+    return fn
+
+
+def _get_fn(mod: ir.Module, name: str, build) -> ir.Function:
+    try:
+        return mod.get_global(name)
+    except KeyError:
+        return build(mod, name)
+
+
+def _make_block_dot(kind: str):
+    name = f"mlxtral_dot_{kind}_{'avx2' if HAVE_AVX2 else 'generic'}"
+
+    @intrinsic
+    def dot(typingctx, w, x, xd, xs, nb):
+        sig = types.float32(types.int64, types.int64, types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            fn = _get_fn(builder.module, name, lambda m, n: _build_block_dot(m, n, kind))
+            return builder.call(fn, list(args))
+
+        return sig, codegen
+
+    return dot
+
+
+def _make_float_dot(kind: str):
+    name = f"mlxtral_dot_{kind}"
+
+    @intrinsic
+    def dot(typingctx, w, x, n):
+        sig = types.float32(types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            fn = _get_fn(builder.module, name, lambda m, nm: _build_float_dot(m, nm, kind))
+            return builder.call(fn, list(args))
+
+        return sig, codegen
+
+    return dot
+
+
+dot_q4_0 = _make_block_dot("q4_0")
+dot_q4_1 = _make_block_dot("q4_1")
+dot_q8_0 = _make_block_dot("q8_0")
+dot_f32 = _make_float_dot("f32")
+dot_f16 = _make_float_dot("f16")
+dot_bf16 = _make_float_dot("bf16")
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+@intrinsic
+def half_to_f32(typingctx, bits):
+    """uint16 bits of an IEEE half -> float32."""
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        v = builder.trunc(args[0], i16) if args[0].type.width > 16 else args[0]
+        return builder.fpext(builder.bitcast(v, f16), f32)
+
+    return sig, codegen
+
+
+def _make_ptr(nbty):
+    @intrinsic
+    def ptr(typingctx, addr):
+        sig = types.CPointer(nbty)(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(nbty)))
+
+        return sig, codegen
+
+    return ptr
+
+
+ptr_f32 = _make_ptr(types.float32)
+ptr_i64 = _make_ptr(types.int64)
+ptr_u8 = _make_ptr(types.uint8)
+ptr_u16 = _make_ptr(types.uint16)
+ptr_i8 = _make_ptr(types.int8)
+
+
+def _elem_ptr(context, builder, arr_ty, arr, idx):
+    ary = context.make_array(arr_ty)(context, builder, arr)
+    return builder.gep(ary.data, [idx])
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """Acquire load of int64 ``arr[idx]``."""
+    sig = types.int64(arr, types.int64)
+
+    def codegen(context, builder, signature, args):
+        p = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(p, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_store(typingctx, arr, idx, val):
+    """Release store of int64 ``val`` to ``arr[idx]``."""
+    sig = types.void(arr, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        p = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], p, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_cas(typingctx, arr, idx, expected, new):
+    """Compare-and-swap int64 ``arr[idx]``; returns True on success (seq_cst)."""
+    sig = types.boolean(arr, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        p = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        res = builder.cmpxchg(p, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(res, 1)
+
+    return sig, codegen
+
+
+@intrinsic
+def atomic_add(typingctx, arr, idx, val):
+    """Fetch-and-add on int64 ``arr[idx]``; returns the old value (seq_cst)."""
+    sig = types.int64(arr, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        p = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", p, args[2], "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def cpu_pause(typingctx):
+    """A spin-wait hint (x86 ``pause``; nothing elsewhere)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if HAVE_AVX2:
+            fn = _intr(builder.module, "llvm.x86.sse2.pause", ir.VoidType(), [])
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen

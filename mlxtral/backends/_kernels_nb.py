@@ -1,0 +1,281 @@
+"""numba side of :mod:`mlxtral.backends.kernels`: job tables, the chunk runner, the worker loop.
+
+Everything works on addresses held in an int64 job table (one row per task, fields ``F_*``), so the
+spinning worker threads, which never return to Python between jobs, can run any task.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit
+
+from mlxtral.backends._kernels_ir import (
+    atomic_add,
+    atomic_cas,
+    atomic_load,
+    atomic_store,
+    cpu_pause,
+    dot_bf16,
+    dot_f16,
+    dot_f32,
+    dot_q4_0,
+    dot_q4_1,
+    dot_q8_0,
+    half_to_f32,
+    ptr_f32,
+    ptr_i64,
+    ptr_u8,
+    ptr_u16,
+)
+
+# job table fields
+F_KIND, F_MODE, F_QUANT, F_W, F_W2, F_ROWBYTES, F_NOUT, F_NIN, F_T = 0, 1, 2, 3, 4, 5, 6, 7, 8
+F_X, F_XQ, F_XD, F_XS, F_OUT, F_OSTRIDE, F_CHUNK, F_FIRST = 9, 10, 11, 12, 13, 14, 15, 16
+F_SIZE = 17
+
+# control block (int64 words; hot words on their own cache lines)
+CTL_W = 0  # seq << 40 | nchunks << 20 | next chunk
+CTL_DONE = 8  # chunks finished
+CTL_TABLE, CTL_NTASK, CTL_SEQ = 16, 17, 18
+CTL_QUIT = 24
+CTL_SLEEP = 32  # one flag per worker, set by a worker that went to sleep
+CTL_SIZE = 32 + 256
+MAX_CHUNKS = (1 << 20) - 1
+PAUSES_PER_US = 20.0  # refined by calibrate_pause()
+
+_CACHE = True
+
+
+@njit(cache=_CACHE, nogil=True)
+def quantize_x(x):
+    """float32 [T, n] (n % 32 == 0) -> int8 [T, n], scales [T, n/32], scale*sum(q) [T, n/32]."""
+    T, n = x.shape
+    nb = n // 32
+    xq = np.empty((T, n), dtype=np.int8)
+    xd = np.empty((T, nb), dtype=np.float32)
+    xs = np.empty((T, nb), dtype=np.float32)
+    for t in range(T):
+        for b in range(nb):
+            amax = np.float32(0.0)
+            for j in range(32):
+                v = abs(x[t, b * 32 + j])
+                if v > amax:
+                    amax = v
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            s = 0
+            for j in range(32):
+                q = np.int32(np.rint(x[t, b * 32 + j] * inv))
+                xq[t, b * 32 + j] = q
+                s += q
+            xd[t, b] = d
+            xs[t, b] = d * np.float32(s)
+    return xq, xd, xs
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _h(w, o):
+    return half_to_f32(np.uint16(w[o]) | (np.uint16(w[o + 1]) << np.uint16(8)))
+
+
+@njit(cache=_CACHE, nogil=True)
+def _dequant_row(kind, wa, n, buf):
+    """One weight row at address ``wa`` -> float32 ``buf[:n]``."""
+    nb = n // 32
+    if kind == 0:
+        w = carray(ptr_u8(wa), (nb * 18,))
+        for b in range(nb):
+            d = _h(w, b * 18)
+            for j in range(16):
+                q = w[b * 18 + 2 + j]
+                buf[b * 32 + j] = np.float32(np.int32(q & 15) - 8) * d
+                buf[b * 32 + 16 + j] = np.float32(np.int32(q >> 4) - 8) * d
+    elif kind == 1:
+        w = carray(ptr_u8(wa), (nb * 20,))
+        for b in range(nb):
+            d = _h(w, b * 20)
+            m = _h(w, b * 20 + 2)
+            for j in range(16):
+                q = w[b * 20 + 4 + j]
+                buf[b * 32 + j] = np.float32(q & 15) * d + m
+                buf[b * 32 + 16 + j] = np.float32(q >> 4) * d + m
+    elif kind == 2:
+        w = carray(ptr_u8(wa), (nb * 34,))
+        for b in range(nb):
+            d = _h(w, b * 34)
+            for j in range(32):
+                buf[b * 32 + j] = np.float32(np.int8(w[b * 34 + 2 + j])) * d
+    elif kind == 3:
+        w = carray(ptr_f32(wa), (n,))
+        for i in range(n):
+            buf[i] = w[i]
+    elif kind == 4:
+        w = carray(ptr_u16(wa), (n,))
+        for i in range(n):
+            buf[i] = half_to_f32(w[i])
+    else:
+        w = carray(ptr_u16(wa), (n,))
+        u = buf[:n].view(np.uint32)
+        for i in range(n):
+            u[i] = np.uint32(w[i]) << np.uint32(16)
+
+
+@njit(cache=_CACHE, nogil=True)
+def _float_dot(kind, wa, xa, n):
+    """Row at ``wa`` (F32/F16/BF16) . float32 x at ``xa``, n elements."""
+    if kind == 3:
+        s = dot_f32(wa, xa, n)
+    elif kind == 4:
+        s = dot_f16(wa, xa, n)
+    else:
+        s = dot_bf16(wa, xa, n)
+    n16 = n // 16 * 16
+    if n16 < n:
+        x = carray(ptr_f32(xa), (n,))
+        if kind == 3:
+            w = carray(ptr_f32(wa), (n,))
+            for i in range(n16, n):
+                s += w[i] * x[i]
+        else:
+            w16 = carray(ptr_u16(wa), (n,))
+            for i in range(n16, n):
+                if kind == 4:
+                    s += half_to_f32(w16[i]) * x[i]
+                else:
+                    s += _bf(w16[i]) * x[i]
+    return s
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _bf(bits):
+    a = np.empty(1, dtype=np.uint32)
+    a[0] = np.uint32(bits) << np.uint32(16)
+    return a.view(np.float32)[0]
+
+
+@njit(cache=_CACHE, nogil=True)
+def _block_dot(kind, wa, xq, xd, xs, nb):
+    if kind == 0:
+        return dot_q4_0(wa, xq, xd, xs, nb)
+    if kind == 1:
+        return dot_q4_1(wa, xq, xd, xs, nb)
+    return dot_q8_0(wa, xq, xd, xs, nb)
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _silu_mul(g, u):
+    return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@njit(cache=_CACHE, nogil=True)
+def run_chunk(table, c):
+    """Compute work item ``c`` of a job: ``F_CHUNK`` output rows of one task, all its tokens."""
+    ti = 0
+    while ti + 1 < table.shape[0] and table[ti + 1, F_FIRST] <= c:
+        ti += 1
+    kind = table[ti, F_KIND]
+    swig = table[ti, F_MODE] == 1
+    quant = table[ti, F_QUANT] != 0
+    wa = table[ti, F_W]
+    wa2 = table[ti, F_W2]
+    rb = table[ti, F_ROWBYTES]
+    nout = table[ti, F_NOUT]
+    n = table[ti, F_NIN]
+    T = table[ti, F_T]
+    ch = table[ti, F_CHUNK]
+    os_ = table[ti, F_OSTRIDE]
+    r0 = (c - table[ti, F_FIRST]) * ch
+    r1 = min(r0 + ch, nout)
+    out = carray(ptr_f32(table[ti, F_OUT]), ((T - 1) * os_ + nout,))
+    xa = table[ti, F_X]
+    if quant:
+        nb = n // 32
+        xq, xd, xs = table[ti, F_XQ], table[ti, F_XD], table[ti, F_XS]
+        for t in range(T):
+            xqt, xdt, xst = xq + t * n, xd + t * nb * 4, xs + t * nb * 4
+            for r in range(r0, r1):
+                g = _block_dot(kind, wa + r * rb, xqt, xdt, xst, nb)
+                if swig:
+                    u = _block_dot(kind, wa2 + r * rb, xqt, xdt, xst, nb)
+                    g = _silu_mul(g, u)
+                out[t * os_ + r] = g
+    elif kind >= 3 and T == 1:
+        for r in range(r0, r1):
+            g = _float_dot(kind, wa + r * rb, xa, n)
+            if swig:
+                g = _silu_mul(g, _float_dot(kind, wa2 + r * rb, xa, n))
+            out[r] = g
+    else:
+        # exact / prefill on 16-bit floats: a row to float32 once, then every token
+        buf = np.empty(n, dtype=np.float32)
+        buf2 = np.empty(n if swig else 1, dtype=np.float32)
+        ba, ba2 = buf.ctypes.data, buf2.ctypes.data
+        for r in range(r0, r1):
+            _dequant_row(kind, wa + r * rb, n, buf)
+            if swig:
+                _dequant_row(kind, wa2 + r * rb, n, buf2)
+            for t in range(T):
+                g = _float_dot(3, ba, xa + t * n * 4, n)
+                if swig:
+                    g = _silu_mul(g, _float_dot(3, ba2, xa + t * n * 4, n))
+                out[t * os_ + r] = g
+
+
+@njit(cache=_CACHE, nogil=True)
+def _claim(ctl, table, seq):
+    while True:
+        w = atomic_load(ctl, CTL_W)
+        if (w >> 40) != seq:
+            return
+        total = (w >> 20) & MAX_CHUNKS
+        c = w & MAX_CHUNKS
+        if c >= total:
+            return
+        if atomic_cas(ctl, CTL_W, w, w + 1):
+            run_chunk(table, c)
+            atomic_add(ctl, CTL_DONE, 1)
+
+
+@njit(cache=_CACHE, nogil=True)
+def execute(ctl, table, nchunks):
+    """Run a job on the calling thread plus every spinning worker; returns when it is done."""
+    seq = (ctl[CTL_SEQ] + 1) & ((1 << 23) - 1)
+    ctl[CTL_SEQ] = seq
+    ctl[CTL_TABLE] = table.ctypes.data
+    ctl[CTL_NTASK] = table.shape[0]
+    atomic_store(ctl, CTL_DONE, 0)
+    atomic_store(ctl, CTL_W, (seq << 40) | (nchunks << 20))
+    _claim(ctl, table, seq)
+    while atomic_load(ctl, CTL_DONE) < nchunks:
+        cpu_pause()
+    return 0
+
+
+@njit(cache=_CACHE, nogil=True)
+def worker_loop(ctl, wid, spin_iters):
+    """A worker: spin for jobs; return 1 to quit, 0 after ``spin_iters`` idle pauses (to sleep)."""
+    myseq = atomic_load(ctl, CTL_W) >> 40
+    idle = 0
+    while True:
+        w = atomic_load(ctl, CTL_W)
+        s = w >> 40
+        if s != myseq:
+            myseq = s
+            ntask = atomic_load(ctl, CTL_NTASK)
+            table = carray(ptr_i64(ctl[CTL_TABLE]), (ntask, F_SIZE))
+            _claim(ctl, table, s)
+            idle = 0
+            continue
+        if atomic_load(ctl, CTL_QUIT) != 0:
+            return 1
+        cpu_pause()
+        idle += 1
+        if idle > spin_iters:
+            atomic_store(ctl, CTL_SLEEP + wid, 1)
+            return 0
+
+
+@njit(cache=_CACHE, nogil=True)
+def spin_pauses(n):
+    for _ in range(n):
+        cpu_pause()
+    return n

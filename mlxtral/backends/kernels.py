@@ -1,0 +1,390 @@
+"""CPU matrix kernels computing directly on GGUF blocks (Q4_0, Q4_1, Q8_0, F16, BF16, F32).
+
+``linear(x, w)`` is ``x @ dequant(w).T`` for ``x`` float32 ``[T, in]`` and a 2-D :class:`QTensor`
+``w`` ``[out, in]``, reading the weight where it lies (usually a memory map): no dequantized copy.
+
+How it is fast
+--------------
+* **Integer dot products, as llama.cpp.** For the block types the activations are quantized once
+  per call to int8 per 32-block (scale ``xd``, plus ``xs = xd * sum(q)`` for the constant terms of
+  Q4_0 / Q4_1). A row dot is then, per block, ``vpmaddubsw`` + ``vpmaddwd`` (unsigned nibbles or
+  |int8| x signed int8 -> int32) and one FMA of the 8 int32 lanes, as float, by ``d_w * d_x``.
+  These inner loops are hand-written LLVM IR (``_kernels_ir``), called from numba; LLVM's own
+  vectorizer does not find this on short per-block loops. Results differ from exact float32 by
+  ~1e-3 relative (what llama.cpp does). ``set_exact(True)`` (or ``MLXTRAL_EXACT_KERNELS=1``)
+  keeps float32 activations instead (dequantize a row into a small buffer, float dot): exact to
+  float32 rounding, ~2-3x slower.
+* **Our own spinning thread pool.** A numba ``prange`` costs ~50-100 us per call on this machine
+  (thread wake-up through the kernel), more than a whole 1024x3584 Q4_0 matvec. Instead,
+  ``n - 1`` worker threads sit in a nogil numba loop spinning (``pause``) on one shared int64 word;
+  a call publishes a job table and the caller and the workers claim chunks of output rows with a
+  compare-and-swap on that word (``seq | nchunks | next``), so a late worker can never run a
+  chunk of the wrong job. Hand-off costs well under a microsecond. A worker idle for about
+  ``MLXTRAL_SPIN_MS`` (default 20 ms) goes to sleep on an Event; the next call is then run by the
+  caller alone and wakes it. Threads: ``NUMBA_NUM_THREADS`` or ``set_num_threads(n)``; default all
+  cores.
+* **Several products, one job.** A job is a table of tasks (weight, activations, output), so the
+  MoE FFN is two synchronisations per layer whatever ``top_k``: ``swiglu_experts`` (gate and up of
+  every selected expert, with ``silu(g) * u`` fused, each token group quantized once) and
+  ``linear_experts`` (the down projections). ``linear_many`` does q/k/v in one job.
+* **Prefill** (``T > 1``): for block types each chunk of rows (a few KB, in L1/L2) is dotted with
+  all T int8 token rows; F16/BF16 convert a row once to float32 and reuse it for all tokens; F32
+  with T > 1 goes to NumPy's BLAS.
+
+Without numba (not installed, or ``MLXTRAL_NO_NUMBA=1``) everything falls back to NumPy:
+dequantize (in row chunks) and matmul. ``HAVE_NUMBA`` tells which path is live. ``warmup()``
+compiles every kernel (cached on disk by numba, so this is paid once per machine).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from mlxtral.qtensor import QTensor
+
+__all__ = [
+    "HAVE_NUMBA",
+    "linear",
+    "linear_many",
+    "linear_experts",
+    "swiglu",
+    "swiglu_experts",
+    "set_num_threads",
+    "get_num_threads",
+    "set_exact",
+    "warmup",
+]
+
+_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "F32": 3, "F16": 4, "BF16": 5}
+_MODE_LINEAR, _MODE_SWIGLU = 0, 1
+
+HAVE_NUMBA = False
+if os.environ.get("MLXTRAL_NO_NUMBA", "") not in ("1", "true", "yes"):
+    try:
+        import numba  # noqa: F401
+
+        from mlxtral.backends import _kernels_nb as _nb
+
+        HAVE_NUMBA = True
+    except ImportError:  # pragma: no cover - numba is a declared dependency
+        _nb = None
+else:
+    _nb = None
+
+_exact = os.environ.get("MLXTRAL_EXACT_KERNELS", "") in ("1", "true", "yes")
+
+
+def set_exact(flag: bool) -> None:
+    """Exact float32 activations (True) or int8-quantized activations as llama.cpp (False)."""
+    global _exact
+    _exact = bool(flag)
+
+
+# ---- NumPy fallback -----------------------------------------------------------------------------
+_NP_CHUNK_ROWS = 1024
+
+
+def _linear_numpy(x: np.ndarray, w: QTensor) -> np.ndarray:
+    out_dim = w.shape[0]
+    if w.qtype == "F32":
+        return np.ascontiguousarray(x @ np.asarray(w.data).T, dtype=np.float32)
+    out = np.empty((x.shape[0], out_dim), dtype=np.float32)
+    for r0 in range(0, out_dim, _NP_CHUNK_ROWS):
+        r1 = min(r0 + _NP_CHUNK_ROWS, out_dim)
+        sub = QTensor(w.qtype, (r1 - r0, w.shape[1]), w.data[r0:r1])
+        out[:, r0:r1] = x @ sub.dequantize().T
+    return out
+
+
+def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return (g / (1.0 + np.exp(-g)) * u).astype(np.float32, copy=False)
+
+
+# ---- the thread pool ----------------------------------------------------------------------------
+class _Pool:
+    """Spinning worker threads running ``_nb.worker_loop``; see the module docstring."""
+
+    def __init__(self, n_threads: int) -> None:
+        self.n_workers = max(0, n_threads - 1)
+        self.ctl = np.zeros(_nb.CTL_SIZE, dtype=np.int64)
+        self.spin_iters = int(float(os.environ.get("MLXTRAL_SPIN_MS", "20")) * 1000 * _pauses_per_us())
+        self.events = [threading.Event() for _ in range(self.n_workers)]
+        self.threads = []
+        for wid in range(self.n_workers):
+            t = threading.Thread(target=self._run, args=(wid,), daemon=True, name=f"mlxtral-kernel-{wid}")
+            t.start()
+            self.threads.append(t)
+
+    def _run(self, wid: int) -> None:
+        ev = self.events[wid]
+        while True:
+            if _nb.worker_loop(self.ctl, wid, self.spin_iters):
+                return
+            ev.wait()
+            ev.clear()
+
+    def wake(self) -> None:
+        sl = self.ctl[_nb.CTL_SLEEP:_nb.CTL_SLEEP + self.n_workers]
+        if sl.any():
+            for wid in np.flatnonzero(sl):
+                self.ctl[_nb.CTL_SLEEP + wid] = 0
+                self.events[wid].set()
+
+    def stop(self) -> None:
+        self.ctl[_nb.CTL_QUIT] = 1
+        for ev in self.events:
+            ev.set()
+        for t in self.threads:
+            t.join(timeout=1.0)
+
+
+def _pauses_per_us() -> float:
+    import time
+
+    n = 20000
+    _nb.spin_pauses(10)
+    t0 = time.perf_counter()
+    _nb.spin_pauses(n)
+    dt = max(time.perf_counter() - t0, 1e-6)
+    return n / (dt * 1e6)
+
+
+_pool: _Pool | None = None
+_pool_lock = threading.Lock()
+_run_lock = threading.Lock()  # one job at a time (the control block is shared)
+_n_threads: int | None = None
+
+
+def _default_threads() -> int:
+    env = os.environ.get("NUMBA_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, os.cpu_count() or 1)
+
+
+def get_num_threads() -> int:
+    return _n_threads if _n_threads is not None else _default_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads (the caller plus ``n - 1`` workers) from the next call on."""
+    global _n_threads, _pool
+    n = max(1, int(n))
+    with _pool_lock:
+        _n_threads = n
+        if _pool is not None and _pool.n_workers != n - 1:
+            _pool.stop()
+            _pool = None
+
+
+def _get_pool() -> _Pool:
+    global _pool
+    p = _pool
+    if p is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = _Pool(get_num_threads())
+            p = _pool
+    else:
+        p.wake()
+    return p
+
+
+@atexit.register
+def _shutdown() -> None:
+    if _pool is not None:
+        _pool.stop()
+
+
+# ---- job building -------------------------------------------------------------------------------
+def _check(x: np.ndarray, w: QTensor) -> np.ndarray:
+    if w.ndim != 2:
+        raise ValueError(f"linear needs a 2-D weight, got shape {w.shape}")
+    if w.qtype not in _KINDS:
+        raise ValueError(f"no kernel for {w.qtype} weights")
+    if x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x {x.shape} does not match weight {w.shape}")
+    if x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    return x
+
+
+def _wdata(w: QTensor) -> np.ndarray:
+    d = w.data
+    if w.qtype == "F16":
+        d = d.view(np.uint16)
+    if not d.flags.c_contiguous:
+        d = np.ascontiguousarray(d)
+    return d
+
+
+class _Job:
+    """A table of tasks sharing one pool synchronisation."""
+
+    def __init__(self, n_tasks: int) -> None:
+        self.table = np.zeros((n_tasks, _nb.F_SIZE), dtype=np.int64)
+        self.keep: list[np.ndarray] = []  # keeps every buffer alive while the job runs
+        self.n = 0
+        self.nchunks = 0
+        self._xcache: dict[int, tuple] = {}
+
+    def _acts(self, x: np.ndarray, quant: bool) -> tuple[int, int, int]:
+        key = id(x)
+        got = self._xcache.get(key)
+        if got is None:
+            if quant:
+                xq, xd, xs = _nb.quantize_x(x)
+                self.keep += [xq, xd, xs]
+                got = (xq.ctypes.data, xd.ctypes.data, xs.ctypes.data)
+            else:
+                got = (0, 0, 0)
+            self._xcache[key] = got
+        return got
+
+    def add(self, x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> None:
+        kind = _KINDS[w.qtype]
+        T = x.shape[0]
+        quant = kind <= 2 and not _exact
+        xq, xd, xs = self._acts(x, quant)
+        wd = _wdata(w)
+        row = self.table[self.n]
+        row[_nb.F_KIND] = kind
+        row[_nb.F_MODE] = _MODE_SWIGLU if w2 is not None else _MODE_LINEAR
+        row[_nb.F_QUANT] = int(quant)
+        row[_nb.F_W] = wd.ctypes.data
+        self.keep += [x, wd, out]
+        if w2 is not None:
+            wd2 = _wdata(w2)
+            row[_nb.F_W2] = wd2.ctypes.data
+            self.keep.append(wd2)
+        row[_nb.F_ROWBYTES] = wd.strides[0]
+        row[_nb.F_NOUT] = w.shape[0]
+        row[_nb.F_NIN] = w.shape[1]
+        row[_nb.F_T] = T
+        row[_nb.F_X] = x.ctypes.data
+        row[_nb.F_XQ], row[_nb.F_XD], row[_nb.F_XS] = xq, xd, xs
+        row[_nb.F_OUT] = out.ctypes.data
+        row[_nb.F_OSTRIDE] = out.strides[0] // 4
+        ch = _chunk_rows(w, T)
+        row[_nb.F_CHUNK] = ch
+        row[_nb.F_FIRST] = self.nchunks
+        self.nchunks += -(-w.shape[0] // ch)
+        self.n += 1
+
+    def run(self) -> None:
+        if self.n == 0:
+            return
+        pool = _get_pool()
+        with _run_lock:
+            _nb.execute(pool.ctl, self.table[: self.n], self.nchunks)
+
+
+def _chunk_rows(w: QTensor, T: int) -> int:
+    """Rows per work item: about 16 KB of weights (fits L1 with the activations), at least 4."""
+    row_bytes = w.data.strides[0] if w.data.ndim == 2 else w.data.nbytes // max(1, w.shape[0])
+    ch = max(4, min(64, 16384 // max(1, row_bytes)))
+    if T > 1:
+        ch = max(ch, 8)
+    return ch
+
+
+# ---- public API ---------------------------------------------------------------------------------
+def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
+    """``x @ dequant(w).T``: x float32 [T, in], w [out, in] -> float32 [T, out]."""
+    x = _check(x, w)
+    if not HAVE_NUMBA:
+        return _linear_numpy(x, w)
+    T = x.shape[0]
+    if w.qtype == "F32" and T > 1:
+        return np.ascontiguousarray(x @ np.asarray(w.data).T)
+    out = np.empty((T, w.shape[0]), dtype=np.float32)
+    job = _Job(1)
+    job.add(x, w, out)
+    job.run()
+    return out
+
+
+def linear_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
+    """``[linear(x, w) for w in ws]`` in one job (e.g. q, k, v); x is quantized once."""
+    return linear_experts([x] * len(ws), ws)
+
+
+def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.ndarray]:
+    """``[linear(x, w) for x, w in zip(xs, ws)]`` in one job (the down projections of the MoE)."""
+    if len(xs) != len(ws):
+        raise ValueError("linear_experts needs one x per weight")
+    xs = [_check(x, w) for x, w in zip(xs, ws, strict=True)]
+    if not HAVE_NUMBA:
+        return [_linear_numpy(x, w) for x, w in zip(xs, ws, strict=True)]
+    outs: list[np.ndarray] = []
+    job = _Job(len(ws))
+    for x, w in zip(xs, ws, strict=True):
+        if w.qtype == "F32" and x.shape[0] > 1:
+            outs.append(np.ascontiguousarray(x @ np.asarray(w.data).T))
+            continue
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        if x.shape[0] > 0:
+            job.add(x, w, out)
+        outs.append(out)
+    job.run()
+    return outs
+
+
+def swiglu(x: np.ndarray, w_gate: QTensor, w_up: QTensor) -> np.ndarray:
+    """``silu(x @ gate.T) * (x @ up.T)``: [T, in] -> [T, ff], both products in one pass."""
+    return swiglu_experts([x], [w_gate], [w_up])[0]
+
+
+def swiglu_experts(
+    xs: Sequence[np.ndarray], gates: Sequence[QTensor], ups: Sequence[QTensor]
+) -> list[np.ndarray]:
+    """``[swiglu(x, g, u) ...]`` for every selected expert in one job (the MoE's first half)."""
+    if not (len(xs) == len(gates) == len(ups)):
+        raise ValueError("swiglu_experts needs one x per gate and up weight")
+    outs: list[np.ndarray] = []
+    checked = []
+    for x, g, u in zip(xs, gates, ups, strict=True):
+        x = _check(x, g)
+        if g.shape != u.shape or g.qtype != u.qtype:
+            raise ValueError(f"gate {g.qtype}{g.shape} and up {u.qtype}{u.shape} differ")
+        checked.append(x)
+    if not HAVE_NUMBA:
+        return [
+            _silu_mul(_linear_numpy(x, g), _linear_numpy(x, u))
+            for x, g, u in zip(checked, gates, ups, strict=True)
+        ]
+    job = _Job(len(gates))
+    for x, g, u in zip(checked, gates, ups, strict=True):
+        if g.qtype == "F32" and x.shape[0] > 1:
+            outs.append(_silu_mul(x @ np.asarray(g.data).T, x @ np.asarray(u.data).T))
+            continue
+        out = np.empty((x.shape[0], g.shape[0]), dtype=np.float32)
+        if x.shape[0] > 0:
+            job.add(x, g, out, w2=u)
+        outs.append(out)
+    job.run()
+    return outs
+
+
+def warmup() -> None:
+    """Compile (or load from numba's disk cache) every kernel and start the worker threads."""
+    if not HAVE_NUMBA:
+        return
+    import gguf
+
+    rng = np.random.default_rng(0)
+    wf = rng.standard_normal((8, 64)).astype(np.float32)
+    tensors = [QTensor.from_float(wf), QTensor.from_float(wf.astype(np.float16))]
+    tensors.append(QTensor("BF16", wf.shape, (wf.view(np.uint32) >> 16).astype(np.uint16)))
+    for t in ("Q4_0", "Q4_1", "Q8_0"):
+        data = gguf.quants.quantize(wf, gguf.GGMLQuantizationType[t])
+        tensors.append(QTensor(t, wf.shape, data))
+    for T in (1, 2):
+        x = rng.standard_normal((T, 64)).astype(np.float32)
+        for w in tensors:
+            linear(x, w)
+            swiglu(x, w, w)
