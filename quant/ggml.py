@@ -228,6 +228,19 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...] | None = Non
 
 def relative_rmse(ref: np.ndarray, approx: np.ndarray) -> float:
     """``||approx - ref|| / ||ref||`` over the whole tensor (0 when both are zero), chunked."""
+    num, den = squared_error_terms(ref, approx)
+    return rmse_from_terms(num, den)
+
+
+def rmse_from_terms(num: float, den: float) -> float:
+    """Relative RMSE from accumulated ``(sum (approx-ref)^2, sum ref^2)``."""
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return float(np.sqrt(num / den))
+
+
+def squared_error_terms(ref: np.ndarray, approx: np.ndarray) -> tuple[float, float]:
+    """``(sum (approx-ref)^2, sum ref^2)`` in float64, chunked; add them up over pieces."""
     a = _as_rows(ref)
     b = _as_rows(approx)
     if a.shape != b.shape:
@@ -240,6 +253,4 @@ def relative_rmse(ref: np.ndarray, approx: np.ndarray) -> float:
         y = b[s : s + step].astype(np.float64)
         num += float(np.square(y - x).sum())
         den += float(np.square(x).sum())
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return float(np.sqrt(num / den))
+    return num, den

@@ -1,0 +1,242 @@
+"""Streaming GGUF writer for the internal layout (llama.cpp's Mixtral layout, arch ``llama``).
+
+The header (metadata and tensor infos) is written first from shapes and types alone; then the
+tensors are converted and written one at a time, merged experts ``ffn_*_exps`` [E, out, in] one
+expert after another, so memory holds one source tensor (as float32) and its output, never the
+whole model or a whole stacked expert tensor.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlxtral.quant.ggml import quantized_shape
+
+from mlxtral.config import ModelArgs
+from mlxtral.errors import FormatError, TokenizerError
+from mlxtral.formats import Checkpoint, TokenizerSource
+
+from .policy import gguf_file_type, gguf_tensor_type
+from .tensors import OutTensor, TensorReport, check_tensors, encode_gguf, layer_order
+
+ALIGNMENT = 32
+QUANTIZATION_VERSION = 2
+# SentencePiece token types as llama.cpp stores them (tokenizer.ggml.token_type)
+TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
+
+Progress = Callable[[int], None]
+
+
+def plan_gguf(ckpt: Checkpoint, qtype: str) -> list[OutTensor]:
+    """Every output tensor with its GGUF name, parts, shape and type, in file order."""
+    args = ckpt.args
+    plan = []
+    for name, parts in layer_order(args):
+        first = tuple(ckpt.tensors[parts[0]].shape)
+        shape = (len(parts),) + first if name.endswith("_exps.weight") else first
+        plan.append(OutTensor(name, parts, shape, gguf_tensor_type(name, first, qtype)))
+    return plan
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2}.get(qtype, 1)
+    return int(np.prod(quantized_shape(shape, qtype), dtype=np.int64)) * itemsize
+
+
+# ---- metadata -----------------------------------------------------------------------------
+
+def add_model_metadata(w: Any, args: ModelArgs, qtype: str, name: str) -> None:
+    """``general.*`` and ``llama.*`` keys as current llama.cpp writes them for Mixtral."""
+    w.add_type("model")
+    w.add_name(name)
+    w.add_custom_alignment(ALIGNMENT)
+    w.add_vocab_size(args.vocab_size)
+    w.add_context_length(args.max_position_embeddings)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    if args.head_dim != args.dim // args.n_heads:
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
+    w.add_rope_freq_base(float(args.rope_theta))
+    w.add_rope_dimension_count(int(args.rope_dim or args.head_dim))
+    w.add_layer_norm_rms_eps(float(args.norm_eps))
+    if args.is_moe:
+        w.add_expert_count(args.n_experts)
+        w.add_expert_used_count(args.n_experts_per_tok)
+    w.add_file_type(gguf_file_type(qtype))
+    w.add_quantization_version(QUANTIZATION_VERSION)
+
+
+def sentencepiece_vocab(path: Path, vocab_size: int
+                        ) -> tuple[list[bytes], list[float], list[int], dict[str, int]]:
+    """tokens, scores, token types and special ids from a SentencePiece ``tokenizer.model``,
+    padded with ``[PADi]`` up to ``vocab_size`` (as llama.cpp's converter does)."""
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:
+        raise TokenizerError(f"not a SentencePiece model ({e})", path) from None
+    n = sp.vocab_size()
+    if n > vocab_size:
+        raise TokenizerError(f"tokenizer has {n} pieces but the model's vocabulary is {vocab_size}", path)
+    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [TT_UNUSED] * vocab_size
+    for i in range(n):
+        tokens[i] = sp.id_to_piece(i).encode("utf-8")
+        scores[i] = float(sp.get_score(i))
+        if sp.is_unknown(i):
+            types[i] = TT_UNKNOWN
+        elif sp.is_control(i):
+            types[i] = TT_CONTROL
+        elif sp.is_unused(i):
+            types[i] = TT_UNUSED
+        elif sp.is_byte(i):
+            types[i] = TT_BYTE
+        else:
+            types[i] = TT_NORMAL
+    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    return tokens, scores, types, ids
+
+
+def _chat_template_from_folder(folder: Path) -> str | None:
+    cfg = folder / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        tpl = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    return tpl if isinstance(tpl, str) else None
+
+
+def add_tokenizer(w: Any, tok: TokenizerSource | None, args: ModelArgs) -> None:
+    """Embed the tokenizer: from a ``tokenizer.model`` or copied from a source GGUF's keys."""
+    import gguf
+
+    if tok is None:
+        raise TokenizerError("the source has no tokenizer (need tokenizer.model or a GGUF vocabulary)")
+    if tok.kind == "gguf":
+        copy_gguf_tokenizer(w, tok.metadata)
+        return
+    path = tok.path
+    if path is not None and path.is_dir():
+        folder = path
+        path = path / "tokenizer.model"
+    else:
+        folder = path.parent if path is not None else None
+    if path is None or not path.is_file():
+        raise TokenizerError("GGUF output needs a SentencePiece tokenizer.model beside the weights",
+                             tok.path)
+    tokens, scores, types, ids = sentencepiece_vocab(path, args.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(ids["bos"])
+    w.add_eos_token_id(ids["eos"])
+    w.add_unk_token_id(ids["unk"])
+    if ids["pad"] >= 0:
+        w.add_pad_token_id(ids["pad"])
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    template = tok.metadata.get("tokenizer.chat_template") or (
+        _chat_template_from_folder(folder) if folder else None)
+    if isinstance(template, str):
+        w.add_chat_template(template)
+    del gguf
+
+
+_TOKENIZER_TYPES = {
+    "tokenizer.ggml.scores": "float32",
+    "tokenizer.ggml.token_type": "int32",
+}
+
+
+def copy_gguf_tokenizer(w: Any, md: dict[str, Any]) -> None:
+    """Copy ``tokenizer.*`` keys (decoded Python values) with llama.cpp's value types."""
+    import gguf
+
+    V = gguf.GGUFValueType
+    keys = [k for k in md if k.startswith("tokenizer.")]
+    if "tokenizer.ggml.tokens" not in keys:
+        raise TokenizerError("the source GGUF has no tokenizer.ggml.tokens")
+    for k in keys:
+        v = md[k]
+        if isinstance(v, list):
+            if not v:
+                continue
+            if k in _TOKENIZER_TYPES:
+                sub = V.FLOAT32 if _TOKENIZER_TYPES[k] == "float32" else V.INT32
+            elif isinstance(v[0], (str, bytes)):
+                sub = V.STRING
+            elif isinstance(v[0], float):
+                sub = V.FLOAT32
+            else:
+                sub = V.INT32
+            w.add_key_value(k, v, V.ARRAY, sub_type=sub)
+        elif isinstance(v, bool):
+            w.add_bool(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        elif isinstance(v, float):
+            w.add_float32(k, v)
+        elif isinstance(v, (str, bytes)):
+            w.add_string(k, v if isinstance(v, str) else v.decode("utf-8"))
+
+
+# ---- writing ------------------------------------------------------------------------------
+
+def model_name(ckpt: Checkpoint) -> str:
+    n = ckpt.metadata.get("general.name") if isinstance(ckpt.metadata, dict) else None
+    return n if isinstance(n, str) and n else Path(ckpt.path).name.removesuffix(".gguf")
+
+
+def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = None,
+               progress: Progress | None = None) -> list[TensorReport]:
+    """Write ``ckpt`` to the GGUF file ``out`` (the path is written directly: the caller makes
+    it atomic). Returns one report per output tensor."""
+    import gguf
+
+    check_tensors(ckpt.args, ckpt.tensors, str(ckpt.path))
+    plan = plan_gguf(ckpt, qtype)
+    w = gguf.GGUFWriter(path=None, arch="llama")
+    add_model_metadata(w, ckpt.args, qtype, name or model_name(ckpt))
+    add_tokenizer(w, ckpt.tokenizer, ckpt.args)
+    for t in plan:
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, t.qtype),
+                          raw_dtype=gguf.GGMLQuantizationType[t.qtype])
+    reports: list[TensorReport] = []
+    try:
+        w.write_header_to_file(path=Path(out))
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        assert w.fout is not None
+        f = w.fout[0]
+        for t in plan:
+            f.write(b"\0" * (-f.tell() % ALIGNMENT))
+            rep = TensorReport(t.name, t.qtype, t.shape)
+            part_bytes = tensor_nbytes(tuple(ckpt.tensors[t.parts[0]].shape), t.qtype)
+            for part in t.parts:
+                src = ckpt.tensors[part]
+                data = encode_gguf(src, t.qtype, rep)
+                if data.nbytes != part_bytes:
+                    raise FormatError(f"{part}: {data.nbytes} bytes encoded, expected {part_bytes}")
+                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                rep.nbytes += data.nbytes
+                if progress is not None:
+                    progress(src.nbytes)
+                del data
+            reports.append(rep)
+        f.write(b"\0" * (-f.tell() % ALIGNMENT))
+        f.flush()
+    finally:
+        w.close()
+    return reports

@@ -1,0 +1,244 @@
+"""MLX folder writer in mlx-lm's layout (what ``mlx_lm.convert`` produces for Mixtral).
+
+- ``config.json``: the Hugging Face Mixtral keys plus ``"quantization": {"group_size", "bits"}``
+  (also as ``quantization_config``, as mlx-lm writes it).
+- ``model.safetensors`` or ``model-0000X-of-0000N.safetensors`` shards of at most 5 GB, and
+  ``model.safetensors.index.json``.
+- names after mlx-lm's Mixtral ``sanitize``: experts stacked ``[E, out, in]`` as
+  ``model.layers.N.block_sparse_moe.switch_mlp.{gate,up,down}_proj.{weight,scales,biases}``; the
+  router ``block_sparse_moe.gate.weight`` and the norms unquantized (float32); attention, embeddings
+  and ``lm_head`` affine-quantized. mlx-lm quantizes exactly the modules that have ``.scales``.
+- q_proj/k_proj rows in Hugging Face's rotate-half order (mlx-lm runs ``rope_traditional=False``);
+  the internal layout is interleaved, so they are permuted on the way out.
+- tokenizer files copied from the source (``tokenizer.model``, ``tokenizer.json``,
+  ``tokenizer_config.json``, ``special_tokens_map.json``); a ``tokenizer_config.json`` is written
+  for a bare ``tokenizer.model``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
+from mlxtral.quant.ggml import dequantize
+
+from mlxtral.config import ModelArgs
+from mlxtral.errors import TokenizerError
+from mlxtral.formats import Checkpoint
+
+from .policy import Precision, mlx_quantizes
+from .safetensors_writer import SafetensorsWriter
+from .tensors import TensorReport, check_tensors, layer_order, source_f32
+
+MAX_SHARD_BYTES = 5 << 30
+_ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_GGUF_OF = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+Progress = Callable[[int], None]
+
+
+def hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Interleaved-pair rows -> Hugging Face rotate-half rows (q_proj/k_proj), ``[n_heads*hd, dim]``."""
+    rows, dim = w.shape
+    hd = rows // n_heads
+    return np.ascontiguousarray(w.reshape(n_heads, hd // 2, 2, dim).transpose(0, 2, 1, 3).reshape(rows, dim))
+
+
+def mlx_module_name(gguf_name: str, moe: bool) -> str:
+    """GGUF-style output name -> mlx-lm module path (without ``.weight``)."""
+    base = gguf_name.removesuffix(".weight")
+    fixed = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    if base in fixed:
+        return fixed[base]
+    _, i, rest = base.split(".", 2)
+    p = f"model.layers.{i}."
+    table = {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate_inp": "block_sparse_moe.gate",
+        "ffn_gate_exps": "block_sparse_moe.switch_mlp.gate_proj",
+        "ffn_up_exps": "block_sparse_moe.switch_mlp.up_proj",
+        "ffn_down_exps": "block_sparse_moe.switch_mlp.down_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    return p + table[rest]
+
+
+@dataclass
+class MlxModule:
+    module: str
+    parts: list[str]
+    shape: tuple[int, ...]  # logical (stacked for experts)
+    quantized: bool
+    dtype: str  # float dtype of the weight (unquantized) or of scales/biases
+    permute_heads: int = 0  # q/k: number of heads to permute rows by
+
+    def tensors(self, bits: int | None, group_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        st = _ST_DTYPE[self.dtype]
+        if not self.quantized:
+            return {self.module + ".weight": (st, self.shape)}
+        assert bits is not None
+        wshape, sshape = affine_shapes(self.shape, bits, group_size)
+        return {self.module + ".weight": ("U32", wshape), self.module + ".scales": (st, sshape),
+                self.module + ".biases": (st, sshape)}
+
+
+def plan_mlx(ckpt: Checkpoint, prec: Precision, group_size: int) -> list[MlxModule]:
+    args = ckpt.args
+    out = []
+    for name, parts in layer_order(args):
+        first = tuple(ckpt.tensors[parts[0]].shape)
+        shape = (len(parts),) + first if name.endswith("_exps.weight") else first
+        q = prec.bits is not None and mlx_quantizes(name, first, group_size)
+        f32 = len(first) == 1 or name.endswith("ffn_gate_inp.weight")
+        dtype = "float32" if f32 else prec.float_dtype
+        heads = args.n_heads if ".attn_q." in name else args.n_kv_heads if ".attn_k." in name else 0
+        out.append(MlxModule(mlx_module_name(name, args.is_moe), parts, shape, q, dtype, heads))
+    return out
+
+
+def mlx_config(args: ModelArgs, prec: Precision, group_size: int) -> dict[str, object]:
+    moe = args.is_moe
+    cfg: dict[str, object] = {
+        "architectures": ["MixtralForCausalLM" if moe else "MistralForCausalLM"],
+        "model_type": "mixtral" if moe else "mistral",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "sliding_window": args.sliding_window,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": prec.float_dtype,
+    }
+    if moe:
+        cfg["num_local_experts"] = args.n_experts
+        cfg["num_experts_per_tok"] = args.n_experts_per_tok
+    if prec.bits is not None:
+        q = {"group_size": group_size, "bits": prec.bits}
+        cfg["quantization"] = q
+        cfg["quantization_config"] = dict(q)
+    return cfg
+
+
+def shard_assignments(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Consecutive modules into shards of at most ``max_bytes`` (a bigger module gets its own)."""
+    shards: list[list[str]] = [[]]
+    cur = 0
+    for name, size in sizes:
+        if shards[-1] and cur + size > max_bytes:
+            shards.append([])
+            cur = 0
+        shards[-1].append(name)
+        cur += size
+    return shards
+
+
+def copy_tokenizer(ckpt: Checkpoint, folder: Path) -> list[str]:
+    """Copy the tokenizer files next to the weights; returns the names written."""
+    tok = ckpt.tokenizer
+    if tok is None or tok.path is None or tok.kind == "gguf":
+        raise TokenizerError("MLX output needs the tokenizer files (tokenizer.model / tokenizer.json); "
+                             "a GGUF vocabulary cannot be turned into them yet", ckpt.path)
+    src = tok.path if tok.path.is_dir() else tok.path.parent
+    written = []
+    if tok.kind == "sentencepiece" and tok.path.is_file():
+        shutil.copyfile(tok.path, folder / "tokenizer.model")
+        written.append("tokenizer.model")
+    for n in TOKENIZER_FILES:
+        if n not in written and (src / n).is_file():
+            shutil.copyfile(src / n, folder / n)
+            written.append(n)
+    if "tokenizer_config.json" not in written and "tokenizer.model" in written:
+        cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+               "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,
+               "model_max_length": ckpt.args.max_position_embeddings}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        written.append("tokenizer_config.json")
+    if not written:
+        raise TokenizerError("no tokenizer files found", src)
+    return written
+
+
+def _encode_part(x: np.ndarray, m: MlxModule, bits: int | None, group_size: int, rep: TensorReport
+                 ) -> dict[str, np.ndarray]:
+    if m.quantized:
+        assert bits is not None
+        wq, s, b = affine_quantize(x, bits, group_size, m.dtype)
+        rep.add_error(x, affine_dequantize(wq, s, b, bits, group_size, m.dtype))
+        return {".weight": wq, ".scales": s, ".biases": b}
+    data = store_dtype(x, m.dtype)
+    if m.dtype != "float32":
+        rep.add_error(x, dequantize(data, _GGUF_OF[m.dtype]))
+    return {".weight": data}
+
+
+def write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int = 64, *,
+              max_shard_bytes: int = MAX_SHARD_BYTES, progress: Progress | None = None
+              ) -> list[TensorReport]:
+    """Write ``ckpt`` as an mlx-lm folder into the existing, empty ``folder``."""
+    check_tensors(ckpt.args, ckpt.tensors, str(ckpt.path))
+    folder = Path(folder)
+    copy_tokenizer(ckpt, folder)  # first: fail before hours of work, not after
+    plan = plan_mlx(ckpt, prec, group_size)
+    decl = {m.module: m.tensors(prec.bits, group_size) for m in plan}
+    sizes = [(m.module, sum(SafetensorsWriter.nbytes(d, s) for d, s in decl[m.module].values()))
+             for m in plan]
+    shards = shard_assignments(sizes, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    by_module = {m.module: m for m in plan}
+    weight_map: dict[str, str] = {}
+    reports: list[TensorReport] = []
+    total = 0
+    for fname, modules in zip(names, shards, strict=True):
+        w = SafetensorsWriter(folder / fname, {"format": "mlx"})
+        for mod in modules:
+            for tname, (dt, shape) in decl[mod].items():
+                w.declare(tname, dt, shape)
+                weight_map[tname] = fname
+        total += w.total_bytes
+        w.open()
+        try:
+            for mod in modules:
+                m = by_module[mod]
+                kind = f"affine{prec.bits}/g{group_size}" if m.quantized else m.dtype
+                rep = TensorReport(mod, kind, m.shape)
+                for e, part in enumerate(m.parts):
+                    src = ckpt.tensors[part]
+                    rep.src_qtype = src.qtype
+                    x = source_f32(src)
+                    if m.permute_heads:
+                        x = hf_permute(x, m.permute_heads)
+                    for suffix, data in _encode_part(x, m, prec.bits, group_size, rep).items():
+                        w.write(mod + suffix, data, offset=e * data.nbytes)
+                        rep.nbytes += data.nbytes
+                    if progress is not None:
+                        progress(src.nbytes)
+                    del x
+                reports.append(rep)
+        finally:
+            w.close()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n", encoding="utf-8")
+    cfg = mlx_config(ckpt.args, prec, group_size)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
+    return reports

@@ -1,0 +1,97 @@
+"""Which type each tensor is written in, and the output precisions a user can ask for.
+
+GGUF policy (``--q4``/``--q4_1``/``--q8``/``--f16``/``--bf16``/``--f32``):
+
+- 1-D tensors (the RMSNorm weights) and the router ``ffn_gate_inp`` stay F32: they are tiny and
+  the router's top-2 choice is sensitive to rounding.
+- ``output.weight`` is Q8_0 when the body is 4-bit. llama.cpp keeps it at Q6_K for Q4_0 files
+  because the logits are the most quantization-sensitive product in the model; we cannot write
+  K-quants, so we take the next better type we can write.
+- ``token_embd.weight`` follows the body (it is a lookup table: an error there affects one row
+  per token, not every logit), as llama.cpp does for Q4_0/Q4_1/Q8_0.
+- Everything else (attention, experts) gets the requested type; a matrix whose rows are not a
+  multiple of 32 falls back to F16.
+
+MLX policy (``bits`` 4 or 8, ``group_size`` 32/64/128), as ``mlx_lm.convert`` quantizes Mixtral:
+every linear layer, the experts, ``embed_tokens`` and ``lm_head`` are affine-quantized; the
+router ``block_sparse_moe.gate`` is left unquantized (float32, like the norms).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlxtral.errors import UsageError
+
+# user-facing precision name -> (GGUF type, MLX bits or None for an unquantized float dtype)
+PRECISIONS: dict[str, tuple[str, int | None]] = {
+    "q4": ("Q4_0", 4),
+    "q4_1": ("Q4_1", None),
+    "q8": ("Q8_0", 8),
+    "f16": ("F16", None),
+    "bf16": ("BF16", None),
+    "f32": ("F32", None),
+}
+GGUF_QTYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What the user asked for, in GGUF terms (``qtype``) and MLX terms (``bits``/``dtype``)."""
+
+    qtype: str  # GGUF type of the body
+    bits: int | None  # MLX affine bits, or None: unquantized
+    float_dtype: str  # MLX dtype of unquantized weights and of scales/biases
+
+
+def parse_precision(name: str, fmt: str) -> Precision:
+    """``"q4"``/``"Q4_0"``/... -> :class:`Precision` for output format ``fmt`` ("gguf" | "mlx")."""
+    key = name.lower().lstrip("-")
+    by_qtype = {v[0].lower(): k for k, v in PRECISIONS.items()}
+    key = by_qtype.get(key, key)
+    if key in ("4bit", "4"):
+        key = "q4"
+    if key in ("8bit", "8"):
+        key = "q8"
+    if key not in PRECISIONS:
+        raise UsageError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
+    qtype, bits = PRECISIONS[key]
+    if fmt == "mlx" and key == "q4_1":
+        raise UsageError("--q4_1 is a GGUF type; MLX output takes --q4, --q8, --f16, --bf16 or --f32")
+    float_dtype = {"f16": "float16", "f32": "float32"}.get(key, "bfloat16")
+    return Precision(qtype=qtype, bits=bits, float_dtype=float_dtype)
+
+
+def is_f32_tensor(name: str, ndim: int) -> bool:
+    """Norms (1-D) and the router stay float32 in every output."""
+    return ndim == 1 or name.endswith("ffn_gate_inp.weight")
+
+
+def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str) -> str:
+    """The GGUF type for the internal (or GGUF) tensor ``name`` when the body is ``qtype``."""
+    if is_f32_tensor(name, len(shape)):
+        return "F32"
+    want = qtype
+    if name == "output.weight" and qtype in ("Q4_0", "Q4_1"):
+        want = "Q8_0"
+    if want.startswith("Q") and shape[-1] % 32:
+        want = "F16"
+    return want
+
+
+def gguf_file_type(qtype: str) -> int:
+    """``general.file_type`` (llama.cpp's ``LlamaFileType``) for a body of ``qtype``."""
+    import gguf
+
+    return int({
+        "F32": gguf.LlamaFileType.ALL_F32,
+        "F16": gguf.LlamaFileType.MOSTLY_F16,
+        "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+        "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[qtype])
+
+
+def mlx_quantizes(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """Whether the MLX writer affine-quantizes the internal tensor ``name``."""
+    return not is_f32_tensor(name, len(shape)) and shape[-1] % group_size == 0

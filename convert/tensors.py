@@ -1,0 +1,117 @@
+"""Output plans shared by the writers: which internal tensors make up each output tensor,
+its shape and type, and the per-tensor report (bytes written, relative RMSE)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
+
+from mlxtral.config import ModelArgs
+from mlxtral.errors import FormatError
+from mlxtral.qtensor import QTensor
+
+
+@dataclass
+class OutTensor:
+    """One tensor of the output file, built from one or more internal tensors."""
+
+    name: str
+    parts: list[str]  # internal names; more than one: stacked along a new first axis
+    shape: tuple[int, ...]  # logical shape of the output tensor (stacked shape for experts)
+    qtype: str  # GGUF type, or for MLX "affine" / a float dtype name
+
+
+@dataclass
+class TensorReport:
+    """What happened to one output tensor."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    nbytes: int = 0
+    src_qtype: str = ""
+    num: float = 0.0  # sum (written - source)^2
+    den: float = 0.0  # sum source^2
+    copied: bool = False  # raw bytes copied unchanged (same type in and out)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def rel_rmse(self) -> float:
+        return rmse_from_terms(self.num, self.den)
+
+    def add_error(self, ref: np.ndarray, approx: np.ndarray) -> None:
+        n, d = squared_error_terms(ref, approx)
+        self.num += n
+        self.den += d
+
+
+def check_tensors(args: ModelArgs, tensors: Mapping[str, QTensor], where: str = "") -> None:
+    """Every tensor the model needs is there with the expected shape (no silent garbage out)."""
+    from mlxtral.formats import expected_shapes
+
+    for name, shape in expected_shapes(args).items():
+        t = tensors.get(name)
+        if t is None:
+            raise FormatError(f"tensor {name} is missing", where or None)
+        if tuple(t.shape) != tuple(shape):
+            raise FormatError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}", where or None)
+
+
+def _layer_ffn_names(args: ModelArgs, i: int, kind: str) -> list[str]:
+    return [f"blk.{i}.ffn_{kind}.{e}.weight" for e in range(args.n_ffn)]
+
+
+def layer_order(args: ModelArgs) -> list[tuple[str, list[str]]]:
+    """(base output name in GGUF terms, internal parts) in llama.cpp's file order."""
+    out: list[tuple[str, list[str]]] = [("token_embd.weight", ["token_embd.weight"])]
+    for i in range(args.n_layers):
+        b = f"blk.{i}."
+        for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"):
+            out.append((b + n + ".weight", [b + n + ".weight"]))
+        if args.is_moe:
+            out.append((b + "ffn_gate_inp.weight", [b + "ffn_gate_inp.weight"]))
+            for kind in ("gate", "up", "down"):
+                out.append((b + f"ffn_{kind}_exps.weight", _layer_ffn_names(args, i, kind)))
+        else:
+            for kind in ("gate", "up", "down"):
+                out.append((b + f"ffn_{kind}.weight", _layer_ffn_names(args, i, kind)))
+    out.append(("output_norm.weight", ["output_norm.weight"]))
+    if not args.tie_word_embeddings:
+        out.append(("output.weight", ["output.weight"]))
+    return out
+
+
+def source_f32(t: QTensor) -> np.ndarray:
+    """One source tensor as float32 (a fresh array of its own; the source map is only read)."""
+    x = t.dequantize()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def encode_gguf(t: QTensor, qtype: str, report: TensorReport) -> np.ndarray:
+    """Source tensor -> stored data of GGUF ``qtype``; adds its error to ``report``.
+
+    Same type in and out: the raw bytes are passed through unchanged (no requantization loss).
+    """
+    from mlxtral.quant.ggml import quantize
+
+    report.src_qtype = report.src_qtype or t.qtype
+    if t.qtype == qtype:
+        report.copied = True
+        return np.asarray(t.data)
+    x = source_f32(t)
+    data = quantize(x, qtype)
+    add_quant_error(report, x, data, qtype)
+    return data
+
+
+def add_quant_error(report: TensorReport, x: np.ndarray, data: np.ndarray, qtype: str) -> None:
+    """Accumulate the error of ``data`` (GGUF ``qtype``) against float32 ``x``, row chunk by chunk."""
+    from mlxtral.quant.ggml import CHUNK_ELEMS, dequantize
+
+    rows = x.reshape(-1, x.shape[-1])
+    drows = data.reshape(rows.shape[0], -1)
+    step = max(1, 16 * CHUNK_ELEMS // rows.shape[1])
+    for s in range(0, rows.shape[0], step):
+        report.add_error(rows[s : s + step], dequantize(drows[s : s + step], qtype))

@@ -1,0 +1,279 @@
+"""Conversion writers: GGUF (read back with gguf.GGUFReader) and MLX folders (mx.load)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gguf
+import mistral_common
+import numpy as np
+import pytest
+from mlxtral.convert.atomic import atomic_output
+from mlxtral.convert.gguf_writer import write_gguf
+from mlxtral.convert.mlx_writer import hf_permute, write_mlx
+from mlxtral.convert.policy import gguf_tensor_type, parse_precision
+from mlxtral.quant import affine_quantize, quantize
+
+from mlxtral.config import ModelArgs
+from mlxtral.errors import MlxtralError, UsageError
+from mlxtral.formats import Checkpoint, TokenizerSource, expected_shapes
+from mlxtral.qtensor import QTensor, f32_to_bf16
+
+REAL_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+VOCAB = 400
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SentencePiece BPE model with byte fallback, like Mixtral's (the real one has 32000
+    pieces, and gguf.GGUFReader needs seconds to parse that many strings)."""
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "mat", "mixture", "of", "experts", "router", "token", "world"]
+    lines = [" ".join(rng.choice(words, 12)) for _ in range(300)]
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=f, vocab_size=VOCAB,
+                                       model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                       hard_vocab_limit=False, minloglevel=2)
+    return path
+
+
+def tiny_args(n_experts: int = 4, vocab: int = VOCAB) -> ModelArgs:
+    return ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                     vocab_size=vocab, n_experts=n_experts, n_experts_per_tok=2 if n_experts else 0,
+                     max_position_embeddings=512)
+
+
+def tiny_checkpoint(args: ModelArgs, tokenizer: Path, seed: int = 0, bf16: bool = True) -> Checkpoint:
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_shapes(args).items():
+        x = (rng.standard_normal(shape) * (0.02 if len(shape) > 1 else 1)).astype(np.float32)
+        if len(shape) == 1:
+            x = 1 + 0.1 * x
+        if bf16 and len(shape) > 1 and "ffn_gate_inp" not in name:
+            tensors[name] = QTensor("BF16", shape, f32_to_bf16(x))
+        else:
+            tensors[name] = QTensor("F32", shape, x)
+    return Checkpoint("hf", Path("/tmp/tiny-src"), args, tensors,
+                      TokenizerSource("sentencepiece", tokenizer), {"general.name": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tokenizer_model: Path) -> Checkpoint:
+    return tiny_checkpoint(tiny_args(), tokenizer_model)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
+def test_gguf_roundtrip(tmp_path: Path, ckpt: Checkpoint, qtype: str) -> None:
+    out = tmp_path / "m.gguf"
+    reports = write_gguf(ckpt, out, qtype)
+    r = gguf.GGUFReader(out)
+    md = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert md["general.architecture"] == "llama"
+    assert md["general.name"] == "tiny"
+    assert md["general.quantization_version"] == 2
+    assert md["general.alignment"] == 32
+    ftype = {"F32": "ALL_F32"}.get(qtype, "MOSTLY_" + qtype)
+    assert md["general.file_type"] == int(gguf.LlamaFileType[ftype])
+    assert md["llama.expert_count"] == 4 and md["llama.expert_used_count"] == 2
+    assert md["llama.block_count"] == 2 and md["llama.embedding_length"] == 64
+    assert md["llama.attention.head_count"] == 4 and md["llama.attention.head_count_kv"] == 2
+    assert md["llama.feed_forward_length"] == 128 and md["llama.rope.dimension_count"] == 16
+    assert md["llama.rope.freq_base"] == pytest.approx(1e6)
+    assert md["tokenizer.ggml.model"] == "llama"
+    assert len(md["tokenizer.ggml.tokens"]) == VOCAB
+    assert md["tokenizer.ggml.tokens"][1] == "<s>" and md["tokenizer.ggml.bos_token_id"] == 1
+    assert md["tokenizer.ggml.token_type"][0] == 2 and md["tokenizer.ggml.token_type"][3] == 6
+    assert md["tokenizer.ggml.add_bos_token"] is True
+    tensors = {t.name: t for t in r.tensors}
+    assert len(tensors) == len(reports) == 1 + 2 * 10 + 2
+    for name, parts in [("blk.1.ffn_up_exps.weight", [f"blk.1.ffn_up.{e}.weight" for e in range(4)]),
+                        ("blk.0.attn_q.weight", ["blk.0.attn_q.weight"]),
+                        ("token_embd.weight", ["token_embd.weight"]),
+                        ("output.weight", ["output.weight"]),
+                        ("blk.0.ffn_gate_inp.weight", ["blk.0.ffn_gate_inp.weight"]),
+                        ("output_norm.weight", ["output_norm.weight"])]:
+        t = tensors[name]
+        first = ckpt.tensors[parts[0]]
+        want_type = gguf_tensor_type(name, first.shape, qtype)
+        assert t.tensor_type.name == want_type
+        want = np.stack([quantize(ckpt.tensors[p].dequantize(), want_type) for p in parts])
+        if len(parts) == 1:
+            want = want[0]
+            assert tuple(int(d) for d in t.shape[::-1]) == first.shape
+        else:
+            assert tuple(int(d) for d in t.shape[::-1]) == (4,) + first.shape
+        assert np.asarray(t.data).tobytes() == want.tobytes(), name
+    assert tensors["blk.0.ffn_norm.weight"].tensor_type.name == "F32"
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    rep = {x.name: x for x in reports}
+    assert rep["blk.0.ffn_gate_inp.weight"].rel_rmse == 0.0
+    tol = {"Q4_0": 0.2, "Q4_1": 0.15, "Q8_0": 0.01, "F16": 1e-3, "BF16": 1e-9, "F32": 1e-9}[qtype]
+    assert rep["blk.0.attn_q.weight"].rel_rmse < tol
+
+
+def test_gguf_policy() -> None:
+    assert gguf_tensor_type("output.weight", (100, 64), "Q4_0") == "Q8_0"
+    assert gguf_tensor_type("token_embd.weight", (100, 64), "Q4_0") == "Q4_0"
+    assert gguf_tensor_type("blk.0.ffn_gate_inp.weight", (8, 64), "Q4_0") == "F32"
+    assert gguf_tensor_type("blk.0.attn_norm.weight", (64,), "BF16") == "F32"
+    assert gguf_tensor_type("blk.0.attn_q.weight", (64, 48), "Q8_0") == "F16"
+
+
+def test_gguf_dense_model(tmp_path: Path, tokenizer_model: Path) -> None:
+    ck = tiny_checkpoint(tiny_args(0), tokenizer_model)
+    write_gguf(ck, tmp_path / "d.gguf", "Q8_0")
+    r = gguf.GGUFReader(tmp_path / "d.gguf")
+    names = {t.name for t in r.tensors}
+    assert "blk.0.ffn_gate.weight" in names and "blk.0.ffn_gate_inp.weight" not in names
+    assert "llama.expert_count" not in r.fields
+
+
+def test_gguf_requantize_copies_same_type(tmp_path: Path, ckpt: Checkpoint) -> None:
+    a = tmp_path / "a.gguf"
+    write_gguf(ckpt, a, "Q8_0")
+    from mlxtral.formats.gguf import load_gguf
+
+    src = load_gguf(a)
+    b = tmp_path / "b.gguf"
+    reports = write_gguf(src, b, "Q8_0")
+    assert all(r.copied or r.qtype == "F32" for r in reports)
+    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
+    for ta, tb in zip(ra.tensors, rb.tensors, strict=True):
+        assert ta.name == tb.name and np.asarray(ta.data).tobytes() == np.asarray(tb.data).tobytes()
+    # and Q8_0 -> Q4_0 requantizes from the dequantized values
+    write_gguf(src, tmp_path / "c.gguf", "Q4_0")
+    rc = {t.name: t for t in gguf.GGUFReader(tmp_path / "c.gguf").tensors}
+    assert rc["blk.0.ffn_down_exps.weight"].tensor_type.name == "Q4_0"
+    assert rc["output.weight"].tensor_type.name == "Q8_0"
+
+
+# ---- MLX -----------------------------------------------------------------------------------
+
+mx = pytest.importorskip("mlx.core")
+
+
+@pytest.mark.parametrize("prec,group_size", [("q4", 64), ("q8", 32), ("q4", 32), ("bf16", 64), ("f16", 64)])
+def test_mlx_folder(tmp_path: Path, ckpt: Checkpoint, prec: str, group_size: int) -> None:
+    p = parse_precision(prec, "mlx")
+    out = tmp_path / "mlx"
+    out.mkdir()
+    write_mlx(ckpt, out, p, group_size, max_shard_bytes=1 << 16)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["num_local_experts"] == 4
+    if p.bits:
+        assert cfg["quantization"] == {"group_size": group_size, "bits": p.bits}
+    else:
+        assert "quantization" not in cfg
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    w: dict[str, object] = {}
+    for s in shards:
+        part = mx.load(str(out / s))
+        data_bytes = sum(v.nbytes for v in part.values())
+        assert data_bytes <= 1 << 16 or len(part) <= 3  # a module bigger than a shard gets its own
+        w.update(part)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in w.values())
+    assert set(w) == set(index["weight_map"])
+    assert (out / "tokenizer.model").read_bytes() == ckpt.tokenizer.path.read_bytes()
+    assert (out / "tokenizer_config.json").is_file()
+    pre = "model.layers.1.block_sparse_moe."
+    # router and norms unquantized float32
+    assert w[pre + "gate.weight"].dtype == mx.float32 and pre + "gate.scales" not in w
+    assert w["model.layers.0.input_layernorm.weight"].dtype == mx.float32
+    exp = [ckpt.tensors[f"blk.1.ffn_down.{e}.weight"].dequantize() for e in range(4)]
+    q = ckpt.tensors["blk.0.attn_q.weight"].dequantize()
+    hf_q = hf_permute(q, 4)
+    if p.bits:
+        name = pre + "switch_mlp.down_proj"
+        assert tuple(w[name + ".weight"].shape) == (4, 64, 128 * p.bits // 32)
+        assert tuple(w[name + ".scales"].shape) == (4, 64, 128 // group_size)
+        for e in range(4):
+            wq, s, b = mx.quantize(mx.array(exp[e]).astype(mx.bfloat16), group_size=group_size, bits=p.bits)
+            assert np.array_equal(np.array(w[name + ".weight"][e]), np.array(wq))
+            got_s = np.array(w[name + ".scales"][e].view(mx.uint16))
+            assert np.array_equal(got_s, np.array(s.view(mx.uint16)))
+        qw = w["model.layers.0.self_attn.q_proj.weight"]
+        ow, _, _ = affine_quantize(hf_q, p.bits, group_size, "bfloat16")
+        assert np.array_equal(np.array(qw), ow)
+        assert "model.embed_tokens.scales" in w and "lm_head.scales" in w
+        deq = mx.dequantize(w["lm_head.weight"], w["lm_head.scales"], w["lm_head.biases"],
+                            group_size=group_size, bits=p.bits).astype(mx.float32)
+        out_w = ckpt.tensors["output.weight"].dequantize()
+        err = np.linalg.norm(np.array(deq) - out_w) / np.linalg.norm(out_w)
+        assert err < (0.15 if p.bits == 4 else 0.01)
+    else:
+        dt = {"bf16": mx.bfloat16, "f16": mx.float16}[prec]
+        down = w[pre + "switch_mlp.down_proj.weight"]
+        assert down.dtype == dt and tuple(down.shape) == (4, 64, 128)
+        np.testing.assert_allclose(np.array(down.astype(mx.float32)), np.stack(exp), rtol=1e-2, atol=1e-4)
+        np.testing.assert_allclose(np.array(w["model.layers.0.self_attn.q_proj.weight"].astype(mx.float32)),
+                                   hf_q, rtol=1e-2, atol=1e-4)
+
+
+def test_hf_permute_matches_facts() -> None:
+    # FACTS.md: hf = w.reshape(n_heads, head_dim // 2, 2, dim).transpose(0, 2, 1, 3).reshape(-1, dim)
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)
+    hf = hf_permute(w, 4)
+    assert hf[0, 0] == w[0, 0] and hf[1, 0] == w[2, 0] and hf[4, 0] == w[1, 0]
+
+
+# ---- atomic output ---------------------------------------------------------------------------
+
+def test_atomic_output_file(tmp_path: Path) -> None:
+    out = tmp_path / "x.gguf"
+    with atomic_output(out, is_dir=False) as tmp:
+        tmp.write_bytes(b"ok")
+        assert not out.exists()
+    assert out.read_bytes() == b"ok"
+    with pytest.raises(UsageError):
+        with atomic_output(out, is_dir=False):
+            pass
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out, is_dir=False, force=True) as tmp:
+            tmp.write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert out.read_bytes() == b"ok"
+    assert os.listdir(tmp_path) == ["x.gguf"]
+    with atomic_output(out, is_dir=False, force=True) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"
+
+
+def test_atomic_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out, is_dir=True) as tmp:
+            (tmp / "a").write_text("x")
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+    with atomic_output(out, is_dir=True) as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_output(out, is_dir=True, force=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert sorted(os.listdir(out)) == ["b"] and os.listdir(tmp_path) == ["m"]
+
+
+def test_errors_are_mlxtral_errors(tmp_path: Path, tokenizer_model: Path) -> None:
+    ck = tiny_checkpoint(tiny_args(), tokenizer_model)
+    del ck.tensors["blk.0.attn_q.weight"]
+    with pytest.raises(MlxtralError, match="attn_q"):
+        write_gguf(ck, tmp_path / "x.gguf", "Q8_0")
+    with pytest.raises(UsageError):
+        parse_precision("q4_1", "mlx")
+
+
+def test_real_mixtral_tokenizer_vocab(tokenizer_model: Path) -> None:
+    from mlxtral.convert.gguf_writer import TT_BYTE, TT_CONTROL, TT_NORMAL, TT_UNKNOWN, sentencepiece_vocab
+
+    tokens, scores, types, ids = sentencepiece_vocab(REAL_TOKENIZER, 32000)
+    assert tokens[:3] == [b"<unk>", b"<s>", b"</s>"] and tokens[3] == b"<0x00>"
+    assert types[:4] == [TT_UNKNOWN, TT_CONTROL, TT_CONTROL, TT_BYTE] and types[1000] == TT_NORMAL
+    assert ids == {"bos": 1, "eos": 2, "unk": 0, "pad": -1}
+    tokens, _, types, _ = sentencepiece_vocab(tokenizer_model, VOCAB + 3)
+    assert tokens[-1] == f"[PAD{VOCAB + 2}]".encode() and types[-1] == 5
