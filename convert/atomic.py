@@ -33,7 +33,7 @@ def atomic_output(out: Path, *, is_dir: bool, force: bool = False) -> Iterator[P
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=out.suffix, dir=out.parent)  # keep .gguf
         os.close(fd)
         tmp = Path(name)
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import gguf
@@ -277,3 +278,93 @@ def test_real_mixtral_tokenizer_vocab(tokenizer_model: Path) -> None:
     assert ids == {"bos": 1, "eos": 2, "unk": 0, "pad": -1}
     tokens, _, types, _ = sentencepiece_vocab(tokenizer_model, VOCAB + 3)
     assert tokens[-1] == f"[PAD{VOCAB + 2}]".encode() and types[-1] == 5
+
+
+# ---- end to end: convert() from an HF folder and from a GGUF -------------------------------
+
+HF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+HF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+            "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate_inp": "block_sparse_moe.gate"}
+
+
+def write_hf_folder(ck: Checkpoint, folder: Path) -> None:
+    """A tiny HF Mixtral folder (f32 safetensors, q/k rows in HF order) written by our own writer."""
+    import shutil
+
+    from mlxtral.convert.safetensors_writer import SafetensorsWriter
+
+    a = ck.args
+    folder.mkdir()
+    named = {}
+    for name, t in ck.tensors.items():
+        x = t.dequantize()
+        m = re.match(r"blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.weight$", name)
+        if name in HF_NAMES:
+            hf = HF_NAMES[name]
+        elif m and m.group(3) is not None:
+            w = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}[m.group(2)]
+            hf = f"model.layers.{m.group(1)}.block_sparse_moe.experts.{m.group(3)}.{w}.weight"
+        else:
+            assert m
+            hf = f"model.layers.{m.group(1)}.{HF_LAYER[m.group(2)]}.weight"
+            if m.group(2) in ("attn_q", "attn_k"):
+                x = hf_permute(x, a.n_heads if m.group(2) == "attn_q" else a.n_kv_heads)
+        named[hf] = np.ascontiguousarray(x, dtype=np.float32)
+    w = SafetensorsWriter(folder / "model.safetensors", {"format": "pt"})
+    for n, x in named.items():
+        w.declare(n, "F32", x.shape)
+    for n, x in named.items():
+        w.write(n, x)
+    w.close()
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": a.dim,
+           "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
+           "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "head_dim": a.head_dim,
+           "num_local_experts": a.n_experts, "num_experts_per_tok": a.n_experts_per_tok,
+           "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "vocab_size": a.vocab_size,
+           "max_position_embeddings": a.max_position_embeddings, "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    shutil.copyfile(ck.tokenizer.path, folder / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory, ckpt: Checkpoint) -> Path:
+    folder = tmp_path_factory.mktemp("src") / "tiny-hf"
+    write_hf_folder(ckpt, folder)
+    return folder
+
+
+@pytest.mark.parametrize("fmt,prec", [("gguf", "q4"), ("gguf", "q4_1"), ("gguf", "q8"), ("gguf", "f16"),
+                                      ("gguf", "bf16"), ("gguf", "f32"), ("mlx", "q4"), ("mlx", "q8"),
+                                      ("mlx", "bf16"), ("mlx", "f32")])
+def test_convert_hf_folder_with_verify(tmp_path: Path, hf_folder: Path, fmt: str, prec: str) -> None:
+    from mlxtral.convert import convert
+
+    out = tmp_path / ("out.gguf" if fmt == "gguf" else "out-mlx")
+    before = {p.name: p.stat().st_mtime_ns for p in hf_folder.iterdir()}
+    res = convert(hf_folder, out, fmt, prec, group_size=32, verify=True, progress=False)
+    assert res.verified and out.exists()
+    assert {p.name: p.stat().st_mtime_ns for p in hf_folder.iterdir()} == before  # SRC untouched
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temp left behind
+    with pytest.raises(UsageError):
+        convert(hf_folder, out, fmt, prec, progress=False)
+    convert(hf_folder, out, fmt, prec, group_size=32, force=True, progress=False)
+
+
+def test_convert_gguf_requantize_and_summary(tmp_path: Path, hf_folder: Path) -> None:
+    from mlxtral.convert import convert
+    from rich.console import Console
+
+    f32 = tmp_path / "f32.gguf"
+    convert(hf_folder, f32, qtype="f32", progress=False)
+    console = Console(record=True, width=140)
+    res = convert(f32, tmp_path / "q4.gguf", qtype="q4", verify=True, console=console)
+    text = console.export_text()
+    assert "ffn_down_exps" in text and "rel. RMSE" in text and "verified" in text
+    worst = max(r.rel_rmse for r in res.reports)
+    assert 0.05 < worst < 0.25
+    with pytest.raises(UsageError):
+        convert(f32, f32, qtype="q8", force=True, progress=False)
