@@ -1,0 +1,343 @@
+"""The MLX backend: the same Mixtral forward pass as the NumPy backend, lazily on MLX arrays.
+
+Weights stay quantized (GGUF Q4_0/Q4_1/Q8_0 are repacked exactly into MLX affine 4/8-bit groups
+of 32, see :mod:`mlxtral.backends.mlx_weights`); experts are stacked ``[E, out, in]`` and run with
+``mx.gather_qmm`` / ``mx.gather_mm``; for prefill the token-expert pairs are sorted by expert so
+each expert's weights are read once (``sorted_indices=True``). Norms, RoPE and attention are the
+``mx.fast`` kernels. Nothing is evaluated inside a layer: :meth:`MLXBackend.forward` builds the
+whole graph and evaluates it once (logits and expert counts together).
+
+Dtypes: float16 on Metal, float32 on the CPU (whose ``gather_mm`` is float32-only and whose
+half-precision matmuls are slow); overridable. The router always runs in float32.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlxtral.backends.mlx_weights import Weight, float_array, to_weight, to_weight_stack
+from mlxtral.config import ModelArgs
+from mlxtral.errors import ContextOverflowError, UsageError
+from mlxtral.qtensor import QTensor
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+SORT_THRESHOLD = 64  # token-expert pairs from which the MoE sorts by expert (mlx-lm's choice)
+
+
+def on_metal() -> bool:
+    try:
+        return bool(mx.metal.is_available()) and mx.default_device() == mx.gpu
+    except Exception:
+        return False
+
+
+def resolve_dtype(dtype: str | None) -> mx.Dtype:
+    if dtype is None:
+        return mx.float16 if on_metal() else mx.float32
+    key = str(dtype).lower().removeprefix("mlx.core.")
+    if key not in DTYPES:
+        raise UsageError(f"unsupported MLX dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+@mx.compile
+def _swiglu(g: mx.array, u: mx.array) -> mx.array:
+    return g * mx.sigmoid(g) * u
+
+
+@dataclass
+class MLXLayer:
+    attn_norm: mx.array  # [dim]
+    wq: Weight  # [H*hd, dim]
+    wk: Weight  # [KV*hd, dim]
+    wv: Weight  # [KV*hd, dim]
+    wo: Weight  # [dim, H*hd]
+    ffn_norm: mx.array  # [dim]
+    router: mx.array | None  # [E, dim] float32; None for a dense model
+    gate: Weight  # w1: [E, hidden, dim] (MoE) or [hidden, dim] (dense)
+    up: Weight  # w3: same
+    down: Weight  # w2: [E, dim, hidden] or [dim, hidden]
+
+
+class KVCache:
+    """Per-layer keys/values ``[1, KV, capacity, hd]``, grown in ``step``-position chunks up to
+    ``max_context`` (as mlx-lm's KVCache); writes are lazy slice updates."""
+
+    step = 256
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_context: int,
+                 dtype: mx.Dtype) -> None:
+        self.keys: list[mx.array | None] = [None] * n_layers
+        self.values: list[mx.array | None] = [None] * n_layers
+        self.kv_shape = (n_kv_heads, head_dim)
+        self.dtype = dtype
+        self.max_context = max_context
+        self.offset = 0
+
+    def trim(self, n: int) -> None:
+        """Forget everything after the first ``n`` positions (for prefix reuse)."""
+        self.offset = min(self.offset, max(n, 0))
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, li: int, p0: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """Write k, v [1, KV, T, hd] at positions p0.. of layer ``li``; return keys, values
+        [1, KV, p0+T, hd]."""
+        end = p0 + k.shape[2]
+        cur = self.keys[li]
+        if cur is None or end > cur.shape[2]:
+            cap = min(self.max_context, (end + self.step - 1) // self.step * self.step)
+            shape = (1, *self.kv_shape[:1], cap, self.kv_shape[1])
+            nk, nv = mx.zeros(shape, self.dtype), mx.zeros(shape, self.dtype)
+            if cur is not None and p0 > 0:
+                nk[..., :p0, :] = cur[..., :p0, :]
+                nv[..., :p0, :] = self.values[li][..., :p0, :]
+            self.keys[li], self.values[li] = nk, nv
+        self.keys[li][..., p0:end, :] = k.astype(self.dtype)
+        self.values[li][..., p0:end, :] = v.astype(self.dtype)
+        return self.keys[li][..., :end, :], self.values[li][..., :end, :]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values if a is not None)
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, args: ModelArgs, tensors: dict[str, QTensor], dtype: str | None = None) -> None:
+        self.args = args
+        self.dtype = resolve_dtype(dtype)
+        # MLX's CPU gather_mm is float32-only: float expert stacks stay float32 there.
+        self.expert_float_dtype = self.dtype if on_metal() else mx.float32
+        self.embed = to_weight(tensors["token_embd.weight"], self.dtype)
+        out = tensors.get("output.weight")
+        self.output = self.embed if out is None else to_weight(out, self.dtype)
+        self.norm = self._vector(tensors["output_norm.weight"])
+        self.layers = [self._layer(tensors, i) for i in range(args.n_layers)]
+        self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
+        self.sort_threshold = SORT_THRESHOLD
+
+    # ---- loading --------------------------------------------------------------------------
+    def _vector(self, q: QTensor) -> mx.array:
+        a = float_array(q, self.dtype)
+        mx.eval(a)
+        return a
+
+    def _layer(self, t: dict[str, QTensor], i: int) -> MLXLayer:
+        a, b = self.args, f"blk.{i}."
+        if a.is_moe:
+            router = float_array(t[b + "ffn_gate_inp.weight"], mx.float32)
+            mx.eval(router)
+
+            def ffn(kind: str) -> Weight:
+                qs = [t[b + f"ffn_{kind}.{e}.weight"] for e in range(a.n_experts)]
+                return to_weight_stack(qs, self.dtype, self.expert_float_dtype)
+        else:
+            router = None
+
+            def ffn(kind: str) -> Weight:
+                return to_weight(t[b + f"ffn_{kind}.0.weight"], self.dtype)
+
+        return MLXLayer(
+            attn_norm=self._vector(t[b + "attn_norm.weight"]),
+            wq=to_weight(t[b + "attn_q.weight"], self.dtype),
+            wk=to_weight(t[b + "attn_k.weight"], self.dtype),
+            wv=to_weight(t[b + "attn_v.weight"], self.dtype),
+            wo=to_weight(t[b + "attn_output.weight"], self.dtype),
+            ffn_norm=self._vector(t[b + "ffn_norm.weight"]),
+            router=router,
+            gate=ffn("gate"),
+            up=ffn("up"),
+            down=ffn("down"),
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        ws = [self.embed, self.output] if self.output is not self.embed else [self.embed]
+        n = sum(w.nbytes for w in ws) + self.norm.nbytes
+        for L in self.layers:
+            n += sum(w.nbytes for w in (L.wq, L.wk, L.wv, L.wo, L.gate, L.up, L.down))
+            n += L.attn_norm.nbytes + L.ffn_norm.nbytes + (L.router.nbytes if L.router is not None else 0)
+        return n
+
+    # ---- cache ----------------------------------------------------------------------------
+    def new_cache(self, max_context: int) -> KVCache:
+        a = self.args
+        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_context, self.dtype)
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run ``ids`` at positions cache.offset.. and return logits, float32 NumPy.
+
+        Returns [T, vocab] if ``all_logits`` else [vocab] for the last position.
+        """
+        logits, counts = self.forward_lazy(mx.array(np.asarray(ids, dtype=np.uint32)), cache, all_logits)
+        mx.eval(logits, counts)  # the one evaluation of this forward
+        self._add_counts(counts, len(ids))
+        out = np.array(logits, copy=False)
+        return out if all_logits else out[0]
+
+    def forward_lazy(self, ids: mx.array, cache: KVCache, all_logits: bool = False
+                     ) -> tuple[mx.array, mx.array | None]:
+        """The forward graph, unevaluated: (float32 logits [T or 1, vocab], expert counts
+        [n_layers, E] int32 or None for a dense model). Advances ``cache.offset``."""
+        a = self.args
+        T = ids.shape[0]
+        p0 = cache.offset
+        if p0 + T > cache.max_context:
+            raise ContextOverflowError(
+                f"{p0 + T} tokens do not fit the context of {cache.max_context} (raise max_context)"
+            )
+        h = self.embed.rows(ids).astype(self.dtype)  # [T, dim]
+        counts: list[mx.array] = []
+        for li, L in enumerate(self.layers):
+            h = h + self._attention(mx.fast.rms_norm(h, L.attn_norm, a.norm_eps), L, li, p0, cache)
+            h = h + self._ffn(mx.fast.rms_norm(h, L.ffn_norm, a.norm_eps), L, counts)
+        cache.offset = p0 + T
+        if not all_logits:
+            h = h[-1:]
+        logits = self.output(mx.fast.rms_norm(h, self.norm, a.norm_eps)).astype(mx.float32)
+        return logits, (mx.stack(counts) if counts else None)
+
+    def _add_counts(self, counts: mx.array | None, T: int) -> None:
+        if counts is None:
+            self.expert_counts[:, 0] += T
+        else:
+            self.expert_counts += np.array(counts, dtype=np.int64)
+
+    def _attention(self, x: mx.array, L: MLXLayer, li: int, p0: int, cache: KVCache) -> mx.array:
+        """x [T, dim] -> attention output projected by wo, [T, dim]."""
+        a = self.args
+        T = x.shape[0]
+        q = L.wq(x).reshape(1, T, a.n_heads, a.head_dim).transpose(0, 2, 1, 3)  # [1, H, T, hd]
+        k = L.wk(x).reshape(1, T, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)  # [1, KV, T, hd]
+        v = L.wv(x).reshape(1, T, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3)
+        rd = a.rope_dim or a.head_dim
+        q = mx.fast.rope(q, rd, traditional=True, base=a.rope_theta, scale=1.0, offset=p0)
+        k = mx.fast.rope(k, rd, traditional=True, base=a.rope_theta, scale=1.0, offset=p0)
+        keys, values = cache.update(li, p0, k, v)  # [1, KV, S, hd]
+        o = mx.fast.scaled_dot_product_attention(
+            q, keys, values, scale=1.0 / math.sqrt(a.head_dim), mask=self._mask(T, p0)
+        )  # [1, H, T, hd]
+        return L.wo(o.transpose(0, 2, 1, 3).reshape(T, a.n_heads * a.head_dim))
+
+    def _mask(self, T: int, p0: int) -> mx.array | str | None:
+        w = self.args.sliding_window
+        S = p0 + T
+        if w is None or S <= w:
+            return "causal" if T > 1 else None
+        qpos = mx.arange(p0, S)[:, None]  # [T, 1]
+        kpos = mx.arange(S)[None, :]  # [1, S]
+        return (kpos <= qpos) & (kpos > qpos - w)  # [T, S] True = attend
+
+    def _ffn(self, x: mx.array, L: MLXLayer, counts: list[mx.array]) -> mx.array:
+        """Dense FFN or sparse MoE, x [T, dim] -> [T, dim]."""
+        if L.router is None:
+            return L.down(_swiglu(L.gate(x), L.up(x)))
+        k = self.args.n_experts_per_tok
+        gates = x.astype(mx.float32) @ L.router.T  # [T, E] float32
+        inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[:, :k]  # [T, k] top-k, unordered
+        scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)  # [T, k]
+        counts.append((inds.reshape(-1, 1) == mx.arange(self.args.n_experts)).sum(axis=0))  # [E]
+        y = self.switch_glu(x, inds, L)  # [T, k, dim]
+        return (y * scores[..., None].astype(y.dtype)).sum(axis=1)
+
+    def switch_glu(self, x: mx.array, inds: mx.array, L: MLXLayer) -> mx.array:
+        """Every token through its experts: x [T, dim], inds [T, k] -> [T, k, dim] (unweighted).
+
+        With many pairs, they are sorted by expert first so each expert's weights are streamed
+        once (``sorted_indices=True``), then put back in token order.
+        """
+        T, k = inds.shape
+        xe = mx.expand_dims(x, (-2, -3))  # [T, 1, 1, dim]
+        if inds.size >= self.sort_threshold:
+            flat = inds.reshape(-1)  # [T*k] token-major pairs
+            order = mx.argsort(flat)
+            inv = mx.argsort(order)
+            xs = xe.reshape(T, 1, -1)[order // k]  # [T*k, 1, dim] grouped by expert
+            idx = flat[order]
+            g = L.gate.gather(xs, idx, sorted_indices=True)  # [T*k, 1, hidden]
+            u = L.up.gather(xs, idx, sorted_indices=True)
+            y = L.down.gather(_swiglu(g, u), idx, sorted_indices=True)  # [T*k, 1, dim]
+            return y[inv].reshape(T, k, -1)
+        g = L.gate.gather(xe, inds)  # [T, k, 1, hidden]
+        u = L.up.gather(xe, inds)
+        return L.down.gather(_swiglu(g, u), inds).squeeze(-2)  # [T, k, dim]
+
+    def moe_naive(self, x: mx.array, li: int) -> mx.array:
+        """Reference MoE for tests: per token, per selected expert, dequantized weights, float32."""
+        L = self.layers[li]
+        xs = np.array(x.astype(mx.float32))
+        out = np.zeros_like(xs)
+        router = np.array(L.router)
+        k = self.args.n_experts_per_tok
+        wg, wu, wd = (np.array(w.dequantize().astype(mx.float32)) for w in (L.gate, L.up, L.down))
+        for t in range(xs.shape[0]):
+            logits = xs[t] @ router.T
+            top = np.argsort(-logits, kind="stable")[:k]
+            ws = np.exp(logits[top] - logits[top].max())
+            ws /= ws.sum()
+            for e, wt in zip(top.tolist(), ws.tolist(), strict=True):
+                g, u = wg[e] @ xs[t], wu[e] @ xs[t]
+                out[t] += wt * (wd[e] @ (g / (1 + np.exp(-g)) * u))
+        return mx.array(out)
+
+    # ---- pipelined decoding (optional hook for the generation loop) ----------------------
+    def decode_pipelined(
+        self, token: int, cache: KVCache, max_steps: int,
+        sample: Callable[[mx.array], mx.array] | None = None,
+    ) -> Iterator[int]:
+        """Feed ``token``, then keep feeding each sampled token: yields up to ``max_steps`` ids.
+
+        mlx-lm's scheme: the graph of step i+1 is built from step i's lazy, on-device token and
+        queued with ``mx.async_eval`` before step i's token is read back, so graph building and
+        the host round trip overlap the device's work. ``sample`` maps float32 logits [1, vocab]
+        to token ids [1] on the device (default: greedy argmax, compiled). The cache always
+        holds one token more than was yielded (the one in flight); when the generator ends or is
+        closed the cache is trimmed so that it holds ``token`` and every yielded id but the last,
+        exactly as the step-by-step loop leaves it.
+        """
+        sample = sample or greedy_sample
+        start = cache.offset
+        yielded = 0
+
+        def step(tok: mx.array) -> tuple[mx.array, mx.array | None]:
+            logits, counts = self.forward_lazy(tok, cache)
+            return sample(logits).reshape(-1).astype(mx.uint32), counts
+
+        try:
+            if max_steps <= 0 or cache.offset >= cache.max_context:
+                return
+            y, c = step(mx.array([token], dtype=mx.uint32))
+            mx.async_eval(y, *([c] if c is not None else []))
+            while True:
+                ny = nc = None
+                if yielded + 1 < max_steps and cache.offset < cache.max_context:
+                    ny, nc = step(y)  # built on the lazy token: no host round trip in between
+                    mx.async_eval(ny, *([nc] if nc is not None else []))
+                self._add_counts(c, 1)
+                tok = int(y.item())
+                yielded += 1
+                yield tok
+                if ny is None:
+                    break
+                y, c = ny, nc
+        finally:
+            cache.trim(start + yielded)  # drop the step still in flight: only consumed ones stay
+
+    @staticmethod
+    def peak_memory() -> int:
+        """Peak memory MLX has allocated, bytes."""
+        return int(mx.get_peak_memory())
+
+
+@mx.compile
+def greedy_sample(logits: mx.array) -> mx.array:
+    return mx.argmax(logits, axis=-1)

