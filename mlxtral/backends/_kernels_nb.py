@@ -279,3 +279,50 @@ def spin_pauses(n):
     for _ in range(n):
         cpu_pause()
     return n
+
+
+_EMPTY_I8 = np.zeros((1, 1), dtype=np.int8)
+_EMPTY_F32 = np.zeros((1, 1), dtype=np.float32)
+
+
+@njit(cache=_CACHE, nogil=True)
+def prep_x(x, quant):
+    """The activations a task reads: int8 blocks when ``quant`` else placeholders."""
+    if quant:
+        return quantize_x(x)
+    return (np.zeros((1, 1), dtype=np.int8), np.zeros((1, 1), dtype=np.float32),
+            np.zeros((1, 1), dtype=np.float32))
+
+
+@njit(cache=_CACHE, nogil=True)
+def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, ch, first):
+    """Row ``i`` of a job table; returns the chunk index after this task's chunks."""
+    nout = wd.shape[0]
+    table[i, F_KIND] = kind
+    table[i, F_MODE] = 1 if swiglu else 0
+    table[i, F_QUANT] = 1 if quant else 0
+    table[i, F_W] = wd.ctypes.data
+    table[i, F_W2] = wd2.ctypes.data
+    table[i, F_ROWBYTES] = wd.strides[0]
+    table[i, F_NOUT] = nout
+    table[i, F_NIN] = nin
+    table[i, F_T] = x.shape[0]
+    table[i, F_X] = x.ctypes.data
+    table[i, F_XQ] = xq.ctypes.data
+    table[i, F_XD] = xd.ctypes.data
+    table[i, F_XS] = xs.ctypes.data
+    table[i, F_OUT] = out.ctypes.data
+    table[i, F_OSTRIDE] = out.strides[0] // 4
+    table[i, F_CHUNK] = ch
+    table[i, F_FIRST] = first
+    return first + (nout + ch - 1) // ch
+
+
+@njit(cache=_CACHE, nogil=True)
+def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
+    """A one-task job (``linear`` / ``swiglu``) in a single call."""
+    table = np.empty((1, F_SIZE), dtype=np.int64)
+    xq, xd, xs = prep_x(x, quant)
+    nchunks = fill_task(table, 0, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, ch, 0)
+    execute(ctl, table, nchunks)
+    return out

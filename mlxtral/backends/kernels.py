@@ -227,52 +227,22 @@ class _Job:
 
     def __init__(self, n_tasks: int) -> None:
         self.table = np.zeros((n_tasks, _nb.F_SIZE), dtype=np.int64)
-        self.keep: list[np.ndarray] = []  # keeps every buffer alive while the job runs
+        self.keep: list = []  # keeps every buffer alive while the job runs
         self.n = 0
         self.nchunks = 0
-        self._xcache: dict[int, tuple] = {}
-
-    def _acts(self, x: np.ndarray, quant: bool) -> tuple[int, int, int]:
-        key = id(x)
-        got = self._xcache.get(key)
-        if got is None:
-            if quant:
-                xq, xd, xs = _nb.quantize_x(x)
-                self.keep += [xq, xd, xs]
-                got = (xq.ctypes.data, xd.ctypes.data, xs.ctypes.data)
-            else:
-                got = (0, 0, 0)
-            self._xcache[key] = got
-        return got
+        self._xcache: dict[tuple[int, bool], tuple] = {}
 
     def add(self, x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> None:
         kind = _KINDS[w.qtype]
-        T = x.shape[0]
         quant = kind <= 2 and not _exact
-        xq, xd, xs = self._acts(x, quant)
+        acts = self._xcache.get((id(x), quant))
+        if acts is None:
+            acts = self._xcache[(id(x), quant)] = _nb.prep_x(x, quant)
         wd = _wdata(w)
-        row = self.table[self.n]
-        row[_nb.F_KIND] = kind
-        row[_nb.F_MODE] = _MODE_SWIGLU if w2 is not None else _MODE_LINEAR
-        row[_nb.F_QUANT] = int(quant)
-        row[_nb.F_W] = wd.ctypes.data
-        self.keep += [x, wd, out]
-        if w2 is not None:
-            wd2 = _wdata(w2)
-            row[_nb.F_W2] = wd2.ctypes.data
-            self.keep.append(wd2)
-        row[_nb.F_ROWBYTES] = wd.strides[0]
-        row[_nb.F_NOUT] = w.shape[0]
-        row[_nb.F_NIN] = w.shape[1]
-        row[_nb.F_T] = T
-        row[_nb.F_X] = x.ctypes.data
-        row[_nb.F_XQ], row[_nb.F_XD], row[_nb.F_XS] = xq, xd, xs
-        row[_nb.F_OUT] = out.ctypes.data
-        row[_nb.F_OSTRIDE] = out.strides[0] // 4
-        ch = _chunk_rows(w, T)
-        row[_nb.F_CHUNK] = ch
-        row[_nb.F_FIRST] = self.nchunks
-        self.nchunks += -(-w.shape[0] // ch)
+        wd2 = _wdata(w2) if w2 is not None else wd
+        self.keep.append((x, acts, wd, wd2, out))
+        self.nchunks = _nb.fill_task(self.table, self.n, kind, w2 is not None, quant, wd, wd2, w.shape[1],
+                                     x, *acts, out, _chunk_rows(w, x.shape[0]), self.nchunks)
         self.n += 1
 
     def run(self) -> None:
@@ -281,6 +251,17 @@ class _Job:
         pool = _get_pool()
         with _run_lock:
             _nb.execute(pool.ctl, self.table[: self.n], self.nchunks)
+
+
+def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
+    kind = _KINDS[w.qtype]
+    wd = _wdata(w)
+    wd2 = _wdata(w2) if w2 is not None else wd
+    out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    pool = _get_pool()
+    with _run_lock:
+        return _nb.run_one(pool.ctl, kind, w2 is not None, kind <= 2 and not _exact, wd, wd2, w.shape[1],
+                           x, out, _chunk_rows(w, x.shape[0]))
 
 
 def _chunk_rows(w: QTensor, T: int) -> int:
@@ -299,13 +280,11 @@ def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
     if not HAVE_NUMBA:
         return _linear_numpy(x, w)
     T = x.shape[0]
+    if T == 0:
+        return np.empty((0, w.shape[0]), dtype=np.float32)
     if w.qtype == "F32" and T > 1:
         return np.ascontiguousarray(x @ np.asarray(w.data).T)
-    out = np.empty((T, w.shape[0]), dtype=np.float32)
-    job = _Job(1)
-    job.add(x, w, out)
-    job.run()
-    return out
+    return _run_one(x, w, None)
 
 
 def linear_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
@@ -336,7 +315,12 @@ def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.n
 
 def swiglu(x: np.ndarray, w_gate: QTensor, w_up: QTensor) -> np.ndarray:
     """``silu(x @ gate.T) * (x @ up.T)``: [T, in] -> [T, ff], both products in one pass."""
-    return swiglu_experts([x], [w_gate], [w_up])[0]
+    if not HAVE_NUMBA or w_gate.qtype == "F32" or x.shape[0] == 0:
+        return swiglu_experts([x], [w_gate], [w_up])[0]
+    x = _check(x, w_gate)
+    if w_gate.shape != w_up.shape or w_gate.qtype != w_up.qtype:
+        raise ValueError(f"gate {w_gate.qtype}{w_gate.shape} and up {w_up.qtype}{w_up.shape} differ")
+    return _run_one(x, w_gate, w_up)
 
 
 def swiglu_experts(

@@ -1,0 +1,200 @@
+"""mlxtral.backends.kernels against naive ``x @ w.dequantize().T`` (and an int8 NumPy reference).
+
+Tolerances are relative to the norm of the reference:
+- int8-activation mode (the default, as llama.cpp): vs the same activations quantized in NumPy,
+  1e-5; vs exact float32, 3e-2 (the int8 rounding of Gaussian activations is ~0.5%).
+- exact mode and the float types: 1e-5.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+from mlxtral.backends import kernels
+from mlxtral.qtensor import QTensor
+
+BLOCK = ["Q4_0", "Q4_1", "Q8_0"]
+FLOAT = ["F32", "F16", "BF16"]
+
+pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba path disabled")
+
+
+def make(qtype: str, shape: tuple[int, int], seed: int = 0) -> QTensor:
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    if qtype == "F32":
+        return QTensor.from_float(w)
+    if qtype == "F16":
+        return QTensor.from_float(w.astype(np.float16))
+    data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
+    return QTensor(qtype, shape, data.view(np.uint16) if qtype == "BF16" else data)
+
+
+def int8_acts(x: np.ndarray) -> np.ndarray:
+    """x rounded as the kernels do: int8 per 32-block, scale amax/127 (NumPy reference)."""
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = (np.abs(xb).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv)
+    return (q * d).reshape(x.shape).astype(np.float32)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def xs(T: int, n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((T, n)).astype(np.float32)
+
+
+@pytest.fixture
+def exact():
+    kernels.set_exact(True)
+    yield
+    kernels.set_exact(False)
+
+
+@pytest.mark.parametrize("qtype", BLOCK)
+@pytest.mark.parametrize("T", [1, 2, 7, 64])
+@pytest.mark.parametrize("shape", [(77, 96), (130, 256), (5, 32)])
+def test_block_types_int8(qtype, T, shape):
+    w = make(qtype, shape)
+    x = xs(T, shape[1])
+    got = kernels.linear(x, w)
+    wd = w.dequantize()
+    assert got.shape == (T, shape[0]) and got.dtype == np.float32
+    assert rel(got, int8_acts(x) @ wd.T) < 1e-5
+    assert rel(got, x @ wd.T) < 3e-2
+
+
+@pytest.mark.parametrize("qtype", BLOCK + FLOAT)
+@pytest.mark.parametrize("T", [1, 2, 7, 64])
+def test_exact_mode(qtype, T, exact):
+    shape = (77, 96)
+    w = make(qtype, shape)
+    x = xs(T, shape[1])
+    assert rel(kernels.linear(x, w), x @ w.dequantize().T) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", FLOAT)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("n_in", [40, 64, 200])
+def test_float_types_odd_widths(qtype, T, n_in):
+    w = make(qtype, (33, n_in))
+    x = xs(T, n_in)
+    assert rel(kernels.linear(x, w), x @ w.dequantize().T) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", BLOCK + FLOAT)
+@pytest.mark.parametrize("T", [1, 5])
+def test_swiglu(qtype, T):
+    g, u = make(qtype, (70, 64), 3), make(qtype, (70, 64), 4)
+    x = xs(T, 64)
+    xr = int8_acts(x) if qtype in BLOCK else x
+    a, b = xr @ g.dequantize().T, xr @ u.dequantize().T
+    ref = a / (1 + np.exp(-a)) * b
+    assert rel(kernels.swiglu(x, g, u), ref) < 1e-5
+
+
+def test_experts_and_many():
+    ws = [make("Q4_0", (90, 64), s) for s in range(3)]
+    us = [make("Q4_0", (90, 64), s + 10) for s in range(3)]
+    x_list = [xs(1, 64, 5), xs(3, 64, 6), xs(1, 64, 5)]
+    outs = kernels.linear_experts(x_list, ws)
+    for x, w, o in zip(x_list, ws, outs, strict=True):
+        np.testing.assert_allclose(o, kernels.linear(x, w), rtol=1e-6, atol=1e-6)
+    many = kernels.linear_many(x_list[1], ws)
+    for w, o in zip(ws, many, strict=True):
+        np.testing.assert_allclose(o, kernels.linear(x_list[1], w), rtol=1e-6, atol=1e-6)
+    sw = kernels.swiglu_experts(x_list, ws, us)
+    for x, g, u, o in zip(x_list, ws, us, sw, strict=True):
+        np.testing.assert_allclose(o, kernels.swiglu(x, g, u), rtol=1e-6, atol=1e-6)
+    # an expert no token was routed to
+    empty = kernels.linear_experts([np.zeros((0, 64), np.float32), x_list[0]], ws[:2])
+    assert empty[0].shape == (0, 90)
+    np.testing.assert_allclose(empty[1], kernels.linear(x_list[0], ws[1]), rtol=1e-6, atol=1e-6)
+
+
+def test_threads_agree():
+    w = make("Q8_0", (1000, 128))
+    x = xs(3, 128)
+    ref = kernels.linear(x, w)
+    try:
+        kernels.set_num_threads(1)
+        one = kernels.linear(x, w)
+    finally:
+        kernels.set_num_threads(2)
+    np.testing.assert_array_equal(one, ref)
+    for _ in range(50):  # many back-to-back jobs through the pool
+        np.testing.assert_array_equal(kernels.linear(x, w), ref)
+
+
+def test_memory_mapped_gguf(tmp_path):
+    path = tmp_path / "w.gguf"
+    rng = np.random.default_rng(7)
+    dense = rng.standard_normal((45, 128)).astype(np.float32)
+    wr = gguf.GGUFWriter(str(path), "llama")
+    for t in BLOCK + FLOAT:
+        qt = gguf.GGMLQuantizationType[t]
+        if t == "F32":
+            wr.add_tensor(t, dense)
+        elif t == "F16":
+            wr.add_tensor(t, dense.astype(np.float16))
+        else:
+            wr.add_tensor(t, gguf.quants.quantize(dense, qt), raw_dtype=qt)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    reader = gguf.GGUFReader(str(path))
+    x = xs(4, 128)
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        assert shape == (45, 128)
+        data = t.data.view(np.uint16) if t.tensor_type.name == "BF16" else t.data
+        assert isinstance(t.data, np.memmap)
+        w = QTensor(t.tensor_type.name, shape, data)
+        got = kernels.linear(x, w)
+        xr = int8_acts(x) if w.qtype in BLOCK else x
+        assert rel(got, xr @ w.dequantize().T) < 1e-5, t.name
+
+
+def test_stacked_expert_view():
+    w3 = np.stack([gguf.quants.quantize(xs(20, 64, s), gguf.GGMLQuantizationType.Q4_0) for s in range(3)])
+    w = QTensor("Q4_0", (3, 20, 64), w3)
+    x = xs(2, 64)
+    for e in range(3):
+        ref = int8_acts(x) @ w.expert(e).dequantize().T
+        assert rel(kernels.linear(x, w.expert(e)), ref) < 1e-5
+
+
+def test_errors():
+    w = make("Q4_0", (8, 64))
+    with pytest.raises(ValueError):
+        kernels.linear(xs(1, 32), w)
+    with pytest.raises(ValueError):
+        kernels.swiglu(xs(1, 64), w, make("Q8_0", (8, 64)))
+
+
+def test_numpy_fallback_matches():
+    for qtype in BLOCK + FLOAT:
+        w = make(qtype, (70, 64))
+        x = xs(3, 64)
+        assert rel(kernels._linear_numpy(x, w), x @ w.dequantize().T) < 1e-6
+
+
+def test_no_numba_env():
+    code = (
+        "import numpy as np; from mlxtral.backends import kernels as k; from mlxtral.qtensor import QTensor;"
+        "w = QTensor.from_float(np.eye(4, dtype=np.float32)); x = np.ones((2, 4), np.float32);"
+        "print(k.HAVE_NUMBA, float(k.swiglu(x, w, w).sum()), float(k.linear(x, w).sum()))"
+    )
+    env = dict(os.environ, MLXTRAL_NO_NUMBA="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    flag, s1, s2 = out.stdout.split()
+    assert flag == "False" and float(s2) == 8.0
+    assert abs(float(s1) - 8 / (1 + np.exp(-1))) < 1e-5
