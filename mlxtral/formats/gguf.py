@@ -1,4 +1,5 @@
-"""GGUF loader: memory-mapped through ``gguf.GGUFReader``, mapped once into the internal layout.
+"""GGUF loader: parsed by :mod:`mlxtral.formats.gguf_parse` (memory-mapped, validated), mapped once
+into the internal layout.
 
 Tensors stay as they are in the file (raw blocks, zero-copy views of the memory map) for the
 types our kernels compute on (F32, F16, BF16, Q8_0, Q4_0, Q4_1). Other types (Q5_x, K-quants,
@@ -19,9 +20,9 @@ import numpy as np
 from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, TokenizerSource
+from mlxtral.formats.gguf_parse import GGUFTensor, parse_gguf
 from mlxtral.qtensor import BLOCK_TYPES, FLOAT_TYPES, NATIVE_TYPES, QTensor
 
-GGUF_MAGIC = b"GGUF"
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _DENSE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
 _LEGACY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
@@ -34,61 +35,40 @@ def field_value(field: Any) -> Any:
     return field.contents()
 
 
-def read_metadata(reader: Any, path: Path) -> dict[str, Any]:
-    md: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            md[key] = field_value(field)
-        except Exception as e:  # malformed field data
-            raise FormatError(f"metadata key {key!r} cannot be read ({e})", path) from None
-    return md
-
-
 def open_reader(path: Path) -> Any:
-    """Open a GGUF with ``gguf.GGUFReader``, turning its failures into one clear error."""
+    """Open a GGUF with ``gguf.GGUFReader`` (for writers that copy fields), after our own checks.
+
+    The file is validated by :func:`parse_gguf` first, so ``GGUFReader`` never sees a lying header.
+    """
     import gguf
 
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise FormatError(f"cannot read ({e.strerror})", path) from None
-    if magic != GGUF_MAGIC:
-        raise FormatError(f"not a GGUF file (magic {magic!r}, expected b'GGUF')", path)
+    parse_gguf(path)
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
         raise FormatError(f"corrupt or unsupported GGUF ({e})", path) from None
 
 
-def tensor_to_qtensor(t: Any, path: Path) -> QTensor:
-    """A ``gguf.ReaderTensor`` as a QTensor: zero-copy for native types."""
+def tensor_to_qtensor(t: GGUFTensor, path: Path) -> QTensor:
+    """A parsed GGUF tensor as a QTensor: zero-copy for native types, dequantized once otherwise."""
+    qtype, shape, data = t.qtype, t.shape, t.data
+    if qtype in ("F64", "I8", "I16", "I32", "I64"):
+        return QTensor("F32", shape, data.astype(np.float32))
+    if qtype not in FLOAT_TYPES and qtype not in BLOCK_TYPES:
+        raise FormatError(f"tensor {t.name}: unsupported type {qtype}", path)
+    if qtype in NATIVE_TYPES:
+        return QTensor(qtype, shape, data)
+    # No kernel for this type: dequantize once (F16 for matrices, F32 for vectors).
     import gguf
 
-    qtype = t.tensor_type.name
-    shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGUF lists dims innermost-first
-    data = t.data
-    if qtype in FLOAT_TYPES:
-        if data.dtype != FLOAT_TYPES[qtype]:
-            data = data.view(FLOAT_TYPES[qtype])
-        data = data.reshape(shape)
-    elif qtype in BLOCK_TYPES:
-        bs, ts = BLOCK_TYPES[qtype]
-        data = data.reshape(shape[:-1] + (shape[-1] // bs * ts,))
-    elif qtype in ("F64", "I8", "I16", "I32", "I64"):
-        data = np.asarray(data).astype(np.float32).reshape(shape)
-        return QTensor("F32", shape, data)
-    else:
-        raise FormatError(f"tensor {t.name}: unsupported type {qtype}", path)
-    if qtype not in NATIVE_TYPES:
-        # No kernel for this type: dequantize once (F16 for matrices, F32 for vectors).
-        full = gguf.quants.dequantize(np.ascontiguousarray(data), t.tensor_type).reshape(shape)
-        if len(shape) == 1:
-            return QTensor("F32", shape, full.astype(np.float32))
-        return QTensor("F16", shape, full.astype(np.float16))
-    return QTensor(qtype, shape, data)
+    try:
+        full = gguf.quants.dequantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType[qtype])
+    except NotImplementedError:
+        raise FormatError(f"tensor {t.name}: cannot dequantize type {qtype}", path) from None
+    full = full.reshape(shape)
+    if len(shape) == 1:
+        return QTensor("F32", shape, full.astype(np.float32))
+    return QTensor("F16", shape, full.astype(np.float16))
 
 
 def _as_f32(q: QTensor) -> QTensor:
@@ -100,39 +80,39 @@ def _as_f32(q: QTensor) -> QTensor:
 def sanitize(raw: dict[str, QTensor], path: Path) -> dict[str, QTensor]:
     """GGUF names -> internal names (split merged experts, rename dense FFNs to expert 0)."""
     out: dict[str, QTensor] = {}
+
+    def put(name: str, q: QTensor, src: str) -> None:
+        if name in out:
+            raise FormatError(f"tensor {src} duplicates {name} (both merged and per-expert experts?)", path)
+        out[name] = q
+
     for name, q in raw.items():
         if m := _EXPS.match(name):
             if q.ndim != 3:
                 raise FormatError(f"tensor {name}: expected 3 dims [E, out, in], got {q.shape}", path)
             for e in range(q.shape[0]):
-                out[f"blk.{m[1]}.ffn_{m[2]}.{e}.weight"] = q.expert(e)
+                put(f"blk.{m[1]}.ffn_{m[2]}.{e}.weight", q.expert(e), name)
         elif m := _DENSE.match(name):
-            out[f"blk.{m[1]}.ffn_{m[2]}.0.weight"] = q
-        elif _LEGACY.match(name):
-            out[name] = q
+            put(f"blk.{m[1]}.ffn_{m[2]}.0.weight", q, name)
         elif _F32_NAMES.search(name):
-            out[name] = _as_f32(q)
+            put(name, _as_f32(q), name)
         else:
-            out[name] = q
+            put(name, q, name)
     return out
 
 
 def load_gguf(path: str | Path) -> Checkpoint:
     path = Path(path)
-    reader = open_reader(path)
-    md = read_metadata(reader, path)
+    gf = parse_gguf(path)  # every count, offset and type checked; duplicates refused
+    md = gf.metadata
     args = ModelArgs.from_gguf_metadata(md, path)
-    raw: dict[str, QTensor] = {}
-    for t in reader.tensors:
-        if t.name in raw:
-            raise FormatError(f"duplicate tensor name {t.name!r}", path)
-        raw[t.name] = tensor_to_qtensor(t, path)
+    raw = {t.name: tensor_to_qtensor(t, path) for t in gf.tensors}
     if "output.weight" not in raw:
         args.tie_word_embeddings = True
     tensors = sanitize(raw, path)
     tok_keys = {k: v for k, v in md.items() if k.startswith("tokenizer.")}
     tokenizer = TokenizerSource("gguf", path, tok_keys) if "tokenizer.ggml.model" in md else None
-    ckpt = Checkpoint("gguf", path, args, tensors, tokenizer, metadata=md, keepalive=[reader])
+    ckpt = Checkpoint("gguf", path, args, tensors, tokenizer, metadata=md, keepalive=[gf])
     _validate(ckpt)
     return ckpt
 
