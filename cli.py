@@ -1,6 +1,514 @@
-"""mlxtral command line (installed as the module mlxtral.cli)."""
+"""The ``mlxtral`` command (installed as the module mlxtral.cli): chat, generate, info, bench,
+upcycle, convert. A thin layer over the Python API; heavy imports (numpy, the backends) happen
+inside the commands so that ``mlxtral --help`` is fast.
+
+Exit codes: 0 success, 1 a user's error (bad file, does not fit...), 2 a wrong argument,
+130 interrupted. Errors are one line on stderr: ``error: <what>``.
+"""
 from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="mlxtral",
+    help="Run Mixtral-shaped sparse mixture-of-experts models locally (GGUF, HF, Mistral original, MLX).\n\n"
+    "Examples:\n\n"
+    "  mlxtral chat                      # chat with the built-in demo model\n\n"
+    "  mlxtral generate model.gguf -p 'Once upon a time' --max-tokens 64\n\n"
+    "  mlxtral info model.gguf\n\n"
+    "  mlxtral bench model.gguf -p 512 -n 128",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+err_console = Console(stderr=True)
+DEMO = "demo"
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn users' errors into one line on stderr and an exit code scripts can trust."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mlxtral.errors import MlxtralError
+
+        try:
+            return fn(*args, **kwargs)
+        except MlxtralError as e:
+            fail(" ".join(str(e).split()), e.exit_code)
+        except KeyboardInterrupt:
+            sys.stderr.write("\ninterrupted\n")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`mlxtral generate ... | head`): quietly stop.
+            try:
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            except OSError:
+                pass
+            raise typer.Exit(0) from None
+        except MemoryError:
+            fail("out of memory: try a smaller model, a smaller --max-context, or a quantized file")
+        except OSError as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            fail(f"{where}{e.strerror or e}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_model(model: str | None) -> Path:
+    """A model path; ``None`` or ``demo`` (when no such file exists) is the built-in demo model."""
+    if model is not None and (model != DEMO or Path(model).exists()):
+        return Path(model).expanduser()
+    from mlxtral.demo import ensure_demo_model
+
+    def on_build(src: Path, out: Path) -> None:
+        err_console.print(f"[dim]building the demo model once: {src.name} upcycled to 8 experts, top-2 "
+                          f"-> {out}[/dim]")
+
+    with err_console.status("building the demo model...", spinner="dots"):
+        return ensure_demo_model(on_build=on_build)
+
+
+def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
+               quiet: bool = False) -> Any:
+    import mlxtral
+
+    path = resolve_model(model)
+    if quiet:
+        return mlxtral.load(path, backend=backend, max_context=max_context,
+                            experts_per_token=experts_per_token)
+    with err_console.status(f"loading {path.name}...", spinner="dots"):
+        return mlxtral.load(path, backend=backend, max_context=max_context,
+                            experts_per_token=experts_per_token)
+
+
+def print_expert_stats(model: Any, as_json: bool = False) -> dict[str, Any] | None:
+    counts = model.expert_counts()
+    if counts is None:
+        err_console.print("[dim]no expert statistics for this backend[/dim]")
+        return None
+    from mlxtral import expert_stats
+
+    if as_json:
+        return expert_stats.as_dict(counts)
+    if not model.config.is_moe:
+        err_console.print("[dim]a dense model: every token uses its one FFN[/dim]")
+        return None
+    err_console.print(expert_stats.heatmap(counts))
+    return None
+
+
+# Options shared by several commands.
+BackendOpt = typer.Option("auto", "--backend", "-b", help="auto (MLX with Metal, else NumPy), numpy or mlx.")
+MaxContextOpt = typer.Option(None, "--max-context", "-c", min=1,
+                             help="KV cache size in tokens (default: the smaller of the model's and 4096).")
+ExpertsOpt = typer.Option(None, "--experts-per-token", min=1,
+                          help="Override the file's experts per token (top-k), e.g. 1 for speed.")
+ExpertStatsOpt = typer.Option(False, "--expert-stats", help="Show the per-layer expert load at the end.")
+
+
+def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
+                    max_tokens: int) -> None:
+    from mlxtral.sampling import SamplingParams
+
+    if max_tokens < 0:
+        fail(f"--max-tokens must be >= 0, got {max_tokens}", 2)
+    SamplingParams(temp, top_k, top_p, min_p, repeat_penalty)  # raises UsageError (exit 2)
+
+
+# ---- chat -----------------------------------------------------------------------------------------
+
+
+@app.command(help="Chat with a model (the built-in demo model when MODEL is omitted).\n\n"
+             "Streams each answer and prints a stats line after it (on stderr). Commands: /reset, "
+             "/system TEXT, /stats, /exit. Ctrl-C stops the current answer, Ctrl-D leaves. "
+             "Piped input is answered line by line, then the chat ends.",
+             epilog="Examples:\n\n  mlxtral chat\n\n  mlxtral chat model.gguf --system 'Answer briefly.'\n\n"
+             "  echo 'What is the capital of France?' | mlxtral chat --temp 0")
+@handle_errors
+def chat(
+    model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
+    system: str = typer.Option(None, "--system", "-s", help="System prompt."),  # noqa: B008
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Longest answer, in tokens."),
+    temp: float = typer.Option(0.7, "--temp", "-t", help="Temperature (0 = greedy)."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Repetition penalty (1 = off)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (reproducible answers)."),  # noqa: B008
+    backend: str = BackendOpt,
+    max_context: int = MaxContextOpt,
+    experts_per_token: int = ExpertsOpt,
+    expert_stats: bool = ExpertStatsOpt,
+    no_stats: bool = typer.Option(False, "--no-stats", help="Do not print the stats line after each answer."),
+) -> None:
+    """Chat with a model (the built-in demo model when MODEL is omitted)."""
+    from mlxtral.chat import ChatLoop, SamplingOptions, read_interactive, read_piped
+
+    _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens)
+    m = load_model(model, backend, max_context, experts_per_token)
+    opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
+    loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        c = m.config
+        kind = f"{c.n_experts} experts, top-{c.n_experts_per_tok}" if c.is_moe else "dense"
+        err_console.print(f"[bold]{m.path.name}[/bold] [dim]({kind}, {c.n_layers} layers, "
+                          f"backend {m.backend_name}, context {m.max_context})[/dim]")
+        err_console.print("[dim]/help for commands, Ctrl-C stops an answer, Ctrl-D leaves[/dim]")
+        out_console = Console()
+        try:
+            sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
+        except (AttributeError, ValueError):
+            pass
+        lines = read_interactive(lambda: out_console.input("[bold green]> [/bold green]"), sys.stderr)
+    else:
+        lines = read_piped(sys.stdin)
+    loop.run(lines)
+    if expert_stats:
+        print_expert_stats(m)
+
+
+# ---- generate -------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples:\n\n"
+             "  mlxtral generate model.gguf -p 'The capital of France is' --max-tokens 16 --temp 0\n\n"
+             "  mlxtral generate model.gguf -p 'Write a haiku about the sea' --chat --json\n\n"
+             "  echo 'Summarize: ...' | mlxtral generate model.gguf -p - --chat")
+@handle_errors
+def generate(
+    model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most."),
+    temp: float = typer.Option(0.0, "--temp", "-t", help="Temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Repetition penalty (1 = off)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed."),  # noqa: B008
+    chat_: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
+    system: str = typer.Option(None, "--system", "-s", help="System prompt (with --chat)."),  # noqa: B008
+    stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),  # noqa: B008
+    backend: str = BackendOpt,
+    max_context: int = MaxContextOpt,
+    experts_per_token: int = ExpertsOpt,
+    expert_stats: bool = ExpertStatsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the text and the stats as one JSON object."),
+) -> None:
+    """Generate text from a prompt, streamed to stdout; the stats line goes to stderr."""
+    _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens)
+    if system and not chat_:
+        fail("--system needs --chat", 2)
+    if prompt == "-":
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    if not prompt:
+        fail("the prompt is empty", 2)
+    m = load_model(model, backend, max_context, experts_per_token, quiet=as_json)
+    if chat_:
+        msgs = [{"role": "system", "content": system}] if system else []
+        msgs.append({"role": "user", "content": prompt})
+        ids = m.apply_chat_template(msgs)
+    else:
+        ids = m.prompt_ids(prompt, chat=False)
+    parts: list[str] = []
+    stats = None
+    for r in m.stream(ids, max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repeat_penalty, seed=seed, stop=stop or ()):
+        parts.append(r.text)
+        if not as_json and r.text:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        if r.stats is not None:
+            stats = r.stats
+    if as_json:
+        out: dict[str, Any] = {"model": str(m.path), "backend": m.backend_name, "prompt": prompt,
+                               "chat": chat_, "text": "".join(parts),
+                               "finish_reason": stats.finish_reason if stats else None,
+                               "stats": stats.as_dict() if stats else None}
+        if expert_stats:
+            out["expert_stats"] = print_expert_stats(m, as_json=True)
+        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats is not None:
+        err_console.print(f"[dim]{stats.summary()} | finish: {stats.finish_reason}[/dim]", highlight=False)
+    if expert_stats:
+        print_expert_stats(m)
+
+
+# ---- info -----------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples:\n\n  mlxtral info model.gguf\n\n"
+             "  mlxtral info ./Mixtral-8x7B-Instruct-v0.1 --json\n\n"
+             "  mlxtral info demo")
+@handle_errors
+def info(
+    model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    max_context: int = MaxContextOpt,
+    experts_per_token: int = ExpertsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Describe a model: format, architecture, parameters (all and active), tensor types, memory."""
+    from mlxtral.info import describe, render
+
+    d = describe(resolve_model(model), max_context=max_context, experts_per_token=experts_per_token)
+    if as_json:
+        sys.stdout.write(json.dumps(d) + "\n")
+    else:
+        Console().print(render(d))
+
+
+# ---- bench ----------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Examples:\n\n  mlxtral bench model.gguf\n\n"
+             "  mlxtral bench model.gguf -p 128 -n 64 -r 5 --json\n\n"
+             "  mlxtral bench model.gguf --compare llama.cpp --llamacpp-python ~/llamacpp/bin/python")
+@handle_errors
+def bench(
+    model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=0, help="Prompt tokens to prefill (pp)."),
+    n_gen: int = typer.Option(128, "--n-gen", "-n", min=0, help="Tokens to generate one at a time (tg)."),
+    repeats: int = typer.Option(3, "--repetitions", "-r", min=1, help="Timed runs of each test."),
+    bandwidth: float = typer.Option(None, "--bandwidth", min=0.001,
+                                    help="This machine's memory bandwidth in GB/s (default: measured)."),
+    compare: str = typer.Option(None, "--compare", help="Also run 'llama.cpp' on the same file."),  # noqa: B008
+    llamacpp_python: str = typer.Option(None, "--llamacpp-python",
+                                        help="Interpreter with llama-cpp-python (default: "
+                                        "$MLXTRAL_LLAMACPP_PYTHON or ~/llamacpp/bin/python)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Threads for llama.cpp (default: all cores)."),  # noqa: B008
+    backend: str = BackendOpt,
+    experts_per_token: int = ExpertsOpt,
+    expert_stats: bool = ExpertStatsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Measure prompt processing and generation speed (llama-bench style), against the seed figures."""
+    from mlxtral.bench import measure_bandwidth, run_bench, run_llamacpp, seed_rows
+    from mlxtral.info import active_weight_bytes
+
+    if compare is not None and compare.lower().replace("_", ".") not in ("llama.cpp", "llamacpp"):
+        fail(f"--compare {compare}: only 'llama.cpp' is supported", 2)
+    path = resolve_model(model)
+    need = max(n_prompt, n_gen + 1) + 1
+    m = load_model(str(path), backend, need, experts_per_token, quiet=as_json)
+    status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
+    if status:
+        status.start()
+    try:
+        res = run_bench(m, n_prompt, n_gen, repeats,
+                        progress=(lambda s: status.update(f"benchmarking: {s}")) if status else None)
+        if status:
+            status.update("measuring memory bandwidth...")
+        bw_measured = bandwidth is None
+        bw = bandwidth if bandwidth is not None else measure_bandwidth()
+        llama = None
+        if compare is not None:
+            if m.checkpoint.format != "gguf":
+                fail("--compare llama.cpp needs a GGUF file", 2)
+            if status:
+                status.update("running llama.cpp on the same file...")
+            llama = run_llamacpp(path, n_prompt, n_gen, repeats, threads or os.cpu_count() or 1,
+                                 python=llamacpp_python)
+    finally:
+        if status:
+            status.stop()
+    active = active_weight_bytes(m.checkpoint)
+    tg_mean = res["tg_tok_s"].mean
+    seeds = seed_rows(bw, active, tg_mean)
+    out = {
+        "model": str(path), "backend": m.backend_name, "format": m.checkpoint.format,
+        "n_experts": m.config.n_experts, "experts_per_token": m.config.n_experts_per_tok,
+        "pp": n_prompt, "tg": n_gen, "repeats": repeats,
+        "pp_tok_s": res["pp_tok_s"].as_dict(), "tg_tok_s": res["tg_tok_s"].as_dict(),
+        "peak_memory_bytes": res["peak_memory"], "active_bytes_per_token": active,
+        "bandwidth_gbs": round(bw, 3), "bandwidth_measured": bw_measured,
+        "ceiling_tg_tok_s": round(bw * 1e9 / active, 2) if active else None,
+        "seeds": seeds,
+    }
+    if llama is not None:
+        out["llama_cpp"] = llama
+        out["ratio_vs_llama_cpp"] = {
+            "pp": round(res["pp_tok_s"].best / llama["pp_tok_s"], 3) if llama.get("pp_tok_s") else None,
+            "tg": round(res["tg_tok_s"].best / llama["tg_tok_s"], 3) if llama.get("tg_tok_s") else None,
+            "note": "best of the runs on both sides",
+        }
+    if expert_stats:
+        out["expert_stats"] = print_expert_stats(m, as_json=True) if as_json else None
+    if as_json:
+        sys.stdout.write(json.dumps(out) + "\n")
+        return
+    _print_bench(out, res)
+    if expert_stats:
+        print_expert_stats(m)
+
+
+def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"{Path(out['model']).name} ({out['backend']})", title_justify="left")
+    for col, just in (("engine", "left"), ("test", "left"), ("tok/s", "right"), ("best", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for key, label in (("pp_tok_s", f"pp{out['pp']}"), ("tg_tok_s", f"tg{out['tg']}")):
+        tm = res[key]
+        if tm.runs:
+            t.add_row("mlxtral", label, str(tm), f"{tm.best:.2f}")
+    ll = out.get("llama_cpp")
+    if ll:
+        r = out["ratio_vs_llama_cpp"]
+        if ll.get("pp_tok_s"):
+            t.add_row("llama.cpp", f"pp{out['pp']}", "", f"{ll['pp_tok_s']:.2f}  (ours x{r['pp']:.2f})")
+        if ll.get("tg_tok_s"):
+            t.add_row("llama.cpp", f"tg{out['tg']}", "", f"{ll['tg_tok_s']:.2f}  (ours x{r['tg']:.2f})")
+    con.print(t)
+    con.print(f"peak memory {out['peak_memory_bytes'] / 1e9:.2f} GB"
+              + (f" (llama.cpp {ll['peak_rss_mb'] / 1e3:.2f} GB)" if ll and ll.get("peak_rss_mb") else "")
+              + f"; {out['active_bytes_per_token'] / 1e6:.1f} MB of weights read per token; "
+              f"bandwidth {out['bandwidth_gbs']:.1f} GB/s "
+              f"({'measured' if out['bandwidth_measured'] else 'given'})"
+              f" -> decode ceiling {out['ceiling_tg_tok_s']:.1f} tok/s", highlight=False)
+    if out["tg"]:
+        s = Table(title="decode vs the seed figures, scaled to this machine's bandwidth and this model",
+                  title_justify="left")
+        for col in ("setup", "tok/s there", "of its ceiling", "tok/s here at that efficiency"):
+            s.add_column(col, justify="left" if col == "setup" else "right")
+        for row in out["seeds"]:
+            eff = f"{100 * row['efficiency']:.0f}%" if row["efficiency"] is not None else "-"
+            s.add_row(row["setup"], f"{row['tok_s']:.1f}", eff, f"{row['scaled_here_tok_s']:.1f}")
+        con.print(s)
+
+
+# ---- upcycle --------------------------------------------------------------------------------------
+
+
+@app.command(help="Turn a dense GGUF into a Mixtral-shaped one with E identical experts and a random "
+             "router.\n\nThe experts are copies of the dense FFN (quantized blocks copied as they are), so "
+             "the result computes exactly what the dense model computes, whatever the router picks.",
+             epilog="Examples:\n\n  mlxtral upcycle SmolLM2-135M.Q4_1.gguf smol-8x.gguf --experts 8\n\n"
+             "  mlxtral upcycle dense.gguf moe.gguf --experts 4 --top-k 1 --seed 1")
+@handle_errors
+def upcycle(
+    src: Path = typer.Argument(..., help="A dense llama-family GGUF."),  # noqa: B008
+    out: Path = typer.Argument(..., help="The Mixtral-shaped GGUF to write."),  # noqa: B008
+    experts: int = typer.Option(8, "--experts", "-e", help="Number of (identical) experts."),
+    top_k: int = typer.Option(2, "--top-k", "-k", help="Experts used per token."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random router."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+) -> None:
+    """Turn a dense GGUF into a Mixtral-shaped one with E identical experts."""
+    from rich.progress import Progress
+
+    from mlxtral.upcycle import upcycle as do_upcycle
+
+    if out.exists() and not force:
+        fail(f"{out}: already exists (use --force to overwrite)", 2)
+    with Progress(console=err_console, transient=True) as prog:
+        task = prog.add_task("upcycling", total=None)
+        do_upcycle(src, out, experts=experts, top_k=top_k, seed=seed,
+                   progress=lambda done, total: prog.update(task, completed=done, total=total))
+    size = out.stat().st_size
+    err_console.print(f"wrote {out} ({size / 1e6:.1f} MB): {experts} experts, top-{top_k}", highlight=False)
+
+
+# ---- convert --------------------------------------------------------------------------------------
+
+_CONVERT_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
+
+
+@app.command(epilog="Examples:\n\n  mlxtral convert ./Mixtral-8x7B-Instruct-v0.1 mixtral.Q4_0.gguf --q4\n\n"
+             "  mlxtral convert model.gguf ./model-mlx --format mlx --q4 --group-size 64\n\n"
+             "  mlxtral convert ./hf-folder out.gguf --q8 --verify")
+@handle_errors
+def convert(
+    src: Path = typer.Argument(..., help="GGUF file or model folder (HF, Mistral original, MLX)."),  # noqa: B008
+    out: Path = typer.Argument(..., help="Output GGUF file or MLX folder."),  # noqa: B008
+    q4: bool = typer.Option(False, "--q4", help="4-bit (GGUF Q4_0 / MLX 4-bit)."),
+    q4_1: bool = typer.Option(False, "--q4_1", "--q4-1", help="4-bit with offsets (GGUF Q4_1)."),
+    q8: bool = typer.Option(False, "--q8", help="8-bit (GGUF Q8_0 / MLX 8-bit)."),
+    f16: bool = typer.Option(False, "--f16", help="float16."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16."),
+    f32: bool = typer.Option(False, "--f32", help="float32."),
+    fmt: str = typer.Option(None, "--format", help="gguf or mlx (default: from OUT's name)."),  # noqa: B008
+    group_size: int = typer.Option(None, "--group-size", help="MLX quantization group size (32, 64, 128)."),  # noqa: B008
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+    verify: bool = typer.Option(False, "--verify", help="Reload OUT and compare it with SRC."),
+) -> None:
+    """Convert a checkpoint to GGUF or an MLX folder, quantizing the big matrices."""
+    chosen = [name for name, on in zip(_CONVERT_TYPES, (q4, q4_1, q8, f16, bf16, f32), strict=True) if on]
+    if len(chosen) > 1:
+        fail(f"choose one output type, got {', '.join('--' + c for c in chosen)}", 2)
+    if fmt is not None and fmt.lower() not in ("gguf", "mlx"):
+        fail(f"--format {fmt}: expected gguf or mlx", 2)
+    try:
+        from mlxtral.convert import convert as do_convert
+    except ImportError:
+        fail("conversion is not available in this build (mlxtral.convert.convert is missing)")
+    kwargs: dict[str, Any] = {"qtype": chosen[0] if chosen else None, "format": fmt.lower() if fmt else None,
+                              "group_size": group_size, "force": force, "verify": verify}
+    import inspect
+
+    params = inspect.signature(do_convert).parameters
+    accepted = {k: v for k, v in kwargs.items() if k in params or any(
+        p.kind == p.VAR_KEYWORD for p in params.values())}
+    result = do_convert(src, out, **accepted)
+    if result is not None:
+        err_console.print(str(result), highlight=False)
+    else:
+        err_console.print(f"wrote {out}", highlight=False)
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("mlxtral")
+        except PackageNotFoundError:
+            v = "unknown"
+        sys.stdout.write(f"mlxtral {v}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Run Mixtral-shaped sparse mixture-of-experts models locally."""
 
 
 def main() -> None:
-    print("mlxtral")
+    app(prog_name="mlxtral")
+
+
+if __name__ == "__main__":
+    main()
