@@ -33,15 +33,15 @@ def validate_tensors(ckpt: Checkpoint) -> None:
     unused = sorted(n for n in have if n not in want)
     wrong = [f"{n} {tuple(have[n].shape)} (config implies {want[n]})"
              for n in want if n in have and tuple(have[n].shape) != want[n]]
-    if missing and unused and not wrong:
-        raise FormatError(f"the tensors do not match the config: {len(missing)} missing "
-                          f"({_few(missing)}); {len(unused)} unused ({_few(unused)})", ckpt.path)
+    problems = []
     if missing:
-        raise FormatError(f"{len(missing)} tensors the config needs are missing: {_few(missing)}", ckpt.path)
+        problems.append(f"{len(missing)} tensors the config needs are missing: {_few(missing)}")
     if wrong:
-        raise FormatError(f"{len(wrong)} tensors disagree with the config: {_few(wrong)}", ckpt.path)
+        problems.append(f"{len(wrong)} tensors disagree with the config: {_few(wrong)}")
     if unused:
-        raise FormatError(f"{len(unused)} tensors are not used by the model: {_few(unused)}", ckpt.path)
+        problems.append(f"{len(unused)} tensors are not used by the model: {_few(unused)}")
+    if problems:
+        raise FormatError("; ".join(problems), ckpt.path)
     for name, q in have.items():
         if name.endswith(("_norm.weight", "ffn_gate_inp.weight")) and q.qtype != "F32":
             raise FormatError(f"tensor {name} must be float32 after loading, got {q.qtype}", ckpt.path)

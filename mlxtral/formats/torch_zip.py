@@ -46,6 +46,9 @@ MAX_PICKLE_BYTES = 256 * 1024 * 1024
 MAX_DIMS = 8
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 _LOCAL_MAGIC = 0x04034B50
+# What zipfile raises on a damaged archive (found by fuzzing: bad UTF-8 names, unknown flags...)
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError, UnicodeDecodeError,
+               NotImplementedError, struct.error, OverflowError)
 
 TorchTensor = SafeTensor  # same shape of record: dtype code, shape, zero-copy view
 
@@ -230,7 +233,7 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
         try:
             zf = zipfile.ZipFile(f)
             infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except _ZIP_ERRORS as e:
             raise FormatError(f"corrupt zip archive ({e}): truncated download?", path) from None
         pkls = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
         if len(pkls) != 1:
@@ -253,7 +256,7 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
                                       path)
                 storages[info.filename[len(prefix) + 5:]] = (_member_data_offset(f, info, size, path),
                                                               info.file_size)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        except _ZIP_ERRORS as e:
             raise FormatError(f"corrupt zip archive ({e})", path) from None
         if byteorder not in ("little", "big"):
             raise FormatError(f"unknown byteorder {byteorder!r}", path)
