@@ -20,7 +20,7 @@ from mlxtral.errors import FormatError, TokenizerError
 from mlxtral.formats import Checkpoint, TokenizerSource
 
 from .policy import gguf_file_type, gguf_tensor_type
-from .tensors import OutTensor, TensorReport, check_tensors, encode_gguf, layer_order
+from .tensors import OutTensor, TensorReport, check_tensors, encode_gguf, layer_order, release_pages
 
 ALIGNMENT = 32
 QUANTIZATION_VERSION = 2
@@ -234,6 +234,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = No
                 if progress is not None:
                     progress(src.nbytes)
                 del data
+                release_pages(src.data)
             reports.append(rep)
         f.write(b"\0" * (-f.tell() % ALIGNMENT))
         f.flush()

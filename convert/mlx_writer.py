@@ -32,7 +32,7 @@ from mlxtral.formats import Checkpoint
 
 from .policy import Precision, mlx_quantizes
 from .safetensors_writer import SafetensorsWriter
-from .tensors import TensorReport, check_tensors, layer_order, source_f32
+from .tensors import TensorReport, check_tensors, layer_order, release_pages, source_f32
 
 MAX_SHARD_BYTES = 5 << 30
 _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -234,6 +234,7 @@ def write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int =
                     if progress is not None:
                         progress(src.nbytes)
                     del x
+                    release_pages(src.data)
                 reports.append(rep)
         finally:
             w.close()

@@ -115,3 +115,30 @@ def add_quant_error(report: TensorReport, x: np.ndarray, data: np.ndarray, qtype
     step = max(1, 16 * CHUNK_ELEMS // rows.shape[1])
     for s in range(0, rows.shape[0], step):
         report.add_error(rows[s : s + step], dequantize(drows[s : s + step], qtype))
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the page cache pages of a memory-mapped source tensor from our RSS once it is done.
+
+    Only for arrays that are views of an ``mmap`` (read-only file mappings: the pages are re-read
+    from the file if touched again); heap arrays are left alone. Without this, every touched page
+    of the input stays resident and the RSS grows to the input's size.
+    """
+    import ctypes
+    import mmap
+
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or arr.nbytes == 0:
+        return
+    page = mmap.PAGESIZE
+    start = arr.__array_interface__["data"][0]
+    lo = start - start % page
+    hi = start + arr.nbytes
+    hi += -hi % page
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(mmap.MADV_DONTNEED))
+    except (OSError, AttributeError):
+        pass
