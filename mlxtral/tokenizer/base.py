@@ -9,6 +9,7 @@ outputs always equals ``decode`` of the same ids.
 from __future__ import annotations
 
 import codecs
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
@@ -25,6 +26,17 @@ EOT_TEXTS = (
     "<EOT>",
     "<|end_of_text|>",
 )
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates (not encodable as UTF-8) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 class Tokenizer(ABC):

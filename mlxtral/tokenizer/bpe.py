@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mlxtral.errors import TokenizerError
-from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer, clean_text
 from mlxtral.tokenizer.pretok import PreTokenizer
 from mlxtral.tokenizer.special import SpecialSplitter
 
@@ -140,11 +140,10 @@ class ByteLevelBPETokenizer(Tokenizer):
             if i is not None:
                 out.append(i)
                 continue
-            for c in p:  # not in the vocabulary: one token per byte
-                j = ids.get(c)
-                if j is None:
-                    raise TokenizerError(f"byte {UNICODE_TO_BYTE.get(c, -1):#04x} has no token")
-                out.append(j)
+            for c in p:  # not in the vocabulary: one token per byte; bytes without one are
+                j = ids.get(c)  # dropped, as HF tokenizers and llama.cpp do
+                if j is not None:
+                    out.append(j)
         return tuple(out)
 
     def _encode_text(self, text: str, out: list[int]) -> None:
@@ -160,7 +159,7 @@ class ByteLevelBPETokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
         out: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        for frag in self._splitter.split(text, special):
+        for frag in self._splitter.split(clean_text(text), special):
             if isinstance(frag, int):
                 out.append(frag)
             else:

@@ -14,7 +14,7 @@ import heapq
 from collections.abc import Sequence
 
 from mlxtral.errors import TokenizerError
-from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer
+from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer, clean_text
 from mlxtral.tokenizer.special import SpecialSplitter
 
 SPACE = "\u2581"
@@ -162,7 +162,7 @@ class LlamaSpmTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
         out: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        for frag in self._splitter.split(text, special):
+        for frag in self._splitter.split(clean_text(text), special):
             if isinstance(frag, int):
                 out.append(frag)
                 continue

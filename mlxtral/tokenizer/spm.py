@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlxtral.errors import TokenizerError
-from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, Tokenizer
+from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, Tokenizer, clean_text
 from mlxtral.tokenizer.special import SpecialSplitter
 
 
@@ -53,7 +53,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
         ids: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        for frag in self._splitter.split(text, special):
+        for frag in self._splitter.split(clean_text(text), special):
             if isinstance(frag, int):
                 ids.append(frag)
             else:
