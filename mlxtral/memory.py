@@ -1,0 +1,199 @@
+"""Will the model fit? Estimate what a loaded model needs and compare it with the machine's memory.
+
+:func:`estimate` counts the weights as the backend holds them (NumPy: the checkpoint's own
+arrays, memory-mapped or not: mapped weights must be paged in to run at speed; MLX: the arrays it
+converts them to), the KV cache filled to ``max_context``, and a working set (attention scores
+of one prefill chunk, activations, logits, the runtime itself). :func:`check_fits` compares the
+total with the memory available to this process (``MemAvailable`` on Linux, capped by a cgroup
+limit; physical memory on macOS) and raises :class:`~mlxtral.errors.OutOfMemoryError` with a
+suggestion, instead of letting the OOM killer end the process mid-load.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlxtral.errors import OutOfMemoryError
+from mlxtral.formats import Checkpoint
+
+GB = 1e9
+RUNTIME_BYTES = 300 * 1024 * 1024  # interpreter, NumPy/numba/MLX libraries, tokenizer
+PREFILL_CHUNK = 512  # tokens per prefill step (Model.stream's default)
+_MLX_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # types the MLX backend keeps quantized
+_MLX_GROUP = 32
+_F32_NAMES = ("_norm.weight", "ffn_gate_inp.weight")
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int  # bytes the backend keeps resident for the weights
+    kv_cache: int  # keys + values for max_context positions
+    working: int  # activations, attention scores, logits, runtime
+    held: int = 0  # of ``weights``, bytes this process already holds (arrays not backed by a file)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.working
+
+    def describe(self) -> str:
+        return (f"~{self.total / GB:.1f} GB (weights {self.weights / GB:.1f} GB + KV cache "
+                f"{self.kv_cache / GB:.1f} GB + working set {self.working / GB:.1f} GB)")
+
+
+def _is_mapped(a: np.ndarray) -> bool:
+    """True if ``a`` is a view of a memory-mapped file."""
+    b: object = a
+    for _ in range(64):
+        if isinstance(b, (np.memmap, mmap.mmap)):
+            return True
+        if isinstance(b, memoryview):
+            b = b.obj
+            continue
+        nxt = getattr(b, "base", None)
+        if nxt is None:
+            return False
+        b = nxt
+    return False
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _mlx_float_bytes(kv_dtype: str | None) -> int:
+    if kv_dtype is None:
+        from mlxtral.model import metal_available
+
+        return 2 if metal_available() else 4
+    return _DTYPE_BYTES.get(str(kv_dtype).lower().removeprefix("mlx.core."), 4)
+
+
+def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> tuple[int, int]:
+    """(resident bytes as ``backend`` holds the weights, bytes already held by this process)."""
+    seen: set[int] = set()
+    total = held = 0
+    float_bytes = _mlx_float_bytes(kv_dtype) if backend == "mlx" else 0
+    for name, q in ckpt.tensors.items():
+        if id(q.data) in seen:
+            continue
+        seen.add(id(q.data))
+        mapped = _is_mapped(q.data)
+        if not mapped:
+            held += q.nbytes  # already in this process's memory (dequantized at load, or read)
+        if backend != "mlx":
+            total += q.nbytes
+            continue
+        n = _numel(q.shape)
+        if name.endswith(_F32_NAMES):
+            total += 4 * n
+        elif q.qtype in _MLX_BITS:  # packed codes + a scale and a bias per group of 32
+            total += n * _MLX_BITS[q.qtype] // 8 + 2 * (n // _MLX_GROUP) * float_bytes
+        elif ".ffn_" in name and ckpt.args.is_moe and float_bytes == 4:
+            total += 4 * n  # MLX's CPU gather_mm is float32-only
+        else:
+            total += n * float_bytes
+    if backend == "mlx":
+        held = 0  # MLX makes its own copies: what the checkpoint holds stays on top
+    return total, held
+
+
+def estimate(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | None = None) -> MemoryEstimate:
+    """What loading ``ckpt`` on ``backend`` ("numpy" or "mlx") with ``max_context`` will need."""
+    a = ckpt.args
+    weights, held = _weights(ckpt, backend, kv_dtype)
+    if backend == "mlx":
+        kv_item = _mlx_float_bytes(kv_dtype)
+    else:
+        try:
+            kv_item = np.dtype(kv_dtype or "float32").itemsize
+        except TypeError:
+            kv_item = 4
+    kv = 2 * a.n_layers * max_context * a.n_kv_heads * a.head_dim * kv_item
+    t = min(PREFILL_CHUNK, max_context)
+    scores = 3 * a.n_heads * t * max_context * 4  # scores, mask, softmax of one layer, f32
+    upcast = 2 * max_context * a.n_kv_heads * a.head_dim * 4 if kv_item != 4 else 0
+    acts = t * (6 * a.dim + 3 * a.hidden_dim * max(a.n_experts_per_tok, 1)) * 4
+    logits = t * a.vocab_size * 4
+    return MemoryEstimate(weights, kv, RUNTIME_BYTES + scores + upcast + acts + logits, held)
+
+
+# ---- what the machine has -----------------------------------------------------------------------
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _meminfo_available() -> int | None:
+    text = _read("/proc/meminfo")
+    if text is None:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                return int(parts[1]) * 1024
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Room left under this process's cgroup memory limit (v2, then v1), or None if unlimited."""
+    for limit_f, usage_f, stat_f in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+         "/sys/fs/cgroup/memory/memory.stat"),
+    ):
+        limit = _read(limit_f)
+        if limit is None or not limit.isdigit():
+            continue
+        lim = int(limit)
+        if lim >= 1 << 60:  # cgroup v1's "unlimited"
+            return None
+        usage = _read(usage_f)
+        used = int(usage) if usage and usage.isdigit() else 0
+        inactive = 0  # page cache the kernel reclaims before it OOM-kills
+        for line in (_read(stat_f) or "").splitlines():
+            k, _, v = line.partition(" ")
+            if k in ("inactive_file", "total_inactive_file") and v.isdigit():
+                inactive = int(v)
+        return max(lim - max(used - inactive, 0), 0)
+    return None
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use without swapping or being killed; None if unknown."""
+    if sys.platform.startswith("linux"):
+        found = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+        return min(found) if found else _physical_memory()
+    return _physical_memory()  # macOS (hw.memsize) and others: unified memory, no MemAvailable
+
+
+def check_fits(est: MemoryEstimate, path: str | Path | None = None, available: int | None = None) -> None:
+    """Raise :class:`OutOfMemoryError` if ``est`` does not fit the memory available."""
+    avail = available_memory() if available is None else available
+    if avail is None:
+        return
+    avail += est.held  # weights this process already holds are part of the estimate
+    if est.total <= avail:
+        return
+    raise OutOfMemoryError(
+        f"needs {est.describe()} but only {avail / GB:.1f} GB is available; try a smaller "
+        f"quantization (mlxtral convert SRC OUT --q4) or a smaller --max-context", path)
