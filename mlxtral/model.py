@@ -173,8 +173,13 @@ def load(
     experts_per_token: int | None = None,
     kv_dtype: str | None = None,
     tokenizer: bool = True,
+    check_memory: bool = True,
 ) -> Model:
-    """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder."""
+    """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder.
+
+    ``check_memory``: first estimate what the model needs (weights, KV cache for ``max_context``,
+    working set) and raise :class:`~mlxtral.errors.OutOfMemoryError` if the machine cannot hold it.
+    """
     from mlxtral.formats.detect import open_checkpoint
 
     name = resolve_backend(backend)
@@ -187,6 +192,10 @@ def load(
         raise UsageError(f"max_context must be >= 1, got {max_context}")
     if max_context > model_ctx:
         raise UsageError(f"max_context {max_context} exceeds the model's context length {model_ctx}")
+    if check_memory:
+        from mlxtral.memory import check_fits, estimate
+
+        check_fits(estimate(ckpt, name, max_context, kv_dtype), ckpt.path)
     if name == "numpy":
         from mlxtral.backends.numpy_backend import NumpyBackend
 
