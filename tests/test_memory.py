@@ -1,0 +1,123 @@
+"""Memory estimate and the "does not fit" check (available memory monkeypatched)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import random_weights, tiny_args, write_gguf
+
+import mlxtral
+from mlxtral import memory
+from mlxtral.errors import OutOfMemoryError
+from mlxtral.formats import Checkpoint
+from mlxtral.formats.detect import open_checkpoint
+from mlxtral.memory import MemoryEstimate, check_fits, estimate
+from mlxtral.qtensor import QTensor
+
+ARGS = tiny_args(vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("mem") / "tiny.gguf"
+    return write_gguf(p, random_weights(ARGS, seed=3), ARGS, vocab=False)
+
+
+def test_numpy_estimate_matches_backend(gguf_path: Path) -> None:
+    from mlxtral.backends.numpy_backend import NumpyBackend
+
+    ckpt = open_checkpoint(gguf_path)
+    est = estimate(ckpt, "numpy", 256, "float32")
+    # weights: exactly the checkpoint's arrays (memory-mapped, counted: they must be paged in)
+    assert est.weights == sum(q.nbytes for q in ckpt.tensors.values())
+    assert est.held == 0  # all views of the file map
+    cache = NumpyBackend(ckpt.args, ckpt.tensors).new_cache(256)
+    assert est.kv_cache == cache.nbytes == 2 * ARGS.n_layers * 256 * ARGS.n_kv_heads * ARGS.head_dim * 4
+    assert estimate(ckpt, "numpy", 256, "float16").kv_cache == cache.nbytes // 2
+    assert est.working > memory.RUNTIME_BYTES
+    assert est.total == est.weights + est.kv_cache + est.working
+
+
+def test_in_memory_weights_are_held() -> None:
+    tensors = {k: QTensor.from_float(v) for k, v in random_weights(ARGS, seed=1).items()}
+    ckpt = Checkpoint("hf", Path("x"), ARGS, tensors, None)
+    est = estimate(ckpt, "numpy", 64)
+    assert est.held == est.weights == sum(v.nbytes for v in tensors.values())
+    # What the process already holds is not asked for twice.
+    check_fits(est, "x", available=est.total - est.held)
+    with pytest.raises(OutOfMemoryError):
+        check_fits(est, "x", available=est.total - est.held - 1)
+
+
+def test_mlx_estimate_counts_converted_arrays() -> None:
+    """Q4_0 stays 4-bit in MLX with an f32 scale and bias per 32 weights (CPU); F16 becomes f32."""
+    rng = np.random.default_rng(0)
+    n = 4096 * 64
+    q4 = QTensor("Q4_0", (4096, 64), rng.integers(0, 256, (4096, 2 * 18), dtype=np.uint8))
+    f16 = QTensor("F16", (4096, 64), rng.standard_normal((4096, 64)).astype(np.float16))
+    ckpt = Checkpoint("gguf", Path("x"), ARGS, {"token_embd.weight": q4, "output.weight": f16}, None)
+    est = estimate(ckpt, "mlx", 16, "float32")
+    assert est.weights == n // 2 + 2 * (n // 32) * 4 + n * 4
+    est16 = estimate(ckpt, "mlx", 16, "float16")
+    assert est16.weights == n // 2 + 2 * (n // 32) * 2 + n * 2
+    assert est16.kv_cache * 2 == est.kv_cache
+
+
+def test_mlx_estimate_close_to_mlx_backend(gguf_path: Path) -> None:
+    mx = pytest.importorskip("mlx.core")
+    from mlxtral.backends.mlx_backend import MLXBackend
+
+    ckpt = open_checkpoint(gguf_path)
+    est = estimate(ckpt, "mlx", 64, "float32")
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    be = MLXBackend(ckpt.args, ckpt.tensors, dtype="float32")
+    used = mx.get_active_memory() - before
+    assert 0.8 * est.weights <= used <= 1.25 * est.weights, (used, est.weights)
+    del be
+
+
+def test_model_that_cannot_fit(gguf_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "available_memory", lambda: 200 * 1024 * 1024)
+    with pytest.raises(OutOfMemoryError) as ei:
+        mlxtral.load(gguf_path, backend="numpy", tokenizer=False, max_context=4096)
+    msg = str(ei.value)
+    assert msg.startswith(str(gguf_path)) and "\n" not in msg
+    assert "needs ~" in msg and "KV cache" in msg and "only 0.2 GB is available" in msg
+    assert "--q4" in msg and "--max-context" in msg
+    m = mlxtral.load(gguf_path, backend="numpy", tokenizer=False, max_context=4096, check_memory=False)
+    assert m.logits([1, 2, 3]).shape == (3, ARGS.vocab_size)
+
+
+def test_message_numbers() -> None:
+    est = MemoryEstimate(weights=48_600_000_000, kv_cache=500_000_000, working=3_000_000_000)
+    with pytest.raises(OutOfMemoryError, match=r"^m\.gguf: needs ~52\.1 GB \(weights 48\.6 GB \+ KV cache "
+                       r"0\.5 GB \+ working set 3\.0 GB\) but only 23\.1 GB is available; try a smaller"):
+        check_fits(est, "m.gguf", available=23_100_000_000)
+    check_fits(est, "m.gguf", available=60_000_000_000)
+
+
+def _fake_files(monkeypatch: pytest.MonkeyPatch, files: dict[str, str]) -> None:
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    monkeypatch.setattr(memory, "_read", lambda p: files.get(p))
+
+
+def test_available_memory_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    meminfo = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n"
+    _fake_files(monkeypatch, {"/proc/meminfo": meminfo, "/sys/fs/cgroup/memory.max": "max"})
+    assert memory.available_memory() == 20000000 * 1024
+    # cgroup v2 limit: 8 GB, 6 GB used of which 1 GB is reclaimable page cache -> 3 GB left
+    _fake_files(monkeypatch, {"/proc/meminfo": meminfo, "/sys/fs/cgroup/memory.max": str(8 << 30),
+                              "/sys/fs/cgroup/memory.current": str(6 << 30),
+                              "/sys/fs/cgroup/memory.stat": f"anon 5\ninactive_file {1 << 30}\n"})
+    assert memory.available_memory() == 3 << 30
+    # cgroup v1 "unlimited"
+    _fake_files(monkeypatch, {"/proc/meminfo": meminfo,
+                              "/sys/fs/cgroup/memory/memory.limit_in_bytes": str(2**63 - 4096)})
+    assert memory.available_memory() == 20000000 * 1024
+
+
+def test_available_memory_real_machine() -> None:
+    avail = memory.available_memory()
+    assert avail is not None and 0 < avail <= memory._physical_memory()
