@@ -32,6 +32,8 @@ def _host_has_avx2() -> bool:
 
 
 HAVE_AVX2 = _host_has_avx2()
+if HAVE_AVX2:
+    llvm_binding.initialize_native_asmparser()  # for the one line of inline asm in _half
 
 i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 f32, f16 = ir.FloatType(), ir.HalfType()
@@ -70,7 +72,14 @@ def _load(b: ir.IRBuilder, base: ir.Value, off: ir.Value, ty: ir.Type) -> ir.Val
 
 
 def _half(b: ir.IRBuilder, base: ir.Value, off: ir.Value) -> ir.Value:
-    return b.fpext(b.bitcast(_load(b, base, off, i16), f16), f32)
+    """The f16 at ``base + off`` as float. On x86 through inline asm (``vpbroadcastw`` from memory
+    + ``vcvtph2ps``): LLVM turns a plain half load into ``vpinsrw`` into a stale register, a false
+    dependency on the accumulator that serialized the whole loop."""
+    p = b.bitcast(_gep(b, base, off), i16.as_pointer())
+    if HAVE_AVX2:
+        fty = ir.FunctionType(f32, [i16.as_pointer()])
+        return b.asm(fty, "vpbroadcastw ($1), $0\n\tvcvtph2ps $0, $0", "=x,r", [p], False)
+    return b.fpext(b.bitcast(b.load(p, align=1), f16), f32)
 
 
 def _split_even_odd(b: ir.IRBuilder, v: ir.Value, n: int) -> tuple[ir.Value, ir.Value]:
@@ -140,7 +149,11 @@ def _block_q4(b, wp, xp, boff, xoff, with_min):
     hi = b.lshr(q, _vconst(v16i8, 4))
     w = b.shuffle_vector(lo, hi, _mask(list(range(32))))
     x = _load(b, xp, xoff, v32i8)
-    s = _madd_ones(b, _maddubs(b, w, x))
+    if with_min:  # unsigned nibbles; the min m is added through xs
+        s = _madd_ones(b, _maddubs(b, w, x))
+    else:  # q - 8, signed x signed: no per-block constant term
+        aw, sx = _abs_sign(b, b.sub(w, _vconst(v32i8, 8)), x)
+        s = _madd_ones(b, _maddubs(b, aw, sx))
     m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else None
     return b.sitofp(s, v8f), d, m
 
@@ -181,18 +194,17 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
             s, d, m = _block_q8(bb, wp, xp, boff, xoff)
         xd = bb.load(_gep(bb, xdp, blk))
         acc = _fma(bb, s, _splat(bb, bb.fmul(d, xd)), acc)
-        if fam == "q4":
+        if with_min:
             xs = bb.load(_gep(bb, xsp, blk))
-            coef = m if with_min else bb.fmul(d, ir.Constant(f32, -8.0))
-            corr = bb.fadd(corr, bb.fmul(coef, xs))
+            corr = bb.fadd(corr, bb.fmul(m, xs))
         return acc, corr
 
     b = ir.IRBuilder(loop)
     i = b.phi(i64)
-    a0, a1, c0 = b.phi(v8f), b.phi(v8f), b.phi(f32)
+    a0, a1, c0, c1 = b.phi(v8f), b.phi(v8f), b.phi(f32), b.phi(f32)
     blk0 = b.shl(i, ir.Constant(i64, 1))
-    n0, c1 = block(b, blk0, a0, c0)
-    n1, c2 = block(b, b.add(blk0, ir.Constant(i64, 1)), a1, c1)
+    n0, nc0 = block(b, blk0, a0, c0)
+    n1, nc1 = block(b, b.add(blk0, ir.Constant(i64, 1)), a1, c1)
     inext = b.add(i, ir.Constant(i64, 1))
     loop_end = b.block
     b.cbranch(b.icmp_unsigned("<", inext, npair), loop, tail)
@@ -201,17 +213,19 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     for phi, new in ((a0, n0), (a1, n1)):
         phi.add_incoming(zero_v, entry)
         phi.add_incoming(new, loop_end)
-    c0.add_incoming(zero_f, entry)
-    c0.add_incoming(c2, loop_end)
+    for phi, new in ((c0, nc0), (c1, nc1)):
+        phi.add_incoming(zero_f, entry)
+        phi.add_incoming(new, loop_end)
 
     b = ir.IRBuilder(tail)
     ta = b.phi(v8f)
     tb = b.phi(v8f)
-    tc = b.phi(f32)
-    for phi, v0, v1 in ((ta, zero_v, n0), (tb, zero_v, n1), (tc, zero_f, c2)):
+    tc, td = b.phi(f32), b.phi(f32)
+    for phi, v0, v1 in ((ta, zero_v, n0), (tb, zero_v, n1), (tc, zero_f, nc0), (td, zero_f, nc1)):
         phi.add_incoming(v0, entry)
         phi.add_incoming(v1, loop_end)
     acc = b.fadd(ta, tb)
+    tc = b.fadd(tc, td)
     odd = b.icmp_unsigned("!=", b.and_(nb, ir.Constant(i64, 1)), ir.Constant(i64, 0))
     last = b.block
     with b.if_then(odd):
