@@ -364,3 +364,20 @@ def test_fuzz_case_count() -> None:
     """Run after the fuzz tests: reports how many mutated files were tried."""
     print(f"fuzz cases run: {FUZZ_CASES}")
 
+
+
+def test_mlx_folder_bad_quantization(tmp_path: Path, weights) -> None:
+    pytest.importorskip("mlx.core")
+    from tiny_models import write_mlx
+
+    folder, _ = write_mlx(tmp_path / "mlx", weights, ARGS, bits=4, group_size=64)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"num_local_experts": 8}))
+    refused_small(lambda: open_checkpoint(folder), FormatError, "missing: blk.0.ffn_gate.4")
+    (folder / "config.json").write_text(json.dumps(cfg | {"quantization": {"group_size": 32, "bits": 4}}))
+    with pytest.raises(FormatError, match="do not fit 4-bit groups of 32"):
+        open_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps(cfg | {"quantization": {"group_size": 64, "bits": 4,
+                                                                           "mode": "mxfp4"}}))
+    with pytest.raises(FormatError, match="mxfp4"):
+        open_checkpoint(folder)

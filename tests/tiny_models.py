@@ -375,6 +375,7 @@ def write_mlx(folder: Path, weights: dict[str, np.ndarray], args: ModelArgs, bit
     cfg["quantization"] = quant
     (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     write_safetensors(folder / "model.safetensors", files, {"format": "mlx"})
+    shutil.copy(tokenizer_path(), folder / "tokenizer.model")
     ref = _internal_from_hf_like(deq, args)
     return folder, ref
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, expected_shapes
 
@@ -25,14 +26,15 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:_SHOW]) + more
 
 
-def validate_tensors(ckpt: Checkpoint) -> None:
-    """Raise :class:`FormatError` unless ``ckpt.tensors`` is exactly what ``ckpt.args`` implies."""
-    want = expected_shapes(ckpt.args)
-    have = ckpt.tensors
-    missing = [n for n in want if n not in have]
-    unused = sorted(n for n in have if n not in want)
-    wrong = [f"{n} {tuple(have[n].shape)} (config implies {want[n]})"
-             for n in want if n in have and tuple(have[n].shape) != want[n]]
+def validate_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: Path | str | None) -> None:
+    """Raise :class:`FormatError` unless ``shapes`` (internal names) is exactly what ``args`` implies.
+
+    Loaders call it on names and shapes alone, before converting or copying any tensor."""
+    want = expected_shapes(args)
+    missing = [n for n in want if n not in shapes]
+    unused = sorted(n for n in shapes if n not in want)
+    wrong = [f"{n} {tuple(shapes[n])} (config implies {want[n]})"
+             for n in want if n in shapes and tuple(shapes[n]) != want[n]]
     problems = []
     if missing:
         problems.append(f"{len(missing)} tensors the config needs are missing: {_few(missing)}")
@@ -41,8 +43,14 @@ def validate_tensors(ckpt: Checkpoint) -> None:
     if unused:
         problems.append(f"{len(unused)} tensors are not used by the model: {_few(unused)}")
     if problems:
-        raise FormatError("; ".join(problems), ckpt.path)
-    for name, q in have.items():
+        raise FormatError("; ".join(problems), path)
+
+
+def validate_tensors(ckpt: Checkpoint) -> None:
+    """Raise :class:`FormatError` unless ``ckpt.tensors`` is exactly what ``ckpt.args`` implies
+    (names and shapes), with norms and routers in float32."""
+    validate_shapes({n: tuple(q.shape) for n, q in ckpt.tensors.items()}, ckpt.args, ckpt.path)
+    for name, q in ckpt.tensors.items():
         if name.endswith(("_norm.weight", "ffn_gate_inp.weight")) and q.qtype != "F32":
             raise FormatError(f"tensor {name} must be float32 after loading, got {q.qtype}", ckpt.path)
 

@@ -31,7 +31,7 @@ import numpy as np
 from mlxtral.config import ModelArgs, read_json
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, TokenizerSource
-from mlxtral.formats.detect import validate_tensors
+from mlxtral.formats.detect import validate_shapes, validate_tensors
 from mlxtral.formats.safetensors import SafeTensor, open_safetensors
 from mlxtral.formats.torch_zip import load_torch_zip
 from mlxtral.qtensor import QTensor
@@ -213,6 +213,7 @@ def load_hf(path: str | Path) -> Checkpoint:
         tensors[new] = to_qtensor(t, name, files[0].parent)
     if "output.weight" in tensors:
         args.tie_word_embeddings = False  # a stored lm_head is the output matrix, tied or not
+    validate_shapes({n: q.shape for n, q in tensors.items()}, args, folder)  # before any copy
     tensors = finish(tensors, args, hf_qk=True)
     ckpt = Checkpoint("hf", folder, args, tensors, hf_tokenizer(folder), metadata={"config": cfg},
                       keepalive=keep)

@@ -33,7 +33,7 @@ import numpy as np
 from mlxtral.config import ModelArgs, read_json
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint
-from mlxtral.formats.detect import validate_tensors
+from mlxtral.formats.detect import validate_shapes, validate_tensors
 from mlxtral.formats.hf import (
     HF_RULES,
     find_weight_files,
@@ -48,7 +48,10 @@ from mlxtral.qtensor import QTensor, bf16_to_f32
 
 _SWITCH = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.switch_mlp\.(gate|up|down)_proj$")
 _F32_TARGET = re.compile(r"(_norm\.weight|ffn_gate_inp\.weight)$")
-_CHUNK_ELEMS = 1 << 24  # weights unpacked per step of a repack
+_CHUNK_ELEMS = 1 << 24
+# (module, its parts, internal name, switch_mlp match, (bits, group) if quantized, logical shape)
+_Plan = tuple[str, "dict[str, SafeTensor]", str, "re.Match[str] | None", "tuple[int, int] | None",
+              "tuple[int, ...]"]  # weights unpacked per step of a repack
 
 
 # ---- MLX affine quantization -------------------------------------------------------------------
@@ -130,8 +133,9 @@ def _quant_params(module: str, quant: dict[str, Any], path: Path) -> tuple[int, 
     return bits, gs
 
 
-def _quantized(module: str, parts: dict[str, SafeTensor], quant: dict[str, Any] | None, target: str,
-               path: Path) -> QTensor:
+def _quant_layout(module: str, parts: dict[str, SafeTensor], quant: dict[str, Any] | None,
+                  path: Path) -> tuple[int, int, tuple[int, ...]]:
+    """Check a quantized module's parts: (bits, group size, logical shape ``[..., out, in]``)."""
     w, s, b = parts.get("weight"), parts.get("scales"), parts.get("biases")
     if w is None or s is None or b is None:
         raise FormatError(f"{module}: quantized module needs weight, scales and biases", path)
@@ -149,12 +153,17 @@ def _quantized(module: str, parts: dict[str, SafeTensor], quant: dict[str, Any] 
             or s.shape != (*w.shape[:-1], n // gs)):
         raise FormatError(f"{module}: weight {w.shape}, scales {s.shape}, biases {b.shape} do not fit "
                           f"{bits}-bit groups of {gs}", path)
-    shape = (*w.shape[:-1], n)
+    return bits, gs, (*w.shape[:-1], n)
+
+
+def _convert(parts: dict[str, SafeTensor], bits: int, gs: int, shape: tuple[int, ...],
+             target: str) -> QTensor:
+    w, s, b = parts["weight"].data, parts["scales"].data, parts["biases"].data
     if _F32_TARGET.search(target):
-        return QTensor("F32", shape, dequantize_mlx(w.data, s.data, b.data, bits, gs, np.float32))
+        return QTensor("F32", shape, dequantize_mlx(w, s, b, bits, gs, np.float32))
     if bits == 4 and gs % 32 == 0:
-        return QTensor("Q4_1", shape, mlx4_to_q4_1(w.data, s.data, b.data, gs))
-    return QTensor("F16", shape, dequantize_mlx(w.data, s.data, b.data, bits, gs, np.float16))
+        return QTensor("Q4_1", shape, mlx4_to_q4_1(w, s, b, gs))
+    return QTensor("F16", shape, dequantize_mlx(w, s, b, bits, gs, np.float16))
 
 
 def load_mlx_folder(path: str | Path) -> Checkpoint:
@@ -178,30 +187,49 @@ def load_mlx_folder(path: str | Path) -> Checkpoint:
         else:
             modules.setdefault(name, {})["raw"] = t
 
-    tensors: dict[str, QTensor] = {}
+    # pass 1: names, layouts and shapes only, so a mismatch is reported before any conversion
+    plan: list[_Plan] = []
+    shapes: dict[str, tuple[int, ...]] = {}
     for mod, parts in modules.items():
         if "raw" in parts:  # no .weight suffix: keep the name so validation reports it
-            tensors[mod] = to_qtensor(parts["raw"], mod, folder)
+            plan.append((mod, parts, mod, None, None, parts["raw"].shape))
+            shapes[mod] = parts["raw"].shape
             continue
         sw = _SWITCH.match(mod)
         target = f"blk.{sw[1]}.ffn_{sw[2]}.0.weight" if sw else rename(mod + ".weight", HF_RULES)
-        if target is None:
+        if target is None or "weight" not in parts:
             continue
+        qp: tuple[int, int] | None = None
         if "scales" in parts or "biases" in parts:
-            q = _quantized(mod, parts, quant, target, folder)
-        elif "weight" in parts:
-            q = to_qtensor(parts["weight"], mod + ".weight", folder)
+            bits, gs, shape = _quant_layout(mod, parts, quant, folder)
+            qp = (bits, gs)
         else:
-            continue
+            shape = parts["weight"].shape
+        plan.append((mod, parts, target, sw, qp, shape))
         if sw:
-            if q.ndim != 3:
-                raise FormatError(f"{mod}: expected stacked experts [E, out, in], got {q.shape}", folder)
+            if len(shape) != 3:
+                raise FormatError(f"{mod}: expected stacked experts [E, out, in], got {shape}", folder)
+            for e in range(shape[0]):
+                shapes[f"blk.{sw[1]}.ffn_{sw[2]}.{e}.weight"] = shape[1:]
+        else:
+            shapes[target] = shape
+    if "output.weight" in shapes:
+        args.tie_word_embeddings = False
+    validate_shapes(shapes, args, folder)
+
+    # pass 2: convert (zero-copy views, Q4_1 repack or dequantization)
+    tensors: dict[str, QTensor] = {}
+    for mod, parts, target, sw, qp, shape in plan:
+        if qp is not None:
+            q = _convert(parts, qp[0], qp[1], shape, target)
+        else:
+            key = "raw" if "raw" in parts else "weight"
+            q = to_qtensor(parts[key], mod if key == "raw" else mod + ".weight", folder)
+        if sw:
             for e in range(q.shape[0]):
                 tensors[f"blk.{sw[1]}.ffn_{sw[2]}.{e}.weight"] = q.expert(e)
         else:
             tensors[target] = q
-    if "output.weight" in tensors:
-        args.tie_word_embeddings = False
     tensors = finish(tensors, args, hf_qk=True)
     ckpt = Checkpoint("mlx", folder, args, tensors, hf_tokenizer(folder),
                       metadata={"config": cfg, "quantization": quant}, keepalive=keep)

@@ -21,7 +21,7 @@ from pathlib import Path
 from mlxtral.config import ModelArgs, read_json
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, TokenizerSource
-from mlxtral.formats.detect import validate_tensors
+from mlxtral.formats.detect import validate_shapes, validate_tensors
 from mlxtral.formats.hf import finish, load_shards, rename, to_qtensor
 from mlxtral.qtensor import QTensor
 
@@ -84,6 +84,7 @@ def load_original(path: str | Path) -> Checkpoint:
         tensors[new] = to_qtensor(t, name, folder)
     if params.get("tied_embeddings") is True and "output.weight" not in tensors:
         args.tie_word_embeddings = True  # newer small Mistral models; Mixtral never ties
+    validate_shapes({n: q.shape for n, q in tensors.items()}, args, folder)  # before any copy
     tensors = finish(tensors, args, hf_qk=False)
     ckpt = Checkpoint("original", folder, args, tensors, original_tokenizer(folder),
                       metadata={"params": params}, keepalive=keep)
