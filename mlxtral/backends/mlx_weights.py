@@ -29,27 +29,48 @@ AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGUF types MLX computes on di
 _CHUNK_BLOCKS = 1 << 16  # blocks repacked at a time (~2 MB of raw bytes)
 
 
-def _repack_blocks(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Raw GGUF blocks uint8 [n, type_size] -> (words uint32 [n, 32*bits/32], scale f32 [n], bias f32 [n])."""
-    d = blocks[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)  # [n]
+def _nibble_lut() -> np.ndarray:
+    """GGUF byte pair (a = byte 2i, c = byte 2i+1, as one little-endian uint16) -> the MLX bytes
+    i (elements 2i, 2i+1: low nibbles of a, c) and 8+i (elements 16+2i, 17+2i: high nibbles)."""
+    v = np.arange(1 << 16, dtype=np.uint32)
+    a, c = v & 0xFF, v >> 8
+    lo = (a & 0x0F) | ((c & 0x0F) << 4)
+    hi = (a >> 4) | (c & 0xF0)
+    return (lo | (hi << 8)).astype(np.uint16)
+
+
+_LUT4 = _nibble_lut()
+
+
+def _repack_into(blocks: np.ndarray, qtype: str, words: np.ndarray, scales: np.ndarray,
+                 biases: np.ndarray) -> None:
+    """Raw GGUF blocks uint8 [n, type_size] -> MLX codes ``words`` (uint8 view [n, 32*bits/8]),
+    ``scales`` and ``biases`` [n]."""
+    halves = blocks.view(np.float16)  # [n, type_size/2]: d (and m) are the first halves
+    d = halves[:, 0].astype(np.float32)
+    scales[:] = d
     if qtype == "Q8_0":
-        q = blocks[:, 2:34].view(np.int8)  # [n, 32]
-        u = (q.astype(np.int16) + 128).astype(np.uint8)  # unsigned codes, element order kept
-        return np.ascontiguousarray(u).view(np.uint32), d, d * np.float32(-128)
+        np.bitwise_xor(blocks[:, 2:34], np.uint8(0x80), out=words)  # int8 q -> unsigned q + 128
+        biases[:] = d * np.float32(-128)
+        return
     if qtype == "Q4_0":
-        qs, bias = blocks[:, 2:18], d * np.float32(-8)
+        qs = blocks[:, 2:18]
+        biases[:] = d * np.float32(-8)
     else:  # Q4_1
-        qs, bias = blocks[:, 4:20], blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
-    e = np.concatenate([qs & 0x0F, qs >> 4], axis=1)  # [n, 32] elements 0..31
-    packed = e[:, 0::2] | (e[:, 1::2] << 4)  # [n, 16] bytes, MLX nibble order
-    return np.ascontiguousarray(packed).view(np.uint32), d, bias
+        qs = blocks[:, 4:20]
+        biases[:] = halves[:, 1]
+    r = _LUT4[qs.view(np.uint16)]  # [n, 8]: low byte -> MLX byte i, high byte -> MLX byte 8+i
+    out = words.reshape(-1, 2, 8)
+    out[:, 0, :] = r & 0xFF
+    out[:, 1, :] = r >> 8
 
 
 def gguf_to_affine(q: QTensor, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                    scale_dtype: np.dtype | type = np.float32
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A Q4_0/Q4_1/Q8_0 QTensor [..., n] -> MLX affine (words uint32 [..., n*bits/32],
-    scales [..., n/32], biases [..., n/32]) as NumPy arrays, optionally written into ``out``."""
+    scales [..., n/32], biases [..., n/32]) as NumPy arrays, optionally written into ``out``
+    (contiguous arrays of those shapes)."""
     if q.qtype not in AFFINE_BITS:
         raise ValueError(f"{q.qtype} has no exact MLX affine form")
     bits = AFFINE_BITS[q.qtype]
@@ -59,13 +80,15 @@ def gguf_to_affine(q: QTensor, out: tuple[np.ndarray, np.ndarray, np.ndarray] | 
         out = (np.empty(lead + (n * bits // 32,), np.uint32),
                np.empty(lead + (n // GROUP_SIZE,), scale_dtype),
                np.empty(lead + (n // GROUP_SIZE,), scale_dtype))
+    if not all(a.flags.c_contiguous for a in out):
+        raise ValueError("output arrays must be C-contiguous")
     blocks = q.data.reshape(-1, ts)  # [n_blocks, ts], row-major over the whole tensor
-    wq, sc, bi = (a.reshape(blocks.shape[0], -1) for a in out)  # per-block rows
-    for s in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        w, d, b = _repack_blocks(np.asarray(blocks[s : s + _CHUNK_BLOCKS]), q.qtype)
-        wq[s : s + len(d), :] = w
-        sc[s : s + len(d), 0] = d
-        bi[s : s + len(d), 0] = b
+    nb = blocks.shape[0]
+    wq = out[0].reshape(nb, -1).view(np.uint8)  # [n_blocks, 16 or 32] bytes
+    sc, bi = out[1].reshape(nb), out[2].reshape(nb)
+    for s in range(0, nb, _CHUNK_BLOCKS):
+        e = min(s + _CHUNK_BLOCKS, nb)
+        _repack_into(np.ascontiguousarray(blocks[s:e]), q.qtype, wq[s:e], sc[s:e], bi[s:e])
     return out
 
 
