@@ -396,3 +396,65 @@ def test_loader_refuses_through_open_checkpoint(tmp_path: Path) -> None:
     p = patch(small(tmp_path / "x.gguf"), 8, "<Q", 2**60)
     with pytest.raises(FormatError, match="tensor_count"):
         open_checkpoint(p)
+
+
+# ---- model-level lies (through the loader) ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import random_weights, tiny_args, write_gguf
+
+    args = tiny_args(vocab_size=64)
+    return write_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", random_weights(args, 0), args, vocab=False)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("llama.block_count", 2**24, "implies .* tensors \\(16777216 layers"),
+    ("llama.block_count", 3, "implies .* tensors \\(3 layers"),
+    ("llama.expert_count", 4000, "implies .* tensors"),
+])
+def test_metadata_counts_that_lie(tmp_path: Path, tiny_model: Path, key: str, value: int, match: str) -> None:
+    """A block_count or expert_count the tensors cannot back is refused arithmetically, at once."""
+    from mlxtral.formats.detect import open_checkpoint
+
+    p = _copy(tiny_model, tmp_path / "x.gguf")
+    patch(p, field_at(p.read_bytes(), key) + 4, "<I", value)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=match):
+            open_checkpoint(p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * BIG
+
+
+def test_merged_experts_disagree_with_expert_count(tmp_path: Path, tiny_model: Path) -> None:
+    from mlxtral.formats.detect import open_checkpoint
+
+    p = _copy(tiny_model, tmp_path / "x.gguf")
+    patch(p, field_at(p.read_bytes(), "llama.expert_count") + 4, "<I", 2)
+    with pytest.raises(FormatError, match="holds 4 experts, the metadata says 2"):
+        open_checkpoint(p)
+
+
+def test_empty_dimension(tmp_path: Path, tiny_model: Path) -> None:
+    from mlxtral.formats.detect import open_checkpoint
+
+    p = _copy(tiny_model, tmp_path / "x.gguf")
+    pos, n = tensor_info(p, "blk.0.ffn_gate_exps.weight")
+    patch(p, pos + 4, "<3q", 64, 128, 0)
+    with pytest.raises(FormatError, match="empty dimension"):
+        open_checkpoint(p)
+
+
+def test_tiny_model_loads(tiny_model: Path) -> None:
+    from mlxtral.formats.detect import open_checkpoint
+
+    ckpt = open_checkpoint(tiny_model)
+    assert ckpt.args.n_layers == 2 and ckpt.args.n_experts == 4
+    assert ckpt.tensors["blk.1.ffn_down.3.weight"].shape == (64, 128)

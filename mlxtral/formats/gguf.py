@@ -50,25 +50,29 @@ def open_reader(path: Path) -> Any:
 
 
 def tensor_to_qtensor(t: GGUFTensor, path: Path) -> QTensor:
-    """A parsed GGUF tensor as a QTensor: zero-copy for native types, dequantized once otherwise."""
+    """A parsed GGUF tensor as a QTensor of its own type, zero-copy (integer and F64 tensors become
+    F32). Types without a kernel are dequantized later by :func:`dequantize_foreign`."""
     qtype, shape, data = t.qtype, t.shape, t.data
+    if 0 in shape:
+        raise FormatError(f"tensor {t.name} has an empty dimension {list(shape)}", path)
     if qtype in ("F64", "I8", "I16", "I32", "I64"):
         return QTensor("F32", shape, data.astype(np.float32))
     if qtype not in FLOAT_TYPES and qtype not in BLOCK_TYPES:
         raise FormatError(f"tensor {t.name}: unsupported type {qtype}", path)
-    if qtype in NATIVE_TYPES:
-        return QTensor(qtype, shape, data)
-    # No kernel for this type: dequantize once (F16 for matrices, F32 for vectors).
-    import gguf
+    return QTensor(qtype, shape, data)
 
+
+def dequantize_foreign(q: QTensor, name: str, path: Path) -> QTensor:
+    """No kernel for this type: dequantize once (F16 for matrices, F32 for vectors)."""
+    if q.qtype in NATIVE_TYPES:
+        return q
     try:
-        full = gguf.quants.dequantize(np.ascontiguousarray(data), gguf.GGMLQuantizationType[qtype])
-    except NotImplementedError:
-        raise FormatError(f"tensor {t.name}: cannot dequantize type {qtype}", path) from None
-    full = full.reshape(shape)
-    if len(shape) == 1:
-        return QTensor("F32", shape, full.astype(np.float32))
-    return QTensor("F16", shape, full.astype(np.float16))
+        full = q.dequantize()  # float32, through gguf.quants
+    except (NotImplementedError, ValueError) as e:
+        raise FormatError(f"tensor {name}: cannot dequantize type {q.qtype} ({e})", path) from None
+    if len(q.shape) == 1:
+        return QTensor("F32", q.shape, full)
+    return QTensor("F16", q.shape, full.astype(np.float16))
 
 
 def _as_f32(q: QTensor) -> QTensor:
@@ -77,8 +81,10 @@ def _as_f32(q: QTensor) -> QTensor:
     return QTensor("F32", q.shape, q.dequantize())
 
 
-def sanitize(raw: dict[str, QTensor], path: Path) -> dict[str, QTensor]:
-    """GGUF names -> internal names (split merged experts, rename dense FFNs to expert 0)."""
+def sanitize(raw: dict[str, QTensor], path: Path, n_experts: int | None = None) -> dict[str, QTensor]:
+    """GGUF names -> internal names (split merged experts, rename dense FFNs to expert 0).
+
+    ``n_experts``: the count the metadata gives; merged expert tensors must agree with it."""
     out: dict[str, QTensor] = {}
 
     def put(name: str, q: QTensor, src: str) -> None:
@@ -90,6 +96,9 @@ def sanitize(raw: dict[str, QTensor], path: Path) -> dict[str, QTensor]:
         if m := _EXPS.match(name):
             if q.ndim != 3:
                 raise FormatError(f"tensor {name}: expected 3 dims [E, out, in], got {q.shape}", path)
+            if n_experts is not None and q.shape[0] != n_experts:
+                raise FormatError(f"tensor {name} holds {q.shape[0]} experts, the metadata says "
+                                  f"{n_experts}", path)
             for e in range(q.shape[0]):
                 put(f"blk.{m[1]}.ffn_{m[2]}.{e}.weight", q.expert(e), name)
         elif m := _DENSE.match(name):
@@ -109,12 +118,24 @@ def load_gguf(path: str | Path) -> Checkpoint:
     raw = {t.name: tensor_to_qtensor(t, path) for t in gf.tensors}
     if "output.weight" not in raw:
         args.tie_word_embeddings = True
-    tensors = sanitize(raw, path)
+    _check_count(args, raw, path)
+    tensors = sanitize(raw, path, args.n_experts)
     tok_keys = {k: v for k, v in md.items() if k.startswith("tokenizer.")}
     tokenizer = TokenizerSource("gguf", path, tok_keys) if "tokenizer.ggml.model" in md else None
     ckpt = Checkpoint("gguf", path, args, tensors, tokenizer, metadata=md, keepalive=[gf])
-    _validate(ckpt)
+    _validate(ckpt)  # names and shapes first: nothing is dequantized for a file that lies
+    ckpt.tensors = {n: dequantize_foreign(q, n, path) for n, q in tensors.items()}
     return ckpt
+
+
+def _check_count(args: ModelArgs, raw: dict[str, QTensor], path: Path) -> None:
+    """The metadata's block_count/expert_count must be possible with the tensors in the file
+    (checked arithmetically, before a name list of that size is built)."""
+    want = 2 + (0 if args.tie_word_embeddings else 1) + args.n_layers * (6 + args.is_moe + 3 * args.n_ffn)
+    have = sum(q.shape[0] if _EXPS.match(n) and q.ndim == 3 else 1 for n, q in raw.items())
+    if want > have:
+        raise FormatError(f"the metadata implies {want} tensors ({args.n_layers} layers, "
+                          f"{args.n_ffn} experts) but the file holds {have}", path)
 
 
 def _validate(ckpt: Checkpoint) -> None:
