@@ -285,6 +285,8 @@ def test_template_detection(spm_tok, gguf_llama_tok, tmp_path):
     md["tokenizer.chat_template"] = "{% for m in messages %}<start_of_turn>{% endfor %}"
     with pytest.raises(TokenizerError, match="unsupported chat template"):
         template_name(from_gguf_metadata(md))
+    assert from_gguf_metadata(md).chat_template_name is None
+    assert spm_tok.chat_template_name == "mistral"
     with pytest.raises(TokenizerError, match="unknown chat template"):
         apply_chat_template(spm_tok, FACTS_CONV, template="vicuna")
 

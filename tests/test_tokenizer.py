@@ -417,6 +417,11 @@ def test_load_errors(tmp_path):
     (empty / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
     with pytest.raises(TokenizerError, match="only BPE"):
         load_tokenizer(TokenizerSource("hf", empty))
+    spm_json = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": True},
+                "normalizer": {"type": "Replace"}, "decoder": {"type": "ByteFallback"}}
+    (empty / "tokenizer.json").write_text(json.dumps(spm_json))
+    with pytest.raises(TokenizerError, match="needs its tokenizer.model"):
+        load_tokenizer(TokenizerSource("hf", empty))
     with pytest.raises(TokenizerError, match="kind"):
         load_tokenizer(TokenizerSource("tiktoken", empty))
 

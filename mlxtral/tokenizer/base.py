@@ -113,6 +113,17 @@ class Tokenizer(ABC):
             out.append(b)
         return b"".join(out).decode("utf-8", errors="replace")
 
+    @property
+    def chat_template_name(self) -> str | None:
+        """``"mistral"`` or ``"chatml"`` (see mlxtral.tokenizer.chat), None if neither applies."""
+        from mlxtral.errors import TokenizerError
+        from mlxtral.tokenizer.chat import template_name
+
+        try:
+            return template_name(self)
+        except TokenizerError:
+            return None
+
     def stream_decoder(self, special: bool = False) -> StreamDecoder:
         """An incremental decoder: ``add(id)`` returns only complete new text."""
         return StreamDecoder(self, special)

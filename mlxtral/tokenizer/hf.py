@@ -92,8 +92,12 @@ def _bpe_from_tokenizer_json(path: Path, config: dict[str, Any], template: str |
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerError(f"model type {model.get('type')!r} is not supported (only BPE)", path)
-    if data.get("normalizer") is not None:
-        raise TokenizerError("tokenizer.json with a normalizer is not supported (byte-level BPE only)", path)
+    if data.get("normalizer") is not None or model.get("byte_fallback"):
+        raise TokenizerError(
+            "a SentencePiece-style tokenizer.json (normalizer / byte fallback) needs its tokenizer.model "
+            "beside it; only byte-level BPE tokenizer.json files are read on their own",
+            path,
+        )
     decoder = data.get("decoder") or {}
     if decoder.get("type") != "ByteLevel":
         raise TokenizerError("only byte-level BPE tokenizer.json is supported (no ByteLevel decoder)", path)
