@@ -145,6 +145,16 @@ def test_gguf_llama_long_text_without_word_cache(sp, gguf_llama_tok):
     assert slow.encode(text) == gguf_llama_tok.encode(text) == sp.encode(text)
 
 
+def test_gguf_llama_without_space_prefix(sp):
+    md = spm_gguf_metadata()
+    md["tokenizer.ggml.add_space_prefix"] = False
+    tok = from_gguf_metadata(md)
+    ids = tok.encode("Hello world")
+    assert [tok.id_to_piece(i) for i in ids][-1] == "▁world" and tok.id_to_piece(ids[0]) != "▁Hello"
+    assert tok.decode(ids) == "Hello world"
+    assert tok.decode(sp.encode(" x")) == "  x"  # no dummy prefix to drop
+
+
 def test_spm_properties(spm_tok, gguf_llama_tok):
     for tok in (spm_tok, gguf_llama_tok):
         assert tok.vocab_size == 32000

@@ -54,6 +54,7 @@ class LlamaSpmTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
         self.add_bos = add_bos and bos_id is not None
         self.add_space_prefix = add_space_prefix
+        self.strip_leading_space = add_space_prefix  # decode drops the prefix encode added
         self.chat_template = chat_template
         self._byte_ids = [self._ids.get(f"<0x{b:02X}>") for b in range(256)]
         self._bytes = [self._surface(i) for i in range(n)]
