@@ -11,6 +11,10 @@ Activations for the block types are pre-quantized per 32-block (see ``kernels._q
 ``xq`` int8 [in], ``xd`` float32 [in/32] (scale), ``xs`` float32 [in/32] (= xd * sum(xq), for the
 constant terms of Q4_0 / Q4_1).
 
+numba's on-disk cache is keyed on the source file of the jitted functions (``_kernels_nb.py``),
+not on this one: after editing the IR here, touch ``_kernels_nb.py`` (or delete its ``*.nbi``/
+``*.nbc`` in ``__pycache__``). A package install rewrites both files, which is enough.
+
 Also here: atomics (acquire load, release store, compare-and-swap, fetch-add), ``pause``, f16->f32,
 and address -> typed pointer casts for ``numba.carray``.
 """
@@ -441,3 +445,20 @@ def cpu_pause(typingctx):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def cpu_yield(typingctx):
+    """``sched_yield()`` on POSIX (lets a preempted worker run on an oversubscribed machine)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _POSIX:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, []), "sched_yield")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_POSIX = __import__("os").name == "posix"

@@ -14,6 +14,7 @@ from mlxtral.backends._kernels_ir import (
     atomic_load,
     atomic_store,
     cpu_pause,
+    cpu_yield,
     dot_bf16,
     dot_f16,
     dot_f32,
@@ -40,6 +41,7 @@ CTL_QUIT = 24
 CTL_SLEEP = 32  # one flag per worker, set by a worker that went to sleep
 CTL_SIZE = 32 + 256
 MAX_CHUNKS = (1 << 20) - 1
+YIELD_AFTER = 4000  # pauses (~100 us) of waiting before sched_yield() in the spin loops
 PAUSES_PER_US = 20.0  # refined by calibrate_pause()
 
 _CACHE = True
@@ -245,8 +247,13 @@ def execute(ctl, table, nchunks):
     atomic_store(ctl, CTL_DONE, 0)
     atomic_store(ctl, CTL_W, (seq << 40) | (nchunks << 20))
     _claim(ctl, table, seq)
+    spins = 0
     while atomic_load(ctl, CTL_DONE) < nchunks:
-        cpu_pause()
+        spins += 1
+        if spins < YIELD_AFTER:
+            cpu_pause()
+        else:  # a worker holding a chunk was preempted: give the CPU back
+            cpu_yield()
     return 0
 
 
@@ -267,8 +274,11 @@ def worker_loop(ctl, wid, spin_iters):
             continue
         if atomic_load(ctl, CTL_QUIT) != 0:
             return 1
-        cpu_pause()
         idle += 1
+        if idle < YIELD_AFTER:
+            cpu_pause()
+        else:  # idle for a while: stay ready, but let other processes run
+            cpu_yield()
         if idle > spin_iters:
             atomic_store(ctl, CTL_SLEEP + wid, 1)
             return 0
