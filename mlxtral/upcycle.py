@@ -27,27 +27,7 @@ from mlxtral.errors import FormatError, UsageError
 _DENSE_FFN = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
 _ARCHS = ("llama", "mistral")
 # Keys the writer sets itself or that upcycling changes.
-_SKIP_KEYS = ("general.architecture",)
-
-
-def _field_value(field: Any) -> tuple[Any, Any, Any]:
-    """(value, type, sub_type) of a ``gguf.ReaderField``, strings kept as raw bytes."""
-    import gguf
-
-    types = list(field.types)
-    if not types:
-        raise ValueError("field without a type")
-    main = types[0]
-    if main == gguf.GGUFValueType.ARRAY:
-        sub = types[-1]
-        if len(types) > 2:
-            raise ValueError("nested arrays are not supported")
-        if sub == gguf.GGUFValueType.STRING:
-            return [bytes(field.parts[i]) for i in field.data], main, sub
-        return [field.parts[i].tolist()[0] for i in field.data], main, sub
-    if main == gguf.GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]), main, None
-    return field.parts[field.data[0]].tolist()[0], main, None
+_SKIP_KEYS = ("general.architecture", "general.name", "general.alignment")
 
 
 def upcycle(
@@ -64,7 +44,7 @@ def upcycle(
     """
     import gguf
 
-    from mlxtral.formats.gguf import open_reader
+    from mlxtral.formats.gguf_parse import ARRAY, parse_gguf
 
     src, out = Path(src_gguf), Path(out_gguf)
     if experts < 1 or experts > 256:
@@ -79,20 +59,19 @@ def upcycle(
         raise UsageError(f"{out}: is a folder, expected an output file name")
     if out.resolve() == src.resolve():
         raise UsageError(f"{out}: the output would overwrite the input")
-    reader = open_reader(src)
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
+    f = parse_gguf(src)  # validated, memory-mapped; tensors are zero-copy views
+    md = f.metadata
+    arch = md.get("general.architecture")
     if arch not in _ARCHS:
         raise FormatError(f"architecture {arch!r} cannot be upcycled "
                           f"(expected one of {', '.join(_ARCHS)})", src)
-    if f"{arch}.expert_count" in reader.fields and int(reader.fields[f"{arch}.expert_count"].contents() or 0):
+    if int(md.get(f"{arch}.expert_count") or 0):
         raise FormatError("already a mixture-of-experts model (has expert_count)", src)
-    emb = reader.fields.get(f"{arch}.embedding_length")
-    if emb is None:
+    if f"{arch}.embedding_length" not in md:
         raise FormatError(f"missing {arch}.embedding_length", src)
-    dim = int(emb.contents())
+    dim = int(md[f"{arch}.embedding_length"])
 
-    tensors = list(reader.tensors)
+    tensors = f.tensors
     by_layer: dict[int, dict[str, Any]] = {}
     for t in tensors:
         if m := _DENSE_FFN.match(t.name):
@@ -111,19 +90,23 @@ def upcycle(
     tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, arch)
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in _SKIP_KEYS:
+        for key, val in md.items():
+            if key in _SKIP_KEYS:
                 continue
-            try:
-                val, vtype, sub = _field_value(field)
-            except (ValueError, IndexError) as e:
-                raise FormatError(f"metadata key {key!r} cannot be copied ({e})", src) from None
-            w.add_key_value(key, val, vtype, sub)
+            vtype = gguf.GGUFValueType(f.value_types[key])
+            if vtype == ARRAY:
+                if not val:  # the writer refuses empty arrays; llama.cpp treats them as absent
+                    continue
+                sub = gguf.GGUFValueType(f.array_types[key])
+                if sub == ARRAY:
+                    raise FormatError(f"metadata key {key!r}: nested arrays cannot be copied", src)
+                w.add_key_value(key, val, vtype, sub)
+            else:
+                w.add_key_value(key, val, vtype)
         w.add_key_value(f"{arch}.expert_count", experts, gguf.GGUFValueType.UINT32)
         w.add_key_value(f"{arch}.expert_used_count", top_k, gguf.GGUFValueType.UINT32)
-        name = w.kv_data[0].pop("general.name", None)
-        base = name.value.decode("utf-8", "replace") if name and isinstance(name.value, bytes) else "model"
-        w.add_key_value("general.name", f"{base} (upcycled {experts}x, top-{top_k})".encode(),
+        base = md.get("general.name") if isinstance(md.get("general.name"), str) else src.stem
+        w.add_key_value("general.name", f"{base} (upcycled {experts}x, top-{top_k})",
                         gguf.GGUFValueType.STRING)
 
         rng = np.random.default_rng(seed)
@@ -139,8 +122,8 @@ def upcycle(
             m = _DENSE_FFN.match(t.name)
             if m is None:
                 data = t.data
-                raw = t.tensor_type if data.dtype == np.uint8 else None
-                add(t.name, lambda d=data: d, data.shape, data.dtype, data.nbytes, raw)
+                add(t.name, lambda d=data: d, data.shape, data.dtype, data.nbytes,
+                    gguf.GGMLQuantizationType[t.qtype])
                 continue
             layer = int(m[1])
             if layer in done_layers:
@@ -153,7 +136,7 @@ def upcycle(
             for part in ("gate", "up", "down"):
                 src_t = by_layer[layer][part]
                 data = src_t.data  # [out, in] (or [out, bytes per row] for block types)
-                raw = src_t.tensor_type if data.dtype == np.uint8 else None
+                raw = gguf.GGMLQuantizationType[src_t.qtype]
                 shape = (experts,) + tuple(data.shape)
 
                 def make(d: np.ndarray = data) -> np.ndarray:

