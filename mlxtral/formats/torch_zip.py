@@ -48,7 +48,7 @@ _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 _LOCAL_MAGIC = 0x04034B50
 # What zipfile raises on a damaged archive (found by fuzzing: bad UTF-8 names, unknown flags...)
 _ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, KeyError, UnicodeDecodeError,
-               NotImplementedError, struct.error, OverflowError)
+               NotImplementedError, struct.error, OverflowError, RuntimeError, zipfile.LargeZipFile)
 
 TorchTensor = SafeTensor  # same shape of record: dtype code, shape, zero-copy view
 
@@ -251,8 +251,10 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
                     byteorder = zf.read(info).decode("ascii", "replace").strip()
                 if not info.filename.startswith(prefix + "data/"):
                     continue
-                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-                    raise FormatError(f"zip member {info.filename!r} is compressed: torch never writes that",
+                if (info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size
+                        or info.flag_bits & 1):
+                    raise FormatError(f"zip member {info.filename!r} is compressed or encrypted "
+                                      "(torch never writes that)",
                                       path)
                 storages[info.filename[len(prefix) + 5:]] = (_member_data_offset(f, info, size, path),
                                                               info.file_size)
