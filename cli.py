@@ -448,14 +448,15 @@ _CONVERT_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
 def convert(
     src: Path = typer.Argument(..., help="GGUF file or model folder (HF, Mistral original, MLX)."),  # noqa: B008
     out: Path = typer.Argument(..., help="Output GGUF file or MLX folder."),  # noqa: B008
-    q4: bool = typer.Option(False, "--q4", help="4-bit (GGUF Q4_0 / MLX 4-bit)."),
+    q4: bool = typer.Option(False, "--q4", help="4-bit (GGUF Q4_0 / MLX 4-bit); the default."),
     q4_1: bool = typer.Option(False, "--q4_1", "--q4-1", help="4-bit with offsets (GGUF Q4_1)."),
     q8: bool = typer.Option(False, "--q8", help="8-bit (GGUF Q8_0 / MLX 8-bit)."),
     f16: bool = typer.Option(False, "--f16", help="float16."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16."),
     f32: bool = typer.Option(False, "--f32", help="float32."),
     fmt: str = typer.Option(None, "--format", help="gguf or mlx (default: from OUT's name)."),  # noqa: B008
-    group_size: int = typer.Option(None, "--group-size", help="MLX quantization group size (32, 64, 128)."),  # noqa: B008
+    group_size: int = typer.Option(None, "--group-size",  # noqa: B008
+                                   help="MLX quantization group size (32, 64, 128; default 64)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     verify: bool = typer.Option(False, "--verify", help="Reload OUT and compare it with SRC."),
 ) -> None:
@@ -465,22 +466,10 @@ def convert(
         fail(f"choose one output type, got {', '.join('--' + c for c in chosen)}", 2)
     if fmt is not None and fmt.lower() not in ("gguf", "mlx"):
         fail(f"--format {fmt}: expected gguf or mlx", 2)
-    try:
-        from mlxtral.convert import convert as do_convert
-    except ImportError:
-        fail("conversion is not available in this build (mlxtral.convert.convert is missing)")
-    kwargs: dict[str, Any] = {"qtype": chosen[0] if chosen else None, "format": fmt.lower() if fmt else None,
-                              "group_size": group_size, "force": force, "verify": verify}
-    import inspect
+    from mlxtral.convert import convert as do_convert
 
-    params = inspect.signature(do_convert).parameters
-    accepted = {k: v for k, v in kwargs.items() if k in params or any(
-        p.kind == p.VAR_KEYWORD for p in params.values())}
-    result = do_convert(src, out, **accepted)
-    if result is not None:
-        err_console.print(str(result), highlight=False)
-    else:
-        err_console.print(f"wrote {out}", highlight=False)
+    do_convert(src, out, fmt=fmt.lower() if fmt else None, qtype=chosen[0] if chosen else "q4",
+               group_size=group_size or 64, force=force, verify=verify, progress=True, console=err_console)
 
 
 # ---- entry point ----------------------------------------------------------------------------------

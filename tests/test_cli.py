@@ -292,6 +292,18 @@ def test_upcycle_tiny_dense_computes_the_same(models: dict[str, Path]) -> None:
 # ---- convert --------------------------------------------------------------------------------------
 
 
+def test_convert_q8_verify_then_generate(models: dict[str, Path]) -> None:
+    out = models["dir"] / "tiny_q8.gguf"
+    r = run("convert", models["moe"], out, "--q8", "--verify")
+    assert r.exit_code == 0, r.output
+    assert "verified" in r.stderr
+    d = json.loads(run("info", out, "--json").stdout)
+    assert "Q8_0" in d["tensor_types"]
+    r = run("generate", out, "-p", "Hello", "-n", "2")
+    assert r.exit_code == 0, r.output
+    assert_one_line_error(run("convert", models["moe"], out, "--q8"), 2)  # exists, no --force
+
+
 def test_convert_flag_errors(models: dict[str, Path]) -> None:
     assert_one_line_error(run("convert", models["moe"], models["dir"] / "o.gguf", "--q4", "--q8"), 2)
     assert_one_line_error(run("convert", models["moe"], models["dir"] / "o.gguf", "--format", "onnx"), 2)
