@@ -458,3 +458,18 @@ def test_tiny_model_loads(tiny_model: Path) -> None:
     ckpt = open_checkpoint(tiny_model)
     assert ckpt.args.n_layers == 2 and ckpt.args.n_experts == 4
     assert ckpt.tensors["blk.1.ffn_down.3.weight"].shape == (64, 128)
+
+
+def test_string_arrays_across_chunks(tmp_path: Path, monkeypatch) -> None:
+    """String arrays are read in chunks: strings straddling and longer than a chunk come out whole."""
+    import mlxtral.formats.gguf_parse as gp
+
+    strs = ["", "a", "x" * 40, "日本語" * 7, "Ġhello", "z" * 17] * 5
+    p = write(tmp_path / "c.gguf", {"y.strs": strs})
+    for chunk in (1, 7, 16, 33, 1 << 20):
+        monkeypatch.setattr(gp, "_CHUNK", chunk)
+        assert parse_gguf(p).metadata["y.strs"] == strs
+    data = p.read_bytes()
+    p.write_bytes(data[:field_at(data, "y.strs") + 16 + 8 * 20 + 300])  # cut inside the array
+    monkeypatch.setattr(gp, "_CHUNK", 16)
+    refused(p, "truncated: metadata 'y.strs' element")

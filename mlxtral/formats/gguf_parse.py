@@ -185,7 +185,7 @@ class _Cursor:
                 if rel + 8 > clen:
                     if end - pos < 8:
                         raise self.fail(f"truncated: {what} element {i} of {n}")
-                    base, rel, chunk = pos, 0, bytes(buf[pos:min(end, pos + _CHUNK)])
+                    base, rel, chunk = pos, 0, bytes(buf[pos:min(end, pos + max(_CHUNK, 8))])
                     clen = len(chunk)
                 ln = unpack(chunk, rel)[0]
                 if ln > end - pos - 8:
