@@ -6,6 +6,7 @@ activation) kernels, so logits agree to float32 rounding.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import gguf
@@ -269,3 +270,73 @@ def test_smollm2_greedy_same_as_numpy():
     nb = NumpyBackend(ckpt.args, ckpt.tensors)
     mb = MLXBackend(ckpt.args, ckpt.tensors)
     assert greedy(mb, prompt, 16, 64) == greedy(nb, prompt, 16, 64)
+
+
+# ---- every checkpoint format through mlxtral.load --------------------------------------------
+def _write(fmt: str, folder: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models as tm
+
+    args = tm.tiny_args(n_experts=4)
+    w = tm.random_weights(args, seed=11)
+    if fmt == "gguf_f32":
+        return tm.write_gguf(folder / "m.gguf", w, args, vocab=False)
+    if fmt == "gguf_legacy_f16":
+        return tm.write_gguf(folder / "m.gguf", w, args, legacy_experts=True, dtype="f16", vocab=False)
+    if fmt in ("gguf_q4_0", "gguf_q8_0"):
+        return write_quantized_gguf(folder / "m.gguf", w, args, fmt[5:].upper())
+    if fmt == "hf_bf16":
+        return tm.write_hf(folder / "hf", w, args, dtype="bf16", tokenizer=False)
+    if fmt == "original_pth":
+        return tm.write_original(folder / "orig", w, args)
+    if fmt == "mlx_q4":
+        return tm.write_mlx(folder / "mlx", w, args, bits=4, group_size=64)[0]
+    raise ValueError(fmt)
+
+
+def write_quantized_gguf(path: Path, weights: dict[str, np.ndarray], args: ModelArgs, qtype: str) -> Path:
+    """A llama-arch GGUF with merged experts, matrices quantized by gguf.quants (no vocabulary)."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(args.max_position_embeddings)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_expert_count(args.n_experts)
+    w.add_expert_used_count(args.n_experts_per_tok)
+    w.add_vocab_size(args.vocab_size)
+    gt = gguf.GGMLQuantizationType[qtype]
+    merged: dict[str, list[np.ndarray]] = {}
+    for name, x in weights.items():
+        parts = name.split(".")
+        if len(parts) == 5 and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):  # blk.N.ffn_gate.E.weight
+            merged.setdefault(f"blk.{parts[1]}.{parts[2]}_exps.weight", []).append(x)
+        elif x.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
+            w.add_tensor(name, x.astype(np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(x, gt), raw_dtype=gt)
+    for name, xs in merged.items():
+        x = np.stack(xs)
+        w.add_tensor(name, gguf.quants.quantize(x, gt), raw_dtype=gt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["gguf_f32", "gguf_legacy_f16", "gguf_q4_0", "gguf_q8_0", "hf_bf16",
+                                 "original_pth", "mlx_q4"])
+def test_every_format_via_load(fmt, tmp_path):
+    import mlxtral
+
+    path = _write(fmt, tmp_path)
+    nm = mlxtral.load(path, backend="numpy", tokenizer=False, max_context=64)
+    mm = mlxtral.load(path, backend="mlx", tokenizer=False, max_context=64)
+    assert mm.backend.name == "mlx"
+    ids = [1, 330, 1000, 28705, 7, 19, 2500, 31000, 4, 5, 6, 200]
+    np.testing.assert_allclose(mm.logits(ids), nm.logits(ids), atol=1e-3, rtol=0)
+    assert greedy(mm.backend, ids[:4], 8) == greedy(nm.backend, ids[:4], 8)
