@@ -237,6 +237,41 @@ def test_decode_pipelined_matches_step_by_step():
     assert list(mb.decode_pipelined(first, cache, 11)) == ref[1:4]
 
 
+def test_on_device_sampler():
+    from mlxtral.backends.mlx_sampling import make_sampler
+    from mlxtral.sampling import SamplingParams
+
+    rng = np.random.default_rng(12)
+    logits = rng.standard_normal((1, 50)).astype(np.float32) * 2
+    best = int(np.argmax(logits))
+    x = mx.array(logits)
+    assert int(make_sampler(SamplingParams())(x).item()) == best
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"min_p": 0.999}):
+        s = make_sampler(SamplingParams(temperature=1.0, seed=0, **kw))
+        assert {int(s(x).item()) for _ in range(20)} == {best}
+    # top-k 3 at temperature 0.7: frequencies follow the renormalised softmax of the top 3
+    s = make_sampler(SamplingParams(temperature=0.7, top_k=3, seed=1))
+    draws = np.array(mx.concatenate([s(mx.array(np.repeat(logits, 500, 0))) for _ in range(4)]))
+    top = np.argsort(-logits[0])[:3]
+    p = np.exp((logits[0, top] - logits[0, top].max()) / 0.7)
+    p /= p.sum()
+    freq = np.array([(draws == t).mean() for t in top])
+    assert set(np.unique(draws)) <= set(top.tolist())
+    np.testing.assert_allclose(freq, p, atol=0.04)
+    # top-p keeps the smallest prefix reaching p (as the NumPy sampler)
+    probs = np.exp(logits[0] - logits[0].max())
+    probs /= probs.sum()
+    srt = np.argsort(-probs)
+    keep = int(np.searchsorted(np.cumsum(probs[srt]), 0.6) + 1)
+    s = make_sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=2))
+    draws = np.array(s(mx.array(np.repeat(logits, 2000, 0))))
+    assert set(np.unique(draws)) == set(srt[:keep].tolist())
+    # same seed, same tokens
+    a = make_sampler(SamplingParams(temperature=1.0, seed=5))
+    b = make_sampler(SamplingParams(temperature=1.0, seed=5))
+    assert [int(a(x).item()) for _ in range(8)] == [int(b(x).item()) for _ in range(8)]
+
+
 def test_errors_and_dtypes():
     args = tiny_args()
     _, mb = pair(args, "Q4_0")

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlxtral.backends.mlx_sampling import make_sampler
 from mlxtral.backends.mlx_weights import Weight, float_array, to_weight, to_weight_stack
 from mlxtral.config import ModelArgs
 from mlxtral.errors import ContextOverflowError, UsageError
 from mlxtral.qtensor import QTensor
+from mlxtral.sampling import SamplingParams
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SORT_THRESHOLD = 64  # token-expert pairs from which the MoE sorts by expert (mlx-lm's choice)
@@ -299,12 +301,12 @@ class MLXBackend:
         mlx-lm's scheme: the graph of step i+1 is built from step i's lazy, on-device token and
         queued with ``mx.async_eval`` before step i's token is read back, so graph building and
         the host round trip overlap the device's work. ``sample`` maps float32 logits [1, vocab]
-        to token ids [1] on the device (default: greedy argmax, compiled). The cache always
+        to token ids [1] on the device (default: greedy; see ``mlx_sampling.make_sampler``). The cache always
         holds one token more than was yielded (the one in flight); when the generator ends or is
         closed the cache is trimmed so that it holds ``token`` and every yielded id but the last,
         exactly as the step-by-step loop leaves it.
         """
-        sample = sample or greedy_sample
+        sample = sample or make_sampler(SamplingParams())
         start = cache.offset
         yielded = 0
 
@@ -337,7 +339,3 @@ class MLXBackend:
         """Peak memory MLX has allocated, bytes."""
         return int(mx.get_peak_memory())
 
-
-@mx.compile
-def greedy_sample(logits: mx.array) -> mx.array:
-    return mx.argmax(logits, axis=-1)
