@@ -335,6 +335,11 @@ class MLXBackend:
             cache.trim(start + yielded)  # drop the step still in flight: only consumed ones stay
 
     @staticmethod
+    def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
+        """The on-device sampler for :meth:`decode_pipelined` (no repetition penalty)."""
+        return make_sampler(params)
+
+    @staticmethod
     def peak_memory() -> int:
         """Peak memory MLX has allocated, bytes."""
         return int(mx.get_peak_memory())
