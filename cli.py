@@ -59,7 +59,11 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MlxtralError as e:
             fail(" ".join(str(e).split()), e.exit_code)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemError) as e:
+            from mlxtral.chat import is_interrupt
+
+            if not is_interrupt(e):
+                raise
             sys.stderr.write("\ninterrupted\n")
             raise typer.Exit(130) from None
         except BrokenPipeError:
@@ -234,16 +238,21 @@ def generate(
         ids = m.apply_chat_template(msgs)
     else:
         ids = m.prompt_ids(prompt, chat=False)
+    from mlxtral.chat import deferred_sigint, stream_interruptibly
+
     parts: list[str] = []
     stats = None
-    for r in m.stream(ids, max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                      repetition_penalty=repeat_penalty, seed=seed, stop=stop or ()):
-        parts.append(r.text)
-        if not as_json and r.text:
-            sys.stdout.write(r.text)
-            sys.stdout.flush()
-        if r.stats is not None:
-            stats = r.stats
+    with deferred_sigint() as flag:
+        gen = m.stream(ids, max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                       repetition_penalty=repeat_penalty, seed=seed, stop=stop or ())
+        for r in stream_interruptibly(gen, flag):
+            parts.append(r.text)
+            if not as_json and r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+            if r.stats is not None:
+                stats = r.stats
+    interrupted = stats is not None and stats.finish_reason == "interrupted"
     if as_json:
         out: dict[str, Any] = {"model": str(m.path), "backend": m.backend_name, "prompt": prompt,
                                "chat": chat_, "text": "".join(parts),
@@ -252,13 +261,16 @@ def generate(
         if expert_stats:
             out["expert_stats"] = print_expert_stats(m, as_json=True)
         sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
-        return
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if stats is not None:
-        err_console.print(f"[dim]{stats.summary()} | finish: {stats.finish_reason}[/dim]", highlight=False)
-    if expert_stats:
-        print_expert_stats(m)
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        if stats is not None:
+            err_console.print(f"[dim]{stats.summary()} | finish: {stats.finish_reason}[/dim]",
+                              highlight=False)
+        if expert_stats:
+            print_expert_stats(m)
+    if interrupted:
+        raise typer.Exit(130)
 
 
 # ---- info -----------------------------------------------------------------------------------------

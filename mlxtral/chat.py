@@ -8,8 +8,11 @@ current answer and keeps the chat; Ctrl-D (end of input) leaves.
 """
 from __future__ import annotations
 
+import signal
 import sys
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -20,6 +23,60 @@ HELP = """commands:
   /system TEXT  set the system prompt and start a new conversation (/system alone clears it)
   /stats        statistics of the last answer and of the conversation
   /exit         leave (Ctrl-D too); Ctrl-C stops the current answer"""
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """A KeyboardInterrupt, or the SystemError numba turns one into when it lands in a kernel."""
+    seen = 0
+    while e is not None and seen < 5:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
+@contextmanager
+def deferred_sigint() -> Iterator[dict[str, bool]]:
+    """While inside, the first Ctrl-C only sets ``flag["stop"]`` (a second one raises as usual).
+
+    A KeyboardInterrupt raised while a numba kernel returns surfaces as a SystemError, so
+    generation is stopped at a token boundary instead (see :func:`stream_interruptibly`).
+    """
+    flag = {"stop": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        try:
+            old = signal.signal(signal.SIGINT, on_sigint)
+        except (ValueError, OSError):
+            old = None
+    try:
+        yield flag
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+def stream_interruptibly(gen: Generator[Any, None, None], flag: dict[str, bool]) -> Iterator[Any]:
+    """Yield ``gen``'s responses; once ``flag["stop"]`` is set, end it cleanly so that its last
+    response (with the stats, ``finish_reason == "interrupted"``) still comes."""
+    for r in gen:
+        yield r
+        if r.stats is not None:
+            return
+        if flag["stop"]:
+            try:
+                last = gen.throw(KeyboardInterrupt)
+            except StopIteration:
+                return
+            yield last
+            return
 
 
 @dataclass
@@ -105,19 +162,22 @@ class ChatLoop:
         stats = None
         finish = "interrupted"
         try:
-            for r in self.model.stream(ids, session=self.session, **opts):
-                if r.text:
-                    parts.append(r.text)
-                    self.out.write(r.text)
-                    self.out.flush()
-                if r.token is not None:
-                    gen.append(r.token)
-                if r.stats is not None:
-                    stats = r.stats
-                    finish = r.finish_reason or r.stats.finish_reason
-        except KeyboardInterrupt:
-            # Stopped during the prefill (the decode loop handles Ctrl-C itself): the cache may
-            # hold a half-written chunk, so start it again next turn.
+            with deferred_sigint() as flag:
+                for r in stream_interruptibly(self.model.stream(ids, session=self.session, **opts), flag):
+                    if r.text:
+                        parts.append(r.text)
+                        self.out.write(r.text)
+                        self.out.flush()
+                    if r.token is not None:
+                        gen.append(r.token)
+                    if r.stats is not None:
+                        stats = r.stats
+                        finish = r.finish_reason or r.stats.finish_reason
+        except (KeyboardInterrupt, SystemError) as e:
+            if not is_interrupt(e):
+                raise
+            # A second Ctrl-C (e.g. during a long prefill): the cache may hold a half-written
+            # chunk, so start it again next turn.
             self.session.reset()
             self.out.write("\n")
             self.err.write("[stopped]\n")
