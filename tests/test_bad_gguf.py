@@ -473,3 +473,17 @@ def test_string_arrays_across_chunks(tmp_path: Path, monkeypatch) -> None:
     p.write_bytes(data[:field_at(data, "y.strs") + 16 + 8 * 20 + 300])  # cut inside the array
     monkeypatch.setattr(gp, "_CHUNK", 16)
     refused(p, "truncated: metadata 'y.strs' element")
+
+
+def test_string_limits(tmp_path: Path, monkeypatch) -> None:
+    """Strings are bounded by the file size and by sane limits (no file-sized allocations)."""
+    import mlxtral.formats.gguf_parse as gp
+
+    p = write(tmp_path / "s.gguf", {"general.name": "x" * 100, "y.strs": ["a" * 50, "b" * 50, "c" * 50]})
+    monkeypatch.setattr(gp, "MAX_STRING_BYTES", 64)
+    refused(p, "'general.name' is 100 bytes long, more than the 64")
+    monkeypatch.setattr(gp, "MAX_STRING_BYTES", 1 << 20)
+    monkeypatch.setattr(gp, "MAX_STRING_ARRAY_BYTES", 100)
+    refused(p, "'y.strs' holds more than 100 bytes of strings")
+    long_name = write(tmp_path / "n.gguf", tensors={"t" * 2000: np.ones(4, np.float32)})
+    refused(long_name, "tensor 0 name is 2000 bytes long")

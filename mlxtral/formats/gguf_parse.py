@@ -36,6 +36,10 @@ INT64_MAX = (1 << 63) - 1
 # No real vocabulary or merge list is near this; it bounds the Python objects a lying file can make.
 MAX_ARRAY_LEN = 1 << 24
 MAX_ARRAY_DEPTH = 3
+MAX_STRING_BYTES = 64 << 20  # one metadata string (chat templates are tens of kB)
+MAX_STRING_ARRAY_BYTES = 256 << 20  # all the strings of one array (a 256k vocabulary is ~4 MB)
+MAX_KEY_BYTES = 64 << 10
+MAX_NAME_BYTES = 1024  # llama.cpp's own limit on tensor names is 63 bytes
 _CHUNK = 1 << 20
 
 # ggml type id -> (name, block size in elements, bytes per block)
@@ -154,9 +158,12 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar("<Q", 8, what)
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int | None = None) -> str:
+        limit = MAX_STRING_BYTES if limit is None else limit
         n = self.u64(f"{what} length")
         self.need(n, what)
+        if n > limit:
+            raise self.fail(f"{what} is {n} bytes long, more than the {limit} mlxtral accepts")
         start, self.pos = self.pos, self.pos + n
         try:
             return str(self.buf[start:self.pos], "utf-8")
@@ -173,6 +180,7 @@ class _Cursor:
     def string_array(self, n: int, what: str) -> list[str]:
         """``n`` strings in one tight loop over 1 MiB ``bytes`` chunks (lengths checked as read)."""
         buf, pos, end = self.buf, self.pos, self.end
+        start = pos
         unpack = struct.Struct("<Q").unpack_from
         out: list[str] = [""] * n
         base = pos  # file offset of chunk[0]
@@ -191,6 +199,9 @@ class _Cursor:
                 if ln > end - pos - 8:
                     raise self.fail(f"truncated: {what} element {i} of {n} is {ln} bytes, "
                                     f"only {end - pos - 8} left in the file")
+                if pos + 8 + ln - start > MAX_STRING_ARRAY_BYTES:
+                    raise self.fail(f"{what} holds more than {MAX_STRING_ARRAY_BYTES} bytes of strings, "
+                                    f"more than mlxtral accepts")
                 stop = rel + 8 + ln
                 if stop > clen:
                     base, rel = pos, 0
@@ -299,7 +310,7 @@ def _metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, int], 
     vtypes: dict[str, int] = {}
     etypes: dict[str, int] = {}
     for i in range(n_kv):
-        key = cur.string(f"metadata key {i}")
+        key = cur.string(f"metadata key {i}", MAX_KEY_BYTES)
         if key in md:
             raise cur.fail(f"duplicate metadata key {key!r}")
         vtype = cur.u32(f"value type of {key!r}")
@@ -314,7 +325,7 @@ def _tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ..
     infos = []
     seen: set[str] = set()
     for i in range(n_tensors):
-        name = cur.string(f"tensor {i} name")
+        name = cur.string(f"tensor {i} name", MAX_NAME_BYTES)
         if name in seen:
             raise cur.fail(f"duplicate tensor name {name!r}")
         seen.add(name)
