@@ -7,17 +7,18 @@ whole model or a whole stacked expert tensor.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mlxtral.quant.ggml import quantized_shape
 
 from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError, TokenizerError
 from mlxtral.formats import Checkpoint, TokenizerSource
+from mlxtral.quant.ggml import quantized_shape
 
 from .policy import gguf_file_type, gguf_tensor_type
 from .tensors import OutTensor, TensorReport, check_tensors, encode_gguf, layer_order, release_pages
@@ -77,32 +78,20 @@ def sentencepiece_vocab(path: Path, vocab_size: int
                         ) -> tuple[list[bytes], list[float], list[int], dict[str, int]]:
     """tokens, scores, token types and special ids from a SentencePiece ``tokenizer.model``,
     padded with ``[PADi]`` up to ``vocab_size`` (as llama.cpp's converter does)."""
-    import sentencepiece as spm
+    from .spm_proto import parse_model
 
     try:
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-    except Exception as e:
-        raise TokenizerError(f"not a SentencePiece model ({e})", path) from None
-    n = sp.vocab_size()
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TokenizerError(f"cannot read ({e.strerror})", path) from None
+    m = parse_model(data, path)
+    n = len(m.pieces)
     if n > vocab_size:
         raise TokenizerError(f"tokenizer has {n} pieces but the model's vocabulary is {vocab_size}", path)
-    tokens = [f"[PAD{i}]".encode() for i in range(vocab_size)]
-    scores = [-10000.0] * vocab_size
-    types = [TT_UNUSED] * vocab_size
-    for i in range(n):
-        tokens[i] = sp.id_to_piece(i).encode("utf-8")
-        scores[i] = float(sp.get_score(i))
-        if sp.is_unknown(i):
-            types[i] = TT_UNKNOWN
-        elif sp.is_control(i):
-            types[i] = TT_CONTROL
-        elif sp.is_unused(i):
-            types[i] = TT_UNUSED
-        elif sp.is_byte(i):
-            types[i] = TT_BYTE
-        else:
-            types[i] = TT_NORMAL
-    ids = {"bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id()}
+    tokens = m.pieces + [f"[PAD{i}]".encode() for i in range(n, vocab_size)]
+    scores = m.scores + [-10000.0] * (vocab_size - n)
+    types = m.types + [TT_UNUSED] * (vocab_size - n)
+    ids = {"bos": m.bos_id, "eos": m.eos_id, "unk": m.unk_id, "pad": m.pad_id}
     return tokens, scores, types, ids
 
 
@@ -194,6 +183,63 @@ def copy_gguf_tokenizer(w: Any, md: dict[str, Any]) -> None:
 
 # ---- writing ------------------------------------------------------------------------------
 
+def _fast_array(val: Any, sub: Any) -> bytes | None:
+    """GGUF array payload (element type, count, items) packed in one go, or None: not handled."""
+    import struct
+
+    import gguf
+
+    V = gguf.GGUFValueType
+    if sub is None or not isinstance(val, (list, tuple)) or not val:
+        return None
+    head = struct.pack("<IQ", int(sub), len(val))
+    if sub == V.STRING:
+        if not all(isinstance(x, (str, bytes)) for x in val):
+            return None
+        enc = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in val]
+        out = bytearray(head)
+        for b in enc:
+            out += struct.pack("<Q", len(b))
+            out += b
+        return bytes(out)
+    np_type = {V.FLOAT32: "<f4", V.INT32: "<i4", V.UINT32: "<u4"}.get(sub)
+    if np_type is not None:
+        return head + np.asarray(val, dtype=np_type).tobytes()
+    return None
+
+
+def _infer_type(val: Any) -> Any:
+    """The element type gguf.GGUFWriter infers for a list (all str/bytes, all float, all int)."""
+    import gguf
+
+    V = gguf.GGUFValueType
+    if not isinstance(val, (list, tuple)) or not val:
+        return None
+    for kind, vt in (((str, bytes, bytearray), V.STRING), (float, V.FLOAT32)):
+        if all(isinstance(x, kind) for x in val):
+            return vt
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in val):
+        return V.INT32
+    return None
+
+
+@functools.cache
+def writer_class() -> type:
+    """gguf.GGUFWriter that packs big metadata arrays (a 32000-token vocabulary) in one go
+    instead of one ``struct.pack`` call and type check per item (seconds per file); same bytes."""
+    import gguf
+
+    class FastArrayWriter(gguf.GGUFWriter):
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE:
+                fast = _fast_array(val, sub_type if sub_type is not None else _infer_type(val))
+                if fast is not None:
+                    return (self._pack("I", vtype) if add_vtype else b"") + fast
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return FastArrayWriter
+
+
 def model_name(ckpt: Checkpoint) -> str:
     n = ckpt.metadata.get("general.name") if isinstance(ckpt.metadata, dict) else None
     return n if isinstance(n, str) and n else Path(ckpt.path).name.removesuffix(".gguf")
@@ -207,7 +253,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = No
 
     check_tensors(ckpt.args, ckpt.tensors, str(ckpt.path))
     plan = plan_gguf(ckpt, qtype)
-    w = gguf.GGUFWriter(path=None, arch="llama")
+    w = writer_class()(path=None, arch="llama")
     add_model_metadata(w, ckpt.args, qtype, name or model_name(ckpt))
     add_tokenizer(w, ckpt.tokenizer, ckpt.args)
     for t in plan:

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
-from mlxtral.quant.ggml import dequantize
 
 from mlxtral.config import ModelArgs
 from mlxtral.errors import TokenizerError
 from mlxtral.formats import Checkpoint
+from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
+from mlxtral.quant.ggml import dequantize
 
 from .policy import Precision, mlx_quantizes
 from .safetensors_writer import SafetensorsWriter

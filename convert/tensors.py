@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
 
 from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError
 from mlxtral.qtensor import QTensor
+from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
 
 
 @dataclass

@@ -14,6 +14,7 @@ float32). Results are identical to ``mx.quantize`` (tests check it).
 from __future__ import annotations
 
 import numpy as np
+
 from mlxtral.quant.ggml import CHUNK_ELEMS, bf16_bits_to_f32, f32_to_bf16_bits
 
 GROUP_SIZES = (32, 64, 128)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
+
 from mlxtral.quant import ggml
 
 

@@ -10,16 +10,16 @@ import gguf
 import mistral_common
 import numpy as np
 import pytest
+
+from mlxtral.config import ModelArgs
 from mlxtral.convert.atomic import atomic_output
 from mlxtral.convert.gguf_writer import write_gguf
 from mlxtral.convert.mlx_writer import hf_permute, write_mlx
 from mlxtral.convert.policy import gguf_tensor_type, parse_precision
-from mlxtral.quant import affine_quantize, quantize
-
-from mlxtral.config import ModelArgs
 from mlxtral.errors import MlxtralError, UsageError
 from mlxtral.formats import Checkpoint, TokenizerSource, expected_shapes
 from mlxtral.qtensor import QTensor, f32_to_bf16
+from mlxtral.quant import affine_quantize, quantize
 
 REAL_TOKENIZER = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 VOCAB = 400
@@ -355,8 +355,9 @@ def test_convert_hf_folder_with_verify(tmp_path: Path, hf_folder: Path, fmt: str
 
 
 def test_convert_gguf_requantize_and_summary(tmp_path: Path, hf_folder: Path) -> None:
-    from mlxtral.convert import convert
     from rich.console import Console
+
+    from mlxtral.convert import convert
 
     f32 = tmp_path / "f32.gguf"
     convert(hf_folder, f32, qtype="f32", progress=False)
