@@ -100,3 +100,51 @@ def test_upcycled_demo_equals_dense_greedy(upcycled: Path) -> None:
     assert "SmolLM" in dense.tokenizer.decode(a) or len(dense.tokenizer.decode(a).split()) >= 4
     counts = moe.expert_counts()
     assert counts.shape == (30, 8) and (counts > 0).sum() > 30  # the router really spread the tokens
+
+
+_LLAMACPP_GREEDY = r'''
+import ctypes, json, sys
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+model, ids, n = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], int(sys.argv[3])
+llm = Llama(model_path=model, n_ctx=256, n_threads=2, verbose=False)
+nv = llm.n_vocab()
+out = []
+llm.eval(ids)
+for _ in range(n):
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    tok = int(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(nv,)).argmax())
+    out.append(tok)
+    llm.eval([tok])
+print(json.dumps({"tokens": out, "n_expert": llm.metadata.get("llama.expert_count")}))
+'''
+
+
+@needs_smollm2
+@pytest.mark.llamacpp
+def test_upcycled_demo_loads_in_llamacpp_and_matches(upcycled: Path) -> None:
+    """llama.cpp loads the upcycled file as an 8-expert model and its greedy tokens equal ours (which
+    equal the dense model's, see the test above)."""
+    import json
+    import subprocess
+
+    import mlxtral
+    from mlxtral.bench import find_llamacpp_python
+
+    py = find_llamacpp_python()
+    if py is None:
+        pytest.skip("no interpreter with llama-cpp-python (MLXTRAL_LLAMACPP_PYTHON, ~/llamacpp/bin/python)")
+    m = mlxtral.load(upcycled, max_context=256)
+    ids = m.apply_chat_template([{"role": "user", "content": "Hi! Who are you?"}])
+    ours = [r.token for r in m.stream(ids, max_tokens=8) if r.token is not None]
+
+    def llama(path: Path) -> dict:
+        r = subprocess.run([py, "-c", _LLAMACPP_GREEDY, str(path), ",".join(map(str, ids)), "8"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    up = llama(upcycled)
+    assert str(up["n_expert"]) == "8"
+    assert up["tokens"] == ours
