@@ -125,6 +125,9 @@ class MLXBackend:
         self.layers = [self._layer(tensors, i) for i in range(args.n_layers)]
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
         self.sort_threshold = SORT_THRESHOLD
+        # Whether the generation loop should use decode_pipelined: it pays off where the device
+        # runs beside the Python thread (Metal); on MLX's CPU backend both share the same cores.
+        self.pipeline_decode = on_metal()
 
     # ---- loading --------------------------------------------------------------------------
     def _vector(self, q: QTensor) -> mx.array:
