@@ -265,8 +265,7 @@ def generate(
         sys.stdout.write("\n")
         sys.stdout.flush()
         if stats is not None:
-            err_console.print(f"[dim]{stats.summary()} | finish: {stats.finish_reason}[/dim]",
-                              highlight=False)
+            sys.stderr.write(f"{stats.summary()} | finish: {stats.finish_reason}\n")
         if expert_stats:
             print_expert_stats(m)
     if interrupted:

@@ -52,17 +52,17 @@ def heatmap(counts: np.ndarray, title: str = "expert load per layer") -> Any:
     bal = balance(c)
     total = int(c.sum())
     t = Table(title=title, caption=f"{total} routed (token, expert) pairs; colour = share vs 1/{E} "
-              "(blue under, red over); balance = routing entropy / log E",
+              "(blue under, red over); bal. = routing entropy / log E",
               show_lines=False, pad_edge=False)
     t.add_column("layer", justify="right", style="bold")
     for e in range(E):
-        t.add_column(f"e{e}", justify="right")
-    t.add_column("balance", justify="right")
+        t.add_column(f"e{e}", justify="right", no_wrap=True)
+    t.add_column("bal.", justify="right", no_wrap=True)
     for li in range(L):
         cells = []
         for e in range(E):
             ratio = p[li, e] * E
-            cells.append(Text(f"{100 * p[li, e]:4.0f}%", style=f"white on {_colour(ratio)}"))
+            cells.append(Text(f"{100 * p[li, e]:3.0f}%", style=f"white on {_colour(ratio)}"))
         t.add_row(str(li), *cells, f"{100 * bal[li]:.0f}%")
     return t
 

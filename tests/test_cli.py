@@ -235,6 +235,22 @@ def test_chat_context_overflow_keeps_the_chat(models: dict[str, Path]) -> None:
     assert r.stderr.count("prompt: ") == 1  # the short question was still answered
 
 
+def test_expert_stats_shares_and_balance() -> None:
+    from rich.console import Console
+
+    from mlxtral.expert_stats import as_dict, balance, heatmap, shares
+
+    c = np.array([[5, 5, 5, 5], [20, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_allclose(shares(c)[0], 0.25)
+    np.testing.assert_allclose(shares(c)[2], 0.0)
+    np.testing.assert_allclose(balance(c), [1.0, 0.0, 0.0], atol=1e-12)
+    assert as_dict(c)["counts"] == c.tolist()
+    con = Console(width=80, record=True)
+    con.print(heatmap(c))
+    text = con.export_text()
+    assert "100%" in text and " 25%" in text and "e3" in text
+
+
 # ---- bench ----------------------------------------------------------------------------------------
 
 
