@@ -190,6 +190,7 @@ def chat(
             pass
         lines = read_interactive(lambda: out_console.input("[bold green]> [/bold green]"), sys.stderr)
     else:
+        loop.echo = True
         lines = read_piped(sys.stdin)
     loop.run(lines)
     if expert_stats:

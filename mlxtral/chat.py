@@ -113,6 +113,7 @@ class ChatLoop:
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     show_stats: bool = True
+    echo: bool = False  # write each user line to ``err`` as "> line" (piped input, for transcripts)
 
     def __post_init__(self) -> None:
         self.session = self.model.new_session()
@@ -250,6 +251,9 @@ class ChatLoop:
                 if not self.command(text):
                     break
                 continue
+            if self.echo:
+                self.err.write(f"> {text}\n")
+                self.err.flush()
             try:
                 if self.answer(text) is not None:
                     n += 1
