@@ -179,9 +179,20 @@ def stream_generate(
     history = list(prompt_ids)
     finish = "length"
     cache = session.cache
+    params = sampling or SamplingParams()
+    # Optional backend hook (MLX): decode with the next step queued while this one is read back.
+    pipelined = getattr(backend, "pipeline_decode", False) and params.repetition_penalty == 1.0
+    steps: Iterator[int] | None = None
     try:
         for i in range(max_tokens):
-            tok = sampler(logits, history)
+            if steps is None:
+                tok = sampler(logits, history)
+            else:
+                nxt = next(steps, None)
+                if nxt is None:
+                    finish = "context_length"
+                    break
+                tok = nxt
             history.append(tok)
             stats.generation_tokens += 1
             if tok in eos:
@@ -196,13 +207,19 @@ def stream_generate(
             yield GenerationResponse(text, tok)
             if i == max_tokens - 1:
                 break
-            if cache.offset + 1 >= cache.max_context:
+            if cache.offset - (steps is not None) + 1 >= cache.max_context:  # one step in flight
                 finish = "context_length"
                 break
-            logits = backend.forward([tok], cache)
+            if pipelined and steps is None:
+                steps = backend.decode_pipelined(tok, cache, max_tokens - 1 - i, backend.make_sampler(params))
+            elif steps is None:
+                logits = backend.forward([tok], cache)
             session.tokens.append(tok)
     except KeyboardInterrupt:
         finish = "interrupted"
+    finally:
+        if steps is not None:
+            steps.close()  # trims the step still in flight off the cache
     if finish != "stop":
         tail = matcher.feed(decoder.flush())[0] + matcher.flush()
     else:
