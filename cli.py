@@ -284,12 +284,14 @@ def info(
     model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
     max_context: int = MaxContextOpt,
     experts_per_token: int = ExpertsOpt,
+    backend: str = BackendOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Describe a model: format, architecture, parameters (all and active), tensor types, memory."""
     from mlxtral.info import describe, render
 
-    d = describe(resolve_model(model), max_context=max_context, experts_per_token=experts_per_token)
+    d = describe(resolve_model(model), max_context=max_context, experts_per_token=experts_per_token,
+                 backend=backend)
     if as_json:
         sys.stdout.write(json.dumps(d) + "\n")
     else:

@@ -30,7 +30,7 @@ def active_weight_bytes(ckpt: Any) -> int:
 
 
 def describe(path: str | Path, max_context: int | None = None,
-             experts_per_token: int | None = None) -> dict[str, Any]:
+             experts_per_token: int | None = None, backend: str = "auto") -> dict[str, Any]:
     """A JSON-ready description of the checkpoint at ``path``."""
     from mlxtral.formats.detect import open_checkpoint
     from mlxtral.model import DEFAULT_MAX_CONTEXT
@@ -51,7 +51,19 @@ def describe(path: str | Path, max_context: int | None = None,
         d["params"] += n
         weight_bytes += q.nbytes
     ctx = max_context or min(a.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    kv = a.kv_cache_bytes(ctx, bytes_per_value=4)  # the NumPy backend keeps K/V in float32
+    try:
+        from mlxtral.memory import available_memory, estimate
+        from mlxtral.model import resolve_backend
+
+        be = resolve_backend(backend)
+        est = estimate(ckpt, be, ctx)
+        kv, need = est.kv_cache, est.total
+        mem = {"backend": be, "weights": est.weights, "kv_cache": est.kv_cache, "working": est.working,
+               "total": est.total, "available": available_memory()}
+    except ImportError:  # pragma: no cover - before mlxtral.memory existed
+        kv = a.kv_cache_bytes(ctx, bytes_per_value=4)  # the NumPy backend keeps K/V in float32
+        need = weight_bytes + kv
+        mem = {"total": need}
     tok_info: dict[str, Any] = {"kind": None}
     if ckpt.tokenizer is not None:
         try:
@@ -83,7 +95,8 @@ def describe(path: str | Path, max_context: int | None = None,
         "context_length": a.max_position_embeddings,
         "max_context": ctx,
         "kv_cache_bytes": kv,
-        "memory_needed_bytes": weight_bytes + kv,
+        "memory_needed_bytes": need,
+        "memory": mem,
         "tokenizer": tok_info,
     }
 
@@ -120,8 +133,15 @@ def render(d: dict[str, Any]) -> Any:
         ("weights", f"{_gb(d['weight_bytes'])}; {_gb(d['active_bytes_per_token'])} read per token"),
         ("context", f"{d['context_length']} (model); KV cache at {d['max_context']}: "
                     f"{_gb(d['kv_cache_bytes'])}"),
-        ("memory to run", f"~{_gb(d['memory_needed_bytes'])} (weights, memory-mapped, + KV cache)"),
     ]
+    m = d.get("memory", {})
+    if "weights" in m:
+        avail = f"; {_gb(m['available'])} available" if m.get("available") else ""
+        rows.append(("memory to run", f"~{_gb(m['total'])} on {m['backend']}: weights {_gb(m['weights'])}"
+                                      f" + KV cache {_gb(m['kv_cache'])} + working set "
+                                      f"{_gb(m['working'])}{avail}"))
+    else:
+        rows.append(("memory to run", f"~{_gb(d['memory_needed_bytes'])} (weights + KV cache)"))
     tok = d["tokenizer"]
     if tok.get("error"):
         rows.append(("tokenizer", f"{tok['kind']}: error: {tok['error']}"))
@@ -133,7 +153,7 @@ def render(d: dict[str, Any]) -> Any:
         rows.append(("tokenizer", "none found"))
     for k, v in rows:
         t.add_row(k, v)
-    types = Table(title="tensors by type (experts counted one by one)", title_justify="left")
+    types = Table(title="tensors by type (experts one by one)", title_justify="left")
     types.add_column("type")
     types.add_column("tensors", justify="right")
     types.add_column("parameters", justify="right")
