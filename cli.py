@@ -109,6 +109,17 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
                             experts_per_token=experts_per_token)
 
 
+def apply_threads(n: int | None) -> None:
+    """Use ``n`` threads in the NumPy backend's kernels (default: all cores)."""
+    if n is None:
+        return
+    try:
+        from mlxtral.backends.kernels import set_num_threads
+    except ImportError:
+        return
+    set_num_threads(n)
+
+
 def print_expert_stats(model: Any, as_json: bool = False) -> dict[str, Any] | None:
     counts = model.expert_counts()
     if counts is None:
@@ -132,6 +143,7 @@ MaxContextOpt = typer.Option(None, "--max-context", "-c", min=1,
 ExpertsOpt = typer.Option(None, "--experts-per-token", min=1,
                           help="Override the file's experts per token (top-k), e.g. 1 for speed.")
 ExpertStatsOpt = typer.Option(False, "--expert-stats", help="Show the per-layer expert load at the end.")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="Threads for the CPU kernels (default: all cores).")
 
 
 def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
@@ -167,12 +179,14 @@ def chat(
     max_context: int = MaxContextOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
+    threads: int = ThreadsOpt,
     no_stats: bool = typer.Option(False, "--no-stats", help="Do not print the stats line after each answer."),
 ) -> None:
     """Chat with a model (the built-in demo model when MODEL is omitted)."""
     from mlxtral.chat import ChatLoop, SamplingOptions, read_interactive, read_piped
 
     _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens)
+    apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token)
     opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
     loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
@@ -222,6 +236,7 @@ def generate(
     max_context: int = MaxContextOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
+    threads: int = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the text and the stats as one JSON object."),
 ) -> None:
     """Generate text from a prompt, streamed to stdout; the stats line goes to stderr."""
@@ -232,6 +247,7 @@ def generate(
         prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     if not prompt:
         fail("the prompt is empty", 2)
+    apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, quiet=as_json)
     if chat_:
         msgs = [{"role": "system", "content": system}] if system else []
@@ -316,7 +332,8 @@ def bench(
     llamacpp_python: str = typer.Option(None, "--llamacpp-python",
                                         help="Interpreter with llama-cpp-python (default: "
                                         "$MLXTRAL_LLAMACPP_PYTHON or ~/llamacpp/bin/python)."),
-    threads: int = typer.Option(None, "--threads", min=1, help="Threads for llama.cpp (default: all cores)."),  # noqa: B008
+    threads: int = typer.Option(None, "--threads", min=1,
+                                help="Threads for our kernels and for llama.cpp (default: all cores)."),  # noqa: B008
     backend: str = BackendOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
@@ -328,6 +345,7 @@ def bench(
 
     if compare is not None and compare.lower().replace("_", ".") not in ("llama.cpp", "llamacpp"):
         fail(f"--compare {compare}: only 'llama.cpp' is supported", 2)
+    apply_threads(threads)
     path = resolve_model(model)
     need = max(n_prompt, n_gen + 1) + 1
     m = load_model(str(path), backend, need, experts_per_token, quiet=as_json)
@@ -358,7 +376,7 @@ def bench(
     out = {
         "model": str(path), "backend": m.backend_name, "format": m.checkpoint.format,
         "n_experts": m.config.n_experts, "experts_per_token": m.config.n_experts_per_tok,
-        "pp": n_prompt, "tg": n_gen, "repeats": repeats,
+        "pp": n_prompt, "tg": n_gen, "repeats": repeats, "threads": threads or os.cpu_count() or 1,
         "pp_tok_s": res["pp_tok_s"].as_dict(), "tg_tok_s": res["tg_tok_s"].as_dict(),
         "peak_memory_bytes": res["peak_memory"], "active_bytes_per_token": active,
         "bandwidth_gbs": round(bw, 3), "bandwidth_measured": bw_measured,
