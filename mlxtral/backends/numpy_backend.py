@@ -61,11 +61,13 @@ def build_layers(args: ModelArgs, t: dict[str, QTensor]) -> list[LayerWeights]:
 class KVCache:
     """Keys and values for every layer, preallocated for ``max_context`` positions.
 
-    ``np.zeros`` maps pages lazily, so an unused context costs address space, not RAM.
+    Layout ``[L, KV, ctx, hd]``: each KV head's keys are contiguous rows, so attention reads
+    ``k[li, :, :S]`` in place (no copy or transpose per step) and ``q . K^T`` is one BLAS matmul
+    per head. ``np.zeros`` maps pages lazily, so an unused context costs address space, not RAM.
     """
 
     def __init__(self, args: ModelArgs, max_context: int, dtype: np.dtype | type = np.float32) -> None:
-        shape = (args.n_layers, max_context, args.n_kv_heads, args.head_dim)  # [L, ctx, KV, hd]
+        shape = (args.n_layers, args.n_kv_heads, max_context, args.head_dim)  # [L, KV, ctx, hd]
         self.k = np.zeros(shape, dtype=dtype)
         self.v = np.zeros(shape, dtype=dtype)
         self.max_context = max_context
@@ -95,7 +97,7 @@ class NumpyBackend:
 
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:
-        if max_context > self.rope.cos.shape[0]:
+        if max_context > self.rope.max_positions:
             self.rope = ops.Rope(self.rope.rope_dim, self.args.rope_theta, max_context)
         return KVCache(self.args, max_context, self.kv_dtype)
 
@@ -113,58 +115,71 @@ class NumpyBackend:
             raise ContextOverflowError(
                 f"{p0 + T} tokens do not fit the context of {cache.max_context} (raise max_context)"
             )
-        pos = np.arange(p0, p0 + T)
+        S = p0 + T
+        pos = slice(p0, S)
+        H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
         h = self.embed.rows(ids)  # [T, dim]
         for li, L in enumerate(self.layers):
             x = ops.rms_norm(h, L.attn_norm, a.norm_eps)
-            q = ops.linear(x, L.wq).reshape(T, a.n_heads, a.head_dim)  # [T, H, hd]
-            k = ops.linear(x, L.wk).reshape(T, a.n_kv_heads, a.head_dim)  # [T, KV, hd]
-            v = ops.linear(x, L.wv).reshape(T, a.n_kv_heads, a.head_dim)
+            q, k, v = ops.linear_many(x, (L.wq, L.wk, L.wv))  # one kernel job
+            q = q.reshape(T, H, hd)  # [T, H, hd]
+            k = k.reshape(T, KV, hd)  # [T, KV, hd]
             self.rope(q, pos)
             self.rope(k, pos)
-            cache.k[li, p0 : p0 + T] = k
-            cache.v[li, p0 : p0 + T] = v
-            keys = cache.k[li, : p0 + T]  # [S, KV, hd]
-            vals = cache.v[li, : p0 + T]
+            ck, cv = cache.k[li], cache.v[li]  # [KV, ctx, hd]
+            ck[:, p0:S] = k.transpose(1, 0, 2)
+            cv[:, p0:S] = v.reshape(T, KV, hd).transpose(1, 0, 2)
+            keys, vals = ck[:, :S], cv[:, :S]  # [KV, S, hd], views
             if keys.dtype != np.float32:
                 keys = keys.astype(np.float32)
                 vals = vals.astype(np.float32)
-            att = ops.attention(q, keys, vals, p0, a.sliding_window)  # [T, H*hd]
-            h = h + ops.linear(att, L.wo)
+            att = ops.attention_kv(q, keys, vals, p0, a.sliding_window)  # [T, H*hd]
+            h += ops.linear(att, L.wo)
             x = ops.rms_norm(h, L.ffn_norm, a.norm_eps)
-            h = h + self.moe(x, L, li)
-        cache.offset = p0 + T
+            h += self.moe(x, L, li)
+        cache.offset = S
         if not all_logits:
             h = h[-1:]
         out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [T or 1, vocab]
         return out if all_logits else out[0]
 
     def moe(self, x: np.ndarray, L: LayerWeights, li: int) -> np.ndarray:
-        """Sparse MoE FFN, tokens grouped per expert. x [T, dim] -> [T, dim]."""
+        """Sparse MoE FFN, tokens grouped per expert. x [T, dim] -> [T, dim].
+
+        Two kernel jobs whatever ``top_k``: gate+up (SiLU fused) of every selected expert, then
+        every expert's down projection.
+        """
+        T = x.shape[0]
         if L.router is None:
-            self.expert_counts[li, 0] += x.shape[0]
-            return self._expert(x, L, 0)
+            self.expert_counts[li, 0] += T
+            (hid,) = ops.swiglu_experts([x], L.w1[:1], L.w3[:1])
+            return ops.linear(hid, L.w2[0])
         idx, w = ops.route(x, L.router, self.args.n_experts_per_tok)  # [T, k], [T, k]
-        out = np.zeros_like(x)
+        if T == 1:  # decode: every selected expert sees the same row (quantized once)
+            es = idx[0].tolist()
+            self.expert_counts[li, es] += 1
+            hs = ops.swiglu_experts([x] * len(es), [L.w1[e] for e in es], [L.w3[e] for e in es])
+            ys = ops.linear_experts(hs, [L.w2[e] for e in es])
+            out = ys[0] * w[0, 0]
+            for j in range(1, len(es)):
+                out += ys[j] * w[0, j]
+            return out
+        k = idx.shape[1]
         flat = idx.ravel()  # token-expert pairs, token-major
         order = np.argsort(flat, kind="stable")
         counts = np.bincount(flat, minlength=self.args.n_experts)
         self.expert_counts[li] += counts
-        start = 0
-        k = idx.shape[1]
-        for e in np.nonzero(counts)[0]:
-            sel = order[start : start + counts[e]]
-            start += counts[e]
-            tok = sel // k  # token of each pair
-            y = self._expert(x[tok], L, int(e))  # [n, dim]
-            out[tok] += y * w.ravel()[sel][:, None]  # a token appears once per expert
+        experts = np.flatnonzero(counts)
+        bounds = np.concatenate([[0], np.cumsum(counts[experts])])
+        sels = [order[bounds[i] : bounds[i + 1]] for i in range(len(experts))]
+        toks = [sel // k for sel in sels]  # tokens of each expert (each at most once)
+        hs = ops.swiglu_experts([x[t] for t in toks], [L.w1[e] for e in experts], [L.w3[e] for e in experts])
+        ys = ops.linear_experts(hs, [L.w2[e] for e in experts])
+        out = np.zeros_like(x)
+        wf = w.ravel()
+        for sel, tok, y in zip(sels, toks, ys, strict=True):
+            out[tok] += y * wf[sel][:, None]
         return out
-
-    @staticmethod
-    def _expert(x: np.ndarray, L: LayerWeights, e: int) -> np.ndarray:
-        g = ops.linear(x, L.w1[e])  # [n, hidden]
-        u = ops.linear(x, L.w3[e])
-        return ops.linear(ops.silu(g) * u, L.w2[e])  # [n, dim]
 
     def moe_naive(self, x: np.ndarray, li: int) -> np.ndarray:
         """Reference MoE: per token, per selected expert, on dequantized weights."""

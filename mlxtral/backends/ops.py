@@ -1,21 +1,18 @@
 """NumPy building blocks of the forward pass: RMSNorm, RoPE, attention, routing, linear.
 
-``linear`` dispatches to the quantized kernels of ``mlxtral.backends.kernels`` (numba) when
-they are available, and otherwise to the reference: dequantize, then a float32 matmul.
+The matrix products go to :mod:`mlxtral.backends.kernels` (numba kernels on the raw GGUF blocks,
+with a pure-NumPy fallback inside): ``linear``, ``linear_many`` (several weights, one input, one
+pool job: q/k/v), ``swiglu_experts`` and ``linear_experts`` (the two halves of the MoE FFN, every
+selected expert in one job each).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+from mlxtral.backends import kernels as _kernels
 from mlxtral.qtensor import QTensor
-
-try:  # the fast path: kernels on raw GGUF blocks
-    from mlxtral.backends import kernels as _kernels
-
-    _kernel_linear = _kernels.linear
-except ImportError:  # pragma: no cover - kernels not built yet / numba missing
-    _kernels = None
-    _kernel_linear = None
 
 
 def linear_reference(x: np.ndarray, w: QTensor) -> np.ndarray:
@@ -25,17 +22,31 @@ def linear_reference(x: np.ndarray, w: QTensor) -> np.ndarray:
 
 def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
     """x [T, in] float32 -> [T, out] float32."""
-    if w.qtype == "F32":
-        return x @ w.data.T
-    if _kernel_linear is not None:
-        return _kernel_linear(np.ascontiguousarray(x, dtype=np.float32), w)
-    return linear_reference(x, w)
+    return _kernels.linear(x, w)
+
+
+def linear_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
+    """``[linear(x, w) for w in ws]`` in one kernel job (x quantized once)."""
+    return _kernels.linear_many(x, ws)
+
+
+def swiglu_experts(
+    xs: Sequence[np.ndarray], gates: Sequence[QTensor], ups: Sequence[QTensor]
+) -> list[np.ndarray]:
+    """``[silu(x @ g.T) * (x @ u.T) ...]``: every expert's first half in one kernel job."""
+    return _kernels.swiglu_experts(xs, gates, ups)
+
+
+def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.ndarray]:
+    """``[x @ w.T ...]`` in one kernel job (the experts' down projections)."""
+    return _kernels.linear_experts(xs, ws)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [T, dim] -> x / rms(x) * weight, float32."""
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)  # [T, 1]
-    return x * (1.0 / np.sqrt(ms + eps)) * weight
+    ms = np.einsum("td,td->t", x, x)[:, None] * np.float32(1.0 / x.shape[-1])  # [T, 1]
+    ms += np.float32(eps)
+    return x * (1.0 / np.sqrt(ms)) * weight
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -45,55 +56,79 @@ def silu(x: np.ndarray) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     m = np.max(x, axis=axis, keepdims=True)
     e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 class Rope:
-    """Interleaved-pair rotary embedding (rotates x[2i], x[2i+1]), as in the original weights."""
+    """Interleaved-pair rotary embedding (rotates x[2i], x[2i+1]), as in the original weights.
+
+    A pair is a complex number ``x[2i] + 1j * x[2i+1]``; rotating it is one complex multiply by
+    ``exp(1j * pos * theta_i)``, done in place on a complex64 view of the float32 rows.
+    """
 
     def __init__(self, rope_dim: int, theta: float, max_positions: int) -> None:
         self.rope_dim = rope_dim
+        self.max_positions = max_positions
         inv = 1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim))  # [rope_dim/2]
         ang = np.arange(max_positions, dtype=np.float64)[:, None] * inv[None, :]  # [P, rope_dim/2]
-        self.cos = np.cos(ang).astype(np.float32)
-        self.sin = np.sin(ang).astype(np.float32)
+        self.cis = np.exp(1j * ang).astype(np.complex64)  # [P, rope_dim/2]
 
-    def __call__(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """x [T, H, hd] rotated in place at positions pos [T]; returns x."""
-        rd = self.rope_dim
-        c = self.cos[pos][:, None, :]  # [T, 1, rd/2]
-        s = self.sin[pos][:, None, :]
-        x0 = x[..., 0:rd:2].copy()  # [T, H, rd/2]
-        x1 = x[..., 1:rd:2]
-        x[..., 0:rd:2] = x0 * c - x1 * s
-        x[..., 1:rd:2] = x0 * s + x1 * c
+    @property
+    def cos(self) -> np.ndarray:
+        return self.cis.real
+
+    @property
+    def sin(self) -> np.ndarray:
+        return self.cis.imag
+
+    def __call__(self, x: np.ndarray, pos: np.ndarray | slice) -> np.ndarray:
+        """x [T, H, hd] (last axis contiguous) rotated in place at positions pos [T]; returns x."""
+        xr = x[..., : self.rope_dim] if self.rope_dim < x.shape[-1] else x
+        if xr.strides[-1] != 4:
+            raise ValueError("Rope needs float32 rows with a contiguous last axis")
+        xc = xr.view(np.complex64)  # [T, H, rd/2]
+        xc *= self.cis[pos][:, None, :]
         return x
 
 
 def attention(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, window: int | None = None
 ) -> np.ndarray:
-    """Causal grouped-query attention.
+    """Causal grouped-query attention; k, v [S, KV, hd] (see ``attention_kv`` for [KV, S, hd]).
 
-    q [T, H, hd] at positions q_pos0..q_pos0+T-1; k, v [S, KV, hd] at positions 0..S-1
-    (S = q_pos0 + T). Returns [T, H*hd].
+    q [T, H, hd] at positions q_pos0..q_pos0+T-1; k, v at positions 0..S-1 (S = q_pos0 + T).
+    Returns [T, H*hd].
+    """
+    return attention_kv(q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), q_pos0, window)
+
+
+def attention_kv(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos0: int, window: int | None = None
+) -> np.ndarray:
+    """Causal grouped-query attention on the cache layout: k, v [KV, S, hd] (each head's rows
+    contiguous, so ``q . K^T`` and ``p . V`` are one batched BLAS matmul per KV head).
+
+    q [T, H, hd] at positions q_pos0..q_pos0+T-1. Returns [T, H*hd] float32.
     """
     T, H, hd = q.shape
-    S, KV, _ = k.shape
+    KV, S, _ = k.shape
     G = H // KV
-    qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3)  # [KV, G, T, hd]
-    kt = k.transpose(1, 2, 0)  # [KV, hd, S]
-    scores = np.matmul(qg, kt[:, None]) * (1.0 / np.sqrt(hd))  # [KV, G, T, S]
+    # query rows of one KV group together: [KV, G*T, hd] (row = g*T + t)
+    qg = q.reshape(T, KV, G, hd).transpose(1, 2, 0, 3).reshape(KV, G * T, hd)
+    scores = np.matmul(qg, k.transpose(0, 2, 1))  # [KV, G*T, S]
+    scores *= np.float32(1.0 / np.sqrt(hd))
     if T > 1 or window is not None:
         qpos = np.arange(q_pos0, q_pos0 + T)[:, None]  # [T, 1]
         kpos = np.arange(S)[None, :]  # [1, S]
         masked = kpos > qpos
         if window is not None:
             masked |= kpos <= qpos - window
-        scores = np.where(masked, np.float32(-np.inf), scores)
-    p = softmax(scores, axis=-1).astype(np.float32)
-    out = np.matmul(p, v.transpose(1, 0, 2)[:, None])  # [KV, G, T, hd]
-    return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
+        s4 = scores.reshape(KV, G, T, S)
+        s4[:, :, masked] = -np.inf
+    p = softmax(scores, axis=-1)
+    out = np.matmul(p, v)  # [KV, G*T, hd]
+    return out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
 def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +137,7 @@ def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     x [T, dim], router [E, dim] -> (experts [T, k] int, weights [T, k] float32): the k largest
     router logits, weighted by the softmax over those k (= softmax over all, renormalised).
     """
-    logits = x.astype(np.float32) @ router.T  # [T, E]
+    logits = x.astype(np.float32, copy=False) @ router.T  # [T, E]
     E = logits.shape[1]
     if k >= E:
         idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
@@ -111,5 +146,5 @@ def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
         order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
         idx = np.take_along_axis(part, order, axis=-1)
     sel = np.take_along_axis(logits, idx, axis=-1)  # [T, k]
-    w = softmax(sel, axis=-1).astype(np.float32)
+    w = softmax(sel, axis=-1).astype(np.float32, copy=False)
     return idx, w
