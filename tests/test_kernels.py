@@ -67,8 +67,81 @@ def test_block_types_int8(qtype, T, shape):
     got = kernels.linear(x, w)
     wd = w.dequantize()
     assert got.shape == (T, shape[0]) and got.dtype == np.float32
-    assert rel(got, int8_acts(x) @ wd.T) < 1e-5
+    if T >= kernels._BLAS_MIN_T:  # prefill: dequantized rows through BLAS, exact float32
+        assert rel(got, x @ wd.T) < 1e-5
+    else:
+        assert rel(got, int8_acts(x) @ wd.T) < 1e-5
     assert rel(got, x @ wd.T) < 3e-2
+
+
+@pytest.fixture
+def blas_small(monkeypatch):
+    """Send every product with T >= 2 through the BLAS path, dequantizing 7 rows at a time."""
+    monkeypatch.setattr(kernels, "_BLAS_MIN_T", 2)
+    monkeypatch.setattr(kernels, "_BLAS_BUF_FLOATS", 7 * 96)
+
+
+@pytest.mark.parametrize("qtype", BLOCK + FLOAT)
+def test_blas_prefill_path(qtype, blas_small):
+    w, u = make(qtype, (77, 96), 3), make(qtype, (77, 96), 4)
+    x = xs(5, 96)
+    wd, ud = w.dequantize(), u.dequantize()
+    assert rel(kernels.linear(x, w), x @ wd.T) < 1e-5
+    a, b = x @ wd.T, x @ ud.T
+    assert rel(kernels.swiglu(x, w, u), a / (1 + np.exp(-a)) * b) < 1e-5
+    # a job mixing a decode row (int8 kernel) and a prefill group (BLAS)
+    one, many = kernels.linear_experts([x[:1], x], [w, u])
+    xr = int8_acts(x[:1]) if qtype in BLOCK else x[:1]
+    assert rel(one, xr @ wd.T) < 1e-5 and rel(many, x @ ud.T) < 1e-5
+    sw = kernels.swiglu_experts([x[:1], x], [w, w], [u, u])
+    assert rel(sw[1], a / (1 + np.exp(-a)) * b) < 1e-5
+    for _ in range(3):  # the pool keeps working after being parked for BLAS
+        np.testing.assert_array_equal(kernels.linear(x[:1], w), one)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("window", [None, 3])
+def test_attend_one_matches_attention(kv_dtype, window):
+    from mlxtral.backends.ops import attention_kv
+
+    rng = np.random.default_rng(9)
+    H, KV, hd, ctx, S = 8, 2, 32, 20, 11
+    q = rng.standard_normal((H, hd)).astype(np.float32)
+    k = rng.standard_normal((KV, ctx, hd)).astype(kv_dtype)
+    v = rng.standard_normal((KV, ctx, hd)).astype(kv_dtype)
+    got = kernels.attend_one(q, k, v, S, window)
+    ref = attention_kv(q[None], k[:, :S].astype(np.float32), v[:, :S].astype(np.float32), S - 1, window)[0]
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm():
+    x, w = xs(3, 200), xs(1, 200, 4)[0]
+    ref = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(kernels.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_portable_ir_without_avx2():
+    """MLXTRAL_NO_AVX2=1: the portable vector IR (macOS arm64, old x86) gives the same results."""
+    code = (
+        "import numpy as np, gguf; from mlxtral.backends import kernels as k, _kernels_ir as ir;"
+        "from mlxtral.qtensor import QTensor; rng = np.random.default_rng(0); errs = [];\n"
+        "for t in ('Q4_0', 'Q4_1', 'Q8_0', 'F16'):\n"
+        "    wf = rng.standard_normal((40, 64)).astype(np.float32)\n"
+        "    w = QTensor.from_float(wf.astype(np.float16)) if t == 'F16' else "
+        "QTensor(t, wf.shape, gguf.quants.quantize(wf, gguf.GGMLQuantizationType[t]))\n"
+        "    x = rng.standard_normal((3, 64)).astype(np.float32); xb = x.reshape(3, 2, 32)\n"
+        "    d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)\n"
+        "    xr = x if t == 'F16' else (np.rint(xb / d) * d).reshape(3, 64).astype(np.float32)\n"
+        "    ref = xr @ w.dequantize().T; got = k.swiglu(x, w, w) if t == 'Q8_0' else k.linear(x, w)\n"
+        "    if t == 'Q8_0': ref = ref / (1 + np.exp(-ref)) * ref\n"
+        "    errs.append(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))\n"
+        "print(ir.HAVE_AVX2, k.HAVE_NUMBA, max(errs))"
+    )
+    env = dict(os.environ, MLXTRAL_NO_AVX2="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    avx2, numba_on, err = out.stdout.split()
+    assert avx2 == "False" and numba_on == "True"
+    assert float(err) < 1e-5
 
 
 @pytest.mark.parametrize("qtype", BLOCK + FLOAT)
@@ -191,6 +264,8 @@ def test_no_numba_env():
     code = (
         "import numpy as np; from mlxtral.backends import kernels as k; from mlxtral.qtensor import QTensor;"
         "w = QTensor.from_float(np.eye(4, dtype=np.float32)); x = np.ones((2, 4), np.float32);"
+        "kv = np.ones((1, 5, 4), np.float32); assert np.allclose(k.attend_one(x[:1], kv, kv, 3), 1);"
+        "assert np.allclose(k.rms_norm(x, np.ones(4, np.float32), 0.0), 1);"
         "print(k.HAVE_NUMBA, float(k.swiglu(x, w, w).sum()), float(k.linear(x, w).sum()))"
     )
     env = dict(os.environ, MLXTRAL_NO_NUMBA="1")

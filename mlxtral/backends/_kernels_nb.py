@@ -9,6 +9,7 @@ import numpy as np
 from numba import carray, njit
 
 from mlxtral.backends._kernels_ir import (
+    FORCED_GENERIC,
     atomic_add,
     atomic_cas,
     atomic_load,
@@ -38,13 +39,16 @@ CTL_W = 0  # seq << 40 | nchunks << 20 | next chunk
 CTL_DONE = 8  # chunks finished
 CTL_TABLE, CTL_NTASK, CTL_SEQ = 16, 17, 18
 CTL_QUIT = 24
+CTL_PARK = 25  # set by the caller: idle workers go to sleep now (before a multi-threaded BLAS call)
 CTL_SLEEP = 32  # one flag per worker, set by a worker that went to sleep
 CTL_SIZE = 32 + 256
 MAX_CHUNKS = (1 << 20) - 1
 YIELD_AFTER = 4000  # pauses (~100 us) of waiting before sched_yield() in the spin loops
 PAUSES_PER_US = 20.0  # refined by calibrate_pause()
 
-_CACHE = True
+# numba's cache index keys on this file and the CPU, not on the IR chosen in _kernels_ir: a forced
+# portable build (MLXTRAL_NO_AVX2) must neither load nor write the AVX2 entries.
+_CACHE = not FORCED_GENERIC
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -187,6 +191,11 @@ def run_chunk(table, c):
     os_ = table[ti, F_OSTRIDE]
     r0 = (c - table[ti, F_FIRST]) * ch
     r1 = min(r0 + ch, nout)
+    if table[ti, F_MODE] == 2:  # dequantize rows r0..r1 into float32 rows of length n
+        full = carray(ptr_f32(table[ti, F_OUT]), (nout * n,))
+        for r in range(r0, r1):
+            _dequant_row(kind, wa + r * rb, n, full[r * n:(r + 1) * n])
+        return
     out = carray(ptr_f32(table[ti, F_OUT]), ((T - 1) * os_ + nout,))
     xa = table[ti, F_X]
     if quant:
@@ -260,7 +269,7 @@ def execute(ctl, table, nchunks):
 @njit(cache=_CACHE, nogil=True)
 def worker_loop(ctl, wid, spin_iters):
     """A worker: spin for jobs; return 1 to quit, 0 after ``spin_iters`` idle pauses (to sleep)."""
-    myseq = atomic_load(ctl, CTL_W) >> 40
+    myseq = -1  # a worker just woken joins the job in progress (_claim checks its seq)
     idle = 0
     while True:
         w = atomic_load(ctl, CTL_W)
@@ -274,6 +283,9 @@ def worker_loop(ctl, wid, spin_iters):
             continue
         if atomic_load(ctl, CTL_QUIT) != 0:
             return 1
+        if atomic_load(ctl, CTL_PARK) != 0:
+            atomic_store(ctl, CTL_SLEEP + wid, 1)
+            return 0
         idle += 1
         if idle < YIELD_AFTER:
             cpu_pause()
@@ -329,10 +341,90 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, c
 
 
 @njit(cache=_CACHE, nogil=True)
+def fill_dequant(table, i, kind, wd, nin, out, ch, first):
+    """Row ``i`` of a job table: dequantize ``wd`` [rows] into float32 ``out`` [rows, nin]."""
+    nout = wd.shape[0]
+    table[i, F_KIND] = kind
+    table[i, F_MODE] = 2
+    table[i, F_QUANT] = 0
+    table[i, F_W] = wd.ctypes.data
+    table[i, F_W2] = wd.ctypes.data
+    table[i, F_ROWBYTES] = wd.strides[0]
+    table[i, F_NOUT] = nout
+    table[i, F_NIN] = nin
+    table[i, F_T] = 1
+    table[i, F_X] = 0
+    table[i, F_XQ] = 0
+    table[i, F_XD] = 0
+    table[i, F_XS] = 0
+    table[i, F_OUT] = out.ctypes.data
+    table[i, F_OSTRIDE] = nin
+    table[i, F_CHUNK] = ch
+    table[i, F_FIRST] = first
+    return first + (nout + ch - 1) // ch
+
+
+@njit(cache=_CACHE, nogil=True)
 def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
     """A one-task job (``linear`` / ``swiglu``) in a single call."""
     table = np.empty((1, F_SIZE), dtype=np.int64)
     xq, xd, xs = prep_x(x, quant)
     nchunks = fill_task(table, 0, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, ch, 0)
     execute(ctl, table, nchunks)
+    return out
+
+
+@njit(cache=_CACHE, nogil=True, fastmath=True)
+def attend_one(q, k, v, lo, hi, out):
+    """Decode attention of one query row: q [H, hd] f32, k/v [KV, ctx, hd] f32 (the cache), keys
+    lo..hi-1 -> out [H, hd]. GQA: head h reads KV head h // (H / KV). One pass over the keys per
+    head for the scores, one for the values; the hd loops vectorize."""
+    H, hd = q.shape
+    G = H // k.shape[0]
+    scale = np.float32(1.0 / np.sqrt(hd))
+    n = hi - lo
+    sc = np.empty(n, dtype=np.float32)
+    for h in range(H):
+        kv = h // G
+        qh = q[h]
+        m = np.float32(-np.inf)
+        for s in range(n):
+            kr = k[kv, lo + s]
+            acc = np.float32(0.0)
+            for d in range(hd):
+                acc += qh[d] * kr[d]
+            acc *= scale
+            sc[s] = acc
+            if acc > m:
+                m = acc
+        tot = np.float32(0.0)
+        for s in range(n):
+            e = np.exp(sc[s] - m)
+            sc[s] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        o = out[h]
+        for d in range(hd):
+            o[d] = np.float32(0.0)
+        for s in range(n):
+            p = sc[s] * inv
+            vr = v[kv, lo + s]
+            for d in range(hd):
+                o[d] += p * vr[d]
+    return out
+
+
+@njit(cache=_CACHE, nogil=True, fastmath=True)
+def rms_norm(x, w, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, float32 [T, n] (one call, vectorized)."""
+    T, n = x.shape
+    for t in range(T):
+        xt = x[t]
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += xt[i] * xt[i]
+        r = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
+        ot = out[t]
+        for i in range(n):
+            ot[i] = xt[i] * r * w[i]
     return out

@@ -53,6 +53,8 @@ __all__ = [
     "linear_experts",
     "swiglu",
     "swiglu_experts",
+    "attend_one",
+    "rms_norm",
     "set_num_threads",
     "get_num_threads",
     "set_exact",
@@ -127,7 +129,14 @@ class _Pool:
             ev.wait()
             ev.clear()
 
+    def park(self) -> None:
+        """Idle workers go to sleep now (the cores are about to be used by BLAS threads)."""
+        if self.n_workers:
+            self.ctl[_nb.CTL_PARK] = 1
+
     def wake(self) -> None:
+        if self.ctl[_nb.CTL_PARK]:
+            self.ctl[_nb.CTL_PARK] = 0
         sl = self.ctl[_nb.CTL_SLEEP:_nb.CTL_SLEEP + self.n_workers]
         if sl.any():
             for wid in np.flatnonzero(sl):
@@ -273,6 +282,60 @@ def _chunk_rows(w: QTensor, T: int) -> int:
     return ch
 
 
+# ---- prefill through BLAS -----------------------------------------------------------------------
+# With many tokens a product is compute-bound: unpacking each weight block once per token costs more
+# than dequantizing a chunk of rows to float32 (in the pool) and handing it to NumPy's BLAS sgemm.
+_BLAS_MIN_T = int(os.environ.get("MLXTRAL_BLAS_MIN_T", "40"))
+_BLAS_BUF_FLOATS = 1 << 21  # rows dequantized at a time: 8 MB of float32 (L2/L3-friendly, small RSS)
+_bufs = threading.local()
+
+
+def _use_blas(x: np.ndarray) -> bool:
+    return x.shape[0] >= _BLAS_MIN_T
+
+
+def _buffer(i: int, rows: int, n: int) -> np.ndarray:
+    """A reusable float32 [rows, n] scratch buffer (``i``: 0 or 1), per thread."""
+    cache = getattr(_bufs, "b", None)
+    if cache is None:
+        cache = _bufs.b = [np.empty(0, np.float32), np.empty(0, np.float32)]
+    if cache[i].size < rows * n:
+        cache[i] = np.empty(max(rows * n, _BLAS_BUF_FLOATS), np.float32)
+    return cache[i][: rows * n].reshape(rows, n)
+
+
+def _dequant_into(w: QTensor, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
+    """Rows r0..r1 of w as float32 into ``buf`` [r1 - r0, in], on the pool; then park the pool."""
+    if w.qtype == "F32":
+        return np.asarray(w.data)[r0:r1]
+    wd = _wdata(w)[r0:r1]
+    table = np.zeros((1, _nb.F_SIZE), dtype=np.int64)
+    nthreads = get_num_threads()
+    ch = max(8, (r1 - r0 + 4 * nthreads - 1) // (4 * nthreads))
+    nchunks = _nb.fill_dequant(table, 0, _KINDS[w.qtype], wd, w.shape[1], buf, ch, 0)
+    pool = _get_pool()
+    with _run_lock:
+        _nb.execute(pool.ctl, table, nchunks)
+    pool.park()
+    return buf
+
+
+def _blas_into(x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> np.ndarray:
+    """``out = x @ dequant(w).T`` (or the fused SwiGLU with ``w2``) in row chunks through BLAS."""
+    nout, n = w.shape
+    rows = max(16, min(nout, _BLAS_BUF_FLOATS // n))
+    for r0 in range(0, nout, rows):
+        r1 = min(r0 + rows, nout)
+        b = _dequant_into(w, r0, r1, _buffer(0, r1 - r0, n))
+        if w2 is None:
+            np.matmul(x, b.T, out=out[:, r0:r1])
+        else:
+            g = x @ b.T
+            b2 = _dequant_into(w2, r0, r1, _buffer(1, r1 - r0, n))
+            out[:, r0:r1] = _silu_mul(g, x @ b2.T)
+    return out
+
+
 # ---- public API ---------------------------------------------------------------------------------
 def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
     """``x @ dequant(w).T``: x float32 [T, in], w [out, in] -> float32 [T, out]."""
@@ -284,6 +347,8 @@ def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
         return np.empty((0, w.shape[0]), dtype=np.float32)
     if w.qtype == "F32" and T > 1:
         return np.ascontiguousarray(x @ np.asarray(w.data).T)
+    if _use_blas(x):
+        return _blas_into(x, w, np.empty((T, w.shape[0]), dtype=np.float32))
     return _run_one(x, w, None)
 
 
@@ -306,7 +371,9 @@ def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.n
             outs.append(np.ascontiguousarray(x @ np.asarray(w.data).T))
             continue
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-        if x.shape[0] > 0:
+        if _use_blas(x):
+            _blas_into(x, w, out)
+        elif x.shape[0] > 0:
             job.add(x, w, out)
         outs.append(out)
     job.run()
@@ -320,6 +387,8 @@ def swiglu(x: np.ndarray, w_gate: QTensor, w_up: QTensor) -> np.ndarray:
     x = _check(x, w_gate)
     if w_gate.shape != w_up.shape or w_gate.qtype != w_up.qtype:
         raise ValueError(f"gate {w_gate.qtype}{w_gate.shape} and up {w_up.qtype}{w_up.shape} differ")
+    if _use_blas(x):
+        return _blas_into(x, w_gate, np.empty((x.shape[0], w_gate.shape[0]), dtype=np.float32), w_up)
     return _run_one(x, w_gate, w_up)
 
 
@@ -347,11 +416,39 @@ def swiglu_experts(
             outs.append(_silu_mul(x @ np.asarray(g.data).T, x @ np.asarray(u.data).T))
             continue
         out = np.empty((x.shape[0], g.shape[0]), dtype=np.float32)
-        if x.shape[0] > 0:
+        if _use_blas(x):
+            _blas_into(x, g, out, w2=u)
+        elif x.shape[0] > 0:
             job.add(x, g, out, w2=u)
         outs.append(out)
     job.run()
     return outs
+
+
+def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int | None = None) -> np.ndarray:
+    """Decode attention for the query at position ``S - 1``: q [H, hd] float32, k/v the cache
+    [KV, ctx, hd] (read in place when float32) -> [H * hd] float32. One numba call instead of a
+    handful of tiny BLAS calls (which cost ~30 us each)."""
+    lo = max(0, S - window) if window is not None else 0
+    if not HAVE_NUMBA:
+        from mlxtral.backends.ops import attention_kv
+
+        return attention_kv(q[None], k[:, lo:S].astype(np.float32, copy=False),
+                            v[:, lo:S].astype(np.float32, copy=False), S - 1 - lo).reshape(-1)
+    if k.dtype != np.float32:
+        k, v = k[:, lo:S].astype(np.float32), v[:, lo:S].astype(np.float32)
+        S, lo = S - lo, 0
+    out = np.empty(q.shape, dtype=np.float32)
+    return _nb.attend_one(np.ascontiguousarray(q, dtype=np.float32), k, v, lo, S, out).reshape(-1)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x [T, n] / rms(x) * weight, float32, in one numba call (NumPy without numba)."""
+    if not HAVE_NUMBA or x.ndim != 2 or x.dtype != np.float32 or weight.dtype != np.float32:
+        ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+        return (x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight).astype(np.float32, copy=False)
+    out = np.empty(x.shape, dtype=np.float32)
+    return _nb.rms_norm(np.ascontiguousarray(x), np.ascontiguousarray(weight), float(eps), out)
 
 
 def warmup() -> None:
@@ -367,7 +464,10 @@ def warmup() -> None:
     for t in ("Q4_0", "Q4_1", "Q8_0"):
         data = gguf.quants.quantize(wf, gguf.GGMLQuantizationType[t])
         tensors.append(QTensor(t, wf.shape, data))
-    for T in (1, 2):
+    rms_norm(rng.standard_normal((2, 64)).astype(np.float32), np.ones(64, np.float32), 1e-5)
+    kc = rng.standard_normal((2, 8, 16)).astype(np.float32)
+    attend_one(rng.standard_normal((4, 16)).astype(np.float32), kc, kc, 5)
+    for T in (1, 2, max(_BLAS_MIN_T, 1)):
         x = rng.standard_normal((T, 64)).astype(np.float32)
         for w in tensors:
             linear(x, w)

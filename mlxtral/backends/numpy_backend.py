@@ -129,11 +129,14 @@ class NumpyBackend:
             ck, cv = cache.k[li], cache.v[li]  # [KV, ctx, hd]
             ck[:, p0:S] = k.transpose(1, 0, 2)
             cv[:, p0:S] = v.reshape(T, KV, hd).transpose(1, 0, 2)
-            keys, vals = ck[:, :S], cv[:, :S]  # [KV, S, hd], views
-            if keys.dtype != np.float32:
-                keys = keys.astype(np.float32)
-                vals = vals.astype(np.float32)
-            att = ops.attention_kv(q, keys, vals, p0, a.sliding_window)  # [T, H*hd]
+            if T == 1:  # decode: one kernel call over the cache as it lies
+                att = ops.attend_one(q[0], ck, cv, S, a.sliding_window)[None]  # [1, H*hd]
+            else:
+                keys, vals = ck[:, :S], cv[:, :S]  # [KV, S, hd], views
+                if keys.dtype != np.float32:
+                    keys = keys.astype(np.float32)
+                    vals = vals.astype(np.float32)
+                att = ops.attention_kv(q, keys, vals, p0, a.sliding_window)  # [T, H*hd]
             h += ops.linear(att, L.wo)
             x = ops.rms_norm(h, L.ffn_norm, a.norm_eps)
             h += self.moe(x, L, li)

@@ -42,11 +42,14 @@ def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.n
     return _kernels.linear_experts(xs, ws)
 
 
+def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int | None = None) -> np.ndarray:
+    """Decode attention at position S - 1: q [H, hd], cache k/v [KV, ctx, hd] -> [H*hd]."""
+    return _kernels.attend_one(q, k, v, S, window)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [T, dim] -> x / rms(x) * weight, float32."""
-    ms = np.einsum("td,td->t", x, x)[:, None] * np.float32(1.0 / x.shape[-1])  # [T, 1]
-    ms += np.float32(eps)
-    return x * (1.0 / np.sqrt(ms)) * weight
+    return _kernels.rms_norm(x, weight, eps)
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -137,6 +140,11 @@ def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     x [T, dim], router [E, dim] -> (experts [T, k] int, weights [T, k] float32): the k largest
     router logits, weighted by the softmax over those k (= softmax over all, renormalised).
     """
+    if x.shape[0] == 1:  # decode: E values, a full stable sort is cheapest
+        lg = x[0].astype(np.float32, copy=False) @ router.T  # [E]
+        top = np.argsort(-lg, kind="stable")[:k]
+        e = np.exp(lg[top] - lg[top[0]])
+        return top[None], (e / e.sum()).astype(np.float32)[None]
     logits = x.astype(np.float32, copy=False) @ router.T  # [T, E]
     E = logits.shape[1]
     if k >= E:
