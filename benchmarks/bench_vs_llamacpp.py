@@ -224,7 +224,7 @@ def print_table(doc: dict) -> None:
     with_llama = doc["llamacpp"] == "ok"
     t = Table(title=f"mlxtral vs llama.cpp: prefill {doc['pp']}, decode {doc['tg']}, "
                     f"{doc['threads']} threads, best of {doc['repeat']}, {doc['rounds']} alternating rounds")
-    cols = ("model", "engine", "prefill tok/s", "decode tok/s", "peak RSS MB", "file+KV MB", "RSS/(file+KV)")
+    cols = ("model", "engine", "prefill tok/s", "decode tok/s", "peak RSS MB", "file+KV MB", "RSS ratio")
     for col in cols:
         t.add_column(col, justify="left" if col in ("model", "engine") else "right")
     for qtype, res in doc["models"].items():

@@ -250,6 +250,87 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     return fn
 
 
+NTOK = 4  # tokens per weight-row pass in the prefill dot
+
+
+def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
+    """void dot4(w, xq, xd, xs, nb, xq_stride, xd_stride, out): one weight row against ``NTOK``
+    token rows (int8 rows ``xq_stride`` bytes apart, scale rows ``xd_stride`` bytes apart), each
+    block unpacked once for all of them (prefill is compute-bound); ``out`` gets NTOK floats."""
+    bsz, fam, with_min = _BLOCK[kind]
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 8), name)
+    fn.linkage = "internal"
+    wa, xa, xda, xsa, nb, xqs, xds, oa = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    wp = _ptr(b, wa, i8)
+    xps = [_ptr(b, b.add(xa, b.mul(xqs, ir.Constant(i64, t))), i8) for t in range(NTOK)]
+    xdps = [_ptr(b, b.add(xda, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(NTOK)]
+    xsps = [_ptr(b, b.add(xsa, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(NTOK)]
+    op = _ptr(b, oa, f32)
+    zero_v = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
+    zero_f = ir.Constant(f32, 0.0)
+    b.cbranch(b.icmp_unsigned(">", nb, ir.Constant(i64, 0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    i = b.phi(i64)
+    accs = [b.phi(v8f) for _ in range(NTOK)]
+    corrs = [b.phi(f32) for _ in range(NTOK)]
+    boff = b.mul(i, ir.Constant(i64, bsz))
+    xoff = b.shl(i, ir.Constant(i64, 5))
+    d = _half(b, wp, boff)
+    if fam == "q4":
+        q = _load(b, wp, b.add(boff, ir.Constant(i64, 4 if with_min else 2)), v16i8)
+        lo = b.and_(q, _vconst(v16i8, 15))
+        hi = b.lshr(q, _vconst(v16i8, 4))
+        w = b.shuffle_vector(lo, hi, _mask(list(range(32))))
+        if not with_min:
+            w = b.sub(w, _vconst(v32i8, 8))
+    else:
+        w = _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8)
+    m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else None
+    new_accs, new_corrs = [], []
+    for t in range(NTOK):
+        x = _load(b, xps[t], xoff, v32i8)
+        if with_min:
+            sv = _madd_ones(b, _maddubs(b, w, x))
+        else:
+            aw, sx = _abs_sign(b, w, x)
+            sv = _madd_ones(b, _maddubs(b, aw, sx))
+        xd = b.load(_gep(b, xdps[t], i))
+        new_accs.append(_fma(b, b.sitofp(sv, v8f), _splat(b, b.fmul(d, xd)), accs[t]))
+        if with_min:
+            xs = b.load(_gep(b, xsps[t], i))
+            new_corrs.append(b.fadd(corrs[t], b.fmul(m, xs)))
+        else:
+            new_corrs.append(corrs[t])
+    inext = b.add(i, ir.Constant(i64, 1))
+    b.cbranch(b.icmp_unsigned("<", inext, nb), loop, done)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    i.add_incoming(inext, loop)
+    for phi, new in zip(accs, new_accs, strict=True):
+        phi.add_incoming(zero_v, entry)
+        phi.add_incoming(new, loop)
+    for phi, new in zip(corrs, new_corrs, strict=True):
+        phi.add_incoming(zero_f, entry)
+        phi.add_incoming(new, loop)
+
+    b = ir.IRBuilder(done)
+    finals = []
+    for t in range(NTOK):  # every phi first, then the stores
+        a = b.phi(v8f)
+        a.add_incoming(zero_v, entry)
+        a.add_incoming(new_accs[t], loop)
+        c = b.phi(f32)
+        c.add_incoming(zero_f, entry)
+        c.add_incoming(new_corrs[t], loop)
+        finals.append((a, c))
+    for t, (a, c) in enumerate(finals):
+        b.store(b.fadd(_hsum(b, a), c), _gep(b, op, ir.Constant(i64, t)))
+    b.ret_void()
+    return fn
+
+
 def _load_f8(b: ir.IRBuilder, wp: ir.Value, idx: ir.Value, kind: str) -> ir.Value:
     """8 weights starting at element ``idx`` as <8 x float>."""
     if kind == "f32":
@@ -324,6 +405,26 @@ def _make_block_dot(kind: str):
     return dot
 
 
+def _make_block_dot4(kind: str):
+    name = f"mlxtral_dot4_{kind}_{'avx2' if HAVE_AVX2 else 'generic'}"
+
+    @intrinsic
+    def dot4(typingctx, w, x, xd, xs, nb, xqs, xds):
+        """-> a tuple of NTOK floats (written by the IR function into a stack buffer)."""
+        sig = types.UniTuple(types.float32, NTOK)(*([types.int64] * 7))
+
+        def codegen(context, builder, signature, args):
+            fn = _get_fn(builder.module, name, lambda m, n: _build_block_dot4(m, n, kind))
+            buf = cgutils.alloca_once(builder, f32, size=NTOK)
+            builder.call(fn, [*args, builder.ptrtoint(buf, i64)])
+            vals = [builder.load(builder.gep(buf, [ir.Constant(i32, t)])) for t in range(NTOK)]
+            return context.make_tuple(builder, signature.return_type, vals)
+
+        return sig, codegen
+
+    return dot4
+
+
 def _make_float_dot(kind: str):
     name = f"mlxtral_dot_{kind}"
 
@@ -343,6 +444,9 @@ def _make_float_dot(kind: str):
 dot_q4_0 = _make_block_dot("q4_0")
 dot_q4_1 = _make_block_dot("q4_1")
 dot_q8_0 = _make_block_dot("q8_0")
+dot4_q4_0 = _make_block_dot4("q4_0")
+dot4_q4_1 = _make_block_dot4("q4_1")
+dot4_q8_0 = _make_block_dot4("q8_0")
 dot_f32 = _make_float_dot("f32")
 dot_f16 = _make_float_dot("f16")
 dot_bf16 = _make_float_dot("bf16")

@@ -10,12 +10,16 @@ from numba import carray, njit
 
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
+    NTOK,
     atomic_add,
     atomic_cas,
     atomic_load,
     atomic_store,
     cpu_pause,
     cpu_yield,
+    dot4_q4_0,
+    dot4_q4_1,
+    dot4_q8_0,
     dot_bf16,
     dot_f16,
     dot_f32,
@@ -167,6 +171,16 @@ def _block_dot(kind, wa, xq, xd, xs, nb):
     return dot_q8_0(wa, xq, xd, xs, nb)
 
 
+@njit(cache=_CACHE, nogil=True)
+def _block_dot4(kind, wa, xq, xd, xs, nb, xqs, xds):
+    """One weight row . NTOK (= 4) token rows: a 4-tuple of floats."""
+    if kind == 0:
+        return dot4_q4_0(wa, xq, xd, xs, nb, xqs, xds)
+    if kind == 1:
+        return dot4_q4_1(wa, xq, xd, xs, nb, xqs, xds)
+    return dot4_q8_0(wa, xq, xd, xs, nb, xqs, xds)
+
+
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
@@ -201,7 +215,21 @@ def run_chunk(table, c):
     if quant:
         nb = n // 32
         xq, xd, xs = table[ti, F_XQ], table[ti, F_XD], table[ti, F_XS]
-        for t in range(T):
+        t0 = 0
+        if T >= NTOK:  # prefill: each weight block unpacked once for NTOK (= 4) tokens
+            while t0 + NTOK <= T:
+                xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * nb * 4
+                for r in range(r0, r1):
+                    g = _block_dot4(kind, wa + r * rb, xqt, xdt, xst, nb, n, nb * 4)
+                    if swig:
+                        u = _block_dot4(kind, wa2 + r * rb, xqt, xdt, xst, nb, n, nb * 4)
+                        for j in range(NTOK):
+                            out[(t0 + j) * os_ + r] = _silu_mul(g[j], u[j])
+                    else:
+                        for j in range(NTOK):
+                            out[(t0 + j) * os_ + r] = g[j]
+                t0 += NTOK
+        for t in range(t0, T):
             xqt, xdt, xst = xq + t * n, xd + t * nb * 4, xs + t * nb * 4
             for r in range(r0, r1):
                 g = _block_dot(kind, wa + r * rb, xqt, xdt, xst, nb)

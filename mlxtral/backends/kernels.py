@@ -285,7 +285,7 @@ def _chunk_rows(w: QTensor, T: int) -> int:
 # ---- prefill through BLAS -----------------------------------------------------------------------
 # With many tokens a product is compute-bound: unpacking each weight block once per token costs more
 # than dequantizing a chunk of rows to float32 (in the pool) and handing it to NumPy's BLAS sgemm.
-_BLAS_MIN_T = int(os.environ.get("MLXTRAL_BLAS_MIN_T", "40"))
+_BLAS_MIN_T = int(os.environ.get("MLXTRAL_BLAS_MIN_T", "64"))
 _BLAS_BUF_FLOATS = 1 << 21  # rows dequantized at a time: 8 MB of float32 (L2/L3-friendly, small RSS)
 _bufs = threading.local()
 
@@ -455,15 +455,12 @@ def warmup() -> None:
     """Compile (or load from numba's disk cache) every kernel and start the worker threads."""
     if not HAVE_NUMBA:
         return
-    import gguf
-
     rng = np.random.default_rng(0)
     wf = rng.standard_normal((8, 64)).astype(np.float32)
     tensors = [QTensor.from_float(wf), QTensor.from_float(wf.astype(np.float16))]
     tensors.append(QTensor("BF16", wf.shape, (wf.view(np.uint32) >> 16).astype(np.uint16)))
-    for t in ("Q4_0", "Q4_1", "Q8_0"):
-        data = gguf.quants.quantize(wf, gguf.GGMLQuantizationType[t])
-        tensors.append(QTensor(t, wf.shape, data))
+    for t, block_bytes in (("Q4_0", 18), ("Q4_1", 20), ("Q8_0", 34)):  # zero blocks: only compiling
+        tensors.append(QTensor(t, wf.shape, np.zeros((8, 2 * block_bytes), dtype=np.uint8)))
     rms_norm(rng.standard_normal((2, 64)).astype(np.float32), np.ones(64, np.float32), 1e-5)
     kc = rng.standard_normal((2, 8, 16)).astype(np.float32)
     attend_one(rng.standard_normal((4, 16)).astype(np.float32), kc, kc, 5)
