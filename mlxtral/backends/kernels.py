@@ -273,13 +273,21 @@ def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
                            x, out, _chunk_rows(w, x.shape[0]))
 
 
+_CHUNK_BYTES_MAX = int(os.environ.get("MLXTRAL_CHUNK_KB_MAX", "4096")) * 1024
+_CHUNKS_PER_THREAD = int(os.environ.get("MLXTRAL_CHUNKS_PER_THREAD", "4"))
+
+
 def _chunk_rows(w: QTensor, T: int) -> int:
-    """Rows per work item: about 16 KB of weights (fits L1 with the activations), at least 4."""
+    """Rows per work item. Decode: long sequential runs of rows keep the hardware prefetcher
+    streaming (16 KB items ran at ~11 GB/s, 256 KB items at ~14), so a matrix is cut into
+    ``_CHUNKS_PER_THREAD`` items per thread (16 KB .. 4 MB each). Prefill: ~16 KB, which stays in
+    L1 while every token passes over it."""
     row_bytes = w.data.strides[0] if w.data.ndim == 2 else w.data.nbytes // max(1, w.shape[0])
-    ch = max(4, min(64, 16384 // max(1, row_bytes)))
+    row_bytes = max(1, row_bytes)
     if T > 1:
-        ch = max(ch, 8)
-    return ch
+        return max(8, min(64, 16384 // row_bytes))
+    target = min(_CHUNK_BYTES_MAX, max(16384, w.nbytes // (_CHUNKS_PER_THREAD * get_num_threads())))
+    return max(4, target // row_bytes)
 
 
 # ---- prefill through BLAS -----------------------------------------------------------------------
