@@ -27,9 +27,20 @@ How it is fast
   MoE FFN is two synchronisations per layer whatever ``top_k``: ``swiglu_experts`` (gate and up of
   every selected expert, with ``silu(g) * u`` fused, each token group quantized once) and
   ``linear_experts`` (the down projections). ``linear_many`` does q/k/v in one job.
-* **Prefill** (``T > 1``): for block types each chunk of rows (a few KB, in L1/L2) is dotted with
-  all T int8 token rows; F16/BF16 convert a row once to float32 and reuse it for all tokens; F32
-  with T > 1 goes to NumPy's BLAS.
+* **Decode work items** are about a quarter of a matrix per thread (16 KB .. 4 MB of rows): long
+  sequential runs keep the hardware prefetcher streaming (16 KB items: ~11 GB/s in the model,
+  these: ~14 GB/s).
+* **Prefill** (``T > 1``): for block types each chunk of rows (~16 KB, in L1) is dotted with the
+  int8 token rows four at a time (``dot4_*``: each weight block unpacked once for four tokens,
+  ~1.7x over one token at a time); F16/BF16 convert a row once to float32 and reuse it for all
+  tokens. From ``T >= 64`` (``MLXTRAL_BLAS_MIN_T``; the measured crossover on this machine) rows
+  are dequantized to float32 in 8 MB chunks on the pool and multiplied by NumPy's BLAS (sgemm beats
+  our int8 dots there); the pool is *parked* first (spinning workers would steal a core from the
+  BLAS threads) and a woken worker joins the job in progress. F32 with T > 1 always goes to BLAS.
+* **Around the matmuls**: ``attend_one`` (decode attention over the KV cache as it lies, one numba
+  call) and ``rms_norm`` replace a handful of tiny NumPy/BLAS calls each (~30 us per tiny BLAS call).
+* **Portability**: the IR has an AVX2 path and a portable vector path (what macOS arm64 and older
+  x86 get); ``MLXTRAL_NO_AVX2=1`` forces the portable one (not disk-cached), for tests.
 
 Without numba (not installed, or ``MLXTRAL_NO_NUMBA=1``) everything falls back to NumPy:
 dequantize (in row chunks) and matmul. ``HAVE_NUMBA`` tells which path is live. ``warmup()``
