@@ -192,6 +192,20 @@ def test_experts_and_many():
     np.testing.assert_allclose(empty[1], kernels.linear(x_list[0], ws[1]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 5, 70])
+def test_swiglu_mixed_types(T):
+    """Gate and up of different types (mixed-quant files): still one job, SiLU applied after."""
+    g, u = make("F16", (40, 64), 1), make("Q4_0", (40, 64), 2)
+    x = xs(T, 64)
+    a = x @ g.dequantize().T
+    b = (x if T >= kernels._BLAS_MIN_T else int8_acts(x)) @ u.dequantize().T
+    ref = a / (1 + np.exp(-a)) * b
+    assert rel(kernels.swiglu(x, g, u), ref) < 1e-5
+    both = kernels.swiglu_experts([x, x], [g, g], [u, g])
+    assert rel(both[0], ref) < 1e-5
+    assert rel(both[1], a / (1 + np.exp(-a)) * a) < 1e-5
+
+
 def test_threads_agree():
     w = make("Q8_0", (1000, 128))
     x = xs(3, 128)
@@ -250,7 +264,7 @@ def test_errors():
     with pytest.raises(ValueError):
         kernels.linear(xs(1, 32), w)
     with pytest.raises(ValueError):
-        kernels.swiglu(xs(1, 64), w, make("Q8_0", (8, 64)))
+        kernels.swiglu(xs(1, 64), w, make("Q8_0", (16, 64)))
 
 
 def test_numpy_fallback_matches():

@@ -386,14 +386,8 @@ def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.n
     outs: list[np.ndarray] = []
     job = _Job(len(ws))
     for x, w in zip(xs, ws, strict=True):
-        if w.qtype == "F32" and x.shape[0] > 1:
-            outs.append(np.ascontiguousarray(x @ np.asarray(w.data).T))
-            continue
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-        if _use_blas(x):
-            _blas_into(x, w, out)
-        elif x.shape[0] > 0:
-            job.add(x, w, out)
+        _add_linear(job, x, w, out)
         outs.append(out)
     job.run()
     return outs
@@ -404,8 +398,10 @@ def swiglu(x: np.ndarray, w_gate: QTensor, w_up: QTensor) -> np.ndarray:
     if not HAVE_NUMBA or w_gate.qtype == "F32" or x.shape[0] == 0:
         return swiglu_experts([x], [w_gate], [w_up])[0]
     x = _check(x, w_gate)
-    if w_gate.shape != w_up.shape or w_gate.qtype != w_up.qtype:
+    if w_gate.shape != w_up.shape:
         raise ValueError(f"gate {w_gate.qtype}{w_gate.shape} and up {w_up.qtype}{w_up.shape} differ")
+    if w_gate.qtype != w_up.qtype:  # mixed-type files (e.g. Q4_K_M-style): two tasks, then SiLU
+        return swiglu_experts([x], [w_gate], [w_up])[0]
     if _use_blas(x):
         return _blas_into(x, w_gate, np.empty((x.shape[0], w_gate.shape[0]), dtype=np.float32), w_up)
     return _run_one(x, w_gate, w_up)
@@ -421,16 +417,27 @@ def swiglu_experts(
     checked = []
     for x, g, u in zip(xs, gates, ups, strict=True):
         x = _check(x, g)
-        if g.shape != u.shape or g.qtype != u.qtype:
+        if g.shape != u.shape:
             raise ValueError(f"gate {g.qtype}{g.shape} and up {u.qtype}{u.shape} differ")
+        if u.qtype not in _KINDS:
+            raise ValueError(f"no kernel for {u.qtype} weights")
         checked.append(x)
     if not HAVE_NUMBA:
         return [
             _silu_mul(_linear_numpy(x, g), _linear_numpy(x, u))
             for x, g, u in zip(checked, gates, ups, strict=True)
         ]
-    job = _Job(len(gates))
+    job = _Job(2 * len(gates))
+    split: list[tuple[int, np.ndarray, np.ndarray]] = []  # gate and up of different types
     for x, g, u in zip(checked, gates, ups, strict=True):
+        if g.qtype != u.qtype:
+            og = np.empty((x.shape[0], g.shape[0]), dtype=np.float32)
+            ou = np.empty_like(og)
+            _add_linear(job, x, g, og)
+            _add_linear(job, x, u, ou)
+            split.append((len(outs), og, ou))
+            outs.append(og)
+            continue
         if g.qtype == "F32" and x.shape[0] > 1:
             outs.append(_silu_mul(x @ np.asarray(g.data).T, x @ np.asarray(u.data).T))
             continue
@@ -441,7 +448,19 @@ def swiglu_experts(
             job.add(x, g, out, w2=u)
         outs.append(out)
     job.run()
+    for i, og, ou in split:
+        outs[i] = _silu_mul(og, ou)
     return outs
+
+
+def _add_linear(job: _Job, x: np.ndarray, w: QTensor, out: np.ndarray) -> None:
+    """``out = x @ dequant(w).T`` now (BLAS) or as a task of ``job``."""
+    if w.qtype == "F32" and x.shape[0] > 1:
+        np.matmul(x, np.asarray(w.data).T, out=out)
+    elif _use_blas(x):
+        _blas_into(x, w, out)
+    elif x.shape[0] > 0:
+        job.add(x, w, out)
 
 
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int | None = None) -> np.ndarray:
