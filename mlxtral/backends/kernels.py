@@ -146,12 +146,12 @@ class _Pool:
             self.ctl[_nb.CTL_PARK] = 1
 
     def wake(self) -> None:
-        if self.ctl[_nb.CTL_PARK]:
-            self.ctl[_nb.CTL_PARK] = 0
-        sl = self.ctl[_nb.CTL_SLEEP:_nb.CTL_SLEEP + self.n_workers]
-        if sl.any():
-            for wid in np.flatnonzero(sl):
-                self.ctl[_nb.CTL_SLEEP + wid] = 0
+        ctl = self.ctl
+        if ctl[_nb.CTL_PARK]:
+            ctl[_nb.CTL_PARK] = 0
+        for wid in range(self.n_workers):  # scalar reads: cheaper than a slice + any() per call
+            if ctl[_nb.CTL_SLEEP + wid]:
+                ctl[_nb.CTL_SLEEP + wid] = 0
                 self.events[wid].set()
 
     def stop(self) -> None:
@@ -242,27 +242,43 @@ def _wdata(w: QTensor) -> np.ndarray:
     return d
 
 
+_winfo_cache: dict[int, tuple] = {}
+
+
+def _winfo(w: QTensor, T: int) -> tuple[int, np.ndarray, int]:
+    """(kind, raw data as the kernels read it, rows per work item), cached per weight: the Python
+    side of a decode step is a few dozen of these per layer."""
+    key = id(w)
+    hit = _winfo_cache.get(key)
+    if hit is None or hit[0] is not w or hit[4] != get_num_threads():
+        hit = (w, _KINDS[w.qtype], _wdata(w), _chunk_rows(w, 1), get_num_threads(), _chunk_rows(w, 2))
+        if len(_winfo_cache) > 65536:
+            _winfo_cache.clear()
+        _winfo_cache[key] = hit  # holds w, so the id cannot be reused while cached
+    return hit[1], hit[2], hit[3] if T == 1 else hit[5]
+
+
 class _Job:
     """A table of tasks sharing one pool synchronisation."""
 
     def __init__(self, n_tasks: int) -> None:
-        self.table = np.zeros((n_tasks, _nb.F_SIZE), dtype=np.int64)
+        self.table = np.empty((n_tasks, _nb.F_SIZE), dtype=np.int64)  # fill_task writes every field
         self.keep: list = []  # keeps every buffer alive while the job runs
         self.n = 0
         self.nchunks = 0
         self._xcache: dict[tuple[int, bool], tuple] = {}
 
     def add(self, x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> None:
-        kind = _KINDS[w.qtype]
+        T = x.shape[0]
+        kind, wd, ch = _winfo(w, T)
         quant = kind <= 2 and not _exact
         acts = self._xcache.get((id(x), quant))
         if acts is None:
             acts = self._xcache[(id(x), quant)] = _nb.prep_x(x, quant)
-        wd = _wdata(w)
-        wd2 = _wdata(w2) if w2 is not None else wd
+        wd2 = _winfo(w2, T)[1] if w2 is not None else wd
         self.keep.append((x, acts, wd, wd2, out))
         self.nchunks = _nb.fill_task(self.table, self.n, kind, w2 is not None, quant, wd, wd2, w.shape[1],
-                                     x, *acts, out, _chunk_rows(w, x.shape[0]), self.nchunks)
+                                     x, *acts, out, ch, self.nchunks)
         self.n += 1
 
     def run(self) -> None:
