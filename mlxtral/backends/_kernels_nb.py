@@ -451,6 +451,47 @@ def attend_one(q, k, v, lo, hi, out):
 
 
 @njit(cache=_CACHE, nogil=True, fastmath=True)
+def attend_one_f16(q, k, v, lo, hi, out):
+    """``attend_one`` on a float16 cache given as uint16 bits: k/v [KV, ctx, hd] read in place
+    (no float32 copy of the cache per step)."""
+    H, hd = q.shape
+    G = H // k.shape[0]
+    scale = np.float32(1.0 / np.sqrt(hd))
+    n = hi - lo
+    hd16 = hd // 16 * 16
+    sc = np.empty(n, dtype=np.float32)
+    for h in range(H):
+        kv = h // G
+        qh = q[h]
+        qa = qh.ctypes.data
+        m = np.float32(-np.inf)
+        for s in range(n):
+            kr = k[kv, lo + s]
+            acc = dot_f16(kr.ctypes.data, qa, hd)
+            for d in range(hd16, hd):
+                acc += qh[d] * half_to_f32(kr[d])
+            acc *= scale
+            sc[s] = acc
+            if acc > m:
+                m = acc
+        tot = np.float32(0.0)
+        for s in range(n):
+            e = np.exp(sc[s] - m)
+            sc[s] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        o = out[h]
+        for d in range(hd):
+            o[d] = np.float32(0.0)
+        for s in range(n):
+            p = sc[s] * inv
+            vr = v[kv, lo + s]
+            for d in range(hd):
+                o[d] += p * half_to_f32(vr[d])
+    return out
+
+
+@njit(cache=_CACHE, nogil=True, fastmath=True)
 def rms_norm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, float32 [T, n] (one call, vectorized)."""
     T, n = x.shape

@@ -489,11 +489,14 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int 
 
         return attention_kv(q[None], k[:, lo:S].astype(np.float32, copy=False),
                             v[:, lo:S].astype(np.float32, copy=False), S - 1 - lo).reshape(-1)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty(q.shape, dtype=np.float32)
+    if k.dtype == np.float16:  # read the half cache in place (F16C conversion in the loops)
+        return _nb.attend_one_f16(q, k.view(np.uint16), v.view(np.uint16), lo, S, out).reshape(-1)
     if k.dtype != np.float32:
         k, v = k[:, lo:S].astype(np.float32), v[:, lo:S].astype(np.float32)
         S, lo = S - lo, 0
-    out = np.empty(q.shape, dtype=np.float32)
-    return _nb.attend_one(np.ascontiguousarray(q, dtype=np.float32), k, v, lo, S, out).reshape(-1)
+    return _nb.attend_one(q, k, v, lo, S, out).reshape(-1)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -517,7 +520,9 @@ def warmup() -> None:
         tensors.append(QTensor(t, wf.shape, np.zeros((8, 2 * block_bytes), dtype=np.uint8)))
     rms_norm(rng.standard_normal((2, 64)).astype(np.float32), np.ones(64, np.float32), 1e-5)
     kc = rng.standard_normal((2, 8, 16)).astype(np.float32)
-    attend_one(rng.standard_normal((4, 16)).astype(np.float32), kc, kc, 5)
+    q4 = rng.standard_normal((4, 16)).astype(np.float32)
+    attend_one(q4, kc, kc, 5)
+    attend_one(q4, kc.astype(np.float16), kc.astype(np.float16), 5)
     for T in (1, 2, max(_BLAS_MIN_T, 1)):
         x = rng.standard_normal((T, 64)).astype(np.float32)
         for w in tensors:
