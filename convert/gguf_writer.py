@@ -74,17 +74,22 @@ def add_model_metadata(w: Any, args: ModelArgs, qtype: str, name: str) -> None:
     w.add_quantization_version(QUANTIZATION_VERSION)
 
 
-def sentencepiece_vocab(path: Path, vocab_size: int
-                        ) -> tuple[list[bytes], list[float], list[int], dict[str, int]]:
-    """tokens, scores, token types and special ids from a SentencePiece ``tokenizer.model``,
-    padded with ``[PADi]`` up to ``vocab_size`` (as llama.cpp's converter does)."""
+def read_sentencepiece(path: Path) -> Any:
+    """A ``tokenizer.model`` parsed (:class:`spm_proto.SpmModel`); TokenizerError if it is not one."""
     from .spm_proto import parse_model
 
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise TokenizerError(f"cannot read ({e.strerror})", path) from None
-    m = parse_model(data, path)
+    return parse_model(data, path)
+
+
+def sentencepiece_vocab(path: Path, vocab_size: int, model: Any = None
+                        ) -> tuple[list[bytes], list[float], list[int], dict[str, int]]:
+    """tokens, scores, token types and special ids from a SentencePiece ``tokenizer.model``,
+    padded with ``[PADi]`` up to ``vocab_size`` (as llama.cpp's converter does)."""
+    m = model if model is not None else read_sentencepiece(path)
     n = len(m.pieces)
     if n > vocab_size:
         raise TokenizerError(f"tokenizer has {n} pieces but the model's vocabulary is {vocab_size}", path)
@@ -124,11 +129,18 @@ def add_tokenizer(w: Any, tok: TokenizerSource | None, args: ModelArgs) -> None:
     if path is None or not path.is_file():
         raise TokenizerError("GGUF output needs a SentencePiece tokenizer.model beside the weights",
                              tok.path)
-    tokens, scores, types, ids = sentencepiece_vocab(path, args.vocab_size)
+    spm = read_sentencepiece(path)
+    tokens, scores, types, ids = sentencepiece_vocab(path, args.vocab_size, spm)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
+    # the normalizer flags, as llama.cpp's converter writes them (so a tokenizer.model can be
+    # rebuilt from the GGUF); llama.cpp's own SPM tokenizer reads add_space_prefix
+    w.add_add_space_prefix(bool(spm.add_dummy_prefix))
+    w.add_remove_extra_whitespaces(bool(spm.remove_extra_whitespaces))
+    if spm.precompiled_charsmap:
+        w.add_precompiled_charsmap(spm.precompiled_charsmap)
     w.add_bos_token_id(ids["bos"])
     w.add_eos_token_id(ids["eos"])
     w.add_unk_token_id(ids["unk"])
@@ -146,6 +158,7 @@ def add_tokenizer(w: Any, tok: TokenizerSource | None, args: ModelArgs) -> None:
 _TOKENIZER_TYPES = {
     "tokenizer.ggml.scores": "float32",
     "tokenizer.ggml.token_type": "int32",
+    "tokenizer.ggml.precompiled_charsmap": "uint8",
 }
 
 
@@ -163,7 +176,7 @@ def copy_gguf_tokenizer(w: Any, md: dict[str, Any]) -> None:
             if not v:
                 continue
             if k in _TOKENIZER_TYPES:
-                sub = V.FLOAT32 if _TOKENIZER_TYPES[k] == "float32" else V.INT32
+                sub = {"float32": V.FLOAT32, "int32": V.INT32, "uint8": V.UINT8}[_TOKENIZER_TYPES[k]]
             elif isinstance(v[0], (str, bytes)):
                 sub = V.STRING
             elif isinstance(v[0], float):
@@ -202,7 +215,7 @@ def _fast_array(val: Any, sub: Any) -> bytes | None:
             out += struct.pack("<Q", len(b))
             out += b
         return bytes(out)
-    np_type = {V.FLOAT32: "<f4", V.INT32: "<i4", V.UINT32: "<u4"}.get(sub)
+    np_type = {V.FLOAT32: "<f4", V.INT32: "<i4", V.UINT32: "<u4", V.UINT8: "u1"}.get(sub)
     if np_type is not None:
         return head + np.asarray(val, dtype=np_type).tobytes()
     return None
@@ -232,6 +245,8 @@ def writer_class() -> type:
     class FastArrayWriter(gguf.GGUFWriter):
         def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
             if vtype == gguf.GGUFValueType.ARRAY and self.endianess == gguf.GGUFEndian.LITTLE:
+                if isinstance(val, (bytes, bytearray)) and sub_type in (None, gguf.GGUFValueType.UINT8):
+                    val, sub_type = list(val), gguf.GGUFValueType.UINT8  # as gguf packs bytes
                 fast = _fast_array(val, sub_type if sub_type is not None else _infer_type(val))
                 if fast is not None:
                     return (self._pack("I", vtype) if add_vtype else b"") + fast

