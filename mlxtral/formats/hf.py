@@ -185,7 +185,15 @@ def find_weight_files(folder: Path, stems: tuple[str, ...] = ("model", "pytorch_
 
 def hf_tokenizer(folder: Path) -> TokenizerSource | None:
     if (folder / "tokenizer.model").is_file():
-        return TokenizerSource("sentencepiece", folder / "tokenizer.model")
+        md: dict[str, Any] = {}
+        try:  # keep tokenizer_config.json's chat template (the SentencePiece file has none)
+            cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+            tpl = cfg.get("chat_template")
+            if isinstance(tpl, str):
+                md["tokenizer.chat_template"] = tpl
+        except (OSError, ValueError, AttributeError):
+            pass
+        return TokenizerSource("sentencepiece", folder / "tokenizer.model", md)
     if (folder / "tokenizer.json").is_file():
         return TokenizerSource("hf", folder)
     return None
