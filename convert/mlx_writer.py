@@ -29,11 +29,11 @@ from mlxtral.config import ModelArgs
 from mlxtral.errors import TokenizerError
 from mlxtral.formats import Checkpoint
 from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
-from mlxtral.quant.ggml import dequantize
+from mlxtral.quant.ggml import dequantize, squared_error_terms
 
 from .policy import Precision, mlx_quantizes
 from .safetensors_writer import SafetensorsWriter
-from .tensors import TensorReport, check_tensors, layer_order, release_pages, source_f32
+from .tensors import TensorReport, check_tensors, layer_order, map_rows, release_pages, source_f32
 
 MAX_SHARD_BYTES = 5 << 30
 _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -185,11 +185,23 @@ def copy_tokenizer(ckpt: Checkpoint, folder: Path) -> list[str]:
 
 def _encode_part(x: np.ndarray, m: MlxModule, bits: int | None, group_size: int, rep: TensorReport
                  ) -> dict[str, np.ndarray]:
+    """float32 ``[out, in]`` -> the module's stored arrays; row ranges in parallel (map_rows)."""
     if m.quantized:
         assert bits is not None
-        wq, s, b = affine_quantize(x, bits, group_size, m.dtype)
-        rep.add_error(x, affine_dequantize(wq, s, b, bits, group_size, m.dtype))
-        return {".weight": wq, ".scales": s, ".biases": b}
+
+        def work(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+            wq, s, b = affine_quantize(x[lo:hi], bits, group_size, m.dtype)
+            num, den = squared_error_terms(x[lo:hi], affine_dequantize(wq, s, b, bits, group_size, m.dtype))
+            return wq, s, b, num, den
+
+        parts = map_rows(work, x.shape[0], x.shape[-1])
+        for p in parts:
+            rep.num += p[3]
+            rep.den += p[4]
+        if len(parts) == 1:
+            return {".weight": parts[0][0], ".scales": parts[0][1], ".biases": parts[0][2]}
+        return {suffix: np.concatenate([p[i] for p in parts]) for i, suffix in
+                enumerate((".weight", ".scales", ".biases"))}
     data = store_dtype(x, m.dtype)
     if m.dtype != "float32":
         rep.add_error(x, dequantize(data, _GGUF_OF[m.dtype]))

@@ -2,15 +2,20 @@
 its shape and type, and the per-tensor report (bytes written, relative RMSE)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from mlxtral.config import ModelArgs
-from mlxtral.errors import FormatError
+from mlxtral.errors import FormatError, UsageError
 from mlxtral.qtensor import QTensor
 from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,21 +94,88 @@ def source_f32(t: QTensor) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def convert_threads() -> int:
+    """Worker threads for quantization: ``MLXTRAL_CONVERT_THREADS`` or the CPU count (at most 8).
+    NumPy releases the GIL inside its array operations, so row ranges convert in parallel."""
+    env = os.environ.get("MLXTRAL_CONVERT_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise UsageError(f"MLXTRAL_CONVERT_THREADS must be an integer, got {env!r}") from None
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+PARALLEL_MIN_ELEMS = 1 << 20  # smaller tensors are converted on the calling thread
+
+
+def row_ranges(n_rows: int, row_len: int, threads: int) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges for ``threads`` workers: 4 per worker (balance), none tiny."""
+    if threads <= 1 or n_rows * row_len < PARALLEL_MIN_ELEMS or n_rows < 2:
+        return [(0, n_rows)]
+    parts = min(n_rows, threads * 4)
+    bounds = np.linspace(0, n_rows, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def map_rows(fn: Callable[[int, int], T], n_rows: int, row_len: int) -> list[T]:
+    """``fn(lo, hi)`` over row ranges, on a shared thread pool when the tensor is big enough."""
+    global _POOL, _POOL_SIZE
+    threads = convert_threads()
+    ranges = row_ranges(n_rows, row_len, threads)
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    if _POOL is None or _POOL_SIZE != threads:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="mlxtral-convert"), threads
+    return list(_POOL.map(lambda r: fn(*r), ranges))
+
+
+def source_rows(t: QTensor) -> np.ndarray:
+    """The stored data of ``t`` as 2-D ``[rows, stored row]`` (a view)."""
+    d = np.asarray(t.data)
+    return d.reshape(-1, d.shape[-1]) if d.ndim != 1 else d.reshape(1, -1)
+
+
+def rows_f32(t: QTensor, data_rows: np.ndarray) -> np.ndarray:
+    """Some stored rows of ``t`` as float32 ``[rows, n]``."""
+    from mlxtral.quant import dequantize_blocks
+
+    n = t.shape[-1] if t.shape else 1
+    return dequantize_blocks(data_rows, t.qtype, (data_rows.shape[0], n))
+
+
 def encode_gguf(t: QTensor, qtype: str, report: TensorReport) -> np.ndarray:
     """Source tensor -> stored data of GGUF ``qtype``; adds its error to ``report``.
 
     Same type in and out: the raw bytes are passed through unchanged (no requantization loss).
+    Otherwise row ranges are dequantized, quantized and measured in parallel (:func:`map_rows`).
     """
-    from mlxtral.quant.ggml import quantize
+    from mlxtral.quant.ggml import dequantize, quantize, quantized_shape
 
     report.src_qtype = report.src_qtype or t.qtype
     if t.qtype == qtype:
         report.copied = True
         return np.asarray(t.data)
-    x = source_f32(t)
-    data = quantize(x, qtype)
-    add_quant_error(report, x, data, qtype)
-    return data
+    odtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(qtype, np.uint8)
+    out = np.empty(quantized_shape(tuple(t.shape), qtype), dtype=odtype)
+    src = source_rows(t)
+    orows = out.reshape(src.shape[0], -1)
+
+    def work(lo: int, hi: int) -> tuple[float, float]:
+        x = rows_f32(t, src[lo:hi])  # [rows, n] float32
+        quantize(x, qtype, out=orows[lo:hi])
+        if qtype == "F32":
+            return 0.0, 0.0
+        return squared_error_terms(x, dequantize(orows[lo:hi], qtype))
+
+    for num, den in map_rows(work, src.shape[0], t.shape[-1] if t.shape else 1):
+        report.num += num
+        report.den += den
+    return out
 
 
 def add_quant_error(report: TensorReport, x: np.ndarray, data: np.ndarray, qtype: str) -> None:

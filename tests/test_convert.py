@@ -502,3 +502,44 @@ def test_unknown_gguf_vocab_kind_is_a_clear_error(tmp_path: Path) -> None:
     dup = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a", "a"]}
     with pytest.raises(TokenizerError, match="twice"):
         write_gguf_tokenizer(dup, tmp_path, 8)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "F16", "BF16", "F32"])
+def test_parallel_encode_equals_serial(monkeypatch: pytest.MonkeyPatch, qtype: str) -> None:
+    """Row ranges on the thread pool give the bytes and the error of one serial pass."""
+    from mlxtral.convert import tensors
+    from mlxtral.convert.tensors import TensorReport, encode_gguf, row_ranges
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((300, 96)).astype(np.float32)
+    src = QTensor("BF16", x.shape, f32_to_bf16(x))
+    monkeypatch.setattr(tensors, "PARALLEL_MIN_ELEMS", 1)
+    monkeypatch.setenv("MLXTRAL_CONVERT_THREADS", "3")
+    assert len(row_ranges(300, 96, 3)) == 12
+    par = TensorReport("t", qtype, x.shape)
+    got = encode_gguf(src, qtype, par)
+    monkeypatch.setenv("MLXTRAL_CONVERT_THREADS", "1")
+    ser = TensorReport("t", qtype, x.shape)
+    want = encode_gguf(src, qtype, ser)
+    assert got.tobytes() == want.tobytes() == quantize(src.dequantize(), qtype).tobytes()
+    assert par.rel_rmse == pytest.approx(ser.rel_rmse, rel=1e-9)
+    monkeypatch.setenv("MLXTRAL_CONVERT_THREADS", "two")
+    with pytest.raises(UsageError):
+        tensors.convert_threads()
+
+
+def test_parallel_mlx_encode_equals_mx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                       ckpt: Checkpoint) -> None:
+    from mlxtral.convert import tensors
+
+    monkeypatch.setattr(tensors, "PARALLEL_MIN_ELEMS", 1)
+    monkeypatch.setenv("MLXTRAL_CONVERT_THREADS", "2")
+    out = tmp_path / "mlx"
+    out.mkdir()
+    write_mlx(ckpt, out, parse_precision("q4", "mlx"), 32)
+    w = mx.load(str(out / "model.safetensors"))
+    name = "model.layers.1.block_sparse_moe.switch_mlp.down_proj"
+    x = ckpt.tensors["blk.1.ffn_down.2.weight"].dequantize()
+    wq, s, _ = mx.quantize(mx.array(x).astype(mx.bfloat16), group_size=32, bits=4)
+    assert np.array_equal(np.array(w[name + ".weight"][2]), np.array(wq))
+    assert np.array_equal(np.array(w[name + ".scales"][2].view(mx.uint16)), np.array(s.view(mx.uint16)))
