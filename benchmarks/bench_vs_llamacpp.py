@@ -104,7 +104,8 @@ def _last_json(out: str) -> dict:
 
 
 def run_mlxtral(model: Path, a: argparse.Namespace) -> dict:
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(a.threads), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
+               OPENBLAS_NUM_THREADS=str(a.threads))
     cmd = [sys.executable, str(HERE), "--worker", str(model), "--pp", str(a.pp), "--tg", str(a.tg),
            "--threads", str(a.threads), "--repeat", str(a.repeat), "--kv-dtype", a.kv_dtype]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
