@@ -199,9 +199,14 @@ def release_pages(arr: np.ndarray) -> None:
     import ctypes
     import mmap
 
-    base = arr
-    while isinstance(base, np.ndarray) and base.base is not None:
-        base = base.base
+    base: object = arr
+    for _ in range(16):  # ndarray views, possibly over a memoryview of the mmap (safetensors)
+        if isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        elif isinstance(base, memoryview):
+            base = base.obj
+        else:
+            break
     if not isinstance(base, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED") or arr.nbytes == 0:
         return
     page = mmap.PAGESIZE

@@ -543,3 +543,32 @@ def test_parallel_mlx_encode_equals_mx(monkeypatch: pytest.MonkeyPatch, tmp_path
     wq, s, _ = mx.quantize(mx.array(x).astype(mx.bfloat16), group_size=32, bits=4)
     assert np.array_equal(np.array(w[name + ".weight"][2]), np.array(wq))
     assert np.array_equal(np.array(w[name + ".scales"][2].view(mx.uint16)), np.array(s.view(mx.uint16)))
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    return -1
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc (Linux)")
+def test_release_pages_through_memoryview(tmp_path: Path) -> None:
+    """Safetensors tensors are ndarray views of a memoryview of the mmap: their pages must be
+    dropped too (else converting from an HF folder keeps the whole input resident)."""
+    import mmap
+
+    from mlxtral.convert.tensors import release_pages
+
+    p = tmp_path / "blob"
+    p.write_bytes(np.ones(16 << 20, dtype=np.float32).tobytes())  # 64 MB
+    with open(p, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    arr = np.frombuffer(memoryview(mm), dtype=np.float32)[:, None][:, 0]
+    before = _rss_file_kb()
+    assert float(arr.sum()) == 16 << 20
+    touched = _rss_file_kb()
+    release_pages(arr)
+    after = _rss_file_kb()
+    assert touched - before > 50_000 and touched - after > 50_000, (before, touched, after)
+    del arr
