@@ -5,6 +5,8 @@ spinning worker threads, which never return to Python between jobs, can run any 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import carray, njit
 
@@ -55,9 +57,30 @@ PAUSES_PER_US = 20.0  # refined by calibrate_pause()
 _CACHE = not FORCED_GENERIC
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def round_half(v):
+    """float32 -> the nearest float16 value (ties to even), as float32; overflow -> +-inf."""
+    a = abs(np.float64(v))
+    if a == 0.0 or a != a:
+        return np.float32(v)
+    if a < 6.103515625e-05:  # float16 subnormals: multiples of 2**-24
+        r = np.rint(a * 16777216.0) / 16777216.0
+    else:
+        _, e = math.frexp(a)  # a = m * 2**e, m in [0.5, 1): 11 significant bits
+        q = math.ldexp(1.0, e - 11)
+        r = np.rint(a / q) * q
+        if r > 65504.0:
+            r = np.inf
+    return np.float32(r if v >= 0 else -r)
+
+
 @njit(cache=_CACHE, nogil=True)
 def quantize_x(x):
-    """float32 [T, n] (n % 32 == 0) -> int8 [T, n], scales [T, n/32], scale*sum(q) [T, n/32]."""
+    """float32 [T, n] (n % 32 == 0) -> int8 [T, n], scales [T, n/32], scale*sum(q) [T, n/32].
+
+    As llama.cpp's q8_0 / q8_1 activation blocks: q = rint(x * 127 / amax), the scale amax / 127
+    and the sum term stored (here: rounded) as float16, so our integer dots see the same numbers.
+    """
     T, n = x.shape
     nb = n // 32
     xq = np.empty((T, n), dtype=np.int8)
@@ -71,14 +94,14 @@ def quantize_x(x):
                 if v > amax:
                     amax = v
             d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
             s = 0
             for j in range(32):
                 q = np.int32(np.rint(x[t, b * 32 + j] * inv))
                 xq[t, b * 32 + j] = q
                 s += q
-            xd[t, b] = d
-            xs[t, b] = d * np.float32(s)
+            xd[t, b] = round_half(d)
+            xs[t, b] = round_half(d * np.float32(s))
     return xq, xd, xs
 
 
