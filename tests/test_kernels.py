@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -34,13 +35,28 @@ def make(qtype: str, shape: tuple[int, int], seed: int = 0) -> QTensor:
     return QTensor(qtype, shape, data.view(np.uint16) if qtype == "BF16" else data)
 
 
-def int8_acts(x: np.ndarray) -> np.ndarray:
-    """x rounded as the kernels do: int8 per 32-block, scale amax/127 (NumPy reference)."""
-    xb = x.reshape(x.shape[0], -1, 32)
-    d = (np.abs(xb).max(-1, keepdims=True) / np.float32(127)).astype(np.float32)
-    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
-    q = np.rint(xb * inv)
-    return (q * d).reshape(x.shape).astype(np.float32)
+def ref_mm(x: np.ndarray, w: QTensor) -> np.ndarray:
+    """x @ w.T as the decode kernels compute it (NumPy reference): block types see activations in
+    llama.cpp's q8_0 / q8_1 blocks: q = rint(x * 127 / amax) per 32 values, the scale amax / 127 as
+    float16, and (Q4_1's min term) the block sum d * sum(q) as float16."""
+    wd = w.dequantize()
+    if w.qtype not in BLOCK:
+        return x @ wd.T
+    T, n = x.shape
+    xb = x.reshape(T, -1, 32).astype(np.float32)
+    amax = np.abs(xb).max(-1)  # [T, nb]
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv[..., None])  # [T, nb, 32]
+    d = (amax / np.float32(127)).astype(np.float32)
+    d16 = d.astype(np.float16).astype(np.float64)
+    out = (q * d16[..., None]).reshape(T, n) @ wd.T.astype(np.float64)
+    if w.qtype == "Q4_1":  # the kernel adds m * float16(d * sum(q)) instead of m * d16 * sum(q)
+        nb = n // 32
+        m = np.ascontiguousarray(np.asarray(w.data).reshape(-1, nb, 20)[..., 2:4]).view(np.float16)[..., 0]
+        sq = q.sum(-1)  # [T, nb]
+        s16 = (d * sq.astype(np.float32)).astype(np.float16).astype(np.float64)
+        out += (s16 - d16 * sq) @ m.astype(np.float64).T
+    return out.astype(np.float32)
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,7 +86,7 @@ def test_block_types_int8(qtype, T, shape):
     if T >= kernels._BLAS_MIN_T:  # prefill: dequantized rows through BLAS, exact float32
         assert rel(got, x @ wd.T) < 1e-5
     else:
-        assert rel(got, int8_acts(x) @ wd.T) < 1e-5
+        assert rel(got, ref_mm(x, w)) < 1e-5
     assert rel(got, x @ wd.T) < 3e-2
 
 
@@ -91,8 +107,7 @@ def test_blas_prefill_path(qtype, blas_small):
     assert rel(kernels.swiglu(x, w, u), a / (1 + np.exp(-a)) * b) < 1e-5
     # a job mixing a decode row (int8 kernel) and a prefill group (BLAS)
     one, many = kernels.linear_experts([x[:1], x], [w, u])
-    xr = int8_acts(x[:1]) if qtype in BLOCK else x[:1]
-    assert rel(one, xr @ wd.T) < 1e-5 and rel(many, x @ ud.T) < 1e-5
+    assert rel(one, ref_mm(x[:1], w)) < 1e-5 and rel(many, x @ ud.T) < 1e-5
     sw = kernels.swiglu_experts([x[:1], x], [w, w], [u, u])
     assert rel(sw[1], a / (1 + np.exp(-a)) * b) < 1e-5
     for _ in range(3):  # the pool keeps working after being parked for BLAS
@@ -120,28 +135,36 @@ def test_rms_norm():
     np.testing.assert_allclose(kernels.rms_norm(x, w, 1e-5), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_portable_ir_without_avx2():
+def _portable_cases():
+    rng = np.random.default_rng(0)
+    for t in ("Q4_0", "Q4_1", "Q8_0", "F16"):
+        wf = rng.standard_normal((40, 64)).astype(np.float32)
+        w = (QTensor.from_float(wf.astype(np.float16)) if t == "F16"
+             else QTensor(t, wf.shape, gguf.quants.quantize(wf, gguf.GGMLQuantizationType[t])))
+        yield t, w, rng.standard_normal((3, 64)).astype(np.float32)
+
+
+def test_portable_ir_without_avx2(tmp_path):
     """MLXTRAL_NO_AVX2=1: the portable vector IR (macOS arm64, old x86) gives the same results."""
+    out = tmp_path / "got.npz"
     code = (
-        "import numpy as np, gguf; from mlxtral.backends import kernels as k, _kernels_ir as ir;"
-        "from mlxtral.qtensor import QTensor; rng = np.random.default_rng(0); errs = [];\n"
-        "for t in ('Q4_0', 'Q4_1', 'Q8_0', 'F16'):\n"
-        "    wf = rng.standard_normal((40, 64)).astype(np.float32)\n"
-        "    w = QTensor.from_float(wf.astype(np.float16)) if t == 'F16' else "
-        "QTensor(t, wf.shape, gguf.quants.quantize(wf, gguf.GGMLQuantizationType[t]))\n"
-        "    x = rng.standard_normal((3, 64)).astype(np.float32); xb = x.reshape(3, 2, 32)\n"
-        "    d = np.abs(xb).max(-1, keepdims=True) / np.float32(127)\n"
-        "    xr = x if t == 'F16' else (np.rint(xb / d) * d).reshape(3, 64).astype(np.float32)\n"
-        "    ref = xr @ w.dequantize().T; got = k.swiglu(x, w, w) if t == 'Q8_0' else k.linear(x, w)\n"
-        "    if t == 'Q8_0': ref = ref / (1 + np.exp(-ref)) * ref\n"
-        "    errs.append(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))\n"
-        "print(ir.HAVE_AVX2, k.HAVE_NUMBA, max(errs))"
+        "import sys, numpy as np; sys.path.insert(0, sys.argv[2]);"
+        "from mlxtral.backends import kernels as k, _kernels_ir as ir; import test_kernels as tk\n"
+        "got = {t: k.swiglu(x, w, w) if t == 'Q8_0' else k.linear(x, w)\n"
+        "       for t, w, x in tk._portable_cases()}\n"
+        "np.savez(sys.argv[1], **got); print(ir.HAVE_AVX2, k.HAVE_NUMBA)"
     )
     env = dict(os.environ, MLXTRAL_NO_AVX2="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    avx2, numba_on, err = out.stdout.split()
+    r = subprocess.run([sys.executable, "-c", code, str(out), str(Path(__file__).parent)], env=env,
+                       capture_output=True, text=True, check=True)
+    avx2, numba_on = r.stdout.split()
     assert avx2 == "False" and numba_on == "True"
-    assert float(err) < 1e-5
+    got = np.load(out)
+    for t, w, x in _portable_cases():
+        ref = ref_mm(x, w)
+        if t == "Q8_0":
+            ref = ref / (1 + np.exp(-ref)) * ref
+        assert rel(got[t], ref) < 1e-5, t
 
 
 @pytest.mark.parametrize("qtype", BLOCK + FLOAT)
@@ -167,8 +190,7 @@ def test_float_types_odd_widths(qtype, T, n_in):
 def test_swiglu(qtype, T):
     g, u = make(qtype, (70, 64), 3), make(qtype, (70, 64), 4)
     x = xs(T, 64)
-    xr = int8_acts(x) if qtype in BLOCK else x
-    a, b = xr @ g.dequantize().T, xr @ u.dequantize().T
+    a, b = ref_mm(x, g), ref_mm(x, u)
     ref = a / (1 + np.exp(-a)) * b
     assert rel(kernels.swiglu(x, g, u), ref) < 1e-5
 
@@ -198,7 +220,7 @@ def test_swiglu_mixed_types(T):
     g, u = make("F16", (40, 64), 1), make("Q4_0", (40, 64), 2)
     x = xs(T, 64)
     a = x @ g.dequantize().T
-    b = (x if T >= kernels._BLAS_MIN_T else int8_acts(x)) @ u.dequantize().T
+    b = x @ u.dequantize().T if T >= kernels._BLAS_MIN_T else ref_mm(x, u)
     ref = a / (1 + np.exp(-a)) * b
     assert rel(kernels.swiglu(x, g, u), ref) < 1e-5
     both = kernels.swiglu_experts([x, x], [g, g], [u, g])
@@ -246,8 +268,7 @@ def test_memory_mapped_gguf(tmp_path):
         assert isinstance(t.data, np.memmap)
         w = QTensor(t.tensor_type.name, shape, data)
         got = kernels.linear(x, w)
-        xr = int8_acts(x) if w.qtype in BLOCK else x
-        assert rel(got, xr @ w.dequantize().T) < 1e-5, t.name
+        assert rel(got, ref_mm(x, w)) < 1e-5, t.name
 
 
 def test_stacked_expert_view():
@@ -255,7 +276,7 @@ def test_stacked_expert_view():
     w = QTensor("Q4_0", (3, 20, 64), w3)
     x = xs(2, 64)
     for e in range(3):
-        ref = int8_acts(x) @ w.expert(e).dequantize().T
+        ref = ref_mm(x, w.expert(e))
         assert rel(kernels.linear(x, w.expert(e)), ref) < 1e-5
 
 
