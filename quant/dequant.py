@@ -1,7 +1,6 @@
 """Dequantize GGUF blocks to float32: our NumPy code for Q4_0/Q4_1/Q8_0, gguf.quants otherwise."""
 from __future__ import annotations
 
-import gguf
 import numpy as np
 
 from mlxtral.quant import ggml
@@ -11,6 +10,8 @@ def dequantize_blocks(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> n
     """Raw GGUF blocks (uint8 ``[..., nbytes_per_row]``) -> float32 of ``shape``."""
     if qtype in ("Q4_0", "Q4_1", "Q8_0", "F32", "F16", "BF16"):
         return ggml.dequantize(data, qtype, tuple(shape))
+    import gguf  # only here: importing gguf pulls in ~30 MB of optional packages
+
     try:
         gtype = gguf.GGMLQuantizationType[qtype]
     except KeyError:

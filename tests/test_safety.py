@@ -252,6 +252,8 @@ def test_hf_index_lies(tmp_path: Path, weights) -> None:
     ({"num_local_experts": 2}, "not used"),
     ({"num_hidden_layers": 3}, "missing: blk.2"),
     ({"tie_word_embeddings": True}, None),  # a stored lm_head wins: loads fine
+    # a config that implies billions of tensors is refused by arithmetic, not by listing them
+    ({"num_hidden_layers": 16_000_000, "num_local_experts": 4096}, "implies 196736000003 tensors"),
 ])
 def test_hf_config_disagrees_with_tensors(tmp_path: Path, weights, change: dict, match) -> None:
     folder = write_hf(tmp_path / "hf", weights, ARGS, tokenizer=False)

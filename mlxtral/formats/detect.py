@@ -30,6 +30,11 @@ def validate_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: P
     """Raise :class:`FormatError` unless ``shapes`` (internal names) is exactly what ``args`` implies.
 
     Loaders call it on names and shapes alone, before converting or copying any tensor."""
+    per_layer = 7 + int(args.is_moe) + 3 * args.n_ffn
+    n_want = 2 + int(not args.tie_word_embeddings) + args.n_layers * per_layer
+    if n_want > 4 * len(shapes) + 1000:  # a lying config: refuse before listing millions of names
+        raise FormatError(f"the config implies {n_want} tensors ({args.n_layers} layers x {per_layer}) "
+                          f"but the checkpoint holds {len(shapes)}", path)
     want = expected_shapes(args)
     missing = [n for n in want if n not in shapes]
     unused = sorted(n for n in shapes if n not in want)
