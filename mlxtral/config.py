@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlxtral.errors import ConfigError, FormatError
+from mlxtral.errors import ConfigError, FormatError, UsageError
 
 
 @dataclass
@@ -71,9 +71,9 @@ class ModelArgs:
         if k is None:
             return self
         if not self.is_moe:
-            raise ConfigError("experts_per_token only applies to a mixture-of-experts model")
+            raise UsageError("experts_per_token only applies to a mixture-of-experts model")
         if not 1 <= k <= self.n_experts:
-            raise ConfigError(f"experts_per_token must be between 1 and {self.n_experts}, got {k}")
+            raise UsageError(f"experts_per_token must be between 1 and {self.n_experts}, got {k}")
         d = asdict(self)
         d["n_experts_per_tok"] = k
         return ModelArgs(**d)

@@ -100,7 +100,8 @@ def test_info_table(models: dict[str, Path]) -> None:
 def test_info_experts_per_token_override(models: dict[str, Path]) -> None:
     d = json.loads(run("info", models["moe"], "--json", "--experts-per-token", "1").stdout)
     assert d["config"]["n_experts_per_tok"] == 1
-    assert_one_line_error(run("info", models["moe"], "--experts-per-token", "9"))
+    err = assert_one_line_error(run("info", models["moe"], "--experts-per-token", "9"), code=2)
+    assert "between 1 and" in err
 
 
 def test_bad_inputs_give_one_line_errors(models: dict[str, Path]) -> None:
