@@ -11,9 +11,9 @@
 - q_proj/k_proj rows in Hugging Face's rotate-half order (mlx-lm runs ``rope_traditional=False``);
   the internal layout is interleaved, so they are permuted on the way out.
 - tokenizer files copied from the source (``tokenizer.model``, ``tokenizer.json``,
-  ``tokenizer_config.json``, ``special_tokens_map.json``); a ``tokenizer_config.json`` is written
-  for a bare ``tokenizer.model``; from a GGUF source they are rebuilt from its vocabulary
-  (see :mod:`tokenizer_files`).
+  ``tokenizer_config.json``, ``special_tokens_map.json``); a ``tokenizer.json`` and a
+  ``tokenizer_config.json`` are written for a bare ``tokenizer.model``; from a GGUF source they
+  are rebuilt from its vocabulary (see :mod:`tokenizer_files`).
 """
 from __future__ import annotations
 
@@ -172,6 +172,10 @@ def copy_tokenizer(ckpt: Checkpoint, folder: Path) -> list[str]:
         if n not in written and (src / n).is_file():
             shutil.copyfile(src / n, folder / n)
             written.append(n)
+    if "tokenizer.json" not in written and "tokenizer.model" in written:
+        from .tokenizer_files import write_spm_tokenizer_json
+
+        written += write_spm_tokenizer_json(folder / "tokenizer.model", folder)
     if "tokenizer_config.json" not in written and "tokenizer.model" in written:
         cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True,

@@ -9,11 +9,16 @@
   model (vocab + merges), the ``tokenizer.ggml.pre`` regexes as ``Split`` pre-tokenizers followed
   by ``ByteLevel`` (no regex of its own), a ``ByteLevel`` decoder, and the control / user-defined
   tokens as ``added_tokens``.
+- beside a SentencePiece BPE ``tokenizer.model``, also its ``tokenizer.json`` (see
+  :func:`tokenizer_json_from_spm`): recent transformers, which mlx-lm loads tokenizers through,
+  convert a bare ``tokenizer.model`` of a ``mixtral`` model without the dummy prefix ("the" became
+  "t" + "he"); real Mixtral folders ship a ``tokenizer.json`` for that reason.
 - ``tokenizer_config.json`` with the bos/eos tokens, ``add_bos_token`` / ``add_eos_token`` and the
   GGUF's ``tokenizer.chat_template``.
 """
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,9 +26,10 @@ from typing import Any
 
 from mlxtral.errors import TokenizerError
 
-from .spm_proto import BPE, BYTE, CONTROL, NORMAL, USER_DEFINED, SpmModel, build_model
+from .spm_proto import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SpmModel, build_model, parse_model
 
-__all__ = ["write_gguf_tokenizer", "spm_model_from_gguf", "tokenizer_json_from_gguf"]
+__all__ = ["write_gguf_tokenizer", "spm_model_from_gguf", "tokenizer_json_from_gguf",
+           "tokenizer_json_from_spm", "write_spm_tokenizer_json"]
 
 
 def _text(v: Any) -> str:
@@ -122,6 +128,85 @@ def tokenizer_json_from_gguf(md: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def tokenizer_json_from_spm(m: SpmModel) -> dict[str, Any]:
+    """A Hugging Face ``tokenizer.json`` (dict) equivalent to a SentencePiece BPE model, built as
+    transformers' ``LlamaConverter`` builds it: the merges are every split of a normal piece into
+    two normal pieces, ranked by the merged piece's score (then by the parts' ids); the normalizer
+    reproduces SentencePiece's (precompiled rules, extra-whitespace removal, dummy prefix, escaped
+    spaces); a ``TemplateProcessing`` adds BOS."""
+    if m.model_type != BPE:
+        raise TokenizerError("only a SentencePiece BPE model can be written as a tokenizer.json")
+    texts = [p.decode("utf-8", errors="replace") for p in m.pieces]
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        vocab.setdefault(t, i)
+    normal = {t: i for i, t in enumerate(texts) if m.types[i] == NORMAL and vocab[t] == i}
+    ranked = []
+    for piece, pid in normal.items():
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        local = [(a, b) for a, b in local if a in normal and b in normal]
+        local.sort(key=lambda ab: (normal[ab[0]], normal[ab[1]]))
+        ranked.extend((-m.scores[pid], pid, a, b) for a, b in local)
+    ranked.sort(key=lambda r: (r[0], r[1]))  # stable within a piece: its (left, right) id order
+    merges = [[a, b] for _, _, a, b in ranked]
+    norms: list[dict[str, Any]] = []
+    if m.precompiled_charsmap:
+        norms.append({"type": "Precompiled",
+                      "precompiled_charsmap": base64.b64encode(m.precompiled_charsmap).decode("ascii")})
+    if m.remove_extra_whitespaces:
+        norms += [{"type": "Strip", "strip_left": True, "strip_right": True},
+                  {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
+    if m.add_dummy_prefix:
+        norms.append({"type": "Prepend", "prepend": "\u2581"})
+    if m.escape_whitespaces:
+        norms.append({"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"})
+    added = [{"id": i, "content": texts[i], "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": m.types[i] in (CONTROL, UNKNOWN)}
+             for i in range(len(texts)) if m.types[i] in (CONTROL, UNKNOWN, USER_DEFINED)]
+    post = None
+    if 0 <= m.bos_id < len(texts):
+        bos = texts[m.bos_id]
+        def part(kind: str, id_: str, type_id: int) -> dict[str, Any]:
+            return {kind: {"id": id_, "type_id": type_id}}
+
+        post = {"type": "TemplateProcessing",
+                "single": [part("SpecialToken", bos, 0), part("Sequence", "A", 0)],
+                "pair": [part("SpecialToken", bos, 0), part("Sequence", "A", 0),
+                         part("SpecialToken", bos, 1), part("Sequence", "B", 1)],
+                "special_tokens": {bos: {"id": bos, "ids": [m.bos_id], "tokens": [bos]}}}
+    decoders: list[dict[str, Any]] = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}]
+    if m.byte_fallback:
+        decoders.append({"type": "ByteFallback"})
+    decoders.append({"type": "Fuse"})
+    if m.add_dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    unk = texts[m.unk_id] if 0 <= m.unk_id < len(texts) else None
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": norms} if norms else None,
+        "pre_tokenizer": None,
+        "post_processor": post,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": m.byte_fallback,
+                  "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+
+
+def write_spm_tokenizer_json(model_file: Path, folder: Path) -> list[str]:
+    """Write ``tokenizer.json`` for the SentencePiece ``model_file`` into ``folder`` when it is a BPE
+    model (Mistral's and Llama's are); returns the names written (none for a unigram model)."""
+    m = parse_model(Path(model_file).read_bytes(), model_file)
+    if m.model_type != BPE:
+        return []
+    doc = tokenizer_json_from_spm(m)
+    (Path(folder) / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
+    return ["tokenizer.json"]
+
+
 def tokenizer_config(md: Mapping[str, Any], kind: str, max_len: int) -> dict[str, Any]:
     tokens = md.get("tokenizer.ggml.tokens") or []
 
@@ -153,8 +238,13 @@ def write_gguf_tokenizer(md: Mapping[str, Any], folder: Path, max_len: int) -> l
     kind = _text(model) if model is not None else None
     folder = Path(folder)
     if kind == "llama":
-        (folder / "tokenizer.model").write_bytes(build_model(spm_model_from_gguf(md)))
+        spm = spm_model_from_gguf(md)
+        (folder / "tokenizer.model").write_bytes(build_model(spm))
         written = ["tokenizer.model"]
+        if spm.model_type == BPE:
+            doc = json.dumps(tokenizer_json_from_spm(spm), ensure_ascii=False)
+            (folder / "tokenizer.json").write_text(doc + "\n", encoding="utf-8")
+            written.append("tokenizer.json")
     elif kind == "gpt2":
         doc = tokenizer_json_from_gguf(md)
         (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n",

@@ -572,3 +572,51 @@ def test_release_pages_through_memoryview(tmp_path: Path) -> None:
     after = _rss_file_kb()
     assert touched - before > 50_000 and touched - after > 50_000, (before, touched, after)
     del arr
+
+
+@pytest.mark.parametrize("prec,tol", [("q4", 0.3), ("q8", 0.3), ("bf16", 1e-3), ("f32", 1e-3)])
+def test_mlx_output_opens_in_mlx_lm(tmp_path: Path, hf_folder: Path, prec: str, tol: float) -> None:
+    """mlx-lm itself loads our MLX folders (model, config and tokenizer) and computes the same
+    logits as mlxtral on them. Tolerance in units of the logits' std: mlx-lm dequantizes with the
+    bfloat16 scales in bfloat16 (~0.4% per weight), we keep float16-or-better weights."""
+    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlxtral
+    from mlxtral.convert import convert
+
+    out = tmp_path / f"mlx-{prec}"
+    convert(hf_folder, out, "mlx", prec, group_size=32, progress=False)
+    model, tok = mlx_lm.load(str(out))
+    ids = tok.encode("the cat sat on the mat")
+    m = mlxtral.load(out, backend="numpy")
+    assert ids == m.tokenizer.encode("the cat sat on the mat", bos=True)
+    ref = np.array(model(mx.array([ids])).astype(mx.float32))[0]  # [T, vocab]
+    ours = m.logits(ids)
+    assert ref.shape == ours.shape
+    assert np.abs(ref - ours).max() < tol * ref.std(), (np.abs(ref - ours).max(), ref.std())
+    assert (ref.argmax(-1) == ours.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("which", ["mixtral", "tiny"])
+def test_tokenizer_json_from_spm_matches_sentencepiece(tokenizer_model: Path, which: str) -> None:
+    """The tokenizer.json written beside a bare tokenizer.model tokenizes like sentencepiece (the
+    real Mixtral v1 model; a tiny one with NFKC rules and extra-whitespace removal)."""
+    import sentencepiece as spm
+    tokenizers = pytest.importorskip("tokenizers")
+
+    from mlxtral.convert.spm_proto import parse_model
+    from mlxtral.convert.tokenizer_files import tokenizer_json_from_spm
+
+    path = REAL_TOKENIZER if which == "mixtral" else tokenizer_model
+    ref = spm.SentencePieceProcessor(model_file=str(path))
+    tok = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json_from_spm(parse_model(path.read_bytes()))))
+    # control tokens written in the text are special in tokenizers (as in Mixtral's own
+    # tokenizer.json), plain text in sentencepiece
+    texts = [t for t in TOKENIZER_TEXTS + _random_texts(500, seed=2) if not any(
+        c in t for c in ("<s>", "</s>", "<unk>"))]
+    if which == "tiny":  # NFKC maps some characters to several spaces before whitespace removal
+        texts = [t for t in texts if "\u3000" not in t and "\u00a0" not in t]
+    for t in texts:
+        ids = tok.encode(t).ids
+        assert ids == [ref.bos_id(), *ref.encode(t)], repr(t)
+        if which == "mixtral":
+            assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ref.encode(t)), repr(t)
