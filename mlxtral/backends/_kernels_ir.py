@@ -149,6 +149,8 @@ def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
 
 # ---- per-block bodies: return (<8 x float> integer-dot as float, weight scale d, constant term) ----
 def _block_q4(b, wp, xp, boff, xoff, with_min):
+    """Nibbles as unsigned 0..15 against signed x (one vpmaddubsw); the constant part goes through
+    ``xs``: Q4_1's min m, Q4_0's offset as m = -8 d (so no per-block sign juggling)."""
     d = _half(b, wp, boff)
     qoff = b.add(boff, ir.Constant(i64, 4 if with_min else 2))
     q = _load(b, wp, qoff, v16i8)
@@ -156,12 +158,11 @@ def _block_q4(b, wp, xp, boff, xoff, with_min):
     hi = b.lshr(q, _vconst(v16i8, 4))
     w = b.shuffle_vector(lo, hi, _mask(list(range(32))))
     x = _load(b, xp, xoff, v32i8)
-    if with_min:  # unsigned nibbles; the min m is added through xs
-        s = _madd_ones(b, _maddubs(b, w, x))
-    else:  # q - 8, signed x signed: no per-block constant term
-        aw, sx = _abs_sign(b, b.sub(w, _vconst(v32i8, 8)), x)
-        s = _madd_ones(b, _maddubs(b, aw, sx))
-    m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else None
+    s = _madd_ones(b, _maddubs(b, w, x))
+    if with_min:
+        m = _half(b, wp, b.add(boff, ir.Constant(i64, 2)))
+    else:
+        m = b.fmul(d, ir.Constant(f32, -8.0))
     return b.sitofp(s, v8f), d, m
 
 
@@ -201,7 +202,7 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
             s, d, m = _block_q8(bb, wp, xp, boff, xoff)
         xd = bb.load(_gep(bb, xdp, blk))
         acc = _fma(bb, s, _splat(bb, bb.fmul(d, xd)), acc)
-        if with_min:
+        if fam == "q4":
             xs = bb.load(_gep(bb, xsp, blk))
             corr = bb.fadd(corr, bb.fmul(m, xs))
         return acc, corr
@@ -283,23 +284,26 @@ def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
         q = _load(b, wp, b.add(boff, ir.Constant(i64, 4 if with_min else 2)), v16i8)
         lo = b.and_(q, _vconst(v16i8, 15))
         hi = b.lshr(q, _vconst(v16i8, 4))
-        w = b.shuffle_vector(lo, hi, _mask(list(range(32))))
-        if not with_min:
-            w = b.sub(w, _vconst(v32i8, 8))
+        w = b.shuffle_vector(lo, hi, _mask(list(range(32))))  # unsigned 0..15
     else:
         w = _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8)
-    m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else None
+    if fam != "q4":
+        m = None
+    elif with_min:
+        m = _half(b, wp, b.add(boff, ir.Constant(i64, 2)))
+    else:
+        m = b.fmul(d, ir.Constant(f32, -8.0))  # Q4_0's offset, through xs
     new_accs, new_corrs = [], []
     for t in range(NTOK):
         x = _load(b, xps[t], xoff, v32i8)
-        if with_min:
+        if fam == "q4":
             sv = _madd_ones(b, _maddubs(b, w, x))
         else:
             aw, sx = _abs_sign(b, w, x)
             sv = _madd_ones(b, _maddubs(b, aw, sx))
         xd = b.load(_gep(b, xdps[t], i))
         new_accs.append(_fma(b, b.sitofp(sv, v8f), _splat(b, b.fmul(d, xd)), accs[t]))
-        if with_min:
+        if m is not None:
             xs = b.load(_gep(b, xsps[t], i))
             new_corrs.append(b.fadd(corrs[t], b.fmul(m, xs)))
         else:

@@ -76,16 +76,18 @@ def round_half(v):
 
 @njit(cache=_CACHE, nogil=True)
 def quantize_x(x):
-    """float32 [T, n] (n % 32 == 0) -> int8 [T, n], scales [T, n/32], scale*sum(q) [T, n/32].
+    """float32 [T, n] (n % 32 == 0) -> int8 [T, n], scales [T, n/32], sum terms [2, T, n/32].
 
     As llama.cpp's q8_0 / q8_1 activation blocks: q = rint(x * 127 / amax), the scale amax / 127
-    and the sum term stored (here: rounded) as float16, so our integer dots see the same numbers.
+    stored as float16 (here: rounded to it), so our integer dots see the same numbers. Sum terms,
+    for the weights' constant parts: ``[0]`` float16(d * sum(q)) (q8_1's ``s``, for Q4_1's min),
+    ``[1]`` d16 * sum(q) (for Q4_0's -8 offset, taken out of the integer dot).
     """
     T, n = x.shape
     nb = n // 32
     xq = np.empty((T, n), dtype=np.int8)
     xd = np.empty((T, nb), dtype=np.float32)
-    xs = np.empty((T, nb), dtype=np.float32)
+    xs = np.empty((2, T, nb), dtype=np.float32)
     for t in range(T):
         for b in range(nb):
             amax = np.float32(0.0)
@@ -100,8 +102,10 @@ def quantize_x(x):
                 q = np.int32(np.rint(x[t, b * 32 + j] * inv))
                 xq[t, b * 32 + j] = q
                 s += q
-            xd[t, b] = round_half(d)
-            xs[t, b] = round_half(d * np.float32(s))
+            d16 = round_half(d)
+            xd[t, b] = d16
+            xs[0, t, b] = round_half(d * np.float32(s))
+            xs[1, t, b] = d16 * np.float32(s)
     return xq, xd, xs
 
 
@@ -364,7 +368,7 @@ def prep_x(x, quant):
     if quant:
         return quantize_x(x)
     return (np.zeros((1, 1), dtype=np.int8), np.zeros((1, 1), dtype=np.float32),
-            np.zeros((1, 1), dtype=np.float32))
+            np.zeros((2, 1, 1), dtype=np.float32))
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -383,7 +387,7 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, c
     table[i, F_X] = x.ctypes.data
     table[i, F_XQ] = xq.ctypes.data
     table[i, F_XD] = xd.ctypes.data
-    table[i, F_XS] = xs.ctypes.data
+    table[i, F_XS] = xs.ctypes.data + (xs.strides[0] if kind == 0 else 0)  # Q4_0: the d16*sum row
     table[i, F_OUT] = out.ctypes.data
     table[i, F_OSTRIDE] = out.strides[0] // 4
     table[i, F_CHUNK] = ch
