@@ -3,7 +3,8 @@ upcycle, convert. A thin layer over the Python API; heavy imports (numpy, the ba
 inside the commands so that ``mlxtral --help`` is fast.
 
 Exit codes: 0 success, 1 a user's error (bad file, does not fit...), 2 a wrong argument,
-130 interrupted. Errors are one line on stderr: ``error: <what>``.
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM) during a conversion. Errors are one line on
+stderr: ``error: <what>``.
 """
 from __future__ import annotations
 
@@ -53,12 +54,15 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mlxtral.errors import MlxtralError
+        from mlxtral.errors import MlxtralError, Terminated
 
         try:
             return fn(*args, **kwargs)
         except MlxtralError as e:
             fail(" ".join(str(e).split()), e.exit_code)
+        except Terminated as e:
+            sys.stderr.write(f"\nterminated (signal {e.signum}); nothing was left behind\n")
+            raise typer.Exit(128 + e.signum) from None
         except (KeyboardInterrupt, SystemError) as e:
             from mlxtral.chat import is_interrupt
 

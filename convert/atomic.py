@@ -4,11 +4,36 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from mlxtral.errors import UsageError
+from mlxtral.errors import Terminated, UsageError
+
+_CATCH = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def terminate_as_exception() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (Python's
+    default is to die on the spot, skipping every cleanup); the previous handlers come back after.
+    SIGINT already raises KeyboardInterrupt. A no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    old = {s: signal.signal(s, handler) for s in _CATCH}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def check_output(out: Path, force: bool, src: Path | None = None) -> None:
@@ -26,9 +51,14 @@ def check_output(out: Path, force: bool, src: Path | None = None) -> None:
 @contextlib.contextmanager
 def atomic_output(out: Path, *, is_dir: bool, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it replaces ``out``, on any exception
-    (KeyboardInterrupt included) it is deleted and ``out`` is left untouched."""
+    (KeyboardInterrupt, SIGTERM and SIGHUP included) it is deleted and ``out`` is left untouched."""
     out = Path(out)
     check_output(out, force)
+    with terminate_as_exception():
+        yield from _atomic(out, is_dir)
+
+
+def _atomic(out: Path, is_dir: bool) -> Iterator[Path]:
     prefix = f".{out.name}.tmp-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))

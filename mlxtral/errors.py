@@ -52,3 +52,12 @@ class UsageError(MlxtralError):
     """A wrong argument or combination of arguments."""
 
     exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived during work that must clean up (a conversion): raised from the
+    signal handler so that ``finally``/``except`` blocks run; the CLI exits ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"terminated by signal {signum}")

@@ -85,79 +85,83 @@ def upcycle(
             raise FormatError(f"layer {layer} lacks ffn_{{gate,up,down}}.weight (has {sorted(parts)})", src)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
-        for key, val in md.items():
-            if key in _SKIP_KEYS:
-                continue
-            vtype = gguf.GGUFValueType(f.value_types[key])
-            if vtype == ARRAY:
-                if not val:  # the writer refuses empty arrays; llama.cpp treats them as absent
+    from mlxtral.convert.atomic import terminate_as_exception
+
+    with terminate_as_exception():  # SIGTERM/SIGHUP: the .part file is removed too
+        fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            w = gguf.GGUFWriter(tmp, arch)
+            for key, val in md.items():
+                if key in _SKIP_KEYS:
                     continue
-                sub = gguf.GGUFValueType(f.array_types[key])
-                if sub == ARRAY:
-                    raise FormatError(f"metadata key {key!r}: nested arrays cannot be copied", src)
-                w.add_key_value(key, val, vtype, sub)
-            else:
-                w.add_key_value(key, val, vtype)
-        w.add_key_value(f"{arch}.expert_count", experts, gguf.GGUFValueType.UINT32)
-        w.add_key_value(f"{arch}.expert_used_count", top_k, gguf.GGUFValueType.UINT32)
-        base = md.get("general.name") if isinstance(md.get("general.name"), str) else src.stem
-        w.add_key_value("general.name", f"{base} (upcycled {experts}x, top-{top_k})",
-                        gguf.GGUFValueType.STRING)
+                vtype = gguf.GGUFValueType(f.value_types[key])
+                if vtype == ARRAY:
+                    if not val:  # the writer refuses empty arrays; llama.cpp treats them as absent
+                        continue
+                    sub = gguf.GGUFValueType(f.array_types[key])
+                    if sub == ARRAY:
+                        raise FormatError(f"metadata key {key!r}: nested arrays cannot be copied", src)
+                    w.add_key_value(key, val, vtype, sub)
+                else:
+                    w.add_key_value(key, val, vtype)
+            w.add_key_value(f"{arch}.expert_count", experts, gguf.GGUFValueType.UINT32)
+            w.add_key_value(f"{arch}.expert_used_count", top_k, gguf.GGUFValueType.UINT32)
+            base = md.get("general.name") if isinstance(md.get("general.name"), str) else src.stem
+            w.add_key_value("general.name", f"{base} (upcycled {experts}x, top-{top_k})",
+                            gguf.GGUFValueType.STRING)
 
-        rng = np.random.default_rng(seed)
-        plan: list[tuple[str, Callable[[], np.ndarray]]] = []
+            rng = np.random.default_rng(seed)
+            plan: list[tuple[str, Callable[[], np.ndarray]]] = []
 
-        def add(name: str, make: Callable[[], np.ndarray], shape: tuple[int, ...], dtype: Any,
-                nbytes: int, raw: Any) -> None:
-            w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
-            plan.append((name, make))
+            def add(name: str, make: Callable[[], np.ndarray], shape: tuple[int, ...], dtype: Any,
+                    nbytes: int, raw: Any) -> None:
+                w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
+                plan.append((name, make))
 
-        done_layers: set[int] = set()
-        for t in tensors:
-            m = _DENSE_FFN.match(t.name)
-            if m is None:
-                data = t.data
-                add(t.name, lambda d=data: d, data.shape, data.dtype, data.nbytes,
-                    gguf.GGMLQuantizationType[t.qtype])
-                continue
-            layer = int(m[1])
-            if layer in done_layers:
-                continue
-            done_layers.add(layer)
-            # Router first (as llama.cpp's converter orders them), random but seeded.
-            router = (rng.standard_normal((experts, dim), dtype=np.float32) / np.sqrt(dim)).astype(np.float32)
-            add(f"blk.{layer}.ffn_gate_inp.weight", lambda r=router: r, router.shape, np.float32,
-                router.nbytes, None)
-            for part in ("gate", "up", "down"):
-                src_t = by_layer[layer][part]
-                data = src_t.data  # [out, in] (or [out, bytes per row] for block types)
-                raw = gguf.GGMLQuantizationType[src_t.qtype]
-                shape = (experts,) + tuple(data.shape)
+            done_layers: set[int] = set()
+            for t in tensors:
+                m = _DENSE_FFN.match(t.name)
+                if m is None:
+                    data = t.data
+                    add(t.name, lambda d=data: d, data.shape, data.dtype, data.nbytes,
+                        gguf.GGMLQuantizationType[t.qtype])
+                    continue
+                layer = int(m[1])
+                if layer in done_layers:
+                    continue
+                done_layers.add(layer)
+                # Router first (as llama.cpp's converter orders them), random but seeded.
+                router = rng.standard_normal((experts, dim), dtype=np.float32) / np.sqrt(dim)
+                router = router.astype(np.float32)
+                add(f"blk.{layer}.ffn_gate_inp.weight", lambda r=router: r, router.shape, np.float32,
+                    router.nbytes, None)
+                for part in ("gate", "up", "down"):
+                    src_t = by_layer[layer][part]
+                    data = src_t.data  # [out, in] (or [out, bytes per row] for block types)
+                    raw = gguf.GGMLQuantizationType[src_t.qtype]
+                    shape = (experts,) + tuple(data.shape)
 
-                def make(d: np.ndarray = data) -> np.ndarray:
-                    return np.ascontiguousarray(np.broadcast_to(d, (experts,) + d.shape))
+                    def make(d: np.ndarray = data) -> np.ndarray:
+                        return np.ascontiguousarray(np.broadcast_to(d, (experts,) + d.shape))
 
-                add(f"blk.{layer}.ffn_{part}_exps.weight", make, shape, data.dtype,
-                    data.nbytes * experts, raw)
+                    add(f"blk.{layer}.ffn_{part}_exps.weight", make, shape, data.dtype,
+                        data.nbytes * experts, raw)
 
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for i, (_name, make) in enumerate(plan):
-            w.write_tensor_data(make())
-            if progress is not None:
-                progress(i + 1, len(plan))
-        w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for i, (_name, make) in enumerate(plan):
+                w.write_tensor_data(make())
+                if progress is not None:
+                    progress(i + 1, len(plan))
+            w.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
