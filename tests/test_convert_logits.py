@@ -236,7 +236,13 @@ def _llamacpp() -> str | None:
 # max |ours - llama.cpp| (absolute; these logits have std 0.51). Measured: F32 7.7e-4 (llama.cpp
 # keeps an f16 KV cache); Q8_0 3.0e-2 and Q4_0 3.3e-2 (both runtimes quantize the activations to
 # int8 blocks, with different rounding and summation order). Same argmax everywhere.
-LLAMACPP_TOL = {"f32": 5e-3, "q8": 6e-2, "q4": 6e-2}
+# max |ours - llama.cpp| (logits' std ~0.51). Measured: f32 7.7e-4, f16 ~1e-3, bf16 9.8e-3 (llama.cpp
+# rounds the activations to bfloat16 for BF16 weights), q8 3.3e-2, q4 2.7e-2. Q4_1 is left out here:
+# on this random model one token's top-2 routing is a near-tie (margin 0.0034 between the 2nd and
+# 3rd expert), which activation rounding decides either way, and then logits and argmax differ by
+# design. Our Q4_1 path is checked against llama.cpp on the real SmolLM2-135M Q4_1 instead
+# (test_llamacpp: 32 greedy tokens equal).
+LLAMACPP_TOL = {"f32": 5e-3, "f16": 5e-3, "bf16": 2e-2, "q8": 6e-2, "q4": 6e-2}
 
 
 @pytest.mark.llamacpp
