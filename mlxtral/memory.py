@@ -102,7 +102,7 @@ def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> tuple[int,
         else:
             total += n * float_bytes
     if backend == "mlx":
-        held = 0  # MLX makes its own copies: what the checkpoint holds stays on top
+        held = 0  # MLX makes its own copies; the checkpoint's stay until they are built (the peak)
     return total, held
 
 

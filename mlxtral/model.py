@@ -206,6 +206,9 @@ def load(
         except ImportError as e:
             raise MlxtralError(f"the MLX backend is not available ({e})") from None
         be = MLXBackend(ckpt.args, ckpt.tensors, dtype=kv_dtype)
+        # MLX holds its own (repacked) copies: drop ours, or a folder whose weights were converted
+        # in RAM (MLX 4-bit -> Q4_1, K-quants -> F16) would stay resident twice
+        ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]
     tok = None
     if tokenizer:
         if ckpt.tokenizer is None:

@@ -60,6 +60,20 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is left of a :class:`QTensor` once a backend holds its own copy: type, shape, size
+    (for ``info``/``bench``), no data."""
+
+    qtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 @dataclass(frozen=True, eq=False)
 class QTensor:
     qtype: str
@@ -105,6 +119,9 @@ class QTensor:
     @property
     def is_quantized(self) -> bool:
         return self.qtype in BLOCK_TYPES
+
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.qtype, tuple(self.shape), self.nbytes)
 
     def expert(self, e: int) -> QTensor:
         """Expert ``e`` of a stacked ``[E, out, in]`` tensor, as a zero-copy 2-D view."""

@@ -121,3 +121,32 @@ def test_available_memory_linux(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_available_memory_real_machine() -> None:
     avail = memory.available_memory()
     assert avail is not None and 0 < avail <= memory._physical_memory()
+
+
+def test_mlx_load_drops_the_checkpoint_copy(tmp_path: Path) -> None:
+    """An MLX 4-bit folder is converted to Q4_1 blocks in RAM by our loader; once the MLX backend
+    holds its own arrays that copy must go (else the weights stay resident twice)."""
+    pytest.importorskip("mlx.core")
+    from tiny_models import write_mlx
+
+    from mlxtral.info import active_weight_bytes
+    from mlxtral.qtensor import TensorInfo
+
+    args = tiny_args()
+    folder, _ = write_mlx(tmp_path / "mlx4", random_weights(args, seed=2), args, bits=4)
+    ref = mlxtral.load(folder, backend="numpy", tokenizer=False)
+    q = ref.checkpoint.tensors["blk.0.ffn_gate.0.weight"]
+    assert q.qtype == "Q4_1"
+    m = mlxtral.load(folder, backend="mlx", tokenizer=False)
+    infos = m.checkpoint.tensors
+    assert all(isinstance(t, TensorInfo) for t in infos.values())
+    assert {n: (t.qtype, t.shape, t.nbytes) for n, t in infos.items()} == {
+        n: (t.qtype, t.shape, t.nbytes) for n, t in ref.checkpoint.tensors.items()}
+    assert active_weight_bytes(m.checkpoint) == active_weight_bytes(ref.checkpoint)
+    from mlxtral.backends import kernels
+
+    kernels.set_exact(True)  # float32 activations on NumPy, as MLX computes
+    try:
+        np.testing.assert_allclose(m.logits([1, 2, 3]), ref.logits([1, 2, 3]), atol=1e-3)
+    finally:
+        kernels.set_exact(False)
