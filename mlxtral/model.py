@@ -174,8 +174,14 @@ def load(
     kv_dtype: str | None = None,
     tokenizer: bool = True,
     check_memory: bool = True,
+    dtype: str | None = None,
 ) -> Model:
     """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder.
+
+    ``dtype``: the MLX backend's compute dtype ("float16", "bfloat16", "float32"; default float16
+    on Metal, float32 on MLX's CPU backend, whose gather ops are float32-only); its KV cache uses
+    the same. ``kv_dtype`` sets the NumPy backend's KV cache ("float32" or "float16"; it computes in
+    float32) and, when ``dtype`` is not given, the MLX dtype.
 
     ``check_memory``: first estimate what the model needs (weights, KV cache for ``max_context``,
     working set) and raise :class:`~mlxtral.errors.OutOfMemoryError` if the machine cannot hold it.
@@ -192,6 +198,10 @@ def load(
         raise UsageError(f"max_context must be >= 1, got {max_context}")
     if max_context > model_ctx:
         raise UsageError(f"max_context {max_context} exceeds the model's context length {model_ctx}")
+    if name == "numpy" and dtype not in (None, "float32"):
+        raise UsageError(f"the NumPy backend computes in float32 (dtype {dtype!r} applies to MLX)")
+    if name == "mlx" and dtype is not None:
+        kv_dtype = dtype
     if check_memory:
         from mlxtral.memory import check_fits, estimate
 
