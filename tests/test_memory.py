@@ -150,3 +150,18 @@ def test_mlx_load_drops_the_checkpoint_copy(tmp_path: Path) -> None:
         np.testing.assert_allclose(m.logits([1, 2, 3]), ref.logits([1, 2, 3]), atol=1e-3)
     finally:
         kernels.set_exact(False)
+
+
+def test_huge_context_length_costs_nothing_until_asked(tmp_path: Path) -> None:
+    """A GGUF claiming 50M positions: the NumPy backend's RoPE table and KV cache follow the
+    context asked for (default 4096), not the file's claim (which once cost 16 GB of angles)."""
+    import resource
+
+    args = tiny_args(max_position_embeddings=50_000_000)
+    path = write_gguf(tmp_path / "long.gguf", random_weights(args), args, vocab=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    m = mlxtral.load(path, backend="numpy", tokenizer=False)
+    assert m.max_context == 4096 and m.backend.rope.max_positions <= 4096
+    assert np.isfinite(m.logits([1, 2, 3])).all()
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 200 * 1024, f"peak RSS grew by {grown_kb / 1024:.0f} MB"

@@ -383,3 +383,35 @@ def test_mlx_folder_bad_quantization(tmp_path: Path, weights) -> None:
                                                                            "mode": "mxfp4"}}))
     with pytest.raises(FormatError, match="mxfp4"):
         open_checkpoint(folder)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("where", ["hf-shard", "pth", "gguf-file", "safetensors-file"])
+def test_pipes_and_devices_are_refused_not_waited_on(tmp_path: Path, weights, where: str) -> None:
+    """A FIFO blocks open() forever and /dev/zero never ends: both are refused with one line.
+    Run in a subprocess with a timeout, so a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    if where == "hf-shard":
+        folder = write_hf(tmp_path / "hf", weights, ARGS, tokenizer=False)
+        (folder / "model.safetensors").unlink()
+        os.mkfifo(folder / "model-00001-of-00001.safetensors")
+        target = folder
+    elif where == "pth":
+        folder = tmp_path / "orig"
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4,
+                                                        "hidden_dim": 128, "vocab_size": 32000}))
+        os.mkfifo(folder / "consolidated.00.pth")
+        target = folder
+    elif where == "gguf-file":
+        target = tmp_path / "model.gguf"
+        os.mkfifo(target)
+    else:
+        target = Path("/dev/zero")
+    code = ("import sys, mlxtral\nfrom mlxtral.errors import MlxtralError\n"
+            "try:\n    mlxtral.load(sys.argv[1], backend='numpy')\nexcept MlxtralError as e:\n"
+            "    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("refused:"), (r.stdout, r.stderr[-1500:])

@@ -92,7 +92,10 @@ class NumpyBackend:
         self.norm = _f32(tensors["output_norm.weight"])
         self.layers = build_layers(args, tensors)
         self.kv_dtype = np.dtype(kv_dtype)
-        self.rope = ops.Rope(args.rope_dim or args.head_dim, args.rope_theta, args.max_position_embeddings)
+        # the table covers the contexts caches are made for (new_cache grows it), not the file's
+        # context length: a GGUF claiming 50M positions must not cost 16 GB of angles
+        self.rope = ops.Rope(args.rope_dim or args.head_dim, args.rope_theta,
+                             min(args.max_position_embeddings, 4096))
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
 
     # ---- cache ----------------------------------------------------------------------------

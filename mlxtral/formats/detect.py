@@ -65,6 +65,8 @@ def detect_format(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise FormatError("no such file or folder", p)
+    if not p.is_file() and not p.is_dir():
+        raise FormatError("not a regular file (a pipe, device or socket cannot be a checkpoint)", p)
     if p.is_file():
         try:
             with open(p, "rb") as f:

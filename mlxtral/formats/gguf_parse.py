@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.errors import FormatError
+from mlxtral.formats.files import open_regular
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -370,7 +371,7 @@ def parse_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     except OSError as e:
         raise FormatError(f"cannot read ({e.strerror})", path) from None
     if size < 24:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(4)
         if head != GGUF_MAGIC:
             raise FormatError(f"not a GGUF file (magic {head!r}, expected b'GGUF')", path)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.errors import FormatError
+from mlxtral.formats.files import open_regular
 from mlxtral.qtensor import QTensor
 
 # safetensors dtype code -> NumPy dtype of the stored bytes (little-endian)
@@ -103,7 +104,7 @@ def read_header(path: str | Path) -> tuple[dict[str, _Entry], dict[str, str], in
     """Parse and validate the header only: (entries, ``__metadata__``, data start, file size)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise FormatError(f"not a safetensors file ({size} bytes, shorter than the 8-byte header "
@@ -180,7 +181,7 @@ def open_safetensors(path: str | Path) -> SafetensorsFile:
     mm: mmap.mmap | None = None
     if size > data_start:
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise FormatError(f"cannot memory-map ({e})", path) from None

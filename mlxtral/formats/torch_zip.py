@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.errors import FormatError, UnsafeCheckpointError
+from mlxtral.formats.files import open_regular
 from mlxtral.formats.safetensors import DTYPES, SafeTensor
 
 # torch storage class name -> safetensors-style dtype code
@@ -212,7 +213,7 @@ def _member_data_offset(f: Any, info: zipfile.ZipInfo, size: int, path: Path) ->
 
 def is_torch_zip(path: str | Path) -> bool:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return f.read(4) == b"PK\x03\x04"
     except OSError:
         return False
@@ -225,7 +226,7 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
         raise FormatError("not a PyTorch zip checkpoint (old pre-1.6 torch format or not torch at all; "
                           "re-save it with torch.save from torch >= 1.6 or use safetensors)", path)
     try:
-        f = open(path, "rb")
+        f = open_regular(path)
     except OSError as e:
         raise FormatError(f"cannot read ({e.strerror})", path) from None
     with f:
