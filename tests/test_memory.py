@@ -165,3 +165,19 @@ def test_huge_context_length_costs_nothing_until_asked(tmp_path: Path) -> None:
     assert np.isfinite(m.logits([1, 2, 3])).all()
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kb < 200 * 1024, f"peak RSS grew by {grown_kb / 1024:.0f} MB"
+
+
+def test_foreign_types_checked_before_dequantizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q5_x / K-quant tensors become F16 in RAM: the check runs before that, and names the file."""
+    import gguf
+
+    from mlxtral.formats.gguf import _check_foreign_fits
+
+    shape = (4096, 4096)
+    nbytes = gguf.quants.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType.Q5_0)
+    q = QTensor("Q5_0", shape, np.zeros(nbytes, dtype=np.uint8))
+    monkeypatch.setattr(memory, "available_memory", lambda: 10_000_000)
+    with pytest.raises(OutOfMemoryError, match=r"m\.gguf: its Q5_0 tensors have no kernel here .* as F16"):
+        _check_foreign_fits({"blk.0.attn_q.weight": q}, Path("m.gguf"))
+    monkeypatch.setattr(memory, "available_memory", lambda: 10**12)
+    _check_foreign_fits({"blk.0.attn_q.weight": q}, Path("m.gguf"))

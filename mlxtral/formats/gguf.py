@@ -124,8 +124,31 @@ def load_gguf(path: str | Path) -> Checkpoint:
     tokenizer = TokenizerSource("gguf", path, tok_keys) if "tokenizer.ggml.model" in md else None
     ckpt = Checkpoint("gguf", path, args, tensors, tokenizer, metadata=md, keepalive=[gf])
     _validate(ckpt)  # names and shapes first: nothing is dequantized for a file that lies
+    _check_foreign_fits(tensors, path)
     ckpt.tensors = {n: dequantize_foreign(q, n, path) for n, q in tensors.items()}
     return ckpt
+
+
+def _check_foreign_fits(tensors: dict[str, QTensor], path: Path) -> None:
+    """Types without a kernel become F16 in RAM: refuse before dequantizing if that cannot fit."""
+    from mlxtral.errors import OutOfMemoryError
+    from mlxtral.memory import GB, available_memory
+
+    need = 0
+    types = set()
+    for q in tensors.values():
+        if q.qtype not in NATIVE_TYPES:
+            n = int(np.prod(q.shape, dtype=np.int64))
+            need += n * (4 if len(q.shape) == 1 else 2)
+            types.add(q.qtype)
+    if not need:
+        return
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise OutOfMemoryError(
+            f"its {', '.join(sorted(types))} tensors have no kernel here and would take {need / GB:.1f} GB "
+            f"as F16, but only {avail / GB:.1f} GB is available; convert it first "
+            f"(mlxtral convert {path.name} OUT.gguf --q4 or --q8)", path)
 
 
 def _check_count(args: ModelArgs, raw: dict[str, QTensor], path: Path) -> None:
