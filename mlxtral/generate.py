@@ -178,6 +178,7 @@ def stream_generate(
     matcher = _StopMatcher(stop)
     history = list(prompt_ids)
     finish = "length"
+    stop_string_hit = False
     cache = session.cache
     params = sampling or SamplingParams()
     # Optional backend hook (MLX): decode with the next step queued while this one is read back.
@@ -203,6 +204,7 @@ def stream_generate(
                 if text:
                     yield GenerationResponse(text, tok)
                 finish = "stop"
+                stop_string_hit = True
                 break
             yield GenerationResponse(text, tok)
             if i == max_tokens - 1:
@@ -220,10 +222,9 @@ def stream_generate(
     finally:
         if steps is not None:
             steps.close()  # trims the step still in flight off the cache
-    if finish != "stop":
-        tail = matcher.feed(decoder.flush())[0] + matcher.flush()
-    else:
-        tail = ""
+    # Past a stop string nothing is shown; any other end (EOS included) emits what was held back:
+    # text that might have begun a stop string, an incomplete UTF-8 sequence.
+    tail = "" if stop_string_hit else matcher.feed(decoder.flush())[0] + matcher.flush()
     stats.generation_time = time.perf_counter() - t1
     stats.peak_memory = backend.peak_memory()
     stats.finish_reason = finish

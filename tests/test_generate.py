@@ -1,13 +1,17 @@
 """Samplers, stop strings, and KV-cache reuse in the shared generation loop."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
+import tiny_models as tm
 from test_model import random_tensors, tiny_args
 
+import mlxtral
 from mlxtral.backends.numpy_backend import NumpyBackend
 from mlxtral.errors import ContextOverflowError, UsageError
-from mlxtral.generate import Session, _StopMatcher, stream_generate
+from mlxtral.generate import GenerationResponse, Session, _StopMatcher, stream_generate
 from mlxtral.sampling import Sampler, SamplingParams, apply_repetition_penalty
 
 
@@ -136,3 +140,213 @@ def test_generation_stops_at_the_context_limit() -> None:
     out = list(stream_generate(be, ByteTokenizer(), [1, 2, 3], Session(be.new_cache(8)), max_tokens=50,
                                eos_ids=set()))
     assert out[-1].finish_reason == "context_length"
+
+
+
+class ScriptedBackend:
+    """Generates ``script`` whatever the prompt: the logits after position p pick script[p - prompt]."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[int], n_prompt: int) -> None:
+        self.script, self.n_prompt = script, n_prompt
+
+    def new_cache(self, max_context: int) -> Any:
+        class C:
+            offset = 0
+
+            def trim(self, n: int) -> None:
+                self.offset = min(self.offset, n)
+
+        c = C()
+        c.max_context = max_context
+        return c
+
+    def forward(self, ids, cache, all_logits: bool = False) -> np.ndarray:
+        cache.offset += len(ids)
+        x = np.zeros(256, dtype=np.float32)
+        x[self.script[cache.offset - self.n_prompt]] = 1.0
+        return x
+
+    def peak_memory(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(("script", "stop", "text"), [
+    (b"abc\0", ["cX"], "abc"),  # "c" held back as a possible start of "cX", then EOS: still shown
+    (b"abc\0", ["bc"], "a"),  # a stop string is cut, EOS or not
+    (b"ab\xe4\xb8\0", [], "ab\ufffd"),  # EOS after an incomplete UTF-8 sequence: as tokenizer.decode
+    (b"abcd", ["dX"], "abcd"),  # max_tokens after a held-back prefix
+])
+def test_text_held_back_at_the_end(script: bytes, stop: list[str], text: str) -> None:
+    prompt = [1, 2, 3]
+    be = ScriptedBackend(list(script) + [0] * 8, len(prompt))
+    out = list(stream_generate(be, ByteTokenizer(), prompt, Session(be.new_cache(64)), max_tokens=len(script),
+                               stop=stop))
+    assert "".join(r.text for r in out) == text
+    assert out[-1].finish_reason == ("length" if script[-1] else "stop")
+
+
+# ---- end to end through mlxtral.load: a tiny random model with the real Mixtral tokenizer -------------
+PROMPT = "The quick brown fox"
+N_GEN = 24
+
+
+def _mlx_available() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ["numpy", pytest.param("mlx", marks=pytest.mark.skipif(not _mlx_available(), reason="no mlx"))]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory):
+    args = tm.tiny_args()
+    return tm.write_hf(tmp_path_factory.mktemp("gen") / "hf", tm.random_weights(args, seed=3), args)
+
+
+def _run(model, session=None, **kw) -> tuple[list[int], list[str], str, GenerationResponse]:
+    """(tokens yielded, their texts, the whole text, the final response) of one fresh-session run."""
+    out = list(model.stream(PROMPT, session=session or model.new_session(), **kw))
+    final = out[-1]
+    assert final.token is None and final.stats is not None
+    assert all(r.stats is None and r.token is not None for r in out[:-1])
+    assert final.finish_reason == final.stats.finish_reason
+    body = out[:-1]
+    return [r.token for r in body], [r.text for r in body], "".join(r.text for r in out), final
+
+
+def _stop_across_a_token_boundary(pieces: list[str]) -> tuple[str, int]:
+    """A stop string made of the end of one generated token's text and the start of the next's,
+    not at the very start of the output, and the number of tokens after which it is complete."""
+    full = "".join(pieces)
+    for k in range(2, len(pieces) - 1):
+        a, b = pieces[k].strip(), pieces[k + 1].strip()
+        if len(a) >= 2 and len(b) >= 2 and pieces[k + 1][0] == b[0]:
+            s = pieces[k][-2:] + pieces[k + 1][:2]
+            if full.find(s) > 0:
+                n = next(i for i in range(1, len(pieces) + 1) if s in "".join(pieces[:i]))
+                return s, n
+    raise AssertionError(f"no usable stop string in {pieces!r}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_string_end_to_end(hf_dir, backend: str) -> None:
+    model = mlxtral.load(hf_dir, backend=backend)
+    toks, pieces, full, final = _run(model, max_tokens=N_GEN)
+    assert final.finish_reason == "length" and len(toks) == N_GEN
+    s, n = _stop_across_a_token_boundary(pieces)
+    cut = full.find(s)
+
+    gtoks, _, text, final = _run(model, max_tokens=N_GEN, stop=["never in this output \x01", s])
+    assert text == full[:cut] and s not in text
+    assert final.finish_reason == "stop" and final.stats.finish_reason == "stop"
+    assert final.stats.generation_tokens == n < N_GEN
+    assert gtoks == toks[: len(gtoks)] and len(gtoks) in (n - 1, n)  # the last only if it had text
+    # generate(), with a single string for stop, through the model's own session
+    assert model.generate(PROMPT, max_tokens=N_GEN, stop=s) == full[:cut]
+    assert model.last_stats.finish_reason == "stop"
+    # a stop string that never appears changes nothing
+    assert _run(model, max_tokens=N_GEN, stop="never in this output \x01")[2] == full
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eos_end_to_end(hf_dir, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlxtral.load(hf_dir, backend=backend)
+    assert model.tokenizer.eos_ids == {2}  # </s> of the real Mixtral vocabulary
+    toks, pieces, full, _ = _run(model, max_tokens=N_GEN)
+    assert 2 not in toks
+    eos = toks[3]
+    j = toks.index(eos)  # its first occurrence ends the generation
+    monkeypatch.setattr(model.tokenizer, "eos_ids", {eos})
+    gtoks, _, text, final = _run(model, max_tokens=N_GEN)
+    assert gtoks == toks[:j] and text == "".join(pieces[:j])
+    assert final.finish_reason == "stop" and final.stats.generation_tokens == j + 1
+    assert model.generate(PROMPT, max_tokens=N_GEN) == "".join(pieces[:j])
+    assert model.last_stats.finish_reason == "stop"
+    # EOS as the very first token: nothing at all
+    monkeypatch.setattr(model.tokenizer, "eos_ids", {toks[0]})
+    gtoks, _, text, final = _run(model, max_tokens=N_GEN)
+    assert gtoks == [] and text == "" and final.finish_reason == "stop"
+    assert final.stats.generation_tokens == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eos_after_a_partial_stop_string_keeps_the_held_back_text(hf_dir, backend: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text held back because it might begin a stop string is real output when EOS comes next."""
+    model = mlxtral.load(hf_dir, backend=backend)
+    toks, pieces, _, _ = _run(model, max_tokens=N_GEN)
+    j = next(i for i in range(2, N_GEN) if len(pieces[i - 1]) >= 2 and toks[i] not in toks[:i])
+    monkeypatch.setattr(model.tokenizer, "eos_ids", {toks[j]})
+    stop = pieces[j - 1][-2:] + "\x01never"  # its first two characters end the text before EOS
+    gtoks, _, text, final = _run(model, max_tokens=N_GEN, stop=[stop])
+    assert gtoks == toks[:j] and final.finish_reason == "stop"
+    assert text == "".join(pieces[:j])
+
+
+# ---- MLX pipelined decoding (the Metal path) forced on MLX's CPU backend ---------------------------
+@pytest.mark.skipif(not _mlx_available(), reason="no mlx")
+def test_pipelined_mlx_generation_equals_step_by_step(hf_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlxtral.load(hf_dir, backend="mlx")
+    be = model.backend
+    calls: list[int] = []
+    real = be.decode_pipelined
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(be, "decode_pipelined", spy)
+    n_prompt = len(model.prompt_ids(PROMPT))
+
+    def both(session_ctx: int = 256, **kw):
+        runs = []
+        for flag in (False, True):
+            monkeypatch.setattr(be, "pipeline_decode", flag)
+            calls.clear()
+            session = model.new_session(session_ctx)
+            out, at_final = [], []
+            for r in model.stream(PROMPT, session=session, **kw):
+                out.append(r)
+                if r.stats is not None:  # the cache as a caller sees it when the final response comes
+                    at_final.append(session.cache.offset)
+            final = out[-1]
+            toks, pieces = [r.token for r in out[:-1]], [r.text for r in out[:-1]]
+            assert bool(calls) == (flag and final.stats.generation_tokens > 1), (flag, kw)
+            assert at_final == [session.cache.offset]
+            runs.append((toks, pieces, "".join(r.text for r in out), final.finish_reason,
+                         final.stats.generation_tokens, session.cache.offset, list(session.tokens)))
+        assert runs[0] == runs[1], kw
+        return runs[0]
+
+    # greedy, to max_tokens; the cache holds the prompt and every token but the last
+    toks, pieces, full, reason, n, offset, held = both(max_tokens=N_GEN)
+    assert reason == "length" and n == N_GEN and offset == n_prompt + N_GEN - 1
+    assert held[n_prompt:] == toks[:-1]
+    # a stop string
+    s, k = _stop_across_a_token_boundary(pieces)
+    _, _, text, reason, n, offset, _ = both(max_tokens=N_GEN, stop=[s])
+    assert text == full[: full.find(s)] and reason == "stop" and n == k
+    # EOS in the middle
+    monkeypatch.setattr(model.tokenizer, "eos_ids", {toks[5]})
+    gtoks, _, _, reason, n, _, _ = both(max_tokens=N_GEN)
+    assert reason == "stop" and gtoks == toks[: toks.index(toks[5])]
+    monkeypatch.setattr(model.tokenizer, "eos_ids", {2})
+    # the context limit: same tokens, same cache, finish "context_length"
+    for extra in (2, 3, 7):
+        gtoks, _, _, reason, n, offset, _ = both(session_ctx=n_prompt + extra, max_tokens=N_GEN)
+        assert reason == "context_length" and n == extra and gtoks == toks[:extra]
+        assert offset == n_prompt + extra - 1
+    # max_tokens 1 and 2: the hook is used (or not) without changing anything
+    for m in (1, 2):
+        assert both(max_tokens=m)[0] == toks[:m]
+    # a repetition penalty keeps the step-by-step loop even with the flag on
+    monkeypatch.setattr(be, "pipeline_decode", True)
+    calls.clear()
+    _run(model, max_tokens=4, repetition_penalty=1.3)
+    assert not calls

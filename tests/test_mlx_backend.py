@@ -318,12 +318,16 @@ def _write(fmt: str, folder: Path) -> Path:
         return tm.write_gguf(folder / "m.gguf", w, args, vocab=False)
     if fmt == "gguf_legacy_f16":
         return tm.write_gguf(folder / "m.gguf", w, args, legacy_experts=True, dtype="f16", vocab=False)
-    if fmt in ("gguf_q4_0", "gguf_q8_0"):
+    if fmt in ("gguf_q4_0", "gguf_q4_1", "gguf_q8_0"):
         return write_quantized_gguf(folder / "m.gguf", w, args, fmt[5:].upper())
     if fmt == "hf_bf16":
         return tm.write_hf(folder / "hf", w, args, dtype="bf16", tokenizer=False)
+    if fmt == "hf_f16_sharded":
+        return tm.write_hf(folder / "hf", w, args, dtype="f16", shards=3, tokenizer=False)
     if fmt == "original_pth":
         return tm.write_original(folder / "orig", w, args)
+    if fmt == "original_safetensors":
+        return tm.write_original(folder / "orig", w, args, fmt="safetensors")
     if fmt == "mlx_q4":
         return tm.write_mlx(folder / "mlx", w, args, bits=4, group_size=64)[0]
     raise ValueError(fmt)
@@ -363,8 +367,15 @@ def write_quantized_gguf(path: Path, weights: dict[str, np.ndarray], args: Model
     return path
 
 
-@pytest.mark.parametrize("fmt", ["gguf_f32", "gguf_legacy_f16", "gguf_q4_0", "gguf_q8_0", "hf_bf16",
-                                 "original_pth", "mlx_q4"])
+# what the file of a case holds: the type of its big matrices, a file that must be there
+FORMAT_FILES = {"gguf_q4_0": ("Q4_0", None), "gguf_q4_1": ("Q4_1", None),
+                "hf_f16_sharded": ("F16", "model-00003-of-00003.safetensors"),
+                "original_safetensors": ("F32", "consolidated.safetensors")}
+
+
+@pytest.mark.parametrize("fmt", ["gguf_f32", "gguf_legacy_f16", "gguf_q4_0", "gguf_q4_1", "gguf_q8_0",
+                                 "hf_bf16", "hf_f16_sharded", "original_pth", "original_safetensors",
+                                 "mlx_q4"])
 def test_every_format_via_load(fmt, tmp_path):
     import mlxtral
 
@@ -372,6 +383,12 @@ def test_every_format_via_load(fmt, tmp_path):
     nm = mlxtral.load(path, backend="numpy", tokenizer=False, max_context=64)
     mm = mlxtral.load(path, backend="mlx", tokenizer=False, max_context=64)
     assert mm.backend.name == "mlx"
+    if fmt in FORMAT_FILES:  # the case really is what it says
+        qtype, name = FORMAT_FILES[fmt]
+        big = {k: t.qtype for k, t in nm.checkpoint.tensors.items()
+               if len(t.shape) == 2 and not k.endswith("ffn_gate_inp.weight")}
+        assert len(big) == 2 + 2 * (4 + 3 * 4) and set(big.values()) == {qtype}  # embd, output; per layer
+        assert name is None or ((path / name).exists() and not list(path.glob("*.pth")))
     ids = [1, 330, 1000, 28705, 7, 19, 2500, 31000, 4, 5, 6, 200]
     np.testing.assert_allclose(mm.logits(ids), nm.logits(ids), atol=1e-3, rtol=0)
     assert greedy(mm.backend, ids[:4], 8) == greedy(nm.backend, ids[:4], 8)

@@ -1,12 +1,17 @@
 """The NumPy forward pass: grouped MoE vs the naive loop, KV cache vs full forward, transformers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tiny_models as tm
 
+import mlxtral
 from mlxtral.backends import ops
 from mlxtral.backends.numpy_backend import NumpyBackend
 from mlxtral.config import ModelArgs
+from mlxtral.errors import ContextOverflowError, UsageError
 from mlxtral.formats import expected_shapes
 from mlxtral.qtensor import QTensor
 
@@ -115,8 +120,6 @@ def test_attention_matches_naive() -> None:
 
 
 def test_context_overflow_is_a_clear_error() -> None:
-    from mlxtral.errors import ContextOverflowError
-
     args = tiny_args()
     be = NumpyBackend(args, random_tensors(args))
     with pytest.raises(ContextOverflowError, match="context"):
@@ -172,3 +175,137 @@ def test_matches_transformers_mixtral() -> None:
     assert np.abs(ref).max() > 0.5  # a meaningful comparison, not all zeros
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+# ---- through mlxtral.load --------------------------------------------------------------------------
+def _mlx_available() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ["numpy", pytest.param("mlx", marks=pytest.mark.skipif(not _mlx_available(), reason="no mlx"))]
+
+
+def _tiny_gguf(path: Path, seed: int = 0, **kw) -> Path:
+    """A tiny 4-expert top-2 GGUF (F32, no vocabulary: load it with ``tokenizer=False``)."""
+    args = tm.tiny_args(vocab_size=512, **kw)
+    return tm.write_gguf(path, tm.random_weights(args, seed=seed), args, vocab=False)
+
+
+def _assert_cache_holds_exactly(model: mlxtral.Model, n: int) -> None:
+    """The session cache (the one stream() uses) takes position n - 1 and refuses position n."""
+    cache = model.new_session().cache
+    assert cache.max_context == n
+    if model.backend_name == "numpy":
+        a = model.config
+        assert cache.k.shape == cache.v.shape == (a.n_layers, a.n_kv_heads, n, a.head_dim)
+    cache.offset = n - 1
+    assert model.backend.forward([1], cache).shape == (model.config.vocab_size,)
+    assert cache.offset == n
+    if model.backend_name == "mlx":
+        assert cache.capacity == n
+    with pytest.raises(ContextOverflowError, match="context"):
+        model.backend.forward([1], cache)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("model_ctx", "expected"), [(32768, 4096), (1024, 1024)])
+def test_default_kv_cache_is_the_smaller_of_the_model_context_and_4096(
+        tmp_path: Path, backend: str, model_ctx: int, expected: int) -> None:
+    path = _tiny_gguf(tmp_path / "m.gguf", max_position_embeddings=model_ctx)
+    model = mlxtral.load(path, backend=backend, tokenizer=False)
+    assert model.config.max_position_embeddings == model_ctx
+    assert model.max_context == expected
+    _assert_cache_holds_exactly(model, expected)
+    # an explicit size up to the model's context is taken as asked, above the 4096 default too
+    asked = min(model_ctx, 8192)
+    model = mlxtral.load(path, backend=backend, tokenizer=False, max_context=asked)
+    assert model.max_context == asked and model.new_session().cache.max_context == asked
+    model = mlxtral.load(path, backend=backend, tokenizer=False, max_context=100)
+    _assert_cache_holds_exactly(model, 100)
+
+
+def test_max_context_beyond_the_model_is_a_usage_error(tmp_path: Path) -> None:
+    path = _tiny_gguf(tmp_path / "m.gguf", max_position_embeddings=1024)
+    with pytest.raises(UsageError, match="max_context 1025 exceeds the model's context length 1024"):
+        mlxtral.load(path, backend="numpy", tokenizer=False, max_context=1025)
+    for bad in (0, -5):
+        with pytest.raises(UsageError, match="max_context must be >= 1"):
+            mlxtral.load(path, backend="numpy", tokenizer=False, max_context=bad)
+    assert mlxtral.load(path, backend="numpy", tokenizer=False, max_context=1024).max_context == 1024
+
+
+@pytest.fixture(scope="module")
+def moe_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tiny_gguf(tmp_path_factory.mktemp("ept") / "moe.gguf", seed=7)
+
+
+EPT_IDS = [1, 330, 17, 499, 42, 7, 250, 3, 77, 8, 120, 301, 5]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_per_token_override_through_load(moe_gguf: Path, backend: str) -> None:
+    ids, L = EPT_IDS, 2
+    base = mlxtral.load(moe_gguf, backend=backend, tokenizer=False)
+    assert base.config.n_experts == 4 and base.config.n_experts_per_tok == 2
+    ref = base.logits(ids)
+    np.testing.assert_array_equal(base.expert_counts().sum(1), [len(ids) * 2] * L)
+    for k in (1, 3, 4):
+        m = mlxtral.load(moe_gguf, backend=backend, tokenizer=False, experts_per_token=k)
+        assert m.config.n_experts_per_tok == k and m.checkpoint.args.n_experts_per_tok == k
+        assert m.expert_counts().sum() == 0
+        got = m.logits(ids)
+        counts = m.expert_counts()
+        assert counts.shape == (L, 4)
+        np.testing.assert_array_equal(counts.sum(1), [len(ids) * k] * L)
+        assert counts.max() <= len(ids)  # an expert at most once per token
+        assert np.abs(got - ref).max() > 1e-2, k
+        if backend == "mlx":  # the same override reaches both backends
+            nm = mlxtral.load(moe_gguf, backend="numpy", tokenizer=False, experts_per_token=k)
+            np.testing.assert_allclose(got, nm.logits(ids), atol=1e-3, rtol=0)
+            np.testing.assert_array_equal(counts, nm.expert_counts())
+    # the file's value given explicitly is the default
+    same = mlxtral.load(moe_gguf, backend=backend, tokenizer=False, experts_per_token=2).logits(ids)
+    np.testing.assert_array_equal(same, ref)
+
+
+def test_experts_per_token_equals_the_naive_loop_with_k(moe_gguf: Path) -> None:
+    """k = 1 and 3 through load() give the per-token, per-expert reference loop's outputs."""
+    for k in (1, 3):
+        m = mlxtral.load(moe_gguf, backend="numpy", tokenizer=False, experts_per_token=k)
+        be = m.backend
+        x = np.random.default_rng(k).standard_normal((9, m.config.dim)).astype(np.float32)
+        for li in range(m.config.n_layers):
+            np.testing.assert_allclose(be.moe(x, be.layers[li], li), be.moe_naive(x, li), atol=1e-4, rtol=0)
+
+
+def test_experts_per_token_out_of_range_is_a_usage_error(moe_gguf: Path, tmp_path: Path) -> None:
+    for k in (0, -1, 5):
+        with pytest.raises(UsageError, match="experts_per_token must be between 1 and 4"):
+            mlxtral.load(moe_gguf, backend="numpy", tokenizer=False, experts_per_token=k)
+    dense = _tiny_gguf(tmp_path / "dense.gguf", n_experts=0)
+    with pytest.raises(UsageError, match="mixture-of-experts"):
+        mlxtral.load(dense, backend="numpy", tokenizer=False, experts_per_token=1)
+
+
+@pytest.mark.parametrize(("n_experts", "dtype", "shards"), [(4, "f32", 1), (4, "bf16", 3), (0, "f32", 1)])
+def test_hf_folder_through_load_matches_transformers(tmp_path: Path, n_experts: int, dtype: str,
+                                                     shards: int) -> None:
+    """mlxtral.load on an HF folder vs transformers on the same folder: max abs 1e-3, same argmax."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    args = tm.tiny_args(n_experts=n_experts)
+    folder = tm.write_hf(tmp_path / "hf", tm.random_weights(args, seed=21), args, dtype=dtype, shards=shards)
+    model = mlxtral.load(folder, backend="numpy")
+    assert model.config.n_experts == n_experts
+    ids = model.encode("The capital of France is Paris, and the capital of Italy is Rome. 1 + 1 = 2")
+    assert ids[0] == 1 and len(ids) > 20
+    ours = model.logits(ids)
+    ref = tm.hf_reference_logits(folder, ids)
+    assert ours.shape == ref.shape == (len(ids), args.vocab_size)
+    assert np.abs(ref).max() > 0.5  # a meaningful comparison, not all zeros
+    np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
