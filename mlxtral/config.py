@@ -101,65 +101,74 @@ class ModelArgs:
         return d
 
     # ---- builders ------------------------------------------------------------------------
+    # Each builder only picks values out of its file, with the key as the file spells it; _build
+    # validates every one of them (types, ranges, the relations between them) in one place.
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], path: str | Path | None = None) -> ModelArgs:
         """From a Hugging Face ``config.json`` (mixtral, mistral, llama)."""
-        req = _required(cfg, path)
-        dim = req("hidden_size")
-        n_heads = req("num_attention_heads")
-        head_dim = cfg.get("head_dim") or dim // n_heads
-        theta = cfg.get("rope_theta")
-        if theta is None:
-            rp = cfg.get("rope_parameters") or {}
-            theta = rp.get("rope_theta") if isinstance(rp, dict) else None
-        n_experts = int(cfg.get("num_local_experts") or 0)
+        k = _Keys(cfg, path)
+        theta = k.opt("rope_theta")
+        if theta[1] is None:
+            rp = cfg.get("rope_parameters")
+            if isinstance(rp, dict) and rp.get("rope_theta") is not None:
+                theta = ("rope_parameters.rope_theta", rp["rope_theta"])
         return _build(
             cls,
             path,
-            dim=dim,
-            n_layers=req("num_hidden_layers"),
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
-            hidden_dim=req("intermediate_size"),
-            vocab_size=req("vocab_size"),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta if theta is not None else 1e6),
-            n_experts=n_experts,
-            n_experts_per_tok=int(cfg.get("num_experts_per_tok") or (2 if n_experts else 0)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings") or 32768),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=cfg.get("sliding_window"),
-            extra={"model_type": cfg.get("model_type")},
+            {
+                "dim": k.req("hidden_size"),
+                "n_layers": k.req("num_hidden_layers"),
+                "n_heads": k.req("num_attention_heads"),
+                "n_kv_heads": k.opt("num_key_value_heads"),
+                "head_dim": k.opt("head_dim"),
+                "hidden_dim": k.req("intermediate_size"),
+                "vocab_size": k.req("vocab_size"),
+                "norm_eps": k.opt("rms_norm_eps"),
+                "rope_theta": theta,
+                "n_experts": k.opt("num_local_experts"),
+                "n_experts_per_tok": k.opt("num_experts_per_tok"),
+                "max_position_embeddings": k.opt("max_position_embeddings"),
+                "tie_word_embeddings": k.opt("tie_word_embeddings"),
+                "sliding_window": k.opt("sliding_window"),
+                "model_type": k.opt("model_type"),
+            },
+            rope_theta=1e6,
+            max_position_embeddings=32768,
         )
 
     @classmethod
     def from_params_json(cls, p: dict[str, Any], path: str | Path | None = None) -> ModelArgs:
         """From Mistral's original ``params.json``. RoPE theta defaults to 1e6 (Mixtral)."""
-        req = _required(p, path)
-        dim = req("dim")
-        n_heads = req("n_heads")
-        moe = p.get("moe") or {}
+        k = _Keys(p, path)
+        moe = p.get("moe")
+        if moe is None:
+            moe = {}
         if not isinstance(moe, dict):
             raise ConfigError("'moe' must be an object", path)
-        n_experts = int(moe.get("num_experts") or 0)
+        m = _Keys(moe, path, shown="moe.")
+        ctx = k.opt("max_seq_len")
+        if ctx[1] is None:
+            ctx = k.opt("max_position_embeddings")
         return _build(
             cls,
             path,
-            dim=dim,
-            n_layers=req("n_layers"),
-            n_heads=n_heads,
-            n_kv_heads=p.get("n_kv_heads") or n_heads,
-            head_dim=p.get("head_dim") or dim // n_heads,
-            hidden_dim=req("hidden_dim"),
-            vocab_size=req("vocab_size"),
-            norm_eps=float(p.get("norm_eps", 1e-5)),
-            rope_theta=float(p.get("rope_theta", 1e6)),
-            n_experts=n_experts,
-            n_experts_per_tok=int(moe.get("num_experts_per_tok") or (2 if n_experts else 0)),
-            max_position_embeddings=int(p.get("max_seq_len") or p.get("max_position_embeddings") or 32768),
-            tie_word_embeddings=False,
-            sliding_window=p.get("sliding_window"),
+            {
+                "dim": k.req("dim"),
+                "n_layers": k.req("n_layers"),
+                "n_heads": k.req("n_heads"),
+                "n_kv_heads": k.opt("n_kv_heads"),
+                "head_dim": k.opt("head_dim"),
+                "hidden_dim": k.req("hidden_dim"),
+                "vocab_size": k.req("vocab_size"),
+                "norm_eps": k.opt("norm_eps"),
+                "rope_theta": k.opt("rope_theta"),
+                "n_experts": m.opt("num_experts"),
+                "n_experts_per_tok": m.opt("num_experts_per_tok"),
+                "max_position_embeddings": ctx,
+                "sliding_window": k.opt("sliding_window"),
+            },
+            rope_theta=1e6,
+            max_position_embeddings=32768,
         )
 
     @classmethod
@@ -171,35 +180,35 @@ class ModelArgs:
         if arch not in ("llama", "mixtral", "mistral"):
             raise FormatError(f"unsupported architecture {arch!r} (mlxtral runs llama-family models)", path)
         pre = arch + "."
-        req = _required(md, path, prefix=pre)
-        dim = req("embedding_length")
-        n_heads = req("attention.head_count")
-        head_dim = md.get(pre + "attention.key_length") or dim // n_heads
-        n_experts = int(md.get(pre + "expert_count") or 0)
-        vocab = md.get(pre + "vocab_size")
-        if vocab is None:
+        k = _Keys(md, path, prefix=pre)
+        vocab = k.opt("vocab_size")
+        if vocab[1] is None:
             tokens = md.get("tokenizer.ggml.tokens")
-            vocab = len(tokens) if isinstance(tokens, list) else None
-        if vocab is None:
-            raise ConfigError(f"missing {pre}vocab_size and tokenizer.ggml.tokens", path)
+            if not isinstance(tokens, list):
+                raise ConfigError(f"missing {pre}vocab_size and tokenizer.ggml.tokens", path)
+            vocab = ("the number of tokenizer.ggml.tokens", len(tokens))
         return _build(
             cls,
             path,
-            dim=dim,
-            n_layers=req("block_count"),
-            n_heads=n_heads,
-            n_kv_heads=md.get(pre + "attention.head_count_kv") or n_heads,
-            head_dim=head_dim,
-            hidden_dim=req("feed_forward_length"),
-            vocab_size=vocab,
-            norm_eps=float(md.get(pre + "attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(md.get(pre + "rope.freq_base", 10000.0)),
-            n_experts=n_experts,
-            n_experts_per_tok=int(md.get(pre + "expert_used_count") or (2 if n_experts else 0)),
-            max_position_embeddings=int(md.get(pre + "context_length") or 4096),
-            tie_word_embeddings=False,  # decided by the loader: no output.weight tensor
-            rope_dim=md.get(pre + "rope.dimension_count"),
+            {
+                "dim": k.req("embedding_length"),
+                "n_layers": k.req("block_count"),
+                "n_heads": k.req("attention.head_count"),
+                "n_kv_heads": k.opt("attention.head_count_kv"),
+                "head_dim": k.opt("attention.key_length"),
+                "hidden_dim": k.req("feed_forward_length"),
+                "vocab_size": vocab,
+                "norm_eps": k.opt("attention.layer_norm_rms_epsilon"),
+                "rope_theta": k.opt("rope.freq_base"),
+                "n_experts": k.opt("expert_count"),
+                "n_experts_per_tok": k.opt("expert_used_count"),
+                "max_position_embeddings": k.opt("context_length"),
+                "rope_dim": k.opt("rope.dimension_count"),
+            },
+            rope_theta=10000.0,
+            max_position_embeddings=4096,
         )
+        # tie_word_embeddings stays False: the GGUF loader decides it (no output.weight tensor)
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelArgs:
@@ -211,38 +220,144 @@ class ModelArgs:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else (missing, unreadable, not JSON, nested too deep to
+    parse, not an object) is a one-line :class:`ConfigError` naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise ConfigError("file not found", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"not valid JSON ({e})", path) from None
+    except RecursionError:
+        raise ConfigError("not valid JSON (nested too deeply)", path) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise ConfigError(f"not valid JSON ({' '.join(str(e).split())})", path) from None
+    except OSError as e:  # a folder, no permission...
+        raise ConfigError(f"cannot read ({e.strerror or e})", path) from None
     if not isinstance(data, dict):
         raise ConfigError("expected a JSON object", path)
     return data
 
 
-def _required(d: dict[str, Any], path: str | Path | None, prefix: str = ""):
-    def get(key: str) -> Any:
-        if prefix + key not in d:
-            raise ConfigError(f"missing required key {prefix + key!r}", path)
-        return d[prefix + key]
-
-    return get
+# ---- validation ----------------------------------------------------------------------------------
+MAX_SIZE = 1 << 24  # any size (dim, layers, heads, vocabulary...): ModelArgs refuses more
+MAX_EXPERTS = 4096
+MAX_CONTEXT = 1 << 32  # only a ceiling for max_context; far beyond any model
+MAX_FLOAT32 = 3.4028234663852886e38  # eps and RoPE theta reach float32 kernels
 
 
-def _build(cls: type[ModelArgs], path: str | Path | None, **kw: Any) -> ModelArgs:
-    for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size", "rope_dim"):
-        v = kw.get(k)
+class _Keys:
+    """Values of ``d`` as ``(key as the file spells it, value)``; ``None`` when absent."""
+
+    def __init__(self, d: dict[str, Any], path: str | Path | None, prefix: str = "", shown: str = "") -> None:
+        self.d, self.path, self.prefix, self.shown = d, path, prefix, shown
+
+    def req(self, key: str) -> tuple[str, Any]:
+        name = self.prefix + key
+        if name not in self.d:
+            raise ConfigError(f"missing required key {self.shown + name!r}", self.path)
+        v = self.d[name]
         if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-            raise ConfigError(f"{k} must be an integer, got {v!r}", path)
-        kw[k] = int(v)
-    sw = kw.get("sliding_window")
-    if sw is not None and not isinstance(sw, int):
-        kw["sliding_window"] = None
+            raise ConfigError(f"{self.shown + name} must not be null", self.path)
+        return self.shown + name, v
+
+    def opt(self, key: str) -> tuple[str, Any]:
+        name = self.prefix + key
+        return self.shown + name, self.d.get(name)
+
+
+def _show(v: Any) -> str:
+    """``repr(v)``, cut short: a value from a hostile file can be a megabyte-long list."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _int(key: str, v: Any, path: str | Path | None, lo: int = 1, hi: int = MAX_SIZE) -> int:
+    """An integer in [lo, hi]; an integral float (64.0) is accepted, a bool or a string is not."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        what = {1: "a positive integer", 0: "a non-negative integer"}.get(lo, f"an integer >= {lo}")
+        raise ConfigError(f"{key} must be {what}, got {_show(v)}", path)
+    if v > hi:
+        limit = "2**24" if hi == MAX_SIZE else str(hi)
+        raise ConfigError(f"{key} must be at most {limit}, got {_show(v)}", path)
+    return v
+
+
+def _float(key: str, v: Any, path: str | Path | None) -> float:
+    """A finite number > 0 (that float32 can hold)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_FLOAT32:
+        # NaN fails the comparison; inf and huge ints exceed MAX_FLOAT32
+        raise ConfigError(f"{key} must be a positive finite number, got {_show(v)}", path)
+    return float(v)
+
+
+def _build(cls: type[ModelArgs], path: str | Path | None, raw: dict[str, tuple[str, Any]],
+           **defaults: Any) -> ModelArgs:
+    """ModelArgs from ``raw`` ({field: (key as the file spells it, value or None)}): every value is
+    checked here, once, for every format, so that a bad file is a one-line ConfigError naming the file
+    and the key, never a TypeError or a ZeroDivisionError further on. A value of ``None`` (absent or
+    null) takes its default; ``defaults`` gives the format's ``rope_theta`` and
+    ``max_position_embeddings``."""
+    def key(name: str) -> str:
+        return raw[name][0]
+
+    def val(name: str) -> Any:
+        return raw[name][1] if name in raw else None
+
+    def size(name: str, default: Any = None, lo: int = 1, hi: int = MAX_SIZE) -> Any:
+        v = val(name)
+        return default if v is None else _int(key(name), v, path, lo, hi)
+
+    kw: dict[str, Any] = {}
+    for name in ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"):
+        kw[name] = size(name)
+    dim, n_heads = kw["dim"], kw["n_heads"]
+    head_dim = size("head_dim")
+    if head_dim is None:
+        if dim % n_heads:
+            raise ConfigError(f"{key('dim')} ({dim}) must be a multiple of {key('n_heads')} ({n_heads})",
+                              path)
+        head_dim = dim // n_heads
+    kw["head_dim"] = head_dim
+    n_kv = kw["n_kv_heads"] = size("n_kv_heads", n_heads)
+    if n_heads % n_kv:
+        kv_key = key("n_kv_heads") if val("n_kv_heads") is not None else "the number of KV heads"
+        raise ConfigError(f"{key('n_heads')} ({n_heads}) must be a multiple of {kv_key} ({n_kv})", path)
+
+    n_experts = kw["n_experts"] = size("n_experts", 0, lo=0, hi=MAX_EXPERTS)
+    per_tok = kw["n_experts_per_tok"] = size("n_experts_per_tok", 2 if n_experts else 0, lo=0, hi=MAX_EXPERTS)
+    if n_experts and not 1 <= per_tok <= n_experts:
+        per_key = key("n_experts_per_tok") if val("n_experts_per_tok") is not None else "experts per token"
+        raise ConfigError(f"{per_key} must be between 1 and {key('n_experts')} ({n_experts}), got {per_tok}",
+                          path)
+
+    for name, default in (("norm_eps", 1e-5), ("rope_theta", defaults["rope_theta"])):
+        v = val(name)
+        kw[name] = default if v is None else _float(key(name), v, path)
+    kw["max_position_embeddings"] = size("max_position_embeddings", defaults["max_position_embeddings"],
+                                         hi=MAX_CONTEXT)
+    rope_dim = size("rope_dim")
+    if rope_dim is not None and (rope_dim % 2 or rope_dim > head_dim):
+        raise ConfigError(f"{key('rope_dim')} must be even and at most the head size {head_dim}, "
+                          f"got {rope_dim}", path)
+    kw["rope_dim"] = rope_dim
+
+    sw = val("sliding_window")
+    if isinstance(sw, list):
+        sw = None  # per-layer windows (newer params.json): not supported, ignored as before
+    kw["sliding_window"] = size("sliding_window", hi=MAX_CONTEXT) if sw is not None else None
+
+    tie = val("tie_word_embeddings")
+    if tie not in (None, True, False):  # 0 and 1 compare equal to False and True
+        raise ConfigError(f"{key('tie_word_embeddings')} must be true or false, got {_show(tie)}", path)
+    kw["tie_word_embeddings"] = bool(tie)
+
+    if "model_type" in raw:
+        mt = val("model_type")
+        if mt is not None and not isinstance(mt, str):
+            raise ConfigError(f"{key('model_type')} must be a string, got {_show(mt)}", path)
+        kw["extra"] = {"model_type": mt}
     try:
         return cls(**kw)
     except ConfigError as e:

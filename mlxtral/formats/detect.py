@@ -85,7 +85,7 @@ def detect_format(path: str | Path) -> str:
     if cfg_path.is_file():
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise FormatError(f"config.json is not valid JSON ({e.__class__.__name__})", cfg_path) from None
         if isinstance(cfg, dict) and "quantization" in cfg:
             return "mlx"
