@@ -86,6 +86,10 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
 
     ``fmt``: "gguf" or "mlx" (default: from ``out``'s suffix). ``qtype``: q4, q4_1, q8, f16, bf16,
     f32 (or a GGUF type name). ``group_size``: MLX affine group size (32, 64, 128).
+
+    Interrupted or failed (KeyboardInterrupt, :class:`~mlxtral.errors.Terminated`, any error), it
+    leaves no OUT (or the previous one untouched) and no temporary file, and raises that exception;
+    a failed write of the output (a full disk...) raises :class:`.atomic.OutputError` naming OUT.
     """
     src, out = Path(src), Path(out)
     fmt = infer_format(out, fmt)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno as errno_module
 import os
 import shutil
 import signal
@@ -11,16 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlxtral.errors import Terminated, UsageError
+from mlxtral.errors import MlxtralError, Terminated, UsageError
 
 _CATCH = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+_DEFER = (signal.SIGINT, *_CATCH)
 
 
 @contextlib.contextmanager
 def terminate_as_exception() -> Iterator[None]:
     """While inside, SIGTERM and SIGHUP raise :class:`Terminated` in the main thread (Python's
     default is to die on the spot, skipping every cleanup); the previous handlers come back after.
-    SIGINT already raises KeyboardInterrupt. A no-op off the main thread."""
+    One that is ignored (``nohup``) stays ignored. SIGINT already raises KeyboardInterrupt. A no-op
+    off the main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -28,12 +31,51 @@ def terminate_as_exception() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         raise Terminated(signum)
 
-    old = {s: signal.signal(s, handler) for s in _CATCH}
+    # a signal ignored on purpose stays ignored (``nohup mlxtral convert ...`` survives a hangup)
+    old = {s: signal.signal(s, handler) for s in _CATCH if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """While inside, SIGINT, SIGTERM and SIGHUP are only noted; on the way out the previous handlers
+    come back and the first signal noted is handled then (KeyboardInterrupt, :class:`Terminated`,
+    or the default action). For steps that must not be cut in two (renames, cleanup).
+
+    Done with Python-level handlers rather than ``pthread_sigmask`` on the main thread: a signal sent
+    to the process is delivered to any thread that does not block it (a progress bar's, a BLAS
+    worker's), and Python then runs its handler in the main thread anyway. A no-op off the main
+    thread (Python only runs signal handlers there, so nothing can interrupt it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        noted.append(signum)
+
+    old: dict[int, Any] = {}
+    try:
+        for s in _DEFER:
+            old[s] = signal.signal(s, note)
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if noted:
+            _deliver(noted[0], old.get(noted[0]))
+
+
+def _deliver(signum: int, handler: Any) -> None:
+    """Handle ``signum`` now as ``handler`` (what was installed before) would have."""
+    if callable(handler):
+        handler(signum, None)  # KeyboardInterrupt (default_int_handler), Terminated, a user's handler
+    elif handler != signal.SIG_IGN:
+        signal.raise_signal(signum)  # SIG_DFL, or a handler not installed from Python
 
 
 def check_output(out: Path, force: bool, src: Path | None = None) -> None:
@@ -60,30 +102,86 @@ def atomic_output(out: Path, *, is_dir: bool, force: bool = False) -> Iterator[P
 
 def _atomic(out: Path, is_dir: bool) -> Iterator[Path]:
     prefix = f".{out.name}.tmp-"
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, suffix=out.suffix, dir=out.parent)  # keep .gguf
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        if is_dir:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=out.suffix, dir=out.parent)  # keep .gguf
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as e:
+        raise OutputError(out, e) from e
     try:
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
-        if out.exists():  # force: replace
-            if out.is_dir() and not out.is_symlink():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "x")
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-                return
-            out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        _replace(tmp, out)
+    except BaseException as e:
+        with signals_deferred():  # a second Ctrl-C must not leave half of the temporary behind
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        if isinstance(e, OSError) and concerns_output(e, out, tmp):
+            raise OutputError(out, e) from e
         raise
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Put ``tmp`` at ``out``. A file over a file (or nothing) is one atomic ``os.replace``. When a
+    folder is involved (the new OUT or the old one), the old OUT is moved aside first, then ``tmp``
+    takes its place, then the old one is deleted: signals are deferred over those steps, and if the
+    second rename fails the old OUT is put back, so OUT is never missing."""
+    with signals_deferred():
+        folder = tmp.is_dir() or (out.is_dir() and not out.is_symlink())
+        if not folder or not os.path.lexists(out):
+            os.replace(tmp, out)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        try:
+            os.replace(out, old / "x")
+        except BaseException:
+            old.rmdir()
+            raise
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old / "x", out)  # the previous OUT back (if this fails too, it stays in `old`)
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class OutputError(MlxtralError):
+    """Writing OUT failed (a full disk, a quota, a file size limit, a read-only or vanished folder):
+    one line naming OUT, with the system's reason and errno (kept as ``errno`` and ``strerror``)."""
+
+    def __init__(self, out: Path, err: OSError) -> None:
+        self.errno = err.errno
+        self.strerror = err.strerror or str(err)
+        code = errno_module.errorcode.get(err.errno) if isinstance(err.errno, int) else None
+        detail = f"{code}, errno {err.errno}" if code else f"errno {err.errno}" if err.errno else ""
+        super().__init__(f"{self.strerror} ({detail})" if detail else self.strerror, out)
+
+
+_OUTPUT_ERRNOS = {getattr(errno_module, n) for n in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno_module, n)}
+
+
+def concerns_output(e: OSError, out: Path, tmp: Path) -> bool:
+    """Whether an OSError raised while building ``out`` is about the output (a full disk, or a path
+    of the output's: its temporary, OUT itself, the old OUT moved aside), not about reading a source
+    file (which names that file itself)."""
+    if e.errno in _OUTPUT_ERRNOS:
+        return True
+    names = [n for n in (e.filename, e.filename2) if isinstance(n, (str, bytes, os.PathLike))]
+    if not names:
+        return True  # a write on an open file of the output
+    out, tmp = out.absolute(), tmp.absolute()
+    for n in names:
+        p = Path(os.fsdecode(n)).absolute()
+        for q in (p, *p.parents):
+            if q in (out, tmp) or (q.parent == out.parent and q.name.startswith(f".{out.name}.")):
+                return True
+    return False

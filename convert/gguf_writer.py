@@ -7,6 +7,7 @@ whole model or a whole stacked expert tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Callable
@@ -21,7 +22,15 @@ from mlxtral.formats import Checkpoint, TokenizerSource
 from mlxtral.quant.ggml import quantized_shape
 
 from .policy import gguf_file_type, gguf_tensor_type
-from .tensors import OutTensor, TensorReport, check_tensors, encode_gguf, layer_order, release_pages
+from .tensors import (
+    OutTensor,
+    TensorReport,
+    check_tensors,
+    encode_gguf,
+    layer_order,
+    release_pages,
+    worker_pool,
+)
 
 ALIGNMENT = 32
 QUANTIZATION_VERSION = 2
@@ -263,7 +272,9 @@ def model_name(ckpt: Checkpoint) -> str:
 def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = None,
                progress: Progress | None = None) -> list[TensorReport]:
     """Write ``ckpt`` to the GGUF file ``out`` (the path is written directly: the caller makes
-    it atomic). Returns one report per output tensor."""
+    it atomic). Returns one report per output tensor. On an exception (KeyboardInterrupt,
+    Terminated, OSError...) the file is closed without raising, the worker threads are stopped, and
+    the same exception goes on."""
     import gguf
 
     check_tensors(ckpt.args, ckpt.tensors, str(ckpt.path))
@@ -276,29 +287,46 @@ def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = No
                           raw_dtype=gguf.GGMLQuantizationType[t.qtype])
     reports: list[TensorReport] = []
     try:
-        w.write_header_to_file(path=Path(out))
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        assert w.fout is not None
-        f = w.fout[0]
-        for t in plan:
-            f.write(b"\0" * (-f.tell() % ALIGNMENT))
-            rep = TensorReport(t.name, t.qtype, t.shape)
-            part_bytes = tensor_nbytes(tuple(ckpt.tensors[t.parts[0]].shape), t.qtype)
-            for part in t.parts:
-                src = ckpt.tensors[part]
-                data = encode_gguf(src, t.qtype, rep)
-                if data.nbytes != part_bytes:
-                    raise FormatError(f"{part}: {data.nbytes} bytes encoded, expected {part_bytes}")
-                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-                rep.nbytes += data.nbytes
-                if progress is not None:
-                    progress(src.nbytes)
-                del data
-                release_pages(src.data)
-            reports.append(rep)
-        f.write(b"\0" * (-f.tell() % ALIGNMENT))
-        f.flush()
-    finally:
-        w.close()
+        with worker_pool():
+            _write_data(w, ckpt, plan, Path(out), reports, progress)
+    except BaseException:
+        abort_writer(w)  # close without raising: the exception being handled is the one to report
+        raise
+    w.close()
     return reports
+
+
+def abort_writer(w: Any) -> None:
+    """Close a gguf.GGUFWriter's files after an error, ignoring errors of their own (flushing the
+    buffer onto a full disk again); the caller deletes the file."""
+    files, w.fout = w.fout, None
+    for f in files or ():
+        with contextlib.suppress(OSError):
+            f.close()
+
+
+def _write_data(w: Any, ckpt: Checkpoint, plan: list[OutTensor], out: Path, reports: list[TensorReport],
+                progress: Progress | None) -> None:
+    w.write_header_to_file(path=Path(out))
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    assert w.fout is not None
+    f = w.fout[0]
+    for t in plan:
+        f.write(b"\0" * (-f.tell() % ALIGNMENT))
+        rep = TensorReport(t.name, t.qtype, t.shape)
+        part_bytes = tensor_nbytes(tuple(ckpt.tensors[t.parts[0]].shape), t.qtype)
+        for part in t.parts:
+            src = ckpt.tensors[part]
+            data = encode_gguf(src, t.qtype, rep)
+            if data.nbytes != part_bytes:
+                raise FormatError(f"{part}: {data.nbytes} bytes encoded, expected {part_bytes}")
+            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+            rep.nbytes += data.nbytes
+            if progress is not None:
+                progress(src.nbytes)
+            del data
+            release_pages(src.data)
+        reports.append(rep)
+    f.write(b"\0" * (-f.tell() % ALIGNMENT))
+    f.flush()

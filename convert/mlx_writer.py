@@ -33,7 +33,15 @@ from mlxtral.quant.ggml import dequantize, squared_error_terms
 
 from .policy import Precision, mlx_quantizes
 from .safetensors_writer import SafetensorsWriter
-from .tensors import TensorReport, check_tensors, layer_order, map_rows, release_pages, source_f32
+from .tensors import (
+    TensorReport,
+    check_tensors,
+    layer_order,
+    map_rows,
+    release_pages,
+    source_f32,
+    worker_pool,
+)
 
 MAX_SHARD_BYTES = 5 << 30
 _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -215,7 +223,15 @@ def _encode_part(x: np.ndarray, m: MlxModule, bits: int | None, group_size: int,
 def write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int = 64, *,
               max_shard_bytes: int = MAX_SHARD_BYTES, progress: Progress | None = None
               ) -> list[TensorReport]:
-    """Write ``ckpt`` as an mlx-lm folder into the existing, empty ``folder``."""
+    """Write ``ckpt`` as an mlx-lm folder into the existing, empty ``folder`` (the caller makes it
+    atomic). On an exception (KeyboardInterrupt, Terminated, OSError...) the open shard is closed
+    without a completeness check, the worker threads are stopped, and the same exception goes on."""
+    with worker_pool():
+        return _write_mlx(ckpt, folder, prec, group_size, max_shard_bytes, progress)
+
+
+def _write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int, max_shard_bytes: int,
+               progress: Progress | None) -> list[TensorReport]:
     check_tensors(ckpt.args, ckpt.tensors, str(ckpt.path))
     folder = Path(folder)
     copy_tokenizer(ckpt, folder)  # first: fail before hours of work, not after
@@ -237,8 +253,8 @@ def write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int =
                 w.declare(tname, dt, shape)
                 weight_map[tname] = fname
         total += w.total_bytes
-        w.open()
-        try:
+        with w:  # on an exception: w.abort(), the exception goes on unchanged
+            w.open()
             for mod in modules:
                 m = by_module[mod]
                 kind = f"affine{prec.bits}/g{group_size}" if m.quantized else m.dtype
@@ -257,8 +273,6 @@ def write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int =
                     del x
                     release_pages(src.data)
                 reports.append(rep)
-        finally:
-            w.close()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n", encoding="utf-8")
     cfg = mlx_config(ckpt.args, prec, group_size)

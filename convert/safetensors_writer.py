@@ -7,6 +7,7 @@ data without holes. Tensors are placed 4-byte dtypes first so every uint32/float
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -78,11 +79,30 @@ class SafetensorsWriter:
         self.written[name] = self.written.get(name, 0) + buf.nbytes
 
     def close(self) -> None:
+        """Finish the file: every declared tensor must have been written in full. Only on success:
+        after an error, call :meth:`abort` (or use the writer as a context manager)."""
         if self.f is None:
             self.open()
         assert self.f is not None
         short = [n for n, (b, e) in self.offsets.items() if self.written.get(n, 0) != e - b]
-        self.f.close()
-        self.f = None
+        f, self.f = self.f, None
+        f.close()
         if short:
             raise RuntimeError(f"{self.path}: tensors not fully written: {short[:3]}")
+
+    def abort(self) -> None:
+        """Close the file handle after an error, without the completeness check and without
+        raising (the exception being handled is the one to report); the caller deletes the file."""
+        f, self.f = self.f, None
+        if f is not None:
+            with contextlib.suppress(OSError):  # e.g. flushing the buffer onto a full disk again
+                f.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -2,11 +2,16 @@
 its shape and type, and the per-tensor report (bytes written, relative RMSE)."""
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -106,9 +111,109 @@ def convert_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
 PARALLEL_MIN_ELEMS = 1 << 20  # smaller tensors are converted on the calling thread
+POOL_JOIN_TIMEOUT = 30.0  # on an exception, seconds to wait for the workers' running items
+
+
+_Item = tuple[Future, Callable[..., Any], tuple[Any, ...]]  # a future, a function, its arguments
+
+
+class WorkerPool:
+    """Worker threads for :func:`map_rows` (row ranges of one tensor at a time).
+
+    Unlike a ``ThreadPoolExecutor``, whose workers the interpreter joins at exit (a worker that never
+    got its wake-up, e.g. after a Ctrl-C while it was starting, hangs the exit in
+    ``threading._shutdown``), the threads are daemons: they never keep the process alive.
+    :meth:`shutdown` drops the queued work with ``cancel_futures=True`` and stops every worker after
+    the item it is running; :func:`worker_pool` calls it on every exit path.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.size = threads
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def _worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            del item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    res = fn(*args)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller by fut.result()
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(res)
+            del fut, fn, args
+
+    def map(self, fn: Callable[..., T], items: list[tuple[Any, ...]]) -> list[T]:
+        """``[fn(*it) for it in items]`` on the workers, in order; on any exception (a worker's,
+        or KeyboardInterrupt / Terminated here) the items not started yet are cancelled."""
+        if self._closed:
+            raise RuntimeError("map() on a WorkerPool that is shut down")
+        while len(self._threads) < self.size:
+            t = threading.Thread(target=self._worker, name=f"mlxtral-convert-{len(self._threads)}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+        futs: list[Future[T]] = []
+        try:
+            for it in items:
+                f: Future[T] = Future()
+                futs.append(f)
+                self._queue.put((f, fn, it))
+            return [f.result() for f in futs]
+        except BaseException:
+            for f in futs:
+                f.cancel()
+            raise
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False,
+                 timeout: float | None = None) -> None:
+        """Stop the workers (each after its running item); ``cancel_futures``: cancel the queued
+        items first; ``wait``: join the workers (for at most ``timeout`` seconds in all)."""
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for t in self._threads:
+                if t.ident is not None:
+                    t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+_ACTIVE: ContextVar[WorkerPool | None] = ContextVar("mlxtral_convert_pool", default=None)
+
+
+@contextlib.contextmanager
+def worker_pool() -> Iterator[WorkerPool | None]:
+    """The scope of one conversion: :func:`map_rows` inside runs on one pool of
+    :func:`convert_threads` workers (started at first use), shut down on the way out on every path:
+    after an exception the queued items are cancelled and the running ones get
+    ``POOL_JOIN_TIMEOUT`` seconds to finish (the workers are daemons past that)."""
+    threads = convert_threads()
+    pool = WorkerPool(threads) if threads > 1 else None
+    token = _ACTIVE.set(pool)
+    ok = False
+    try:
+        yield pool
+        ok = True
+    finally:
+        _ACTIVE.reset(token)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=not ok, timeout=None if ok else POOL_JOIN_TIMEOUT)
 
 
 def row_ranges(n_rows: int, row_len: int, threads: int) -> list[tuple[int, int]]:
@@ -121,17 +226,18 @@ def row_ranges(n_rows: int, row_len: int, threads: int) -> list[tuple[int, int]]
 
 
 def map_rows(fn: Callable[[int, int], T], n_rows: int, row_len: int) -> list[T]:
-    """``fn(lo, hi)`` over row ranges, on a shared thread pool when the tensor is big enough."""
-    global _POOL, _POOL_SIZE
-    threads = convert_threads()
+    """``fn(lo, hi)`` over row ranges, on the conversion's :func:`worker_pool` when the tensor is big
+    enough (outside one, on a pool of its own for this call)."""
+    pool = _ACTIVE.get()
+    threads = pool.size if pool is not None else convert_threads()
     ranges = row_ranges(n_rows, row_len, threads)
     if len(ranges) == 1:
         return [fn(*ranges[0])]
-    if _POOL is None or _POOL_SIZE != threads:
-        if _POOL is not None:
-            _POOL.shutdown(wait=False)
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(threads, thread_name_prefix="mlxtral-convert"), threads
-    return list(_POOL.map(lambda r: fn(*r), ranges))
+    if pool is None:
+        with worker_pool() as own:
+            assert own is not None
+            return own.map(fn, ranges)
+    return pool.map(fn, ranges)
 
 
 def source_rows(t: QTensor) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Conversion writers: GGUF (read back with gguf.GGUFReader) and MLX folders (mx.load)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -620,3 +621,254 @@ def test_tokenizer_json_from_spm_matches_sentencepiece(tokenizer_model: Path, wh
         assert ids == [ref.bos_id(), *ref.encode(t)], repr(t)
         if which == "mixtral":
             assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ref.encode(t)), repr(t)
+
+
+# ---- failures while writing: the original exception, OUT named, nothing left, no worker left -------
+
+
+def _convert_threads_alive() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("mlxtral-convert") and t.is_alive()]
+
+
+class _FullDisk:
+    """A binary file opened for writing that takes ``room`` bytes, then fails like a full disk."""
+
+    def __init__(self, f: object, budget: list[int]) -> None:
+        self._f, self._budget = f, budget
+
+    def write(self, data: object) -> int:
+        n = memoryview(data).nbytes  # type: ignore[arg-type]
+        if n > self._budget[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._budget[0] -= n
+        return self._f.write(data)  # type: ignore[attr-defined, no-any-return]
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._f.close()  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+
+FULL_DISK_CASES = [("gguf", 0, False), ("gguf", 40_000, False), ("gguf", 40_000, True),
+                   ("mlx", 0, False), ("mlx", 40_000, False), ("mlx", 40_000, True)]
+
+
+@pytest.mark.parametrize("fmt,room,previous", FULL_DISK_CASES)
+def test_convert_full_disk_names_out(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, hf_folder: Path,
+                                     fmt: str, room: int, previous: bool) -> None:
+    """ENOSPC from a write of the output partway through convert() (on the thread pool): a one-line
+    MlxtralError naming OUT with the errno, no OUT (or the previous one untouched), no temporary file,
+    no worker thread left running."""
+    import builtins
+
+    from mlxtral.convert import convert, tensors
+    from mlxtral.convert.atomic import OutputError
+
+    monkeypatch.setattr(tensors, "PARALLEL_MIN_ELEMS", 1)
+    monkeypatch.setenv("MLXTRAL_CONVERT_THREADS", "3")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    out = dest / ("m.gguf" if fmt == "gguf" else "m")
+    if previous:
+        if fmt == "gguf":
+            out.write_bytes(b"previous")
+        else:
+            out.mkdir()
+            (out / "config.json").write_text("previous")
+    budget = [room]
+    real_open = builtins.open
+
+    def full_open(file: object, mode: str = "r", *a: object, **kw: object) -> object:
+        f = real_open(file, mode, *a, **kw)  # type: ignore[call-overload]
+        under = isinstance(file, (str, os.PathLike)) and dest in Path(file).absolute().parents
+        return _FullDisk(f, budget) if under and "w" in mode and "b" in mode else f
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(OutputError) as ei:
+        convert(hf_folder, out, fmt, "q8", force=previous, progress=False)
+    monkeypatch.setattr(builtins, "open", real_open)
+    e = ei.value
+    assert isinstance(e, MlxtralError) and e.errno == errno.ENOSPC
+    assert str(e) == f"{out}: {os.strerror(errno.ENOSPC)} (ENOSPC, errno {errno.ENOSPC})"
+    assert "\n" not in str(e)
+    assert isinstance(e.__cause__, OSError) and e.__cause__.errno == errno.ENOSPC
+    if room:
+        assert budget[0] < room  # partway: some of the output was written
+    assert sorted(p.name for p in dest.iterdir()) == ([out.name] if previous else [])
+    if previous:
+        assert (out.read_bytes() if fmt == "gguf" else (out / "config.json").read_bytes()) == b"previous"
+        assert fmt == "gguf" or sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert _convert_threads_alive() == []
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "mlx"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, "terminated", OSError])
+def test_writers_reraise_the_original_exception(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                ckpt: Checkpoint, fmt: str, exc: object) -> None:
+    """Interrupted mid-way, a writer closes its file without the completeness check and re-raises the
+    exception it got (not 'tensors not fully written'), and its worker threads are stopped."""
+    from mlxtral.convert import tensors
+    from mlxtral.errors import Terminated
+
+    monkeypatch.setattr(tensors, "PARALLEL_MIN_ELEMS", 1)
+    monkeypatch.setenv("MLXTRAL_CONVERT_THREADS", "3")
+    err: BaseException = (Terminated(15) if exc == "terminated" else
+                          OSError(errno.EIO, "boom") if exc is OSError else KeyboardInterrupt())
+    calls = [0]
+
+    def progress(n: int) -> None:
+        calls[0] += 1
+        if calls[0] == 5:
+            raise err
+
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "m")
+    with pytest.raises(type(err)) as ei:
+        if fmt == "gguf":
+            write_gguf(ckpt, out, "Q8_0", progress=progress)
+        else:
+            out.mkdir()
+            write_mlx(ckpt, out, parse_precision("q4", "mlx"), 32, progress=progress)
+    assert ei.value is err and ei.value.__context__ is None
+    assert _convert_threads_alive() == []
+
+
+def test_worker_pool_cancels_queued_items_and_stops() -> None:
+    """An exception in one item cancels the items not started; shutdown stops every worker."""
+    import threading
+
+    from mlxtral.convert.tensors import WorkerPool
+
+    pool = WorkerPool(2)
+    started: list[int] = []
+    gate = threading.Event()
+
+    def work(i: int) -> int:
+        started.append(i)
+        if i == 0:
+            raise ValueError("bad item")
+        gate.wait(5)
+        return i
+
+    with pytest.raises(ValueError, match="bad item"):
+        pool.map(work, [(i,) for i in range(50)])
+    gate.set()
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert len(started) < 50 and _convert_threads_alive() == []
+    with pytest.raises(RuntimeError):
+        pool.map(work, [(1,)])
+    assert all(t.daemon for t in pool._threads)
+
+
+def test_safetensors_writer_abort(tmp_path: Path) -> None:
+    from mlxtral.convert.safetensors_writer import SafetensorsWriter
+
+    w = SafetensorsWriter(tmp_path / "a.safetensors")
+    w.declare("x", "F32", (4,))
+    with pytest.raises(KeyboardInterrupt):
+        with w:
+            w.open()
+            raise KeyboardInterrupt
+    assert w.f is None
+    w = SafetensorsWriter(tmp_path / "b.safetensors")
+    w.declare("x", "F32", (4,))
+    with pytest.raises(RuntimeError, match="not fully written"):
+        with w:
+            w.open()
+
+
+# ---- --force: OUT is replaced atomically, never missing ------------------------------------------------
+
+
+@pytest.mark.parametrize("old_kind,new_dir", [("file", False), ("dir", True), ("dir", False), ("file", True)])
+def test_force_replace_keeps_out_when_the_rename_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                       old_kind: str, new_dir: bool) -> None:
+    """The rename that puts the new OUT in place fails: the previous OUT is still there, whole, and
+    nothing else is left (a file is never unlinked first; a folder moved aside is put back)."""
+    import mlxtral.convert.atomic as atomic
+    from mlxtral.convert.atomic import OutputError
+
+    out = tmp_path / "o"
+    if old_kind == "file":
+        out.write_bytes(b"old")
+    else:
+        out.mkdir()
+        (out / "a").write_bytes(b"old")
+    real = os.replace
+
+    def failing(src: object, dst: object) -> None:
+        if ".tmp-" in Path(str(src)).name:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OutputError, match=f"{out}: "):
+        with atomic_output(out, is_dir=new_dir, force=True) as tmp:
+            (tmp / "b").write_bytes(b"new") if new_dir else tmp.write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert (out.read_bytes() if old_kind == "file" else (out / "a").read_bytes()) == b"old"
+
+
+@pytest.mark.parametrize("old_kind,new_dir", [("file", False), ("dir", True), ("file", True)])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_force_replace_defers_signals(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, old_kind: str,
+                                      new_dir: bool, sig: str) -> None:
+    """SIGINT / SIGTERM arriving between the renames is handled after them: OUT is the new one (never
+    missing, never the old one half-replaced), nothing else is left, the interrupt still arrives."""
+    import signal
+
+    import mlxtral.convert.atomic as atomic
+    from mlxtral.errors import Terminated
+
+    signum = getattr(signal, sig)
+    out = tmp_path / "o"
+    if old_kind == "file":
+        out.write_bytes(b"old")
+    else:
+        out.mkdir()
+        (out / "a").write_bytes(b"old")
+    real = os.replace
+    present: list[bool] = []
+
+    def replace_then_signal(src: object, dst: object) -> None:
+        real(src, dst)  # type: ignore[arg-type]
+        present.append(os.path.lexists(out))
+        os.kill(os.getpid(), signum)  # right after each rename: handled once all of them are done
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_signal)
+    with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else Terminated):
+        with atomic_output(out, is_dir=new_dir, force=True) as tmp:
+            (tmp / "b").write_bytes(b"new") if new_dir else tmp.write_bytes(b"new")
+    monkeypatch.setattr(atomic.os, "replace", real)
+    assert present == ([True] if old_kind == "file" and not new_dir else [False, True])
+    assert ((out / "b") if new_dir else out).read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_terminate_as_exception_keeps_ignored_signals() -> None:
+    """``nohup mlxtral convert ...``: an ignored SIGHUP stays ignored; SIGTERM raises Terminated."""
+    import signal
+
+    from mlxtral.convert.atomic import terminate_as_exception
+    from mlxtral.errors import Terminated
+
+    before = {s: signal.signal(s, signal.SIG_IGN if s == signal.SIGHUP else signal.SIG_DFL)
+              for s in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        with pytest.raises(Terminated):
+            with terminate_as_exception():
+                os.kill(os.getpid(), signal.SIGHUP)  # ignored
+                assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.getsignal(signal.SIGTERM)  # let the handler run
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
