@@ -308,3 +308,32 @@ def test_no_numba_env():
     flag, s1, s2 = out.stdout.split()
     assert flag == "False" and float(s2) == 8.0
     assert abs(float(s1) - 8 / (1 + np.exp(-1))) < 1e-5
+
+
+def test_no_compilation_after_warmup(tmp_path):
+    """Loading a model warms every kernel specialization it will use (read-only memory-mapped
+    weights included), so LLVM never runs again and its pages can stay released."""
+    import numba
+    from tiny_models import random_weights, tiny_args, write_gguf
+
+    import mlxtral
+    from mlxtral.backends import _kernels_nb as nb
+
+    args = tiny_args()
+    path = write_gguf(tmp_path / "m.gguf", random_weights(args), args, vocab=False)
+    m = mlxtral.load(path, backend="numpy", tokenizer=False)
+
+    def signatures():
+        return {k: len(v.signatures) for k, v in vars(nb).items()
+                if isinstance(v, numba.core.registry.CPUDispatcher)}
+
+    before = signatures()
+    be = m.backend
+    cache = be.new_cache(200)
+    be.forward(list(range(1, 4)), cache)  # int8 prefill
+    be.forward(list(range(4, 4 + 70)), cache)  # BLAS prefill
+    for t in range(5):
+        be.forward([t + 100], cache)  # decode
+    assert signatures() == before
+    if sys.platform.startswith("linux"):
+        assert kernels.release_compiler_pages() > 0  # llvmlite's mappings were found and advised

@@ -97,6 +97,9 @@ class NumpyBackend:
         self.rope = ops.Rope(args.rope_dim or args.head_dim, args.rope_theta,
                              min(args.max_position_embeddings, 4096))
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
+        from mlxtral.backends import kernels
+
+        kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
 
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:
