@@ -429,6 +429,17 @@ def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
     return out
 
 
+@njit(cache=_CACHE, nogil=True, fastmath=True, inline="always")
+def _softmax_weights(sc, n, m):
+    """Scores ``sc[:n]`` (maximum ``m``) -> exp(sc - m) in place; returns 1 / their sum."""
+    tot = np.float32(0.0)
+    for s in range(n):
+        e = np.exp(sc[s] - m)
+        sc[s] = e
+        tot += e
+    return np.float32(1.0) / tot
+
+
 @njit(cache=_CACHE, nogil=True, fastmath=True)
 def attend_one(q, k, v, lo, hi, out):
     """Decode attention of one query row: q [H, hd] f32, k/v [KV, ctx, hd] f32 (the cache), keys
@@ -454,12 +465,7 @@ def attend_one(q, k, v, lo, hi, out):
             sc[s] = acc
             if acc > m:
                 m = acc
-        tot = np.float32(0.0)
-        for s in range(n):
-            e = np.exp(sc[s] - m)
-            sc[s] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+        inv = _softmax_weights(sc, n, m)
         o = out[h]
         for d in range(hd):
             o[d] = np.float32(0.0)
@@ -501,12 +507,7 @@ def attend_one_f16(q, k, v, lo, hi, out):
             sc[s] = acc
             if acc > m:
                 m = acc
-        tot = np.float32(0.0)
-        for s in range(n):
-            e = np.exp(sc[s] - m)
-            sc[s] = e
-            tot += e
-        inv = np.float32(1.0) / tot
+        inv = _softmax_weights(sc, n, m)
         o = out[h]
         for d in range(hd):
             o[d] = np.float32(0.0)
