@@ -785,6 +785,16 @@ def test_safetensors_writer_abort(tmp_path: Path) -> None:
 # ---- --force: OUT is replaced atomically, never missing ------------------------------------------------
 
 
+def _old_output(out: Path, kind: str) -> Path:
+    """A previous OUT for the --force tests: a file, or a folder holding file ``a`` (both b"old")."""
+    if kind == "file":
+        out.write_bytes(b"old")
+    else:
+        out.mkdir()
+        (out / "a").write_bytes(b"old")
+    return out
+
+
 @pytest.mark.parametrize("old_kind,new_dir", [("file", False), ("dir", True), ("dir", False), ("file", True)])
 def test_force_replace_keeps_out_when_the_rename_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                        old_kind: str, new_dir: bool) -> None:
@@ -793,12 +803,7 @@ def test_force_replace_keeps_out_when_the_rename_fails(monkeypatch: pytest.Monke
     import mlxtral.convert.atomic as atomic
     from mlxtral.convert.atomic import OutputError
 
-    out = tmp_path / "o"
-    if old_kind == "file":
-        out.write_bytes(b"old")
-    else:
-        out.mkdir()
-        (out / "a").write_bytes(b"old")
+    out = _old_output(tmp_path / "o", old_kind)
     real = os.replace
 
     def failing(src: object, dst: object) -> None:
@@ -826,12 +831,7 @@ def test_force_replace_defers_signals(monkeypatch: pytest.MonkeyPatch, tmp_path:
     from mlxtral.errors import Terminated
 
     signum = getattr(signal, sig)
-    out = tmp_path / "o"
-    if old_kind == "file":
-        out.write_bytes(b"old")
-    else:
-        out.mkdir()
-        (out / "a").write_bytes(b"old")
+    out = _old_output(tmp_path / "o", old_kind)
     real = os.replace
     present: list[bool] = []
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tiny_models as tm
 from test_model import random_tensors, tiny_args
+from tiny_models import BACKENDS, mlx_available
 
 import mlxtral
 from mlxtral.backends.numpy_backend import NumpyBackend
@@ -192,15 +193,6 @@ PROMPT = "The quick brown fox"
 N_GEN = 24
 
 
-def _mlx_available() -> bool:
-    try:
-        import mlx.core  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BACKENDS = ["numpy", pytest.param("mlx", marks=pytest.mark.skipif(not _mlx_available(), reason="no mlx"))]
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +282,7 @@ def test_eos_after_a_partial_stop_string_keeps_the_held_back_text(hf_dir, backen
 
 
 # ---- MLX pipelined decoding (the Metal path) forced on MLX's CPU backend ---------------------------
-@pytest.mark.skipif(not _mlx_available(), reason="no mlx")
+@pytest.mark.skipif(not mlx_available(), reason="no mlx")
 def test_pipelined_mlx_generation_equals_step_by_step(hf_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     model = mlxtral.load(hf_dir, backend="mlx")
     be = model.backend

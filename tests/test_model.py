@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_models as tm
+from tiny_models import BACKENDS
 
 import mlxtral
 from mlxtral.backends import ops
@@ -178,15 +179,6 @@ def test_matches_transformers_mixtral() -> None:
 
 
 # ---- through mlxtral.load --------------------------------------------------------------------------
-def _mlx_available() -> bool:
-    try:
-        import mlx.core  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BACKENDS = ["numpy", pytest.param("mlx", marks=pytest.mark.skipif(not _mlx_available(), reason="no mlx"))]
 
 
 def _tiny_gguf(path: Path, seed: int = 0, **kw) -> Path:

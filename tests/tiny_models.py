@@ -17,10 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from mlxtral.config import ModelArgs
 from mlxtral.formats import expected_shapes
 from mlxtral.qtensor import bf16_to_f32, f32_to_bf16
+
+
+def mlx_available() -> bool:
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# parametrize a test over both backends; the MLX case skips where mlx is not installed
+BACKENDS = ["numpy", pytest.param("mlx", marks=pytest.mark.skipif(not mlx_available(), reason="no mlx"))]
 
 # ---- model ---------------------------------------------------------------------------------------
 
