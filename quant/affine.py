@@ -110,25 +110,54 @@ def affine_quantize(w: np.ndarray, bits: int = 4, group_size: int = 64, dtype: s
     return wq, scales, biases
 
 
+def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """Codes uint8 ``[..., n]`` (each < 2**bits) -> MLX's uint32 words ``[..., n*bits/32]``: a
+    little-endian bit stream, element ``k`` at bits ``k*bits`` (for 2, 4 and 8 bits that is
+    element ``k`` of a word at ``(k % per_word) * bits``)."""
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    n = q.shape[-1]
+    if (n * bits) % 32:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole 32-bit words")
+    lead = q.shape[:-1]
+    if bits == 8:
+        return q.view(np.uint32)
+    if bits == 4:
+        return (q[..., 0::2] | (q[..., 1::2] << np.uint8(4))).view(np.uint32)
+    stream = ((q[..., None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)).reshape(*lead, n * bits)
+    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
+
+
+def unpack_codes(w: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: uint32 words ``[..., m]`` -> codes uint8 ``[..., m*32/bits]``."""
+    w = np.ascontiguousarray(w, dtype=np.uint32)
+    if 32 % bits == 0:
+        per = 32 // bits
+        shifts = np.arange(per, dtype=np.uint32) * np.uint32(bits)
+        q = (w[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # [..., words, per]
+        return q.astype(np.uint8).reshape(*w.shape[:-1], w.shape[-1] * per)
+    stream = np.unpackbits(w.view(np.uint8), axis=-1, bitorder="little")  # 3, 5, 6 bits
+    n = stream.shape[-1] // bits
+    vals = stream[..., : n * bits].reshape(*w.shape[:-1], n, bits)
+    return (vals << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+
+
 def affine_dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int = 4,
-                      group_size: int = 64, dtype: str = "bfloat16") -> np.ndarray:
-    """Inverse of :func:`affine_quantize`: float32 ``[..., n]`` with ``w = q * scale + bias``."""
+                      group_size: int = 64, dtype: str = "bfloat16", out_dtype: type = _F32) -> np.ndarray:
+    """Inverse of :func:`affine_quantize`, any of MLX's bit widths (2, 3, 4, 5, 6, 8): ``[..., n]``
+    with ``w = q * scale + bias`` computed in float32 and stored as ``out_dtype``. ``dtype`` names
+    the storage of ``scales``/``biases`` (bfloat16 = uint16 bits). Works in row chunks."""
     wq = np.asarray(wq, dtype=np.uint32)
-    per_word = 32 // bits
-    n = wq.shape[-1] * per_word
-    out = np.empty(tuple(wq.shape[:-1]) + (n,), dtype=_F32)
+    n = wq.shape[-1] * 32 // bits
+    out = np.empty(tuple(wq.shape[:-1]) + (n,), dtype=out_dtype)
     rows_q = wq.reshape(-1, wq.shape[-1])
     rows_s = np.asarray(scales).reshape(rows_q.shape[0], -1)
     rows_b = np.asarray(biases).reshape(rows_q.shape[0], -1)
     rows_o = out.reshape(rows_q.shape[0], n)
-    shifts = (np.arange(per_word, dtype=np.uint32) * np.uint32(bits))[None, None, :]
-    mask = np.uint32((1 << bits) - 1)
     step = max(1, CHUNK_ELEMS // n)
     for s in range(0, rows_q.shape[0], step):
-        words = rows_q[s : s + step]
-        k = words.shape[0]
-        q = ((words[:, :, None] >> shifts) & mask).astype(_F32).reshape(k, -1, group_size)
+        q = unpack_codes(rows_q[s : s + step], bits).astype(_F32)
+        k = q.shape[0]
         sc = load_dtype(rows_s[s : s + step], dtype)[:, :, None]
         bi = load_dtype(rows_b[s : s + step], dtype)[:, :, None]
-        rows_o[s : s + k] = (q * sc + bi).reshape(k, n)
+        rows_o[s : s + k] = (q.reshape(k, -1, group_size) * sc + bi).reshape(k, n)
     return out

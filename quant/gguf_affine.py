@@ -1,0 +1,188 @@
+"""GGUF blocks <-> MLX affine quantization (``w = q * scale + bias`` per group of 32), in NumPy.
+
+Most GGUF types are affine per 32 weights, so they become MLX groups of 32 with no loss:
+
+=========  ====  =====================================================================
+GGUF       bits  per 32 weights (``d``, ``dmin``, ``m`` are float16 in the file)
+=========  ====  =====================================================================
+Q4_0       4     scale ``d``, bias ``-8 d``
+Q4_1       4     scale ``d``, bias ``m``
+Q5_0       5     scale ``d``, bias ``-16 d``
+Q5_1       5     scale ``d``, bias ``m``
+Q8_0       8     scale ``d``, bias ``-128 d`` (signed ``q`` stored as ``q + 128``)
+Q4_K       4     scale ``d * sc_j``, bias ``-dmin * m_j`` (6-bit ``sc_j``, ``m_j`` per sub-block)
+Q5_K       5     as Q4_K with a fifth bit from ``qh``
+IQ4_NL     8     scale ``d``, bias ``-128 d``, ``q = kvalues[nibble] + 128`` (a 16-entry int8 table)
+IQ4_XS     8     scale ``d * (ls_j - 32)``, bias ``-128`` times it, codes as IQ4_NL
+=========  ====  =====================================================================
+
+Scales and biases are exact in float32 (``d`` has 11 significant bits, ``sc_j`` 6); in float16 and
+bfloat16 the products ``d * sc_j`` may round.
+
+``Q2_K``, ``Q3_K`` and ``Q6_K`` scale every 16 weights, and MLX's smallest group is 32: they are
+requantized to 8 bits per group of 32 (:func:`~mlxtral.quant.affine.affine_quantize`), which adds
+about a quarter of Q6_K's own rounding error (the tests measure it).
+
+All conversions work in chunks of blocks, so temporaries stay a few MB whatever the tensor size.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mlxtral.quant.affine import affine_quantize, pack_codes, unpack_codes
+from mlxtral.quant.dequant import dequantize_blocks
+
+GROUP = 32
+# GGUF type -> (MLX bits, exact): the form the MLX backend keeps each type in
+MLX_FORM: dict[str, tuple[int, bool]] = {
+    "Q4_0": (4, True), "Q4_1": (4, True), "Q8_0": (8, True),
+    "Q5_0": (5, True), "Q5_1": (5, True), "Q4_K": (4, True), "Q5_K": (5, True),
+    "IQ4_NL": (8, True), "IQ4_XS": (8, True),
+    "Q2_K": (8, False), "Q3_K": (8, False), "Q6_K": (8, False),
+}
+BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+         "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
+         "Q6_K": (256, 210), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+_CHUNK = 1 << 12  # blocks decoded at a time (up to 1 M weights)
+_F32 = np.float32
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Two bytes per block (uint8 ``[n, 2]``) -> float32 ``[n, 1]``."""
+    return np.ascontiguousarray(b).view(np.float16).astype(_F32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes ``[..., 16]`` -> 32 codes: low nibbles are elements 0-15, high ones 16-31."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+
+
+def _bits_of(word_bytes: np.ndarray, n: int) -> np.ndarray:
+    """Little-endian bit ``k`` of ``word_bytes`` ``[b, nbytes]`` for k < n -> uint8 ``[b, n]``."""
+    return np.unpackbits(word_bytes, axis=-1, bitorder="little")[:, :n]
+
+
+def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 scale bytes ``[n, 12]`` -> 6-bit (scale, min) ``[n, 8]`` each."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(_F32), mn.astype(_F32)
+
+
+def _k_low(qs: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 128 nibble bytes -> low 4 bits of 256 codes: sub-block ``j`` is nibble ``j % 2``
+    of bytes ``32 (j // 2)`` .. ``+31``."""
+    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & np.uint8(0x0F)).reshape(-1, 256)
+
+
+def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw blocks uint8 ``[n, type_size]`` of an exact type -> (codes uint8 ``[n, block_size]``,
+    scales, biases float32 ``[n, block_size / 32]``)."""
+    n = blocks.shape[0]
+    if qtype == "Q4_0":
+        d = _f16(blocks[:, 0:2])
+        return _nibbles(blocks[:, 2:18]), d, d * _F32(-8)
+    if qtype == "Q4_1":
+        return _nibbles(blocks[:, 4:20]), _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    if qtype == "Q8_0":
+        d = _f16(blocks[:, 0:2])
+        return blocks[:, 2:34] ^ np.uint8(0x80), d, d * _F32(-128)
+    if qtype in ("Q5_0", "Q5_1"):
+        o = 2 if qtype == "Q5_0" else 4
+        d = _f16(blocks[:, 0:2])
+        q = _nibbles(blocks[:, o + 4 : o + 20]) | (_bits_of(blocks[:, o : o + 4], 32) << np.uint8(4))
+        return q, d, (d * _F32(-16) if qtype == "Q5_0" else _f16(blocks[:, 2:4]))
+    if qtype in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+        sc, mn = _k_scale_min(blocks[:, 4:16])
+        if qtype == "Q4_K":
+            q = _k_low(blocks[:, 16:144])
+        else:  # bit 4 of element k of sub-block j: bit j of qh byte k
+            hi = np.unpackbits(blocks[:, 16:48, None], axis=-1, bitorder="little")  # [n, 32, 8]
+            q = _k_low(blocks[:, 48:176]) | (hi.transpose(0, 2, 1).reshape(n, 256) << np.uint8(4))
+        return q, d * sc, -(dmin * mn)
+    if qtype == "IQ4_NL":
+        d = _f16(blocks[:, 0:2])
+        return (IQ4_VALUES[_nibbles(blocks[:, 2:18])] + 128).astype(np.uint8), d, d * _F32(-128)
+    if qtype == "IQ4_XS":
+        d = _f16(blocks[:, 0:2])
+        sh = np.ascontiguousarray(blocks[:, 2:4]).view(np.uint16)  # [n, 1]
+        sl = blocks[:, 4:8]
+        low = (sl[:, :, None] >> np.array([0, 4], np.uint8)) & np.uint8(0x0F)  # [n, 4, 2]
+        high = (sh >> (2 * np.arange(8, dtype=np.uint16))) & np.uint16(3)  # [n, 8]
+        ls = low.reshape(n, 8).astype(_F32) + high.astype(_F32) * 16 - 32
+        scale = d * ls
+        q = _nibbles(blocks[:, 8:136].reshape(n, 8, 16)).reshape(n, 256)
+        return (IQ4_VALUES[q] + 128).astype(np.uint8), scale, scale * _F32(-128)
+    raise ValueError(f"{qtype} has no exact MLX affine form")
+
+
+def affine_shapes(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(packed words shape, scales/biases shape) of a ``[..., n]`` tensor of GGUF ``qtype``."""
+    bits = MLX_FORM[qtype][0]
+    n = shape[-1]
+    return (*shape[:-1], n * bits // 32), (*shape[:-1], n // GROUP)
+
+
+def gguf_to_affine(data: np.ndarray, qtype: str, shape: tuple[int, ...],
+                   out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                   scale_dtype: type | np.dtype = _F32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A GGUF tensor (raw blocks ``data`` of ``qtype``, logical ``shape`` ``[..., n]``) -> MLX
+    affine (words uint32, scales, biases ``scale_dtype``), shapes from :func:`affine_shapes`;
+    written into ``out`` (C-contiguous arrays of those shapes) if given."""
+    if qtype not in MLX_FORM:
+        raise ValueError(f"{qtype} has no MLX affine form")
+    bits, exact = MLX_FORM[qtype]
+    bs, ts = BLOCK[qtype]
+    if shape[-1] % bs:
+        raise ValueError(f"{qtype} rows must be a multiple of {bs}, got {shape}")
+    if out is None:
+        ws, ss = affine_shapes(tuple(shape), qtype)
+        out = (np.empty(ws, np.uint32), np.empty(ss, scale_dtype), np.empty(ss, scale_dtype))
+    if not all(a.flags.c_contiguous for a in out):
+        raise ValueError("output arrays must be C-contiguous")
+    blocks = np.asarray(data).reshape(-1, ts)  # [n_blocks, ts], row-major over the tensor
+    nb = blocks.shape[0]
+    words = out[0].reshape(nb, bs * bits // 32)
+    scales, biases = out[1].reshape(nb, bs // GROUP), out[2].reshape(nb, bs // GROUP)
+    for s in range(0, nb, _CHUNK):
+        chunk = np.ascontiguousarray(blocks[s : s + _CHUNK])
+        e = s + chunk.shape[0]
+        if exact:
+            q, sc, bi = decode(chunk, qtype)
+            words[s:e] = pack_codes(q, bits)
+            scales[s:e] = np.broadcast_to(sc, scales[s:e].shape)
+            biases[s:e] = np.broadcast_to(bi, biases[s:e].shape)
+        else:
+            x = dequantize_blocks(chunk, qtype, (chunk.shape[0], bs))
+            w, sc, bi = affine_quantize(x, bits, GROUP, "float32")
+            words[s:e], scales[s:e], biases[s:e] = w, sc, bi
+    return out
+
+
+def affine4_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
+                    scale_dtype: str) -> np.ndarray:
+    """4-bit MLX affine (group size a multiple of 32) -> GGUF ``Q4_1`` blocks uint8
+    ``[..., out, in/32*20]``: each group becomes ``group_size / 32`` blocks sharing its scale and
+    bias, rounded to float16 (exact for float16 scales)."""
+    from mlxtral.quant.affine import load_dtype
+
+    n = w.shape[-1] * 8
+    nb = n // 32
+    rep = group_size // 32
+    out = np.empty((*w.shape[:-1], nb * 20), dtype=np.uint8)
+    ow, w2 = out.reshape(-1, nb * 20), w.reshape(-1, w.shape[-1])
+    s2, b2 = scales.reshape(w2.shape[0], -1), biases.reshape(w2.shape[0], -1)
+    step = max(1, (1 << 20) // n)
+    for r in range(0, w2.shape[0], step):
+        q = unpack_codes(w2[r : r + step], 4).reshape(-1, nb, 32)  # [rows, nb, 32]
+        blk = ow[r : r + step].reshape(-1, nb, 20)
+        d = np.repeat(load_dtype(s2[r : r + step], scale_dtype).astype(np.float16), rep, axis=-1)
+        m = np.repeat(load_dtype(b2[r : r + step], scale_dtype).astype(np.float16), rep, axis=-1)
+        blk[..., 0:2] = d[..., None].view(np.uint8)
+        blk[..., 2:4] = m[..., None].view(np.uint8)
+        blk[..., 4:20] = q[..., :16] | (q[..., 16:] << 4)
+    return out
