@@ -17,7 +17,7 @@ import numpy as np
 
 from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError, UsageError
-from mlxtral.qtensor import QTensor
+from mlxtral.qtensor import AffineTensor, QTensor, Tensor
 from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
 
 T = TypeVar("T")
@@ -93,7 +93,7 @@ def layer_order(args: ModelArgs) -> list[tuple[str, list[str]]]:
     return out
 
 
-def source_f32(t: QTensor) -> np.ndarray:
+def source_f32(t: Tensor) -> np.ndarray:
     """One source tensor as float32 (a fresh array of its own; the source map is only read)."""
     x = t.dequantize()
     return np.ascontiguousarray(x, dtype=np.float32)
@@ -254,7 +254,20 @@ def rows_f32(t: QTensor, data_rows: np.ndarray) -> np.ndarray:
     return dequantize_blocks(data_rows, t.qtype, (data_rows.shape[0], n))
 
 
-def encode_gguf(t: QTensor, qtype: str, report: TensorReport) -> np.ndarray:
+def row_reader(t: Tensor) -> tuple[int, Callable[[int, int], np.ndarray]]:
+    """(rows, ``read(lo, hi)`` -> float32 ``[hi - lo, n]``) over ``t``'s rows, leading dims flattened:
+    GGUF blocks through :func:`rows_f32`, MLX affine rows (codes, scales, biases) dequantized."""
+    if isinstance(t, AffineTensor):
+        from mlxtral.quant.affine import affine_dequantize
+
+        w, sc, bi = (a.reshape(-1, a.shape[-1]) for a in (t.data, t.scales, t.biases))
+        return w.shape[0], lambda lo, hi: affine_dequantize(w[lo:hi], sc[lo:hi], bi[lo:hi], t.bits,
+                                                            t.group_size, t.scale_dtype)
+    src = source_rows(t)
+    return src.shape[0], lambda lo, hi: rows_f32(t, src[lo:hi])
+
+
+def encode_gguf(t: Tensor, qtype: str, report: TensorReport) -> np.ndarray:
     """Source tensor -> stored data of GGUF ``qtype``; adds its error to ``report``.
 
     Same type in and out: the raw bytes are passed through unchanged (no requantization loss).
@@ -268,17 +281,17 @@ def encode_gguf(t: QTensor, qtype: str, report: TensorReport) -> np.ndarray:
         return np.asarray(t.data)
     odtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(qtype, np.uint8)
     out = np.empty(quantized_shape(tuple(t.shape), qtype), dtype=odtype)
-    src = source_rows(t)
-    orows = out.reshape(src.shape[0], -1)
+    n_rows, read = row_reader(t)
+    orows = out.reshape(n_rows, -1)
 
     def work(lo: int, hi: int) -> tuple[float, float]:
-        x = rows_f32(t, src[lo:hi])  # [rows, n] float32
+        x = read(lo, hi)  # [rows, n] float32
         quantize(x, qtype, out=orows[lo:hi])
         if qtype == "F32":
             return 0.0, 0.0
         return squared_error_terms(x, dequantize(orows[lo:hi], qtype))
 
-    for num, den in map_rows(work, src.shape[0], t.shape[-1] if t.shape else 1):
+    for num, den in map_rows(work, n_rows, t.shape[-1] if t.shape else 1):
         report.num += num
         report.den += den
     return out

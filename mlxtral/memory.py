@@ -24,8 +24,6 @@ from mlxtral.formats import Checkpoint
 GB = 1e9
 RUNTIME_BYTES = 300 * 1024 * 1024  # interpreter, NumPy/numba/MLX libraries, tokenizer
 PREFILL_CHUNK = 512  # tokens per prefill step (Model.stream's default)
-_MLX_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # types the MLX backend keeps quantized
-_MLX_GROUP = 32
 _F32_NAMES = ("_norm.weight", "ffn_gate_inp.weight")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -79,6 +77,10 @@ def _mlx_float_bytes(kv_dtype: str | None) -> int:
 
 def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> tuple[int, int]:
     """(resident bytes as ``backend`` holds the weights, bytes already held by this process)."""
+    from mlxtral.formats.native import native_form
+    from mlxtral.qtensor import AffineTensor
+    from mlxtral.quant.gguf_affine import GROUP, MLX_FORM
+
     seen: set[int] = set()
     total = held = 0
     float_bytes = _mlx_float_bytes(kv_dtype) if backend == "mlx" else 0
@@ -86,17 +88,18 @@ def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> tuple[int,
         if id(q.data) in seen:
             continue
         seen.add(id(q.data))
-        mapped = _is_mapped(q.data)
-        if not mapped:
-            held += q.nbytes  # already in this process's memory (dequantized at load, or read)
+        if not _is_mapped(q.data):
+            held += q.nbytes  # already in this process's memory (converted at load, or read)
         if backend != "mlx":
-            total += q.nbytes
+            total += native_form(q)[1]  # a K-quant as F16, MLX 4-bit as Q4_1...: made after this check
             continue
         n = _numel(q.shape)
+        form = ((q.bits, q.group_size) if isinstance(q, AffineTensor)
+                else (MLX_FORM[q.qtype][0], GROUP) if q.qtype in MLX_FORM else None)
         if name.endswith(_F32_NAMES):
             total += 4 * n
-        elif q.qtype in _MLX_BITS:  # packed codes + a scale and a bias per group of 32
-            total += n * _MLX_BITS[q.qtype] // 8 + 2 * (n // _MLX_GROUP) * float_bytes
+        elif form is not None:  # packed codes + a scale and a bias per group
+            total += n * form[0] // 8 + 2 * (n // form[1]) * float_bytes
         elif ".ffn_" in name and ckpt.args.is_moe and float_bytes == 4:
             total += 4 * n  # MLX's CPU gather_mm is float32-only
         else:

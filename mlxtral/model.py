@@ -208,7 +208,9 @@ def load(
         check_fits(estimate(ckpt, name, max_context, kv_dtype), ckpt.path)
     if name == "numpy":
         from mlxtral.backends.numpy_backend import NumpyBackend
+        from mlxtral.formats.native import native_tensors
 
+        ckpt.tensors = native_tensors(ckpt.tensors, ckpt.path)  # type: ignore[assignment]
         be = NumpyBackend(ckpt.args, ckpt.tensors, kv_dtype=kv_dtype or "float32")
     else:
         try:
@@ -216,8 +218,8 @@ def load(
         except ImportError as e:
             raise MlxtralError(f"the MLX backend is not available ({e})") from None
         be = MLXBackend(ckpt.args, ckpt.tensors, dtype=kv_dtype)
-        # MLX holds its own (repacked) copies: drop ours, or a folder whose weights were converted
-        # in RAM (MLX 4-bit -> Q4_1, K-quants -> F16) would stay resident twice
+        # MLX holds its own (repacked) copies: drop ours (views of the file, or arrays read into RAM
+        # from a .pth), so nothing stays resident twice
         ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]
     tok = None
     if tokenizer:

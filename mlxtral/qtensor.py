@@ -12,6 +12,11 @@ Layout of ``data`` per ``qtype`` (``shape`` is the logical NumPy shape, innermos
   ``shape[:-1] + (shape[-1] // block_size * type_size,)`` exactly as GGUF stores it.
 
 A 3-D QTensor ``[E, out, in]`` holds stacked experts; ``expert(e)`` is a zero-copy 2-D view.
+
+:class:`AffineTensor` is the same idea for a weight that an MLX (mlx-lm) folder stores
+affine-quantized: packed codes, scales and biases, as in the file. Loaders hand out the tensors as
+they are stored; :func:`mlxtral.formats.native.to_native` turns the types the NumPy kernels do not
+compute on into ones they do, and the MLX backend reads them directly.
 """
 from __future__ import annotations
 
@@ -147,3 +152,90 @@ class QTensor:
         idx = np.asarray(idx, dtype=np.int64)
         sub = QTensor(self.qtype, (len(idx), self.shape[-1]), self.data[idx])
         return sub.dequantize()
+
+
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+AFFINE_GROUPS = (32, 64, 128)
+SCALE_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}  # safetensors -> storage
+
+
+@dataclass(frozen=True, eq=False)
+class AffineTensor:
+    """An MLX affine-quantized weight ``shape`` ``[..., out, in]``: per group of ``group_size``
+    weights along a row, ``w = q * scale + bias``.
+
+    - ``data``: uint32 ``[..., out, in * bits / 32]``, the codes as a little-endian bit stream
+    - ``scales``, ``biases``: ``[..., out, in / group_size]``, stored as ``scale_dtype``
+      ("float16", "float32", or "bfloat16" as uint16 bits)
+    """
+
+    shape: tuple[int, ...]
+    data: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    bits: int
+    group_size: int
+    scale_dtype: str
+
+    def __post_init__(self) -> None:
+        if self.bits not in AFFINE_BITS or self.group_size not in AFFINE_GROUPS:
+            raise ValueError(f"unsupported MLX quantization: {self.bits} bits, groups of {self.group_size}")
+        n = self.shape[-1] if self.shape else 0
+        sdt = np.dtype(np.uint16) if self.scale_dtype == "bfloat16" else np.dtype(self.scale_dtype)
+        lead = tuple(self.shape[:-1])
+        want = (lead + (n * self.bits // 32,), lead + (n // self.group_size,))
+        if (not self.shape or n % self.group_size or n % 32 or self.data.dtype != np.uint32
+                or tuple(self.data.shape) != want[0] or self.scales.dtype != sdt or self.biases.dtype != sdt
+                or tuple(self.scales.shape) != want[1] or tuple(self.biases.shape) != want[1]):
+            raise ValueError(f"{self.bits}-bit groups of {self.group_size} of shape {self.shape} need "
+                             f"uint32 {want[0]} and {self.scale_dtype} {want[1]}, got {self.data.dtype} "
+                             f"{self.data.shape}, {self.scales.dtype} {self.scales.shape}, "
+                             f"{self.biases.dtype} {self.biases.shape}")
+
+    @property
+    def qtype(self) -> str:
+        return f"affine{self.bits}/g{self.group_size}"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + self.scales.nbytes + self.biases.nbytes)
+
+    @property
+    def is_quantized(self) -> bool:
+        return True
+
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.qtype, tuple(self.shape), self.nbytes)
+
+    def _with(self, shape: tuple[int, ...], data: np.ndarray, scales: np.ndarray,
+              biases: np.ndarray) -> AffineTensor:
+        return AffineTensor(shape, data, scales, biases, self.bits, self.group_size, self.scale_dtype)
+
+    def expert(self, e: int) -> AffineTensor:
+        """Expert ``e`` of a stacked ``[E, out, in]`` tensor, as a zero-copy 2-D view."""
+        if self.ndim != 3:
+            raise ValueError("expert() needs a 3-D [E, out, in] tensor")
+        return self._with(tuple(self.shape[1:]), self.data[e], self.scales[e], self.biases[e])
+
+    def take_rows(self, idx: np.ndarray) -> AffineTensor:
+        """Rows ``idx`` of a 2-D tensor (a copy): quantization is per row, so codes, scales and
+        biases move together."""
+        return self._with((len(idx), self.shape[-1]), self.data[idx], self.scales[idx], self.biases[idx])
+
+    def dequantize(self, out_dtype: type = np.float32) -> np.ndarray:
+        """The whole tensor as float32 (or ``out_dtype``), in row chunks."""
+        from mlxtral.quant.affine import affine_dequantize
+
+        return affine_dequantize(self.data, self.scales, self.biases, self.bits, self.group_size,
+                                 self.scale_dtype, out_dtype)
+
+    def rows(self, idx: np.ndarray | list[int]) -> np.ndarray:
+        """Rows ``idx`` of a 2-D tensor as float32 ``[len(idx), in]``."""
+        return self.take_rows(np.asarray(idx, dtype=np.int64)).dequantize()
+
+
+Tensor = QTensor | AffineTensor

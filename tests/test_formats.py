@@ -26,10 +26,13 @@ from tiny_models import (
 from mlxtral.errors import FormatError
 from mlxtral.formats.detect import detect_format, open_checkpoint
 from mlxtral.formats.hf import load_hf, permute_rows
-from mlxtral.formats.mlx_folder import dequantize_mlx, mlx4_to_q4_1, unpack_mlx
+from mlxtral.formats.native import to_native
 from mlxtral.formats.original import load_original
 from mlxtral.formats.safetensors import open_safetensors
 from mlxtral.formats.torch_zip import load_torch_zip
+from mlxtral.qtensor import AffineTensor
+from mlxtral.quant.affine import affine_dequantize, pack_codes, unpack_codes
+from mlxtral.quant.gguf_affine import affine4_to_q4_1
 
 ARGS = tiny_args()
 DENSE = tiny_args(n_experts=0)
@@ -259,11 +262,14 @@ def test_dense_model_all_formats(root: Path, dense_weights) -> None:
 
 
 # ---- MLX -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits,gs,sdt,qtype", [
+@pytest.mark.parametrize("bits,gs,sdt,native", [
     (4, 64, "f16", "Q4_1"), (4, 32, "bf16", "Q4_1"), (4, 128, "f32", "Q4_1"),
     (8, 64, "f16", "F16"), (3, 32, "f16", "F16"), (6, 64, "bf16", "F16"), (2, 64, "f16", "F16"),
+    (5, 128, "bf16", "F16"),
 ])
-def test_mlx_quantized_folder(root: Path, weights, bits: int, gs: int, sdt: str, qtype: str) -> None:
+def test_mlx_quantized_folder(root: Path, weights, bits: int, gs: int, sdt: str, native: str) -> None:
+    """Quantized modules load as zero-copy AffineTensors of the file's bits and group size, equal to
+    mx.dequantize of what was written; the NumPy backend's form (Q4_1 / F16) equals them too."""
     pytest.importorskip("mlx.core")
     args = ARGS
     w = weights
@@ -275,13 +281,17 @@ def test_mlx_quantized_folder(root: Path, weights, bits: int, gs: int, sdt: str,
     ckpt = open_checkpoint(folder)
     assert ckpt.format == "mlx"
     big = ckpt.tensors["blk.1.ffn_down.2.weight"]
-    assert big.qtype == qtype
+    assert isinstance(big, AffineTensor) and (big.bits, big.group_size) == (bits, gs)
+    assert big.qtype == f"affine{bits}/g{gs}" and is_file_view(big.data)
     assert ckpt.tensors["blk.0.ffn_gate_inp.weight"].qtype == "F32"  # 8-bit router override -> f32
+    assert_same(ckpt.tensors, ref, atol=1e-6)  # q/k un-permuted with their scales and biases
+    nat = {n: to_native(t, n) for n, t in ckpt.tensors.items()}
+    assert nat["blk.1.ffn_down.2.weight"].qtype == native
     # Q4_1: exact up to f32 rounding of q*d+m; F16: plus one f16 rounding of each weight
-    tol = 1e-6 if qtype == "Q4_1" else 2e-3
-    if sdt == "f32" and qtype == "Q4_1":
+    tol = 1e-6 if native == "Q4_1" else 2e-3
+    if sdt == "f32" and native == "Q4_1":
         tol = 2e-3  # f32 scales are rounded to f16
-    assert_same(ckpt.tensors, ref, atol=tol)
+    assert_same(nat, ref, atol=tol)
 
 
 def test_mlx_unquantized_detected_by_switch_mlp_names(root: Path, weights) -> None:
@@ -308,10 +318,10 @@ def test_mlx4_to_q4_1_matches_gguf_dequantize() -> None:
         for i in range(128):
             q = (int(w[r, i // 8]) >> (4 * (i % 8))) & 15
             naive[r, i] = q * np.float32(s[r, i // 64]) + np.float32(b[r, i // 64])
-    blocks = mlx4_to_q4_1(w, s, b, 64)
+    blocks = affine4_to_q4_1(w, s, b, 64, "float16")
     got = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1).reshape(3, 128)
     np.testing.assert_allclose(got, naive, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(dequantize_mlx(w, s, b, 4, 64, np.float32), naive, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(affine_dequantize(w, s, b, 4, 64, "float16"), naive, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
@@ -321,9 +331,11 @@ def test_unpack_mlx_matches_mlx(bits: int) -> None:
     x = rng.standard_normal((4, 128)).astype(np.float32)
     wq, s, b = mx.quantize(mx.array(x), group_size=32, bits=bits)
     ref = np.array(mx.dequantize(wq, s, b, group_size=32, bits=bits))
-    got = dequantize_mlx(np.array(wq), np.array(s), np.array(b), bits, 32, np.float32)
+    got = affine_dequantize(np.array(wq), np.array(s), np.array(b), bits, 32, "float32")
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
-    assert unpack_mlx(np.array(wq), bits).max() < 2**bits
+    codes = unpack_codes(np.array(wq), bits)
+    assert codes.max() < 2**bits
+    np.testing.assert_array_equal(pack_codes(codes, bits), np.array(wq))  # the inverse, bit for bit
 
 
 # ---- readers against independent references ------------------------------------------------------

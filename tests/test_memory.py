@@ -124,12 +124,13 @@ def test_available_memory_real_machine() -> None:
 
 
 def test_mlx_load_drops_the_checkpoint_copy(tmp_path: Path) -> None:
-    """An MLX 4-bit folder is converted to Q4_1 blocks in RAM by our loader; once the MLX backend
-    holds its own arrays that copy must go (else the weights stay resident twice)."""
+    """An MLX 4-bit folder: the NumPy backend holds it as Q4_1 blocks, the MLX backend as MLX's own
+    4-bit groups of 64 (as stored). Once the MLX backend holds its arrays, the checkpoint keeps only
+    type, shape and size (else the weights would stay resident twice)."""
     pytest.importorskip("mlx.core")
     from tiny_models import write_mlx
 
-    from mlxtral.info import active_weight_bytes
+    from mlxtral.formats.detect import open_checkpoint
     from mlxtral.qtensor import TensorInfo
 
     args = tiny_args()
@@ -141,8 +142,10 @@ def test_mlx_load_drops_the_checkpoint_copy(tmp_path: Path) -> None:
     infos = m.checkpoint.tensors
     assert all(isinstance(t, TensorInfo) for t in infos.values())
     assert {n: (t.qtype, t.shape, t.nbytes) for n, t in infos.items()} == {
-        n: (t.qtype, t.shape, t.nbytes) for n, t in ref.checkpoint.tensors.items()}
-    assert active_weight_bytes(m.checkpoint) == active_weight_bytes(ref.checkpoint)
+        n: (t.qtype, t.shape, t.nbytes) for n, t in open_checkpoint(folder).tensors.items()}
+    assert infos["blk.0.ffn_gate.0.weight"].qtype == "affine4/g64"
+    gate = m.backend.layers[0].gate
+    assert (gate.bits, gate.group_size, tuple(gate.w.shape)) == (4, 64, (args.n_experts, args.hidden_dim, 8))
     from mlxtral.backends import kernels
 
     kernels.set_exact(True)  # float32 activations on NumPy, as MLX computes
@@ -167,17 +170,21 @@ def test_huge_context_length_costs_nothing_until_asked(tmp_path: Path) -> None:
     assert grown_kb < 200 * 1024, f"peak RSS grew by {grown_kb / 1024:.0f} MB"
 
 
-def test_foreign_types_checked_before_dequantizing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Q5_x / K-quant tensors become F16 in RAM: the check runs before that, and names the file."""
+def test_foreign_types_counted_as_each_backend_holds_them() -> None:
+    """A Q5_0 matrix: the NumPy backend will hold it as F16 (made after the check, so not yet
+    "held"), the MLX backend as 5-bit groups of 32; the check runs on that, naming the file."""
     import gguf
 
-    from mlxtral.formats.gguf import _check_foreign_fits
+    from mlxtral.formats import Checkpoint
 
     shape = (4096, 4096)
     nbytes = gguf.quants.quant_shape_to_byte_shape(shape, gguf.GGMLQuantizationType.Q5_0)
     q = QTensor("Q5_0", shape, np.zeros(nbytes, dtype=np.uint8))
-    monkeypatch.setattr(memory, "available_memory", lambda: 10_000_000)
-    with pytest.raises(OutOfMemoryError, match=r"m\.gguf: its Q5_0 tensors have no kernel here .* as F16"):
-        _check_foreign_fits({"blk.0.attn_q.weight": q}, Path("m.gguf"))
-    monkeypatch.setattr(memory, "available_memory", lambda: 10**12)
-    _check_foreign_fits({"blk.0.attn_q.weight": q}, Path("m.gguf"))
+    ckpt = Checkpoint("gguf", Path("m.gguf"), tiny_args(), {"blk.0.attn_q.weight": q}, None)
+    n = 4096 * 4096
+    assert memory._weights(ckpt, "numpy", None) == (2 * n, n // 32 * 22)
+    assert memory._weights(ckpt, "mlx", "float32") == (n * 5 // 8 + 2 * (n // 32) * 4, 0)
+    est = memory.estimate(ckpt, "numpy", 16)
+    with pytest.raises(OutOfMemoryError, match=r"m\.gguf: needs ~.* GB \(weights 0\.0 GB"):
+        memory.check_fits(est, ckpt.path, available=est.total - est.held - 1)
+    memory.check_fits(est, ckpt.path, available=est.total)

@@ -392,3 +392,86 @@ def test_every_format_via_load(fmt, tmp_path):
     ids = [1, 330, 1000, 28705, 7, 19, 2500, 31000, 4, 5, 6, 200]
     np.testing.assert_allclose(mm.logits(ids), nm.logits(ids), atol=1e-3, rtol=0)
     assert greedy(mm.backend, ids[:4], 8) == greedy(nm.backend, ids[:4], 8)
+
+
+# ---- GGUF K-quant / Q5 / IQ4 files stay quantized on MLX -------------------------------------
+K_ARGS = dict(dim=256, hidden_dim=256, n_heads=8, n_kv_heads=4, head_dim=32)  # rows of 256: K-quants
+
+
+def raw_tensors(args: ModelArgs, qtype: str | dict[str, str], seed: int = 0) -> dict[str, QTensor]:
+    from tiny_models import raw_gguf_tensors
+
+    return raw_gguf_tensors(args, qtype, seed)
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS",
+                                   "Q2_K", "Q3_K", "Q6_K"])
+def test_gguf_types_stay_quantized_and_match_numpy(qtype):
+    """Each type is held as MLX affine groups of 32 at its bits (8 for the 16-weight-scale types);
+    logits equal the NumPy backend's on gguf.quants' float32 values (exact types within 1e-3;
+    requantized types within 2% relative RMS)."""
+    from mlxtral.quant.ggml import relative_rmse
+    from mlxtral.quant.gguf_affine import MLX_FORM
+
+    args = tiny_args(**K_ARGS)
+    t = raw_tensors(args, qtype, seed=1)
+    ref = {n: QTensor("F32", q.shape, q.dequantize()) for n, q in t.items()}
+    nb, mb = NumpyBackend(args, ref), MLXBackend(args, t, dtype="float32")
+    bits, exact = MLX_FORM[qtype]
+    for w in (mb.embed, mb.output, mb.layers[0].wq, mb.layers[1].gate, mb.layers[1].down):
+        assert (w.bits, w.group_size) == (bits, 32)
+    ids = np.random.default_rng(2).integers(0, VOCAB, 40).tolist()
+    want = nb.forward(ids, nb.new_cache(64), all_logits=True)
+    got = mb.forward(ids, mb.new_cache(64), all_logits=True)
+    if exact:
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    else:
+        assert relative_rmse(want, got) < 0.02
+
+
+def test_q4_k_m_file_through_load():
+    """A Q4_K_M-style GGUF (Q4_K body, Q6_K attn_v/ffn_down/output) through mlxtral.load: the MLX
+    backend keeps 4-bit and 8-bit groups (under half of float16's bytes, with the CPU's float32
+    scales and biases); the NumPy backend
+    dequantizes to F16 and gives the same greedy tokens."""
+    import tempfile
+
+    import tiny_models as tm
+
+    import mlxtral
+
+    args = tiny_args(**K_ARGS)
+    with tempfile.TemporaryDirectory() as d:
+        path = tm.write_raw_gguf(Path(d) / "m.gguf", raw_tensors(args, tm.Q4_K_M, seed=3), args)
+        nm = mlxtral.load(path, backend="numpy", tokenizer=False, max_context=64)
+        mm = mlxtral.load(path, backend="mlx", tokenizer=False, max_context=64)
+        L = mm.backend.layers[0]
+        assert (L.gate.bits, L.down.bits, L.wv.bits, L.wq.bits, mm.backend.output.bits) == (4, 8, 8, 4, 8)
+        assert nm.checkpoint.tensors["blk.0.ffn_gate.0.weight"].qtype == "F16"
+        assert mm.checkpoint.tensors["blk.0.ffn_gate.0.weight"].qtype == "Q4_K"
+        f16_bytes = sum(2 * int(np.prod(t.shape)) for t in mm.checkpoint.tensors.values())
+        assert mm.backend.weight_bytes < 0.5 * f16_bytes
+        ids = [1, 17, 300, 42, 7, 99, 123]
+        np.testing.assert_allclose(mm.logits(ids), nm.logits(ids), atol=2e-2, rtol=0)
+        assert greedy(mm.backend, ids, 8) == greedy(nm.backend, ids, 8)
+
+
+@pytest.mark.parametrize("bits,gs", [(8, 64), (6, 32), (5, 128), (3, 64), (2, 32)])
+def test_mlx_folder_stays_quantized_as_stored(tmp_path, bits, gs):
+    """An mlx-lm folder of any bit width loads on MLX as its own packed arrays (bits and group size
+    as stored); logits equal the NumPy backend's on the mx.dequantize'd reference weights."""
+    import tiny_models as tm
+
+    import mlxtral
+
+    args = tm.tiny_args(n_experts=4, dim=128, head_dim=32)
+    folder, ref = tm.write_mlx(tmp_path / "mlx", tm.random_weights(args, seed=5), args, bits=bits,
+                               group_size=gs)
+    mm = mlxtral.load(folder, backend="mlx", tokenizer=False, max_context=64)
+    be = mm.backend
+    for w in (be.embed, be.layers[0].wq, be.layers[1].gate, be.layers[1].down):
+        assert (w.bits, w.group_size) == (bits, gs)
+    nb = NumpyBackend(mm.config, {n: QTensor.from_float(x) for n, x in ref.items()})
+    ids = [1, 330, 1000, 28705, 7, 19, 2500, 31000, 4, 5]
+    want = nb.forward(ids, nb.new_cache(64), all_logits=True)
+    np.testing.assert_allclose(mm.logits(ids), want, atol=1e-3, rtol=0)

@@ -21,7 +21,7 @@ import pytest
 
 from mlxtral.config import ModelArgs
 from mlxtral.formats import expected_shapes
-from mlxtral.qtensor import bf16_to_f32, f32_to_bf16
+from mlxtral.qtensor import QTensor, bf16_to_f32, f32_to_bf16
 
 
 def mlx_available() -> bool:
@@ -441,3 +441,81 @@ def hf_reference_logits(folder: Path, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.tensor([ids], dtype=torch.long)).logits[0]
     return out.float().numpy()
+
+
+# ---- GGUF types no Python quantizer writes (K-quants, IQ4): random blocks ------------------------
+# byte offsets of each type's float16 super-scales (d, and dmin/m where the type has one) and the
+# largest |code x sub-scale| a weight reaches, so blocks can be scaled to weights of about +-amp
+_F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+               "IQ4_NL": (0,), "IQ4_XS": (0,)}
+_REACH = {"Q4_0": 8, "Q4_1": 15, "Q5_0": 16, "Q5_1": 31, "Q8_0": 128, "Q2_K": 45, "Q3_K": 128,
+          "Q4_K": 945, "Q5_K": 1953, "Q6_K": 4096, "IQ4_NL": 127, "IQ4_XS": 4064}
+
+
+def random_gguf_blocks(qtype: str, shape: tuple[int, ...], rng: np.random.Generator, amp: float = 0.1
+                       ) -> np.ndarray:
+    """Valid random raw blocks of GGUF ``qtype`` for a ``[..., n]`` tensor: random codes and
+    sub-scales, finite float16 super-scales sized so weights stay within about ``amp``."""
+    import gguf
+
+    gt = gguf.GGMLQuantizationType[qtype]
+    bs, ts = gguf.GGML_QUANT_SIZES[gt]
+    n_blocks = int(np.prod(shape)) // bs
+    b = rng.integers(0, 256, (n_blocks, ts), dtype=np.uint8)
+    for i, off in enumerate(_F16_FIELDS[qtype]):
+        v = rng.uniform(0.3, 1.0, n_blocks) * amp / _REACH[qtype]
+        if i == 1 and qtype in ("Q4_1", "Q5_1"):  # m is a value, not a scale
+            v = -rng.uniform(0.3, 1.0, n_blocks) * amp
+        b[:, off : off + 2] = v.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return b.reshape(*shape[:-1], shape[-1] // bs * ts)
+
+
+Q4_K_M = {"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K", "*": "Q4_K"}  # llama.cpp's mix
+
+
+def raw_gguf_tensors(args: ModelArgs, qtype: str | dict[str, str], seed: int = 0) -> dict[str, QTensor]:
+    """Every matrix as random valid blocks of GGUF ``qtype`` (or per name fragment: a dict to a
+    type, ``"*"`` for the rest); norms and routers float32 from :func:`random_weights`."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, QTensor] = {}
+    for name, x in random_weights(args, seed).items():
+        if x.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
+            out[name] = QTensor.from_float(x)
+            continue
+        t = qtype if isinstance(qtype, str) else next(v for k, v in qtype.items() if k in name or k == "*")
+        amp = 1.0 if name == "token_embd.weight" else 2.0 / np.sqrt(x.shape[-1])
+        out[name] = QTensor(t, x.shape, random_gguf_blocks(t, x.shape, rng, amp))
+    return out
+
+
+def write_raw_gguf(path: Path, tensors: dict[str, QTensor], args: ModelArgs, vocab: bool = False) -> Path:
+    """Internal-layout tensors as they are (raw blocks of any type), experts merged into
+    ``ffn_*_exps``, arch ``llama``; the real vocabulary only with ``vocab``."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_context_length, args.max_position_embeddings), (w.add_embedding_length, args.dim),
+                   (w.add_block_count, args.n_layers), (w.add_feed_forward_length, args.hidden_dim),
+                   (w.add_head_count, args.n_heads), (w.add_head_count_kv, args.n_kv_heads),
+                   (w.add_rope_dimension_count, args.head_dim), (w.add_layer_norm_rms_eps, args.norm_eps),
+                   (w.add_rope_freq_base, args.rope_theta), (w.add_expert_count, args.n_experts),
+                   (w.add_expert_used_count, args.n_experts_per_tok)):
+        add(v)
+    w.add_vocab_size(add_vocab(w, tokenizer_path()) if vocab else args.vocab_size)
+    merged: dict[str, list[QTensor]] = {}
+    for name, q in tensors.items():
+        parts = name.split(".")
+        key = f"blk.{parts[1]}.{parts[2]}_exps.weight" if len(parts) == 5 else name  # blk.N.ffn_up.E.weight
+        merged.setdefault(key, []).append(q)
+    for name, qs in merged.items():
+        data = np.stack([q.data for q in qs]) if name.endswith("_exps.weight") else qs[0].data
+        if qs[0].qtype == "F32":
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[qs[0].qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

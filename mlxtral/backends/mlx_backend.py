@@ -23,7 +23,7 @@ from mlxtral.backends.mlx_sampling import make_sampler
 from mlxtral.backends.mlx_weights import Weight, float_array, to_weight, to_weight_stack
 from mlxtral.config import ModelArgs
 from mlxtral.errors import ContextOverflowError, UsageError
-from mlxtral.qtensor import QTensor
+from mlxtral.qtensor import Tensor
 from mlxtral.sampling import SamplingParams
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -113,7 +113,7 @@ class KVCache:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, args: ModelArgs, tensors: dict[str, QTensor], dtype: str | None = None) -> None:
+    def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], dtype: str | None = None) -> None:
         self.args = args
         self.dtype = resolve_dtype(dtype)
         # MLX's CPU gather_mm is float32-only: float expert stacks stay float32 there.
@@ -130,12 +130,12 @@ class MLXBackend:
         self.pipeline_decode = on_metal()
 
     # ---- loading --------------------------------------------------------------------------
-    def _vector(self, q: QTensor) -> mx.array:
+    def _vector(self, q: Tensor) -> mx.array:
         a = float_array(q, self.dtype)
         mx.eval(a)
         return a
 
-    def _layer(self, t: dict[str, QTensor], i: int) -> MLXLayer:
+    def _layer(self, t: dict[str, Tensor], i: int) -> MLXLayer:
         a, b = self.args, f"blk.{i}."
         if a.is_moe:
             router = float_array(t[b + "ffn_gate_inp.weight"], mx.float32)

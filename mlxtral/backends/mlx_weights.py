@@ -1,18 +1,15 @@
-"""QTensors -> MLX arrays, staying quantized where MLX can compute on the blocks exactly.
+"""Checkpoint tensors -> MLX arrays, staying quantized where the file is.
 
-GGUF's 32-weight blocks are MLX affine groups of 32 (``w = q * scale + bias``):
+- GGUF types become MLX affine groups of 32 (:mod:`mlxtral.quant.gguf_affine`): Q4_0, Q4_1, Q8_0,
+  Q5_0, Q5_1, Q4_K, Q5_K, IQ4_NL and IQ4_XS exactly (4, 5 or 8 bits); Q2_K, Q3_K and Q6_K, which
+  scale every 16 weights (MLX's groups are 32 or more), requantized to 8 bits.
+- MLX folders' :class:`~mlxtral.qtensor.AffineTensor` weights are used as stored (their bits and
+  group size; scales and biases in the compute dtype).
+- Float weights (F32/F16/BF16) become float arrays of the compute dtype; a GGUF type with no
+  affine form (IQ2/IQ3...) is dequantized.
 
-- ``Q4_0``: 4 bits, scale ``d``, bias ``-8 d`` (GGUF: ``w = (q - 8) d``)
-- ``Q4_1``: 4 bits, scale ``d``, bias ``m``     (GGUF: ``w = q d + m``)
-- ``Q8_0``: 8 bits, scale ``d``, bias ``-128 d`` (GGUF stores signed ``q``; MLX's are unsigned,
-  so ``q + 128``)
-
-GGUF packs a Q4 block as 16 bytes whose low nibbles are elements 0-15 and high nibbles 16-31; MLX
-packs element ``k`` of a uint32 word at bit ``4k`` (little-endian), i.e. byte ``b`` holds elements
-``2b`` (low) and ``2b + 1`` (high). The repack below is pure NumPy on the raw block bytes, in row
-chunks, so the temporaries stay a few MB; the only lasting copy is the MLX array.
-``d`` and ``m`` are float16 in the file, so scales/biases are exact in float16 and float32 (and
-rounded in bfloat16).
+The conversions are NumPy on the raw bytes, in chunks, into one preallocated array set per weight
+(for experts, per stacked ``[E, out, in]`` weight); the only lasting copy is the MLX array.
 """
 from __future__ import annotations
 
@@ -22,84 +19,42 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlxtral.qtensor import BLOCK_TYPES, QTensor
+from mlxtral.errors import FormatError
+from mlxtral.qtensor import AffineTensor, QTensor, Tensor
+from mlxtral.quant import gguf_affine
+from mlxtral.quant.affine import load_dtype
 
-GROUP_SIZE = 32
-AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGUF types MLX computes on directly
-_CHUNK_BLOCKS = 1 << 16  # blocks repacked at a time (~2 MB of raw bytes)
-
-
-def _nibble_lut() -> np.ndarray:
-    """GGUF byte pair (a = byte 2i, c = byte 2i+1, as one little-endian uint16) -> the MLX bytes
-    i (elements 2i, 2i+1: low nibbles of a, c) and 8+i (elements 16+2i, 17+2i: high nibbles)."""
-    v = np.arange(1 << 16, dtype=np.uint32)
-    a, c = v & 0xFF, v >> 8
-    lo = (a & 0x0F) | ((c & 0x0F) << 4)
-    hi = (a >> 4) | (c & 0xF0)
-    return (lo | (hi << 8)).astype(np.uint16)
-
-
-_LUT4 = _nibble_lut()
-
-
-def _repack_into(blocks: np.ndarray, qtype: str, words: np.ndarray, scales: np.ndarray,
-                 biases: np.ndarray) -> None:
-    """Raw GGUF blocks uint8 [n, type_size] -> MLX codes ``words`` (uint8 view [n, 32*bits/8]),
-    ``scales`` and ``biases`` [n]."""
-    halves = blocks.view(np.float16)  # [n, type_size/2]: d (and m) are the first halves
-    d = halves[:, 0].astype(np.float32)
-    scales[:] = d
-    if qtype == "Q8_0":
-        np.bitwise_xor(blocks[:, 2:34], np.uint8(0x80), out=words)  # int8 q -> unsigned q + 128
-        biases[:] = d * np.float32(-128)
-        return
-    if qtype == "Q4_0":
-        qs = blocks[:, 2:18]
-        biases[:] = d * np.float32(-8)
-    else:  # Q4_1
-        qs = blocks[:, 4:20]
-        biases[:] = halves[:, 1]
-    r = _LUT4[qs.view(np.uint16)]  # [n, 8]: low byte -> MLX byte i, high byte -> MLX byte 8+i
-    out = words.reshape(-1, 2, 8)
-    out[:, 0, :] = r & 0xFF
-    out[:, 1, :] = r >> 8
+GROUP_SIZE = gguf_affine.GROUP
 
 
 def gguf_to_affine(q: QTensor, out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                    scale_dtype: np.dtype | type = np.float32
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A Q4_0/Q4_1/Q8_0 QTensor [..., n] -> MLX affine (words uint32 [..., n*bits/32],
-    scales [..., n/32], biases [..., n/32]) as NumPy arrays, optionally written into ``out``
-    (contiguous arrays of those shapes)."""
-    if q.qtype not in AFFINE_BITS:
-        raise ValueError(f"{q.qtype} has no exact MLX affine form")
-    bits = AFFINE_BITS[q.qtype]
-    _, ts = BLOCK_TYPES[q.qtype]
-    lead, n = tuple(q.shape[:-1]), q.shape[-1]
-    if out is None:
-        out = (np.empty(lead + (n * bits // 32,), np.uint32),
-               np.empty(lead + (n // GROUP_SIZE,), scale_dtype),
-               np.empty(lead + (n // GROUP_SIZE,), scale_dtype))
-    if not all(a.flags.c_contiguous for a in out):
-        raise ValueError("output arrays must be C-contiguous")
-    blocks = q.data.reshape(-1, ts)  # [n_blocks, ts], row-major over the whole tensor
-    nb = blocks.shape[0]
-    wq = out[0].reshape(nb, -1).view(np.uint8)  # [n_blocks, 16 or 32] bytes
-    sc, bi = out[1].reshape(nb), out[2].reshape(nb)
-    for s in range(0, nb, _CHUNK_BLOCKS):
-        e = min(s + _CHUNK_BLOCKS, nb)
-        _repack_into(np.ascontiguousarray(blocks[s:e]), q.qtype, wq[s:e], sc[s:e], bi[s:e])
-    return out
+    """A GGUF QTensor [..., n] with an MLX form -> (words uint32 [..., n*bits/32], scales,
+    biases [..., n/32]) as NumPy arrays, optionally written into ``out``."""
+    return gguf_affine.gguf_to_affine(q.data, q.qtype, tuple(q.shape), out, scale_dtype)
 
 
-def float_array(q: QTensor, dtype: mx.Dtype) -> mx.array:
-    """Any QTensor as a float MLX array of ``dtype`` (block types dequantized through NumPy)."""
+def mlx_form(t: Tensor) -> tuple[int, int] | None:
+    """(bits, group size) the MLX backend keeps ``t`` in, or None for a float array."""
+    if isinstance(t, AffineTensor):
+        return t.bits, t.group_size
+    if t.qtype in gguf_affine.MLX_FORM:
+        return gguf_affine.MLX_FORM[t.qtype][0], GROUP_SIZE
+    return None
+
+
+def float_array(q: Tensor, dtype: mx.Dtype) -> mx.array:
+    """Any tensor as a float MLX array of ``dtype`` (quantized ones dequantized through NumPy)."""
     if q.qtype == "BF16":
         a = mx.array(np.ascontiguousarray(q.data)).view(mx.bfloat16)
     elif q.qtype in ("F32", "F16"):
         a = mx.array(np.ascontiguousarray(q.data))
     else:
-        a = mx.array(q.dequantize())
+        try:
+            a = mx.array(q.dequantize())
+        except (NotImplementedError, ValueError) as e:
+            raise FormatError(f"cannot dequantize a {q.qtype} tensor ({e})") from None
     return a.astype(dtype) if a.dtype != dtype else a
 
 
@@ -155,46 +110,63 @@ def _np_dtype(dtype: mx.Dtype) -> np.dtype | None:
     return {mx.float32: np.dtype(np.float32), mx.float16: np.dtype(np.float16)}.get(dtype)
 
 
-def _affine_mx(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int, dtype: mx.Dtype) -> Weight:
+def _affine_mx(arrays: tuple[np.ndarray, np.ndarray, np.ndarray], bits: int, group_size: int,
+               dtype: mx.Dtype) -> Weight:
     wq, sc, bi = arrays
     s, b = mx.array(sc), mx.array(bi)
     if s.dtype != dtype:
         s, b = s.astype(dtype), b.astype(dtype)
-    w = Weight(mx.array(wq), s, b, bits)
+    w = Weight(mx.array(wq), s, b, bits, group_size)
     mx.eval(w.w, w.scales, w.biases)  # materialize now: NumPy temporaries can go
     return w
 
 
-def to_weight(q: QTensor, dtype: mx.Dtype) -> Weight:
-    """One 2-D (or stacked 3-D) QTensor as a Weight; Q4_0/Q4_1/Q8_0 stay quantized."""
-    if q.qtype in AFFINE_BITS:
-        sdt = _np_dtype(dtype) or np.float32
-        return _affine_mx(gguf_to_affine(q, scale_dtype=sdt), AFFINE_BITS[q.qtype], dtype)
+def _fill(t: Tensor, out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Write ``t``'s MLX affine form into ``out`` (words, scales, biases)."""
+    if isinstance(t, AffineTensor):
+        out[0][...] = t.data
+        out[1][...] = load_dtype(t.scales, t.scale_dtype)
+        out[2][...] = load_dtype(t.biases, t.scale_dtype)
+    else:
+        gguf_to_affine(t, out=out)
+
+
+def _empty(shape: tuple[int, ...], bits: int, group_size: int, sdt: np.dtype
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lead, n = shape[:-1], shape[-1]
+    return (np.empty(lead + (n * bits // 32,), np.uint32), np.empty(lead + (n // group_size,), sdt),
+            np.empty(lead + (n // group_size,), sdt))
+
+
+def to_weight(q: Tensor, dtype: mx.Dtype) -> Weight:
+    """One 2-D (or stacked 3-D) tensor as a Weight, quantized where :func:`mlx_form` says so."""
+    form = mlx_form(q)
+    if form is not None:
+        arrays = _empty(tuple(q.shape), *form, _np_dtype(dtype) or np.dtype(np.float32))
+        _fill(q, arrays)
+        return _affine_mx(arrays, *form, dtype)
     w = Weight(float_array(q, dtype))
     mx.eval(w.w)
     return w
 
 
-def to_weight_stack(qs: Sequence[QTensor], dtype: mx.Dtype, float_dtype: mx.Dtype | None = None) -> Weight:
+def to_weight_stack(qs: Sequence[Tensor], dtype: mx.Dtype, float_dtype: mx.Dtype | None = None) -> Weight:
     """Experts E x [out, in] -> one stacked Weight [E, out, in], filled expert by expert.
 
-    Quantized when every expert maps to the same MLX bit width; otherwise float, in
+    Quantized when every expert has the same MLX form (bits and group size); otherwise float, in
     ``float_dtype`` (default ``dtype``; MLX's CPU ``gather_mm`` needs float32).
     """
-    bits = {AFFINE_BITS.get(q.qtype) for q in qs}
+    forms = {mlx_form(q) for q in qs}
     shape = tuple(qs[0].shape)
     if any(tuple(q.shape) != shape for q in qs):
         raise ValueError(f"experts have different shapes: {sorted({tuple(q.shape) for q in qs})}")
-    E, (out_dim, in_dim) = len(qs), shape
-    if len(bits) == 1 and None not in bits:
-        b = bits.pop()
-        sdt = _np_dtype(dtype) or np.float32
-        arrays = (np.empty((E, out_dim, in_dim * b // 32), np.uint32),
-                  np.empty((E, out_dim, in_dim // GROUP_SIZE), sdt),
-                  np.empty((E, out_dim, in_dim // GROUP_SIZE), sdt))
+    if len(forms) == 1 and None not in forms:
+        form = forms.pop()
+        assert form is not None
+        arrays = _empty((len(qs), *shape), *form, _np_dtype(dtype) or np.dtype(np.float32))
         for e, q in enumerate(qs):
-            gguf_to_affine(q, out=(arrays[0][e], arrays[1][e], arrays[2][e]))
-        w = _affine_mx(arrays, b, dtype)
+            _fill(q, (arrays[0][e], arrays[1][e], arrays[2][e]))
+        w = _affine_mx(arrays, *form, dtype)
         del arrays
         return w
     fdt = float_dtype or dtype

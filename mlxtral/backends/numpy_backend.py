@@ -16,7 +16,8 @@ import numpy as np
 from mlxtral.backends import ops
 from mlxtral.config import ModelArgs
 from mlxtral.errors import ContextOverflowError
-from mlxtral.qtensor import QTensor
+from mlxtral.formats.native import native_tensors
+from mlxtral.qtensor import QTensor, Tensor
 
 
 @dataclass
@@ -85,8 +86,9 @@ class KVCache:
 class NumpyBackend:
     name = "numpy"
 
-    def __init__(self, args: ModelArgs, tensors: dict[str, QTensor], kv_dtype: str = "float32") -> None:
+    def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], kv_dtype: str = "float32") -> None:
         self.args = args
+        tensors = native_tensors(tensors)  # K-quants -> F16, MLX affine -> Q4_1/F16; others as they are
         self.embed = tensors["token_embd.weight"]
         self.output = tensors.get("output.weight", self.embed)
         self.norm = _f32(tensors["output_norm.weight"])

@@ -1,9 +1,10 @@
 """GGUF loader: parsed by :mod:`mlxtral.formats.gguf_parse` (memory-mapped, validated), mapped once
 into the internal layout.
 
-Tensors stay as they are in the file (raw blocks, zero-copy views of the memory map) for the
-types our kernels compute on (F32, F16, BF16, Q8_0, Q4_0, Q4_1). Other types (Q5_x, K-quants,
-IQ4) are dequantized with ``gguf.quants`` once at load, to F16 for the big matrices.
+Tensors stay as they are in the file: raw blocks of any type, zero-copy views of the memory map
+(norms and routers become float32). Types the NumPy kernels do not compute on (Q5_x, K-quants,
+IQ4) are converted by whoever needs them (:mod:`mlxtral.formats.native`); the MLX backend keeps
+most of them quantized (:mod:`mlxtral.quant.gguf_affine`).
 
 Both expert layouts are read: merged ``blk.N.ffn_{gate,up,down}_exps.weight`` (``[E, out, in]``,
 split into zero-copy per-expert views) and the legacy per-expert ``blk.N.ffn_gate.E.weight``
@@ -21,7 +22,7 @@ from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, TokenizerSource
 from mlxtral.formats.gguf_parse import GGUFTensor, parse_gguf
-from mlxtral.qtensor import BLOCK_TYPES, FLOAT_TYPES, NATIVE_TYPES, QTensor
+from mlxtral.qtensor import BLOCK_TYPES, FLOAT_TYPES, QTensor
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _DENSE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
@@ -51,7 +52,7 @@ def open_reader(path: Path) -> Any:
 
 def tensor_to_qtensor(t: GGUFTensor, path: Path) -> QTensor:
     """A parsed GGUF tensor as a QTensor of its own type, zero-copy (integer and F64 tensors become
-    F32). Types without a kernel are dequantized later by :func:`dequantize_foreign`."""
+    F32)."""
     qtype, shape, data = t.qtype, t.shape, t.data
     if 0 in shape:
         raise FormatError(f"tensor {t.name} has an empty dimension {list(shape)}", path)
@@ -62,23 +63,13 @@ def tensor_to_qtensor(t: GGUFTensor, path: Path) -> QTensor:
     return QTensor(qtype, shape, data)
 
 
-def dequantize_foreign(q: QTensor, name: str, path: Path) -> QTensor:
-    """No kernel for this type: dequantize once (F16 for matrices, F32 for vectors)."""
-    if q.qtype in NATIVE_TYPES:
-        return q
-    try:
-        full = q.dequantize()  # float32, through gguf.quants
-    except (NotImplementedError, ValueError) as e:
-        raise FormatError(f"tensor {name}: cannot dequantize type {q.qtype} ({e})", path) from None
-    if len(q.shape) == 1:
-        return QTensor("F32", q.shape, full)
-    return QTensor("F16", q.shape, full.astype(np.float16))
-
-
-def _as_f32(q: QTensor) -> QTensor:
+def _as_f32(q: QTensor, name: str, path: Path) -> QTensor:
     if q.qtype == "F32":
         return q
-    return QTensor("F32", q.shape, q.dequantize())
+    try:
+        return QTensor("F32", q.shape, q.dequantize())
+    except (NotImplementedError, ValueError) as e:
+        raise FormatError(f"tensor {name}: cannot dequantize type {q.qtype} ({e})", path) from None
 
 
 def sanitize(raw: dict[str, QTensor], path: Path, n_experts: int | None = None) -> dict[str, QTensor]:
@@ -104,7 +95,7 @@ def sanitize(raw: dict[str, QTensor], path: Path, n_experts: int | None = None) 
         elif m := _DENSE.match(name):
             put(f"blk.{m[1]}.ffn_{m[2]}.0.weight", q, name)
         elif _F32_NAMES.search(name):
-            put(name, _as_f32(q), name)
+            put(name, _as_f32(q, name, path), name)
         else:
             put(name, q, name)
     return out
@@ -123,32 +114,8 @@ def load_gguf(path: str | Path) -> Checkpoint:
     tok_keys = {k: v for k, v in md.items() if k.startswith("tokenizer.")}
     tokenizer = TokenizerSource("gguf", path, tok_keys) if "tokenizer.ggml.model" in md else None
     ckpt = Checkpoint("gguf", path, args, tensors, tokenizer, metadata=md, keepalive=[gf])
-    _validate(ckpt)  # names and shapes first: nothing is dequantized for a file that lies
-    _check_foreign_fits(tensors, path)
-    ckpt.tensors = {n: dequantize_foreign(q, n, path) for n, q in tensors.items()}
+    _validate(ckpt)
     return ckpt
-
-
-def _check_foreign_fits(tensors: dict[str, QTensor], path: Path) -> None:
-    """Types without a kernel become F16 in RAM: refuse before dequantizing if that cannot fit."""
-    from mlxtral.errors import OutOfMemoryError
-    from mlxtral.memory import GB, available_memory
-
-    need = 0
-    types = set()
-    for q in tensors.values():
-        if q.qtype not in NATIVE_TYPES:
-            n = int(np.prod(q.shape, dtype=np.int64))
-            need += n * (4 if len(q.shape) == 1 else 2)
-            types.add(q.qtype)
-    if not need:
-        return
-    avail = available_memory()
-    if avail is not None and need > avail:
-        raise OutOfMemoryError(
-            f"its {', '.join(sorted(types))} tensors have no kernel here and would take {need / GB:.1f} GB "
-            f"as F16, but only {avail / GB:.1f} GB is available; convert it first "
-            f"(mlxtral convert {path.name} OUT.gguf --q4 or --q8)", path)
 
 
 def _check_count(args: ModelArgs, raw: dict[str, QTensor], path: Path) -> None:

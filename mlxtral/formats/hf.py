@@ -34,7 +34,7 @@ from mlxtral.formats import Checkpoint, TokenizerSource
 from mlxtral.formats.detect import validate_shapes, validate_tensors
 from mlxtral.formats.safetensors import SafeTensor, open_safetensors
 from mlxtral.formats.torch_zip import load_torch_zip
-from mlxtral.qtensor import QTensor
+from mlxtral.qtensor import AffineTensor, QTensor, Tensor
 
 _L = r"^model\.layers\.(\d+)\."
 HF_RULES: list[tuple[re.Pattern[str], str]] = [
@@ -86,11 +86,14 @@ def permute_rows(data: np.ndarray, n_heads: int, inverse: bool) -> np.ndarray:
     return np.ascontiguousarray(grouped.swapaxes(1, 2)).reshape(data.shape)
 
 
-def unpermute_qk(q: QTensor, n_heads: int) -> QTensor:
+def unpermute_qk(q: Tensor, n_heads: int) -> Tensor:
     """An HF-layout q/k weight in the interleaved-pair layout (a copy). Wrong shapes pass through
     unchanged: :func:`validate_tensors` reports them."""
     if q.ndim != 2 or q.shape[0] % n_heads or (q.shape[0] // n_heads) % 2:
         return q
+    if isinstance(q, AffineTensor):  # rows carry their own groups: move codes, scales, biases
+        order = permute_rows(np.arange(q.shape[0]), n_heads, inverse=True)
+        return q.take_rows(order)
     return QTensor(q.qtype, q.shape, permute_rows(q.data, n_heads, inverse=True))
 
 
@@ -101,9 +104,9 @@ def to_qtensor(t: SafeTensor, name: str, path: Path) -> QTensor:
                       "of a kind mlxtral does not read?)", path)
 
 
-def finish(tensors: dict[str, QTensor], args: ModelArgs, hf_qk: bool) -> dict[str, QTensor]:
+def finish(tensors: dict[str, Tensor], args: ModelArgs, hf_qk: bool) -> dict[str, Tensor]:
     """Common last step: norms and routers to float32, HF q/k rows back to interleaved."""
-    out: dict[str, QTensor] = {}
+    out: dict[str, Tensor] = {}
     for name, q in tensors.items():
         if _F32_NAMES.search(name) and q.qtype != "F32":
             q = QTensor("F32", q.shape, q.dequantize())

@@ -8,27 +8,17 @@ element ``i`` of a word at bits ``bits * i`` (a little-endian bit stream); ``.sc
 ``.biases`` hold one value per group. ``config.json``'s ``quantization`` gives the default
 ``{"group_size", "bits"}`` and may override it per module path (or disable it with ``false``).
 
-Mapping to our kernels' types (the NumPy backend computes on GGUF blocks):
-
-- 4 bits, group size a multiple of 32 -> ``Q4_1`` blocks, exactly: ``Q4_1`` is ``w = q * d + m``
-  per 32 weights, so each MLX group becomes ``group_size / 32`` blocks sharing its scale and bias,
-  with the nibbles repacked (MLX: element ``i`` at bits ``4i``; Q4_1: elements 0-15 in the low
-  nibbles of bytes 0-15, 16-31 in the high ones). Scales/biases are stored as f16: exact for f16
-  files; bf16 values convert exactly unless below f16's normal range (|x| < 6.1e-5, where f16 keeps
-  fewer mantissa bits) or above 65504; f32 scales are rounded to f16.
-- any other bit width or group size (8-bit, 3-bit, group 16...) -> dequantized once to ``F16``
-  (float32 for norms and routers). Correct, but it costs 2 bytes a weight in RAM.
-- unquantized weights stay zero-copy views (bf16 as ``BF16``).
-
-The repack is a copy (the layouts differ), done in row chunks so no large float temporaries appear.
+Quantized modules become :class:`~mlxtral.qtensor.AffineTensor` (zero-copy views of the file),
+which the MLX backend uses as they are and :mod:`mlxtral.formats.native` converts for the NumPy
+kernels; unquantized weights stay zero-copy views (bf16 as ``BF16``). Norms and routers become
+float32 (:func:`~mlxtral.formats.hf.finish`), and q/k rows are un-permuted (rows move with their
+scales and biases, since groups run along rows).
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from mlxtral.config import ModelArgs, read_json
 from mlxtral.errors import FormatError
@@ -44,77 +34,12 @@ from mlxtral.formats.hf import (
     to_qtensor,
 )
 from mlxtral.formats.safetensors import SafeTensor
-from mlxtral.qtensor import QTensor, bf16_to_f32
+from mlxtral.qtensor import AFFINE_BITS, AFFINE_GROUPS, SCALE_DTYPES, AffineTensor, Tensor
 
 _SWITCH = re.compile(r"^model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.switch_mlp\.(gate|up|down)_proj$")
-_F32_TARGET = re.compile(r"(_norm\.weight|ffn_gate_inp\.weight)$")
-_CHUNK_ELEMS = 1 << 24
 # (module, its parts, internal name, switch_mlp match, (bits, group) if quantized, logical shape)
 _Plan = tuple[str, "dict[str, SafeTensor]", str, "re.Match[str] | None", "tuple[int, int] | None",
               "tuple[int, ...]"]  # weights unpacked per step of a repack
-
-
-# ---- MLX affine quantization -------------------------------------------------------------------
-def unpack_mlx(w: np.ndarray, bits: int) -> np.ndarray:
-    """uint32 words ``[..., n * bits / 32]`` -> quantized values uint8 ``[..., n]``."""
-    if 32 % bits == 0:
-        per = 32 // bits
-        shifts = np.arange(per, dtype=np.uint32) * np.uint32(bits)
-        q = (w[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # [..., words, per]
-        return q.astype(np.uint8).reshape(*w.shape[:-1], w.shape[-1] * per)
-    # 3, 5, 6 bits: a little-endian bit stream across words
-    stream = np.unpackbits(np.ascontiguousarray(w).view(np.uint8), axis=-1, bitorder="little")
-    n = stream.shape[-1] // bits
-    vals = stream[..., : n * bits].reshape(*w.shape[:-1], n, bits).astype(np.uint8)
-    return (vals << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
-
-
-def _scale_f32(t: np.ndarray) -> np.ndarray:
-    if t.dtype == np.uint16:  # bf16 bits
-        return bf16_to_f32(t)
-    return t.astype(np.float32)
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    return a.reshape(-1, a.shape[-1])
-
-
-def dequantize_mlx(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
-                   out_dtype: Any = np.float16) -> np.ndarray:
-    """MLX affine-quantized weight -> ``out_dtype`` ``[..., out, in]`` (row chunks; exact in f32)."""
-    n = w.shape[-1] * 32 // bits
-    out = np.empty((*w.shape[:-1], n), dtype=out_dtype)
-    ow, w2, s2, b2 = _rows(out), _rows(w), _rows(scales), _rows(biases)
-    step = max(1, _CHUNK_ELEMS // n)
-    for r in range(0, w2.shape[0], step):
-        q = unpack_mlx(w2[r:r + step], bits).reshape(-1, n // group_size, group_size).astype(np.float32)
-        s = _scale_f32(s2[r:r + step])[..., None]
-        b = _scale_f32(b2[r:r + step])[..., None]
-        ow[r:r + step] = (q * s + b).reshape(-1, n)
-    return out
-
-
-def _as_f16(t: np.ndarray) -> np.ndarray:
-    return _scale_f32(t).astype(np.float16)
-
-
-def mlx4_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int) -> np.ndarray:
-    """4-bit MLX affine (group a multiple of 32) -> GGUF ``Q4_1`` blocks uint8 ``[..., out, in/32*20]``."""
-    n = w.shape[-1] * 8
-    nb = n // 32
-    rep = group_size // 32
-    out = np.empty((*w.shape[:-1], nb * 20), dtype=np.uint8)
-    ow, w2, s2, b2 = _rows(out), _rows(w), _rows(scales), _rows(biases)
-    step = max(1, _CHUNK_ELEMS // n)
-    for r in range(0, w2.shape[0], step):
-        q = unpack_mlx(w2[r:r + step], 4).reshape(-1, nb, 32)  # [rows, nb, 32]
-        blk = ow[r:r + step].reshape(-1, nb, 20)
-        d = np.repeat(_as_f16(s2[r:r + step]), rep, axis=-1)  # [rows, nb]
-        m = np.repeat(_as_f16(b2[r:r + step]), rep, axis=-1)
-        blk[..., 0:2] = d[..., None].view(np.uint8)
-        blk[..., 2:4] = m[..., None].view(np.uint8)
-        blk[..., 4:20] = q[..., :16] | (q[..., 16:] << 4)
-    return out
 
 
 # ---- loader ------------------------------------------------------------------------------------
@@ -128,7 +53,8 @@ def _quant_params(module: str, quant: dict[str, Any], path: Path) -> tuple[int, 
     if mode != "affine":
         raise FormatError(f"{module}: MLX quantization mode {mode!r} is not supported (affine only)", path)
     bits, gs = spec.get("bits"), spec.get("group_size")
-    if not isinstance(bits, int) or not isinstance(gs, int) or bits not in (2, 3, 4, 5, 6, 8) or gs <= 0:
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, gs))
+    if not ints or bits not in AFFINE_BITS or gs not in AFFINE_GROUPS:
         raise FormatError(f"{module}: unsupported quantization bits={bits!r} group_size={gs!r}", path)
     return bits, gs
 
@@ -145,25 +71,20 @@ def _quant_layout(module: str, parts: dict[str, SafeTensor], quant: dict[str, An
     if qp is None:
         raise FormatError(f"{module} has scales but config.json says it is not quantized", path)
     bits, gs = qp
-    if w.dtype != "U32" or s.dtype not in ("F16", "BF16", "F32") or b.dtype != s.dtype:
+    if w.dtype != "U32" or s.dtype not in SCALE_DTYPES or b.dtype != s.dtype:
         raise FormatError(f"{module}: expected uint32 weight and float scales/biases, got {w.dtype}, "
                           f"{s.dtype}, {b.dtype}", path)
     n = w.shape[-1] * 32 // bits if w.shape else 0
-    if (not w.shape or (w.shape[-1] * 32) % bits or n % gs or s.shape != b.shape
+    if (not w.shape or (w.shape[-1] * 32) % bits or n % gs or n % 32 or s.shape != b.shape
             or s.shape != (*w.shape[:-1], n // gs)):
         raise FormatError(f"{module}: weight {w.shape}, scales {s.shape}, biases {b.shape} do not fit "
                           f"{bits}-bit groups of {gs}", path)
     return bits, gs, (*w.shape[:-1], n)
 
 
-def _convert(parts: dict[str, SafeTensor], bits: int, gs: int, shape: tuple[int, ...],
-             target: str) -> QTensor:
-    w, s, b = parts["weight"].data, parts["scales"].data, parts["biases"].data
-    if _F32_TARGET.search(target):
-        return QTensor("F32", shape, dequantize_mlx(w, s, b, bits, gs, np.float32))
-    if bits == 4 and gs % 32 == 0:
-        return QTensor("Q4_1", shape, mlx4_to_q4_1(w, s, b, gs))
-    return QTensor("F16", shape, dequantize_mlx(w, s, b, bits, gs, np.float16))
+def _affine(parts: dict[str, SafeTensor], bits: int, gs: int, shape: tuple[int, ...]) -> AffineTensor:
+    s, b = parts["scales"], parts["biases"]
+    return AffineTensor(shape, parts["weight"].data, s.data, b.data, bits, gs, SCALE_DTYPES[s.dtype])
 
 
 def load_mlx_folder(path: str | Path) -> Checkpoint:
@@ -217,11 +138,12 @@ def load_mlx_folder(path: str | Path) -> Checkpoint:
         args.tie_word_embeddings = False
     validate_shapes(shapes, args, folder)
 
-    # pass 2: convert (zero-copy views, Q4_1 repack or dequantization)
-    tensors: dict[str, QTensor] = {}
+    # pass 2: zero-copy views (quantized modules as AffineTensor)
+    tensors: dict[str, Tensor] = {}
     for mod, parts, target, sw, qp, shape in plan:
+        q: Tensor
         if qp is not None:
-            q = _convert(parts, qp[0], qp[1], shape, target)
+            q = _affine(parts, qp[0], qp[1], shape)
         else:
             key = "raw" if "raw" in parts else "weight"
             q = to_qtensor(parts[key], mod if key == "raw" else mod + ".weight", folder)

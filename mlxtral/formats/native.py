@@ -1,0 +1,69 @@
+"""Checkpoint tensors -> the types the NumPy kernels compute on (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+
+Loaders hand out tensors as the file stores them; the NumPy backend and the converters call
+:func:`to_native` per tensor, when they need it (the MLX backend reads the stored forms directly):
+
+- GGUF Q5_x, K-quants and IQ4 -> F16 (vectors F32), through ``gguf.quants``;
+- MLX affine 4-bit, groups a multiple of 32 -> ``Q4_1``, exactly: each group becomes
+  ``group_size / 32`` blocks sharing its scale and bias (rounded to float16: exact for float16
+  files; bfloat16 values convert exactly unless below float16's normal range);
+- any other MLX affine tensor (8, 6, 5, 3, 2 bits) -> F16.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlxtral.errors import FormatError
+from mlxtral.qtensor import NATIVE_TYPES, AffineTensor, QTensor, Tensor
+
+_CHUNK_ELEMS = 1 << 20  # weights dequantized at a time
+
+
+def native_form(t: Tensor) -> tuple[str, int]:
+    """(type, bytes) that :func:`to_native` turns ``t`` into, without converting anything."""
+    n = int(np.prod(t.shape, dtype=np.int64))
+    if isinstance(t, QTensor) and t.qtype in NATIVE_TYPES:
+        return t.qtype, t.nbytes
+    if isinstance(t, AffineTensor) and t.bits == 4 and t.group_size % 32 == 0:
+        return "Q4_1", n // 32 * 20
+    if len(t.shape) == 1:
+        return "F32", 4 * n
+    return "F16", 2 * n
+
+
+def to_native(t: Tensor, name: str, path: Path | str | None = None) -> QTensor:
+    """``t`` as a QTensor of a native type (itself, zero-copy, if it already is one)."""
+    if isinstance(t, QTensor) and t.qtype in NATIVE_TYPES:
+        return t
+    kind, _ = native_form(t)
+    if isinstance(t, AffineTensor):
+        if kind == "Q4_1":
+            from mlxtral.quant.gguf_affine import affine4_to_q4_1
+
+            return QTensor("Q4_1", t.shape, affine4_to_q4_1(t.data, t.scales, t.biases, t.group_size,
+                                                              t.scale_dtype))
+        return QTensor(kind, t.shape, t.dequantize(np.float32 if kind == "F32" else np.float16))
+    try:
+        return QTensor(kind, t.shape, _dequantize_rows(t, np.float32 if kind == "F32" else np.float16))
+    except (NotImplementedError, ValueError) as e:
+        raise FormatError(f"tensor {name}: cannot dequantize type {t.qtype} ({e})", path) from None
+
+
+def _dequantize_rows(t: QTensor, dtype: type) -> np.ndarray:
+    """A GGUF block tensor as ``dtype``, dequantized (through ``gguf.quants``) a few MB at a time."""
+    from mlxtral.quant import dequantize_blocks
+
+    n = t.shape[-1]
+    out = np.empty(t.shape, dtype)
+    rows, o = t.data.reshape(-1, t.data.shape[-1]), out.reshape(-1, n)
+    step = max(1, _CHUNK_ELEMS // n)
+    for r in range(0, rows.shape[0], step):
+        k = min(step, rows.shape[0] - r)
+        o[r : r + k] = dequantize_blocks(rows[r : r + k], t.qtype, (k, n))
+    return out
+
+
+def native_tensors(tensors: dict[str, Tensor], path: Path | str | None = None) -> dict[str, QTensor]:
+    return {n: to_native(t, n, path) for n, t in tensors.items()}

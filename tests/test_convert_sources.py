@@ -1,0 +1,44 @@
+"""Converting from quantized sources the NumPy kernels do not compute on: a Q4_K_M-style GGUF and
+mlx-lm folders of any bit width. Each source tensor is decoded row range by row range as it is
+written (no F16 copy of the model first); F32 output must equal the source's own values."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import Q4_K_M, random_weights, raw_gguf_tensors, tiny_args, write_mlx, write_raw_gguf
+
+from mlxtral.convert import convert
+from mlxtral.formats.detect import open_checkpoint
+
+K_ARGS = dict(dim=256, hidden_dim=256, n_heads=8, n_kv_heads=4, head_dim=32)
+
+
+def assert_values_equal(out: Path, src: Path, atol: float = 0.0) -> None:
+    got, want = open_checkpoint(out), open_checkpoint(src)
+    assert set(got.tensors) == set(want.tensors)
+    for name, t in want.tensors.items():
+        np.testing.assert_allclose(got.tensors[name].dequantize(), t.dequantize(), atol=atol, rtol=0,
+                                   err_msg=name)
+
+
+def test_kquant_gguf_to_f32_is_exact_and_to_q8_verifies(tmp_path: Path) -> None:
+    args = tiny_args(**K_ARGS)
+    src = write_raw_gguf(tmp_path / "k.gguf", raw_gguf_tensors(args, Q4_K_M, seed=1), args, vocab=True)
+    assert open_checkpoint(src).tensors["blk.0.ffn_down.1.weight"].qtype == "Q6_K"
+    r = convert(src, tmp_path / "f32.gguf", qtype="f32", progress=False)
+    assert {x.src_qtype for x in r.reports} >= {"Q4_K", "Q6_K"}
+    assert_values_equal(tmp_path / "f32.gguf", src)
+    r = convert(src, tmp_path / "q8.gguf", qtype="q8", verify=True, progress=False)
+    assert r.verified
+
+
+@pytest.mark.parametrize("bits,gs", [(3, 32), (4, 64), (8, 128)])
+def test_mlx_folder_to_gguf(tmp_path: Path, bits: int, gs: int) -> None:
+    pytest.importorskip("mlx.core")
+    args = tiny_args(dim=128, head_dim=32)
+    folder, _ = write_mlx(tmp_path / "mlx", random_weights(args, seed=2), args, bits=bits, group_size=gs)
+    convert(folder, tmp_path / "f32.gguf", qtype="f32", progress=False)
+    assert_values_equal(tmp_path / "f32.gguf", folder)  # q/k rows un-permuted with their groups
+    assert convert(folder, tmp_path / "q4.gguf", qtype="q4", verify=True, progress=False).verified
