@@ -78,6 +78,29 @@ def _k_low(qs: np.ndarray) -> np.ndarray:
     return (q & np.uint8(0x0F)).reshape(-1, 256)
 
 
+def _nibble_lut() -> np.ndarray:
+    """GGUF byte pair (bytes 2i and 2i+1 of a 16-byte nibble run, as one little-endian uint16) ->
+    the two MLX bytes they become (byte i: elements 2i, 2i+1 = low nibbles; byte 8+i: elements
+    16+2i, 17+2i = high nibbles), as one uint16 (low byte first)."""
+    v = np.arange(1 << 16, dtype=np.uint32)
+    a, c = v & 0xFF, v >> 8
+    lo = (a & 0x0F) | ((c & 0x0F) << 4)
+    hi = (a >> 4) | (c & 0xF0)
+    return (lo | (hi << 8)).astype(np.uint16)
+
+
+_LUT4 = _nibble_lut()
+
+
+def _repack_nibbles(qs: np.ndarray, words: np.ndarray) -> None:
+    """16-byte GGUF nibble runs ``[n, 16]`` -> MLX 4-bit words ``[n, 4]``, without unpacking: one
+    table lookup per byte pair (Q4_0/Q4_1 load several times faster this way)."""
+    r = _LUT4[np.ascontiguousarray(qs).view(np.uint16)]  # [n, 8]
+    out = words.view(np.uint8).reshape(-1, 2, 8)
+    out[:, 0, :] = r & 0xFF
+    out[:, 1, :] = r >> 8
+
+
 def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw blocks uint8 ``[n, type_size]`` of an exact type -> (codes uint8 ``[n, block_size]``,
     scales, biases float32 ``[n, block_size / 32]``)."""
@@ -151,7 +174,12 @@ def gguf_to_affine(data: np.ndarray, qtype: str, shape: tuple[int, ...],
     for s in range(0, nb, _CHUNK):
         chunk = np.ascontiguousarray(blocks[s : s + _CHUNK])
         e = s + chunk.shape[0]
-        if exact:
+        if qtype in ("Q4_0", "Q4_1"):
+            _repack_nibbles(chunk[:, 2:18] if qtype == "Q4_0" else chunk[:, 4:20], words[s:e])
+            d = _f16(chunk[:, 0:2])
+            scales[s:e] = d
+            biases[s:e] = d * _F32(-8) if qtype == "Q4_0" else _f16(chunk[:, 2:4])
+        elif exact:
             q, sc, bi = decode(chunk, qtype)
             words[s:e] = pack_codes(q, bits)
             scales[s:e] = np.broadcast_to(sc, scales[s:e].shape)
