@@ -123,8 +123,10 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
         return q.view(np.uint32)
     if bits == 4:
         return (q[..., 0::2] | (q[..., 1::2] << np.uint8(4))).view(np.uint32)
-    stream = ((q[..., None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)).reshape(*lead, n * bits)
-    return np.packbits(stream, axis=-1, bitorder="little").view(np.uint32)
+    # 2, 3, 5, 6 bits: every 8 codes fill ``bits`` bytes; build them in a uint64, keep its low bytes
+    eight = q.reshape(-1, 8).astype(np.uint64) << (np.arange(8, dtype=np.uint64) * np.uint64(bits))
+    packed = np.bitwise_or.reduce(eight, axis=1).view(np.uint8).reshape(-1, 8)[:, :bits]
+    return np.ascontiguousarray(packed).reshape(*lead, n * bits // 8).view(np.uint32)
 
 
 def unpack_codes(w: np.ndarray, bits: int) -> np.ndarray:
@@ -135,10 +137,13 @@ def unpack_codes(w: np.ndarray, bits: int) -> np.ndarray:
         shifts = np.arange(per, dtype=np.uint32) * np.uint32(bits)
         q = (w[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # [..., words, per]
         return q.astype(np.uint8).reshape(*w.shape[:-1], w.shape[-1] * per)
-    stream = np.unpackbits(w.view(np.uint8), axis=-1, bitorder="little")  # 3, 5, 6 bits
-    n = stream.shape[-1] // bits
-    vals = stream[..., : n * bits].reshape(*w.shape[:-1], n, bits)
-    return (vals << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+    # 3, 5, 6 bits: every ``bits`` bytes hold 8 codes; widen them to a uint64 and shift
+    lead, nbytes = w.shape[:-1], w.shape[-1] * 4
+    wide = np.zeros((w.size * 4 // bits, 8), np.uint8)
+    wide[:, :bits] = w.view(np.uint8).reshape(-1, bits)
+    v = wide.view(np.uint64)  # [groups, 1]
+    q = (v >> (np.arange(8, dtype=np.uint64) * np.uint64(bits))) & np.uint64((1 << bits) - 1)
+    return q.astype(np.uint8).reshape(*lead, nbytes * 8 // bits)
 
 
 def affine_dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int = 4,

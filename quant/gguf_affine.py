@@ -23,9 +23,14 @@ bfloat16 the products ``d * sc_j`` may round.
 requantized to 8 bits per group of 32 (:func:`~mlxtral.quant.affine.affine_quantize`), which adds
 about a quarter of Q6_K's own rounding error (the tests measure it).
 
-All conversions work in chunks of blocks, so temporaries stay a few MB whatever the tensor size.
+All conversions work in chunks of blocks, on up to 8 threads, so temporaries stay a few MB per
+thread whatever the tensor size.
 """
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -45,6 +50,7 @@ BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
          "Q6_K": (256, 210), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 _CHUNK = 1 << 12  # blocks decoded at a time (up to 1 M weights)
+_MAX_THREADS = 8
 _F32 = np.float32
 
 
@@ -143,6 +149,23 @@ def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.n
     raise ValueError(f"{qtype} has no exact MLX affine form")
 
 
+def _for_each(fn: Callable[[int], None], starts: range) -> None:
+    """``fn(s)`` for every chunk start, on worker threads when there are several chunks (NumPy
+    releases the GIL; chunks write disjoint slices). On an error or Ctrl-C, queued chunks are
+    cancelled and the exception goes on."""
+    threads = min(os.cpu_count() or 1, _MAX_THREADS, len(starts))
+    if threads <= 1:
+        for s in starts:
+            fn(s)
+        return
+    ex = ThreadPoolExecutor(threads, thread_name_prefix="mlxtral-affine")
+    try:
+        for f in [ex.submit(fn, s) for s in starts]:
+            f.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
 def affine_shapes(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(packed words shape, scales/biases shape) of a ``[..., n]`` tensor of GGUF ``qtype``."""
     bits = MLX_FORM[qtype][0]
@@ -171,7 +194,8 @@ def gguf_to_affine(data: np.ndarray, qtype: str, shape: tuple[int, ...],
     nb = blocks.shape[0]
     words = out[0].reshape(nb, bs * bits // 32)
     scales, biases = out[1].reshape(nb, bs // GROUP), out[2].reshape(nb, bs // GROUP)
-    for s in range(0, nb, _CHUNK):
+
+    def work(s: int) -> None:
         chunk = np.ascontiguousarray(blocks[s : s + _CHUNK])
         e = s + chunk.shape[0]
         if qtype in ("Q4_0", "Q4_1"):
@@ -188,6 +212,8 @@ def gguf_to_affine(data: np.ndarray, qtype: str, shape: tuple[int, ...],
             x = dequantize_blocks(chunk, qtype, (chunk.shape[0], bs))
             w, sc, bi = affine_quantize(x, bits, GROUP, "float32")
             words[s:e], scales[s:e], biases[s:e] = w, sc, bi
+
+    _for_each(work, range(0, nb, _CHUNK))
     return out
 
 
