@@ -1,7 +1,8 @@
 """The MLX backend: the same Mixtral forward pass as the NumPy backend, lazily on MLX arrays.
 
-Weights stay quantized (GGUF Q4_0/Q4_1/Q8_0 are repacked exactly into MLX affine 4/8-bit groups
-of 32, see :mod:`mlxtral.backends.mlx_weights`); experts are stacked ``[E, out, in]`` and run with
+Weights stay quantized where the file is (GGUF Q4_0/Q4_1/Q5_x/Q8_0/Q4_K/Q5_K/IQ4 repacked
+exactly into MLX affine groups of 32, Q2_K/Q3_K/Q6_K requantized to 8 bits, MLX folders as stored;
+see :mod:`mlxtral.backends.mlx_weights`); experts are stacked ``[E, out, in]`` and run with
 ``mx.gather_qmm`` / ``mx.gather_mm``; for prefill the token-expert pairs are sorted by expert so
 each expert's weights are read once (``sorted_indices=True``). Norms, RoPE and attention are the
 ``mx.fast`` kernels. Nothing is evaluated inside a layer: :meth:`MLXBackend.forward` builds the

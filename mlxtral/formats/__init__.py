@@ -1,7 +1,9 @@
 """Checkpoint formats: each loader maps its file's names, once, into one internal layout.
 
-The internal layout is a flat ``dict[str, QTensor]`` keyed by GGUF-style names, with experts
-always one 2-D tensor each (merged GGUF ``ffn_*_exps`` tensors are split into zero-copy views):
+The internal layout is a flat ``dict[str, QTensor | AffineTensor]`` keyed by GGUF-style names,
+each tensor as the file stores it (GGUF blocks of any type, MLX affine codes; converted per tensor
+by whoever needs another form: :mod:`mlxtral.formats.native`), with experts always one 2-D tensor
+each (merged GGUF ``ffn_*_exps`` tensors are split into zero-copy views):
 
 ====================================  =========================  ============================
 name                                  shape (NumPy, out x in)    notes
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxtral.config import ModelArgs
-from mlxtral.qtensor import QTensor
+from mlxtral.qtensor import Tensor
 
 
 @dataclass
@@ -53,7 +55,7 @@ class Checkpoint:
     format: str  # "gguf" | "hf" | "original" | "mlx"
     path: Path
     args: ModelArgs
-    tensors: dict[str, QTensor]  # internal names, see the module docstring
+    tensors: dict[str, Tensor]  # internal names, see the module docstring
     tokenizer: TokenizerSource | None
     metadata: dict[str, Any] = field(default_factory=dict)  # format-specific extras (GGUF kv, ...)
     keepalive: list[Any] = field(default_factory=list)  # open mmaps/readers backing the tensors
