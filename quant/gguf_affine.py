@@ -217,14 +217,16 @@ def gguf_to_affine(data: np.ndarray, qtype: str, shape: tuple[int, ...],
     return out
 
 
-def affine4_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
-                    scale_dtype: str) -> np.ndarray:
-    """4-bit MLX affine (group size a multiple of 32) -> GGUF ``Q4_1`` blocks uint8
-    ``[..., out, in/32*20]``: each group becomes ``group_size / 32`` blocks sharing its scale and
-    bias, rounded to float16 (exact for float16 scales)."""
+def affine_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_size: int,
+                   scale_dtype: str, bits: int = 4) -> np.ndarray:
+    """2/3/4-bit MLX affine (group size a multiple of 32) -> GGUF ``Q4_1`` blocks uint8
+    ``[..., out, in/32*20]``: codes fit in a nibble, and each group becomes ``group_size / 32``
+    blocks sharing its scale and bias, rounded to float16 (exact for float16 scales)."""
     from mlxtral.quant.affine import load_dtype
 
-    n = w.shape[-1] * 8
+    if bits > 4:
+        raise ValueError(f"{bits}-bit codes do not fit Q4_1's nibbles")
+    n = w.shape[-1] * 32 // bits
     nb = n // 32
     rep = group_size // 32
     out = np.empty((*w.shape[:-1], nb * 20), dtype=np.uint8)
@@ -232,7 +234,7 @@ def affine4_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group
     s2, b2 = scales.reshape(w2.shape[0], -1), biases.reshape(w2.shape[0], -1)
     step = max(1, (1 << 20) // n)
     for r in range(0, w2.shape[0], step):
-        q = unpack_codes(w2[r : r + step], 4).reshape(-1, nb, 32)  # [rows, nb, 32]
+        q = unpack_codes(w2[r : r + step], bits).reshape(-1, nb, 32)  # [rows, nb, 32]
         blk = ow[r : r + step].reshape(-1, nb, 20)
         d = np.repeat(load_dtype(s2[r : r + step], scale_dtype).astype(np.float16), rep, axis=-1)
         m = np.repeat(load_dtype(b2[r : r + step], scale_dtype).astype(np.float16), rep, axis=-1)
@@ -240,3 +242,54 @@ def affine4_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group
         blk[..., 2:4] = m[..., None].view(np.uint8)
         blk[..., 4:20] = q[..., :16] | (q[..., 16:] << 4)
     return out
+
+
+def q4_k_to_q4_1(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Q4_K blocks (``[..., n/256*144]``) -> ``Q4_1`` blocks (``[..., n/32*20]``): each 32-weight
+    sub-block keeps its codes, with scale ``d*sc`` and min ``-dmin*m`` rounded to float16 (a
+    relative 2**-12 of a quantization step at most). None if a product overflows float16."""
+    blocks = np.asarray(data).reshape(-1, 144)
+    nb = blocks.shape[0]
+    out = np.empty((nb * 8, 20), np.uint8)
+    ok = [True]
+
+    def work(s: int) -> None:
+        chunk = np.ascontiguousarray(blocks[s : s + _CHUNK])
+        q, sc, bi = decode(chunk, "Q4_K")  # [k, 256], [k, 8], [k, 8]
+        q = q.reshape(-1, 32)
+        o = out[s * 8 : s * 8 + q.shape[0]]
+        d16, m16 = sc.reshape(-1).astype(np.float16), bi.reshape(-1).astype(np.float16)
+        if not (np.isfinite(d16).all() and np.isfinite(m16).all()):
+            ok[0] = False
+        o[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
+        o[:, 2:4] = m16.view(np.uint8).reshape(-1, 2)
+        o[:, 4:20] = q[:, :16] | (q[:, 16:] << np.uint8(4))
+
+    _for_each(work, range(0, nb, _CHUNK))
+    return out.reshape(*shape[:-1], shape[-1] // 32 * 20) if ok[0] else None
+
+
+def to_q8_0(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Any dequantizable GGUF block tensor -> ``Q8_0`` blocks (``[..., n/32*34]``), requantized
+    from float32 a chunk at a time (on up to 8 threads) with the byte-exact ``Q8_0`` quantizer."""
+    from mlxtral.quant.ggml import quantize
+
+    bs, ts = BLOCK[qtype] if qtype in BLOCK else _block_size(qtype)
+    blocks = np.asarray(data).reshape(-1, ts)
+    nb = blocks.shape[0]
+    out = np.empty((nb * bs // 32, 34), np.uint8)
+    per = bs // 32
+
+    def work(s: int) -> None:
+        chunk = np.ascontiguousarray(blocks[s : s + _CHUNK])
+        x = dequantize_blocks(chunk, qtype, (chunk.shape[0] * per, 32))
+        quantize(x, "Q8_0", out=out[s * per : s * per + x.shape[0]])
+
+    _for_each(work, range(0, nb, _CHUNK))
+    return out.reshape(*shape[:-1], shape[-1] // 32 * 34)
+
+
+def _block_size(qtype: str) -> tuple[int, int]:
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]

@@ -32,7 +32,7 @@ from mlxtral.formats.safetensors import open_safetensors
 from mlxtral.formats.torch_zip import load_torch_zip
 from mlxtral.qtensor import AffineTensor
 from mlxtral.quant.affine import affine_dequantize, pack_codes, unpack_codes
-from mlxtral.quant.gguf_affine import affine4_to_q4_1
+from mlxtral.quant.gguf_affine import affine_to_q4_1
 
 ARGS = tiny_args()
 DENSE = tiny_args(n_experts=0)
@@ -264,7 +264,7 @@ def test_dense_model_all_formats(root: Path, dense_weights) -> None:
 # ---- MLX -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,gs,sdt,native", [
     (4, 64, "f16", "Q4_1"), (4, 32, "bf16", "Q4_1"), (4, 128, "f32", "Q4_1"),
-    (8, 64, "f16", "F16"), (3, 32, "f16", "F16"), (6, 64, "bf16", "F16"), (2, 64, "f16", "F16"),
+    (8, 64, "f16", "F16"), (3, 32, "f16", "Q4_1"), (6, 64, "bf16", "F16"), (2, 64, "f16", "Q4_1"),
     (5, 128, "bf16", "F16"),
 ])
 def test_mlx_quantized_folder(root: Path, weights, bits: int, gs: int, sdt: str, native: str) -> None:
@@ -318,7 +318,7 @@ def test_mlx4_to_q4_1_matches_gguf_dequantize() -> None:
         for i in range(128):
             q = (int(w[r, i // 8]) >> (4 * (i % 8))) & 15
             naive[r, i] = q * np.float32(s[r, i // 64]) + np.float32(b[r, i // 64])
-    blocks = affine4_to_q4_1(w, s, b, 64, "float16")
+    blocks = affine_to_q4_1(w, s, b, 64, "float16")
     got = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_1).reshape(3, 128)
     np.testing.assert_allclose(got, naive, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(affine_dequantize(w, s, b, 4, 64, "float16"), naive, rtol=1e-6, atol=1e-6)

@@ -95,3 +95,30 @@ def test_layout_is_mlx_s(qtype: str) -> None:
     w, s, b = gguf_to_affine(data, qtype, (4, 256))
     got = np.array(mx.dequantize(mx.array(w), mx.array(s), mx.array(b), group_size=32, bits=bits))
     np.testing.assert_allclose(got, affine_dequantize(w, s, b, bits, 32, "float32"), rtol=1e-6, atol=0)
+
+
+# ---- for the NumPy kernels: Q4_K -> Q4_1, the rest -> Q8_0 ------------------------------------
+def test_q4_k_to_q4_1_keeps_codes_and_rounds_only_the_scales() -> None:
+    from mlxtral.quant.gguf_affine import q4_k_to_q4_1
+
+    shape = (6, 1024)
+    data = random_gguf_blocks("Q4_K", shape, np.random.default_rng(4))
+    blocks = q4_k_to_q4_1(data, shape)
+    assert blocks is not None and blocks.shape == (6, 1024 // 32 * 20)
+    got = reference(blocks, "Q4_1", shape)
+    want = reference(data, "Q4_K", shape)
+    # d*sc and dmin*m rounded to float16: 2**-11 relative on each term
+    np.testing.assert_allclose(got, want, rtol=0, atol=float(np.abs(want).max()) * 2**-10)
+    assert relative_rmse(want, got) < 5e-4
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"])
+def test_other_types_to_q8_0_are_gguf_s_q8_0_of_their_values(qtype: str) -> None:
+    from mlxtral.quant.gguf_affine import to_q8_0
+
+    shape = (5, 512)
+    data = random_gguf_blocks(qtype, shape, np.random.default_rng(5))
+    want = reference(data, qtype, shape)
+    got = to_q8_0(data, qtype, shape)
+    np.testing.assert_array_equal(got, gguf.quants.quantize(want, gguf.GGMLQuantizationType.Q8_0))
+    assert relative_rmse(want, reference(got, "Q8_0", shape)) < 0.01

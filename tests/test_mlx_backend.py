@@ -432,8 +432,8 @@ def test_gguf_types_stay_quantized_and_match_numpy(qtype):
 def test_q4_k_m_file_through_load():
     """A Q4_K_M-style GGUF (Q4_K body, Q6_K attn_v/ffn_down/output) through mlxtral.load: the MLX
     backend keeps 4-bit and 8-bit groups (under half of float16's bytes, with the CPU's float32
-    scales and biases); the NumPy backend
-    dequantizes to F16 and gives the same greedy tokens."""
+    scales and biases); the NumPy backend holds Q4_K as Q4_1 and Q6_K as Q8_0; both give the same
+    greedy tokens."""
     import tempfile
 
     import tiny_models as tm
@@ -447,7 +447,8 @@ def test_q4_k_m_file_through_load():
         mm = mlxtral.load(path, backend="mlx", tokenizer=False, max_context=64)
         L = mm.backend.layers[0]
         assert (L.gate.bits, L.down.bits, L.wv.bits, L.wq.bits, mm.backend.output.bits) == (4, 8, 8, 4, 8)
-        assert nm.checkpoint.tensors["blk.0.ffn_gate.0.weight"].qtype == "F16"
+        nt = nm.checkpoint.tensors
+        assert (nt["blk.0.ffn_gate.0.weight"].qtype, nt["blk.0.ffn_down.0.weight"].qtype) == ("Q4_1", "Q8_0")
         assert mm.checkpoint.tensors["blk.0.ffn_gate.0.weight"].qtype == "Q4_K"
         f16_bytes = sum(2 * int(np.prod(t.shape)) for t in mm.checkpoint.tensors.values())
         assert mm.backend.weight_bytes < 0.5 * f16_bytes

@@ -3,11 +3,15 @@
 Loaders hand out tensors as the file stores them; the NumPy backend and the converters call
 :func:`to_native` per tensor, when they need it (the MLX backend reads the stored forms directly):
 
-- GGUF Q5_x, K-quants and IQ4 -> F16 (vectors F32), through ``gguf.quants``;
-- MLX affine 4-bit, groups a multiple of 32 -> ``Q4_1``, exactly: each group becomes
-  ``group_size / 32`` blocks sharing its scale and bias (rounded to float16: exact for float16
-  files; bfloat16 values convert exactly unless below float16's normal range);
-- any other MLX affine tensor (8, 6, 5, 3, 2 bits) -> F16.
+- GGUF Q4_K -> ``Q4_1``: the same codes per 32 weights, scale ``d*sc`` and min ``-dmin*m``
+  rounded to float16 (at most 2**-12 of a quantization step);
+- every other GGUF block type (Q5_x, Q6_K, Q3_K, Q2_K, IQ4...) -> ``Q8_0``, requantized from
+  float32: 8.5 bits a weight instead of F16's 16, its rounding a fraction of the source's own;
+  vectors -> F32;
+- MLX affine 2, 3 and 4 bits, groups a multiple of 32 -> ``Q4_1``, exactly: codes fit in a nibble,
+  and each group becomes ``group_size / 32`` blocks sharing its scale and bias (rounded to float16:
+  exact for float16 files; bfloat16 values convert exactly unless below float16's normal range);
+- MLX affine 5, 6 and 8 bits -> F16.
 """
 from __future__ import annotations
 
@@ -26,10 +30,12 @@ def native_form(t: Tensor) -> tuple[str, int]:
     n = int(np.prod(t.shape, dtype=np.int64))
     if isinstance(t, QTensor) and t.qtype in NATIVE_TYPES:
         return t.qtype, t.nbytes
-    if isinstance(t, AffineTensor) and t.bits == 4 and t.group_size % 32 == 0:
+    if isinstance(t, AffineTensor) and t.bits <= 4 and t.group_size % 32 == 0:
         return "Q4_1", n // 32 * 20
     if len(t.shape) == 1:
         return "F32", 4 * n
+    if isinstance(t, QTensor):  # a GGUF block type without a kernel
+        return ("Q4_1", n // 32 * 20) if t.qtype == "Q4_K" else ("Q8_0", n // 32 * 34)
     return "F16", 2 * n
 
 
@@ -40,13 +46,22 @@ def to_native(t: Tensor, name: str, path: Path | str | None = None) -> QTensor:
     kind, _ = native_form(t)
     if isinstance(t, AffineTensor):
         if kind == "Q4_1":
-            from mlxtral.quant.gguf_affine import affine4_to_q4_1
+            from mlxtral.quant.gguf_affine import affine_to_q4_1
 
-            return QTensor("Q4_1", t.shape, affine4_to_q4_1(t.data, t.scales, t.biases, t.group_size,
-                                                              t.scale_dtype))
+            return QTensor("Q4_1", t.shape, affine_to_q4_1(t.data, t.scales, t.biases, t.group_size,
+                                                             t.scale_dtype, t.bits))
         return QTensor(kind, t.shape, t.dequantize(np.float32 if kind == "F32" else np.float16))
+    from mlxtral.quant import gguf_affine
+
     try:
-        return QTensor(kind, t.shape, _dequantize_rows(t, np.float32 if kind == "F32" else np.float16))
+        if kind == "Q4_1":
+            blocks = gguf_affine.q4_k_to_q4_1(t.data, t.shape)
+            if blocks is not None:
+                return QTensor("Q4_1", t.shape, blocks)
+            kind = "Q8_0"  # a scale beyond float16's range: keep 8 bits instead
+        if kind == "Q8_0":
+            return QTensor("Q8_0", t.shape, gguf_affine.to_q8_0(t.data, t.qtype, t.shape))
+        return QTensor(kind, t.shape, _dequantize_rows(t, np.float32))
     except (NotImplementedError, ValueError) as e:
         raise FormatError(f"tensor {name}: cannot dequantize type {t.qtype} ({e})", path) from None
 
