@@ -78,8 +78,7 @@ def _mlx_float_bytes(kv_dtype: str | None) -> int:
 def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> tuple[int, int]:
     """(resident bytes as ``backend`` holds the weights, bytes already held by this process)."""
     from mlxtral.formats.native import native_form
-    from mlxtral.qtensor import AffineTensor
-    from mlxtral.quant.gguf_affine import GROUP, MLX_FORM
+    from mlxtral.quant.gguf_affine import mlx_form
 
     seen: set[int] = set()
     total = held = 0
@@ -91,11 +90,10 @@ def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> tuple[int,
         if not _is_mapped(q.data):
             held += q.nbytes  # already in this process's memory (converted at load, or read)
         if backend != "mlx":
-            total += native_form(q)[1]  # a K-quant as F16, MLX 4-bit as Q4_1...: made after this check
+            total += native_form(q)[1]  # a K-quant as Q4_1/Q8_0, MLX 4-bit as Q4_1...: made after this check
             continue
         n = _numel(q.shape)
-        form = ((q.bits, q.group_size) if isinstance(q, AffineTensor)
-                else (MLX_FORM[q.qtype][0], GROUP) if q.qtype in MLX_FORM else None)
+        form = mlx_form(q)
         if name.endswith(_F32_NAMES):
             total += 4 * n
         elif form is not None:  # packed codes + a scale and a bias per group

@@ -34,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from mlxtral.quant.affine import affine_quantize, pack_codes, unpack_codes
+from mlxtral.qtensor import BLOCK_TYPES, AffineTensor, Tensor
+from mlxtral.quant.affine import affine_quantize, load_dtype, pack_codes, unpack_codes
 from mlxtral.quant.dequant import dequantize_blocks
 
 GROUP = 32
@@ -45,9 +46,6 @@ MLX_FORM: dict[str, tuple[int, bool]] = {
     "IQ4_NL": (8, True), "IQ4_XS": (8, True),
     "Q2_K": (8, False), "Q3_K": (8, False), "Q6_K": (8, False),
 }
-BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-         "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
-         "Q6_K": (256, 210), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 _CHUNK = 1 << 12  # blocks decoded at a time (up to 1 M weights)
 _MAX_THREADS = 8
@@ -166,6 +164,15 @@ def _for_each(fn: Callable[[int], None], starts: range) -> None:
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+def mlx_form(t: Tensor) -> tuple[int, int] | None:
+    """(bits, group size) the MLX backend keeps ``t`` in, or None for a float array."""
+    if isinstance(t, AffineTensor):
+        return t.bits, t.group_size
+    if t.qtype in MLX_FORM:
+        return MLX_FORM[t.qtype][0], GROUP
+    return None
+
+
 def affine_shapes(shape: tuple[int, ...], qtype: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(packed words shape, scales/biases shape) of a ``[..., n]`` tensor of GGUF ``qtype``."""
     bits = MLX_FORM[qtype][0]
@@ -182,7 +189,7 @@ def gguf_to_affine(data: np.ndarray, qtype: str, shape: tuple[int, ...],
     if qtype not in MLX_FORM:
         raise ValueError(f"{qtype} has no MLX affine form")
     bits, exact = MLX_FORM[qtype]
-    bs, ts = BLOCK[qtype]
+    bs, ts = BLOCK_TYPES[qtype]
     if shape[-1] % bs:
         raise ValueError(f"{qtype} rows must be a multiple of {bs}, got {shape}")
     if out is None:
@@ -222,8 +229,6 @@ def affine_to_q4_1(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, group_
     """2/3/4-bit MLX affine (group size a multiple of 32) -> GGUF ``Q4_1`` blocks uint8
     ``[..., out, in/32*20]``: codes fit in a nibble, and each group becomes ``group_size / 32``
     blocks sharing its scale and bias, rounded to float16 (exact for float16 scales)."""
-    from mlxtral.quant.affine import load_dtype
-
     if bits > 4:
         raise ValueError(f"{bits}-bit codes do not fit Q4_1's nibbles")
     n = w.shape[-1] * 32 // bits
@@ -274,7 +279,7 @@ def to_q8_0(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
     from float32 a chunk at a time (on up to 8 threads) with the byte-exact ``Q8_0`` quantizer."""
     from mlxtral.quant.ggml import quantize
 
-    bs, ts = BLOCK[qtype] if qtype in BLOCK else _block_size(qtype)
+    bs, ts = BLOCK_TYPES[qtype]
     blocks = np.asarray(data).reshape(-1, ts)
     nb = blocks.shape[0]
     out = np.empty((nb * bs // 32, 34), np.uint8)
@@ -288,8 +293,3 @@ def to_q8_0(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarray:
     _for_each(work, range(0, nb, _CHUNK))
     return out.reshape(*shape[:-1], shape[-1] // 32 * 34)
 
-
-def _block_size(qtype: str) -> tuple[int, int]:
-    import gguf
-
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from tiny_models import mlx_available, random_gguf_blocks
 
+from mlxtral.qtensor import BLOCK_TYPES
 from mlxtral.quant.affine import affine_dequantize, pack_codes, unpack_codes
 from mlxtral.quant.ggml import relative_rmse
-from mlxtral.quant.gguf_affine import BLOCK, MLX_FORM, affine_shapes, gguf_to_affine
+from mlxtral.quant.gguf_affine import MLX_FORM, affine_shapes, gguf_to_affine
 
 EXACT = [t for t, (_, exact) in MLX_FORM.items() if exact]
 REQUANT = [t for t, (_, exact) in MLX_FORM.items() if not exact]
@@ -20,7 +21,7 @@ def reference(data: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.ndarra
 
 
 def test_block_table_is_gguf_s() -> None:
-    for t, (bs, ts) in BLOCK.items():
+    for t, (bs, ts) in BLOCK_TYPES.items():
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]] == (bs, ts), t
 
 

@@ -23,6 +23,7 @@ from mlxtral.errors import FormatError
 from mlxtral.qtensor import AffineTensor, QTensor, Tensor
 from mlxtral.quant import gguf_affine
 from mlxtral.quant.affine import load_dtype
+from mlxtral.quant.gguf_affine import mlx_form
 
 GROUP_SIZE = gguf_affine.GROUP
 
@@ -33,15 +34,6 @@ def gguf_to_affine(q: QTensor, out: tuple[np.ndarray, np.ndarray, np.ndarray] | 
     """A GGUF QTensor [..., n] with an MLX form -> (words uint32 [..., n*bits/32], scales,
     biases [..., n/32]) as NumPy arrays, optionally written into ``out``."""
     return gguf_affine.gguf_to_affine(q.data, q.qtype, tuple(q.shape), out, scale_dtype)
-
-
-def mlx_form(t: Tensor) -> tuple[int, int] | None:
-    """(bits, group size) the MLX backend keeps ``t`` in, or None for a float array."""
-    if isinstance(t, AffineTensor):
-        return t.bits, t.group_size
-    if t.qtype in gguf_affine.MLX_FORM:
-        return gguf_affine.MLX_FORM[t.qtype][0], GROUP_SIZE
-    return None
 
 
 def float_array(q: Tensor, dtype: mx.Dtype) -> mx.array:

@@ -22,8 +22,6 @@ import numpy as np
 from mlxtral.errors import FormatError
 from mlxtral.qtensor import NATIVE_TYPES, AffineTensor, QTensor, Tensor
 
-_CHUNK_ELEMS = 1 << 20  # weights dequantized at a time
-
 
 def native_form(t: Tensor) -> tuple[str, int]:
     """(type, bytes) that :func:`to_native` turns ``t`` into, without converting anything."""
@@ -61,23 +59,9 @@ def to_native(t: Tensor, name: str, path: Path | str | None = None) -> QTensor:
             kind = "Q8_0"  # a scale beyond float16's range: keep 8 bits instead
         if kind == "Q8_0":
             return QTensor("Q8_0", t.shape, gguf_affine.to_q8_0(t.data, t.qtype, t.shape))
-        return QTensor(kind, t.shape, _dequantize_rows(t, np.float32))
+        return QTensor(kind, t.shape, t.dequantize())  # a vector: F32
     except (NotImplementedError, ValueError) as e:
         raise FormatError(f"tensor {name}: cannot dequantize type {t.qtype} ({e})", path) from None
-
-
-def _dequantize_rows(t: QTensor, dtype: type) -> np.ndarray:
-    """A GGUF block tensor as ``dtype``, dequantized (through ``gguf.quants``) a few MB at a time."""
-    from mlxtral.quant import dequantize_blocks
-
-    n = t.shape[-1]
-    out = np.empty(t.shape, dtype)
-    rows, o = t.data.reshape(-1, t.data.shape[-1]), out.reshape(-1, n)
-    step = max(1, _CHUNK_ELEMS // n)
-    for r in range(0, rows.shape[0], step):
-        k = min(step, rows.shape[0] - r)
-        o[r : r + k] = dequantize_blocks(rows[r : r + k], t.qtype, (k, n))
-    return out
 
 
 def native_tensors(tensors: dict[str, Tensor], path: Path | str | None = None) -> dict[str, QTensor]:
