@@ -105,15 +105,21 @@ def _repack_nibbles(qs: np.ndarray, words: np.ndarray) -> None:
     out[:, 1, :] = r >> 8
 
 
+_Q4_CODES = {"Q4_0": slice(2, 18), "Q4_1": slice(4, 20)}  # where each block's 16 nibble bytes sit
+
+
+def _q4_scale_bias(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_0 (scale ``d``, bias ``-8 d``) or Q4_1 (scale ``d``, bias ``m``): float32 ``[n, 1]`` each."""
+    d = _f16(blocks[:, 0:2])
+    return d, (d * _F32(-8) if qtype == "Q4_0" else _f16(blocks[:, 2:4]))
+
+
 def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw blocks uint8 ``[n, type_size]`` of an exact type -> (codes uint8 ``[n, block_size]``,
     scales, biases float32 ``[n, block_size / 32]``)."""
     n = blocks.shape[0]
-    if qtype == "Q4_0":
-        d = _f16(blocks[:, 0:2])
-        return _nibbles(blocks[:, 2:18]), d, d * _F32(-8)
-    if qtype == "Q4_1":
-        return _nibbles(blocks[:, 4:20]), _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    if qtype in _Q4_CODES:
+        return _nibbles(blocks[:, _Q4_CODES[qtype]]), *_q4_scale_bias(blocks, qtype)
     if qtype == "Q8_0":
         d = _f16(blocks[:, 0:2])
         return blocks[:, 2:34] ^ np.uint8(0x80), d, d * _F32(-128)
@@ -205,11 +211,9 @@ def gguf_to_affine(data: np.ndarray, qtype: str, shape: tuple[int, ...],
     def work(s: int) -> None:
         chunk = np.ascontiguousarray(blocks[s : s + _CHUNK])
         e = s + chunk.shape[0]
-        if qtype in ("Q4_0", "Q4_1"):
-            _repack_nibbles(chunk[:, 2:18] if qtype == "Q4_0" else chunk[:, 4:20], words[s:e])
-            d = _f16(chunk[:, 0:2])
-            scales[s:e] = d
-            biases[s:e] = d * _F32(-8) if qtype == "Q4_0" else _f16(chunk[:, 2:4])
+        if qtype in _Q4_CODES:  # the nibbles go through the byte-pair table, not unpacked
+            _repack_nibbles(chunk[:, _Q4_CODES[qtype]], words[s:e])
+            scales[s:e], biases[s:e] = _q4_scale_bias(chunk, qtype)
         elif exact:
             q, sc, bi = decode(chunk, qtype)
             words[s:e] = pack_codes(q, bits)
