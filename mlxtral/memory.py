@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from mlxtral.errors import OutOfMemoryError
 from mlxtral.formats import Checkpoint
+from mlxtral.qtensor import Tensor
 
 GB = 1e9
 RUNTIME_BYTES = 300 * 1024 * 1024  # interpreter, NumPy/numba/MLX libraries, tokenizer
@@ -75,33 +77,38 @@ def _mlx_float_bytes(kv_dtype: str | None) -> int:
     return _DTYPE_BYTES.get(str(kv_dtype).lower().removeprefix("mlx.core."), 4)
 
 
-def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> tuple[int, int]:
-    """(resident bytes as ``backend`` holds the weights, bytes already held by this process)."""
+def tensor_bytes(ckpt: Checkpoint, name: str, q: Tensor, backend: str, float_bytes: int) -> int:
+    """Bytes ``backend`` keeps resident for tensor ``name`` (``float_bytes``: MLX's float size)."""
     from mlxtral.formats.native import native_form
     from mlxtral.quant.gguf_affine import mlx_form
 
+    if backend != "mlx":
+        return native_form(q)[1]  # a K-quant as Q4_1/Q8_0, MLX 4-bit as Q4_1...: made after this check
+    n = _numel(q.shape)
+    form = mlx_form(q)
+    if name.endswith(_F32_NAMES):
+        return 4 * n
+    if form is not None:  # packed codes + a scale and a bias per group
+        return n * form[0] // 8 + 2 * (n // form[1]) * float_bytes
+    if ".ffn_" in name and ckpt.args.is_moe and float_bytes == 4:
+        return 4 * n  # MLX's CPU gather_mm is float32-only
+    return n * float_bytes
+
+
+def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None,
+             keep: Callable[[str], bool] | None = None) -> tuple[int, int]:
+    """(resident bytes as ``backend`` holds the weights, bytes already held by this process);
+    only the tensors ``keep`` accepts, when given."""
     seen: set[int] = set()
     total = held = 0
     float_bytes = _mlx_float_bytes(kv_dtype) if backend == "mlx" else 0
     for name, q in ckpt.tensors.items():
-        if id(q.data) in seen:
+        if id(q.data) in seen or (keep is not None and not keep(name)):
             continue
         seen.add(id(q.data))
         if not _is_mapped(q.data):
             held += q.nbytes  # already in this process's memory (converted at load, or read)
-        if backend != "mlx":
-            total += native_form(q)[1]  # a K-quant as Q4_1/Q8_0, MLX 4-bit as Q4_1...: made after this check
-            continue
-        n = _numel(q.shape)
-        form = mlx_form(q)
-        if name.endswith(_F32_NAMES):
-            total += 4 * n
-        elif form is not None:  # packed codes + a scale and a bias per group
-            total += n * form[0] // 8 + 2 * (n // form[1]) * float_bytes
-        elif ".ffn_" in name and ckpt.args.is_moe and float_bytes == 4:
-            total += 4 * n  # MLX's CPU gather_mm is float32-only
-        else:
-            total += n * float_bytes
+        total += tensor_bytes(ckpt, name, q, backend, float_bytes)
     if backend == "mlx":
         held = 0  # MLX makes its own copies; the checkpoint's stay until they are built (the peak)
     return total, held

@@ -55,6 +55,7 @@ class Model:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self._session: Session | None = None
+        self.memory_plan: Any = None  # set by load(): resident or streaming, with the numbers
 
     def __repr__(self) -> str:
         c = self.config
@@ -160,6 +161,22 @@ class Model:
                 self.last_stats = r.stats
         return "".join(parts)
 
+    @property
+    def streaming(self) -> bool:
+        """True when the experts stream from the file through an expert cache."""
+        return getattr(self.backend, "experts", None) is not None
+
+    def expert_cache_stats(self) -> dict[str, Any] | None:
+        """Hit rate, prefetch accuracy and disk traffic of the expert cache; None when resident."""
+        cache = getattr(self.backend, "experts", None)
+        if cache is None:
+            return None
+        cache.add_tokens(0)
+        d = cache.stats.as_dict()
+        d.update(cache_slots=cache.capacity, slot_bytes=cache.slot_bytes, direct_io=cache.reader.direct,
+                 policy=cache.policy, prefetch=cache.prefetch_enabled)
+        return d
+
     def expert_counts(self) -> np.ndarray | None:
         """Tokens routed to each expert so far, ``[n_layers, n_experts]``."""
         c = getattr(self.backend, "expert_counts", None)
@@ -175,6 +192,9 @@ def load(
     tokenizer: bool = True,
     check_memory: bool = True,
     dtype: str | None = None,
+    memory_budget: int | str | None = None,
+    prefetch: bool = True,
+    eviction: str = "lfu",
 ) -> Model:
     """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder.
 
@@ -183,8 +203,14 @@ def load(
     the same. ``kv_dtype`` sets the NumPy backend's KV cache ("float32" or "float16"; it computes in
     float32) and, when ``dtype`` is not given, the MLX dtype.
 
-    ``check_memory``: first estimate what the model needs (weights, KV cache for ``max_context``,
-    working set) and raise :class:`~mlxtral.errors.OutOfMemoryError` if the machine cannot hold it.
+    ``memory_budget``: bytes (or "12GB", "150MB") the run may use; default the memory available.
+    If the whole model fits it is loaded; otherwise the experts stream from the file through an
+    expert cache that fills the rest of the budget (``prefetch``: read the next layer's likely
+    experts ahead; ``eviction``: "lfu" or "lru"), and ``model.memory_plan`` says so. Only when the
+    non-expert weights, KV cache, working set and one token's experts do not fit is
+    :class:`~mlxtral.errors.OutOfMemoryError` raised, with the numbers.
+
+    ``check_memory=False`` skips the decision (and the check) and loads everything, as before.
     """
     from mlxtral.formats.detect import open_checkpoint
 
@@ -202,11 +228,16 @@ def load(
         raise UsageError(f"the NumPy backend computes in float32 (dtype {dtype!r} applies to MLX)")
     if name == "mlx" and dtype is not None:
         kv_dtype = dtype
-    if check_memory:
-        from mlxtral.memory import check_fits, estimate
+    from mlxtral.expert_cache import POLICIES, plan_memory
 
-        check_fits(estimate(ckpt, name, max_context, kv_dtype), ckpt.path)
-    if name == "numpy":
+    if eviction not in POLICIES:
+        raise UsageError(f"unknown eviction policy {eviction!r}: choose one of {', '.join(POLICIES)}")
+    plan = None
+    if check_memory or memory_budget is not None:
+        plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget)
+    if plan is not None and plan.streaming:
+        be = _streaming_backend(ckpt, name, plan, kv_dtype, prefetch, eviction)
+    elif name == "numpy":
         from mlxtral.backends.numpy_backend import NumpyBackend
         from mlxtral.formats.native import native_tensors
 
@@ -228,4 +259,39 @@ def load(
         from mlxtral.tokenizer import load_tokenizer
 
         tok = load_tokenizer(ckpt.tokenizer)
-    return Model(ckpt, be, tok, max_context)
+    model = Model(ckpt, be, tok, max_context)
+    model.memory_plan = plan
+    return model
+
+
+def _streaming_backend(ckpt: Checkpoint, name: str, plan: Any, kv_dtype: str | None, prefetch: bool,
+                       eviction: str) -> Any:
+    """A backend whose experts stream through an expert cache of ``plan.cache_slots`` slots; the
+    other weights are read into this process's memory (not left as file pages)."""
+    from mlxtral.expert_cache import ExpertCache, expert_layout, is_expert
+    from mlxtral.expert_cache.reader import read_copy
+    from mlxtral.qtensor import QTensor
+
+    layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
+    experts = {n: q for n, q in ckpt.tensors.items() if is_expert(n)}
+    rest = {n: QTensor(q.qtype, tuple(q.shape), read_copy(q.data)) if isinstance(q, QTensor) else q
+            for n, q in ckpt.tensors.items() if not is_expert(n)}
+    if name == "numpy":
+        from mlxtral.backends.numpy_backend import NumpyBackend, expert_materializer
+
+        cache = ExpertCache(layout, plan.cache_slots, expert_materializer(experts, ckpt.path),
+                            prefetch=prefetch, policy=eviction)
+        be: Any = NumpyBackend(ckpt.args, rest, kv_dtype=kv_dtype or "float32", experts=cache)
+    else:
+        try:
+            from mlxtral.backends.mlx_backend import MLXBackend
+            from mlxtral.backends.mlx_backend import expert_materializer as mlx_materializer
+        except ImportError as e:
+            raise MlxtralError(f"the MLX backend is not available ({e})") from None
+        be = MLXBackend(ckpt.args, rest, dtype=kv_dtype, experts=None)
+        cache = ExpertCache(layout, plan.cache_slots, mlx_materializer(experts, be),
+                            prefetch=prefetch, policy=eviction)
+        be.experts = cache
+    # keep only type, shape and size of what the backend now holds or reads itself
+    ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]
+    return be

@@ -3,20 +3,29 @@
 Per layer: RMSNorm -> GQA attention with RoPE and a KV cache -> RMSNorm -> sparse MoE (top-k
 routing in float32, each expert run once on the tokens routed to it). A dense model is one
 always-on expert. ``moe_naive`` is the per-token, per-expert reference kept for tests.
+
+With an :class:`~mlxtral.expert_cache.ExpertCache` the experts are not held: each layer pins the
+ones its tokens route to (read from disk on a miss) and, first, asks the cache to read ahead
+what the next layer's router picks for the current hidden state. The kernels and their order are
+the same either way, so streaming changes no number.
 """
 from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from mlxtral.backends import ops
 from mlxtral.config import ModelArgs
 from mlxtral.errors import ContextOverflowError
-from mlxtral.formats.native import native_tensors
+from mlxtral.expert_cache import ExpertCache
+from mlxtral.expert_cache.layout import KINDS, is_expert
+from mlxtral.formats.native import native_tensors, to_native
 from mlxtral.qtensor import QTensor, Tensor
 
 
@@ -29,7 +38,7 @@ class LayerWeights:
     wo: QTensor  # [dim, H*hd]
     ffn_norm: np.ndarray  # [dim] f32
     router: np.ndarray | None  # [E, dim] f32; None for a dense model
-    w1: list[QTensor]  # gate, E x [hidden, dim]
+    w1: list[QTensor]  # gate, E x [hidden, dim]; empty when experts stream
     w3: list[QTensor]  # up,   E x [hidden, dim]
     w2: list[QTensor]  # down, E x [dim, hidden]
 
@@ -38,8 +47,9 @@ def _f32(q: QTensor) -> np.ndarray:
     return np.ascontiguousarray(q.dequantize(), dtype=np.float32)
 
 
-def build_layers(args: ModelArgs, t: dict[str, QTensor]) -> list[LayerWeights]:
+def build_layers(args: ModelArgs, t: dict[str, QTensor], experts: bool = True) -> list[LayerWeights]:
     layers = []
+    n_ffn = args.n_ffn if experts else 0
     for i in range(args.n_layers):
         b = f"blk.{i}."
         layers.append(
@@ -51,9 +61,9 @@ def build_layers(args: ModelArgs, t: dict[str, QTensor]) -> list[LayerWeights]:
                 wo=t[b + "attn_output.weight"],
                 ffn_norm=_f32(t[b + "ffn_norm.weight"]),
                 router=_f32(t[b + "ffn_gate_inp.weight"]) if args.is_moe else None,
-                w1=[t[b + f"ffn_gate.{e}.weight"] for e in range(args.n_ffn)],
-                w3=[t[b + f"ffn_up.{e}.weight"] for e in range(args.n_ffn)],
-                w2=[t[b + f"ffn_down.{e}.weight"] for e in range(args.n_ffn)],
+                w1=[t[b + f"ffn_gate.{e}.weight"] for e in range(n_ffn)],
+                w3=[t[b + f"ffn_up.{e}.weight"] for e in range(n_ffn)],
+                w2=[t[b + f"ffn_down.{e}.weight"] for e in range(n_ffn)],
             )
         )
     return layers
@@ -86,13 +96,17 @@ class KVCache:
 class NumpyBackend:
     name = "numpy"
 
-    def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], kv_dtype: str = "float32") -> None:
+    def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], kv_dtype: str = "float32",
+                 experts: ExpertCache | None = None) -> None:
         self.args = args
-        tensors = native_tensors(tensors)  # K-quants -> F16, MLX affine -> Q4_1/F16; others as they are
+        self.experts = experts  # None: every expert resident
+        if experts is not None:  # experts stream: the file's other tensors only
+            tensors = {n: q for n, q in tensors.items() if not is_expert(n)}
+        tensors = native_tensors(tensors)  # K-quants -> Q4_1/Q8_0, MLX affine -> Q4_1/F16; others as they are
         self.embed = tensors["token_embd.weight"]
         self.output = tensors.get("output.weight", self.embed)
         self.norm = _f32(tensors["output_norm.weight"])
-        self.layers = build_layers(args, tensors)
+        self.layers = build_layers(args, tensors, experts=experts is None)
         self.kv_dtype = np.dtype(kv_dtype)
         # the table covers the contexts caches are made for (new_cache grows it), not the file's
         # context length: a GGUF claiming 50M positions must not cost 16 GB of angles
@@ -127,6 +141,7 @@ class NumpyBackend:
         pos = slice(p0, S)
         H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
         h = self.embed.rows(ids)  # [T, dim]
+        self._read_ahead(h, 0)
         for li, L in enumerate(self.layers):
             x = ops.rms_norm(h, L.attn_norm, a.norm_eps)
             q, k, v = ops.linear_many(x, (L.wq, L.wk, L.wv))  # one kernel job
@@ -147,18 +162,22 @@ class NumpyBackend:
                 att = ops.attention_kv(q, keys, vals, p0, a.sliding_window)  # [T, H*hd]
             h += ops.linear(att, L.wo)
             x = ops.rms_norm(h, L.ffn_norm, a.norm_eps)
-            h += self.moe(x, L, li)
+            h += self.moe(x, L, li, ahead=h)
         cache.offset = S
+        if self.experts is not None:
+            self.experts.add_tokens(T)
         if not all_logits:
             h = h[-1:]
         out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [T or 1, vocab]
         return out if all_logits else out[0]
 
-    def moe(self, x: np.ndarray, L: LayerWeights, li: int) -> np.ndarray:
+    def moe(self, x: np.ndarray, L: LayerWeights, li: int, ahead: np.ndarray | None = None) -> np.ndarray:
         """Sparse MoE FFN, tokens grouped per expert. x [T, dim] -> [T, dim].
 
         Two kernel jobs whatever ``top_k``: gate+up (SiLU fused) of every selected expert, then
-        every expert's down projection.
+        every expert's down projection (streaming with fewer slots than experts in use: one pair
+        of jobs per group of experts, each expert read once). ``ahead``: the hidden state from
+        which to guess the next layer's experts, when they stream.
         """
         T = x.shape[0]
         if L.router is None:
@@ -169,8 +188,9 @@ class NumpyBackend:
         if T == 1:  # decode: every selected expert sees the same row (quantized once)
             es = idx[0].tolist()
             self.expert_counts[li, es] += 1
-            hs = ops.swiglu_experts([x] * len(es), [L.w1[e] for e in es], [L.w3[e] for e in es])
-            ys = ops.linear_experts(hs, [L.w2[e] for e in es])
+            with self._expert_weights(li, es, ahead) as (w1, w3, w2):
+                hs = ops.swiglu_experts([x] * len(es), w1, w3)
+                ys = ops.linear_experts(hs, w2)
             out = ys[0] * w[0, 0]
             for j in range(1, len(es)):
                 out += ys[j] * w[0, j]
@@ -184,13 +204,47 @@ class NumpyBackend:
         bounds = np.concatenate([[0], np.cumsum(counts[experts])])
         sels = [order[bounds[i] : bounds[i + 1]] for i in range(len(experts))]
         toks = [sel // k for sel in sels]  # tokens of each expert (each at most once)
-        hs = ops.swiglu_experts([x[t] for t in toks], [L.w1[e] for e in experts], [L.w3[e] for e in experts])
-        ys = ops.linear_experts(hs, [L.w2[e] for e in experts])
+        group = len(experts) if self.experts is None else self.experts.capacity
+        ys: list[np.ndarray] = []
+        for g0 in range(0, len(experts), group):
+            es = experts[g0 : g0 + group].tolist()
+            with self._expert_weights(li, es, ahead if g0 + group >= len(experts) else None) as (w1, w3, w2):
+                hs = ops.swiglu_experts([x[t] for t in toks[g0 : g0 + group]], w1, w3)
+                ys += ops.linear_experts(hs, w2)
         out = np.zeros_like(x)
         wf = w.ravel()
         for sel, tok, y in zip(sels, toks, ys, strict=True):
             out[tok] += y * wf[sel][:, None]
         return out
+
+    # ---- streamed experts -----------------------------------------------------------------
+    @contextmanager
+    def _expert_weights(self, li: int, es: list[int], ahead: np.ndarray | None
+                        ) -> Iterator[tuple[list[QTensor], list[QTensor], list[QTensor]]]:
+        """(gates, ups, downs) of experts ``es`` of layer ``li``: the held ones, or pinned in the
+        expert cache (after queueing the next layer's guess from ``ahead``) until the block ends."""
+        L = self.layers[li]
+        if self.experts is None:
+            yield [L.w1[e] for e in es], [L.w3[e] for e in es], [L.w2[e] for e in es]
+            return
+        with self.experts.use(li, es) as forms:
+            if ahead is not None:
+                self._read_ahead(ahead, li + 1)  # the disk works while this layer computes
+            yield [f[0] for f in forms], [f[1] for f in forms], [f[2] for f in forms]
+
+    def _read_ahead(self, h: np.ndarray, li: int) -> None:
+        """Queue reads of the experts layer ``li``'s router picks for hidden state ``h`` [T, dim]
+        (mixtral-offloading's guess; only what is read ahead depends on it)."""
+        if self.experts is None or not self.experts.prefetch_enabled or li >= len(self.layers):
+            return
+        N = self.layers[li]
+        if N.router is None:
+            return
+        x = ops.rms_norm(h, N.ffn_norm, self.args.norm_eps)  # [T, dim]
+        idx, _ = ops.route(x, N.router, self.args.n_experts_per_tok)  # [T, k]
+        counts = np.bincount(idx.ravel(), minlength=self.args.n_experts)
+        guess = [int(e) for e in np.argsort(-counts, kind="stable") if counts[e]]  # most tokens first
+        self.experts.prefetch(li, guess)
 
     def moe_naive(self, x: np.ndarray, li: int) -> np.ndarray:
         """Reference MoE: per token, per selected expert, on dequantized weights."""
@@ -212,8 +266,28 @@ class NumpyBackend:
                 out[t] += wt * ((ops.silu(g) * u) @ L.w2[e].dequantize().T)[0]
         return out
 
+    def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
+
     @staticmethod
     def peak_memory() -> int:
         """Peak resident memory of this process, bytes."""
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def expert_materializer(tensors: dict[str, Tensor], path: Path | None = None
+                        ) -> Callable[[int, int, list[np.ndarray]], tuple[QTensor, QTensor, QTensor]]:
+    """``materialize`` for the expert cache: raw slot data -> (gate, up, down) QTensors the kernels
+    run on (views of the slot for native types; converted copies for K-quants and the like)."""
+
+    def materialize(li: int, e: int, raw: list[np.ndarray]) -> tuple[QTensor, QTensor, QTensor]:
+        out = []
+        for kind, data in zip(KINDS, raw, strict=True):
+            name = f"blk.{li}.ffn_{kind}.{e}.weight"
+            q = tensors[name]
+            out.append(to_native(QTensor(q.qtype, tuple(q.shape), data), name, path))
+        return tuple(out)  # type: ignore[return-value]
+
+    return materialize

@@ -1,0 +1,319 @@
+"""The expert cache: whole experts in a bounded number of slots, prefetched on a background thread.
+
+Backend-neutral: a backend gives a ``materialize(layer, expert, raw) -> form`` function that turns
+the raw (gate, up, down) data read into a slot into what its kernels run on (the NumPy backend:
+``QTensor`` views of the slot; MLX: affine arrays), and asks for a layer's experts with::
+
+    with cache.use(layer, [e0, e1]) as forms:  # pinned: never evicted while in use
+        ...compute with forms[0], forms[1]...
+
+Misses are read on the calling thread, in the order asked; experts already being read by the
+prefetcher are waited for. ``prefetch(layer, experts)`` queues reads that never block the caller
+and never evict a pinned expert: a wrong guess costs a read, never a wrong answer (the bytes are
+the file's either way).
+
+Eviction: ``"lfu"`` (default) evicts the expert used least often so far, ties broken by least
+recent use: Mixtral's routing is skewed per layer, and a frequency count keeps the hot experts
+through a burst of cold ones where LRU lets them go (measured in the README). ``"lru"`` is kept
+for comparison. Entries read by the prefetcher and not used yet are evicted only when nothing
+else can go.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlxtral.errors import MlxtralError
+from mlxtral.expert_cache.layout import ExpertLayout
+from mlxtral.expert_cache.reader import AHEAD, DEMAND, ExpertReader, Slot, slot_bytes
+
+POLICIES = ("lfu", "lru")
+Materialize = Callable[[int, int, list[np.ndarray]], Any]
+
+_QUEUED, _LOADING, _READY = "queued", "loading", "ready"
+
+
+@dataclass
+class _Entry:
+    slot: Slot
+    state: str
+    prefetched: bool = False  # read by the prefetcher and not used since
+    pins: int = 0
+    last_use: int = 0
+    raw: list[np.ndarray] | None = None
+    form: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class ExpertStats:
+    """What streaming cost: requests, where they were served from, and disk traffic."""
+
+    requests: int = 0  # experts asked for by the forward pass
+    hits: int = 0  # found in the cache or being read by the prefetcher
+    misses: int = 0  # read while the forward pass waited
+    prefetched: int = 0  # reads issued by the prefetcher
+    prefetch_used: int = 0  # of those, experts later asked for before being evicted
+    bytes_read: int = 0
+    tokens: int = 0
+    wait_seconds: float = 0.0  # time the forward pass spent waiting on the disk
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.prefetch_used / self.prefetched if self.prefetched else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes_read / self.tokens if self.tokens else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "hits": self.hits, "misses": self.misses,
+                "hit_rate": round(self.hit_rate, 4), "prefetched": self.prefetched,
+                "prefetch_used": self.prefetch_used, "prefetch_accuracy": round(self.prefetch_accuracy, 4),
+                "bytes_read": self.bytes_read, "tokens": self.tokens,
+                "bytes_read_per_token": round(self.bytes_per_token),
+                "io_wait_seconds": round(self.wait_seconds, 3),
+                **self.extra}
+
+    def summary(self) -> str:
+        return (f"expert cache: {self.hit_rate:.0%} hits, prefetch {self.prefetch_accuracy:.0%} accurate, "
+                f"{self.bytes_per_token / 1e6:.0f} MB read per token")
+
+
+class ExpertCache:
+    """Up to ``capacity`` experts of ``layout`` held at once (see the module docstring)."""
+
+    def __init__(self, layout: ExpertLayout, capacity: int, materialize: Materialize,
+                 prefetch: bool = True, policy: str = "lfu", direct: bool = True) -> None:
+        if policy not in POLICIES:
+            raise MlxtralError(f"unknown eviction policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        if capacity < 1:
+            raise MlxtralError(f"the expert cache needs at least one slot, got {capacity}")
+        self.layout = layout
+        self.capacity = int(capacity)
+        self.materialize = materialize
+        self.policy = policy
+        self.prefetch_enabled = prefetch
+        self.reader = ExpertReader(layout, direct=direct)
+        self.slot_bytes = slot_bytes(layout)
+        self._slots: list[Slot] = []  # allocated lazily, up to capacity
+        self._free: list[Slot] = []
+        self._entries: dict[tuple[int, int], _Entry] = {}
+        self._freq = np.zeros((layout.n_layers, layout.n_experts), dtype=np.int64)
+        self._tick = 0
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[int, int]] = deque()
+        self._closed = False
+        self._worker: threading.Thread | None = None
+        self.stats = ExpertStats()
+
+    # ---- public ----------------------------------------------------------------------------
+    @property
+    def resident_experts(self) -> int:
+        return sum(1 for en in self._entries.values() if en.state == _READY)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return len(self._slots) * self.slot_bytes
+
+    def cached(self, layer: int, expert: int) -> bool:
+        en = self._entries.get((layer, expert))
+        return en is not None and en.state == _READY
+
+    @contextmanager
+    def use(self, layer: int, experts: Sequence[int]) -> Iterator[list[Any]]:
+        """Pin experts ``experts`` of ``layer`` (distinct, at most ``capacity``) and yield their
+        materialized forms, in order."""
+        experts = [int(e) for e in experts]
+        if len(set(experts)) != len(experts) or len(experts) > self.capacity:
+            raise ValueError(f"use() needs at most {self.capacity} distinct experts, got {experts}")
+        keys = [(layer, e) for e in experts]
+        mine: list[tuple[int, int]] = []  # misses this call reads itself
+        t0 = time.perf_counter()
+        with self._cv:
+            self._tick += 1
+            for key in keys:
+                self._freq[key] += 1
+                self.stats.requests += 1
+                en = self._entries.get(key)
+                if en is None:
+                    en = self._claim(key, demand=True)
+                    mine.append(key)
+                    self.stats.misses += 1
+                elif en.state == _QUEUED:  # the prefetcher has not started it: read it here
+                    en.state = _LOADING
+                    mine.append(key)
+                    self.stats.misses += 1
+                else:
+                    self.stats.hits += 1
+                if en.prefetched:
+                    en.prefetched = False
+                    self.stats.prefetch_used += 1
+                en.pins += 1
+                en.last_use = self._tick
+        try:
+            for key in mine:
+                self._load(key)
+            forms = []
+            with self._cv:
+                for key in keys:
+                    en = self._entries[key]
+                    while en.state != _READY and en.error is None:
+                        self._cv.wait()
+                    if en.error is not None:
+                        raise en.error
+            self.stats.wait_seconds += time.perf_counter() - t0
+            for key in keys:
+                en = self._entries[key]
+                if en.form is None:
+                    assert en.raw is not None
+                    en.form = self.materialize(key[0], key[1], en.raw)
+                forms.append(en.form)
+            yield forms
+        finally:
+            with self._cv:
+                for key in keys:
+                    en = self._entries.get(key)
+                    if en is not None:
+                        en.pins -= 1
+                        if en.error is not None and en.pins <= 0:
+                            self._drop(key)
+                self._cv.notify_all()
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """Queue reads of ``layer``'s ``experts`` that are not cached; skipped where no slot can
+        be had without evicting a pinned or not-yet-used expert."""
+        if not self.prefetch_enabled or self._closed:
+            return
+        with self._cv:
+            for e in experts:
+                key = (layer, int(e))
+                if key in self._entries:
+                    continue
+                en = self._claim(key, demand=False)
+                if en is None:
+                    break
+                en.prefetched = True
+                self._queue.append(key)
+                self.stats.prefetched += 1
+            if self._queue and self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="mlxtral-expert-prefetch", daemon=True)
+                self._worker.start()
+            self._cv.notify_all()
+
+    def add_tokens(self, n: int) -> None:
+        self.stats.tokens += int(n)
+        self.stats.bytes_read = self.reader.bytes_read
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._queue.clear()
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        self.reader.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- internals (call with the lock held unless noted) ----------------------------------
+    def _claim(self, key: tuple[int, int], demand: bool) -> _Entry:
+        """A new entry for ``key`` with a slot: a free one, a new one, or an evicted one's.
+        Demand waits for in-flight reads to finish if every slot is busy; prefetch returns None."""
+        while True:
+            slot = self._take_slot(demand)
+            if slot is not None:
+                en = _Entry(slot, _LOADING if demand else _QUEUED)
+                self._entries[key] = en
+                return en
+            if not demand:
+                return None  # type: ignore[return-value]
+            busy = [k for k, en in self._entries.items() if en.state != _READY]
+            if not busy:
+                raise MlxtralError(f"the expert cache ({self.capacity} slots) cannot hold the experts one "
+                                   "layer needs at once")
+            self._cv.wait()
+
+    def _take_slot(self, demand: bool) -> Slot | None:
+        if self._free:
+            return self._free.pop()
+        if len(self._slots) < self.capacity:
+            s = Slot(self.slot_bytes)
+            self._slots.append(s)
+            return s
+        victim = self._victim(demand)
+        if victim is None:
+            return None
+        en = self._entries.pop(victim)
+        en.raw = en.form = None
+        return en.slot
+
+    def _victim(self, demand: bool) -> tuple[int, int] | None:
+        best, best_score = None, None
+        for key, en in self._entries.items():
+            if en.pins or en.state != _READY:
+                continue
+            fresh = en.prefetched  # read ahead and not used yet: last to go, never for a prefetch
+            if fresh and not demand:
+                continue
+            freq = int(self._freq[key]) if self.policy == "lfu" else 0
+            score = (fresh, freq, en.last_use)
+            if best_score is None or score < best_score:
+                best, best_score = key, score
+        return best
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        en = self._entries.pop(key, None)
+        if en is not None:
+            en.raw = en.form = None
+            self._free.append(en.slot)
+
+    def _load(self, key: tuple[int, int], priority: int = DEMAND) -> None:
+        """Read ``key`` into its entry's slot (lock not held)."""
+        en = self._entries[key]
+        try:
+            raw = self.reader.read(key[0], key[1], en.slot, priority)
+        except BaseException as e:
+            with self._cv:
+                en.error = e
+                if en.pins <= 0:
+                    self._drop(key)
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            en.raw = raw
+            en.state = _READY
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                key = self._queue.popleft()
+                en = self._entries.get(key)
+                if en is None or en.state != _QUEUED:
+                    continue  # claimed by a demand read, or dropped
+                en.state = _LOADING
+            try:
+                self._load(key, AHEAD)
+            except BaseException:  # the demand path reads it again and reports the error
+                pass
