@@ -101,16 +101,19 @@ def resolve_model(model: str | None) -> Path:
 
 
 def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
-               quiet: bool = False) -> Any:
+               quiet: bool = False, memory_budget: str | None = None, prefetch: bool = True) -> Any:
     import mlxtral
 
     path = resolve_model(model)
+    kw = dict(backend=backend, max_context=max_context, experts_per_token=experts_per_token,
+              memory_budget=memory_budget, prefetch=prefetch)
     if quiet:
-        return mlxtral.load(path, backend=backend, max_context=max_context,
-                            experts_per_token=experts_per_token)
+        return mlxtral.load(path, **kw)
     with err_console.status(f"loading {path.name}...", spinner="dots"):
-        return mlxtral.load(path, backend=backend, max_context=max_context,
-                            experts_per_token=experts_per_token)
+        m = mlxtral.load(path, **kw)
+    if m.streaming:
+        err_console.print(f"[dim]{m.memory_plan.describe()}[/dim]", highlight=False)
+    return m
 
 
 def apply_threads(n: int | None) -> None:
@@ -131,8 +134,14 @@ def print_expert_stats(model: Any, as_json: bool = False) -> dict[str, Any] | No
         return None
     from mlxtral import expert_stats
 
+    cache = model.expert_cache_stats()
     if as_json:
-        return expert_stats.as_dict(counts)
+        d = expert_stats.as_dict(counts)
+        if cache is not None:
+            d["expert_cache"] = cache
+        return d
+    if cache is not None:
+        err_console.print(expert_stats.cache_table(cache))
     if not model.config.is_moe:
         err_console.print("[dim]a dense model: every token uses its one FFN[/dim]")
         return None
@@ -148,6 +157,11 @@ ExpertsOpt = typer.Option(None, "--experts-per-token", min=1,
                           help="Override the file's experts per token (top-k), e.g. 1 for speed.")
 ExpertStatsOpt = typer.Option(False, "--expert-stats", help="Show the per-layer expert load at the end.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="Threads for the CPU kernels (default: all cores).")
+BudgetOpt = typer.Option(None, "--memory-budget", "-m",
+                         help="Memory the run may use, e.g. 12GB or 150MB (default: what is available). "
+                              "A model larger than this streams its experts from disk.")
+PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
+                           help="When experts stream, read the next layer's likely experts ahead.")
 
 
 def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
@@ -185,13 +199,16 @@ def chat(
     expert_stats: bool = ExpertStatsOpt,
     threads: int = ThreadsOpt,
     no_stats: bool = typer.Option(False, "--no-stats", help="Do not print the stats line after each answer."),
+    memory_budget: str = BudgetOpt,
+    prefetch: bool = PrefetchOpt,
 ) -> None:
     """Chat with a model (the built-in demo model when MODEL is omitted)."""
     from mlxtral.chat import ChatLoop, SamplingOptions, read_interactive, read_piped
 
     _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens)
     apply_threads(threads)
-    m = load_model(model, backend, max_context, experts_per_token)
+    m = load_model(model, backend, max_context, experts_per_token, memory_budget=memory_budget,
+                   prefetch=prefetch)
     opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
     loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
     interactive = sys.stdin.isatty()
@@ -242,6 +259,8 @@ def generate(
     expert_stats: bool = ExpertStatsOpt,
     threads: int = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the text and the stats as one JSON object."),
+    memory_budget: str = BudgetOpt,
+    prefetch: bool = PrefetchOpt,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; the stats line goes to stderr."""
     _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens)
@@ -252,7 +271,8 @@ def generate(
     if not prompt:
         fail("the prompt is empty", 2)
     apply_threads(threads)
-    m = load_model(model, backend, max_context, experts_per_token, quiet=as_json)
+    m = load_model(model, backend, max_context, experts_per_token, quiet=as_json, memory_budget=memory_budget,
+                   prefetch=prefetch)
     if chat_:
         msgs = [{"role": "system", "content": system}] if system else []
         msgs.append({"role": "user", "content": prompt})
@@ -306,12 +326,13 @@ def info(
     experts_per_token: int = ExpertsOpt,
     backend: str = BackendOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    memory_budget: str = BudgetOpt,
 ) -> None:
     """Describe a model: format, architecture, parameters (all and active), tensor types, memory."""
     from mlxtral.info import describe, render
 
     d = describe(resolve_model(model), max_context=max_context, experts_per_token=experts_per_token,
-                 backend=backend)
+                 backend=backend, memory_budget=memory_budget)
     if as_json:
         sys.stdout.write(json.dumps(d) + "\n")
     else:
@@ -342,6 +363,8 @@ def bench(
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    memory_budget: str = BudgetOpt,
+    prefetch: bool = PrefetchOpt,
 ) -> None:
     """Measure prompt processing and generation speed (llama-bench style), against the seed figures."""
     from mlxtral.bench import measure_bandwidth, run_bench, run_llamacpp, seed_rows
@@ -352,7 +375,8 @@ def bench(
     apply_threads(threads)
     path = resolve_model(model)
     need = max(n_prompt, n_gen + 1) + 1
-    m = load_model(str(path), backend, need, experts_per_token, quiet=as_json)
+    m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
+                   prefetch=prefetch)
     status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -386,6 +410,8 @@ def bench(
         "bandwidth_gbs": round(bw, 3), "bandwidth_measured": bw_measured,
         "ceiling_tg_tok_s": round(bw * 1e9 / active, 2) if active else None,
         "seeds": seeds,
+        "memory_plan": m.memory_plan.as_dict() if m.memory_plan is not None else None,
+        "expert_cache": m.expert_cache_stats(),
     }
     if llama is not None:
         out["llama_cpp"] = llama
@@ -423,6 +449,10 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
         if ll.get("tg_tok_s"):
             t.add_row("llama.cpp", f"tg{out['tg']}", "", f"{ll['tg_tok_s']:.2f}  (ours x{r['tg']:.2f})")
     con.print(t)
+    if out.get("expert_cache"):
+        from mlxtral.expert_stats import cache_table
+
+        con.print(cache_table(out["expert_cache"]))
     con.print(f"peak memory {out['peak_memory_bytes'] / 1e9:.2f} GB"
               + (f" (llama.cpp {ll['peak_rss_mb'] / 1e3:.2f} GB)" if ll and ll.get("peak_rss_mb") else "")
               + f"; {out['active_bytes_per_token'] / 1e6:.1f} MB of weights read per token; "

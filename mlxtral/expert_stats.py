@@ -70,3 +70,25 @@ def heatmap(counts: np.ndarray, title: str = "expert load per layer") -> Any:
 def as_dict(counts: np.ndarray) -> dict[str, Any]:
     c = np.asarray(counts)
     return {"counts": c.astype(int).tolist(), "balance": [round(float(b), 4) for b in balance(c)]}
+
+
+def cache_table(c: dict[str, Any]) -> Any:
+    """The expert cache's figures (:meth:`mlxtral.Model.expert_cache_stats`) as a rich table."""
+    from rich.table import Table
+
+    t = Table(title="expert cache (experts streamed from disk)", title_justify="left")
+    t.add_column("", justify="left")
+    t.add_column("", justify="right")
+    rows = [
+        ("slots", f"{c['cache_slots']} x {c['slot_bytes'] / 1e6:.0f} MB ({c['policy']}, "
+                  f"{'O_DIRECT' if c['direct_io'] else 'buffered'} reads)"),
+        ("hit rate", f"{c['hit_rate']:.1%} of {c['requests']} expert uses"),
+        ("prefetch accuracy", f"{c['prefetch_accuracy']:.1%} of {c['prefetched']} read ahead"
+                              if c["prefetch"] else "off"),
+        ("read from disk", f"{c['bytes_read'] / 1e9:.2f} GB, "
+                           f"{c['bytes_read_per_token'] / 1e6:.0f} MB per token"),
+        ("waiting on disk", f"{c['io_wait_seconds']:.2f} s"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t

@@ -39,6 +39,7 @@ class GenerationStats:
     generation_time: float = 0.0
     peak_memory: int = 0  # bytes
     finish_reason: str = ""  # "stop", "length", "context_length", "interrupted"
+    expert_cache: dict[str, Any] | None = None  # streamed experts: this generation's cache figures
 
     @property
     def prompt_tps(self) -> float:
@@ -59,11 +60,16 @@ class GenerationStats:
     def summary(self) -> str:
         n = self.prompt_tokens - self.cached_tokens
         cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
-        return (
+        line = (
             f"prompt: {n} tokens{cached}, {self.prompt_tps:.1f} tok/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
             f"peak memory: {self.peak_memory / 1e9:.2f} GB"
         )
+        c = self.expert_cache
+        if c:
+            line += (f" | experts: {c['hit_rate']:.0%} hits, prefetch {c['prefetch_accuracy']:.0%} accurate, "
+                     f"{c['bytes_read_per_token'] / 1e6:.0f} MB read/token")
+        return line
 
 
 @dataclass
@@ -169,6 +175,8 @@ def stream_generate(
     sampler = Sampler(sampling or SamplingParams())
     eos = set(eos_ids if eos_ids is not None else getattr(tokenizer, "eos_ids", set()))
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    experts = getattr(backend, "experts", None)  # an ExpertCache when experts stream
+    before = experts.snapshot() if experts is not None else None
     t0 = time.perf_counter()
     logits, reused = prefill(backend, session, prompt_ids, prefill_chunk)
     stats.cached_tokens = reused
@@ -228,4 +236,6 @@ def stream_generate(
     stats.generation_time = time.perf_counter() - t1
     stats.peak_memory = backend.peak_memory()
     stats.finish_reason = finish
+    if experts is not None and before is not None:
+        stats.expert_cache = experts.snapshot().minus(before).as_dict()
     yield GenerationResponse(tail, None, stats=stats, finish_reason=finish)

@@ -29,8 +29,21 @@ def active_weight_bytes(ckpt: Any) -> int:
     return int(total)
 
 
+def _run_mode(ckpt: Any, backend: str, ctx: int, budget: str | int | None) -> dict[str, Any]:
+    """How ``load`` would run this model here: resident, streaming experts, or refused."""
+    from mlxtral.errors import MlxtralError
+    from mlxtral.expert_cache import plan_memory
+
+    try:
+        plan = plan_memory(ckpt, backend, ctx, budget=budget)
+    except MlxtralError as e:
+        return {"mode": "refused", "reason": e.message}
+    return {**plan.as_dict(), "summary": plan.describe()}
+
+
 def describe(path: str | Path, max_context: int | None = None,
-             experts_per_token: int | None = None, backend: str = "auto") -> dict[str, Any]:
+             experts_per_token: int | None = None, backend: str = "auto",
+             memory_budget: str | int | None = None) -> dict[str, Any]:
     """A JSON-ready description of the checkpoint at ``path``."""
     from mlxtral.formats.detect import open_checkpoint
     from mlxtral.model import DEFAULT_MAX_CONTEXT
@@ -60,6 +73,7 @@ def describe(path: str | Path, max_context: int | None = None,
         kv, need = est.kv_cache, est.total
         mem = {"backend": be, "weights": est.weights, "kv_cache": est.kv_cache, "working": est.working,
                "total": est.total, "available": available_memory()}
+        mem["mode"] = _run_mode(ckpt, be, ctx, memory_budget)
     except ImportError:  # pragma: no cover - before mlxtral.memory existed
         kv = a.kv_cache_bytes(ctx, bytes_per_value=4)  # the NumPy backend keeps K/V in float32
         need = weight_bytes + kv
@@ -142,6 +156,10 @@ def render(d: dict[str, Any]) -> Any:
                                       f"{_gb(m['working'])}{avail}"))
     else:
         rows.append(("memory to run", f"~{_gb(d['memory_needed_bytes'])} (weights + KV cache)"))
+    mode = m.get("mode")
+    if mode:
+        rows.append(("runs here as", mode["summary"] if mode["mode"] != "refused"
+                     else f"refused: {mode['reason']}"))
     tok = d["tokenizer"]
     if tok.get("error"):
         rows.append(("tokenizer", f"{tok['kind']}: error: {tok['error']}"))

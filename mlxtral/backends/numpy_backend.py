@@ -272,7 +272,15 @@ class NumpyBackend:
 
     @staticmethod
     def peak_memory() -> int:
-        """Peak resident memory of this process, bytes."""
+        """Peak resident memory of this process, bytes (Linux: its own VmHWM; ``ru_maxrss`` would
+        carry the peak of a parent that forked it)."""
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(r if sys.platform == "darwin" else r * 1024)
 

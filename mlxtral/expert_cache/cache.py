@@ -87,6 +87,12 @@ class ExpertStats:
                 "io_wait_seconds": round(self.wait_seconds, 3),
                 **self.extra}
 
+    def minus(self, other: ExpertStats) -> ExpertStats:
+        """The figures since ``other`` (an earlier snapshot)."""
+        names = ("requests", "hits", "misses", "prefetched", "prefetch_used", "bytes_read", "tokens",
+                 "wait_seconds")
+        return ExpertStats(**{n: getattr(self, n) - getattr(other, n) for n in names})
+
     def summary(self) -> str:
         return (f"expert cache: {self.hit_rate:.0%} hits, prefetch {self.prefetch_accuracy:.0%} accurate, "
                 f"{self.bytes_per_token / 1e6:.0f} MB read per token")
@@ -212,6 +218,14 @@ class ExpertCache:
                 self._worker = threading.Thread(target=self._run, name="mlxtral-expert-prefetch", daemon=True)
                 self._worker.start()
             self._cv.notify_all()
+
+    def snapshot(self) -> ExpertStats:
+        """A copy of the statistics so far (bytes read brought up to date)."""
+        import copy
+
+        with self._cv:
+            self.stats.bytes_read = self.reader.bytes_read
+            return copy.copy(self.stats)
 
     def add_tokens(self, n: int) -> None:
         self.stats.tokens += int(n)

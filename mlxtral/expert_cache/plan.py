@@ -165,4 +165,6 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
 
 def size(n: float) -> str:
     """Bytes for people: ``20.5 GB``, ``150 MB``."""
-    return f"{n / GB:.1f} GB" if n >= 0.95 * GB else f"{n / 1e6:.0f} MB"
+    if n >= 0.95 * GB:
+        return f"{n / GB:.1f} GB"
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{int(n)} bytes"
