@@ -195,6 +195,7 @@ def load(
     memory_budget: int | str | None = None,
     prefetch: bool = True,
     eviction: str = "lfu",
+    stream_experts: bool | None = None,
 ) -> Model:
     """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder.
 
@@ -209,6 +210,9 @@ def load(
     experts ahead; ``eviction``: "lfu" or "lru"), and ``model.memory_plan`` says so. Only when the
     non-expert weights, KV cache, working set and one token's experts do not fit is
     :class:`~mlxtral.errors.OutOfMemoryError` raised, with the numbers.
+
+    ``stream_experts``: None decides as above; True streams a MoE model's experts even if it fits
+    (the cache still fills the budget); False never streams (a model that does not fit is refused).
 
     ``check_memory=False`` skips the decision (and the check) and loads everything, as before.
     """
@@ -233,8 +237,8 @@ def load(
     if eviction not in POLICIES:
         raise UsageError(f"unknown eviction policy {eviction!r}: choose one of {', '.join(POLICIES)}")
     plan = None
-    if check_memory or memory_budget is not None:
-        plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget)
+    if check_memory or memory_budget is not None or stream_experts:
+        plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget, stream=stream_experts)
     if plan is not None and plan.streaming:
         be = _streaming_backend(ckpt, name, plan, kv_dtype, prefetch, eviction)
     elif name == "numpy":
@@ -288,10 +292,9 @@ def _streaming_backend(ckpt: Checkpoint, name: str, plan: Any, kv_dtype: str | N
             from mlxtral.backends.mlx_backend import expert_materializer as mlx_materializer
         except ImportError as e:
             raise MlxtralError(f"the MLX backend is not available ({e})") from None
-        be = MLXBackend(ckpt.args, rest, dtype=kv_dtype, experts=None)
-        cache = ExpertCache(layout, plan.cache_slots, mlx_materializer(experts, be),
+        cache = ExpertCache(layout, plan.cache_slots, mlx_materializer(experts, kv_dtype),
                             prefetch=prefetch, policy=eviction)
-        be.experts = cache
+        be = MLXBackend(ckpt.args, rest, dtype=kv_dtype, experts=cache)
     # keep only type, shape and size of what the backend now holds or reads itself
     ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]
     return be

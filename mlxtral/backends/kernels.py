@@ -180,14 +180,18 @@ _n_threads: int | None = None
 
 
 def _default_threads() -> int:
-    env = os.environ.get("NUMBA_NUM_THREADS")
-    if env:
+    env = os.environ.get("NUMBA_NUM_THREADS", "")
+    if env.strip().isdigit() and len(env) < 6:
         return max(1, int(env))
     return max(1, os.cpu_count() or 1)
 
 
 def get_num_threads() -> int:
-    return _n_threads if _n_threads is not None else _default_threads()
+    """The threads the kernels use (read per call: a decode step makes thousands of these)."""
+    global _n_threads
+    if _n_threads is None:
+        _n_threads = _default_threads()
+    return _n_threads
 
 
 def set_num_threads(n: int) -> None:

@@ -10,6 +10,13 @@ whole graph and evaluates it once (logits and expert counts together).
 
 Dtypes: float16 on Metal, float32 on the CPU (whose ``gather_mm`` is float32-only and whose
 half-precision matmuls are slow); overridable. The router always runs in float32.
+
+Streamed experts (an :class:`~mlxtral.expert_cache.ExpertCache`): each MoE layer evaluates its
+routing, pins the experts used from the cache (each held as a ``[1, out, in]`` Weight built from
+its slot by the same conversion as the resident stacks), concatenates them into a stack of just
+those experts and runs the same ``switch_glu`` with the indices renumbered (monotonically, so the
+sort order and the kernels are those of the resident model). A layer's experts are all held at
+once, so the smallest MLX cache is one layer's experts.
 """
 from __future__ import annotations
 
@@ -24,7 +31,9 @@ from mlxtral.backends.mlx_sampling import make_sampler
 from mlxtral.backends.mlx_weights import Weight, float_array, to_weight, to_weight_stack
 from mlxtral.config import ModelArgs
 from mlxtral.errors import ContextOverflowError, UsageError
-from mlxtral.qtensor import Tensor
+from mlxtral.expert_cache import ExpertCache
+from mlxtral.expert_cache.layout import KINDS
+from mlxtral.qtensor import QTensor, Tensor
 from mlxtral.sampling import SamplingParams
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -61,9 +70,9 @@ class MLXLayer:
     wo: Weight  # [dim, H*hd]
     ffn_norm: mx.array  # [dim]
     router: mx.array | None  # [E, dim] float32; None for a dense model
-    gate: Weight  # w1: [E, hidden, dim] (MoE) or [hidden, dim] (dense)
-    up: Weight  # w3: same
-    down: Weight  # w2: [E, dim, hidden] or [dim, hidden]
+    gate: Weight | None  # w1: [E, hidden, dim] (MoE) or [hidden, dim] (dense); None when experts stream
+    up: Weight | None  # w3: same
+    down: Weight | None  # w2: [E, dim, hidden] or [dim, hidden]
 
 
 class KVCache:
@@ -114,8 +123,10 @@ class KVCache:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], dtype: str | None = None) -> None:
+    def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], dtype: str | None = None,
+                 experts: ExpertCache | None = None) -> None:
         self.args = args
+        self.experts = experts  # None: every expert resident
         self.dtype = resolve_dtype(dtype)
         # MLX's CPU gather_mm is float32-only: float expert stacks stay float32 there.
         self.expert_float_dtype = self.dtype if on_metal() else mx.float32
@@ -128,7 +139,7 @@ class MLXBackend:
         self.sort_threshold = SORT_THRESHOLD
         # Whether the generation loop should use decode_pipelined: it pays off where the device
         # runs beside the Python thread (Metal); on MLX's CPU backend both share the same cores.
-        self.pipeline_decode = on_metal()
+        self.pipeline_decode = on_metal() and experts is None
 
     # ---- loading --------------------------------------------------------------------------
     def _vector(self, q: Tensor) -> mx.array:
@@ -142,7 +153,9 @@ class MLXBackend:
             router = float_array(t[b + "ffn_gate_inp.weight"], mx.float32)
             mx.eval(router)
 
-            def ffn(kind: str) -> Weight:
+            def ffn(kind: str) -> Weight | None:
+                if self.experts is not None:
+                    return None
                 qs = [t[b + f"ffn_{kind}.{e}.weight"] for e in range(a.n_experts)]
                 return to_weight_stack(qs, self.dtype, self.expert_float_dtype)
         else:
@@ -169,7 +182,7 @@ class MLXBackend:
         ws = [self.embed, self.output] if self.output is not self.embed else [self.embed]
         n = sum(w.nbytes for w in ws) + self.norm.nbytes
         for L in self.layers:
-            n += sum(w.nbytes for w in (L.wq, L.wk, L.wv, L.wo, L.gate, L.up, L.down))
+            n += sum(w.nbytes for w in (L.wq, L.wk, L.wv, L.wo, L.gate, L.up, L.down) if w is not None)
             n += L.attn_norm.nbytes + L.ffn_norm.nbytes + (L.router.nbytes if L.router is not None else 0)
         return n
 
@@ -205,8 +218,10 @@ class MLXBackend:
         counts: list[mx.array] = []
         for li, L in enumerate(self.layers):
             h = h + self._attention(mx.fast.rms_norm(h, L.attn_norm, a.norm_eps), L, li, p0, cache)
-            h = h + self._ffn(mx.fast.rms_norm(h, L.ffn_norm, a.norm_eps), L, counts)
+            h = h + self._ffn(mx.fast.rms_norm(h, L.ffn_norm, a.norm_eps), L, counts, li, h)
         cache.offset = p0 + T
+        if self.experts is not None:
+            self.experts.add_tokens(T)
         if not all_logits:
             h = h[-1:]
         logits = self.output(mx.fast.rms_norm(h, self.norm, a.norm_eps)).astype(mx.float32)
@@ -243,17 +258,47 @@ class MLXBackend:
         kpos = mx.arange(S)[None, :]  # [1, S]
         return (kpos <= qpos) & (kpos > qpos - w)  # [T, S] True = attend
 
-    def _ffn(self, x: mx.array, L: MLXLayer, counts: list[mx.array]) -> mx.array:
-        """Dense FFN or sparse MoE, x [T, dim] -> [T, dim]."""
+    def _ffn(self, x: mx.array, L: MLXLayer, counts: list[mx.array], li: int = 0,
+             h: mx.array | None = None) -> mx.array:
+        """Dense FFN or sparse MoE, x [T, dim] -> [T, dim] (``h``: the residual stream, from which
+        the next layer's experts are guessed when they stream)."""
         if L.router is None:
+            assert L.gate is not None and L.up is not None and L.down is not None
             return L.down(_swiglu(L.gate(x), L.up(x)))
         k = self.args.n_experts_per_tok
         gates = x.astype(mx.float32) @ L.router.T  # [T, E] float32
         inds = mx.argpartition(-gates, kth=k - 1, axis=-1)[:, :k]  # [T, k] top-k, unordered
         scores = mx.softmax(mx.take_along_axis(gates, inds, axis=-1), axis=-1, precise=True)  # [T, k]
         counts.append((inds.reshape(-1, 1) == mx.arange(self.args.n_experts)).sum(axis=0))  # [E]
-        y = self.switch_glu(x, inds, L)  # [T, k, dim]
+        if self.experts is not None:
+            y = self._switch_glu_streamed(x, inds, li, h)
+        else:
+            y = self.switch_glu(x, inds, L)  # [T, k, dim]
         return (y * scores[..., None].astype(y.dtype)).sum(axis=1)
+
+    def _switch_glu_streamed(self, x: mx.array, inds: mx.array, li: int, h: mx.array | None) -> mx.array:
+        """:meth:`switch_glu` on the experts ``inds`` [T, k] picks, taken from the expert cache."""
+        assert self.experts is not None
+        ahead = self._guess(h, li + 1) if h is not None and self.experts.prefetch_enabled else None
+        mx.eval(inds, *([ahead] if ahead is not None else []))
+        used = np.unique(np.array(inds))  # sorted expert ids
+        local = np.zeros(self.args.n_experts, dtype=np.uint32)
+        local[used] = np.arange(len(used), dtype=np.uint32)  # monotonic: the sort order is kept
+        with self.experts.use(li, used.tolist()) as forms:
+            if ahead is not None:
+                counts = np.bincount(np.array(ahead).ravel(), minlength=self.args.n_experts)
+                guess = [int(e) for e in np.argsort(-counts, kind="stable") if counts[e]]  # most tokens first
+                self.experts.prefetch(li + 1, guess)
+            stack = _StackedExperts(*(_concat([f[i] for f in forms]) for i in range(len(KINDS))))
+        return self.switch_glu(x, mx.array(local[np.array(inds)]), stack)  # type: ignore[arg-type]
+
+    def _guess(self, h: mx.array, li: int) -> mx.array | None:
+        """The experts layer ``li``'s router picks for hidden state ``h`` (lazy) [T, k], or None."""
+        if li >= len(self.layers) or self.layers[li].router is None:
+            return None
+        N, k = self.layers[li], self.args.n_experts_per_tok
+        g = mx.fast.rms_norm(h, N.ffn_norm, self.args.norm_eps).astype(mx.float32) @ N.router.T  # [T, E]
+        return mx.argpartition(-g, kth=k - 1, axis=-1)[:, :k]
 
     def switch_glu(self, x: mx.array, inds: mx.array, L: MLXLayer) -> mx.array:
         """Every token through its experts: x [T, dim], inds [T, k] -> [T, k, dim] (unweighted).
@@ -276,6 +321,10 @@ class MLXBackend:
         g = L.gate.gather(xe, inds)  # [T, k, 1, hidden]
         u = L.up.gather(xe, inds)
         return L.down.gather(_swiglu(g, u), inds).squeeze(-2)  # [T, k, dim]
+
+    def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
 
     def moe_naive(self, x: mx.array, li: int) -> mx.array:
         """Reference MoE for tests: per token, per selected expert, dequantized weights, float32."""
@@ -348,3 +397,41 @@ class MLXBackend:
         """Peak memory MLX has allocated, bytes."""
         return int(mx.get_peak_memory())
 
+
+
+@dataclass
+class _StackedExperts:
+    """The experts one layer uses, stacked: what :meth:`MLXBackend.switch_glu` reads of a layer."""
+
+    gate: Weight
+    up: Weight
+    down: Weight
+
+
+def _concat(ws: list[Weight]) -> Weight:
+    """[1, out, in] Weights -> one [n, out, in] Weight."""
+    if len(ws) == 1:
+        return ws[0]
+    w = ws[0]
+    cat = mx.concatenate
+    if w.bits is None:
+        return Weight(cat([x.w for x in ws]))
+    return Weight(cat([x.w for x in ws]), cat([x.scales for x in ws]), cat([x.biases for x in ws]),  # type: ignore[misc]
+                  w.bits, w.group_size)
+
+
+def expert_materializer(tensors: dict[str, Tensor], dtype: str | None = None
+                        ) -> Callable[[int, int, list[np.ndarray]], tuple[Weight, Weight, Weight]]:
+    """``materialize`` for the expert cache: raw slot data -> (gate, up, down) ``[1, out, in]``
+    Weights, converted exactly as :func:`to_weight_stack` converts the resident stacks."""
+    dt = resolve_dtype(dtype)
+    fdt = dt if on_metal() else mx.float32
+
+    def materialize(li: int, e: int, raw: list[np.ndarray]) -> tuple[Weight, Weight, Weight]:
+        out = []
+        for kind, data in zip(KINDS, raw, strict=True):
+            q = tensors[f"blk.{li}.ffn_{kind}.{e}.weight"]
+            out.append(to_weight_stack([QTensor(q.qtype, tuple(q.shape), data)], dt, fdt))
+        return tuple(out)  # type: ignore[return-value]
+
+    return materialize

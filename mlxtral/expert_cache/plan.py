@@ -12,18 +12,11 @@ import math
 import re
 from dataclasses import dataclass
 
+from mlxtral import memory
 from mlxtral.errors import OutOfMemoryError, UsageError
 from mlxtral.expert_cache.layout import ExpertLayout, is_expert
 from mlxtral.formats import Checkpoint
-from mlxtral.memory import (
-    GB,
-    MemoryEstimate,
-    _mlx_float_bytes,
-    _weights,
-    available_memory,
-    estimate,
-    tensor_bytes,
-)
+from mlxtral.memory import GB, MemoryEstimate, _mlx_float_bytes, _weights, estimate, tensor_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -117,20 +110,21 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
                 stream: bool | None = None) -> MemoryPlan:
     """Decide how ``ckpt`` runs on ``backend`` within ``budget`` (default: the memory available).
 
-    ``stream``: None decides by size; True plans streaming even if the model fits (a MoE model).
-    Raises :class:`OutOfMemoryError` when even streaming does not fit."""
+    ``stream``: None decides by size; True plans streaming even if the model fits (a MoE model);
+    False never streams. Raises :class:`OutOfMemoryError` when the plan does not fit."""
     from mlxtral.expert_cache.reader import slot_bytes
 
     given = parse_size(budget)
     full = estimate(ckpt, backend, max_context, kv_dtype)
     if given is None:
-        avail = available_memory()
+        avail = memory.available_memory()
         limit = None if avail is None else avail + full.held
     else:
         limit = given
     a = ckpt.args
-    if not (stream and a.is_moe) and (limit is None or full.total <= limit or not a.is_moe):
-        if limit is not None and full.total > limit:  # a dense model: nothing to stream
+    fits = limit is None or full.total <= limit
+    if not (stream and a.is_moe) and (fits or not a.is_moe or stream is False):
+        if limit is not None and full.total > limit:  # a dense model (or streaming refused)
             raise OutOfMemoryError(
                 f"needs {full.describe()} but {'the budget is' if given else 'only'} {limit / GB:.1f} GB"
                 f"{'' if given else ' is available'}; try a smaller quantization (mlxtral convert SRC OUT "
@@ -139,6 +133,7 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
                           a.n_layers * a.n_experts if a.is_moe else 0)
     if limit is None:
         limit = 2**62  # forced streaming on a machine whose memory is unknown
+    shown = limit  # what the message calls available
     if given is None:
         limit = max(limit - MARGIN, 0)  # leave the rest of the machine a little
     if layout is None:
@@ -151,14 +146,16 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
     n_all = a.n_layers * a.n_experts
     fixed = resident + full.kv_cache + full.working
     slots = min(max((limit - fixed) // per, 0), n_all)
-    plan = MemoryPlan("stream", limit, full, resident, experts_total, per, int(slots), a.n_experts_per_tok,
-                      n_all)
+    # the experts one layer needs at once: top-k for NumPy (a prefill runs a layer's experts in groups
+    # of what the cache holds), every expert of a layer for MLX (one stack per layer)
+    min_slots = a.n_experts if backend == "mlx" else a.n_experts_per_tok
+    plan = MemoryPlan("stream", limit, full, resident, experts_total, per, int(slots), min_slots, n_all)
     if slots < plan.min_slots:
         raise OutOfMemoryError(
             f"needs ~{size(plan.min_budget)} even with its experts streamed from disk (resident weights "
             f"{size(resident)} + KV cache {size(full.kv_cache)} + working set {size(full.working)} + "
             f"{plan.min_slots} experts {size(plan.min_slots * per)}) but "
-            f"{'the budget is' if given else 'only'} {size(limit)}{'' if given else ' is available'}; "
+            f"{'the budget is' if given else 'only'} {size(shown)}{'' if given else ' is available'}; "
             "try a smaller quantization (mlxtral convert SRC OUT --q4) or a smaller --max-context", ckpt.path)
     return plan
 
