@@ -278,13 +278,16 @@ def _streaming_backend(ckpt: Checkpoint, name: str, plan: Any, kv_dtype: str | N
 
     layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
     experts = {n: q for n, q in ckpt.tensors.items() if is_expert(n)}
+    k = ckpt.args.n_experts_per_tok
+    # slots outside LFU's protected set: one layer's experts in use and the next one's read ahead
+    reserve = 2 * (ckpt.args.n_experts if name == "mlx" else k) + 2
     rest = {n: QTensor(q.qtype, tuple(q.shape), read_copy(q.data)) if isinstance(q, QTensor) else q
             for n, q in ckpt.tensors.items() if not is_expert(n)}
     if name == "numpy":
         from mlxtral.backends.numpy_backend import NumpyBackend, expert_materializer
 
         cache = ExpertCache(layout, plan.cache_slots, expert_materializer(experts, ckpt.path),
-                            prefetch=prefetch, policy=eviction)
+                            prefetch=prefetch, policy=eviction, reserve=reserve)
         be: Any = NumpyBackend(ckpt.args, rest, kv_dtype=kv_dtype or "float32", experts=cache)
     else:
         try:
@@ -293,7 +296,7 @@ def _streaming_backend(ckpt: Checkpoint, name: str, plan: Any, kv_dtype: str | N
         except ImportError as e:
             raise MlxtralError(f"the MLX backend is not available ({e})") from None
         cache = ExpertCache(layout, plan.cache_slots, mlx_materializer(experts, kv_dtype),
-                            prefetch=prefetch, policy=eviction)
+                            prefetch=prefetch, policy=eviction, reserve=reserve)
         be = MLXBackend(ckpt.args, rest, dtype=kv_dtype, experts=cache)
     # keep only type, shape and size of what the backend now holds or reads itself
     ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]

@@ -154,7 +154,7 @@ def test_lfu_keeps_the_hot_expert_where_lru_lets_it_go(model_path: Path) -> None
     layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
     kept = {}
     for policy in ("lfu", "lru"):
-        cache = ExpertCache(layout, 2, lambda li, e, raw: e, prefetch=False, policy=policy)
+        cache = ExpertCache(layout, 2, lambda li, e, raw: e, prefetch=False, policy=policy, reserve=1)
         for _ in range(5):
             with cache.use(0, [0]):
                 pass
@@ -164,6 +164,24 @@ def test_lfu_keeps_the_hot_expert_where_lru_lets_it_go(model_path: Path) -> None
         kept[policy] = cache.cached(0, 0)
         cache.close()
     assert kept == {"lfu": True, "lru": False}
+
+
+def test_lfu_keeps_hits_on_a_cycle_larger_than_the_cache(model_path: Path) -> None:
+    """Tokens walk the layers in order: 12 experts used in turn through 5 slots. LRU hits nothing;
+    LFU's protected set (5 - 1 reserve) hits 4 of 12 every round after the first."""
+    ckpt = open_checkpoint(model_path)
+    layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
+    hits = {}
+    for policy in ("lfu", "lru"):
+        cache = ExpertCache(layout, 5, lambda li, e, raw: e, prefetch=False, policy=policy, reserve=1)
+        for _ in range(10):
+            for li in range(2):
+                for e in range(6):
+                    with cache.use(li, [e]):
+                        pass
+        hits[policy] = cache.stats.hits
+        cache.close()
+    assert hits == {"lfu": 9 * 4, "lru": 0}
 
 
 def test_truncated_file_is_one_clear_error(tmp_path: Path) -> None:

@@ -12,11 +12,14 @@ prefetcher are waited for. ``prefetch(layer, experts)`` queues reads that never 
 and never evict a pinned expert: a wrong guess costs a read, never a wrong answer (the bytes are
 the file's either way).
 
-Eviction: ``"lfu"`` (default) evicts the expert used least often so far, ties broken by least
-recent use: Mixtral's routing is skewed per layer, and a frequency count keeps the hot experts
-through a burst of cold ones where LRU lets them go (measured in the README). ``"lru"`` is kept
-for comparison. Entries read by the prefetcher and not used yet are evicted only when nothing
-else can go.
+Eviction: ``"lfu"`` (default) keeps a protected set of the experts used most often so far, and
+streams the rest through the remaining ``reserve`` slots. A newly read expert joins the protected
+set while it has room, and later only by being used clearly more often (by a margin) than the
+least used protected expert. Every token walks the layers in order, so a cache smaller than the
+experts in use sees a cyclic pattern: LRU (and LFU without admission, whose counts tie) then
+evicts exactly the expert needed next and hits nothing; the protected set keeps its hits
+(measured in the README). ``"lru"`` is kept for comparison. Entries read ahead and not used yet
+are evicted only when nothing else can go, and never for another read-ahead.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class _Entry:
     slot: Slot
     state: str
     prefetched: bool = False  # read by the prefetcher and not used since
+    protected: bool = False  # in the LFU policy's protected set
     pins: int = 0
     last_use: int = 0
     raw: list[np.ndarray] | None = None
@@ -102,7 +106,7 @@ class ExpertCache:
     """Up to ``capacity`` experts of ``layout`` held at once (see the module docstring)."""
 
     def __init__(self, layout: ExpertLayout, capacity: int, materialize: Materialize,
-                 prefetch: bool = True, policy: str = "lfu", direct: bool = True) -> None:
+                 prefetch: bool = True, policy: str = "lfu", direct: bool = True, reserve: int = 8) -> None:
         if policy not in POLICIES:
             raise MlxtralError(f"unknown eviction policy {policy!r}: choose one of {', '.join(POLICIES)}")
         if capacity < 1:
@@ -114,6 +118,9 @@ class ExpertCache:
         self.prefetch_enabled = prefetch
         self.reader = ExpertReader(layout, direct=direct)
         self.slot_bytes = slot_bytes(layout)
+        # LFU: slots left for streaming (the experts in use plus the next layer's read-ahead)
+        self.protected_max = max(self.capacity - max(int(reserve), 1), 0)
+        self._n_protected = 0
         self._slots: list[Slot] = []  # allocated lazily, up to capacity
         self._free: list[Slot] = []
         self._entries: dict[tuple[int, int], _Entry] = {}
@@ -169,6 +176,8 @@ class ExpertCache:
                     self.stats.prefetch_used += 1
                 en.pins += 1
                 en.last_use = self._tick
+                if self.policy == "lfu" and not en.protected:
+                    self._admit(key, en)
         try:
             for key in mine:
                 self._load(key)
@@ -274,9 +283,7 @@ class ExpertCache:
         victim = self._victim(demand)
         if victim is None:
             return None
-        en = self._entries.pop(victim)
-        en.raw = en.form = None
-        return en.slot
+        return self._pop(victim).slot
 
     def _victim(self, demand: bool) -> tuple[int, int] | None:
         best, best_score = None, None
@@ -284,19 +291,40 @@ class ExpertCache:
             if en.pins or en.state != _READY:
                 continue
             fresh = en.prefetched  # read ahead and not used yet: last to go, never for a prefetch
-            if fresh and not demand:
+            if (fresh or en.protected) and not demand:
                 continue
             freq = int(self._freq[key]) if self.policy == "lfu" else 0
-            score = (fresh, freq, en.last_use)
+            score = (fresh, en.protected, freq, en.last_use)  # LFU: streamed ones first
             if best_score is None or score < best_score:
                 best, best_score = key, score
         return best
 
+    def _admit(self, key: tuple[int, int], en: _Entry) -> None:
+        """LFU: protect ``key`` if there is room, or if it is used clearly more often than the
+        least used protected expert (which then streams like any other)."""
+        if self._n_protected < self.protected_max:
+            en.protected = True
+            self._n_protected += 1
+            return
+        f = int(self._freq[key])
+        low, low_f = None, None
+        for k2, e2 in self._entries.items():
+            if e2.protected and (low_f is None or self._freq[k2] < low_f):
+                low, low_f = e2, int(self._freq[k2])
+        if low is not None and low_f is not None and f > low_f + max(2, low_f // 8):
+            low.protected = False
+            en.protected = True
+
+    def _pop(self, key: tuple[int, int]) -> _Entry:
+        en = self._entries.pop(key)
+        if en.protected:
+            self._n_protected -= 1
+        en.raw = en.form = None
+        return en
+
     def _drop(self, key: tuple[int, int]) -> None:
-        en = self._entries.pop(key, None)
-        if en is not None:
-            en.raw = en.form = None
-            self._free.append(en.slot)
+        if key in self._entries:
+            self._free.append(self._pop(key).slot)
 
     def _load(self, key: tuple[int, int], priority: int = DEMAND) -> None:
         """Read ``key`` into its entry's slot (lock not held)."""
