@@ -5,8 +5,9 @@
     python benchmarks/bench_streaming.py /path/mixtral-q4_0.gguf [--pp 64] [--tg 64] [--runs 2]
         [--balloon 11] [--llamacpp-python ~/llamacpp/bin/python] [--json results.json]
 
-Two settings: this machine as it is, and a smaller machine simulated by
-``../shared/bench/balloon.py GIB`` holding memory for both engines. In each, per run:
+Settings: this machine as it is, and a smaller machine simulated by ``../shared/bench/balloon.py
+GIB`` holding memory for both engines; then mlxtral alone under explicit ``--budgets`` (a 16 GB
+laptop's 10 GB, and a budget small enough that decode is bound by the disk). In each, per run:
 
 - the page cache is dropped first (needs root; the table says whether it was), so every run of
   either engine starts from a cold disk: nothing of the file is in memory;
@@ -125,7 +126,8 @@ def main() -> int:
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("--runs", type=int, default=2, help="runs per engine per setting")
     ap.add_argument("--balloon", type=float, default=11.0, help="GiB held in the second setting (0: skip)")
-    ap.add_argument("--only", choices=("as-is", "balloon"), help="run one setting")
+    ap.add_argument("--budgets", default="10GB,6GB", help="mlxtral-only settings: memory budgets ('' for none)")
+    ap.add_argument("--only", help="run only the settings whose name contains this")
     ap.add_argument("--memory-budget", default=None, help="mlxtral's budget (default: its own decision)")
     ap.add_argument("--llamacpp-python", default=os.environ.get("MLXTRAL_LLAMACPP_PYTHON",
                                                                str(Path.home() / "llamacpp/bin/python")))
@@ -136,12 +138,13 @@ def main() -> int:
     if a.worker:
         worker(a.model, a.pp, a.tg, a.seed, a.memory_budget)
         return 0
-    settings = [("as-is", 0.0)] + ([("balloon", a.balloon)] if a.balloon > 0 else [])
+    settings = [("as-is", 0.0, None)] + ([(f"balloon {a.balloon:g} GiB", a.balloon, None)] if a.balloon > 0 else [])
+    settings += [(f"budget {b}", 0.0, b) for b in a.budgets.split(",") if b.strip()]
     if a.only:
-        settings = [s for s in settings if s[0] == a.only]
+        settings = [s for s in settings if a.only in s[0]]
     base_seed = int(time.time()) % 100000
     results = []
-    for si, (name, gib) in enumerate(settings):
+    for si, (name, gib, budget) in enumerate(settings):
         balloon = None
         if gib:
             balloon = subprocess.Popen([sys.executable, str(SHARED / "balloon.py"), str(gib), "100000"],
@@ -151,14 +154,16 @@ def main() -> int:
             bw = disk_bandwidth(a.model)
             for run in range(a.runs):
                 order = ["mlxtral", "llama.cpp"] if (run + si) % 2 == 0 else ["llama.cpp", "mlxtral"]
+                if budget:
+                    order = ["mlxtral"]
                 for eng in order:
                     cold = drop_caches()
                     seed = base_seed + 100 * si + 2 * run + (eng == "llama.cpp")
                     if eng == "mlxtral":
                         cmd = [sys.executable, __file__, a.model, "--worker", "--pp", str(a.pp), "--tg",
                                str(a.tg), "--seed", str(seed)]
-                        if a.memory_budget:
-                            cmd += ["--memory-budget", a.memory_budget]
+                        if budget or a.memory_budget:
+                            cmd += ["--memory-budget", budget or a.memory_budget]
                     else:
                         cmd = [a.llamacpp_python, str(SHARED / "llamacpp_speed.py"), a.model, "--no-repack",
                                "--pp", str(a.pp), "--tg", str(a.tg), "--repeat", "1"]

@@ -128,6 +128,7 @@ class ExpertCache:
         self._tick = 0
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, int]] = deque()
+        self._ahead: dict[int, set[int]] = {}  # layer -> experts read ahead for its next use
         self._closed = False
         self._worker: threading.Thread | None = None
         self.stats = ExpertStats()
@@ -178,6 +179,10 @@ class ExpertCache:
                 en.last_use = self._tick
                 if self.policy == "lfu" and not en.protected:
                     self._admit(key, en)
+            for e in self._ahead.pop(layer, ()):  # guesses for this use that it did not take: stale
+                en = self._entries.get((layer, e))
+                if en is not None and en.prefetched and e not in experts:
+                    en.prefetched = False
         try:
             for key in mine:
                 self._load(key)
@@ -221,6 +226,7 @@ class ExpertCache:
                 if en is None:
                     break
                 en.prefetched = True
+                self._ahead.setdefault(layer, set()).add(int(e))
                 self._queue.append(key)
                 self.stats.prefetched += 1
             if self._queue and self._worker is None:
