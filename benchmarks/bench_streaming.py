@@ -5,9 +5,10 @@
     python benchmarks/bench_streaming.py /path/mixtral-q4_0.gguf [--pp 64] [--tg 64] [--runs 2]
         [--balloon 11] [--llamacpp-python ~/llamacpp/bin/python] [--json results.json]
 
-Settings: this machine as it is, and a smaller machine simulated by ``../shared/bench/balloon.py
-GIB`` holding memory for both engines; then mlxtral alone under explicit ``--budgets`` (a 16 GB
-laptop's 10 GB, and a budget small enough that decode is bound by the disk). In each, per run:
+Settings: this machine as it is, and smaller machines simulated by ``../shared/bench/balloon.py
+GIB`` holding memory for both engines (11 GiB: a 16 GB laptop; 17 GiB: an 8 GB one); then mlxtral
+alone under explicit ``--budgets`` (a 16 GB laptop's 10 GB, and a budget small enough that decode
+is bound by the disk). In each, per run:
 
 - the page cache is dropped first (needs root; the table says whether it was), so every run of
   either engine starts from a cold disk: nothing of the file is in memory;
@@ -33,6 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "bench"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_expert_io import drop_caches  # noqa: E402
 
 
 def vmhwm() -> int:
@@ -45,7 +50,6 @@ def vmhwm() -> int:
 
 def worker(model: str, pp: int, tg: int, seed: int, budget: str | None) -> None:
     """One mlxtral run in this process: prints one JSON line."""
-    sys.path.insert(0, str(ROOT))
     import numpy as np
 
     import mlxtral
@@ -78,17 +82,7 @@ def worker(model: str, pp: int, tg: int, seed: int, budget: str | None) -> None:
     print(json.dumps(out), flush=True)
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-        return True
-    except OSError:
-        return False
-
-
-def disk_bandwidth(model: str, n: int = 24) -> float:
+def disk_bandwidth(model: str, n: int = 40) -> float:
     """GB/s reading ``n`` random experts with the expert cache's own reader (cold cache)."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import numpy as np, time\n"
             "from mlxtral.formats.detect import open_checkpoint\n"
@@ -125,8 +119,11 @@ def main() -> int:
     ap.add_argument("--pp", type=int, default=64)
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("--runs", type=int, default=2, help="runs per engine per setting")
-    ap.add_argument("--balloon", type=float, default=11.0, help="GiB held in the second setting (0: skip)")
-    ap.add_argument("--budgets", default="10GB,6GB", help="mlxtral-only settings: memory budgets ('' for none)")
+    ap.add_argument("--balloons", default="11,17",
+                    help="GiB held by ../shared/bench/balloon.py in the next settings: 11 leaves a 16 GB "
+                         "laptop's memory, 17 an 8 GB one's ('' for none)")
+    ap.add_argument("--budgets", default="10GB,6GB",
+                    help="mlxtral-only settings: memory budgets ('' for none)")
     ap.add_argument("--only", help="run only the settings whose name contains this")
     ap.add_argument("--memory-budget", default=None, help="mlxtral's budget (default: its own decision)")
     ap.add_argument("--llamacpp-python", default=os.environ.get("MLXTRAL_LLAMACPP_PYTHON",
@@ -138,7 +135,8 @@ def main() -> int:
     if a.worker:
         worker(a.model, a.pp, a.tg, a.seed, a.memory_budget)
         return 0
-    settings = [("as-is", 0.0, None)] + ([(f"balloon {a.balloon:g} GiB", a.balloon, None)] if a.balloon > 0 else [])
+    settings = [("as-is", 0.0, None)]
+    settings += [(f"balloon {float(g):g} GiB", float(g), None) for g in a.balloons.split(",") if g.strip()]
     settings += [(f"budget {b}", 0.0, b) for b in a.budgets.split(",") if b.strip()]
     if a.only:
         settings = [s for s in settings if a.only in s[0]]
@@ -151,7 +149,8 @@ def main() -> int:
                                        stdout=subprocess.PIPE, text=True)
             balloon.stdout.readline()  # "balloon: holding ..."
         try:
-            bw = disk_bandwidth(a.model)
+            bw0 = disk_bandwidth(a.model)
+            rows = []
             for run in range(a.runs):
                 order = ["mlxtral", "llama.cpp"] if (run + si) % 2 == 0 else ["llama.cpp", "mlxtral"]
                 if budget:
@@ -168,11 +167,16 @@ def main() -> int:
                         cmd = [a.llamacpp_python, str(SHARED / "llamacpp_speed.py"), a.model, "--no-repack",
                                "--pp", str(a.pp), "--tg", str(a.tg), "--repeat", "1"]
                     r = run_json(cmd, timeout=3600)
-                    r.update(setting=name, run=run, engine=eng, cold_page_cache=cold, disk_gbs=round(bw, 3))
-                    if r.get("decode_bytes_per_token"):
-                        r["disk_limit_tok_s"] = round(bw * 1e9 / r["decode_bytes_per_token"], 2)
-                    results.append(r)
+                    r.update(setting=name, run=run, engine=eng, cold_page_cache=cold)
+                    rows.append(r)
                     print(json.dumps(r), flush=True)
+            bw1 = disk_bandwidth(a.model)  # the disk drifts: measured before and after the setting
+            bw = (bw0 + bw1) / 2
+            for r in rows:
+                r.update(disk_gbs=round(bw, 3), disk_gbs_before_after=[round(bw0, 3), round(bw1, 3)])
+                if r.get("decode_bytes_per_token"):
+                    r["disk_limit_tok_s"] = round(bw * 1e9 / r["decode_bytes_per_token"], 3)
+            results += rows
         finally:
             if balloon is not None:
                 balloon.kill()
@@ -202,7 +206,7 @@ def _table(results: list[dict]) -> None:
                   f"{r['decode_hit_rate']:.1%}" if "decode_hit_rate" in r else "-",
                   f"{r['prefetch_accuracy']:.1%}" if "prefetch_accuracy" in r else "-",
                   f"{r['disk_gbs']:.2f}", str(r.get("disk_limit_tok_s", "-")))
-    Console().print(t)
+    Console(width=200).print(t)
 
 
 if __name__ == "__main__":

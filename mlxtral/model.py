@@ -161,6 +161,19 @@ class Model:
                 self.last_stats = r.stats
         return "".join(parts)
 
+    def close(self) -> None:
+        """Stop the expert cache's threads and free its slots (when experts stream); the model
+        is not used after this. Also what ``with mlxtral.load(...) as model:`` does at the end."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def streaming(self) -> bool:
         """True when the experts stream from the file through an expert cache."""

@@ -272,3 +272,27 @@ def test_cli_memory_budget_streams(tmp_path: Path) -> None:
     r = script("generate", p, "-p", "Hi", "--memory-budget", "lots")
     err = r.stderr.decode()
     assert r.returncode == 2 and "invalid memory size" in err and "Traceback" not in err
+
+
+def test_close_and_collection_stop_the_threads(model_path: Path) -> None:
+    import gc
+    import threading
+    import time
+
+    def io_threads() -> int:
+        return sum(t.name.startswith(("mlxtral-io", "mlxtral-expert")) for t in threading.enumerate())
+
+    base = io_threads()
+    with load(model_path, "numpy", memory_budget=smallest(model_path, "numpy"), stream_experts=True) as m:
+        m.logits(PROMPT[:4])
+        assert io_threads() > base
+    assert io_threads() == base  # closed by the with block
+    m2 = load(model_path, "numpy", memory_budget=smallest(model_path, "numpy"), stream_experts=True)
+    m2.logits(PROMPT[:4])
+    del m, m2
+    for _ in range(40):  # an unreachable model's cache is collected and its threads end
+        gc.collect()
+        if io_threads() == base:
+            break
+        time.sleep(0.1)
+    assert io_threads() == base

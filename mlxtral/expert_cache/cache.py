@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -230,7 +231,8 @@ class ExpertCache:
                 self._queue.append(key)
                 self.stats.prefetched += 1
             if self._queue and self._worker is None:
-                self._worker = threading.Thread(target=self._run, name="mlxtral-expert-prefetch", daemon=True)
+                self._worker = threading.Thread(target=_prefetch_loop, args=(weakref.ref(self),),
+                                                name="mlxtral-expert-prefetch", daemon=True)
                 self._worker.start()
             self._cv.notify_all()
 
@@ -251,7 +253,7 @@ class ExpertCache:
             self._closed = True
             self._queue.clear()
             self._cv.notify_all()
-        if self._worker is not None:
+        if self._worker is not None and self._worker is not threading.current_thread():
             self._worker.join(timeout=30)
         self.reader.close()
 
@@ -349,19 +351,30 @@ class ExpertCache:
             en.state = _READY
             self._cv.notify_all()
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
+    def _next(self) -> tuple[int, int] | None:
+        """The next read-ahead to do (marked loading), waiting up to a second; None if none."""
+        with self._cv:
+            if not self._queue and not self._closed:
+                self._cv.wait(1.0)
+            while self._queue and not self._closed:
                 key = self._queue.popleft()
                 en = self._entries.get(key)
-                if en is None or en.state != _QUEUED:
-                    continue  # claimed by a demand read, or dropped
-                en.state = _LOADING
+                if en is not None and en.state == _QUEUED:  # not claimed by a demand read, nor dropped
+                    en.state = _LOADING
+                    return key
+            return None
+
+
+def _prefetch_loop(ref: weakref.ref) -> None:
+    """The read-ahead thread; it holds the cache weakly, so an unused cache is collected."""
+    while True:
+        cache = ref()
+        if cache is None or cache._closed:
+            return
+        key = cache._next()
+        if key is not None:
             try:
-                self._load(key, AHEAD)
+                cache._load(key, AHEAD)
             except BaseException:  # the demand path reads it again and reports the error
                 pass
+        del cache

@@ -29,6 +29,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -99,7 +100,9 @@ class ExpertReader:
         self._heap: list[tuple[int, int, tuple]] = []
         self._seq = itertools.count()
         self._closed = False
-        self._threads = [threading.Thread(target=self._run, name=f"mlxtral-io-{i}", daemon=True)
+        # the threads hold the reader weakly, so a reader nobody uses is collected (and closed)
+        me = weakref.ref(self)
+        self._threads = [threading.Thread(target=_io_loop, args=(me,), name=f"mlxtral-io-{i}", daemon=True)
                          for i in range(max(1, int(io_threads)))]
         for t in self._threads:
             t.start()
@@ -128,6 +131,13 @@ class ExpertReader:
             if self._closed:
                 return
             self._closed = True
+            while self._heap:  # reads still queued fail instead of waiting forever
+                batch = heapq.heappop(self._heap)[2][0]
+                if batch.error is None:
+                    batch.error = FormatError("the expert reader was closed", self.path)
+                batch.left -= 1
+                if batch.left == 0:
+                    batch.done.set()
             self._cv.notify_all()
         for t in self._threads:
             if t is not threading.current_thread():
@@ -138,6 +148,7 @@ class ExpertReader:
                     os.close(fd)
                 except OSError:
                     pass
+        self._dfd = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -173,26 +184,28 @@ class ExpertReader:
             except OSError:
                 pass
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._heap and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                _, _, (batch, buf, a0, need) = heapq.heappop(self._heap)
-            err = None
-            if batch.error is None:
-                try:
-                    self._pread(buf, a0, need)
-                except BaseException as e:  # handed to the reader's caller
-                    err = e
-            with self._cv:
-                if err is not None and batch.error is None:
-                    batch.error = err
-                batch.left -= 1
-                if batch.left == 0:
-                    batch.done.set()
+    def _next(self) -> tuple | None:
+        """The next piece to read, waiting up to a second; None when closed or idle."""
+        with self._cv:
+            if not self._heap and not self._closed:
+                self._cv.wait(1.0)
+            if self._closed or not self._heap:
+                return None
+            return heapq.heappop(self._heap)[2]
+
+    def _do(self, batch: _Batch, buf: np.ndarray, a0: int, need: int) -> None:
+        err = None
+        if batch.error is None:
+            try:
+                self._pread(buf, a0, need)
+            except BaseException as e:  # handed to the reader's caller
+                err = e
+        with self._cv:
+            if err is not None and batch.error is None:
+                batch.error = err
+            batch.left -= 1
+            if batch.left == 0:
+                batch.done.set()
 
     def read(self, layer: int, expert: int, slot: Slot, priority: int = DEMAND) -> list[np.ndarray]:
         """Read expert ``(layer, expert)`` into ``slot``: its (gate, up, down) raw data, read-only
@@ -223,6 +236,17 @@ class ExpertReader:
         with self._cv:
             self.bytes_read += sum(s.nbytes for s in self.layout.spans[layer][expert])
         return views
+
+
+def _io_loop(ref: weakref.ref) -> None:
+    while True:
+        reader = ref()
+        if reader is None or reader._closed:
+            return
+        piece = reader._next()
+        if piece is not None:
+            reader._do(*piece)
+        del reader, piece  # no strong reference while idle
 
 
 def read_copy(a: np.ndarray) -> np.ndarray:
