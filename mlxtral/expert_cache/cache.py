@@ -156,38 +156,39 @@ class ExpertCache:
             raise ValueError(f"use() needs at most {self.capacity} distinct experts, got {experts}")
         keys = [(layer, e) for e in experts]
         mine: list[tuple[int, int]] = []  # misses this call reads itself
+        pinned: list[tuple[int, int]] = []
         t0 = time.perf_counter()
-        with self._cv:
-            self._tick += 1
-            for key in keys:
-                self._freq[key] += 1
-                self.stats.requests += 1
-                en = self._entries.get(key)
-                if en is None:
-                    en = self._claim(key, demand=True)
-                    mine.append(key)
-                    self.stats.misses += 1
-                elif en.state == _QUEUED:  # the prefetcher has not started it: read it here
-                    en.state = _LOADING
-                    mine.append(key)
-                    self.stats.misses += 1
-                else:
-                    self.stats.hits += 1
-                if en.prefetched:
-                    en.prefetched = False
-                    self.stats.prefetch_used += 1
-                en.pins += 1
-                en.last_use = self._tick
-                if self.policy == "lfu" and not en.protected:
-                    self._admit(key, en)
-            for e in self._ahead.pop(layer, ()):  # guesses for this use that it did not take: stale
-                en = self._entries.get((layer, e))
-                if en is not None and en.prefetched and e not in experts:
-                    en.prefetched = False
         try:
+            with self._cv:
+                self._tick += 1
+                for key in keys:
+                    self._freq[key] += 1
+                    self.stats.requests += 1
+                    en = self._entries.get(key)
+                    if en is None:
+                        en = self._claim(key, demand=True)
+                        mine.append(key)
+                        self.stats.misses += 1
+                    elif en.state == _QUEUED:  # the prefetcher has not started it: read it here
+                        en.state = _LOADING
+                        mine.append(key)
+                        self.stats.misses += 1
+                    else:
+                        self.stats.hits += 1
+                    if en.prefetched:
+                        en.prefetched = False
+                        self.stats.prefetch_used += 1
+                    en.pins += 1
+                    pinned.append(key)
+                    en.last_use = self._tick
+                    if self.policy == "lfu" and not en.protected:
+                        self._admit(key, en)
+                for e in self._ahead.pop(layer, ()):  # guesses for this use that it did not take: stale
+                    en = self._entries.get((layer, e))
+                    if en is not None and en.prefetched and e not in experts:
+                        en.prefetched = False
             for key in mine:
                 self._load(key)
-            forms = []
             with self._cv:
                 for key in keys:
                     en = self._entries[key]
@@ -196,6 +197,7 @@ class ExpertCache:
                     if en.error is not None:
                         raise en.error
             self.stats.wait_seconds += time.perf_counter() - t0
+            forms = []
             for key in keys:
                 en = self._entries[key]
                 if en.form is None:
@@ -205,12 +207,14 @@ class ExpertCache:
             yield forms
         finally:
             with self._cv:
-                for key in keys:
+                for key in pinned:
                     en = self._entries.get(key)
-                    if en is not None:
-                        en.pins -= 1
-                        if en.error is not None and en.pins <= 0:
-                            self._drop(key)
+                    if en is None:
+                        continue
+                    en.pins -= 1
+                    # a failed read, or one of ours never started (an earlier one failed): gone
+                    if en.pins <= 0 and (en.error is not None or (key in mine and en.state != _READY)):
+                        self._drop(key)
                 self._cv.notify_all()
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
