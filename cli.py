@@ -112,7 +112,7 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
     with err_console.status(f"loading {path.name}...", spinner="dots"):
         m = mlxtral.load(path, **kw)
     if m.streaming:
-        err_console.print(f"[dim]{m.memory_plan.describe()}[/dim]", highlight=False)
+        err_console.print(f"[dim]{m.memory_plan.describe()}[/dim]", highlight=False, soft_wrap=True)
     return m
 
 

@@ -76,7 +76,7 @@ def cache_table(c: dict[str, Any]) -> Any:
     """The expert cache's figures (:meth:`mlxtral.Model.expert_cache_stats`) as a rich table."""
     from rich.table import Table
 
-    t = Table(title="expert cache (experts streamed from disk)", title_justify="left")
+    t = Table(title="expert cache (experts streamed from disk)", title_justify="left", show_header=False)
     t.add_column("", justify="left")
     t.add_column("", justify="right")
     rows = [
