@@ -149,12 +149,17 @@ def test_cache_is_bounded_and_pins(model_path: Path) -> None:
         cache.close()
 
 
-def test_lfu_keeps_the_hot_expert_where_lru_lets_it_go(model_path: Path) -> None:
-    ckpt = open_checkpoint(model_path)
+def _bare_cache(path: Path, slots: int, policy: str) -> ExpertCache:
+    """A cache of ``slots`` whose forms are the expert ids, no read-ahead, one reserve slot."""
+    ckpt = open_checkpoint(path)
     layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
+    return ExpertCache(layout, slots, lambda li, e, raw: e, prefetch=False, policy=policy, reserve=1)
+
+
+def test_lfu_keeps_the_hot_expert_where_lru_lets_it_go(model_path: Path) -> None:
     kept = {}
     for policy in ("lfu", "lru"):
-        cache = ExpertCache(layout, 2, lambda li, e, raw: e, prefetch=False, policy=policy, reserve=1)
+        cache = _bare_cache(model_path, 2, policy)
         for _ in range(5):
             with cache.use(0, [0]):
                 pass
@@ -169,11 +174,9 @@ def test_lfu_keeps_the_hot_expert_where_lru_lets_it_go(model_path: Path) -> None
 def test_lfu_keeps_hits_on_a_cycle_larger_than_the_cache(model_path: Path) -> None:
     """Tokens walk the layers in order: 12 experts used in turn through 5 slots. LRU hits nothing;
     LFU's protected set (5 - 1 reserve) hits 4 of 12 every round after the first."""
-    ckpt = open_checkpoint(model_path)
-    layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
     hits = {}
     for policy in ("lfu", "lru"):
-        cache = ExpertCache(layout, 5, lambda li, e, raw: e, prefetch=False, policy=policy, reserve=1)
+        cache = _bare_cache(model_path, 5, policy)
         for _ in range(10):
             for li in range(2):
                 for e in range(6):
