@@ -37,7 +37,7 @@ SHARED = ROOT.parent / "shared" / "bench"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_expert_io import drop_caches  # noqa: E402
+from bench_expert_io import drop_caches, run_reader  # noqa: E402
 
 
 def vmhwm() -> int:
@@ -84,20 +84,19 @@ def worker(model: str, pp: int, tg: int, seed: int, budget: str | None) -> None:
 
 def disk_bandwidth(model: str, n: int = 40) -> float:
     """GB/s reading ``n`` random experts with the expert cache's own reader (cold cache)."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import numpy as np, time\n"
-            "from mlxtral.formats.detect import open_checkpoint\n"
-            "from mlxtral.expert_cache.layout import expert_layout\n"
-            "from mlxtral.expert_cache.reader import ExpertReader, Slot, slot_bytes\n"
-            f"c = open_checkpoint(__import__('pathlib').Path({model!r}))\n"
-            "lay = expert_layout(c.args, c.tensors, c.path)\n"
-            "r = ExpertReader(lay); s = Slot(slot_bytes(lay)); s.buf[::4096] = 0\n"
-            f"rng = np.random.default_rng(int(time.time())); picks = [(int(rng.integers(lay.n_layers)), "
-            f"int(rng.integers(lay.n_experts))) for _ in range({n})]\n"
-            "t0 = time.perf_counter(); [r.read(li, e, s) for li, e in picks]; dt = time.perf_counter() - t0\n"
-            "print(sum(lay.expert_bytes(li, e) for li, e in picks) / dt / 1e9)\n")
+    import numpy as np
+
+    from mlxtral.expert_cache.layout import expert_layout
+    from mlxtral.expert_cache.reader import IO_THREADS
+    from mlxtral.formats.detect import open_checkpoint
+
+    ckpt = open_checkpoint(Path(model))
+    layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
+    rng = np.random.default_rng(int(time.time()))
+    picks = [(int(rng.integers(layout.n_layers)), int(rng.integers(layout.n_experts))) for _ in range(n)]
     drop_caches()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds = run_reader(layout, picks, True, IO_THREADS)
+    return sum(layout.expert_bytes(li, e) for li, e in picks) / seconds / 1e9
 
 
 def run_json(cmd: list[str], timeout: float) -> dict:

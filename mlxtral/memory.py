@@ -194,14 +194,23 @@ def available_memory() -> int | None:
     return _physical_memory()  # macOS (hw.memsize) and others: unified memory, no MemAvailable
 
 
-def check_fits(est: MemoryEstimate, path: str | Path | None = None, available: int | None = None) -> None:
-    """Raise :class:`OutOfMemoryError` if ``est`` does not fit the memory available."""
+ADVICE = "try a smaller quantization (mlxtral convert SRC OUT --q4) or a smaller --max-context"
+
+
+def check_fits(est: MemoryEstimate, path: str | Path | None = None, available: int | None = None,
+               budget: int | None = None) -> None:
+    """Raise :class:`OutOfMemoryError` if ``est`` does not fit the memory available (or the
+    ``budget`` the user gave, bytes, weights already held included)."""
+    if budget is not None:
+        if est.total > budget:
+            raise OutOfMemoryError(f"needs {est.describe()} but the budget is {budget / GB:.1f} GB; {ADVICE}",
+                                   path)
+        return
     avail = available_memory() if available is None else available
     if avail is None:
         return
     avail += est.held  # weights this process already holds are part of the estimate
     if est.total <= avail:
         return
-    raise OutOfMemoryError(
-        f"needs {est.describe()} but only {avail / GB:.1f} GB is available; try a smaller "
-        f"quantization (mlxtral convert SRC OUT --q4) or a smaller --max-context", path)
+    raise OutOfMemoryError(f"needs {est.describe()} but only {avail / GB:.1f} GB is available; {ADVICE}",
+                           path)

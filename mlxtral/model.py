@@ -184,8 +184,7 @@ class Model:
         cache = getattr(self.backend, "experts", None)
         if cache is None:
             return None
-        cache.add_tokens(0)
-        d = cache.stats.as_dict()
+        d = cache.snapshot().as_dict()
         d.update(cache_slots=cache.capacity, slot_bytes=cache.slot_bytes, direct_io=cache.reader.direct,
                  policy=cache.policy, prefetch=cache.prefetch_enabled)
         return d

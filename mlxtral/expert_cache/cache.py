@@ -36,7 +36,7 @@ import numpy as np
 
 from mlxtral.errors import MlxtralError
 from mlxtral.expert_cache.layout import ExpertLayout
-from mlxtral.expert_cache.reader import AHEAD, DEMAND, ExpertReader, Slot, slot_bytes
+from mlxtral.expert_cache.reader import AHEAD, DEMAND, ExpertReader, Slot, slot_bytes, weak_worker
 
 POLICIES = ("lfu", "lru")
 Materialize = Callable[[int, int, list[np.ndarray]], Any]
@@ -66,7 +66,7 @@ class ExpertStats:
     misses: int = 0  # read while the forward pass waited
     prefetched: int = 0  # reads issued by the prefetcher
     prefetch_used: int = 0  # of those, experts later asked for before being evicted
-    bytes_read: int = 0
+    bytes_read: int = 0  # brought up to date from the reader by ExpertCache.snapshot()
     tokens: int = 0
     wait_seconds: float = 0.0  # time the forward pass spent waiting on the disk
     extra: dict[str, Any] = field(default_factory=dict)
@@ -135,10 +135,6 @@ class ExpertCache:
         self.stats = ExpertStats()
 
     # ---- public ----------------------------------------------------------------------------
-    @property
-    def resident_experts(self) -> int:
-        return sum(1 for en in self._entries.values() if en.state == _READY)
-
     @property
     def allocated_bytes(self) -> int:
         return len(self._slots) * self.slot_bytes
@@ -250,7 +246,6 @@ class ExpertCache:
 
     def add_tokens(self, n: int) -> None:
         self.stats.tokens += int(n)
-        self.stats.bytes_read = self.reader.bytes_read
 
     def close(self) -> None:
         with self._cv:
@@ -355,6 +350,12 @@ class ExpertCache:
             en.state = _READY
             self._cv.notify_all()
 
+    def _load_ahead(self, key: tuple[int, int]) -> None:
+        try:
+            self._load(key, AHEAD)
+        except BaseException:  # the demand path reads it again and reports the error
+            pass
+
     def _next(self) -> tuple[int, int] | None:
         """The next read-ahead to do (marked loading), waiting up to a second; None if none."""
         with self._cv:
@@ -371,14 +372,4 @@ class ExpertCache:
 
 def _prefetch_loop(ref: weakref.ref) -> None:
     """The read-ahead thread; it holds the cache weakly, so an unused cache is collected."""
-    while True:
-        cache = ref()
-        if cache is None or cache._closed:
-            return
-        key = cache._next()
-        if key is not None:
-            try:
-                cache._load(key, AHEAD)
-            except BaseException:  # the demand path reads it again and reports the error
-                pass
-        del cache
+    weak_worker(ref, ExpertCache._next, ExpertCache._load_ahead)

@@ -74,17 +74,26 @@ def _memmap_of(a: np.ndarray) -> np.memmap | None:
     return found
 
 
+def file_range(a: np.ndarray) -> tuple[Path, int] | None:
+    """(file, byte offset) of ``a``, a contiguous view of a memory-mapped file; else None."""
+    mm = _memmap_of(a)
+    if mm is None or not a.flags.c_contiguous:
+        return None
+    off = a.__array_interface__["data"][0] - mm.__array_interface__["data"][0] + int(mm.offset)
+    return Path(mm.filename), int(off)
+
+
 def _span(q: Tensor, name: str, path: Path) -> tuple[Span, Path]:
     if not isinstance(q, QTensor):
         raise FormatError(f"tensor {name}: streaming experts needs them as a GGUF stores them (this "
                           f"checkpoint holds {q.qtype}); convert it: mlxtral convert SRC OUT.gguf", path)
-    mm = _memmap_of(q.data)
-    if mm is None or not q.data.flags.c_contiguous:
+    where = file_range(q.data)
+    if where is None:
         raise FormatError(f"tensor {name} is not a contiguous range of a memory-mapped file: streaming "
                           "experts needs a GGUF file (mlxtral convert SRC OUT.gguf)", path)
-    start = q.data.__array_interface__["data"][0] - mm.__array_interface__["data"][0] + int(mm.offset)
-    return Span(int(start), int(q.data.nbytes), q.qtype, tuple(q.shape), tuple(q.data.shape),
-                q.data.dtype.str), Path(mm.filename)
+    file, start = where
+    span = Span(start, int(q.data.nbytes), q.qtype, tuple(q.shape), tuple(q.data.shape), q.data.dtype.str)
+    return span, file
 
 
 def expert_layout(args: ModelArgs, tensors: dict[str, Tensor], path: Path) -> ExpertLayout:

@@ -124,11 +124,8 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
     a = ckpt.args
     fits = limit is None or full.total <= limit
     if not (stream and a.is_moe) and (fits or not a.is_moe or stream is False):
-        if limit is not None and full.total > limit:  # a dense model (or streaming refused)
-            raise OutOfMemoryError(
-                f"needs {full.describe()} but {'the budget is' if given else 'only'} {limit / GB:.1f} GB"
-                f"{'' if given else ' is available'}; try a smaller quantization (mlxtral convert SRC OUT "
-                "--q4) or a smaller --max-context", ckpt.path)
+        if limit is not None:  # a dense model (or streaming refused) that does not fit: refused
+            memory.check_fits(full, ckpt.path, available=limit - full.held, budget=given)
         return MemoryPlan("resident", limit, full, full.weights, 0, 0, 0, a.n_experts_per_tok,
                           a.n_layers * a.n_experts if a.is_moe else 0)
     if limit is None:
@@ -156,7 +153,7 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
             f"{size(resident)} + KV cache {size(full.kv_cache)} + working set {size(full.working)} + "
             f"{plan.min_slots} experts {size(plan.min_slots * per)}) but "
             f"{'the budget is' if given else 'only'} {size(shown)}{'' if given else ' is available'}; "
-            "try a smaller quantization (mlxtral convert SRC OUT --q4) or a smaller --max-context", ckpt.path)
+            f"{memory.ADVICE}", ckpt.path)
     return plan
 
 

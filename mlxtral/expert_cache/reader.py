@@ -30,6 +30,8 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -238,36 +240,43 @@ class ExpertReader:
         return views
 
 
-def _io_loop(ref: weakref.ref) -> None:
+def weak_worker(ref: weakref.ref, take: Callable[[Any], Any], run: Callable[[Any, Any], None]) -> None:
+    """A worker thread's loop that holds its owner (an object with ``_closed``) only weakly:
+    ``take(owner)`` waits a little for a job (None if there is none), ``run(owner, job)`` does it.
+    Between jobs no strong reference is kept, so an owner nobody uses is collected (and closes)."""
     while True:
-        reader = ref()
-        if reader is None or reader._closed:
+        owner = ref()
+        if owner is None or owner._closed:
             return
-        piece = reader._next()
-        if piece is not None:
-            reader._do(*piece)
-        del reader, piece  # no strong reference while idle
+        job = take(owner)
+        if job is not None:
+            run(owner, job)
+        del owner, job
+
+
+def _io_loop(ref: weakref.ref) -> None:
+    weak_worker(ref, ExpertReader._next, lambda r, piece: r._do(*piece))
 
 
 def read_copy(a: np.ndarray) -> np.ndarray:
     """A private copy of ``a``, a view of a memory-mapped file, read with ``preadv`` (the page
     cache is told to drop the range after): the weights that stay resident while experts stream
     live in this process's own memory, not in file pages the kernel may drop under pressure."""
-    from mlxtral.expert_cache.layout import _memmap_of
+    from mlxtral.expert_cache.layout import file_range
 
-    mm = _memmap_of(a)
-    if mm is None or not a.flags.c_contiguous:
+    where = file_range(a)
+    if where is None:
         return np.array(a)
-    off = a.__array_interface__["data"][0] - mm.__array_interface__["data"][0] + int(mm.offset)
+    file, off = where
     out = np.empty(a.shape, dtype=a.dtype)
     flat = out.reshape(-1).view(np.uint8)
-    fd = os.open(mm.filename, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         got = 0
         while got < flat.nbytes:
             n = os.preadv(fd, [memoryview(flat[got:])], off + got)  # type: ignore[arg-type]
             if n == 0:
-                raise FormatError(f"the file ends before byte {off + flat.nbytes}", mm.filename)
+                raise FormatError(f"the file ends before byte {off + flat.nbytes}", file)
             got += n
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, off, got, os.POSIX_FADV_DONTNEED)
