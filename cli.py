@@ -485,18 +485,17 @@ def upcycle(
     experts: int = typer.Option(8, "--experts", "-e", help="Number of (identical) experts."),
     top_k: int = typer.Option(2, "--top-k", "-k", help="Experts used per token."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random router."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+    force: bool = typer.Option(False, "--force", "-f",
+                               help="Replace OUT if it exists (only a GGUF file, never the source)."),
 ) -> None:
     """Turn a dense GGUF into a Mixtral-shaped one with E identical experts."""
     from rich.progress import Progress
 
     from mlxtral.upcycle import upcycle as do_upcycle
 
-    if out.exists() and not force:
-        fail(f"{out}: already exists (use --force to overwrite)", 2)
     with Progress(console=err_console, transient=True) as prog:
         task = prog.add_task("upcycling", total=None)
-        do_upcycle(src, out, experts=experts, top_k=top_k, seed=seed,
+        do_upcycle(src, out, experts=experts, top_k=top_k, seed=seed, force=force,
                    progress=lambda done, total: prog.update(task, completed=done, total=total))
     size = out.stat().st_size
     err_console.print(f"wrote {out} ({size / 1e6:.1f} MB): {experts} experts, top-{top_k}", highlight=False)
@@ -523,7 +522,9 @@ def convert(
     fmt: str = typer.Option(None, "--format", help="gguf or mlx (default: from OUT's name)."),  # noqa: B008
     group_size: int = typer.Option(None, "--group-size",  # noqa: B008
                                    help="MLX quantization group size (32, 64, 128; default 64)."),
-    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+    force: bool = typer.Option(False, "--force", "-f",
+                               help="Replace OUT if it exists: only a GGUF file or a model folder, never "
+                               "the source, a folder holding it, or one with other files."),
     verify: bool = typer.Option(False, "--verify", help="Reload OUT and compare it with SRC."),
 ) -> None:
     """Convert a checkpoint to GGUF or an MLX folder, quantizing the big matrices."""

@@ -18,7 +18,8 @@ import numpy as np
 
 from mlxtral.errors import FormatError, UsageError
 
-from .atomic import atomic_output, check_output
+from .atomic import atomic_output
+from .output_guard import check_output, source_paths
 from .policy import parse_precision
 from .tensors import TensorReport
 
@@ -81,11 +82,14 @@ def _progress_bar(enabled: bool, total: int, console: Any = None) -> tuple[Any, 
 
 def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str = "q4",
             group_size: int = 64, force: bool = False, verify: bool = False, progress: bool = True,
-            console: Any = None, max_shard_bytes: int | None = None) -> ConvertResult:
+            console: Any = None, max_shard_bytes: int | None = None,
+            allow_requantize: bool = False) -> ConvertResult:
     """Convert the checkpoint at ``src`` (HF folder, original folder, GGUF, MLX folder) to ``out``.
 
     ``fmt``: "gguf" or "mlx" (default: from ``out``'s suffix). ``qtype``: q4, q4_1, q8, f16, bf16,
     f32 (or a GGUF type name). ``group_size``: MLX affine group size (32, 64, 128).
+    ``allow_requantize``: quantize tensors that are quantized already into another type (else a
+    :class:`UsageError`, before any work; see :mod:`.preflight`).
 
     Interrupted or failed (KeyboardInterrupt, :class:`~mlxtral.errors.Terminated`, any error), it
     leaves no OUT (or the previous one untouched) and no temporary file, and raises that exception;
@@ -98,8 +102,12 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
         raise UsageError(f"--group-size must be 32, 64 or 128, got {group_size}")
     if not src.exists():
         raise FormatError("not found", src)
-    check_output(out, force, src)
+    sources = source_paths(src)
+    check_output(out, is_dir=(fmt == "mlx"), force=force, sources=sources)
     ckpt = _open(src)
+    from .preflight import preflight
+
+    checked = preflight(ckpt, fmt, prec, group_size, allow_requantize)  # before the bar: fail fast
     bytes_in = sum(t.nbytes for t in ckpt.tensors.values())
     bar, task = _progress_bar(progress, bytes_in, console)
     t0 = time.perf_counter()
@@ -112,11 +120,11 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
     try:
         if bar is not None:
             bar.start()
-        with atomic_output(out, is_dir=(fmt == "mlx"), force=force) as tmp:
+        with atomic_output(out, is_dir=(fmt == "mlx"), force=force, sources=sources) as tmp:
             if fmt == "gguf":
                 from .gguf_writer import write_gguf
 
-                reports = write_gguf(ckpt, tmp, prec.qtype, progress=advance)
+                reports = write_gguf(ckpt, tmp, prec.qtype, progress=advance, vocab=checked.vocab)
             else:
                 from .mlx_writer import MAX_SHARD_BYTES, write_mlx
 

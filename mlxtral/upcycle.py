@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,10 +36,13 @@ def upcycle(
     top_k: int = 2,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    force: bool = False,
 ) -> Path:
     """Write ``out_gguf``: ``src_gguf`` (a dense llama GGUF) with ``experts`` identical experts.
 
-    ``progress(done, total)`` is called after each tensor is written. Returns the output path.
+    ``progress(done, total)`` is called after each tensor is written. Returns the output path. An
+    existing ``out_gguf`` is replaced only with ``force`` (and only if it is a GGUF file); the
+    output is never the source (through links too), and is written atomically.
     """
     import gguf
 
@@ -55,10 +57,11 @@ def upcycle(
         raise FormatError("no such file", src)
     if src.is_dir():
         raise FormatError("is a folder: upcycle takes a dense GGUF file", src)
-    if out.exists() and out.is_dir():
-        raise UsageError(f"{out}: is a folder, expected an output file name")
-    if out.resolve() == src.resolve():
-        raise UsageError(f"{out}: the output would overwrite the input")
+    from mlxtral.convert.atomic import atomic_output
+    from mlxtral.convert.output_guard import check_output, source_paths
+
+    sources = source_paths(src)
+    check_output(out, is_dir=False, force=force, sources=sources)
     f = parse_gguf(src)  # validated, memory-mapped; tensors are zero-copy views
     md = f.metadata
     arch = md.get("general.architecture")
@@ -84,84 +87,70 @@ def upcycle(
         if set(parts) != {"gate", "up", "down"}:
             raise FormatError(f"layer {layer} lacks ffn_{{gate,up,down}}.weight (has {sorted(parts)})", src)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from mlxtral.convert.atomic import terminate_as_exception
-
-    with terminate_as_exception():  # SIGTERM/SIGHUP: the .part file is removed too
-        fd, tmp_name = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            w = gguf.GGUFWriter(tmp, arch)
-            for key, val in md.items():
-                if key in _SKIP_KEYS:
+    with atomic_output(out, is_dir=False, force=force, sources=sources) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        for key, val in md.items():
+            if key in _SKIP_KEYS:
+                continue
+            vtype = gguf.GGUFValueType(f.value_types[key])
+            if vtype == ARRAY:
+                if not val:  # the writer refuses empty arrays; llama.cpp treats them as absent
                     continue
-                vtype = gguf.GGUFValueType(f.value_types[key])
-                if vtype == ARRAY:
-                    if not val:  # the writer refuses empty arrays; llama.cpp treats them as absent
-                        continue
-                    sub = gguf.GGUFValueType(f.array_types[key])
-                    if sub == ARRAY:
-                        raise FormatError(f"metadata key {key!r}: nested arrays cannot be copied", src)
-                    w.add_key_value(key, val, vtype, sub)
-                else:
-                    w.add_key_value(key, val, vtype)
-            w.add_key_value(f"{arch}.expert_count", experts, gguf.GGUFValueType.UINT32)
-            w.add_key_value(f"{arch}.expert_used_count", top_k, gguf.GGUFValueType.UINT32)
-            base = md.get("general.name") if isinstance(md.get("general.name"), str) else src.stem
-            w.add_key_value("general.name", f"{base} (upcycled {experts}x, top-{top_k})",
-                            gguf.GGUFValueType.STRING)
+                sub = gguf.GGUFValueType(f.array_types[key])
+                if sub == ARRAY:
+                    raise FormatError(f"metadata key {key!r}: nested arrays cannot be copied", src)
+                w.add_key_value(key, val, vtype, sub)
+            else:
+                w.add_key_value(key, val, vtype)
+        w.add_key_value(f"{arch}.expert_count", experts, gguf.GGUFValueType.UINT32)
+        w.add_key_value(f"{arch}.expert_used_count", top_k, gguf.GGUFValueType.UINT32)
+        base = md.get("general.name") if isinstance(md.get("general.name"), str) else src.stem
+        w.add_key_value("general.name", f"{base} (upcycled {experts}x, top-{top_k})",
+                        gguf.GGUFValueType.STRING)
 
-            rng = np.random.default_rng(seed)
-            plan: list[tuple[str, Callable[[], np.ndarray]]] = []
+        rng = np.random.default_rng(seed)
+        plan: list[tuple[str, Callable[[], np.ndarray]]] = []
 
-            def add(name: str, make: Callable[[], np.ndarray], shape: tuple[int, ...], dtype: Any,
-                    nbytes: int, raw: Any) -> None:
-                w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
-                plan.append((name, make))
+        def add(name: str, make: Callable[[], np.ndarray], shape: tuple[int, ...], dtype: Any,
+                nbytes: int, raw: Any) -> None:
+            w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
+            plan.append((name, make))
 
-            done_layers: set[int] = set()
-            for t in tensors:
-                m = _DENSE_FFN.match(t.name)
-                if m is None:
-                    data = t.data
-                    add(t.name, lambda d=data: d, data.shape, data.dtype, data.nbytes,
-                        gguf.GGMLQuantizationType[t.qtype])
-                    continue
-                layer = int(m[1])
-                if layer in done_layers:
-                    continue
-                done_layers.add(layer)
-                # Router first (as llama.cpp's converter orders them), random but seeded.
-                router = rng.standard_normal((experts, dim), dtype=np.float32) / np.sqrt(dim)
-                router = router.astype(np.float32)
-                add(f"blk.{layer}.ffn_gate_inp.weight", lambda r=router: r, router.shape, np.float32,
-                    router.nbytes, None)
-                for part in ("gate", "up", "down"):
-                    src_t = by_layer[layer][part]
-                    data = src_t.data  # [out, in] (or [out, bytes per row] for block types)
-                    raw = gguf.GGMLQuantizationType[src_t.qtype]
-                    shape = (experts,) + tuple(data.shape)
+        done_layers: set[int] = set()
+        for t in tensors:
+            m = _DENSE_FFN.match(t.name)
+            if m is None:
+                data = t.data
+                add(t.name, lambda d=data: d, data.shape, data.dtype, data.nbytes,
+                    gguf.GGMLQuantizationType[t.qtype])
+                continue
+            layer = int(m[1])
+            if layer in done_layers:
+                continue
+            done_layers.add(layer)
+            # Router first (as llama.cpp's converter orders them), random but seeded.
+            router = rng.standard_normal((experts, dim), dtype=np.float32) / np.sqrt(dim)
+            router = router.astype(np.float32)
+            add(f"blk.{layer}.ffn_gate_inp.weight", lambda r=router: r, router.shape, np.float32,
+                router.nbytes, None)
+            for part in ("gate", "up", "down"):
+                src_t = by_layer[layer][part]
+                data = src_t.data  # [out, in] (or [out, bytes per row] for block types)
+                raw = gguf.GGMLQuantizationType[src_t.qtype]
+                shape = (experts,) + tuple(data.shape)
 
-                    def make(d: np.ndarray = data) -> np.ndarray:
-                        return np.ascontiguousarray(np.broadcast_to(d, (experts,) + d.shape))
+                def make(d: np.ndarray = data) -> np.ndarray:
+                    return np.ascontiguousarray(np.broadcast_to(d, (experts,) + d.shape))
 
-                    add(f"blk.{layer}.ffn_{part}_exps.weight", make, shape, data.dtype,
-                        data.nbytes * experts, raw)
+                add(f"blk.{layer}.ffn_{part}_exps.weight", make, shape, data.dtype,
+                    data.nbytes * experts, raw)
 
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for i, (_name, make) in enumerate(plan):
-                w.write_tensor_data(make())
-                if progress is not None:
-                    progress(i + 1, len(plan))
-            w.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, (_name, make) in enumerate(plan):
+            w.write_tensor_data(make())
+            if progress is not None:
+                progress(i + 1, len(plan))
+        w.close()
     return out

@@ -230,35 +230,35 @@ def test_hf_permute_matches_facts() -> None:
 def test_atomic_output_file(tmp_path: Path) -> None:
     out = tmp_path / "x.gguf"
     with atomic_output(out, is_dir=False) as tmp:
-        tmp.write_bytes(b"ok")
+        tmp.write_bytes(b"GGUFok")
         assert not out.exists()
-    assert out.read_bytes() == b"ok"
+    assert out.read_bytes() == b"GGUFok"
     with pytest.raises(UsageError):
         with atomic_output(out, is_dir=False):
             pass
     with pytest.raises(KeyboardInterrupt):
         with atomic_output(out, is_dir=False, force=True) as tmp:
-            tmp.write_bytes(b"partial")
+            tmp.write_bytes(b"GGUFpartial")
             raise KeyboardInterrupt
-    assert out.read_bytes() == b"ok"
+    assert out.read_bytes() == b"GGUFok"
     assert os.listdir(tmp_path) == ["x.gguf"]
     with atomic_output(out, is_dir=False, force=True) as tmp:
-        tmp.write_bytes(b"new")
-    assert out.read_bytes() == b"new"
+        tmp.write_bytes(b"GGUFnew")
+    assert out.read_bytes() == b"GGUFnew"
 
 
 def test_atomic_output_dir(tmp_path: Path) -> None:
     out = tmp_path / "m"
     with pytest.raises(RuntimeError):
         with atomic_output(out, is_dir=True) as tmp:
-            (tmp / "a").write_text("x")
+            (tmp / "config.json").write_text("x")
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
     with atomic_output(out, is_dir=True) as tmp:
-        (tmp / "a").write_text("1")
+        (tmp / "config.json").write_text("1")
     with atomic_output(out, is_dir=True, force=True) as tmp:
-        (tmp / "b").write_text("2")
-    assert sorted(os.listdir(out)) == ["b"] and os.listdir(tmp_path) == ["m"]
+        (tmp / "model.safetensors").write_text("2")
+    assert sorted(os.listdir(out)) == ["model.safetensors"] and os.listdir(tmp_path) == ["m"]
 
 
 def test_errors_are_mlxtral_errors(tmp_path: Path, tokenizer_model: Path) -> None:
@@ -786,16 +786,17 @@ def test_safetensors_writer_abort(tmp_path: Path) -> None:
 
 
 def _old_output(out: Path, kind: str) -> Path:
-    """A previous OUT for the --force tests: a file, or a folder holding file ``a`` (both b"old")."""
+    """A previous OUT for the --force tests: a GGUF file, or a model folder holding ``config.json``
+    (both b"GGUFold"). (Replacing one kind by the other is refused: tests/test_output_safety.py.)"""
     if kind == "file":
-        out.write_bytes(b"old")
+        out.write_bytes(b"GGUFold")
     else:
         out.mkdir()
-        (out / "a").write_bytes(b"old")
+        (out / "config.json").write_bytes(b"GGUFold")
     return out
 
 
-@pytest.mark.parametrize("old_kind,new_dir", [("file", False), ("dir", True), ("dir", False), ("file", True)])
+@pytest.mark.parametrize("old_kind,new_dir", [("file", False), ("dir", True)])
 def test_force_replace_keeps_out_when_the_rename_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                        old_kind: str, new_dir: bool) -> None:
     """The rename that puts the new OUT in place fails: the previous OUT is still there, whole, and
@@ -814,12 +815,12 @@ def test_force_replace_keeps_out_when_the_rename_fails(monkeypatch: pytest.Monke
     monkeypatch.setattr(atomic.os, "replace", failing)
     with pytest.raises(OutputError, match=f"{out}: "):
         with atomic_output(out, is_dir=new_dir, force=True) as tmp:
-            (tmp / "b").write_bytes(b"new") if new_dir else tmp.write_bytes(b"new")
+            (tmp / "model.safetensors").write_bytes(b"new") if new_dir else tmp.write_bytes(b"GGUFnew")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-    assert (out.read_bytes() if old_kind == "file" else (out / "a").read_bytes()) == b"old"
+    assert (out.read_bytes() if old_kind == "file" else (out / "config.json").read_bytes()) == b"GGUFold"
 
 
-@pytest.mark.parametrize("old_kind,new_dir", [("file", False), ("dir", True), ("file", True)])
+@pytest.mark.parametrize("old_kind,new_dir", [("file", False), ("dir", True)])
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_force_replace_defers_signals(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, old_kind: str,
                                       new_dir: bool, sig: str) -> None:
@@ -843,10 +844,11 @@ def test_force_replace_defers_signals(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setattr(atomic.os, "replace", replace_then_signal)
     with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else Terminated):
         with atomic_output(out, is_dir=new_dir, force=True) as tmp:
-            (tmp / "b").write_bytes(b"new") if new_dir else tmp.write_bytes(b"new")
+            (tmp / "model.safetensors").write_bytes(b"new") if new_dir else tmp.write_bytes(b"GGUFnew")
     monkeypatch.setattr(atomic.os, "replace", real)
     assert present == ([True] if old_kind == "file" and not new_dir else [False, True])
-    assert ((out / "b") if new_dir else out).read_bytes() == b"new"
+    got = ((out / "model.safetensors") if new_dir else out).read_bytes()
+    assert got == (b"new" if new_dir else b"GGUFnew")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
