@@ -6,11 +6,11 @@ required key is a :class:`ConfigError` naming the file and the key.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlxtral.display import show
 from mlxtral.errors import ConfigError, FormatError, UsageError
 
 
@@ -37,7 +37,7 @@ class ModelArgs:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0 or v > 1 << 24:
-                raise ConfigError(f"{name} must be a positive integer below 2**24, got {v!r}")
+                raise ConfigError(f"{name} must be a positive integer below 2**24, got {_show(v)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -49,8 +49,17 @@ class ModelArgs:
                 raise ConfigError(
                     f"experts per token must be between 1 and {self.n_experts}, got {self.n_experts_per_tok}"
                 )
+        # what the forward pass cannot compute (files get the same checks, naming their keys, in _build)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even (RoPE rotates pairs of values), got {self.head_dim}")
         if self.rope_dim is None:
             self.rope_dim = self.head_dim
+        if (not isinstance(self.rope_dim, int) or self.rope_dim <= 0 or self.rope_dim % 2
+                or self.rope_dim > self.head_dim):
+            raise ConfigError(f"rope_dim must be even and at most the head size {self.head_dim}, "
+                              f"got {_show(self.rope_dim)}")
+        _float("norm_eps", self.norm_eps, None)
+        _float("rope_theta", self.rope_theta, None, MIN_ROPE_THETA)
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -131,6 +140,9 @@ class ModelArgs:
                 "tie_word_embeddings": k.opt("tie_word_embeddings"),
                 "sliding_window": k.opt("sliding_window"),
                 "model_type": k.opt("model_type"),
+                "hidden_act": k.opt("hidden_act"),
+                "rope_scaling": k.opt("rope_scaling"),
+                "rope_parameters": k.opt("rope_parameters"),
             },
             rope_theta=1e6,
             max_position_embeddings=32768,
@@ -166,6 +178,7 @@ class ModelArgs:
                 "n_experts_per_tok": m.opt("num_experts_per_tok"),
                 "max_position_embeddings": ctx,
                 "sliding_window": k.opt("sliding_window"),
+                "rope_scaling": k.opt("rope_scaling"),
             },
             rope_theta=1e6,
             max_position_embeddings=32768,
@@ -178,7 +191,8 @@ class ModelArgs:
         if not isinstance(arch, str):
             raise FormatError("no general.architecture in the GGUF metadata", path)
         if arch not in ("llama", "mixtral", "mistral"):
-            raise FormatError(f"unsupported architecture {arch!r} (mlxtral runs llama-family models)", path)
+            raise FormatError(f"unsupported architecture {_show(arch)} (mlxtral runs llama-family models)",
+                              path)
         pre = arch + "."
         k = _Keys(md, path, prefix=pre)
         vocab = k.opt("vocab_size")
@@ -204,6 +218,10 @@ class ModelArgs:
                 "n_experts_per_tok": k.opt("expert_used_count"),
                 "max_position_embeddings": k.opt("context_length"),
                 "rope_dim": k.opt("rope.dimension_count"),
+                "value_length": k.opt("attention.value_length"),
+                "rope_scaling_type": k.opt("rope.scaling.type"),
+                "rope_scaling_factor": k.opt("rope.scaling.factor"),
+                "rope_scale_linear": k.opt("rope.scale_linear"),
             },
             rope_theta=10000.0,
             max_position_embeddings=4096,
@@ -222,17 +240,9 @@ class ModelArgs:
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; anything else (missing, unreadable, not JSON, nested too deep to
     parse, not an object) is a one-line :class:`ConfigError` naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError("file not found", path) from None
-    except RecursionError:
-        raise ConfigError("not valid JSON (nested too deeply)", path) from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-        raise ConfigError(f"not valid JSON ({' '.join(str(e).split())})", path) from None
-    except OSError as e:  # a folder, no permission...
-        raise ConfigError(f"cannot read ({e.strerror or e})", path) from None
+    from mlxtral.formats.files import read_side_json  # regular file, size cap, one-line errors
+
+    data = read_side_json(path, ConfigError, unique_keys=True)  # a model defined once
     if not isinstance(data, dict):
         raise ConfigError("expected a JSON object", path)
     return data
@@ -243,6 +253,11 @@ MAX_SIZE = 1 << 24  # any size (dim, layers, heads, vocabulary...): ModelArgs re
 MAX_EXPERTS = 4096
 MAX_CONTEXT = 1 << 32  # only a ceiling for max_context; far beyond any model
 MAX_FLOAT32 = 3.4028234663852886e38  # eps and RoPE theta reach float32 kernels
+MIN_FLOAT32 = 1.1754943508222875e-38  # float32's smallest normal: a smaller eps underflows (x/0 in rms_norm)
+MIN_ROPE_THETA = 1.0  # a RoPE base below 1 gives frequencies above 1 rad/position: angles overflow float32
+# HF rope_scaling / rope_parameters types (and GGUF rope.scaling.type) that are plain RoPE
+_PLAIN_ROPE = (None, "default", "none")
+_SILU = (None, "silu", "swish")
 
 
 class _Keys:
@@ -266,9 +281,9 @@ class _Keys:
 
 
 def _show(v: Any) -> str:
-    """``repr(v)``, cut short: a value from a hostile file can be a megabyte-long list."""
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
+    """``repr(v)``, cut short before it is made (:func:`mlxtral.display.show`): a value from a hostile
+    file can be a megabyte-long list or a 1e308-sized integer."""
+    return show(v, 60)
 
 
 def _int(key: str, v: Any, path: str | Path | None, lo: int = 1, hi: int = MAX_SIZE) -> int:
@@ -284,12 +299,47 @@ def _int(key: str, v: Any, path: str | Path | None, lo: int = 1, hi: int = MAX_S
     return v
 
 
-def _float(key: str, v: Any, path: str | Path | None) -> float:
-    """A finite number > 0 (that float32 can hold)."""
+def _float(key: str, v: Any, path: str | Path | None, lo: float = MIN_FLOAT32) -> float:
+    """A finite number > 0 that float32 can hold (at least ``lo``: by default float32's smallest
+    normal number, since the kernels compute in float32 and a smaller value underflows to 0)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= MAX_FLOAT32:
         # NaN fails the comparison; inf and huge ints exceed MAX_FLOAT32
         raise ConfigError(f"{key} must be a positive finite number, got {_show(v)}", path)
+    if v < lo:
+        why = ("float32's smallest normal number: a smaller one underflows to 0 in the kernels"
+               if lo == MIN_FLOAT32 else "RoPE's base: a smaller one overflows the rotation angles")
+        raise ConfigError(f"{key} must be at least {lo:.3g} ({why}), got {_show(v)}", path)
     return float(v)
+
+
+def _plain_rope(kind: Any, factor: Any) -> bool:
+    """Whether a RoPE scaling type and factor compute plain RoPE (linear or dynamic scaling by 1, or by
+    0, which llama.cpp writes for none)."""
+    return kind in _PLAIN_ROPE or (kind in ("linear", "dynamic") and factor in (None, 0, 1))
+
+
+def _check_rope_scaling(raw: dict[str, tuple[str, Any]], path: str | Path | None) -> None:
+    """Only plain RoPE is computed: a scaled one (linear, dynamic NTK, YaRN, llama3, longrope) would
+    run, silently wrong, so it is refused."""
+    for name in ("rope_scaling", "rope_parameters"):  # HF (transformers 5: rope_parameters), params.json
+        if name not in raw or raw[name][1] is None:
+            continue
+        key, v = raw[name]
+        if not isinstance(v, dict):
+            raise ConfigError(f"{key} must be an object or null, got {_show(v)}", path)
+        kind = v.get("rope_type", v.get("type"))
+        if not _plain_rope(kind, v.get("factor")):
+            raise ConfigError(f"{key} type {_show(kind)} is not supported (mlxtral computes plain RoPE, "
+                              "without linear, dynamic, YaRN, llama3 or longrope scaling)", path)
+    if "rope_scaling_type" in raw:  # GGUF
+        key, kind = raw["rope_scaling_type"]
+        factor = raw["rope_scaling_factor"][1]
+        if not _plain_rope(kind, factor):
+            raise ConfigError(f"{key} {_show(kind)} with factor {_show(factor)} is not supported (mlxtral "
+                              "computes plain RoPE)", path)
+        key, lin = raw["rope_scale_linear"]
+        if lin not in (None, 1):
+            raise ConfigError(f"{key} {_show(lin)} is not supported (mlxtral computes plain RoPE)", path)
 
 
 def _build(cls: type[ModelArgs], path: str | Path | None, raw: dict[str, tuple[str, Any]],
@@ -319,7 +369,14 @@ def _build(cls: type[ModelArgs], path: str | Path | None, raw: dict[str, tuple[s
             raise ConfigError(f"{key('dim')} ({dim}) must be a multiple of {key('n_heads')} ({n_heads})",
                               path)
         head_dim = dim // n_heads
+    if head_dim % 2:  # RoPE rotates pairs of values: an odd head has a value left over
+        what = (key("head_dim") if val("head_dim") is not None
+                else f"the head size {key('dim')} / {key('n_heads')}")
+        raise ConfigError(f"{what} must be even (RoPE rotates pairs of values), got {head_dim}", path)
     kw["head_dim"] = head_dim
+    vlen = size("value_length")
+    if vlen is not None and vlen != head_dim:
+        raise ConfigError(f"{key('value_length')} ({vlen}) must equal the key head size {head_dim}", path)
     n_kv = kw["n_kv_heads"] = size("n_kv_heads", n_heads)
     if n_heads % n_kv:
         kv_key = key("n_kv_heads") if val("n_kv_heads") is not None else "the number of KV heads"
@@ -332,9 +389,11 @@ def _build(cls: type[ModelArgs], path: str | Path | None, raw: dict[str, tuple[s
         raise ConfigError(f"{per_key} must be between 1 and {key('n_experts')} ({n_experts}), got {per_tok}",
                           path)
 
-    for name, default in (("norm_eps", 1e-5), ("rope_theta", defaults["rope_theta"])):
+    for name, default, lo in (("norm_eps", 1e-5, MIN_FLOAT32),
+                              ("rope_theta", defaults["rope_theta"], MIN_ROPE_THETA)):
         v = val(name)
-        kw[name] = default if v is None else _float(key(name), v, path)
+        kw[name] = default if v is None else _float(key(name), v, path, lo)
+    _check_rope_scaling(raw, path)
     kw["max_position_embeddings"] = size("max_position_embeddings", defaults["max_position_embeddings"],
                                          hi=MAX_CONTEXT)
     rope_dim = size("rope_dim")
@@ -358,6 +417,10 @@ def _build(cls: type[ModelArgs], path: str | Path | None, raw: dict[str, tuple[s
         if mt is not None and not isinstance(mt, str):
             raise ConfigError(f"{key('model_type')} must be a string, got {_show(mt)}", path)
         kw["extra"] = {"model_type": mt}
+    act = val("hidden_act")
+    if act not in _SILU:  # the experts are SiLU-gated; GELU (Gemma) would run, silently wrong
+        raise ConfigError(f"{key('hidden_act')} {_show(act)} is not supported (mlxtral computes "
+                          "SiLU-gated FFNs)", path)
     try:
         return cls(**kw)
     except ConfigError as e:

@@ -44,6 +44,10 @@ class ContextOverflowError(MlxtralError):
     """A prompt or a conversation does not fit the context the model was loaded with."""
 
 
+class NumericalError(MlxtralError):
+    """The model computed NaN or infinity (its weights hold NaN/Inf, or overflow float16)."""
+
+
 class OutOfMemoryError(MlxtralError):
     """The machine cannot hold what was asked for."""
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _EXPERT = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight$")
+MAX_CELL = 1000  # characters of one file-derived value in the table (a GGUF string can be 64 MB)
 
 
 def active_weight_bytes(ckpt: Any) -> int:
@@ -81,9 +82,10 @@ def describe(path: str | Path, max_context: int | None = None,
     tok_info: dict[str, Any] = {"kind": None}
     if ckpt.tokenizer is not None:
         try:
-            from mlxtral.tokenizer import load_tokenizer, template_name
+            from mlxtral.tokenizer import check_tokenizer_fits, load_tokenizer, template_name
 
             tok = load_tokenizer(ckpt.tokenizer)
+            check_tokenizer_fits(tok, a.vocab_size, ckpt.path)  # as mlxtral.load refuses it
             try:
                 template: str | None = template_name(tok)
             except Exception:
@@ -123,13 +125,24 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def _cell(text: str) -> Any:
+    """File-derived text (``general.name``, paths, a tokenizer's error) as a rich cell: never markup
+    (``[red]`` stays text) and never terminal control (ESC, CSI, OSC, bidi overrides shown as
+    ``\\x1b``...), cut at :data:`MAX_CELL` characters."""
+    from rich.text import Text
+
+    from mlxtral.display import term_safe
+
+    return Text(term_safe(text, MAX_CELL))
+
+
 def render(d: dict[str, Any]) -> Any:
     """Rich renderables for :func:`describe`'s result."""
     from rich.console import Group
     from rich.table import Table
 
     c = d["config"]
-    t = Table(title=d["name"], show_header=False, title_justify="left")
+    t = Table(title=_cell(d["name"]), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
     moe = (f"{c['n_experts']} experts, {c['n_experts_per_tok']} per token" if c["n_experts"]
@@ -170,12 +183,12 @@ def render(d: dict[str, Any]) -> Any:
     else:
         rows.append(("tokenizer", "none found"))
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(k, _cell(v))
     types = Table(title="tensors by type (experts one by one)", title_justify="left")
     types.add_column("type")
     types.add_column("tensors", justify="right")
     types.add_column("parameters", justify="right")
     types.add_column("bytes", justify="right")
     for k, v in d["tensor_types"].items():
-        types.add_row(k, str(v["tensors"]), _count(v["params"]), _gb(v["bytes"]))
+        types.add_row(_cell(k), str(v["tensors"]), _count(v["params"]), _gb(v["bytes"]))
     return Group(t, types)

@@ -169,6 +169,26 @@ HF_CASES: list[tuple[dict[str, Any], str]] = [
     ({"sliding_window": "4096"}, "sliding_window must be a positive integer, got '4096'"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
     ({"model_type": 7}, "model_type must be a string, got 7"),
+    # what the forward pass cannot compute (issue 16)
+    ({"head_dim": 15}, "head_dim must be even \\(RoPE rotates pairs of values\\), got 15"),
+    ({"hidden_size": 60, "head_dim": ...},
+     r"the head size hidden_size / num_attention_heads must be even \(RoPE rotates pairs of values\), "
+     "got 15"),
+    ({"rms_norm_eps": 1e-50}, r"rms_norm_eps must be at least 1.18e-38 \(float32's smallest normal number: a "
+                              r"smaller one underflows to 0 in the kernels\), got 1e-50"),
+    ({"rms_norm_eps": 1e-39}, "rms_norm_eps must be at least 1.18e-38"),
+    ({"rope_theta": 0.5}, r"rope_theta must be at least 1 \(RoPE's base: .*\), got 0.5"),
+    ({"rope_theta": 1e-300}, "rope_theta must be at least 1"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling type 'llama3' is not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling type 'linear' is not supported"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope", "long_factor": [1.0]}}, "type 'longrope' is not supported"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object or null, got 'yarn'"),
+    ({"rope_theta": None, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}},
+     "rope_parameters type 'yarn' is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported \\(mlxtral computes SiLU-gated FFNs\\)"),
+    ({"hidden_act": ["silu"]}, r"hidden_act \['silu'\] is not supported"),
 ]
 
 
@@ -215,6 +235,11 @@ ORIG_CASES: list[tuple[dict[str, Any], str]] = [
     ({"max_seq_len": "big"}, "max_seq_len must be a positive integer, got 'big'"),
     ({"vocab_size": None}, "vocab_size must not be null"),
     ({"hidden_dim": ...}, "missing required key 'hidden_dim'"),
+    ({"head_dim": 15}, "head_dim must be even"),
+    ({"dim": 60, "head_dim": ...}, "the head size dim / n_heads must be even .* got 15"),
+    ({"norm_eps": 1e-50}, "norm_eps must be at least 1.18e-38"),
+    ({"rope_theta": 1e-3}, "rope_theta must be at least 1"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' is not supported"),
 ]
 
 
@@ -293,6 +318,12 @@ GGUF_CASES: list[tuple[str, float, str]] = [
     ("llama.expert_used_count", 5, r"llama.expert_used_count must be between 1 and llama.expert_count \(4\)"),
     ("llama.expert_used_count", 0, r"llama.expert_used_count must be between 1 and llama.expert_count \(4\)"),
     ("llama.context_length", 0, "llama.context_length must be a positive integer, got 0"),
+    ("llama.attention.key_length", 15, "llama.attention.key_length must be even .*, got 15"),
+    ("llama.attention.value_length", 8,
+     r"llama.attention.value_length \(8\) must equal the key head size 16"),
+    ("llama.attention.layer_norm_rms_epsilon", 1e-40,  # a float32 subnormal
+     "llama.attention.layer_norm_rms_epsilon must be at least 1.18e-38"),
+    ("llama.rope.freq_base", 0.5, "llama.rope.freq_base must be at least 1"),
 ]
 
 
@@ -336,3 +367,81 @@ def test_cli_info_one_line_error(tmp_path: Path, hf_dir: Path, orig_dir: Path, g
         assert err.endswith("\n") and err.count("\n") == 1 and "Traceback" not in err, err
         assert err.startswith(f"error: {file}: ") and problem in err, err
         assert r.stdout == ""
+
+
+# ---- what the forward pass cannot compute: more than one value at a time ------------------------
+def test_valid_rope_variants_still_accepted(tmp_path: Path, hf_dir: Path) -> None:
+    """Plain RoPE spelled every way: null, "default", linear or dynamic by a factor of 1."""
+    folder = copy_dir(hf_dir, tmp_path / "hf")
+    for extra in ({"rope_scaling": None}, {"rope_scaling": {"type": "linear", "factor": 1.0}},
+                  {"rope_scaling": {"rope_type": "default"}},
+                  {"rope_scaling": {"type": "dynamic", "factor": 1}},
+                  {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+                  {"hidden_act": "silu"}, {"hidden_act": "swish"}, {"rope_theta": 1}):
+        (folder / "config.json").write_text(json.dumps(hf_config(ARGS) | extra))
+        open_checkpoint(folder)
+
+
+def gguf_with_strings(path: Path, weights, kv: dict[str, str],
+                      floats: dict[str, float] | None = None) -> Path:
+    """tiny_models.write_gguf plus string (and float32) key/values, added with the name."""
+    import gguf
+
+    real = gguf.GGUFWriter.add_name
+
+    def add_name(self, name: str) -> None:
+        real(self, name)
+        for k, v in kv.items():
+            self.add_string(k, v)
+        for k, f in (floats or {}).items():
+            self.add_float32(k, f)
+
+    gguf.GGUFWriter.add_name = add_name  # type: ignore[method-assign]
+    try:
+        return write_gguf(path, weights, ARGS, vocab=False)
+    finally:
+        gguf.GGUFWriter.add_name = real  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("kv,floats,match", [
+    ({"llama.rope.scaling.type": "yarn"}, {"llama.rope.scaling.factor": 4.0},
+     "llama.rope.scaling.type 'yarn' with factor 4.0 is not supported"),
+    ({"llama.rope.scaling.type": "linear"}, {"llama.rope.scaling.factor": 2.0}, "'linear' with factor 2.0"),
+    ({}, {"llama.rope.scale_linear": 4.0}, "llama.rope.scale_linear 4.0 is not supported"),
+    ({"llama.rope.scaling.type": "none"}, {"llama.rope.scaling.factor": 0.0}, None),  # llama.cpp's "none"
+    ({"llama.rope.scaling.type": "linear"}, {"llama.rope.scaling.factor": 1.0}, None),
+])
+def test_gguf_rope_scaling(tmp_path: Path, weights, kv, floats, match) -> None:
+    p = gguf_with_strings(tmp_path / "m.gguf", weights, kv, floats)
+    if match is None:
+        open_checkpoint(p)
+    else:
+        assert refused(p, match).startswith(f"{p}: ")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"head_dim": 15}, "head_dim must be even"),
+    ({"norm_eps": 1e-50}, "norm_eps must be at least 1.18e-38"),
+    ({"norm_eps": 0.0}, "norm_eps must be a positive finite number"),
+    ({"rope_theta": math.inf}, "rope_theta must be a positive finite number"),
+    ({"rope_theta": 0.1}, "rope_theta must be at least 1"),
+    ({"rope_dim": 7}, "rope_dim must be even and at most the head size 16, got 7"),
+    ({"rope_dim": 32}, "rope_dim must be even and at most the head size 16, got 32"),
+])
+def test_api_model_args_refuse_what_the_forward_cannot_compute(change: dict[str, Any], match: str) -> None:
+    """ModelArgs built in Python (not from a file) get the same checks: a ConfigError, never a
+    ZeroDivisionError in rms_norm or a ValueError in RoPE later."""
+    with pytest.raises(ConfigError, match=match):
+        tiny_args(vocab_size=320, **change)
+
+
+@pytest.mark.parametrize("args", [dict(head_dim=8, dim=64), dict(rope_dim=8), dict(n_kv_heads=1),
+                                  dict(n_experts_per_tok=4), dict(norm_eps=1.2e-38), dict(rope_theta=1.0)])
+def test_edge_values_that_validation_accepts_do_run(args: dict[str, Any]) -> None:
+    """The other side of the contract: what validation accepts, the forward pass computes (finite)."""
+    from mlxtral.backends.numpy_backend import NumpyBackend
+    from mlxtral.qtensor import QTensor
+
+    a = tiny_args(vocab_size=320, **args)
+    be = NumpyBackend(a, {n: QTensor.from_float(x) for n, x in random_weights(a, 4).items()})
+    assert np.isfinite(be.forward([1, 2, 3, 4], be.new_cache(8))).all()

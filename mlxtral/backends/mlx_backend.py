@@ -29,6 +29,7 @@ import numpy as np
 
 from mlxtral.backends.mlx_sampling import make_sampler
 from mlxtral.backends.mlx_weights import Weight, float_array, to_weight, to_weight_stack
+from mlxtral.backends.numerics import check_logits, non_finite_error
 from mlxtral.config import ModelArgs
 from mlxtral.errors import ContextOverflowError, UsageError
 from mlxtral.expert_cache import ExpertCache
@@ -197,10 +198,12 @@ class MLXBackend:
 
         Returns [T, vocab] if ``all_logits`` else [vocab] for the last position.
         """
+        p0 = cache.offset
         logits, counts = self.forward_lazy(mx.array(np.asarray(ids, dtype=np.uint32)), cache, all_logits)
         mx.eval(logits, counts)  # the one evaluation of this forward
         self._add_counts(counts, len(ids))
         out = np.array(logits, copy=False)
+        check_logits(out, p0 + 1 if all_logits else cache.offset)  # NaN/Inf weights: one line
         return out if all_logits else out[0]
 
     def forward_lazy(self, ids: mx.array, cache: KVCache, all_logits: bool = False
@@ -365,19 +368,24 @@ class MLXBackend:
 
         def step(tok: mx.array) -> tuple[mx.array, mx.array | None]:
             logits, counts = self.forward_lazy(tok, cache)
+            finite.append((mx.isfinite(logits).all(), cache.offset))  # checked when the token is read
             return sample(logits).reshape(-1).astype(mx.uint32), counts
 
+        finite: list[tuple[mx.array, int]] = []  # (logits all finite, position), one per step in flight
         try:
             if max_steps <= 0 or cache.offset >= cache.max_context:
                 return
             y, c = step(mx.array([token], dtype=mx.uint32))
-            mx.async_eval(y, *([c] if c is not None else []))
+            mx.async_eval(y, finite[-1][0], *([c] if c is not None else []))
             while True:
                 ny = nc = None
                 if yielded + 1 < max_steps and cache.offset < cache.max_context:
                     ny, nc = step(y)  # built on the lazy token: no host round trip in between
-                    mx.async_eval(ny, *([nc] if nc is not None else []))
+                    mx.async_eval(ny, finite[-1][0], *([nc] if nc is not None else []))
                 self._add_counts(c, 1)
+                ok, pos = finite.pop(0)
+                if not ok.item():  # sampled from NaN/Inf logits: never yield it
+                    raise non_finite_error(pos)
                 tok = int(y.item())
                 yielded += 1
                 yield tok
@@ -394,8 +402,11 @@ class MLXBackend:
 
     @staticmethod
     def peak_memory() -> int:
-        """Peak memory MLX has allocated, bytes."""
-        return int(mx.get_peak_memory())
+        """Peak memory of this process, bytes (:func:`mlxtral.rss.peak_rss`), or MLX's own peak when
+        that is larger (Metal buffers)."""
+        from mlxtral.rss import peak_rss
+
+        return max(peak_rss(), int(mx.get_peak_memory()))
 
 
 

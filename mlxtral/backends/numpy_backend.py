@@ -11,8 +11,6 @@ the same either way, so streaming changes no number.
 """
 from __future__ import annotations
 
-import resource
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from mlxtral.backends import ops
+from mlxtral.backends.numerics import check_logits, non_finite_error
 from mlxtral.config import ModelArgs
 from mlxtral.errors import ContextOverflowError
 from mlxtral.expert_cache import ExpertCache
 from mlxtral.expert_cache.layout import KINDS, is_expert
+from mlxtral.formats.mapped import check_unchanged, files_backing, install_sigbus_guard
 from mlxtral.formats.native import native_tensors, to_native
 from mlxtral.qtensor import QTensor, Tensor
 
@@ -98,11 +98,13 @@ class NumpyBackend:
 
     def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], kv_dtype: str = "float32",
                  experts: ExpertCache | None = None) -> None:
+        install_sigbus_guard()  # a model file truncated under its maps: one line (before numba's warm-up)
         self.args = args
         self.experts = experts  # None: every expert resident
         if experts is not None:  # experts stream: the file's other tensors only
             tensors = {n: q for n, q in tensors.items() if not is_expert(n)}
         tensors = native_tensors(tensors)  # K-quants -> Q4_1/Q8_0, MLX affine -> Q4_1/F16; others as they are
+        self.mapped_files = files_backing(q.data for q in tensors.values())  # checked before each forward
         self.embed = tensors["token_embd.weight"]
         self.output = tensors.get("output.weight", self.embed)
         self.norm = _f32(tensors["output_norm.weight"])
@@ -129,6 +131,14 @@ class NumpyBackend:
 
         Returns [T, vocab] if ``all_logits`` else [vocab] for the last position.
         """
+        check_unchanged(self.mapped_files)  # a file rewritten under its memory map: one line, not garbage
+        p0 = cache.offset
+        try:
+            return self._forward(ids, cache, all_logits)
+        except ZeroDivisionError:  # numba's error model on a NaN/Inf-poisoned sum (rms_norm, softmax):
+            raise non_finite_error(p0 + 1) from None  # finite inputs never divide by 0 (eps > 0, max term 1)
+
+    def _forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
         a = self.args
         ids = np.asarray(ids, dtype=np.int64)
         T = len(ids)
@@ -169,6 +179,7 @@ class NumpyBackend:
         if not all_logits:
             h = h[-1:]
         out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [T or 1, vocab]
+        check_logits(out, p0 + 1 if all_logits else S)  # NaN/Inf weights: one line, not a sampler's error
         return out if all_logits else out[0]
 
     def moe(self, x: np.ndarray, L: LayerWeights, li: int, ahead: np.ndarray | None = None) -> np.ndarray:
@@ -272,17 +283,10 @@ class NumpyBackend:
 
     @staticmethod
     def peak_memory() -> int:
-        """Peak resident memory of this process, bytes (Linux: its own VmHWM; ``ru_maxrss`` would
-        carry the peak of a parent that forked it)."""
-        try:
-            with open("/proc/self/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            pass
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(r if sys.platform == "darwin" else r * 1024)
+        """Peak resident memory of this process, bytes (:func:`mlxtral.rss.peak_rss`)."""
+        from mlxtral.rss import peak_rss
+
+        return peak_rss()
 
 
 def expert_materializer(tensors: dict[str, Tensor], path: Path | None = None

@@ -42,12 +42,14 @@ class TokenizerSource:
 
     kind: ``"sentencepiece"`` (``path`` is a ``tokenizer.model``), ``"gguf"`` (``metadata`` holds
     the ``tokenizer.ggml.*`` and ``tokenizer.chat_template`` keys), or ``"hf"`` (``path`` is a
-    folder with ``tokenizer.json``/``tokenizer.model``).
+    folder with ``tokenizer.json``/``tokenizer.model``). ``folder``: the HF folder whose
+    ``tokenizer_config.json`` and ``chat_template.*`` go with a ``tokenizer.model``.
     """
 
     kind: str
     path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None
 
 
 @dataclass

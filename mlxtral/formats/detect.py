@@ -11,19 +11,22 @@ the right shape, and nothing else is.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import numpy as np
+
 from mlxtral.config import ModelArgs
+from mlxtral.display import plain
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, expected_shapes
+from mlxtral.formats.files import open_regular, read_side_json
 
 _SHOW = 5
 
 
 def _few(names: list[str]) -> str:
     more = f" and {len(names) - _SHOW} more" if len(names) > _SHOW else ""
-    return ", ".join(names[:_SHOW]) + more
+    return ", ".join(plain(n) for n in names[:_SHOW]) + more
 
 
 def validate_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: Path | str | None) -> None:
@@ -53,11 +56,17 @@ def validate_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: P
 
 def validate_tensors(ckpt: Checkpoint) -> None:
     """Raise :class:`FormatError` unless ``ckpt.tensors`` is exactly what ``ckpt.args`` implies
-    (names and shapes), with norms and routers in float32."""
+    (names and shapes), with norms and routers in float32 and finite."""
     validate_shapes({n: tuple(q.shape) for n, q in ckpt.tensors.items()}, ckpt.args, ckpt.path)
     for name, q in ckpt.tensors.items():
-        if name.endswith(("_norm.weight", "ffn_gate_inp.weight")) and q.qtype != "F32":
-            raise FormatError(f"tensor {name} must be float32 after loading, got {q.qtype}", ckpt.path)
+        if name.endswith(("_norm.weight", "ffn_gate_inp.weight")):
+            if q.qtype != "F32":
+                raise FormatError(f"tensor {plain(name)} must be float32 after loading, got {q.qtype}",
+                                  ckpt.path)
+            # small tensors (a few MB for Mixtral), so checked here; the big ones only show as NaN logits
+            if not np.isfinite(q.data).all():
+                raise FormatError(f"tensor {plain(name)} holds NaN or infinite values (a corrupt file?)",
+                                  ckpt.path)
 
 
 def detect_format(path: str | Path) -> str:
@@ -69,7 +78,7 @@ def detect_format(path: str | Path) -> str:
         raise FormatError("not a regular file (a pipe, device or socket cannot be a checkpoint)", p)
     if p.is_file():
         try:
-            with open(p, "rb") as f:
+            with open_regular(p) as f:  # a file swapped for a FIFO after the check is refused too
                 head = f.read(8)
         except OSError as e:
             raise FormatError(f"cannot read ({e.strerror})", p) from None
@@ -79,20 +88,17 @@ def detect_format(path: str | Path) -> str:
         if head[:4] == b"PK\x03\x04" or p.suffix in (".safetensors", ".pth", ".bin"):
             hint = "; for safetensors or .pth weights pass the folder that holds them with their config"
         raise FormatError(f"not a GGUF file (starts with {head[:4]!r}){hint}", p)
-    if (p / "params.json").is_file() and _original_weights(p):
+    if (p / "params.json").exists() and _original_weights(p):  # exists: a FIFO is refused by name
         return "original"
     cfg_path = p / "config.json"
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-            raise FormatError(f"config.json is not valid JSON ({e.__class__.__name__})", cfg_path) from None
+    if cfg_path.exists():
+        cfg = read_side_json(cfg_path)  # regular file, size cap, one-line FormatError
         if isinstance(cfg, dict) and "quantization" in cfg:
             return "mlx"
         if _has_switch_mlp(p):
             return "mlx"
         return "hf"
-    if (p / "params.json").is_file():
+    if (p / "params.json").exists():
         raise FormatError("params.json found but no consolidated.*.pth or consolidated.safetensors "
                           "weights", p)
     raise FormatError("not a checkpoint folder (no config.json or params.json): expected a GGUF file, or an "
@@ -109,9 +115,9 @@ def _has_switch_mlp(folder: Path) -> bool:
     idx = folder / "model.safetensors.index.json"
     if idx.is_file():
         try:
-            wm = json.loads(idx.read_text(encoding="utf-8")).get("weight_map", {})
+            wm = read_side_json(idx).get("weight_map", {})
             return any(".switch_mlp." in k for k in wm)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        except (FormatError, AttributeError, TypeError):
             return False  # the HF loader reports the broken index
     for f in sorted(folder.glob("model*.safetensors"))[:1]:
         try:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.config import ModelArgs
+from mlxtral.display import plain
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, TokenizerSource
 from mlxtral.formats.gguf_parse import GGUFTensor, parse_gguf
@@ -47,7 +48,7 @@ def open_reader(path: Path) -> Any:
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
-        raise FormatError(f"corrupt or unsupported GGUF ({e})", path) from None
+        raise FormatError(f"corrupt or unsupported GGUF ({plain(str(e))})", path) from None
 
 
 def tensor_to_qtensor(t: GGUFTensor, path: Path) -> QTensor:
@@ -55,11 +56,11 @@ def tensor_to_qtensor(t: GGUFTensor, path: Path) -> QTensor:
     F32)."""
     qtype, shape, data = t.qtype, t.shape, t.data
     if 0 in shape:
-        raise FormatError(f"tensor {t.name} has an empty dimension {list(shape)}", path)
+        raise FormatError(f"tensor {plain(t.name)} has an empty dimension {list(shape)}", path)
     if qtype in ("F64", "I8", "I16", "I32", "I64"):
         return QTensor("F32", shape, data.astype(np.float32))
     if qtype not in FLOAT_TYPES and qtype not in BLOCK_TYPES:
-        raise FormatError(f"tensor {t.name}: unsupported type {qtype}", path)
+        raise FormatError(f"tensor {plain(t.name)}: unsupported type {qtype}", path)
     return QTensor(qtype, shape, data)
 
 
@@ -69,7 +70,8 @@ def _as_f32(q: QTensor, name: str, path: Path) -> QTensor:
     try:
         return QTensor("F32", q.shape, q.dequantize())
     except (NotImplementedError, ValueError) as e:
-        raise FormatError(f"tensor {name}: cannot dequantize type {q.qtype} ({e})", path) from None
+        raise FormatError(f"tensor {plain(name)}: cannot dequantize type {q.qtype} "
+                          f"({plain(str(e))})", path) from None
 
 
 def sanitize(raw: dict[str, QTensor], path: Path, n_experts: int | None = None) -> dict[str, QTensor]:
@@ -80,15 +82,16 @@ def sanitize(raw: dict[str, QTensor], path: Path, n_experts: int | None = None) 
 
     def put(name: str, q: QTensor, src: str) -> None:
         if name in out:
-            raise FormatError(f"tensor {src} duplicates {name} (both merged and per-expert experts?)", path)
+            raise FormatError(f"tensor {plain(src)} duplicates {plain(name)} (both merged and per-expert "
+                              "experts?)", path)
         out[name] = q
 
     for name, q in raw.items():
         if m := _EXPS.match(name):
             if q.ndim != 3:
-                raise FormatError(f"tensor {name}: expected 3 dims [E, out, in], got {q.shape}", path)
+                raise FormatError(f"tensor {plain(name)}: expected 3 dims [E, out, in], got {q.shape}", path)
             if n_experts is not None and q.shape[0] != n_experts:
-                raise FormatError(f"tensor {name} holds {q.shape[0]} experts, the metadata says "
+                raise FormatError(f"tensor {plain(name)} holds {q.shape[0]} experts, the metadata says "
                                   f"{n_experts}", path)
             for e in range(q.shape[0]):
                 put(f"blk.{m[1]}.ffn_{m[2]}.{e}.weight", q.expert(e), name)

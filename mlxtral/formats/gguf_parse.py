@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from mlxtral.display import plain, show
 from mlxtral.errors import FormatError
 from mlxtral.formats.files import open_regular
+from mlxtral.formats.mapped import watch
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -268,7 +270,7 @@ def _check_key_type(key: str, want: str, value: Any, vtype: int, etype: int | No
         ok = vtype == ARRAY and etype in _INT_TYPES
     if not ok:
         got = _type_name(vtype) + (f" of {_type_name(etype)}" if etype is not None else "")
-        raise FormatError(f"metadata key {key!r} must be {_TYPE_WORDS[want]}, got {got}", path)
+        raise FormatError(f"metadata key {show(key)} must be {_TYPE_WORDS[want]}, got {got}", path)
 
 
 def _check_types(md: dict[str, Any], vtypes: dict[str, int], etypes: dict[str, int], path: Path) -> None:
@@ -312,10 +314,11 @@ def _metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, int], 
     etypes: dict[str, int] = {}
     for i in range(n_kv):
         key = cur.string(f"metadata key {i}", MAX_KEY_BYTES)
+        shown = show(key)
         if key in md:
-            raise cur.fail(f"duplicate metadata key {key!r}")
-        vtype = cur.u32(f"value type of {key!r}")
-        value, etype = _read_value(cur, vtype, f"metadata {key!r}")
+            raise cur.fail(f"duplicate metadata key {shown}")
+        vtype = cur.u32(f"value type of {shown}")
+        value, etype = _read_value(cur, vtype, f"metadata {shown}")
         md[key], vtypes[key] = value, vtype
         if etype is not None:
             etypes[key] = etype
@@ -327,19 +330,20 @@ def _tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ..
     seen: set[str] = set()
     for i in range(n_tensors):
         name = cur.string(f"tensor {i} name", MAX_NAME_BYTES)
+        shown = show(name)
         if name in seen:
-            raise cur.fail(f"duplicate tensor name {name!r}")
+            raise cur.fail(f"duplicate tensor name {shown}")
         seen.add(name)
-        n_dims = cur.u32(f"tensor {name!r} n_dims")
+        n_dims = cur.u32(f"tensor {shown} n_dims")
         if n_dims > MAX_DIMS:
-            raise cur.fail(f"tensor {name!r} has {n_dims} dims (at most {MAX_DIMS})")
-        cur.need(8 * n_dims, f"tensor {name!r} dims")
+            raise cur.fail(f"tensor {shown} has {n_dims} dims (at most {MAX_DIMS})")
+        cur.need(8 * n_dims, f"tensor {shown} dims")
         dims = struct.unpack_from(f"<{n_dims}q", cur.buf, cur.pos)
         cur.pos += 8 * n_dims
         if any(d < 0 for d in dims):
-            raise cur.fail(f"tensor {name!r} has a negative dimension {list(dims)}")
-        ttype = cur.u32(f"tensor {name!r} type")
-        offset = cur.u64(f"tensor {name!r} offset")
+            raise cur.fail(f"tensor {shown} has a negative dimension {list(dims)}")
+        ttype = cur.u32(f"tensor {shown} type")
+        offset = cur.u64(f"tensor {shown} offset")
         infos.append((name, dims, ttype, offset))
     return infos
 
@@ -347,19 +351,19 @@ def _tensor_infos(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ..
 def _tensor_layout(path: Path, name: str, dims: tuple[int, ...], ttype: int) -> tuple[str, int]:
     """(type name, byte size) of a tensor, checking its type and its row length."""
     if ttype not in GGML_TYPES:
-        raise FormatError(f"tensor {name!r} has unknown ggml type {ttype}", path)
+        raise FormatError(f"tensor {show(name)} has unknown ggml type {ttype}", path)
     qtype, bs, ts = GGML_TYPES[ttype]
     if not dims and bs > 1:
-        raise FormatError(f"tensor {name!r}: a {qtype} tensor needs at least one dimension", path)
+        raise FormatError(f"tensor {show(name)}: a {qtype} tensor needs at least one dimension", path)
     if dims and dims[0] % bs:
-        raise FormatError(f"tensor {name!r}: {qtype} rows must be a multiple of {bs} elements, "
+        raise FormatError(f"tensor {show(name)}: {qtype} rows must be a multiple of {bs} elements, "
                           f"got {dims[0]}", path)
     numel = 1
     for d in dims:
         numel *= d  # Python ints: no overflow here, checked below
     nbytes = numel // bs * ts
     if numel > INT64_MAX or nbytes > INT64_MAX:
-        raise FormatError(f"tensor {name!r} dims {list(dims)} overflow 64 bits", path)
+        raise FormatError(f"tensor {show(name)} dims {list(dims)} overflow 64 bits", path)
     return qtype, nbytes
 
 
@@ -377,9 +381,17 @@ def parse_gguf(path: str | os.PathLike[str]) -> GGUFFile:
             raise FormatError(f"not a GGUF file (magic {head!r}, expected b'GGUF')", path)
         raise FormatError(f"truncated: {size} bytes, a GGUF header needs 24", path)
     try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        mm = np.memmap(path, dtype=np.uint8, mode="r")  # by name: the expert cache reads mm.filename
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size != len(mm):
+                raise FormatError("the file changed while being opened", path)
+            watch(path, f.fileno(), mm)  # a truncation while in use: one line, not a dead process
     except (OSError, ValueError) as e:
-        raise FormatError(f"cannot map the file ({e})", path) from None
+        from mlxtral.address_space import map_error  # ulimit -v: the whole file is mapped
+
+        if isinstance(e, OSError) and (why := map_error(path, size, e)) is not None:
+            raise why from None
+        raise FormatError(f"cannot map the file ({plain(str(e))})", path) from None
     base = mm.view(np.ndarray)  # plain ndarray views; .base keeps the map alive
     cur = _Cursor(memoryview(base), path)
     version, n_tensors, n_kv = _header(cur)
@@ -400,11 +412,11 @@ def parse_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     for name, dims, ttype, offset in infos:
         qtype, nbytes = _tensor_layout(path, name, dims, ttype)
         if offset % alignment:
-            raise FormatError(f"tensor {name!r} offset {offset} is not a multiple of the "
+            raise FormatError(f"tensor {show(name)} offset {offset} is not a multiple of the "
                               f"alignment {alignment}", path)
         start = data_start + offset
         if start + nbytes > size:
-            raise FormatError(f"truncated: tensor {name!r} ({nbytes} bytes at byte {start}) runs past "
+            raise FormatError(f"truncated: tensor {show(name)} ({nbytes} bytes at byte {start}) runs past "
                               f"the end of the file ({size} bytes)", path)
         shape = tuple(int(d) for d in reversed(dims))
         raw = base[start:start + nbytes]
@@ -420,5 +432,5 @@ def parse_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     spans.sort()
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
         if start_b < end_a:
-            raise FormatError(f"tensors {a!r} and {b!r} overlap in the file", path)
+            raise FormatError(f"tensors {show(a)} and {show(b)} overlap in the file", path)
     return GGUFFile(path, version, alignment, data_start, md, vtypes, etypes, tensors, mm)

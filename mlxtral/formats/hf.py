@@ -20,7 +20,6 @@ of the memory-mapped file (bf16 as a ``BF16`` QTensor of the raw bits).
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,9 +28,11 @@ from typing import Any
 import numpy as np
 
 from mlxtral.config import ModelArgs, read_json
+from mlxtral.display import plain, show
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, TokenizerSource
 from mlxtral.formats.detect import validate_shapes, validate_tensors
+from mlxtral.formats.files import read_side_json
 from mlxtral.formats.safetensors import SafeTensor, open_safetensors
 from mlxtral.formats.torch_zip import load_torch_zip
 from mlxtral.qtensor import AffineTensor, QTensor, Tensor
@@ -100,7 +101,7 @@ def unpermute_qk(q: Tensor, n_heads: int) -> Tensor:
 def to_qtensor(t: SafeTensor, name: str, path: Path) -> QTensor:
     if t.dtype in ("F32", "F16", "BF16", "F64"):
         return t.qtensor()
-    raise FormatError(f"tensor {name!r} has dtype {t.dtype}: not a float weight (a quantized checkpoint "
+    raise FormatError(f"tensor {show(name)} has dtype {t.dtype}: not a float weight (a quantized checkpoint "
                       "of a kind mlxtral does not read?)", path)
 
 
@@ -130,7 +131,7 @@ def load_shards(folder: Path, files: list[Path], index: dict[str, str] | None = 
     """Every tensor of ``files`` (a name appearing twice is an error), checked against ``index``."""
     for f in files:
         if not f.is_file():
-            raise FormatError(f"shard {f.name} is missing (incomplete download?)", f)
+            raise FormatError(f"shard {plain(f.name)} is missing (incomplete download?)", f)
     tensors: dict[str, SafeTensor] = {}
     where: dict[str, str] = {}
     keep: list[Any] = []
@@ -139,29 +140,26 @@ def load_shards(folder: Path, files: list[Path], index: dict[str, str] | None = 
         keep.append(k)
         for name, t in ts.items():
             if name in tensors:
-                raise FormatError(f"tensor {name!r} is in both {where[name]} and {f.name} (tensor-parallel "
-                                  "shards are not supported)", folder)
+                raise FormatError(f"tensor {show(name)} is in both {plain(where[name])} and {plain(f.name)} "
+                                  "(tensor-parallel shards are not supported)", folder)
             tensors[name] = t
             where[name] = f.name
     if index is not None:
         for name, shard in index.items():
             if where.get(name) != shard:
-                raise FormatError(f"index lists tensor {name!r} in {shard}, but that shard does not hold it",
-                                  index_path)
+                raise FormatError(f"index lists tensor {show(name)} in {plain(shard)}, but that shard does "
+                                  "not hold it", index_path)
     return tensors, keep
 
 
 def read_index(index_path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"cannot read the shard index ({e.__class__.__name__})", index_path) from None
+    data = read_side_json(index_path, unique_keys=True)  # regular file, size cap, one-line FormatError
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise FormatError("shard index has no weight_map of names to files", index_path)
     for v in wm.values():
         if "/" in v or "\\" in v or v.startswith("."):
-            raise FormatError(f"shard index names a file outside the folder: {v!r}", index_path)
+            raise FormatError(f"shard index names a file outside the folder: {show(v)}", index_path)
     return wm
 
 
@@ -172,7 +170,7 @@ def find_weight_files(folder: Path, stems: tuple[str, ...] = ("model", "pytorch_
         if stem == "pytorch_model" and ext == ".safetensors":
             continue
         idx = folder / f"{stem}{ext}.index.json"
-        if idx.is_file():
+        if idx.exists():  # a FIFO or a folder is refused by read_index, not skipped
             wm = read_index(idx)
             files = [folder / n for n in sorted(set(wm.values()))]
             return files, wm, idx
@@ -187,17 +185,10 @@ def find_weight_files(folder: Path, stems: tuple[str, ...] = ("model", "pytorch_
 
 
 def hf_tokenizer(folder: Path) -> TokenizerSource | None:
-    if (folder / "tokenizer.model").is_file():
-        md: dict[str, Any] = {}
-        try:  # keep tokenizer_config.json's chat template (the SentencePiece file has none)
-            cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-            tpl = cfg.get("chat_template")
-            if isinstance(tpl, str):
-                md["tokenizer.chat_template"] = tpl
-        except (OSError, ValueError, AttributeError):
-            pass
-        return TokenizerSource("sentencepiece", folder / "tokenizer.model", md)
-    if (folder / "tokenizer.json").is_file():
+    if (folder / "tokenizer.model").exists():  # the tokenizer loader refuses a non-file by name
+        # tokenizer_config.json / chat_template.* are read by the tokenizer loader (from ``folder``)
+        return TokenizerSource("sentencepiece", folder / "tokenizer.model", folder=folder)
+    if (folder / "tokenizer.json").exists():
         return TokenizerSource("hf", folder)
     return None
 
@@ -211,7 +202,7 @@ def load_hf(path: str | Path) -> Checkpoint:
     cfg = read_json(cfg_path)
     if isinstance(cfg.get("quantization_config"), dict) and "quantization" not in cfg:
         method = cfg["quantization_config"].get("quant_method", "unknown")
-        raise FormatError(f"quantized HF checkpoint ({method}) is not supported; use the original bf16 "
+        raise FormatError(f"quantized HF checkpoint ({show(method)}) is not supported; use the original bf16 "
                           "weights, a GGUF or an MLX folder", cfg_path)
     args = ModelArgs.from_hf_config(cfg, cfg_path)
     files, index, index_path = find_weight_files(folder)

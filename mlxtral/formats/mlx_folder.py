@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxtral.config import ModelArgs, read_json
+from mlxtral.display import plain, show
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint
 from mlxtral.formats.detect import validate_shapes, validate_tensors
@@ -48,14 +49,16 @@ def _quant_params(module: str, quant: dict[str, Any], path: Path) -> tuple[int, 
     if spec is False:
         return None
     if not isinstance(spec, dict):
-        raise FormatError(f"bad quantization entry for {module}: {spec!r}", path)
+        raise FormatError(f"bad quantization entry for {plain(module)}: {show(spec)}", path)
     mode = spec.get("mode", quant.get("mode", "affine"))
     if mode != "affine":
-        raise FormatError(f"{module}: MLX quantization mode {mode!r} is not supported (affine only)", path)
+        raise FormatError(f"{plain(module)}: MLX quantization mode {show(mode)} is not supported "
+                          "(affine only)", path)
     bits, gs = spec.get("bits"), spec.get("group_size")
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, gs))
     if not ints or bits not in AFFINE_BITS or gs not in AFFINE_GROUPS:
-        raise FormatError(f"{module}: unsupported quantization bits={bits!r} group_size={gs!r}", path)
+        raise FormatError(f"{plain(module)}: unsupported quantization bits={show(bits)} "
+                          f"group_size={show(gs)}", path)
     return bits, gs
 
 
@@ -64,20 +67,20 @@ def _quant_layout(module: str, parts: dict[str, SafeTensor], quant: dict[str, An
     """Check a quantized module's parts: (bits, group size, logical shape ``[..., out, in]``)."""
     w, s, b = parts.get("weight"), parts.get("scales"), parts.get("biases")
     if w is None or s is None or b is None:
-        raise FormatError(f"{module}: quantized module needs weight, scales and biases", path)
+        raise FormatError(f"{plain(module)}: quantized module needs weight, scales and biases", path)
     if quant is None:
-        raise FormatError(f"{module} is quantized but config.json has no 'quantization'", path)
+        raise FormatError(f"{plain(module)} is quantized but config.json has no 'quantization'", path)
     qp = _quant_params(module, quant, path)
     if qp is None:
-        raise FormatError(f"{module} has scales but config.json says it is not quantized", path)
+        raise FormatError(f"{plain(module)} has scales but config.json says it is not quantized", path)
     bits, gs = qp
     if w.dtype != "U32" or s.dtype not in SCALE_DTYPES or b.dtype != s.dtype:
-        raise FormatError(f"{module}: expected uint32 weight and float scales/biases, got {w.dtype}, "
+        raise FormatError(f"{plain(module)}: expected uint32 weight and float scales/biases, got {w.dtype}, "
                           f"{s.dtype}, {b.dtype}", path)
     n = w.shape[-1] * 32 // bits if w.shape else 0
     if (not w.shape or (w.shape[-1] * 32) % bits or n % gs or n % 32 or s.shape != b.shape
             or s.shape != (*w.shape[:-1], n // gs)):
-        raise FormatError(f"{module}: weight {w.shape}, scales {s.shape}, biases {b.shape} do not fit "
+        raise FormatError(f"{plain(module)}: weight {w.shape}, scales {s.shape}, biases {b.shape} do not fit "
                           f"{bits}-bit groups of {gs}", path)
     return bits, gs, (*w.shape[:-1], n)
 
@@ -129,7 +132,7 @@ def load_mlx_folder(path: str | Path) -> Checkpoint:
         plan.append((mod, parts, target, sw, qp, shape))
         if sw:
             if len(shape) != 3:
-                raise FormatError(f"{mod}: expected stacked experts [E, out, in], got {shape}", folder)
+                raise FormatError(f"{plain(mod)}: expected stacked experts [E, out, in], got {shape}", folder)
             for e in range(shape[0]):
                 shapes[f"blk.{sw[1]}.ffn_{sw[2]}.{e}.weight"] = shape[1:]
         else:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxtral.display import plain
 from mlxtral.errors import FormatError
 from mlxtral.qtensor import NATIVE_TYPES, AffineTensor, QTensor, Tensor
 
@@ -61,7 +62,8 @@ def to_native(t: Tensor, name: str, path: Path | str | None = None) -> QTensor:
             return QTensor("Q8_0", t.shape, gguf_affine.to_q8_0(t.data, t.qtype, t.shape))
         return QTensor(kind, t.shape, t.dequantize())  # a vector: F32
     except (NotImplementedError, ValueError) as e:
-        raise FormatError(f"tensor {name}: cannot dequantize type {t.qtype} ({e})", path) from None
+        raise FormatError(f"tensor {plain(name)}: cannot dequantize type {t.qtype} "
+                          f"({plain(str(e))})", path) from None
 
 
 def native_tensors(tensors: dict[str, Tensor], path: Path | str | None = None) -> dict[str, QTensor]:

@@ -58,13 +58,15 @@ def original_weight_files(folder: Path) -> list[Path]:
 
 
 def original_tokenizer(folder: Path) -> TokenizerSource | None:
-    """``tokenizer.model``, else the newest ``tokenizer.model.v*`` beside the weights."""
-    if (folder / "tokenizer.model").is_file():
+    """``tokenizer.model``, else the newest ``tokenizer.model.v*``, else ``tekken.json`` (Mistral NeMo...)."""
+    if (folder / "tokenizer.model").exists():  # the tokenizer loader refuses a non-file by name
         return TokenizerSource("sentencepiece", folder / "tokenizer.model")
     versions = sorted(folder.glob("tokenizer.model.v*"), key=lambda p: (len(p.name), p.name))
     if versions:
         return TokenizerSource("sentencepiece", versions[-1])
-    return None  # tekken.json tokenizers are not SentencePiece; the caller reports a missing tokenizer
+    if (folder / "tekken.json").exists():
+        return TokenizerSource("tekken", folder / "tekken.json")
+    return None
 
 
 def load_original(path: str | Path) -> Checkpoint:

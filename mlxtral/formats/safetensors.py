@@ -15,7 +15,6 @@ Integer dtypes (MLX's uint32-packed weights) stay raw NumPy arrays.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import struct
@@ -25,8 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from mlxtral.display import plain, show
 from mlxtral.errors import FormatError
 from mlxtral.formats.files import open_regular
+from mlxtral.formats.mapped import watch
+from mlxtral.jsonfile import parse_json
 from mlxtral.qtensor import QTensor
 
 # safetensors dtype code -> NumPy dtype of the stored bytes (little-endian)
@@ -119,10 +121,8 @@ def read_header(path: str | Path) -> tuple[dict[str, _Entry], dict[str, str], in
             raw = f.read(n)
     except OSError as e:
         raise FormatError(f"cannot read ({e.strerror})", path) from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"safetensors header is not valid JSON ({e.__class__.__name__})", path) from None
+    # huge integers, deep nesting and a tensor named twice are one line too
+    header = parse_json(raw, path, FormatError, "safetensors header", unique_keys=True)
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path)
     data_start = 8 + n
@@ -136,7 +136,8 @@ def read_header(path: str | Path) -> tuple[dict[str, _Entry], dict[str, str], in
     spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
-            raise FormatError(f"tensors {n0!r} and {n1!r} overlap (bytes {b0}-{e0} and {b1}-...)", path)
+            raise FormatError(f"tensors {show(n0)} and {show(n1)} overlap (bytes {b0}-{e0} and {b1}-...)",
+                              path)
     return entries, meta, data_start, size
 
 
@@ -146,30 +147,30 @@ def _is_int(v: Any) -> bool:
 
 def _check_entry(name: str, info: Any, data_len: int, path: Path) -> _Entry:
     if not isinstance(info, dict):
-        raise FormatError(f"tensor {name!r}: header entry is not an object", path)
+        raise FormatError(f"tensor {show(name)}: header entry is not an object", path)
     dtype = info.get("dtype")
     shape = info.get("shape")
     offs = info.get("data_offsets")
     if not isinstance(dtype, str):
-        raise FormatError(f"tensor {name!r}: missing dtype", path)
+        raise FormatError(f"tensor {show(name)}: missing dtype", path)
     if dtype not in DTYPES:
-        raise FormatError(f"tensor {name!r}: unsupported dtype {dtype!r}", path)
+        raise FormatError(f"tensor {show(name)}: unsupported dtype {show(dtype)}", path)
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)):
-        raise FormatError(f"tensor {name!r}: bad shape {shape!r}", path)
+        raise FormatError(f"tensor {show(name)}: bad shape {show(shape)}", path)
     if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
             or not 0 <= offs[0] <= offs[1]):
-        raise FormatError(f"tensor {name!r}: bad data_offsets {offs!r}", path)
+        raise FormatError(f"tensor {show(name)}: bad data_offsets {show(offs)}", path)
     begin, end = offs
     if end > data_len:
-        raise FormatError(f"tensor {name!r}: data_offsets {offs} run past the end of the data "
+        raise FormatError(f"tensor {show(name)}: data_offsets {offs} run past the end of the data "
                           f"({data_len} bytes): truncated or lying header", path)
     numel = 1
     for d in shape:
         numel *= d  # Python ints: no overflow
     nbytes = numel * DTYPES[dtype].itemsize
     if nbytes != end - begin:
-        raise FormatError(f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes but "
+        raise FormatError(f"tensor {show(name)}: shape {shape} of {dtype} needs {nbytes} bytes but "
                           f"data_offsets span {end - begin}", path)
     return _Entry(name, dtype, tuple(shape), begin, end)
 
@@ -183,8 +184,13 @@ def open_safetensors(path: str | Path) -> SafetensorsFile:
         try:
             with open_regular(path) as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                watch(path, f.fileno(), mm)  # a truncation while in use: one line, not a dead process
         except (OSError, ValueError) as e:
-            raise FormatError(f"cannot memory-map ({e})", path) from None
+            from mlxtral.address_space import map_error  # ulimit -v: the whole file is mapped
+
+            if isinstance(e, OSError) and (why := map_error(path, size, e)) is not None:
+                raise why from None
+            raise FormatError(f"cannot memory-map ({plain(str(e))})", path) from None
         if len(mm) != size:
             raise FormatError("file changed size while being opened", path)
     tensors: dict[str, SafeTensor] = {}

@@ -7,6 +7,15 @@ with an unpickler whose ``find_class`` knows only the few callables that rebuild
 to our own functions; anything else raises :class:`UnsafeCheckpointError` before it is called.
 Torch is never imported.
 
+The unpickler is Python's own pure-Python one, restricted further so that its work is bounded by
+the pickle's size: only the opcodes torch writes are executed (no sets, no object construction
+besides the allowed callables, no ``DUP``); tuples and MARKs nest at most :data:`MAX_NESTING` deep
+and a tuple reaches at most :data:`MAX_TUPLE_WEIGHT_PER_BYTE` objects (repeats counted) per byte of
+pickle, so a 210-byte DAG of 2**100 leaves (``DUP`` + ``TUPLE2`` x 100, or the same through the
+memo) or a million nested one-tuples (hashing it overflows the C stack) is refused where it is
+built; BUILD only sets attributes of an ``OrderedDict`` (torch's ``_metadata``). Every
+file-derived value in a message goes through :func:`mlxtral.display.show`.
+
 Storages become zero-copy NumPy views of a read-only memory map of the archive (zip entries in
 torch files are STORED, so each storage is a contiguous byte range of the file). Tensors come
 back as :class:`TorchTensor` (dtype code in safetensors spelling, shape, view).
@@ -17,6 +26,7 @@ import io
 import mmap
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -26,8 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from mlxtral.display import show, term_safe
 from mlxtral.errors import FormatError, UnsafeCheckpointError
 from mlxtral.formats.files import open_regular
+from mlxtral.formats.mapped import watch
 from mlxtral.formats.safetensors import DTYPES, SafeTensor
 
 # torch storage class name -> safetensors-style dtype code
@@ -43,8 +55,11 @@ STORAGE_DTYPES: dict[str, str] = {
     "ByteStorage": "U8",
     "BoolStorage": "BOOL",
 }
-MAX_PICKLE_BYTES = 256 * 1024 * 1024
+MAX_PICKLE_BYTES = 64 * 1024 * 1024  # ~500k tensors' worth; the pure-Python unpickler reads ~5 MB/s
 MAX_DIMS = 8
+MAX_NESTING = 32  # tuples in tuples, and open MARKs; torch nests 2 and 4 deep
+MAX_TUPLE_WEIGHT_PER_BYTE = 4  # objects a tuple reaches (repeats counted) per byte of pickle
+MAX_BYTEORDER_BYTES = 16
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # zip local file header, 30 bytes
 _LOCAL_MAGIC = 0x04034B50
 # What zipfile raises on a damaged archive (found by fuzzing: bad UTF-8 names, unknown flags...)
@@ -60,7 +75,7 @@ class _Sealed:
     __slots__ = ()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        raise UnsafeCheckpointError(f"pickle tried to set attribute {name!r}")
+        raise UnsafeCheckpointError(f"pickle tried to set attribute {show(name)}")
 
 
 class _StorageType(_Sealed):
@@ -99,7 +114,8 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
     size = _int_tuple(size, "size")
     stride = _int_tuple(stride, "stride")
     if not isinstance(storage_offset, int) or storage_offset < 0 or len(size) != len(stride):
-        raise FormatError(f"bad tensor geometry (offset {storage_offset!r}, size {size}, stride {stride})")
+        raise FormatError(f"bad tensor geometry (offset {show(storage_offset)}, size {size}, "
+                          f"stride {stride})")
     arr = storage.array
     numel = 1
     for d in size:
@@ -141,7 +157,7 @@ def _ordered_dict(*args: Any) -> OrderedDict:
 def _int_tuple(v: Any, what: str) -> tuple[int, ...]:
     if (not isinstance(v, (tuple, list)) or len(v) > MAX_DIMS
             or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in v)):
-        raise FormatError(f"bad tensor {what} {v!r}")
+        raise FormatError(f"bad tensor {what} {show(v)}")
     return tuple(v)
 
 
@@ -153,7 +169,28 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 _ALLOWED.update({("torch", name): _StorageType(code) for name, code in STORAGE_DTYPES.items()})
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+_OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+# What torch.save writes (protocol 2 by default, up to 5 on request), nothing else.
+_TORCH_OPCODES = {code for code, name in _OPCODE_NAMES.items() if name in (
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "NONE", "NEWTRUE", "NEWFALSE", "BININT",
+    "BININT1", "BININT2", "LONG1", "LONG4", "BINFLOAT", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3",
+    "EMPTY_LIST", "APPEND", "APPENDS", "LIST", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "GLOBAL",
+    "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT",
+    "MEMOIZE")}
+
+
+class _Dispatch(dict):
+    """The pure-Python unpickler's opcode table, restricted: other opcodes are refused by name."""
+
+    def __missing__(self, code: int) -> Any:
+        what = _OPCODE_NAMES.get(code, f"byte {code}")
+        raise UnsafeCheckpointError(f"pickle opcode {what}, which torch checkpoints never use")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: every opcode is ours to bound
+    dispatch = _Dispatch({k: v for k, v in pickle._Unpickler.dispatch.items() if k in _TORCH_OPCODES})
+
     def __init__(self, data: bytes, storages: dict[str, tuple[int, int]], mm: mmap.mmap, byteorder: str,
                  path: Path) -> None:
         super().__init__(io.BytesIO(data))
@@ -162,30 +199,91 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._byteorder = byteorder
         self._path = path
         self._cache: dict[str, _Storage] = {}
+        # every tuple built: id -> (the tuple, kept alive so its id stays its own; weight; depth)
+        self._tuples: dict[int, tuple[tuple[Any, ...], int, int]] = {}
+        self._size = len(data)
+        self._max_weight = MAX_TUPLE_WEIGHT_PER_BYTE * len(data) + 64
 
     def find_class(self, module: str, name: str) -> Any:
         obj = _ALLOWED.get((module, name))
         if obj is None:
             raise UnsafeCheckpointError(
-                f"pickle wants {module}.{name}, which is not a tensor-rebuilding function: refusing to "
-                "run it (the checkpoint may be malicious)", self._path)
+                f"pickle wants {term_safe(f'{module}.{name}', 100)}, which is not a tensor-rebuilding "
+                "function: refusing to run it (the checkpoint may be malicious)", self._path)
         return obj
+
+    # ---- tuples: the only containers hashing walks (dict keys), so their size is bounded -------
+    def _tuple(self, items: tuple[Any, ...]) -> None:
+        weight, depth = 1, 1
+        for x in items:
+            known = self._tuples.get(id(x)) if type(x) is tuple else None
+            if known is not None:
+                weight += known[1]
+                depth = max(depth, known[2] + 1)
+            else:
+                weight += 1
+        if depth > MAX_NESTING:
+            raise FormatError(f"data.pkl nests tuples more than {MAX_NESTING} deep (torch nests 2)")
+        if weight > self._max_weight:
+            raise FormatError(f"data.pkl builds a tuple reaching more than {self._max_weight} objects "
+                              f"from {self._size} bytes (shared references repeated: a pickle bomb)")
+        if items:
+            self._tuples[id(items)] = (items, weight, depth)
+        self.append(items)
+
+    def load_tuple(self) -> None:
+        self._tuple(tuple(self.pop_mark()))
+
+    def load_tuple1(self) -> None:
+        self._tuple((self.stack.pop(),))
+
+    def load_tuple2(self) -> None:
+        b = self.stack.pop()
+        a = self.stack.pop()
+        self._tuple((a, b))
+
+    def load_tuple3(self) -> None:
+        c = self.stack.pop()
+        b = self.stack.pop()
+        a = self.stack.pop()
+        self._tuple((a, b, c))
+
+    def load_mark(self) -> None:
+        if len(self.metastack) >= MAX_NESTING:
+            raise FormatError(f"data.pkl nests containers more than {MAX_NESTING} deep (torch nests 4)")
+        super().load_mark()
+
+    def load_build(self) -> None:
+        """BUILD: only torch's ``_metadata`` on an OrderedDict (string keys), never on our objects."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if (type(inst) is not OrderedDict or type(state) is not dict
+                or not all(type(k) is str for k in state)):
+            raise UnsafeCheckpointError(f"pickle tried to set the state of a {type(inst).__name__}")
+        inst.__dict__.update(state)
+
+    dispatch[pickle.TUPLE[0]] = load_tuple
+    dispatch[pickle.TUPLE1[0]] = load_tuple1
+    dispatch[pickle.TUPLE2[0]] = load_tuple2
+    dispatch[pickle.TUPLE3[0]] = load_tuple3
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.MARK[0]] = load_mark
 
     def persistent_load(self, pid: Any) -> _Storage:
         if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
                 or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
                 or not isinstance(pid[4], int) or isinstance(pid[4], bool) or pid[4] < 0):
-            raise UnsafeCheckpointError(f"unexpected persistent id {str(pid)[:80]}", self._path)
+            raise UnsafeCheckpointError(f"unexpected persistent id {show(pid)}", self._path)
         stype, key, numel = pid[1], pid[2], pid[4]
         if key in self._cache:
             return self._cache[key]
         if key not in self._storages:
-            raise FormatError(f"storage {key!r} is missing from the archive", self._path)
+            raise FormatError(f"storage {show(key)} is missing from the archive", self._path)
         off, length = self._storages[key]
         dt = DTYPES[stype.dtype]
         if numel * dt.itemsize > length:
-            raise FormatError(f"storage {key!r} holds {length} bytes, {numel} x {stype.dtype} needed",
-                              self._path)
+            raise FormatError(f"storage {show(key)} holds {length} bytes, {show(numel)} x {stype.dtype} "
+                              "needed", self._path)
         if self._byteorder == "big":
             arr = np.frombuffer(self._mm, dtype=dt.newbyteorder(">"), count=numel, offset=off).astype(dt)
         elif numel == 0:
@@ -201,14 +299,25 @@ def _member_data_offset(f: Any, info: zipfile.ZipInfo, size: int, path: Path) ->
     f.seek(info.header_offset)
     raw = f.read(_LOCAL_HEADER.size)
     if len(raw) != _LOCAL_HEADER.size:
-        raise FormatError(f"zip member {info.filename!r}: local header past the end of the file", path)
+        raise FormatError(f"zip member {show(info.filename)}: local header past the end of the file", path)
     fields = _LOCAL_HEADER.unpack(raw)
     if fields[0] != _LOCAL_MAGIC:
-        raise FormatError(f"zip member {info.filename!r}: bad local header", path)
+        raise FormatError(f"zip member {show(info.filename)}: bad local header", path)
     start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
     if start + info.file_size > size:
-        raise FormatError(f"zip member {info.filename!r} runs past the end of the file: truncated", path)
+        raise FormatError(f"zip member {show(info.filename)} runs past the end of the file: truncated", path)
     return start
+
+
+def _detail(e: BaseException) -> str:
+    """An exception's message, bounded: never ``str(e)`` of an exception carrying a file's object
+    (``KeyError(key)`` formats the key, which can be a DAG of 2**100 leaves)."""
+    if isinstance(e, OSError) and e.strerror:
+        return term_safe(e.strerror, 100)
+    args = e.args
+    if args and all(isinstance(a, str) for a in args):
+        return term_safe(" ".join(" ".join(args).split()), 100)
+    return show(args[0] if len(args) == 1 else args, 100)
 
 
 def is_torch_zip(path: str | Path) -> bool:
@@ -235,7 +344,7 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
             zf = zipfile.ZipFile(f)
             infos = zf.infolist()
         except _ZIP_ERRORS as e:
-            raise FormatError(f"corrupt zip archive ({e}): truncated download?", path) from None
+            raise FormatError(f"corrupt zip archive ({_detail(e)}): truncated download?", path) from None
         pkls = [i for i in infos if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
         if len(pkls) != 1:
             raise FormatError("not a PyTorch checkpoint: expected exactly one <name>/data.pkl in the zip",
@@ -249,24 +358,31 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
             pkl = zf.read(pkls[0])
             for info in infos:
                 if info.filename == prefix + "byteorder":
+                    if info.file_size > MAX_BYTEORDER_BYTES:  # "little" or "big", never a megabyte
+                        raise FormatError(f"the byteorder entry is {info.file_size} bytes long", path)
                     byteorder = zf.read(info).decode("ascii", "replace").strip()
                 if not info.filename.startswith(prefix + "data/"):
                     continue
                 if (info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size
                         or info.flag_bits & 1):
-                    raise FormatError(f"zip member {info.filename!r} is compressed or encrypted "
+                    raise FormatError(f"zip member {show(info.filename)} is compressed or encrypted "
                                       "(torch never writes that)",
                                       path)
                 storages[info.filename[len(prefix) + 5:]] = (_member_data_offset(f, info, size, path),
                                                               info.file_size)
         except _ZIP_ERRORS as e:
-            raise FormatError(f"corrupt zip archive ({e})", path) from None
+            raise FormatError(f"corrupt zip archive ({_detail(e)})", path) from None
         if byteorder not in ("little", "big"):
-            raise FormatError(f"unknown byteorder {byteorder!r}", path)
+            raise FormatError(f"unknown byteorder {show(byteorder)}", path)
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            watch(path, f.fileno(), mm)  # a truncation while in use: one line, not a dead process
         except (OSError, ValueError) as e:
-            raise FormatError(f"cannot memory-map ({e})", path) from None
+            from mlxtral.address_space import map_error  # ulimit -v: the whole file is mapped
+
+            if isinstance(e, OSError) and (why := map_error(path, size, e)) is not None:
+                raise why from None
+            raise FormatError(f"cannot memory-map ({_detail(e)})", path) from None
     try:
         obj = _RestrictedUnpickler(pkl, storages, mm, byteorder, path).load()
     except UnsafeCheckpointError as e:
@@ -274,7 +390,7 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
     except FormatError as e:
         raise FormatError(e.message, path) from None
     except Exception as e:  # any malformed pickle: never a traceback for the user
-        raise FormatError(f"corrupt data.pkl ({e.__class__.__name__}: {str(e)[:100]})", path) from None
+        raise FormatError(f"corrupt data.pkl ({e.__class__.__name__}: {_detail(e)})", path) from None
     return _state_dict(obj, path), mm
 
 
@@ -286,11 +402,11 @@ def _state_dict(obj: Any, path: Path) -> dict[str, SafeTensor]:
     out: dict[str, SafeTensor] = {}
     for k, v in obj.items():
         if not isinstance(k, str):
-            raise FormatError(f"state dict key {k!r} is not a string", path)
+            raise FormatError(f"state dict key {show(k)} is not a string", path)
         if isinstance(v, SafeTensor):
             if (not isinstance(v.data, np.ndarray) or v.dtype not in DTYPES
                     or v.data.dtype != DTYPES[v.dtype] or tuple(v.data.shape) != v.shape):
-                raise FormatError(f"tensor {k!r} was not rebuilt from a storage", path)
+                raise FormatError(f"tensor {show(k)} was not rebuilt from a storage", path)
             out[k] = v
         # non-tensor entries (training step, config...) are ignored
     return out
