@@ -34,13 +34,18 @@ def metal_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    backend = (backend or "auto").lower()
+    """numpy or mlx; ``auto`` is ``MLXTRAL_BACKEND`` when set (auto, numpy or mlx), else MLX where
+    Metal is available, else NumPy."""
+    from mlxtral.display import show
+    from mlxtral.env import env_choice
+
+    backend = (backend or "auto").lower() if isinstance(backend, str) else backend
     if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise UsageError(f"unknown backend {show(backend, 40)}: choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        env = os.environ.get("MLXTRAL_BACKEND")
-        if env:
-            return resolve_backend(env)
+        env = env_choice("MLXTRAL_BACKEND", BACKENDS)
+        if env is not None and env != "auto":
+            return env
         return "mlx" if metal_available() else "numpy"
     return backend
 
@@ -248,6 +253,14 @@ def load(
 
     if eviction not in POLICIES:
         raise UsageError(f"unknown eviction policy {eviction!r}: choose one of {', '.join(POLICIES)}")
+    tok = None
+    if tokenizer:  # before the weights are read: a tokenizer that does not fit is refused at once
+        if ckpt.tokenizer is None:
+            raise MlxtralError("no tokenizer found beside the weights", ckpt.path)
+        from mlxtral.tokenizer import check_tokenizer_fits, load_tokenizer
+
+        tok = load_tokenizer(ckpt.tokenizer)
+        check_tokenizer_fits(tok, ckpt.args.vocab_size, ckpt.path)
     plan = None
     if check_memory or memory_budget is not None or stream_experts:
         plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget, stream=stream_experts)
@@ -268,13 +281,6 @@ def load(
         # MLX holds its own (repacked) copies: drop ours (views of the file, or arrays read into RAM
         # from a .pth), so nothing stays resident twice
         ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]
-    tok = None
-    if tokenizer:
-        if ckpt.tokenizer is None:
-            raise MlxtralError("no tokenizer found beside the weights", ckpt.path)
-        from mlxtral.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(ckpt.tokenizer)
     model = Model(ckpt, be, tok, max_context)
     model.memory_plan = plan
     return model

@@ -12,7 +12,7 @@ from __future__ import annotations
 from mlxtral.tokenizer.base import StreamDecoder, Tokenizer
 from mlxtral.tokenizer.chat import apply_chat_template, chat_delta, template_name, validate_messages
 from mlxtral.tokenizer.gguf import from_gguf_metadata
-from mlxtral.tokenizer.loader import load_tokenizer
+from mlxtral.tokenizer.loader import check_tokenizer_fits, load_tokenizer
 from mlxtral.tokenizer.spm import SentencePieceTokenizer
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Tokenizer",
     "apply_chat_template",
     "chat_delta",
+    "check_tokenizer_fits",
     "from_gguf_metadata",
     "load_tokenizer",
     "template_name",

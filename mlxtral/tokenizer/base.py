@@ -13,6 +13,8 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
+from mlxtral.tokenizer.special import SpecialSplitter
+
 # GGUF token types (gguf.TokenType), also used for the other vocabulary kinds.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -28,6 +30,23 @@ EOT_TEXTS = (
 )
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# token types that text merges into; CONTROL, USER_DEFINED, UNKNOWN, UNUSED and BYTE tokens never
+# come out of merging text (as in sentencepiece): only the special-token splitter or the byte
+# fallback produce them
+_NOT_MERGEABLE = frozenset({UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE})
+
+
+def mergeable(token_type: int) -> bool:
+    """True for the token types a merge of text may produce (NORMAL, and unknown type numbers)."""
+    return token_type not in _NOT_MERGEABLE
+
+
+def byte_value(text: str) -> int | None:
+    """The byte of a ``<0xHH>`` token text, None for anything else (``<0xZZ>``, ``<0x1>``...)."""
+    if len(text) == 6 and text[:3] == "<0x" and text[5] == ">" and text[3] in _HEX and text[4] in _HEX:
+        return int(text[3:5], 16)
+    return None
 
 
 def clean_text(text: str) -> str:
@@ -60,10 +79,45 @@ class Tokenizer(ABC):
     chat_template: str | None = None
     #: Decode drops one leading space of the first text piece (SentencePiece dummy prefix).
     strip_leading_space: bool = False
+    #: The file the vocabulary comes from, and the file the chat template comes from (for errors).
+    source: str | None = None
+    template_source: str | None = None
+    #: The Mistral instruct format version the file states (tekken.json's ``config.version``).
+    instruct_version: str | None = None
+    _splitter: SpecialSplitter
+
+    def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``bos`` prepends BOS; ``special`` parses control tokens in the text.
+
+        As llama.cpp does, user-defined tokens (added tokens that are not special) written in the
+        text are always matched; control tokens only with ``special``."""
+        out: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
+        for frag in self._splitter.split(clean_text(text), special):
+            if isinstance(frag, int):
+                out.append(frag)
+            else:
+                self._encode_fragment(frag, out, False)
+        return out
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` as plain text: nothing in it becomes a control or user-defined token,
+        whatever the vocabulary calls them (chat templates encode messages' contents this way, so
+        a message cannot write the template's markers)."""
+        out: list[int] = []
+        text = clean_text(text)
+        if text:
+            self._encode_fragment(text, out, True)
+        return out
+
+    def special_fragments(self, text: str) -> list[str | int]:
+        """``text`` split into raw text (str) and the ids of every special token written in it
+        (control and user-defined alike): how a chat template's own text is read."""
+        return self._splitter.split(clean_text(text), True)
 
     @abstractmethod
-    def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
-        """Token ids of ``text``; ``bos`` prepends BOS; ``special`` parses control tokens in the text."""
+    def _encode_fragment(self, text: str, out: list[int], plain: bool) -> None:
+        """Append the ids of ``text``, which holds no special token to split out; with ``plain``,
+        no id of a control or user-defined token may be appended."""
 
     @abstractmethod
     def id_to_piece(self, i: int) -> str:

@@ -2,14 +2,26 @@
 
 Text is split into words by the pre-tokenizer regexes, each word's UTF-8 bytes are mapped to
 printable characters (GPT-2's byte-to-unicode table), then pairs are merged by merge rank
-(lowest first, leftmost on ties) as llama.cpp's ``llm_tokenizer_bpe`` does. Words are cached.
+(lowest first, leftmost on ties, with a heap) as llama.cpp's ``llm_tokenizer_bpe`` does. Short
+words are cached.
 """
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
+from mlxtral.display import show
 from mlxtral.errors import TokenizerError
-from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer, clean_text
+from mlxtral.tokenizer.base import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    USER_DEFINED,
+    Tokenizer,
+    byte_value,
+    mergeable,
+)
 from mlxtral.tokenizer.pretok import PreTokenizer
 from mlxtral.tokenizer.special import SpecialSplitter
 
@@ -38,12 +50,13 @@ def parse_merges(merges: Sequence[str | Sequence[str]]) -> dict[tuple[str, str],
         if isinstance(m, str):
             cut = m.find(" ", 1)
             if cut < 0:
-                raise TokenizerError(f"malformed BPE merge {m!r} (rank {rank})")
+                raise TokenizerError(f"malformed BPE merge {show(m, 60)} (rank {rank}): expected 'a b'")
             pair = (m[:cut], m[cut + 1 :])
-        else:
-            if len(m) != 2:
-                raise TokenizerError(f"malformed BPE merge {m!r} (rank {rank})")
+        elif isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m):
             pair = (m[0], m[1])
+        else:
+            raise TokenizerError(f"malformed BPE merge {show(m, 60)} (rank {rank}): expected 'a b' or "
+                                 "a pair of strings")
         ranks.setdefault(pair, rank)
     return ranks
 
@@ -63,7 +76,10 @@ class ByteLevelBPETokenizer(Tokenizer):
         add_bos: bool = False,
         ignore_merges: bool = False,
         chat_template: str | None = None,
+        vocab_ranks: dict[str, int] | None = None,
     ) -> None:
+        """``vocab_ranks`` (tiktoken-style vocabularies such as Mistral's tekken): the rank of a pair
+        is the rank of the token its concatenation makes, and ``merges`` is not used."""
         self._tokens = list(tokens)
         self.vocab_size = len(self._tokens)
         if not self.vocab_size:
@@ -73,9 +89,13 @@ class ByteLevelBPETokenizer(Tokenizer):
             raise TokenizerError(f"{len(types)} token types for {self.vocab_size} tokens")
         self._types = [int(t) for t in types]
         self._ids: dict[str, int] = {}
+        self._merge_ids: dict[str, int] = {}  # the tokens merging text may produce
         for i, t in enumerate(self._tokens):
             self._ids[t] = i  # the last duplicate wins, as in llama.cpp
-        self._ranks = parse_merges(merges)
+            if mergeable(self._types[i]):
+                self._merge_ids[t] = i
+        self._ranks = parse_merges(merges) if vocab_ranks is None else {}
+        self._vocab_ranks = vocab_ranks
         self._pre = pretokenizer
         self.ignore_merges = ignore_merges
         for name, i in (("bos", bos_id), ("eos", eos_id)):
@@ -95,47 +115,61 @@ class ByteLevelBPETokenizer(Tokenizer):
         t, text = self._types[i], self._tokens[i]
         if t in (CONTROL, USER_DEFINED, UNKNOWN):
             return text.encode("utf-8")
-        if t == BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
-            return bytes([int(text[3:5], 16)])
+        if t == BYTE:
+            b = byte_value(text)
+            if b is None:
+                raise TokenizerError(f"token {i} is a BYTE token but its text {show(text, 40)} is not <0xHH>")
+            return bytes([b])
         out = bytearray()
         for c in text:
             b = UNICODE_TO_BYTE.get(c)
             if b is None:
-                out += c.encode("utf-8")
+                out += c.encode("utf-8", errors="replace")
             else:
                 out.append(b)
         return bytes(out)
 
     # ------------------------------------------------------------------ encoding
     def _bpe_word(self, word: str) -> tuple[int, ...]:
-        """Ids of one byte-mapped word."""
-        ids = self._ids
+        """Ids of one byte-mapped word: llama.cpp's (and HF tokenizers') BPE, the lowest-ranked
+        adjacent pair merged first (leftmost on ties), with a heap: O(n log n) in the word length."""
+        ids = self._merge_ids
         if self.ignore_merges and word in ids:
             return (ids[word],)
-        parts = list(word)
-        ranks = self._ranks
-        while len(parts) > 1:
-            best_rank, best = None, None
-            for k in range(len(parts) - 1):
-                r = ranks.get((parts[k], parts[k + 1]))
-                if r is not None and (best_rank is None or r < best_rank):
-                    best_rank, best = r, (parts[k], parts[k + 1])
-            if best is None:
-                break
-            a, b = best
-            merged: list[str] = []
-            k = 0
-            n = len(parts)
-            while k < n:
-                if k < n - 1 and parts[k] == a and parts[k + 1] == b:
-                    merged.append(a + b)
-                    k += 2
-                else:
-                    merged.append(parts[k])
-                    k += 1
-            parts = merged
+        syms = list(word)
+        n = len(syms)
+        if n > 1:
+            ranks, vranks = self._ranks, self._vocab_ranks
+            nxt = list(range(1, n + 1))
+            nxt[-1] = -1
+            prv = list(range(-1, n - 1))
+
+            def pair(left: int, right: int) -> tuple[int, int, int, int] | None:
+                a, b = syms[left], syms[right]
+                r = ranks.get((a, b)) if vranks is None else vranks.get(a + b)
+                return None if r is None else (r, left, right, len(a) + len(b))
+
+            heap = [p for p in (pair(k, k + 1) for k in range(n - 1)) if p is not None]
+            heapq.heapify(heap)
+            while heap:
+                _, left, right, size = heapq.heappop(heap)
+                a, b = syms[left], syms[right]
+                if not a or not b or len(a) + len(b) != size or nxt[left] != right:
+                    continue  # outdated: one side was merged since
+                syms[left] = a + b
+                syms[right] = ""
+                r2 = nxt[right]
+                nxt[left] = r2
+                if r2 >= 0:
+                    prv[r2] = left
+                if prv[left] >= 0 and (p := pair(prv[left], left)) is not None:
+                    heapq.heappush(heap, p)
+                if r2 >= 0 and (p := pair(left, r2)) is not None:
+                    heapq.heappush(heap, p)
         out: list[int] = []
-        for p in parts:
+        for p in syms:
+            if not p:
+                continue
             i = ids.get(p)
             if i is not None:
                 out.append(i)
@@ -146,25 +180,17 @@ class ByteLevelBPETokenizer(Tokenizer):
                     out.append(j)
         return tuple(out)
 
-    def _encode_text(self, text: str, out: list[int]) -> None:
+    def _encode_fragment(self, text: str, out: list[int], plain: bool) -> None:
+        # merging only ever produces mergeable (normal) tokens: plain text needs nothing more
         cache = self._cache
         for word in self._pre.split(text):
             ids = cache.get(word)
             if ids is None:
                 mapped = word.encode("utf-8").decode("latin-1").translate(_TRANSLATE)
                 ids = self._bpe_word(mapped)
-                if len(cache) < 200_000:
+                if len(cache) < 200_000 and len(word) <= 256:
                     cache[word] = ids
             out.extend(ids)
-
-    def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
-        out: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        for frag in self._splitter.split(clean_text(text), special):
-            if isinstance(frag, int):
-                out.append(frag)
-            else:
-                self._encode_text(frag, out)
-        return out
 
     # ------------------------------------------------------------------ vocabulary
     def id_to_piece(self, i: int) -> str:

@@ -1,15 +1,27 @@
 """Chat templates: a conversation -> prompt token ids.
 
-Two formats, chosen from the file's ``chat_template`` text or, without one, from the vocabulary:
+Templates are recognised, never executed: a file's Jinja text only chooses between the formats
+below (so a template that raises, loops forever or renders gigabytes costs nothing), and the
+vocabulary chooses the variant. Two formats:
 
-``"mistral"`` (Mistral / Mixtral Instruct v1, ids equal to ``mistral_common``'s
-    ``MistralTokenizer.v1().encode_chat_completion``)::
+``"mistral"``, ids equal to ``mistral_common``'s ``encode_chat_completion`` for each tokenizer
+    version, chosen by the vocabulary:
+
+    - v1 (``[INST]`` is text, Mixtral 8x7B)::
 
         <s>[INST] {system}\\n\\n{user} [/INST] {answer}</s>[INST] {user2} [/INST]
 
-    BOS once; each user turn and each answer are tokenized on their own (each gets the
-    SentencePiece dummy-prefix space); EOS closes every answer; a system prompt goes into the
-    first user turn.
+      BOS once; each user turn and each answer are tokenized on their own (each gets the
+      SentencePiece dummy-prefix space); EOS closes every answer; a system prompt goes into the
+      first user turn.
+    - v2/v3 (``[INST]`` and ``[/INST]`` are control tokens: ``tokenizer.model.v3``, Mixtral 8x22B)::
+
+        <s>[INST]{user}[/INST]{answer}</s>[INST]{system}\\n\\n{user2}[/INST]
+
+      the markers are their control ids, the system prompt goes into the *last* user turn, and
+      answers lose their trailing spaces.
+    - v7 (``[SYSTEM_PROMPT]`` is a control token too): as v3, with the system prompt in its own
+      block ``[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT]`` at its place.
 
 ``"chatml"``::
 
@@ -17,8 +29,11 @@ Two formats, chosen from the file's ``chat_template`` text or, without one, from
 
     A default system prompt written in the template (SmolLM2's "You are a helpful AI assistant
     named SmolLM...") is added when the conversation has none, as the Jinja template does.
-    Role names and contents are tokenized as plain text, never parsed for special tokens, so a
-    user cannot inject ``<|im_end|>``; the template's own markers are token ids.
+
+Injection: the template's own text is read with its special tokens (``<|im_start|>``, ``[INST]``
+as control ids); messages' contents are plain text (:meth:`Tokenizer.encode_plain`), so no
+content ever becomes a control or user-defined token, whatever the vocabulary calls the markers.
+Adjacent text (a role name and its content) is tokenized together, as the rendered template is.
 
 Messages are mappings with ``role`` (``system`` first only, then ``user`` and ``assistant``
 alternating, starting with ``user``) and ``content`` (str). Anything else raises ``ChatError``.
@@ -32,13 +47,20 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mlxtral.display import show
 from mlxtral.errors import ChatError, TokenizerError
-from mlxtral.tokenizer.base import Tokenizer
+from mlxtral.tokenizer.base import CONTROL, USER_DEFINED, Tokenizer
 
 TEMPLATES = ("mistral", "chatml")
 ROLES = ("system", "user", "assistant")
 
-_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]*?)<\|im_end\|>")
+_SYSTEM_START = "<|im_start|>system"
+_IM_END = "<|im_end|>"
+_NOT_IN_DEFAULT = re.compile("['\"{}]")  # a default prompt is one Jinja string literal
+
+
+def _template_error(tokenizer: Tokenizer, message: str) -> TokenizerError:
+    return TokenizerError(message, tokenizer.template_source or tokenizer.source)
 
 
 def template_name(tokenizer: Tokenizer) -> str:
@@ -49,23 +71,72 @@ def template_name(tokenizer: Tokenizer) -> str:
             return "chatml"
         if "[INST]" in text:
             return "mistral"
-        raise TokenizerError("unsupported chat template (neither ChatML <|im_start|> nor Mistral [INST])")
+        raise _template_error(tokenizer, "unsupported chat template (neither ChatML <|im_start|> nor Mistral "
+                                         "[INST])")
     if tokenizer.token_to_id("<|im_start|>") is not None and tokenizer.token_to_id("<|im_end|>") is not None:
         return "chatml"
-    spm_like = tokenizer.kind in ("sentencepiece", "llama")
+    spm_like = tokenizer.kind in ("sentencepiece", "llama", "tekken")
     if spm_like and tokenizer.bos_id is not None and tokenizer.eos_id is not None:
         return "mistral"
-    raise TokenizerError("no chat template in the file and none can be inferred from the vocabulary")
+    raise _template_error(tokenizer, "no chat template in the file and none can be inferred from the "
+                                     "vocabulary")
+
+
+def _marker(tokenizer: Tokenizer, text: str) -> int | None:
+    """The id of ``text`` if the vocabulary has it as a control or user-defined token."""
+    i = tokenizer.token_to_id(text)
+    return i if i is not None and tokenizer.token_type(i) in (CONTROL, USER_DEFINED) else None
+
+
+def mistral_version(tokenizer: Tokenizer) -> str:
+    """``"v1"`` (``[INST]`` is text), ``"v3"`` (``[INST]``/``[/INST]`` are control tokens) or ``"v7"``
+    (``[SYSTEM_PROMPT]`` too, and the template, if any, uses it). A version the file states
+    (tekken.json) is taken as it is: v2 and v3 are one format, v7 and later too."""
+    if _marker(tokenizer, "[INST]") is None or _marker(tokenizer, "[/INST]") is None:
+        return "v1"
+    stated = tokenizer.instruct_version
+    if stated is not None and stated[1:].isdigit():
+        return "v1" if int(stated[1:]) <= 1 else "v3" if int(stated[1:]) < 7 else "v7"
+    has_system = _marker(tokenizer, "[SYSTEM_PROMPT]") is not None and \
+        _marker(tokenizer, "[/SYSTEM_PROMPT]") is not None
+    if has_system and (not tokenizer.chat_template or "[SYSTEM_PROMPT]" in tokenizer.chat_template):
+        return "v7"
+    return "v3"
 
 
 def default_system_prompt(template: str | None) -> str | None:
-    """The system prompt a ChatML Jinja template inserts when the conversation has none."""
+    """The system prompt a ChatML Jinja template inserts when the conversation has none: the first
+    ``<|im_start|>system\\n...<|im_end|>`` whose text holds no quote or brace (one string literal).
+
+    One pass over the template (each search starts where the previous one ended), whatever it
+    holds: 400 KB of repeated ``<|im_start|>system\\n`` costs what 400 KB of anything costs."""
     if not template:
         return None
-    m = _DEFAULT_SYSTEM.search(template)
-    if m is None:
-        return None
-    return m.group(1).replace("\\n", "\n")
+    pos = 0
+    end = -2  # the first <|im_end|> at or after the current content start (-1: none left)
+    bad = -2  # the first quote or brace at or after it (len(template): none left)
+    while True:
+        k = template.find(_SYSTEM_START, pos)
+        if k < 0:
+            return None
+        s = k + len(_SYSTEM_START)
+        if template.startswith("\n", s):
+            s += 1
+        elif template.startswith("\\n", s):
+            s += 2
+        else:
+            pos = k + 1
+            continue
+        if end < s:
+            end = template.find(_IM_END, s)
+            if end < 0:
+                return None  # no <|im_end|> after this start, hence none after a later one
+        if bad < s:
+            m = _NOT_IN_DEFAULT.search(template, s)
+            bad = m.start() if m else len(template)
+        if bad > end:
+            return template[s:end].replace("\\n", "\n")
+        pos = k + 1
 
 
 def validate_messages(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> None:
@@ -78,7 +149,7 @@ def validate_messages(messages: Sequence[Mapping[str, Any]], add_generation_prom
             raise ChatError(f"message {k} must be a mapping with 'role' and 'content'")
         role, content = m["role"], m["content"]
         if role not in ROLES:
-            raise ChatError(f"message {k} has unknown role {role!r} (expected system, user or assistant)")
+            raise ChatError(f"message {k} has unknown role {show(role)} (expected system, user or assistant)")
         if not isinstance(content, str):
             raise ChatError(f"message {k} ({role}) content must be a string, not {type(content).__name__}")
         if role == "system":
@@ -87,7 +158,7 @@ def validate_messages(messages: Sequence[Mapping[str, Any]], add_generation_prom
             continue
         if role != expect:
             raise ChatError(
-                f"message {k} is {role!r} but {expect!r} was expected: roles must alternate "
+                f"message {k} is {show(role)} but {expect!r} was expected: roles must alternate "
                 "user/assistant, starting with user (after an optional system message)"
             )
         expect = "assistant" if role == "user" else "user"
@@ -95,54 +166,104 @@ def validate_messages(messages: Sequence[Mapping[str, Any]], add_generation_prom
         raise ChatError("the conversation has a system message but no user message")
     if add_generation_prompt and messages[-1]["role"] != "user":
         last = messages[-1]["role"]
-        raise ChatError(f"the last message must be from the user to prompt an answer, not {last!r}")
+        raise ChatError(f"the last message must be from the user to prompt an answer, not {show(last)}")
 
 
 def _special_id(tokenizer: Tokenizer, text: str) -> int:
     i = tokenizer.token_to_id(text)
     if i is None:
-        raise TokenizerError(f"the ChatML template needs the token {text} but the vocabulary has none")
+        raise _template_error(tokenizer, f"the ChatML template needs the token {text} but the vocabulary "
+                                         "has none")
     return i
+
+
+_Part = tuple[str, bool]  # (text, True for the template's own text / False for a message's content)
+
+
+def _encode_parts(tokenizer: Tokenizer, parts: Sequence[_Part | int]) -> list[int]:
+    """Ids of a piece of the rendered prompt: token ids (the template's markers), template text
+    (special tokens written in it become their ids) and contents (plain text). Adjacent text,
+    template or content, is tokenized together as one run."""
+    out: list[int] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            out.extend(tokenizer.encode_plain("".join(run)))
+            run.clear()
+
+    for part in parts:
+        if isinstance(part, int):
+            flush()
+            out.append(part)
+            continue
+        text, literal = part
+        if not literal:
+            run.append(text)
+            continue
+        for frag in tokenizer.special_fragments(text):
+            if isinstance(frag, int):
+                flush()
+                out.append(frag)
+            else:
+                run.append(frag)
+    flush()
+    return out
+
+
+def _mistral_segments(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> list[list[int]]:
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise _template_error(tokenizer, "the Mistral chat format needs BOS and EOS tokens")
+    version = mistral_version(tokenizer)
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    users = [k for k, m in enumerate(messages) if m["role"] == "user"]
+    # v1 puts the system prompt into the first user turn, v2/v3 into the last; v7 gives it a block
+    system_turn = None if version == "v7" or not users else users[0] if version == "v1" else users[-1]
+    segs: list[list[int]] = [[tokenizer.bos_id]]
+    for k, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "system":
+            if version == "v7" and content:
+                start, end = _marker(tokenizer, "[SYSTEM_PROMPT]"), _marker(tokenizer, "[/SYSTEM_PROMPT]")
+                segs.append(_encode_parts(tokenizer, [start, (content, False), end]))  # type: ignore[list-item]
+            else:
+                segs.append([])
+        elif role == "user":
+            text: list[_Part] = [(content, False)]
+            if k == system_turn and system:
+                text = [(system, False), ("\n\n", True), *text]
+            if version == "v1":
+                segs.append(_encode_parts(tokenizer, [("[INST] ", True), *text, (" [/INST]", True)]))
+            else:
+                inst, end_inst = _marker(tokenizer, "[INST]"), _marker(tokenizer, "[/INST]")
+                segs.append(_encode_parts(tokenizer, [inst, *text, end_inst]))  # type: ignore[list-item]
+        else:
+            answer = content if version == "v1" else content.rstrip(" ")
+            segs.append([*tokenizer.encode_plain(answer), tokenizer.eos_id])
+    segs.append([])  # the generation prompt is the user turn itself
+    return segs
 
 
 def _segments(
     tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, template: str
 ) -> list[list[int]]:
     """The prompt as id lists (a head, one per message, a tail) whose concatenation is the prompt."""
-    enc = tokenizer.encode
-    segs: list[list[int]] = []
     if template == "mistral":
-        if tokenizer.bos_id is None or tokenizer.eos_id is None:
-            raise TokenizerError("the Mistral chat format needs BOS and EOS tokens")
-        segs.append([tokenizer.bos_id])
-        system = messages[0]["content"] if messages[0]["role"] == "system" else None
-        first_user = True
-        for m in messages:
-            if m["role"] == "user":
-                content = m["content"]
-                if first_user and system:
-                    content = system + "\n\n" + content
-                first_user = False
-                segs.append(enc(f"[INST] {content} [/INST]"))
-            elif m["role"] == "assistant":
-                segs.append([*enc(m["content"]), tokenizer.eos_id])
-            else:
-                segs.append([])
-        segs.append([])  # the generation prompt is the user turn itself
-        return segs
+        return _mistral_segments(tokenizer, messages)
     if template == "chatml":
-        start, end = _special_id(tokenizer, "<|im_start|>"), _special_id(tokenizer, "<|im_end|>")
-        nl = enc("\n")
+        start, end = _special_id(tokenizer, "<|im_start|>"), _special_id(tokenizer, _IM_END)
         head: list[int] = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
         default = default_system_prompt(tokenizer.chat_template)
         if messages[0]["role"] != "system" and default is not None:
-            head += [start, *enc("system\n" + default), end, *nl]
-        segs.append(head)
+            head += _encode_parts(tokenizer, [start, ("system\n" + default, True), end, ("\n", True)])
+        segs = [head]
         for m in messages:
-            segs.append([start, *enc(f"{m['role']}\n{m['content']}"), end, *nl])
-        segs.append([start, *enc("assistant\n")] if add_generation_prompt else [])
+            segs.append(_encode_parts(tokenizer, [start, (m["role"] + "\n", True), (m["content"], False), end,
+                                                  ("\n", True)]))
+        segs.append(_encode_parts(tokenizer, [start, ("assistant\n", True)]) if add_generation_prompt else [])
         return segs
-    raise TokenizerError(f"unknown chat template {template!r} (known: {', '.join(TEMPLATES)})")
+
+    raise TokenizerError(f"unknown chat template {show(template, 30)} (known: {', '.join(TEMPLATES)})")
 
 
 def apply_chat_template(
@@ -184,7 +305,7 @@ def chat_delta(
     prefix = [i for seg in _segments(tokenizer, messages[:-1], False, name) for i in seg]
     full = [i for seg in _segments(tokenizer, messages, add_generation_prompt, name) for i in seg]
     if full[: len(prefix)] != prefix:
-        raise TokenizerError(f"the {name} template does not extend the previous turns' ids")
+        raise _template_error(tokenizer, f"the {name} template does not extend the previous turns' ids")
     delta = full[len(prefix) :]
     if cached_through_eot:
         eot = tokenizer.eos_ids
@@ -192,6 +313,6 @@ def chat_delta(
         while k >= 0 and prefix[k] not in eot:
             k -= 1
         if k < 0:
-            raise TokenizerError("the previous answer has no end-of-turn token")
+            raise _template_error(tokenizer, "the previous answer has no end-of-turn token")
         delta = prefix[k + 1 :] + delta
     return delta

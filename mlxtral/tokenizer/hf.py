@@ -1,39 +1,85 @@
 """Tokenizers of Hugging Face folders: ``tokenizer.model`` (SentencePiece) or a byte-level BPE
-``tokenizer.json``, plus ``tokenizer_config.json`` (special tokens, chat template)."""
+``tokenizer.json``, plus ``tokenizer_config.json`` (special tokens) and the chat template
+(``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``'s, in that order, as
+transformers looks for it).
+
+Every file is read through :func:`mlxtral.formats.files.read_side_file` (regular files only, a
+size cap per kind) and every value is checked for its JSON type before use: a malformed file is
+one :class:`TokenizerError` line naming it. Token ids are bounded by the file's own size: every
+id is below twice the number of entries it lists (vocabulary plus added tokens) plus 1024, room
+for holes but not for a billion-entry table asked by a 4 KB file.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from mlxtral.display import show
 from mlxtral.errors import TokenizerError
+from mlxtral.formats.files import read_side_json, read_side_text
 from mlxtral.tokenizer.base import CONTROL, NORMAL, UNUSED, USER_DEFINED, Tokenizer
 
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"cannot read JSON ({e})", path) from e
+_MAX_PRE_DEPTH = 8  # nested pre-tokenizer Sequences
+MAX_ID_HOLES = 1024  # ids may leave holes: up to twice the entries listed, plus this
 
 
-def _token_text(v: Any) -> str | None:
-    if isinstance(v, str):
-        return v
+def _read_object(path: Path) -> dict[str, Any]:
+    data = read_side_json(path, TokenizerError)
+    if not isinstance(data, dict):
+        raise TokenizerError(f"expected a JSON object, not {_kind(data)}", path)
+    return data
+
+
+def _kind(v: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(v), type(v).__name__)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _token_text(config: dict[str, Any], key: str, path: Path) -> str | None:
+    """``bos_token`` / ``eos_token``: a string or ``{"content": "..."}`` (an AddedToken)."""
+    v = config.get(key)
+    if v is None or isinstance(v, str):
+        return v or None
     if isinstance(v, dict) and isinstance(v.get("content"), str):
-        return v["content"]
-    return None
+        return v["content"] or None
+    raise TokenizerError(f"{key} must be a string or an object with a string 'content', not "
+                         f"{show(v, 60)}", path)
 
 
-def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+def _template_in(value: Any, path: Path, key: str) -> str | None:
+    """A ``chat_template`` value: a string, or a list of ``{"name", "template"}`` (``default``
+    first, else the first one)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named: dict[str, str] = {}
+        for k, d in enumerate(value):
+            ok = isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("template"), str)
+            if not ok:
+                raise TokenizerError(f"{key}[{k}] must be an object with string 'name' and 'template', not "
+                                     f"{show(d, 60)}", path)
+            named.setdefault(d["name"], d["template"])
+        return named.get("default") or next(iter(named.values()), None)
+    raise TokenizerError(f"{key} must be a string or a list of named templates, not {_kind(value)}", path)
+
+
+def chat_template(folder: Path, config: dict[str, Any], config_path: Path) -> tuple[str | None, Path | None]:
+    """The folder's chat template and the file it comes from (None, None if there is none)."""
     jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    t = config.get("chat_template")
-    if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
-        t = named.get("default") or next(iter(named.values()), None)
-    return t if isinstance(t, str) else None
+    if jinja.exists():
+        return read_side_text(jinja, TokenizerError), jinja
+    js = folder / "chat_template.json"
+    if js.exists():
+        t = _template_in(_read_object(js).get("chat_template"), js, "chat_template")
+        if t is not None:
+            return t, js
+    t = _template_in(config.get("chat_template"), config_path, "chat_template")
+    return (t, config_path) if t is not None else (None, None)
 
 
 def load_hf_tokenizer(folder: str | Path) -> Tokenizer:
@@ -41,88 +87,169 @@ def load_hf_tokenizer(folder: str | Path) -> Tokenizer:
     if not folder.is_dir():
         raise TokenizerError("not a folder", folder)
     cfg_path = folder / "tokenizer_config.json"
-    config: dict[str, Any] = _read_json(cfg_path) if cfg_path.is_file() else {}
-    template = _chat_template(folder, config)
-    if (folder / "tokenizer.model").is_file():
+    config: dict[str, Any] = _read_object(cfg_path) if cfg_path.exists() else {}
+    add_bos = config.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise TokenizerError(f"add_bos_token must be true or false, not {show(add_bos, 40)}", cfg_path)
+    for key in ("bos_token", "eos_token"):
+        _token_text(config, key, cfg_path)  # checked whichever tokenizer file uses them
+    template, template_path = chat_template(folder, config, cfg_path)
+    if (folder / "tokenizer.model").exists():
         from mlxtral.tokenizer.spm import SentencePieceTokenizer
 
-        tok = SentencePieceTokenizer(folder / "tokenizer.model", chat_template=template)
-        if isinstance(config.get("add_bos_token"), bool):
-            tok.add_bos = config["add_bos_token"] and tok.bos_id is not None
-        return tok
-    if (folder / "tokenizer.json").is_file():
-        return _bpe_from_tokenizer_json(folder / "tokenizer.json", config, template)
-    raise TokenizerError("no tokenizer.model or tokenizer.json in this folder", folder)
+        tok: Tokenizer = SentencePieceTokenizer(folder / "tokenizer.model", chat_template=template)
+        if add_bos is not None:
+            tok.add_bos = add_bos and tok.bos_id is not None
+    elif (folder / "tokenizer.json").exists():
+        tok = _bpe_from_tokenizer_json(folder / "tokenizer.json", config, cfg_path, template)
+    else:
+        raise TokenizerError("no tokenizer.model or tokenizer.json in this folder", folder)
+    tok.template_source = str(template_path) if template_path is not None else None
+    return tok
 
 
-def _pre_patterns(node: Any, path: Path) -> list[str]:
-    """tokenizer.json ``pre_tokenizer`` -> regexes applied in turn (see pretok.PreTokenizer)."""
-    import regex
-
-    from mlxtral.tokenizer.pretok import GPT2
+def _pre_patterns(node: Any, path: Path, out: list[Any], depth: int = 0) -> None:
+    """tokenizer.json ``pre_tokenizer`` -> compiled expressions applied in turn (pretok.PreTokenizer)."""
+    from mlxtral.tokenizer.pretok import GPT2, compile_file_pattern
 
     if node is None:
-        return []
+        return
+    if not isinstance(node, dict):
+        raise TokenizerError(f"pre_tokenizer must be an object, not {_kind(node)}", path)
     kind = node.get("type")
     if kind == "Sequence":
-        return [p for sub in node.get("pretokenizers", []) for p in _pre_patterns(sub, path)]
+        subs = node.get("pretokenizers")
+        if not isinstance(subs, list):
+            raise TokenizerError("a Sequence pre-tokenizer needs a list 'pretokenizers'", path)
+        if depth >= _MAX_PRE_DEPTH:
+            raise TokenizerError(f"pre-tokenizer Sequences nest deeper than {_MAX_PRE_DEPTH}", path)
+        for sub in subs:
+            _pre_patterns(sub, path, out, depth + 1)
+        return
     if kind == "ByteLevel":
         if node.get("add_prefix_space"):
             raise TokenizerError("ByteLevel pre-tokenizer with add_prefix_space is not supported", path)
-        return [GPT2] if node.get("use_regex", True) else []
+        if node.get("use_regex", True):
+            out.append(GPT2)
+        return
     if kind == "Digits":
-        return [r"\p{N}" if node.get("individual_digits") else r"\p{N}+"]
+        out.append(r"\p{N}" if node.get("individual_digits") else r"\p{N}+")
+        return
     if kind == "Split":
-        pat = node.get("pattern", {})
-        if node.get("behavior") != "Isolated" or node.get("invert"):
-            behavior = node.get("behavior")
-            raise TokenizerError(f"Split pre-tokenizer with behavior {behavior!r} is not supported", path)
-        if "Regex" in pat:
-            return [pat["Regex"]]
-        if "String" in pat:
-            return [regex.escape(pat["String"])]
-    raise TokenizerError(f"pre-tokenizer {kind!r} is not supported (byte-level BPE only)", path)
+        pat = node.get("pattern")
+        behavior = node.get("behavior")
+        if behavior != "Isolated" or node.get("invert"):
+            raise TokenizerError(f"Split pre-tokenizer with behavior {show(behavior, 30)} is not supported",
+                                 path)
+        if isinstance(pat, dict) and isinstance(pat.get("Regex"), str):
+            out.append(compile_file_pattern(pat["Regex"], len(out), path))
+            return
+        if isinstance(pat, dict) and isinstance(pat.get("String"), str):
+            import regex
+
+            out.append(regex.escape(pat["String"]))
+            return
+        raise TokenizerError("Split pre-tokenizer pattern must be {'Regex': str} or {'String': str}, "
+                             f"not {show(pat, 60)}", path)
+    raise TokenizerError(f"pre-tokenizer {show(kind, 40)} is not supported (byte-level BPE only)", path)
 
 
-def _bpe_from_tokenizer_json(path: Path, config: dict[str, Any], template: str | None) -> Tokenizer:
+def _added_tokens(data: dict[str, Any], path: Path) -> list[tuple[int, str, bool]]:
+    added = data.get("added_tokens")
+    if added is None:
+        return []
+    if not isinstance(added, list):
+        raise TokenizerError(f"added_tokens must be a list, not {_kind(added)}", path)
+    out: list[tuple[int, str, bool]] = []
+    for k, a in enumerate(added):
+        if not isinstance(a, dict):
+            raise TokenizerError(f"added_tokens[{k}] must be an object, not {_kind(a)}", path)
+        tid, content, special = a.get("id"), a.get("content"), a.get("special", False)
+        if not _is_int(tid):
+            raise TokenizerError(f"added_tokens[{k}] needs an integer 'id', not {show(tid, 40)}", path)
+        if not isinstance(content, str) or not content:
+            raise TokenizerError(f"added_tokens[{k}] needs a non-empty string 'content', not "
+                                 f"{show(content, 40)}", path)
+        if not isinstance(special, bool):
+            raise TokenizerError(f"added_tokens[{k}].special must be true or false, not "
+                                 f"{show(special, 40)}", path)
+        out.append((tid, content, special))
+    return out
+
+
+def _bpe_from_tokenizer_json(path: Path, config: dict[str, Any], config_path: Path,
+                             template: str | None) -> Tokenizer:
     from mlxtral.tokenizer.bpe import ByteLevelBPETokenizer
     from mlxtral.tokenizer.pretok import PreTokenizer
 
-    data = _read_json(path)
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise TokenizerError(f"model type {model.get('type')!r} is not supported (only BPE)", path)
+    data = _read_object(path)
+    model = data.get("model")
+    if not isinstance(model, dict):
+        raise TokenizerError(f"'model' must be an object, not {_kind(model)}", path)
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"model type {show(model.get('type'), 30)} is not supported (only BPE)", path)
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"model.vocab must be an object of token -> id, not {_kind(vocab)}", path)
+    merges = model.get("merges", [])
+    if merges is None:
+        merges = []
+    if not isinstance(merges, list):
+        raise TokenizerError(f"model.merges must be a list, not {_kind(merges)}", path)
     if data.get("normalizer") is not None or model.get("byte_fallback"):
         raise TokenizerError(
             "a SentencePiece-style tokenizer.json (normalizer / byte fallback) needs its tokenizer.model "
             "beside it; only byte-level BPE tokenizer.json files are read on their own",
             path,
         )
-    decoder = data.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
+    decoder = data.get("decoder")
+    if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
         raise TokenizerError("only byte-level BPE tokenizer.json is supported (no ByteLevel decoder)", path)
-    patterns = _pre_patterns(data.get("pre_tokenizer"), path)
+    patterns: list[Any] = []
+    _pre_patterns(data.get("pre_tokenizer"), path, patterns)
+    added = _added_tokens(data, path)
 
-    by_id: dict[int, tuple[str, int]] = {int(i): (t, NORMAL) for t, i in model["vocab"].items()}
-    for a in data.get("added_tokens") or []:
-        by_id[int(a["id"])] = (a["content"], CONTROL if a.get("special") else USER_DEFINED)
+    # ids bounded by what the file lists: the token table is never much larger than the file
+    n_entries = len(vocab) + len(added)
+    limit = 2 * n_entries + MAX_ID_HOLES
+    why = f"ids must be integers from 0 to {limit - 1} ({len(vocab)} entries + {len(added)} added tokens)"
+    by_id: dict[int, tuple[str, int]] = {}
+    for t, i in vocab.items():
+        if not _is_int(i) or not 0 <= i < limit:
+            raise TokenizerError(f"model.vocab gives {show(t, 40)} the id {show(i, 30)}: {why}", path)
+        by_id[i] = (t, NORMAL)
+    for i, content, special in added:
+        if not 0 <= i < limit:
+            raise TokenizerError(f"added token {show(content, 40)} has the id {i}: {why}", path)
+        by_id[i] = (content, CONTROL if special else USER_DEFINED)
+    if not by_id:
+        raise TokenizerError("empty vocabulary", path)
     n = max(by_id) + 1
     tokens = [by_id.get(i, ("", UNUSED))[0] for i in range(n)]
     types = [by_id.get(i, ("", UNUSED))[1] for i in range(n)]
     ids = {t: i for i, t in enumerate(tokens) if t}
 
     def special(name: str) -> int | None:
-        text = _token_text(config.get(name))
+        text = _token_text(config, name, config_path)
         return ids.get(text) if text else None
 
-    return ByteLevelBPETokenizer(
-        tokens,
-        model.get("merges") or [],
-        PreTokenizer(patterns),
-        token_types=types,
-        bos_id=special("bos_token"),
-        eos_id=special("eos_token"),
-        add_bos=bool(config.get("add_bos_token", False)),
-        ignore_merges=bool(model.get("ignore_merges", False)),
-        chat_template=template,
-    )
+    ignore_merges = model.get("ignore_merges", False)
+    add_bos = config.get("add_bos_token", False)
+    try:
+        tok = ByteLevelBPETokenizer(
+            tokens,
+            merges,
+            PreTokenizer(patterns, str(path)),
+            token_types=types,
+            bos_id=special("bos_token"),
+            eos_id=special("eos_token"),
+            add_bos=bool(add_bos),
+            ignore_merges=bool(ignore_merges),
+            chat_template=template,
+        )
+    except TokenizerError as e:
+        if e.path is None:
+            raise TokenizerError(e.message, path) from None
+        raise
+    tok.source = str(path)
+    return tok

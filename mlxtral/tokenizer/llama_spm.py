@@ -13,8 +13,18 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+from mlxtral.display import show
 from mlxtral.errors import TokenizerError
-from mlxtral.tokenizer.base import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Tokenizer, clean_text
+from mlxtral.tokenizer.base import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    USER_DEFINED,
+    Tokenizer,
+    byte_value,
+    mergeable,
+)
 from mlxtral.tokenizer.special import SpecialSplitter
 
 SPACE = "\u2581"
@@ -49,8 +59,11 @@ class LlamaSpmTokenizer(Tokenizer):
             if i is not None and not 0 <= i < n:
                 raise TokenizerError(f"{name} token id {i} is outside the vocabulary (size {n})")
         self._ids: dict[str, int] = {}
+        self._merge_ids: dict[str, int] = {}  # the tokens merging text may produce
         for i, t in enumerate(self._tokens):
             self._ids[t] = i  # the last duplicate wins, as in llama.cpp
+            if mergeable(self._types[i]):
+                self._merge_ids[t] = i
         self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
         self.add_bos = add_bos and bos_id is not None
         self.add_space_prefix = add_space_prefix
@@ -76,8 +89,11 @@ class LlamaSpmTokenizer(Tokenizer):
 
     def _surface(self, i: int) -> bytes:
         t, text = self._types[i], self._tokens[i]
-        if t == BYTE and len(text) == 6 and text.startswith("<0x"):
-            return bytes([int(text[3:5], 16)])
+        if t == BYTE:
+            b = byte_value(text)
+            if b is None:
+                raise TokenizerError(f"token {i} is a BYTE token but its text {show(text, 40)} is not <0xHH>")
+            return bytes([b])
         if t == UNKNOWN:
             return " \u2047 ".encode()  # as sentencepiece renders <unk>
         if t == CONTROL:
@@ -87,7 +103,7 @@ class LlamaSpmTokenizer(Tokenizer):
     # ------------------------------------------------------------------ encoding
     def _merge(self, text: str) -> tuple[int, ...]:
         """llama.cpp's llm_tokenizer_spm on one (already escaped) string."""
-        ids, scores = self._ids, self._scores
+        ids, scores = self._merge_ids, self._scores
         syms = list(text)
         n = len(syms)
         nxt = list(range(1, n + 1))
@@ -129,7 +145,8 @@ class LlamaSpmTokenizer(Tokenizer):
                     bid = self._byte_ids[byte]
                     if bid is None:
                         if self.unk_id is None:
-                            raise TokenizerError(f"byte {byte:#04x} has no <0x..> token and no <unk>")
+                            raise TokenizerError(f"byte {byte:#04x} has no <0x..> token and no <unk>",
+                                                 self.source)
                         bid = self.unk_id
                     out.append(bid)
             k = nxt[k]
@@ -156,21 +173,17 @@ class LlamaSpmTokenizer(Tokenizer):
             ids = cache.get(word)
             if ids is None:
                 ids = self._merge(word)
-                if len(cache) < 200_000:
+                if len(cache) < 200_000 and len(word) <= 256:
                     cache[word] = ids
             out.extend(ids)
             start = e
 
-    def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
-        out: list[int] = [self.bos_id] if bos and self.bos_id is not None else []
-        for frag in self._splitter.split(clean_text(text), special):
-            if isinstance(frag, int):
-                out.append(frag)
-                continue
-            if self.add_space_prefix:
-                frag = " " + frag
-            self._encode_text(frag.replace(" ", SPACE), out)
-        return out
+    def _encode_fragment(self, text: str, out: list[int], plain: bool) -> None:
+        # merging only ever produces mergeable (normal) tokens, the fallback byte tokens and <unk>:
+        # plain text needs nothing more
+        if self.add_space_prefix:
+            text = " " + text
+        self._encode_text(text.replace(" ", SPACE), out)
 
     # ------------------------------------------------------------------ vocabulary
     def id_to_piece(self, i: int) -> str:
