@@ -21,7 +21,63 @@ from rich.console import Console
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _hide_flag_types(params: list[Any]) -> list[Any]:
+    """Plain flags (``--json``, ``--help``, ``--prefetch/--no-prefetch``) take no value: typer's rich
+    help would print ``<bool>`` after them; an empty metavar shows nothing."""
+    for p in params:
+        if getattr(p, "is_flag", False) and getattr(p, "metavar", "") is None:
+            p.metavar = ""
+    return params
+
+
+class _Group(typer.core.TyperGroup):
+    """The ``mlxtral`` command group: every command's ``--help`` shows no type after a plain flag."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _hide_flag_types(super().get_params(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _hide_flag_types(cmd.get_params(ctx))
+        return cmd
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kw: Any) -> Any:
+        """As click's, but a wrong argument (unknown option, bad value, missing argument) is one line
+        ``error: <command>: <problem> (see <command> --help)`` with exit 2, like every other error,
+        not a framed block."""
+        click: Any = getattr(typer.core, "_click", None)  # typer >= 0.2x carries its own click
+        if click is None:
+            import click
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kw)
+        message = None
+        try:
+            rv = super().main(*args, standalone_mode=False, **kw)
+        except click.exceptions.NoArgsIsHelpError as e:  # `mlxtral` alone: the help
+            e.show()
+            rv = e.exit_code
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message, rv = f"{where}{e.format_message()}{hint}".replace("\n", " "), e.exit_code
+        except typer.Abort:
+            message, rv = "aborted", 1
+        except typer.Exit as e:
+            rv = e.exit_code
+        if message is not None:
+            try:
+                fail(message, rv)
+            except typer.Exit:
+                pass
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="mlxtral",
     help="Run Mixtral-shaped sparse mixture-of-experts models locally (GGUF, HF, Mistral original, MLX).\n\n"
     "Examples:\n\n"
@@ -35,16 +91,80 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-err_console = Console(stderr=True)
+WIDE = 1 << 14  # columns of a console that is not a terminal: tables and lines are never cut
+
+
+class _Console(Console):
+    """rich's Console, except that written to a pipe or a file (not a terminal, no $COLUMNS) its
+    width is :data:`WIDE` instead of rich's 80 columns (or another stream's terminal width), so
+    ``mlxtral info m | grep`` and ``bench > log`` keep whole tables and lines."""
+
+    @property
+    def size(self) -> Any:
+        dims = Console.size.fget(self)  # type: ignore[attr-defined]
+        if self._width is None and not self.is_terminal:  # type: ignore[has-type]
+            return type(dims)(WIDE, dims.height)
+        return dims
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+err_console = _Console(stderr=True)
 DEMO = "demo"
+_closed_streams: set[str] = set()  # standard streams that were closed when the command started
+
+
+def prepare_streams() -> None:
+    """Standard streams a command can rely on. A closed one (``<&-``, ``>&-``, ``2>&-``) becomes
+    /dev/null, on its descriptor too, so that no file opened later lands on 0, 1 or 2 and nothing
+    writes to None (a command that needs stdout then says so: :func:`need_stdout`). Text the
+    output's encoding cannot show (``PYTHONIOENCODING=ascii``) is written with replacements instead of
+    raising UnicodeEncodeError."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name, None) is not None:
+            continue
+        _closed_streams.add(name)
+        try:
+            os.fstat(fd)
+        except OSError:  # closed: give the descriptor /dev/null
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(os.devnull, "r" if fd == 0 else "w", encoding="utf-8"))  # noqa: SIM115
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", "replace") in ("strict", "surrogateescape"):
+            try:
+                stream.reconfigure(errors="replace")  # type: ignore[union-attr]
+            except (AttributeError, ValueError, OSError):
+                pass
+
+
+def need_stdout() -> None:
+    """A command whose output goes to stdout refuses to run when stdout was closed (``>&-``)."""
+    if "stdout" in _closed_streams:
+        fail("stdout is closed: there is nowhere to write the output", 1)
+
+
+def write_json(obj: Any, keep_unicode: bool = False) -> None:
+    """One JSON line on stdout, non-ASCII text escaped; with ``keep_unicode`` (generated text) as is
+    when stdout is UTF-8 (an ASCII stdout gets escapes, never UnicodeEncodeError)."""
+    enc = (getattr(sys.stdout, "encoding", None) or "ascii").lower().replace("_", "-")
+    sys.stdout.write(json.dumps(obj, ensure_ascii=not (keep_unicode and enc.startswith("utf"))) + "\n")
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Print ``error: message`` as one line on stderr and exit with ``code``."""
-    sys.stderr.write(f"error: {message}\n")
+    """Print ``error: message`` as one line on stderr and exit with ``code``. File-derived text in the
+    message (tensor names, metadata, paths) cannot drive the terminal: control characters, ESC/CSI/OSC
+    sequences and bidi overrides are printed as visible escapes (``\\x1b``)."""
+    from mlxtral.display import term_safe
+
+    sys.stderr.write(f"error: {term_safe(message, 4000)}\n")
     sys.stderr.flush()
     raise typer.Exit(code)
 
@@ -67,6 +187,10 @@ def handle_errors(fn: F) -> F:
             from mlxtral.chat import is_interrupt
 
             if not is_interrupt(e):
+                from mlxtral.address_space import explain
+
+                if (why := explain(e)) is not None:  # under ulimit -v: an allocation in C failed
+                    fail(str(why), why.exit_code)
                 raise
             sys.stderr.write("\ninterrupted\n")
             raise typer.Exit(130) from None
@@ -77,9 +201,15 @@ def handle_errors(fn: F) -> F:
             except OSError:
                 pass
             raise typer.Exit(0) from None
-        except MemoryError:
-            fail("out of memory: try a smaller model, a smaller --max-context, or a quantized file")
-        except OSError as e:
+        except (MemoryError, RuntimeError, OSError, ImportError) as e:
+            from mlxtral.address_space import explain
+
+            if (why := explain(e)) is not None:  # under ulimit -v: not enough address space
+                fail(str(why), why.exit_code)
+            if isinstance(e, MemoryError):
+                fail("out of memory: try a smaller model, a smaller --max-context, or a quantized file")
+            if not isinstance(e, OSError):
+                raise
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             fail(f"{where}{e.strerror or e}")
 
@@ -117,9 +247,13 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
 
 
 def apply_threads(n: int | None) -> None:
-    """Use ``n`` threads in the NumPy backend's kernels (default: all cores)."""
+    """Use ``n`` threads in the NumPy backend's kernels (default: all cores); 1 to 256 (the kernels'
+    thread pool), else one line and exit 2."""
     if n is None:
         return
+    from mlxtral.backends import check_threads
+
+    check_threads(n, "--threads")
     try:
         from mlxtral.backends.kernels import set_num_threads
     except ImportError:
@@ -150,14 +284,17 @@ def print_expert_stats(model: Any, as_json: bool = False) -> dict[str, Any] | No
 
 
 # Options shared by several commands.
-BackendOpt = typer.Option("auto", "--backend", "-b", help="auto (MLX with Metal, else NumPy), numpy or mlx.")
+# Short flags mean what they mean in llama.cpp (llama-cli, llama-bench): -t threads, -c context,
+# -n tokens, -p prompt (bench: prompt tokens), -s seed, -r repetitions (bench); none else.
+BackendOpt = typer.Option("auto", "--backend", help="auto (MLX with Metal, else NumPy), numpy or mlx.")
 MaxContextOpt = typer.Option(None, "--max-context", "-c", min=1,
                              help="KV cache size in tokens (default: the smaller of the model's and 4096).")
 ExpertsOpt = typer.Option(None, "--experts-per-token", min=1,
                           help="Override the file's experts per token (top-k), e.g. 1 for speed.")
 ExpertStatsOpt = typer.Option(False, "--expert-stats", help="Show the per-layer expert load at the end.")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="Threads for the CPU kernels (default: all cores).")
-BudgetOpt = typer.Option(None, "--memory-budget", "-m",
+ThreadsOpt = typer.Option(None, "--threads", "-t",
+                         help="Threads for the CPU kernels, 1 to 256 (default: all cores, at most 256).")
+BudgetOpt = typer.Option(None, "--memory-budget",
                          help="Memory the run may use, e.g. 12GB or 150MB (default: what is available). "
                               "A model larger than this streams its experts from disk.")
 PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
@@ -165,12 +302,14 @@ PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
 
 
 def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
-                    max_tokens: int) -> None:
-    from mlxtral.sampling import SamplingParams
+                    max_tokens: int, seed: int | None, stop: list[str] | None = None) -> int | None:
+    """Every sampling flag checked (finite, in range; UsageError, exit 2); the seed (-1: None, random)."""
+    from mlxtral.generate import check_stops
+    from mlxtral.sampling import FLAG_NAMES, check_sampling, check_whole
 
-    if max_tokens < 0:
-        fail(f"--max-tokens must be >= 0, got {max_tokens}", 2)
-    SamplingParams(temp, top_k, top_p, min_p, repeat_penalty)  # raises UsageError (exit 2)
+    check_whole("--max-tokens", max_tokens, 0)
+    check_stops(stop or [], "--stop")
+    return check_sampling(temp, top_k, top_p, min_p, repeat_penalty, seed, names=FLAG_NAMES)["seed"]  # type: ignore[return-value]
 
 
 # ---- chat -----------------------------------------------------------------------------------------
@@ -185,14 +324,17 @@ def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_
 @handle_errors
 def chat(
     model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
-    system: str = typer.Option(None, "--system", "-s", help="System prompt."),  # noqa: B008
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Longest answer, in tokens."),
-    temp: float = typer.Option(0.7, "--temp", "-t", help="Temperature (0 = greedy)."),
+    system: str = typer.Option(None, "--system", "-sys", help="System prompt."),  # noqa: B008
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n",
+                                   help="Longest answer, in tokens."),
+    temp: float = typer.Option(0.7, "--temp", help="Temperature, 0 to 100 (0 = greedy)."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
     min_p: float = typer.Option(0.05, "--min-p", help="Drop tokens below min_p x the top probability."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Repetition penalty (1 = off)."),
-    seed: int = typer.Option(None, "--seed", help="Random seed (reproducible answers)."),  # noqa: B008
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty",
+                                         help="Repetition penalty, 0.5 to 10 (1 = off)."),
+    seed: int = typer.Option(None, "--seed", "-s",  # noqa: B008
+                             help="Random seed (reproducible answers), 0 to 2^64-1; -1: random."),
     backend: str = BackendOpt,
     max_context: int = MaxContextOpt,
     experts_per_token: int = ExpertsOpt,
@@ -205,7 +347,8 @@ def chat(
     """Chat with a model (the built-in demo model when MODEL is omitted)."""
     from mlxtral.chat import ChatLoop, SamplingOptions, read_interactive, read_piped
 
-    _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens)
+    need_stdout()
+    seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed)
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, memory_budget=memory_budget,
                    prefetch=prefetch)
@@ -214,11 +357,18 @@ def chat(
     interactive = sys.stdin.isatty()
     if interactive:
         c = m.config
-        kind = f"{c.n_experts} experts, top-{c.n_experts_per_tok}" if c.is_moe else "dense"
-        err_console.print(f"[bold]{m.path.name}[/bold] [dim]({kind}, {c.n_layers} layers, "
+        from mlxtral.wording import plural
+
+        kind = f"{plural(c.n_experts, 'expert')}, top-{c.n_experts_per_tok}" if c.is_moe else "dense"
+        from rich.markup import escape
+
+        from mlxtral.display import term_safe
+
+        name = escape(term_safe(m.path.name, 200))  # a file name is neither markup nor terminal control
+        err_console.print(f"[bold]{name}[/bold] [dim]({kind}, {plural(c.n_layers, 'layer')}, "
                           f"backend {m.backend_name}, context {m.max_context})[/dim]")
         err_console.print("[dim]/help for commands, Ctrl-C stops an answer, Ctrl-D leaves[/dim]")
-        out_console = Console()
+        out_console = _Console()
         try:
             sys.stdin.reconfigure(errors="replace")  # type: ignore[attr-defined]
         except (AttributeError, ValueError):
@@ -243,15 +393,18 @@ def chat(
 def generate(
     model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Tokens to generate at most."),
-    temp: float = typer.Option(0.0, "--temp", "-t", help="Temperature (0 = greedy)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n",
+                                   help="Tokens to generate at most."),
+    temp: float = typer.Option(0.0, "--temp", help="Temperature, 0 to 100 (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="Repetition penalty (1 = off)."),
-    seed: int = typer.Option(None, "--seed", help="Random seed."),  # noqa: B008
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty",
+                                         help="Repetition penalty, 0.5 to 10 (1 = off)."),
+    seed: int = typer.Option(None, "--seed", "-s", help="Random seed, 0 to 2^64-1; -1: random."),  # noqa: B008
     chat_: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
-    system: str = typer.Option(None, "--system", "-s", help="System prompt (with --chat)."),  # noqa: B008
+    system: str = typer.Option(None, "--system", "-sys",  # noqa: B008
+                               help="System prompt (with --chat)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),  # noqa: B008
     backend: str = BackendOpt,
     max_context: int = MaxContextOpt,
@@ -263,7 +416,8 @@ def generate(
     prefetch: bool = PrefetchOpt,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; the stats line goes to stderr."""
-    _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens)
+    need_stdout()
+    seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, stop)
     if system and not chat_:
         fail("--system needs --chat", 2)
     if prompt == "-":
@@ -301,7 +455,7 @@ def generate(
                                "stats": stats.as_dict() if stats else None}
         if expert_stats:
             out["expert_stats"] = print_expert_stats(m, as_json=True)
-        sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        write_json(out, keep_unicode=True)
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -331,12 +485,13 @@ def info(
     """Describe a model: format, architecture, parameters (all and active), tensor types, memory."""
     from mlxtral.info import describe, render
 
+    need_stdout()
     d = describe(resolve_model(model), max_context=max_context, experts_per_token=experts_per_token,
                  backend=backend, memory_budget=memory_budget)
     if as_json:
-        sys.stdout.write(json.dumps(d) + "\n")
+        write_json(d)
     else:
-        Console().print(render(d))
+        _Console().print(render(d))
 
 
 # ---- bench ----------------------------------------------------------------------------------------
@@ -351,14 +506,16 @@ def bench(
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=0, help="Prompt tokens to prefill (pp)."),
     n_gen: int = typer.Option(128, "--n-gen", "-n", min=0, help="Tokens to generate one at a time (tg)."),
     repeats: int = typer.Option(3, "--repetitions", "-r", min=1, help="Timed runs of each test."),
-    bandwidth: float = typer.Option(None, "--bandwidth", min=0.001,
-                                    help="This machine's memory bandwidth in GB/s (default: measured)."),
+    bandwidth: float = typer.Option(None, "--bandwidth",
+                                    help="This machine's memory bandwidth in GB/s, 0.001 to 100000 "
+                                    "(default: measured)."),
     compare: str = typer.Option(None, "--compare", help="Also run 'llama.cpp' on the same file."),  # noqa: B008
     llamacpp_python: str = typer.Option(None, "--llamacpp-python",
                                         help="Interpreter with llama-cpp-python (default: "
                                         "$MLXTRAL_LLAMACPP_PYTHON or ~/llamacpp/bin/python)."),
-    threads: int = typer.Option(None, "--threads", min=1,
-                                help="Threads for our kernels and for llama.cpp (default: all cores)."),  # noqa: B008
+    threads: int = typer.Option(None, "--threads", "-t",  # noqa: B008
+                                help="Threads for our kernels and for llama.cpp, 1 to 256 (default: all "
+                                "cores, at most 256)."),
     backend: str = BackendOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
@@ -369,9 +526,13 @@ def bench(
     """Measure prompt processing and generation speed (llama-bench style), against the seed figures."""
     from mlxtral.bench import measure_bandwidth, run_bench, run_llamacpp, seed_rows
     from mlxtral.info import active_weight_bytes
+    from mlxtral.sampling import check_number
 
+    need_stdout()
     if compare is not None and compare.lower().replace("_", ".") not in ("llama.cpp", "llamacpp"):
-        fail(f"--compare {compare}: only 'llama.cpp' is supported", 2)
+        fail(f"--compare {compare[:40]}: only 'llama.cpp' is supported", 2)
+    if bandwidth is not None:
+        check_number("--bandwidth", bandwidth, 0.001, 1e5)
     apply_threads(threads)
     path = resolve_model(model)
     need = max(n_prompt, n_gen + 1) + 1
@@ -423,7 +584,7 @@ def bench(
     if expert_stats:
         out["expert_stats"] = print_expert_stats(m, as_json=True) if as_json else None
     if as_json:
-        sys.stdout.write(json.dumps(out) + "\n")
+        write_json(out)
         return
     _print_bench(out, res)
     if expert_stats:
@@ -433,8 +594,14 @@ def bench(
 def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
     from rich.table import Table
 
-    con = Console()
-    t = Table(title=f"{Path(out['model']).name} ({out['backend']})", title_justify="left")
+    con = _Console()
+    from rich.text import Text
+
+    from mlxtral.display import term_safe
+
+    # a file name is neither rich markup nor terminal control
+    title = Text(f"{term_safe(Path(out['model']).name, 200)} ({out['backend']})")
+    t = Table(title=title, title_justify="left")
     for col, just in (("engine", "left"), ("test", "left"), ("tok/s", "right"), ("best", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     for key, label in (("pp_tok_s", f"pp{out['pp']}"), ("tg_tok_s", f"tg{out['tg']}")):
@@ -482,10 +649,10 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
 def upcycle(
     src: Path = typer.Argument(..., help="A dense llama-family GGUF."),  # noqa: B008
     out: Path = typer.Argument(..., help="The Mixtral-shaped GGUF to write."),  # noqa: B008
-    experts: int = typer.Option(8, "--experts", "-e", help="Number of (identical) experts."),
-    top_k: int = typer.Option(2, "--top-k", "-k", help="Experts used per token."),
+    experts: int = typer.Option(8, "--experts", help="Number of (identical) experts."),
+    top_k: int = typer.Option(2, "--top-k", help="Experts used per token."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random router."),
-    force: bool = typer.Option(False, "--force", "-f",
+    force: bool = typer.Option(False, "--force",
                                help="Replace OUT if it exists (only a GGUF file, never the source)."),
 ) -> None:
     """Turn a dense GGUF into a Mixtral-shaped one with E identical experts."""
@@ -507,11 +674,13 @@ _CONVERT_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
 
 
 @app.command(epilog="Examples:\n\n  mlxtral convert ./Mixtral-8x7B-Instruct-v0.1 mixtral.Q4_0.gguf --q4\n\n"
-             "  mlxtral convert model.gguf ./model-mlx --format mlx --q4 --group-size 64\n\n"
+             "  mlxtral convert model.Q8_0.gguf ./model-mlx --format mlx --q4 --allow-requantize\n\n"
+             "  mlxtral convert demo demo.Q4_1.gguf --q4_1 --allow-requantize\n\n"
              "  mlxtral convert ./hf-folder out.gguf --q8 --verify")
 @handle_errors
 def convert(
-    src: Path = typer.Argument(..., help="GGUF file or model folder (HF, Mistral original, MLX)."),  # noqa: B008
+    src: str = typer.Argument(..., help="GGUF file or model folder (HF, Mistral original, MLX); "  # noqa: B008
+                              "'demo': the built-in demo model."),
     out: Path = typer.Argument(..., help="Output GGUF file or MLX folder."),  # noqa: B008
     q4: bool = typer.Option(False, "--q4", help="4-bit (GGUF Q4_0 / MLX 4-bit); the default."),
     q4_1: bool = typer.Option(False, "--q4_1", "--q4-1", help="4-bit with offsets (GGUF Q4_1)."),
@@ -522,12 +691,19 @@ def convert(
     fmt: str = typer.Option(None, "--format", help="gguf or mlx (default: from OUT's name)."),  # noqa: B008
     group_size: int = typer.Option(None, "--group-size",  # noqa: B008
                                    help="MLX quantization group size (32, 64, 128; default 64)."),
-    force: bool = typer.Option(False, "--force", "-f",
+    force: bool = typer.Option(False, "--force",
                                help="Replace OUT if it exists: only a GGUF file or a model folder, never "
                                "the source, a folder holding it, or one with other files."),
     verify: bool = typer.Option(False, "--verify", help="Reload OUT and compare it with SRC."),
+    allow_requantize: bool = typer.Option(
+        False, "--allow-requantize",
+        help="Quantize tensors that are already quantized into another type (e.g. Q4_1 -> Q4_0: error on "
+        "top of error; refused without this flag, as llama-quantize does)."),
 ) -> None:
-    """Convert a checkpoint to GGUF or an MLX folder, quantizing the big matrices."""
+    """Convert a checkpoint to GGUF or an MLX folder, quantizing the big matrices.
+
+    Without a precision flag: --q4 (GGUF Q4_0 with output.weight Q8_0; MLX 4-bit, groups of 64).
+    SRC 'demo' is the built-in demo model."""
     chosen = [name for name, on in zip(_CONVERT_TYPES, (q4, q4_1, q8, f16, bf16, f32), strict=True) if on]
     if len(chosen) > 1:
         fail(f"choose one output type, got {', '.join('--' + c for c in chosen)}", 2)
@@ -538,8 +714,9 @@ def convert(
 
     if group_size is not None and infer_format(out, fmt) == "gguf":
         fail("--group-size applies to MLX output only", 2)
-    do_convert(src, out, fmt=fmt.lower() if fmt else None, qtype=chosen[0] if chosen else "q4",
-               group_size=group_size or 64, force=force, verify=verify, progress=True, console=err_console)
+    do_convert(resolve_model(src), out, fmt=fmt.lower() if fmt else None, qtype=chosen[0] if chosen else "q4",
+               group_size=group_size or 64, force=force, verify=verify, progress=True, console=err_console,
+               allow_requantize=allow_requantize)
 
 
 # ---- entry point ----------------------------------------------------------------------------------
@@ -563,9 +740,18 @@ def _root(
                                  help="Print the version and exit."),
 ) -> None:
     """Run Mixtral-shaped sparse mixture-of-experts models locally."""
+    prepare_streams()
 
 
 def main() -> None:
+    prepare_streams()
+    from mlxtral.address_space import AddressSpaceError, check_startup
+
+    try:  # before numba or a model is loaded: below a command's minimum, LLVM and glibc abort
+        check_startup(sys.argv[1:])
+    except AddressSpaceError as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise SystemExit(e.exit_code) from None
     app(prog_name="mlxtral")
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from mlxtral.errors import MlxtralError, UsageError
+from mlxtral.rss import peak_rss
+from mlxtral.wording import plural
 
 # (label, tok/s, bandwidth GB/s, active GB per token, memory used GB, note) from FACTS.md.
 SEEDS = [
@@ -103,7 +105,7 @@ def run_bench(model: Any, pp: int = 512, tg: int = 128, repeats: int = 3, seed: 
         raise UsageError(f"-r must be >= 1, got {repeats}")
     need = max(pp, tg + 1)
     if need > model.config.max_position_embeddings:
-        raise UsageError(f"-p/-n need {need} positions but the model's context is "
+        raise UsageError(f"-p/-n need {plural(need, 'position')} but the model's context is "
                          f"{model.config.max_position_embeddings}")
     be = model.backend
     vocab = model.config.vocab_size
@@ -149,7 +151,7 @@ def run_bench(model: Any, pp: int = 512, tg: int = 128, repeats: int = 3, seed: 
                 progress(f"tg{tg} run {r + 1}/{repeats}")
             tgs.append(one_tg())
     return {"pp": pp, "tg": tg, "repeats": repeats, "pp_tok_s": Timing(pps), "tg_tok_s": Timing(tgs),
-            "peak_memory": int(be.peak_memory())}
+            "peak_memory": max(peak_rss(), int(be.peak_memory()))}  # the process's, as the stats line
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
@@ -186,17 +188,30 @@ print(json.dumps({"engine": "llama.cpp", "pp_tok_s": max(pps, default=0.0), "tg_
 def find_llamacpp_python(explicit: str | None = None) -> str | None:
     """An interpreter with llama_cpp: ``explicit``, $MLXTRAL_LLAMACPP_PYTHON, ~/llamacpp/bin/python,
     or this one if it can import llama_cpp."""
-    for cand in (explicit, os.environ.get("MLXTRAL_LLAMACPP_PYTHON"),
-                 str(Path.home() / "llamacpp" / "bin" / "python")):
-        if cand and Path(cand).expanduser().is_file():
+    from mlxtral.display import term_safe
+    from mlxtral.env import env_path
+
+    env = env_path("MLXTRAL_LLAMACPP_PYTHON")
+    for cand, name in ((explicit, "--llamacpp-python "), (env, "MLXTRAL_LLAMACPP_PYTHON="),
+                       (str(Path.home() / "llamacpp" / "bin" / "python"), None)):
+        if not cand:
+            continue
+        if _is_file(Path(cand).expanduser()):
             return str(Path(cand).expanduser())
-        if cand and cand == explicit:
-            raise UsageError(f"--llamacpp-python {explicit}: no such interpreter")
+        if name is not None:
+            raise UsageError(f"{name}{term_safe(cand, 80)}: no such interpreter")
     import importlib.util
 
     if importlib.util.find_spec("llama_cpp") is not None:
         return sys.executable
     return None
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a name too long for the system, say
+        return False
 
 
 def shared_speed_script() -> Path | None:

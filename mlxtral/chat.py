@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from mlxtral.errors import ContextOverflowError, MlxtralError
+from mlxtral.sampling import RANDOM_SEED, SEED_MAX
+from mlxtral.wording import plural
 
 HELP = """commands:
   /reset        start a new conversation (keeps the system prompt)
@@ -155,8 +157,9 @@ class ChatLoop:
         """Stream the model's answer to ``user_text`` to ``out``; None if nothing was generated."""
         ids = self.prompt_ids(user_text)
         opts = self.options.kwargs()
-        if opts["seed"] is not None:  # a different but reproducible draw each turn
-            opts["seed"] = opts["seed"] + self._seed_step
+        seed = opts["seed"]
+        if seed is not None and seed != RANDOM_SEED:  # a different but reproducible draw each turn
+            opts["seed"] = (seed + self._seed_step) % (SEED_MAX + 1)
         self._seed_step += 1
         parts: list[str] = []
         gen: list[int] = []
@@ -193,7 +196,7 @@ class ChatLoop:
         if finish == "interrupted":
             self.err.write("[stopped]\n")
         elif finish == "context_length":
-            self.err.write(f"[the context is full ({self.session.cache.max_context} tokens): "
+            self.err.write(f"[the context is full ({plural(self.session.cache.max_context, 'token')}): "
                            "/reset to start a new conversation, or use a larger --max-context]\n")
         elif finish == "length":
             self.err.write(f"[cut at --max-tokens {self.options.max_tokens}]\n")
@@ -208,8 +211,8 @@ class ChatLoop:
     def stats_text(self) -> str:
         used = len(self.session.tokens)
         ctx = self.session.cache.max_context
-        lines = [f"conversation: {len(self.messages) // 2} turns, {used} tokens in the KV cache "
-                 f"of {ctx} ({100 * used / ctx:.1f}%)"]
+        lines = [f"conversation: {plural(len(self.messages) // 2, 'turn')}, {plural(used, 'token')} in the "
+                 f"KV cache of {ctx} ({100 * used / ctx:.1f}%)"]
         if self.system:
             lines.append(f"system prompt: {self.system!r}")
         if self.turns and self.turns[-1].stats is not None:

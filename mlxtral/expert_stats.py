@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from mlxtral.wording import plural
+
 
 def shares(counts: np.ndarray) -> np.ndarray:
     """[L, E] counts -> [L, E] fractions of each layer's routed tokens (0 where nothing routed)."""
@@ -51,7 +53,7 @@ def heatmap(counts: np.ndarray, title: str = "expert load per layer") -> Any:
     p = shares(c)
     bal = balance(c)
     total = int(c.sum())
-    t = Table(title=title, caption=f"{total} routed (token, expert) pairs; colour = share vs 1/{E} "
+    t = Table(title=title, caption=f"{plural(total, 'routed (token, expert) pair')}; colour = share vs 1/{E} "
               "(blue under, red over); bal. = routing entropy / log E",
               show_lines=False, pad_edge=False)
     t.add_column("layer", justify="right", style="bold")
@@ -82,7 +84,7 @@ def cache_table(c: dict[str, Any]) -> Any:
     rows = [
         ("slots", f"{c['cache_slots']} x {c['slot_bytes'] / 1e6:.0f} MB ({c['policy']}, "
                   f"{'O_DIRECT' if c['direct_io'] else 'buffered'} reads)"),
-        ("hit rate", f"{c['hit_rate']:.1%} of {c['requests']} expert uses"),
+        ("hit rate", f"{c['hit_rate']:.1%} of {plural(c['requests'], 'expert use')}"),
         ("prefetch accuracy", f"{c['prefetch_accuracy']:.1%} of {c['prefetched']} read ahead"
                               if c["prefetch"] else "off"),
         ("read from disk", f"{c['bytes_read'] / 1e9:.2f} GB, "

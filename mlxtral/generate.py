@@ -10,7 +10,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlxtral.errors import ContextOverflowError, UsageError
-from mlxtral.sampling import Sampler, SamplingParams
+from mlxtral.rss import peak_rss
+from mlxtral.sampling import Sampler, SamplingParams, check_whole
+from mlxtral.wording import plural
+
+MAX_STOPS = 64  # stop strings per generation
+MAX_STOP_CHARS = 1024  # characters per stop string: the matcher holds back up to this much text per token
 
 
 class Cache(Protocol):
@@ -61,8 +66,8 @@ class GenerationStats:
         n = self.prompt_tokens - self.cached_tokens
         cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
         line = (
-            f"prompt: {n} tokens{cached}, {self.prompt_tps:.1f} tok/s | "
-            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+            f"prompt: {plural(n, 'token')}{cached}, {self.prompt_tps:.1f} tok/s | "
+            f"generation: {plural(self.generation_tokens, 'token')}, {self.generation_tps:.1f} tok/s | "
             f"peak memory: {self.peak_memory / 1e9:.2f} GB"
         )
         c = self.expert_cache
@@ -107,7 +112,7 @@ def prefill(backend: Backend, session: Session, ids: Sequence[int], chunk: int) 
     cache = session.cache
     if len(ids) >= cache.max_context:
         raise ContextOverflowError(
-            f"the prompt has {len(ids)} tokens but the context holds {cache.max_context}: "
+            f"the prompt has {plural(len(ids), 'token')} but the context holds {cache.max_context}: "
             "shorten it or load the model with a larger max_context"
         )
     n = min(common_prefix(session.tokens, ids), len(ids) - 1)  # recompute at least one token
@@ -120,6 +125,28 @@ def prefill(backend: Backend, session: Session, ids: Sequence[int], chunk: int) 
         session.tokens.extend(part)
     assert logits is not None
     return logits, n
+
+
+def check_stops(stop: Sequence[str] | str, name: str = "stop") -> list[str]:
+    """Stop strings as a list (one string is one stop string), at most :data:`MAX_STOPS` of at most
+    :data:`MAX_STOP_CHARS` characters each (the matcher's work per token grows with their length);
+    :class:`UsageError` otherwise."""
+    stops = [stop] if isinstance(stop, str) else stop
+    try:
+        n = len(stops)
+    except TypeError:
+        raise UsageError(f"{name} must be a string or a list of strings") from None
+    if n > MAX_STOPS:
+        raise UsageError(f"{name}: at most {MAX_STOPS} stop strings, got {n}")
+    out = []
+    for s in stops:
+        if not isinstance(s, str):
+            raise UsageError(f"{name} must be a string or a list of strings, got a {type(s).__name__} in it")
+        if len(s) > MAX_STOP_CHARS:
+            raise UsageError(f"{name}: a stop string is at most {MAX_STOP_CHARS} characters, got one of "
+                             f"{len(s)}")
+        out.append(s)
+    return out
 
 
 class _StopMatcher:
@@ -170,9 +197,13 @@ def stream_generate(
     The session keeps every token fed through the model; a sampled EOS (or the final token at
     ``max_tokens``) is not fed, so the next turn's prompt re-supplies it.
     """
-    if max_tokens < 0:
-        raise UsageError(f"max_tokens must be >= 0, got {max_tokens}")
+    max_tokens = check_whole("max_tokens", max_tokens, 0)
+    prefill_chunk = check_whole("prefill_chunk", prefill_chunk, 1)
+    stop = check_stops(stop)
     sampler = Sampler(sampling or SamplingParams())
+    # An embedding padded past the tokenizer (vocab 32000, 32064 rows): never sample an id the
+    # tokenizer cannot decode.
+    n_vocab = getattr(tokenizer, "vocab_size", None)
     eos = set(eos_ids if eos_ids is not None else getattr(tokenizer, "eos_ids", set()))
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     experts = getattr(backend, "experts", None)  # an ExpertCache when experts stream
@@ -195,7 +226,7 @@ def stream_generate(
     try:
         for i in range(max_tokens):
             if steps is None:
-                tok = sampler(logits, history)
+                tok = sampler(_within_vocab(logits, n_vocab), history)
             else:
                 nxt = next(steps, None)
                 if nxt is None:
@@ -221,7 +252,9 @@ def stream_generate(
                 finish = "context_length"
                 break
             if pipelined and steps is None:
-                steps = backend.decode_pipelined(tok, cache, max_tokens - 1 - i, backend.make_sampler(params))
+                on_device = backend.make_sampler(params)
+                steps = backend.decode_pipelined(tok, cache, max_tokens - 1 - i,
+                                                 lambda x, f=on_device: f(_within_vocab(x, n_vocab)))
             elif steps is None:
                 logits = backend.forward([tok], cache)
             session.tokens.append(tok)
@@ -234,8 +267,17 @@ def stream_generate(
     # text that might have begun a stop string, an incomplete UTF-8 sequence.
     tail = "" if stop_string_hit else matcher.feed(decoder.flush())[0] + matcher.flush()
     stats.generation_time = time.perf_counter() - t1
-    stats.peak_memory = backend.peak_memory()
+    # the process's peak (weights, KV cache, Python...), never below what the backend itself counts
+    # (MLX's own figure is only its allocator's; on Metal it may hold what RSS does not)
+    stats.peak_memory = max(peak_rss(), int(backend.peak_memory()))
     stats.finish_reason = finish
     if experts is not None and before is not None:
         stats.expert_cache = experts.snapshot().minus(before).as_dict()
     yield GenerationResponse(tail, None, stats=stats, finish_reason=finish)
+
+
+def _within_vocab(logits: Any, n_vocab: int | None) -> Any:
+    """``logits`` [..., V] cut to the tokenizer's ``n_vocab`` ids when the embedding has more rows."""
+    if n_vocab is not None and logits.shape[-1] > n_vocab:
+        return logits[..., :n_vocab]
+    return logits

@@ -2,15 +2,103 @@
 
 The order follows llama.cpp's default chain: repetition penalty -> top-k -> top-p -> min-p ->
 temperature -> draw. ``temperature == 0`` is greedy (argmax, after the penalty).
+
+Every parameter is checked (:func:`check_sampling`) for type, finiteness and range, through the
+Python API and the command line alike (there with the flags' names):
+
+- temperature: 0 to 100 (0 = greedy; below 1e-5 it is greedy too, as in vLLM: the draw would be an
+  argmax anyway and dividing by it overflows);
+- top_p: (0, 1] (1 = off); min_p: [0, 1) (0 = off); top_k: a whole number >= 0 (0 = off);
+- repetition_penalty: 0.5 to 10 (1 = off): a penalty of 1e-300 multiplies logits to infinity;
+- seed: a whole number from 0 to 2**64 - 1, or -1 for a random seed (llama.cpp's meaning);
+- repetition_context: a whole number >= 0 (0 = off).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from mlxtral.display import show
 from mlxtral.errors import UsageError
+
+TEMPERATURE_MAX = 100.0
+GREEDY_BELOW = 1e-5  # a smaller temperature samples greedily
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.5, 10.0
+SEED_MAX = 2**64 - 1
+RANDOM_SEED = -1  # llama.cpp's "pick a random seed"
+_SHOWN = 40  # characters of a bad value shown in a message
+
+# What the command line calls each parameter (the Python API uses the field names).
+FLAG_NAMES = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+              "repetition_penalty": "--repeat-penalty", "seed": "--seed", "max_tokens": "--max-tokens"}
+
+
+def _shown(v: object) -> str:
+    return show(v, _SHOWN)
+
+
+def check_number(name: str, v: object, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
+                 note: str = "") -> float:
+    """``v`` as a finite float in the range; :class:`UsageError` naming ``name`` otherwise."""
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+    want = f"a number in {left}{lo:g}, {hi:g}{right}{note}"
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise UsageError(f"{name} must be {want}, got {type(v).__name__} {_shown(v)}")
+    try:
+        x = float(v)
+    except OverflowError:  # an int too large for a float
+        x = math.inf
+    ok = math.isfinite(x) and (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        raise UsageError(f"{name} must be {want}, got {_shown(v)}")
+    return x
+
+
+def check_whole(name: str, v: object, lo: int, hi: int | None = None, note: str = "",
+                hi_text: str | None = None) -> int:
+    """``v`` as an int in ``[lo, hi]``; :class:`UsageError` naming ``name`` otherwise."""
+    want = f"a whole number from {lo} to {hi_text or hi}" if hi is not None else f"a whole number >= {lo}"
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise UsageError(f"{name} must be {want}{note}, got {type(v).__name__} {_shown(v)}")
+    n = int(v)
+    if n < lo or (hi is not None and n > hi):
+        raise UsageError(f"{name} must be {want}{note}, got {_shown(n)}")
+    return n
+
+
+def check_seed(name: str, v: object) -> int | None:
+    """A seed from 0 to 2**64 - 1; -1 (llama.cpp's "random") and None are a random seed (None)."""
+    if v is None:
+        return None
+    if not isinstance(v, bool) and isinstance(v, numbers.Integral) and int(v) == RANDOM_SEED:
+        return None
+    return check_whole(name, v, 0, SEED_MAX, " (or -1 for a random seed)", hi_text="2^64 - 1")
+
+
+def check_sampling(temperature: object, top_k: object, top_p: object, min_p: object,
+                   repetition_penalty: object, seed: object = None, repetition_context: object = 64,
+                   names: Mapping[str, str] | None = None) -> dict[str, object]:
+    """Every sampling parameter checked (see the module docstring); the normalized values.
+
+    ``names`` maps parameter names to what the message calls them (the CLI passes :data:`FLAG_NAMES`)."""
+    def nm(k: str) -> str:
+        return (names or {}).get(k, k)
+
+    t = check_number(nm("temperature"), temperature, 0.0, TEMPERATURE_MAX, note=" (0 = greedy)")
+    return {
+        "temperature": 0.0 if t < GREEDY_BELOW else t,
+        "top_k": check_whole(nm("top_k"), top_k, 0, note=" (0 = off)"),
+        "top_p": check_number(nm("top_p"), top_p, 0.0, 1.0, lo_open=True, note=" (1 = off)"),
+        "min_p": check_number(nm("min_p"), min_p, 0.0, 1.0, hi_open=True, note=" (0 = off)"),
+        "repetition_penalty": check_number(nm("repetition_penalty"), repetition_penalty,
+                                           REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX, note=" (1 = off)"),
+        "seed": check_seed(nm("seed"), seed),
+        "repetition_context": check_whole(nm("repetition_context"), repetition_context, 0, note=" (0 = off)"),
+    }
 
 
 @dataclass
@@ -20,20 +108,15 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0: off
     min_p: float = 0.0  # 0.0: off
     repetition_penalty: float = 1.0  # 1.0: off
-    repetition_context: int = 64  # how many recent tokens the penalty looks at
-    seed: int | None = None
+    repetition_context: int = 64  # how many recent tokens the penalty looks at (0: off)
+    seed: int | None = None  # None or -1: random
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UsageError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p < 1.0:
-            raise UsageError(f"min_p must be in [0, 1), got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Checked and normalized (UsageError on a bad value): floats and ints of Python's types,
+        a temperature below 1e-5 is 0 (greedy), a seed of -1 is None (random)."""
+        for k, v in check_sampling(self.temperature, self.top_k, self.top_p, self.min_p,
+                                   self.repetition_penalty, self.seed, self.repetition_context).items():
+            setattr(self, k, v)
 
 
 class Sampler:
@@ -45,7 +128,7 @@ class Sampler:
         """logits [vocab] float32 -> token id."""
         p = self.p
         x = np.asarray(logits, dtype=np.float32)
-        if p.repetition_penalty != 1.0 and len(history):
+        if p.repetition_penalty != 1.0 and len(history) and p.repetition_context:
             x = apply_repetition_penalty(x, history[-p.repetition_context :], p.repetition_penalty)
         if p.temperature == 0.0:
             return int(np.argmax(x))
@@ -63,8 +146,8 @@ class Sampler:
         if p.min_p > 0.0:
             keep = int(np.sum(np.exp(cl - cl[0]) >= p.min_p))
             cand, cl = cand[: max(keep, 1)], cl[: max(keep, 1)]
-        z = cl / p.temperature
-        probs = np.exp(z - z.max())
+        z = (cl - cl[0]) / p.temperature  # <= 0, the top one 0: no overflow at a small temperature
+        probs = np.exp(z)
         probs /= probs.sum()
         return int(cand[self.rng.choice(len(cand), p=probs)])
 

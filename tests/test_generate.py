@@ -342,3 +342,21 @@ def test_pipelined_mlx_generation_equals_step_by_step(hf_dir, monkeypatch: pytes
     calls.clear()
     _run(model, max_tokens=4, repetition_penalty=1.3)
     assert not calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_padded_embedding_never_samples_past_the_tokenizer(tmp_path, backend: str,
+                                                           temperature: float) -> None:
+    """An embedding with more rows than the tokenizer has ids (an HF config's vocab_size 32064 against a
+    32000-piece tokenizer.model, as some fine-tunes ship): the padded ids are never sampled, even
+    when they hold the largest logits."""
+    args = tm.tiny_args(vocab_size=32064)
+    w = tm.random_weights(args, 7)
+    w["output.weight"][32000:] = 10 * np.abs(w["output.weight"]).max()  # the padded rows win every step
+    path = tm.write_hf(tmp_path / "padded", w, args)
+    m = mlxtral.load(path, backend=backend)
+    assert m.tokenizer.vocab_size == 32000
+    ids = [r.token for r in m.stream(m.tokenizer.encode("hello", bos=True), max_tokens=6,
+                                     temperature=temperature, seed=0) if r.token is not None]
+    assert ids and all(i < 32000 for i in ids)

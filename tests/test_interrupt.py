@@ -53,6 +53,18 @@ def _midway(folder: Path, fmt: str) -> bool:
     return False
 
 
+_SENT = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _default_signals() -> None:
+    """In the child, before exec: the signals the tests send get their default disposition back.
+    Under ``nohup`` (SIGHUP ignored) or as a background job of a non-interactive shell (SIGINT
+    ignored), the child would inherit the ignore, and mlxtral rightly keeps an inherited ignore:
+    the signal would never arrive and the test would fail for a reason outside the code."""
+    for sig in _SENT:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _env(threads: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLXTRAL_CONVERT_THREADS"}
     if threads is not None:
@@ -86,6 +98,8 @@ CASES = [  # output format, signal, a previous OUT to keep (--force), MLXTRAL_CO
 ]
 
 
+PREVIOUS_GGUF = b"GGUF the previous output"
+
 IDS = [f"{f}-{signal.Signals(s).name}-{'force' if p else 'new'}-threads-{t or 'default'}"
        for f, s, p, t in CASES]
 
@@ -97,7 +111,7 @@ def test_convert_killed_midway_leaves_nothing(tmp_path: Path, big_src: Path, fmt
     out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
     if previous:
         if fmt == "gguf":
-            out.write_bytes(b"the previous output")
+            out.write_bytes(PREVIOUS_GGUF)  # --force replaces only a GGUF file
         else:
             out.mkdir()
             (out / "config.json").write_text("the previous output")
@@ -105,7 +119,8 @@ def test_convert_killed_midway_leaves_nothing(tmp_path: Path, big_src: Path, fmt
     kept = _tree(out) if previous and fmt == "mlx" else None
     before = _snapshot(big_src)
     cmd = [*_convert_cmd(big_src, out, fmt), *(["--force"] if previous else [])]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(threads))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(threads),
+                         preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and p.poll() is None and not _midway(tmp_path, fmt):
@@ -132,7 +147,7 @@ def test_convert_killed_midway_leaves_nothing(tmp_path: Path, big_src: Path, fmt
     left = sorted(f.name for f in tmp_path.iterdir())
     assert left == ([out.name] if previous else []), left  # no partial OUT, no temporary file
     if previous and fmt == "gguf":
-        assert out.read_bytes() == b"the previous output"
+        assert out.read_bytes() == PREVIOUS_GGUF
     if kept is not None:
         assert _tree(out) == kept
     assert _snapshot(big_src) == before  # SRC untouched
@@ -140,6 +155,7 @@ def test_convert_killed_midway_leaves_nothing(tmp_path: Path, big_src: Path, fmt
 
 def _limit_file_size(nbytes: int) -> None:
     """In the child: files larger than ``nbytes`` cannot be written (EFBIG instead of SIGXFSZ)."""
+    _default_signals()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
 

@@ -26,6 +26,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from mlxtral.env import env_flag
+
 
 def _host_has_avx2() -> bool:
     try:
@@ -37,7 +39,7 @@ def _host_has_avx2() -> bool:
 
 # MLXTRAL_NO_AVX2=1 forces the portable IR (what macOS arm64 or an old x86 runs), for tests;
 # kernels compiled that way are not written to numba's disk cache (see _kernels_nb._CACHE).
-FORCED_GENERIC = __import__("os").environ.get("MLXTRAL_NO_AVX2", "") in ("1", "true", "yes")
+FORCED_GENERIC = env_flag("MLXTRAL_NO_AVX2")
 HAVE_AVX2 = _host_has_avx2() and not FORCED_GENERIC
 if HAVE_AVX2:
     llvm_binding.initialize_native_asmparser()  # for the one line of inline asm in _half

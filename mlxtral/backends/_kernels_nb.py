@@ -47,7 +47,8 @@ CTL_TABLE, CTL_NTASK, CTL_SEQ = 16, 17, 18
 CTL_QUIT = 24
 CTL_PARK = 25  # set by the caller: idle workers go to sleep now (before a multi-threaded BLAS call)
 CTL_SLEEP = 32  # one flag per worker, set by a worker that went to sleep
-CTL_SIZE = 32 + 256
+MAX_WORKERS = 256  # sleep flags in the block: a pool never has more workers (worker_loop checks too)
+CTL_SIZE = CTL_SLEEP + MAX_WORKERS
 MAX_CHUNKS = (1 << 20) - 1
 YIELD_AFTER = 4000  # pauses (~100 us) of waiting before sched_yield() in the spin loops
 PAUSES_PER_US = 20.0  # refined by calibrate_pause()
@@ -323,7 +324,10 @@ def execute(ctl, table, nchunks):
 
 @njit(cache=_CACHE, nogil=True)
 def worker_loop(ctl, wid, spin_iters):
-    """A worker: spin for jobs; return 1 to quit, 0 after ``spin_iters`` idle pauses (to sleep)."""
+    """A worker: spin for jobs; return 1 to quit, 0 after ``spin_iters`` idle pauses (to sleep).
+    A worker id with no sleep flag in ``ctl`` quits at once: nothing is ever written past the block."""
+    if wid < 0 or CTL_SLEEP + wid >= ctl.shape[0]:
+        return 1
     myseq = -1  # a worker just woken joins the job in progress (_claim checks its seq)
     idle = 0
     while True:

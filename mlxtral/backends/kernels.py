@@ -22,7 +22,8 @@ How it is fast
   chunk of the wrong job. Hand-off costs well under a microsecond. A worker idle for about
   ``MLXTRAL_SPIN_MS`` (default 20 ms) goes to sleep on an Event; the next call is then run by the
   caller alone and wakes it. Threads: ``NUMBA_NUM_THREADS`` or ``set_num_threads(n)``; default all
-  cores.
+  cores; at most ``MAX_THREADS`` (256: the control block holds 255 workers' flags, and a worker whose
+  id has no flag there quits instead of writing past it).
 * **Several products, one job.** A job is a table of tasks (weight, activations, output), so the
   MoE FFN is two synchronisations per layer whatever ``top_k``: ``swiglu_experts`` (gate and up of
   every selected expert, with ``silu(g) * u`` fused, each token group quantized once) and
@@ -51,12 +52,13 @@ compiles every kernel (cached on disk by numba, so this is paid once per machine
 from __future__ import annotations
 
 import atexit
-import os
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 
+from mlxtral.backends import MAX_THREADS, check_threads, default_threads
+from mlxtral.env import env_flag, env_float, env_int
 from mlxtral.qtensor import QTensor
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "rms_norm",
     "set_num_threads",
     "get_num_threads",
+    "MAX_THREADS",
     "set_exact",
     "warmup",
 ]
@@ -78,7 +81,7 @@ _KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "F32": 3, "F16": 4, "BF16": 5}
 _MODE_LINEAR, _MODE_SWIGLU = 0, 1
 
 HAVE_NUMBA = False
-if os.environ.get("MLXTRAL_NO_NUMBA", "") not in ("1", "true", "yes"):
+if not env_flag("MLXTRAL_NO_NUMBA"):
     try:
         import numba  # noqa: F401
 
@@ -87,10 +90,17 @@ if os.environ.get("MLXTRAL_NO_NUMBA", "") not in ("1", "true", "yes"):
         HAVE_NUMBA = True
     except ImportError:  # pragma: no cover - numba is a declared dependency
         _nb = None
+    except OSError as e:  # llvmlite's library could not be mapped: under ulimit -v, one clear line
+        from mlxtral.address_space import explain
+
+        if (why := explain(e, "loading numba (llvmlite)")) is None:
+            raise
+        raise why from None
 else:
     _nb = None
 
-_exact = os.environ.get("MLXTRAL_EXACT_KERNELS", "") in ("1", "true", "yes")
+_exact = env_flag("MLXTRAL_EXACT_KERNELS")
+_SPIN_MS = env_float("MLXTRAL_SPIN_MS", 20.0, 0.0, 1000.0, "milliseconds")
 
 
 def set_exact(flag: bool) -> None:
@@ -124,14 +134,21 @@ class _Pool:
     """Spinning worker threads running ``_nb.worker_loop``; see the module docstring."""
 
     def __init__(self, n_threads: int) -> None:
-        self.n_workers = max(0, n_threads - 1)
+        # never more workers than the control block has sleep flags for, whatever the caller asks
+        self.n_workers = max(0, min(int(n_threads) - 1, MAX_THREADS - 1, _nb.MAX_WORKERS))
         self.ctl = np.zeros(_nb.CTL_SIZE, dtype=np.int64)
-        self.spin_iters = int(float(os.environ.get("MLXTRAL_SPIN_MS", "20")) * 1000 * _pauses_per_us())
+        self.spin_iters = int(_SPIN_MS * 1000 * _pauses_per_us())
         self.events = [threading.Event() for _ in range(self.n_workers)]
         self.threads = []
         for wid in range(self.n_workers):
             t = threading.Thread(target=self._run, args=(wid,), daemon=True, name=f"mlxtral-kernel-{wid}")
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as e:  # "can't start new thread": no stack left under ulimit -v
+                self.stop()  # the workers already started end; none is left waiting
+                from mlxtral.address_space import explain
+
+                raise (explain(e, "starting the kernel threads") or e) from None
             self.threads.append(t)
 
     def _run(self, wid: int) -> None:
@@ -181,25 +198,19 @@ _run_lock = threading.Lock()  # one job at a time (the control block is shared)
 _n_threads: int | None = None
 
 
-def _default_threads() -> int:
-    env = os.environ.get("NUMBA_NUM_THREADS", "")
-    if env.strip().isdigit() and len(env) < 6:
-        return max(1, int(env))
-    return max(1, os.cpu_count() or 1)
-
-
 def get_num_threads() -> int:
     """The threads the kernels use (read per call: a decode step makes thousands of these)."""
     global _n_threads
     if _n_threads is None:
-        _n_threads = _default_threads()
+        _n_threads = default_threads()
     return _n_threads
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads (the caller plus ``n - 1`` workers) from the next call on."""
+    """Use ``n`` threads (the caller plus ``n - 1`` workers) from the next call on; 1 to
+    :data:`MAX_THREADS`, else :class:`UsageError`."""
     global _n_threads, _pool
-    n = max(1, int(n))
+    n = check_threads(n)
     with _pool_lock:
         _n_threads = n
         if _pool is not None and _pool.n_workers != n - 1:
@@ -306,8 +317,8 @@ def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
                            x, out, _chunk_rows(w, x.shape[0]))
 
 
-_CHUNK_BYTES_MAX = int(os.environ.get("MLXTRAL_CHUNK_KB_MAX", "4096")) * 1024
-_CHUNKS_PER_THREAD = int(os.environ.get("MLXTRAL_CHUNKS_PER_THREAD", "4"))
+_CHUNK_BYTES_MAX = env_int("MLXTRAL_CHUNK_KB_MAX", 4096, 16, 1 << 20, "KB") * 1024
+_CHUNKS_PER_THREAD = env_int("MLXTRAL_CHUNKS_PER_THREAD", 4, 1, 64)
 
 
 def _chunk_rows(w: QTensor, T: int) -> int:
@@ -326,8 +337,8 @@ def _chunk_rows(w: QTensor, T: int) -> int:
 # ---- prefill through BLAS -----------------------------------------------------------------------
 # With many tokens a product is compute-bound: unpacking each weight block once per token costs more
 # than dequantizing a chunk of rows to float32 (in the pool) and handing it to NumPy's BLAS sgemm.
-_env_blas = os.environ.get("MLXTRAL_BLAS_MIN_T", "")
-_BLAS_MIN_T = int(_env_blas) if _env_blas.isdigit() and len(_env_blas) < 9 else 384
+# (bounded: warmup() runs one product of this many tokens)
+_BLAS_MIN_T = env_int("MLXTRAL_BLAS_MIN_T", 384, 1, 1 << 16, "tokens")
 _BLAS_BUF_FLOATS = 1 << 20  # rows dequantized at a time: 4 MB of float32 (as fast as 8 MB, 10 MB less RSS)
 _bufs = threading.local()
 

@@ -37,6 +37,7 @@ import numpy as np
 from mlxtral.errors import MlxtralError
 from mlxtral.expert_cache.layout import ExpertLayout
 from mlxtral.expert_cache.reader import AHEAD, DEMAND, ExpertReader, Slot, slot_bytes, weak_worker
+from mlxtral.wording import plural
 
 POLICIES = ("lfu", "lru")
 Materialize = Callable[[int, int, list[np.ndarray]], Any]
@@ -276,8 +277,9 @@ class ExpertCache:
                 return None  # type: ignore[return-value]
             busy = [k for k, en in self._entries.items() if en.state != _READY]
             if not busy:
-                raise MlxtralError(f"the expert cache ({self.capacity} slots) cannot hold the experts one "
-                                   "layer needs at once")
+                slots = plural(self.capacity, "slot")
+                raise MlxtralError(f"the expert cache ({slots}) cannot hold the experts one layer needs "
+                                   "at once")
             self._cv.wait()
 
     def _take_slot(self, demand: bool) -> Slot | None:

@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass
 
 from mlxtral import memory
+from mlxtral.display import show
 from mlxtral.errors import OutOfMemoryError, UsageError
 from mlxtral.expert_cache.layout import ExpertLayout, is_expert
 from mlxtral.formats import Checkpoint
 from mlxtral.memory import GB, MemoryEstimate, _mlx_float_bytes, _weights, estimate, tensor_bytes
+from mlxtral.wording import plural
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -29,7 +31,7 @@ def parse_size(value: str | int | float | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise UsageError(f"invalid memory size {value!r}")
+        raise UsageError(f"invalid memory size {show(value)}")
     if isinstance(value, (int, float)):
         n = float(value)
     else:
@@ -116,6 +118,7 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
 
     given = parse_size(budget)
     full = estimate(ckpt, backend, max_context, kv_dtype)
+    memory.check_address_space(ckpt, full, backend)  # ulimit -v: the mapped file counts too
     if given is None:
         avail = memory.available_memory()
         limit = None if avail is None else avail + full.held
@@ -151,7 +154,7 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
         raise OutOfMemoryError(
             f"needs ~{size(plan.min_budget)} even with its experts streamed from disk (resident weights "
             f"{size(resident)} + KV cache {size(full.kv_cache)} + working set {size(full.working)} + "
-            f"{plan.min_slots} experts {size(plan.min_slots * per)}) but "
+            f"{plural(plan.min_slots, 'expert')} {size(plan.min_slots * per)}) but "
             f"{'the budget is' if given else 'only'} {size(shown)}{'' if given else ' is available'}; "
             f"{memory.ADVICE}", ckpt.path)
     return plan
