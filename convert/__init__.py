@@ -105,6 +105,9 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
     sources = source_paths(src)
     check_output(out, is_dir=(fmt == "mlx"), force=force, sources=sources)
     ckpt = _open(src)
+    from mlxtral.formats.mapped import install_sigbus_guard
+
+    install_sigbus_guard()  # a source truncated while it is read: one line, not a silent death
     from .preflight import preflight
 
     checked = preflight(ckpt, fmt, prec, group_size, allow_requantize)  # before the bar: fail fast

@@ -108,6 +108,9 @@ def _atomic(out: Path, is_dir: bool, force: bool) -> Iterator[Path]:
             tmp = Path(name)
     except OSError as e:
         raise OutputError(out, e) from e
+    from mlxtral.formats.mapped import note_unfinished
+
+    note_unfinished(tmp)  # a source truncated under its map (SIGBUS) exits at once: name what is left
     try:
         yield tmp
         umask = os.umask(0)
@@ -127,6 +130,8 @@ def _atomic(out: Path, is_dir: bool, force: bool) -> Iterator[Path]:
         if isinstance(e, OSError) and concerns_output(e, out, tmp):
             raise OutputError(out, e) from e
         raise
+    finally:
+        note_unfinished(None)
 
 
 def _place_new(tmp: Path, out: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,9 +44,10 @@ def plan_gguf(ckpt: Checkpoint, qtype: str) -> list[OutTensor]:
     args = ckpt.args
     plan = []
     for name, parts in layer_order(args):
-        first = tuple(ckpt.tensors[parts[0]].shape)
+        src = ckpt.tensors[parts[0]]
+        first = tuple(src.shape)
         shape = (len(parts),) + first if name.endswith("_exps.weight") else first
-        plan.append(OutTensor(name, parts, shape, gguf_tensor_type(name, first, qtype)))
+        plan.append(OutTensor(name, parts, shape, gguf_tensor_type(name, first, qtype, src.qtype)))
     return plan
 
 
@@ -85,13 +85,11 @@ def add_model_metadata(w: Any, args: ModelArgs, qtype: str, name: str) -> None:
 
 def read_sentencepiece(path: Path) -> Any:
     """A ``tokenizer.model`` parsed (:class:`spm_proto.SpmModel`); TokenizerError if it is not one."""
+    from mlxtral.formats.files import read_side_file  # regular file, size cap, one-line errors
+
     from .spm_proto import parse_model
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"cannot read ({e.strerror})", path) from None
-    return parse_model(data, path)
+    return parse_model(read_side_file(path, TokenizerError), path)
 
 
 def sentencepiece_vocab(path: Path, vocab_size: int, model: Any = None
@@ -110,58 +108,77 @@ def sentencepiece_vocab(path: Path, vocab_size: int, model: Any = None
 
 
 def _chat_template_from_folder(folder: Path) -> str | None:
+    from mlxtral.formats.files import read_side_json  # regular file, size cap, one-line errors
+
     cfg = folder / "tokenizer_config.json"
-    if not cfg.is_file():
+    if not cfg.exists():
         return None
-    try:
-        tpl = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-    except (OSError, ValueError):
-        return None
+    data = read_side_json(cfg, TokenizerError)
+    tpl = data.get("chat_template") if isinstance(data, dict) else None
     return tpl if isinstance(tpl, str) else None
 
 
-def add_tokenizer(w: Any, tok: TokenizerSource | None, args: ModelArgs) -> None:
-    """Embed the tokenizer: from a ``tokenizer.model`` or copied from a source GGUF's keys."""
-    import gguf
+VocabWriter = Callable[[Any], None]  # adds the prepared tokenizer keys to a gguf.GGUFWriter
 
+
+def add_tokenizer(w: Any, tok: TokenizerSource | None, args: ModelArgs) -> None:
+    """Embed the tokenizer (see :func:`prepare_tokenizer`)."""
+    prepare_tokenizer(tok, args)(w)
+
+
+def prepare_tokenizer(tok: TokenizerSource | None, args: ModelArgs) -> VocabWriter:
+    """Read and check the tokenizer a GGUF output embeds, before any tensor is written: a source
+    GGUF's keys (copied), a SentencePiece ``tokenizer.model`` (``llama``) or a byte-level BPE
+    ``tokenizer.json`` (``gpt2``). Returns what adds its keys to the writer."""
     if tok is None:
-        raise TokenizerError("the source has no tokenizer (need tokenizer.model or a GGUF vocabulary)")
+        raise TokenizerError("the source has no tokenizer (need tokenizer.model, tokenizer.json or a GGUF "
+                             "vocabulary)")
     if tok.kind == "gguf":
-        copy_gguf_tokenizer(w, tok.metadata)
-        return
+        md = tok.metadata
+        if not md.get("tokenizer.ggml.tokens"):
+            raise TokenizerError("the source GGUF has no tokenizer.ggml.tokens", tok.path)
+        return lambda w: copy_gguf_tokenizer(w, md)
     path = tok.path
     if path is not None and path.is_dir():
         folder = path
         path = path / "tokenizer.model"
     else:
         folder = path.parent if path is not None else None
+    if (path is None or not path.is_file()) and folder is not None and (folder / "tokenizer.json").is_file():
+        from .tokenizer_files import gpt2_vocab_from_folder
+
+        bpe = gpt2_vocab_from_folder(folder, args.vocab_size)
+        return lambda w: copy_gguf_tokenizer(w, bpe)
     if path is None or not path.is_file():
-        raise TokenizerError("GGUF output needs a SentencePiece tokenizer.model beside the weights",
-                             tok.path)
+        raise TokenizerError("GGUF output needs a tokenizer beside the weights: a SentencePiece "
+                             "tokenizer.model or a byte-level BPE tokenizer.json", tok.path)
     spm = read_sentencepiece(path)
     tokens, scores, types, ids = sentencepiece_vocab(path, args.vocab_size, spm)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    # the normalizer flags, as llama.cpp's converter writes them (so a tokenizer.model can be
-    # rebuilt from the GGUF); llama.cpp's own SPM tokenizer reads add_space_prefix
-    w.add_add_space_prefix(bool(spm.add_dummy_prefix))
-    w.add_remove_extra_whitespaces(bool(spm.remove_extra_whitespaces))
-    if spm.precompiled_charsmap:
-        w.add_precompiled_charsmap(spm.precompiled_charsmap)
-    w.add_bos_token_id(ids["bos"])
-    w.add_eos_token_id(ids["eos"])
-    w.add_unk_token_id(ids["unk"])
-    if ids["pad"] >= 0:
-        w.add_pad_token_id(ids["pad"])
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
     template = tok.metadata.get("tokenizer.chat_template") or (
         _chat_template_from_folder(folder) if folder else None)
-    if isinstance(template, str):
-        w.add_chat_template(template)
-    del gguf
+
+    def write(w: Any) -> None:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        # the normalizer flags, as llama.cpp's converter writes them (so a tokenizer.model can be
+        # rebuilt from the GGUF); llama.cpp's own SPM tokenizer reads add_space_prefix
+        w.add_add_space_prefix(bool(spm.add_dummy_prefix))
+        w.add_remove_extra_whitespaces(bool(spm.remove_extra_whitespaces))
+        if spm.precompiled_charsmap:
+            w.add_precompiled_charsmap(spm.precompiled_charsmap)
+        w.add_bos_token_id(ids["bos"])
+        w.add_eos_token_id(ids["eos"])
+        w.add_unk_token_id(ids["unk"])
+        if ids["pad"] >= 0:
+            w.add_pad_token_id(ids["pad"])
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        if isinstance(template, str):
+            w.add_chat_template(template)
+
+    return write
 
 
 _TOKENIZER_TYPES = {
@@ -270,18 +287,19 @@ def model_name(ckpt: Checkpoint) -> str:
 
 
 def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = None,
-               progress: Progress | None = None) -> list[TensorReport]:
+               progress: Progress | None = None, vocab: VocabWriter | None = None) -> list[TensorReport]:
     """Write ``ckpt`` to the GGUF file ``out`` (the path is written directly: the caller makes
-    it atomic). Returns one report per output tensor. On an exception (KeyboardInterrupt,
-    Terminated, OSError...) the file is closed without raising, the worker threads are stopped, and
-    the same exception goes on."""
+    it atomic). Returns one report per output tensor. ``vocab``: the tokenizer already prepared
+    (:func:`prepare_tokenizer`). On an exception (KeyboardInterrupt, Terminated, OSError...) the
+    file is closed without raising, the worker threads are stopped, and the same exception goes on."""
     import gguf
 
     check_tensors(ckpt.args, ckpt.tensors, str(ckpt.path))
+    vocab = vocab or prepare_tokenizer(ckpt.tokenizer, ckpt.args)
     plan = plan_gguf(ckpt, qtype)
     w = writer_class()(path=None, arch="llama")
     add_model_metadata(w, ckpt.args, qtype, name or model_name(ckpt))
-    add_tokenizer(w, ckpt.tokenizer, ckpt.args)
+    vocab(w)
     for t in plan:
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, t.qtype),
                           raw_dtype=gguf.GGMLQuantizationType[t.qtype])

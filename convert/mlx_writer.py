@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,12 @@ import numpy as np
 from mlxtral.config import ModelArgs
 from mlxtral.errors import TokenizerError
 from mlxtral.formats import Checkpoint
+from mlxtral.qtensor import AffineTensor
 from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
 from mlxtral.quant.ggml import dequantize, squared_error_terms
 
 from .policy import Precision, mlx_quantizes
+from .preflight import same_affine
 from .safetensors_writer import SafetensorsWriter
 from .tensors import (
     TensorReport,
@@ -91,6 +92,7 @@ class MlxModule:
     quantized: bool
     dtype: str  # float dtype of the weight (unquantized) or of scales/biases
     permute_heads: int = 0  # q/k: number of heads to permute rows by
+    copy: bool = False  # MLX affine sources in this very quantization: codes, scales, biases copied
 
     def tensors(self, bits: int | None, group_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         st = _ST_DTYPE[self.dtype]
@@ -112,7 +114,12 @@ def plan_mlx(ckpt: Checkpoint, prec: Precision, group_size: int) -> list[MlxModu
         f32 = len(first) == 1 or name.endswith("ffn_gate_inp.weight")
         dtype = "float32" if f32 else prec.float_dtype
         heads = args.n_heads if ".attn_q." in name else args.n_kv_heads if ".attn_k." in name else 0
-        out.append(MlxModule(mlx_module_name(name, args.is_moe), parts, shape, q, dtype, heads))
+        srcs = [ckpt.tensors[p] for p in parts]
+        copy = q and all(same_affine(t, prec.bits, group_size) for t in srcs) and len(
+            {t.scale_dtype for t in srcs if isinstance(t, AffineTensor)}) == 1
+        if copy:  # keep the source's scales as they are: no requantization, no rounding
+            dtype = srcs[0].scale_dtype  # type: ignore[union-attr]
+        out.append(MlxModule(mlx_module_name(name, args.is_moe), parts, shape, q, dtype, heads, copy))
     return out
 
 
@@ -173,12 +180,14 @@ def copy_tokenizer(ckpt: Checkpoint, folder: Path) -> list[str]:
                              "beside the weights", ckpt.path)
     src = tok.path if tok.path.is_dir() else tok.path.parent
     written = []
-    if tok.kind == "sentencepiece" and tok.path.is_file():
-        shutil.copyfile(tok.path, folder / "tokenizer.model")
+    from mlxtral.formats.files import read_side_file  # regular files under a size cap: no FIFO, no /dev/zero
+
+    if tok.kind == "sentencepiece" and tok.path.exists():
+        (folder / "tokenizer.model").write_bytes(read_side_file(tok.path, TokenizerError))
         written.append("tokenizer.model")
     for n in TOKENIZER_FILES:
-        if n not in written and (src / n).is_file():
-            shutil.copyfile(src / n, folder / n)
+        if n not in written and (src / n).exists():
+            (folder / n).write_bytes(read_side_file(src / n, TokenizerError))
             written.append(n)
     if "tokenizer.json" not in written and "tokenizer.model" in written:
         from .tokenizer_files import write_spm_tokenizer_json
@@ -218,6 +227,17 @@ def _encode_part(x: np.ndarray, m: MlxModule, bits: int | None, group_size: int,
     if m.dtype != "float32":
         rep.add_error(x, dequantize(data, _GGUF_OF[m.dtype]))
     return {".weight": data}
+
+
+def _copy_affine(w: SafetensorsWriter, mod: str, e: int, src: AffineTensor, heads: int,
+                 rep: TensorReport) -> None:
+    """Write an MLX affine source tensor's codes, scales and biases unchanged (q/k rows in
+    Hugging Face's order: rows move with their groups)."""
+    for suffix, arr in ((".weight", src.data), (".scales", src.scales), (".biases", src.biases)):
+        data = hf_permute(np.asarray(arr), heads) if heads else np.ascontiguousarray(arr)
+        w.write(mod + suffix, data, offset=e * data.nbytes)
+        rep.nbytes += data.nbytes
+    rep.copied = True
 
 
 def write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int = 64, *,
@@ -262,6 +282,11 @@ def _write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int,
                 for e, part in enumerate(m.parts):
                     src = ckpt.tensors[part]
                     rep.src_qtype = src.qtype
+                    if m.copy and isinstance(src, AffineTensor):
+                        _copy_affine(w, mod, e, src, m.permute_heads, rep)
+                        if progress is not None:
+                            progress(src.nbytes)
+                        continue
                     x = source_f32(src)
                     if m.permute_heads:
                         x = hf_permute(x, m.permute_heads)

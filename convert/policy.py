@@ -15,6 +15,14 @@ GGUF policy (``--q4``/``--q4_1``/``--q8``/``--f16``/``--bf16``/``--f32``):
 MLX policy (``bits`` 4 or 8, ``group_size`` 32/64/128), as ``mlx_lm.convert`` quantizes Mixtral:
 every linear layer, the experts, ``embed_tokens`` and ``lm_head`` are affine-quantized; the
 router ``block_sparse_moe.gate`` is left unquantized (float32, like the norms).
+
+No precision flag means ``--q4`` (:data:`DEFAULT_PRECISION`). A source tensor that is already
+quantized (any GGUF block type, MLX affine) and would go to a *different* quantized type is
+requantized: error on top of error (Q4_1 -> Q4_0 adds ~10% relative RMSE). As llama-quantize does,
+that needs ``--allow-requantize`` (:func:`requantized`); copying blocks of the same type and
+dequantizing to a float type (F16, BF16, F32) never do. The policy's own upgrade of
+``output.weight`` (4-bit body -> Q8_0) keeps a source that is already 4-bit as it is (copied):
+requantizing it could only add error.
 """
 from __future__ import annotations
 
@@ -32,6 +40,10 @@ PRECISIONS: dict[str, tuple[str, int | None]] = {
     "f32": ("F32", None),
 }
 GGUF_QTYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32")
+DEFAULT_PRECISION = "q4"
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_HELP = "no precision flag: --q4 (GGUF Q4_0, output.weight Q8_0; MLX 4-bit, groups of 64)"
+FLOAT_QTYPES = ("F32", "F16", "BF16", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -66,13 +78,26 @@ def is_f32_tensor(name: str, ndim: int) -> bool:
     return ndim == 1 or name.endswith("ffn_gate_inp.weight")
 
 
-def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str) -> str:
-    """The GGUF type for the internal (or GGUF) tensor ``name`` when the body is ``qtype``."""
+def is_quantized_type(qtype: str) -> bool:
+    """A GGUF block type or an MLX affine type (``affine4/g64``), not a float type."""
+    return qtype not in FLOAT_QTYPES
+
+
+def requantized(src_qtype: str, out_qtype: str) -> bool:
+    """Whether writing a ``src_qtype`` tensor as ``out_qtype`` quantizes already quantized values
+    again (a copy of the same type and a float output do not)."""
+    return is_quantized_type(src_qtype) and is_quantized_type(out_qtype) and src_qtype != out_qtype
+
+
+def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str, src_qtype: str | None = None) -> str:
+    """The GGUF type for the internal (or GGUF) tensor ``name`` when the body is ``qtype``
+    (``src_qtype``: the source tensor's type, when known)."""
     if is_f32_tensor(name, len(shape)):
         return "F32"
     want = qtype
     if name == "output.weight" and qtype in ("Q4_0", "Q4_1"):
-        want = "Q8_0"
+        # the logits' matrix gets more bits, unless its source is 4-bit already (nothing to gain)
+        want = src_qtype if src_qtype in ("Q4_0", "Q4_1") else "Q8_0"
     if want.startswith("Q") and shape[-1] % 32:
         want = "F16"
     return want

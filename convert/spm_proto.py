@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from mlxtral.display import term_safe
 from mlxtral.errors import TokenizerError
 
 __all__ = ["SpmModel", "parse_model", "build_model", "NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED",
@@ -199,7 +200,7 @@ def parse_model(data: bytes, where: object = None) -> SpmModel:
                     elif f2 == 5:
                         m.escape_whitespaces = bool(v2)
     except (ValueError, TypeError, struct.error, UnicodeDecodeError, AssertionError) as e:
-        raise TokenizerError(f"not a SentencePiece model ({e})", where) from None
+        raise TokenizerError(f"not a SentencePiece model ({term_safe(str(e), 100)})", where) from None
     if not seen_pieces:
         raise TokenizerError("not a SentencePiece model (no pieces)", where)
     return m

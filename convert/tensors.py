@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from mlxtral.config import ModelArgs
-from mlxtral.errors import FormatError, UsageError
+from mlxtral.errors import FormatError
 from mlxtral.qtensor import AffineTensor, QTensor, Tensor
 from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
 
@@ -102,13 +102,10 @@ def source_f32(t: Tensor) -> np.ndarray:
 def convert_threads() -> int:
     """Worker threads for quantization: ``MLXTRAL_CONVERT_THREADS`` or the CPU count (at most 8).
     NumPy releases the GIL inside its array operations, so row ranges convert in parallel."""
-    env = os.environ.get("MLXTRAL_CONVERT_THREADS", "").strip()
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise UsageError(f"MLXTRAL_CONVERT_THREADS must be an integer, got {env!r}") from None
-    return max(1, min(os.cpu_count() or 1, 8))
+    from mlxtral.env import env_int
+
+    # at most 256 threads (as the kernels): a huge value would start that many
+    return env_int("MLXTRAL_CONVERT_THREADS", max(1, min(os.cpu_count() or 1, 8)), 1, 256, "threads")
 
 
 PARALLEL_MIN_ELEMS = 1 << 20  # smaller tensors are converted on the calling thread
@@ -158,8 +155,13 @@ class WorkerPool:
         while len(self._threads) < self.size:
             t = threading.Thread(target=self._worker, name=f"mlxtral-convert-{len(self._threads)}",
                                  daemon=True)
+            try:
+                t.start()
+            except RuntimeError as e:  # "can't start new thread": under ulimit -v, one clear line
+                from mlxtral.address_space import explain
+
+                raise (explain(e, "starting the conversion threads") or e) from None
             self._threads.append(t)
-            t.start()
         futs: list[Future[T]] = []
         try:
             for it in items:

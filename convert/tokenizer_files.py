@@ -15,6 +15,13 @@
   "t" + "he"); real Mixtral folders ship a ``tokenizer.json`` for that reason.
 - ``tokenizer_config.json`` with the bos/eos tokens, ``add_bos_token`` / ``add_eos_token`` and the
   GGUF's ``tokenizer.chat_template``.
+
+And the reverse, for GGUF output: a byte-level BPE ``tokenizer.json`` (read by our own loader, so
+the GGUF tokenizes exactly as the folder does) as a ``gpt2`` vocabulary (:func:`gpt2_vocab_from_folder`):
+tokens in id order (holes and the padding up to the model's vocabulary as ``[PADi]``, unused),
+token types (added tokens: control when ``special``, else user-defined), merges as ``"a b"``, the
+``tokenizer.ggml.pre`` name whose llama.cpp pre-tokenizer splits text as the file's does, the
+bos/eos/unk/pad ids, ``add_bos_token`` and the chat template.
 """
 from __future__ import annotations
 
@@ -24,12 +31,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mlxtral.display import show
 from mlxtral.errors import TokenizerError
 
-from .spm_proto import BPE, BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SpmModel, build_model, parse_model
+from .spm_proto import (
+    BPE,
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    SpmModel,
+    build_model,
+    parse_model,
+)
 
 __all__ = ["write_gguf_tokenizer", "spm_model_from_gguf", "tokenizer_json_from_gguf",
-           "tokenizer_json_from_spm", "write_spm_tokenizer_json"]
+           "tokenizer_json_from_spm", "write_spm_tokenizer_json", "gpt2_vocab_from_folder", "pre_name"]
 
 
 def _text(v: Any) -> str:
@@ -63,7 +82,7 @@ def spm_model_from_gguf(md: Mapping[str, Any]) -> SpmModel:
     if len(set(pieces)) != len(pieces):
         seen: set[bytes] = set()
         dup = next(p for p in pieces if p in seen or seen.add(p))  # type: ignore[func-returns-value]
-        raise TokenizerError(f"the GGUF vocabulary holds the piece {dup!r} twice; "
+        raise TokenizerError(f"the GGUF vocabulary holds the piece {show(dup)} twice; "
                              "a SentencePiece model cannot")
     scores = md.get("tokenizer.ggml.scores")
     scores = [float(s) for s in scores] if scores is not None else [0.0] * len(pieces)
@@ -105,7 +124,8 @@ def tokenizer_json_from_gguf(md: Mapping[str, Any]) -> dict[str, Any]:
     added = []
     for i, (t, ty) in enumerate(zip(texts, types, strict=True)):
         if t in vocab:
-            raise TokenizerError(f"the GGUF vocabulary holds the token {t!r} twice (ids {vocab[t]} and {i})")
+            raise TokenizerError(f"the GGUF vocabulary holds the token {show(t)} twice "
+                                 f"(ids {vocab[t]} and {i})")
         vocab[t] = i
         if ty in (CONTROL, USER_DEFINED):
             added.append({"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -199,7 +219,9 @@ def tokenizer_json_from_spm(m: SpmModel) -> dict[str, Any]:
 def write_spm_tokenizer_json(model_file: Path, folder: Path) -> list[str]:
     """Write ``tokenizer.json`` for the SentencePiece ``model_file`` into ``folder`` when it is a BPE
     model (Mistral's and Llama's are); returns the names written (none for a unigram model)."""
-    m = parse_model(Path(model_file).read_bytes(), model_file)
+    from mlxtral.formats.files import read_side_file
+
+    m = parse_model(read_side_file(model_file, TokenizerError), model_file)
     if m.model_type != BPE:
         return []
     doc = tokenizer_json_from_spm(m)
@@ -251,9 +273,108 @@ def write_gguf_tokenizer(md: Mapping[str, Any], folder: Path, max_len: int) -> l
                                                encoding="utf-8")
         written = ["tokenizer.json"]
     else:
-        raise TokenizerError(f"cannot write tokenizer files for a {kind!r} GGUF vocabulary "
+        raise TokenizerError(f"cannot write tokenizer files for a {show(kind)} GGUF vocabulary "
                              "(only llama/SentencePiece and gpt2/byte-level BPE)")
     cfg = tokenizer_config(md, kind, max_len)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n",
                                                   encoding="utf-8")
     return [*written, "tokenizer_config.json"]
+
+
+# ---- a byte-level BPE tokenizer.json as a gpt2 GGUF vocabulary ---------------------------------------
+# tokenizer.ggml.pre names llama.cpp knows, one per pre-tokenizer kind and ignore_merges flag (the
+# first of llama.cpp's names for it); mlxtral.tokenizer.pretok holds the same table
+PRE_NAMES = ("gpt-2", "llama-bpe", "dbrx", "smollm", "qwen2", "default", "falcon", "poro-chat", "viking",
+             "tekken", "gpt-4o")
+# splits the pre-tokenizers differ on: contractions in both cases, runs of 1-7 digits, spaces, tabs
+# and newlines, punctuation runs, upper/lower-case words, letters of other scripts, emoji
+PRE_PROBE = (
+    "Hello world! I'm   HERE, you'LL see: don'T 3 33 333 4444 55555 1234567 x1y22z333 $5.99 a+b=c "
+    "<tag>|pipe|^~ `tick` \n\t\r \n\n  \t trailing   \n CamelCaseWord ALLCAPS lowerUPPER "
+    "Ünïcödé façade naïve ÉCOLE Ελληνικά русский 日本語の文 한국어 ١٢٣ ٣ 🤖🎉 👨‍👩‍👧 ...!!! ??? "
+    "path/to/file.py foo_bar(x):\n    return x**2  # ok\n\n\n end"
+)
+
+
+def pre_name(pretok: Any, ignore_merges: bool, path: Path | None = None) -> str:
+    """The ``tokenizer.ggml.pre`` value whose llama.cpp pre-tokenizer (regexes and ignore_merges)
+    splits text as ``pretok`` does (same expressions, or the same pieces of :data:`PRE_PROBE`);
+    a :class:`TokenizerError` when none does (llama.cpp refuses unknown names)."""
+    from mlxtral.tokenizer.pretok import PreTokenizer
+
+    ours = [p.pattern for p in pretok.patterns]
+    want = None
+    for name in PRE_NAMES:
+        cand, ign = PreTokenizer.for_pre(name)
+        if ign != ignore_merges:
+            continue
+        if [p.pattern for p in cand.patterns] == ours:
+            return name
+        if want is None:
+            want = pretok.split(PRE_PROBE)
+        if cand.split(PRE_PROBE) == want:
+            return name
+    raise TokenizerError("the pre-tokenizer of tokenizer.json matches none that llama.cpp knows "
+                         f"({', '.join(PRE_NAMES)}), so a GGUF cannot carry it; convert to --format mlx",
+                         path)
+
+
+def _merge_text(a: str, b: str, path: Path) -> str:
+    if not a or not b or " " in a[1:] or " " in b:  # "a b" must split back at its first space
+        raise TokenizerError(f"the BPE merge {(a + ' ' + b)[:40]!r} cannot be stored in a GGUF "
+                             "(a part holds a space)", path)
+    return f"{a} {b}"
+
+
+def gpt2_vocab_from_folder(folder: Path, vocab_size: int) -> dict[str, Any]:
+    """``tokenizer.ggml.*`` values (and ``tokenizer.chat_template``) for the byte-level BPE
+    ``tokenizer.json`` of ``folder``, as loaded by :func:`mlxtral.tokenizer.hf.load_hf_tokenizer`,
+    padded to ``vocab_size`` tokens; every problem is a one-line error naming the file."""
+    from mlxtral.config import read_json
+    from mlxtral.tokenizer.hf import load_hf_tokenizer
+
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    tok = load_hf_tokenizer(folder)
+    if tok.kind != "bpe":
+        raise TokenizerError(f"expected a byte-level BPE tokenizer.json, got a {tok.kind} tokenizer", folder)
+    n = tok.vocab_size
+    if n > vocab_size:
+        raise TokenizerError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} "
+                             "rows; a GGUF needs one row per token", path)
+    tokens = [tok.id_to_piece(i) for i in range(n)]
+    types = [tok.token_type(i) for i in range(n)]
+    for i in range(n):
+        if types[i] == UNUSED and not tokens[i]:  # a hole in tokenizer.json's ids
+            tokens[i] = f"[PAD{i}]"
+    tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
+    types += [UNUSED] * (vocab_size - n)
+    ranks = tok._ranks  # (left, right) -> rank, the first occurrence of each merge
+    if not ranks or getattr(tok, "_vocab_ranks", None) is not None:
+        raise TokenizerError("a GGUF gpt2 vocabulary needs BPE merges, and this tokenizer has none (a "
+                             "rank-only vocabulary); convert to --format mlx", path)
+    merges = [_merge_text(a, b, path) for (a, b), _ in sorted(ranks.items(), key=lambda kv: kv[1])]
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+    ids = {t: i for i, t in enumerate(tokens[:n])}
+
+    def special_id(key: str) -> int | None:
+        v = cfg.get(key)
+        text = v.get("content") if isinstance(v, dict) else v
+        return ids.get(text) if isinstance(text, str) else None
+
+    md: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre_name(tok._pre, tok.ignore_merges, path),
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": tok.bos_id,
+        "tokenizer.ggml.eos_token_id": tok.eos_id,
+        "tokenizer.ggml.unknown_token_id": special_id("unk_token"),
+        "tokenizer.ggml.padding_token_id": special_id("pad_token"),
+        "tokenizer.ggml.add_bos_token": bool(tok.add_bos),
+        "tokenizer.ggml.add_eos_token": cfg.get("add_eos_token") is True,
+        "tokenizer.chat_template": tok.chat_template,
+    }
+    return {k: v for k, v in md.items() if v is not None}

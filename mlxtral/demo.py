@@ -9,7 +9,6 @@ with :func:`mlxtral.upcycle.upcycle` and keep the result in the user's cache dir
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,10 +29,12 @@ class DemoModelMissing(MlxtralError):
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("MLXTRAL_CACHE")
+    from mlxtral.env import env_path  # checked: a bad value is one line naming the variable
+
+    env = env_path("MLXTRAL_CACHE")
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
+    xdg = env_path("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "mlxtral"
 

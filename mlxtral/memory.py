@@ -4,9 +4,11 @@
 arrays, memory-mapped or not: mapped weights must be paged in to run at speed; MLX: the arrays it
 converts them to), the KV cache filled to ``max_context``, and a working set (attention scores
 of one prefill chunk, activations, logits, the runtime itself). :func:`check_fits` compares the
-total with the memory available to this process (``MemAvailable`` on Linux, capped by a cgroup
-limit; physical memory on macOS) and raises :class:`~mlxtral.errors.OutOfMemoryError` with a
-suggestion, instead of letting the OOM killer end the process mid-load.
+total with the memory available to this process (``MemAvailable`` on Linux, capped by the limits
+of its own cgroup and its parents, v2 or v1; physical memory on macOS) and raises
+:class:`~mlxtral.errors.OutOfMemoryError` with a suggestion, instead of letting the OOM killer end
+the process mid-load. :func:`check_address_space` does the same for ``ulimit -v`` (RLIMIT_AS), which
+counts every mapping, the memory-mapped model file included.
 """
 from __future__ import annotations
 
@@ -135,16 +137,22 @@ def estimate(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | N
 
 
 # ---- what the machine has -----------------------------------------------------------------------
+PROC = "/proc"  # where /proc and the cgroup file system are (tests point them at fake trees)
+CGROUP = "/sys/fs/cgroup"
+_MAX_LEVELS = 64  # cgroup nesting walked up at most (the kernel allows far less in practice)
+_MAX_READ = 1 << 20  # a /proc or cgroup file read at most (memory.stat is a few kB)
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="ascii") as f:
-            return f.read().strip()
+            return f.read(_MAX_READ).strip()
     except (OSError, UnicodeDecodeError):
         return None
 
 
-def _meminfo_available() -> int | None:
-    text = _read("/proc/meminfo")
+def _meminfo_available(proc: str = PROC) -> int | None:
+    text = _read(f"{proc}/meminfo")
     if text is None:
         return None
     for line in text.splitlines():
@@ -155,28 +163,63 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_available() -> int | None:
-    """Room left under this process's cgroup memory limit (v2, then v1), or None if unlimited."""
-    for limit_f, usage_f, stat_f in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-         "/sys/fs/cgroup/memory/memory.stat"),
-    ):
-        limit = _read(limit_f)
-        if limit is None or not limit.isdigit():
+def _own_cgroups(proc: str = PROC) -> dict[str, str]:
+    """This process's cgroup paths from ``/proc/self/cgroup``: ``{"v2": path}`` for the unified
+    hierarchy (``0::/path``), ``{"v1": path}`` for the v1 memory controller (``N:memory:/path``)."""
+    out: dict[str, str] = {}
+    for line in (_read(f"{proc}/self/cgroup") or "").splitlines()[:_MAX_LEVELS]:
+        parts = line.split(":", 2)
+        if len(parts) != 3 or not parts[2].startswith("/"):
             continue
-        lim = int(limit)
-        if lim >= 1 << 60:  # cgroup v1's "unlimited"
-            return None
-        usage = _read(usage_f)
-        used = int(usage) if usage and usage.isdigit() else 0
-        inactive = 0  # page cache the kernel reclaims before it OOM-kills
-        for line in (_read(stat_f) or "").splitlines():
-            k, _, v = line.partition(" ")
-            if k in ("inactive_file", "total_inactive_file") and v.isdigit():
-                inactive = int(v)
-        return max(lim - max(used - inactive, 0), 0)
-    return None
+        if parts[0] == "0" and parts[1] == "":
+            out.setdefault("v2", parts[2])
+        elif "memory" in parts[1].split(","):
+            out.setdefault("v1", parts[2])
+    return out
+
+
+def _levels(base: str, path: str) -> list[str]:
+    """The cgroup folders from ``base + path`` up to ``base`` (innermost first). Levels that do not
+    exist are skipped by the reads: in a container the process's cgroup is the mount's root."""
+    parts = [p for p in path.split("/") if p and p not in (".", "..")][:_MAX_LEVELS]
+    dirs = [base + "".join("/" + p for p in parts[:k]) for k in range(len(parts), 0, -1)]
+    return [*dirs, base]
+
+
+def _room(limit_f: str, usage_f: str, stat_f: str) -> int | None:
+    """Room left under one cgroup level's limit, or None if it has none (or it is unreadable)."""
+    limit = _read(limit_f)
+    if limit is None or not limit.isdigit():
+        return None  # "max" (v2), missing (the root, or not this hierarchy)
+    lim = int(limit)
+    if lim >= 1 << 60:  # cgroup v1's "unlimited"
+        return None
+    usage = _read(usage_f)
+    used = int(usage) if usage and usage.isdigit() else 0
+    inactive = 0  # page cache the kernel reclaims before it OOM-kills
+    for line in (_read(stat_f) or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k in ("inactive_file", "total_inactive_file") and v.isdigit():
+            inactive = int(v)
+    return max(lim - max(used - inactive, 0), 0)
+
+
+def _cgroup_available(proc: str = PROC, cgroup: str = CGROUP) -> int | None:
+    """Room left under this process's cgroup memory limits, or None if unlimited: the tightest
+    level of its own cgroup and every parent (v2 ``memory.max``; v1 ``memory.limit_in_bytes``)."""
+    own = _own_cgroups(proc)
+    found: list[int] = []
+    v2 = [(d, f"{d}/memory.max", f"{d}/memory.current", f"{d}/memory.stat")
+          for d in _levels(cgroup, own.get("v2", "/"))]
+    mem = f"{cgroup}/memory"
+    v1 = [(d, f"{d}/memory.limit_in_bytes", f"{d}/memory.usage_in_bytes", f"{d}/memory.stat")
+          for d in _levels(mem, own.get("v1", "/"))]
+    for levels in (v2, v1):
+        for _, limit_f, usage_f, stat_f in levels:
+            room = _room(limit_f, usage_f, stat_f)
+            if room is not None:
+                found.append(room)
+    return min(found) if found else None
 
 
 def _physical_memory() -> int | None:
@@ -186,12 +229,47 @@ def _physical_memory() -> int | None:
         return None
 
 
-def available_memory() -> int | None:
-    """Bytes this process can still use without swapping or being killed; None if unknown."""
+def available_memory(proc: str | None = None, cgroup: str | None = None) -> int | None:
+    """Bytes this process can still use without swapping or being killed; None if unknown: Linux's
+    ``MemAvailable`` capped by the process's own cgroup limits (and its parents'). The address-space
+    limit (``ulimit -v``) is another kind of limit: :func:`check_address_space`."""
     if sys.platform.startswith("linux"):
-        found = [v for v in (_meminfo_available(), _cgroup_available()) if v is not None]
+        proc, cgroup = proc or PROC, cgroup or CGROUP
+        found = [v for v in (_meminfo_available(proc), _cgroup_available(proc, cgroup)) if v is not None]
         return min(found) if found else _physical_memory()
     return _physical_memory()  # macOS (hw.memsize) and others: unified memory, no MemAvailable
+
+
+def address_space_needed(ckpt: Checkpoint, est: MemoryEstimate, backend: str) -> int:
+    """Address space a load of ``ckpt`` (open: its file is mapped already) still needs: weights not
+    used in place from the mapping, the KV cache, the compute kernels still to come (numba,
+    llvmlite, their threads: what aborts when it does not fit) and a short prompt's working set (a
+    longer prompt that does not fit is a MemoryError later, reported as the same one line)."""
+    from mlxtral import address_space
+    from mlxtral.formats.native import native_form
+
+    in_place = 0
+    if backend != "mlx":
+        seen: set[int] = set()
+        for q in ckpt.tensors.values():
+            if id(q.data) not in seen and _is_mapped(q.data) and native_form(q)[0] == q.qtype:
+                seen.add(id(q.data))
+                in_place += q.nbytes
+    return (max(est.weights - in_place - est.held, 0) + est.kv_cache + address_space.KERNELS
+            + min(max(est.working - RUNTIME_BYTES, 0), address_space.WORKING))
+
+
+def check_address_space(ckpt: Checkpoint, est: MemoryEstimate, backend: str) -> None:
+    """Under ``ulimit -v``: :class:`~mlxtral.address_space.AddressSpaceError` (one line, naming the
+    file) if the rest of the load and a run of the whole context cannot fit."""
+    from mlxtral import address_space
+
+    if address_space.limit() is None:
+        return
+    try:
+        address_space.check_room(address_space_needed(ckpt, est, backend))
+    except address_space.AddressSpaceError as e:
+        raise address_space.AddressSpaceError(e.message, ckpt.path) from None
 
 
 ADVICE = "try a smaller quantization (mlxtral convert SRC OUT --q4) or a smaller --max-context"

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mlxtral.display import show
 from mlxtral.errors import FormatError, UsageError
 
 _DENSE_FFN = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
@@ -66,7 +67,7 @@ def upcycle(
     md = f.metadata
     arch = md.get("general.architecture")
     if arch not in _ARCHS:
-        raise FormatError(f"architecture {arch!r} cannot be upcycled "
+        raise FormatError(f"architecture {show(arch)} cannot be upcycled "
                           f"(expected one of {', '.join(_ARCHS)})", src)
     if int(md.get(f"{arch}.expert_count") or 0):
         raise FormatError("already a mixture-of-experts model (has expert_count)", src)
@@ -98,7 +99,7 @@ def upcycle(
                     continue
                 sub = gguf.GGUFValueType(f.array_types[key])
                 if sub == ARRAY:
-                    raise FormatError(f"metadata key {key!r}: nested arrays cannot be copied", src)
+                    raise FormatError(f"metadata key {show(key)}: nested arrays cannot be copied", src)
                 w.add_key_value(key, val, vtype, sub)
             else:
                 w.add_key_value(key, val, vtype)

@@ -445,7 +445,7 @@ def test_mlx_from_gguf_source_writes_tokenizer_and_template(tmp_path: Path, hf_f
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     convert(src, tmp_path / "m.gguf", qtype="q8", progress=False)
     out = tmp_path / "mlx"
-    convert(tmp_path / "m.gguf", out, "mlx", "q4", group_size=32, progress=False)
+    convert(tmp_path / "m.gguf", out, "mlx", "q4", group_size=32, progress=False, allow_requantize=True)
     assert {"tokenizer.model", "tokenizer_config.json", "config.json"} <= {p.name for p in out.iterdir()}
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert cfg["chat_template"] == template and cfg["bos_token"] == "<s>" and cfg["add_bos_token"] is True
@@ -677,7 +677,7 @@ def test_convert_full_disk_names_out(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     out = dest / ("m.gguf" if fmt == "gguf" else "m")
     if previous:
         if fmt == "gguf":
-            out.write_bytes(b"previous")
+            out.write_bytes(b"GGUFprevious")
         else:
             out.mkdir()
             (out / "config.json").write_text("previous")
@@ -702,7 +702,7 @@ def test_convert_full_disk_names_out(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         assert budget[0] < room  # partway: some of the output was written
     assert sorted(p.name for p in dest.iterdir()) == ([out.name] if previous else [])
     if previous:
-        assert (out.read_bytes() if fmt == "gguf" else (out / "config.json").read_bytes()) == b"previous"
+        assert (out.read_bytes()[4:] if fmt == "gguf" else (out / "config.json").read_bytes()) == b"previous"
         assert fmt == "gguf" or sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert _convert_threads_alive() == []
 

@@ -30,6 +30,7 @@ from tiny_models import random_weights, tiny_args, write_hf, write_original
 import mlxtral
 from mlxtral.backends.numpy_backend import NumpyBackend
 from mlxtral.convert import convert
+from mlxtral.errors import UsageError
 from mlxtral.formats.detect import open_checkpoint
 from mlxtral.qtensor import QTensor, bf16_to_f32, f32_to_bf16
 
@@ -205,7 +206,9 @@ def test_gguf_requantize_chain(tmp_path: Path, sources: dict[str, Path], src_log
     f32, q8, q4 = tmp_path / "f32.gguf", tmp_path / "q8.gguf", tmp_path / "q4.gguf"
     convert(sources["hf"], f32, qtype="f32", progress=False)
     convert(f32, q8, qtype="q8", progress=False)
-    convert(q8, q4, qtype="q4", progress=False)
+    with pytest.raises(UsageError, match="--allow-requantize"):  # llama-quantize's rule
+        convert(q8, q4, qtype="q4", progress=False)
+    convert(q8, q4, qtype="q4", progress=False, allow_requantize=True)
     direct_q8 = tmp_path / "direct-q8.gguf"
     convert(sources["hf"], direct_q8, qtype="q8", progress=False)
     # f32 -> q8_0 writes the same tensors as HF -> q8_0 (the same float32 values quantized)

@@ -30,7 +30,7 @@ def test_kquant_gguf_to_f32_is_exact_and_to_q8_verifies(tmp_path: Path) -> None:
     r = convert(src, tmp_path / "f32.gguf", qtype="f32", progress=False)
     assert {x.src_qtype for x in r.reports} >= {"Q4_K", "Q6_K"}
     assert_values_equal(tmp_path / "f32.gguf", src)
-    r = convert(src, tmp_path / "q8.gguf", qtype="q8", verify=True, progress=False)
+    r = convert(src, tmp_path / "q8.gguf", qtype="q8", verify=True, progress=False, allow_requantize=True)
     assert r.verified
 
 
@@ -41,4 +41,5 @@ def test_mlx_folder_to_gguf(tmp_path: Path, bits: int, gs: int) -> None:
     folder, _ = write_mlx(tmp_path / "mlx", random_weights(args, seed=2), args, bits=bits, group_size=gs)
     convert(folder, tmp_path / "f32.gguf", qtype="f32", progress=False)
     assert_values_equal(tmp_path / "f32.gguf", folder)  # q/k rows un-permuted with their groups
-    assert convert(folder, tmp_path / "q4.gguf", qtype="q4", verify=True, progress=False).verified
+    assert convert(folder, tmp_path / "q4.gguf", qtype="q4", verify=True, progress=False,
+                   allow_requantize=True).verified

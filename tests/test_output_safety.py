@@ -271,3 +271,35 @@ def test_three_concurrent_converts_to_one_new_out(tmp_path: Path, sources: dict[
     import mlxtral
 
     mlxtral.load(out).logits([1, 2, 3])  # the winner's output is whole
+
+
+_TRUNCATE_DURING_CONVERT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from tiny_models import random_weights, tiny_args, write_gguf
+import mlxtral.convert.gguf_writer as gw
+from mlxtral.convert import convert
+d = Path(sys.argv[1])
+args = tiny_args()
+src = write_gguf(d / "src.gguf", random_weights(args, 1), args)
+orig = gw.write_gguf
+def truncating(ckpt, tmp, *a, **kw):
+    os.truncate(src, 8192)  # the source shrinks under its map once the output is being written
+    return orig(ckpt, tmp, *a, **kw)
+gw.write_gguf = truncating
+convert(src, d / "out.gguf", qtype="q8", progress=False)
+"""
+
+
+def test_source_truncated_during_convert_is_one_line(tmp_path: Path) -> None:
+    """SIGBUS from the truncated source: one line naming it and the unfinished temporary, exit 1."""
+    code = _TRUNCATE_DURING_CONVERT.format(tests=str(Path(__file__).parent))
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
+    err = p.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert "src.gguf" in err and "SIGBUS" in err
+    left = [q for q in tmp_path.iterdir() if q.name.startswith(".out.gguf.tmp-")]
+    assert len(left) == 1 and str(left[0]) in err and not (tmp_path / "out.gguf").exists()
