@@ -349,6 +349,15 @@ def build_cases(root: Path) -> list[Case]:
                               CLI + ["generate", "demo", "-p", "hi", "-n", "4"], mem_cap=mb << 20,
                               allow_success=True, expect="address space|memory"))
 
+    byte = _rewrite_gguf(G, root / "byte.gguf", tokens={3: b"<0xZZ>"})  # id 3 is the BYTE token <0x00>
+    cases.append(Case("a BYTE token <0xZZ> in a GGUF vocabulary", "traceback",
+                      CLI + ["generate", str(byte), "-p", "hi", "-n", "2"], expect="0xZZ"))
+    odd = hf_folder(root / "odd")
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["head_dim"] = 15
+    (odd / "config.json").write_text(json.dumps(cfg))
+    cases.append(Case("an odd head size", "traceback", CLI + ["info", str(odd)], expect="head"))
+
     # terminal escapes from file metadata
     esc = tiny_gguf(root / "esc.gguf", name="evil\x1b]0;pwned\x07\x1b[2J\u202e")
     cases.append(Case("escape sequences in general.name (info)", "escape", CLI + ["info", str(esc)],
@@ -399,6 +408,7 @@ def injection_cases(root: Path, demo: Path) -> list[Case]:
     mlx = mlx_copy(demo_gguf(dense=True) or demo, root / "demo-mlx")
     tj = mlx / "tokenizer.json"
     if tj.is_file():
+        cases += tokenizer_json_cases(root, mlx)
         doc = json.loads(tj.read_text())
         for a in doc.get("added_tokens", []):
             a["special"] = False
@@ -407,6 +417,39 @@ def injection_cases(root: Path, demo: Path) -> list[Case]:
                           [sys.executable, "-c", _INJECT, str(mlx)], check=_injection_check,
                           allow_success=True))
     return cases
+
+
+def tokenizer_json_cases(root: Path, mlx: Path) -> list[Case]:
+    """Copies of an MLX folder (weights linked) with a hostile tokenizer.json."""
+    def variant(name: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+        d = root / name
+        d.mkdir()
+        for f in mlx.iterdir():
+            (d / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, d / f.name)
+        doc = json.loads((d / "tokenizer.json").read_text())
+        edit(doc)
+        (d / "tokenizer.json").write_text(json.dumps(doc))
+        return d
+
+    def split(doc: dict[str, Any]) -> None:
+        doc["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a|a)+$"}, "behavior": "Isolated",
+                                "invert": False}
+
+    def big_id(doc: dict[str, Any]) -> None:
+        doc["model"]["vocab"]["zzz-hostile"] = 10 ** 9
+
+    def bigger(doc: dict[str, Any]) -> None:  # more tokens than the embedding has rows
+        doc["model"]["vocab"].update({f"extra{i}": 49152 + 64 + i for i in range(600)})
+
+    return [
+        Case("tokenizer.json Split pattern (a|a)+$ on 41 a's", "hang",
+             CLI + ["generate", str(variant("split", split)), "-p", "a" * 41 + "!", "-n", "1"],
+             allow_success=True),
+        Case("tokenizer.json vocab id 10^9", "hang", CLI + ["info", str(variant("bigid", big_id))],
+             allow_success=True),
+        Case("tokenizer larger than the embedding", "traceback",
+             CLI + ["generate", str(variant("bigger", bigger)), "-p", "hi", "-n", "1"], expect="embedding"),
+    ]
 
 
 # ---- a mutation fuzz of the tokenizer side files -----------------------------------------------------
