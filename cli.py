@@ -664,8 +664,11 @@ def upcycle(
         task = prog.add_task("upcycling", total=None)
         do_upcycle(src, out, experts=experts, top_k=top_k, seed=seed, force=force,
                    progress=lambda done, total: prog.update(task, completed=done, total=total))
+    from mlxtral.wording import plural
+
     size = out.stat().st_size
-    err_console.print(f"wrote {out} ({size / 1e6:.1f} MB): {experts} experts, top-{top_k}", highlight=False)
+    err_console.print(f"wrote {out} ({size / 1e6:.1f} MB): {plural(experts, 'expert')}, top-{top_k}",
+                      highlight=False)
 
 
 # ---- convert --------------------------------------------------------------------------------------

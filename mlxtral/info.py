@@ -10,6 +10,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from mlxtral.wording import plural
+
 _EXPERT = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight$")
 MAX_CELL = 1000  # characters of one file-derived value in the table (a GGUF string can be 64 MB)
 
@@ -145,7 +147,7 @@ def render(d: dict[str, Any]) -> Any:
     t = Table(title=_cell(d["name"]), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    moe = (f"{c['n_experts']} experts, {c['n_experts_per_tok']} per token" if c["n_experts"]
+    moe = (f"{plural(c['n_experts'], 'expert')}, {c['n_experts_per_tok']} per token" if c["n_experts"]
            else "dense (one always-on FFN)")
     rows = [
         ("file", d["path"]),

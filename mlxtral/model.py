@@ -15,6 +15,7 @@ from mlxtral.errors import MlxtralError, UsageError
 from mlxtral.formats import Checkpoint
 from mlxtral.generate import GenerationResponse, Session, stream_generate
 from mlxtral.sampling import SamplingParams
+from mlxtral.wording import plural
 
 Messages = list[dict[str, str]]
 BACKENDS = ("auto", "numpy", "mlx")
@@ -66,7 +67,7 @@ class Model:
         c = self.config
         kind = f"{c.n_experts}x{c.n_experts_per_tok} MoE" if c.is_moe else "dense"
         return (f"<mlxtral.Model {self.checkpoint.path.name}: {self.checkpoint.format}, {kind}, "
-                f"{c.n_layers} layers, dim {c.dim}, backend {self.backend.name}>")
+                f"{plural(c.n_layers, 'layer')}, dim {c.dim}, backend {self.backend.name}>")
 
     @property
     def path(self) -> Path:

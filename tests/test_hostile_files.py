@@ -487,7 +487,7 @@ def test_error_lines_escape_tensor_names_and_paths(tmp_path: Path) -> None:
     assert r.exit_code == 1, r.output
     err = one_line(r.stderr)
     assert not any(c in err for c in ESCAPES), repr(err)
-    assert err.startswith(f"error: {term_safe(str(p))}: 1 tensors are not used by the model: x\\x1b]0;owned")
+    assert err.startswith(f"error: {term_safe(str(p))}: 1 tensor is not used by the model: x\\x1b]0;owned")
 
 
 def test_pickle_global_escaped_on_the_command_line(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ from mlxtral.expert_cache import ExpertCache
 from mlxtral.expert_cache.layout import KINDS
 from mlxtral.qtensor import QTensor, Tensor
 from mlxtral.sampling import SamplingParams
+from mlxtral.wording import plural
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SORT_THRESHOLD = 64  # token-expert pairs from which the MoE sorts by expert (mlx-lm's choice)
@@ -126,6 +127,9 @@ class MLXBackend:
 
     def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], dtype: str | None = None,
                  experts: ExpertCache | None = None) -> None:
+        from mlxtral.formats.mapped import install_sigbus_guard
+
+        install_sigbus_guard()  # a model file truncated while its weights are copied in: one line
         self.args = args
         self.experts = experts  # None: every expert resident
         self.dtype = resolve_dtype(dtype)
@@ -215,7 +219,7 @@ class MLXBackend:
         p0 = cache.offset
         if p0 + T > cache.max_context:
             raise ContextOverflowError(
-                f"{p0 + T} tokens do not fit the context of {cache.max_context} (raise max_context)"
+                f"{plural(p0 + T, 'token')} do not fit the context of {cache.max_context} (raise max_context)"
             )
         h = self.embed.rows(ids).astype(self.dtype)  # [T, dim]
         counts: list[mx.array] = []

@@ -27,6 +27,7 @@ from mlxtral.expert_cache.layout import KINDS, is_expert
 from mlxtral.formats.mapped import check_unchanged, files_backing, install_sigbus_guard
 from mlxtral.formats.native import native_tensors, to_native
 from mlxtral.qtensor import QTensor, Tensor
+from mlxtral.wording import plural
 
 
 @dataclass
@@ -145,7 +146,7 @@ class NumpyBackend:
         p0 = cache.offset
         if p0 + T > cache.max_context:
             raise ContextOverflowError(
-                f"{p0 + T} tokens do not fit the context of {cache.max_context} (raise max_context)"
+                f"{plural(p0 + T, 'token')} do not fit the context of {cache.max_context} (raise max_context)"
             )
         S = p0 + T
         pos = slice(p0, S)

@@ -17,6 +17,7 @@ import numpy as np
 from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError
 from mlxtral.qtensor import QTensor, Tensor
+from mlxtral.wording import plural
 
 KINDS = ("gate", "up", "down")  # w1, w3, w2: the order of an expert's matrices everywhere here
 _EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
@@ -114,5 +115,6 @@ def expert_layout(args: ModelArgs, tensors: dict[str, Tensor], path: Path) -> Ex
             experts.append(tuple(trio))
         layers.append(tuple(experts))
     if len(files) != 1:
-        raise FormatError(f"experts are spread over {len(files)} files; streaming needs one GGUF file", path)
+        raise FormatError(f"experts are spread over {plural(len(files), 'file')}; streaming needs one GGUF "
+                          "file", path)
     return ExpertLayout(files.pop(), args.n_layers, args.n_experts, tuple(layers))  # type: ignore[arg-type]

@@ -20,8 +20,13 @@ from mlxtral.display import plain
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, expected_shapes
 from mlxtral.formats.files import open_regular, read_side_json
+from mlxtral.wording import plural
 
 _SHOW = 5
+
+
+def _are(items: list[str]) -> str:
+    return "is" if len(items) == 1 else "are"
 
 
 def _few(names: list[str]) -> str:
@@ -36,8 +41,8 @@ def validate_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: P
     per_layer = 7 + int(args.is_moe) + 3 * args.n_ffn
     n_want = 2 + int(not args.tie_word_embeddings) + args.n_layers * per_layer
     if n_want > 4 * len(shapes) + 1000:  # a lying config: refuse before listing millions of names
-        raise FormatError(f"the config implies {n_want} tensors ({args.n_layers} layers x {per_layer}) "
-                          f"but the checkpoint holds {len(shapes)}", path)
+        raise FormatError(f"the config implies {plural(n_want, 'tensor')} ({plural(args.n_layers, 'layer')} "
+                          f"x {per_layer}) but the checkpoint holds {len(shapes)}", path)
     want = expected_shapes(args)
     missing = [n for n in want if n not in shapes]
     unused = sorted(n for n in shapes if n not in want)
@@ -45,11 +50,14 @@ def validate_shapes(shapes: dict[str, tuple[int, ...]], args: ModelArgs, path: P
              for n in want if n in shapes and tuple(shapes[n]) != want[n]]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensors the config needs are missing: {_few(missing)}")
+        problems.append(f"{plural(len(missing), 'tensor')} the config needs {_are(missing)} missing: "
+                        f"{_few(missing)}")
     if wrong:
-        problems.append(f"{len(wrong)} tensors disagree with the config: {_few(wrong)}")
+        problems.append(f"{plural(len(wrong), 'tensor')} {'disagrees' if len(wrong) == 1 else 'disagree'} "
+                        f"with the config: {_few(wrong)}")
     if unused:
-        problems.append(f"{len(unused)} tensors are not used by the model: {_few(unused)}")
+        problems.append(f"{plural(len(unused), 'tensor')} {_are(unused)} not used by the model: "
+                        f"{_few(unused)}")
     if problems:
         raise FormatError("; ".join(problems), path)
 
