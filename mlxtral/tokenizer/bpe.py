@@ -7,7 +7,6 @@ words are cached.
 """
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 from mlxtral.display import show
@@ -22,6 +21,7 @@ from mlxtral.tokenizer.base import (
     byte_value,
     mergeable,
 )
+from mlxtral.tokenizer.merge import merge_pairs
 from mlxtral.tokenizer.pretok import PreTokenizer
 from mlxtral.tokenizer.special import SpecialSplitter
 
@@ -136,40 +136,13 @@ class ByteLevelBPETokenizer(Tokenizer):
         ids = self._merge_ids
         if self.ignore_merges and word in ids:
             return (ids[word],)
-        syms = list(word)
-        n = len(syms)
-        if n > 1:
-            ranks, vranks = self._ranks, self._vocab_ranks
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-
-            def pair(left: int, right: int) -> tuple[int, int, int, int] | None:
-                a, b = syms[left], syms[right]
-                r = ranks.get((a, b)) if vranks is None else vranks.get(a + b)
-                return None if r is None else (r, left, right, len(a) + len(b))
-
-            heap = [p for p in (pair(k, k + 1) for k in range(n - 1)) if p is not None]
-            heapq.heapify(heap)
-            while heap:
-                _, left, right, size = heapq.heappop(heap)
-                a, b = syms[left], syms[right]
-                if not a or not b or len(a) + len(b) != size or nxt[left] != right:
-                    continue  # outdated: one side was merged since
-                syms[left] = a + b
-                syms[right] = ""
-                r2 = nxt[right]
-                nxt[left] = r2
-                if r2 >= 0:
-                    prv[r2] = left
-                if prv[left] >= 0 and (p := pair(prv[left], left)) is not None:
-                    heapq.heappush(heap, p)
-                if r2 >= 0 and (p := pair(left, r2)) is not None:
-                    heapq.heappush(heap, p)
+        ranks, vranks = self._ranks, self._vocab_ranks
+        if vranks is None:
+            syms = merge_pairs(list(word), lambda a, b: ranks.get((a, b)))
+        else:
+            syms = merge_pairs(list(word), lambda a, b: vranks.get(a + b))
         out: list[int] = []
         for p in syms:
-            if not p:
-                continue
             i = ids.get(p)
             if i is not None:
                 out.append(i)

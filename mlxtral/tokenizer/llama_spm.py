@@ -10,7 +10,6 @@ own and cached, giving the same ids much faster.
 """
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 
 from mlxtral.display import show
@@ -25,6 +24,7 @@ from mlxtral.tokenizer.base import (
     byte_value,
     mergeable,
 )
+from mlxtral.tokenizer.merge import merge_pairs
 from mlxtral.tokenizer.special import SpecialSplitter
 
 SPACE = "\u2581"
@@ -104,39 +104,13 @@ class LlamaSpmTokenizer(Tokenizer):
     def _merge(self, text: str) -> tuple[int, ...]:
         """llama.cpp's llm_tokenizer_spm on one (already escaped) string."""
         ids, scores = self._merge_ids, self._scores
-        syms = list(text)
-        n = len(syms)
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, n - 1))
 
-        def pair(left: int, right: int) -> tuple[float, int, int, int] | None:
-            s = syms[left] + syms[right]
-            tid = ids.get(s)
-            return None if tid is None else (-scores[tid], left, right, len(s))
-
-        heap = [p for p in (pair(k, k + 1) for k in range(n - 1)) if p is not None]
-        heapq.heapify(heap)
-        while heap:
-            _, left, right, size = heapq.heappop(heap)
-            a, b = syms[left], syms[right]
-            if not a or not b or len(a) + len(b) != size:
-                continue  # outdated: one side was merged since
-            syms[left] = a + b
-            syms[right] = ""
-            r2 = nxt[right]
-            nxt[left] = r2
-            if r2 >= 0:
-                prv[r2] = left
-            if prv[left] >= 0 and (p := pair(prv[left], left)) is not None:
-                heapq.heappush(heap, p)
-            if r2 >= 0 and (p := pair(left, r2)) is not None:
-                heapq.heappush(heap, p)
+        def priority(a: str, b: str) -> float | None:
+            tid = ids.get(a + b)
+            return None if tid is None else -scores[tid]  # the best-scored piece first
 
         out: list[int] = []
-        k = 0
-        while k >= 0:
-            s = syms[k]
+        for s in merge_pairs(list(text), priority):
             tid = ids.get(s)
             if tid is not None:
                 out.append(tid)
@@ -149,7 +123,6 @@ class LlamaSpmTokenizer(Tokenizer):
                                                  self.source)
                         bid = self.unk_id
                     out.append(bid)
-            k = nxt[k]
         return tuple(out)
 
     def _encode_text(self, text: str, out: list[int]) -> None:
