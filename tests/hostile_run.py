@@ -332,7 +332,7 @@ def build_cases(root: Path) -> list[Case]:
                       expect="Q8_K"))
     for var, val in (("MLXTRAL_BACKEND", "auto"), ("MLXTRAL_BACKEND", "cuda"), ("MLXTRAL_SPIN_MS", "abc"),
                      ("MLXTRAL_SPIN_MS", "-5"), ("NUMBA_NUM_THREADS", "0"), ("NUMBA_NUM_THREADS", "abc"),
-                     ("MLXTRAL_BLAS_MIN_T", "x")):
+                     ("MLXTRAL_CHUNK_KB_MAX", "x")):
         cases.append(Case(f"{var}={val}", "traceback", CLI + ["generate", str(G), "-p", "hi", "-n", "2"],
                           env={var: val}, allow_success=var == "MLXTRAL_BACKEND" and val == "auto",
                           expect=var))

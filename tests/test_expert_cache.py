@@ -30,8 +30,8 @@ CTX = 256
 PROMPT = [1, *range(5, 83)]  # 79 tokens: the prefill runs a layer's experts in groups of 2
 
 
-# K-quants need rows of 256: a wider model (the NumPy backend computes on Q4_K as Q4_1, converted
-# from the slot when an expert is read)
+# K-quants need rows of 256: a wider model (the NumPy backend computes on the Q4_K blocks in the
+# slot as they are read)
 ARGS_K = tiny_args(n_experts=8, vocab_size=320, max_position_embeddings=512, dim=256, head_dim=64,
                    hidden_dim=256)
 

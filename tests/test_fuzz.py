@@ -189,7 +189,8 @@ def test_fuzz_gguf(tmp_path: Path, gguf_src, edits) -> None:
     try:
         ckpt = open_checkpoint(p)
     except MlxtralError as e:
-        assert not data_only, f"tensor-data-only mutation refused: {e}"
+        # a data-only mutation may only be refused for making a norm or router non-finite
+        assert not data_only or "NaN or infinite" in str(e), f"tensor-data-only mutation refused: {e}"
         assert "\n" not in str(e) and str(p) in str(e)
         return
     CASES["gguf_loaded"] += 1
@@ -214,7 +215,8 @@ def test_fuzz_safetensors_folder(tmp_path: Path, hf_src, edits) -> None:
     try:
         ckpt = open_checkpoint(d)
     except MlxtralError as e:
-        assert not data_only, f"tensor-data-only mutation refused: {e}"
+        # a data-only mutation may only be refused for making a norm or router non-finite
+        assert not data_only or "NaN or infinite" in str(e), f"tensor-data-only mutation refused: {e}"
         assert "\n" not in str(e)
         return
     CASES["safetensors_loaded"] += 1

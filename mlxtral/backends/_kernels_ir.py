@@ -2,23 +2,37 @@
 
 Each ``dot_*`` intrinsic is one whole row dot product ``sum_k w[k] * x[k]`` over raw GGUF blocks,
 taking plain addresses (int64) so the same code runs on the calling thread and on the spinning
-worker threads. The loops keep an ``<8 x float>`` accumulator per block pair and use, on x86 with
-AVX2, ``vpmaddubsw`` (unsigned 4/8-bit weights x signed int8 activations -> int16 pairs) and
-``vpmaddwd`` (-> int32), as llama.cpp does. Without AVX2 the same two steps are written in portable
-vector IR (LLVM lowers them on any target; slower, same results).
+worker threads. The loops keep an ``<8 x float>`` accumulator per block pair; a block's 32 products
+(unsigned 4/8-bit weights x signed int8 activations) become 8 int32 sums of 4 by, per host
+(:data:`ISA`, chosen once at import from the CPU features numba compiles for):
+
+* ``vnni`` (x86 with AVX-512 VNNI + VL): one ``vpdpbusd`` on 256 bits, as llama.cpp does there;
+* ``avx2``: ``vpmaddubsw`` (-> int16 pairs) + ``vpmaddwd`` (-> int32), as llama.cpp's AVX2 path;
+* ``portable``: the same two steps in portable vector IR (LLVM lowers them on any target, ARM
+  included; slower).
+
+The three give bit-identical results (the int16 pairs never saturate: |w| <= 128, |x| <= 127).
+``MLXTRAL_KERNEL_ISA=avx2|portable`` forces a lower path (for tests and comparisons; ``vnni`` or
+``avx2`` on a CPU without them is refused); ``MLXTRAL_NO_AVX2=1`` is ``portable``. Kernels
+compiled on a forced path are not written to numba's disk cache.
 
 Activations for the block types are pre-quantized per 32-block (see ``kernels._quantize_x``):
 ``xq`` int8 [in], ``xd`` float32 [in/32] (scale), ``xs`` float32 [in/32] (= xd * sum(xq), for the
 constant terms of Q4_0 / Q4_1).
 
-numba's on-disk cache is keyed on the source file of the jitted functions (``_kernels_nb.py``),
-not on this one: after editing the IR here, touch ``_kernels_nb.py`` (or delete its ``*.nbi``/
-``*.nbc`` in ``__pycache__``). A package install rewrites both files, which is enough.
+numba's on-disk cache keys each entry on the jitted function's source file and bytecode and on
+the CPU (name and feature string numba compiles for, ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``
+included). The ISA here is derived from that same feature string, so a different CPU never loads
+code compiled for another; and :func:`key_cache_on_ir` adds this file's hash to the freshness
+stamp of the kernel modules (``_kernels_*.py``), so editing the IR alone invalidates their entries.
 
 Also here: atomics (acquire load, release store, compare-and-swap, fetch-add), ``pause``, f16->f32,
 and address -> typed pointer casts for ``numba.carray``.
 """
 from __future__ import annotations
+
+import hashlib
+import os
 
 import llvmlite.binding as llvm_binding
 from llvmlite import ir
@@ -26,23 +40,114 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mlxtral.env import env_flag
+from mlxtral.env import env_choice, env_flag
+from mlxtral.errors import UsageError
+
+ISAS = ("vnni", "avx2", "portable")  # best first
+ISA_CHOICES = ("auto", *ISAS)
 
 
-def _host_has_avx2() -> bool:
+def _target_features() -> set[str]:
+    """The CPU features numba compiles for (its own ``NUMBA_CPU_FEATURES`` when set, else the
+    host's): the same string numba puts in every disk-cache key, so our choice follows the key."""
     try:
-        feats = llvm_binding.get_host_cpu_features()
-        return bool(feats.get("avx2", False))
+        from numba.core import config
+
+        feats = config.CPU_FEATURES
+        if feats is None:
+            host = llvm_binding.get_host_cpu_features()
+            return {k for k, on in host.items() if on}
+        return {f[1:] for f in str(feats).split(",") if f.startswith("+")}
     except Exception:  # pragma: no cover - unusual platforms
-        return False
+        return set()
 
 
-# MLXTRAL_NO_AVX2=1 forces the portable IR (what macOS arm64 or an old x86 runs), for tests;
-# kernels compiled that way are not written to numba's disk cache (see _kernels_nb._CACHE).
-FORCED_GENERIC = env_flag("MLXTRAL_NO_AVX2")
-HAVE_AVX2 = _host_has_avx2() and not FORCED_GENERIC
+def _best_isa(feats: set[str]) -> str:
+    if {"avx512vnni", "avx512vl", "avx512bw", "avx2"} <= feats:
+        return "vnni"
+    if {"avx2", "fma", "f16c"} <= feats:
+        return "avx2"
+    return "portable"
+
+
+def _chosen_isa(best: str) -> str:
+    """``MLXTRAL_KERNEL_ISA`` (auto, vnni, avx2, portable) against what this CPU has."""
+    want = env_choice("MLXTRAL_KERNEL_ISA", ISA_CHOICES) or "auto"
+    if env_flag("MLXTRAL_NO_AVX2"):
+        if want not in ("auto", "portable"):
+            raise UsageError(f"MLXTRAL_NO_AVX2=1 and MLXTRAL_KERNEL_ISA={want} disagree: unset one")
+        want = "portable"
+    if want == "auto":
+        return best
+    if ISAS.index(want) < ISAS.index(best):
+        raise UsageError(f"MLXTRAL_KERNEL_ISA={want}: this CPU has no {want} (the best it runs is {best})")
+    return want
+
+
+HOST_ISA = _best_isa(_target_features())
+ISA = _chosen_isa(HOST_ISA)
+# A forced lower path (for tests) must neither load nor write the host's cached kernels: the cache
+# key (CPU, source, bytecode) does not see the choice (see _kernels_nb._CACHE).
+FORCED_GENERIC = ISA != HOST_ISA
+HAVE_AVX2 = ISA in ("vnni", "avx2")
+HAVE_VNNI = ISA == "vnni"
 if HAVE_AVX2:
     llvm_binding.initialize_native_asmparser()  # for the one line of inline asm in _half
+
+
+def _ir_hash() -> str:
+    """This file and ``_kernels_kq.py`` (K-quant IR and kernels that ``_kernels_nb``'s cached
+    ``run_chunk`` compiles in): a change to either must recompile every cached kernel."""
+    h = hashlib.sha256()
+    for path in (__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels_kq.py")):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+IR_HASH = _ir_hash()
+
+
+def key_cache_on_ir() -> None:
+    """Make numba's disk-cache freshness stamp of our kernel modules (``mlxtral/backends/
+    _kernels_*.py``) include this file's hash: their compiled code embeds the IR written here,
+    which numba's own key (their source and bytecode) does not see. Other modules' caching is left
+    as numba does it; a numba without these internals keeps its default behaviour."""
+    try:
+        from numba.core import caching
+    except ImportError:  # pragma: no cover
+        return
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)  # 0.68 / older
+    classes = getattr(impl, "_locator_classes", None)
+    if not isinstance(classes, list) or any(getattr(c, "_mlxtral_ir", False) for c in classes):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def keyed(base: type) -> type:
+        class Keyed(base):  # type: ignore[misc, valid-type]
+            _mlxtral_ir = True
+
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                path = os.path.abspath(py_file)
+                if os.path.dirname(path) != here or not os.path.basename(path).startswith("_kernels_"):
+                    return None
+                return super().from_function(py_func, py_file)
+
+            def get_source_stamp(self):
+                return (super().get_source_stamp(), IR_HASH)
+
+        Keyed.__name__ = f"MlxtralIR{base.__name__}"
+        return Keyed
+
+    try:
+        ours = [keyed(c) for c in classes if hasattr(c, "get_source_stamp") and hasattr(c, "from_function")]
+    except TypeError:  # pragma: no cover - a class that cannot be subclassed
+        return
+    classes[:0] = ours
+
+
+key_cache_on_ir()
 
 i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 f32, f16 = ir.FloatType(), ir.HalfType()
@@ -118,6 +223,16 @@ def _madd_ones(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return b.add(ev, od)
 
 
+def _dot_u8s8(b: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
+    """<32 x i8> unsigned u . <32 x i8> signed s -> <8 x i32>, lane i the sum of bytes 4i..4i+3:
+    one ``vpdpbusd`` with VNNI, else ``vpmaddubsw`` + ``vpmaddwd`` (the same sums: callers' int16
+    pairs never saturate)."""
+    if HAVE_VNNI:
+        fn = _intr(b.module, "llvm.x86.avx512.vpdpbusd.256", v8i32, [v8i32, v8i32, v8i32])
+        return b.call(fn, [_vconst(v8i32, 0), b.bitcast(u, v8i32), b.bitcast(s, v8i32)])
+    return _madd_ones(b, _maddubs(b, u, s))
+
+
 def _abs_sign(b: ir.IRBuilder, w: ir.Value, x: ir.Value) -> tuple[ir.Value, ir.Value]:
     """(|w|, x * sign(w)) for a signed x signed dot through maddubs."""
     if HAVE_AVX2:
@@ -160,7 +275,7 @@ def _block_q4(b, wp, xp, boff, xoff, with_min):
     hi = b.lshr(q, _vconst(v16i8, 4))
     w = b.shuffle_vector(lo, hi, _mask(list(range(32))))
     x = _load(b, xp, xoff, v32i8)
-    s = _madd_ones(b, _maddubs(b, w, x))
+    s = _dot_u8s8(b, w, x)
     if with_min:
         m = _half(b, wp, b.add(boff, ir.Constant(i64, 2)))
     else:
@@ -173,7 +288,7 @@ def _block_q8(b, wp, xp, boff, xoff):
     w = _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8)
     x = _load(b, xp, xoff, v32i8)
     aw, sx = _abs_sign(b, w, x)
-    s = _madd_ones(b, _maddubs(b, aw, sx))
+    s = _dot_u8s8(b, aw, sx)
     return b.sitofp(s, v8f), d, None
 
 
@@ -256,15 +371,50 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
 NTOK = 4  # tokens per weight-row pass in the prefill dot
 
 
+def _unpack_w(b: ir.IRBuilder, wp: ir.Value, blk: ir.Value, kind: str) -> tuple:
+    """Weight block ``blk`` of a row: (32 bytes for the integer dot, scale d, constant term m or
+    None), exactly as ``_block_q4`` / ``_block_q8`` compute them."""
+    bsz, fam, with_min = _BLOCK[kind]
+    boff = b.mul(blk, ir.Constant(i64, bsz))
+    d = _half(b, wp, boff)
+    if fam != "q4":
+        return _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8), d, None
+    q = _load(b, wp, b.add(boff, ir.Constant(i64, 4 if with_min else 2)), v16i8)
+    lo = b.and_(q, _vconst(v16i8, 15))
+    hi = b.lshr(q, _vconst(v16i8, 4))
+    w = b.shuffle_vector(lo, hi, _mask(list(range(32))))  # unsigned 0..15
+    m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else b.fmul(d, ir.Constant(f32, -8.0))
+    return w, d, m
+
+
+def _step_x(b: ir.IRBuilder, wdm: tuple, xp, xdp, xsp, blk, acc, corr):
+    """One token's part of a block, the same operations in the same order as ``dot_*``'s."""
+    w, d, m = wdm
+    x = _load(b, xp, b.shl(blk, ir.Constant(i64, 5)), v32i8)
+    if m is not None:
+        s = _dot_u8s8(b, w, x)
+    else:
+        aw, sx = _abs_sign(b, w, x)
+        s = _dot_u8s8(b, aw, sx)
+    xd = b.load(_gep(b, xdp, blk))
+    acc = _fma(b, b.sitofp(s, v8f), _splat(b, b.fmul(d, xd)), acc)
+    if m is not None:
+        corr = b.fadd(corr, b.fmul(m, b.load(_gep(b, xsp, blk))))
+    return acc, corr
+
+
 def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
     """void dot4(w, xq, xd, xs, nb, xq_stride, xd_stride, out): one weight row against ``NTOK``
     token rows (int8 rows ``xq_stride`` bytes apart, scale rows ``xd_stride`` bytes apart), each
-    block unpacked once for all of them (prefill is compute-bound); ``out`` gets NTOK floats."""
-    bsz, fam, with_min = _BLOCK[kind]
+    block unpacked once for all of them (prefill is compute-bound); ``out`` gets NTOK floats.
+
+    Each token's float sums run in exactly ``dot_*``'s order (even blocks and odd blocks in two
+    accumulators, added before the odd last block; the constant terms likewise), so ``out[t]``
+    is bit-identical to ``dot_*`` on token ``t`` alone: batching tokens changes no result."""
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 8), name)
     fn.linkage = "internal"
     wa, xa, xda, xsa, nb, xqs, xds, oa = fn.args
-    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    entry, loop, tail, done = (fn.append_basic_block(n) for n in ("entry", "loop", "tail", "done"))
     b = ir.IRBuilder(entry)
     wp = _ptr(b, wa, i8)
     xps = [_ptr(b, b.add(xa, b.mul(xqs, ir.Constant(i64, t))), i8) for t in range(NTOK)]
@@ -273,66 +423,63 @@ def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
     op = _ptr(b, oa, f32)
     zero_v = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
     zero_f = ir.Constant(f32, 0.0)
-    b.cbranch(b.icmp_unsigned(">", nb, ir.Constant(i64, 0)), loop, done)
+    npair = b.lshr(nb, ir.Constant(i64, 1))
+    b.cbranch(b.icmp_unsigned(">", npair, ir.Constant(i64, 0)), loop, tail)
 
     b = ir.IRBuilder(loop)
     i = b.phi(i64)
-    accs = [b.phi(v8f) for _ in range(NTOK)]
-    corrs = [b.phi(f32) for _ in range(NTOK)]
-    boff = b.mul(i, ir.Constant(i64, bsz))
-    xoff = b.shl(i, ir.Constant(i64, 5))
-    d = _half(b, wp, boff)
-    if fam == "q4":
-        q = _load(b, wp, b.add(boff, ir.Constant(i64, 4 if with_min else 2)), v16i8)
-        lo = b.and_(q, _vconst(v16i8, 15))
-        hi = b.lshr(q, _vconst(v16i8, 4))
-        w = b.shuffle_vector(lo, hi, _mask(list(range(32))))  # unsigned 0..15
-    else:
-        w = _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8)
-    if fam != "q4":
-        m = None
-    elif with_min:
-        m = _half(b, wp, b.add(boff, ir.Constant(i64, 2)))
-    else:
-        m = b.fmul(d, ir.Constant(f32, -8.0))  # Q4_0's offset, through xs
-    new_accs, new_corrs = [], []
+    # per token: even/odd vector accumulators and even/odd constant terms, as dot_*
+    st = [[b.phi(v8f), b.phi(v8f), b.phi(f32), b.phi(f32)] for _ in range(NTOK)]
+    blk0 = b.shl(i, ir.Constant(i64, 1))
+    blk1 = b.add(blk0, ir.Constant(i64, 1))
+    w0 = _unpack_w(b, wp, blk0, kind)
+    new = []
     for t in range(NTOK):
-        x = _load(b, xps[t], xoff, v32i8)
-        if fam == "q4":
-            sv = _madd_ones(b, _maddubs(b, w, x))
-        else:
-            aw, sx = _abs_sign(b, w, x)
-            sv = _madd_ones(b, _maddubs(b, aw, sx))
-        xd = b.load(_gep(b, xdps[t], i))
-        new_accs.append(_fma(b, b.sitofp(sv, v8f), _splat(b, b.fmul(d, xd)), accs[t]))
-        if m is not None:
-            xs = b.load(_gep(b, xsps[t], i))
-            new_corrs.append(b.fadd(corrs[t], b.fmul(m, xs)))
-        else:
-            new_corrs.append(corrs[t])
+        new.append(list(_step_x(b, w0, xps[t], xdps[t], xsps[t], blk0, st[t][0], st[t][2])))
+    w1 = _unpack_w(b, wp, blk1, kind)
+    for t in range(NTOK):
+        a1, c1 = _step_x(b, w1, xps[t], xdps[t], xsps[t], blk1, st[t][1], st[t][3])
+        new[t] = [new[t][0], a1, new[t][1], c1]  # a0, a1, c0, c1
     inext = b.add(i, ir.Constant(i64, 1))
-    b.cbranch(b.icmp_unsigned("<", inext, nb), loop, done)
+    loop_end = b.block
+    b.cbranch(b.icmp_unsigned("<", inext, npair), loop, tail)
     i.add_incoming(ir.Constant(i64, 0), entry)
-    i.add_incoming(inext, loop)
-    for phi, new in zip(accs, new_accs, strict=True):
-        phi.add_incoming(zero_v, entry)
-        phi.add_incoming(new, loop)
-    for phi, new in zip(corrs, new_corrs, strict=True):
-        phi.add_incoming(zero_f, entry)
-        phi.add_incoming(new, loop)
+    i.add_incoming(inext, loop_end)
+    for t in range(NTOK):
+        for phi, nv, z in zip(st[t], new[t], (zero_v, zero_v, zero_f, zero_f), strict=True):
+            phi.add_incoming(z, entry)
+            phi.add_incoming(nv, loop_end)
 
-    b = ir.IRBuilder(done)
+    b = ir.IRBuilder(tail)
+    sums = []
+    for t in range(NTOK):
+        ph = [b.phi(ty) for ty in (v8f, v8f, f32, f32)]
+        for phi, nv, z in zip(ph, new[t], (zero_v, zero_v, zero_f, zero_f), strict=True):
+            phi.add_incoming(z, entry)
+            phi.add_incoming(nv, loop_end)
+        sums.append(ph)
+    accs = [b.fadd(ph[0], ph[1]) for ph in sums]
+    corrs = [b.fadd(ph[2], ph[3]) for ph in sums]
+    odd = b.icmp_unsigned("!=", b.and_(nb, ir.Constant(i64, 1)), ir.Constant(i64, 0))
+    last = b.block
+    with b.if_then(odd):
+        blk = b.sub(nb, ir.Constant(i64, 1))
+        wl = _unpack_w(b, wp, blk, kind)
+        odd_vals = [_step_x(b, wl, xps[t], xdps[t], xsps[t], blk, accs[t], corrs[t]) for t in range(NTOK)]
+        odd_end = b.block
     finals = []
-    for t in range(NTOK):  # every phi first, then the stores
+    for t in range(NTOK):
         a = b.phi(v8f)
-        a.add_incoming(zero_v, entry)
-        a.add_incoming(new_accs[t], loop)
+        a.add_incoming(accs[t], last)
+        a.add_incoming(odd_vals[t][0], odd_end)
         c = b.phi(f32)
-        c.add_incoming(zero_f, entry)
-        c.add_incoming(new_corrs[t], loop)
+        c.add_incoming(corrs[t], last)
+        c.add_incoming(odd_vals[t][1], odd_end)
         finals.append((a, c))
     for t, (a, c) in enumerate(finals):
         b.store(b.fadd(_hsum(b, a), c), _gep(b, op, ir.Constant(i64, t)))
+    b.branch(done)
+    b = ir.IRBuilder(done)
     b.ret_void()
     return fn
 
@@ -396,7 +543,7 @@ def _get_fn(mod: ir.Module, name: str, build) -> ir.Function:
 
 
 def _make_block_dot(kind: str):
-    name = f"mlxtral_dot_{kind}_{'avx2' if HAVE_AVX2 else 'generic'}"
+    name = f"mlxtral_dot_{kind}_{ISA}"
 
     @intrinsic
     def dot(typingctx, w, x, xd, xs, nb):
@@ -412,7 +559,7 @@ def _make_block_dot(kind: str):
 
 
 def _make_block_dot4(kind: str):
-    name = f"mlxtral_dot4_{kind}_{'avx2' if HAVE_AVX2 else 'generic'}"
+    name = f"mlxtral_dot4_{kind}_{ISA}"
 
     @intrinsic
     def dot4(typingctx, w, x, xd, xs, nb, xqs, xds):

@@ -34,6 +34,9 @@ from mlxtral.backends._kernels_ir import (
     ptr_u8,
     ptr_u16,
 )
+from mlxtral.backends._kernels_kq import KQ_FIRST
+from mlxtral.backends._kernels_kq import run_rows as kq_run_rows
+from mlxtral.backends._kernels_kq import run_rows_exact as kq_run_rows_exact
 
 # job table fields
 F_KIND, F_MODE, F_QUANT, F_W, F_W2, F_ROWBYTES, F_NOUT, F_NIN, F_T = 0, 1, 2, 3, 4, 5, 6, 7, 8
@@ -53,8 +56,8 @@ MAX_CHUNKS = (1 << 20) - 1
 YIELD_AFTER = 4000  # pauses (~100 us) of waiting before sched_yield() in the spin loops
 PAUSES_PER_US = 20.0  # refined by calibrate_pause()
 
-# numba's cache index keys on this file and the CPU, not on the IR chosen in _kernels_ir: a forced
-# portable build (MLXTRAL_NO_AVX2) must neither load nor write the AVX2 entries.
+# numba's cache index keys on this file, the IR's hash and the CPU, not on the path chosen in
+# _kernels_ir: a forced lower path (MLXTRAL_KERNEL_ISA) must neither load nor write the host's entries.
 _CACHE = not FORCED_GENERIC
 
 
@@ -233,21 +236,25 @@ def run_chunk(table, c):
     os_ = table[ti, F_OSTRIDE]
     r0 = (c - table[ti, F_FIRST]) * ch
     r1 = min(r0 + ch, nout)
-    if table[ti, F_MODE] == 2:  # dequantize rows r0..r1 into float32 rows of length n
-        full = carray(ptr_f32(table[ti, F_OUT]), (nout * n,))
-        for r in range(r0, r1):
-            _dequant_row(kind, wa + r * rb, n, full[r * n:(r + 1) * n])
-        return
     out = carray(ptr_f32(table[ti, F_OUT]), ((T - 1) * os_ + nout,))
     xa = table[ti, F_X]
+    if kind >= KQ_FIRST:  # K-quants (_kernels_kq): q8_K activations, or float32 ones in exact mode
+        if quant:
+            kq_run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, table[ti, F_XQ], table[ti, F_XD],
+                        table[ti, F_XS], out, os_)
+        else:
+            kq_run_rows_exact(kind, swig, wa, wa2, rb, n, T, r0, r1, xa, out, os_)
+        return
     if quant:
+        # Batch invariance: ``dot4_*`` sums each token's blocks in exactly ``dot_*``'s order, so a
+        # token gets the same bits in a group of four (prefill), in the tail, or alone (decode).
         nb = n // 32
         xq, xd, xs = table[ti, F_XQ], table[ti, F_XD], table[ti, F_XS]
         t0 = 0
         if T >= NTOK:  # prefill: each weight block unpacked once for NTOK (= 4) tokens
             while t0 + NTOK <= T:
                 xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * nb * 4
-                for r in range(r0, r1):
+                for r in range(r0, r1):  # the rows r0..r1 (~16 KB) stay in L1 across the tokens
                     g = _block_dot4(kind, wa + r * rb, xqt, xdt, xst, nb, n, nb * 4)
                     if swig:
                         u = _block_dot4(kind, wa2 + r * rb, xqt, xdt, xst, nb, n, nb * 4)
@@ -265,14 +272,17 @@ def run_chunk(table, c):
                     u = _block_dot(kind, wa2 + r * rb, xqt, xdt, xst, nb)
                     g = _silu_mul(g, u)
                 out[t * os_ + r] = g
-    elif kind >= 3 and T == 1:
-        for r in range(r0, r1):
-            g = _float_dot(kind, wa + r * rb, xa, n)
-            if swig:
-                g = _silu_mul(g, _float_dot(kind, wa2 + r * rb, xa, n))
-            out[r] = g
+    elif kind == 3 or (kind >= 3 and T == 1):  # F32 at any T, F16/BF16 decode: in place
+        for t in range(T):
+            xt = xa + t * n * 4
+            for r in range(r0, r1):
+                g = _float_dot(kind, wa + r * rb, xt, n)
+                if swig:
+                    g = _silu_mul(g, _float_dot(kind, wa2 + r * rb, xt, n))
+                out[t * os_ + r] = g
     else:
-        # exact / prefill on 16-bit floats: a row to float32 once, then every token
+        # exact / prefill on 16-bit floats: a row to float32 once (exact), then every token; the
+        # float dot on it sums in the order of dot_f16 / dot_bf16 on the row as it lies (decode)
         buf = np.empty(n, dtype=np.float32)
         buf2 = np.empty(n if swig else 1, dtype=np.float32)
         ba, ba2 = buf.ctypes.data, buf2.ctypes.data
@@ -400,30 +410,6 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, c
 
 
 @njit(cache=_CACHE, nogil=True)
-def fill_dequant(table, i, kind, wd, nin, out, ch, first):
-    """Row ``i`` of a job table: dequantize ``wd`` [rows] into float32 ``out`` [rows, nin]."""
-    nout = wd.shape[0]
-    table[i, F_KIND] = kind
-    table[i, F_MODE] = 2
-    table[i, F_QUANT] = 0
-    table[i, F_W] = wd.ctypes.data
-    table[i, F_W2] = wd.ctypes.data
-    table[i, F_ROWBYTES] = wd.strides[0]
-    table[i, F_NOUT] = nout
-    table[i, F_NIN] = nin
-    table[i, F_T] = 1
-    table[i, F_X] = 0
-    table[i, F_XQ] = 0
-    table[i, F_XD] = 0
-    table[i, F_XS] = 0
-    table[i, F_OUT] = out.ctypes.data
-    table[i, F_OSTRIDE] = nin
-    table[i, F_CHUNK] = ch
-    table[i, F_FIRST] = first
-    return first + (nout + ch - 1) // ch
-
-
-@njit(cache=_CACHE, nogil=True)
 def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
     """A one-task job (``linear`` / ``swiglu``) in a single call."""
     table = np.empty((1, F_SIZE), dtype=np.int64)
@@ -520,6 +506,29 @@ def attend_one_f16(q, k, v, lo, hi, out):
             vr = v[kv, lo + s]
             for d in range(hd):
                 o[d] += p * half_to_f32(vr[d])
+    return out
+
+
+@njit(cache=_CACHE, nogil=True)
+def attend(q, k, v, p0, window, out):
+    """Causal attention of T query rows at positions p0..p0+T-1: q [T, H, hd] f32, k/v the cache
+    [KV, ctx, hd] f32 already holding positions 0..p0+T-1 -> out [T, H, hd]. Each row is
+    ``attend_one`` over its own keys (``window`` > 0: the last ``window``), so prefill and decode
+    (T = 1, this same function) run one arithmetic per query: batch invariance."""
+    for t in range(q.shape[0]):
+        hi = p0 + t + 1
+        lo = max(0, hi - window) if window > 0 else 0
+        attend_one(q[t], k, v, lo, hi, out[t])
+    return out
+
+
+@njit(cache=_CACHE, nogil=True)
+def attend_f16(q, k, v, p0, window, out):
+    """``attend`` on a float16 cache given as uint16 bits (read in place)."""
+    for t in range(q.shape[0]):
+        hi = p0 + t + 1
+        lo = max(0, hi - window) if window > 0 else 0
+        attend_one_f16(q[t], k, v, lo, hi, out[t])
     return out
 
 

@@ -1,4 +1,5 @@
-"""CPU matrix kernels computing directly on GGUF blocks (Q4_0, Q4_1, Q8_0, F16, BF16, F32).
+"""CPU matrix kernels computing directly on GGUF blocks (Q4_0, Q4_1, Q8_0, the K-quants Q2_K ..
+Q6_K with llama.cpp's q8_K activations in ``_kernels_kq``, F16, BF16, F32).
 
 ``linear(x, w)`` is ``x @ dequant(w).T`` for ``x`` float32 ``[T, in]`` and a 2-D :class:`QTensor`
 ``w`` ``[out, in]``, reading the weight where it lies (usually a memory map): no dequantized copy.
@@ -31,19 +32,22 @@ How it is fast
 * **Decode work items** are about a quarter of a matrix per thread (16 KB .. 4 MB of rows): long
   sequential runs keep the hardware prefetcher streaming (16 KB items: ~11 GB/s in the model,
   these: ~14 GB/s).
-* **Prefill** (``T > 1``): for block types each chunk of rows (~16 KB, in L1) is dotted with the
-  int8 token rows four at a time (``dot4_*``: each weight block unpacked once for four tokens,
-  ~1.7x over one token at a time); F16/BF16 convert a row once to float32 and reuse it for all
-  tokens. From ``T >= 384`` (``MLXTRAL_BLAS_MIN_T``; the measured crossover on the AVX-512 machine:
-  on Mixtral's 14336x4096 Q4_0 experts the int8 dots prefill 64 tokens at 3.7 tok/s against BLAS's
-  2.9, 256 at 4.1 against 3.6, 512 at 4.3 against 4.6; it was 64 on the AVX2 machine) rows
-  are dequantized to float32 in 8 MB chunks on the pool and multiplied by NumPy's BLAS (sgemm beats
-  our int8 dots there); the pool is *parked* first (spinning workers would steal a core from the
-  BLAS threads) and a woken worker joins the job in progress. F32 with T > 1 always goes to BLAS.
-* **Around the matmuls**: ``attend_one`` (decode attention over the KV cache as it lies, one numba
-  call) and ``rms_norm`` replace a handful of tiny NumPy/BLAS calls each (~30 us per tiny BLAS call).
-* **Portability**: the IR has an AVX2 path and a portable vector path (what macOS arm64 and older
-  x86 get); ``MLXTRAL_NO_AVX2=1`` forces the portable one (not disk-cached), for tests.
+* **Prefill** (``T > 1``) computes every (row, token) with the very arithmetic of decode
+  (**batch invariance**: a position's logits are bit-identical whatever the chunking of the
+  prompt, one token at a time after a cache hit included). Block types quantize each token row to
+  int8 blocks on its own and dot it four tokens at a time (``dot4_*``: each weight block unpacked
+  once for four tokens, its sums in exactly the one-token ``dot_*``'s order, so the same bits;
+  ~1.5x over one token at a time); float types dot with our own row kernel, one summation order
+  at every T (F16/BF16 rows converted once to float32, exactly, then reused for every token).
+  Each chunk of rows (~16 KB) stays in L1 while every token passes over it. No BLAS (its
+  summation order depends on the batch shape).
+* **Around the matmuls**: ``attend`` (attention over the KV cache as it lies, one numba call; each
+  query row, prefill or decode, through the same per-row kernel) and ``rms_norm`` replace a
+  handful of tiny NumPy/BLAS calls each (~30 us per tiny BLAS call).
+* **Portability**: the IR has an AVX-512 VNNI path (``vpdpbusd``), an AVX2 path and a portable
+  vector path (what macOS arm64 and older x86 get), chosen from the CPU's features and giving
+  identical bits; ``MLXTRAL_KERNEL_ISA=avx2|portable`` (or ``MLXTRAL_NO_AVX2=1``) forces a lower
+  one (not disk-cached), for tests.
 
 Without numba (not installed, or ``MLXTRAL_NO_NUMBA=1``) everything falls back to NumPy:
 dequantize (in row chunks) and matmul. ``HAVE_NUMBA`` tells which path is live. ``warmup()``
@@ -68,6 +72,7 @@ __all__ = [
     "linear_experts",
     "swiglu",
     "swiglu_experts",
+    "attend",
     "attend_one",
     "rms_norm",
     "set_num_threads",
@@ -77,7 +82,9 @@ __all__ = [
     "warmup",
 ]
 
-_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "F32": 3, "F16": 4, "BF16": 5}
+_KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "F32": 3, "F16": 4, "BF16": 5,
+          "Q4_K": 6, "Q6_K": 7, "Q5_K": 8, "Q3_K": 9, "Q2_K": 10}  # K-quants: _kernels_kq.KQ_TYPES
+_KQ_FIRST = 6  # kinds from here on take q8_K activations (256-blocks), as llama.cpp's K-quant vec_dots
 _MODE_LINEAR, _MODE_SWIGLU = 0, 1
 
 HAVE_NUMBA = False
@@ -85,6 +92,7 @@ if not env_flag("MLXTRAL_NO_NUMBA"):
     try:
         import numba  # noqa: F401
 
+        from mlxtral.backends import _kernels_kq as _kq
         from mlxtral.backends import _kernels_nb as _nb
 
         HAVE_NUMBA = True
@@ -158,11 +166,6 @@ class _Pool:
                 return
             ev.wait()
             ev.clear()
-
-    def park(self) -> None:
-        """Idle workers go to sleep now (the cores are about to be used by BLAS threads)."""
-        if self.n_workers:
-            self.ctl[_nb.CTL_PARK] = 1
 
     def wake(self) -> None:
         ctl = self.ctl
@@ -288,10 +291,11 @@ class _Job:
     def add(self, x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> None:
         T = x.shape[0]
         kind, wd, ch = _winfo(w, T)
-        quant = kind <= 2 and not _exact
-        acts = self._xcache.get((id(x), quant))
+        quant = (kind <= 2 or kind >= _KQ_FIRST) and not _exact
+        key = (id(x), quant, kind >= _KQ_FIRST)  # q8_0 blocks or q8_K superblocks
+        acts = self._xcache.get(key)
         if acts is None:
-            acts = self._xcache[(id(x), quant)] = _nb.prep_x(x, quant)
+            acts = self._xcache[key] = _kq.quantize_q8k(x) if quant and key[2] else _nb.prep_x(x, quant)
         wd2 = _winfo(w2, T)[1] if w2 is not None else wd
         self.keep.append((x, acts, wd, wd2, out))
         self.nchunks = _nb.fill_task(self.table, self.n, kind, w2 is not None, quant, wd, wd2, w.shape[1],
@@ -308,6 +312,12 @@ class _Job:
 
 def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
     kind = _KINDS[w.qtype]
+    if kind >= _KQ_FIRST:  # K-quants: their own activation type, through a one-task job
+        job = _Job(1)
+        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        job.add(x, w, out, w2)
+        job.run()
+        return out
     wd = _wdata(w)
     wd2 = _wdata(w2) if w2 is not None else wd
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
@@ -334,61 +344,6 @@ def _chunk_rows(w: QTensor, T: int) -> int:
     return max(4, target // row_bytes)
 
 
-# ---- prefill through BLAS -----------------------------------------------------------------------
-# With many tokens a product is compute-bound: unpacking each weight block once per token costs more
-# than dequantizing a chunk of rows to float32 (in the pool) and handing it to NumPy's BLAS sgemm.
-# (bounded: warmup() runs one product of this many tokens)
-_BLAS_MIN_T = env_int("MLXTRAL_BLAS_MIN_T", 384, 1, 1 << 16, "tokens")
-_BLAS_BUF_FLOATS = 1 << 20  # rows dequantized at a time: 4 MB of float32 (as fast as 8 MB, 10 MB less RSS)
-_bufs = threading.local()
-
-
-def _use_blas(x: np.ndarray) -> bool:
-    return x.shape[0] >= _BLAS_MIN_T
-
-
-def _buffer(i: int, rows: int, n: int) -> np.ndarray:
-    """A reusable float32 [rows, n] scratch buffer (``i``: 0 or 1), per thread."""
-    cache = getattr(_bufs, "b", None)
-    if cache is None:
-        cache = _bufs.b = [np.empty(0, np.float32), np.empty(0, np.float32)]
-    if cache[i].size < rows * n:
-        cache[i] = np.empty(max(rows * n, _BLAS_BUF_FLOATS), np.float32)
-    return cache[i][: rows * n].reshape(rows, n)
-
-
-def _dequant_into(w: QTensor, r0: int, r1: int, buf: np.ndarray) -> np.ndarray:
-    """Rows r0..r1 of w as float32 into ``buf`` [r1 - r0, in], on the pool; then park the pool."""
-    if w.qtype == "F32":
-        return np.asarray(w.data)[r0:r1]
-    wd = _wdata(w)[r0:r1]
-    table = np.zeros((1, _nb.F_SIZE), dtype=np.int64)
-    nthreads = get_num_threads()
-    ch = max(8, (r1 - r0 + 4 * nthreads - 1) // (4 * nthreads))
-    nchunks = _nb.fill_dequant(table, 0, _KINDS[w.qtype], wd, w.shape[1], buf, ch, 0)
-    pool = _get_pool()
-    with _run_lock:
-        _nb.execute(pool.ctl, table, nchunks)
-    pool.park()
-    return buf
-
-
-def _blas_into(x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> np.ndarray:
-    """``out = x @ dequant(w).T`` (or the fused SwiGLU with ``w2``) in row chunks through BLAS."""
-    nout, n = w.shape
-    rows = max(16, min(nout, _BLAS_BUF_FLOATS // n))
-    for r0 in range(0, nout, rows):
-        r1 = min(r0 + rows, nout)
-        b = _dequant_into(w, r0, r1, _buffer(0, r1 - r0, n))
-        if w2 is None:
-            np.matmul(x, b.T, out=out[:, r0:r1])
-        else:
-            g = x @ b.T
-            b2 = _dequant_into(w2, r0, r1, _buffer(1, r1 - r0, n))
-            out[:, r0:r1] = _silu_mul(g, x @ b2.T)
-    return out
-
-
 # ---- public API ---------------------------------------------------------------------------------
 def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
     """``x @ dequant(w).T``: x float32 [T, in], w [out, in] -> float32 [T, out]."""
@@ -398,10 +353,6 @@ def linear(x: np.ndarray, w: QTensor) -> np.ndarray:
     T = x.shape[0]
     if T == 0:
         return np.empty((0, w.shape[0]), dtype=np.float32)
-    if w.qtype == "F32" and T > 1:
-        return np.ascontiguousarray(x @ np.asarray(w.data).T)
-    if _use_blas(x):
-        return _blas_into(x, w, np.empty((T, w.shape[0]), dtype=np.float32))
     return _run_one(x, w, None)
 
 
@@ -429,15 +380,13 @@ def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.n
 
 def swiglu(x: np.ndarray, w_gate: QTensor, w_up: QTensor) -> np.ndarray:
     """``silu(x @ gate.T) * (x @ up.T)``: [T, in] -> [T, ff], both products in one pass."""
-    if not HAVE_NUMBA or w_gate.qtype == "F32" or x.shape[0] == 0:
+    if not HAVE_NUMBA or x.shape[0] == 0:
         return swiglu_experts([x], [w_gate], [w_up])[0]
     x = _check(x, w_gate)
     if w_gate.shape != w_up.shape:
         raise ValueError(f"gate {w_gate.qtype}{w_gate.shape} and up {w_up.qtype}{w_up.shape} differ")
     if w_gate.qtype != w_up.qtype:  # mixed-type files (e.g. Q4_K_M-style): two tasks, then SiLU
         return swiglu_experts([x], [w_gate], [w_up])[0]
-    if _use_blas(x):
-        return _blas_into(x, w_gate, np.empty((x.shape[0], w_gate.shape[0]), dtype=np.float32), w_up)
     return _run_one(x, w_gate, w_up)
 
 
@@ -472,13 +421,8 @@ def swiglu_experts(
             split.append((len(outs), og, ou))
             outs.append(og)
             continue
-        if g.qtype == "F32" and x.shape[0] > 1:
-            outs.append(_silu_mul(x @ np.asarray(g.data).T, x @ np.asarray(u.data).T))
-            continue
         out = np.empty((x.shape[0], g.shape[0]), dtype=np.float32)
-        if _use_blas(x):
-            _blas_into(x, g, out, w2=u)
-        elif x.shape[0] > 0:
+        if x.shape[0] > 0:
             job.add(x, g, out, w2=u)
         outs.append(out)
     job.run()
@@ -488,33 +432,43 @@ def swiglu_experts(
 
 
 def _add_linear(job: _Job, x: np.ndarray, w: QTensor, out: np.ndarray) -> None:
-    """``out = x @ dequant(w).T`` now (BLAS) or as a task of ``job``."""
-    if w.qtype == "F32" and x.shape[0] > 1:
-        np.matmul(x, np.asarray(w.data).T, out=out)
-    elif _use_blas(x):
-        _blas_into(x, w, out)
-    elif x.shape[0] > 0:
+    """``out = x @ dequant(w).T`` as a task of ``job``."""
+    if x.shape[0] > 0:
         job.add(x, w, out)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | None = None) -> np.ndarray:
+    """Causal attention of the queries at positions ``p0 .. p0 + T - 1``: q [T, H, hd] float32, k/v
+    the cache [KV, ctx, hd] (float32 or float16, read in place) already holding positions
+    ``0 .. p0 + T - 1`` -> [T, H * hd] float32. Every query row, whatever T, goes through the same
+    per-row kernel (``_kernels_nb.attend_one``): prefill and decode compute one arithmetic."""
+    T, H, hd = q.shape
+    S = p0 + T
+    if S > k.shape[1] or p0 < 0:
+        raise ValueError(f"queries at {p0}..{S - 1} do not fit a cache of {k.shape[1]} positions")
+    if not HAVE_NUMBA:
+        from mlxtral.backends.ops import attention_kv
+
+        lo = max(0, p0 + 1 - window) if window is not None else 0  # the first query's first key
+        return attention_kv(q, k[:, lo:S].astype(np.float32, copy=False),
+                            v[:, lo:S].astype(np.float32, copy=False), p0 - lo, window)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty(q.shape, dtype=np.float32)  # [T, H, hd]
+    win = int(window) if window is not None and window > 0 else 0
+    if k.dtype == np.float16:  # read the half cache in place (F16C conversion in the loops)
+        _nb.attend_f16(q, k.view(np.uint16), v.view(np.uint16), p0, win, out)
+    elif k.dtype == np.float32:
+        _nb.attend(q, k, v, p0, win, out)
+    else:
+        k, v = k[:, :S].astype(np.float32), v[:, :S].astype(np.float32)
+        _nb.attend(q, k, v, p0, win, out)
+    return out.reshape(T, H * hd)
 
 
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int | None = None) -> np.ndarray:
     """Decode attention for the query at position ``S - 1``: q [H, hd] float32, k/v the cache
-    [KV, ctx, hd] (read in place when float32) -> [H * hd] float32. One numba call instead of a
-    handful of tiny BLAS calls (which cost ~30 us each)."""
-    lo = max(0, S - window) if window is not None else 0
-    if not HAVE_NUMBA:
-        from mlxtral.backends.ops import attention_kv
-
-        return attention_kv(q[None], k[:, lo:S].astype(np.float32, copy=False),
-                            v[:, lo:S].astype(np.float32, copy=False), S - 1 - lo).reshape(-1)
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    out = np.empty(q.shape, dtype=np.float32)
-    if k.dtype == np.float16:  # read the half cache in place (F16C conversion in the loops)
-        return _nb.attend_one_f16(q, k.view(np.uint16), v.view(np.uint16), lo, S, out).reshape(-1)
-    if k.dtype != np.float32:
-        k, v = k[:, lo:S].astype(np.float32), v[:, lo:S].astype(np.float32)
-        S, lo = S - lo, 0
-    return _nb.attend_one(q, k, v, lo, S, out).reshape(-1)
+    [KV, ctx, hd] -> [H * hd] float32 (``attend`` with one query row)."""
+    return attend(q[None], k, v, S - 1, window).reshape(-1)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -597,7 +551,17 @@ def _load_all() -> None:
     q4 = rng.standard_normal((4, 16)).astype(np.float32)
     attend_one(q4, kc, kc, 5)
     attend_one(q4, kc.astype(np.float16), kc.astype(np.float16), 5)
-    for T in (1, 2, max(_BLAS_MIN_T, 1)):
+    kq = [QTensor(t, (8, 256), np.zeros((8, b), dtype=np.uint8)) for t, b in
+          (("Q4_K", 144), ("Q6_K", 210), ("Q5_K", 176), ("Q3_K", 110), ("Q2_K", 84))]
+    kq += [QTensor(t.qtype, t.shape, _read_only(t.data)) for t in kq]
+    for T in (1, 2):
+        xk = rng.standard_normal((T, 256)).astype(np.float32)
+        for w in kq:
+            linear(xk, w)
+            swiglu(xk, w, w)
+            linear_experts([xk, xk], [w, w])
+            swiglu_experts([xk, xk], [w, w], [w, w])
+    for T in (1, 2):
         x = rng.standard_normal((T, 64)).astype(np.float32)
         for w in tensors:
             linear(x, w)

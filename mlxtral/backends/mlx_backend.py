@@ -281,7 +281,10 @@ class MLXBackend:
             y = self._switch_glu_streamed(x, inds, li, h)
         else:
             y = self.switch_glu(x, inds, L)  # [T, k, dim]
-        return (y * scores[..., None].astype(y.dtype)).sum(axis=1)
+        # sum_j w_j y_j written as y_0 + sum_j>0 w_j (y_j - y_0) (the weights sum to 1), as the NumPy
+        # backend does: experts that are copies (an upcycled dense model) give y_0 exactly
+        w = scores[:, 1:, None].astype(y.dtype)  # [T, k-1, 1]
+        return y[:, 0] + (w * (y[:, 1:] - y[:, :1])).sum(axis=1)  # [T, dim]
 
     def _switch_glu_streamed(self, x: mx.array, inds: mx.array, li: int, h: mx.array | None) -> mx.array:
         """:meth:`switch_glu` on the experts ``inds`` [T, k] picks, taken from the expert cache."""

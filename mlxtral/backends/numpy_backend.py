@@ -2,7 +2,12 @@
 
 Per layer: RMSNorm -> GQA attention with RoPE and a KV cache -> RMSNorm -> sparse MoE (top-k
 routing in float32, each expert run once on the tokens routed to it). A dense model is one
-always-on expert. ``moe_naive`` is the per-token, per-expert reference kept for tests.
+always-on expert.
+
+Batch invariant: a position's logits are bit-identical whether the prompt goes through in one
+chunk, in several or one token at a time (every kernel computes a (row, token) the same way at any
+T, attention runs each query row through the decode kernel, each token's experts are combined in
+rank order by :func:`ops.combine`). ``moe_naive`` is the per-token, per-expert reference kept for tests.
 
 With an :class:`~mlxtral.expert_cache.ExpertCache` the experts are not held: each layer pins the
 ones its tokens route to (read from disk on a miss) and, first, asks the cache to read ahead
@@ -74,8 +79,8 @@ class KVCache:
     """Keys and values for every layer, preallocated for ``max_context`` positions.
 
     Layout ``[L, KV, ctx, hd]``: each KV head's keys are contiguous rows, so attention reads
-    ``k[li, :, :S]`` in place (no copy or transpose per step) and ``q . K^T`` is one BLAS matmul
-    per head. ``np.zeros`` maps pages lazily, so an unused context costs address space, not RAM.
+    ``k[li, :, :S]`` in place (no copy or transpose per step), one query row at a time in prefill
+    as in decode. ``np.zeros`` maps pages lazily, so an unused context costs address space, not RAM.
     """
 
     def __init__(self, args: ModelArgs, max_context: int, dtype: np.dtype | type = np.float32) -> None:
@@ -163,14 +168,8 @@ class NumpyBackend:
             ck, cv = cache.k[li], cache.v[li]  # [KV, ctx, hd]
             ck[:, p0:S] = k.transpose(1, 0, 2)
             cv[:, p0:S] = v.reshape(T, KV, hd).transpose(1, 0, 2)
-            if T == 1:  # decode: one kernel call over the cache as it lies
-                att = ops.attend_one(q[0], ck, cv, S, a.sliding_window)[None]  # [1, H*hd]
-            else:
-                keys, vals = ck[:, :S], cv[:, :S]  # [KV, S, hd], views
-                if keys.dtype != np.float32:
-                    keys = keys.astype(np.float32)
-                    vals = vals.astype(np.float32)
-                att = ops.attention_kv(q, keys, vals, p0, a.sliding_window)  # [T, H*hd]
+            # every query row, prefill or decode, through one kernel over the cache as it lies
+            att = ops.attend(q, ck, cv, p0, a.sliding_window)  # [T, H*hd]
             h += ops.linear(att, L.wo)
             x = ops.rms_norm(h, L.ffn_norm, a.norm_eps)
             h += self.moe(x, L, li, ahead=h)
@@ -203,10 +202,7 @@ class NumpyBackend:
             with self._expert_weights(li, es, ahead) as (w1, w3, w2):
                 hs = ops.swiglu_experts([x] * len(es), w1, w3)
                 ys = ops.linear_experts(hs, w2)
-            out = ys[0] * w[0, 0]
-            for j in range(1, len(es)):
-                out += ys[j] * w[0, j]
-            return out
+            return ops.combine(np.stack([y[0] for y in ys])[None], w)  # [1, k, dim] in rank order
         k = idx.shape[1]
         flat = idx.ravel()  # token-expert pairs, token-major
         order = np.argsort(flat, kind="stable")
@@ -223,11 +219,10 @@ class NumpyBackend:
             with self._expert_weights(li, es, ahead if g0 + group >= len(experts) else None) as (w1, w3, w2):
                 hs = ops.swiglu_experts([x[t] for t in toks[g0 : g0 + group]], w1, w3)
                 ys += ops.linear_experts(hs, w2)
-        out = np.zeros_like(x)
-        wf = w.ravel()
-        for sel, tok, y in zip(sels, toks, ys, strict=True):
-            out[tok] += y * wf[sel][:, None]
-        return out
+        pairs = np.empty((T * k, x.shape[1]), dtype=np.float32)  # [T*k, dim], token-major
+        for sel, y in zip(sels, ys, strict=True):
+            pairs[sel] = y  # every (token, rank) pair is some expert's exactly once
+        return ops.combine(pairs.reshape(T, k, -1), w)  # as decode combines: rank order
 
     # ---- streamed experts -----------------------------------------------------------------
     @contextmanager

@@ -42,6 +42,12 @@ def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.n
     return _kernels.linear_experts(xs, ws)
 
 
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | None = None) -> np.ndarray:
+    """Causal attention of queries q [T, H, hd] at positions p0.. over the cache k/v [KV, ctx, hd]
+    (already holding them) -> [T, H*hd]; each row through the decode kernel (batch invariance)."""
+    return _kernels.attend(q, k, v, p0, window)
+
+
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int | None = None) -> np.ndarray:
     """Decode attention at position S - 1: q [H, hd], cache k/v [KV, ctx, hd] -> [H*hd]."""
     return _kernels.attend_one(q, k, v, S, window)
@@ -134,25 +140,55 @@ def attention_kv(
     return out.reshape(KV, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 
+_routers: dict[int, tuple[np.ndarray, QTensor]] = {}
+
+
+def router_logits(x: np.ndarray, router: np.ndarray) -> np.ndarray:
+    """x [T, dim] @ router [E, dim].T -> [T, E] float32, through the F32 row kernel: one summation
+    order per (token, expert) at every T (BLAS's gemv and gemm sum in different orders)."""
+    hit = _routers.get(id(router))
+    if hit is None or hit[0] is not router:
+        if len(_routers) > 4096:
+            _routers.clear()
+        hit = _routers[id(router)] = (router, QTensor("F32", router.shape, np.ascontiguousarray(router,
+                                                                                               np.float32)))
+    return _kernels.linear(x, hit[1])
+
+
 def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k routing in float32.
+    """Top-k routing in float32, the same arithmetic per token whatever T.
 
     x [T, dim], router [E, dim] -> (experts [T, k] int, weights [T, k] float32): the k largest
-    router logits, weighted by the softmax over those k (= softmax over all, renormalised).
+    router logits (ties: the lower expert id first), weighted by the softmax over those k (= softmax
+    over all, renormalised), its sum taken in rank order.
     """
-    if x.shape[0] == 1:  # decode: E values, a full stable sort is cheapest
-        lg = x[0].astype(np.float32, copy=False) @ router.T  # [E]
-        top = np.argsort(-lg, kind="stable")[:k]
-        e = np.exp(lg[top] - lg[top[0]])
-        return top[None], (e / e.sum()).astype(np.float32)[None]
-    logits = x.astype(np.float32, copy=False) @ router.T  # [T, E]
-    E = logits.shape[1]
-    if k >= E:
-        idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-    else:
-        part = np.argpartition(-logits, k - 1, axis=-1)[:, :k]  # [T, k] unordered
-        order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1, kind="stable")
-        idx = np.take_along_axis(part, order, axis=-1)
+    logits = router_logits(x, router)  # [T, E]
+    if x.shape[0] == 1:  # decode: the same element-wise arithmetic on one row, less NumPy overhead
+        top = np.argsort(-logits[0], kind="stable")[:k]  # [k]
+        e1 = np.exp(logits[0, top] - logits[0, top[0]])  # [k]
+        t1 = e1[0]
+        for j in range(1, len(e1)):
+            t1 += e1[j]
+        return top[None], (e1 / t1).astype(np.float32, copy=False)[None]
+    idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # [T, k], rank order
     sel = np.take_along_axis(logits, idx, axis=-1)  # [T, k]
-    w = softmax(sel, axis=-1).astype(np.float32, copy=False)
-    return idx, w
+    e = np.exp(sel - sel[:, :1])  # [T, k]; the top logit is the row's maximum
+    tot = e[:, 0].copy()  # [T]
+    for j in range(1, e.shape[1]):
+        tot += e[:, j]
+    return idx, (e / tot[:, None]).astype(np.float32, copy=False)
+
+
+def combine(ys: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The MoE output from each token's expert outputs in rank order: ys [T, k, dim], w [T, k]
+    (summing to 1) -> [T, dim] = y_0 + sum_j>0 w_j (y_j - y_0).
+
+    That is sum_j w_j y_j (as the weights sum to 1), in one fixed order per token whatever the
+    grouping of tokens per expert; and where the experts are copies (an upcycled dense model: every
+    y_j equals y_0 bit for bit) it is y_0 exactly, what the dense model computes, which w_0 y_0 +
+    w_1 y_1 is not (rounding) whatever the order.
+    """
+    out = ys[:, 0].copy()  # [T, dim]
+    for j in range(1, ys.shape[1]):
+        out += w[:, j : j + 1] * (ys[:, j] - ys[:, 0])
+    return out

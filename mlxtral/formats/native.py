@@ -1,13 +1,13 @@
-"""Checkpoint tensors -> the types the NumPy kernels compute on (F32, F16, BF16, Q8_0, Q4_0, Q4_1).
+"""Checkpoint tensors -> the types the NumPy kernels compute on (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+and the K-quants Q2_K .. Q6_K: :data:`mlxtral.qtensor.NATIVE_TYPES`).
 
 Loaders hand out tensors as the file stores them; the NumPy backend and the converters call
 :func:`to_native` per tensor, when they need it (the MLX backend reads the stored forms directly):
 
-- GGUF Q4_K -> ``Q4_1``: the same codes per 32 weights, scale ``d*sc`` and min ``-dmin*m``
-  rounded to float16 (at most 2**-12 of a quantization step);
-- every other GGUF block type (Q5_x, Q6_K, Q3_K, Q2_K, IQ4...) -> ``Q8_0``, requantized from
-  float32: 8.5 bits a weight instead of F16's 16, its rounding a fraction of the source's own;
-  vectors -> F32;
+- native types, the K-quants included, stay as they are (views of the file, no copy);
+- the other GGUF block types (Q5_0, Q5_1, IQ4_NL, IQ4_XS) -> ``Q8_0``, requantized from float32:
+  8.5 bits a weight instead of F16's 16, its rounding a fraction of the source's own; vectors ->
+  F32 (``q4_k_to_q4_1`` remains for a Q4_K tensor should Q4_K ever leave the native types);
 - MLX affine 2, 3 and 4 bits, groups a multiple of 32 -> ``Q4_1``, exactly: codes fit in a nibble,
   and each group becomes ``group_size / 32`` blocks sharing its scale and bias (rounded to float16:
   exact for float16 files; bfloat16 values convert exactly unless below float16's normal range);
