@@ -123,6 +123,9 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.p = params
         self.rng = np.random.default_rng(params.seed)
+        self._ws: np.ndarray | None = None  # [2, n] float64 scratch
+        self._sorted: np.ndarray | None = None  # [V] float32, ascending
+        self._desc: np.ndarray | None = None  # [V] float64, descending
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """logits [vocab] float32 -> token id."""
@@ -132,24 +135,70 @@ class Sampler:
             x = apply_repetition_penalty(x, history[-p.repetition_context :], p.repetition_penalty)
         if p.temperature == 0.0:
             return int(np.argmax(x))
-        cand = np.arange(x.shape[0])
-        if p.top_k and p.top_k < x.shape[0]:
-            cand = np.argpartition(-x, p.top_k - 1)[: p.top_k]
+        if not p.top_k or p.top_k >= x.shape[0]:
+            return self._draw_sorted_values(x)
+        cand = np.argpartition(-x, p.top_k - 1)[: p.top_k]
         cl = x[cand].astype(np.float64)
         order = np.argsort(-cl, kind="stable")
         cand, cl = cand[order], cl[order]  # descending
-        probs = np.exp(cl - cl[0])
-        probs /= probs.sum()
+        i = self._draw(cl)
+        return int(cand[i])
+
+    def _work(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two float64 scratch vectors [n], kept between tokens: a fresh 256 KB array per step is
+        a fresh mapping whose page faults cost more than the arithmetic."""
+        if self._ws is None or self._ws.shape[1] < n:
+            self._ws = np.empty((2, n), dtype=np.float64)
+        return self._ws[0, :n], self._ws[1, :n]
+
+    def _draw(self, cl: np.ndarray) -> int:
+        """Index into ``cl`` (float64 logits, descending) after top-p and min-p, at the temperature.
+        The operations (and their order) are those of the original implementation, in scratch
+        buffers."""
+        p = self.p
+        n = cl.shape[0]
+        a, c = self._work(n)
         if p.top_p < 1.0:
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-            cand, cl = cand[:keep], cl[:keep]
+            np.exp(np.subtract(cl, cl[0], out=a), out=a)  # probs
+            a /= a.sum()
+            n = int(np.searchsorted(np.cumsum(a, out=c), p.top_p) + 1)
+            cl = cl[:n]
         if p.min_p > 0.0:
-            keep = int(np.sum(np.exp(cl - cl[0]) >= p.min_p))
-            cand, cl = cand[: max(keep, 1)], cl[: max(keep, 1)]
-        z = (cl - cl[0]) / p.temperature  # <= 0, the top one 0: no overflow at a small temperature
-        probs = np.exp(z)
+            e = np.exp(np.subtract(cl, cl[0], out=a[:n]), out=a[:n])
+            n = max(int(np.count_nonzero(e >= p.min_p)), 1)
+            cl = cl[:n]
+        probs = a[:n]
+        np.subtract(cl, cl[0], out=probs)  # <= 0, the top one 0: no overflow at a small temperature
+        np.divide(probs, p.temperature, out=probs)
+        np.exp(probs, out=probs)
         probs /= probs.sum()
-        return int(cand[self.rng.choice(len(cand), p=probs)])
+        if not np.isfinite(probs[0]):  # NaN logits: numpy's own refusal, as before
+            return int(self.rng.choice(n, p=probs))
+        # = self.rng.choice(n, p=probs) (numpy's algorithm: one uniform double against the
+        # normalized cumulative sum; the same draws, tested) without its ~1 ms of checks over p
+        cdf = np.cumsum(probs, out=c[:n])
+        cdf /= cdf[-1]
+        return min(int(cdf.searchsorted(self.rng.random(), side="right")), n - 1)
+
+    def _draw_sorted_values(self, x: np.ndarray) -> int:
+        """No top-k: the same draw as sorting every id by descending logit (ties by id, a stable
+        sort), without the argsort of the whole vocabulary. The probabilities only need the sorted
+        *values* (an in-place SIMD sort of float32); the drawn rank ``i`` is then mapped back to its
+        id: the value at rank ``i`` and how many equal values come before it in the sorted order
+        pick the id among the ids holding that value, in id order, as the stable sort would."""
+        V = x.shape[0]
+        if self._sorted is None or self._sorted.shape[0] != V:
+            self._sorted = np.empty(V, dtype=np.float32)
+            self._desc = np.empty(V, dtype=np.float64)
+        srt, desc = self._sorted, self._desc
+        np.copyto(srt, x)
+        srt.sort()  # ascending, in place
+        desc[:] = srt[::-1]  # [V] float64 descending: the values the stable argsort would order
+        i = self._draw(desc)
+        v = desc[i]
+        first = V - int(np.searchsorted(srt, v, side="right"))  # rank of the first value equal to v
+        ids = np.flatnonzero(x == v)  # [k] ascending ids holding v
+        return int(ids[i - first])
 
 
 def apply_repetition_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
