@@ -674,6 +674,13 @@ def upcycle(
 # ---- convert --------------------------------------------------------------------------------------
 
 _CONVERT_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
+# llama.cpp's K-quant mixes (GGUF output only; per-tensor types as llama-quantize: convert/kquant_mix.py)
+_KQUANT_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
+def _mix_option(key: str) -> Any:
+    return typer.Option(False, f"--{key}", f"--{key.replace('_', '-')}",
+                        help=f"llama.cpp's {key.upper()} K-quant mix (GGUF only).")
 
 
 @app.command(epilog="Examples:\n\n  mlxtral convert ./Mixtral-8x7B-Instruct-v0.1 mixtral.Q4_0.gguf --q4\n\n"
@@ -691,6 +698,15 @@ def convert(
     f16: bool = typer.Option(False, "--f16", help="float16."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16."),
     f32: bool = typer.Option(False, "--f32", help="float32."),
+    q2_k: bool = _mix_option("q2_k"),
+    q3_k_s: bool = _mix_option("q3_k_s"),
+    q3_k_m: bool = _mix_option("q3_k_m"),
+    q3_k_l: bool = _mix_option("q3_k_l"),
+    q4_k_s: bool = _mix_option("q4_k_s"),
+    q4_k_m: bool = _mix_option("q4_k_m"),
+    q5_k_s: bool = _mix_option("q5_k_s"),
+    q5_k_m: bool = _mix_option("q5_k_m"),
+    q6_k: bool = _mix_option("q6_k"),
     fmt: str = typer.Option(None, "--format", help="gguf or mlx (default: from OUT's name)."),  # noqa: B008
     group_size: int = typer.Option(None, "--group-size",  # noqa: B008
                                    help="MLX quantization group size (32, 64, 128; default 64)."),
@@ -707,7 +723,8 @@ def convert(
 
     Without a precision flag: --q4 (GGUF Q4_0 with output.weight Q8_0; MLX 4-bit, groups of 64).
     SRC 'demo' is the built-in demo model."""
-    chosen = [name for name, on in zip(_CONVERT_TYPES, (q4, q4_1, q8, f16, bf16, f32), strict=True) if on]
+    flags = (q4, q4_1, q8, f16, bf16, f32, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
+    chosen = [name for name, on in zip(_CONVERT_TYPES + _KQUANT_MIXES, flags, strict=True) if on]
     if len(chosen) > 1:
         fail(f"choose one output type, got {', '.join('--' + c for c in chosen)}", 2)
     if fmt is not None and fmt.lower() not in ("gguf", "mlx"):

@@ -28,6 +28,8 @@ __all__ = ["ConvertResult", "convert", "infer_format", "VERIFY_TOLERANCE"]
 # Worst relative RMSE (output vs source) --verify accepts per output type; far above what the
 # quantizers give on real weights (Q4_0 ~0.1, Q8_0 ~0.004), far below what a layout bug gives (~1.4).
 VERIFY_TOLERANCE = {"F32": 1e-6, "F16": 2e-3, "BF16": 1e-2, "Q8_0": 0.03, "Q4_1": 0.2, "Q4_0": 0.25,
+                    "Q5_0": 0.1, "Q5_1": 0.1, "Q6_K": 0.05, "Q5_K": 0.1, "Q4_K": 0.2, "Q3_K": 0.4,
+                    "Q2_K": 0.7,
                     "affine8": 0.03, "affine4": 0.25, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1e-2}
 
 
@@ -87,7 +89,9 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
     """Convert the checkpoint at ``src`` (HF folder, original folder, GGUF, MLX folder) to ``out``.
 
     ``fmt``: "gguf" or "mlx" (default: from ``out``'s suffix). ``qtype``: q4, q4_1, q8, f16, bf16,
-    f32 (or a GGUF type name). ``group_size``: MLX affine group size (32, 64, 128).
+    f32 (or a GGUF type name), or for GGUF one of llama.cpp's K-quant mixes q2_k, q3_k_s, q3_k_m,
+    q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (per-tensor types: :mod:`.kquant_mix`).
+    ``group_size``: MLX affine group size (32, 64, 128).
     ``allow_requantize``: quantize tensors that are quantized already into another type (else a
     :class:`UsageError`, before any work; see :mod:`.preflight`).
 
@@ -146,11 +150,12 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
     return result
 
 
-def _out_kind(name: str, fmt: str, prec: Any, shape: tuple[int, ...], group_size: int = 64) -> str:
+def _out_kind(name: str, fmt: str, prec: Any, shape: tuple[int, ...], group_size: int = 64,
+              args: Any = None) -> str:
     from .policy import gguf_tensor_type, mlx_quantizes
 
     if fmt == "gguf":
-        return gguf_tensor_type(name, shape, prec.qtype)
+        return gguf_tensor_type(name, shape, prec.qtype, args=args)
     if prec.bits is not None and mlx_quantizes(name, shape, group_size):
         return f"affine{prec.bits}"
     return "float32" if len(shape) == 1 or "ffn_gate_inp" in name else prec.float_dtype
@@ -171,7 +176,7 @@ def verify_output(src_ckpt: Any, path: Path, fmt: str, prec: Any, group_size: in
         a, b = s.dequantize(), o.dequantize()
         if not np.isfinite(b).all():
             raise FormatError(f"verify: {name} holds non-finite values", path)
-        kind = _out_kind(name, fmt, prec, tuple(s.shape), group_size)
+        kind = _out_kind(name, fmt, prec, tuple(s.shape), group_size, src_ckpt.args)
         err = relative_rmse(a, b)
         if err > VERIFY_TOLERANCE.get(kind, 0.25):
             raise FormatError(f"verify: {name} ({kind}) differs from the source: "
@@ -199,7 +204,9 @@ def print_summary(result: ConvertResult, console: Any = None) -> None:
         worst = max(rs, key=lambda r: r.rel_rmse)
         size = sum(r.nbytes for r in rs)
         err = "copied" if all(r.copied for r in rs) else f"{worst.rel_rmse:.2e}"
-        table.add_row(key, str(len(rs)), ",".join(sorted({r.src_qtype for r in rs})), rs[0].qtype,
+        # a K-quant mix gives one role several types over the layers (ffn_down: Q6_K / Q4_K ...)
+        table.add_row(key, str(len(rs)), ",".join(sorted({r.src_qtype for r in rs})),
+                      ",".join(sorted({r.qtype for r in rs})),
                       f"{size / 1e6:,.1f} MB", err)
     console.print(table)
     gbps = result.bytes_in / max(result.seconds, 1e-9) / 1e6

@@ -47,7 +47,7 @@ def plan_gguf(ckpt: Checkpoint, qtype: str) -> list[OutTensor]:
         src = ckpt.tensors[parts[0]]
         first = tuple(src.shape)
         shape = (len(parts),) + first if name.endswith("_exps.weight") else first
-        plan.append(OutTensor(name, parts, shape, gguf_tensor_type(name, first, qtype, src.qtype)))
+        plan.append(OutTensor(name, parts, shape, gguf_tensor_type(name, first, qtype, src.qtype, args)))
     return plan
 
 

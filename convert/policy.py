@@ -5,12 +5,16 @@ GGUF policy (``--q4``/``--q4_1``/``--q8``/``--f16``/``--bf16``/``--f32``):
 - 1-D tensors (the RMSNorm weights) and the router ``ffn_gate_inp`` stay F32: they are tiny and
   the router's top-2 choice is sensitive to rounding.
 - ``output.weight`` is Q8_0 when the body is 4-bit. llama.cpp keeps it at Q6_K for Q4_0 files
-  because the logits are the most quantization-sensitive product in the model; we cannot write
-  K-quants, so we take the next better type we can write.
+  because the logits are the most quantization-sensitive product in the model; ``--q4`` keeps
+  Q8_0 (every row length a multiple of 32 takes it; Q6_K needs rows of 256), the K-quant mixes
+  follow llama.cpp.
 - ``token_embd.weight`` follows the body (it is a lookup table: an error there affects one row
   per token, not every logit), as llama.cpp does for Q4_0/Q4_1/Q8_0.
 - Everything else (attention, experts) gets the requested type; a matrix whose rows are not a
   multiple of 32 falls back to F16.
+- The K-quant mixes (``--q2_k``, ``--q3_k_s``/``_m``/``_l``, ``--q4_k_s``/``_m``, ``--q5_k_s``/``_m``,
+  ``--q6_k``; GGUF only) choose every tensor's type as llama-quantize does:
+  :mod:`.kquant_mix`. Its upgrades requantize a quantized source like any other type.
 
 MLX policy (``bits`` 4 or 8, ``group_size`` 32/64/128), as ``mlx_lm.convert`` quantizes Mixtral:
 every linear layer, the experts, ``embed_tokens`` and ``lm_head`` are affine-quantized; the
@@ -27,8 +31,16 @@ requantizing it could only add error.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mlxtral.errors import UsageError
+
+from .kquant_mix import MixModel, is_mix
+from .kquant_mix import file_type as mix_file_type
+from .kquant_mix import tensor_type as mix_tensor_type
+
+if TYPE_CHECKING:
+    from mlxtral.config import ModelArgs
 
 # user-facing precision name -> (GGUF type, MLX bits or None for an unquantized float dtype)
 PRECISIONS: dict[str, tuple[str, int | None]] = {
@@ -38,6 +50,16 @@ PRECISIONS: dict[str, tuple[str, int | None]] = {
     "f16": ("F16", None),
     "bf16": ("BF16", None),
     "f32": ("F32", None),
+    # llama.cpp's K-quant mixes (GGUF only): per-tensor types from convert/kquant_mix.py
+    "q2_k": ("Q2_K", None),
+    "q3_k_s": ("Q3_K_S", None),
+    "q3_k_m": ("Q3_K_M", None),
+    "q3_k_l": ("Q3_K_L", None),
+    "q4_k_s": ("Q4_K_S", None),
+    "q4_k_m": ("Q4_K_M", None),
+    "q5_k_s": ("Q5_K_S", None),
+    "q5_k_m": ("Q5_K_M", None),
+    "q6_k": ("Q6_K", None),
 }
 GGUF_QTYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32")
 DEFAULT_PRECISION = "q4"
@@ -57,7 +79,7 @@ class Precision:
 
 def parse_precision(name: str, fmt: str) -> Precision:
     """``"q4"``/``"Q4_0"``/... -> :class:`Precision` for output format ``fmt`` ("gguf" | "mlx")."""
-    key = name.lower().lstrip("-")
+    key = name.lower().lstrip("-").replace("-", "_")
     by_qtype = {v[0].lower(): k for k, v in PRECISIONS.items()}
     key = by_qtype.get(key, key)
     if key in ("4bit", "4"):
@@ -69,6 +91,9 @@ def parse_precision(name: str, fmt: str) -> Precision:
     qtype, bits = PRECISIONS[key]
     if fmt == "mlx" and key == "q4_1":
         raise UsageError("--q4_1 is a GGUF type; MLX output takes --q4, --q8, --f16, --bf16 or --f32")
+    if fmt == "mlx" and is_mix(qtype):
+        raise UsageError(f"--{key} is a GGUF K-quant mix; MLX output takes --q4, --q8, --f16, --bf16 or "
+                         "--f32 (write a .gguf file for K-quants)")
     float_dtype = {"f16": "float16", "f32": "float32"}.get(key, "bfloat16")
     return Precision(qtype=qtype, bits=bits, float_dtype=float_dtype)
 
@@ -89,11 +114,17 @@ def requantized(src_qtype: str, out_qtype: str) -> bool:
     return is_quantized_type(src_qtype) and is_quantized_type(out_qtype) and src_qtype != out_qtype
 
 
-def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str, src_qtype: str | None = None) -> str:
+def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str, src_qtype: str | None = None,
+                     args: ModelArgs | None = None) -> str:
     """The GGUF type for the internal (or GGUF) tensor ``name`` when the body is ``qtype``
-    (``src_qtype``: the source tensor's type, when known)."""
+    (``src_qtype``: the source tensor's type, when known). A K-quant mix (``Q4_K_M``...) needs
+    the model's ``args`` (layer count, experts, heads, tied embeddings)."""
     if is_f32_tensor(name, len(shape)):
         return "F32"
+    if is_mix(qtype):
+        if args is None:
+            raise ValueError(f"the {qtype} mix needs the model's args to choose {name}'s type")
+        return mix_tensor_type(qtype, name, shape, MixModel.from_args(args))
     want = qtype
     if name == "output.weight" and qtype in ("Q4_0", "Q4_1"):
         # the logits' matrix gets more bits, unless its source is 4-bit already (nothing to gain)
@@ -107,6 +138,8 @@ def gguf_file_type(qtype: str) -> int:
     """``general.file_type`` (llama.cpp's ``LlamaFileType``) for a body of ``qtype``."""
     import gguf
 
+    if is_mix(qtype):
+        return mix_file_type(qtype)
     return int({
         "F32": gguf.LlamaFileType.ALL_F32,
         "F16": gguf.LlamaFileType.MOSTLY_F16,

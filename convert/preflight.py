@@ -76,7 +76,7 @@ def output_types(ckpt: Checkpoint, fmt: str, prec: Precision, group_size: int
         first = ckpt.tensors[parts[0]]
         shape = tuple(first.shape)
         if fmt == "gguf":
-            out = gguf_tensor_type(name, shape, prec.qtype, first.qtype)
+            out = gguf_tensor_type(name, shape, prec.qtype, first.qtype, ckpt.args)
         else:
             out = _mlx_type(name, shape, prec, group_size)
         for part in parts:

@@ -12,6 +12,9 @@ Block layouts (32 weights a block, along the last axis):
 - ``Q4_0``: f16 ``d`` + 16 bytes; ``w = (q - 8) * d``; ``d = w[argmax|w|] / -8``; low nibbles hold
   elements 0-15, high nibbles 16-31.
 - ``Q4_1``: f16 ``d``, f16 ``m`` + 16 bytes; ``w = q * d + m``; ``d = (max - min) / 15``, ``m = min``.
+
+K-quants (``Q2_K`` ... ``Q6_K``, 256-weight super-blocks, llama.cpp's reference quantizers) are in
+:mod:`mlxtral.quant.kquants` (numba); :func:`quantize` dispatches to them.
 """
 from __future__ import annotations
 
@@ -23,7 +26,11 @@ from mlxtral.qtensor import BLOCK_TYPES
 
 QK = 32
 CHUNK_ELEMS = 1 << 16  # weights per working chunk (256 KB of float32: temporaries stay in cache)
-QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+KQUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # 256-weight super-blocks: mlxtral.quant.kquants
+QUANTIZABLE = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") + KQUANTS
+# block types quantized and dequantized by gguf.quants itself (byte-identical to llama.cpp's reference
+# rows): llama.cpp's fallbacks for K-quant mixes whose rows are not a multiple of 256
+GGUF_PY_TYPES = ("Q5_0", "Q5_1")
 _F32 = np.float32
 
 
@@ -176,6 +183,9 @@ def quantize(x: np.ndarray, qtype: str, out: np.ndarray | None = None) -> np.nda
         raise ValueError(f"out must be {np.dtype(odtype)} {oshape}, got {out.dtype} {out.shape}")
     if x.size == 0:
         return out
+    if not out.flags.c_contiguous:  # a strided view: reshaping it into blocks would copy and lose writes
+        out[...] = quantize(x, qtype)
+        return out
     rows = _as_rows(x)
     orows = out.reshape(rows.shape[0], -1)
     starts, step = _row_chunks(rows.shape[0], rows.shape[1])
@@ -189,6 +199,13 @@ def quantize(x: np.ndarray, qtype: str, out: np.ndarray | None = None) -> np.nda
                 o[...] = chunk.astype(np.float16)
         elif qtype == "BF16":
             o[...] = f32_to_bf16_bits(chunk)
+        elif qtype in GGUF_PY_TYPES:
+            o[...] = _gguf_py(qtype, chunk, quantize=True)
+        elif qtype in KQUANTS:
+            from mlxtral.quant.kquants import QK_K, quantize_blocks  # numba: imported on first use
+
+            _, ts = BLOCK_TYPES[qtype]
+            quantize_blocks(chunk.reshape(-1, QK_K), qtype, o.reshape(-1, ts))
         else:
             _, ts = BLOCK_TYPES[qtype]
             _BLOCK_QUANTIZERS[qtype](chunk.reshape(-1, QK), o.reshape(-1, ts))
@@ -216,6 +233,9 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...] | None = Non
     if qtype == "BF16":
         out[...] = bf16_bits_to_f32(data).reshape(shape)
         return out
+    if qtype in GGUF_PY_TYPES or qtype in KQUANTS:  # K-quants: gguf.quants' NumPy dequantizers
+        out[...] = _gguf_py(qtype, np.asarray(data).reshape(-1, lshape[-1] // bs * ts)).reshape(shape)
+        return out
     if qtype not in _BLOCK_QUANTIZERS:
         raise ValueError(f"no NumPy dequantizer for {qtype} here; use gguf.quants")
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, ts)
@@ -224,6 +244,14 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...] | None = Non
     for s in range(0, blocks.shape[0], step):
         flat[s : s + step] = _q_dequant_blocks(qtype, blocks[s : s + step])
     return out
+
+
+def _gguf_py(qtype: str, rows: np.ndarray, quantize: bool = False) -> np.ndarray:
+    """gguf.quants on 2-D rows: float32 ``[r, n]`` -> blocks ``[r, n/32*ts]``, or back."""
+    import gguf  # only here: importing gguf pulls in ~30 MB of optional packages
+
+    gtype = gguf.GGMLQuantizationType[qtype]
+    return gguf.quants.quantize(rows, gtype) if quantize else gguf.quants.dequantize(rows, gtype)
 
 
 def relative_rmse(ref: np.ndarray, approx: np.ndarray) -> float:
