@@ -467,6 +467,59 @@ def generate(
         raise typer.Exit(130)
 
 
+# ---- serve ----------------------------------------------------------------------------------------
+
+
+@app.command(help="Serve a model over an OpenAI-compatible HTTP API (the demo model when MODEL is "
+             "omitted): /v1/chat/completions, /v1/completions, /v1/models, /health. Requests are "
+             "batched continuously; Ctrl-C or SIGTERM lets the running requests finish, then exits.",
+             epilog="Examples:\n\n  mlxtral serve\n\n  mlxtral serve model.gguf --port 8080 --parallel 4\n\n"
+             "  mlxtral serve model.gguf --host 0.0.0.0 --api-key SECRET")
+@handle_errors
+def serve(
+    model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
+    parallel: int = typer.Option(8, "--parallel", "-np", min=1, max=256,
+                                 help="Requests generated at once (slots); more wait in the queue."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0,
+                                  help="Requests that may wait for a slot; past that: 503."),
+    api_key: str = typer.Option(None, "--api-key",  # noqa: B008
+                                help="Require 'Authorization: Bearer KEY' on every request but /health."),
+    prompt_cache: str = typer.Option("2GB", "--prompt-cache",
+                                     help="Memory for KV caches of finished requests, reused by prompts "
+                                          "sharing a prefix (0: off)."),
+    backend: str = BackendOpt,
+    max_context: int = MaxContextOpt,
+    threads: int = ThreadsOpt,
+    memory_budget: str = BudgetOpt,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+    from mlxtral.server import bind, check_installed, run
+
+    check_installed()
+    cache_bytes = 0
+    if prompt_cache.strip() not in ("0", ""):
+        from mlxtral.expert_cache.plan import parse_size
+
+        cache_bytes = parse_size(prompt_cache) or 0
+    apply_threads(threads)
+    sock = bind(host, port)  # before the model loads: a taken port is one line at once
+    m = load_model(model, backend, max_context, None, memory_budget=memory_budget)
+    h, p = sock.getsockname()[:2]
+    shown = f"[{h}]" if ":" in h else h
+
+    def ready() -> None:
+        sys.stderr.write(f"mlxtral serve: {m.path.name} (backend {m.backend_name}, context {m.max_context}, "
+                         f"{parallel} slots) on http://{shown}:{p}/v1\n")
+        sys.stderr.flush()
+
+    run(m, sock, parallel=parallel, max_queue=max_queue, api_key=api_key, prompt_cache_bytes=cache_bytes,
+        on_ready=ready)
+    sys.stderr.write("mlxtral serve: stopped\n")
+
+
 # ---- info -----------------------------------------------------------------------------------------
 
 

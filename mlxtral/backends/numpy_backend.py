@@ -146,7 +146,6 @@ class NumpyBackend:
 
     def _forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
         a = self.args
-        ids = np.asarray(ids, dtype=np.int64)
         T = len(ids)
         p0 = cache.offset
         if p0 + T > cache.max_context:
@@ -154,7 +153,64 @@ class NumpyBackend:
                 f"{plural(p0 + T, 'token')} do not fit the context of {cache.max_context} (raise max_context)"
             )
         S = p0 + T
-        pos = slice(p0, S)
+
+        def attention(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+            ck, cv = cache.k[li], cache.v[li]  # [KV, ctx, hd]
+            ck[:, p0:S] = k.transpose(1, 0, 2)
+            cv[:, p0:S] = v.transpose(1, 0, 2)
+            # every query row, prefill or decode, through one kernel over the cache as it lies
+            return ops.attend(q, ck, cv, p0, a.sliding_window)  # [T, H*hd]
+
+        h = self._layers(ids, slice(p0, S), attention)
+        cache.offset = S
+        if not all_logits:
+            h = h[-1:]
+        out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [T or 1, vocab]
+        check_logits(out, p0 + 1 if all_logits else S)  # NaN/Inf weights: one line, not a sampler's error
+        return out if all_logits else out[0]
+
+    def forward_batch(self, ids: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
+        """One token for each of several sequences, each at its own cache's position, in one pass
+        over the weights: ids [B] -> logits [B, vocab]; every cache advances by one.
+
+        A row computes as it does alone (the kernels are batch-invariant, attention runs per row
+        over that row's cache with the same kernel), so each sequence gets its solo logits.
+        """
+        check_unchanged(self.mapped_files)
+        for c in caches:
+            if c.offset + 1 > c.max_context:
+                raise ContextOverflowError(f"{plural(c.offset + 1, 'token')} do not fit the context of "
+                                           f"{c.max_context} (raise max_context)")
+        a = self.args
+        pos = np.array([c.offset for c in caches], dtype=np.int64)  # [B] each row's position
+
+        def attention(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+            att = np.empty((len(caches), q.shape[1] * q.shape[2]), dtype=np.float32)  # [B, H*hd]
+            for b, c in enumerate(caches):
+                p = int(pos[b])
+                ck, cv = c.k[li], c.v[li]  # [KV, ctx, hd]
+                ck[:, p] = k[b]
+                cv[:, p] = v[b]
+                att[b] = ops.attend_one(q[b], ck, cv, p + 1, a.sliding_window)  # the decode kernel
+            return att
+
+        try:
+            h = self._layers(ids, pos, attention)
+        except ZeroDivisionError:
+            raise non_finite_error(int(pos.max()) + 1) from None
+        for c in caches:
+            c.offset += 1
+        out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [B, vocab]
+        check_logits(out, int(pos.max()) + 1)
+        return out
+
+    def _layers(self, ids: Sequence[int], pos: slice | np.ndarray,
+                attention: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        """Tokens ``ids`` [T] at positions ``pos`` through every layer -> hidden state [T, dim];
+        ``attention(layer, q, k, v)`` stores k/v in the cache(s) and attends."""
+        a = self.args
+        ids = np.asarray(ids, dtype=np.int64)
+        T = len(ids)
         H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
         h = self.embed.rows(ids)  # [T, dim]
         self._read_ahead(h, 0)
@@ -165,22 +221,12 @@ class NumpyBackend:
             k = k.reshape(T, KV, hd)  # [T, KV, hd]
             self.rope(q, pos)
             self.rope(k, pos)
-            ck, cv = cache.k[li], cache.v[li]  # [KV, ctx, hd]
-            ck[:, p0:S] = k.transpose(1, 0, 2)
-            cv[:, p0:S] = v.reshape(T, KV, hd).transpose(1, 0, 2)
-            # every query row, prefill or decode, through one kernel over the cache as it lies
-            att = ops.attend(q, ck, cv, p0, a.sliding_window)  # [T, H*hd]
-            h += ops.linear(att, L.wo)
+            h += ops.linear(attention(li, q, k, v.reshape(T, KV, hd)), L.wo)
             x = ops.rms_norm(h, L.ffn_norm, a.norm_eps)
             h += self.moe(x, L, li, ahead=h)
-        cache.offset = S
         if self.experts is not None:
             self.experts.add_tokens(T)
-        if not all_logits:
-            h = h[-1:]
-        out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [T or 1, vocab]
-        check_logits(out, p0 + 1 if all_logits else S)  # NaN/Inf weights: one line, not a sampler's error
-        return out if all_logits else out[0]
+        return h
 
     def moe(self, x: np.ndarray, L: LayerWeights, li: int, ahead: np.ndarray | None = None) -> np.ndarray:
         """Sparse MoE FFN, tokens grouped per expert. x [T, dim] -> [T, dim].

@@ -1,0 +1,91 @@
+"""``mlxtral serve``: an OpenAI-compatible HTTP server with continuous batching and a prompt cache.
+
+    from mlxtral.server import bind, run
+    sock = bind("127.0.0.1", 8080)          # before the model loads: a taken port fails at once
+    run(model, sock, parallel=8)
+
+Needs the optional extra ``mlxtral[serve]`` (starlette, uvicorn; llguidance for response_format).
+"""
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Any
+
+from mlxtral.errors import MlxtralError, UsageError
+
+INSTALL_HINT = "pip install 'mlxtral[serve]'"
+
+
+def check_installed() -> None:
+    """One line naming the extra when starlette or uvicorn is missing."""
+    missing = []
+    for name in ("starlette", "uvicorn"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MlxtralError(f"the server needs {' and '.join(missing)}: {INSTALL_HINT}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0: a free port); one line when it is taken or not ours."""
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be from 0 to 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot listen on {host!r}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)  # connections queue from now on, while the model loads
+    except OSError as e:
+        sock.close()
+        what = "the port is in use (another server?)" if e.errno == 98 else (e.strerror or str(e))
+        raise MlxtralError(f"cannot listen on {host}:{port}: {what}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(model: Any, sock: socket.socket, *, model_name: str | None = None, parallel: int = 8,
+        max_queue: int = 64, api_key: str | None = None, prompt_cache_bytes: int = 2 << 30,
+        prefill_chunk: int = 256, graceful_timeout: float = 30.0, on_ready: Any = None) -> None:
+    """Serve until SIGINT/SIGTERM: new connections stop, requests in flight finish (at most
+    ``graceful_timeout`` seconds), then the scheduler stops."""
+    import uvicorn
+
+    from mlxtral.server.app import create_app
+    from mlxtral.server.prompt_cache import PromptCache, kv_bytes_per_token
+    from mlxtral.server.scheduler import Scheduler
+
+    itemsize = getattr(getattr(model.backend, "kv_dtype", None), "itemsize", 4)
+    cache = PromptCache(prompt_cache_bytes, kv_bytes_per_token(model.config, itemsize)) \
+        if prompt_cache_bytes > 0 else None
+    sched = Scheduler(model, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                      prompt_cache=cache)
+    sched.start()
+    app = create_app(model, sched, model_name or model.path.name, api_key=api_key)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        on_ready()
+    # uvicorn handles SIGINT/SIGTERM while it serves (stop accepting, let the requests in flight
+    # finish), then re-raises the signal it caught into the handlers it found: no-op ones here, so
+    # that a drained server exits 0 instead of dying of that signal afterwards.
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, lambda *_: None)
+        except ValueError:  # not the main thread: uvicorn installs nothing either
+            pass
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sched.stop()
+        for sig, h in old.items():
+            signal.signal(sig, h)

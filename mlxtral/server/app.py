@@ -1,0 +1,201 @@
+"""The HTTP side of ``mlxtral serve``: Starlette routes, server-sent events, errors as OpenAI objects.
+
+Routes: POST /v1/chat/completions, POST /v1/completions (also without the /v1 prefix, as
+llama-server), GET /v1/models, GET /health. With an API key every route but /health needs
+``Authorization: Bearer KEY``. A client that goes away cancels its sequence (its slot is free at the
+next step).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mlxtral.server.protocol import (
+    ApiError,
+    GenRequest,
+    chunk,
+    error_body,
+    full_response,
+    parse_chat,
+    parse_completion,
+    usage_chunk,
+)
+from mlxtral.server.scheduler import Handle, Scheduler
+
+MAX_BODY = 8 * 1024 * 1024  # bytes of a request body
+
+
+def _error(e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _ApiKey:
+    """ASGI middleware: ``Authorization: Bearer KEY`` on every HTTP route but /health."""
+
+    def __init__(self, app: Any, key: str | None) -> None:
+        self.app = app
+        self.key = key.encode() if key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.key is not None and scope["type"] == "http" and scope["path"] != "/health":
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                e = ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+                await _error(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str | None = None) -> Any:
+    created = int(time.time())
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", **scheduler.status()})
+
+    async def models(request: Request) -> Response:
+        c = model.config
+        return JSONResponse({"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "mlxtral",
+            "meta": {"backend": model.backend_name, "context": model.max_context, "n_layers": c.n_layers,
+                     "n_experts": c.n_experts, "n_experts_per_tok": c.n_experts_per_tok,
+                     "vocab_size": c.vocab_size}}]})
+
+    async def read_json(request: Request) -> Any:
+        size = int(request.headers.get("content-length") or 0)
+        if size > MAX_BODY:
+            raise ApiError(413, f"the request body is {size} bytes; at most {MAX_BODY}")
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"the request body is {len(raw)} bytes; at most {MAX_BODY}")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+
+    def endpoint(parse: Callable[[Any, Any], GenRequest]) -> Callable[[Request], Any]:
+        async def handler(request: Request) -> Response:
+            try:
+                body = await read_json(request)
+                req = await run_in_threadpool(parse, body, model)
+                constraint = None
+                if req.grammar is not None:
+                    from mlxtral.server.grammar import Constraint
+
+                    constraint = await run_in_threadpool(Constraint, model.tokenizer, req.grammar)
+                h = Handle(req, asyncio.get_running_loop(), constraint)
+                scheduler.submit(h)
+            except ApiError as e:
+                return _error(e)
+            watcher = asyncio.ensure_future(_watch_disconnect(request, h))
+            if req.stream:
+                return StreamingResponse(_stream(h, watcher), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            try:
+                return await _collect(h)
+            finally:
+                _end(h, watcher)
+
+        return handler
+
+    def _end(h: Handle, watcher: asyncio.Future[Any]) -> None:
+        watcher.cancel()
+        if not h.done:
+            h.cancel()
+            scheduler.wake()
+
+    async def _watch_disconnect(request: Request, h: Handle) -> None:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                if not h.done:
+                    h.cancel()
+                    scheduler.wake()
+                return
+
+    async def _collect(h: Handle) -> Response:
+        parts: list[str] = []
+        entries: list[dict[str, Any]] = []
+        async for ev in h.events():
+            if ev.error is not None:
+                return _error(ev.error)
+            parts.append(ev.text)
+            entries += ev.logprobs
+            if ev.finish is not None:
+                h.done = True
+                assert ev.usage is not None
+                return JSONResponse(full_response(h.req, model_name, "".join(parts), ev.finish, entries,
+                                                  ev.usage))
+        raise AssertionError("unreachable")
+
+    async def _stream(h: Handle, watcher: asyncio.Future[Any]) -> AsyncIterator[str]:
+        req = h.req
+        offset = 0
+        try:
+            if req.kind == "chat":
+                yield _sse(chunk(req, model_name, "", None, first=True))
+            async for ev in h.events():
+                if ev.error is not None:
+                    yield _sse(ev.error.body())
+                    return
+                if ev.text or ev.logprobs:
+                    yield _sse(chunk(req, model_name, ev.text, None, ev.logprobs, offset=offset))
+                    offset += len(ev.text)
+                if ev.finish is not None:
+                    h.done = True
+                    yield _sse(chunk(req, model_name, None if req.kind == "chat" else "", ev.finish))
+                    if req.include_usage and ev.usage is not None:
+                        yield _sse(usage_chunk(req, model_name, ev.usage))
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:
+            _end(h, watcher)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        if status == 405:
+            return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+        return _error(ApiError(status, f"no route {request.method} {request.url.path}", code="not_found"
+                               if status == 404 else None))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        body = error_body(f"internal error: {type(exc).__name__}", "server_error")
+        return JSONResponse(body, status_code=500)
+
+    chat_ep, completion_ep = endpoint(parse_chat), endpoint(parse_completion)
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_ep, methods=["POST"]),
+        Route("/chat/completions", chat_ep, methods=["POST"]),
+        Route("/v1/completions", completion_ep, methods=["POST"]),
+        Route("/completions", completion_ep, methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(scheduler.stop)
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found, 500: server_error},
+                    lifespan=lifespan)
+    return _ApiKey(app, api_key)

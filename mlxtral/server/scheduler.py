@@ -1,0 +1,330 @@
+"""Continuous batching at the step level: one worker thread owns the model.
+
+Requests wait in a bounded queue (full: 503) and join the running batch between steps while fewer
+than ``parallel`` sequences are active. Every step runs at most ``prefill_chunk`` prompt tokens of
+the sequences still prefilling (oldest first; so a long prompt never stalls the others for more than
+one chunk) and advances every decoding sequence by one token (one forward for its last token, then
+sampling the next). Each sequence has its own :class:`~mlxtral.generate.Session` (KV cache), sampler,
+stop-string matcher and grammar constraint; it leaves the batch when it ends or its client goes
+away, and its session goes back to the :class:`~mlxtral.server.prompt_cache.PromptCache`.
+
+On the NumPy backend the decoding sequences of a step share one forward
+(:func:`mlxtral.server.batched.decode_batch`: the weights stream once per step for all of them);
+other backends run one forward per sequence. Prefill chunks run one sequence at a time.
+
+Results reach the asyncio side as :class:`Event` objects through each request's queue
+(``loop.call_soon_threadsafe``).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlxtral.generate import Session, _StopMatcher, _within_vocab
+from mlxtral.sampling import Sampler
+from mlxtral.server.prompt_cache import PromptCache
+from mlxtral.server.protocol import ApiError, GenRequest, usage
+
+_GONE = ApiError(499, "the client closed the request", type="client_closed", code="cancelled")
+
+
+@dataclass
+class Event:
+    """New text (and the logprobs of the tokens behind it); the last event has ``finish``."""
+
+    text: str = ""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    finish: str | None = None
+    usage: dict[str, Any] | None = None
+    error: ApiError | None = None
+
+
+class Handle:
+    """The asyncio side of one request."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop, constraint: Any = None) -> None:
+        self.req = req
+        self.constraint = constraint
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+        self.done = False  # the last event was read
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def put(self, ev: Event) -> None:  # from the worker thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    async def events(self) -> AsyncIterator[Event]:
+        while True:
+            ev = await self.queue.get()
+            yield ev
+            if ev.finish is not None or ev.error is not None:
+                return
+
+
+class _Seq:
+    """A sequence in the batch (worker thread only)."""
+
+    def __init__(self, h: Handle, session: Session, cached: int, tokenizer: Any) -> None:
+        self.h = h
+        self.req = h.req
+        self.session = session
+        self.ids = h.req.prompt_ids
+        self.pos = cached  # prompt tokens in the cache
+        self.cached = cached
+        self.logits: np.ndarray | None = None
+        self.pending: int | None = None  # sampled, not yet fed
+        self.sampler = Sampler(h.req.sampling)
+        self.history = list(self.ids)
+        self.generated: list[int] = []
+        self.decoder = tokenizer.stream_decoder()
+        self.matcher = _StopMatcher(h.req.stop)
+
+
+class Scheduler:
+    def __init__(self, model: Any, parallel: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+                 prompt_cache: PromptCache | None = None, batched: bool = True) -> None:
+        self.model = model
+        self.backend = model.backend
+        self.tok = model.tokenizer
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.cache = prompt_cache
+        self.n_vocab = getattr(self.tok, "vocab_size", None)
+        self.eos = set(getattr(self.tok, "eos_ids", set()))
+        from mlxtral.server.batched import supports_batch
+
+        self.batched = batched and supports_batch(self.backend)
+        self._waiting: deque[Handle] = deque()
+        self._active: list[_Seq] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="mlxtral-scheduler", daemon=True)
+        self.steps = 0
+
+    # ---- the asyncio side -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, h: Handle) -> None:
+        with self._cv:
+            if self._stop:
+                raise ApiError(503, "the server is shutting down", code="shutting_down")
+            free = max(0, self.parallel - len(self._active))  # slots the worker fills at its next step
+            if len(self._waiting) >= self.max_queue + free:
+                raise ApiError(503, f"the server is busy: {len(self._active)} requests running and "
+                                    f"{len(self._waiting)} waiting (the queue holds {self.max_queue}); "
+                                    "retry later", code="queue_full")
+            self._waiting.append(h)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def status(self) -> dict[str, Any]:
+        return {"slots": self.parallel, "active": len(self._active), "waiting": len(self._waiting),
+                "max_queue": self.max_queue, "steps": self.steps,
+                "prompt_cache": None if self.cache is None else
+                {"entries": len(self.cache), "bytes": self.cache.nbytes, "max_bytes": self.cache.max_bytes}}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End every request still here (their clients get an error) and stop the worker."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # ---- the worker -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stop:
+                    break
+                while self._waiting and len(self._active) < self.parallel:
+                    h = self._waiting.popleft()
+                    if h.cancelled:
+                        h.put(Event(error=_GONE))
+                    else:
+                        self._admit(h)
+            self._step()
+            self.steps += 1
+        err = ApiError(503, "the server is shutting down", code="shutting_down")
+        for seq in list(self._active):
+            seq.h.put(Event(error=err))
+            self._release(seq)
+        with self._cv:
+            while self._waiting:
+                self._waiting.popleft().put(Event(error=err))
+
+    def _admit(self, h: Handle) -> None:
+        ids = h.req.prompt_ids
+        session, shared = (None, 0) if self.cache is None else self.cache.take(ids)
+        n = min(shared, len(ids) - 1)  # recompute at least one token: its logits start the answer
+        if session is None:
+            session = self.model.new_session()
+        elif self.cache is not None:
+            from mlxtral.server.prompt_cache import copy_prefix
+
+            own = self.model.new_session()
+            if copy_prefix(session.cache, own.cache, n):  # the entry stays for the others
+                self.cache.put(session)
+                session = own
+        session.cache.trim(n)
+        session.tokens = list(ids[:n])
+        self._active.append(_Seq(h, session, n, self.tok))
+
+    def _release(self, seq: _Seq) -> None:
+        self._active.remove(seq)
+        if self.cache is not None and seq.session.tokens:
+            self.cache.put(seq.session)
+
+    def _step(self) -> None:
+        """At most ``prefill_chunk`` prompt tokens of the prefilling sequences (oldest first), then
+        one token for every decoding one: a single forward for all of them where the backend can
+        (:mod:`mlxtral.server.batched`). The budget bounds how long the decoders wait per step."""
+        decoding: list[_Seq] = []
+        budget = self.prefill_chunk
+        for seq in list(self._active):
+            if seq.h.cancelled:
+                seq.h.put(Event(error=_GONE))  # ends the handler still waiting, if any
+                self._release(seq)
+            elif seq.pos < len(seq.ids):
+                if budget > 0:
+                    n = min(budget, len(seq.ids) - seq.pos)
+                    budget -= n
+                    self._guard([seq], self._prefill, (seq, n))
+            elif seq.pending is not None:
+                if seq.session.cache.offset + 1 >= seq.session.cache.max_context:
+                    self._finish(seq, "length")
+                else:
+                    decoding.append(seq)
+        if len(decoding) > 1 and self.batched:
+            self._guard(decoding, self._decode_batch, decoding)
+        else:
+            for seq in decoding:
+                self._guard([seq], self._decode_one, seq)
+
+    def _guard(self, seqs: list[_Seq], fn: Any, arg: Any) -> None:
+        """Run ``fn(arg)``; a failure ends ``seqs`` with an error and leaves the others running."""
+        try:
+            fn(arg)
+        except Exception as e:  # noqa: BLE001 - some sequences' failure must not stop the others
+            from mlxtral.errors import MlxtralError
+
+            msg = e.message if isinstance(e, MlxtralError) else f"{type(e).__name__}: {e}"
+            for seq in seqs:
+                if seq in self._active:
+                    seq.h.put(Event(error=ApiError(500, f"generation failed: {msg}", type="server_error")))
+                    seq.session.reset()
+                    self._release(seq)
+
+    def _prefill(self, job: tuple[_Seq, int]) -> None:
+        seq, n = job
+        part = list(seq.ids[seq.pos : seq.pos + n])
+        seq.logits = self.backend.forward(part, seq.session.cache)
+        seq.session.tokens.extend(part)
+        seq.pos += len(part)
+        if seq.pos == len(seq.ids):
+            self._sample(seq)
+
+    def _decode_one(self, seq: _Seq) -> None:
+        assert seq.pending is not None
+        seq.logits = self.backend.forward([seq.pending], seq.session.cache)
+        seq.session.tokens.append(seq.pending)
+        seq.pending = None
+        self._sample(seq)
+
+    def _decode_batch(self, seqs: list[_Seq]) -> None:
+        from mlxtral.server.batched import decode_batch
+
+        toks = [s.pending for s in seqs]
+        logits = decode_batch(self.backend, toks, [s.session.cache for s in seqs])  # [B, V]
+        for i, seq in enumerate(seqs):
+            seq.session.tokens.append(toks[i])
+            seq.pending = None
+            seq.logits = logits[i]
+        for seq in seqs:
+            self._guard([seq], self._sample, seq)
+
+    def _sample(self, seq: _Seq) -> None:
+        req = seq.req
+        logits = _within_vocab(np.asarray(seq.logits, dtype=np.float32), self.n_vocab)  # [V]
+        entry_lp = _log_softmax(logits) if req.logprobs else None
+        x = logits
+        if (req.frequency_penalty or req.presence_penalty) and seq.generated:
+            ids, counts = np.unique(np.asarray(seq.generated, dtype=np.int64), return_counts=True)
+            x = x.copy()
+            x[ids] -= counts * req.frequency_penalty + req.presence_penalty
+        con = seq.h.constraint
+        if con is not None:
+            x = con.mask(x)
+        tok = seq.sampler(x, seq.history)
+        if seq.h.first_token is None:
+            seq.h.first_token = time.perf_counter()
+        seq.history.append(tok)
+        seq.generated.append(tok)
+        entries = [self._entry(tok, entry_lp, req.top_logprobs)] if entry_lp is not None else []
+        if con is not None and tok not in self.eos:
+            con.consume(tok)
+        if tok in self.eos:  # not shown, nor in the logprobs
+            self._finish(seq, "stop")
+            return
+        text, stopped = seq.matcher.feed(seq.decoder.add(tok))
+        if stopped:
+            seq.h.put(Event(text, entries))
+            self._finish(seq, "stop", flush=False)
+            return
+        seq.h.put(Event(text, entries))
+        if con is not None and (con.done or con.failed):
+            self._finish(seq, "stop")
+        elif req.max_tokens is not None and len(seq.generated) >= req.max_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.pending = tok
+
+    def _finish(self, seq: _Seq, reason: str, flush: bool = True) -> None:
+        tail = seq.matcher.feed(seq.decoder.flush())[0] + seq.matcher.flush() if flush else ""
+        use = usage(len(seq.ids), len(seq.generated), seq.cached)
+        seq.h.put(Event(tail, finish=reason, usage=use))
+        self._release(seq)
+
+    def _entry(self, tok: int, lp: np.ndarray, top: int) -> dict[str, Any]:
+        e = self._token_info(tok, float(lp[tok]))
+        if top:
+            best = np.argpartition(-lp, top - 1)[:top]
+            best = best[np.argsort(-lp[best], kind="stable")]
+            e["top_logprobs"] = [self._token_info(int(i), float(lp[i])) for i in best]
+        else:
+            e["top_logprobs"] = []
+        return e
+
+    def _token_info(self, tok: int, lp: float) -> dict[str, Any]:
+        from mlxtral.tokenizer.base import CONTROL
+
+        b = b"" if self.tok.token_type(tok) == CONTROL else self.tok.token_bytes(tok)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": max(lp, -9999.0), "bytes": list(b)}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    """[V] float32 -> [V] float64 log-probabilities."""
+    z = x.astype(np.float64)
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())

@@ -1,0 +1,463 @@
+"""`mlxtral serve`: the real server in a subprocess on a free local port with a tiny random model,
+driven by the official `openai` client (and raw HTTP for the error paths); plus the protocol, the
+prompt cache and the scheduler's queue in-process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_models import BACKENDS, random_weights, tiny_args, write_gguf  # noqa: E402
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+KEY = "sk-test-key"
+CTX = 512
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+        self.proc = proc
+        self.url = url  # http://127.0.0.1:PORT
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+    def http(self, method: str, path: str, body: Any = None, key: str | None = KEY, raw: bytes | None = None
+             ) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+def start_server(model: Path, *args: str) -> Server:
+    cmd = [sys.executable, "-m", "mlxtral.cli", "serve", str(model), "--port", "0", "--backend", "numpy",
+           "-c", str(CTX), *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            env={**os.environ, "MLXTRAL_BACKEND": "numpy"})
+    assert proc.stderr is not None
+    deadline = time.time() + 120
+    seen = []
+    while time.time() < deadline:
+        line = proc.stderr.readline().decode()
+        if not line:
+            break
+        seen.append(line)
+        if " on http://" in line:
+            url = line.rsplit(" on ", 1)[1].strip().removesuffix("/v1")
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            return Server(proc, url)
+    proc.kill()
+    raise AssertionError(f"the server did not start: {''.join(seen)}")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    args = tiny_args()
+    return write_gguf(tmp_path_factory.mktemp("serve") / "tiny.gguf", random_weights(args, 0), args)
+
+
+@pytest.fixture(scope="module")
+def server(model_file: Path) -> Any:
+    s = start_server(model_file, "--api-key", KEY, "--parallel", "8")
+    yield s
+    if s.proc.poll() is None:
+        s.proc.send_signal(signal.SIGTERM)
+        try:
+            s.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+
+
+def _complete(s: Server, prompt: str, n: int = 12, **kw: Any) -> Any:
+    return s.client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, **kw)
+
+
+# ---- the happy paths, with the openai client ------------------------------------------------------
+
+
+def test_models_and_health(server: Server) -> None:
+    ids = [m.id for m in server.client.models.list().data]
+    assert ids == ["tiny.gguf"]
+    code, body = server.http("GET", "/health", key=None)  # /health needs no key
+    assert code == 200 and body["status"] == "ok" and body["slots"] == 8
+
+
+def test_chat(server: Server) -> None:
+    r = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=10, temperature=0)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert c.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 1 <= r.usage.completion_tokens <= 10
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_matches_non_stream(server: Server) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}]
+    full = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=0)
+    chunks = list(server.client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=16, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completion_length_and_stream(server: Server) -> None:
+    r = _complete(server, "The quick brown fox", 9)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 9
+    parts = [c.choices[0].text for c in server.client.completions.create(
+        model="tiny", prompt="The quick brown fox", max_tokens=9, temperature=0, stream=True) if c.choices]
+    assert "".join(parts) == r.choices[0].text
+
+
+def test_seed_reproducible(server: Server) -> None:
+    def draw(seed: int) -> str:
+        r = server.client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16,
+                                             temperature=1.0, seed=seed)
+        return r.choices[0].text
+
+    a, b, c = draw(7), draw(7), draw(8)
+    assert a == b
+    assert a != c
+
+
+def test_stop_strings_never_leak(server: Server) -> None:
+    ref = _complete(server, "Numbers and letters", 24).choices[0].text
+    assert len(ref) >= 12
+    stop = ref[6:10]  # may straddle token boundaries
+    want = ref[: ref.index(stop)]
+    r = server.client.completions.create(model="tiny", prompt="Numbers and letters", max_tokens=24,
+                                         temperature=0, stop=[stop, "\x00never"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    parts = [c.choices[0].text for c in server.client.completions.create(
+        model="tiny", prompt="Numbers and letters", max_tokens=24, temperature=0, stop=stop, stream=True)
+        if c.choices]
+    assert "".join(parts) == want
+
+
+def test_logprobs(server: Server) -> None:
+    r = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}],
+                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert 1 <= len(content) <= 6
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        tops = [t.logprob for t in e.top_logprobs]
+        assert tops == sorted(tops, reverse=True)
+        assert abs(e.logprob - tops[0]) < 1e-6  # greedy: the chosen token is the most likely one
+    c = server.client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0,
+                                         logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+def test_prompt_cache_reports_cached_tokens(server: Server) -> None:
+    system = "You are a helpful assistant who answers in one short sentence. " * 4
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "What is a fox?"}]
+    first = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    again = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens - 1
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    other = [{"role": "system", "content": system}, {"role": "user", "content": "And a dog?"}]
+    r = server.client.chat.completions.create(model="tiny", messages=other, max_tokens=4, temperature=0)
+    shared = r.usage.prompt_tokens_details.cached_tokens
+    assert shared > len(system) // 8  # the shared system prompt
+    cached: dict[int, int] = {}
+
+    def ask(i: int) -> None:  # at the same time: each copies the cached prefix
+        m = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]
+        u = server.client.chat.completions.create(model="tiny", messages=m, max_tokens=4, temperature=0)
+        cached[i] = u.usage.prompt_tokens_details.cached_tokens
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(n >= shared for n in cached.values()) and len(cached) == 3
+
+
+def test_json_schema_output_validates(server: Server) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "color": {"enum": ["red", "green", "blue"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["ok", "color", "n"], "additionalProperties": False}
+    for seed in (1, 2):
+        r = server.client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Give me JSON"}], max_tokens=120,
+            temperature=0.8, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        obj = json.loads(r.choices[0].message.content)
+        assert set(obj) == {"ok", "color", "n"} and isinstance(obj["ok"], bool)
+        assert obj["color"] in ("red", "green", "blue") and 0 <= obj["n"] <= 9
+
+
+def test_concurrent_greedy_clients_get_their_solo_text(server: Server) -> None:
+    prompts = [f"Story number {i} begins with" for i in range(8)]
+    solo = [_complete(server, p, 10).choices[0].text for p in prompts]
+    out: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        out[i] = _complete(server, prompts[i], 10).choices[0].text
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [out[i] for i in range(8)] == solo
+
+
+# ---- errors, with raw HTTP -------------------------------------------------------------------------
+
+
+def _is_error(body: Any) -> dict[str, Any]:
+    e = body["error"]
+    assert set(e) == {"message", "type", "param", "code"} and e["message"]
+    return e
+
+
+def test_api_key_required(server: Server) -> None:
+    for key in (None, "wrong"):
+        code, body = server.http("GET", "/v1/models", key=key)
+        assert code == 401 and _is_error(body)["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": "abc"}, "seed"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": 3}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}, "frobnicate"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format"),
+])
+def test_bad_parameters_are_400(server: Server, body: dict[str, Any], param: str) -> None:
+    code, out = server.http("POST", "/v1/chat/completions", body)
+    assert code == 400
+    e = _is_error(out)
+    assert e["type"] == "invalid_request_error" and e["param"] == param
+
+
+def test_context_overflow_names_the_numbers(server: Server) -> None:
+    code, out = server.http("POST", "/v1/completions", {"prompt": list(range(100, 100 + CTX + 5))})
+    e = _is_error(out)
+    assert code == 400 and e["code"] == "context_length_exceeded" and str(CTX + 5) in e["message"]
+    code, out = server.http("POST", "/v1/completions", {"prompt": "hello", "max_tokens": CTX})
+    e = _is_error(out)
+    assert code == 400 and e["param"] == "max_tokens" and str(CTX) in e["message"]
+
+
+def test_not_found_bad_json_wrong_method(server: Server) -> None:
+    code, out = server.http("GET", "/v1/nothing")
+    assert code == 404 and _is_error(out)
+    code, out = server.http("POST", "/v1/completions", raw=b"{not json")
+    assert code == 400 and "JSON" in _is_error(out)["message"]
+    code, out = server.http("GET", "/v1/completions")
+    assert code == 405 and _is_error(out)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_frees_the_slot(server: Server, stream: bool) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "A very long story", "max_tokens": 400, "temperature": 0,
+                       "stream": stream}).encode()
+    with socket.create_connection((host, int(port))) as c:
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        if stream:
+            assert b"data:" in c.recv(4096) + c.recv(4096)
+        deadline = time.time() + 20
+        while server.http("GET", "/health")[1]["active"] != 1 and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.http("GET", "/health")[1]["active"] == 1
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if server.http("GET", "/health")[1]["active"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the disconnected request still holds its slot")
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+
+def test_port_taken_is_one_line(model_file: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "mlxtral.cli", "serve", str(model_file), "--port", str(port)]
+        r = subprocess.run(cmd, capture_output=True, timeout=60)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 1 and err.count("\n") == 0 and f"127.0.0.1:{port}" in err and "in use" in err
+
+
+def test_sigterm_drains_and_exits(model_file: Path) -> None:
+    s = start_server(model_file, "--parallel", "2")
+    try:
+        got: dict[str, Any] = {}
+
+        def run() -> None:
+            c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+            got["r"] = c.completions.create(model="t", prompt="Drain me", max_tokens=60, temperature=0)
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.time() + 20
+        while s.http("GET", "/health")[1]["active"] == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        s.proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert s.proc.wait(30) == 0
+        assert got["r"].usage.completion_tokens == 60  # the request in flight finished
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+
+
+# ---- in-process ------------------------------------------------------------------------------------
+
+
+def test_queue_full_is_503() -> None:
+    import asyncio
+
+    from mlxtral.sampling import SamplingParams
+    from mlxtral.server.protocol import ApiError, GenRequest
+    from mlxtral.server.scheduler import Handle, Scheduler
+
+    model = SimpleNamespace(backend=None, tokenizer=SimpleNamespace(vocab_size=10, eos_ids={0}))
+    sched = Scheduler(model, parallel=1, max_queue=2)  # not started: requests stay queued
+    loop = asyncio.new_event_loop()
+    try:
+        req = GenRequest("completion", [1, 2], 4, SamplingParams())
+        for _ in range(3):  # one for the free slot, two waiting
+            sched.submit(Handle(req, loop))
+        with pytest.raises(ApiError) as e:
+            sched.submit(Handle(req, loop))
+        assert e.value.status == 503 and e.value.code == "queue_full"
+    finally:
+        loop.close()
+
+
+def test_prompt_cache_lru_by_bytes() -> None:
+    from mlxtral.generate import Session
+    from mlxtral.server.prompt_cache import PromptCache
+
+    def sess(ids: list[int]) -> Session:
+        return Session(SimpleNamespace(offset=len(ids), max_context=100, trim=lambda n: None), list(ids))
+
+    pc = PromptCache(max_bytes=10 * 8, bytes_per_token=8)  # ten tokens
+    pc.put(sess([1, 2, 3, 4]))
+    pc.put(sess([5, 6, 7, 8]))
+    s, n = pc.take([1, 2, 3, 9])
+    assert n == 3 and s.tokens == [1, 2, 3, 4] and len(pc) == 1
+    pc.put(s)
+    pc.put(sess([9, 9, 9, 9]))  # 12 tokens in all: the oldest ([5, 6, 7, 8]) goes
+    assert pc.take([5, 6]) == (None, 0) and len(pc) == 2
+    pc.put(sess([1, 2, 3, 4, 5]))  # supersedes [1, 2, 3, 4]
+    assert len(pc) == 2 and pc.nbytes == 9 * 8
+
+
+def test_missing_extra_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlxtral.errors import MlxtralError
+    from mlxtral.server import check_installed
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(MlxtralError, match=r"pip install 'mlxtral\[serve\]'"):
+        check_installed()
+
+
+def test_batched_decode_is_bit_identical_to_solo(model_file: Path) -> None:
+    import numpy as np
+
+    import mlxtral
+    from mlxtral.server.batched import decode_batch
+
+    m = mlxtral.load(model_file, backend="numpy", max_context=64)
+    prompts = [[1, 100 + i, 200 + 3 * i, 7][: 2 + i % 3] for i in range(5)]  # different positions
+    solo, batch = [], []
+    for p in prompts:
+        s = m.new_session()
+        m.backend.forward(p[:-1], s.cache)
+        solo.append(m.backend.forward(p[-1:], s.cache))
+        b = m.new_session()
+        m.backend.forward(p[:-1], b.cache)
+        batch.append(b.cache)
+    out = decode_batch(m.backend, [p[-1] for p in prompts], batch)  # [5, V]
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(out[i], solo[i])
+        assert batch[i].offset == len(prompts[i])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scheduler_matches_the_generation_loop(model_file: Path, backend: str) -> None:
+    """Three requests at once through the scheduler give what model.generate gives for each alone
+    (greedy and seeded sampling, a stop string); the MLX backend takes the one-forward-per-sequence
+    path, the NumPy one the batched decode."""
+    import asyncio
+
+    import mlxtral
+    from mlxtral.sampling import SamplingParams
+    from mlxtral.server.prompt_cache import PromptCache
+    from mlxtral.server.protocol import GenRequest
+    from mlxtral.server.scheduler import Handle, Scheduler
+
+    m = mlxtral.load(model_file, backend=backend, max_context=128)
+    cases = [([1, 415, 2936], dict(temperature=0.0), []),
+             ([1, 330, 1628, 302], dict(temperature=0.9, seed=3), []),
+             ([1, 415, 2936, 9060], dict(temperature=0.7, top_k=40, seed=5), ["e"])]
+    want = [m.generate(ids, max_tokens=12, session=m.new_session(), stop=stop, **kw)
+            for ids, kw, stop in cases]
+    sched = Scheduler(m, parallel=4, prefill_chunk=2, prompt_cache=PromptCache(1 << 30, 1024))
+
+    async def run() -> list[str]:
+        loop = asyncio.get_running_loop()
+        hs = [Handle(GenRequest("completion", ids, 12, SamplingParams(**kw), stop=stop), loop)
+              for ids, kw, stop in cases]
+        for h in hs:
+            sched.submit(h)
+
+        async def text(h: Handle) -> str:
+            return "".join([ev.text async for ev in h.events()])
+
+        return await asyncio.gather(*(text(h) for h in hs))
+
+    sched.start()
+    try:
+        assert asyncio.run(run()) == want
+    finally:
+        sched.stop()
