@@ -690,6 +690,108 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
         con.print(s)
 
 
+# ---- perplexity -----------------------------------------------------------------------------------
+
+
+@app.command(help="Perplexity over a text file with llama-perplexity's protocol, and KL divergence against "
+             "a reference run.\n\n"
+             "The text is tokenized once and cut into floor(tokens / ctx) chunks; each is evaluated from an "
+             "empty cache (BOS first where the vocabulary adds it) and its second half is scored, so numbers "
+             "compare with llama.cpp's. --kl-divergence-base F alone also saves the model's "
+             "log-probabilities to F (llama.cpp's format, 2 bytes per vocabulary entry and scored token); "
+             "with --kl-divergence it compares this model with F instead (KLD percentiles, top-token "
+             "agreement, PPL ratio).\n\n"
+             "No dataset at hand? 'python -m mlxtral.evaluation.sample_text topics.txt' writes Python's "
+             "own language-reference topics (~465 K characters).",
+             epilog="Examples:\n\n  python -m mlxtral.evaluation.sample_text topics.txt\n\n"
+             "  mlxtral perplexity model.gguf -f topics.txt --chunks 20\n\n"
+             "  mlxtral perplexity model.F16.gguf -f topics.txt --kl-divergence-base f16.kld\n\n"
+             "  mlxtral perplexity model.Q4_0.gguf --kl-divergence-base f16.kld --kl-divergence --json")
+@handle_errors
+def perplexity(
+    model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
+    text_file: Path = typer.Option(None, "--file", "-f",  # noqa: B008
+                                   help="The text (UTF-8). Optional with --kl-divergence (the base holds "
+                                   "the tokens; given, it must be the base's text)."),
+    ctx: int = typer.Option(None, "--ctx", "-c",  # noqa: B008
+                            help="Tokens per chunk, even, >= 4 (default 512; with --kl-divergence: the "
+                            "base's)."),
+    chunks: int = typer.Option(None, "--chunks", help="Evaluate at most this many chunks."),  # noqa: B008
+    kl_base: Path = typer.Option(None, "--kl-divergence-base",  # noqa: B008
+                                 help="File of reference log-probabilities: written (alone) or read (with "
+                                 "--kl-divergence)."),
+    kl: bool = typer.Option(False, "--kl-divergence", help="Compare with --kl-divergence-base."),
+    backend: str = BackendOpt,
+    experts_per_token: int = ExpertsOpt,
+    threads: int = ThreadsOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    memory_budget: str = BudgetOpt,
+    prefetch: bool = PrefetchOpt,
+) -> None:
+    """Perplexity (llama-perplexity's protocol) and KL divergence against a reference run."""
+    from mlxtral.evaluation import kld as kld_mod
+    from mlxtral.evaluation import perplexity as ppl_mod
+    from mlxtral.evaluation import report
+
+    need_stdout()
+    if kl and kl_base is None:
+        fail("--kl-divergence needs --kl-divergence-base FILE (the reference's log-probabilities)", 2)
+    if not kl and text_file is None:
+        fail("the text is missing: give it with -f FILE (e.g. python -m mlxtral.evaluation.sample_text "
+             "topics.txt)", 2)
+    if chunks is not None and chunks < 1:
+        fail(f"--chunks {chunks}: must be at least 1", 2)
+    base = None
+    if kl:
+        base = kld_mod.read_base(kl_base)  # before loading: a wrong file fails fast
+        if ctx is not None and ctx != base.n_ctx:
+            fail(f"--ctx {ctx}: {kl_base} was computed with ctx {base.n_ctx} (leave --ctx out)", 2)
+        ctx = base.n_ctx
+    else:
+        ctx = ppl_mod.DEFAULT_CTX if ctx is None else ctx
+        ppl_mod.check_ctx(ctx, name="--ctx")
+    text = ppl_mod.read_text(text_file) if text_file is not None else None
+    apply_threads(threads)
+    m = load_model(model, backend, None, experts_per_token, quiet=as_json, memory_budget=memory_budget,
+                   prefetch=prefetch)
+    ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")
+    info = {"model": str(m.path), "backend": m.backend_name, "text": str(text_file) if text_file else None}
+    from rich.markup import escape
+
+    from mlxtral.display import term_safe
+
+    name = escape(term_safe(m.path.name, 200))
+    if kl:
+        with report.progress_bar(err_console, "KL divergence", enabled=not as_json) as prog:
+            res = kld_mod.kl_divergence(m, kl_base, text, chunks=chunks, progress=prog)
+        if as_json:
+            write_json(report.kld_json(res, info))
+            return
+        con = _Console()
+        header = f"[bold]{name}[/bold] ({m.backend_name}) vs base {escape(term_safe(kl_base.name, 200))}"
+        for t in report.kld_tables(res, header):
+            con.print(t, highlight=False)
+        return
+    if kl_base is not None:
+        for other in (text_file, m.path):
+            if kl_base.exists() and other.exists() and os.path.samefile(kl_base, other):
+                fail(f"--kl-divergence-base {kl_base} is the {'text' if other == text_file else 'model'}: "
+                     "name a new file", 2)
+    with report.progress_bar(err_console, "perplexity", enabled=not as_json) as prog:
+        r = m.perplexity(text, ctx=ctx, chunks=chunks, progress=prog, kl_base=kl_base)
+    if as_json:
+        d = report.ppl_json(r, info)
+        d["kl_divergence_base"] = str(kl_base) if kl_base is not None else None
+        write_json(d)
+        return
+    con = _Console()
+    for t in report.ppl_tables(r, f"[bold]{name}[/bold] ({m.backend_name}), ctx {ctx}"):
+        con.print(t, highlight=False)
+    if kl_base is not None:
+        err_console.print(f"saved the log-probabilities to {escape(term_safe(str(kl_base), 300))} "
+                          f"({kl_base.stat().st_size / 1e6:.1f} MB)", highlight=False)
+
+
 # ---- upcycle --------------------------------------------------------------------------------------
 
 

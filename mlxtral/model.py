@@ -94,6 +94,26 @@ class Model:
         cache = self.backend.new_cache(max(len(ids), 1))
         return np.asarray(self.backend.forward(ids, cache, all_logits=True), dtype=np.float32)
 
+    # ---- quality ---------------------------------------------------------------------------
+    def perplexity(self, text: str | Sequence[int], ctx: int = 512, chunks: int | None = None,
+                   progress: Any = None, kl_base: str | os.PathLike[str] | None = None) -> Any:
+        """Perplexity over ``text`` with llama-perplexity's protocol (chunks of ``ctx`` from an empty
+        cache, BOS first where the vocabulary adds it, second halves scored): a
+        :class:`~mlxtral.evaluation.PerplexityResult` (``ppl``, ``ppl_stderr``, ``chunks``,
+        ``tokens_scored``, ``nll_per_chunk``...). ``kl_base``: also save the log-probabilities there
+        (llama.cpp's ``--kl-divergence-base`` format). ``progress(done, total, running_ppl)``."""
+        from mlxtral.evaluation.perplexity import perplexity
+
+        return perplexity(self, text, ctx=ctx, chunks=chunks, progress=progress, kl_base=kl_base)
+
+    def kl_divergence(self, base: str | os.PathLike[str], text: str | Sequence[int] | None = None,
+                      chunks: int | None = None, progress: Any = None) -> Any:
+        """KL divergence of this model from the reference saved in ``base`` (by ``perplexity(...,
+        kl_base=...)`` or llama-perplexity): a :class:`~mlxtral.evaluation.KLDResult`."""
+        from mlxtral.evaluation.kld import kl_divergence
+
+        return kl_divergence(self, base, text, chunks=chunks, progress=progress)
+
     def _check_ids(self, ids: Sequence[int]) -> None:
         v = self.config.vocab_size
         bad = [i for i in ids if not 0 <= i < v]
