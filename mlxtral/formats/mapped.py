@@ -165,7 +165,9 @@ def install_sigbus_guard() -> bool:
 
 
 def _compile_handler() -> dict[str, Any]:
-    """``void handler(int) { write(2, msg, len); _exit(1); }`` with ``msg``/``len`` globals we fill."""
+    """``void handler(int) { if (xchg(&taken, 1) == 0) { write(2, msg, len); _exit(1); } for (;;)
+    pause(); }`` with ``msg``/``len`` globals we fill: when several threads fault at once, one writes
+    the line and ends the process, the others wait for that (one line, never cut short)."""
     import llvmlite.binding as llvm
     from llvmlite import ir
 
@@ -182,12 +184,22 @@ def _compile_handler() -> dict[str, Any]:
     n.initializer = ir.Constant(i64, 0)
     write = ir.Function(m, ir.FunctionType(i64, [i32, i8.as_pointer(), i64]), name="write")
     exit_ = ir.Function(m, ir.FunctionType(ir.VoidType(), [i32]), name="_exit")
+    pause = ir.Function(m, ir.FunctionType(i32, []), name="pause")
+    taken = ir.GlobalVariable(m, i32, name="mlxtral_sigbus_taken")
+    taken.initializer = ir.Constant(i32, 0)
     fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [i32]), name="mlxtral_sigbus_handler")
-    b = ir.IRBuilder(fn.append_basic_block())
+    entry, first, wait = (fn.append_basic_block(n) for n in ("entry", "first", "wait"))
+    b = ir.IRBuilder(entry)
+    old = b.atomic_rmw("xchg", taken, ir.Constant(i32, 1), "seq_cst")
+    b.cbranch(b.icmp_unsigned("==", old, ir.Constant(i32, 0)), first, wait)
+    b = ir.IRBuilder(first)
     ptr = b.gep(buf, [ir.Constant(i32, 0), ir.Constant(i32, 0)])
     b.call(write, [ir.Constant(i32, 2), ptr, b.load(n)])
     b.call(exit_, [ir.Constant(i32, 1)])
     b.unreachable()
+    b = ir.IRBuilder(wait)  # another thread is writing the line and ending the process
+    b.call(pause, [])
+    b.branch(wait)
     mod = llvm.parse_assembly(str(m))
     mod.verify()
     tm = llvm.Target.from_default_triple().create_target_machine()
