@@ -876,7 +876,7 @@ def convert(
 ) -> None:
     """Convert a checkpoint to GGUF or an MLX folder, quantizing the big matrices.
 
-    Without a precision flag: --q4 (GGUF Q4_0 with output.weight Q8_0; MLX 4-bit, groups of 64).
+    Without a precision flag: --q4 (GGUF Q4_0 with output.weight Q6_K as llama.cpp; MLX 4-bit, groups of 64).
     SRC 'demo' is the built-in demo model."""
     flags = (q4, q4_1, q8, f16, bf16, f32, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
     chosen = [name for name, on in zip(_CONVERT_TYPES + _KQUANT_MIXES, flags, strict=True) if on]

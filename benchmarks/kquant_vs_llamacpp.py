@@ -33,6 +33,9 @@ HERE = Path(__file__).resolve()
 MAKER = HERE.parents[2] / "shared" / "bench" / "make_moe_gguf.py"
 LLAMA_PY = Path(os.environ.get("MLXTRAL_LLAMACPP_PYTHON") or Path.home() / "llamacpp" / "bin" / "python")
 MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+# also accepted by --mixes: llama.cpp's Q4_0/Q4_1/Q8_0 file types, whose upgrades (output Q6_K, 8 experts:
+# attn_k/attn_v Q8_0) our --q4/--q4_1/--q8 follow too
+LEGACY = ("q4_0", "q4_1", "q8_0")
 SHAPES = {
     "bench": [],
     "odd": ["--ffn", "1120"],
@@ -272,7 +275,7 @@ def print_tables(results: list[dict[str, Any]], details: dict[str, list[dict[str
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--mixes", default=",".join(MIXES), help="K mixes, or also " + ", ".join(LEGACY))
     ap.add_argument("--shapes", default="bench,odd")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)

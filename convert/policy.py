@@ -4,10 +4,11 @@ GGUF policy (``--q4``/``--q4_1``/``--q8``/``--f16``/``--bf16``/``--f32``):
 
 - 1-D tensors (the RMSNorm weights) and the router ``ffn_gate_inp`` stay F32: they are tiny and
   the router's top-2 choice is sensitive to rounding.
-- ``output.weight`` is Q8_0 when the body is 4-bit. llama.cpp keeps it at Q6_K for Q4_0 files
-  because the logits are the most quantization-sensitive product in the model; ``--q4`` keeps
-  Q8_0 (every row length a multiple of 32 takes it; Q6_K needs rows of 256), the K-quant mixes
-  follow llama.cpp.
+- As llama-quantize's Q4_0/Q4_1/Q8_0 file types (``llama_tensor_get_type``): ``output.weight``
+  (the embedding when tied) is Q6_K when the body is 4-bit, the logits being the most
+  quantization-sensitive product in the model (Q8_0 when its rows are not a multiple of 256);
+  with 8 experts ``attn_k``/``attn_v`` are Q8_0 ("trades just ~128MB" for Mixtral). A source
+  tensor that is quantized already is not upgraded (more bits bring nothing back): it is copied.
 - ``token_embd.weight`` follows the body (it is a lookup table: an error there affects one row
   per token, not every logit), as llama.cpp does for Q4_0/Q4_1/Q8_0.
 - Everything else (attention, experts) gets the requested type; a matrix whose rows are not a
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from mlxtral.errors import UsageError
 
-from .kquant_mix import MixModel, is_mix
+from .kquant_mix import MixModel, category, is_mix
 from .kquant_mix import file_type as mix_file_type
 from .kquant_mix import tensor_type as mix_tensor_type
 
@@ -64,7 +65,7 @@ PRECISIONS: dict[str, tuple[str, int | None]] = {
 GGUF_QTYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32")
 DEFAULT_PRECISION = "q4"
 DEFAULT_GROUP_SIZE = 64
-DEFAULT_HELP = "no precision flag: --q4 (GGUF Q4_0, output.weight Q8_0; MLX 4-bit, groups of 64)"
+DEFAULT_HELP = "no precision flag: --q4 (GGUF Q4_0, output.weight Q6_K as llama.cpp; MLX 4-bit, groups of 64)"
 FLOAT_QTYPES = ("F32", "F16", "BF16", "float32", "float16", "bfloat16")
 
 
@@ -125,13 +126,27 @@ def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str, src_qtype: s
         if args is None:
             raise ValueError(f"the {qtype} mix needs the model's args to choose {name}'s type")
         return mix_tensor_type(qtype, name, shape, MixModel.from_args(args))
-    want = qtype
-    if name == "output.weight" and qtype in ("Q4_0", "Q4_1"):
-        # the logits' matrix gets more bits, unless its source is 4-bit already (nothing to gain)
-        want = src_qtype if src_qtype in ("Q4_0", "Q4_1") else "Q8_0"
+    want = _legacy_upgrade(name, shape, qtype, args) if qtype in LEGACY_QTYPES else qtype
+    if want != qtype and src_qtype in LEGACY_QTYPES:
+        want = src_qtype  # quantized already: more bits cannot bring back what it lost; copied
     if want.startswith("Q") and shape[-1] % 32:
         want = "F16"
     return want
+
+
+LEGACY_QTYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def _legacy_upgrade(name: str, shape: tuple[int, ...], qtype: str, args: ModelArgs | None) -> str:
+    """llama.cpp's ``llama_tensor_get_type`` for its Q4_0/Q4_1/Q8_0 file types: the output matrix
+    (the embedding when tied) at Q6_K (Q8_0 when its rows are not a multiple of 256, or the body is
+    Q8_0), and with 8 experts ``attn_k``/``attn_v`` at Q8_0; everything else the body's type."""
+    tied = args is not None and bool(args.tie_word_embeddings)
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return "Q8_0" if shape[-1] % 256 or qtype == "Q8_0" else "Q6_K"
+    if args is not None and args.n_experts == 8 and category(name) in ("attn_k", "attn_v"):
+        return "Q8_0"
+    return qtype
 
 
 def gguf_file_type(qtype: str) -> int:

@@ -396,3 +396,32 @@ def test_mixtral_8x7b_layer_rules() -> None:
     assert tensor_type("Q4_K_M", "token_embd.weight", (49152, 512), t) == "Q6_K"
     # rows not a multiple of 32: F16 after the fallback
     assert tensor_type("Q4_K_M", "blk.0.attn_q.weight", (72, 72), t) == "F16"
+
+
+def test_legacy_types_follow_llamacpp() -> None:
+    """--q4/--q4_1/--q8 take llama_tensor_get_type's upgrades for its Q4_0/Q4_1/Q8_0 file types (checked
+    against llama.cpp's dry run by benchmarks/kquant_vs_llamacpp.py --mixes q4_0,q4_1,q8_0
+    --types-only): output Q6_K (Q8_0 on rows not a multiple of 256 or a Q8_0 body), with 8 experts
+    attn_k/attn_v Q8_0, a tied embedding like the output; a quantized source is copied, not upgraded."""
+    from mlxtral.convert.policy import gguf_tensor_type
+
+    moe = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000,
+                    hidden_dim=14336, n_experts=8, n_experts_per_tok=2)
+    for q in ("Q4_0", "Q4_1"):
+        assert gguf_tensor_type("output.weight", (32000, 4096), q, "F16", moe) == "Q6_K"
+        assert gguf_tensor_type("output.weight", (32000, 576), q, "F16", moe) == "Q8_0"
+        assert gguf_tensor_type("token_embd.weight", (32000, 4096), q, "F16", moe) == q  # untied
+        assert gguf_tensor_type("blk.3.attn_v.weight", (1024, 4096), q, "F16", moe) == "Q8_0"
+        assert gguf_tensor_type("blk.3.attn_k.weight", (1024, 4096), q, "F16", moe) == "Q8_0"
+        assert gguf_tensor_type("blk.3.attn_q.weight", (4096, 4096), q, "F16", moe) == q
+        assert gguf_tensor_type("blk.3.ffn_down_exps.weight", (4096, 14336), q, "F16", moe) == q
+        # a source already at the body's type is copied, not upgraded (nothing to gain)
+        assert gguf_tensor_type("blk.3.attn_v.weight", (1024, 4096), q, q, moe) == q
+        assert gguf_tensor_type("output.weight", (32000, 4096), q, "Q8_0", moe) == "Q8_0"
+    assert gguf_tensor_type("output.weight", (32000, 4096), "Q8_0", "F16", moe) == "Q8_0"
+    dense = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000,
+                      hidden_dim=14336)
+    assert gguf_tensor_type("blk.3.attn_v.weight", (1024, 4096), "Q4_0", "F16", dense) == "Q4_0"
+    tied = ModelArgs(dim=512, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=64, vocab_size=1000,
+                     hidden_dim=1024, tie_word_embeddings=True)
+    assert gguf_tensor_type("token_embd.weight", (1000, 512), "Q4_0", "F32", tied) == "Q6_K"
