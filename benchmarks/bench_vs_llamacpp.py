@@ -5,22 +5,28 @@
     python benchmarks/bench_vs_llamacpp.py --types q4_0 --rounds 5 --json
 
 Models: ``shared/bench/make_moe_gguf.py``'s default shape (dim 1024, 8 layers, 8 experts top-2,
-ffn 3584), built once into ``--cache-dir`` (default /tmp/mlxtral-bench). Each engine runs in its own
-subprocess, measured the way ``shared/bench/llamacpp_speed.py`` measures llama.cpp: prefill ``--pp``
-random token ids (BOS first) in one call, then ``--tg`` random tokens one at a time, fresh cache each
-repeat, best of ``--repeat``; peak RSS = the subprocess's ``ru_maxrss``. llama.cpp runs through
-``~/llamacpp/bin/python`` (llama-cpp-python, never a dependency of mlxtral); without it, mlxtral is
-reported alone. The machine is shared and noisy, so the engines run back to back, alternating, for
-``--rounds`` rounds, and the ratios are per round (median shown).
+ffn 3584), built once into ``--cache-dir`` (default /tmp/mlxtral-bench).
 
-Targets (issue 7): decode and prefill >= 0.5x llama.cpp (aim 1.0x); peak RSS <= 1.3x (file + KV cache).
+What is measured is what a user gets. mlxtral: ``model.stream`` on random prompt ids (BOS first),
+fresh session each time, sampling at temperature 1 (seed 0) and greedy: prefill tok/s from the
+stats (``--pp``, default 128 and 512 tokens), decode tok/s from the wall-clock between the first
+and the last streamed token (forward + sampler + detokenizer + the loop, ``--tg`` tokens); beside
+it the bare forward (``backend.forward``, no sampling) for reference. llama.cpp:
+``shared/bench/llamacpp_speed.py`` (``llm.eval``, no sampler: the comparison is conservative for
+us). Best of ``--repeat`` inside each engine run. Each engine runs in its own process, one per
+round, and peak RSS is that process's own ``VmHWM`` (``ru_maxrss`` keeps a forking parent's peak
+across exec). llama.cpp runs through ``~/llamacpp/bin/python`` or ``MLXTRAL_LLAMACPP_PYTHON``
+(llama-cpp-python, never a dependency of mlxtral); without it, mlxtral is reported alone. The
+machine is shared and noisy, so the engines run back to back, alternating, for ``--rounds``
+rounds, and the ratios are per round (median shown).
+
+Targets (issue 13): decode and prefill (128 and 512) >= 1.0x llama.cpp through ``model.stream``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,54 +37,100 @@ HERE = Path(__file__).resolve()
 SHARED = HERE.parents[2] / "shared" / "bench"
 MAKER = SHARED / "make_moe_gguf.py"
 LLAMA_SPEED = SHARED / "llamacpp_speed.py"
-LLAMA_PY = Path.home() / "llamacpp" / "bin" / "python"
+LLAMA_PY = Path(os.environ.get("MLXTRAL_LLAMACPP_PYTHON") or Path.home() / "llamacpp" / "bin" / "python")
+MODES = ("temp1", "greedy")  # model.stream sampling modes: temperature 1 (seed 0), and 0
 
 
 # ---- the mlxtral side (runs in a subprocess: --worker) ------------------------------------------
-def worker(model: str, pp: int, tg: int, threads: int, repeat: int, kv_dtype: str) -> dict:
+def _stream_once(m, ids: list[int], tg: int, temperature: float) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one ``model.stream`` on a fresh session."""
+    times, stats = [], None
+    for r in m.stream(ids, max_tokens=tg, temperature=temperature, seed=0, session=m.new_session()):
+        if r.token is not None:
+            times.append(time.perf_counter())
+        if r.stats is not None:
+            stats = r.stats
+    pp = stats.prompt_tps if stats is not None else 0.0
+    tg_s = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    return pp, tg_s
+
+
+def worker(model: str, pps: list[int], tg: int, threads: int, repeat: int, kv_dtype: str) -> dict:
     import numpy as np
 
     import mlxtral
     from mlxtral.backends import kernels
+    from mlxtral.rss import peak_rss
 
     kernels.set_num_threads(threads)
-    ctx = pp + tg + 8
+    ctx = max(pps) + tg + 8
     t0 = time.perf_counter()
-    m = mlxtral.load(model, backend="numpy", tokenizer=False, kv_dtype=kv_dtype, max_context=ctx)
+    m = mlxtral.load(model, backend="numpy", kv_dtype=kv_dtype, max_context=ctx)
     be = m.backend
     kernels.warmup()  # numba's disk cache: load (or, on a fresh machine, compile) every kernel
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    vocab = m.config.vocab_size
-    best_pp = best_tg = 0.0
-    kv_bytes = 0
+    vocab = min(m.config.vocab_size, m.tokenizer.vocab_size)
+    res: dict[str, float] = {}
+
+    def best(key: str, v: float) -> None:
+        res[key] = round(max(res.get(key, 0.0), v), 2)
+
     for _ in range(repeat):
-        cache = be.new_cache(ctx)
-        kv_bytes = cache.nbytes
-        prompt = [1] + rng.integers(3, vocab, pp - 1).tolist()
-        t1 = time.perf_counter()
-        be.forward(prompt, cache)
-        t2 = time.perf_counter()
-        for tok in rng.integers(3, vocab, tg).tolist():
-            be.forward([tok], cache)
-        t3 = time.perf_counter()
-        best_pp = max(best_pp, pp / (t2 - t1))
-        best_tg = max(best_tg, tg / (t3 - t2))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss / 1024 if sys.platform != "darwin" else rss / 2**20
-    return {"engine": "mlxtral", "model": model, "threads": threads, "pp": pp, "tg": tg,
-            "pp_tok_s": round(best_pp, 2), "tg_tok_s": round(best_tg, 2), "peak_rss_mb": round(rss_mb, 1),
-            "kv_mb": round(kv_bytes / 2**20, 1), "load_s": round(load_s, 2),
-            "kernels": "numba" if kernels.HAVE_NUMBA else "numpy"}
+        for pp in pps:
+            prompt = [1] + rng.integers(3, vocab, pp - 1).tolist()
+            if pp == pps[0]:  # decode after the first prompt length; the others prefill only
+                cache = be.new_cache(ctx)
+                t1 = time.perf_counter()
+                be.forward(prompt, cache)
+                t2 = time.perf_counter()
+                for tok in rng.integers(3, vocab, tg).tolist():
+                    be.forward([tok], cache)
+                best("bare_tg", tg / (time.perf_counter() - t2))
+                best(f"bare_pp{pp}", pp / (t2 - t1))
+                for mode in MODES:
+                    p, d = _stream_once(m, prompt, tg, 1.0 if mode == "temp1" else 0.0)
+                    best(f"{mode}_pp{pp}", p)
+                    best(f"{mode}_tg", d)
+            else:
+                p, _ = _stream_once(m, prompt, 1, 1.0)
+                best(f"temp1_pp{pp}", p)
+    return {"engine": "mlxtral", "model": model, "threads": threads, "pps": pps, "tg": tg, **res,
+            "peak_rss_mb": round(peak_rss() / 2**20, 1), "load_s": round(load_s, 2),
+            "kernels": "numba" if kernels.HAVE_NUMBA else "numpy", "isa": _isa()}
+
+
+def _isa() -> str:
+    """Which dot-product path the kernels run (``MLXTRAL_KERNEL_ISA`` forces a lower one)."""
+    try:
+        from mlxtral.backends import _kernels_ir
+    except ImportError:
+        return "numpy"
+    old = "avx2" if getattr(_kernels_ir, "HAVE_AVX2", False) else "portable"  # before ISA existed
+    return str(getattr(_kernels_ir, "ISA", old))
 
 
 # ---- the driver ---------------------------------------------------------------------------------
+# llama.cpp's own K-quant mixes, made by its quantizer from the F32 file (llama_ftype values)
+LLAMA_MIXES = {"q2_k": 10, "q3_k_m": 12, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
 def ensure_model(cache_dir: Path, qtype: str) -> Path:
     path = cache_dir / f"moe-{qtype}.gguf"
     if path.exists():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
+    if qtype in LLAMA_MIXES:
+        src = ensure_model(cache_dir, "f32")
+        print(f"building {path} (llama_model_quantize from {src.name}) ...", file=sys.stderr, flush=True)
+        code = ("import sys, llama_cpp as L\n"
+                "p = L.llama_model_quantize_default_params(); p.ftype = int(sys.argv[3]); p.nthread = 2\n"
+                "sys.exit(L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+        subprocess.run([str(LLAMA_PY), "-c", code, str(src), str(tmp), str(LLAMA_MIXES[qtype])], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tmp.rename(path)
+        return path
     print(f"building {path} (make_moe_gguf.py --type {qtype}) ...", file=sys.stderr, flush=True)
     subprocess.run([sys.executable, str(MAKER), str(tmp), "--type", qtype], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -106,7 +158,7 @@ def _last_json(out: str) -> dict:
 def run_mlxtral(model: Path, a: argparse.Namespace) -> dict:
     env = dict(os.environ, NUMBA_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads),
                OPENBLAS_NUM_THREADS=str(a.threads))
-    cmd = [sys.executable, str(HERE), "--worker", str(model), "--pp", str(a.pp), "--tg", str(a.tg),
+    cmd = [sys.executable, str(HERE), "--worker", str(model), "--pp", a.pp, "--tg", str(a.tg),
            "--threads", str(a.threads), "--repeat", str(a.repeat), "--kv-dtype", a.kv_dtype]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -115,12 +167,25 @@ def run_mlxtral(model: Path, a: argparse.Namespace) -> dict:
 
 
 def run_llamacpp(model: Path, a: argparse.Namespace) -> dict:
-    cmd = [str(LLAMA_PY), str(LLAMA_SPEED), str(model), "--pp", str(a.pp), "--tg", str(a.tg),
-           "--threads", str(a.threads), "--repeat", str(a.repeat)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"llamacpp_speed.py failed:\n{r.stderr[-2000:]}")
-    return _last_json(r.stdout)
+    """One llama.cpp process per prompt length (decode after the first); its own VmHWM each."""
+    out: dict = {"engine": "llama.cpp", "peak_rss_mb": 0.0}
+    for i, pp in enumerate(_pps(a)):
+        tg = a.tg if i == 0 else 2
+        cmd = [str(LLAMA_PY), str(LLAMA_SPEED), str(model), "--pp", str(pp), "--tg", str(tg),
+               "--threads", str(a.threads), "--repeat", str(a.repeat)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llamacpp_speed.py failed:\n{r.stderr[-2000:]}")
+        j = _last_json(r.stdout)
+        out[f"pp{pp}"] = j["pp_tok_s"]
+        if i == 0:
+            out["tg"] = j["tg_tok_s"]
+        out["peak_rss_mb"] = max(out["peak_rss_mb"], j["peak_rss_mb"])
+    return out
+
+
+def _pps(a: argparse.Namespace) -> list[int]:
+    return [int(v) for v in a.pp.split(",")]
 
 
 def kv_cache_mb(model: Path, ctx: int, itemsize: int) -> float:
@@ -140,27 +205,31 @@ def load_avg() -> float | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
-    p.add_argument("--types", default="q4_0,q8_0")
+    p.add_argument("--types", default="q4_0,q8_0",
+                   help="q4_0, q8_0, f32 (make_moe_gguf.py) or a llama.cpp mix: " + ", ".join(LLAMA_MIXES))
     p.add_argument("--cache-dir", type=Path, default=Path("/tmp/mlxtral-bench"))
-    p.add_argument("--pp", type=int, default=128)
+    p.add_argument("--pp", default="128,512", help="prompt lengths to prefill (decode after the first)")
     p.add_argument("--tg", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=3, help="best of N inside each engine run")
+    p.add_argument("--repeat", type=int, default=2, help="best of N inside each engine run")
     p.add_argument("--rounds", type=int, default=3, help="alternating mlxtral / llama.cpp rounds")
     p.add_argument("--kv-dtype", default="float32", help="mlxtral's KV cache dtype")
     p.add_argument("--no-llamacpp", action="store_true", help="mlxtral alone")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     a = p.parse_args()
+    pps = _pps(a)
+    if not pps or min(pps) < 2 or a.tg < 2:
+        p.error("--pp takes prompt lengths >= 2 and --tg at least 2")
     if a.worker:
-        print(json.dumps(worker(a.worker, a.pp, a.tg, a.threads, a.repeat, a.kv_dtype)))
+        print(json.dumps(worker(a.worker, pps, a.tg, a.threads, a.repeat, a.kv_dtype)))
         return 0
 
     why_not = "--no-llamacpp" if a.no_llamacpp else llamacpp_ready()
     results: dict[str, dict] = {}
+    ctx = max(pps) + a.tg + 8
     for qtype in a.types.split(","):
         model = ensure_model(a.cache_dir, qtype)
         size_mb = model.stat().st_size / 2**20
-        ctx = a.pp + a.tg + 8
         import numpy as np
 
         results[qtype] = {"file": str(model), "file_mb": round(size_mb, 1),
@@ -179,13 +248,9 @@ def main() -> int:
                     row["llama.cpp"] = run_llamacpp(model, a)
             res["rounds"].append(row)
             if not a.json:
-                m, ll = row["mlxtral"], row.get("llama.cpp")
-                msg = f"round {rnd + 1} {qtype}: mlxtral pp {m['pp_tok_s']} tg {m['tg_tok_s']}"
-                if ll:
-                    msg += f" | llama.cpp pp {ll['pp_tok_s']} tg {ll['tg_tok_s']}"
-                print(msg + f" (load {row['load_avg']})", file=sys.stderr, flush=True)
-    summary = summarize(results, why_not is None)
-    doc = {"threads": a.threads, "pp": a.pp, "tg": a.tg, "repeat": a.repeat, "rounds": a.rounds,
+                print(f"round {rnd + 1} {qtype}: {json.dumps(row)}", file=sys.stderr, flush=True)
+    summary = summarize(results, pps, why_not is None)
+    doc = {"threads": a.threads, "pp": pps, "tg": a.tg, "repeat": a.repeat, "rounds": a.rounds,
            "kv_dtype": a.kv_dtype, "llamacpp": why_not or "ok", "models": results, "summary": summary}
     if a.json:
         print(json.dumps(doc, indent=1))
@@ -194,25 +259,31 @@ def main() -> int:
     return 0
 
 
-def summarize(results: dict[str, dict], with_llama: bool) -> dict:
+def _columns(pps: list[int]) -> list[tuple[str, str, str]]:
+    """(title, mlxtral key, llama.cpp key) per column; decode first."""
+    cols = [("decode temp 1", "temp1_tg", "tg"), ("decode greedy", "greedy_tg", "tg"),
+            ("decode bare", "bare_tg", "tg")]
+    cols += [(f"prefill {pp}", f"temp1_pp{pp}", f"pp{pp}") for pp in pps]  # through model.stream
+    return cols
+
+
+def summarize(results: dict[str, dict], pps: list[int], with_llama: bool) -> dict:
     out = {}
     for qtype, res in results.items():
         ms = [r["mlxtral"] for r in res["rounds"]]
-        s: dict = {
-            "mlxtral_pp": max(m["pp_tok_s"] for m in ms), "mlxtral_tg": max(m["tg_tok_s"] for m in ms),
-            "mlxtral_rss_mb": max(m["peak_rss_mb"] for m in ms),
-        }
+        s: dict = {"mlxtral_rss_mb": max(m["peak_rss_mb"] for m in ms)}
         s["rss_ratio"] = round(s["mlxtral_rss_mb"] / (res["file_mb"] + res["kv_mb_mlxtral"]), 3)
+        for title, mk, lk in _columns(pps):
+            s[f"mlxtral {title}"] = max(m.get(mk, 0.0) for m in ms)
+            if with_llama:
+                ls = [r["llama.cpp"] for r in res["rounds"]]
+                s[f"llama {title}"] = max(x[lk] for x in ls)
+                rs = [round(m.get(mk, 0.0) / x[lk], 3) if x[lk] else 0.0 for m, x in zip(ms, ls, strict=True)]
+                s[f"ratios {title}"] = rs
+                s[f"ratio {title}"] = round(statistics.median(rs), 3)
         if with_llama:
-            ls = [r["llama.cpp"] for r in res["rounds"]]
-            s["llama_pp"] = max(x["pp_tok_s"] for x in ls)
-            s["llama_tg"] = max(x["tg_tok_s"] for x in ls)
-            s["llama_rss_mb"] = max(x["peak_rss_mb"] for x in ls)
+            s["llama_rss_mb"] = max(r["llama.cpp"]["peak_rss_mb"] for r in res["rounds"])
             s["llama_rss_ratio"] = round(s["llama_rss_mb"] / (res["file_mb"] + res["kv_mb_llamacpp"]), 3)
-            s["pp_ratios"] = [round(m["pp_tok_s"] / x["pp_tok_s"], 3) for m, x in zip(ms, ls, strict=True)]
-            s["tg_ratios"] = [round(m["tg_tok_s"] / x["tg_tok_s"], 3) for m, x in zip(ms, ls, strict=True)]
-            s["pp_ratio_median"] = round(statistics.median(s["pp_ratios"]), 3)
-            s["tg_ratio_median"] = round(statistics.median(s["tg_ratios"]), 3)
         out[qtype] = s
     return out
 
@@ -221,30 +292,29 @@ def print_table(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = Console(width=None if sys.stdout.isatty() else 150)  # a file or a pipe: not cut at 80 columns
     with_llama = doc["llamacpp"] == "ok"
-    t = Table(title=f"mlxtral vs llama.cpp: prefill {doc['pp']}, decode {doc['tg']}, "
+    cols = _columns(doc["pp"])
+    t = Table(title=f"mlxtral (model.stream) vs llama.cpp: decode {doc['tg']} tokens, "
                     f"{doc['threads']} threads, best of {doc['repeat']}, {doc['rounds']} alternating rounds")
-    cols = ("model", "engine", "prefill tok/s", "decode tok/s", "peak RSS MB", "file+KV MB", "RSS ratio")
-    for col in cols:
+    for col in ("model", "engine", *[f"{c[0]} tok/s" for c in cols], "peak RSS MB", "RSS / (file+KV)"):
         t.add_column(col, justify="left" if col in ("model", "engine") else "right")
-    for qtype, res in doc["models"].items():
+    for qtype in doc["models"]:
         s = doc["summary"][qtype]
-        t.add_row(qtype.upper(), "mlxtral", f"{s['mlxtral_pp']:.1f}", f"{s['mlxtral_tg']:.1f}",
-                  f"{s['mlxtral_rss_mb']:.0f}", f"{res['file_mb'] + res['kv_mb_mlxtral']:.0f}",
-                  f"{s['rss_ratio']:.2f}")
+        t.add_row(qtype.upper(), "mlxtral", *[f"{s['mlxtral ' + c[0]]:.1f}" for c in cols],
+                  f"{s['mlxtral_rss_mb']:.0f}", f"{s['rss_ratio']:.2f}")
         if with_llama:
-            t.add_row("", "llama.cpp", f"{s['llama_pp']:.1f}", f"{s['llama_tg']:.1f}",
-                      f"{s['llama_rss_mb']:.0f}", f"{res['file_mb'] + res['kv_mb_llamacpp']:.0f}",
-                      f"{s['llama_rss_ratio']:.2f}")
-            t.add_row("", "[bold]ratio (median)[/bold]", f"[bold]{s['pp_ratio_median']:.2f}x[/bold]",
-                      f"[bold]{s['tg_ratio_median']:.2f}x[/bold]",
-                      f"{s['mlxtral_rss_mb'] / s['llama_rss_mb']:.2f}x", "", "")
+            t.add_row("", "llama.cpp", *[f"{s['llama ' + c[0]]:.1f}" for c in cols],
+                      f"{s['llama_rss_mb']:.0f}", f"{s['llama_rss_ratio']:.2f}")
+            t.add_row("", "[bold]ratio (median)[/bold]",
+                      *[f"[bold]{s['ratio ' + c[0]]:.2f}x[/bold]" for c in cols],
+                      f"{s['mlxtral_rss_mb'] / s['llama_rss_mb']:.2f}x", "")
         t.add_section()
     con.print(t)
     if with_llama:
         for qtype, s in doc["summary"].items():
-            con.print(f"{qtype.upper()} per-round ratios: prefill {s['pp_ratios']}, decode {s['tg_ratios']}")
+            con.print(f"{qtype.upper()} per-round ratios: "
+                      + "; ".join(f"{c[0]} {s['ratios ' + c[0]]}" for c in cols))
     else:
         con.print(f"[yellow]llama.cpp not run ({doc['llamacpp']}): mlxtral alone[/yellow]")
     loads = [r["load_avg"] for res in doc["models"].values() for r in res["rounds"]

@@ -131,7 +131,7 @@ def main() -> int:
                    "llama.cpp f16)")
     p.add_argument("--extra-bufts", action="store_true",
                    help="let llama.cpp use its extra buffer types (repacked and AMX weights); off by "
-                   "default: AMX's ldtilecfg faults (SIGSEGV) on VMs that do not grant AMX state, as here")
+                   "default: a build with AMX faulted (SIGSEGV in ggml_backend_amx_mul_mat) on the dev VM")
     p.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.llama_worker:
