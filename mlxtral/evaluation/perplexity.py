@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.errors import UsageError
+from mlxtral.wording import plural
 
 DEFAULT_CTX = 512
 #: progress(chunks_done, n_chunks, running_ppl): called with 0 (and NaN) before the first chunk
@@ -119,7 +120,7 @@ def n_chunks_for(n_tokens: int, ctx: int, chunks: int | None = None) -> int:
                                or chunks < 1):
         raise UsageError(f"chunks must be a whole number >= 1, got {chunks!r}")
     if n_tokens < 2 * ctx:
-        raise UsageError(f"the text is {n_tokens} tokens long; ctx {ctx} needs at least {2 * ctx} "
+        raise UsageError(f"the text is {plural(n_tokens, 'token')} long; ctx {ctx} needs at least {2 * ctx} "
                          f"(as llama-perplexity: two chunks' worth), so use a longer text or a smaller ctx")
     n = n_tokens // ctx
     return min(n, int(chunks)) if chunks is not None else n

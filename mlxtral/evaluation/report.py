@@ -26,13 +26,19 @@ def progress_bar(console: Console, label: str, enabled: bool = True) -> Iterator
     cols = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
             rp.TextColumn("chunks"), rp.TextColumn("[bold]{task.fields[ppl]}"), rp.TimeElapsedColumn(),
             rp.TimeRemainingColumn())
-    with rp.Progress(*cols, console=console, transient=True) as prog:
-        task = prog.add_task(label, total=None, ppl="")
+    prog = rp.Progress(*cols, console=console, transient=True)
+    task = prog.add_task(label, total=None, ppl="")
 
-        def update(done: int, total: int, ppl: float) -> None:
-            prog.update(task, completed=done, total=total, ppl=f"PPL {ppl:.4f}" if done else "")
+    def update(done: int, total: int, ppl: float) -> None:
+        if not prog.live.is_started:  # shown once the work starts: a refusal before it prints one line
+            prog.start()
+        prog.update(task, completed=done, total=total, ppl=f"PPL {ppl:.4f}" if done else "")
 
+    try:
         yield update
+    finally:
+        if prog.live.is_started:
+            prog.stop()
 
 
 def _chunk_indices(n: int) -> list[int | None]:
