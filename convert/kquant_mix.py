@@ -47,6 +47,9 @@ MIXES: dict[str, tuple[str, str]] = {
     "Q5_K_M": ("Q5_K", "MOSTLY_Q5_K_M"),  # 17
     "Q6_K": ("Q6_K", "MOSTLY_Q6_K"),  # 18
 }
+# llama.cpp's Q4_0/Q4_1/Q8_0 file types go through the same function: only the rules that name no mix
+# apply to them (output and tied embedding, the 8-expert attn_k/attn_v)
+LEGACY: dict[str, str] = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0"}
 QK_K = 256
 # tensor_type_fallback: a 256-block type on rows that are not a multiple of 256
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -84,7 +87,7 @@ def is_mix(qtype: str) -> bool:
 
 
 def base_type(mix: str) -> str:
-    return MIXES[mix][0]
+    return MIXES[mix][0] if mix in MIXES else mix
 
 
 def file_type(mix: str) -> int:
@@ -146,10 +149,12 @@ def _choose(mix: str, name: str, ncols: int, m: MixModel) -> str:
     new = base_type(mix)
     cat = category(name)
     if cat == "output" or (m.tied and cat == "token_embd"):
-        if ncols % block_size(new):
+        if ncols % QK_K:
             return "Q8_0"
         return "Q6_K" if new != "Q8_0" else new
     if cat == "attn_v":
+        if mix not in MIXES:  # Q4_0/Q4_1/Q8_0
+            return "Q8_0" if m.n_experts == 8 else new
         i, n = _layer(name, m.n_layers), m.n_layers  # i_attention_wv, n_attention_wv
         if mix == "Q2_K":
             new = "Q4_K" if m.n_gqa >= 4 else "Q3_K"
@@ -168,7 +173,7 @@ def _choose(mix: str, name: str, ncols: int, m: MixModel) -> str:
         return new
     if cat == "attn_k":
         return "Q8_0" if m.n_experts == 8 else new
-    if cat == "ffn_down":
+    if cat == "ffn_down" and mix in MIXES:
         # with experts llama.cpp parses the layer from the name; dense, it counts the ffn_down
         # tensors, one per layer in layer order: the same number
         i, n = _layer(name, m.n_layers), m.n_layers
@@ -198,8 +203,9 @@ def _choose(mix: str, name: str, ncols: int, m: MixModel) -> str:
 
 def tensor_type(mix: str, name: str, shape: tuple[int, ...], model: MixModel) -> str:
     """The GGUF type llama-quantize gives the quantizable tensor ``name`` (GGUF name, NumPy
-    ``shape``: rows along the last axis; for merged experts one expert's shape) in a ``mix`` file."""
-    if mix not in MIXES:
-        raise ValueError(f"unknown K-quant mix {mix!r}; one of {', '.join(MIXES)}")
+    ``shape``: rows along the last axis; for merged experts one expert's shape) in a ``mix`` file
+    (a K mix, or the plain Q4_0/Q4_1/Q8_0 file types)."""
+    if mix not in MIXES and mix not in LEGACY:
+        raise ValueError(f"unknown llama.cpp file type {mix!r}; one of {', '.join([*MIXES, *LEGACY])}")
     ncols = int(shape[-1])
     return fallback(_choose(mix, name, ncols, model), ncols)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from mlxtral.errors import UsageError
 
-from .kquant_mix import MixModel, category, is_mix
+from .kquant_mix import LEGACY, MixModel, is_mix
 from .kquant_mix import file_type as mix_file_type
 from .kquant_mix import tensor_type as mix_tensor_type
 
@@ -126,27 +126,15 @@ def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str, src_qtype: s
         if args is None:
             raise ValueError(f"the {qtype} mix needs the model's args to choose {name}'s type")
         return mix_tensor_type(qtype, name, shape, MixModel.from_args(args))
-    want = _legacy_upgrade(name, shape, qtype, args) if qtype in LEGACY_QTYPES else qtype
-    if want != qtype and src_qtype in LEGACY_QTYPES:
+    want = qtype
+    if qtype in LEGACY:  # llama-quantize's upgrades for its Q4_0/Q4_1/Q8_0 file types
+        model = MixModel.from_args(args) if args is not None else MixModel(0, 0, 0, 0, False)
+        want = mix_tensor_type(qtype, name, shape, model)
+    if want != qtype and src_qtype in LEGACY:
         want = src_qtype  # quantized already: more bits cannot bring back what it lost; copied
     if want.startswith("Q") and shape[-1] % 32:
         want = "F16"
     return want
-
-
-LEGACY_QTYPES = ("Q4_0", "Q4_1", "Q8_0")
-
-
-def _legacy_upgrade(name: str, shape: tuple[int, ...], qtype: str, args: ModelArgs | None) -> str:
-    """llama.cpp's ``llama_tensor_get_type`` for its Q4_0/Q4_1/Q8_0 file types: the output matrix
-    (the embedding when tied) at Q6_K (Q8_0 when its rows are not a multiple of 256, or the body is
-    Q8_0), and with 8 experts ``attn_k``/``attn_v`` at Q8_0; everything else the body's type."""
-    tied = args is not None and bool(args.tie_word_embeddings)
-    if name == "output.weight" or (tied and name == "token_embd.weight"):
-        return "Q8_0" if shape[-1] % 256 or qtype == "Q8_0" else "Q6_K"
-    if args is not None and args.n_experts == 8 and category(name) in ("attn_k", "attn_v"):
-        return "Q8_0"
-    return qtype
 
 
 def gguf_file_type(qtype: str) -> int:
