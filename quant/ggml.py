@@ -200,7 +200,7 @@ def quantize(x: np.ndarray, qtype: str, out: np.ndarray | None = None) -> np.nda
         elif qtype == "BF16":
             o[...] = f32_to_bf16_bits(chunk)
         elif qtype in GGUF_PY_TYPES:
-            o[...] = _gguf_py(qtype, chunk, quantize=True)
+            o[...] = _gguf_py(qtype, chunk)
         elif qtype in KQUANTS:
             from mlxtral.quant.kquants import QK_K, quantize_blocks  # numba: imported on first use
 
@@ -233,11 +233,11 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...] | None = Non
     if qtype == "BF16":
         out[...] = bf16_bits_to_f32(data).reshape(shape)
         return out
-    if qtype in GGUF_PY_TYPES or qtype in KQUANTS:  # K-quants: gguf.quants' NumPy dequantizers
-        out[...] = _gguf_py(qtype, np.asarray(data).reshape(-1, lshape[-1] // bs * ts)).reshape(shape)
+    if qtype not in _BLOCK_QUANTIZERS:  # Q5_0/Q5_1, K-quants, IQ4: gguf.quants' dequantizers, chunked
+        from mlxtral.quant.dequant import dequantize_blocks
+
+        out[...] = dequantize_blocks(data, qtype, shape)
         return out
-    if qtype not in _BLOCK_QUANTIZERS:
-        raise ValueError(f"no NumPy dequantizer for {qtype} here; use gguf.quants")
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, ts)
     flat = out.reshape(-1, bs)
     step = max(1, CHUNK_ELEMS // bs)
@@ -246,12 +246,11 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...] | None = Non
     return out
 
 
-def _gguf_py(qtype: str, rows: np.ndarray, quantize: bool = False) -> np.ndarray:
-    """gguf.quants on 2-D rows: float32 ``[r, n]`` -> blocks ``[r, n/32*ts]``, or back."""
+def _gguf_py(qtype: str, rows: np.ndarray) -> np.ndarray:
+    """gguf.quants' quantizer on 2-D rows: float32 ``[r, n]`` -> blocks ``[r, n/32*ts]``."""
     import gguf  # only here: importing gguf pulls in ~30 MB of optional packages
 
-    gtype = gguf.GGMLQuantizationType[qtype]
-    return gguf.quants.quantize(rows, gtype) if quantize else gguf.quants.dequantize(rows, gtype)
+    return gguf.quants.quantize(rows, gguf.GGMLQuantizationType[qtype])
 
 
 def relative_rmse(ref: np.ndarray, approx: np.ndarray) -> float:
