@@ -25,7 +25,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from tiny_models import add_vocab, random_weights
+from tiny_models import random_weights, write_gguf
 from typer.testing import CliRunner
 
 import mlxtral
@@ -208,39 +208,6 @@ def make_args(kw: dict[str, Any], vocab: int) -> ModelArgs:
     return ModelArgs(vocab_size=vocab, norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=512, **kw)
 
 
-def write_f32_gguf(path: Path, weights: dict[str, np.ndarray], args: ModelArgs, spm: Path) -> Path:
-    """An F32 Mixtral GGUF (merged ``ffn_*_exps``) with the tiny vocabulary."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("kquant-test")
-    w.add_context_length(args.max_position_embeddings)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_expert_count(args.n_experts)
-    w.add_expert_used_count(args.n_experts_per_tok)
-    w.add_file_type(0)
-    w.add_vocab_size(add_vocab(w, spm))
-    for name in ("token_embd.weight", "output_norm.weight", "output.weight"):
-        w.add_tensor(name, weights[name])
-    for i in range(args.n_layers):
-        b = f"blk.{i}."
-        for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp"):
-            w.add_tensor(b + t + ".weight", weights[b + t + ".weight"])
-        for t in ("gate", "up", "down"):
-            w.add_tensor(b + f"ffn_{t}_exps.weight",
-                         np.stack([weights[b + f"ffn_{t}.{e}.weight"] for e in range(args.n_experts)]))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory, spm: Path) -> dict[str, tuple[Path, ModelArgs]]:
     import sentencepiece
@@ -250,7 +217,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory, spm: Path) -> dict[str, tu
     out = {}
     for key, (kw, _) in MODELS.items():
         args = make_args(kw, vocab)
-        out[key] = (write_f32_gguf(root / f"{key}.f32.gguf", random_weights(args, seed=3), args, spm), args)
+        out[key] = (write_gguf(root / f"{key}.f32.gguf", random_weights(args, seed=3), args, spm=spm), args)
     return out
 
 

@@ -287,9 +287,10 @@ def add_vocab(w: Any, path: Path) -> int:
 
 
 def write_gguf(path: Path, weights: dict[str, np.ndarray], args: ModelArgs, legacy_experts: bool = False,
-               dtype: str = "f32", vocab: bool = True) -> Path:
+               dtype: str = "f32", vocab: bool = True, spm: Path | None = None) -> Path:
     """An F32 (or F16) GGUF, arch ``llama``; merged ``ffn_*_exps`` or legacy per-expert tensors.
-    ``vocab=False`` leaves the 32000-token vocabulary out (gguf's reader parses it slowly)."""
+    ``vocab=False`` leaves the 32000-token vocabulary out (gguf's reader parses it slowly); ``spm``:
+    another SentencePiece model for the vocabulary."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -309,7 +310,7 @@ def write_gguf(path: Path, weights: dict[str, np.ndarray], args: ModelArgs, lega
         w.add_expert_count(args.n_experts)
         w.add_expert_used_count(args.n_experts_per_tok)
     w.add_file_type(0 if dtype == "f32" else 1)
-    w.add_vocab_size(add_vocab(w, tokenizer_path()) if vocab else args.vocab_size)
+    w.add_vocab_size(add_vocab(w, spm or tokenizer_path()) if vocab else args.vocab_size)
 
     def put(name: str, x: np.ndarray) -> None:
         small = x.ndim == 1 or name.endswith("ffn_gate_inp.weight")
