@@ -164,7 +164,9 @@ def fail(message: str, code: int = 1) -> None:
     sequences and bidi overrides are printed as visible escapes (``\\x1b``)."""
     from mlxtral.display import term_safe
 
-    sys.stderr.write(f"error: {term_safe(message, 4000)}\n")
+    rank = follower_rank()
+    where = f"rank {rank}: " if rank is not None and not message.startswith(f"rank {rank}") else ""
+    sys.stderr.write(f"error: {where}{term_safe(message, 4000)}\n")
     sys.stderr.flush()
     raise typer.Exit(code)
 
@@ -231,19 +233,40 @@ def resolve_model(model: str | None) -> Path:
 
 
 def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
-               quiet: bool = False, memory_budget: str | None = None, prefetch: bool = True) -> Any:
+               quiet: bool = False, memory_budget: str | None = None, prefetch: bool = True,
+               distributed: str | None = None) -> Any:
     import mlxtral
 
     path = resolve_model(model)
     kw = dict(backend=backend, max_context=max_context, experts_per_token=experts_per_token,
-              memory_budget=memory_budget, prefetch=prefetch)
-    if quiet:
+              memory_budget=memory_budget, prefetch=prefetch, distributed=distributed)
+    if quiet or follower_rank() is not None:
         return mlxtral.load(path, **kw)
     with err_console.status(f"loading {path.name}...", spinner="dots"):
         m = mlxtral.load(path, **kw)
     if m.streaming:
         err_console.print(f"[dim]{m.memory_plan.describe()}[/dim]", highlight=False, soft_wrap=True)
     return m
+
+
+def follower_rank() -> int | None:
+    """This process's rank when ``mlx.launch`` started it and it is not rank 0, else None."""
+    from mlxtral.distributed.group import launched_rank
+
+    r = launched_rank()
+    return r if r else None
+
+
+def follow_if_not_rank0(distributed: str | None, model: str | None, backend: str, max_context: int | None,
+                        experts_per_token: int | None, threads: int | None, memory_budget: str | None = None,
+                        prefetch: bool = True) -> None:
+    """With --distributed, every rank but 0 loads its share and follows rank 0's forwards (never
+    returning): it reads no prompt or stdin, binds no port and prints nothing but errors."""
+    if distributed is None or follower_rank() is None:
+        return
+    apply_threads(threads)
+    load_model(model, backend, max_context, experts_per_token, True, memory_budget, prefetch, distributed)
+    raise typer.Exit(0)  # load() ends a follower's process itself
 
 
 def apply_threads(n: int | None) -> None:
@@ -297,6 +320,9 @@ ThreadsOpt = typer.Option(None, "--threads", "-t",
 BudgetOpt = typer.Option(None, "--memory-budget",
                          help="Memory the run may use, e.g. 12GB or 150MB (default: what is available). "
                               "A model larger than this streams its experts from disk.")
+DistributedOpt = typer.Option(None, "--distributed",
+                              help="expert or pipeline: split the model across the processes mlx.launch "
+                                   "started (mlx.launch -n 2 --backend ring -- mlxtral ...).")
 PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
                            help="When experts stream, read the next layer's likely experts ahead.")
 
@@ -343,15 +369,18 @@ def chat(
     no_stats: bool = typer.Option(False, "--no-stats", help="Do not print the stats line after each answer."),
     memory_budget: str = BudgetOpt,
     prefetch: bool = PrefetchOpt,
+    distributed: str = DistributedOpt,
 ) -> None:
     """Chat with a model (the built-in demo model when MODEL is omitted)."""
     from mlxtral.chat import ChatLoop, SamplingOptions, read_interactive, read_piped
 
+    follow_if_not_rank0(distributed, model, backend, max_context, experts_per_token, threads, memory_budget,
+                        prefetch)
     need_stdout()
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed)
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, memory_budget=memory_budget,
-                   prefetch=prefetch)
+                   prefetch=prefetch, distributed=distributed)
     opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
     loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
     interactive = sys.stdin.isatty()
@@ -414,8 +443,11 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print the text and the stats as one JSON object."),
     memory_budget: str = BudgetOpt,
     prefetch: bool = PrefetchOpt,
+    distributed: str = DistributedOpt,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; the stats line goes to stderr."""
+    follow_if_not_rank0(distributed, model, backend, max_context, experts_per_token, threads, memory_budget,
+                        prefetch)
     need_stdout()
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, stop)
     if system and not chat_:
@@ -426,7 +458,7 @@ def generate(
         fail("the prompt is empty", 2)
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                   prefetch=prefetch)
+                   prefetch=prefetch, distributed=distributed)
     if chat_:
         msgs = [{"role": "system", "content": system}] if system else []
         msgs.append({"role": "user", "content": prompt})
@@ -494,10 +526,12 @@ def serve(
     max_context: int = MaxContextOpt,
     threads: int = ThreadsOpt,
     memory_budget: str = BudgetOpt,
+    distributed: str = DistributedOpt,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     from mlxtral.server import bind, check_installed, run
 
+    follow_if_not_rank0(distributed, model, backend, max_context, None, threads, memory_budget)
     check_installed()
     cache_bytes = 0
     if prompt_cache.strip() not in ("0", ""):
@@ -506,7 +540,7 @@ def serve(
         cache_bytes = parse_size(prompt_cache) or 0
     apply_threads(threads)
     sock = bind(host, port)  # before the model loads: a taken port is one line at once
-    m = load_model(model, backend, max_context, None, memory_budget=memory_budget)
+    m = load_model(model, backend, max_context, None, memory_budget=memory_budget, distributed=distributed)
     h, p = sock.getsockname()[:2]
     shown = f"[{h}]" if ":" in h else h
 
@@ -575,6 +609,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     memory_budget: str = BudgetOpt,
     prefetch: bool = PrefetchOpt,
+    distributed: str = DistributedOpt,
 ) -> None:
     """Measure prompt processing and generation speed (llama-bench style), against the seed figures."""
     from mlxtral.bench import measure_bandwidth, run_bench, run_llamacpp, seed_rows
@@ -586,11 +621,13 @@ def bench(
         fail(f"--compare {compare[:40]}: only 'llama.cpp' is supported", 2)
     if bandwidth is not None:
         check_number("--bandwidth", bandwidth, 0.001, 1e5)
+    need = max(n_prompt, n_gen + 1) + 1
+    follow_if_not_rank0(distributed, model, backend, need, experts_per_token, threads, memory_budget,
+                        prefetch)
     apply_threads(threads)
     path = resolve_model(model)
-    need = max(n_prompt, n_gen + 1) + 1
     m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                   prefetch=prefetch)
+                   prefetch=prefetch, distributed=distributed)
     status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -627,6 +664,8 @@ def bench(
         "memory_plan": m.memory_plan.as_dict() if m.memory_plan is not None else None,
         "expert_cache": m.expert_cache_stats(),
     }
+    if distributed is not None:
+        out["distributed"] = {"mode": distributed, "ranks": m.backend.stats()}
     if llama is not None:
         out["llama_cpp"] = llama
         out["ratio_vs_llama_cpp"] = {

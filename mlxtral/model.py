@@ -234,6 +234,7 @@ def load(
     prefetch: bool = True,
     eviction: str = "lfu",
     stream_experts: bool | None = None,
+    distributed: str | None = None,
 ) -> Model:
     """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder.
 
@@ -253,6 +254,11 @@ def load(
     (the cache still fills the budget); False never streams (a model that does not fit is refused).
 
     ``check_memory=False`` skips the decision (and the check) and loads everything, as before.
+
+    ``distributed``: "expert" or "pipeline" in a process started by ``mlx.launch`` (see
+    :mod:`mlxtral.distributed`): this rank loads its share only. On rank 0 the model works as usual
+    (every forward is computed by the whole group); on every other rank ``load`` does not return:
+    the process follows rank 0's forwards and exits when rank 0 closes its model or ends.
     """
     from mlxtral.formats.detect import open_checkpoint
 
@@ -266,6 +272,21 @@ def load(
         raise UsageError(f"max_context must be >= 1, got {max_context}")
     if max_context > model_ctx:
         raise UsageError(f"max_context {max_context} exceeds the model's context length {model_ctx}")
+    group = share = None
+    if distributed is not None:
+        from mlxtral.distributed.setup import join
+
+        if name != "numpy":
+            raise UsageError("--distributed runs on the NumPy backend (use --backend numpy)")
+        if stream_experts:
+            raise UsageError("--distributed holds each rank's share resident: streamed experts are not "
+                             "supported with it yet")
+        settings = dict(backend=name, max_context=max_context, kv_dtype=kv_dtype, dtype=dtype,
+                        experts_per_token=ckpt.args.n_experts_per_tok)
+        group, share = join(ckpt, distributed, settings)
+        ckpt.tensors = {n: q for n, q in ckpt.tensors.items() if share.holds(n)}  # type: ignore[assignment]
+        stream_experts = False
+        tokenizer = tokenizer and share.head  # only rank 0 tokenizes
     if name == "numpy" and dtype not in (None, "float32"):
         raise UsageError(f"the NumPy backend computes in float32 (dtype {dtype!r} applies to MLX)")
     if name == "mlx" and dtype is not None:
@@ -292,7 +313,7 @@ def load(
         from mlxtral.formats.native import native_tensors
 
         ckpt.tensors = native_tensors(ckpt.tensors, ckpt.path)  # type: ignore[assignment]
-        be = NumpyBackend(ckpt.args, ckpt.tensors, kv_dtype=kv_dtype or "float32")
+        be = NumpyBackend(ckpt.args, ckpt.tensors, kv_dtype=kv_dtype or "float32", place=share, group=group)
     else:
         try:
             from mlxtral.backends.mlx_backend import MLXBackend
@@ -302,6 +323,13 @@ def load(
         # MLX holds its own (repacked) copies: drop ours (views of the file, or arrays read into RAM
         # from a .pth), so nothing stays resident twice
         ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]
+    if group is not None and share is not None:
+        from mlxtral.distributed.runner import follow, leader
+
+        group.barrier("the start-up", wait=False)  # every rank loaded (a dead one: one line)
+        if not share.head:
+            follow(be, group, share)  # never returns
+        be = leader(be, group, share)
     model = Model(ckpt, be, tok, max_context)
     model.memory_plan = plan
     return model

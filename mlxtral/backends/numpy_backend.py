@@ -26,6 +26,8 @@ import numpy as np
 from mlxtral.backends import ops
 from mlxtral.backends.numerics import check_logits, non_finite_error
 from mlxtral.config import ModelArgs
+from mlxtral.distributed.group import Group
+from mlxtral.distributed.placement import Placement
 from mlxtral.errors import ContextOverflowError
 from mlxtral.expert_cache import ExpertCache
 from mlxtral.expert_cache.layout import KINDS, is_expert
@@ -44,7 +46,7 @@ class LayerWeights:
     wo: QTensor  # [dim, H*hd]
     ffn_norm: np.ndarray  # [dim] f32
     router: np.ndarray | None  # [E, dim] f32; None for a dense model
-    w1: list[QTensor]  # gate, E x [hidden, dim]; empty when experts stream
+    w1: list[QTensor]  # gate, E x [hidden, dim]; empty when experts stream (another rank's: None)
     w3: list[QTensor]  # up,   E x [hidden, dim]
     w2: list[QTensor]  # down, E x [dim, hidden]
 
@@ -53,11 +55,21 @@ def _f32(q: QTensor) -> np.ndarray:
     return np.ascontiguousarray(q.dequantize(), dtype=np.float32)
 
 
-def build_layers(args: ModelArgs, t: dict[str, QTensor], experts: bool = True) -> list[LayerWeights]:
-    layers = []
+def build_layers(args: ModelArgs, t: dict[str, QTensor], experts: bool = True,
+                 place: Placement | None = None) -> list[LayerWeights | None]:
+    """Every layer's weights; with a ``place``ment, only this rank's layers (the others None) and,
+    of those, only its experts (the others None)."""
+    layers: list[LayerWeights | None] = []
     n_ffn = args.n_ffn if experts else 0
+    held = range(args.n_layers) if place is None else place.layers
     for i in range(args.n_layers):
         b = f"blk.{i}."
+        if i not in held:
+            layers.append(None)
+            continue
+
+        def ffn(name: str) -> QTensor | None:
+            return t[name] if place is None or place.holds(name) else None  # another rank's: None
         layers.append(
             LayerWeights(
                 attn_norm=_f32(t[b + "attn_norm.weight"]),
@@ -67,9 +79,9 @@ def build_layers(args: ModelArgs, t: dict[str, QTensor], experts: bool = True) -
                 wo=t[b + "attn_output.weight"],
                 ffn_norm=_f32(t[b + "ffn_norm.weight"]),
                 router=_f32(t[b + "ffn_gate_inp.weight"]) if args.is_moe else None,
-                w1=[t[b + f"ffn_gate.{e}.weight"] for e in range(n_ffn)],
-                w3=[t[b + f"ffn_up.{e}.weight"] for e in range(n_ffn)],
-                w2=[t[b + f"ffn_down.{e}.weight"] for e in range(n_ffn)],
+                w1=[ffn(b + f"ffn_gate.{e}.weight") for e in range(n_ffn)],  # type: ignore[misc]
+                w3=[ffn(b + f"ffn_up.{e}.weight") for e in range(n_ffn)],  # type: ignore[misc]
+                w2=[ffn(b + f"ffn_down.{e}.weight") for e in range(n_ffn)],  # type: ignore[misc]
             )
         )
     return layers
@@ -83,8 +95,10 @@ class KVCache:
     as in decode. ``np.zeros`` maps pages lazily, so an unused context costs address space, not RAM.
     """
 
-    def __init__(self, args: ModelArgs, max_context: int, dtype: np.dtype | type = np.float32) -> None:
-        shape = (args.n_layers, args.n_kv_heads, max_context, args.head_dim)  # [L, KV, ctx, hd]
+    def __init__(self, args: ModelArgs, max_context: int, dtype: np.dtype | type = np.float32,
+                 n_layers: int | None = None) -> None:
+        n_layers = args.n_layers if n_layers is None else n_layers  # a pipeline rank: its layers only
+        shape = (n_layers, args.n_kv_heads, max_context, args.head_dim)  # [L, KV, ctx, hd]
         self.k = np.zeros(shape, dtype=dtype)
         self.v = np.zeros(shape, dtype=dtype)
         self.max_context = max_context
@@ -103,18 +117,27 @@ class NumpyBackend:
     name = "numpy"
 
     def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], kv_dtype: str = "float32",
-                 experts: ExpertCache | None = None) -> None:
+                 experts: ExpertCache | None = None, place: Placement | None = None,
+                 group: Group | None = None) -> None:
         install_sigbus_guard()  # a model file truncated under its maps: one line (before numba's warm-up)
         self.args = args
         self.experts = experts  # None: every expert resident
         if experts is not None:  # experts stream: the file's other tensors only
             tensors = {n: q for n, q in tensors.items() if not is_expert(n)}
+        # across processes (mlxtral.distributed): this rank's share; logits on the head rank only
+        self.place, self.group = place, group
+        self.head = place is None or place.head
+        self.held = range(args.n_layers) if place is None else place.layers
+        self.mine = np.zeros(args.n_ffn, dtype=bool)  # [E] the experts this process computes
+        self.mine[range(args.n_ffn) if place is None else place.experts] = True
+        if place is not None:
+            tensors = {n: q for n, q in tensors.items() if place.holds(n)}
         tensors = native_tensors(tensors)  # K-quants -> Q4_1/Q8_0, MLX affine -> Q4_1/F16; others as they are
         self.mapped_files = files_backing(q.data for q in tensors.values())  # checked before each forward
-        self.embed = tensors["token_embd.weight"]
+        self.embed = tensors.get("token_embd.weight")
         self.output = tensors.get("output.weight", self.embed)
-        self.norm = _f32(tensors["output_norm.weight"])
-        self.layers = build_layers(args, tensors, experts=experts is None)
+        self.norm = _f32(tensors["output_norm.weight"]) if self.head else None
+        self.layers = build_layers(args, tensors, experts=experts is None, place=place)
         self.kv_dtype = np.dtype(kv_dtype)
         # the table covers the contexts caches are made for (new_cache grows it), not the file's
         # context length: a GGUF claiming 50M positions must not cost 16 GB of angles
@@ -129,7 +152,7 @@ class NumpyBackend:
     def new_cache(self, max_context: int) -> KVCache:
         if max_context > self.rope.max_positions:
             self.rope = ops.Rope(self.rope.rope_dim, self.args.rope_theta, max_context)
-        return KVCache(self.args, max_context, self.kv_dtype)
+        return KVCache(self.args, max_context, self.kv_dtype, len(self.held))
 
     # ---- forward --------------------------------------------------------------------------
     def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -145,6 +168,18 @@ class NumpyBackend:
             raise non_finite_error(p0 + 1) from None  # finite inputs never divide by 0 (eps > 0, max term 1)
 
     def _forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
+        p0 = cache.offset
+        h = self.hidden(ids, cache)  # [T, dim]
+        if not self.head:  # another rank of a group computes the logits
+            return np.empty(0, dtype=np.float32)
+        if not all_logits:
+            return self.logits(h[-1:], cache.offset)[0]  # [vocab]
+        return self.logits(h, p0 + 1)  # [T, vocab]
+
+    def hidden(self, ids: Sequence[int], cache: KVCache, h: np.ndarray | None = None) -> np.ndarray:
+        """Tokens ``ids`` [T] at positions cache.offset.. through this process's layers (every
+        layer, or a pipeline rank's, starting from the previous rank's ``h`` [T, dim]) -> hidden
+        state [T, dim]; the cache advances by T."""
         a = self.args
         T = len(ids)
         p0 = cache.offset
@@ -161,13 +196,16 @@ class NumpyBackend:
             # every query row, prefill or decode, through one kernel over the cache as it lies
             return ops.attend(q, ck, cv, p0, a.sliding_window)  # [T, H*hd]
 
-        h = self._layers(ids, slice(p0, S), attention)
+        h = self._layers(ids, slice(p0, S), attention, h)
         cache.offset = S
-        if not all_logits:
-            h = h[-1:]
-        out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [T or 1, vocab]
-        check_logits(out, p0 + 1 if all_logits else S)  # NaN/Inf weights: one line, not a sampler's error
-        return out if all_logits else out[0]
+        return h
+
+    def logits(self, h: np.ndarray, pos: int) -> np.ndarray:
+        """Final norm and output projection: h [T, dim] -> [T, vocab] float32; ``pos`` (1-based)
+        names the first position in the one-line error NaN/Inf logits raise."""
+        out = ops.linear(ops.rms_norm(h, self.norm, self.args.norm_eps), self.output)  # [T, vocab]
+        check_logits(out, pos)  # NaN/Inf weights: one line, not a sampler's error
+        return out
 
     def forward_batch(self, ids: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
         """One token for each of several sequences, each at its own cache's position, in one pass
@@ -205,23 +243,27 @@ class NumpyBackend:
         return out
 
     def _layers(self, ids: Sequence[int], pos: slice | np.ndarray,
-                attention: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+                attention: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+                h: np.ndarray | None = None) -> np.ndarray:
         """Tokens ``ids`` [T] at positions ``pos`` through every layer -> hidden state [T, dim];
-        ``attention(layer, q, k, v)`` stores k/v in the cache(s) and attends."""
+        ``attention(layer, q, k, v)`` stores k/v in the cache(s) and attends. A pipeline rank runs
+        its own layers on ``h`` [T, dim], the previous rank's output (``attention`` gets the index
+        of the layer in its cache)."""
         a = self.args
         ids = np.asarray(ids, dtype=np.int64)
         T = len(ids)
         H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
-        h = self.embed.rows(ids)  # [T, dim]
-        self._read_ahead(h, 0)
-        for li, L in enumerate(self.layers):
+        h = self.embed.rows(ids) if h is None else h  # [T, dim]
+        self._read_ahead(h, self.held.start)
+        for li in self.held:
+            L = self.layers[li]
             x = ops.rms_norm(h, L.attn_norm, a.norm_eps)
             q, k, v = ops.linear_many(x, (L.wq, L.wk, L.wv))  # one kernel job
             q = q.reshape(T, H, hd)  # [T, H, hd]
             k = k.reshape(T, KV, hd)  # [T, KV, hd]
             self.rope(q, pos)
             self.rope(k, pos)
-            h += ops.linear(attention(li, q, k, v.reshape(T, KV, hd)), L.wo)
+            h += ops.linear(attention(li - self.held.start, q, k, v.reshape(T, KV, hd)), L.wo)
             x = ops.rms_norm(h, L.ffn_norm, a.norm_eps)
             h += self.moe(x, L, li, ahead=h)
         if self.experts is not None:
@@ -242,33 +284,44 @@ class NumpyBackend:
             (hid,) = ops.swiglu_experts([x], L.w1[:1], L.w3[:1])
             return ops.linear(hid, L.w2[0])
         idx, w = ops.route(x, L.router, self.args.n_experts_per_tok)  # [T, k], [T, k]
-        if T == 1:  # decode: every selected expert sees the same row (quantized once)
-            es = idx[0].tolist()
-            self.expert_counts[li, es] += 1
-            with self._expert_weights(li, es, ahead) as (w1, w3, w2):
-                hs = ops.swiglu_experts([x] * len(es), w1, w3)
-                ys = ops.linear_experts(hs, w2)
-            return ops.combine(np.stack([y[0] for y in ys])[None], w)  # [1, k, dim] in rank order
         k = idx.shape[1]
+        pairs = np.zeros((T, k, x.shape[1]), dtype=np.float32)  # [T, k, dim] each (token, rank)'s output
+        if T == 1:  # decode: every selected expert sees the same row (quantized once)
+            self.expert_counts[li, idx[0]] += 1
+            ranks = [j for j, e in enumerate(idx[0].tolist()) if self.mine[e]]  # all in one process
+            if ranks:
+                with self._expert_weights(li, idx[0, ranks].tolist(), ahead) as (w1, w3, w2):
+                    hs = ops.swiglu_experts([x] * len(ranks), w1, w3)
+                    for j, y in zip(ranks, ops.linear_experts(hs, w2), strict=True):
+                        pairs[0, j] = y[0]
+            return ops.combine(self._gather(pairs, li), w)  # in rank order
         flat = idx.ravel()  # token-expert pairs, token-major
         order = np.argsort(flat, kind="stable")
         counts = np.bincount(flat, minlength=self.args.n_experts)
         self.expert_counts[li] += counts
-        experts = np.flatnonzero(counts)
-        bounds = np.concatenate([[0], np.cumsum(counts[experts])])
-        sels = [order[bounds[i] : bounds[i + 1]] for i in range(len(experts))]
+        experts = np.flatnonzero(counts * self.mine)  # the experts in use that this process computes
+        bounds = np.concatenate([[0], np.cumsum(counts)])  # [E+1] where each expert's pairs start in order
+        sels = [order[bounds[e] : bounds[e + 1]] for e in experts]
         toks = [sel // k for sel in sels]  # tokens of each expert (each at most once)
-        group = len(experts) if self.experts is None else self.experts.capacity
+        group = max(len(experts), 1) if self.experts is None else self.experts.capacity
         ys: list[np.ndarray] = []
         for g0 in range(0, len(experts), group):
             es = experts[g0 : g0 + group].tolist()
             with self._expert_weights(li, es, ahead if g0 + group >= len(experts) else None) as (w1, w3, w2):
                 hs = ops.swiglu_experts([x[t] for t in toks[g0 : g0 + group]], w1, w3)
                 ys += ops.linear_experts(hs, w2)
-        pairs = np.empty((T * k, x.shape[1]), dtype=np.float32)  # [T*k, dim], token-major
+        flat_pairs = pairs.reshape(T * k, -1)  # [T*k, dim], token-major
         for sel, y in zip(sels, ys, strict=True):
-            pairs[sel] = y  # every (token, rank) pair is some expert's exactly once
-        return ops.combine(pairs.reshape(T, k, -1), w)  # as decode combines: rank order
+            flat_pairs[sel] = y  # every (token, rank) pair is some expert's exactly once
+        return ops.combine(self._gather(pairs, li), w)  # as decode combines: rank order
+
+    def _gather(self, pairs: np.ndarray, li: int) -> np.ndarray:
+        """Expert parallel: every rank filled the (token, rank) slots of its own experts and left
+        the others 0; one sum across the group completes every slot exactly (x + 0 = x), so the
+        combine that follows is the single process's, bit for bit. pairs [T, k, dim]."""
+        if self.group is None or self.place is None or self.place.mode != "expert" or self.group.size == 1:
+            return pairs
+        return self.group.all_sum(pairs, f"layer {li}'s experts")
 
     # ---- streamed experts -----------------------------------------------------------------
     @contextmanager
@@ -288,7 +341,7 @@ class NumpyBackend:
     def _read_ahead(self, h: np.ndarray, li: int) -> None:
         """Queue reads of the experts layer ``li``'s router picks for hidden state ``h`` [T, dim]
         (mixtral-offloading's guess; only what is read ahead depends on it)."""
-        if self.experts is None or not self.experts.prefetch_enabled or li >= len(self.layers):
+        if self.experts is None or not self.experts.prefetch_enabled or li not in self.held:
             return
         N = self.layers[li]
         if N.router is None:
@@ -296,6 +349,7 @@ class NumpyBackend:
         x = ops.rms_norm(h, N.ffn_norm, self.args.norm_eps)  # [T, dim]
         idx, _ = ops.route(x, N.router, self.args.n_experts_per_tok)  # [T, k]
         counts = np.bincount(idx.ravel(), minlength=self.args.n_experts)
+        counts *= self.mine  # this process's experts only
         guess = [int(e) for e in np.argsort(-counts, kind="stable") if counts[e]]  # most tokens first
         self.experts.prefetch(li, guess)
 

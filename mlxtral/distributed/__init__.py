@@ -1,0 +1,18 @@
+"""Across processes and machines: expert-parallel and pipeline-parallel runs on MLX's distributed
+engine (``mx.distributed``: the ring backend over TCP, or MPI), started by ``mlx.launch``.
+
+- :mod:`~mlxtral.distributed.group`: joining the group, collectives on NumPy arrays under a
+  watchdog, one line when a peer dies or hangs, ranks of one host pinned to their own cores.
+- :mod:`~mlxtral.distributed.placement`: which rank holds which experts or layers.
+- :mod:`~mlxtral.distributed.setup`: at load, the same model and settings on every rank.
+- :mod:`~mlxtral.distributed.protocol`: the commands rank 0 broadcasts (one per forward).
+- :mod:`~mlxtral.distributed.runner`: rank 0's backend and the other ranks' loop.
+- :mod:`~mlxtral.distributed.pipeline`: the pipeline forward, micro-batched.
+
+Expert parallel lives in the backend itself (``NumpyBackend.moe``: each rank computes its experts'
+(token, rank) slots and one ``all_sum`` per layer completes them, so the result is the single
+process's bit for bit).
+"""
+from mlxtral.distributed.placement import MODES
+
+__all__ = ["MODES"]

@@ -1,0 +1,270 @@
+"""Expert- and pipeline-parallel runs across processes (mlxtral.distributed), on localhost.
+
+Each test launches real ranks with MLX's launcher (``mlx.launch --backend ring``) or, for the
+failure cases, by hand (``MLX_RANK`` + ``MLX_HOSTFILE``, as the launcher sets them, so that no
+launcher kills the survivors for us). Logits are compared with the single-process run bit for bit:
+expert parallel completes every (token, rank) slot with one exact sum (x + 0 = x) before the
+usual combine, and pipeline parallel moves the hidden state unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny_models as tm
+
+pytest.importorskip("mlx.core")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_BENCH = ROOT.parent / "shared" / "bench"
+MLXTRAL = [str(Path(sys.executable).parent / "mlxtral")]
+LAUNCH = str(Path(sys.executable).parent / "mlx.launch")
+
+SCRIPT = """
+import sys, numpy as np, mlxtral
+path, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
+m = mlxtral.load(path, backend="numpy", distributed=None if mode == "none" else mode, max_context=128)
+ids = [int(i) for i in sys.argv[4].split(",")]
+lg = m.logits(ids)
+s = m.new_session()
+steps = [np.asarray(lg[-1])]
+parts = []
+for r in m.stream(ids, max_tokens=12, temperature=0, session=s):
+    parts.append(r.token)
+text = m.generate(ids[:3], max_tokens=6, temperature=1.0, seed=7)  # sampled once, on rank 0
+np.savez(out, logits=lg, greedy=np.array([t for t in parts if t is not None], dtype=np.int64),
+         sampled=np.array(text, dtype=str))
+m.close()
+"""
+
+
+def _free_port(n: int = 1) -> int:
+    """A port p such that p..p+n-1 look free (the ring backend listens on consecutive ports)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = s.getsockname()[1]
+        if p + n < 65000 and all(_port_free(p + i) for i in range(n)):
+            return p
+    raise RuntimeError("no free ports")
+
+
+def _port_free(p: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            return False
+    return True
+
+
+def _launch(n: int, argv: list[str], timeout: float = 300, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    cmd = [LAUNCH, "-n", str(n), "--backend", "ring",
+           "--starting-port", str(_free_port(n)), "--python", sys.executable, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def _script(tmp_path: Path) -> Path:
+    p = tmp_path / "run.py"
+    p.write_text(SCRIPT)
+    return p
+
+
+def _single(tmp_path: Path, model: Path, ids: list[int]) -> dict[str, np.ndarray]:
+    out = tmp_path / "single.npz"
+    argv = [str(_script(tmp_path)), str(model), "none", str(out), ",".join(map(str, ids))]
+    subprocess.run([sys.executable, *argv], check=True, timeout=300, cwd=ROOT)
+    return dict(np.load(out))
+
+
+def _distributed(tmp_path: Path, model: Path, ids: list[int], n: int, mode: str) -> dict[str, np.ndarray]:
+    out = tmp_path / f"{mode}{n}.npz"
+    r = _launch(n, [str(_script(tmp_path)), str(model), mode, str(out), ",".join(map(str, ids))])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    np.testing.assert_array_equal(a["logits"], b["logits"])  # bit for bit
+    np.testing.assert_array_equal(a["greedy"], b["greedy"])
+    assert str(a["sampled"]) == str(b["sampled"])
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    args = tm.tiny_args(4, n_layers=6)
+    path = tmp_path_factory.mktemp("dist") / "tiny-moe.gguf"
+    return tm.write_gguf(path, tm.random_weights(args, seed=3), args)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    args = tm.tiny_args(0, n_layers=4)
+    path = tmp_path_factory.mktemp("dist") / "tiny-dense.gguf"
+    return tm.write_gguf(path, tm.random_weights(args, seed=4), args)
+
+
+@pytest.fixture(scope="module")
+def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmark's shape (dim 1024, 8 layers, 8 experts, ffn 3584), Q4_0, random blocks."""
+    if not (SHARED_BENCH / "make_moe_gguf.py").exists():
+        pytest.skip("../shared/bench is not beside the repository")
+    path = tmp_path_factory.mktemp("dist") / "bench-q4_0.gguf"
+    subprocess.run([sys.executable, str(SHARED_BENCH / "make_moe_gguf.py"), str(path), "--type", "q4_0",
+                    "--random-blocks"], check=True, capture_output=True, timeout=600)
+    return path
+
+
+IDS = [1, 415, 2936, 9060, 285, 10575, 754, 272, 17898, 3914, 304, 868, 13, 28705, 28740, 28750]
+
+
+@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert", 3), ("pipeline", 2), ("pipeline", 3)])
+def test_tiny_moe_equals_single_process(tmp_path: Path, tiny_moe: Path, mode: str, n: int) -> None:
+    _same(_distributed(tmp_path, tiny_moe, IDS, n, mode), _single(tmp_path, tiny_moe, IDS))
+
+
+@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("pipeline", 3)])
+def test_bench_shape_equals_single_process(tmp_path: Path, bench_model: Path, mode: str, n: int) -> None:
+    _same(_distributed(tmp_path, bench_model, IDS, n, mode), _single(tmp_path, bench_model, IDS))
+
+
+@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("pipeline", 2)])
+def test_demo_equals_single_process(tmp_path: Path, mode: str, n: int) -> None:
+    try:
+        from mlxtral.demo import ensure_demo_model
+
+        demo = ensure_demo_model()
+    except Exception as e:  # noqa: BLE001 - the demo's source weights are an optional package
+        pytest.skip(f"no demo model: {e}")
+    ids = [1, 504, 3458, 282, 4649, 314]
+    _same(_distributed(tmp_path, demo, ids, n, mode), _single(tmp_path, demo, ids))
+
+
+def test_dense_model_pipeline(tmp_path: Path, tiny_dense: Path) -> None:
+    _same(_distributed(tmp_path, tiny_dense, IDS, 2, "pipeline"), _single(tmp_path, tiny_dense, IDS))
+
+
+def test_cli_generate_and_bench(tiny_moe: Path) -> None:
+    one = subprocess.run([*MLXTRAL, "generate", str(tiny_moe), "-p", "Hello there", "-n", "10", "--temp", "0",
+                          "--backend", "numpy", "--json"], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    r = _launch(2, ["--", *MLXTRAL, "generate", str(tiny_moe), "-p", "Hello there", "-n", "10", "--temp", "0",
+                    "--backend", "numpy", "--json", "--distributed", "expert"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == json.loads(one.stdout)["text"]  # rank 0 alone prints
+    b = _launch(2, ["--", *MLXTRAL, "bench", str(tiny_moe), "-p", "16", "-n", "8", "-r", "1", "--backend",
+                    "numpy", "--bandwidth", "10", "--json", "--distributed", "pipeline"])
+    assert b.returncode == 0, b.stderr
+    ranks = json.loads(b.stdout)["distributed"]["ranks"]
+    assert len(ranks) == 2 and all(r["peak_rss_bytes"] > 0 and r["comm_bytes"] > 0 for r in ranks)
+
+
+def test_refusals_are_one_line(tmp_path: Path, tiny_moe: Path, tiny_dense: Path) -> None:
+    # not launched
+    r = subprocess.run([*MLXTRAL, "generate", str(tiny_moe), "-p", "Hi", "--backend", "numpy",
+                        "--distributed", "expert"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "mlx.launch" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # a dense model has no experts to split; an unknown mode
+    for model, mode, words in ((tiny_dense, "expert", "a dense model has no experts to split"),
+                               (tiny_moe, "tensor", "unknown --distributed mode")):
+        r = _launch(2, ["--", *MLXTRAL, "generate", str(model), "-p", "Hi", "--backend", "numpy",
+                        "--distributed", mode])
+        # (mlx.launch itself exits 0 whatever its ranks do)
+        assert f"error: {words}" in r.stderr and "Traceback" not in r.stderr and not r.stdout, r.stderr
+
+
+def _hostfile(tmp_path: Path, n: int) -> Path:
+    p = _free_port(n)
+    f = tmp_path / "hosts.json"
+    f.write_text(json.dumps([[f"127.0.0.1:{p + i}"] for i in range(n)]))
+    return f
+
+
+def _rank(i: int, hosts: Path, argv: list[str], **env: str) -> subprocess.Popen[str]:
+    e = {**os.environ, "MLX_RANK": str(i), "MLX_HOSTFILE": str(hosts), **env}
+    pipe = subprocess.PIPE
+    return subprocess.Popen(argv, env=e, stdin=pipe, stdout=pipe, stderr=pipe, text=True)
+
+
+def _one_error_line(err: str) -> str:
+    """The chat echoes piped input on stderr; after it, exactly one line: the error."""
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err and "[ring]" not in err, err
+    return errors[0]
+
+
+def _chat(model: Path, *extra: str) -> list[str]:
+    return [*MLXTRAL, "chat", str(model), "--backend", "numpy", "--temp", "0", "-n", "8", "--distributed",
+            "expert", "--no-stats", *extra]
+
+
+def test_settings_that_differ_are_refused(tmp_path: Path, tiny_moe: Path) -> None:
+    hosts = _hostfile(tmp_path, 2)
+    a = _rank(0, hosts, _chat(tiny_moe, "-c", "64"))
+    b = _rank(1, hosts, _chat(tiny_moe, "-c", "128"))
+    _, ea = a.communicate("", timeout=120)
+    _, eb = b.communicate(timeout=120)
+    assert a.returncode == 1 and b.returncode == 1
+    assert "rank 1 runs a different model or different settings than rank 0" in ea, ea
+    assert len(ea.strip().splitlines()) == 1 and "Traceback" not in ea + eb, ea + eb
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_rank_ends_the_others(tmp_path: Path, tiny_moe: Path, victim: int) -> None:
+    hosts = _hostfile(tmp_path, 2)
+    ranks = [_rank(i, hosts, _chat(tiny_moe)) for i in range(2)]
+    assert ranks[0].stdin is not None
+    ranks[0].stdin.write("Hello\n")  # one answer: both ranks are up and in step
+    ranks[0].stdin.flush()
+    deadline = time.time() + 120
+    line = ""
+    assert ranks[0].stdout is not None
+    while time.time() < deadline and not line.strip():
+        line = ranks[0].stdout.readline()
+    ranks[victim].send_signal(signal.SIGKILL)
+    ranks[victim].wait(30)
+    other = ranks[1 - victim]
+    t0 = time.time()
+    if victim == 1:  # rank 0 notices at its next forward
+        other.stdin.write("Again\n")  # type: ignore[union-attr]
+        other.stdin.flush()  # type: ignore[union-attr]
+    _, err = other.communicate(timeout=60)
+    assert time.time() - t0 < 30
+    assert other.returncode == 1, err
+    _one_error_line(err)
+
+
+def test_a_hung_rank_ends_the_others_after_the_timeout(tmp_path: Path, tiny_moe: Path) -> None:
+    hosts = _hostfile(tmp_path, 2)
+    ranks = [_rank(i, hosts, _chat(tiny_moe), MLXTRAL_DIST_TIMEOUT="3") for i in range(2)]
+    ranks[0].stdin.write("Hello\n")  # type: ignore[union-attr]
+    ranks[0].stdin.flush()  # type: ignore[union-attr]
+    line = ""
+    deadline = time.time() + 120
+    while time.time() < deadline and not line.strip():
+        line = ranks[0].stdout.readline()  # type: ignore[union-attr]
+    ranks[1].send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.time()
+        ranks[0].stdin.write("Again\n")  # type: ignore[union-attr]
+        ranks[0].stdin.flush()  # type: ignore[union-attr]
+        _, err = ranks[0].communicate(timeout=60)
+        assert 2.5 < time.time() - t0 < 30
+        assert ranks[0].returncode == 1
+        assert "no answer from the other ranks for 3 s" in _one_error_line(err), err
+    finally:
+        ranks[1].send_signal(signal.SIGKILL)
+        ranks[1].wait(30)
