@@ -1,6 +1,7 @@
 """The Python API: ``mlxtral.load(path)`` -> :class:`Model` with tokenize, logits, generate, stream."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -272,20 +273,21 @@ def load(
         raise UsageError(f"max_context must be >= 1, got {max_context}")
     if max_context > model_ctx:
         raise UsageError(f"max_context {max_context} exceeds the model's context length {model_ctx}")
-    group = share = None
+    group = share = layout = None
     if distributed is not None:
         from mlxtral.distributed.setup import join
+        from mlxtral.expert_cache.layout import expert_layout
 
         if name != "numpy":
             raise UsageError("--distributed runs on the NumPy backend (use --backend numpy)")
-        if stream_experts:
-            raise UsageError("--distributed holds each rank's share resident: streamed experts are not "
-                             "supported with it yet")
         settings = dict(backend=name, max_context=max_context, kv_dtype=kv_dtype, dtype=dtype,
                         experts_per_token=ckpt.args.n_experts_per_tok)
         group, share = join(ckpt, distributed, settings)
+        whole, args = dict(ckpt.tensors), ckpt.args
+        layout = functools.cache(lambda: expert_layout(args, whole, ckpt.path))  # the file's experts
         ckpt.tensors = {n: q for n, q in ckpt.tensors.items() if share.holds(n)}  # type: ignore[assignment]
-        stream_experts = False
+        if name != "numpy":
+            stream_experts = False
         tokenizer = tokenizer and share.head  # only rank 0 tokenizes
     if name == "numpy" and dtype not in (None, "float32"):
         raise UsageError(f"the NumPy backend computes in float32 (dtype {dtype!r} applies to MLX)")
@@ -305,9 +307,10 @@ def load(
         check_tokenizer_fits(tok, ckpt.args.vocab_size, ckpt.path)
     plan = None
     if check_memory or memory_budget is not None or stream_experts:
-        plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget, stream=stream_experts)
+        plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget, layout=layout,
+                           stream=stream_experts)
     if plan is not None and plan.streaming:
-        be = _streaming_backend(ckpt, name, plan, kv_dtype, prefetch, eviction)
+        be = _streaming_backend(ckpt, name, plan, kv_dtype, prefetch, eviction, layout, share, group)
     elif name == "numpy":
         from mlxtral.backends.numpy_backend import NumpyBackend
         from mlxtral.formats.native import native_tensors
@@ -336,14 +339,15 @@ def load(
 
 
 def _streaming_backend(ckpt: Checkpoint, name: str, plan: Any, kv_dtype: str | None, prefetch: bool,
-                       eviction: str) -> Any:
+                       eviction: str, whole_layout: Any = None, share: Any = None, group: Any = None) -> Any:
     """A backend whose experts stream through an expert cache of ``plan.cache_slots`` slots; the
-    other weights are read into this process's memory (not left as file pages)."""
+    other weights are read into this process's memory (not left as file pages). A rank of a group
+    streams its own experts only (``whole_layout()``: the whole file's layout)."""
     from mlxtral.expert_cache import ExpertCache, expert_layout, is_expert
     from mlxtral.expert_cache.reader import read_copy
     from mlxtral.qtensor import QTensor
 
-    layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path)
+    layout = expert_layout(ckpt.args, ckpt.tensors, ckpt.path) if whole_layout is None else whole_layout()
     experts = {n: q for n, q in ckpt.tensors.items() if is_expert(n)}
     k = ckpt.args.n_experts_per_tok
     # slots outside LFU's protected set: one layer's experts in use and the next one's read ahead
@@ -355,7 +359,8 @@ def _streaming_backend(ckpt: Checkpoint, name: str, plan: Any, kv_dtype: str | N
 
         cache = ExpertCache(layout, plan.cache_slots, expert_materializer(experts, ckpt.path),
                             prefetch=prefetch, policy=eviction, reserve=reserve)
-        be: Any = NumpyBackend(ckpt.args, rest, kv_dtype=kv_dtype or "float32", experts=cache)
+        be: Any = NumpyBackend(ckpt.args, rest, kv_dtype=kv_dtype or "float32", experts=cache, place=share,
+                               group=group)
     else:
         try:
             from mlxtral.backends.mlx_backend import MLXBackend

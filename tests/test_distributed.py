@@ -29,9 +29,15 @@ MLXTRAL = [str(Path(sys.executable).parent / "mlxtral")]
 LAUNCH = str(Path(sys.executable).parent / "mlx.launch")
 
 SCRIPT = """
-import sys, numpy as np, mlxtral
+import os, sys, numpy as np, mlxtral
 path, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
-m = mlxtral.load(path, backend="numpy", distributed=None if mode == "none" else mode, max_context=128)
+budget = os.environ.get("TEST_BUDGET")  # stream this rank's experts under this budget
+kw = dict(stream_experts=True, memory_budget=budget) if budget else {}
+m = mlxtral.load(path, backend="numpy", distributed=None if mode == "none" else mode, max_context=128, **kw)
+if budget:
+    plan = m.memory_plan
+    assert plan.streaming and 0 < plan.cache_slots < plan.n_experts_all, plan
+    assert plan.n_experts_all == (m.config.n_experts * m.config.n_layers) // 2, plan  # its half
 ids = [int(i) for i in sys.argv[4].split(",")]
 lg = m.logits(ids)
 s = m.new_session()
@@ -87,9 +93,10 @@ def _single(tmp_path: Path, model: Path, ids: list[int]) -> dict[str, np.ndarray
     return dict(np.load(out))
 
 
-def _distributed(tmp_path: Path, model: Path, ids: list[int], n: int, mode: str) -> dict[str, np.ndarray]:
+def _distributed(tmp_path: Path, model: Path, ids: list[int], n: int, mode: str, **env: str
+                 ) -> dict[str, np.ndarray]:
     out = tmp_path / f"{mode}{n}.npz"
-    r = _launch(n, [str(_script(tmp_path)), str(model), mode, str(out), ",".join(map(str, ids))])
+    r = _launch(n, [str(_script(tmp_path)), str(model), mode, str(out), ",".join(map(str, ids))], env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     return dict(np.load(out))
@@ -149,6 +156,14 @@ def test_demo_equals_single_process(tmp_path: Path, mode: str, n: int) -> None:
         pytest.skip(f"no demo model: {e}")
     ids = [1, 504, 3458, 282, 4649, 314]
     _same(_distributed(tmp_path, demo, ids, n, mode), _single(tmp_path, demo, ids))
+
+
+@pytest.mark.parametrize("mode", ["expert", "pipeline"])
+def test_streamed_experts_under_a_per_rank_budget(tmp_path: Path, bench_model: Path, mode: str) -> None:
+    """Each rank streams its own share of the experts through its expert cache (450 MB: a quarter of
+    its share fits); the numbers do not change."""
+    got = _distributed(tmp_path, bench_model, IDS, 2, mode, TEST_BUDGET="450MB")
+    _same(got, _single(tmp_path, bench_model, IDS))
 
 
 def test_dense_model_pipeline(tmp_path: Path, tiny_dense: Path) -> None:

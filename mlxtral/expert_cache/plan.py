@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlxtral import memory
@@ -100,7 +101,9 @@ def _expert_form_bytes(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> 
             n = 0
             for kind in ("gate", "up", "down"):
                 name = f"blk.{li}.ffn_{kind}.{e}.weight"
-                q = ckpt.tensors[name]
+                q = ckpt.tensors.get(name)
+                if q is None:  # another rank's expert (mlxtral.distributed)
+                    continue
                 if backend == "mlx" or q.qtype not in NATIVE_TYPES:
                     n += tensor_bytes(ckpt, name, q, backend, fb)
             worst = max(worst, n)
@@ -108,12 +111,16 @@ def _expert_form_bytes(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> 
 
 
 def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | None = None,
-                budget: int | str | None = None, layout: ExpertLayout | None = None,
+                budget: int | str | None = None,
+                layout: ExpertLayout | Callable[[], ExpertLayout] | None = None,
                 stream: bool | None = None) -> MemoryPlan:
     """Decide how ``ckpt`` runs on ``backend`` within ``budget`` (default: the memory available).
 
     ``stream``: None decides by size; True plans streaming even if the model fits (a MoE model);
-    False never streams. Raises :class:`OutOfMemoryError` when the plan does not fit."""
+    False never streams. Raises :class:`OutOfMemoryError` when the plan does not fit.
+
+    A rank of a group (:mod:`mlxtral.distributed`) passes ``ckpt`` with its share of the tensors
+    and ``layout`` (or a function making it) from the whole file: the plan is for its share."""
     from mlxtral.expert_cache.reader import slot_bytes
 
     given = parse_size(budget)
@@ -140,10 +147,12 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
         from mlxtral.expert_cache.layout import expert_layout
 
         layout = expert_layout(a, ckpt.tensors, ckpt.path)
+    elif callable(layout):
+        layout = layout()
     resident, _ = _weights(ckpt, backend, kv_dtype, keep=lambda n: not is_expert(n))
     experts_total, _ = _weights(ckpt, backend, kv_dtype, keep=is_expert)
     per = slot_bytes(layout) + _expert_form_bytes(ckpt, backend, kv_dtype)
-    n_all = a.n_layers * a.n_experts
+    n_all = sum(1 for n in ckpt.tensors if is_expert(n)) // 3  # the experts held here (a rank: its share)
     fixed = resident + full.kv_cache + full.working
     slots = min(max((limit - fixed) // per, 0), n_all)
     # the experts one layer needs at once: top-k for NumPy (a prefill runs a layer's experts in groups
