@@ -43,6 +43,13 @@ class ChatError(MlxtralError):
 class ContextOverflowError(MlxtralError):
     """A prompt or a conversation does not fit the context the model was loaded with."""
 
+    @classmethod
+    def tokens(cls, n: int, context: int) -> ContextOverflowError:
+        """``n`` positions asked of a KV cache of ``context``."""
+        from mlxtral.wording import plural
+
+        return cls(f"{plural(n, 'token')} do not fit the context of {context} (raise max_context)")
+
 
 class NumericalError(MlxtralError):
     """The model computed NaN or infinity (its weights hold NaN/Inf, or overflow float16)."""

@@ -184,9 +184,7 @@ class NumpyBackend:
         T = len(ids)
         p0 = cache.offset
         if p0 + T > cache.max_context:
-            raise ContextOverflowError(
-                f"{plural(p0 + T, 'token')} do not fit the context of {cache.max_context} (raise max_context)"
-            )
+            raise ContextOverflowError.tokens(p0 + T, cache.max_context)
         S = p0 + T
 
         def attention(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:

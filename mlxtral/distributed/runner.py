@@ -27,7 +27,6 @@ from mlxtral.distributed.group import DistributedError, Group, end_with
 from mlxtral.distributed.placement import Placement
 from mlxtral.distributed.protocol import FORWARD, RUNS, STATS, STOP, Command
 from mlxtral.errors import ContextOverflowError
-from mlxtral.wording import plural
 
 STAT_FIELDS = ("peak_rss_bytes", "comm_seconds", "comm_bytes", "forward_seconds")
 
@@ -127,8 +126,7 @@ class DistributedBackend:
         ids = [int(i) for i in ids]
         T, p0 = len(ids), cache.offset
         if p0 + T > cache.max_context:  # before anything is sent: the others never see it
-            raise ContextOverflowError(f"{plural(p0 + T, 'token')} do not fit the context of "
-                                       f"{cache.max_context} (raise max_context)")
+            raise ContextOverflowError.tokens(p0 + T, cache.max_context)
         frees = self._frees()
         fields = [cache.cid, cache.max_context, p0, T, int(all_logits), len(frees)]
         self._command(FORWARD, fields, ids + frees)
@@ -162,8 +160,7 @@ class ExpertParallelBackend(DistributedBackend):
         runs = [[int(t) for t in r] for r in runs]
         for r, c in zip(runs, caches, strict=True):
             if c.offset + len(r) > c.max_context:
-                raise ContextOverflowError(f"{plural(c.offset + len(r), 'token')} do not fit the context of "
-                                           f"{c.max_context} (raise max_context)")
+                raise ContextOverflowError.tokens(c.offset + len(r), c.max_context)
         frees = self._frees()
         head = [x for r, c in zip(runs, caches, strict=True)
                 for x in (c.cid, c.max_context, c.offset, len(r))]
