@@ -283,3 +283,35 @@ def test_a_hung_rank_ends_the_others_after_the_timeout(tmp_path: Path, tiny_moe:
     finally:
         ranks[1].send_signal(signal.SIGKILL)
         ranks[1].wait(30)
+
+
+def test_placement_splits() -> None:
+    from mlxtral.distributed.placement import place
+    from mlxtral.errors import UsageError
+
+    moe = tm.tiny_args(8, n_layers=6)
+    shares = [place("expert", r, 3, moe) for r in range(3)]
+    assert [list(s.experts) for s in shares] == [[0, 1], [2, 3, 4], [5, 6, 7]]  # contiguous, +-1
+    assert all(s.layers == range(6) for s in shares) and [s.head for s in shares] == [True, False, False]
+    assert shares[1].holds("blk.0.ffn_up.3.weight") and not shares[1].holds("blk.0.ffn_up.5.weight")
+    assert all(s.holds("blk.5.attn_q.weight") and s.holds("output.weight") for s in shares)
+    pipe = [place("pipeline", r, 4, moe) for r in range(4)]
+    assert [list(s.layers) for s in pipe] == [[0], [1, 2], [3], [4, 5]]
+    assert pipe[0].holds("token_embd.weight") and not pipe[1].holds("token_embd.weight")
+    assert pipe[1].holds("blk.2.ffn_gate.7.weight") and not pipe[1].holds("blk.3.ffn_gate.7.weight")
+    assert [(s.prev, s.next) for s in pipe] == [(3, 1), (0, 2), (1, 3), (2, 0)]  # round the ring
+    with pytest.raises(UsageError, match="at most one rank per expert"):
+        place("expert", 0, 9, moe)
+    with pytest.raises(UsageError, match="at most one rank per layer"):
+        place("pipeline", 0, 7, moe)
+    with pytest.raises(UsageError, match="dense model"):
+        place("expert", 0, 2, tm.tiny_args(0))
+
+
+def test_stderr_filter_drops_only_mlx_retries() -> None:
+    from mlxtral.distributed.group import _mlx_retry
+
+    assert _mlx_retry(b"[ring] Socket 8 was closed by the peer")
+    assert _mlx_retry(b"\x1b[33m[ring] Too many send/recv errors. Failing pending tasks...")
+    assert not _mlx_retry(b"error: rank 1: lost the other ranks")
+    assert not _mlx_retry(b"  File \"x.py\", line 1, in <module> [ring]")
