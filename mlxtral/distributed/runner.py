@@ -31,6 +31,10 @@ from mlxtral.errors import ContextOverflowError
 STAT_FIELDS = ("peak_rss_bytes", "comm_seconds", "comm_bytes", "forward_seconds")
 
 
+def _why(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
 class DistCache:
     """Rank 0's handle on a KV cache every rank keeps."""
 
@@ -105,7 +109,7 @@ class DistributedBackend:
         try:
             protocol.send(self.group, Command(op, fields, np.asarray(payload, dtype=np.int32)))
         except BaseException as e:
-            self._broken = f"the group ended ({' '.join(str(e).split())[:200]})"
+            self._broken = f"the group ended ({_why(e)})"
             raise
 
     def _guarded(self, fn: Any) -> Any:
@@ -117,7 +121,7 @@ class DistributedBackend:
         try:
             return fn()
         except BaseException as e:
-            self._broken = f"the group ended after an error ({' '.join(str(e).split())[:200]})"
+            self._broken = f"the group ended after an error in a forward ({_why(e)}); start the ranks again"
             raise
         finally:
             self.forward_seconds += time.perf_counter() - t0
