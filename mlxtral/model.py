@@ -273,7 +273,7 @@ def load(
         raise UsageError(f"max_context must be >= 1, got {max_context}")
     if max_context > model_ctx:
         raise UsageError(f"max_context {max_context} exceeds the model's context length {model_ctx}")
-    group = share = layout = None
+    group = share = layout = whole_info = None
     if distributed is not None:
         from mlxtral.distributed.setup import join
         from mlxtral.expert_cache.layout import expert_layout
@@ -284,6 +284,7 @@ def load(
                         experts_per_token=ckpt.args.n_experts_per_tok)
         group, share = join(ckpt, distributed, settings)
         whole, args = dict(ckpt.tensors), ckpt.args
+        whole_info = {n: q.info() for n, q in whole.items()}  # the whole file, for figures per token
         layout = functools.cache(lambda: expert_layout(args, whole, ckpt.path))  # the file's experts
         ckpt.tensors = {n: q for n, q in ckpt.tensors.items() if share.holds(n)}  # type: ignore[assignment]
         if name != "numpy":
@@ -333,6 +334,7 @@ def load(
         if not share.head:
             follow(be, group, share)  # never returns
         be = leader(be, group, share)
+        ckpt.tensors = whole_info  # type: ignore[assignment]
     model = Model(ckpt, be, tok, max_context)
     model.memory_plan = plan
     return model

@@ -136,7 +136,15 @@ class NumpyBackend:
         self.mapped_files = files_backing(q.data for q in tensors.values())  # checked before each forward
         self.embed = tensors.get("token_embd.weight")
         self.output = tensors.get("output.weight", self.embed)
-        self.norm = _f32(tensors["output_norm.weight"]) if self.head else None
+        # expert parallel: every rank projects its slice of the vocabulary (rank 0 alone would
+        # read the whole output matrix per token while the others wait); pipeline: rank 0 alone
+        self.vocab: slice | None = None
+        if place is not None and place.mode == "expert" and place.size > 1 and self.output is not None:
+            V = args.vocab_size
+            self.vocab = slice(place.rank * V // place.size, (place.rank + 1) * V // place.size)
+            o, n = self.output, self.vocab.stop - self.vocab.start
+            self.output = QTensor(o.qtype, (n, *o.shape[1:]), o.data[self.vocab])  # [V/n, dim] rows
+        self.norm = _f32(tensors["output_norm.weight"]) if self.head or self.vocab is not None else None
         self.layers = build_layers(args, tensors, experts=experts is None, place=place)
         self.kv_dtype = np.dtype(kv_dtype)
         # the table covers the contexts caches are made for (new_cache grows it), not the file's
@@ -170,7 +178,7 @@ class NumpyBackend:
     def _forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
         p0 = cache.offset
         h = self.hidden(ids, cache)  # [T, dim]
-        if not self.head:  # another rank of a group computes the logits
+        if self.norm is None:  # another rank of a group computes the logits
             return np.empty(0, dtype=np.float32)
         if not all_logits:
             return self.logits(h[-1:], cache.offset)[0]  # [vocab]
@@ -201,8 +209,13 @@ class NumpyBackend:
     def logits(self, h: np.ndarray, pos: int) -> np.ndarray:
         """Final norm and output projection: h [T, dim] -> [T, vocab] float32; ``pos`` (1-based)
         names the first position in the one-line error NaN/Inf logits raise."""
-        out = ops.linear(ops.rms_norm(h, self.norm, self.args.norm_eps), self.output)  # [T, vocab]
-        check_logits(out, pos)  # NaN/Inf weights: one line, not a sampler's error
+        out = ops.linear(ops.rms_norm(h, self.norm, self.args.norm_eps), self.output)  # [T, vocab or slice]
+        if self.vocab is not None:  # each rank's slice, the rest 0: one exact sum gives every logit
+            full = np.zeros((h.shape[0], self.args.vocab_size), dtype=np.float32)  # [T, vocab]
+            full[:, self.vocab] = out
+            out = self.group.all_sum(full, "the logits")  # type: ignore[union-attr]
+        if self.head:
+            check_logits(out, pos)  # NaN/Inf weights: one line, not a sampler's error
         return out
 
     def forward_batch(self, ids: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
