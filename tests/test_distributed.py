@@ -47,7 +47,7 @@ for r in m.stream(ids, max_tokens=12, temperature=0, session=s):
     parts.append(r.token)
 text = m.generate(ids[:3], max_tokens=6, temperature=1.0, seed=7)  # sampled once, on rank 0
 np.savez(out, logits=lg, greedy=np.array([t for t in parts if t is not None], dtype=np.int64),
-         sampled=np.array(text, dtype=str))
+         sampled=np.array(text, dtype=str), counts=m.expert_counts())
 m.close()
 """
 
@@ -106,6 +106,7 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(a["logits"], b["logits"])  # bit for bit
     np.testing.assert_array_equal(a["greedy"], b["greedy"])
     assert str(a["sampled"]) == str(b["sampled"])
+    np.testing.assert_array_equal(a["counts"], b["counts"])  # every layer's routing, whoever ran it
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import numpy as np
 from mlxtral.distributed import pipeline, protocol
 from mlxtral.distributed.group import DistributedError, Group, end_with
 from mlxtral.distributed.placement import Placement
-from mlxtral.distributed.protocol import FORWARD, RUNS, STATS, STOP, Command
+from mlxtral.distributed.protocol import COUNTS, FORWARD, RUNS, STATS, STOP, Command
 from mlxtral.errors import ContextOverflowError
 
 STAT_FIELDS = ("peak_rss_bytes", "comm_seconds", "comm_bytes", "forward_seconds")
@@ -89,7 +89,13 @@ class DistributedBackend:
 
     @property
     def expert_counts(self) -> Any:
-        return getattr(self.backend, "expert_counts", None)
+        """Tokens per expert [L, E]: rank 0's own (every rank routes every layer) in expert
+        parallel; in pipeline parallel each rank routes its layers, summed here."""
+        mine = getattr(self.backend, "expert_counts", None)
+        if mine is None or self.place.mode != "pipeline" or self._broken is not None:
+            return mine
+        self._command(COUNTS, [], [])
+        return _sum_counts(self.group, self.backend)
 
     def peak_memory(self) -> int:
         return int(self.backend.peak_memory())
@@ -182,6 +188,11 @@ def leader(backend: Any, group: Group, place: Placement) -> DistributedBackend:
     return DistributedBackend(backend, group, place)
 
 
+def _sum_counts(group: Group, be: Any) -> np.ndarray:
+    c = np.asarray(be.expert_counts)  # [L, E]
+    return group.all_sum(np.minimum(c, 2**31 - 1).astype(np.int32), "gathering statistics").astype(np.int64)
+
+
 def _gather_stats(group: Group, be: Any) -> np.ndarray:
     from mlxtral.rss import peak_rss
 
@@ -225,6 +236,9 @@ class _Follower:
                 return
             if cmd.op == STATS:
                 _gather_stats(self.group, self)
+                continue
+            if cmd.op == COUNTS:
+                _sum_counts(self.group, self.backend)
                 continue
             if cmd.op == FORWARD:
                 cid, ctx, off, T, all_logits, n_free = f[:6]
