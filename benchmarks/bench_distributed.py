@@ -1,0 +1,656 @@
+#!/usr/bin/env python3
+"""2 ranks (mx.distributed, ring backend) against 1 process on this host, and 2 machines estimated.
+
+The overhead of expert- and pipeline-parallel runs, the bytes each rank reads and sends, each
+rank's memory, and what two machines of this kind would give.
+
+    python benchmarks/bench_distributed.py                      # bench model, expert + pipeline, 3 rounds
+    python benchmarks/bench_distributed.py --demo --rounds 5 --json
+
+Configurations (each in its own processes, one launch per round, alternating order):
+``single``: 1 process, ``--threads`` (2) kernel threads; ``expert`` / ``pipeline``: 2 ranks on the
+ring backend, 1 thread each (pinned to disjoint cores by mlxtral), started as ``mlx.launch -n 2
+--backend ring`` starts them but without its output relay, which spins (``--launcher mlx`` uses
+``mlx.launch`` itself; see ``_launch_direct``).
+
+What is measured is what a user gets: ``model.stream`` on a fresh session, random prompt ids (BOS
+first, ``--pp`` tokens), sampling at temperature 1 with a seed, ``--tg`` tokens. Prefill tok/s is
+the stream's own ``prompt_tps``; decode tok/s is the wall clock between the first and the last
+streamed token (forward + sampler + detokenizer + loop). Best of ``--repeat`` per launch, median of
+the per-round ratios across ``--rounds``. Per rank, from ``model.backend.stats()`` (snapshots
+around the decode; the cost of a snapshot itself is measured and subtracted): peak RSS (VmHWM),
+time in collectives per decode token (on one host this includes waiting for the other rank to
+finish its share: an upper bound on communication), bytes each rank puts into collectives per
+token. The number of collectives per token is counted on rank 0 (every collective has rank 0 in it).
+Memory: besides VmHWM, the driver samples each process's ``/proc/PID/smaps`` twice a second: the
+resident pages of the model file (against the share of the file the rank maps) and the anonymous
+memory (Python, buffers, KV cache); the rest of the RSS is shared libraries.
+
+Weight bytes each rank reads per decode token (from the file's tensor sizes and the routing seen
+during the decode, ``model.expert_counts()`` after every token)::
+
+    layer(l)         = attn_norm + attn_q/k/v/output + ffn_norm + ffn_gate_inp   (of layer l)
+    expert(l, e)     = ffn_gate.e + ffn_up.e + ffn_down.e                        (of layer l)
+    used(t, l, e)    = 1 if token t routed to expert e in layer l, else 0
+    head             = output_norm + output (the logits matrix: rank 0 in pipeline parallel; in
+                       expert parallel each rank its 1/n of the rows, the vocabulary split)
+    embed            = token_embd / vocab (one row; every rank that embeds)
+    bytes(r, t)      = sum over the layers l rank r holds of
+                           layer(l) + sum over the experts e rank r holds of used(t, l, e) * expert(l, e)
+                       + head (rank 0; expert parallel: head / n on every rank)
+                       + embed (rank 0; expert parallel: every rank)
+
+averaged over the decode tokens. Pipeline: rank 0 routes only its own layers, so the other layers
+count every expert at k/E per token (the same bytes when a layer's experts are equal in size, as
+in every Mixtral file). KV-cache reads are not weights and are left out. Expert parallel
+syncs every layer, so a token's time follows the slower rank of each layer: the *critical path* is
+``sum_l max_r(layer(l) + rank r's used experts of l) + head + embed``. Pipeline runs its ranks one
+after the other: its critical path is the sum over ranks, the single process's bytes.
+
+Two machines of this kind (each with this host's 2 cores and memory bus), decode::
+
+    B       = single-process bytes/token * single-process decode tok/s   (this host's effective bandwidth)
+    compute = critical-path bytes / B
+    comm    = collectives/token * latency + bytes on the link/token * 8 / link bit rate
+    tok/s   = 1 / (compute + comm)
+
+with latency ~100 us per collective round trip on 1 Gb/s and ~30 us on 10 Gb/s. Bytes on the link:
+expert parallel's all_sum between 2 ranks moves each rank's array both ways at once (full duplex),
+so the larger per-rank figure; pipeline's hops run one after the other, so the sum over ranks.
+Prefill (compute-bound) scales the single process's time by the largest rank's share of the work
+(weight bytes x tokens, from the prefill's routing; pipeline: x (m + n - 1) / m for m micro-batches
+on n ranks) and adds the same communication terms for the prefill's collectives and bytes.
+
+Target (issue 17): on one host, 2 ranks >= 0.8x one process; each rank's RSS about its share
+(weights it holds + its KV cache).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve()
+MAKER = HERE.parents[2] / "shared" / "bench" / "make_moe_gguf.py"
+LAUNCH = Path(sys.executable).with_name("mlx.launch")
+CONFIGS = ("single", "expert", "pipeline")
+BUSY = ("bench_serve", "bench_vs_llamacpp")  # other heavy benchmarks: wait while they run
+THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+LINKS = ((1e9, 100e-6, "1 Gb/s"), (10e9, 30e-6, "10 Gb/s"))  # bit rate, latency per collective
+
+
+# ---- the byte model ------------------------------------------------------------------------------
+def tensor_bytes(model: str) -> tuple[Any, dict[str, int]]:
+    """(ModelArgs, every tensor's size in the file) from the header alone."""
+    from mlxtral.formats.detect import open_checkpoint
+
+    ck = open_checkpoint(Path(model))
+    return ck.args, {n: int(q.nbytes) for n, q in ck.tensors.items()}
+
+
+def _expert_name(name: str) -> tuple[int, int] | None:
+    from mlxtral.distributed.placement import _EXPERT
+
+    m = _EXPERT.match(name)
+    return None if m is None else (int(m.group(1)), int(m.group(2)))
+
+
+def byte_parts(args: Any, sizes: dict[str, int]) -> dict[str, Any]:
+    """layer[l], expert[l][e], head and embed bytes (see the module's docstring)."""
+    import re
+
+    L, E = args.n_layers, max(args.n_experts, 1)
+    layer, expert = [0] * L, [[0] * E for _ in range(L)]
+    blk = re.compile(r"^blk\.(\d+)\.")
+    head = embed = 0
+    for name, n in sizes.items():
+        le = _expert_name(name)
+        if le is not None:
+            expert[le[0]][le[1]] += n
+        elif (m := blk.match(name)) is not None:
+            if re.match(r"^blk\.\d+\.ffn_(gate|up|down)\.weight$", name):  # a dense FFN: "expert 0"
+                expert[int(m.group(1))][0] += n
+            else:
+                layer[int(m.group(1))] += n
+        elif name.startswith("token_embd"):
+            embed = n // args.vocab_size
+            if args.tie_word_embeddings:
+                head += n
+        else:
+            head += n  # output_norm, output
+    return {"layer": layer, "expert": expert, "head": head, "embed": embed}
+
+
+def placements(mode: str, size: int, args: Any) -> list[Any]:
+    from mlxtral.distributed.placement import place
+
+    if mode == "single":
+        return [place("pipeline", 0, 1, args)]  # every layer and expert
+    return [place(mode, r, size, args) for r in range(size)]
+
+
+def rank_bytes(parts: dict[str, Any], places: list[Any], used: Any) -> tuple[list[float], float]:
+    """Per-rank mean weight bytes per token and the critical path, from ``used`` [T, L, E] (0/1 or
+    counts per token)."""
+    import numpy as np
+
+    used = np.array(used, dtype=np.float64)  # [T, L, E]
+    T = max(used.shape[0], 1)
+    seen = used.sum(axis=(0, 2)) > 0  # [L] pipeline: rank 0 routes its own layers only
+    if seen.any() and not seen.all():  # the others': every expert at (tokens x k) / E
+        used[:, ~seen, :] = (used[:, seen, :].sum(-1).mean(-1) / used.shape[2])[:, None, None]
+    layer = np.asarray(parts["layer"], dtype=np.float64)  # [L]
+    expert = np.asarray(parts["expert"], dtype=np.float64)  # [L, E]
+    per = []  # [R] of [T, L]: each rank's bytes per token and layer
+    for p in places:
+        mask_l = np.zeros(len(layer))
+        mask_l[list(p.layers)] = 1.0
+        mask_e = np.zeros(expert.shape[1])
+        mask_e[list(p.experts)] = 1.0
+        per.append(mask_l * (layer + (used * expert * mask_e).sum(-1)))  # [T, L]
+    n = len(places)
+    # expert parallel: each rank projects 1/n of the vocabulary; pipeline: rank 0 the whole output
+    whole = parts["head"] + parts["embed"]
+    extra = [parts["head"] / n + parts["embed"] if p.mode == "expert" else whole * p.head for p in places]
+    means = [float(b.sum() / T) + x for b, x in zip(per, extra, strict=True)]
+    if places[0].mode == "expert" and len(places) > 1:
+        crit = float(np.maximum.reduce(per).sum() / T) + max(extra)
+    else:
+        crit = sum(means)
+    return means, crit
+
+
+def held_bytes(sizes: dict[str, int], place: Any, kv_bytes_per_layer: int) -> int:
+    """What a rank holds: the tensors it needs plus the KV cache of its layers."""
+    return file_share(sizes, place) + kv_bytes_per_layer * len(place.layers)
+
+
+def file_share(sizes: dict[str, int], place: Any) -> int:
+    """Bytes of the file's tensors a rank maps (the ones it needs)."""
+    return sum(n for name, n in sizes.items() if place.holds(name))
+
+
+# ---- one launch (runs on every rank: --worker) ---------------------------------------------------
+def worker(model: str, mode: str, pp: int, tg: int, threads: int, repeat: int) -> dict:
+    import mlx.core  # noqa: F401 - in the baseline RSS on every configuration
+    import numpy as np
+
+    import mlxtral
+    from mlxtral.backends import kernels
+    from mlxtral.distributed import group as dgroup
+    from mlxtral.rss import peak_rss
+
+    base_rss = peak_rss()
+    calls = [0]  # collectives this process took part in (rank 0 takes part in all of them)
+    run = dgroup.Group._run
+
+    def counted(self: Any, *a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        return run(self, *a, **k)
+
+    dgroup.Group._run = counted  # type: ignore[method-assign]
+    kernels.set_num_threads(threads)
+    ctx = pp + tg + 8
+    t0 = time.perf_counter()
+    m = mlxtral.load(model, backend="numpy", max_context=ctx, distributed=None if mode == "single" else mode)
+    load_s = time.perf_counter() - t0  # the other ranks never get here: they follow rank 0
+    be = m.backend
+    dist = hasattr(be, "stats")
+    vocab = min(m.config.vocab_size, m.tokenizer.vocab_size)
+    rng = np.random.default_rng(0)
+
+    def snap() -> np.ndarray | None:  # [R, 4] every rank's counters
+        if not dist:
+            return None
+        from mlxtral.distributed.runner import STAT_FIELDS
+
+        return np.array([[s[f] for f in STAT_FIELDS] for s in be.stats()])
+
+    def counts() -> np.ndarray:
+        return np.array(m.expert_counts(), dtype=np.int64, copy=True)  # [L, E]
+
+    warm = [1] + rng.integers(3, vocab, pp - 1).tolist()  # compiles / loads every kernel on every rank
+    for _ in m.stream(warm, max_tokens=4, temperature=1.0, seed=0, session=m.new_session()):
+        pass
+    a, c_a = snap(), calls[0]
+    b, c_b = snap(), calls[0]
+    snap_cost = None if a is None else b - a  # one snapshot's own collectives, subtracted below
+    snap_calls = c_b - c_a
+    runs = []
+    for rep in range(repeat):
+        prompt = [1] + rng.integers(3, vocab, pp - 1).tolist()
+        s0, k0, n0 = snap(), counts(), calls[0]
+        times: list[float] = []
+        per_tok: list[np.ndarray] = []
+        s1 = k1 = None
+        n1 = 0
+        stats = None
+        for r in m.stream(prompt, max_tokens=tg, temperature=1.0, seed=rep, session=m.new_session()):
+            if r.token is not None:
+                if not times:  # the prefill is done (and the first token sampled)
+                    s1, n1 = snap(), calls[0]
+                    k1 = counts()
+                per_tok.append(counts())
+                times.append(time.perf_counter())
+            if r.stats is not None:
+                stats = r.stats
+        s2, n2 = snap(), calls[0]
+        n_dec = len(times) - 1
+        row: dict[str, Any] = {
+            "pp_tok_s": stats.prompt_tps if stats is not None else 0.0,
+            "tg_tok_s": n_dec / (times[-1] - times[0]) if n_dec > 0 else 0.0,
+            "decode_tokens": n_dec,
+            "prefill_used": (k1 - k0).tolist(),  # [L, E] tokens per expert in the prefill
+            "decode_used": np.diff(np.stack(per_tok), axis=0).tolist(),  # [n_dec, L, E]
+            "decode_collectives": (n2 - n1 - snap_calls) / max(n_dec, 1),
+            "prefill_collectives": n1 - n0 - snap_calls,
+        }
+        if s0 is not None:
+            dec = (s2 - s1 - snap_cost) / max(n_dec, 1)  # [R, 4] per decode token
+            pre = s1 - s0 - snap_cost
+            row["decode_comm_s"] = dec[:, 1].tolist()
+            row["decode_comm_bytes"] = dec[:, 2].tolist()
+            row["decode_forward_s"] = dec[:, 3].tolist()
+            row["prefill_comm_s"] = pre[:, 1].tolist()
+            row["prefill_comm_bytes"] = pre[:, 2].tolist()
+        runs.append(row)
+    best = max(runs, key=lambda r: r["tg_tok_s"])
+    out = dict(best, pp_tok_s=max(r["pp_tok_s"] for r in runs))
+    rss = [float(x) for x in snap()[:, 0]] if dist else [float(peak_rss())]
+    m.close()
+    return {"config": mode, "threads": threads, "load_s": round(load_s, 2), "base_rss": base_rss,
+            "peak_rss": rss, **out}
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+def ensure_model(path: Path) -> Path:
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    print(f"building {path} (make_moe_gguf.py --type q4_0) ...", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, str(MAKER), str(tmp), "--type", "q4_0"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp.rename(path)
+    return path
+
+
+def wait_quiet(max_wait: float) -> float:
+    """Seconds waited for the other heavy benchmarks (pgrep) to end, at most ``max_wait``."""
+    t0 = time.monotonic()
+    said = False
+    while time.monotonic() - t0 < max_wait:
+        busy = [n for n in BUSY if subprocess.run(["pgrep", "-f", n], capture_output=True).returncode == 0]
+        if not busy:
+            break
+        if not said:
+            print(f"waiting for {', '.join(busy)} to finish ...", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(10)
+    return round(time.monotonic() - t0, 1)
+
+
+def _last_json(out: str) -> dict:
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON in output: {out[-500:]}")
+
+
+class MemorySampler:
+    """Twice a second, each process's resident pages of the model file and its anonymous memory
+    (``/proc/PID/smaps``), kept at their peaks: a rank's RSS split into its share of the file and
+    the rest (libraries, Python, buffers, KV cache)."""
+
+    def __init__(self, pids: list[int], model: Path) -> None:
+        import threading
+
+        self.pids, self.model = pids, str(model.resolve())
+        self.file = [0] * len(pids)
+        self.anon = [0] * len(pids)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self, pid: int) -> tuple[int, int]:
+        f = a = 0
+        path = ""
+        try:
+            with open(f"/proc/{pid}/smaps", encoding="ascii", errors="replace") as fh:
+                for line in fh:
+                    head, _, rest = line.partition(" ")
+                    if "-" in head and ":" not in head:  # a mapping's first line
+                        parts = line.split(None, 5)
+                        path = parts[5].strip() if len(parts) > 5 else ""
+                    elif head == "Rss:" and path == self.model:
+                        f += int(rest.split()[0]) * 1024
+                    elif head == "Anonymous:":
+                        a += int(rest.split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        return f, a
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for i, pid in enumerate(self.pids):
+                f, a = self._read(pid)
+                self.file[i], self.anon[i] = max(self.file[i], f), max(self.anon[i], a)
+
+    def stop(self) -> dict[str, list[int]]:
+        self._stop.set()
+        self._thread.join()
+        return {"file_rss": self.file, "anon_rss": self.anon}
+
+
+def run_config(model: Path, config: str, a: argparse.Namespace, port: int) -> dict:
+    threads = a.threads if config == "single" else 1
+    env = dict(os.environ, **{k: str(threads) for k in THREAD_VARS})
+    cmd = [sys.executable, str(HERE), "--worker", str(model), "--config", config, "--pp", str(a.pp),
+           "--tg", str(a.tg), "--threads", str(threads), "--repeat", str(a.repeat)]
+    if config == "single":
+        return _run_ranks(cmd, [env], model, a)
+    if a.launcher == "direct":
+        return _launch_direct(cmd, env, model, a, port)
+    cmd = [str(LAUNCH), "-n", str(a.ranks), "--backend", "ring", "--starting-port", str(port),
+           *[f"--env={k}={threads}" for k in THREAD_VARS], "--", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise RuntimeError(f"{config} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return _last_json(r.stdout)
+
+
+def _run_ranks(cmd: list[str], envs: list[dict[str, str]], model: Path, a: argparse.Namespace) -> dict:
+    """One process per environment, their memory sampled; rank 0's JSON with the samples."""
+    pipe = subprocess.PIPE
+    procs: list[subprocess.Popen] = []
+    try:
+        for env in envs:
+            procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True,
+                                          env=env))
+        mem = MemorySampler([p.pid for p in procs], model)
+        outs = [p.communicate(timeout=a.timeout) for p in procs]
+        sampled = mem.stop()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    bad = [(r, p.returncode, outs[r][1]) for r, p in enumerate(procs) if p.returncode != 0]
+    if bad:
+        raise RuntimeError("; ".join(f"rank {r} failed ({c}): {err[-1500:]}" for r, c, err in bad))
+    return {**_last_json(outs[0][0]), **sampled}
+
+
+def _launch_direct(cmd: list[str], env: dict[str, str], model: Path, a: argparse.Namespace,
+                   port: int) -> dict:
+    """The ranks as ``mlx.launch -n N --backend ring`` starts them on this host (a ring hostfile in
+    ``MLX_HOSTFILE``, ``MLX_RANK``), without its I/O relay: in mlx 0.32 that relay polls each
+    rank's always-writable stdin pipe with ``select`` in a loop and keeps ~40% of a core busy, which
+    on a 2-core host is taken from the ranks (``--launcher mlx`` measures with it)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="mlxtral-ring-", delete=False) as f:
+        json.dump([[f"127.0.0.1:{port + r}"] for r in range(a.ranks)], f)
+    try:
+        envs = [dict(env, MLX_RANK=str(r), MLX_HOSTFILE=f.name) for r in range(a.ranks)]
+        return _run_ranks(cmd, envs, model, a)
+    finally:
+        os.unlink(f.name)
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "?"
+    f = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+    virt = f.get("Hypervisor vendor", "bare metal")
+    return f"{f.get('Model name', '?')}, {f.get('CPU(s)', '?')} CPUs, {virt}"
+
+
+def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
+    """Medians of the per-round ratios, the byte model, the RSS shares and the two-machine estimates."""
+    import numpy as np
+
+    from mlxtral.distributed.pipeline import micro_batch
+
+    args, sizes = tensor_bytes(model)
+    parts = byte_parts(args, sizes)
+    ctx = a.pp + a.tg + 8
+    kv_layer = 2 * ctx * args.n_kv_heads * args.head_dim * 4  # float32 K and V of one layer
+    out: dict[str, Any] = {}
+    single = [r["single"] for r in rounds]
+    s_tg = statistics.median(r["tg_tok_s"] for r in single)
+    s_pp = statistics.median(r["pp_tok_s"] for r in single)
+    used_single = [np.asarray(r["decode_used"]) for r in single]
+    s_bytes = statistics.median(rank_bytes(parts, placements("single", 1, args), u)[1] for u in used_single)
+    bw = s_bytes * s_tg  # bytes/s this host's single process reads
+    s_place = placements("single", 1, args)[0]
+    s_held = held_bytes(sizes, s_place, kv_layer)
+
+    def _memory(rs: list[dict], places: list[Any]) -> dict[str, Any]:
+        if not all("file_rss" in r for r in rs):
+            return {}
+        return {"file_rss_mb": [round(x / 2**20, 1) for x in np.max([r["file_rss"] for r in rs], axis=0)],
+                "file_share_mb": [round(file_share(sizes, p) / 2**20, 1) for p in places],
+                "anon_rss_mb": [round(x / 2**20, 1) for x in np.max([r["anon_rss"] for r in rs], axis=0)],
+                "kv_mb": [round(kv_layer * len(p.layers) / 2**20, 1) for p in places]}
+
+    out["single"] = {"tg_tok_s": round(s_tg, 2), "pp_tok_s": round(s_pp, 1), **_memory(single, [s_place]),
+                     "bytes_per_token": round(s_bytes), "effective_gb_s": round(bw / 1e9, 3),
+                     "peak_rss_mb": [round(max(r["peak_rss"][0] for r in single) / 2**20, 1)],
+                     "held_mb": [round(s_held / 2**20, 1)],
+                     "base_rss_mb": round(statistics.median(r["base_rss"] for r in single) / 2**20, 1)}
+    for mode in ("expert", "pipeline"):
+        rs = [r[mode] for r in rounds if mode in r]
+        if not rs:
+            continue
+        places = placements(mode, a.ranks, args)
+        tg_ratio = [r[mode]["tg_tok_s"] / r["single"]["tg_tok_s"] for r in rounds if mode in r]
+        pp_ratio = [r[mode]["pp_tok_s"] / r["single"]["pp_tok_s"] for r in rounds if mode in r]
+        byte_rows = [rank_bytes(parts, places, np.asarray(r["decode_used"])) for r in rs]
+        means = np.median([b[0] for b in byte_rows], axis=0).tolist()
+        crit = statistics.median(b[1] for b in byte_rows)
+        comm_b = np.median([r["decode_comm_bytes"] for r in rs], axis=0).tolist()
+        comm_s = np.median([r["decode_comm_s"] for r in rs], axis=0).tolist()
+        fwd_s = np.median([r["decode_forward_s"] for r in rs], axis=0).tolist()
+        n_coll = statistics.median(r["decode_collectives"] for r in rs)
+        pre_b = np.median([r["prefill_comm_bytes"] for r in rs], axis=0).tolist()
+        pre_coll = statistics.median(r["prefill_collectives"] for r in rs)
+        held = [held_bytes(sizes, p, kv_layer) for p in places]
+        rss = np.max([r["peak_rss"] for r in rs], axis=0).tolist()
+        link_b = max(comm_b) if mode == "expert" else sum(comm_b)
+        pre_link_b = max(pre_b) if mode == "expert" else sum(pre_b)
+        # prefill work per rank: weight bytes x tokens (a proxy for the FLOPs); pre_used sums the
+        # prompt's tokens, so rank_bytes counts each layer once: add the other pp - 1 times
+        pre_used = np.median([np.asarray(r["prefill_used"], dtype=np.float64) for r in rs], axis=0)[None]
+        lay = np.asarray(parts["layer"], dtype=np.float64)  # [L]
+        work = [w + float(lay[list(p.layers)].sum()) * (a.pp - 1)
+                for w, p in zip(rank_bytes(parts, places, pre_used)[0], places, strict=True)]
+        s_work = rank_bytes(parts, placements("single", 1, args), pre_used)[0][0]
+        s_work += float(lay.sum()) * (a.pp - 1)
+        share = max(work) / s_work
+        if mode == "pipeline":
+            mb = micro_batch(a.pp, a.ranks)
+            chunks = -(-a.pp // mb)
+            share *= (chunks + a.ranks - 1) / chunks
+        est = []
+        for rate, lat, name in LINKS:
+            compute = crit / bw
+            comm = n_coll * lat + link_b * 8 / rate
+            pre_compute = a.pp / s_pp * share
+            pre_comm = pre_coll * lat + pre_link_b * 8 / rate
+            est.append({"link": name, "latency_us": lat * 1e6, "compute_ms": round(compute * 1e3, 3),
+                        "comm_ms": round(comm * 1e3, 3), "tg_tok_s": round(1 / (compute + comm), 2),
+                        "pp_compute_ms": round(pre_compute * 1e3, 2), "pp_comm_ms": round(pre_comm * 1e3, 2),
+                        "pp_tok_s": round(a.pp / (pre_compute + pre_comm), 1)})
+        for e in est:
+            e["tg_vs_single"] = round(e["tg_tok_s"] / s_tg, 2)
+            e["pp_vs_single"] = round(e["pp_tok_s"] / s_pp, 2)
+        out[mode] = {
+            "tg_tok_s": round(statistics.median(r["tg_tok_s"] for r in rs), 2),
+            "pp_tok_s": round(statistics.median(r["pp_tok_s"] for r in rs), 1),
+            "tg_ratios": [round(x, 3) for x in tg_ratio], "tg_ratio": round(statistics.median(tg_ratio), 3),
+            "pp_ratios": [round(x, 3) for x in pp_ratio], "pp_ratio": round(statistics.median(pp_ratio), 3),
+            "bytes_per_token": [round(x) for x in means], "critical_bytes_per_token": round(crit),
+            "head_bytes": parts["head"],
+            "comm_ms_per_token": [round(x * 1e3, 3) for x in comm_s],
+            "forward_ms_per_token": [round(x * 1e3, 3) for x in fwd_s],
+            "comm_bytes_per_token": [round(x) for x in comm_b], "collectives_per_token": n_coll,
+            "prefill_comm_bytes": [round(x) for x in pre_b], "prefill_collectives": pre_coll,
+            "prefill_work_share": round(share, 3),
+            "peak_rss_mb": [round(x / 2**20, 1) for x in rss], "held_mb": [round(h / 2**20, 1) for h in held],
+            "rss_vs_held": [round(x / h, 2) for x, h in zip(rss, held, strict=True)],
+            **_memory(rs, places),
+            "two_machines": est,
+        }
+    return out
+
+
+def _mb(xs: list[float], scale: float = 1e6, fmt: str = ".1f") -> str:
+    return " / ".join(f"{x / scale:{fmt}}" for x in xs)
+
+
+def link_bytes(d: dict, key: str, mode: str) -> float:
+    """Bytes on the link: expert parallel's all_sum runs both ways at once, pipeline's hops in turn."""
+    return max(d[key]) if mode == "expert" else sum(d[key])
+
+
+def print_report(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=None if sys.stdout.isatty() else 160)
+    con.print(f"CPU: {doc['cpu']}; load average {doc['load_avg']}")
+    modes = [m for m in ("expert", "pipeline") if any(m in s for s in doc["summary"].values())]
+    for model, s in doc["summary"].items():
+        one = s["single"]
+        t = Table(title=f"{Path(model).name}: 1 process x {doc['threads']} threads vs {doc['ranks']} ranks "
+                        f"x 1 thread (prompt {doc['pp']}, {doc['tg']} tokens at temperature 1, best of "
+                        f"{doc['repeat']}, median of {doc['rounds']} rounds)")
+        for col in ("run", "decode tok/s", "x single", "prefill tok/s", "x single",
+                    "weight MB/token per rank", "comm ms/token per rank", "comm KB/token",
+                    "collectives/token", "peak RSS MB per rank", "held MB per rank"):
+            t.add_column(col, justify="left" if col == "run" else "right")
+        t.add_row("single", f"{one['tg_tok_s']:.1f}", "1.00", f"{one['pp_tok_s']:.0f}", "1.00",
+                  f"{one['bytes_per_token'] / 1e6:.1f}", "-", "-", "-",
+                  _mb(one["peak_rss_mb"], 1, ".0f"), _mb(one["held_mb"], 1, ".0f"))
+        for mode in modes:
+            d = s[mode]
+            t.add_row(mode, f"{d['tg_tok_s']:.1f}", f"[bold]{d['tg_ratio']:.2f}x[/bold]",
+                      f"{d['pp_tok_s']:.0f}", f"[bold]{d['pp_ratio']:.2f}x[/bold]",
+                      _mb(d["bytes_per_token"]) + f" (path {d['critical_bytes_per_token'] / 1e6:.1f}, "
+                      f"logits {d['head_bytes'] / 1e6:.1f})",
+                      _mb(d["comm_ms_per_token"], 1, ".2f"), _mb(d["comm_bytes_per_token"], 1024),
+                      f"{d['collectives_per_token']:g}", _mb(d["peak_rss_mb"], 1, ".0f"),
+                      _mb(d["held_mb"], 1, ".0f"))
+        con.print(t)
+        con.print(f"baseline RSS of a worker before loading (Python, NumPy, MLX, numba): "
+                  f"{one['base_rss_mb']:.0f} MB")
+        for mode in ["single", *modes]:
+            d = s[mode]
+            if "file_rss_mb" in d:
+                con.print(f"{mode} memory per rank: model file pages resident "
+                          f"{_mb(d['file_rss_mb'], 1, '.0f')} MB "
+                          f"(share of the file {_mb(d['file_share_mb'], 1, '.0f')} MB), anonymous "
+                          f"{_mb(d['anon_rss_mb'], 1, '.0f')} MB (KV cache {_mb(d['kv_mb'], 1, '.0f')} MB), "
+                          f"the rest shared libraries")
+        for mode in modes:
+            con.print(f"{mode} per-round ratios: decode {s[mode]['tg_ratios']}, "
+                      f"prefill {s[mode]['pp_ratios']}; RSS / held {s[mode]['rss_vs_held']}")
+        bw = one["effective_gb_s"]
+        con.print(f"[bold]Two machines of this kind[/bold]: B = {one['bytes_per_token'] / 1e6:.1f} "
+                  f"MB/token x {one['tg_tok_s']:.1f} tok/s = {bw:.2f} GB/s per machine")
+        for mode in modes:
+            d = s[mode]
+            lb, pb = link_bytes(d, "comm_bytes_per_token", mode), link_bytes(d, "prefill_comm_bytes", mode)
+            for e in d["two_machines"]:
+                lat = e["latency_us"]
+                con.print(f"  {mode} {e['link']} decode: {d['critical_bytes_per_token'] / 1e6:.1f} MB / "
+                          f"{bw:.2f} GB/s = {e['compute_ms']:.2f} ms + {d['collectives_per_token']:g} "
+                          f"x {lat:.0f} us "
+                          f"+ {lb / 1e3:.1f} KB x 8 / {e['link']} = {e['compute_ms'] + e['comm_ms']:.2f} ms "
+                          f"-> [bold]{e['tg_tok_s']:.1f} tok/s[/bold] ({e['tg_vs_single']:.2f}x one machine)")
+                con.print(f"  {mode} {e['link']} prefill: {d['prefill_work_share']:.2f} x {doc['pp']} / "
+                          f"{one['pp_tok_s']:.0f} tok/s = {e['pp_compute_ms']:.0f} ms + "
+                          f"{d['prefill_collectives']:g} x {lat:.0f} us + {pb / 1e6:.2f} MB x 8 / "
+                          f"{e['link']} -> [bold]{e['pp_tok_s']:.0f} tok/s[/bold] ({e['pp_vs_single']:.2f}x)")
+    con.print("comm ms/token on one host includes waiting for the other rank's share (an upper bound on the "
+              "communication itself); weight MB/token leaves out KV-cache reads.")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="single", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, default=Path("/tmp/mlxtral-bench/moe-q4_0.gguf"),
+                   help="built with make_moe_gguf.py --type q4_0 when missing")
+    p.add_argument("--demo", action="store_true", help="also the upcycled demo model")
+    p.add_argument("--modes", default="expert,pipeline", help="distributed modes to run")
+    p.add_argument("--pp", type=int, default=128, help="prompt tokens")
+    p.add_argument("--tg", type=int, default=96, help="tokens to generate")
+    p.add_argument("--threads", type=int, default=2, help="the single process's threads (ranks: 1 each)")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2, help="best of N inside each launch")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every configuration")
+    p.add_argument("--launcher", choices=("direct", "mlx"), default="direct",
+                   help="start the ranks like mlx.launch does (direct) or through mlx.launch itself")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per launch")
+    p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for other benchmarks")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    a = p.parse_args()
+    if a.pp < 2 or a.tg < 3:
+        p.error("--pp takes at least 2 tokens and --tg at least 3")
+    if a.worker:
+        res = worker(a.worker, a.config, a.pp, a.tg, a.threads, a.repeat)
+        print(json.dumps(res), flush=True)
+        return 0
+
+    models = [str(ensure_model(a.model))]
+    if a.demo:
+        from mlxtral.demo import ensure_demo_model
+
+        models.append(str(ensure_demo_model()))
+    modes = [m for m in a.modes.split(",") if m]
+    configs = ["single", *modes]
+    raw: dict[str, list[dict]] = {m: [] for m in models}
+    waited, loads = 0.0, []
+    port = 41000 + (os.getpid() % 400) * 20
+    for rnd in range(a.rounds):
+        for model in models:
+            row: dict[str, Any] = {}
+            for cfg in configs if rnd % 2 == 0 else configs[::-1]:
+                waited += wait_quiet(a.max_wait)
+                loads.append(os.getloadavg()[0])
+                row[cfg] = run_config(Path(model), cfg, a, port)
+                port += 4
+                if not a.json:
+                    r = row[cfg]
+                    print(f"round {rnd + 1} {Path(model).name} {cfg}: decode {r['tg_tok_s']:.1f} tok/s, "
+                          f"prefill {r['pp_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
+            raw[model].append(row)
+    doc = {"cpu": cpu_name(), "threads": a.threads, "ranks": a.ranks, "pp": a.pp, "tg": a.tg,
+           "launcher": a.launcher,
+           "repeat": a.repeat, "rounds": a.rounds, "waited_s": waited,
+           "load_avg": f"{min(loads):.1f} .. {max(loads):.1f}",
+           "summary": {m: summarize(m, raw[m], a) for m in models}}
+    if a.json:
+        for rows in raw.values():  # the per-token routing is long: keep the rest
+            for row in rows:
+                for r in row.values():
+                    r.pop("decode_used", None)
+        doc["rounds_raw"] = raw
+        print(json.dumps(doc, indent=1))
+    else:
+        print_report(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The byte model of benchmarks/bench_distributed.py: weight bytes each rank reads per token."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxtral.config import ModelArgs
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_distributed", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distributed.py")
+bd = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(bd)  # type: ignore[union-attr]
+
+L, E, VOCAB = 2, 4, 100
+# bytes: a layer's non-expert tensors, one expert (3 tensors), the output, the embedding
+LAYER, EXPERT, OUT, EMB = 1000, 300, 5000, 20 * VOCAB
+
+
+def _args() -> ModelArgs:
+    return ModelArgs(dim=64, n_layers=L, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                     vocab_size=VOCAB, n_experts=E, n_experts_per_tok=2, max_position_embeddings=64)
+
+
+def _sizes() -> dict[str, int]:
+    s = {"token_embd.weight": EMB, "output_norm.weight": 0, "output.weight": OUT}
+    for li in range(L):
+        s[f"blk.{li}.attn_q.weight"] = LAYER
+        for e in range(E):
+            for kind in ("gate", "up", "down"):
+                s[f"blk.{li}.ffn_{kind}.{e}.weight"] = EXPERT // 3
+    return s
+
+
+def _used(rows: list[list[list[int]]]) -> np.ndarray:
+    """[T, L, E] one-hot routing from each token's experts per layer."""
+    u = np.zeros((len(rows), L, E))
+    for t, per_layer in enumerate(rows):
+        for li, es in enumerate(per_layer):
+            u[t, li, es] = 1
+    return u
+
+
+def test_byte_parts() -> None:
+    p = bd.byte_parts(_args(), _sizes())
+    assert p["layer"] == [LAYER] * L
+    assert p["expert"] == [[EXPERT] * E] * L
+    assert p["head"] == OUT and p["embed"] == EMB // VOCAB
+
+
+def test_single_and_expert_parallel() -> None:
+    args, parts = _args(), bd.byte_parts(_args(), _sizes())
+    # token 0: both layer-0 experts on rank 0; token 1: both on rank 1
+    used = _used([[[0, 1], [0, 2]], [[2, 3], [1, 3]]])
+    means, crit = bd.rank_bytes(parts, bd.placements("single", 1, args), used)
+    one = L * LAYER + L * 2 * EXPERT + OUT + EMB // VOCAB
+    assert means == [one] and crit == one
+    means, crit = bd.rank_bytes(parts, bd.placements("expert", 2, args), used)
+    # rank 0 (experts 0-1): token 0 uses 2 + 1, token 1 uses 0 + 1; rank 1: token 0 0 + 1, token 1 2 + 1
+    # (each rank projects half the vocabulary)
+    assert means[0] == pytest.approx(L * LAYER + (3 + 1) / 2 * EXPERT + OUT / 2 + EMB // VOCAB)
+    assert means[1] == pytest.approx(L * LAYER + (1 + 3) / 2 * EXPERT + OUT / 2 + EMB // VOCAB)
+    # the slower rank of each layer: 2 experts in layer 0, 1 in layer 1, both tokens
+    assert crit == pytest.approx(L * LAYER + 3 * EXPERT + OUT / 2 + EMB // VOCAB)
+
+
+def test_pipeline_fills_the_layers_rank0_does_not_route() -> None:
+    args, parts = _args(), bd.byte_parts(_args(), _sizes())
+    used = _used([[[0, 1], []]])  # rank 0 saw layer 0 only
+    means, crit = bd.rank_bytes(parts, bd.placements("pipeline", 2, args), used)
+    assert means == pytest.approx([LAYER + 2 * EXPERT + OUT + EMB // VOCAB, LAYER + 2 * EXPERT])
+    assert crit == pytest.approx(sum(means))
+
+
+def test_file_share() -> None:
+    args, sizes = _args(), _sizes()
+    r0, r1 = bd.placements("expert", 2, args)
+    assert bd.file_share(sizes, r0) == bd.file_share(sizes, r1) == EMB + OUT + L * LAYER + L * 2 * EXPERT
+    p0, p1 = bd.placements("pipeline", 2, args)
+    assert bd.file_share(sizes, p0) == EMB + OUT + LAYER + E * EXPERT
+    assert bd.file_share(sizes, p1) == LAYER + E * EXPERT
