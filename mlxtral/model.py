@@ -278,8 +278,8 @@ def load(
         from mlxtral.distributed.setup import join
         from mlxtral.expert_cache.layout import expert_layout
 
-        if name != "numpy":
-            raise UsageError("--distributed runs on the NumPy backend (use --backend numpy)")
+        if stream_experts and name != "numpy":
+            raise UsageError("--distributed streams experts on the NumPy backend only")
         settings = dict(backend=name, max_context=max_context, kv_dtype=kv_dtype, dtype=dtype,
                         experts_per_token=ckpt.args.n_experts_per_tok)
         group, share = join(ckpt, distributed, settings)
@@ -323,7 +323,7 @@ def load(
             from mlxtral.backends.mlx_backend import MLXBackend
         except ImportError as e:
             raise MlxtralError(f"the MLX backend is not available ({e})") from None
-        be = MLXBackend(ckpt.args, ckpt.tensors, dtype=kv_dtype)
+        be = MLXBackend(ckpt.args, ckpt.tensors, dtype=kv_dtype, place=share, group=group)
         # MLX holds its own (repacked) copies: drop ours (views of the file, or arrays read into RAM
         # from a .pth), so nothing stays resident twice
         ckpt.tensors = {n: q.info() for n, q in ckpt.tensors.items()}  # type: ignore[misc]

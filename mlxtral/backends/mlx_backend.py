@@ -17,6 +17,16 @@ its slot by the same conversion as the resident stacks), concatenates them into 
 those experts and runs the same ``switch_glu`` with the indices renumbered (monotonically, so the
 sort order and the kernels are those of the resident model). A layer's experts are all held at
 once, so the smallest MLX cache is one layer's experts.
+
+Across processes (:mod:`mlxtral.distributed`, a ``place``ment and a ``group``): **expert parallel**
+stacks only this rank's experts (a contiguous block, renumbered from 0). Per MoE layer the routing
+is evaluated and read on the host (one evaluation per layer, which the collective needs anyway),
+so the rank runs only the token-expert pairs of its own experts, through the same kernels and the
+same sorted or unsorted path as one process; it scatters them into a zero [T*k, dim] buffer of all
+pairs and one ``all_sum`` over the group completes every pair exactly (x + 0 = x), so the combine
+that follows is the single process's, bit for bit. **Pipeline parallel** holds this rank's layers
+(and its KV cache only those); :meth:`MLXBackend.hidden` and :meth:`MLXBackend.logits` take and
+give NumPy arrays for :mod:`mlxtral.distributed.pipeline`. Logits only on the head rank.
 """
 from __future__ import annotations
 
@@ -31,6 +41,8 @@ from mlxtral.backends.mlx_sampling import make_sampler
 from mlxtral.backends.mlx_weights import Weight, float_array, to_weight, to_weight_stack
 from mlxtral.backends.numerics import check_logits, non_finite_error
 from mlxtral.config import ModelArgs
+from mlxtral.distributed.group import Group
+from mlxtral.distributed.placement import Placement
 from mlxtral.errors import ContextOverflowError, UsageError
 from mlxtral.expert_cache import ExpertCache
 from mlxtral.expert_cache.layout import KINDS
@@ -126,25 +138,41 @@ class MLXBackend:
     name = "mlx"
 
     def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], dtype: str | None = None,
-                 experts: ExpertCache | None = None) -> None:
+                 experts: ExpertCache | None = None, place: Placement | None = None,
+                 group: Group | None = None) -> None:
         from mlxtral.formats.mapped import install_sigbus_guard
 
         install_sigbus_guard()  # a model file truncated while its weights are copied in: one line
         self.args = args
         self.experts = experts  # None: every expert resident
+        if place is not None and experts is not None:
+            raise UsageError("--distributed holds each rank's share resident: streamed experts are not "
+                             "supported with it")
+        # across processes (mlxtral.distributed): this rank's share; logits on the head rank only
+        self.place, self.group = place, group
+        self.head = place is None or place.head
+        self.held = range(args.n_layers) if place is None else place.layers  # layers this process runs
+        self.local = range(args.n_ffn) if place is None else place.experts  # experts it stacks
+        self.split = (place is not None and place.mode == "expert" and group is not None
+                      and group.size > 1 and args.is_moe)  # expert parallel: one all_sum per layer
         self.dtype = resolve_dtype(dtype)
         # MLX's CPU gather_mm is float32-only: float expert stacks stay float32 there.
         self.expert_float_dtype = self.dtype if on_metal() else mx.float32
-        self.embed = to_weight(tensors["token_embd.weight"], self.dtype)
-        out = tensors.get("output.weight")
-        self.output = self.embed if out is None else to_weight(out, self.dtype)
-        self.norm = self._vector(tensors["output_norm.weight"])
-        self.layers = [self._layer(tensors, i) for i in range(args.n_layers)]
+        emb = tensors.get("token_embd.weight")  # a pipeline rank but the head has none
+        self.embed = None if emb is None else to_weight(emb, self.dtype)
+        self.output: Weight | None = None
+        self.norm: mx.array | None = None
+        if self.head:
+            out = tensors.get("output.weight")
+            self.output = self.embed if out is None else to_weight(out, self.dtype)
+            self.norm = self._vector(tensors["output_norm.weight"])
+        self.layers: list[MLXLayer | None] = [self._layer(tensors, i) if i in self.held else None
+                                              for i in range(args.n_layers)]
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
         self.sort_threshold = SORT_THRESHOLD
         # Whether the generation loop should use decode_pipelined: it pays off where the device
         # runs beside the Python thread (Metal); on MLX's CPU backend both share the same cores.
-        self.pipeline_decode = on_metal() and experts is None
+        self.pipeline_decode = on_metal() and experts is None and place is None  # a group: step by step
 
     # ---- loading --------------------------------------------------------------------------
     def _vector(self, q: Tensor) -> mx.array:
@@ -161,7 +189,7 @@ class MLXBackend:
             def ffn(kind: str) -> Weight | None:
                 if self.experts is not None:
                     return None
-                qs = [t[b + f"ffn_{kind}.{e}.weight"] for e in range(a.n_experts)]
+                qs = [t[b + f"ffn_{kind}.{e}.weight"] for e in self.local]  # this rank's experts
                 return to_weight_stack(qs, self.dtype, self.expert_float_dtype)
         else:
             router = None
@@ -184,9 +212,11 @@ class MLXBackend:
 
     @property
     def weight_bytes(self) -> int:
-        ws = [self.embed, self.output] if self.output is not self.embed else [self.embed]
-        n = sum(w.nbytes for w in ws) + self.norm.nbytes
+        ws = {id(w): w for w in (self.embed, self.output) if w is not None}.values()
+        n = sum(w.nbytes for w in ws) + (self.norm.nbytes if self.norm is not None else 0)
         for L in self.layers:
+            if L is None:
+                continue
             n += sum(w.nbytes for w in (L.wq, L.wk, L.wv, L.wo, L.gate, L.up, L.down) if w is not None)
             n += L.attn_norm.nbytes + L.ffn_norm.nbytes + (L.router.nbytes if L.router is not None else 0)
         return n
@@ -194,7 +224,7 @@ class MLXBackend:
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:
         a = self.args
-        return KVCache(a.n_layers, a.n_kv_heads, a.head_dim, max_context, self.dtype)
+        return KVCache(len(self.held), a.n_kv_heads, a.head_dim, max_context, self.dtype)  # its layers
 
     # ---- forward --------------------------------------------------------------------------
     def forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -203,8 +233,13 @@ class MLXBackend:
         Returns [T, vocab] if ``all_logits`` else [vocab] for the last position.
         """
         p0 = cache.offset
+        if not self.head:  # another rank of a group computes the logits
+            h, counts = self._hidden_lazy(mx.array(np.asarray(ids, dtype=np.uint32)), cache)
+            mx.eval(h, *([counts] if counts is not None else []))
+            self._add_counts(counts, len(ids))
+            return np.empty(0, dtype=np.float32)
         logits, counts = self.forward_lazy(mx.array(np.asarray(ids, dtype=np.uint32)), cache, all_logits)
-        mx.eval(logits, counts)  # the one evaluation of this forward
+        mx.eval(logits, counts)  # the one evaluation of this forward (expert parallel: one per layer)
         self._add_counts(counts, len(ids))
         out = np.array(logits, copy=False)
         check_logits(out, p0 + 1 if all_logits else cache.offset)  # NaN/Inf weights: one line
@@ -214,6 +249,16 @@ class MLXBackend:
                      ) -> tuple[mx.array, mx.array | None]:
         """The forward graph, unevaluated: (float32 logits [T or 1, vocab], expert counts
         [n_layers, E] int32 or None for a dense model). Advances ``cache.offset``."""
+        h, counts = self._hidden_lazy(ids, cache)
+        if not all_logits:
+            h = h[-1:]
+        return self._logits_lazy(h), counts
+
+    def _hidden_lazy(self, ids: mx.array, cache: KVCache, h: mx.array | None = None
+                     ) -> tuple[mx.array, mx.array | None]:
+        """Tokens ``ids`` [T] at positions cache.offset.. through this process's layers (every
+        layer, or a pipeline rank's, starting from the previous rank's ``h`` [T, dim]) -> (hidden
+        state [T, dim], expert counts [layers held, E] or None), unevaluated. Advances the cache."""
         a = self.args
         T = ids.shape[0]
         p0 = cache.offset
@@ -221,24 +266,58 @@ class MLXBackend:
             raise ContextOverflowError(
                 f"{plural(p0 + T, 'token')} do not fit the context of {cache.max_context} (raise max_context)"
             )
-        h = self.embed.rows(ids).astype(self.dtype)  # [T, dim]
+        if h is None:
+            if self.embed is None:
+                raise ValueError("this rank holds no embedding: it starts from the previous rank's h")
+            h = self.embed.rows(ids).astype(self.dtype)  # [T, dim]
         counts: list[mx.array] = []
-        for li, L in enumerate(self.layers):
-            h = h + self._attention(mx.fast.rms_norm(h, L.attn_norm, a.norm_eps), L, li, p0, cache)
+        for li in self.held:
+            L = self.layers[li]
+            assert L is not None
+            ci = li - self.held.start  # the layer's index in this process's KV cache
+            h = h + self._attention(mx.fast.rms_norm(h, L.attn_norm, a.norm_eps), L, ci, p0, cache)
             h = h + self._ffn(mx.fast.rms_norm(h, L.ffn_norm, a.norm_eps), L, counts, li, h)
         cache.offset = p0 + T
         if self.experts is not None:
             self.experts.add_tokens(T)
-        if not all_logits:
-            h = h[-1:]
-        logits = self.output(mx.fast.rms_norm(h, self.norm, a.norm_eps)).astype(mx.float32)
-        return logits, (mx.stack(counts) if counts else None)
+        return h, (mx.stack(counts) if counts else None)
+
+    def _logits_lazy(self, h: mx.array) -> mx.array:
+        """Final norm and output projection: h [T, dim] -> float32 logits [T, vocab], unevaluated."""
+        if self.output is None or self.norm is None:
+            raise ValueError("logits are computed on the head rank only")
+        return self.output(mx.fast.rms_norm(h, self.norm, self.args.norm_eps)).astype(mx.float32)
+
+    # ---- pipeline parallel (mlxtral.distributed.pipeline drives these) ---------------------
+    def hidden(self, ids: Sequence[int], cache: KVCache, h: np.ndarray | None = None) -> np.ndarray:
+        """Tokens ``ids`` [T] through this process's layers (from the previous rank's ``h`` [T, dim]
+        when given) -> hidden state [T, dim] float32 NumPy; the cache advances by T. Float32 holds
+        every float16/bfloat16 value exactly, so a hop between ranks changes no number."""
+        x = None if h is None else mx.array(np.ascontiguousarray(h, dtype=np.float32)).astype(self.dtype)
+        out, counts = self._hidden_lazy(mx.array(np.asarray(ids, dtype=np.uint32)), cache, x)
+        out = out.astype(mx.float32)
+        mx.eval(out, *([counts] if counts is not None else []))
+        if counts is None:
+            self.expert_counts[self.held, 0] += len(ids)
+        else:
+            self.expert_counts[self.held] += np.array(counts, dtype=np.int64)
+        return np.array(out, copy=True)  # [T, dim]
+
+    def logits(self, h: np.ndarray, pos: int) -> np.ndarray:
+        """Final norm and output projection on the head rank: h [T, dim] -> [T, vocab] float32;
+        ``pos`` (1-based) names the first position in the one-line error NaN/Inf logits raise."""
+        x = mx.array(np.ascontiguousarray(h, dtype=np.float32)).astype(self.dtype)
+        lg = self._logits_lazy(x)
+        mx.eval(lg)
+        out = np.array(lg, copy=True)  # [T, vocab]
+        check_logits(out, pos)
+        return out
 
     def _add_counts(self, counts: mx.array | None, T: int) -> None:
         if counts is None:
-            self.expert_counts[:, 0] += T
+            self.expert_counts[self.held, 0] += T
         else:
-            self.expert_counts += np.array(counts, dtype=np.int64)
+            self.expert_counts[self.held] += np.array(counts, dtype=np.int64)
 
     def _attention(self, x: mx.array, L: MLXLayer, li: int, p0: int, cache: KVCache) -> mx.array:
         """x [T, dim] -> attention output projected by wo, [T, dim]."""
@@ -279,6 +358,8 @@ class MLXBackend:
         counts.append((inds.reshape(-1, 1) == mx.arange(self.args.n_experts)).sum(axis=0))  # [E]
         if self.experts is not None:
             y = self._switch_glu_streamed(x, inds, li, h)
+        elif self.split:
+            y = self._switch_glu_split(x, inds, L, li)  # complete: every rank's pairs summed
         else:
             y = self.switch_glu(x, inds, L)  # [T, k, dim]
         # sum_j w_j y_j written as y_0 + sum_j>0 w_j (y_j - y_0) (the weights sum to 1), as the NumPy
@@ -302,11 +383,39 @@ class MLXBackend:
             stack = _StackedExperts(*(_concat([f[i] for f in forms]) for i in range(len(KINDS))))
         return self.switch_glu(x, mx.array(local[np.array(inds)]), stack)  # type: ignore[arg-type]
 
+    def _switch_glu_split(self, x: mx.array, inds: mx.array, L: MLXLayer, li: int) -> mx.array:
+        """Expert parallel :meth:`switch_glu`: x [T, dim], inds [T, k] (global expert ids) ->
+        [T, k, dim], every pair computed by the rank that holds its expert and summed over the group.
+
+        The routing is read on the host, so only this rank's pairs run (none of another rank's
+        costs compute or reads), sorted by expert (stably) where one process sorts them, each a
+        one-row product as in one process; the others stay 0 in the buffer the ``all_sum`` completes.
+        """
+        assert self.group is not None and L.gate is not None and L.up is not None and L.down is not None
+        T, k = inds.shape
+        dim = x.shape[-1]
+        mx.eval(x, inds)  # this layer's attention and routing (no communication in it)
+        flat = np.array(inds).reshape(-1).astype(np.int64)  # [T*k] token-major pairs
+        e0 = self.local.start
+        mine = np.flatnonzero((flat >= e0) & (flat < self.local.stop))  # this rank's pairs
+        sort = inds.size >= self.sort_threshold  # the path one process takes for these tokens
+        if sort:
+            mine = mine[np.argsort(flat[mine], kind="stable")]  # grouped by expert
+        part = mx.zeros((T * k, dim), dtype=x.dtype)  # [T*k, dim] the pairs; others' stay 0
+        if len(mine):
+            xs = x[mx.array(mine // k)][:, None, :]  # [n, 1, dim]
+            idx = mx.array((flat[mine] - e0).astype(np.uint32))  # [n] local expert ids
+            g = L.gate.gather(xs, idx, sorted_indices=sort)  # [n, 1, hidden]
+            u = L.up.gather(xs, idx, sorted_indices=sort)
+            y = L.down.gather(_swiglu(g, u), idx, sorted_indices=sort)  # [n, 1, dim]
+            part[mx.array(mine)] = y.reshape(-1, dim).astype(x.dtype)
+        return self.group.all_sum_mx(part, f"layer {li}'s experts").reshape(T, k, dim)
+
     def _guess(self, h: mx.array, li: int) -> mx.array | None:
         """The experts layer ``li``'s router picks for hidden state ``h`` (lazy) [T, k], or None."""
-        if li >= len(self.layers) or self.layers[li].router is None:
+        N, k = (self.layers[li] if li < len(self.layers) else None), self.args.n_experts_per_tok
+        if N is None or N.router is None:
             return None
-        N, k = self.layers[li], self.args.n_experts_per_tok
         g = mx.fast.rms_norm(h, N.ffn_norm, self.args.norm_eps).astype(mx.float32) @ N.router.T  # [T, E]
         return mx.argpartition(-g, kth=k - 1, axis=-1)[:, :k]
 

@@ -9,9 +9,10 @@ engine (``mx.distributed``: the ring backend over TCP, or MPI), started by ``mlx
 - :mod:`~mlxtral.distributed.runner`: rank 0's backend and the other ranks' loop.
 - :mod:`~mlxtral.distributed.pipeline`: the pipeline forward, micro-batched.
 
-Expert parallel lives in the backend itself (``NumpyBackend.moe``: each rank computes its experts'
-(token, rank) slots and one ``all_sum`` per layer completes them, so the result is the single
-process's bit for bit).
+Expert parallel lives in the backends themselves (``NumpyBackend.moe``, ``MLXBackend``'s MoE layer:
+each rank computes its experts' (token, rank) slots and one ``all_sum`` per layer completes them, so
+the result is the single process's bit for bit; on NumPy each rank also projects its slice of the
+vocabulary).
 """
 from mlxtral.distributed.placement import MODES
 

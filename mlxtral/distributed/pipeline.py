@@ -1,4 +1,5 @@
-"""Pipeline parallel on the NumPy backend: one forward, every rank its own layers.
+"""Pipeline parallel: one forward, every rank its own layers (either backend: each has
+``hidden(ids, cache, h)`` and ``logits(h, pos)`` on NumPy arrays).
 
 The hidden state goes round the ring: rank 0 embeds and runs its layers, each next rank runs its
 own, the last sends the result back to rank 0, which computes the logits. A prompt goes in
