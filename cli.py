@@ -517,6 +517,11 @@ def serve(
                                  help="Requests generated at once (slots); more wait in the queue."),
     max_queue: int = typer.Option(64, "--max-queue", min=0,
                                   help="Requests that may wait for a slot; past that: 503."),
+    prefill_chunk: int = typer.Option(128, "--prefill-chunk", min=1, max=65536,
+                                      help="Prompt tokens prefilled per step, in the same forward as "
+                                           "the running requests' next tokens (larger: fewer, longer "
+                                           "steps while prompts prefill; the running requests pause "
+                                           "longer)."),
     api_key: str = typer.Option(None, "--api-key",  # noqa: B008
                                 help="Require 'Authorization: Bearer KEY' on every request but /health."),
     prompt_cache: str = typer.Option("2GB", "--prompt-cache",
@@ -550,7 +555,7 @@ def serve(
         sys.stderr.flush()
 
     run(m, sock, parallel=parallel, max_queue=max_queue, api_key=api_key, prompt_cache_bytes=cache_bytes,
-        on_ready=ready)
+        prefill_chunk=prefill_chunk, on_ready=ready)
     sys.stderr.write("mlxtral serve: stopped\n")
 
 

@@ -5,6 +5,7 @@
     python benchmarks/bench_serve.py                    # the demo model
     python benchmarks/bench_serve.py MODEL.gguf --tokens 32 --streams 1 2 4 8 --backend numpy
     python benchmarks/bench_serve.py --url http://127.0.0.1:8080   # a server already running
+    python benchmarks/bench_serve.py MODEL.gguf --prefill-chunk 256  # the server's prompt tokens per step
 
 Starts the server itself (a subprocess on a free port) unless --url is given. Every client sends a
 different greedy completion request (distinct prompts, so the prompt cache does not help) with
@@ -26,12 +27,14 @@ import time
 from typing import Any
 
 
-def start(model: str | None, backend: str, parallel: int, ctx: int, threads: int | None
-          ) -> tuple[subprocess.Popen[bytes], str]:
+def start(model: str | None, backend: str, parallel: int, ctx: int, threads: int | None,
+          prefill_chunk: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
     cmd = [sys.executable, "-m", "mlxtral.cli", "serve", *([model] if model else []), "--port", "0",
            "--backend", backend, "--parallel", str(parallel), "-c", str(ctx), "--prompt-cache", "0"]
     if threads:
         cmd += ["-t", str(threads)]
+    if prefill_chunk:
+        cmd += ["--prefill-chunk", str(prefill_chunk)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     assert proc.stderr is not None
     while True:
@@ -94,6 +97,7 @@ def main() -> None:
     ap.add_argument("--prompt-words", type=int, default=20)
     ap.add_argument("-c", "--max-context", type=int, default=1024)
     ap.add_argument("-t", "--threads", type=int)
+    ap.add_argument("--prefill-chunk", type=int, help="the server's --prefill-chunk (default: its own)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import openai
@@ -101,7 +105,7 @@ def main() -> None:
     proc = None
     url = a.url
     if url is None:
-        proc, url = start(a.model, a.backend, max(a.streams), a.max_context, a.threads)
+        proc, url = start(a.model, a.backend, max(a.streams), a.max_context, a.threads, a.prefill_chunk)
     try:
         client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
         one(client, "warm up", 4, [])

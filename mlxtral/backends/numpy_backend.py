@@ -34,7 +34,6 @@ from mlxtral.expert_cache.layout import KINDS, is_expert
 from mlxtral.formats.mapped import check_unchanged, files_backing, install_sigbus_guard
 from mlxtral.formats.native import native_tensors, to_native
 from mlxtral.qtensor import QTensor, Tensor
-from mlxtral.wording import plural
 
 
 @dataclass
@@ -220,38 +219,57 @@ class NumpyBackend:
 
     def forward_batch(self, ids: Sequence[int], caches: Sequence[KVCache]) -> np.ndarray:
         """One token for each of several sequences, each at its own cache's position, in one pass
-        over the weights: ids [B] -> logits [B, vocab]; every cache advances by one.
+        over the weights: ids [B] -> logits [B, vocab]; every cache advances by one
+        (:meth:`forward_runs` with runs of one token)."""
+        return self.forward_runs([[t] for t in ids], caches)
 
-        A row computes as it does alone (the kernels are batch-invariant, attention runs per row
-        over that row's cache with the same kernel), so each sequence gets its solo logits.
+    def forward_runs(self, runs: Sequence[Sequence[int]], caches: Sequence[KVCache]) -> np.ndarray:
+        """Several sequences in one pass over the weights, each bringing a run of tokens at its own
+        cache's position: one token to decode, a prompt chunk to prefill. runs [B] of [T_b] ids ->
+        logits [B, vocab] float32 of each run's last token; cache b advances by T_b.
+
+        A row computes as it does alone (the kernels are batch-invariant, each run attends over its
+        own cache through the same per-row kernel as :meth:`forward`), so each sequence gets the
+        logits it gets from ``forward(run, cache)`` alone, bit for bit.
         """
         check_unchanged(self.mapped_files)
-        for c in caches:
-            if c.offset + 1 > c.max_context:
-                raise ContextOverflowError(f"{plural(c.offset + 1, 'token')} do not fit the context of "
-                                           f"{c.max_context} (raise max_context)")
+        if len(runs) != len(caches):
+            raise ValueError(f"forward_runs needs one cache per run, got {len(runs)} runs and "
+                             f"{len(caches)} caches")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("forward_runs got the same cache twice")
+        lens = np.array([len(r) for r in runs], dtype=np.int64)  # [B]
+        if len(runs) == 0 or lens.min() < 1:
+            raise ValueError("forward_runs needs at least one run and a token in every run")
+        for n, c in zip(lens.tolist(), caches, strict=True):
+            if c.offset + n > c.max_context:
+                raise ContextOverflowError.tokens(c.offset + n, c.max_context)
         a = self.args
-        pos = np.array([c.offset for c in caches], dtype=np.int64)  # [B] each row's position
+        ends = np.cumsum(lens)  # [B] one past each run's last row
+        starts = (ends - lens).tolist()
+        p0s = [c.offset for c in caches]  # each run's first position
+        pos = np.concatenate([np.arange(p, p + n) for p, n in zip(p0s, lens.tolist(), strict=True)])  # [T]
+        ids = [int(t) for r in runs for t in r]
 
         def attention(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-            att = np.empty((len(caches), q.shape[1] * q.shape[2]), dtype=np.float32)  # [B, H*hd]
-            for b, c in enumerate(caches):
-                p = int(pos[b])
+            # q [T, H, hd], k/v [T, KV, hd] -> [T, H*hd]
+            att = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)  # [T, H*hd]
+            for c, r0, r1, p in zip(caches, starts, ends.tolist(), p0s, strict=True):
                 ck, cv = c.k[li], c.v[li]  # [KV, ctx, hd]
-                ck[:, p] = k[b]
-                cv[:, p] = v[b]
-                att[b] = ops.attend_one(q[b], ck, cv, p + 1, a.sliding_window)  # the decode kernel
+                ck[:, p : p + r1 - r0] = k[r0:r1].transpose(1, 0, 2)
+                cv[:, p : p + r1 - r0] = v[r0:r1].transpose(1, 0, 2)
+                att[r0:r1] = ops.attend(q[r0:r1], ck, cv, p, a.sliding_window)  # as forward does
             return att
 
         try:
-            h = self._layers(ids, pos, attention)
+            h = self._layers(ids, pos, attention)  # [T, dim]
         except ZeroDivisionError:
             raise non_finite_error(int(pos.max()) + 1) from None
-        for c in caches:
-            c.offset += 1
-        out = ops.linear(ops.rms_norm(h, self.norm, a.norm_eps), self.output)  # [B, vocab]
-        check_logits(out, int(pos.max()) + 1)
-        return out
+        for n, c in zip(lens.tolist(), caches, strict=True):
+            c.offset += n
+        if self.norm is None:  # another rank of a group computes the logits
+            return np.empty(0, dtype=np.float32)
+        return self.logits(h[ends - 1], int(pos.max()) + 1)  # each run's last row -> [B, vocab]
 
     def _layers(self, ids: Sequence[int], pos: slice | np.ndarray,
                 attention: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray],

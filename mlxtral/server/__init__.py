@@ -53,7 +53,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run(model: Any, sock: socket.socket, *, model_name: str | None = None, parallel: int = 8,
         max_queue: int = 64, api_key: str | None = None, prompt_cache_bytes: int = 2 << 30,
-        prefill_chunk: int = 256, graceful_timeout: float = 30.0, on_ready: Any = None) -> None:
+        prefill_chunk: int = 128, graceful_timeout: float = 30.0, on_ready: Any = None) -> None:
     """Serve until SIGINT/SIGTERM: new connections stop, requests in flight finish (at most
     ``graceful_timeout`` seconds), then the scheduler stops."""
     import uvicorn

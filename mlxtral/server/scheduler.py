@@ -1,16 +1,21 @@
 """Continuous batching at the step level: one worker thread owns the model.
 
 Requests wait in a bounded queue (full: 503) and join the running batch between steps while fewer
-than ``parallel`` sequences are active. Every step runs at most ``prefill_chunk`` prompt tokens of
-the sequences still prefilling (oldest first; so a long prompt never stalls the others for more than
-one chunk) and advances every decoding sequence by one token (one forward for its last token, then
-sampling the next). Each sequence has its own :class:`~mlxtral.generate.Session` (KV cache), sampler,
-stop-string matcher and grammar constraint; it leaves the batch when it ends or its client goes
-away, and its session goes back to the :class:`~mlxtral.server.prompt_cache.PromptCache`.
+than ``parallel`` sequences are active. A step takes at most ``prefill_chunk`` prompt tokens of the
+sequences still prefilling (oldest first, a long prompt cut into chunks across steps) and one token
+of every decoding sequence, samples the next token of each decoder and of each sequence whose prompt
+just completed, and ends the sequences that are done. Each sequence has its own
+:class:`~mlxtral.generate.Session` (KV cache), sampler, stop-string matcher and grammar constraint;
+it leaves the batch when it ends or its client goes away, and its session goes back to the
+:class:`~mlxtral.server.prompt_cache.PromptCache`.
 
-On the NumPy backend the decoding sequences of a step share one forward
-(:func:`mlxtral.server.batched.decode_batch`: the weights stream once per step for all of them);
-other backends run one forward per sequence. Prefill chunks run one sequence at a time.
+On the NumPy backend a step with more than one sequence is **one forward** over all of them
+(:func:`mlxtral.server.batched.step_batch`: the prefill chunks and the decoders' tokens side by side,
+each at its own positions in its own KV cache), so the weights stream once per step and a newcomer's
+prefill costs the decoders one slower step per chunk instead of separate forwards they wait for; the
+budget bounds how long that step is. Every row computes as it does alone (batch-invariant kernels),
+so a greedy request's text does not depend on what runs beside it. Other backends run one forward
+per sequence (the prefill chunks, then each decoder).
 
 Results reach the asyncio side as :class:`Event` objects through each request's queue
 (``loop.call_soon_threadsafe``).
@@ -96,14 +101,19 @@ class _Seq:
 
 
 class Scheduler:
-    def __init__(self, model: Any, parallel: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+    def __init__(self, model: Any, parallel: int = 8, max_queue: int = 64, prefill_chunk: int = 128,
                  prompt_cache: PromptCache | None = None, batched: bool = True) -> None:
         self.model = model
         self.backend = model.backend
         self.tok = model.tokenizer
         self.parallel = parallel
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            from mlxtral.errors import UsageError
+
+            raise UsageError(f"prefill_chunk must be a whole number of prompt tokens >= 1, "
+                             f"got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step
         self.cache = prompt_cache
         self.n_vocab = getattr(self.tok, "vocab_size", None)
         self.eos = set(getattr(self.tok, "eos_ids", set()))
@@ -197,10 +207,12 @@ class Scheduler:
             self.cache.put(seq.session)
 
     def _step(self) -> None:
-        """At most ``prefill_chunk`` prompt tokens of the prefilling sequences (oldest first), then
-        one token for every decoding one: a single forward for all of them where the backend can
-        (:mod:`mlxtral.server.batched`). The budget bounds how long the decoders wait per step."""
+        """At most ``prefill_chunk`` prompt tokens of the prefilling sequences (oldest first) and one
+        token for every decoding one, in a single forward where the backend can
+        (:func:`mlxtral.server.batched.step_batch`). The budget bounds how long the decoders wait
+        per step."""
         decoding: list[_Seq] = []
+        prefill: list[tuple[_Seq, int]] = []  # (sequence, prompt tokens this step)
         budget = self.prefill_chunk
         for seq in list(self._active):
             if seq.h.cancelled:
@@ -210,17 +222,20 @@ class Scheduler:
                 if budget > 0:
                     n = min(budget, len(seq.ids) - seq.pos)
                     budget -= n
-                    self._guard([seq], self._prefill, (seq, n))
+                    prefill.append((seq, n))
             elif seq.pending is not None:
                 if seq.session.cache.offset + 1 >= seq.session.cache.max_context:
                     self._finish(seq, "length")
                 else:
                     decoding.append(seq)
-        if len(decoding) > 1 and self.batched:
-            self._guard(decoding, self._decode_batch, decoding)
-        else:
-            for seq in decoding:
-                self._guard([seq], self._decode_one, seq)
+        if self.batched and len(decoding) + len(prefill) > 1:
+            seqs = [s for s, _ in prefill] + decoding
+            self._guard(seqs, self._mixed, (prefill, decoding))
+            return
+        for job in prefill:
+            self._guard([job[0]], self._prefill, job)
+        for seq in decoding:
+            self._guard([seq], self._decode_one, seq)
 
     def _guard(self, seqs: list[_Seq], fn: Any, arg: Any) -> None:
         """Run ``fn(arg)``; a failure ends ``seqs`` with an error and leaves the others running."""
@@ -252,16 +267,28 @@ class Scheduler:
         seq.pending = None
         self._sample(seq)
 
-    def _decode_batch(self, seqs: list[_Seq]) -> None:
-        from mlxtral.server.batched import decode_batch
+    def _mixed(self, job: tuple[list[tuple[_Seq, int]], list[_Seq]]) -> None:
+        """One forward for the step: each prefilling sequence's chunk and each decoding sequence's
+        pending token, every one at its own positions in its own cache; then sampling for the
+        decoders and for the sequences whose prompt is now complete."""
+        from mlxtral.server.batched import step_batch
 
-        toks = [s.pending for s in seqs]
-        logits = decode_batch(self.backend, toks, [s.session.cache for s in seqs])  # [B, V]
-        for i, seq in enumerate(seqs):
-            seq.session.tokens.append(toks[i])
-            seq.pending = None
-            seq.logits = logits[i]
-        for seq in seqs:
+        prefill, decoding = job
+        runs = [list(s.ids[s.pos : s.pos + n]) for s, n in prefill] + [[s.pending] for s in decoding]
+        seqs = [s for s, _ in prefill] + decoding
+        logits = step_batch(self.backend, runs, [s.session.cache for s in seqs])  # [B, V]
+        ready = []
+        for seq, run, row in zip(seqs, runs, logits, strict=True):
+            seq.session.tokens.extend(run)
+            seq.logits = row
+            if seq.pending is not None:  # a decoder
+                seq.pending = None
+                ready.append(seq)
+            else:
+                seq.pos += len(run)
+                if seq.pos == len(seq.ids):
+                    ready.append(seq)
+        for seq in ready:
             self._guard([seq], self._sample, seq)
 
     def _sample(self, seq: _Seq) -> None:
