@@ -316,3 +316,48 @@ def test_stderr_filter_drops_only_mlx_retries() -> None:
     assert _mlx_retry(b"\x1b[33m[ring] Too many send/recv errors. Failing pending tasks...")
     assert not _mlx_retry(b"error: rank 1: lost the other ranks")
     assert not _mlx_retry(b"  File \"x.py\", line 1, in <module> [ring]")
+
+
+def test_serve_across_ranks(tmp_path: Path, tiny_moe: Path) -> None:
+    """`serve --distributed expert`: concurrent requests share each step's forward across both
+    ranks (forward_runs on every rank) and get their solo greedy text; SIGTERM to rank 0 drains it
+    and stops the other rank with it."""
+    import concurrent.futures
+    import urllib.request
+
+    alone = subprocess.run([*MLXTRAL, "generate", str(tiny_moe), "-p", "Hello there", "-n", "10", "--temp",
+                            "0", "--backend", "numpy", "--json"], capture_output=True, text=True, timeout=120)
+    want = json.loads(alone.stdout)["text"]
+    hosts = _hostfile(tmp_path, 2)
+    port = _free_port(1)
+    argv = [*MLXTRAL, "serve", str(tiny_moe), "--backend", "numpy", "--port", str(port), "--distributed",
+            "expert"]
+    ranks = [_rank(i, hosts, argv) for i in range(2)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        body = json.dumps({"prompt": "Hello there", "max_tokens": 10, "temperature": 0}).encode()
+
+        def ask(_: int) -> str:
+            req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return str(json.load(r)["choices"][0]["text"])
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(ask, range(4)))
+        assert texts == [want] * 4
+        ranks[0].send_signal(signal.SIGTERM)
+        ranks[0].wait(60)
+        ranks[1].wait(60)
+        assert ranks[1].returncode == 0, ranks[1].stderr.read()  # type: ignore[union-attr]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
