@@ -48,7 +48,6 @@ from mlxtral.expert_cache import ExpertCache
 from mlxtral.expert_cache.layout import KINDS
 from mlxtral.qtensor import QTensor, Tensor
 from mlxtral.sampling import SamplingParams
-from mlxtral.wording import plural
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SORT_THRESHOLD = 64  # token-expert pairs from which the MoE sorts by expert (mlx-lm's choice)
@@ -263,9 +262,7 @@ class MLXBackend:
         T = ids.shape[0]
         p0 = cache.offset
         if p0 + T > cache.max_context:
-            raise ContextOverflowError(
-                f"{plural(p0 + T, 'token')} do not fit the context of {cache.max_context} (raise max_context)"
-            )
+            raise ContextOverflowError.tokens(p0 + T, cache.max_context)
         if h is None:
             if self.embed is None:
                 raise ValueError("this rank holds no embedding: it starts from the previous rank's h")
