@@ -283,7 +283,7 @@ def load(
         settings = dict(backend=name, max_context=max_context, kv_dtype=kv_dtype, dtype=dtype,
                         experts_per_token=ckpt.args.n_experts_per_tok)
         group, share = join(ckpt, distributed, settings)
-        whole, args = dict(ckpt.tensors), ckpt.args
+        whole, args = ckpt.tensors, ckpt.args  # the filter below makes a new dict: this one stays whole
         whole_info = {n: q.info() for n, q in whole.items()}  # the whole file, for figures per token
         layout = functools.cache(lambda: expert_layout(args, whole, ckpt.path))  # the file's experts
         ckpt.tensors = {n: q for n, q in ckpt.tensors.items() if share.holds(n)}  # type: ignore[assignment]

@@ -152,8 +152,8 @@ class MLXBackend:
         self.head = place is None or place.head
         self.held = range(args.n_layers) if place is None else place.layers  # layers this process runs
         self.local = range(args.n_ffn) if place is None else place.experts  # experts it stacks
-        self.split = (place is not None and place.mode == "expert" and group is not None
-                      and group.size > 1 and args.is_moe)  # expert parallel: one all_sum per layer
+        self.split = (place is not None and place.split_experts and group is not None
+                      and args.is_moe)  # expert parallel: one all_sum per layer
         self.dtype = resolve_dtype(dtype)
         # MLX's CPU gather_mm is float32-only: float expert stacks stay float32 there.
         self.expert_float_dtype = self.dtype if on_metal() else mx.float32

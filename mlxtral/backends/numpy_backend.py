@@ -129,6 +129,7 @@ class NumpyBackend:
         self.held = range(args.n_layers) if place is None else place.layers
         self.mine = np.zeros(args.n_ffn, dtype=bool)  # [E] the experts this process computes
         self.mine[range(args.n_ffn) if place is None else place.experts] = True
+        self.split = place is not None and place.split_experts and group is not None  # all_sum per layer
         if place is not None:
             tensors = {n: q for n, q in tensors.items() if place.holds(n)}
         tensors = native_tensors(tensors)  # K-quants -> Q4_1/Q8_0, MLX affine -> Q4_1/F16; others as they are
@@ -138,7 +139,8 @@ class NumpyBackend:
         # expert parallel: every rank projects its slice of the vocabulary (rank 0 alone would
         # read the whole output matrix per token while the others wait); pipeline: rank 0 alone
         self.vocab: slice | None = None
-        if place is not None and place.mode == "expert" and place.size > 1 and self.output is not None:
+        if self.split and self.output is not None:
+            assert place is not None
             V = args.vocab_size
             self.vocab = slice(place.rank * V // place.size, (place.rank + 1) * V // place.size)
             o, n = self.output, self.vocab.stop - self.vocab.start
@@ -348,9 +350,9 @@ class NumpyBackend:
         """Expert parallel: every rank filled the (token, rank) slots of its own experts and left
         the others 0; one sum across the group completes every slot exactly (x + 0 = x), so the
         combine that follows is the single process's, bit for bit. pairs [T, k, dim]."""
-        if self.group is None or self.place is None or self.place.mode != "expert" or self.group.size == 1:
+        if not self.split:
             return pairs
-        return self.group.all_sum(pairs, f"layer {li}'s experts")
+        return self.group.all_sum(pairs, f"layer {li}'s experts")  # type: ignore[union-attr]
 
     # ---- streamed experts -----------------------------------------------------------------
     @contextmanager

@@ -43,6 +43,12 @@ class Placement:
         return self.rank == 0
 
     @property
+    def split_experts(self) -> bool:
+        """Expert parallel over more than one rank: a layer's expert outputs (and, on NumPy, the
+        logits) are completed by one sum across the group."""
+        return self.mode == "expert" and self.size > 1
+
+    @property
     def next(self) -> int:
         return (self.rank + 1) % self.size
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import signal
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -121,8 +122,6 @@ class DistributedBackend:
     def _guarded(self, fn: Any) -> Any:
         """Run a forward the others run too; any failure midway ends the group (the ranks would no
         longer be in step)."""
-        import time
-
         t0 = time.perf_counter()
         try:
             return fn()
@@ -226,8 +225,6 @@ class _Follower:
             self.caches.pop(int(cid), None)
 
     def run(self) -> None:
-        import time
-
         while True:
             cmd = protocol.receive(self.group)
             t0 = time.perf_counter()
