@@ -52,42 +52,37 @@ def launched_rank() -> int | None:
 
 
 class _Watchdog:
-    """Ends the process with one line when a collective outlives its deadline."""
+    """Ends the process with one line when a collective outlives its deadline.
 
-    def __init__(self, rank: int) -> None:
+    Arming and disarming only set an attribute (one tuple, replaced whole): a collective costs no
+    lock, no notify and no wake-up of this thread, which would take the GIL and the core from the
+    rank's work on every layer. The thread looks every ``period`` seconds instead, so a hang is
+    reported within the timeout plus one period."""
+
+    def __init__(self, rank: int, period: float = 1.0) -> None:
         self.rank = rank
-        self._cv = threading.Condition()
-        self._deadline: float | None = None
-        self._seconds = 0.0
-        self._what = ""
+        self.period = period
+        self._armed: tuple[float, float, str] | None = None  # (deadline, seconds, what)
         threading.Thread(target=self._run, name="mlxtral-dist-watchdog", daemon=True).start()
 
     def arm(self, seconds: float, what: str) -> None:
-        with self._cv:
-            self._deadline = time.monotonic() + seconds
-            self._seconds = seconds
-            self._what = what
-            self._cv.notify()
+        self._armed = (time.monotonic() + seconds, seconds, what)
 
     def disarm(self) -> None:
-        with self._cv:
-            self._deadline = None
+        self._armed = None
 
     def _run(self) -> None:
-        with self._cv:
-            while True:
-                if self._deadline is None:
-                    self._cv.wait()
-                    continue
-                left = self._deadline - time.monotonic()
-                if left > 0:
-                    self._cv.wait(left)
-                    continue
-                msg = (f"error: rank {self.rank}: no answer from the other ranks for {self._seconds:.0f} s "
-                       f"during {self._what} (a rank hung or the network is down; MLXTRAL_DIST_TIMEOUT "
-                       "sets the wait)\n")
-                _write_err(msg)
-                os._exit(1)
+        while True:
+            time.sleep(self.period)
+            armed = self._armed
+            if armed is None or time.monotonic() < armed[0]:
+                continue
+            _, seconds, what = armed
+            msg = (f"error: rank {self.rank}: no answer from the other ranks for {seconds:.0f} s "
+                   f"during {what} (a rank hung or the network is down; MLXTRAL_DIST_TIMEOUT "
+                   "sets the wait)\n")
+            _write_err(msg)
+            os._exit(1)
 
 
 def _timeout() -> int:
@@ -206,7 +201,7 @@ class Group:
         self.rank = self.group.rank()
         self.size = self.group.size()
         self.timeout = _timeout()
-        self.watchdog = _Watchdog(self.rank)
+        self.watchdog = _Watchdog(self.rank, min(1.0, self.timeout / 4))
         self.comm_seconds = 0.0  # time spent in collectives (waiting included)
         self.comm_bytes = 0  # bytes this rank contributed to collectives and sends
         self.pinned: list[int] = []
