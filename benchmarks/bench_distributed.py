@@ -79,7 +79,7 @@ from typing import Any
 HERE = Path(__file__).resolve()
 MAKER = HERE.parents[2] / "shared" / "bench" / "make_moe_gguf.py"
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-CONFIGS = ("single", "expert", "pipeline")
+CONFIGS = ("single", "expert", "expert-whole", "pipeline")
 BUSY = ("bench_serve", "bench_vs_llamacpp")  # other heavy benchmarks: wait while they run
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 LINKS = ((1e9, 100e-6, "1 Gb/s"), (10e9, 30e-6, "10 Gb/s"))  # bit rate, latency per collective
@@ -107,12 +107,14 @@ def byte_parts(args: Any, sizes: dict[str, int]) -> dict[str, Any]:
 
     L, E = args.n_layers, max(args.n_experts, 1)
     layer, expert = [0] * L, [[0] * E for _ in range(L)]
+    kinds = [[[0, 0, 0] for _ in range(E)] for _ in range(L)]  # gate, up, down of each expert
     blk = re.compile(r"^blk\.(\d+)\.")
     head = embed = 0
     for name, n in sizes.items():
         le = _expert_name(name)
         if le is not None:
             expert[le[0]][le[1]] += n
+            kinds[le[0]][le[1]][("gate", "up", "down").index(name.split(".")[2][4:])] += n
         elif (m := blk.match(name)) is not None:
             if re.match(r"^blk\.\d+\.ffn_(gate|up|down)\.weight$", name):  # a dense FFN: "expert 0"
                 expert[int(m.group(1))][0] += n
@@ -124,7 +126,20 @@ def byte_parts(args: Any, sizes: dict[str, int]) -> dict[str, Any]:
                 head += n
         else:
             head += n  # output_norm, output
-    return {"layer": layer, "expert": expert, "head": head, "embed": embed}
+    return {"layer": layer, "expert": expert, "kinds": kinds, "head": head, "embed": embed,
+            "rows": (args.hidden_dim, args.hidden_dim, args.dim)}  # rows of gate, up, down
+
+
+def expert_share(parts: dict[str, Any], p: Any) -> Any:
+    """[L, E] bytes of each expert that placement ``p`` holds: all, none, or (by rows) its rows of
+    gate, up and down."""
+    import numpy as np
+
+    kinds = np.asarray(parts["kinds"], dtype=np.float64)  # [L, E, 3]
+    frac = np.array([len(p.rows(n)) / n for n in parts["rows"]])  # [3]
+    mask_e = np.zeros(kinds.shape[1])
+    mask_e[list(p.experts)] = 1.0
+    return (kinds * frac).sum(-1) * mask_e  # [L, E]
 
 
 def placements(mode: str, size: int, args: Any) -> list[Any]:
@@ -146,34 +161,40 @@ def rank_bytes(parts: dict[str, Any], places: list[Any], used: Any) -> tuple[lis
     if seen.any() and not seen.all():  # the others': every expert at (tokens x k) / E
         used[:, ~seen, :] = (used[:, seen, :].sum(-1).mean(-1) / used.shape[2])[:, None, None]
     layer = np.asarray(parts["layer"], dtype=np.float64)  # [L]
-    expert = np.asarray(parts["expert"], dtype=np.float64)  # [L, E]
     per = []  # [R] of [T, L]: each rank's bytes per token and layer
     for p in places:
         mask_l = np.zeros(len(layer))
         mask_l[list(p.layers)] = 1.0
-        mask_e = np.zeros(expert.shape[1])
-        mask_e[list(p.experts)] = 1.0
-        per.append(mask_l * (layer + (used * expert * mask_e).sum(-1)))  # [T, L]
+        per.append(mask_l * (layer + (used * expert_share(parts, p)).sum(-1)))  # [T, L]
     n = len(places)
     # expert parallel: each rank projects 1/n of the vocabulary; pipeline: rank 0 the whole output
     whole = parts["head"] + parts["embed"]
-    extra = [parts["head"] / n + parts["embed"] if p.mode == "expert" else whole * p.head for p in places]
+    extra = [parts["head"] / n + parts["embed"] if p.split_experts else whole * p.head for p in places]
     means = [float(b.sum() / T) + x for b, x in zip(per, extra, strict=True)]
-    if places[0].mode == "expert" and len(places) > 1:
+    if places[0].split_experts:
         crit = float(np.maximum.reduce(per).sum() / T) + max(extra)
     else:
         crit = sum(means)
     return means, crit
 
 
-def held_bytes(sizes: dict[str, int], place: Any, kv_bytes_per_layer: int) -> int:
+def held_bytes(sizes: dict[str, int], place: Any, kv_bytes_per_layer: int, rows: tuple[int, ...]) -> int:
     """What a rank holds: the tensors it needs plus the KV cache of its layers."""
-    return file_share(sizes, place) + kv_bytes_per_layer * len(place.layers)
+    return file_share(sizes, place, rows) + kv_bytes_per_layer * len(place.layers)
 
 
-def file_share(sizes: dict[str, int], place: Any) -> int:
-    """Bytes of the file's tensors a rank maps (the ones it needs)."""
-    return sum(n for name, n in sizes.items() if place.holds(name))
+def file_share(sizes: dict[str, int], place: Any, rows: tuple[int, ...]) -> int:
+    """Bytes of the file's tensors a rank maps: the ones it needs (by rows, its rows of each expert
+    matrix; ``rows``: the rows of gate, up and down)."""
+    held = 0.0
+    for name, n in sizes.items():
+        if not place.holds(name):
+            continue
+        if _expert_name(name) is not None:
+            r = rows[("gate", "up", "down").index(name.split(".")[2][4:])]
+            n = n * len(place.rows(r)) / r
+        held += n
+    return int(held)
 
 
 # ---- one launch (runs on every rank: --worker) ---------------------------------------------------
@@ -432,13 +453,13 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
     s_bytes = statistics.median(rank_bytes(parts, placements("single", 1, args), u)[1] for u in used_single)
     bw = s_bytes * s_tg  # bytes/s this host's single process reads
     s_place = placements("single", 1, args)[0]
-    s_held = held_bytes(sizes, s_place, kv_layer)
+    s_held = held_bytes(sizes, s_place, kv_layer, parts["rows"])
 
     def _memory(rs: list[dict], places: list[Any]) -> dict[str, Any]:
         if not all("file_rss" in r for r in rs):
             return {}
         return {"file_rss_mb": [round(x / 2**20, 1) for x in np.max([r["file_rss"] for r in rs], axis=0)],
-                "file_share_mb": [round(file_share(sizes, p) / 2**20, 1) for p in places],
+                "file_share_mb": [round(file_share(sizes, p, parts["rows"]) / 2**20, 1) for p in places],
                 "anon_rss_mb": [round(x / 2**20, 1) for x in np.max([r["anon_rss"] for r in rs], axis=0)],
                 "kv_mb": [round(kv_layer * len(p.layers) / 2**20, 1) for p in places]}
 
@@ -447,7 +468,7 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
                      "peak_rss_mb": [round(max(r["peak_rss"][0] for r in single) / 2**20, 1)],
                      "held_mb": [round(s_held / 2**20, 1)],
                      "base_rss_mb": round(statistics.median(r["base_rss"] for r in single) / 2**20, 1)}
-    for mode in ("expert", "pipeline"):
+    for mode in CONFIGS[1:]:
         rs = [r[mode] for r in rounds if mode in r]
         if not rs:
             continue
@@ -463,10 +484,9 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
         n_coll = statistics.median(r["decode_collectives"] for r in rs)
         pre_b = np.median([r["prefill_comm_bytes"] for r in rs], axis=0).tolist()
         pre_coll = statistics.median(r["prefill_collectives"] for r in rs)
-        held = [held_bytes(sizes, p, kv_layer) for p in places]
+        held = [held_bytes(sizes, p, kv_layer, parts["rows"]) for p in places]
         rss = np.max([r["peak_rss"] for r in rs], axis=0).tolist()
-        link_b = max(comm_b) if mode == "expert" else sum(comm_b)
-        pre_link_b = max(pre_b) if mode == "expert" else sum(pre_b)
+        link_b, pre_link_b = link_bytes(comm_b, mode), link_bytes(pre_b, mode)
         # prefill work per rank: weight bytes x tokens (a proxy for the FLOPs); pre_used sums the
         # prompt's tokens, so rank_bytes counts each layer once: add the other pp - 1 times
         pre_used = np.median([np.asarray(r["prefill_used"], dtype=np.float64) for r in rs], axis=0)[None]
@@ -517,9 +537,9 @@ def _mb(xs: list[float], scale: float = 1e6, fmt: str = ".1f") -> str:
     return " / ".join(f"{x / scale:{fmt}}" for x in xs)
 
 
-def link_bytes(d: dict, key: str, mode: str) -> float:
+def link_bytes(per_rank: list[float], mode: str) -> float:
     """Bytes on the link: expert parallel's all_sum runs both ways at once, pipeline's hops in turn."""
-    return max(d[key]) if mode == "expert" else sum(d[key])
+    return sum(per_rank) if mode == "pipeline" else max(per_rank)
 
 
 def print_report(doc: dict) -> None:
@@ -528,7 +548,7 @@ def print_report(doc: dict) -> None:
 
     con = Console(width=None if sys.stdout.isatty() else 160)
     con.print(f"CPU: {doc['cpu']}; load average {doc['load_avg']}")
-    modes = [m for m in ("expert", "pipeline") if any(m in s for s in doc["summary"].values())]
+    modes = [m for m in CONFIGS[1:] if any(m in s for s in doc["summary"].values())]
     for model, s in doc["summary"].items():
         one = s["single"]
         t = Table(title=f"{Path(model).name}: 1 process x {doc['threads']} threads vs {doc['ranks']} ranks "
@@ -569,7 +589,8 @@ def print_report(doc: dict) -> None:
                   f"MB/token x {one['tg_tok_s']:.1f} tok/s = {bw:.2f} GB/s per machine")
         for mode in modes:
             d = s[mode]
-            lb, pb = link_bytes(d, "comm_bytes_per_token", mode), link_bytes(d, "prefill_comm_bytes", mode)
+            lb = link_bytes(d["comm_bytes_per_token"], mode)
+            pb = link_bytes(d["prefill_comm_bytes"], mode)
             for e in d["two_machines"]:
                 lat = e["latency_us"]
                 con.print(f"  {mode} {e['link']} decode: {d['critical_bytes_per_token'] / 1e6:.1f} MB / "
@@ -592,7 +613,7 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=Path("/tmp/mlxtral-bench/moe-q4_0.gguf"),
                    help="built with make_moe_gguf.py --type q4_0 when missing")
     p.add_argument("--demo", action="store_true", help="also the upcycled demo model")
-    p.add_argument("--modes", default="expert,pipeline", help="distributed modes to run")
+    p.add_argument("--modes", default="expert,expert-whole,pipeline", help="distributed modes to run")
     p.add_argument("--pp", type=int, default=128, help="prompt tokens")
     p.add_argument("--tg", type=int, default=96, help="tokens to generate")
     p.add_argument("--threads", type=int, default=2, help="the single process's threads (ranks: 1 each)")

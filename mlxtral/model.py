@@ -256,7 +256,7 @@ def load(
 
     ``check_memory=False`` skips the decision (and the check) and loads everything, as before.
 
-    ``distributed``: "expert" or "pipeline" in a process started by ``mlx.launch`` (see
+    ``distributed``: "expert", "expert-whole" or "pipeline" in a process started by ``mlx.launch`` (see
     :mod:`mlxtral.distributed`): this rank loads its share only. On rank 0 the model works as usual
     (every forward is computed by the whole group); on every other rank ``load`` does not return:
     the process follows rank 0's forwards and exits when rank 0 closes its model or ends.
@@ -285,8 +285,12 @@ def load(
         group, share = join(ckpt, distributed, settings)
         whole, args = ckpt.tensors, ckpt.args  # the filter below makes a new dict: this one stays whole
         whole_info = {n: q.info() for n, q in whole.items()}  # the whole file, for figures per token
-        layout = functools.cache(lambda: expert_layout(args, whole, ckpt.path))  # the file's experts
-        ckpt.tensors = {n: q for n, q in ckpt.tensors.items() if share.holds(n)}  # type: ignore[assignment]
+        mine = {n: share.share(n, q) for n, q in whole.items() if share.holds(n)}  # views of this rank's part
+        # the experts this rank streams: its rows of every expert, or (whole experts) read off the
+        # whole file's layout, which its own experts' spans are part of
+        streamed = mine if share.sliced else whole
+        layout = functools.cache(lambda: expert_layout(args, streamed, ckpt.path))
+        ckpt.tensors = mine  # type: ignore[assignment]
         if name != "numpy":
             stream_experts = False
         tokenizer = tokenizer and share.head  # only rank 0 tokenizes

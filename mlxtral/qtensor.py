@@ -135,6 +135,10 @@ class QTensor:
             raise ValueError("expert() needs a 3-D [E, out, in] tensor")
         return QTensor(self.qtype, tuple(self.shape[1:]), self.data[e])
 
+    def row_range(self, r0: int, r1: int) -> QTensor:
+        """Rows ``[r0, r1)`` of a 2-D tensor, as a zero-copy view (a row's blocks are its own)."""
+        return QTensor(self.qtype, (r1 - r0, *self.shape[1:]), self.data[r0:r1])
+
     # ---- reference math ------------------------------------------------------------------
     def dequantize(self) -> np.ndarray:
         """The whole tensor as float32 (slow reference; allocates shape x 4 bytes)."""
@@ -221,6 +225,11 @@ class AffineTensor:
         if self.ndim != 3:
             raise ValueError("expert() needs a 3-D [E, out, in] tensor")
         return self._with(tuple(self.shape[1:]), self.data[e], self.scales[e], self.biases[e])
+
+    def row_range(self, r0: int, r1: int) -> AffineTensor:
+        """Rows ``[r0, r1)`` of a 2-D tensor, as a zero-copy view."""
+        rows = slice(r0, r1)
+        return self._with((r1 - r0, *self.shape[1:]), self.data[rows], self.scales[rows], self.biases[rows])
 
     def take_rows(self, idx: np.ndarray) -> AffineTensor:
         """Rows ``idx`` of a 2-D tensor (a copy): quantization is per row, so codes, scales and

@@ -1,9 +1,10 @@
 """Expert- and pipeline-parallel runs on the MLX backend (``--backend mlx --distributed ...``).
 
 The ranks are launched with MLX's launcher (``mlx.launch --backend ring``) on localhost and their
-logits compared with the single-process MLX run bit for bit: expert parallel fills each rank's
-(token, rank) pairs into a zero buffer and one ``all_sum`` per layer completes them exactly
-(x + 0 = x) before the usual combine; pipeline parallel moves the hidden state as float32, which
+logits compared with the single-process MLX run bit for bit: expert parallel by rows fills each
+rank's columns of the pairs' activations and outputs into zero buffers and ``all_sum`` completes
+them exactly (x + 0 = x), by whole experts each rank's (token, rank) pairs, before the usual
+combine; pipeline parallel moves the hidden state as float32, which
 holds every float16 value. A prompt of 40 tokens takes the MoE's sorted path (80 pairs >= 64) and
 pipeline micro-batches; a 5-token prompt and the decode steps the unsorted one.
 """
@@ -71,8 +72,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize(("model", "mode", "n", "dtype"), [
     ("moe", "expert", 2, "-"),
     ("moe", "expert", 3, "-"),
+    ("moe", "expert-whole", 2, "-"),
     ("moe", "pipeline", 3, "-"),
     ("q4_0", "expert", 2, "float16"),
+    ("q4_0", "expert-whole", 3, "float16"),
     ("q4_0", "pipeline", 2, "float16"),
     ("dense", "pipeline", 2, "-"),
 ])
@@ -138,7 +141,7 @@ def test_expert_shares_sum_to_one_process(qtype: str, T: int) -> None:
     full = np.array(one.switch_glu(x, mx.array(inds), one.layers[0]))  # [T, 2, dim]
     total = np.zeros_like(full)
     for r in range(2):
-        be = _share(args, t, "expert", r, 2, _Recorder())
+        be = _share(args, t, "expert-whole", r, 2, _Recorder())
         assert be.split and be.layers[0].gate.w.shape[0] == 4  # its 4 experts only
         part = np.array(be._switch_glu_split(x, mx.array(inds), be.layers[0], 0))  # [T, 2, dim]
         mine = (inds >= be.local.start) & (inds < be.local.stop)  # [T, 2]

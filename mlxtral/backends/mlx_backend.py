@@ -19,7 +19,9 @@ sort order and the kernels are those of the resident model). A layer's experts a
 once, so the smallest MLX cache is one layer's experts.
 
 Across processes (:mod:`mlxtral.distributed`, a ``place``ment and a ``group``): **expert parallel**
-stacks only this rank's experts (a contiguous block, renumbered from 0). Per MoE layer the routing
+stacks only this rank's share: its rows of every expert (``expert``: its columns of each pair's
+activation go through one ``all_sum`` before down, its columns of the output through another) or
+its whole experts (``expert-whole``, a contiguous block, renumbered from 0). Per MoE layer the routing
 is evaluated and read on the host (one evaluation per layer, which the collective needs anyway),
 so the rank runs only the token-expert pairs of its own experts, through the same kernels and the
 same sorted or unsorted path as one process; it scatters them into a zero [T*k, dim] buffer of all
@@ -153,7 +155,11 @@ class MLXBackend:
         self.held = range(args.n_layers) if place is None else place.layers  # layers this process runs
         self.local = range(args.n_ffn) if place is None else place.experts  # experts it stacks
         self.split = (place is not None and place.split_experts and group is not None
-                      and args.is_moe)  # expert parallel: one all_sum per layer
+                      and args.is_moe)  # expert parallel: one all_sum per layer (by rows: two)
+        # by rows: this rank's columns of an expert's hidden activation and of its output
+        self.ffn_cols = self.out_cols = None
+        if place is not None and place.sliced:
+            self.ffn_cols, self.out_cols = place.rows(args.hidden_dim), place.rows(args.dim)
         self.dtype = resolve_dtype(dtype)
         # MLX's CPU gather_mm is float32-only: float expert stacks stay float32 there.
         self.expert_float_dtype = self.dtype if on_metal() else mx.float32
@@ -382,7 +388,8 @@ class MLXBackend:
 
     def _switch_glu_split(self, x: mx.array, inds: mx.array, L: MLXLayer, li: int) -> mx.array:
         """Expert parallel :meth:`switch_glu`: x [T, dim], inds [T, k] (global expert ids) ->
-        [T, k, dim], every pair computed by the rank that holds its expert and summed over the group.
+        [T, k, dim], every pair computed by the rank that holds its expert (by rows: every rank, its
+        columns) and summed over the group.
 
         The routing is read on the host, so only this rank's pairs run (none of another rank's
         costs compute or reads), sorted by expert (stably) where one process sorts them, each a
@@ -402,10 +409,17 @@ class MLXBackend:
         if len(mine):
             xs = x[mx.array(mine // k)][:, None, :]  # [n, 1, dim]
             idx = mx.array((flat[mine] - e0).astype(np.uint32))  # [n] local expert ids
-            g = L.gate.gather(xs, idx, sorted_indices=sort)  # [n, 1, hidden]
+            g = L.gate.gather(xs, idx, sorted_indices=sort)  # [n, 1, hidden] (by rows: its columns)
             u = L.up.gather(xs, idx, sorted_indices=sort)
-            y = L.down.gather(_swiglu(g, u), idx, sorted_indices=sort)  # [n, 1, dim]
-            part[mx.array(mine)] = y.reshape(-1, dim).astype(x.dtype)
+            hid = _swiglu(g, u)
+            if self.ffn_cols is not None:  # every rank's columns, the others 0: one exact sum
+                c = self.ffn_cols
+                whole = mx.zeros((len(mine), 1, self.args.hidden_dim), dtype=hid.dtype)  # [n, 1, hidden]
+                whole[..., c.start : c.stop] = hid
+                hid = self.group.all_sum_mx(whole, f"layer {li}'s expert activations")
+            y = L.down.gather(hid, idx, sorted_indices=sort)  # [n, 1, dim] (by rows: its columns)
+            o = range(dim) if self.out_cols is None else self.out_cols
+            part[mx.array(mine), o.start : o.stop] = y.reshape(len(mine), -1).astype(x.dtype)
         return self.group.all_sum_mx(part, f"layer {li}'s experts").reshape(T, k, dim)
 
     def _guess(self, h: mx.array, li: int) -> mx.array | None:

@@ -50,6 +50,10 @@ class LayerWeights:
     w2: list[QTensor]  # down, E x [dim, hidden]
 
 
+def _cols(r: range) -> slice:
+    return slice(r.start, r.stop)
+
+
 def _f32(q: QTensor) -> np.ndarray:
     return np.ascontiguousarray(q.dequantize(), dtype=np.float32)
 
@@ -130,8 +134,14 @@ class NumpyBackend:
         self.mine = np.zeros(args.n_ffn, dtype=bool)  # [E] the experts this process computes
         self.mine[range(args.n_ffn) if place is None else place.experts] = True
         self.split = place is not None and place.split_experts and group is not None  # all_sum per layer
+        # expert parallel by rows: this rank's rows of gate/up (FFN columns of the hidden
+        # activation) and of down (model-width columns of an expert's output); slice(None): all
+        self.ffn_cols = self.out_cols = slice(None)
         if place is not None:
-            tensors = {n: q for n, q in tensors.items() if place.holds(n)}
+            tensors = {n: q for n, q in tensors.items() if place.holds(n)}  # (load() cut the rows)
+            if place.sliced:
+                self.ffn_cols = _cols(place.rows(args.hidden_dim))
+                self.out_cols = _cols(place.rows(args.dim))
         tensors = native_tensors(tensors)  # K-quants -> Q4_1/Q8_0, MLX affine -> Q4_1/F16; others as they are
         self.mapped_files = files_backing(q.data for q in tensors.values())  # checked before each forward
         self.embed = tensors.get("token_embd.weight")
@@ -148,6 +158,12 @@ class NumpyBackend:
         self.norm = _f32(tensors["output_norm.weight"]) if self.head or self.vocab is not None else None
         self.layers = build_layers(args, tensors, experts=experts is None, place=place)
         self.kv_dtype = np.dtype(kv_dtype)
+        # streaming: a prefill runs a layer's experts in groups of what the cache holds; by rows,
+        # every group is a collective, so the ranks agree on the smallest cache's size
+        self._group_size = 0 if experts is None else experts.capacity
+        if experts is not None and self.ffn_cols != slice(None):
+            every = group.all_gather(np.array([experts.capacity], dtype=np.int64), "the start-up")  # type: ignore[union-attr]
+            self._group_size = int(every.min())
         # the table covers the contexts caches are made for (new_cache grows it), not the file's
         # context length: a GGUF claiming 50M positions must not cost 16 GB of angles
         self.rope = ops.Rope(args.rope_dim or args.head_dim, args.rope_theta,
@@ -322,9 +338,9 @@ class NumpyBackend:
             ranks = [j for j, e in enumerate(idx[0].tolist()) if self.mine[e]]  # all in one process
             if ranks:
                 with self._expert_weights(li, idx[0, ranks].tolist(), ahead) as (w1, w3, w2):
-                    hs = ops.swiglu_experts([x] * len(ranks), w1, w3)
+                    hs = self._whole_hidden(ops.swiglu_experts([x] * len(ranks), w1, w3), li)
                     for j, y in zip(ranks, ops.linear_experts(hs, w2), strict=True):
-                        pairs[0, j] = y[0]
+                        pairs[0, j, self.out_cols] = y[0]
             return ops.combine(self._gather(pairs, li), w)  # in rank order
         flat = idx.ravel()  # token-expert pairs, token-major
         order = np.argsort(flat, kind="stable")
@@ -334,22 +350,36 @@ class NumpyBackend:
         bounds = np.concatenate([[0], np.cumsum(counts)])  # [E+1] where each expert's pairs start in order
         sels = [order[bounds[e] : bounds[e + 1]] for e in experts]
         toks = [sel // k for sel in sels]  # tokens of each expert (each at most once)
-        group = max(len(experts), 1) if self.experts is None else self.experts.capacity
+        group = max(len(experts), 1) if self.experts is None else self._group_size
         ys: list[np.ndarray] = []
         for g0 in range(0, len(experts), group):
             es = experts[g0 : g0 + group].tolist()
             with self._expert_weights(li, es, ahead if g0 + group >= len(experts) else None) as (w1, w3, w2):
                 hs = ops.swiglu_experts([x[t] for t in toks[g0 : g0 + group]], w1, w3)
-                ys += ops.linear_experts(hs, w2)
+                ys += ops.linear_experts(self._whole_hidden(hs, li), w2)
         flat_pairs = pairs.reshape(T * k, -1)  # [T*k, dim], token-major
         for sel, y in zip(sels, ys, strict=True):
-            flat_pairs[sel] = y  # every (token, rank) pair is some expert's exactly once
+            flat_pairs[sel, self.out_cols] = y  # every (token, rank) pair is some expert's exactly once
         return ops.combine(self._gather(pairs, li), w)  # as decode combines: rank order
 
+    def _whole_hidden(self, hs: list[np.ndarray], li: int) -> list[np.ndarray]:
+        """Expert parallel by rows: each expert's hidden activation [T_e, hidden] from every rank's
+        columns ``hs`` [T_e, hidden/n] (the others 0, one exact sum across the group), so down's
+        rows see what they see in one process. Otherwise ``hs`` as it is."""
+        if self.ffn_cols == slice(None) or not hs:
+            return hs
+        lens = [len(h) for h in hs]
+        buf = np.zeros((sum(lens), self.args.hidden_dim), dtype=np.float32)  # [sum T_e, hidden]
+        buf[:, self.ffn_cols] = np.concatenate(hs)
+        whole = self.group.all_sum(buf, f"layer {li}'s expert activations")  # type: ignore[union-attr]
+        ends = np.cumsum(lens)
+        return [whole[e - n : e] for e, n in zip(ends.tolist(), lens, strict=True)]
+
     def _gather(self, pairs: np.ndarray, li: int) -> np.ndarray:
-        """Expert parallel: every rank filled the (token, rank) slots of its own experts and left
-        the others 0; one sum across the group completes every slot exactly (x + 0 = x), so the
-        combine that follows is the single process's, bit for bit. pairs [T, k, dim]."""
+        """Expert parallel: every rank filled the (token, rank) slots of its own experts (by rows:
+        its columns of every slot) and left the rest 0; one sum across the group completes every
+        slot exactly (x + 0 = x), so the combine that follows is the single process's, bit for
+        bit. pairs [T, k, dim]."""
         if not self.split:
             return pairs
         return self.group.all_sum(pairs, f"layer {li}'s experts")  # type: ignore[union-attr]

@@ -3,16 +3,19 @@ engine (``mx.distributed``: the ring backend over TCP, or MPI), started by ``mlx
 
 - :mod:`~mlxtral.distributed.group`: joining the group, collectives on NumPy arrays under a
   watchdog, one line when a peer dies or hangs, ranks of one host pinned to their own cores.
-- :mod:`~mlxtral.distributed.placement`: which rank holds which experts or layers.
+- :mod:`~mlxtral.distributed.placement`: which rank holds which rows of the experts, which whole
+  experts, or which layers.
 - :mod:`~mlxtral.distributed.setup`: at load, the same model and settings on every rank.
 - :mod:`~mlxtral.distributed.protocol`: the commands rank 0 broadcasts (one per forward).
 - :mod:`~mlxtral.distributed.runner`: rank 0's backend and the other ranks' loop.
 - :mod:`~mlxtral.distributed.pipeline`: the pipeline forward, micro-batched.
 
-Expert parallel lives in the backends themselves (``NumpyBackend.moe``, ``MLXBackend``'s MoE layer:
-each rank computes its experts' (token, rank) slots and one ``all_sum`` per layer completes them, so
-the result is the single process's bit for bit; on NumPy each rank also projects its slice of the
-vocabulary).
+Expert parallel lives in the backends themselves (``NumpyBackend.moe``, ``MLXBackend``'s MoE layer):
+by rows, each rank computes its columns of every routed pair's activation and output and two
+``all_sum`` per layer put them together; by whole experts, each rank computes its experts' (token,
+rank) slots and one ``all_sum`` per layer completes them. Either way every number is computed as in
+one process, so the result is the single process's bit for bit; on NumPy each rank also projects
+its slice of the vocabulary.
 """
 from mlxtral.distributed.placement import MODES
 

@@ -182,7 +182,7 @@ class ExpertParallelBackend(DistributedBackend):
 
 
 def leader(backend: Any, group: Group, place: Placement) -> DistributedBackend:
-    if place.mode == "expert" and hasattr(backend, "forward_runs"):
+    if place.mode != "pipeline" and hasattr(backend, "forward_runs"):
         return ExpertParallelBackend(backend, group, place)
     return DistributedBackend(backend, group, place)
 
