@@ -321,7 +321,8 @@ BudgetOpt = typer.Option(None, "--memory-budget",
                          help="Memory the run may use, e.g. 12GB or 150MB (default: what is available). "
                               "A model larger than this streams its experts from disk.")
 DistributedOpt = typer.Option(None, "--distributed",
-                              help="expert or pipeline: split the model across the processes mlx.launch "
+                              help="expert (whole experts), expert-rows (every expert's rows) or "
+                                   "pipeline (layers): split the model across the processes mlx.launch "
                                    "started (mlx.launch -n 2 --backend ring -- mlxtral ...).")
 PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
                            help="When experts stream, read the next layer's likely experts ahead.")

@@ -79,7 +79,7 @@ from typing import Any
 HERE = Path(__file__).resolve()
 MAKER = HERE.parents[2] / "shared" / "bench" / "make_moe_gguf.py"
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-CONFIGS = ("single", "expert", "expert-whole", "pipeline")
+CONFIGS = ("single", "expert", "expert-rows", "pipeline")
 BUSY = ("bench_serve", "bench_vs_llamacpp")  # other heavy benchmarks: wait while they run
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 LINKS = ((1e9, 100e-6, "1 Gb/s"), (10e9, 30e-6, "10 Gb/s"))  # bit rate, latency per collective
@@ -613,7 +613,7 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=Path("/tmp/mlxtral-bench/moe-q4_0.gguf"),
                    help="built with make_moe_gguf.py --type q4_0 when missing")
     p.add_argument("--demo", action="store_true", help="also the upcycled demo model")
-    p.add_argument("--modes", default="expert,expert-whole,pipeline", help="distributed modes to run")
+    p.add_argument("--modes", default="expert,expert-rows,pipeline", help="distributed modes to run")
     p.add_argument("--pp", type=int, default=128, help="prompt tokens")
     p.add_argument("--tg", type=int, default=96, help="tokens to generate")
     p.add_argument("--threads", type=int, default=2, help="the single process's threads (ranks: 1 each)")

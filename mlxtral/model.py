@@ -256,7 +256,7 @@ def load(
 
     ``check_memory=False`` skips the decision (and the check) and loads everything, as before.
 
-    ``distributed``: "expert", "expert-whole" or "pipeline" in a process started by ``mlx.launch`` (see
+    ``distributed``: "expert", "expert-rows" or "pipeline" in a process started by ``mlx.launch`` (see
     :mod:`mlxtral.distributed`): this rank loads its share only. On rank 0 the model works as usual
     (every forward is computed by the whole group); on every other rank ``load`` does not return:
     the process follows rank 0's forwards and exits when rank 0 closes its model or ends.

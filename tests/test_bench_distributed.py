@@ -57,7 +57,7 @@ def test_single_and_expert_parallel() -> None:
     means, crit = bd.rank_bytes(parts, bd.placements("single", 1, args), used)
     one = L * LAYER + L * 2 * EXPERT + OUT + EMB // VOCAB
     assert means == [one] and crit == one
-    means, crit = bd.rank_bytes(parts, bd.placements("expert-whole", 2, args), used)
+    means, crit = bd.rank_bytes(parts, bd.placements("expert", 2, args), used)
     # rank 0 (experts 0-1): token 0 uses 2 + 1, token 1 uses 0 + 1; rank 1: token 0 0 + 1, token 1 2 + 1
     # (each rank projects half the vocabulary)
     assert means[0] == pytest.approx(L * LAYER + (3 + 1) / 2 * EXPERT + OUT / 2 + EMB // VOCAB)
@@ -65,7 +65,7 @@ def test_single_and_expert_parallel() -> None:
     # the slower rank of each layer: 2 experts in layer 0, 1 in layer 1, both tokens
     assert crit == pytest.approx(L * LAYER + 3 * EXPERT + OUT / 2 + EMB // VOCAB)
     # by rows: each rank reads half of every expert a token uses, whichever they are
-    means, crit = bd.rank_bytes(parts, bd.placements("expert", 2, args), used)
+    means, crit = bd.rank_bytes(parts, bd.placements("expert-rows", 2, args), used)
     even = L * LAYER + L * 2 * EXPERT / 2 + OUT / 2 + EMB // VOCAB
     assert means == pytest.approx([even, even]) and crit == pytest.approx(even)
 
@@ -81,10 +81,10 @@ def test_pipeline_fills_the_layers_rank0_does_not_route() -> None:
 def test_file_share() -> None:
     args, sizes = _args(), _sizes()
     rows = bd.byte_parts(args, sizes)["rows"]
-    r0, r1 = bd.placements("expert-whole", 2, args)
+    r0, r1 = bd.placements("expert", 2, args)
     want = EMB + OUT + L * LAYER + L * 2 * EXPERT
     assert bd.file_share(sizes, r0, rows) == bd.file_share(sizes, r1, rows) == want
-    r0, r1 = bd.placements("expert", 2, args)  # half the rows of every expert
+    r0, r1 = bd.placements("expert-rows", 2, args)  # half the rows of every expert
     assert bd.file_share(sizes, r0, rows) == bd.file_share(sizes, r1, rows) == want
     p0, p1 = bd.placements("pipeline", 2, args)
     assert bd.file_share(sizes, p0, rows) == EMB + OUT + LAYER + E * EXPERT

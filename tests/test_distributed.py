@@ -41,7 +41,7 @@ if budget:
     plan = m.memory_plan
     assert plan.streaming and 0 < plan.cache_slots < plan.n_experts_all, plan
     every = m.config.n_experts * m.config.n_layers
-    assert plan.n_experts_all == (every if mode == "expert" else every // 2), plan  # its rows, or half
+    assert plan.n_experts_all == (every if mode == "expert-rows" else every // 2), plan  # its rows, or half
 ids = [int(i) for i in sys.argv[4].split(",")]
 lg = m.logits(ids)
 s = m.new_session()
@@ -141,18 +141,19 @@ def bench_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 IDS = [1, 415, 2936, 9060, 285, 10575, 754, 272, 17898, 3914, 304, 868, 13, 28705, 28740, 28750]
 
 
-@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert", 3), ("expert-whole", 2),
-                                         ("expert-whole", 3), ("pipeline", 2), ("pipeline", 3)])
+@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert", 3), ("expert-rows", 2),
+                                         ("expert-rows", 3), ("pipeline", 2), ("pipeline", 3)])
 def test_tiny_moe_equals_single_process(tmp_path: Path, tiny_moe: Path, mode: str, n: int) -> None:
     _same(_distributed(tmp_path, tiny_moe, IDS, n, mode), _single(tmp_path, tiny_moe, IDS))
 
 
-@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert", 3), ("expert-whole", 2), ("pipeline", 3)])
+@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert-rows", 2), ("expert-rows", 3),
+                                         ("pipeline", 3)])
 def test_bench_shape_equals_single_process(tmp_path: Path, bench_model: Path, mode: str, n: int) -> None:
     _same(_distributed(tmp_path, bench_model, IDS, n, mode), _single(tmp_path, bench_model, IDS))
 
 
-@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("pipeline", 2)])
+@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert-rows", 2), ("pipeline", 2)])
 def test_demo_equals_single_process(tmp_path: Path, mode: str, n: int) -> None:
     try:
         from mlxtral.demo import ensure_demo_model
@@ -164,7 +165,7 @@ def test_demo_equals_single_process(tmp_path: Path, mode: str, n: int) -> None:
     _same(_distributed(tmp_path, demo, ids, n, mode), _single(tmp_path, demo, ids))
 
 
-@pytest.mark.parametrize("mode", ["expert", "expert-whole", "pipeline"])
+@pytest.mark.parametrize("mode", ["expert", "expert-rows", "pipeline"])
 def test_streamed_experts_under_a_per_rank_budget(tmp_path: Path, bench_model: Path, mode: str) -> None:
     """Each rank streams its own share of the experts (its rows of every expert, or half the
     experts) through its expert cache (450 MB: a quarter of its share fits); the numbers do not
@@ -297,13 +298,13 @@ def test_placement_splits() -> None:
     from mlxtral.errors import UsageError
 
     moe = tm.tiny_args(8, n_layers=6)
-    shares = [place("expert-whole", r, 3, moe) for r in range(3)]
+    shares = [place("expert", r, 3, moe) for r in range(3)]
     assert [list(s.experts) for s in shares] == [[0, 1], [2, 3, 4], [5, 6, 7]]  # contiguous, +-1
     assert all(s.layers == range(6) for s in shares) and [s.head for s in shares] == [True, False, False]
     assert shares[1].holds("blk.0.ffn_up.3.weight") and not shares[1].holds("blk.0.ffn_up.5.weight")
     assert all(s.holds("blk.5.attn_q.weight") and s.holds("output.weight") for s in shares)
     assert not any(s.sliced for s in shares) and shares[2].rows(10) == range(10)
-    rows = [place("expert", r, 3, moe) for r in range(3)]  # every expert, 1/3 of its rows
+    rows = [place("expert-rows", r, 3, moe) for r in range(3)]  # every expert, 1/3 of its rows
     assert all(s.sliced and s.experts == range(8) and s.holds("blk.0.ffn_up.7.weight") for s in rows)
     assert [list(s.rows(10)) for s in rows] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     w = QTensor.from_float(np.arange(40, dtype=np.float32).reshape(10, 4))
@@ -316,9 +317,9 @@ def test_placement_splits() -> None:
     assert pipe[1].holds("blk.2.ffn_gate.7.weight") and not pipe[1].holds("blk.3.ffn_gate.7.weight")
     assert [(s.prev, s.next) for s in pipe] == [(3, 1), (0, 2), (1, 3), (2, 0)]  # round the ring
     with pytest.raises(UsageError, match="at most one rank per expert"):
-        place("expert-whole", 0, 9, moe)
+        place("expert", 0, 9, moe)
     with pytest.raises(UsageError, match="at most one rank per row"):
-        place("expert", 0, moe.dim + 1, moe)
+        place("expert-rows", 0, moe.dim + 1, moe)
     with pytest.raises(UsageError, match="at most one rank per layer"):
         place("pipeline", 0, 7, moe)
     with pytest.raises(UsageError, match="dense model"):

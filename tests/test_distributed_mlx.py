@@ -71,11 +71,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize(("model", "mode", "n", "dtype"), [
     ("moe", "expert", 2, "-"),
-    ("moe", "expert", 3, "-"),
-    ("moe", "expert-whole", 2, "-"),
+    ("moe", "expert-rows", 3, "-"),
+    ("moe", "expert-rows", 2, "-"),
     ("moe", "pipeline", 3, "-"),
     ("q4_0", "expert", 2, "float16"),
-    ("q4_0", "expert-whole", 3, "float16"),
+    ("q4_0", "expert-rows", 3, "float16"),
     ("q4_0", "pipeline", 2, "float16"),
     ("dense", "pipeline", 2, "-"),
 ])
@@ -141,7 +141,7 @@ def test_expert_shares_sum_to_one_process(qtype: str, T: int) -> None:
     full = np.array(one.switch_glu(x, mx.array(inds), one.layers[0]))  # [T, 2, dim]
     total = np.zeros_like(full)
     for r in range(2):
-        be = _share(args, t, "expert-whole", r, 2, _Recorder())
+        be = _share(args, t, "expert", r, 2, _Recorder())
         assert be.split and be.layers[0].gate.w.shape[0] == 4  # its 4 experts only
         part = np.array(be._switch_glu_split(x, mx.array(inds), be.layers[0], 0))  # [T, 2, dim]
         mine = (inds >= be.local.start) & (inds < be.local.stop)  # [T, 2]

@@ -19,9 +19,9 @@ sort order and the kernels are those of the resident model). A layer's experts a
 once, so the smallest MLX cache is one layer's experts.
 
 Across processes (:mod:`mlxtral.distributed`, a ``place``ment and a ``group``): **expert parallel**
-stacks only this rank's share: its rows of every expert (``expert``: its columns of each pair's
-activation go through one ``all_sum`` before down, its columns of the output through another) or
-its whole experts (``expert-whole``, a contiguous block, renumbered from 0). Per MoE layer the routing
+stacks only this rank's share: its whole experts (``expert``, a contiguous block, renumbered from
+0) or its rows of every expert (``expert-rows``: its columns of each pair's activation go through
+one ``all_sum`` before down, its columns of the output through another). Per MoE layer the routing
 is evaluated and read on the host (one evaluation per layer, which the collective needs anyway),
 so the rank runs only the token-expert pairs of its own experts, through the same kernels and the
 same sorted or unsorted path as one process; it scatters them into a zero [T*k, dim] buffer of all
