@@ -335,10 +335,39 @@ def test_stderr_filter_drops_only_mlx_retries() -> None:
     assert not _mlx_retry(b"  File \"x.py\", line 1, in <module> [ring]")
 
 
-def test_serve_across_ranks(tmp_path: Path, tiny_moe: Path) -> None:
-    """`serve --distributed expert`: concurrent requests share each step's forward across both
-    ranks (forward_runs on every rank) and get their solo greedy text; SIGTERM to rank 0 drains it
-    and stops the other rank with it."""
+RUNS_SCRIPT = """
+import sys, numpy as np, mlxtral
+path, mode, out = sys.argv[1:4]
+m = mlxtral.load(path, backend="numpy", distributed=None if mode == "none" else mode, max_context=64)
+be = m.backend
+caches = [be.new_cache(64) for _ in range(3)]
+got = [be.forward_runs([[1, 415, 2936], [1, 9060], [1, 285, 10575, 754, 272]], caches)]  # prompts
+for step in range(3):  # then decode steps, the three sequences at their own positions
+    got.append(be.forward_runs([[13 + step], [28705 + step], [304 + step]], caches))
+np.save(out, np.stack(got))  # [4, 3, vocab]
+m.close()
+"""
+
+
+@pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert-rows", 2), ("pipeline", 2), ("pipeline", 3)])
+def test_batched_steps_equal_single_process(tmp_path: Path, tiny_moe: Path, mode: str, n: int) -> None:
+    """The server's steps (``forward_runs``: several sequences, each a run at its own position) on
+    a group give the single process's logits bit for bit, in every mode (pipeline: the runs go
+    round the ring together)."""
+    script = tmp_path / "runs.py"
+    script.write_text(RUNS_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tiny_moe), "none", str(tmp_path / "one.npy")],
+                   check=True, timeout=300, cwd=ROOT)
+    r = _launch(n, [str(script), str(tiny_moe), mode, str(tmp_path / "group.npy")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "group.npy"), np.load(tmp_path / "one.npy"))
+
+
+@pytest.mark.parametrize("mode", ["expert", "pipeline"])
+def test_serve_across_ranks(tmp_path: Path, tiny_moe: Path, mode: str) -> None:
+    """`serve --distributed expert|pipeline`: concurrent requests share each step's forward across
+    both ranks (forward_runs on every rank, or round the ring) and get their solo greedy text;
+    SIGTERM to rank 0 drains it and stops the other rank with it."""
     import concurrent.futures
     import urllib.request
 
@@ -348,7 +377,7 @@ def test_serve_across_ranks(tmp_path: Path, tiny_moe: Path) -> None:
     hosts = _hostfile(tmp_path, 2)
     port = _free_port(1)
     argv = [*MLXTRAL, "serve", str(tiny_moe), "--backend", "numpy", "--port", str(port), "--distributed",
-            "expert"]
+            mode]
     ranks = [_rank(i, hosts, argv) for i in range(2)]
     try:
         url = f"http://127.0.0.1:{port}"

@@ -250,6 +250,16 @@ class NumpyBackend:
         own cache through the same per-row kernel as :meth:`forward`), so each sequence gets the
         logits it gets from ``forward(run, cache)`` alone, bit for bit.
         """
+        h, ends, last = self.hidden_runs(runs, caches)
+        if self.norm is None:  # another rank of a group computes the logits
+            return np.empty(0, dtype=np.float32)
+        return self.logits(h[ends - 1], last)  # each run's last row -> [B, vocab]
+
+    def hidden_runs(self, runs: Sequence[Sequence[int]], caches: Sequence[KVCache],
+                    h: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """:meth:`forward_runs` up to the hidden state, through this process's layers (a pipeline
+        rank's, from the previous rank's ``h`` [T, dim]): -> (hidden [T, dim], each run's end row
+        [B], the last position + 1); every cache advances by its run."""
         check_unchanged(self.mapped_files)
         if len(runs) != len(caches):
             raise ValueError(f"forward_runs needs one cache per run, got {len(runs)} runs and "
@@ -280,14 +290,12 @@ class NumpyBackend:
             return att
 
         try:
-            h = self._layers(ids, pos, attention)  # [T, dim]
+            h = self._layers(ids, pos, attention, h)  # [T, dim]
         except ZeroDivisionError:
             raise non_finite_error(int(pos.max()) + 1) from None
         for n, c in zip(lens.tolist(), caches, strict=True):
             c.offset += n
-        if self.norm is None:  # another rank of a group computes the logits
-            return np.empty(0, dtype=np.float32)
-        return self.logits(h[ends - 1], int(pos.max()) + 1)  # each run's last row -> [B, vocab]
+        return h, ends, int(pos.max()) + 1
 
     def _layers(self, ids: Sequence[int], pos: slice | np.ndarray,
                 attention: Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray],

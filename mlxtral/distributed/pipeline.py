@@ -1,5 +1,6 @@
 """Pipeline parallel: one forward, every rank its own layers (either backend: each has
-``hidden(ids, cache, h)`` and ``logits(h, pos)`` on NumPy arrays).
+``hidden(ids, cache, h)`` and ``logits(h, pos)`` on NumPy arrays; the NumPy backend's
+``hidden_runs`` also steps several sequences at once, for the server).
 
 The hidden state goes round the ring: rank 0 embeds and runs its layers, each next rank runs its
 own, the last sends the result back to rank 0, which computes the logits. A prompt goes in
@@ -58,3 +59,22 @@ def forward(be: Any, group: Group, ids: Sequence[int], cache: Any, all_logits: b
     if all_logits:
         return be.logits(h, p0 + 1)  # [T, vocab]
     return be.logits(h, p0 + T)[0]  # [vocab]
+
+
+def forward_runs(be: Any, group: Group, runs: Sequence[Sequence[int]], caches: Sequence[Any]
+                 ) -> np.ndarray | None:
+    """Several sequences in one pass round the ring (the server's steps; ``be.hidden_runs``): each
+    rank runs its layers on every run at once and hands the hidden state [T, dim] on. Rank 0 gets
+    the logits of each run's last token [B, vocab], the others None. Not micro-batched: a step is
+    one decode token per sequence and at most a prompt chunk."""
+    place = be.place
+    T, dim = sum(len(r) for r in runs), be.args.dim
+    h = None if place.head else group.recv((T, dim), np.float32, place.prev,
+                                           f"layers {place.layers.start}-{place.layers.stop - 1}")
+    h, ends, last = be.hidden_runs(runs, caches, h)  # [T, dim]; the caches advance
+    if place.size > 1:
+        group.send(h, place.next, "sending the hidden state")
+        if not place.head:
+            return None
+        h = group.recv((T, dim), np.float32, place.prev, "the last layers")
+    return be.logits(h[ends - 1], last)  # [B, vocab]

@@ -162,8 +162,9 @@ class DistributedBackend:
             close()
 
 
-class ExpertParallelBackend(DistributedBackend):
-    """Expert parallel also batches several sequences in one forward (the server's steps)."""
+class BatchingBackend(DistributedBackend):
+    """Several sequences in one forward (the server's steps), when the backend batches them:
+    expert parallel runs them as one process does, pipeline parallel hands them round the ring."""
 
     def forward_runs(self, runs: Sequence[Sequence[int]], caches: Sequence[DistCache]) -> np.ndarray:
         runs = [[int(t) for t in r] for r in runs]
@@ -175,16 +176,23 @@ class ExpertParallelBackend(DistributedBackend):
                 for x in (c.cid, c.max_context, c.offset, len(r))]
         self._command(RUNS, [len(runs), len(frees)], head + [t for r in runs for t in r] + frees)
         locals_ = [c.local for c in caches]
-        return self._guarded(lambda: self.backend.forward_runs(runs, locals_))  # type: ignore[no-any-return]
+        return self._guarded(lambda: _run_runs(self.backend, self.group, self.place, runs, locals_))  # type: ignore[no-any-return]
 
     def forward_batch(self, ids: Sequence[int], caches: Sequence[DistCache]) -> np.ndarray:
         return self.forward_runs([[int(t)] for t in ids], caches)
 
 
 def leader(backend: Any, group: Group, place: Placement) -> DistributedBackend:
-    if place.mode != "pipeline" and hasattr(backend, "forward_runs"):
-        return ExpertParallelBackend(backend, group, place)
+    if hasattr(backend, "hidden_runs" if place.mode == "pipeline" else "forward_runs"):
+        return BatchingBackend(backend, group, place)
     return DistributedBackend(backend, group, place)
+
+
+def _run_runs(backend: Any, group: Group, place: Placement, runs: Sequence[Sequence[int]],
+              caches: Sequence[Any]) -> np.ndarray | None:
+    if place.mode == "pipeline":
+        return pipeline.forward_runs(backend, group, runs, caches)
+    return backend.forward_runs(runs, caches)  # type: ignore[no-any-return]
 
 
 def _sum_counts(group: Group, be: Any) -> np.ndarray:
@@ -251,7 +259,7 @@ class _Follower:
                     caches.append(self.cache(cid, ctx, off))
                     runs.append(p[at : at + n].tolist())
                     at += n
-                self.backend.forward_runs(runs, caches)
+                _run_runs(self.backend, self.group, self.place, runs, caches)
             self.forward_seconds += time.perf_counter() - t0
 
 
