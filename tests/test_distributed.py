@@ -198,6 +198,11 @@ def test_refusals_are_one_line(tmp_path: Path, tiny_moe: Path, tiny_dense: Path)
     r = subprocess.run([*MLXTRAL, "generate", str(tiny_moe), "-p", "Hi", "--backend", "numpy",
                         "--distributed", "expert"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "mlx.launch" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # an unknown mode is named first, launched or not
+    r = subprocess.run([*MLXTRAL, "generate", str(tiny_moe), "-p", "Hi", "--backend", "numpy",
+                        "--distributed", "tensor"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown --distributed mode 'tensor'"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     # a dense model has no experts to split; an unknown mode
     for model, mode, words in ((tiny_dense, "expert", "a dense model has no experts to split"),
                                (tiny_moe, "tensor", "unknown --distributed mode")):

@@ -28,6 +28,7 @@ def fingerprint(ckpt: Checkpoint, mode: str, settings: dict[str, Any]) -> bytes:
 def join(ckpt: Checkpoint, mode: str, settings: dict[str, Any]) -> tuple[Group, Placement]:
     """Join the group (once per process), pin this host's ranks to their cores, refuse a rank whose
     model or settings differ, and return this rank's share of the model."""
+    place(mode, 0, 1, ckpt.args)  # an unknown mode or a model it cannot split: refused before joining
     group = get_group()
     share = place(mode, group.rank, group.size, ckpt.args)  # the same refusal on every rank
     group.check_same(fingerprint(ckpt, mode, settings), "the model file and --distributed, --backend, "
