@@ -568,7 +568,7 @@ def print_report(doc: dict) -> None:
                       _mb(d["bytes_per_token"]) + f" (path {d['critical_bytes_per_token'] / 1e6:.1f}, "
                       f"logits {d['head_bytes'] / 1e6:.1f})",
                       _mb(d["comm_ms_per_token"], 1, ".2f"), _mb(d["comm_bytes_per_token"], 1024),
-                      f"{d['collectives_per_token']:g}", _mb(d["peak_rss_mb"], 1, ".0f"),
+                      f"{d['collectives_per_token']:.3g}", _mb(d["peak_rss_mb"], 1, ".0f"),
                       _mb(d["held_mb"], 1, ".0f"))
         con.print(t)
         con.print(f"baseline RSS of a worker before loading (Python, NumPy, MLX, numba): "
@@ -594,7 +594,7 @@ def print_report(doc: dict) -> None:
             for e in d["two_machines"]:
                 lat = e["latency_us"]
                 con.print(f"  {mode} {e['link']} decode: {d['critical_bytes_per_token'] / 1e6:.1f} MB / "
-                          f"{bw:.2f} GB/s = {e['compute_ms']:.2f} ms + {d['collectives_per_token']:g} "
+                          f"{bw:.2f} GB/s = {e['compute_ms']:.2f} ms + {d['collectives_per_token']:.3g} "
                           f"x {lat:.0f} us "
                           f"+ {lb / 1e3:.1f} KB x 8 / {e['link']} = {e['compute_ms'] + e['comm_ms']:.2f} ms "
                           f"-> [bold]{e['tg_tok_s']:.1f} tok/s[/bold] ({e['tg_vs_single']:.2f}x one machine)")
