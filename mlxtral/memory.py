@@ -85,7 +85,7 @@ def tensor_bytes(ckpt: Checkpoint, name: str, q: Tensor, backend: str, float_byt
     from mlxtral.quant.gguf_affine import mlx_form
 
     if backend != "mlx":
-        return native_form(q)[1]  # K-quants as stored; Q5_x/IQ4 as Q8_0, MLX 4-bit as Q4_1: after this check
+        return native_form(q)[1]  # GGUF blocks as stored, MLX 4-bit as Q4_1: after this check
     n = _numel(q.shape)
     form = mlx_form(q)
     if name.endswith(_F32_NAMES):

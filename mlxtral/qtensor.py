@@ -45,9 +45,10 @@ FLOAT_TYPES: dict[str, np.dtype] = {
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(np.uint16),
 }
-# Types our kernels compute on directly (the K-quants with llama.cpp's q8_K activations); others are
-# converted at load (mlxtral.formats.native).
-NATIVE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K")
+# Types our kernels compute on directly (the K-quants and IQ4_XS with llama.cpp's q8_K activations,
+# Q5_0 / IQ4_NL with q8_0 ones, Q5_1 with q8_1); others are converted at load (mlxtral.formats.native).
+NATIVE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K",
+                "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS")
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -16,6 +16,10 @@ The three give bit-identical results (the int16 pairs never saturate: |w| <= 128
 ``avx2`` on a CPU without them is refused); ``MLXTRAL_NO_AVX2=1`` is ``portable``. Kernels
 compiled on a forced path are not written to numba's disk cache.
 
+Q5_0 / Q5_1 (5-bit codes: the nibbles plus ``qh``'s bits, unsigned 0..31) go the Q4_0 / Q4_1 way
+(offset -16 or min through ``xs``), IQ4_NL the Q8_0 way (its signed 16-value table, looked up with
+``vpshufb``); ``sb_dot_iq4_xs`` is one IQ4_XS superblock against q8_K codes (``_kernels_iq``).
+
 Activations for the block types are pre-quantized per 32-block (see ``kernels._quantize_x``):
 ``xq`` int8 [in], ``xd`` float32 [in/32] (scale), ``xs`` float32 [in/32] (= xd * sum(xq), for the
 constant terms of Q4_0 / Q4_1).
@@ -96,10 +100,12 @@ if HAVE_AVX2:
 
 
 def _ir_hash() -> str:
-    """This file and ``_kernels_kq.py`` (K-quant IR and kernels that ``_kernels_nb``'s cached
-    ``run_chunk`` compiles in): a change to either must recompile every cached kernel."""
+    """This file, ``_kernels_kq.py`` and ``_kernels_iq.py`` (K-quant / IQ4_XS IR and kernels that
+    ``_kernels_nb``'s cached ``run_chunk`` compiles in): a change to any must recompile every
+    cached kernel."""
     h = hashlib.sha256()
-    for path in (__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "_kernels_kq.py")):
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (__file__, os.path.join(here, "_kernels_kq.py"), os.path.join(here, "_kernels_iq.py")):
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
@@ -292,7 +298,43 @@ def _block_q8(b, wp, xp, boff, xoff):
     return b.sitofp(s, v8f), d, None
 
 
-_BLOCK = {"q4_0": (18, "q4", False), "q4_1": (20, "q4", True), "q8_0": (34, "q8", False)}
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
+
+
+def _nibbles32(b: ir.IRBuilder, q: ir.Value) -> ir.Value:
+    """16 bytes <16 x i8> -> 32 codes 0..15: low nibbles are elements 0-15, high ones 16-31."""
+    lo = b.and_(q, _vconst(v16i8, 15))
+    hi = b.lshr(q, _vconst(v16i8, 4))
+    return b.shuffle_vector(lo, hi, _mask(list(range(32))))
+
+
+def _bits32(b: ir.IRBuilder, wp: ir.Value, off: ir.Value) -> ir.Value:
+    """The 32 bits of the little-endian word at ``wp + off`` -> <32 x i8>, element k 16 where bit k
+    is set, else 0 (Q5_0 / Q5_1's fifth bits). The word as a <32 x i1> mask (element k = bit k):
+    with AVX-512 one ``kmovd`` and a masked move; LLVM lowers it as ggml's ``bytes_from_bits_32``
+    (broadcast, and, compare) on AVX2, and generically elsewhere."""
+    on = b.bitcast(_load(b, wp, off, i32), ir.VectorType(ir.IntType(1), 32))
+    return b.select(on, _vconst(v32i8, 16), _vconst(v32i8, 0))
+
+
+def _iq4_lookup(b: ir.IRBuilder, idx: ir.Value) -> ir.Value:
+    """<32 x i8> codes 0..15 -> IQ4_NL's signed values (``vpshufb`` on a 16-entry table, as
+    llama.cpp; portable: a chain of selects)."""
+    if HAVE_AVX2:
+        fn = _intr(b.module, "llvm.x86.avx2.pshuf.b", v32i8, [v32i8, v32i8])
+        tbl = ir.Constant(v32i8, [ir.Constant(i8, v) for v in IQ4_VALUES * 2])
+        return b.call(fn, [tbl, idx])
+    out = _vconst(v32i8, IQ4_VALUES[0])
+    for k in range(1, 16):
+        out = b.select(b.icmp_unsigned("==", idx, _vconst(v32i8, k)), _vconst(v32i8, IQ4_VALUES[k]), out)
+    return out
+
+
+# kind -> (bytes per block, family, has a min m). q5: unsigned 5-bit codes against signed x, the
+# -16 offset (Q5_0) or the min (Q5_1) through ``xs`` as Q4_0 / Q4_1; iq4: signed table values
+# against signed x (sign trick, as Q8_0).
+_BLOCK = {"q4_0": (18, "q4", False), "q4_1": (20, "q4", True), "q8_0": (34, "q8", False),
+          "q5_0": (22, "q5", False), "q5_1": (24, "q5", True), "iq4_nl": (18, "iq4", False)}
 
 
 def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
@@ -311,6 +353,8 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     b.cbranch(b.icmp_unsigned(">", npair, ir.Constant(i64, 0)), loop, tail)
 
     def block(bb, blk, acc, corr):
+        if fam in ("q5", "iq4"):  # newer families: exactly dot4's unpack and step
+            return _step_x(bb, _unpack_w(bb, wp, blk, kind), xp, xdp, xsp, blk, acc, corr)
         boff = bb.mul(blk, ir.Constant(i64, bsz))
         xoff = bb.shl(blk, ir.Constant(i64, 5))
         if fam == "q4":
@@ -377,8 +421,16 @@ def _unpack_w(b: ir.IRBuilder, wp: ir.Value, blk: ir.Value, kind: str) -> tuple:
     bsz, fam, with_min = _BLOCK[kind]
     boff = b.mul(blk, ir.Constant(i64, bsz))
     d = _half(b, wp, boff)
-    if fam != "q4":
+    if fam == "q8":
         return _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8), d, None
+    if fam == "iq4":  # signed values -127..113: the sign trick in _step_x
+        return _iq4_lookup(b, _nibbles32(b, _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v16i8))), d, None
+    if fam == "q5":  # d [m] qh(4) qs(16): unsigned 0..31
+        o = 4 if with_min else 2
+        lo4 = _nibbles32(b, _load(b, wp, b.add(boff, ir.Constant(i64, o + 4)), v16i8))
+        w = b.or_(lo4, _bits32(b, wp, b.add(boff, ir.Constant(i64, o))))
+        m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else b.fmul(d, ir.Constant(f32, -16.0))
+        return w, d, m
     q = _load(b, wp, b.add(boff, ir.Constant(i64, 4 if with_min else 2)), v16i8)
     lo = b.and_(q, _vconst(v16i8, 15))
     hi = b.lshr(q, _vconst(v16i8, 4))
@@ -600,9 +652,105 @@ dot_q8_0 = _make_block_dot("q8_0")
 dot4_q4_0 = _make_block_dot4("q4_0")
 dot4_q4_1 = _make_block_dot4("q4_1")
 dot4_q8_0 = _make_block_dot4("q8_0")
+dot_q5_0 = _make_block_dot("q5_0")
+dot_q5_1 = _make_block_dot("q5_1")
+dot_iq4_nl = _make_block_dot("iq4_nl")
+dot4_q5_0 = _make_block_dot4("q5_0")
+dot4_q5_1 = _make_block_dot4("q5_1")
+dot4_iq4_nl = _make_block_dot4("iq4_nl")
 dot_f32 = _make_float_dot("f32")
 dot_f16 = _make_float_dot("f16")
 dot_bf16 = _make_float_dot("bf16")
+
+
+def _build_iq4_xs_sb(mod: ir.Module, name: str) -> ir.Function:
+    """i32 sb(w_addr, xq_addr): one IQ4_XS superblock (d, scales_h, scales_l, 128 nibble bytes)
+    against 256 q8_K codes, the exact integer ``sum_j (ls_j - 32) * sum_k kvalue(q_jk) * x_jk`` over
+    its eight 32-weight sub-blocks, as ggml's AVX2 ``vec_dot_iq4_xs_q8_K`` (table lookup, sign trick,
+    ``vpmaddwd`` by the sub-block scale); |sum| < 2**25."""
+    fn = ir.Function(mod, ir.FunctionType(i32, [i64, i64]), name)
+    fn.linkage = "internal"
+    wa, xa = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    wp, xp = _ptr(b, wa, i8), _ptr(b, xa, i8)
+    sh = b.zext(_load(b, wp, ir.Constant(i64, 2), i16), i32)
+    acc = None
+    for j in range(8):
+        sl = b.zext(_load(b, wp, ir.Constant(i64, 4 + j // 2), i8), i32)
+        low = b.and_(b.lshr(sl, ir.Constant(i32, 4 * (j % 2))), ir.Constant(i32, 15))
+        high = b.and_(b.lshr(sh, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
+        ls = b.sub(b.or_(low, b.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
+        lsv = b.insert_element(ir.Constant(v8i32, ir.Undefined), ls, ir.Constant(i32, 0))
+        lsv = b.shuffle_vector(lsv, lsv, _mask([0] * 8))
+        w = _iq4_lookup(b, _nibbles32(b, _load(b, wp, ir.Constant(i64, 8 + 16 * j), v16i8)))
+        x = _load(b, xp, ir.Constant(i64, 32 * j), v32i8)
+        aw, sx = _abs_sign(b, w, x)
+        p = b.mul(_dot_u8s8(b, aw, sx), lsv)
+        acc = p if acc is None else b.add(acc, p)
+    red = _intr(b.module, "llvm.vector.reduce.add.v8i32", i32, [v8i32])
+    b.ret(b.call(red, [acc]))
+    return fn
+
+
+def _build_iq4_xs_sb4(mod: ir.Module, name: str) -> ir.Function:
+    """void sb4(w_addr, xq_addr, x_stride, out_addr): ``_build_iq4_xs_sb``'s sum for ``NTOK`` token
+    rows ``x_stride`` bytes apart, each weight sub-block looked up once for all of them (prefill);
+    the same exact integers, stored as NTOK int32 at ``out_addr``."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 4), name)
+    fn.linkage = "internal"
+    wa, xa, xstride, oa = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    wp = _ptr(b, wa, i8)
+    xps = [_ptr(b, b.add(xa, b.mul(xstride, ir.Constant(i64, t))), i8) for t in range(NTOK)]
+    sh = b.zext(_load(b, wp, ir.Constant(i64, 2), i16), i32)
+    accs: list = [None] * NTOK
+    for j in range(8):
+        sl = b.zext(_load(b, wp, ir.Constant(i64, 4 + j // 2), i8), i32)
+        low = b.and_(b.lshr(sl, ir.Constant(i32, 4 * (j % 2))), ir.Constant(i32, 15))
+        high = b.and_(b.lshr(sh, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
+        ls = b.sub(b.or_(low, b.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
+        lsv = b.insert_element(ir.Constant(v8i32, ir.Undefined), ls, ir.Constant(i32, 0))
+        lsv = b.shuffle_vector(lsv, lsv, _mask([0] * 8))
+        w = _iq4_lookup(b, _nibbles32(b, _load(b, wp, ir.Constant(i64, 8 + 16 * j), v16i8)))
+        for t in range(NTOK):
+            x = _load(b, xps[t], ir.Constant(i64, 32 * j), v32i8)
+            aw, sx = _abs_sign(b, w, x)
+            p = b.mul(_dot_u8s8(b, aw, sx), lsv)
+            accs[t] = p if accs[t] is None else b.add(accs[t], p)
+    red = _intr(b.module, "llvm.vector.reduce.add.v8i32", i32, [v8i32])
+    op = _ptr(b, oa, i32)
+    for t in range(NTOK):
+        b.store(b.call(red, [accs[t]]), _gep(b, op, ir.Constant(i64, t)))
+    b.ret_void()
+    return fn
+
+
+@intrinsic
+def sb_dot4_iq4_xs(typingctx, w, x, xstride):
+    """IQ4_XS superblock at ``w`` . NTOK rows of 256 int8 codes (``xstride`` bytes apart) -> a
+    NTOK-tuple of the exact int32 sums (each what ``sb_dot_iq4_xs`` gives for its row)."""
+    sig = types.UniTuple(types.int32, NTOK)(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        fn = _get_fn(builder.module, f"mlxtral_sb4_iq4_xs_{ISA}", _build_iq4_xs_sb4)
+        buf = cgutils.alloca_once(builder, i32, size=NTOK)
+        builder.call(fn, [*args, builder.ptrtoint(buf, i64)])
+        vals = [builder.load(builder.gep(buf, [ir.Constant(i32, t)])) for t in range(NTOK)]
+        return context.make_tuple(builder, signature.return_type, vals)
+
+    return sig, codegen
+
+
+@intrinsic
+def sb_dot_iq4_xs(typingctx, w, x):
+    """IQ4_XS superblock at address ``w`` . 256 int8 codes at ``x`` -> the exact int32 sum."""
+    sig = types.int32(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        fn = _get_fn(builder.module, f"mlxtral_sb_iq4_xs_{ISA}", _build_iq4_xs_sb)
+        return builder.call(fn, list(args))
+
+    return sig, codegen
 
 
 # ---- small helpers ------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ import math
 import numpy as np
 from numba import carray, njit
 
+from mlxtral.backends._kernels_iq import K_IQ4_NL, K_IQ4_XS, K_Q5_0, K_Q5_1, dequant_block_row
+from mlxtral.backends._kernels_iq import run_rows as iq_run_rows
+from mlxtral.backends._kernels_iq import run_rows_exact as iq_run_rows_exact
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
     NTOK,
@@ -19,14 +22,20 @@ from mlxtral.backends._kernels_ir import (
     atomic_store,
     cpu_pause,
     cpu_yield,
+    dot4_iq4_nl,
     dot4_q4_0,
     dot4_q4_1,
+    dot4_q5_0,
+    dot4_q5_1,
     dot4_q8_0,
     dot_bf16,
     dot_f16,
     dot_f32,
+    dot_iq4_nl,
     dot_q4_0,
     dot_q4_1,
+    dot_q5_0,
+    dot_q5_1,
     dot_q8_0,
     half_to_f32,
     ptr_f32,
@@ -34,7 +43,7 @@ from mlxtral.backends._kernels_ir import (
     ptr_u8,
     ptr_u16,
 )
-from mlxtral.backends._kernels_kq import KQ_FIRST
+from mlxtral.backends._kernels_kq import K_Q2_K, KQ_FIRST
 from mlxtral.backends._kernels_kq import run_rows as kq_run_rows
 from mlxtral.backends._kernels_kq import run_rows_exact as kq_run_rows_exact
 
@@ -122,7 +131,9 @@ def _h(w, o):
 def _dequant_row(kind, wa, n, buf):
     """One weight row at address ``wa`` -> float32 ``buf[:n]``."""
     nb = n // 32
-    if kind == 0:
+    if kind >= K_Q5_0:  # Q5_0, Q5_1, IQ4_NL
+        dequant_block_row(kind, wa, n, buf)
+    elif kind == 0:
         w = carray(ptr_u8(wa), (nb * 18,))
         for b in range(nb):
             d = _h(w, b * 18)
@@ -199,6 +210,12 @@ def _block_dot(kind, wa, xq, xd, xs, nb):
         return dot_q4_0(wa, xq, xd, xs, nb)
     if kind == 1:
         return dot_q4_1(wa, xq, xd, xs, nb)
+    if kind == K_Q5_0:
+        return dot_q5_0(wa, xq, xd, xs, nb)
+    if kind == K_Q5_1:
+        return dot_q5_1(wa, xq, xd, xs, nb)
+    if kind == K_IQ4_NL:
+        return dot_iq4_nl(wa, xq, xd, xs, nb)
     return dot_q8_0(wa, xq, xd, xs, nb)
 
 
@@ -209,12 +226,24 @@ def _block_dot4(kind, wa, xq, xd, xs, nb, xqs, xds):
         return dot4_q4_0(wa, xq, xd, xs, nb, xqs, xds)
     if kind == 1:
         return dot4_q4_1(wa, xq, xd, xs, nb, xqs, xds)
+    if kind == K_Q5_0:
+        return dot4_q5_0(wa, xq, xd, xs, nb, xqs, xds)
+    if kind == K_Q5_1:
+        return dot4_q5_1(wa, xq, xd, xs, nb, xqs, xds)
+    if kind == K_IQ4_NL:
+        return dot4_iq4_nl(wa, xq, xd, xs, nb, xqs, xds)
     return dot4_q8_0(wa, xq, xd, xs, nb, xqs, xds)
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def q8k_kind(kind):
+    """Kinds whose activations are q8_K superblocks: the K-quants and IQ4_XS."""
+    return (kind >= KQ_FIRST and kind <= K_Q2_K) or kind == K_IQ4_XS
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -238,7 +267,13 @@ def run_chunk(table, c):
     r1 = min(r0 + ch, nout)
     out = carray(ptr_f32(table[ti, F_OUT]), ((T - 1) * os_ + nout,))
     xa = table[ti, F_X]
-    if kind >= KQ_FIRST:  # K-quants (_kernels_kq): q8_K activations, or float32 ones in exact mode
+    if kind == K_IQ4_XS:  # _kernels_iq: q8_K activations, or float32 ones in exact mode
+        if quant:
+            iq_run_rows(swig, wa, wa2, rb, n, T, r0, r1, table[ti, F_XQ], table[ti, F_XD], out, os_)
+        else:
+            iq_run_rows_exact(swig, wa, wa2, rb, n, T, r0, r1, xa, out, os_)
+        return
+    if q8k_kind(kind):  # K-quants (_kernels_kq): q8_K activations, or float32 ones in exact mode
         if quant:
             kq_run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, table[ti, F_XQ], table[ti, F_XD],
                         table[ti, F_XS], out, os_)
@@ -272,7 +307,7 @@ def run_chunk(table, c):
                     u = _block_dot(kind, wa2 + r * rb, xqt, xdt, xst, nb)
                     g = _silu_mul(g, u)
                 out[t * os_ + r] = g
-    elif kind == 3 or (kind >= 3 and T == 1):  # F32 at any T, F16/BF16 decode: in place
+    elif kind == 3 or ((kind == 4 or kind == 5) and T == 1):  # F32 at any T, F16/BF16 decode: in place
         for t in range(T):
             xt = xa + t * n * 4
             for r in range(r0, r1):
@@ -401,7 +436,8 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, c
     table[i, F_X] = x.ctypes.data
     table[i, F_XQ] = xq.ctypes.data
     table[i, F_XD] = xd.ctypes.data
-    table[i, F_XS] = xs.ctypes.data + (xs.strides[0] if kind == 0 else 0)  # Q4_0: the d16*sum row
+    # Q4_0 / Q5_0: the d16*sum row (offset -8 / -16 times d); Q4_1 / Q5_1: float16(d*sum), q8_1's s
+    table[i, F_XS] = xs.ctypes.data + (xs.strides[0] if kind == 0 or kind == K_Q5_0 else 0)
     table[i, F_OUT] = out.ctypes.data
     table[i, F_OSTRIDE] = out.strides[0] // 4
     table[i, F_CHUNK] = ch

@@ -1,5 +1,6 @@
-"""CPU matrix kernels computing directly on GGUF blocks (Q4_0, Q4_1, Q8_0, the K-quants Q2_K ..
-Q6_K with llama.cpp's q8_K activations in ``_kernels_kq``, F16, BF16, F32).
+"""CPU matrix kernels computing directly on GGUF blocks (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1, IQ4_NL, the
+K-quants Q2_K .. Q6_K with llama.cpp's q8_K activations in ``_kernels_kq``, IQ4_XS with q8_K ones in
+``_kernels_iq``, F16, BF16, F32).
 
 ``linear(x, w)`` is ``x @ dequant(w).T`` for ``x`` float32 ``[T, in]`` and a 2-D :class:`QTensor`
 ``w`` ``[out, in]``, reading the weight where it lies (usually a memory map): no dequantized copy.
@@ -8,8 +9,11 @@ How it is fast
 --------------
 * **Integer dot products, as llama.cpp.** For the block types the activations are quantized once
   per call to int8 per 32-block (scale ``xd``, plus ``xs = xd * sum(q)`` for the constant terms of
-  Q4_0 / Q4_1). A row dot is then, per block, ``vpmaddubsw`` + ``vpmaddwd`` (unsigned nibbles or
-  |int8| x signed int8 -> int32) and one FMA of the 8 int32 lanes, as float, by ``d_w * d_x``.
+  Q4_0 / Q4_1 / Q5_0 / Q5_1: Q5_0's -16 offset as Q4_0's -8) as llama.cpp's q8_0 / q8_1 blocks.
+  A row dot is then, per block, ``vpmaddubsw`` + ``vpmaddwd`` (unsigned 4- or 5-bit codes, or
+  |int8| x signed int8 -> int32: Q8_0, and IQ4_NL's 16-value table looked up by ``vpshufb``) and
+  one FMA of the 8 int32 lanes, as float, by ``d_w * d_x``. The K-quants and IQ4_XS dot q8_K
+  superblocks (integer sums per 256 weights, one float step each).
   These inner loops are hand-written LLVM IR (``_kernels_ir``), called from numba; LLVM's own
   vectorizer does not find this on short per-block loops. Results differ from exact float32 by
   ~1e-3 relative (what llama.cpp does). ``set_exact(True)`` (or ``MLXTRAL_EXACT_KERNELS=1``)
@@ -83,8 +87,12 @@ __all__ = [
 ]
 
 _KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "F32": 3, "F16": 4, "BF16": 5,
-          "Q4_K": 6, "Q6_K": 7, "Q5_K": 8, "Q3_K": 9, "Q2_K": 10}  # K-quants: _kernels_kq.KQ_TYPES
-_KQ_FIRST = 6  # kinds from here on take q8_K activations (256-blocks), as llama.cpp's K-quant vec_dots
+          "Q4_K": 6, "Q6_K": 7, "Q5_K": 8, "Q3_K": 9, "Q2_K": 10,  # K-quants: _kernels_kq.KQ_TYPES
+          "Q5_0": 11, "Q5_1": 12, "IQ4_NL": 13, "IQ4_XS": 14}  # _kernels_iq.K_*
+_FLOAT_KINDS = (3, 4, 5)  # the rest are block types: int8-quantized activations unless exact
+# kinds taking q8_K activations (256-blocks), as llama.cpp's K-quant and IQ4_XS vec_dots; the other
+# block types take q8_0 blocks (Q4_0, Q8_0, Q5_0, IQ4_NL) or q8_1 ones (Q4_1, Q5_1): quantize_x
+_Q8K_KINDS = frozenset((6, 7, 8, 9, 10, 14))
 _MODE_LINEAR, _MODE_SWIGLU = 0, 1
 
 HAVE_NUMBA = False
@@ -291,8 +299,8 @@ class _Job:
     def add(self, x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> None:
         T = x.shape[0]
         kind, wd, ch = _winfo(w, T)
-        quant = (kind <= 2 or kind >= _KQ_FIRST) and not _exact
-        key = (id(x), quant, kind >= _KQ_FIRST)  # q8_0 blocks or q8_K superblocks
+        quant = kind not in _FLOAT_KINDS and not _exact
+        key = (id(x), quant, kind in _Q8K_KINDS)  # q8_0 blocks or q8_K superblocks
         acts = self._xcache.get(key)
         if acts is None:
             acts = self._xcache[key] = _kq.quantize_q8k(x) if quant and key[2] else _nb.prep_x(x, quant)
@@ -312,7 +320,7 @@ class _Job:
 
 def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
     kind = _KINDS[w.qtype]
-    if kind >= _KQ_FIRST:  # K-quants: their own activation type, through a one-task job
+    if kind in _Q8K_KINDS:  # K-quants, IQ4_XS: their own activation type, through a one-task job
         job = _Job(1)
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
         job.add(x, w, out, w2)
@@ -323,8 +331,9 @@ def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
     out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
     pool = _get_pool()
     with _run_lock:
-        return _nb.run_one(pool.ctl, kind, w2 is not None, kind <= 2 and not _exact, wd, wd2, w.shape[1],
-                           x, out, _chunk_rows(w, x.shape[0]))
+        quant = kind not in _FLOAT_KINDS and not _exact
+        return _nb.run_one(pool.ctl, kind, w2 is not None, quant, wd, wd2, w.shape[1], x, out,
+                           _chunk_rows(w, x.shape[0]))
 
 
 _CHUNK_BYTES_MAX = env_int("MLXTRAL_CHUNK_KB_MAX", 4096, 16, 1 << 20, "KB") * 1024
@@ -541,7 +550,8 @@ def _load_all() -> None:
     wf = rng.standard_normal((8, 64)).astype(np.float32)
     tensors = [QTensor.from_float(wf), QTensor.from_float(wf.astype(np.float16))]
     tensors.append(QTensor("BF16", wf.shape, (wf.view(np.uint32) >> 16).astype(np.uint16)))
-    for t, block_bytes in (("Q4_0", 18), ("Q4_1", 20), ("Q8_0", 34)):  # zero blocks: only compiling
+    for t, block_bytes in (("Q4_0", 18), ("Q4_1", 20), ("Q8_0", 34), ("Q5_0", 22), ("Q5_1", 24),
+                           ("IQ4_NL", 18)):  # zero blocks: only compiling
         tensors.append(QTensor(t, wf.shape, np.zeros((8, 2 * block_bytes), dtype=np.uint8)))
     # memory-mapped weights are read-only arrays, a separate numba specialization of each kernel
     tensors += [QTensor(t.qtype, t.shape, _read_only(t.data)) for t in tensors]
@@ -552,7 +562,7 @@ def _load_all() -> None:
     attend_one(q4, kc, kc, 5)
     attend_one(q4, kc.astype(np.float16), kc.astype(np.float16), 5)
     kq = [QTensor(t, (8, 256), np.zeros((8, b), dtype=np.uint8)) for t, b in
-          (("Q4_K", 144), ("Q6_K", 210), ("Q5_K", 176), ("Q3_K", 110), ("Q2_K", 84))]
+          (("Q4_K", 144), ("Q6_K", 210), ("Q5_K", 176), ("Q3_K", 110), ("Q2_K", 84), ("IQ4_XS", 136))]
     kq += [QTensor(t.qtype, t.shape, _read_only(t.data)) for t in kq]
     for T in (1, 2):
         xk = rng.standard_normal((T, 256)).astype(np.float32)

@@ -142,7 +142,7 @@ class NumpyBackend:
             if place.sliced:
                 self.ffn_cols = _cols(place.rows(args.hidden_dim))
                 self.out_cols = _cols(place.rows(args.dim))
-        tensors = native_tensors(tensors)  # K-quants -> Q4_1/Q8_0, MLX affine -> Q4_1/F16; others as they are
+        tensors = native_tensors(tensors)  # MLX affine -> Q4_1/F16; GGUF blocks and floats as they are
         self.mapped_files = files_backing(q.data for q in tensors.values())  # checked before each forward
         self.embed = tensors.get("token_embd.weight")
         self.output = tensors.get("output.weight", self.embed)
@@ -457,7 +457,8 @@ class NumpyBackend:
 def expert_materializer(tensors: dict[str, Tensor], path: Path | None = None
                         ) -> Callable[[int, int, list[np.ndarray]], tuple[QTensor, QTensor, QTensor]]:
     """``materialize`` for the expert cache: raw slot data -> (gate, up, down) QTensors the kernels
-    run on (views of the slot for native types; converted copies for K-quants and the like)."""
+    run on (views of the slot for native types, which every GGUF block type a model uses is; a
+    converted copy otherwise)."""
 
     def materialize(li: int, e: int, raw: list[np.ndarray]) -> tuple[QTensor, QTensor, QTensor]:
         out = []

@@ -2,8 +2,9 @@
 into the internal layout.
 
 Tensors stay as they are in the file: raw blocks of any type, zero-copy views of the memory map
-(norms and routers become float32). Types the NumPy kernels do not compute on (Q5_x, K-quants,
-IQ4) are converted by whoever needs them (:mod:`mlxtral.formats.native`); the MLX backend keeps
+(norms and routers become float32). Types the NumPy kernels do not compute on (none of the block
+types a model file uses today) are converted by whoever needs them
+(:mod:`mlxtral.formats.native`); the MLX backend keeps
 most of them quantized (:mod:`mlxtral.quant.gguf_affine`).
 
 Both expert layouts are read: merged ``blk.N.ffn_{gate,up,down}_exps.weight`` (``[E, out, in]``,

@@ -1,13 +1,14 @@
 """Checkpoint tensors -> the types the NumPy kernels compute on (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-and the K-quants Q2_K .. Q6_K: :data:`mlxtral.qtensor.NATIVE_TYPES`).
+Q5_0, Q5_1, IQ4_NL, IQ4_XS and the K-quants Q2_K .. Q6_K: :data:`mlxtral.qtensor.NATIVE_TYPES`).
 
 Loaders hand out tensors as the file stores them; the NumPy backend and the converters call
 :func:`to_native` per tensor, when they need it (the MLX backend reads the stored forms directly):
 
-- native types, the K-quants included, stay as they are (views of the file, no copy);
-- the other GGUF block types (Q5_0, Q5_1, IQ4_NL, IQ4_XS) -> ``Q8_0``, requantized from float32:
-  8.5 bits a weight instead of F16's 16, its rounding a fraction of the source's own; vectors ->
-  F32 (``q4_k_to_q4_1`` remains for a Q4_K tensor should Q4_K ever leave the native types);
+- native types, every GGUF block type the loader accepts except Q8_K, stay as they are (views of
+  the file, no copy: :func:`native_form` reports their own bytes);
+- the one other block type :data:`~mlxtral.qtensor.BLOCK_TYPES` admits (Q8_K, an activation type
+  no model file uses) -> ``Q8_0``, requantized from float32, where it dequantizes; vectors -> F32
+  (``q4_k_to_q4_1`` remains for a Q4_K tensor should Q4_K ever leave the native types);
 - MLX affine 2, 3 and 4 bits, groups a multiple of 32 -> ``Q4_1``, exactly: codes fit in a nibble,
   and each group becomes ``group_size / 32`` blocks sharing its scale and bias (rounded to float16:
   exact for float16 files; bfloat16 values convert exactly unless below float16's normal range);
