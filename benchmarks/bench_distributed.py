@@ -94,11 +94,12 @@ def tensor_bytes(model: str) -> tuple[Any, dict[str, int]]:
     return ck.args, {n: int(q.nbytes) for n, q in ck.tensors.items()}
 
 
-def _expert_name(name: str) -> tuple[int, int] | None:
-    from mlxtral.distributed.placement import _EXPERT
+def _expert_name(name: str) -> tuple[int, int, int] | None:
+    """(layer, expert, kind: 0 gate, 1 up, 2 down) of an expert matrix's name, else None."""
+    from mlxtral.expert_cache.layout import _EXPERT, KINDS
 
     m = _EXPERT.match(name)
-    return None if m is None else (int(m.group(1)), int(m.group(2)))
+    return None if m is None else (int(m.group(1)), int(m.group(3)), KINDS.index(m.group(2)))
 
 
 def byte_parts(args: Any, sizes: dict[str, int]) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def byte_parts(args: Any, sizes: dict[str, int]) -> dict[str, Any]:
         le = _expert_name(name)
         if le is not None:
             expert[le[0]][le[1]] += n
-            kinds[le[0]][le[1]][("gate", "up", "down").index(name.split(".")[2][4:])] += n
+            kinds[le[0]][le[1]][le[2]] += n
         elif (m := blk.match(name)) is not None:
             if re.match(r"^blk\.\d+\.ffn_(gate|up|down)\.weight$", name):  # a dense FFN: "expert 0"
                 expert[int(m.group(1))][0] += n
@@ -190,8 +191,9 @@ def file_share(sizes: dict[str, int], place: Any, rows: tuple[int, ...]) -> int:
     for name, n in sizes.items():
         if not place.holds(name):
             continue
-        if _expert_name(name) is not None:
-            r = rows[("gate", "up", "down").index(name.split(".")[2][4:])]
+        le = _expert_name(name)
+        if le is not None:
+            r = rows[le[2]]
             n = n * len(place.rows(r)) / r
         held += n
     return int(held)
