@@ -663,6 +663,20 @@ dot_f16 = _make_float_dot("f16")
 dot_bf16 = _make_float_dot("bf16")
 
 
+def _iq4_xs_sub(b: ir.IRBuilder, wp: ir.Value, sh: ir.Value, j: int) -> tuple[ir.Value, ir.Value]:
+    """Sub-block ``j`` of the IQ4_XS superblock at ``wp`` (``sh``: its scales_h as i32): the scale
+    ``ls - 32`` (6 bits: 4 from scales_l, 2 from scales_h) in all 8 lanes of a <8 x i32>, and its 32
+    weights as table values (<32 x i8>)."""
+    sl = b.zext(_load(b, wp, ir.Constant(i64, 4 + j // 2), i8), i32)
+    low = b.and_(b.lshr(sl, ir.Constant(i32, 4 * (j % 2))), ir.Constant(i32, 15))
+    high = b.and_(b.lshr(sh, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
+    ls = b.sub(b.or_(low, b.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
+    lsv = b.insert_element(ir.Constant(v8i32, ir.Undefined), ls, ir.Constant(i32, 0))
+    lsv = b.shuffle_vector(lsv, lsv, _mask([0] * 8))
+    w = _iq4_lookup(b, _nibbles32(b, _load(b, wp, ir.Constant(i64, 8 + 16 * j), v16i8)))
+    return lsv, w
+
+
 def _build_iq4_xs_sb(mod: ir.Module, name: str) -> ir.Function:
     """i32 sb(w_addr, xq_addr): one IQ4_XS superblock (d, scales_h, scales_l, 128 nibble bytes)
     against 256 q8_K codes, the exact integer ``sum_j (ls_j - 32) * sum_k kvalue(q_jk) * x_jk`` over
@@ -676,13 +690,7 @@ def _build_iq4_xs_sb(mod: ir.Module, name: str) -> ir.Function:
     sh = b.zext(_load(b, wp, ir.Constant(i64, 2), i16), i32)
     acc = None
     for j in range(8):
-        sl = b.zext(_load(b, wp, ir.Constant(i64, 4 + j // 2), i8), i32)
-        low = b.and_(b.lshr(sl, ir.Constant(i32, 4 * (j % 2))), ir.Constant(i32, 15))
-        high = b.and_(b.lshr(sh, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
-        ls = b.sub(b.or_(low, b.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
-        lsv = b.insert_element(ir.Constant(v8i32, ir.Undefined), ls, ir.Constant(i32, 0))
-        lsv = b.shuffle_vector(lsv, lsv, _mask([0] * 8))
-        w = _iq4_lookup(b, _nibbles32(b, _load(b, wp, ir.Constant(i64, 8 + 16 * j), v16i8)))
+        lsv, w = _iq4_xs_sub(b, wp, sh, j)
         x = _load(b, xp, ir.Constant(i64, 32 * j), v32i8)
         aw, sx = _abs_sign(b, w, x)
         p = b.mul(_dot_u8s8(b, aw, sx), lsv)
@@ -705,13 +713,7 @@ def _build_iq4_xs_sb4(mod: ir.Module, name: str) -> ir.Function:
     sh = b.zext(_load(b, wp, ir.Constant(i64, 2), i16), i32)
     accs: list = [None] * NTOK
     for j in range(8):
-        sl = b.zext(_load(b, wp, ir.Constant(i64, 4 + j // 2), i8), i32)
-        low = b.and_(b.lshr(sl, ir.Constant(i32, 4 * (j % 2))), ir.Constant(i32, 15))
-        high = b.and_(b.lshr(sh, ir.Constant(i32, 2 * j)), ir.Constant(i32, 3))
-        ls = b.sub(b.or_(low, b.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
-        lsv = b.insert_element(ir.Constant(v8i32, ir.Undefined), ls, ir.Constant(i32, 0))
-        lsv = b.shuffle_vector(lsv, lsv, _mask([0] * 8))
-        w = _iq4_lookup(b, _nibbles32(b, _load(b, wp, ir.Constant(i64, 8 + 16 * j), v16i8)))
+        lsv, w = _iq4_xs_sub(b, wp, sh, j)
         for t in range(NTOK):
             x = _load(b, xps[t], ir.Constant(i64, 32 * j), v32i8)
             aw, sx = _abs_sign(b, w, x)
