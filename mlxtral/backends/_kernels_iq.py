@@ -23,6 +23,7 @@ from numba import carray, njit
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
     IQ4_VALUES,
+    IQ4_XS_BYTES,
     NTOK,
     dot_f32,
     half_to_f32,
@@ -33,7 +34,6 @@ from mlxtral.backends._kernels_ir import (
 )
 
 QK_K = 256
-IQ4_XS_BYTES = 136  # d (f16), scales_h (u16), scales_l (4 bytes), 128 nibble bytes
 # kinds (mlxtral.backends.kernels._KINDS): 32-weight blocks on q8_0 / q8_1 activations, then IQ4_XS
 K_Q5_0, K_Q5_1, K_IQ4_NL, K_IQ4_XS = 11, 12, 13, 14
 _KV = np.array(IQ4_VALUES, dtype=np.float32)

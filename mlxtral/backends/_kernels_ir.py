@@ -270,6 +270,21 @@ def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return b.fadd(b.extract_element(s2, ir.Constant(i32, 0)), b.extract_element(s2, ir.Constant(i32, 1)))
 
 
+PREFETCH_BYTES = 2048  # how far ahead of the weights being read the loops ask for more (see below)
+
+
+def prefetch_ahead(b: ir.IRBuilder, wp: ir.Value, off: ir.Value, nbytes: int) -> None:
+    """Ask for the weight bytes ``PREFETCH_BYTES`` past ``wp + off .. + nbytes`` (one prefetch
+    per 64-byte line of the span, into every cache level). Measured on this project's KVM Xeon:
+    the hardware prefetcher barely follows our row streams there (a Q4_0 matvec over 394 MB of
+    matrices ran at 7 GB/s and its Q8_0 twin, twice the bytes, in the same time); with this, 13 and
+    16 GB/s. A prefetch never faults, so running past the end of a matrix is harmless."""
+    fn = _intr(b.module, "llvm.prefetch.p0i8", ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
+    for k in range(0, nbytes, 64):
+        pa = _gep(b, wp, b.add(off, ir.Constant(i64, PREFETCH_BYTES + k)))
+        b.call(fn, [pa, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 # ---- per-block bodies: return (<8 x float> integer-dot as float, weight scale d, constant term) ----
 def _block_q4(b, wp, xp, boff, xoff, with_min):
     """Nibbles as unsigned 0..15 against signed x (one vpmaddubsw); the constant part goes through
@@ -298,6 +313,7 @@ def _block_q8(b, wp, xp, boff, xoff):
     return b.sitofp(s, v8f), d, None
 
 
+IQ4_XS_BYTES = 136  # d (f16), scales_h (u16), scales_l (4 bytes), 128 nibble bytes
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 
 
@@ -372,6 +388,7 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     i = b.phi(i64)
     a0, a1, c0, c1 = b.phi(v8f), b.phi(v8f), b.phi(f32), b.phi(f32)
     blk0 = b.shl(i, ir.Constant(i64, 1))
+    prefetch_ahead(b, wp, b.mul(blk0, ir.Constant(i64, bsz)), 2 * bsz)
     n0, nc0 = block(b, blk0, a0, c0)
     n1, nc1 = block(b, b.add(blk0, ir.Constant(i64, 1)), a1, c1)
     inext = b.add(i, ir.Constant(i64, 1))
@@ -484,6 +501,7 @@ def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
     st = [[b.phi(v8f), b.phi(v8f), b.phi(f32), b.phi(f32)] for _ in range(NTOK)]
     blk0 = b.shl(i, ir.Constant(i64, 1))
     blk1 = b.add(blk0, ir.Constant(i64, 1))
+    prefetch_ahead(b, wp, b.mul(blk0, ir.Constant(i64, _BLOCK[kind][0])), 2 * _BLOCK[kind][0])
     w0 = _unpack_w(b, wp, blk0, kind)
     new = []
     for t in range(NTOK):
@@ -566,6 +584,8 @@ def _build_float_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     a0, a1 = b.phi(v8f), b.phi(v8f)
     e0 = b.shl(i, ir.Constant(i64, 4))
     e1 = b.add(e0, ir.Constant(i64, 8))
+    esz = 4 if kind == "f32" else 2
+    prefetch_ahead(b, wp, b.mul(e0, ir.Constant(i64, esz)), 16 * esz)
     accs = []
     for acc, e in ((a0, e0), (a1, e1)):
         w = _load_f8(b, wp, e, kind)
@@ -687,6 +707,7 @@ def _build_iq4_xs_sb(mod: ir.Module, name: str) -> ir.Function:
     wa, xa = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     wp, xp = _ptr(b, wa, i8), _ptr(b, xa, i8)
+    prefetch_ahead(b, wp, ir.Constant(i64, 0), IQ4_XS_BYTES)
     sh = b.zext(_load(b, wp, ir.Constant(i64, 2), i16), i32)
     acc = None
     for j in range(8):
@@ -710,6 +731,7 @@ def _build_iq4_xs_sb4(mod: ir.Module, name: str) -> ir.Function:
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     wp = _ptr(b, wa, i8)
     xps = [_ptr(b, b.add(xa, b.mul(xstride, ir.Constant(i64, t))), i8) for t in range(NTOK)]
+    prefetch_ahead(b, wp, ir.Constant(i64, 0), IQ4_XS_BYTES)
     sh = b.zext(_load(b, wp, ir.Constant(i64, 2), i16), i32)
     accs: list = [None] * NTOK
     for j in range(8):

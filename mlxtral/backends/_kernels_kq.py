@@ -34,6 +34,7 @@ from mlxtral.backends._kernels_ir import (
     HAVE_AVX2,
     dot_f32,
     half_to_f32,
+    prefetch_ahead,
     ptr_f32,
     ptr_u8,
 )
@@ -151,6 +152,8 @@ def _build_superblock(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Fun
     wa, oa, ba = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     wp = b.inttoptr(wa, _i8.as_pointer())
+    if dot:  # decode streams rows through here (sb_codes is exact mode's, on a row it just read)
+        prefetch_ahead(b, wp, _c(_i64, 0), KQ_TYPES[kind][1])
     svec, mins, lane = _scales(b, wp, kind)
     if dot and HAVE_AVX2:
         return _superblock_dot_avx2(b, fn, wp, kind, svec, mins, lane)
@@ -248,6 +251,7 @@ def _build_u8(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Function:
     has_min = kind in (K_Q4_K, K_Q5_K, K_Q2_K)
     if not dot:
         wp, pp = b.inttoptr(a0, _i8.as_pointer()), b.inttoptr(a1, _i8.as_pointer())
+        prefetch_ahead(b, wp, _c(_i64, 0), KQ_TYPES[kind][1])  # prefill reads each row here once
         svec, mins, lane = _scales(b, wp, kind)
         full = b.shuffle_vector(svec, svec, ir.Constant(v16i32, lane))
         b.store(full, b.bitcast(b.gep(pp, [_c(_i64, 256)]), v16i16.as_pointer()), align=1)
