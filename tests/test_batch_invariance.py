@@ -127,12 +127,14 @@ def test_linear_rows_equal_one_token_calls(qtype):
     w, u = make(qtype, (77, 96), 3), make(qtype, (77, 96), 4)
     x = np.random.default_rng(2).standard_normal((70, 96)).astype(np.float32)
     one = np.concatenate([kernels.linear(x[t : t + 1], w) for t in range(len(x))])
-    for T in (2, 5, 7, 64, 70):
+    for T in (2, 3, 5, 6, 7, 64, 70):  # groups of 4, 3 and 2 tokens per row pass, and one alone
         np.testing.assert_array_equal(kernels.linear(x[:T], w), one[:T])
     np.testing.assert_array_equal(kernels.linear_many(x, [w, u])[0], one)
     np.testing.assert_array_equal(kernels.linear_experts([x[:3], x], [u, w])[1], one)
     sw = np.concatenate([kernels.swiglu(x[t : t + 1], w, u) for t in range(len(x))])
     np.testing.assert_array_equal(kernels.swiglu(x, w, u), sw)
+    for T in (2, 3):
+        np.testing.assert_array_equal(kernels.swiglu(x[:T], w, u), sw[:T])
     np.testing.assert_array_equal(kernels.swiglu_experts([x[:1], x], [w, w], [u, u])[1], sw)
     assert rel(one, ref_mm(x, w)) < 1e-5
 

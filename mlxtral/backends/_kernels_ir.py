@@ -369,7 +369,7 @@ def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     b.cbranch(b.icmp_unsigned(">", npair, ir.Constant(i64, 0)), loop, tail)
 
     def block(bb, blk, acc, corr):
-        if fam in ("q5", "iq4"):  # newer families: exactly dot4's unpack and step
+        if fam in ("q5", "iq4"):  # newer families: exactly the multi-token dots' unpack and step
             return _step_x(bb, _unpack_w(bb, wp, blk, kind), xp, xdp, xsp, blk, acc, corr)
         boff = bb.mul(blk, ir.Constant(i64, bsz))
         xoff = bb.shl(blk, ir.Constant(i64, 5))
@@ -472,10 +472,11 @@ def _step_x(b: ir.IRBuilder, wdm: tuple, xp, xdp, xsp, blk, acc, corr):
     return acc, corr
 
 
-def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
-    """void dot4(w, xq, xd, xs, nb, xq_stride, xd_stride, out): one weight row against ``NTOK``
-    token rows (int8 rows ``xq_stride`` bytes apart, scale rows ``xd_stride`` bytes apart), each
-    block unpacked once for all of them (prefill is compute-bound); ``out`` gets NTOK floats.
+def _build_block_dotn(mod: ir.Module, name: str, kind: str, ntok: int) -> ir.Function:
+    """void dotn(w, xq, xd, xs, nb, xq_stride, xd_stride, out): one weight row against ``ntok``
+    (2 .. NTOK) token rows (int8 rows ``xq_stride`` bytes apart, scale rows ``xd_stride`` bytes
+    apart), each block unpacked once for all of them (prefill, and a batched decode step's experts
+    that several sequences picked, are compute-bound); ``out`` gets ntok floats.
 
     Each token's float sums run in exactly ``dot_*``'s order (even blocks and odd blocks in two
     accumulators, added before the odd last block; the constant terms likewise), so ``out[t]``
@@ -486,9 +487,9 @@ def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
     entry, loop, tail, done = (fn.append_basic_block(n) for n in ("entry", "loop", "tail", "done"))
     b = ir.IRBuilder(entry)
     wp = _ptr(b, wa, i8)
-    xps = [_ptr(b, b.add(xa, b.mul(xqs, ir.Constant(i64, t))), i8) for t in range(NTOK)]
-    xdps = [_ptr(b, b.add(xda, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(NTOK)]
-    xsps = [_ptr(b, b.add(xsa, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(NTOK)]
+    xps = [_ptr(b, b.add(xa, b.mul(xqs, ir.Constant(i64, t))), i8) for t in range(ntok)]
+    xdps = [_ptr(b, b.add(xda, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(ntok)]
+    xsps = [_ptr(b, b.add(xsa, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(ntok)]
     op = _ptr(b, oa, f32)
     zero_v = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
     zero_f = ir.Constant(f32, 0.0)
@@ -498,16 +499,16 @@ def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
     b = ir.IRBuilder(loop)
     i = b.phi(i64)
     # per token: even/odd vector accumulators and even/odd constant terms, as dot_*
-    st = [[b.phi(v8f), b.phi(v8f), b.phi(f32), b.phi(f32)] for _ in range(NTOK)]
+    st = [[b.phi(v8f), b.phi(v8f), b.phi(f32), b.phi(f32)] for _ in range(ntok)]
     blk0 = b.shl(i, ir.Constant(i64, 1))
     blk1 = b.add(blk0, ir.Constant(i64, 1))
     prefetch_ahead(b, wp, b.mul(blk0, ir.Constant(i64, _BLOCK[kind][0])), 2 * _BLOCK[kind][0])
     w0 = _unpack_w(b, wp, blk0, kind)
     new = []
-    for t in range(NTOK):
+    for t in range(ntok):
         new.append(list(_step_x(b, w0, xps[t], xdps[t], xsps[t], blk0, st[t][0], st[t][2])))
     w1 = _unpack_w(b, wp, blk1, kind)
-    for t in range(NTOK):
+    for t in range(ntok):
         a1, c1 = _step_x(b, w1, xps[t], xdps[t], xsps[t], blk1, st[t][1], st[t][3])
         new[t] = [new[t][0], a1, new[t][1], c1]  # a0, a1, c0, c1
     inext = b.add(i, ir.Constant(i64, 1))
@@ -515,14 +516,14 @@ def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
     b.cbranch(b.icmp_unsigned("<", inext, npair), loop, tail)
     i.add_incoming(ir.Constant(i64, 0), entry)
     i.add_incoming(inext, loop_end)
-    for t in range(NTOK):
+    for t in range(ntok):
         for phi, nv, z in zip(st[t], new[t], (zero_v, zero_v, zero_f, zero_f), strict=True):
             phi.add_incoming(z, entry)
             phi.add_incoming(nv, loop_end)
 
     b = ir.IRBuilder(tail)
     sums = []
-    for t in range(NTOK):
+    for t in range(ntok):
         ph = [b.phi(ty) for ty in (v8f, v8f, f32, f32)]
         for phi, nv, z in zip(ph, new[t], (zero_v, zero_v, zero_f, zero_f), strict=True):
             phi.add_incoming(z, entry)
@@ -535,10 +536,10 @@ def _build_block_dot4(mod: ir.Module, name: str, kind: str) -> ir.Function:
     with b.if_then(odd):
         blk = b.sub(nb, ir.Constant(i64, 1))
         wl = _unpack_w(b, wp, blk, kind)
-        odd_vals = [_step_x(b, wl, xps[t], xdps[t], xsps[t], blk, accs[t], corrs[t]) for t in range(NTOK)]
+        odd_vals = [_step_x(b, wl, xps[t], xdps[t], xsps[t], blk, accs[t], corrs[t]) for t in range(ntok)]
         odd_end = b.block
     finals = []
-    for t in range(NTOK):
+    for t in range(ntok):
         a = b.phi(v8f)
         a.add_incoming(accs[t], last)
         a.add_incoming(odd_vals[t][0], odd_end)
@@ -630,24 +631,24 @@ def _make_block_dot(kind: str):
     return dot
 
 
-def _make_block_dot4(kind: str):
-    name = f"mlxtral_dot4_{kind}_{ISA}"
+def _make_block_dotn(kind: str, ntok: int):
+    name = f"mlxtral_dot{ntok}_{kind}_{ISA}"
 
     @intrinsic
-    def dot4(typingctx, w, x, xd, xs, nb, xqs, xds):
-        """-> a tuple of NTOK floats (written by the IR function into a stack buffer)."""
-        sig = types.UniTuple(types.float32, NTOK)(*([types.int64] * 7))
+    def dotn(typingctx, w, x, xd, xs, nb, xqs, xds):
+        """-> a tuple of ntok floats (written by the IR function into a stack buffer)."""
+        sig = types.UniTuple(types.float32, ntok)(*([types.int64] * 7))
 
         def codegen(context, builder, signature, args):
-            fn = _get_fn(builder.module, name, lambda m, n: _build_block_dot4(m, n, kind))
-            buf = cgutils.alloca_once(builder, f32, size=NTOK)
+            fn = _get_fn(builder.module, name, lambda m, n: _build_block_dotn(m, n, kind, ntok))
+            buf = cgutils.alloca_once(builder, f32, size=ntok)
             builder.call(fn, [*args, builder.ptrtoint(buf, i64)])
-            vals = [builder.load(builder.gep(buf, [ir.Constant(i32, t)])) for t in range(NTOK)]
+            vals = [builder.load(builder.gep(buf, [ir.Constant(i32, t)])) for t in range(ntok)]
             return context.make_tuple(builder, signature.return_type, vals)
 
         return sig, codegen
 
-    return dot4
+    return dotn
 
 
 def _make_float_dot(kind: str):
@@ -669,15 +670,17 @@ def _make_float_dot(kind: str):
 dot_q4_0 = _make_block_dot("q4_0")
 dot_q4_1 = _make_block_dot("q4_1")
 dot_q8_0 = _make_block_dot("q8_0")
-dot4_q4_0 = _make_block_dot4("q4_0")
-dot4_q4_1 = _make_block_dot4("q4_1")
-dot4_q8_0 = _make_block_dot4("q8_0")
 dot_q5_0 = _make_block_dot("q5_0")
 dot_q5_1 = _make_block_dot("q5_1")
 dot_iq4_nl = _make_block_dot("iq4_nl")
-dot4_q5_0 = _make_block_dot4("q5_0")
-dot4_q5_1 = _make_block_dot4("q5_1")
-dot4_iq4_nl = _make_block_dot4("iq4_nl")
+# several tokens per weight-row pass: 4 (prefill), 3 and 2 (a prefill's tail; a batched decode
+# step's experts picked by a few sequences)
+dot4_q4_0, dot3_q4_0, dot2_q4_0 = (_make_block_dotn("q4_0", n) for n in (4, 3, 2))
+dot4_q4_1, dot3_q4_1, dot2_q4_1 = (_make_block_dotn("q4_1", n) for n in (4, 3, 2))
+dot4_q8_0, dot3_q8_0, dot2_q8_0 = (_make_block_dotn("q8_0", n) for n in (4, 3, 2))
+dot4_q5_0, dot3_q5_0, dot2_q5_0 = (_make_block_dotn("q5_0", n) for n in (4, 3, 2))
+dot4_q5_1, dot3_q5_1, dot2_q5_1 = (_make_block_dotn("q5_1", n) for n in (4, 3, 2))
+dot4_iq4_nl, dot3_iq4_nl, dot2_iq4_nl = (_make_block_dotn("iq4_nl", n) for n in (4, 3, 2))
 dot_f32 = _make_float_dot("f32")
 dot_f16 = _make_float_dot("f16")
 dot_bf16 = _make_float_dot("bf16")

@@ -22,6 +22,18 @@ from mlxtral.backends._kernels_ir import (
     atomic_store,
     cpu_pause,
     cpu_yield,
+    dot2_iq4_nl,
+    dot2_q4_0,
+    dot2_q4_1,
+    dot2_q5_0,
+    dot2_q5_1,
+    dot2_q8_0,
+    dot3_iq4_nl,
+    dot3_q4_0,
+    dot3_q4_1,
+    dot3_q5_0,
+    dot3_q5_1,
+    dot3_q8_0,
     dot4_iq4_nl,
     dot4_q4_0,
     dot4_q4_1,
@@ -235,6 +247,52 @@ def _block_dot4(kind, wa, xq, xd, xs, nb, xqs, xds):
     return dot4_q8_0(wa, xq, xd, xs, nb, xqs, xds)
 
 
+@njit(cache=_CACHE, nogil=True)
+def _block_dot3(kind, wa, xq, xd, xs, nb, xqs, xds):
+    """One weight row . 3 token rows, as a 4-tuple (the last 0)."""
+    if kind == 0:
+        a, b, c = dot3_q4_0(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == 1:
+        a, b, c = dot3_q4_1(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == K_Q5_0:
+        a, b, c = dot3_q5_0(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == K_Q5_1:
+        a, b, c = dot3_q5_1(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == K_IQ4_NL:
+        a, b, c = dot3_iq4_nl(wa, xq, xd, xs, nb, xqs, xds)
+    else:
+        a, b, c = dot3_q8_0(wa, xq, xd, xs, nb, xqs, xds)
+    return a, b, c, np.float32(0.0)
+
+
+@njit(cache=_CACHE, nogil=True)
+def _block_dot2(kind, wa, xq, xd, xs, nb, xqs, xds):
+    """One weight row . 2 token rows, as a 4-tuple (the last two 0)."""
+    if kind == 0:
+        a, b = dot2_q4_0(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == 1:
+        a, b = dot2_q4_1(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == K_Q5_0:
+        a, b = dot2_q5_0(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == K_Q5_1:
+        a, b = dot2_q5_1(wa, xq, xd, xs, nb, xqs, xds)
+    elif kind == K_IQ4_NL:
+        a, b = dot2_iq4_nl(wa, xq, xd, xs, nb, xqs, xds)
+    else:
+        a, b = dot2_q8_0(wa, xq, xd, xs, nb, xqs, xds)
+    return a, b, np.float32(0.0), np.float32(0.0)
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _block_dotn(kind, n, wa, xq, xd, xs, nb, xqs, xds):
+    """One weight row . ``n`` (2 .. NTOK) token rows: a 4-tuple, the first ``n`` meaningful."""
+    if n == 4:
+        return _block_dot4(kind, wa, xq, xd, xs, nb, xqs, xds)
+    if n == 3:
+        return _block_dot3(kind, wa, xq, xd, xs, nb, xqs, xds)
+    return _block_dot2(kind, wa, xq, xd, xs, nb, xqs, xds)
+
+
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
@@ -281,32 +339,32 @@ def run_chunk(table, c):
             kq_run_rows_exact(kind, swig, wa, wa2, rb, n, T, r0, r1, xa, out, os_)
         return
     if quant:
-        # Batch invariance: ``dot4_*`` sums each token's blocks in exactly ``dot_*``'s order, so a
-        # token gets the same bits in a group of four (prefill), in the tail, or alone (decode).
+        # Batch invariance: the multi-token dots sum each token's blocks in exactly ``dot_*``'s
+        # order, so a token gets the same bits in a group of 2 to 4 or alone (decode).
         nb = n // 32
         xq, xd, xs = table[ti, F_XQ], table[ti, F_XD], table[ti, F_XS]
         t0 = 0
-        if T >= NTOK:  # prefill: each weight block unpacked once for NTOK (= 4) tokens
-            while t0 + NTOK <= T:
-                xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * nb * 4
-                for r in range(r0, r1):  # the rows r0..r1 (~16 KB) stay in L1 across the tokens
-                    g = _block_dot4(kind, wa + r * rb, xqt, xdt, xst, nb, n, nb * 4)
-                    if swig:
-                        u = _block_dot4(kind, wa2 + r * rb, xqt, xdt, xst, nb, n, nb * 4)
-                        for j in range(NTOK):
-                            out[(t0 + j) * os_ + r] = _silu_mul(g[j], u[j])
-                    else:
-                        for j in range(NTOK):
-                            out[(t0 + j) * os_ + r] = g[j]
-                t0 += NTOK
-        for t in range(t0, T):
-            xqt, xdt, xst = xq + t * n, xd + t * nb * 4, xs + t * nb * 4
+        while T - t0 >= 2:  # each weight block unpacked once for up to NTOK (= 4) tokens
+            k = min(NTOK, T - t0)
+            xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * nb * 4
+            for r in range(r0, r1):  # the rows r0..r1 (~16 KB) stay in L1 across the tokens
+                g = _block_dotn(kind, k, wa + r * rb, xqt, xdt, xst, nb, n, nb * 4)
+                if swig:
+                    u = _block_dotn(kind, k, wa2 + r * rb, xqt, xdt, xst, nb, n, nb * 4)
+                    for j in range(k):
+                        out[(t0 + j) * os_ + r] = _silu_mul(g[j], u[j])
+                else:
+                    for j in range(k):
+                        out[(t0 + j) * os_ + r] = g[j]
+            t0 += k
+        if t0 < T:  # one token: decode, or a group's last
+            xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * nb * 4
             for r in range(r0, r1):
                 g = _block_dot(kind, wa + r * rb, xqt, xdt, xst, nb)
                 if swig:
                     u = _block_dot(kind, wa2 + r * rb, xqt, xdt, xst, nb)
                     g = _silu_mul(g, u)
-                out[t * os_ + r] = g
+                out[t0 * os_ + r] = g
     elif kind == 3 or ((kind == 4 or kind == 5) and T == 1):  # F32 at any T, F16/BF16 decode: in place
         for t in range(T):
             xt = xa + t * n * 4
