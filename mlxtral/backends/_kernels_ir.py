@@ -20,9 +20,11 @@ Q5_0 / Q5_1 (5-bit codes: the nibbles plus ``qh``'s bits, unsigned 0..31) go the
 (offset -16 or min through ``xs``), IQ4_NL the Q8_0 way (its signed 16-value table, looked up with
 ``vpshufb``); ``sb_dot_iq4_xs`` is one IQ4_XS superblock against q8_K codes (``_kernels_iq``).
 
-Activations for the block types are pre-quantized per 32-block (see ``kernels._quantize_x``):
-``xq`` int8 [in], ``xd`` float32 [in/32] (scale), ``xs`` float32 [in/32] (= xd * sum(xq), for the
-constant terms of Q4_0 / Q4_1).
+Activations for the block types are pre-quantized per 32-block (``_kernels_nb.quantize_x``):
+``xq`` int8 [in], ``xd`` float32 [in/32] (scale), and per kind either ``xo`` int32 [in/4] (minus
+the code offset times each 4 activations' sum: the integer dot starts there, so Q4_0's -8, Q5_0's
+-16 and the +128 that makes Q8_0 / IQ4_NL codes unsigned cancel exactly, in the integers) or
+``xs`` float32 [in/32] (q8_1's float16(d * sum(xq)), for Q4_1 / Q5_1's min).
 
 numba's on-disk cache keys each entry on the jitted function's source file and bytecode and on
 the CPU (name and feature string numba compiles for, ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``
@@ -229,14 +231,17 @@ def _madd_ones(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return b.add(ev, od)
 
 
-def _dot_u8s8(b: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
-    """<32 x i8> unsigned u . <32 x i8> signed s -> <8 x i32>, lane i the sum of bytes 4i..4i+3:
-    one ``vpdpbusd`` with VNNI, else ``vpmaddubsw`` + ``vpmaddwd`` (the same sums: callers' int16
-    pairs never saturate)."""
+def _dot_u8s8(b: ir.IRBuilder, u: ir.Value, s: ir.Value, init: ir.Value | None = None) -> ir.Value:
+    """<32 x i8> unsigned u . <32 x i8> signed s (+ <8 x i32> ``init``) -> <8 x i32>, lane i the
+    sum of bytes 4i..4i+3: one ``vpdpbusd`` with VNNI (``init`` its accumulator), else
+    ``vpmaddubsw`` + ``vpmaddwd`` (the same sums: callers' int16 pairs never saturate there) and
+    an add."""
     if HAVE_VNNI:
         fn = _intr(b.module, "llvm.x86.avx512.vpdpbusd.256", v8i32, [v8i32, v8i32, v8i32])
-        return b.call(fn, [_vconst(v8i32, 0), b.bitcast(u, v8i32), b.bitcast(s, v8i32)])
-    return _madd_ones(b, _maddubs(b, u, s))
+        acc = _vconst(v8i32, 0) if init is None else init
+        return b.call(fn, [acc, b.bitcast(u, v8i32), b.bitcast(s, v8i32)])
+    s4 = _madd_ones(b, _maddubs(b, u, s))
+    return s4 if init is None else b.add(s4, init)
 
 
 def _abs_sign(b: ir.IRBuilder, w: ir.Value, x: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -285,34 +290,6 @@ def prefetch_ahead(b: ir.IRBuilder, wp: ir.Value, off: ir.Value, nbytes: int) ->
         b.call(fn, [pa, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
 
-# ---- per-block bodies: return (<8 x float> integer-dot as float, weight scale d, constant term) ----
-def _block_q4(b, wp, xp, boff, xoff, with_min):
-    """Nibbles as unsigned 0..15 against signed x (one vpmaddubsw); the constant part goes through
-    ``xs``: Q4_1's min m, Q4_0's offset as m = -8 d (so no per-block sign juggling)."""
-    d = _half(b, wp, boff)
-    qoff = b.add(boff, ir.Constant(i64, 4 if with_min else 2))
-    q = _load(b, wp, qoff, v16i8)
-    lo = b.and_(q, _vconst(v16i8, 15))
-    hi = b.lshr(q, _vconst(v16i8, 4))
-    w = b.shuffle_vector(lo, hi, _mask(list(range(32))))
-    x = _load(b, xp, xoff, v32i8)
-    s = _dot_u8s8(b, w, x)
-    if with_min:
-        m = _half(b, wp, b.add(boff, ir.Constant(i64, 2)))
-    else:
-        m = b.fmul(d, ir.Constant(f32, -8.0))
-    return b.sitofp(s, v8f), d, m
-
-
-def _block_q8(b, wp, xp, boff, xoff):
-    d = _half(b, wp, boff)
-    w = _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8)
-    x = _load(b, xp, xoff, v32i8)
-    aw, sx = _abs_sign(b, w, x)
-    s = _dot_u8s8(b, aw, sx)
-    return b.sitofp(s, v8f), d, None
-
-
 IQ4_XS_BYTES = 136  # d (f16), scales_h (u16), scales_l (4 bytes), 128 nibble bytes
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 
@@ -333,56 +310,53 @@ def _bits32(b: ir.IRBuilder, wp: ir.Value, off: ir.Value) -> ir.Value:
     return b.select(on, _vconst(v32i8, 16), _vconst(v32i8, 0))
 
 
-def _iq4_lookup(b: ir.IRBuilder, idx: ir.Value) -> ir.Value:
-    """<32 x i8> codes 0..15 -> IQ4_NL's signed values (``vpshufb`` on a 16-entry table, as
-    llama.cpp; portable: a chain of selects)."""
+def _iq4_lookup(b: ir.IRBuilder, idx: ir.Value, bias: int = 0) -> ir.Value:
+    """<32 x i8> codes 0..15 -> IQ4_NL's signed values, or with ``bias`` 128 the same + 128 as
+    unsigned bytes (``vpshufb`` on a 16-entry table, as llama.cpp; portable: a chain of selects)."""
+    vals = [(v + bias + 128) % 256 - 128 for v in IQ4_VALUES]  # as i8 bit patterns
     if HAVE_AVX2:
         fn = _intr(b.module, "llvm.x86.avx2.pshuf.b", v32i8, [v32i8, v32i8])
-        tbl = ir.Constant(v32i8, [ir.Constant(i8, v) for v in IQ4_VALUES * 2])
+        tbl = ir.Constant(v32i8, [ir.Constant(i8, v) for v in vals * 2])
         return b.call(fn, [tbl, idx])
-    out = _vconst(v32i8, IQ4_VALUES[0])
+    out = _vconst(v32i8, vals[0])
     for k in range(1, 16):
-        out = b.select(b.icmp_unsigned("==", idx, _vconst(v32i8, k)), _vconst(v32i8, IQ4_VALUES[k]), out)
+        out = b.select(b.icmp_unsigned("==", idx, _vconst(v32i8, k)), _vconst(v32i8, vals[k]), out)
     return out
 
 
-# kind -> (bytes per block, family, has a min m). q5: unsigned 5-bit codes against signed x, the
-# -16 offset (Q5_0) or the min (Q5_1) through ``xs`` as Q4_0 / Q4_1; iq4: signed table values
-# against signed x (sign trick, as Q8_0).
+# kind -> (bytes per block, family, has a min m). Codes go into the integer dot unsigned: Q4_0's
+# and Q5_0's as stored (0..15, 0..31), Q8_0's and IQ4_NL's signed values + 128 (on the VNNI path;
+# without it vpmaddubsw's int16 pairs would saturate, so they keep llama.cpp's sign trick there).
+# The offset comes back exactly, in the integers: the dot's accumulator starts at -offset * (the
+# lane's four activations' sum), ``xo`` (``_kernels_nb.quantize_x``). Q4_1 / Q5_1 add their
+# float min m times q8_1's block sum ``xs`` instead, as llama.cpp.
 _BLOCK = {"q4_0": (18, "q4", False), "q4_1": (20, "q4", True), "q8_0": (34, "q8", False),
           "q5_0": (22, "q5", False), "q5_1": (24, "q5", True), "iq4_nl": (18, "iq4", False)}
+X_OFFSET = {"q4_0": 8, "q5_0": 16, "q8_0": 128, "iq4_nl": 128, "q4_1": 0, "q5_1": 0}
+
+
+def _signed_codes(kind: str) -> bool:
+    """Codes that go in through the sign trick (signed weights, no offset): Q8_0 / IQ4_NL off VNNI."""
+    return _BLOCK[kind][1] in ("q8", "iq4") and not HAVE_VNNI
 
 
 def _build_block_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     """float dot(w_addr, xq_addr, xd_addr, xs_addr, nb): one row of ``nb`` blocks."""
-    bsz, fam, with_min = _BLOCK[kind]
+    bsz = _BLOCK[kind][0]
     fn = ir.Function(mod, ir.FunctionType(f32, [i64] * 5), name)
     fn.linkage = "internal"
     wa, xa, xda, xsa, nb = fn.args
     entry, loop, tail, done = (fn.append_basic_block(n) for n in ("entry", "loop", "tail", "done"))
     b = ir.IRBuilder(entry)
     wp, xp = _ptr(b, wa, i8), _ptr(b, xa, i8)
-    xdp, xsp = _ptr(b, xda, f32), _ptr(b, xsa, f32)
+    xdp, xsp = _ptr(b, xda, f32), _ptr(b, xsa, i8)
     npair = b.lshr(nb, ir.Constant(i64, 1))
     zero_v = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
     zero_f = ir.Constant(f32, 0.0)
     b.cbranch(b.icmp_unsigned(">", npair, ir.Constant(i64, 0)), loop, tail)
 
-    def block(bb, blk, acc, corr):
-        if fam in ("q5", "iq4"):  # newer families: exactly the multi-token dots' unpack and step
-            return _step_x(bb, _unpack_w(bb, wp, blk, kind), xp, xdp, xsp, blk, acc, corr)
-        boff = bb.mul(blk, ir.Constant(i64, bsz))
-        xoff = bb.shl(blk, ir.Constant(i64, 5))
-        if fam == "q4":
-            s, d, m = _block_q4(bb, wp, xp, boff, xoff, with_min)
-        else:
-            s, d, m = _block_q8(bb, wp, xp, boff, xoff)
-        xd = bb.load(_gep(bb, xdp, blk))
-        acc = _fma(bb, s, _splat(bb, bb.fmul(d, xd)), acc)
-        if fam == "q4":
-            xs = bb.load(_gep(bb, xsp, blk))
-            corr = bb.fadd(corr, bb.fmul(m, xs))
-        return acc, corr
+    def block(bb, blk, acc, corr):  # exactly the multi-token dots' unpack and step
+        return _step_x(bb, _unpack_w(bb, wp, blk, kind), xp, xdp, xsp, blk, acc, corr, kind)
 
     b = ir.IRBuilder(loop)
     i = b.phi(i64)
@@ -433,42 +407,44 @@ NTOK = 4  # tokens per weight-row pass in the prefill dot
 
 
 def _unpack_w(b: ir.IRBuilder, wp: ir.Value, blk: ir.Value, kind: str) -> tuple:
-    """Weight block ``blk`` of a row: (32 bytes for the integer dot, scale d, constant term m or
-    None), exactly as ``_block_q4`` / ``_block_q8`` compute them."""
+    """Weight block ``blk`` of a row: (32 codes for the integer dot, scale d, min m or None): the
+    codes unsigned (see ``_BLOCK``), or signed ones for the sign trick (``_signed_codes``)."""
     bsz, fam, with_min = _BLOCK[kind]
     boff = b.mul(blk, ir.Constant(i64, bsz))
     d = _half(b, wp, boff)
+    m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else None
     if fam == "q8":
-        return _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8), d, None
-    if fam == "iq4":  # signed values -127..113: the sign trick in _step_x
-        return _iq4_lookup(b, _nibbles32(b, _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v16i8))), d, None
+        w = _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v32i8)
+        return (w if _signed_codes(kind) else b.xor(w, _vconst(v32i8, -128))), d, None  # + 128
+    if fam == "iq4":  # signed values -127..113
+        codes = _nibbles32(b, _load(b, wp, b.add(boff, ir.Constant(i64, 2)), v16i8))
+        return _iq4_lookup(b, codes, 0 if _signed_codes(kind) else 128), d, None
     if fam == "q5":  # d [m] qh(4) qs(16): unsigned 0..31
         o = 4 if with_min else 2
         lo4 = _nibbles32(b, _load(b, wp, b.add(boff, ir.Constant(i64, o + 4)), v16i8))
-        w = b.or_(lo4, _bits32(b, wp, b.add(boff, ir.Constant(i64, o))))
-        m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else b.fmul(d, ir.Constant(f32, -16.0))
-        return w, d, m
+        return b.or_(lo4, _bits32(b, wp, b.add(boff, ir.Constant(i64, o)))), d, m
     q = _load(b, wp, b.add(boff, ir.Constant(i64, 4 if with_min else 2)), v16i8)
-    lo = b.and_(q, _vconst(v16i8, 15))
-    hi = b.lshr(q, _vconst(v16i8, 4))
-    w = b.shuffle_vector(lo, hi, _mask(list(range(32))))  # unsigned 0..15
-    m = _half(b, wp, b.add(boff, ir.Constant(i64, 2))) if with_min else b.fmul(d, ir.Constant(f32, -8.0))
-    return w, d, m
+    return _nibbles32(b, q), d, m  # unsigned 0..15
 
 
-def _step_x(b: ir.IRBuilder, wdm: tuple, xp, xdp, xsp, blk, acc, corr):
-    """One token's part of a block, the same operations in the same order as ``dot_*``'s."""
+def _step_x(b: ir.IRBuilder, wdm: tuple, xp, xdp, xsp, blk, acc, corr, kind: str):
+    """One token's part of a block, the same operations in the same order as ``dot_*``'s: the lanes'
+    exact integer sums (offset included), times d * xd into the float lanes; a min's m * xs into
+    the constant term. ``xsp`` (bytes) holds the token's ``xo`` rows (int32 [nb, 8]) or, for the
+    kinds with a min, its ``xs`` (float32 [nb])."""
     w, d, m = wdm
     x = _load(b, xp, b.shl(blk, ir.Constant(i64, 5)), v32i8)
-    if m is not None:
-        s = _dot_u8s8(b, w, x)
+    if _signed_codes(kind):
+        s = _dot_u8s8(b, *_abs_sign(b, w, x))
+    elif m is None:
+        s = _dot_u8s8(b, w, x, _load(b, xsp, b.shl(blk, ir.Constant(i64, 5)), v8i32))
     else:
-        aw, sx = _abs_sign(b, w, x)
-        s = _dot_u8s8(b, aw, sx)
+        s = _dot_u8s8(b, w, x)
     xd = b.load(_gep(b, xdp, blk))
     acc = _fma(b, b.sitofp(s, v8f), _splat(b, b.fmul(d, xd)), acc)
     if m is not None:
-        corr = b.fadd(corr, b.fmul(m, b.load(_gep(b, xsp, blk))))
+        xs = b.load(b.bitcast(_gep(b, xsp, b.shl(blk, ir.Constant(i64, 2))), f32.as_pointer()))
+        corr = b.fadd(corr, b.fmul(m, xs))
     return acc, corr
 
 
@@ -489,7 +465,8 @@ def _build_block_dotn(mod: ir.Module, name: str, kind: str, ntok: int) -> ir.Fun
     wp = _ptr(b, wa, i8)
     xps = [_ptr(b, b.add(xa, b.mul(xqs, ir.Constant(i64, t))), i8) for t in range(ntok)]
     xdps = [_ptr(b, b.add(xda, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(ntok)]
-    xsps = [_ptr(b, b.add(xsa, b.mul(xds, ir.Constant(i64, t))), f32) for t in range(ntok)]
+    xss = xds if _BLOCK[kind][2] else xqs  # a token's xs (float [nb]) or xo (int32 [nb, 8]: xq's bytes)
+    xsps = [_ptr(b, b.add(xsa, b.mul(xss, ir.Constant(i64, t))), i8) for t in range(ntok)]
     op = _ptr(b, oa, f32)
     zero_v = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
     zero_f = ir.Constant(f32, 0.0)
@@ -506,10 +483,10 @@ def _build_block_dotn(mod: ir.Module, name: str, kind: str, ntok: int) -> ir.Fun
     w0 = _unpack_w(b, wp, blk0, kind)
     new = []
     for t in range(ntok):
-        new.append(list(_step_x(b, w0, xps[t], xdps[t], xsps[t], blk0, st[t][0], st[t][2])))
+        new.append(list(_step_x(b, w0, xps[t], xdps[t], xsps[t], blk0, st[t][0], st[t][2], kind)))
     w1 = _unpack_w(b, wp, blk1, kind)
     for t in range(ntok):
-        a1, c1 = _step_x(b, w1, xps[t], xdps[t], xsps[t], blk1, st[t][1], st[t][3])
+        a1, c1 = _step_x(b, w1, xps[t], xdps[t], xsps[t], blk1, st[t][1], st[t][3], kind)
         new[t] = [new[t][0], a1, new[t][1], c1]  # a0, a1, c0, c1
     inext = b.add(i, ir.Constant(i64, 1))
     loop_end = b.block
@@ -536,7 +513,8 @@ def _build_block_dotn(mod: ir.Module, name: str, kind: str, ntok: int) -> ir.Fun
     with b.if_then(odd):
         blk = b.sub(nb, ir.Constant(i64, 1))
         wl = _unpack_w(b, wp, blk, kind)
-        odd_vals = [_step_x(b, wl, xps[t], xdps[t], xsps[t], blk, accs[t], corrs[t]) for t in range(ntok)]
+        odd_vals = [_step_x(b, wl, xps[t], xdps[t], xsps[t], blk, accs[t], corrs[t], kind)
+                    for t in range(ntok)]
         odd_end = b.block
     finals = []
     for t in range(ntok):

@@ -99,20 +99,35 @@ def round_half(v):
     return np.float32(r if v >= 0 else -r)
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def x_offset(kind):
+    """What the kernels add to a kind's codes to dot them unsigned (``_kernels_ir.X_OFFSET``): the
+    activations then carry -offset * each 4 values' sum (``xo``); 0: the kind has a min (``xs``)."""
+    if kind == 0:
+        return 8
+    if kind == K_Q5_0:
+        return 16
+    if kind == 2 or kind == K_IQ4_NL:
+        return 128
+    return 0
+
+
 @njit(cache=_CACHE, nogil=True)
-def quantize_x(x):
-    """float32 [T, n] (n % 32 == 0) -> int8 [T, n], scales [T, n/32], sum terms [2, T, n/32].
+def quantize_x(x, offset):
+    """float32 [T, n] (n % 32 == 0) -> int8 [T, n], scales [T, n/32], and the weights' constant
+    part: with ``offset`` > 0, ``xo`` int32 [T, n/4] = -offset * (the sum of each 4 consecutive q),
+    else ``xs`` float32 [T, n/32] = float16(d * sum(q)) (q8_1's ``s``, for Q4_1 / Q5_1's min);
+    either returned as a float32 array (``xo`` its int32 bits).
 
     As llama.cpp's q8_0 / q8_1 activation blocks: q = rint(x * 127 / amax), the scale amax / 127
-    stored as float16 (here: rounded to it), so our integer dots see the same numbers. Sum terms,
-    for the weights' constant parts: ``[0]`` float16(d * sum(q)) (q8_1's ``s``, for Q4_1's min),
-    ``[1]`` d16 * sum(q) (for Q4_0's -8 offset, taken out of the integer dot).
+    stored as float16 (here: rounded to it), so our integer dots see the same numbers.
     """
     T, n = x.shape
     nb = n // 32
     xq = np.empty((T, n), dtype=np.int8)
     xd = np.empty((T, nb), dtype=np.float32)
-    xs = np.empty((2, T, nb), dtype=np.float32)
+    xs = np.empty((T, n // 4 if offset > 0 else nb), dtype=np.float32)
+    xo = xs.view(np.int32)
     for t in range(T):
         for b in range(nb):
             amax = np.float32(0.0)
@@ -127,10 +142,14 @@ def quantize_x(x):
                 q = np.int32(np.rint(x[t, b * 32 + j] * inv))
                 xq[t, b * 32 + j] = q
                 s += q
-            d16 = round_half(d)
-            xd[t, b] = d16
-            xs[0, t, b] = round_half(d * np.float32(s))
-            xs[1, t, b] = d16 * np.float32(s)
+            xd[t, b] = round_half(d)
+            if offset > 0:
+                for j in range(8):  # the 4 activations of vpdpbusd's lane j
+                    k = b * 32 + 4 * j
+                    lane = np.int32(xq[t, k]) + np.int32(xq[t, k + 1]) + np.int32(xq[t, k + 2])
+                    xo[t, b * 8 + j] = -offset * (lane + np.int32(xq[t, k + 3]))
+            else:
+                xs[t, b] = round_half(d * np.float32(s))
     return xq, xd, xs
 
 
@@ -343,10 +362,11 @@ def run_chunk(table, c):
         # order, so a token gets the same bits in a group of 2 to 4 or alone (decode).
         nb = n // 32
         xq, xd, xs = table[ti, F_XQ], table[ti, F_XD], table[ti, F_XS]
+        xss = n if x_offset(kind) > 0 else nb * 4  # bytes per token: xo int32 [n/4], or xs float [nb]
         t0 = 0
         while T - t0 >= 2:  # each weight block unpacked once for up to NTOK (= 4) tokens
             k = min(NTOK, T - t0)
-            xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * nb * 4
+            xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * xss
             for r in range(r0, r1):  # the rows r0..r1 (~16 KB) stay in L1 across the tokens
                 g = _block_dotn(kind, k, wa + r * rb, xqt, xdt, xst, nb, n, nb * 4)
                 if swig:
@@ -358,7 +378,7 @@ def run_chunk(table, c):
                         out[(t0 + j) * os_ + r] = g[j]
             t0 += k
         if t0 < T:  # one token: decode, or a group's last
-            xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * nb * 4
+            xqt, xdt, xst = xq + t0 * n, xd + t0 * nb * 4, xs + t0 * xss
             for r in range(r0, r1):
                 g = _block_dot(kind, wa + r * rb, xqt, xdt, xst, nb)
                 if swig:
@@ -470,12 +490,12 @@ _EMPTY_F32 = np.zeros((1, 1), dtype=np.float32)
 
 
 @njit(cache=_CACHE, nogil=True)
-def prep_x(x, quant):
-    """The activations a task reads: int8 blocks when ``quant`` else placeholders."""
+def prep_x(x, quant, kind):
+    """The activations a task of ``kind`` reads: int8 blocks when ``quant`` else placeholders."""
     if quant:
-        return quantize_x(x)
+        return quantize_x(x, x_offset(kind))
     return (np.zeros((1, 1), dtype=np.int8), np.zeros((1, 1), dtype=np.float32),
-            np.zeros((2, 1, 1), dtype=np.float32))
+            np.zeros((1, 1), dtype=np.float32))
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -494,8 +514,7 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, c
     table[i, F_X] = x.ctypes.data
     table[i, F_XQ] = xq.ctypes.data
     table[i, F_XD] = xd.ctypes.data
-    # Q4_0 / Q5_0: the d16*sum row (offset -8 / -16 times d); Q4_1 / Q5_1: float16(d*sum), q8_1's s
-    table[i, F_XS] = xs.ctypes.data + (xs.strides[0] if kind == 0 or kind == K_Q5_0 else 0)
+    table[i, F_XS] = xs.ctypes.data  # xo or xs (quantize_x)
     table[i, F_OUT] = out.ctypes.data
     table[i, F_OSTRIDE] = out.strides[0] // 4
     table[i, F_CHUNK] = ch
@@ -507,7 +526,7 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, c
 def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
     """A one-task job (``linear`` / ``swiglu``) in a single call."""
     table = np.empty((1, F_SIZE), dtype=np.int64)
-    xq, xd, xs = prep_x(x, quant)
+    xq, xd, xs = prep_x(x, quant, kind)
     nchunks = fill_task(table, 0, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, ch, 0)
     execute(ctl, table, nchunks)
     return out

@@ -8,12 +8,14 @@ K-quants Q2_K .. Q6_K with llama.cpp's q8_K activations in ``_kernels_kq``, IQ4_
 How it is fast
 --------------
 * **Integer dot products, as llama.cpp.** For the block types the activations are quantized once
-  per call to int8 per 32-block (scale ``xd``, plus ``xs = xd * sum(q)`` for the constant terms of
-  Q4_0 / Q4_1 / Q5_0 / Q5_1: Q5_0's -16 offset as Q4_0's -8) as llama.cpp's q8_0 / q8_1 blocks.
-  A row dot is then, per block, ``vpmaddubsw`` + ``vpmaddwd`` (unsigned 4- or 5-bit codes, or
-  |int8| x signed int8 -> int32: Q8_0, and IQ4_NL's 16-value table looked up by ``vpshufb``) and
-  one FMA of the 8 int32 lanes, as float, by ``d_w * d_x``. The K-quants and IQ4_XS dot q8_K
-  superblocks (integer sums per 256 weights, one float step each).
+  per call to int8 per 32-block (scale ``xd``) as llama.cpp's q8_0 / q8_1 blocks. A row dot is
+  then, per block, one ``vpdpbusd`` (VNNI; else ``vpmaddubsw`` + ``vpmaddwd``) of unsigned codes
+  against the signed activations into 8 int32 lanes, and one FMA of the lanes, as float, by
+  ``d_w * d_x``. The codes' offset is taken out exactly, in the integers: the dot starts from
+  ``xo`` = -offset * (each 4 activations' sum), precomputed per token (Q4_0's -8, Q5_0's -16, and
+  the +128 that makes Q8_0's and IQ4_NL's signed values unsigned; off VNNI those two keep
+  llama.cpp's sign trick, the same integers). Q4_1 / Q5_1 add their min times q8_1's block sum.
+  The K-quants and IQ4_XS dot q8_K superblocks (integer sums per 256 weights, one float step each).
   These inner loops are hand-written LLVM IR (``_kernels_ir``), called from numba; LLVM's own
   vectorizer does not find this on short per-block loops. Results differ from exact float32 by
   ~1e-3 relative (what llama.cpp does). ``set_exact(True)`` (or ``MLXTRAL_EXACT_KERNELS=1``)
@@ -298,16 +300,17 @@ class _Job:
         self.keep: list = []  # keeps every buffer alive while the job runs
         self.n = 0
         self.nchunks = 0
-        self._xcache: dict[tuple[int, bool], tuple] = {}
+        self._xcache: dict[tuple[int, bool, int], tuple] = {}
 
     def add(self, x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> None:
         T = x.shape[0]
         kind, wd, ch = _winfo(w, T)
         quant = kind not in _FLOAT_KINDS and not _exact
-        key = (id(x), quant, kind in _Q8K_KINDS)  # q8_0 blocks or q8_K superblocks
+        q8k = kind in _Q8K_KINDS  # q8_K superblocks, or q8_0 / q8_1 blocks with the kind's offset
+        key = (id(x), quant, -1 if q8k else _nb.x_offset(kind))
         acts = self._xcache.get(key)
         if acts is None:
-            acts = self._xcache[key] = _kq.quantize_q8k(x) if quant and key[2] else _nb.prep_x(x, quant)
+            acts = self._xcache[key] = _kq.quantize_q8k(x) if quant and q8k else _nb.prep_x(x, quant, kind)
         wd2 = _winfo(w2, T)[1] if w2 is not None else wd
         self.keep.append((x, acts, wd, wd2, out))
         self.nchunks = _nb.fill_task(self.table, self.n, kind, w2 is not None, quant, wd, wd2, w.shape[1],
