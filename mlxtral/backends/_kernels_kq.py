@@ -32,6 +32,7 @@ from numba.extending import intrinsic
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
     HAVE_AVX2,
+    HAVE_VNNI,
     dot_f32,
     half_to_f32,
     prefetch_ahead,
@@ -74,6 +75,41 @@ def _reduce(b: ir.IRBuilder, acc: ir.Value) -> ir.Value:
     red = _get(b.module, f"llvm.vector.reduce.add.v{ty.count}i32",
                lambda m, nm: ir.Function(m, ir.FunctionType(_i32, [ty]), nm))
     return b.call(red, [acc])
+
+
+def _pmadd(b: ir.IRBuilder, u: ir.Value, x: ir.Value) -> ir.Value:
+    """``vpmaddubsw``: <32 x i8> unsigned u times signed x -> <16 x i16> pair sums."""
+    v32i8, v16i16 = _vec(_i8), ir.VectorType(_i16, 16)
+    fn = _get(b.module, "llvm.x86.avx2.pmadd.ub.sw",
+              lambda m, nm: ir.Function(m, ir.FunctionType(v16i16, [v32i8, v32i8]), nm))
+    return b.call(fn, [u, x])
+
+
+def _madd16(b: ir.IRBuilder, a: ir.Value, c: ir.Value) -> ir.Value:
+    """``vpmaddwd``: <16 x i16> . <16 x i16> -> <8 x i32> pair sums (exact for our operands)."""
+    v16i16, v8i32 = ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
+    fn = _get(b.module, "llvm.x86.avx2.pmadd.wd",
+              lambda m, nm: ir.Function(m, ir.FunctionType(v8i32, [v16i16, v16i16]), nm))
+    return b.call(fn, [a, c])
+
+
+def _acc_scaled(b: ir.IRBuilder, acc: ir.Value | None, pairs: ir.Value, sc: ir.Value) -> ir.Value:
+    """acc + ``pairs`` (<16 x i16>) times their scales ``sc``, summed by two into <8 x i32>: one
+    ``vpdpwssd`` with VNNI, else ``vpmaddwd`` + add (the same exact integers)."""
+    v8i32 = ir.VectorType(_i32, 8)
+    if HAVE_VNNI:
+        fn = _get(b.module, "llvm.x86.avx512.vpdpwssd.256",
+                  lambda m, nm: ir.Function(m, ir.FunctionType(v8i32, [v8i32] * 3), nm))
+        acc0 = _c(v8i32, 0) if acc is None else acc
+        return b.call(fn, [acc0, b.bitcast(pairs, v8i32), b.bitcast(sc, v8i32)])
+    p = _madd16(b, pairs, sc)
+    return p if acc is None else b.add(acc, p)
+
+
+def _bsum_dot(b: ir.IRBuilder, v: ir.Value, bs: ir.Value) -> ir.Value:
+    """sum_g v_g * bsum_g over the 16 groups (<16 x i16> each; scales or mins times activation
+    sums, |product| < 2**17): one ``vpmaddwd`` to 8 lanes, then their sum."""
+    return _reduce(b, _madd16(b, v, bs))
 
 
 # (A offset, A shift, A mask, B offset, B shift, B mask, B shift left, offset) of 32-weight chunk k
@@ -200,11 +236,7 @@ def _superblock_dot_avx2(b: ir.IRBuilder, fn: ir.Function, wp: ir.Value, kind: i
     ``vpmaddwd`` with the pairs' scales; the offset comes back as ``off * sum(scale * bsum)``."""
     _, oa, ba = fn.args
     v32i8, v16i16 = _vec(_i8), ir.VectorType(_i16, 16)
-    v8i32, v16i32 = ir.VectorType(_i32, 8), ir.VectorType(_i32, 16)
-    maddubs = _get(b.module, "llvm.x86.avx2.pmadd.ub.sw",
-                   lambda m, nm: ir.Function(m, ir.FunctionType(v16i16, [v32i8, v32i8]), nm))
-    madd = _get(b.module, "llvm.x86.avx2.pmadd.wd",
-                lambda m, nm: ir.Function(m, ir.FunctionType(v8i32, [v16i16, v16i16]), nm))
+    v16i32 = ir.VectorType(_i32, 16)
     acc = None
     off = 0
     for k in range(8):
@@ -215,20 +247,17 @@ def _superblock_dot_avx2(b: ir.IRBuilder, fn: ir.Function, wp: ir.Value, kind: i
             u = b.add(u, b.shl(hi, _c(v32i8, shl)))
         x = b.load(b.inttoptr(b.add(oa, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
         sc = b.shuffle_vector(svec, svec, ir.Constant(v16i32, [lane[2 * k]] * 8 + [lane[2 * k + 1]] * 8))
-        p = b.call(madd, [b.call(maddubs, [u, x]), sc])
-        acc = p if acc is None else b.add(acc, p)
+        acc = _acc_scaled(b, acc, _pmadd(b, u, x), sc)
     sumi = _reduce(b, acc)
     bs = None
     if off or mins is not None:
-        bs = b.sext(b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2), v16i32)
+        bs = b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2)
     if off:  # the codes' offset (Q6_K -32, Q3_K -4): off * sum_g scale_g * bsum_g
         sfull = b.shuffle_vector(svec, svec, ir.Constant(v16i32, lane))
-        corr = _reduce(b, b.mul(b.sext(sfull, v16i32), bs))
-        sumi = b.add(sumi, b.mul(corr, _c(_i32, off)))
+        sumi = b.add(sumi, b.mul(_bsum_dot(b, sfull, bs), _c(_i32, off)))
     res = b.zext(sumi, _i64)
     if mins is not None:
-        summ = _reduce(b, b.mul(b.zext(mins, v16i32), bs))
-        res = b.or_(res, b.shl(b.sext(summ, _i64), _c(_i64, 32)))
+        res = b.or_(res, b.shl(b.sext(_bsum_dot(b, mins, bs), _i64), _c(_i64, 32)))
     b.ret(res)
     return fn
 
@@ -246,7 +275,7 @@ def _build_u8(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Function:
     a0, a1, ba = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v32i8, v16i16 = _vec(_i8), ir.VectorType(_i16, 16)
-    v8i32, v16i32 = ir.VectorType(_i32, 8), ir.VectorType(_i32, 16)
+    v16i32 = ir.VectorType(_i32, 16)
     off = _chunk_params(kind, 0)[7]
     has_min = kind in (K_Q4_K, K_Q5_K, K_Q2_K)
     if not dot:
@@ -266,10 +295,6 @@ def _build_u8(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Function:
             b.store(u, b.bitcast(b.gep(pp, [_c(_i64, 32 * k)]), v32i8.as_pointer()), align=1)
         b.ret_void()
         return fn
-    maddubs = _get(b.module, "llvm.x86.avx2.pmadd.ub.sw",
-                   lambda m, nm: ir.Function(m, ir.FunctionType(v16i16, [v32i8, v32i8]), nm))
-    madd = _get(b.module, "llvm.x86.avx2.pmadd.wd",
-                lambda m, nm: ir.Function(m, ir.FunctionType(v8i32, [v16i16, v16i16]), nm))
     pp = b.inttoptr(a0, _i8.as_pointer())
     full = _load(b, pp, 256, v16i16)
     acc = None
@@ -277,16 +302,14 @@ def _build_u8(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Function:
         u = _load(b, pp, 32 * k, v32i8)
         x = b.load(b.inttoptr(b.add(a1, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
         sc = b.shuffle_vector(full, full, ir.Constant(v16i32, [2 * k] * 8 + [2 * k + 1] * 8))
-        p = b.call(madd, [b.call(maddubs, [u, x]), sc])
-        acc = p if acc is None else b.add(acc, p)
+        acc = _acc_scaled(b, acc, _pmadd(b, u, x), sc)
     sumi = _reduce(b, acc)
-    bs = b.sext(b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2), v16i32)
+    bs = b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2)
     if off:
-        sumi = b.add(sumi, b.mul(_reduce(b, b.mul(b.sext(full, v16i32), bs)), _c(_i32, off)))
+        sumi = b.add(sumi, b.mul(_bsum_dot(b, full, bs), _c(_i32, off)))
     res = b.zext(sumi, _i64)
     if has_min:
-        summ = _reduce(b, b.mul(b.zext(_load(b, pp, 288, v16i16), v16i32), bs))
-        res = b.or_(res, b.shl(b.sext(summ, _i64), _c(_i64, 32)))
+        res = b.or_(res, b.shl(b.sext(_bsum_dot(b, _load(b, pp, 288, v16i16), bs), _i64), _c(_i64, 32)))
     b.ret(res)
     return fn
 
