@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mlxtral.backends._kernels_ir import (
@@ -276,8 +277,6 @@ def _build_u8(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Function:
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v32i8, v16i16 = _vec(_i8), ir.VectorType(_i16, 16)
     v16i32 = ir.VectorType(_i32, 16)
-    off = _chunk_params(kind, 0)[7]
-    has_min = kind in (K_Q4_K, K_Q5_K, K_Q2_K)
     if not dot:
         wp, pp = b.inttoptr(a0, _i8.as_pointer()), b.inttoptr(a1, _i8.as_pointer())
         prefetch_ahead(b, wp, _c(_i64, 0), KQ_TYPES[kind][1])  # prefill reads each row here once
@@ -295,22 +294,51 @@ def _build_u8(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Function:
             b.store(u, b.bitcast(b.gep(pp, [_c(_i64, 32 * k)]), v32i8.as_pointer()), align=1)
         b.ret_void()
         return fn
-    pp = b.inttoptr(a0, _i8.as_pointer())
+    b.ret(_u8_sums(b, b.inttoptr(a0, _i8.as_pointer()), [a1], [ba], kind)[0])
+    return fn
+
+
+def _u8_sums(b: ir.IRBuilder, pp: ir.Value, xas: list, bas: list, kind: int) -> list:
+    """``sb_dot``'s two sums (sumi low 32 bits, summ high) of the unpacked superblock at ``pp``
+    against each token's q8_K codes at ``xas[t]`` and bsums at ``bas[t]``: the codes and their
+    scales are loaded and shuffled once for all the tokens."""
+    v32i8, v16i16, v16i32 = _vec(_i8), ir.VectorType(_i16, 16), ir.VectorType(_i32, 16)
+    off = _chunk_params(kind, 0)[7]
     full = _load(b, pp, 256, v16i16)
-    acc = None
+    accs: list = [None] * len(xas)
     for k in range(8):
         u = _load(b, pp, 32 * k, v32i8)
-        x = b.load(b.inttoptr(b.add(a1, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
         sc = b.shuffle_vector(full, full, ir.Constant(v16i32, [2 * k] * 8 + [2 * k + 1] * 8))
-        acc = _acc_scaled(b, acc, _pmadd(b, u, x), sc)
-    sumi = _reduce(b, acc)
-    bs = b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2)
-    if off:
-        sumi = b.add(sumi, b.mul(_bsum_dot(b, full, bs), _c(_i32, off)))
-    res = b.zext(sumi, _i64)
-    if has_min:
-        res = b.or_(res, b.shl(b.sext(_bsum_dot(b, _load(b, pp, 288, v16i16), bs), _i64), _c(_i64, 32)))
-    b.ret(res)
+        for t, xa in enumerate(xas):
+            x = b.load(b.inttoptr(b.add(xa, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
+            accs[t] = _acc_scaled(b, accs[t], _pmadd(b, u, x), sc)
+    mins = _load(b, pp, 288, v16i16) if kind in (K_Q4_K, K_Q5_K, K_Q2_K) else None
+    out = []
+    for acc, ba in zip(accs, bas, strict=True):
+        sumi = _reduce(b, acc)
+        bs = b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2)
+        if off:
+            sumi = b.add(sumi, b.mul(_bsum_dot(b, full, bs), _c(_i32, off)))
+        res = b.zext(sumi, _i64)
+        if mins is not None:
+            res = b.or_(res, b.shl(b.sext(_bsum_dot(b, mins, bs), _i64), _c(_i64, 32)))
+        out.append(res)
+    return out
+
+
+def _build_u8_dot4(mod: ir.Module, name: str, kind: int) -> ir.Function:
+    """void u8_dot4(p, x, bs, x_stride, bs_stride, out): ``u8_dot`` for 4 tokens (codes
+    ``x_stride`` bytes apart, bsums ``bs_stride``), 4 int64 at ``out``: the same integers."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [_i64] * 6), name)
+    fn.linkage = "internal"
+    pa, xa, ba, xs, bstr, oa = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    xas = [b.add(xa, b.mul(xs, _c(_i64, t))) for t in range(4)]
+    bas = [b.add(ba, b.mul(bstr, _c(_i64, t))) for t in range(4)]
+    op = b.inttoptr(oa, _i64.as_pointer())
+    for t, v in enumerate(_u8_sums(b, b.inttoptr(pa, _i8.as_pointer()), xas, bas, kind)):
+        b.store(v, b.gep(op, [_c(_i64, t)]))
+    b.ret_void()
     return fn
 
 
@@ -331,6 +359,27 @@ def _make_u8(kind: int, dot: bool):
     return u8
 
 
+def _make_u8_dot4(kind: int):
+    name = f"mlxtral_kq_u8_dot4_{kind}"
+
+    @intrinsic
+    def u8_4(typingctx, a, o, bs, xs, bstr):
+        sig = types.UniTuple(types.int64, 4)(*([types.int64] * 5))
+
+        def codegen(context, builder, signature, args):
+            fn = _get(builder.module, name, lambda m, nm: _build_u8_dot4(m, nm, kind))
+            buf = cgutils.alloca_once(builder, _i64, size=4)
+            builder.call(fn, [*args, builder.ptrtoint(buf, _i64)])
+            vals = [builder.load(builder.gep(buf, [_c(_i32, t)])) for t in range(4)]
+            return context.make_tuple(builder, signature.return_type, vals)
+
+        return sig, codegen
+
+    return u8_4
+
+
+u8_dot4_q4k, u8_dot4_q5k, u8_dot4_q6k = (_make_u8_dot4(k) for k in (K_Q4_K, K_Q5_K, K_Q6_K))
+u8_dot4_q3k, u8_dot4_q2k = (_make_u8_dot4(k) for k in (K_Q3_K, K_Q2_K))
 u8_dot_q4k, u8_pack_q4k = _make_u8(K_Q4_K, True), _make_u8(K_Q4_K, False)
 u8_dot_q5k, u8_pack_q5k = _make_u8(K_Q5_K, True), _make_u8(K_Q5_K, False)
 u8_dot_q6k, u8_pack_q6k = _make_u8(K_Q6_K, True), _make_u8(K_Q6_K, False)
@@ -480,6 +529,19 @@ def _u8_dot(kind, pa, xa, ba):
     return u8_dot_q2k(pa, xa, ba)
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _u8_dot4(kind, pa, xa, ba, xs, bstr):
+    if kind == K_Q4_K:
+        return u8_dot4_q4k(pa, xa, ba, xs, bstr)
+    if kind == K_Q5_K:
+        return u8_dot4_q5k(pa, xa, ba, xs, bstr)
+    if kind == K_Q6_K:
+        return u8_dot4_q6k(pa, xa, ba, xs, bstr)
+    if kind == K_Q3_K:
+        return u8_dot4_q3k(pa, xa, ba, xs, bstr)
+    return u8_dot4_q2k(pa, xa, ba, xs, bstr)
+
+
 SB_CODES = QK_K + 16  # int16 per unpacked superblock: 256 scaled codes, 16 mins
 
 
@@ -522,6 +584,12 @@ def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _sb_float(d, dmin, v):
+    """A superblock's float step from ``sb_dot``'s two integer sums: d * sumi - dmin * summ."""
+    return d * np.float32(np.int32(v & 0xFFFFFFFF)) - dmin * np.float32(np.int32(v >> 32))
+
+
 @njit(cache=_CACHE, nogil=True)
 def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
     """Output rows ``r0..r1`` of a task, every token: ``out[t * os_ + r]`` = row r . token t (or the
@@ -553,7 +621,30 @@ def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
             for b in range(nb):
                 dd[nb + b], dm[nb + b] = _super_scales(kind, w2, b * tb)
                 _u8_pack(kind, wa2 + r * rb + b * tb, pa2 + b * U8_BYTES)
-        for t in range(T):
+        t0 = 0
+        while t0 + 4 <= T:  # four tokens per pass over the packed row: its codes loaded once
+            xo = xqa + t0 * nb * QK_K
+            bo = bsa + t0 * nb * 32
+            for m in range(2 if swig else 1):
+                pm = pa if m == 0 else pa2
+                g0 = g1 = g2 = g3 = np.float32(0.0)
+                for b in range(nb):  # per token, the one-token loop's float steps in its order
+                    v = _u8_dot4(kind, pm + b * U8_BYTES, xo + b * QK_K, bo + b * 32, nb * QK_K, nb * 32)
+                    o = m * nb + b
+                    g0 += xd[t0 * nb + b] * _sb_float(dd[o], dm[o], v[0])
+                    g1 += xd[(t0 + 1) * nb + b] * _sb_float(dd[o], dm[o], v[1])
+                    g2 += xd[(t0 + 2) * nb + b] * _sb_float(dd[o], dm[o], v[2])
+                    g3 += xd[(t0 + 3) * nb + b] * _sb_float(dd[o], dm[o], v[3])
+                if m == 0:
+                    out[t0 * os_ + r], out[(t0 + 1) * os_ + r] = g0, g1
+                    out[(t0 + 2) * os_ + r], out[(t0 + 3) * os_ + r] = g2, g3
+                else:
+                    out[t0 * os_ + r] = _silu_mul(out[t0 * os_ + r], g0)
+                    out[(t0 + 1) * os_ + r] = _silu_mul(out[(t0 + 1) * os_ + r], g1)
+                    out[(t0 + 2) * os_ + r] = _silu_mul(out[(t0 + 2) * os_ + r], g2)
+                    out[(t0 + 3) * os_ + r] = _silu_mul(out[(t0 + 3) * os_ + r], g3)
+            t0 += 4
+        for t in range(t0, T):
             xo = xqa + t * nb * QK_K
             bo = bsa + t * nb * 32
             g = np.float32(0.0)
