@@ -113,6 +113,22 @@ def _bsum_dot(b: ir.IRBuilder, v: ir.Value, bs: ir.Value) -> ir.Value:
     return _reduce(b, _madd16(b, v, bs))
 
 
+def _finish_sums(b: ir.IRBuilder, acc: ir.Value, scales: ir.Value, mins: ir.Value | None, ba: ir.Value,
+                 off: int) -> ir.Value:
+    """``sb_dot``'s result from the integer accumulator ``acc`` (<8 x i32>): sumi (its sum, plus
+    ``off * sum_g scale_g * bsum_g`` for a codes' offset: Q6_K -32, Q3_K -4) in the low 32 bits,
+    ``summ = sum_g min_g * bsum_g`` in the high ones; bsums (<16 x i16>) at address ``ba``."""
+    v16i16 = ir.VectorType(_i16, 16)
+    sumi = _reduce(b, acc)
+    bs = b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2) if off or mins is not None else None
+    if off:
+        sumi = b.add(sumi, b.mul(_bsum_dot(b, scales, bs), _c(_i32, off)))
+    res = b.zext(sumi, _i64)
+    if mins is not None:
+        res = b.or_(res, b.shl(b.sext(_bsum_dot(b, mins, bs), _i64), _c(_i64, 32)))
+    return res
+
+
 # (A offset, A shift, A mask, B offset, B shift, B mask, B shift left, offset) of 32-weight chunk k
 # (0..7) of a superblock: code = ((A[l] >> sa) & ma) + (((B[l] >> sb) & mb) << shl) + off, as ggml's
 # dequantize_row_qN_K lays the bits out.
@@ -236,7 +252,7 @@ def _superblock_dot_avx2(b: ir.IRBuilder, fn: ir.Function, wp: ir.Value, kind: i
     offset) times int8 x by ``vpmaddubsw`` (int16 pairs, |pair| <= 16002: no saturation), then
     ``vpmaddwd`` with the pairs' scales; the offset comes back as ``off * sum(scale * bsum)``."""
     _, oa, ba = fn.args
-    v32i8, v16i16 = _vec(_i8), ir.VectorType(_i16, 16)
+    v32i8 = _vec(_i8)
     v16i32 = ir.VectorType(_i32, 16)
     acc = None
     off = 0
@@ -249,17 +265,8 @@ def _superblock_dot_avx2(b: ir.IRBuilder, fn: ir.Function, wp: ir.Value, kind: i
         x = b.load(b.inttoptr(b.add(oa, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
         sc = b.shuffle_vector(svec, svec, ir.Constant(v16i32, [lane[2 * k]] * 8 + [lane[2 * k + 1]] * 8))
         acc = _acc_scaled(b, acc, _pmadd(b, u, x), sc)
-    sumi = _reduce(b, acc)
-    bs = None
-    if off or mins is not None:
-        bs = b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2)
-    if off:  # the codes' offset (Q6_K -32, Q3_K -4): off * sum_g scale_g * bsum_g
-        sfull = b.shuffle_vector(svec, svec, ir.Constant(v16i32, lane))
-        sumi = b.add(sumi, b.mul(_bsum_dot(b, sfull, bs), _c(_i32, off)))
-    res = b.zext(sumi, _i64)
-    if mins is not None:
-        res = b.or_(res, b.shl(b.sext(_bsum_dot(b, mins, bs), _i64), _c(_i64, 32)))
-    b.ret(res)
+    sfull = b.shuffle_vector(svec, svec, ir.Constant(v16i32, lane)) if off else None
+    b.ret(_finish_sums(b, acc, sfull, mins, ba, off))
     return fn
 
 
@@ -313,17 +320,7 @@ def _u8_sums(b: ir.IRBuilder, pp: ir.Value, xas: list, bas: list, kind: int) -> 
             x = b.load(b.inttoptr(b.add(xa, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
             accs[t] = _acc_scaled(b, accs[t], _pmadd(b, u, x), sc)
     mins = _load(b, pp, 288, v16i16) if kind in (K_Q4_K, K_Q5_K, K_Q2_K) else None
-    out = []
-    for acc, ba in zip(accs, bas, strict=True):
-        sumi = _reduce(b, acc)
-        bs = b.load(b.inttoptr(ba, v16i16.as_pointer()), align=2)
-        if off:
-            sumi = b.add(sumi, b.mul(_bsum_dot(b, full, bs), _c(_i32, off)))
-        res = b.zext(sumi, _i64)
-        if mins is not None:
-            res = b.or_(res, b.shl(b.sext(_bsum_dot(b, mins, bs), _i64), _c(_i64, 32)))
-        out.append(res)
-    return out
+    return [_finish_sums(b, acc, full, mins, ba, off) for acc, ba in zip(accs, bas, strict=True)]
 
 
 def _build_u8_dot4(mod: ir.Module, name: str, kind: int) -> ir.Function:
