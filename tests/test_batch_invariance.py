@@ -156,6 +156,41 @@ def test_attend_rows_equal_decode(kv_dtype, window):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
 
 
+_ATTEND_INPUTS = """
+import numpy as np
+from mlxtral.backends import kernels
+rng = np.random.default_rng(21)
+q = rng.standard_normal((40, 8, 128)).astype(np.float32)
+k = rng.standard_normal((2, 256, 128)).astype(np.float32)
+v = rng.standard_normal((2, 256, 128)).astype(np.float32)
+k16, v16 = k.astype(np.float16), v.astype(np.float16)
+got = np.concatenate([kernels.attend(q, k, v, 0), kernels.attend(q, k16, v16, 3)])
+"""
+
+
+def test_attention_same_bits_whatever_was_compiled_before(tmp_path):
+    """Attention computes the same bits in a process that compiled every kernel first (as loading a
+    model does) and in one that compiled only attention, each from an empty numba cache, and in
+    this one: no fastmath reassociation that depends on the compile context (a fresh and a cached
+    build once differed, up to 0.016 in a bench model's logits)."""
+    import os
+    import subprocess
+    import sys
+
+    scope: dict = {}
+    exec(_ATTEND_INPUTS, scope)
+    outs = []
+    for first in ("kernels.warmup()", ""):
+        code = ("from mlxtral.backends import kernels\n" + first + _ATTEND_INPUTS
+                + "import sys; sys.stdout.write(got.tobytes().hex())")
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / f"cache{len(outs)}")}
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             timeout=900)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append(res.stdout)
+    assert outs[0] == outs[1] == scope["got"].tobytes().hex()
+
+
 def test_route_and_combine_per_token():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((50, 64)).astype(np.float32)
