@@ -557,6 +557,12 @@ def unpack_row(kind, wa, n, q, dd, dm):
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
+def _sb_float(d, dmin, v):
+    """A superblock's float step from ``sb_dot``'s two integer sums: d * sumi - dmin * summ."""
+    return d * np.float32(np.int32(v & 0xFFFFFFFF)) - dmin * np.float32(np.int32(v >> 32))
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
 def row_dot_direct(kind, wa, n, xqa, xd, bsa, t):
     """The row at ``wa`` . q8_K token ``t`` (codes at ``xqa``, scales ``xd``, int16 sums at ``bsa``,
     all tokens), read where it lies: per superblock exact integer sums (``sb_dot``: their order is
@@ -569,22 +575,13 @@ def row_dot_direct(kind, wa, n, xqa, xd, bsa, t):
     acc = np.float32(0.0)
     for b in range(nb):
         d, dmin = _super_scales(kind, w, b * tb)
-        v = _sb_dot(kind, wa + b * tb, xo + b * QK_K, bo + b * 32)
-        sumi = np.int32(v & 0xFFFFFFFF)
-        summ = np.int32(v >> 32)
-        acc += xd[t * nb + b] * (d * np.float32(sumi) - dmin * np.float32(summ))
+        acc += xd[t * nb + b] * _sb_float(d, dmin, _sb_dot(kind, wa + b * tb, xo + b * QK_K, bo + b * 32))
     return acc
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
-
-
-@njit(cache=_CACHE, nogil=True, inline="always")
-def _sb_float(d, dmin, v):
-    """A superblock's float step from ``sb_dot``'s two integer sums: d * sumi - dmin * summ."""
-    return d * np.float32(np.int32(v & 0xFFFFFFFF)) - dmin * np.float32(np.int32(v >> 32))
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -604,59 +601,39 @@ def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
                 out[t * os_ + r] = g
         return
     tb = _tb(kind)
-    buf = np.empty(nb * U8_BYTES * (2 if swig else 1), dtype=np.uint8)
-    pa, pa2 = buf.ctypes.data, buf.ctypes.data + nb * U8_BYTES
+    nm = 2 if swig else 1  # matrices: gate (or the only one), then up; superblock m * nb + b
+    buf = np.empty(nm * nb * U8_BYTES, dtype=np.uint8)
     dd = np.empty(2 * nb, dtype=np.float32)
     dm = np.empty(2 * nb, dtype=np.float32)
+    g = np.empty(4, dtype=np.float32)  # each token's running sum
     for r in range(r0, r1):
-        w = carray(ptr_u8(wa + r * rb), (nb * tb,))
-        for b in range(nb):
-            dd[b], dm[b] = _super_scales(kind, w, b * tb)
-            _u8_pack(kind, wa + r * rb + b * tb, pa + b * U8_BYTES)
-        if swig:
-            w2 = carray(ptr_u8(wa2 + r * rb), (nb * tb,))
+        for m in range(nm):
+            ra = (wa if m == 0 else wa2) + r * rb
+            w = carray(ptr_u8(ra), (nb * tb,))
             for b in range(nb):
-                dd[nb + b], dm[nb + b] = _super_scales(kind, w2, b * tb)
-                _u8_pack(kind, wa2 + r * rb + b * tb, pa2 + b * U8_BYTES)
+                dd[m * nb + b], dm[m * nb + b] = _super_scales(kind, w, b * tb)
+                _u8_pack(kind, ra + b * tb, buf.ctypes.data + (m * nb + b) * U8_BYTES)
         t0 = 0
-        while t0 + 4 <= T:  # four tokens per pass over the packed row: its codes loaded once
+        while t0 < T:  # four tokens per pass over the packed row (its codes loaded once), then one
+            k = 4 if T - t0 >= 4 else 1
             xo = xqa + t0 * nb * QK_K
             bo = bsa + t0 * nb * 32
-            for m in range(2 if swig else 1):
-                pm = pa if m == 0 else pa2
-                g0 = g1 = g2 = g3 = np.float32(0.0)
-                for b in range(nb):  # per token, the one-token loop's float steps in its order
-                    v = _u8_dot4(kind, pm + b * U8_BYTES, xo + b * QK_K, bo + b * 32, nb * QK_K, nb * 32)
+            for m in range(nm):
+                g[:] = 0.0
+                for b in range(nb):  # per token, the float steps in superblock order
                     o = m * nb + b
-                    g0 += xd[t0 * nb + b] * _sb_float(dd[o], dm[o], v[0])
-                    g1 += xd[(t0 + 1) * nb + b] * _sb_float(dd[o], dm[o], v[1])
-                    g2 += xd[(t0 + 2) * nb + b] * _sb_float(dd[o], dm[o], v[2])
-                    g3 += xd[(t0 + 3) * nb + b] * _sb_float(dd[o], dm[o], v[3])
-                if m == 0:
-                    out[t0 * os_ + r], out[(t0 + 1) * os_ + r] = g0, g1
-                    out[(t0 + 2) * os_ + r], out[(t0 + 3) * os_ + r] = g2, g3
-                else:
-                    out[t0 * os_ + r] = _silu_mul(out[t0 * os_ + r], g0)
-                    out[(t0 + 1) * os_ + r] = _silu_mul(out[(t0 + 1) * os_ + r], g1)
-                    out[(t0 + 2) * os_ + r] = _silu_mul(out[(t0 + 2) * os_ + r], g2)
-                    out[(t0 + 3) * os_ + r] = _silu_mul(out[(t0 + 3) * os_ + r], g3)
-            t0 += 4
-        for t in range(t0, T):
-            xo = xqa + t * nb * QK_K
-            bo = bsa + t * nb * 32
-            g = np.float32(0.0)
-            for b in range(nb):
-                v = _u8_dot(kind, pa + b * U8_BYTES, xo + b * QK_K, bo + b * 32)
-                g += xd[t * nb + b] * (dd[b] * np.float32(np.int32(v & 0xFFFFFFFF))
-                                       - dm[b] * np.float32(np.int32(v >> 32)))
-            if swig:
-                u = np.float32(0.0)
-                for b in range(nb):
-                    v = _u8_dot(kind, pa2 + b * U8_BYTES, xo + b * QK_K, bo + b * 32)
-                    u += xd[t * nb + b] * (dd[nb + b] * np.float32(np.int32(v & 0xFFFFFFFF))
-                                           - dm[nb + b] * np.float32(np.int32(v >> 32)))
-                g = _silu_mul(g, u)
-            out[t * os_ + r] = g
+                    pb = buf.ctypes.data + o * U8_BYTES
+                    if k == 4:
+                        v = _u8_dot4(kind, pb, xo + b * QK_K, bo + b * 32, nb * QK_K, nb * 32)
+                        for j in range(4):
+                            g[j] += xd[(t0 + j) * nb + b] * _sb_float(dd[o], dm[o], v[j])
+                    else:
+                        g[0] += xd[t0 * nb + b] * _sb_float(dd[o], dm[o], _u8_dot(kind, pb, xo + b * QK_K,
+                                                                                   bo + b * 32))
+                for j in range(k):
+                    i = (t0 + j) * os_ + r
+                    out[i] = g[j] if m == 0 else _silu_mul(out[i], g[j])
+            t0 += k
 
 
 @njit(cache=_CACHE, nogil=True)
