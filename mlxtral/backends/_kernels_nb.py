@@ -16,6 +16,7 @@ from mlxtral.backends._kernels_iq import run_rows_exact as iq_run_rows_exact
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
     NTOK,
+    X_OFFSET,
     atomic_add,
     atomic_cas,
     atomic_load,
@@ -99,17 +100,16 @@ def round_half(v):
     return np.float32(r if v >= 0 else -r)
 
 
+# by kind: what the IR adds to a block kind's codes to dot them unsigned (``_kernels_ir.X_OFFSET``,
+# by name); the activations then carry -offset * each 4 values' sum (``xo``). 0: the kind has a min
+# (``xs``), or is not a 32-block kind.
+_BLOCK_NAME = {0: "q4_0", 1: "q4_1", 2: "q8_0", K_Q5_0: "q5_0", K_Q5_1: "q5_1", K_IQ4_NL: "iq4_nl"}
+X_OFFSETS = tuple(X_OFFSET.get(_BLOCK_NAME.get(kind, ""), 0) for kind in range(K_IQ4_XS + 1))
+
+
 @njit(cache=_CACHE, nogil=True, inline="always")
 def x_offset(kind):
-    """What the kernels add to a kind's codes to dot them unsigned (``_kernels_ir.X_OFFSET``): the
-    activations then carry -offset * each 4 values' sum (``xo``); 0: the kind has a min (``xs``)."""
-    if kind == 0:
-        return 8
-    if kind == K_Q5_0:
-        return 16
-    if kind == 2 or kind == K_IQ4_NL:
-        return 128
-    return 0
+    return X_OFFSETS[kind]
 
 
 @njit(cache=_CACHE, nogil=True)

@@ -307,7 +307,7 @@ class _Job:
         kind, wd, ch = _winfo(w, T)
         quant = kind not in _FLOAT_KINDS and not _exact
         q8k = kind in _Q8K_KINDS  # q8_K superblocks, or q8_0 / q8_1 blocks with the kind's offset
-        key = (id(x), quant, -1 if q8k else _nb.x_offset(kind))
+        key = (id(x), quant, -1 if q8k else _nb.X_OFFSETS[kind])
         acts = self._xcache.get(key)
         if acts is None:
             acts = self._xcache[key] = _kq.quantize_q8k(x) if quant and q8k else _nb.prep_x(x, quant, kind)
