@@ -211,7 +211,7 @@ def test_refusals_are_one_line(tmp_path: Path, tiny_moe: Path, tiny_dense: Path)
                         "--distributed", mode])
         # (mlx.launch itself exits 0 whatever its ranks do; the first rank to refuse names itself
         # when it is not rank 0, and the launcher ends the other)
-        assert re.search(rf"^error: (rank \d: )?{words}", r.stderr, re.M), r.stderr
+        assert re.search(rf"^error: (rank \d: )?{re.escape(words)}", r.stderr, re.M), r.stderr
         assert "Traceback" not in r.stderr and not r.stdout, r.stderr
 
 

@@ -225,7 +225,7 @@ def dot_vs_dot4() -> dict:
                     for j in range(4):
                         res[t + j, r] = g[j]
 
-        xq, xd, xs_k = quantize_x(x, {"Q4_0": 8, "Q4_1": 0, "Q8_0": 128}[w.qtype])  # xo or xs
+        xq, xd, xs_k = quantize_x(x, k.X_OFFSET[w.qtype.lower()])  # xo, or xs for Q4_1
         wd = np.asarray(w.data)
         T4 = x.shape[0] // 4 * 4
         a = np.zeros((T4, wd.shape[0]), np.float32)
