@@ -192,19 +192,48 @@ np.savez(sys.argv[1], **r)
 
 
 def dot_vs_dot4() -> dict:
-    """Every row of ``cases()`` through ``dot_*`` token by token and ``dot4_*`` four tokens at a
-    time (the IR intrinsics themselves, outside any job table): {name: [2, T, rows]}."""
+    """Every row of ``cases()`` token by token and several tokens at a time, on the kernels
+    themselves (outside any job table): Q4_1 / Q8_0 through ``dot_*`` and ``dot4_*``, Q4_0 through
+    ``_kernels_tile.run_rows`` one token at a time (16-row dots where the rows lie) and all at once
+    (repacked tiles, 8 + 1 tokens): {name: [2, T, rows]}."""
     import numba
+    from numba import carray
 
     from mlxtral.backends import _kernels_ir as k
+    from mlxtral.backends import _kernels_tile as tile
     from mlxtral.backends._kernels_nb import quantize_x
 
-    fns = {q: (getattr(k, f"dot_{q.lower()}"), getattr(k, f"dot4_{q.lower()}"))
-           for q in ("Q4_0", "Q4_1", "Q8_0")}
+    fns = {q: (getattr(k, f"dot_{q.lower()}"), getattr(k, f"dot4_{q.lower()}")) for q in ("Q4_1", "Q8_0")}
+
+    @numba.njit
+    def rows(wd, xq, xd, xs, res, per_token):  # Q4_0: res [T, rows]
+        T, n = xq.shape
+        o = carray(k.ptr_f32(res.ctypes.data), (res.size,))
+        nr = wd.shape[0]
+        if per_token:
+            for t in range(T):
+                tile.run_rows(False, wd.ctypes.data, wd.ctypes.data, wd.shape[1], n, 1, 0, nr,
+                              xq[t].ctypes.data, xd[t].ctypes.data, xs[t].ctypes.data, o[t * nr:], nr)
+        else:
+            tile.run_rows(False, wd.ctypes.data, wd.ctypes.data, wd.shape[1], n, T, 0, nr,
+                          xq.ctypes.data, xd.ctypes.data, xs.ctypes.data, o, nr)
+
     out = {}
     for name, w, x in cases():
         if x.shape[0] < k.NTOK:
             continue
+        xq, xd, xs_k = quantize_x(x, k.X_OFFSET[w.qtype.lower()])  # xo, or xs for Q4_1
+        wd = np.asarray(w.data)
+        if w.qtype == "Q4_0":
+            a = np.zeros((x.shape[0], wd.shape[0]), np.float32)
+            b = np.full(a.shape, np.nan, np.float32)
+            rows(wd, xq, xd, xs_k, a, True)
+            rows(wd, xq, xd, xs_k, b, False)
+            out[name] = np.stack([a, b])
+            continue
+        T4 = x.shape[0] // 4 * 4
+        a = np.zeros((T4, wd.shape[0]), np.float32)
+        b = np.full((T4, wd.shape[0]), np.nan, np.float32)
         dot, dot4 = fns[w.qtype]
 
         @numba.njit
@@ -225,11 +254,6 @@ def dot_vs_dot4() -> dict:
                     for j in range(4):
                         res[t + j, r] = g[j]
 
-        xq, xd, xs_k = quantize_x(x, k.X_OFFSET[w.qtype.lower()])  # xo, or xs for Q4_1
-        wd = np.asarray(w.data)
-        T4 = x.shape[0] // 4 * 4
-        a = np.zeros((T4, wd.shape[0]), np.float32)
-        b = np.full((T4, wd.shape[0]), np.nan, np.float32)
         one(wd, xq[:T4], xd[:T4], xs_k[:T4], a)
         four(wd, xq[:T4], xd[:T4], xs_k[:T4], b)
         out[name] = np.stack([a, b])
@@ -238,7 +262,8 @@ def dot_vs_dot4() -> dict:
 
 def test_dot4_sums_as_dot_on_every_path(tmp_path):
     """``dot4_*`` (prefill, four tokens per weight block) gives bit for bit what ``dot_*`` gives each
-    token alone, on every path: the prefill may batch tokens without changing any result."""
+    token alone, and Q4_0's repacked tiles what its 16-row dots give, on every path: the prefill
+    may batch tokens without changing any result."""
     for isa in available():
         out = tmp_path / f"dot4_{isa}.npz"
         env = dict(os.environ, MLXTRAL_KERNEL_ISA=isa)

@@ -16,7 +16,8 @@ The three give bit-identical results (the int16 pairs never saturate: |w| <= 128
 ``avx2`` on a CPU without them is refused); ``MLXTRAL_NO_AVX2=1`` is ``portable``. Kernels
 compiled on a forced path are not written to numba's disk cache.
 
-Q5_0 / Q5_1 (5-bit codes: the nibbles plus ``qh``'s bits, unsigned 0..31) go the Q4_0 / Q4_1 way
+Q4_0 has its own kernels (``_kernels_tile``: whole-block sums, 16 rows in the lanes) built from
+these helpers. Q5_0 / Q5_1 (5-bit codes: the nibbles plus ``qh``'s bits, unsigned 0..31) go the Q4_0 / Q4_1 way
 (offset -16 or min through ``xs``), IQ4_NL the Q8_0 way (its signed 16-value table, looked up with
 ``vpshufb``); ``sb_dot_iq4_xs`` is one IQ4_XS superblock against q8_K codes (``_kernels_iq``).
 
@@ -102,12 +103,12 @@ if HAVE_AVX2:
 
 
 def _ir_hash() -> str:
-    """This file, ``_kernels_kq.py`` and ``_kernels_iq.py`` (K-quant / IQ4_XS IR and kernels that
-    ``_kernels_nb``'s cached ``run_chunk`` compiles in): a change to any must recompile every
-    cached kernel."""
+    """This file, ``_kernels_kq.py``, ``_kernels_iq.py`` and ``_kernels_tile.py`` (K-quant, IQ4_XS and
+    Q4_0 IR and kernels that ``_kernels_nb``'s cached ``run_chunk`` compiles in): a change to any
+    must recompile every cached kernel."""
     h = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
-    for path in (__file__, os.path.join(here, "_kernels_kq.py"), os.path.join(here, "_kernels_iq.py")):
+    for path in (__file__, *(os.path.join(here, f"_kernels_{m}.py") for m in ("kq", "iq", "tile"))):
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]
@@ -645,15 +646,14 @@ def _make_float_dot(kind: str):
     return dot
 
 
-dot_q4_0 = _make_block_dot("q4_0")
 dot_q4_1 = _make_block_dot("q4_1")
 dot_q8_0 = _make_block_dot("q8_0")
 dot_q5_0 = _make_block_dot("q5_0")
 dot_q5_1 = _make_block_dot("q5_1")
 dot_iq4_nl = _make_block_dot("iq4_nl")
+# (Q4_0 has its own kernels: _kernels_tile)
 # several tokens per weight-row pass: 4 (prefill), 3 and 2 (a prefill's tail; a batched decode
 # step's experts picked by a few sequences)
-dot4_q4_0, dot3_q4_0, dot2_q4_0 = (_make_block_dotn("q4_0", n) for n in (4, 3, 2))
 dot4_q4_1, dot3_q4_1, dot2_q4_1 = (_make_block_dotn("q4_1", n) for n in (4, 3, 2))
 dot4_q8_0, dot3_q8_0, dot2_q8_0 = (_make_block_dotn("q8_0", n) for n in (4, 3, 2))
 dot4_q5_0, dot3_q5_0, dot2_q5_0 = (_make_block_dotn("q5_0", n) for n in (4, 3, 2))

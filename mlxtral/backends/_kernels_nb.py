@@ -24,19 +24,16 @@ from mlxtral.backends._kernels_ir import (
     cpu_pause,
     cpu_yield,
     dot2_iq4_nl,
-    dot2_q4_0,
     dot2_q4_1,
     dot2_q5_0,
     dot2_q5_1,
     dot2_q8_0,
     dot3_iq4_nl,
-    dot3_q4_0,
     dot3_q4_1,
     dot3_q5_0,
     dot3_q5_1,
     dot3_q8_0,
     dot4_iq4_nl,
-    dot4_q4_0,
     dot4_q4_1,
     dot4_q5_0,
     dot4_q5_1,
@@ -45,7 +42,6 @@ from mlxtral.backends._kernels_ir import (
     dot_f16,
     dot_f32,
     dot_iq4_nl,
-    dot_q4_0,
     dot_q4_1,
     dot_q5_0,
     dot_q5_1,
@@ -59,6 +55,7 @@ from mlxtral.backends._kernels_ir import (
 from mlxtral.backends._kernels_kq import K_Q2_K, KQ_FIRST
 from mlxtral.backends._kernels_kq import run_rows as kq_run_rows
 from mlxtral.backends._kernels_kq import run_rows_exact as kq_run_rows_exact
+from mlxtral.backends._kernels_tile import run_rows as q4_0_run_rows
 
 # job table fields
 F_KIND, F_MODE, F_QUANT, F_W, F_W2, F_ROWBYTES, F_NOUT, F_NIN, F_T = 0, 1, 2, 3, 4, 5, 6, 7, 8
@@ -237,8 +234,6 @@ def _bf(bits):
 
 @njit(cache=_CACHE, nogil=True)
 def _block_dot(kind, wa, xq, xd, xs, nb):
-    if kind == 0:
-        return dot_q4_0(wa, xq, xd, xs, nb)
     if kind == 1:
         return dot_q4_1(wa, xq, xd, xs, nb)
     if kind == K_Q5_0:
@@ -253,8 +248,6 @@ def _block_dot(kind, wa, xq, xd, xs, nb):
 @njit(cache=_CACHE, nogil=True)
 def _block_dot4(kind, wa, xq, xd, xs, nb, xqs, xds):
     """One weight row . NTOK (= 4) token rows: a 4-tuple of floats."""
-    if kind == 0:
-        return dot4_q4_0(wa, xq, xd, xs, nb, xqs, xds)
     if kind == 1:
         return dot4_q4_1(wa, xq, xd, xs, nb, xqs, xds)
     if kind == K_Q5_0:
@@ -269,9 +262,7 @@ def _block_dot4(kind, wa, xq, xd, xs, nb, xqs, xds):
 @njit(cache=_CACHE, nogil=True)
 def _block_dot3(kind, wa, xq, xd, xs, nb, xqs, xds):
     """One weight row . 3 token rows, as a 4-tuple (the last 0)."""
-    if kind == 0:
-        a, b, c = dot3_q4_0(wa, xq, xd, xs, nb, xqs, xds)
-    elif kind == 1:
+    if kind == 1:
         a, b, c = dot3_q4_1(wa, xq, xd, xs, nb, xqs, xds)
     elif kind == K_Q5_0:
         a, b, c = dot3_q5_0(wa, xq, xd, xs, nb, xqs, xds)
@@ -287,9 +278,7 @@ def _block_dot3(kind, wa, xq, xd, xs, nb, xqs, xds):
 @njit(cache=_CACHE, nogil=True)
 def _block_dot2(kind, wa, xq, xd, xs, nb, xqs, xds):
     """One weight row . 2 token rows, as a 4-tuple (the last two 0)."""
-    if kind == 0:
-        a, b = dot2_q4_0(wa, xq, xd, xs, nb, xqs, xds)
-    elif kind == 1:
+    if kind == 1:
         a, b = dot2_q4_1(wa, xq, xd, xs, nb, xqs, xds)
     elif kind == K_Q5_0:
         a, b = dot2_q5_0(wa, xq, xd, xs, nb, xqs, xds)
@@ -356,6 +345,10 @@ def run_chunk(table, c):
                         table[ti, F_XS], out, os_)
         else:
             kq_run_rows_exact(kind, swig, wa, wa2, rb, n, T, r0, r1, xa, out, os_)
+        return
+    if kind == 0 and quant:  # Q4_0: whole-block sums, 16 rows in the vector lanes (_kernels_tile)
+        q4_0_run_rows(swig, wa, wa2, rb, n, T, r0, r1, table[ti, F_XQ], table[ti, F_XD], table[ti, F_XS],
+                      out, os_)
         return
     if quant:
         # Batch invariance: the multi-token dots sum each token's blocks in exactly ``dot_*``'s
@@ -529,6 +522,11 @@ def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
     xq, xd, xs = prep_x(x, quant, kind)
     nchunks = fill_task(table, 0, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, ch, 0)
     execute(ctl, table, nchunks)
+    # numba frees an array after its last use in this function: these three are read (by address)
+    # while execute runs, so they must be used after it
+    xq[0, 0] = xq[0, 0]
+    xd[0, 0] = xd[0, 0]
+    xs[0, 0] = xs[0, 0]
     return out
 
 

@@ -1,0 +1,425 @@
+"""Q4_0 with whole-block integer sums, 16 rows in the vector lanes (decode and prefill alike).
+
+The arithmetic, one for every (row, token) at every batch size (batch invariance): for each
+32-weight block ``b`` in order, the block's exact integer sum ``s_b = sum_k q_k x_k - 8 sum_k x_k``
+(unsigned codes against the int8 activations; the offset through ``xo``, see ``_kernels_nb.quantize_x``),
+then ``acc = fma(float(s_b), d_b * xd_b, acc)`` in float32, starting from 0. ``s_b`` is exact
+(|s_b| < 2**24), so it does not matter how the integers are summed, only that the float steps run
+per block in order; a vector lane does exactly the scalar steps.
+
+That frees the layout. llama.cpp's repacked Q4_0 (``ggml_gemm_q4_0_8x8_q8_0``) keeps a block of one
+row in one lane so the convert, the scale and the FMA are paid once per block for many rows; the
+same here, for 16 rows (``<16 x i32>``: one zmm with AVX-512):
+
+* prefill (``gemm_q4_0_n*``): a 16-row tile is first repacked (``repack_q4_0``) into a buffer that
+  stays in L1/L2: per block, the 16 scales as float32, then 8 vectors whose lane ``r`` holds 4
+  codes of row ``r`` (unpacked to bytes). Every token then costs 8 ``vpdpbusd`` per block for all
+  16 rows, the activations' 4 bytes broadcast, plus one convert, multiply and FMA.
+* decode (``dot16_q4_0``): the rows as they lie in the file (the stream is memory-bound), one
+  ``vpdpbusd`` per row and block, the 16 rows' lane sums folded by a shuffle tree into one vector
+  of block sums, then the same convert, multiply and FMA.
+* rows past a multiple of 16 (``dot1_q4_0``): one row, the same steps on scalars.
+
+Without VNNI the integer dot goes through ``vpmaddubsw`` + ``vpmaddwd`` (``_kernels_ir._dot_u8s8``:
+the codes are 0..15, so the int16 pairs never saturate) and LLVM splits the 16-lane vectors where
+the target has no 512-bit registers: the same integers, the same float steps, the same bits.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from mlxtral.backends._kernels_ir import (
+    FORCED_GENERIC,
+    HAVE_VNNI,
+    ISA,
+    _dot_u8s8,
+    _gep,
+    _get_fn,
+    _intr,
+    _load,
+    _mask,
+    _nibbles32,
+    _ptr,
+    _vconst,
+    f16,
+    f32,
+    i8,
+    i16,
+    i32,
+    i64,
+    prefetch_ahead,
+    v8i32,
+    v16i8,
+    v32i8,
+)
+from mlxtral.backends._kernels_kq import _silu_mul
+
+ROWS = 16  # rows per tile: the lanes of one <16 x i32>
+Q4_BYTES = 18  # a Q4_0 block: d (f16), 16 bytes of nibbles
+TILE_BLOCK_BYTES = 4 * ROWS + 8 * 4 * ROWS  # repacked block: 16 float scales, 8 x (16 rows x 4 codes)
+NT_MAX = 8  # tokens per pass over a repacked tile
+
+v16i32 = ir.VectorType(i32, 16)
+v16f = ir.VectorType(f32, 16)
+v64i8 = ir.VectorType(i8, 64)
+v16i16 = ir.VectorType(i16, 16)
+v16f16 = ir.VectorType(f16, 16)
+
+
+def _c(v: int) -> ir.Constant:
+    return ir.Constant(i64, v)
+
+
+def _splat16(b: ir.IRBuilder, s: ir.Value, ty: ir.VectorType) -> ir.Value:
+    v = b.insert_element(ir.Constant(ty, ir.Undefined), s, ir.Constant(i32, 0))
+    return b.shuffle_vector(v, v, _mask([0] * 16))
+
+
+def _fma16(b: ir.IRBuilder, a: ir.Value, c: ir.Value, acc: ir.Value) -> ir.Value:
+    return b.call(_intr(b.module, "llvm.fma.v16f32", v16f, [v16f, v16f, v16f]), [a, c, acc])
+
+
+def _dpbusd16(b: ir.IRBuilder, acc: ir.Value, w: ir.Value, x: ir.Value) -> ir.Value:
+    """<16 x i32> acc + per lane the dot of 4 unsigned bytes of ``w`` and 4 signed bytes of ``x``."""
+    if HAVE_VNNI:
+        fn = _intr(b.module, "llvm.x86.avx512.vpdpbusd.512", v16i32, [v16i32, v16i32, v16i32])
+        return b.call(fn, [acc, w, x])
+    halves = []
+    for h in range(2):
+        idx = _mask(list(range(8 * h, 8 * h + 8)))
+        wh = b.bitcast(b.shuffle_vector(w, w, idx), v32i8)
+        xh = b.bitcast(b.shuffle_vector(x, x, idx), v32i8)
+        halves.append(_dot_u8s8(b, wh, xh, b.shuffle_vector(acc, acc, idx)))
+    return b.shuffle_vector(halves[0], halves[1], _mask(list(range(16))))
+
+
+def _hsum_i32(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """<8 x i32> -> i32 (integers: any order gives the same sum)."""
+    s4 = b.add(b.shuffle_vector(v, v, _mask([0, 1, 2, 3])), b.shuffle_vector(v, v, _mask([4, 5, 6, 7])))
+    s2 = b.add(b.shuffle_vector(s4, s4, _mask([0, 1])), b.shuffle_vector(s4, s4, _mask([2, 3])))
+    return b.add(b.extract_element(s2, ir.Constant(i32, 0)), b.extract_element(s2, ir.Constant(i32, 1)))
+
+
+def _fold16(b: ir.IRBuilder, zs: list) -> ir.Value:
+    """8 x <16 x i32> (vector i: row 2i's 8 lane sums, then row 2i+1's) -> <16 x i32>, lane r the
+    sum of row r's 8 lanes: three levels, each merging two vectors and halving the lanes a row has."""
+    def pair(u, v, lo, hi):
+        return b.add(b.shuffle_vector(u, v, _mask(lo)), b.shuffle_vector(u, v, _mask(hi)))
+
+    def level(vs, k):  # k lanes per row in: rows' lanes [j*k .. j*k+k) -> k/2 lanes per row out
+        h = k // 2
+        lo = [i * k + j for i in range(32 // k) for j in range(h)]
+        hi = [i * k + h + j for i in range(32 // k) for j in range(h)]
+        return [pair(vs[2 * i], vs[2 * i + 1], lo, hi) for i in range(len(vs) // 2)]
+
+    return level(level(level(zs, 8), 4), 2)[0]
+
+
+def _scales16(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir.Value:
+    """The f16 scales of block ``boff`` of 16 rows ``rb`` bytes apart -> <16 x float> (one gather
+    of the 4 bytes at each scale: AVX-512's ``vpgatherdd``)."""
+    v16i64 = ir.VectorType(i64, 16)
+    base = _splat16(b, b.ptrtoint(_gep(b, wp, boff), i64), v16i64)
+    addrs = b.add(base, b.mul(_splat16(b, rb, v16i64), ir.Constant(v16i64, list(range(ROWS)))))
+    pty = ir.VectorType(i32.as_pointer(), 16)
+    mty = ir.VectorType(ir.IntType(1), 16)
+    fn = _intr(b.module, "llvm.masked.gather.v16i32.v16p0i32", v16i32, [pty, i32, mty, v16i32])
+    on = ir.Constant(mty, [1] * 16)
+    words = b.call(fn, [b.inttoptr(addrs, pty), ir.Constant(i32, 1), on, ir.Constant(v16i32, ir.Undefined)])
+    return b.fpext(b.bitcast(b.trunc(words, v16i16), v16f16), v16f)
+
+
+def _build_repack(mod: ir.Module, name: str) -> ir.Function:
+    """void repack(w, rb, nb, buf): 16 rows of ``nb`` Q4_0 blocks (``rb`` bytes apart) -> ``buf``
+    [nb][TILE_BLOCK_BYTES]: the scales as <16 x float>, then vector g (0..7) with lane r = the codes
+    of row r's elements 4g..4g+3 (low nibbles of bytes 4g.. for g < 4, high ones of 4(g-4).. after)."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 4), name)
+    fn.linkage = "internal"
+    wa, rb, nb, ba = fn.args
+    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    wp, bp = _ptr(b, wa, i8), _ptr(b, ba, i8)
+    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
+    b = ir.IRBuilder(loop)
+    blk = b.phi(i64)
+    boff = b.mul(blk, _c(Q4_BYTES))
+    obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
+    b.store(_scales16(b, wp, rb, boff), b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
+    v4i32 = ir.VectorType(i32, 4)
+    cat = [_load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v4i32) for r in range(ROWS)]
+    while len(cat) > 1:  # concatenate the 16 x <4 x i32> into one <64 x i32> (row-major)
+        n = cat[0].type.count
+        cat = [b.shuffle_vector(cat[i], cat[i + 1], _mask(list(range(2 * n)))) for i in range(0, len(cat), 2)]
+    allw = cat[0]
+    for m in range(4):  # word m of every row -> lanes
+        wm = b.shuffle_vector(allw, allw, _mask([4 * r + m for r in range(ROWS)]))
+        lo = b.and_(wm, _vconst(v16i32, 0x0F0F0F0F))
+        hi = b.and_(b.lshr(wm, _vconst(v16i32, 4)), _vconst(v16i32, 0x0F0F0F0F))
+        for g, v in ((m, lo), (m + 4, hi)):
+            p = _gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g)))
+            b.store(v, b.bitcast(p, v16i32.as_pointer()), align=4)
+    nxt = b.add(blk, _c(1))
+    blk.add_incoming(_c(0), entry)
+    blk.add_incoming(nxt, b.block)
+    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
+    ir.IRBuilder(done).ret_void()
+    return fn
+
+
+def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
+    """void gemm(buf, nb, xq, xd, xo, n, out, ostride): a repacked 16-row tile against ``nt`` tokens
+    (activation rows ``n`` int8 apart; ``xd`` nb floats apart, ``xo`` n bytes apart); token t's
+    16 results go to ``out + 4 * t * ostride``."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 8), name)
+    fn.linkage = "internal"
+    ba, nb, xa, xda, xoa, n, oa, ostride = fn.args
+    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    bp = _ptr(b, ba, i8)
+    xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in range(nt)]
+    xops = [_ptr(b, b.add(xoa, b.mul(n, _c(t))), i8) for t in range(nt)]
+    xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in range(nt)]
+    zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
+    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    blk = b.phi(i64)
+    accs = [b.phi(v16f) for _ in range(nt)]
+    obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
+    xoff = b.shl(blk, _c(5))
+    dw = b.load(b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
+    isums = [_splat16(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32) for t in range(nt)]
+    for g in range(8):
+        w = b.load(b.bitcast(_gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g))), v16i32.as_pointer()), align=4)
+        for t in range(nt):
+            xw = _splat16(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
+            isums[t] = _dpbusd16(b, isums[t], w, xw)
+    new = []
+    for t in range(nt):
+        xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
+        new.append(_fma16(b, b.sitofp(isums[t], v16f), b.fmul(dw, _splat16(b, xd, v16f)), accs[t]))
+    nxt = b.add(blk, _c(1))
+    blk.add_incoming(_c(0), entry)
+    blk.add_incoming(nxt, b.block)
+    for phi, v in zip(accs, new, strict=True):
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(v, b.block)
+    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
+
+    b = ir.IRBuilder(done)
+    fins = [b.phi(v16f) for _ in range(nt)]
+    op = _ptr(b, oa, i8)
+    for t, fin in enumerate(fins):
+        fin.add_incoming(zero, entry)
+        fin.add_incoming(new[t], loop)
+        p = _gep(b, op, b.mul(ostride, _c(4 * t)))
+        b.store(fin, b.bitcast(p, v16f.as_pointer()), align=4)
+    b.ret_void()
+    return fn
+
+
+def _build_dot16(mod: ir.Module, name: str) -> ir.Function:
+    """void dot16(w, rb, xq, xd, xo, nb, out): 16 rows as they lie (``rb`` bytes apart) . one token
+    -> out[0..15]."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 7), name)
+    fn.linkage = "internal"
+    wa, rb, xa, xda, xoa, nb, oa = fn.args
+    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
+    zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
+    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    blk = b.phi(i64)
+    acc = b.phi(v16f)
+    boff = b.mul(blk, _c(Q4_BYTES))
+    xoff = b.shl(blk, _c(5))
+    x = _load(b, xp, xoff, v32i8)
+    xo = _load(b, xop, xoff, v8i32)
+    # the next tile (16 rows further), 16 x 18 bytes a block: by its turn it is in cache
+    prefetch_ahead(b, wp, b.add(b.mul(rb, _c(ROWS)), b.mul(blk, _c(ROWS * Q4_BYTES))), ROWS * Q4_BYTES + 64)
+    x2 = b.shuffle_vector(x, x, _mask(list(range(32)) * 2))  # the block's activations, twice
+    xo2 = b.bitcast(b.shuffle_vector(xo, xo, _mask(list(range(8)) * 2)), v16i32)
+    lanes = []
+    for r in range(0, ROWS, 2):  # rows r and r + 1 in one 512-bit dot
+        qa = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
+        qb = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r + 1)), _c(2))), v16i8)
+        q = b.shuffle_vector(qa, qb, _mask(list(range(32))))
+        lo = b.and_(q, _vconst(v32i8, 15))
+        hi = b.lshr(q, _vconst(v32i8, 4))  # row a: lo[0:16] hi[0:16], row b: lo[16:32] hi[16:32]
+        codes = b.shuffle_vector(lo, hi, _mask([*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
+        lanes.append(_dpbusd16(b, xo2, b.bitcast(codes, v16i32), b.bitcast(x2, v16i32)))
+    s = _fold16(b, lanes)
+    d = _scales16(b, wp, rb, boff)
+    xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
+    new = _fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat16(b, xd, v16f)), acc)
+    nxt = b.add(blk, _c(1))
+    blk.add_incoming(_c(0), entry)
+    blk.add_incoming(nxt, b.block)
+    acc.add_incoming(zero, entry)
+    acc.add_incoming(new, b.block)
+    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
+
+    b = ir.IRBuilder(done)
+    fin = b.phi(v16f)
+    fin.add_incoming(zero, entry)
+    fin.add_incoming(new, loop)
+    b.store(fin, b.bitcast(_ptr(b, oa, i8), v16f.as_pointer()), align=4)
+    b.ret_void()
+    return fn
+
+
+def _build_dot1(mod: ir.Module, name: str) -> ir.Function:
+    """float dot1(w, xq, xd, xo, nb): one row, the same steps on scalars."""
+    fn = ir.Function(mod, ir.FunctionType(f32, [i64] * 5), name)
+    fn.linkage = "internal"
+    wa, xa, xda, xoa, nb = fn.args
+    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
+    zero = ir.Constant(f32, 0.0)
+    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
+    b = ir.IRBuilder(loop)
+    blk = b.phi(i64)
+    acc = b.phi(f32)
+    boff = b.mul(blk, _c(Q4_BYTES))
+    xoff = b.shl(blk, _c(5))
+    q = _nibbles32(b, _load(b, wp, b.add(boff, _c(2)), v16i8))
+    s = _hsum_i32(b, _dot_u8s8(b, q, _load(b, xp, xoff, v32i8), _load(b, xop, xoff, v8i32)))
+    d = b.fpext(_load(b, wp, boff, f16), f32)
+    xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
+    fma = _intr(b.module, "llvm.fma.f32", f32, [f32, f32, f32])
+    new = b.call(fma, [b.sitofp(s, f32), b.fmul(d, xd), acc])
+    nxt = b.add(blk, _c(1))
+    blk.add_incoming(_c(0), entry)
+    blk.add_incoming(nxt, b.block)
+    acc.add_incoming(zero, entry)
+    acc.add_incoming(new, b.block)
+    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
+    b = ir.IRBuilder(done)
+    fin = b.phi(f32)
+    fin.add_incoming(zero, entry)
+    fin.add_incoming(new, loop)
+    b.ret(fin)
+    return fn
+
+
+@intrinsic
+def repack_q4_0(typingctx, w, rb, nb, buf):
+    sig = types.void(types.int64, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        builder.call(_get_fn(builder.module, f"mlxtral_repack_q4_0_{ISA}", _build_repack), list(args))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _make_gemm(nt: int):
+    name = f"mlxtral_gemm{nt}_q4_0_{ISA}"
+
+    @intrinsic
+    def gemm(typingctx, buf, nb, xq, xd, xo, n, out, ostride):
+        sig = types.void(*([types.int64] * 8))
+
+        def codegen(context, builder, signature, args):
+            builder.call(_get_fn(builder.module, name, lambda m, nm: _build_gemm(m, nm, nt)), list(args))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemm
+
+
+gemm8_q4_0, gemm4_q4_0, gemm2_q4_0, gemm1_q4_0 = (_make_gemm(nt) for nt in (8, 4, 2, 1))
+
+
+@intrinsic
+def dot16_q4_0(typingctx, w, rb, xq, xd, xo, nb, out):
+    sig = types.void(*([types.int64] * 7))
+
+    def codegen(context, builder, signature, args):
+        builder.call(_get_fn(builder.module, f"mlxtral_dot16_q4_0_{ISA}", _build_dot16), list(args))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dot1_q4_0(typingctx, w, xq, xd, xo, nb):
+    sig = types.float32(*([types.int64] * 5))
+
+    def codegen(context, builder, signature, args):
+        return builder.call(_get_fn(builder.module, f"mlxtral_dot1_q4_0_{ISA}", _build_dot1), list(args))
+
+    return sig, codegen
+
+
+_CACHE = not FORCED_GENERIC  # as _kernels_nb: a forced lower ISA neither loads nor writes the cache
+TILE_MIN_T = 2  # tokens from which a task's rows are repacked into tiles (fewer: dotted where they lie)
+
+
+@njit(cache=_CACHE, nogil=True)
+def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
+    """Q4_0 output rows ``r0..r1`` of a task, every token: ``out[t * os_ + r]`` = row r . token t
+    (or ``silu(gate) * up`` with ``swig``). Activations: ``quantize_x`` with offset 8 (xq int8
+    [T, n], xd float32 [T, n/32], xo int32 [T, n/4]). Tiles of 16 rows, then single rows; every
+    path is the one arithmetic of the module docstring, so no result depends on T or on r0."""
+    nb = n // 32
+    r16 = r0 + (r1 - r0) // ROWS * ROWS
+    # numba frees an array after its last use as an array, not after its address's: every use
+    # below goes through the array (buf[0], g[0], ...) so none is freed while the IR writes to it
+    g = np.empty(NT_MAX * ROWS, dtype=np.float32)
+    u = np.empty(NT_MAX * ROWS, dtype=np.float32)
+    if T < TILE_MIN_T:
+        for t in range(T):
+            xq, xd, xo = xqa + t * n, xda + t * nb * 4, xoa + t * n
+            for r in range(r0, r16, ROWS):
+                dot16_q4_0(wa + r * rb, rb, xq, xd, xo, nb, g.ctypes.data)
+                if swig:
+                    dot16_q4_0(wa2 + r * rb, rb, xq, xd, xo, nb, u.ctypes.data)
+                for j in range(ROWS):
+                    out[t * os_ + r + j] = _silu_mul(g[j], u[j]) if swig else g[j]
+    else:
+        nm = 2 if swig else 1
+        buf = np.empty(nm * nb * TILE_BLOCK_BYTES, dtype=np.uint8)
+        for r in range(r0, r16, ROWS):
+            b0 = buf.ctypes.data
+            b1 = b0 + (nb * TILE_BLOCK_BYTES if swig else 0)
+            repack_q4_0(wa + r * rb, rb, nb, b0)
+            if swig:
+                repack_q4_0(wa2 + r * rb, rb, nb, b1)
+            t0 = 0
+            while t0 < T:  # 8 tokens a pass, then 4, 2, 1: each token's steps are the same
+                k = NT_MAX if T - t0 >= NT_MAX else (4 if T - t0 >= 4 else (2 if T - t0 >= 2 else 1))
+                xq, xd, xo = xqa + t0 * n, xda + t0 * nb * 4, xoa + t0 * n
+                _gemm(k, buf.ctypes.data, nb, xq, xd, xo, n, g.ctypes.data, ROWS)
+                if swig:
+                    _gemm(k, b1, nb, xq, xd, xo, n, u.ctypes.data, ROWS)
+                for j in range(k):
+                    for i in range(ROWS):
+                        v = g[j * ROWS + i]
+                        out[(t0 + j) * os_ + r + i] = _silu_mul(v, u[j * ROWS + i]) if swig else v
+                t0 += k
+        buf[0] = 0
+    for t in range(T):  # the rows past the last tile
+        xq, xd, xo = xqa + t * n, xda + t * nb * 4, xoa + t * n
+        for r in range(r16, r1):
+            v = dot1_q4_0(wa + r * rb, xq, xd, xo, nb)
+            out[t * os_ + r] = _silu_mul(v, dot1_q4_0(wa2 + r * rb, xq, xd, xo, nb)) if swig else v
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _gemm(k, buf, nb, xq, xd, xo, n, oa, ostride):
+    if k == 8:
+        gemm8_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
+    elif k == 4:
+        gemm4_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
+    elif k == 2:
+        gemm2_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
+    else:
+        gemm1_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
