@@ -94,7 +94,7 @@ def test_chunks_are_whole_tiles():
     from mlxtral.backends import _kernels_tile as tile
     from mlxtral.qtensor import QTensor
 
-    assert kernels._Q4_0_TILE == tile.ROWS
+    assert kernels._TILE == tile.ROWS
     for rows, n in ((3584, 1024), (1024, 3584), (32000, 4096), (40, 64)):
         w = QTensor("Q4_0", (rows, n), np.zeros((rows, n // 32 * 18), np.uint8))
         for T in (1, 2, 64):

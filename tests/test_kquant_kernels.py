@@ -146,16 +146,25 @@ def test_exact_mode(qtype: str) -> None:
 
 
 def _isa_cases() -> list[tuple[str, QTensor, QTensor, np.ndarray]]:
-    return [(t, make(t, (40, 512), seed=13), make(t, (40, 512), seed=14), acts(3, 512, seed=15))
-            for t in K_TYPES]
+    # 3 tokens: row dots; 21 (40 rows): two 16-row tiles (_kernels_tile) and 8 rows of row dots
+    return [(t, make(t, (40, 512), seed=13), make(t, (40, 512), seed=14), acts(T, 512, seed=15))
+            for t in K_TYPES for T in (3, 21)]
 
 
-def test_portable_path_is_bit_identical() -> None:
-    """MLXTRAL_NO_AVX2=1 (macOS arm64, old x86: portable vector IR instead of vpmaddubsw/vpmaddwd):
-    the integer sums are exact and the float steps the same, so every result is bit-identical."""
+@pytest.mark.parametrize("env", [{"MLXTRAL_NO_AVX2": "1"}, {"MLXTRAL_KERNEL_ISA": "avx2"}],
+                         ids=["portable", "avx2"])
+def test_portable_path_is_bit_identical(env: dict) -> None:
+    """MLXTRAL_NO_AVX2=1 (macOS arm64, old x86: portable vector IR instead of vpmaddubsw/vpmaddwd),
+    and AVX2 without VNNI where this CPU has it: the integer sums are exact and the float steps the
+    same, so every result is bit-identical."""
     import os
     import subprocess
     import sys
+
+    from mlxtral.backends import _kernels_ir as ir
+
+    if "MLXTRAL_KERNEL_ISA" in env and ir.HOST_ISA != "vnni":
+        pytest.skip("the host's own path is AVX2 (or lower) already")
 
     code = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[1]);"
@@ -164,11 +173,11 @@ def test_portable_path_is_bit_identical() -> None:
         " for _, w, u, x in t._isa_cases()]\n"
         "print(ir.HAVE_AVX2, ' '.join(got))"
     )
-    env = dict(os.environ, MLXTRAL_NO_AVX2="1")
-    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env, capture_output=True,
-                       text=True, check=True, timeout=600)
+    full = {k: v for k, v in os.environ.items() if k not in ("MLXTRAL_NO_AVX2", "MLXTRAL_KERNEL_ISA")}
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env={**full, **env},
+                       capture_output=True, text=True, check=True, timeout=900)
     avx2, *got = r.stdout.split()
-    assert avx2 == "False"
+    assert avx2 == str("MLXTRAL_KERNEL_ISA" in env)
     for (t, w, u, x), g in zip(_isa_cases(), got, strict=True):
         here = np.concatenate([kernels.linear(x, w), kernels.swiglu(x, w, u), kernels.linear(x[:1], w)])
         assert here.tobytes().hex() == g, t

@@ -17,9 +17,10 @@ The three give bit-identical results (the int16 pairs never saturate: |w| <= 128
 compiled on a forced path are not written to numba's disk cache.
 
 Q4_0 has its own kernels (``_kernels_tile``: whole-block sums, 16 rows in the lanes) built from
-these helpers. Q5_0 / Q5_1 (5-bit codes: the nibbles plus ``qh``'s bits, unsigned 0..31) go the Q4_0 / Q4_1 way
-(offset -16 or min through ``xs``), IQ4_NL the Q8_0 way (its signed 16-value table, looked up with
-``vpshufb``); ``sb_dot_iq4_xs`` is one IQ4_XS superblock against q8_K codes (``_kernels_iq``).
+these helpers. Q5_0 / Q5_1 (5-bit codes: the nibbles plus ``qh``'s bits, unsigned 0..31) go the
+Q4_0 / Q4_1 way (offset -16 or min through ``xs``), IQ4_NL the Q8_0 way (its signed 16-value
+table, looked up with ``vpshufb``); ``sb_dot_iq4_xs`` is one IQ4_XS superblock against q8_K codes
+(``_kernels_iq``).
 
 Activations for the block types are pre-quantized per 32-block (``_kernels_nb.quantize_x``):
 ``xq`` int8 [in], ``xd`` float32 [in/32] (scale), and per kind either ``xo`` int32 [in/4] (minus

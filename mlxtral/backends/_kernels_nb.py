@@ -15,6 +15,7 @@ from mlxtral.backends._kernels_iq import run_rows as iq_run_rows
 from mlxtral.backends._kernels_iq import run_rows_exact as iq_run_rows_exact
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
+    HAVE_AVX2,
     NTOK,
     X_OFFSET,
     atomic_add,
@@ -55,12 +56,15 @@ from mlxtral.backends._kernels_ir import (
 from mlxtral.backends._kernels_kq import K_Q2_K, KQ_FIRST
 from mlxtral.backends._kernels_kq import run_rows as kq_run_rows
 from mlxtral.backends._kernels_kq import run_rows_exact as kq_run_rows_exact
+from mlxtral.backends._kernels_tile import KQ_TILE_MIN_T
+from mlxtral.backends._kernels_tile import kq_run_rows as kq_tile_rows
 from mlxtral.backends._kernels_tile import run_rows as q4_0_run_rows
 
 # job table fields
 F_KIND, F_MODE, F_QUANT, F_W, F_W2, F_ROWBYTES, F_NOUT, F_NIN, F_T = 0, 1, 2, 3, 4, 5, 6, 7, 8
 F_X, F_XQ, F_XD, F_XS, F_OUT, F_OSTRIDE, F_CHUNK, F_FIRST = 9, 10, 11, 12, 13, 14, 15, 16
-F_SIZE = 17
+F_XG = 17  # K-quant prefill: the q8_K activations grouped for the tiles (_kernels_tile.kq_group_acts)
+F_SIZE = 18
 
 # control block (int64 words; hot words on their own cache lines)
 CTL_W = 0  # seq << 40 | nchunks << 20 | next chunk
@@ -340,7 +344,10 @@ def run_chunk(table, c):
             iq_run_rows_exact(swig, wa, wa2, rb, n, T, r0, r1, xa, out, os_)
         return
     if q8k_kind(kind):  # K-quants (_kernels_kq): q8_K activations, or float32 ones in exact mode
-        if quant:
+        if quant and T >= KQ_TILE_MIN_T and HAVE_AVX2:  # 16-row tiles (_kernels_tile): the same bits
+            kq_tile_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, table[ti, F_XQ], table[ti, F_XD],
+                         table[ti, F_XS], table[ti, F_XG], out, os_)
+        elif quant:
             kq_run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, table[ti, F_XQ], table[ti, F_XD],
                         table[ti, F_XS], out, os_)
         else:
@@ -492,7 +499,7 @@ def prep_x(x, quant, kind):
 
 
 @njit(cache=_CACHE, nogil=True)
-def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, ch, first):
+def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, xg, out, ch, first):
     """Row ``i`` of a job table; returns the chunk index after this task's chunks."""
     nout = wd.shape[0]
     table[i, F_KIND] = kind
@@ -508,6 +515,7 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, c
     table[i, F_XQ] = xq.ctypes.data
     table[i, F_XD] = xd.ctypes.data
     table[i, F_XS] = xs.ctypes.data  # xo or xs (quantize_x)
+    table[i, F_XG] = xg.ctypes.data
     table[i, F_OUT] = out.ctypes.data
     table[i, F_OSTRIDE] = out.strides[0] // 4
     table[i, F_CHUNK] = ch
@@ -520,7 +528,8 @@ def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
     """A one-task job (``linear`` / ``swiglu``) in a single call."""
     table = np.empty((1, F_SIZE), dtype=np.int64)
     xq, xd, xs = prep_x(x, quant, kind)
-    nchunks = fill_task(table, 0, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, out, ch, 0)
+    xg = np.zeros(1, dtype=np.uint8)  # (K-quants go through kernels._Job)
+    nchunks = fill_task(table, 0, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, xg, out, ch, 0)
     execute(ctl, table, nchunks)
     # numba frees an array after its last use in this function: these three are read (by address)
     # while execute runs, so they must be used after it

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
+    HAVE_AVX2,
     HAVE_VNNI,
     ISA,
     _dot_u8s8,
@@ -51,11 +52,21 @@ from mlxtral.backends._kernels_ir import (
     i32,
     i64,
     prefetch_ahead,
+    ptr_u8,
     v8i32,
     v16i8,
     v32i8,
 )
-from mlxtral.backends._kernels_kq import _silu_mul
+from mlxtral.backends._kernels_kq import (
+    K_Q3_K,
+    K_Q6_K,
+    U8_BYTES,
+    _silu_mul,
+    _super_scales,
+    _tb,
+    _u8_pack,
+)
+from mlxtral.backends._kernels_kq import run_rows as kq_row_dots
 
 ROWS = 16  # rows per tile: the lanes of one <16 x i32>
 Q4_BYTES = 18  # a Q4_0 block: d (f16), 16 bytes of nibbles
@@ -423,3 +434,260 @@ def _gemm(k, buf, nb, xq, xd, xo, n, oa, ostride):
         gemm2_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
     else:
         gemm1_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
+
+
+# ---- the K-quants: the same tiles over superblocks -------------------------------------------------
+# A K-quant superblock's two exact integer sums (``_kernels_kq``: sumi = sum_g scale_g * sum_k
+# (code_k + off) x_k, summ = sum_g min_g * bsum_g over its 16 groups of 16 weights), then its float
+# step ``acc += xd * (d * float(sumi) - dmin * float(summ))``: ``row_dot_direct``'s operations in its
+# order, here per lane for 16 rows. Each superblock of a 16-row tile is repacked from ``u8_pack``'s
+# unpacked form: d and dmin (16 floats each), the codes interleaved as Q4_0's (64 vectors of 4
+# codes a row), the 16 group scales (int32 a row) and the mins in pairs (two int16 a row, for one
+# ``vpdpwssd`` per pair of groups against the token's bsum pair).
+KQ_TILE_BYTES = 2 * 64 + 64 * 64 + 16 * 64 + 8 * 64  # d, dmin, codes, scales, min pairs
+KQ_GROUP_BYTES = 256 + 32 + 4  # a token's share of a superblock in a group: codes, bsums, scale
+_KQ_CODES, _KQ_SCALES, _KQ_MINS = 128, 128 + 64 * 64, 128 + 64 * 64 + 16 * 64
+
+
+def _pairs_dot16(b: ir.IRBuilder, acc: ir.Value, m: ir.Value, p: ir.Value) -> ir.Value:
+    """<16 x i32> acc + per lane the dot of two int16 of ``m`` with two int16 of ``p`` (exact)."""
+    if HAVE_VNNI:
+        fn = _intr(b.module, "llvm.x86.avx512.vpdpwssd.512", v16i32, [v16i32, v16i32, v16i32])
+        return b.call(fn, [acc, m, p])
+    v32i16, v32i32 = ir.VectorType(i16, 32), ir.VectorType(i32, 32)
+    prod = b.mul(b.sext(b.bitcast(m, v32i16), v32i32), b.sext(b.bitcast(p, v32i16), v32i32))
+    ev = b.shuffle_vector(prod, prod, _mask(list(range(0, 32, 2))))
+    od = b.shuffle_vector(prod, prod, _mask(list(range(1, 32, 2))))
+    return b.add(acc, b.add(ev, od))
+
+
+def _build_kq_gemm(mod: ir.Module, name: str, nt: int, off: int, mins: bool) -> ir.Function:
+    """void gemm(buf, nsb, xg, out): a repacked 16-row K-quant tile against a group of ``nt`` q8_K
+    tokens packed per superblock (``kq_group``: for each superblock, the nt tokens' 256 codes,
+    then their 16 int16 bsums, then their float scales), so every activation sits at a constant
+    offset from one pointer (with a pointer per token the loop ran out of registers); token t's
+    16 results go to ``out + 64 * t``."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 4), name)
+    fn.linkage = "internal"
+    ba, nsb, xga, oa = fn.args
+    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    bp, xp = _ptr(b, ba, i8), _ptr(b, xga, i8)
+    zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
+    izero = ir.Constant(v16i32, [ir.Constant(i32, 0)] * 16)
+    b.cbranch(b.icmp_unsigned(">", nsb, _c(0)), loop, done)
+
+    b = ir.IRBuilder(loop)
+    sb = b.phi(i64)
+    accs = [b.phi(v16f) for _ in range(nt)]
+    base = b.mul(sb, _c(KQ_TILE_BYTES))
+    gx = b.mul(sb, _c(nt * KQ_GROUP_BYTES))  # this superblock's codes, bsums, scales of the group
+    gb, gd = nt * 256, nt * (256 + 32)
+
+    def vload(o: ir.Value, ty: ir.Type = v16i32) -> ir.Value:
+        return b.load(b.bitcast(_gep(b, bp, o), ty.as_pointer()), align=4)
+
+    def xload(o: int, ty: ir.Type) -> ir.Value:
+        return _load(b, xp, b.add(gx, _c(o)), ty)
+
+    sumi = [izero] * nt
+    for g in range(16):
+        ws = [vload(b.add(base, _c(_KQ_CODES + 64 * (4 * g + j)))) for j in range(4)]
+        sc = vload(b.add(base, _c(_KQ_SCALES + 64 * g)))
+        for t in range(nt):
+            if off:
+                bsum = b.sext(xload(gb + 32 * t + 2 * g, i16), i32)
+                acc = _splat16(b, b.mul(bsum, ir.Constant(i32, off)), v16i32)
+            else:
+                acc = izero
+            for j in range(4):
+                acc = _dpbusd16(b, acc, ws[j], _splat16(b, xload(256 * t + 16 * g + 4 * j, i32), v16i32))
+            sumi[t] = b.add(sumi[t], b.mul(acc, sc))
+    summ = [izero] * nt
+    if mins:
+        for h in range(8):
+            mp = vload(b.add(base, _c(_KQ_MINS + 64 * h)))
+            for t in range(nt):
+                summ[t] = _pairs_dot16(b, summ[t], mp, _splat16(b, xload(gb + 32 * t + 4 * h, i32), v16i32))
+    d = vload(base, v16f)
+    dmin = vload(b.add(base, _c(64)), v16f)
+    new = []
+    for t in range(nt):
+        s = b.fsub(b.fmul(d, b.sitofp(sumi[t], v16f)), b.fmul(dmin, b.sitofp(summ[t], v16f)))
+        xd = _splat16(b, xload(gd + 4 * t, f32), v16f)
+        new.append(b.fadd(accs[t], b.fmul(xd, s)))
+    nxt = b.add(sb, _c(1))
+    sb.add_incoming(_c(0), entry)
+    sb.add_incoming(nxt, b.block)
+    for phi, v in zip(accs, new, strict=True):
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(v, b.block)
+    b.cbranch(b.icmp_unsigned("<", nxt, nsb), loop, done)
+
+    b = ir.IRBuilder(done)
+    fins = [b.phi(v16f) for _ in range(nt)]
+    op = _ptr(b, oa, i8)
+    for t, fin in enumerate(fins):
+        fin.add_incoming(zero, entry)
+        fin.add_incoming(new[t], loop)
+        b.store(fin, b.bitcast(_gep(b, op, _c(64 * t)), v16f.as_pointer()), align=4)
+    b.ret_void()
+    return fn
+
+
+def _make_kq_gemm(nt: int, off: int, mins: bool):
+    name = f"mlxtral_kq_gemm{nt}_{-off}{'m' if mins else ''}_{ISA}"
+
+    @intrinsic
+    def gemm(typingctx, buf, nsb, xg, out):
+        sig = types.void(*([types.int64] * 4))
+
+        def codegen(context, builder, signature, args):
+            fn = _get_fn(builder.module, name, lambda m, nm: _build_kq_gemm(m, nm, nt, off, mins))
+            builder.call(fn, list(args))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemm
+
+
+# by family: with mins (Q4_K, Q5_K, Q2_K), Q6_K's offset -32, Q3_K's -4; 8, 4, 2, 1 tokens
+kq_gemm8_m, kq_gemm4_m, kq_gemm2_m, kq_gemm1_m = (_make_kq_gemm(nt, 0, True) for nt in (8, 4, 2, 1))
+kq_gemm8_o32, kq_gemm4_o32, kq_gemm2_o32, kq_gemm1_o32 = (_make_kq_gemm(t, -32, False) for t in (8, 4, 2, 1))
+kq_gemm8_o4, kq_gemm4_o4, kq_gemm2_o4, kq_gemm1_o4 = (_make_kq_gemm(nt, -4, False) for nt in (8, 4, 2, 1))
+KQ_TILE_MIN_T = 16  # fewer tokens: _kernels_kq's row dots (the repack costs ~10-16 tokens' row dots)
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _kq_gemm(kind, k, buf, nsb, xg, oa):
+    if kind == K_Q6_K:
+        if k == 8:
+            kq_gemm8_o32(buf, nsb, xg, oa)
+        elif k == 4:
+            kq_gemm4_o32(buf, nsb, xg, oa)
+        elif k == 2:
+            kq_gemm2_o32(buf, nsb, xg, oa)
+        else:
+            kq_gemm1_o32(buf, nsb, xg, oa)
+    elif kind == K_Q3_K:
+        if k == 8:
+            kq_gemm8_o4(buf, nsb, xg, oa)
+        elif k == 4:
+            kq_gemm4_o4(buf, nsb, xg, oa)
+        elif k == 2:
+            kq_gemm2_o4(buf, nsb, xg, oa)
+        else:
+            kq_gemm1_o4(buf, nsb, xg, oa)
+    elif k == 8:
+        kq_gemm8_m(buf, nsb, xg, oa)
+    elif k == 4:
+        kq_gemm4_m(buf, nsb, xg, oa)
+    elif k == 2:
+        kq_gemm2_m(buf, nsb, xg, oa)
+    else:
+        kq_gemm1_m(buf, nsb, xg, oa)
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _group_size(left):
+    return NT_MAX if left >= NT_MAX else (4 if left >= 4 else (2 if left >= 2 else 1))
+
+
+@njit(cache=_CACHE, nogil=True)
+def kq_group_acts(xq, xd, bs):
+    """q8_K activations (``quantize_q8k``: codes int8 [T, n], scales float32 [T, n/256], bsums
+    int16 [T, n/16]) -> uint8 [T * (n/256) * KQ_GROUP_BYTES]: tokens in groups of 8, 4, 2, 1 (as the
+    tiles take them), each group per superblock: its codes, bsums, scales. Made once per job, when
+    the tiles will run (else a placeholder)."""
+    T, n = xq.shape
+    nsb = n // 256
+    if T < KQ_TILE_MIN_T or not HAVE_AVX2:
+        return np.zeros(1, dtype=np.uint8)
+    xg = np.empty(T * nsb * KQ_GROUP_BYTES, dtype=np.uint8)
+    xq = xq.reshape(T * n).view(np.uint8)
+    bs = bs.reshape(T * nsb * 16).view(np.uint8)
+    xd = xd.reshape(T * nsb).view(np.uint8)
+    t0 = 0
+    o = 0
+    while t0 < T:
+        k = _group_size(T - t0)
+        for sb in range(nsb):
+            for t in range(k):
+                src = (t0 + t) * n + sb * 256
+                xg[o + t * 256: o + t * 256 + 256] = xq[src: src + 256]
+                sbs = ((t0 + t) * nsb + sb) * 32
+                xg[o + k * 256 + t * 32: o + k * 256 + t * 32 + 32] = bs[sbs: sbs + 32]
+                sd = ((t0 + t) * nsb + sb) * 4
+                xg[o + k * 288 + t * 4: o + k * 288 + t * 4 + 4] = xd[sd: sd + 4]
+            o += k * KQ_GROUP_BYTES
+        t0 += k
+    return xg
+
+
+@njit(cache=_CACHE, nogil=True)
+def kq_repack(kind, wa, rb, nsb, buf, stage):
+    """16 K-quant rows at ``wa`` (``rb`` bytes apart), ``nsb`` superblocks -> ``buf`` (uint8,
+    nsb * KQ_TILE_BYTES), through ``u8_pack`` into ``stage`` (uint8, 16 * nsb * U8_BYTES): each
+    row read front to back (one stream at a time), then the tile transposed out of L2."""
+    tb = _tb(kind)
+    b32 = buf.view(np.int32)
+    bf = buf.view(np.float32)
+    s16 = stage.view(np.int16)
+    s32 = stage.view(np.int32)
+    w16 = U8_BYTES // 4  # int32 per unpacked superblock
+    for r in range(ROWS):
+        ra = wa + r * rb
+        for sb in range(nsb):
+            o = sb * (KQ_TILE_BYTES // 4)
+            d, dmin = _super_scales(kind, carray(ptr_u8(ra + sb * tb), (tb,)), 0)
+            bf[o + r] = d
+            bf[o + ROWS + r] = dmin
+            _u8_pack(kind, ra + sb * tb, stage.ctypes.data + (r * nsb + sb) * U8_BYTES)
+    for sb in range(nsb):
+        o = sb * (KQ_TILE_BYTES // 4)
+        c = o + _KQ_CODES // 4
+        for j in range(64):  # 4 codes of every row, for each of the 64 groups of 4
+            for r in range(ROWS):
+                b32[c + j * ROWS + r] = s32[(r * nsb + sb) * w16 + j]
+        s = o + _KQ_SCALES // 4
+        for g in range(16):
+            for r in range(ROWS):
+                b32[s + g * ROWS + r] = np.int32(s16[(r * nsb + sb) * 2 * w16 + 128 + g])
+        m = o + _KQ_MINS // 4
+        for h in range(8):
+            for r in range(ROWS):
+                b32[m + h * ROWS + r] = s32[(r * nsb + sb) * w16 + 72 + h]
+
+
+@njit(cache=_CACHE, nogil=True)
+def kq_run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, xga, out, os_):
+    """``_kernels_kq.run_rows`` for T >= KQ_TILE_MIN_T, the activations also grouped at ``xga``
+    (``kq_group_acts``): whole 16-row tiles here, the rows after the last tile there (the same
+    bits either way)."""
+    nsb = n // 256
+    r16 = r0 + (r1 - r0) // ROWS * ROWS
+    g = np.empty(NT_MAX * ROWS, dtype=np.float32)
+    u = np.empty(NT_MAX * ROWS, dtype=np.float32)
+    nm = 2 if swig else 1
+    buf = np.empty(nm * nsb * KQ_TILE_BYTES, dtype=np.uint8)
+    stage = np.empty(ROWS * nsb * U8_BYTES, dtype=np.uint8)
+    half = nsb * KQ_TILE_BYTES
+    for r in range(r0, r16, ROWS):
+        kq_repack(kind, wa + r * rb, rb, nsb, buf[:half], stage)
+        if swig:
+            kq_repack(kind, wa2 + r * rb, rb, nsb, buf[half:], stage)
+        t0 = 0
+        while t0 < T:
+            k = _group_size(T - t0)
+            xo = xga + t0 * nsb * KQ_GROUP_BYTES
+            _kq_gemm(kind, k, buf.ctypes.data, nsb, xo, g.ctypes.data)
+            if swig:
+                _kq_gemm(kind, k, buf.ctypes.data + half, nsb, xo, u.ctypes.data)
+            for j in range(k):
+                for i in range(ROWS):
+                    v = g[j * ROWS + i]
+                    out[(t0 + j) * os_ + r + i] = _silu_mul(v, u[j * ROWS + i]) if swig else v
+            t0 += k
+    if r16 < r1:
+        kq_row_dots(kind, swig, wa, wa2, rb, n, T, r16, r1, xqa, xda, bsa, out, os_)

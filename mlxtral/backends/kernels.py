@@ -113,7 +113,9 @@ if not env_flag("MLXTRAL_NO_NUMBA"):
 
         from mlxtral.backends import _kernels_kq as _kq
         from mlxtral.backends import _kernels_nb as _nb
+        from mlxtral.backends import _kernels_tile as _tile
 
+        _NO_GROUP = np.zeros(1, dtype=np.uint8)  # activations not grouped (no K-quant tiles)
         HAVE_NUMBA = True
     except ImportError:  # pragma: no cover - numba is a declared dependency
         _nb = None
@@ -167,6 +169,11 @@ class _Pool:
         self.spin_iters = int(_SPIN_MS * 1000 * _pauses_per_us())
         self.events = [threading.Event() for _ in range(self.n_workers)]
         self.threads = []
+        if self.n_workers:
+            # Compile (or load) the workers' loop here, not in the first worker: a worker still
+            # inside LLVM when the process exits took it down (a crash at exit, and no cache entry
+            # written, so every short run after a kernel change or on a fresh install did the same)
+            _nb.worker_loop(self.ctl, -1, 0)  # a worker id below 0 returns at once
         for wid in range(self.n_workers):
             t = threading.Thread(target=self._run, args=(wid,), daemon=True, name=f"mlxtral-kernel-{wid}")
             try:
@@ -315,7 +322,12 @@ class _Job:
         key = (id(x), quant, -1 if q8k else _nb.X_OFFSETS[kind])
         acts = self._xcache.get(key)
         if acts is None:
-            acts = self._xcache[key] = _kq.quantize_q8k(x) if quant and q8k else _nb.prep_x(x, quant, kind)
+            if quant and q8k:
+                q8 = _kq.quantize_q8k(x)
+                acts = (*q8, _tile.kq_group_acts(*q8))  # grouped for the tiles when they will run
+            else:
+                acts = (*_nb.prep_x(x, quant, kind), _NO_GROUP)
+            self._xcache[key] = acts
         wd2 = _winfo(w2, T)[1] if w2 is not None else wd
         self.keep.append((x, acts, wd, wd2, out))
         self.nchunks = _nb.fill_task(self.table, self.n, kind, w2 is not None, quant, wd, wd2, w.shape[1],
@@ -348,7 +360,8 @@ def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
                            _chunk_rows(w, x.shape[0]))
 
 
-_Q4_0_TILE = 16  # rows of a Q4_0 tile (_kernels_tile.ROWS: a test checks)
+_KQUANTS = frozenset(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
+_TILE = 16  # rows of a Q4_0 / K-quant tile (_kernels_tile.ROWS: a test checks)
 _CHUNK_BYTES_MAX = env_int("MLXTRAL_CHUNK_KB_MAX", 4096, 16, 1 << 20, "KB") * 1024
 _CHUNKS_PER_THREAD = env_int("MLXTRAL_CHUNKS_PER_THREAD", 4, 1, 64)
 
@@ -366,7 +379,9 @@ def _chunk_rows(w: QTensor, T: int) -> int:
         target = min(_CHUNK_BYTES_MAX, max(16384, w.nbytes // (_CHUNKS_PER_THREAD * get_num_threads())))
         rows = max(4, target // row_bytes)
     if w.qtype == "Q4_0":  # whole 16-row tiles (_kernels_tile.ROWS); prefill: two tiles an item
-        rows = max(_Q4_0_TILE, rows // _Q4_0_TILE * _Q4_0_TILE if T == 1 else 2 * _Q4_0_TILE)
+        rows = max(_TILE, rows // _TILE * _TILE if T == 1 else 2 * _TILE)
+    elif T > 1 and w.qtype in _KQUANTS:  # K-quant prefill: tiles too
+        rows = 2 * _TILE
     return rows
 
 
