@@ -499,15 +499,14 @@ def prep_x(x, quant, kind):
 
 
 @njit(cache=_CACHE, nogil=True)
-def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, xg, out, ch, first):
+def fill_task(table, i, kind, swiglu, quant, wa, wa2, rb, nout, nin, x, xq, xd, xs, xg, out, ch, first):
     """Row ``i`` of a job table; returns the chunk index after this task's chunks."""
-    nout = wd.shape[0]
     table[i, F_KIND] = kind
     table[i, F_MODE] = 1 if swiglu else 0
     table[i, F_QUANT] = 1 if quant else 0
-    table[i, F_W] = wd.ctypes.data
-    table[i, F_W2] = wd2.ctypes.data
-    table[i, F_ROWBYTES] = wd.strides[0]
+    table[i, F_W] = wa
+    table[i, F_W2] = wa2
+    table[i, F_ROWBYTES] = rb
     table[i, F_NOUT] = nout
     table[i, F_NIN] = nin
     table[i, F_T] = x.shape[0]
@@ -524,12 +523,14 @@ def fill_task(table, i, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, xg, ou
 
 
 @njit(cache=_CACHE, nogil=True)
-def run_one(ctl, kind, swiglu, quant, wd, wd2, nin, x, out, ch):
-    """A one-task job (``linear`` / ``swiglu``) in a single call."""
+def run_one(ctl, kind, swiglu, quant, wa, wa2, rb, nout, nin, x, out, ch):
+    """A one-task job (``linear`` / ``swiglu``) in a single call. The weights come as addresses
+    (``wa``, ``wa2``; rows ``rb`` bytes apart): one compiled specialization, not one per weight
+    dtype and writability (each a ~1 MB copy of every kernel, ~5 MB of memory loaded)."""
     table = np.empty((1, F_SIZE), dtype=np.int64)
     xq, xd, xs = prep_x(x, quant, kind)
     xg = np.zeros(1, dtype=np.uint8)  # (K-quants go through kernels._Job)
-    nchunks = fill_task(table, 0, kind, swiglu, quant, wd, wd2, nin, x, xq, xd, xs, xg, out, ch, 0)
+    nchunks = fill_task(table, 0, kind, swiglu, quant, wa, wa2, rb, nout, nin, x, xq, xd, xs, xg, out, ch, 0)
     execute(ctl, table, nchunks)
     # numba frees an array after its last use in this function: these three are read (by address)
     # while execute runs, so they must be used after it

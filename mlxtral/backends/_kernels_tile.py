@@ -463,73 +463,93 @@ def _pairs_dot16(b: ir.IRBuilder, acc: ir.Value, m: ir.Value, p: ir.Value) -> ir
 
 def _build_kq_gemm(mod: ir.Module, name: str, nt: int, off: int, mins: bool) -> ir.Function:
     """void gemm(buf, nsb, xg, out): a repacked 16-row K-quant tile against a group of ``nt`` q8_K
-    tokens packed per superblock (``kq_group``: for each superblock, the nt tokens' 256 codes,
+    tokens packed per superblock (``kq_group_acts``: for each superblock, the nt tokens' 256 codes,
     then their 16 int16 bsums, then their float scales), so every activation sits at a constant
     offset from one pointer (with a pointer per token the loop ran out of registers); token t's
-    16 results go to ``out + 64 * t``."""
+    16 results go to ``out + 64 * t``. The 16 groups of a superblock are a loop, not unrolled
+    (unrolled, the twelve variants cost ~60 MB of LLVM memory to load)."""
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 4), name)
     fn.linkage = "internal"
     ba, nsb, xga, oa = fn.args
-    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
+    entry, sbhead, gloop, sbtail, done = (fn.append_basic_block(nm) for nm in
+                                          ("entry", "sbhead", "gloop", "sbtail", "done"))
     b = ir.IRBuilder(entry)
     bp, xp = _ptr(b, ba, i8), _ptr(b, xga, i8)
     zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
     izero = ir.Constant(v16i32, [ir.Constant(i32, 0)] * 16)
-    b.cbranch(b.icmp_unsigned(">", nsb, _c(0)), loop, done)
+    gb, gd = nt * 256, nt * (256 + 32)
+    b.cbranch(b.icmp_unsigned(">", nsb, _c(0)), sbhead, done)
 
-    b = ir.IRBuilder(loop)
+    def vload(bb: ir.IRBuilder, o: ir.Value, ty: ir.Type = v16i32) -> ir.Value:
+        return bb.load(bb.bitcast(_gep(bb, bp, o), ty.as_pointer()), align=4)
+
+    def xload(bb: ir.IRBuilder, o: ir.Value, ty: ir.Type) -> ir.Value:
+        return _load(bb, xp, o, ty)
+
+    # per superblock: its tile and group offsets, then the group loop
+    b = ir.IRBuilder(sbhead)
     sb = b.phi(i64)
     accs = [b.phi(v16f) for _ in range(nt)]
     base = b.mul(sb, _c(KQ_TILE_BYTES))
     gx = b.mul(sb, _c(nt * KQ_GROUP_BYTES))  # this superblock's codes, bsums, scales of the group
-    gb, gd = nt * 256, nt * (256 + 32)
+    b.branch(gloop)
 
-    def vload(o: ir.Value, ty: ir.Type = v16i32) -> ir.Value:
-        return b.load(b.bitcast(_gep(b, bp, o), ty.as_pointer()), align=4)
+    b = ir.IRBuilder(gloop)
+    g = b.phi(i64)
+    sums = [b.phi(v16i32) for _ in range(nt)]
+    wbase = b.add(base, b.add(_c(_KQ_CODES), b.shl(g, _c(8))))  # 4 vectors of 64 bytes a group
+    ws = [vload(b, b.add(wbase, _c(64 * j))) for j in range(4)]
+    sc = vload(b, b.add(base, b.add(_c(_KQ_SCALES), b.shl(g, _c(6)))))
+    xg0 = b.add(gx, b.shl(g, _c(4)))  # + 16 g: the group's codes of token 0
+    bg0 = b.add(gx, b.shl(g, _c(1)))  # + 2 g: its bsum
+    new_sums = []
+    for t in range(nt):
+        if off:
+            bsum = b.sext(xload(b, b.add(bg0, _c(gb + 32 * t)), i16), i32)
+            acc = _splat16(b, b.mul(bsum, ir.Constant(i32, off)), v16i32)
+        else:
+            acc = izero
+        for j in range(4):
+            xw = _splat16(b, xload(b, b.add(xg0, _c(256 * t + 4 * j)), i32), v16i32)
+            acc = _dpbusd16(b, acc, ws[j], xw)
+        new_sums.append(b.add(sums[t], b.mul(acc, sc)))
+    gn = b.add(g, _c(1))
+    g.add_incoming(_c(0), sbhead)
+    g.add_incoming(gn, gloop)
+    for phi, v in zip(sums, new_sums, strict=True):
+        phi.add_incoming(izero, sbhead)
+        phi.add_incoming(v, gloop)
+    b.cbranch(b.icmp_unsigned("<", gn, _c(16)), gloop, sbtail)
 
-    def xload(o: int, ty: ir.Type) -> ir.Value:
-        return _load(b, xp, b.add(gx, _c(o)), ty)
-
-    sumi = [izero] * nt
-    for g in range(16):
-        ws = [vload(b.add(base, _c(_KQ_CODES + 64 * (4 * g + j)))) for j in range(4)]
-        sc = vload(b.add(base, _c(_KQ_SCALES + 64 * g)))
-        for t in range(nt):
-            if off:
-                bsum = b.sext(xload(gb + 32 * t + 2 * g, i16), i32)
-                acc = _splat16(b, b.mul(bsum, ir.Constant(i32, off)), v16i32)
-            else:
-                acc = izero
-            for j in range(4):
-                acc = _dpbusd16(b, acc, ws[j], _splat16(b, xload(256 * t + 16 * g + 4 * j, i32), v16i32))
-            sumi[t] = b.add(sumi[t], b.mul(acc, sc))
+    b = ir.IRBuilder(sbtail)
     summ = [izero] * nt
     if mins:
         for h in range(8):
-            mp = vload(b.add(base, _c(_KQ_MINS + 64 * h)))
+            mp = vload(b, b.add(base, _c(_KQ_MINS + 64 * h)))
             for t in range(nt):
-                summ[t] = _pairs_dot16(b, summ[t], mp, _splat16(b, xload(gb + 32 * t + 4 * h, i32), v16i32))
-    d = vload(base, v16f)
-    dmin = vload(b.add(base, _c(64)), v16f)
+                pair = _splat16(b, xload(b, b.add(gx, _c(gb + 32 * t + 4 * h)), i32), v16i32)
+                summ[t] = _pairs_dot16(b, summ[t], mp, pair)
+    d = vload(b, base, v16f)
+    dmin = vload(b, b.add(base, _c(64)), v16f)
     new = []
     for t in range(nt):
-        s = b.fsub(b.fmul(d, b.sitofp(sumi[t], v16f)), b.fmul(dmin, b.sitofp(summ[t], v16f)))
-        xd = _splat16(b, xload(gd + 4 * t, f32), v16f)
+        s = b.fsub(b.fmul(d, b.sitofp(new_sums[t], v16f)), b.fmul(dmin, b.sitofp(summ[t], v16f)))
+        xd = _splat16(b, xload(b, b.add(gx, _c(gd + 4 * t)), f32), v16f)
         new.append(b.fadd(accs[t], b.fmul(xd, s)))
     nxt = b.add(sb, _c(1))
     sb.add_incoming(_c(0), entry)
-    sb.add_incoming(nxt, b.block)
+    sb.add_incoming(nxt, sbtail)
     for phi, v in zip(accs, new, strict=True):
         phi.add_incoming(zero, entry)
-        phi.add_incoming(v, b.block)
-    b.cbranch(b.icmp_unsigned("<", nxt, nsb), loop, done)
+        phi.add_incoming(v, sbtail)
+    b.cbranch(b.icmp_unsigned("<", nxt, nsb), sbhead, done)
 
     b = ir.IRBuilder(done)
     fins = [b.phi(v16f) for _ in range(nt)]
     op = _ptr(b, oa, i8)
     for t, fin in enumerate(fins):
         fin.add_incoming(zero, entry)
-        fin.add_incoming(new[t], loop)
+        fin.add_incoming(new[t], sbtail)
         b.store(fin, b.bitcast(_gep(b, op, _c(64 * t)), v16f.as_pointer()), align=4)
     b.ret_void()
     return fn

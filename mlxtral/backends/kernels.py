@@ -291,17 +291,19 @@ def _wdata(w: QTensor) -> np.ndarray:
 _winfo_cache: dict[int, tuple] = {}
 
 
-def _winfo(w: QTensor, T: int) -> tuple[int, np.ndarray, int]:
-    """(kind, raw data as the kernels read it, rows per work item), cached per weight: the Python
-    side of a decode step is a few dozen of these per layer."""
+def _winfo(w: QTensor, T: int) -> tuple[int, np.ndarray, int, int]:
+    """(kind, raw data as the kernels read it, rows per work item, the data's address), cached per
+    weight: the Python side of a decode step is a few dozen of these per layer."""
     key = id(w)
     hit = _winfo_cache.get(key)
     if hit is None or hit[0] is not w or hit[4] != get_num_threads():
-        hit = (w, _KINDS[w.qtype], _wdata(w), _chunk_rows(w, 1), get_num_threads(), _chunk_rows(w, 2))
+        wd = _wdata(w)
+        hit = (w, _KINDS[w.qtype], wd, _chunk_rows(w, 1), get_num_threads(), _chunk_rows(w, 2),
+               wd.ctypes.data)
         if len(_winfo_cache) > 65536:
             _winfo_cache.clear()
         _winfo_cache[key] = hit  # holds w, so the id cannot be reused while cached
-    return hit[1], hit[2], hit[3] if T == 1 else hit[5]
+    return hit[1], hit[2], hit[3] if T == 1 else hit[5], hit[6]
 
 
 class _Job:
@@ -316,7 +318,7 @@ class _Job:
 
     def add(self, x: np.ndarray, w: QTensor, out: np.ndarray, w2: QTensor | None = None) -> None:
         T = x.shape[0]
-        kind, wd, ch = _winfo(w, T)
+        kind, wd, ch, wa = _winfo(w, T)
         quant = kind not in _FLOAT_KINDS and not _exact
         q8k = kind in _Q8K_KINDS  # q8_K superblocks, or q8_0 / q8_1 blocks with the kind's offset
         key = (id(x), quant, -1 if q8k else _nb.X_OFFSETS[kind])
@@ -328,10 +330,10 @@ class _Job:
             else:
                 acts = (*_nb.prep_x(x, quant, kind), _NO_GROUP)
             self._xcache[key] = acts
-        wd2 = _winfo(w2, T)[1] if w2 is not None else wd
+        wd2, wa2 = _winfo(w2, T)[1::2] if w2 is not None else (wd, wa)
         self.keep.append((x, acts, wd, wd2, out))
-        self.nchunks = _nb.fill_task(self.table, self.n, kind, w2 is not None, quant, wd, wd2, w.shape[1],
-                                     x, *acts, out, ch, self.nchunks)
+        self.nchunks = _nb.fill_task(self.table, self.n, kind, w2 is not None, quant, wa, wa2, wd.strides[0],
+                                     wd.shape[0], w.shape[1], x, *acts, out, ch, self.nchunks)
         self.n += 1
 
     def run(self) -> None:
@@ -356,8 +358,8 @@ def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
     pool = _get_pool()
     with _run_lock:
         quant = kind not in _FLOAT_KINDS and not _exact
-        return _nb.run_one(pool.ctl, kind, w2 is not None, quant, wd, wd2, w.shape[1], x, out,
-                           _chunk_rows(w, x.shape[0]))
+        return _nb.run_one(pool.ctl, kind, w2 is not None, quant, wd.ctypes.data, wd2.ctypes.data,
+                           wd.strides[0], wd.shape[0], w.shape[1], x, out, _chunk_rows(w, x.shape[0]))
 
 
 _KQUANTS = frozenset(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
