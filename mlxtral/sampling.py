@@ -169,7 +169,8 @@ class Sampler:
             cl = cl[:n]
         probs = a[:n]
         np.subtract(cl, cl[0], out=probs)  # <= 0, the top one 0: no overflow at a small temperature
-        np.divide(probs, p.temperature, out=probs)
+        if p.temperature != 1.0:  # x / 1.0 is x, bit for bit: skip the pass
+            np.divide(probs, p.temperature, out=probs)
         np.exp(probs, out=probs)
         probs /= probs.sum()
         if not np.isfinite(probs[0]):  # NaN logits: numpy's own refusal, as before
