@@ -1,8 +1,8 @@
-"""Q4_0 with whole-block integer sums, 16 rows in the vector lanes (decode and prefill alike).
+"""16 weight rows in the vector lanes: Q4_0 (decode and prefill) and the K-quants (prefill).
 
 The arithmetic, one for every (row, token) at every batch size (batch invariance): for each
 32-weight block ``b`` in order, the block's exact integer sum ``s_b = sum_k q_k x_k - 8 sum_k x_k``
-(unsigned codes against the int8 activations; the offset through ``xo``, see ``_kernels_nb.quantize_x``),
+(unsigned codes against the int8 activations; the offset through ``xo``: ``_kernels_nb.quantize_x``),
 then ``acc = fma(float(s_b), d_b * xd_b, acc)`` in float32, starting from 0. ``s_b`` is exact
 (|s_b| < 2**24), so it does not matter how the integers are summed, only that the float steps run
 per block in order; a vector lane does exactly the scalar steps.
@@ -11,7 +11,7 @@ That frees the layout. llama.cpp's repacked Q4_0 (``ggml_gemm_q4_0_8x8_q8_0``) k
 row in one lane so the convert, the scale and the FMA are paid once per block for many rows; the
 same here, for 16 rows (``<16 x i32>``: one zmm with AVX-512):
 
-* prefill (``gemm_q4_0_n*``): a 16-row tile is first repacked (``repack_q4_0``) into a buffer that
+* prefill (``gemm_q4_0``): a 16-row tile is first repacked (``repack_q4_0``) into a buffer that
   stays in L1/L2: per block, the 16 scales as float32, then 8 vectors whose lane ``r`` holds 4
   codes of row ``r`` (unpacked to bytes). Every token then costs 8 ``vpdpbusd`` per block for all
   16 rows, the activations' 4 bytes broadcast, plus one convert, multiply and FMA.
@@ -20,11 +20,18 @@ same here, for 16 rows (``<16 x i32>``: one zmm with AVX-512):
   of block sums, then the same convert, multiply and FMA.
 * rows past a multiple of 16 (``dot1_q4_0``): one row, the same steps on scalars.
 
+The K-quants (section below) keep ``_kernels_kq``'s arithmetic, already whole-superblock (exact
+integer sums, then one float step per superblock): their prefill repacks 16-row tiles from
+``u8_pack``'s unpacked superblocks and takes those steps per lane, bit for bit what the row dots
+give; decode keeps the row dots.
+
 Without VNNI the integer dot goes through ``vpmaddubsw`` + ``vpmaddwd`` (``_kernels_ir._dot_u8s8``:
 the codes are 0..15, so the int16 pairs never saturate) and LLVM splits the 16-lane vectors where
 the target has no 512-bit registers: the same integers, the same float steps, the same bits.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 from llvmlite import ir
@@ -143,91 +150,115 @@ def _scales16(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir
     return b.fpext(b.bitcast(b.trunc(words, v16i16), v16f16), v16f)
 
 
+def _function(mod: ir.Module, name: str, ret: ir.Type, nargs: int) -> tuple[ir.Function, ir.IRBuilder]:
+    """An internal function of ``nargs`` int64 and a builder at its entry."""
+    fn = ir.Function(mod, ir.FunctionType(ret, [i64] * nargs), name)
+    fn.linkage = "internal"
+    return fn, ir.IRBuilder(fn.append_basic_block("entry"))
+
+
+def _loop(b: ir.IRBuilder, n: ir.Value, inits: list, body) -> list:
+    """``for i in range(n)`` from ``b``'s block, carrying values (``inits`` at the start):
+    ``body(b, i, values)`` emits one iteration (it may add blocks; it leaves ``b`` in the last)
+    and returns the next values. Leaves ``b`` after the loop; returns the final values (the
+    ``inits`` when n is 0)."""
+    fn = b.function
+    start = b.block
+    loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
+    b.cbranch(b.icmp_unsigned(">", n, _c(0)), loop, done)
+    b.position_at_end(loop)
+    i = b.phi(i64)
+    vals = [b.phi(v.type) for v in inits]
+    new = body(b, i, vals)
+    nxt = b.add(i, _c(1))
+    end = b.block
+    i.add_incoming(_c(0), start)
+    i.add_incoming(nxt, end)
+    for phi, v0, v in zip(vals, inits, new, strict=True):
+        phi.add_incoming(v0, start)
+        phi.add_incoming(v, end)
+    b.cbranch(b.icmp_unsigned("<", nxt, n), loop, done)
+    b.position_at_end(done)
+    fins = []
+    for v0, v in zip(inits, new, strict=True):
+        f = b.phi(v0.type)
+        f.add_incoming(v0, start)
+        f.add_incoming(v, end)
+        fins.append(f)
+    return fins
+
+
 def _build_repack(mod: ir.Module, name: str) -> ir.Function:
     """void repack(w, rb, nb, buf): 16 rows of ``nb`` Q4_0 blocks (``rb`` bytes apart) -> ``buf``
     [nb][TILE_BLOCK_BYTES]: the scales as <16 x float>, then vector g (0..7) with lane r = the codes
     of row r's elements 4g..4g+3 (low nibbles of bytes 4g.. for g < 4, high ones of 4(g-4).. after)."""
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 4), name)
-    fn.linkage = "internal"
+    fn, b = _function(mod, name, ir.VoidType(), 4)
     wa, rb, nb, ba = fn.args
-    entry, loop, done = (fn.append_basic_block(n) for n in ("entry", "loop", "done"))
-    b = ir.IRBuilder(entry)
     wp, bp = _ptr(b, wa, i8), _ptr(b, ba, i8)
-    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
-    b = ir.IRBuilder(loop)
-    blk = b.phi(i64)
-    boff = b.mul(blk, _c(Q4_BYTES))
-    obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
-    b.store(_scales16(b, wp, rb, boff), b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
-    v4i32 = ir.VectorType(i32, 4)
-    cat = [_load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v4i32) for r in range(ROWS)]
-    while len(cat) > 1:  # concatenate the 16 x <4 x i32> into one <64 x i32> (row-major)
-        n = cat[0].type.count
-        cat = [b.shuffle_vector(cat[i], cat[i + 1], _mask(list(range(2 * n)))) for i in range(0, len(cat), 2)]
-    allw = cat[0]
-    for m in range(4):  # word m of every row -> lanes
-        wm = b.shuffle_vector(allw, allw, _mask([4 * r + m for r in range(ROWS)]))
-        lo = b.and_(wm, _vconst(v16i32, 0x0F0F0F0F))
-        hi = b.and_(b.lshr(wm, _vconst(v16i32, 4)), _vconst(v16i32, 0x0F0F0F0F))
-        for g, v in ((m, lo), (m + 4, hi)):
-            p = _gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g)))
-            b.store(v, b.bitcast(p, v16i32.as_pointer()), align=4)
-    nxt = b.add(blk, _c(1))
-    blk.add_incoming(_c(0), entry)
-    blk.add_incoming(nxt, b.block)
-    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
-    ir.IRBuilder(done).ret_void()
+
+    def block(b: ir.IRBuilder, blk: ir.Value, _: list) -> list:
+        boff = b.mul(blk, _c(Q4_BYTES))
+        obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
+        b.store(_scales16(b, wp, rb, boff), b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
+        v4i32 = ir.VectorType(i32, 4)
+        cat = [_load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v4i32) for r in range(ROWS)]
+        while len(cat) > 1:  # concatenate the 16 x <4 x i32> into one <64 x i32> (row-major)
+            n = cat[0].type.count
+            pairs = zip(cat[::2], cat[1::2], strict=True)
+            cat = [b.shuffle_vector(u, v, _mask(list(range(2 * n)))) for u, v in pairs]
+        allw = cat[0]
+        for m in range(4):  # word m of every row -> lanes
+            wm = b.shuffle_vector(allw, allw, _mask([4 * r + m for r in range(ROWS)]))
+            lo = b.and_(wm, _vconst(v16i32, 0x0F0F0F0F))
+            hi = b.and_(b.lshr(wm, _vconst(v16i32, 4)), _vconst(v16i32, 0x0F0F0F0F))
+            for g, v in ((m, lo), (m + 4, hi)):
+                p = _gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g)))
+                b.store(v, b.bitcast(p, v16i32.as_pointer()), align=4)
+        return []
+
+    _loop(b, nb, [], block)
+    b.ret_void()
     return fn
+
+
+def _store16(b: ir.IRBuilder, oa: ir.Value, off: ir.Value, v: ir.Value) -> None:
+    b.store(v, b.bitcast(_gep(b, _ptr(b, oa, i8), off), v16f.as_pointer()), align=4)
+
+
+ZERO16 = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
+IZERO16 = ir.Constant(v16i32, [ir.Constant(i32, 0)] * 16)
 
 
 def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
     """void gemm(buf, nb, xq, xd, xo, n, out, ostride): a repacked 16-row tile against ``nt`` tokens
     (activation rows ``n`` int8 apart; ``xd`` nb floats apart, ``xo`` n bytes apart); token t's
     16 results go to ``out + 4 * t * ostride``."""
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 8), name)
-    fn.linkage = "internal"
+    fn, b = _function(mod, name, ir.VoidType(), 8)
     ba, nb, xa, xda, xoa, n, oa, ostride = fn.args
-    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
-    b = ir.IRBuilder(entry)
     bp = _ptr(b, ba, i8)
     xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in range(nt)]
     xops = [_ptr(b, b.add(xoa, b.mul(n, _c(t))), i8) for t in range(nt)]
     xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in range(nt)]
-    zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
-    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
 
-    b = ir.IRBuilder(loop)
-    blk = b.phi(i64)
-    accs = [b.phi(v16f) for _ in range(nt)]
-    obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
-    xoff = b.shl(blk, _c(5))
-    dw = b.load(b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
-    isums = [_splat16(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32) for t in range(nt)]
-    for g in range(8):
-        w = b.load(b.bitcast(_gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g))), v16i32.as_pointer()), align=4)
+    def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
+        obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
+        xoff = b.shl(blk, _c(5))
+        dw = b.load(b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
+        isums = [_splat16(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32) for t in range(nt)]
+        for g in range(8):
+            wq = b.bitcast(_gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g))), v16i32.as_pointer())
+            w = b.load(wq, align=4)
+            for t in range(nt):
+                xw = _splat16(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
+                isums[t] = _dpbusd16(b, isums[t], w, xw)
+        new = []
         for t in range(nt):
-            xw = _splat16(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
-            isums[t] = _dpbusd16(b, isums[t], w, xw)
-    new = []
-    for t in range(nt):
-        xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
-        new.append(_fma16(b, b.sitofp(isums[t], v16f), b.fmul(dw, _splat16(b, xd, v16f)), accs[t]))
-    nxt = b.add(blk, _c(1))
-    blk.add_incoming(_c(0), entry)
-    blk.add_incoming(nxt, b.block)
-    for phi, v in zip(accs, new, strict=True):
-        phi.add_incoming(zero, entry)
-        phi.add_incoming(v, b.block)
-    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
+            xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
+            new.append(_fma16(b, b.sitofp(isums[t], v16f), b.fmul(dw, _splat16(b, xd, v16f)), accs[t]))
+        return new
 
-    b = ir.IRBuilder(done)
-    fins = [b.phi(v16f) for _ in range(nt)]
-    op = _ptr(b, oa, i8)
-    for t, fin in enumerate(fins):
-        fin.add_incoming(zero, entry)
-        fin.add_incoming(new[t], loop)
-        p = _gep(b, op, b.mul(ostride, _c(4 * t)))
-        b.store(fin, b.bitcast(p, v16f.as_pointer()), align=4)
+    for t, fin in enumerate(_loop(b, nb, [ZERO16] * nt, block)):
+        _store16(b, oa, b.mul(ostride, _c(4 * t)), fin)
     b.ret_void()
     return fn
 
@@ -235,86 +266,58 @@ def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
 def _build_dot16(mod: ir.Module, name: str) -> ir.Function:
     """void dot16(w, rb, xq, xd, xo, nb, out): 16 rows as they lie (``rb`` bytes apart) . one token
     -> out[0..15]."""
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 7), name)
-    fn.linkage = "internal"
+    fn, b = _function(mod, name, ir.VoidType(), 7)
     wa, rb, xa, xda, xoa, nb, oa = fn.args
-    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
-    b = ir.IRBuilder(entry)
     wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
-    zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
-    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
 
-    b = ir.IRBuilder(loop)
-    blk = b.phi(i64)
-    acc = b.phi(v16f)
-    boff = b.mul(blk, _c(Q4_BYTES))
-    xoff = b.shl(blk, _c(5))
-    x = _load(b, xp, xoff, v32i8)
-    xo = _load(b, xop, xoff, v8i32)
-    # the next tile (16 rows further), 16 x 18 bytes a block: by its turn it is in cache
-    prefetch_ahead(b, wp, b.add(b.mul(rb, _c(ROWS)), b.mul(blk, _c(ROWS * Q4_BYTES))), ROWS * Q4_BYTES + 64)
-    x2 = b.shuffle_vector(x, x, _mask(list(range(32)) * 2))  # the block's activations, twice
-    xo2 = b.bitcast(b.shuffle_vector(xo, xo, _mask(list(range(8)) * 2)), v16i32)
-    lanes = []
-    for r in range(0, ROWS, 2):  # rows r and r + 1 in one 512-bit dot
-        qa = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
-        qb = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r + 1)), _c(2))), v16i8)
-        q = b.shuffle_vector(qa, qb, _mask(list(range(32))))
-        lo = b.and_(q, _vconst(v32i8, 15))
-        hi = b.lshr(q, _vconst(v32i8, 4))  # row a: lo[0:16] hi[0:16], row b: lo[16:32] hi[16:32]
-        codes = b.shuffle_vector(lo, hi, _mask([*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]))
-        lanes.append(_dpbusd16(b, xo2, b.bitcast(codes, v16i32), b.bitcast(x2, v16i32)))
-    s = _fold16(b, lanes)
-    d = _scales16(b, wp, rb, boff)
-    xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
-    new = _fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat16(b, xd, v16f)), acc)
-    nxt = b.add(blk, _c(1))
-    blk.add_incoming(_c(0), entry)
-    blk.add_incoming(nxt, b.block)
-    acc.add_incoming(zero, entry)
-    acc.add_incoming(new, b.block)
-    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
+    def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
+        boff = b.mul(blk, _c(Q4_BYTES))
+        xoff = b.shl(blk, _c(5))
+        x = _load(b, xp, xoff, v32i8)
+        xo = _load(b, xop, xoff, v8i32)
+        # the next tile (16 rows further), 16 x 18 bytes a block: by its turn it is in cache
+        ahead = b.add(b.mul(rb, _c(ROWS)), b.mul(blk, _c(ROWS * Q4_BYTES)))
+        prefetch_ahead(b, wp, ahead, ROWS * Q4_BYTES + 64)
+        x2 = b.shuffle_vector(x, x, _mask(list(range(32)) * 2))  # the block's activations, twice
+        xo2 = b.bitcast(b.shuffle_vector(xo, xo, _mask(list(range(8)) * 2)), v16i32)
+        lanes = []
+        for r in range(0, ROWS, 2):  # rows r and r + 1 in one 512-bit dot
+            qa = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
+            qb = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r + 1)), _c(2))), v16i8)
+            q = b.shuffle_vector(qa, qb, _mask(list(range(32))))
+            lo = b.and_(q, _vconst(v32i8, 15))
+            hi = b.lshr(q, _vconst(v32i8, 4))  # row a: lo[0:16] hi[0:16], row b: lo[16:32] hi[16:32]
+            order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
+            codes = b.shuffle_vector(lo, hi, _mask(order))
+            lanes.append(_dpbusd16(b, xo2, b.bitcast(codes, v16i32), b.bitcast(x2, v16i32)))
+        s = _fold16(b, lanes)
+        d = _scales16(b, wp, rb, boff)
+        xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
+        return [_fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat16(b, xd, v16f)), accs[0])]
 
-    b = ir.IRBuilder(done)
-    fin = b.phi(v16f)
-    fin.add_incoming(zero, entry)
-    fin.add_incoming(new, loop)
-    b.store(fin, b.bitcast(_ptr(b, oa, i8), v16f.as_pointer()), align=4)
+    (fin,) = _loop(b, nb, [ZERO16], block)
+    _store16(b, oa, _c(0), fin)
     b.ret_void()
     return fn
 
 
 def _build_dot1(mod: ir.Module, name: str) -> ir.Function:
     """float dot1(w, xq, xd, xo, nb): one row, the same steps on scalars."""
-    fn = ir.Function(mod, ir.FunctionType(f32, [i64] * 5), name)
-    fn.linkage = "internal"
+    fn, b = _function(mod, name, f32, 5)
     wa, xa, xda, xoa, nb = fn.args
-    entry, loop, done = (fn.append_basic_block(nm) for nm in ("entry", "loop", "done"))
-    b = ir.IRBuilder(entry)
     wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
-    zero = ir.Constant(f32, 0.0)
-    b.cbranch(b.icmp_unsigned(">", nb, _c(0)), loop, done)
-    b = ir.IRBuilder(loop)
-    blk = b.phi(i64)
-    acc = b.phi(f32)
-    boff = b.mul(blk, _c(Q4_BYTES))
-    xoff = b.shl(blk, _c(5))
-    q = _nibbles32(b, _load(b, wp, b.add(boff, _c(2)), v16i8))
-    s = _hsum_i32(b, _dot_u8s8(b, q, _load(b, xp, xoff, v32i8), _load(b, xop, xoff, v8i32)))
-    d = b.fpext(_load(b, wp, boff, f16), f32)
-    xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
-    fma = _intr(b.module, "llvm.fma.f32", f32, [f32, f32, f32])
-    new = b.call(fma, [b.sitofp(s, f32), b.fmul(d, xd), acc])
-    nxt = b.add(blk, _c(1))
-    blk.add_incoming(_c(0), entry)
-    blk.add_incoming(nxt, b.block)
-    acc.add_incoming(zero, entry)
-    acc.add_incoming(new, b.block)
-    b.cbranch(b.icmp_unsigned("<", nxt, nb), loop, done)
-    b = ir.IRBuilder(done)
-    fin = b.phi(f32)
-    fin.add_incoming(zero, entry)
-    fin.add_incoming(new, loop)
+
+    def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
+        boff = b.mul(blk, _c(Q4_BYTES))
+        xoff = b.shl(blk, _c(5))
+        q = _nibbles32(b, _load(b, wp, b.add(boff, _c(2)), v16i8))
+        s = _hsum_i32(b, _dot_u8s8(b, q, _load(b, xp, xoff, v32i8), _load(b, xop, xoff, v8i32)))
+        d = b.fpext(_load(b, wp, boff, f16), f32)
+        xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
+        fma = _intr(b.module, "llvm.fma.f32", f32, [f32, f32, f32])
+        return [b.call(fma, [b.sitofp(s, f32), b.fmul(d, xd), accs[0]])]
+
+    (fin,) = _loop(b, nb, [ir.Constant(f32, 0.0)], block)
     b.ret(fin)
     return fn
 
@@ -330,23 +333,34 @@ def repack_q4_0(typingctx, w, rb, nb, buf):
     return sig, codegen
 
 
-def _make_gemm(nt: int):
-    name = f"mlxtral_gemm{nt}_q4_0_{ISA}"
-
-    @intrinsic
-    def gemm(typingctx, buf, nb, xq, xd, xo, n, out, ostride):
-        sig = types.void(*([types.int64] * 8))
-
-        def codegen(context, builder, signature, args):
-            builder.call(_get_fn(builder.module, name, lambda m, nm: _build_gemm(m, nm, nt)), list(args))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return gemm
+NTS = (8, 4, 2, 1)  # tokens per pass over a tile: 8, then what is left by 4, 2, 1
 
 
-gemm8_q4_0, gemm4_q4_0, gemm2_q4_0, gemm1_q4_0 = (_make_gemm(nt) for nt in (8, 4, 2, 1))
+def _switch_call(builder: ir.IRBuilder, key: ir.Value, cases: dict, args: list) -> None:
+    """Call ``cases[k]`` = (name, build) for the runtime ``key`` == k (other keys: nothing)."""
+    fn = builder.function
+    end = fn.append_basic_block("switch_end")
+    sw = builder.switch(key, end)
+    for k, (name, build) in cases.items():
+        bb = fn.append_basic_block(f"case_{k}")
+        sw.add_case(ir.Constant(i64, k), bb)
+        with builder.goto_block(bb):
+            builder.call(_get_fn(builder.module, name, build), args)
+            builder.branch(end)
+    builder.position_at_end(end)
+
+
+@intrinsic
+def gemm_q4_0(typingctx, k, buf, nb, xq, xd, xo, n, out, ostride):
+    """A repacked Q4_0 tile against ``k`` (one of NTS) tokens: ``_build_gemm``."""
+    sig = types.void(*([types.int64] * 9))
+
+    def codegen(context, builder, signature, args):
+        cases = {nt: (f"mlxtral_gemm{nt}_q4_0_{ISA}", partial(_build_gemm, nt=nt)) for nt in NTS}
+        _switch_call(builder, args[0], cases, list(args[1:]))
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic
@@ -408,9 +422,9 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
             while t0 < T:  # 8 tokens a pass, then 4, 2, 1: each token's steps are the same
                 k = NT_MAX if T - t0 >= NT_MAX else (4 if T - t0 >= 4 else (2 if T - t0 >= 2 else 1))
                 xq, xd, xo = xqa + t0 * n, xda + t0 * nb * 4, xoa + t0 * n
-                _gemm(k, buf.ctypes.data, nb, xq, xd, xo, n, g.ctypes.data, ROWS)
+                gemm_q4_0(k, buf.ctypes.data, nb, xq, xd, xo, n, g.ctypes.data, ROWS)
                 if swig:
-                    _gemm(k, b1, nb, xq, xd, xo, n, u.ctypes.data, ROWS)
+                    gemm_q4_0(k, b1, nb, xq, xd, xo, n, u.ctypes.data, ROWS)
                 for j in range(k):
                     for i in range(ROWS):
                         v = g[j * ROWS + i]
@@ -422,18 +436,6 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
         for r in range(r16, r1):
             v = dot1_q4_0(wa + r * rb, xq, xd, xo, nb)
             out[t * os_ + r] = _silu_mul(v, dot1_q4_0(wa2 + r * rb, xq, xd, xo, nb)) if swig else v
-
-
-@njit(cache=_CACHE, nogil=True, inline="always")
-def _gemm(k, buf, nb, xq, xd, xo, n, oa, ostride):
-    if k == 8:
-        gemm8_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
-    elif k == 4:
-        gemm4_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
-    elif k == 2:
-        gemm2_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
-    else:
-        gemm1_q4_0(buf, nb, xq, xd, xo, n, oa, ostride)
 
 
 # ---- the K-quants: the same tiles over superblocks -------------------------------------------------
@@ -468,145 +470,85 @@ def _build_kq_gemm(mod: ir.Module, name: str, nt: int, off: int, mins: bool) -> 
     offset from one pointer (with a pointer per token the loop ran out of registers); token t's
     16 results go to ``out + 64 * t``. The 16 groups of a superblock are a loop, not unrolled
     (unrolled, the twelve variants cost ~60 MB of LLVM memory to load)."""
-    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 4), name)
-    fn.linkage = "internal"
+    fn, b = _function(mod, name, ir.VoidType(), 4)
     ba, nsb, xga, oa = fn.args
-    entry, sbhead, gloop, sbtail, done = (fn.append_basic_block(nm) for nm in
-                                          ("entry", "sbhead", "gloop", "sbtail", "done"))
-    b = ir.IRBuilder(entry)
     bp, xp = _ptr(b, ba, i8), _ptr(b, xga, i8)
-    zero = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
-    izero = ir.Constant(v16i32, [ir.Constant(i32, 0)] * 16)
-    gb, gd = nt * 256, nt * (256 + 32)
-    b.cbranch(b.icmp_unsigned(">", nsb, _c(0)), sbhead, done)
+    gb, gd = nt * 256, nt * (256 + 32)  # a superblock's bsums and scales in the group
 
-    def vload(bb: ir.IRBuilder, o: ir.Value, ty: ir.Type = v16i32) -> ir.Value:
-        return bb.load(bb.bitcast(_gep(bb, bp, o), ty.as_pointer()), align=4)
+    def vload(b: ir.IRBuilder, o: ir.Value, ty: ir.Type = v16i32) -> ir.Value:
+        return b.load(b.bitcast(_gep(b, bp, o), ty.as_pointer()), align=4)
 
-    def xload(bb: ir.IRBuilder, o: ir.Value, ty: ir.Type) -> ir.Value:
-        return _load(bb, xp, o, ty)
+    def superblock(b: ir.IRBuilder, sb: ir.Value, accs: list) -> list:
+        base = b.mul(sb, _c(KQ_TILE_BYTES))
+        gx = b.mul(sb, _c(nt * KQ_GROUP_BYTES))  # this superblock's codes, bsums, scales of the group
 
-    # per superblock: its tile and group offsets, then the group loop
-    b = ir.IRBuilder(sbhead)
-    sb = b.phi(i64)
-    accs = [b.phi(v16f) for _ in range(nt)]
-    base = b.mul(sb, _c(KQ_TILE_BYTES))
-    gx = b.mul(sb, _c(nt * KQ_GROUP_BYTES))  # this superblock's codes, bsums, scales of the group
-    b.branch(gloop)
-
-    b = ir.IRBuilder(gloop)
-    g = b.phi(i64)
-    sums = [b.phi(v16i32) for _ in range(nt)]
-    wbase = b.add(base, b.add(_c(_KQ_CODES), b.shl(g, _c(8))))  # 4 vectors of 64 bytes a group
-    ws = [vload(b, b.add(wbase, _c(64 * j))) for j in range(4)]
-    sc = vload(b, b.add(base, b.add(_c(_KQ_SCALES), b.shl(g, _c(6)))))
-    xg0 = b.add(gx, b.shl(g, _c(4)))  # + 16 g: the group's codes of token 0
-    bg0 = b.add(gx, b.shl(g, _c(1)))  # + 2 g: its bsum
-    new_sums = []
-    for t in range(nt):
-        if off:
-            bsum = b.sext(xload(b, b.add(bg0, _c(gb + 32 * t)), i16), i32)
-            acc = _splat16(b, b.mul(bsum, ir.Constant(i32, off)), v16i32)
-        else:
-            acc = izero
-        for j in range(4):
-            xw = _splat16(b, xload(b, b.add(xg0, _c(256 * t + 4 * j)), i32), v16i32)
-            acc = _dpbusd16(b, acc, ws[j], xw)
-        new_sums.append(b.add(sums[t], b.mul(acc, sc)))
-    gn = b.add(g, _c(1))
-    g.add_incoming(_c(0), sbhead)
-    g.add_incoming(gn, gloop)
-    for phi, v in zip(sums, new_sums, strict=True):
-        phi.add_incoming(izero, sbhead)
-        phi.add_incoming(v, gloop)
-    b.cbranch(b.icmp_unsigned("<", gn, _c(16)), gloop, sbtail)
-
-    b = ir.IRBuilder(sbtail)
-    summ = [izero] * nt
-    if mins:
-        for h in range(8):
-            mp = vload(b, b.add(base, _c(_KQ_MINS + 64 * h)))
+        def group(b: ir.IRBuilder, g: ir.Value, sums: list) -> list:
+            wbase = b.add(base, b.add(_c(_KQ_CODES), b.shl(g, _c(8))))  # 4 vectors of 64 bytes
+            ws = [vload(b, b.add(wbase, _c(64 * j))) for j in range(4)]
+            sc = vload(b, b.add(base, b.add(_c(_KQ_SCALES), b.shl(g, _c(6)))))
+            xg0 = b.add(gx, b.shl(g, _c(4)))  # + 16 g: the group's codes of token 0
+            bg0 = b.add(gx, b.shl(g, _c(1)))  # + 2 g: its bsum
+            new = []
             for t in range(nt):
-                pair = _splat16(b, xload(b, b.add(gx, _c(gb + 32 * t + 4 * h)), i32), v16i32)
-                summ[t] = _pairs_dot16(b, summ[t], mp, pair)
-    d = vload(b, base, v16f)
-    dmin = vload(b, b.add(base, _c(64)), v16f)
-    new = []
-    for t in range(nt):
-        s = b.fsub(b.fmul(d, b.sitofp(new_sums[t], v16f)), b.fmul(dmin, b.sitofp(summ[t], v16f)))
-        xd = _splat16(b, xload(b, b.add(gx, _c(gd + 4 * t)), f32), v16f)
-        new.append(b.fadd(accs[t], b.fmul(xd, s)))
-    nxt = b.add(sb, _c(1))
-    sb.add_incoming(_c(0), entry)
-    sb.add_incoming(nxt, sbtail)
-    for phi, v in zip(accs, new, strict=True):
-        phi.add_incoming(zero, entry)
-        phi.add_incoming(v, sbtail)
-    b.cbranch(b.icmp_unsigned("<", nxt, nsb), sbhead, done)
+                acc = IZERO16
+                if off:
+                    bsum = b.sext(_load(b, xp, b.add(bg0, _c(gb + 32 * t)), i16), i32)
+                    acc = _splat16(b, b.mul(bsum, ir.Constant(i32, off)), v16i32)
+                for j in range(4):
+                    xw = _splat16(b, _load(b, xp, b.add(xg0, _c(256 * t + 4 * j)), i32), v16i32)
+                    acc = _dpbusd16(b, acc, ws[j], xw)
+                new.append(b.add(sums[t], b.mul(acc, sc)))
+            return new
 
-    b = ir.IRBuilder(done)
-    fins = [b.phi(v16f) for _ in range(nt)]
-    op = _ptr(b, oa, i8)
-    for t, fin in enumerate(fins):
-        fin.add_incoming(zero, entry)
-        fin.add_incoming(new[t], sbtail)
-        b.store(fin, b.bitcast(_gep(b, op, _c(64 * t)), v16f.as_pointer()), align=4)
+        sumi = _loop(b, _c(16), [IZERO16] * nt, group)
+        summ = [IZERO16] * nt
+        if mins:
+            for h in range(8):
+                mp = vload(b, b.add(base, _c(_KQ_MINS + 64 * h)))
+                for t in range(nt):
+                    pair = _splat16(b, _load(b, xp, b.add(gx, _c(gb + 32 * t + 4 * h)), i32), v16i32)
+                    summ[t] = _pairs_dot16(b, summ[t], mp, pair)
+        d = vload(b, base, v16f)
+        dmin = vload(b, b.add(base, _c(64)), v16f)
+        new = []
+        for t in range(nt):  # row_dot_direct's float steps: acc + xd * (d * sumi - dmin * summ)
+            s = b.fsub(b.fmul(d, b.sitofp(sumi[t], v16f)), b.fmul(dmin, b.sitofp(summ[t], v16f)))
+            xd = _splat16(b, _load(b, xp, b.add(gx, _c(gd + 4 * t)), f32), v16f)
+            new.append(b.fadd(accs[t], b.fmul(xd, s)))
+        return new
+
+    for t, fin in enumerate(_loop(b, nsb, [ZERO16] * nt, superblock)):
+        _store16(b, oa, _c(64 * t), fin)
     b.ret_void()
     return fn
 
 
-def _make_kq_gemm(nt: int, off: int, mins: bool):
-    name = f"mlxtral_kq_gemm{nt}_{-off}{'m' if mins else ''}_{ISA}"
-
-    @intrinsic
-    def gemm(typingctx, buf, nsb, xg, out):
-        sig = types.void(*([types.int64] * 4))
-
-        def codegen(context, builder, signature, args):
-            fn = _get_fn(builder.module, name, lambda m, nm: _build_kq_gemm(m, nm, nt, off, mins))
-            builder.call(fn, list(args))
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return gemm
-
-
-# by family: with mins (Q4_K, Q5_K, Q2_K), Q6_K's offset -32, Q3_K's -4; 8, 4, 2, 1 tokens
-kq_gemm8_m, kq_gemm4_m, kq_gemm2_m, kq_gemm1_m = (_make_kq_gemm(nt, 0, True) for nt in (8, 4, 2, 1))
-kq_gemm8_o32, kq_gemm4_o32, kq_gemm2_o32, kq_gemm1_o32 = (_make_kq_gemm(t, -32, False) for t in (8, 4, 2, 1))
-kq_gemm8_o4, kq_gemm4_o4, kq_gemm2_o4, kq_gemm1_o4 = (_make_kq_gemm(nt, -4, False) for nt in (8, 4, 2, 1))
+# per family: with mins (Q4_K, Q5_K, Q2_K), Q6_K's code offset -32, Q3_K's -4
+KQ_FAMILIES = ((0, True), (-32, False), (-4, False))
 KQ_TILE_MIN_T = 16  # fewer tokens: _kernels_kq's row dots (the repack costs ~10-16 tokens' row dots)
 
 
+@intrinsic
+def kq_gemm(typingctx, family, k, buf, nsb, xg, out):
+    """A repacked K-quant tile of ``family`` (an index into KQ_FAMILIES) against ``k`` (one of NTS)
+    grouped tokens: ``_build_kq_gemm``."""
+    sig = types.void(*([types.int64] * 6))
+
+    def codegen(context, builder, signature, args):
+        cases = {}
+        for f, (off, mins) in enumerate(KQ_FAMILIES):
+            for nt in NTS:
+                name = f"mlxtral_kq_gemm{nt}_{-off}{'m' if mins else ''}_{ISA}"
+                cases[16 * f + nt] = (name, partial(_build_kq_gemm, nt=nt, off=off, mins=mins))
+        _switch_call(builder, builder.add(builder.mul(args[0], _c(16)), args[1]), cases, list(args[2:]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=_CACHE, nogil=True, inline="always")
-def _kq_gemm(kind, k, buf, nsb, xg, oa):
-    if kind == K_Q6_K:
-        if k == 8:
-            kq_gemm8_o32(buf, nsb, xg, oa)
-        elif k == 4:
-            kq_gemm4_o32(buf, nsb, xg, oa)
-        elif k == 2:
-            kq_gemm2_o32(buf, nsb, xg, oa)
-        else:
-            kq_gemm1_o32(buf, nsb, xg, oa)
-    elif kind == K_Q3_K:
-        if k == 8:
-            kq_gemm8_o4(buf, nsb, xg, oa)
-        elif k == 4:
-            kq_gemm4_o4(buf, nsb, xg, oa)
-        elif k == 2:
-            kq_gemm2_o4(buf, nsb, xg, oa)
-        else:
-            kq_gemm1_o4(buf, nsb, xg, oa)
-    elif k == 8:
-        kq_gemm8_m(buf, nsb, xg, oa)
-    elif k == 4:
-        kq_gemm4_m(buf, nsb, xg, oa)
-    elif k == 2:
-        kq_gemm2_m(buf, nsb, xg, oa)
-    else:
-        kq_gemm1_m(buf, nsb, xg, oa)
+def _kq_family(kind):
+    return 1 if kind == K_Q6_K else (2 if kind == K_Q3_K else 0)
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -701,9 +643,9 @@ def kq_run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, xga, out, 
         while t0 < T:
             k = _group_size(T - t0)
             xo = xga + t0 * nsb * KQ_GROUP_BYTES
-            _kq_gemm(kind, k, buf.ctypes.data, nsb, xo, g.ctypes.data)
+            kq_gemm(_kq_family(kind), k, buf.ctypes.data, nsb, xo, g.ctypes.data)
             if swig:
-                _kq_gemm(kind, k, buf.ctypes.data + half, nsb, xo, u.ctypes.data)
+                kq_gemm(_kq_family(kind), k, buf.ctypes.data + half, nsb, xo, u.ctypes.data)
             for j in range(k):
                 for i in range(ROWS):
                     v = g[j * ROWS + i]
