@@ -50,12 +50,14 @@ How it is fast
 * **Prefill** (``T > 1``) computes every (row, token) with the very arithmetic of decode
   (**batch invariance**: a position's logits are bit-identical whatever the chunking of the
   prompt, one token at a time after a cache hit included). Block types quantize each token row to
-  int8 blocks on its own and dot it four tokens at a time (``dot4_*``: each weight block unpacked
-  once for four tokens, its sums in exactly the one-token ``dot_*``'s order, so the same bits;
-  ~1.5x over one token at a time); float types dot with our own row kernel, one summation order
-  at every T (F16/BF16 rows converted once to float32, exactly, then reused for every token).
-  Each chunk of rows (~16 KB) stays in L1 while every token passes over it. No BLAS (its
-  summation order depends on the batch shape).
+  int8 blocks on its own; Q4_0 (from 2 tokens) and the K-quants (from 16) repack 16-row tiles and
+  run 8 tokens per pass (``_kernels_tile``), the other block types dot a row four tokens at a
+  time (``dot4_*``: each weight block unpacked once for four tokens, its sums in exactly the
+  one-token ``dot_*``'s order, so the same bits; ~1.5x over one token at a time); float types dot
+  with our own row kernel, one summation order at every T (F16/BF16 rows converted once to
+  float32, exactly, then reused for every token). Each chunk of rows (~16 KB, or two tiles) stays
+  in L1/L2 while every token passes over it. No BLAS (its summation order depends on the batch
+  shape).
 * **Around the matmuls**: ``attend`` (attention over the KV cache as it lies, one numba call; each
   query row, prefill or decode, through the same per-row kernel) and ``rms_norm`` replace a
   handful of tiny NumPy/BLAS calls each (~30 us per tiny BLAS call).
