@@ -13,7 +13,8 @@ different greedy completion request (distinct prompts, so the prompt cache does 
 level: wall time, aggregate generated tok/s (all streams' tokens / wall time), per-stream tok/s,
 TTFT median and max (request sent -> first text chunk), and the steady-state decode rate (text
 chunks, about one token each, of all streams while every stream is past its first token and none
-has ended, per second). A warm-up request runs first.
+has ended, per second). A warm-up request runs first. ``--rounds N`` runs the levels N times,
+alternating, and reports medians, the speedup as the median of each round's own ratio.
 """
 from __future__ import annotations
 
@@ -87,6 +88,23 @@ def level(client: Any, streams: int, tokens: int, prompt_words: int) -> dict[str
             "ttft_median_s": round(statistics.median(ttfts), 3), "ttft_max_s": round(max(ttfts), 3)}
 
 
+def summarize(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per level, the median over rounds of each figure, and (when 1 stream was measured) the
+    median of each round's aggregate tok/s over that round's single stream: one stream's rate
+    moves most from run to run here, so a ratio is taken within a round, never across."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        rs = [rows[i] for rows in rounds]
+        row: dict[str, Any] = {"streams": first["streams"], "rounds": len(rs)}
+        for key in ("aggregate_tok_s", "steady_tok_s", "per_stream_tok_s", "ttft_median_s", "ttft_max_s"):
+            row[key] = round(statistics.median(r[key] for r in rs), 3)
+        if rounds[0][0]["streams"] == 1:
+            row["speedup"] = round(statistics.median(rows[i]["aggregate_tok_s"] / rows[0]["aggregate_tok_s"]
+                                                     for rows in rounds), 3)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", help="model file (default: the demo model)")
@@ -98,6 +116,8 @@ def main() -> None:
     ap.add_argument("-c", "--max-context", type=int, default=1024)
     ap.add_argument("-t", "--threads", type=int)
     ap.add_argument("--prefill-chunk", type=int, help="the server's --prefill-chunk (default: its own)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every level this many times, alternating; report medians (ratios per round)")
     ap.add_argument("--json", help="also write the results here")
     a = ap.parse_args()
     import openai
@@ -109,18 +129,24 @@ def main() -> None:
     try:
         client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
         one(client, "warm up", 4, [])
-        rows = []
-        for n in a.streams:
-            r = level(client, n, a.tokens, a.prompt_words)
-            rows.append(r)
+        rounds = []
+        for k in range(max(1, a.rounds)):
+            rows = []
+            for n in a.streams:
+                r = level(client, n, a.tokens, a.prompt_words)
+                rows.append(r)
+                print(json.dumps({"round": k, **r}), flush=True)
+            rounds.append(rows)
+        summary = summarize(rounds)
+        for r in summary:
             print(json.dumps(r), flush=True)
-        one_tps = rows[0]["aggregate_tok_s"] if rows and rows[0]["streams"] == 1 else None
-        if one_tps:
-            ups = [f"{r['streams']}: {r['aggregate_tok_s'] / one_tps:.2f}x" for r in rows]
-            print("speedup over 1 stream: " + ", ".join(ups))
+        if summary and "speedup" in summary[0]:
+            print("speedup over 1 stream (median of the rounds' ratios): "
+                  + ", ".join(f"{r['streams']}: {r['speedup']:.2f}x" for r in summary))
         if a.json:
             with open(a.json, "w") as f:
-                out = {"model": a.model or "demo", "url": url, "tokens": a.tokens, "rows": rows}
+                out = {"model": a.model or "demo", "url": url, "tokens": a.tokens, "rounds": rounds,
+                       "summary": summary}
                 json.dump(out, f, indent=1)
     finally:
         if proc is not None:
