@@ -15,7 +15,6 @@ from mlxtral.backends._kernels_iq import run_rows as iq_run_rows
 from mlxtral.backends._kernels_iq import run_rows_exact as iq_run_rows_exact
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
-    HAVE_AVX2,
     NTOK,
     X_OFFSET,
     atomic_add,
@@ -56,8 +55,8 @@ from mlxtral.backends._kernels_ir import (
 from mlxtral.backends._kernels_kq import K_Q2_K, KQ_FIRST
 from mlxtral.backends._kernels_kq import run_rows as kq_run_rows
 from mlxtral.backends._kernels_kq import run_rows_exact as kq_run_rows_exact
-from mlxtral.backends._kernels_tile import KQ_TILE_MIN_T
 from mlxtral.backends._kernels_tile import kq_run_rows as kq_tile_rows
+from mlxtral.backends._kernels_tile import kq_tiles
 from mlxtral.backends._kernels_tile import run_rows as q4_0_run_rows
 
 # job table fields
@@ -344,7 +343,7 @@ def run_chunk(table, c):
             iq_run_rows_exact(swig, wa, wa2, rb, n, T, r0, r1, xa, out, os_)
         return
     if q8k_kind(kind):  # K-quants (_kernels_kq): q8_K activations, or float32 ones in exact mode
-        if quant and T >= KQ_TILE_MIN_T and HAVE_AVX2:  # 16-row tiles (_kernels_tile): the same bits
+        if quant and kq_tiles(T):  # 16-row tiles (_kernels_tile): the same bits
             kq_tile_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, table[ti, F_XQ], table[ti, F_XD],
                          table[ti, F_XS], table[ti, F_XG], out, os_)
         elif quant:

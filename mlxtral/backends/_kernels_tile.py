@@ -388,6 +388,21 @@ _CACHE = not FORCED_GENERIC  # as _kernels_nb: a forced lower ISA neither loads 
 TILE_MIN_T = 2  # tokens from which a task's rows are repacked into tiles (fewer: dotted where they lie)
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _group_size(left):
+    return NT_MAX if left >= NT_MAX else (4 if left >= 4 else (2 if left >= 2 else 1))
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _emit(out, os_, t0, r, k, g, u, swig):
+    """Tokens t0..t0+k of rows r..r+15 from ``g`` (and ``u``: ``silu(g) * u`` with ``swig``), each
+    token's 16 values ROWS apart, into ``out`` (token rows ``os_`` apart)."""
+    for j in range(k):
+        for i in range(ROWS):
+            v = g[j * ROWS + i]
+            out[(t0 + j) * os_ + r + i] = _silu_mul(v, u[j * ROWS + i]) if swig else v
+
+
 @njit(cache=_CACHE, nogil=True)
 def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
     """Q4_0 output rows ``r0..r1`` of a task, every token: ``out[t * os_ + r]`` = row r . token t
@@ -407,8 +422,7 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
                 dot16_q4_0(wa + r * rb, rb, xq, xd, xo, nb, g.ctypes.data)
                 if swig:
                     dot16_q4_0(wa2 + r * rb, rb, xq, xd, xo, nb, u.ctypes.data)
-                for j in range(ROWS):
-                    out[t * os_ + r + j] = _silu_mul(g[j], u[j]) if swig else g[j]
+                _emit(out, os_, t, r, 1, g, u, swig)
     else:
         nm = 2 if swig else 1
         buf = np.empty(nm * nb * TILE_BLOCK_BYTES, dtype=np.uint8)
@@ -420,15 +434,12 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
                 repack_q4_0(wa2 + r * rb, rb, nb, b1)
             t0 = 0
             while t0 < T:  # 8 tokens a pass, then 4, 2, 1: each token's steps are the same
-                k = NT_MAX if T - t0 >= NT_MAX else (4 if T - t0 >= 4 else (2 if T - t0 >= 2 else 1))
+                k = _group_size(T - t0)
                 xq, xd, xo = xqa + t0 * n, xda + t0 * nb * 4, xoa + t0 * n
                 gemm_q4_0(k, buf.ctypes.data, nb, xq, xd, xo, n, g.ctypes.data, ROWS)
                 if swig:
                     gemm_q4_0(k, b1, nb, xq, xd, xo, n, u.ctypes.data, ROWS)
-                for j in range(k):
-                    for i in range(ROWS):
-                        v = g[j * ROWS + i]
-                        out[(t0 + j) * os_ + r + i] = _silu_mul(v, u[j * ROWS + i]) if swig else v
+                _emit(out, os_, t0, r, k, g, u, swig)
                 t0 += k
         buf[0] = 0
     for t in range(T):  # the rows past the last tile
@@ -528,6 +539,13 @@ KQ_FAMILIES = ((0, True), (-32, False), (-4, False))
 KQ_TILE_MIN_T = 16  # fewer tokens: _kernels_kq's row dots (the repack costs ~10-16 tokens' row dots)
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def kq_tiles(T):
+    """Whether a K-quant task of T tokens runs in tiles (``kq_run_rows``, with ``kq_group_acts``'
+    grouped activations) rather than ``_kernels_kq``'s row dots: the one test both sides use."""
+    return T >= KQ_TILE_MIN_T and HAVE_AVX2
+
+
 @intrinsic
 def kq_gemm(typingctx, family, k, buf, nsb, xg, out):
     """A repacked K-quant tile of ``family`` (an index into KQ_FAMILIES) against ``k`` (one of NTS)
@@ -551,11 +569,6 @@ def _kq_family(kind):
     return 1 if kind == K_Q6_K else (2 if kind == K_Q3_K else 0)
 
 
-@njit(cache=_CACHE, nogil=True, inline="always")
-def _group_size(left):
-    return NT_MAX if left >= NT_MAX else (4 if left >= 4 else (2 if left >= 2 else 1))
-
-
 @njit(cache=_CACHE, nogil=True)
 def kq_group_acts(xq, xd, bs):
     """q8_K activations (``quantize_q8k``: codes int8 [T, n], scales float32 [T, n/256], bsums
@@ -564,7 +577,7 @@ def kq_group_acts(xq, xd, bs):
     the tiles will run (else a placeholder)."""
     T, n = xq.shape
     nsb = n // 256
-    if T < KQ_TILE_MIN_T or not HAVE_AVX2:
+    if not kq_tiles(T):
         return np.zeros(1, dtype=np.uint8)
     xg = np.empty(T * nsb * KQ_GROUP_BYTES, dtype=np.uint8)
     xq = xq.reshape(T * n).view(np.uint8)
@@ -624,7 +637,7 @@ def kq_repack(kind, wa, rb, nsb, buf, stage):
 
 @njit(cache=_CACHE, nogil=True)
 def kq_run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, xga, out, os_):
-    """``_kernels_kq.run_rows`` for T >= KQ_TILE_MIN_T, the activations also grouped at ``xga``
+    """``_kernels_kq.run_rows`` where ``kq_tiles(T)``, the activations also grouped at ``xga``
     (``kq_group_acts``): whole 16-row tiles here, the rows after the last tile there (the same
     bits either way)."""
     nsb = n // 256
@@ -646,10 +659,7 @@ def kq_run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, xga, out, 
             kq_gemm(_kq_family(kind), k, buf.ctypes.data, nsb, xo, g.ctypes.data)
             if swig:
                 kq_gemm(_kq_family(kind), k, buf.ctypes.data + half, nsb, xo, u.ctypes.data)
-            for j in range(k):
-                for i in range(ROWS):
-                    v = g[j * ROWS + i]
-                    out[(t0 + j) * os_ + r + i] = _silu_mul(v, u[j * ROWS + i]) if swig else v
+            _emit(out, os_, t0, r, k, g, u, swig)
             t0 += k
     if r16 < r1:
         kq_row_dots(kind, swig, wa, wa2, rb, n, T, r16, r1, xqa, xda, bsa, out, os_)

@@ -105,7 +105,8 @@ _KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "F32": 3, "F16": 4, "BF16": 5,
 _FLOAT_KINDS = (3, 4, 5)  # the rest are block types: int8-quantized activations unless exact
 # kinds taking q8_K activations (256-blocks), as llama.cpp's K-quant and IQ4_XS vec_dots; the other
 # block types take q8_0 blocks (Q4_0, Q8_0, Q5_0, IQ4_NL) or q8_1 ones (Q4_1, Q5_1): quantize_x
-_Q8K_KINDS = frozenset((6, 7, 8, 9, 10, 14))
+_KQ_KINDS = frozenset((6, 7, 8, 9, 10))  # the K-quants
+_Q8K_KINDS = _KQ_KINDS | {14}
 _MODE_LINEAR, _MODE_SWIGLU = 0, 1
 
 HAVE_NUMBA = False
@@ -364,7 +365,6 @@ def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
                            wd.strides[0], wd.shape[0], w.shape[1], x, out, _chunk_rows(w, x.shape[0]))
 
 
-_KQUANTS = frozenset(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"))
 _TILE = 16  # rows of a Q4_0 / K-quant tile (_kernels_tile.ROWS: a test checks)
 _CHUNK_BYTES_MAX = env_int("MLXTRAL_CHUNK_KB_MAX", 4096, 16, 1 << 20, "KB") * 1024
 _CHUNKS_PER_THREAD = env_int("MLXTRAL_CHUNKS_PER_THREAD", 4, 1, 64)
@@ -384,7 +384,7 @@ def _chunk_rows(w: QTensor, T: int) -> int:
         rows = max(4, target // row_bytes)
     if w.qtype == "Q4_0":  # whole 16-row tiles (_kernels_tile.ROWS); prefill: two tiles an item
         rows = max(_TILE, rows // _TILE * _TILE if T == 1 else 2 * _TILE)
-    elif T > 1 and w.qtype in _KQUANTS:  # K-quant prefill: tiles too
+    elif T > 1 and _KINDS[w.qtype] in _KQ_KINDS:  # K-quant prefill: tiles too
         rows = 2 * _TILE
     return rows
 
