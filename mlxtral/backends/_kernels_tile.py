@@ -44,13 +44,16 @@ from mlxtral.backends._kernels_ir import (
     HAVE_VNNI,
     ISA,
     _dot_u8s8,
+    _fma,
     _gep,
     _get_fn,
     _intr,
     _load,
+    _maddubs,
     _mask,
     _nibbles32,
     _ptr,
+    _splat,
     _vconst,
     f16,
     f32,
@@ -60,6 +63,7 @@ from mlxtral.backends._kernels_ir import (
     i64,
     prefetch_ahead,
     ptr_u8,
+    v8f,
     v8i32,
     v16i8,
     v32i8,
@@ -266,6 +270,8 @@ def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
 def _build_dot16(mod: ir.Module, name: str) -> ir.Function:
     """void dot16(w, rb, xq, xd, xo, nb, out): 16 rows as they lie (``rb`` bytes apart) . one token
     -> out[0..15]."""
+    if HAVE_AVX2 and not HAVE_VNNI:
+        return _build_dot16_avx2(mod, name)
     fn, b = _function(mod, name, ir.VoidType(), 7)
     wa, rb, xa, xda, xoa, nb, oa = fn.args
     wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
@@ -299,6 +305,75 @@ def _build_dot16(mod: ir.Module, name: str) -> ir.Function:
     _store16(b, oa, _c(0), fin)
     b.ret_void()
     return fn
+
+
+def _phaddw(b: ir.IRBuilder, u: ir.Value, v: ir.Value) -> ir.Value:
+    """AVX2 ``vphaddw``: per 128-bit half, u's adjacent int16 pairs summed, then v's (wrapping)."""
+    return b.call(_intr(b.module, "llvm.x86.avx2.phadd.w", v16i16, [v16i16, v16i16]), [u, v])
+
+
+def _scales8(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir.Value:
+    """The f16 scales of block ``boff`` of 8 rows ``rb`` bytes apart -> <8 x float>: each row's
+    block start loaded as <8 x i16> (within its 18 bytes) and their first words gathered by an
+    unpack tree (AVX2's gather is slower than these loads)."""
+    v8i16, v4i32, v2i64 = (ir.VectorType(t, n) for t, n in ((i16, 8), (i32, 4), (i64, 2)))
+    vs = [_load(b, wp, b.add(boff, b.mul(rb, _c(r))), v8i16) for r in range(8)]
+    l1 = [b.bitcast(b.shuffle_vector(vs[2 * i], vs[2 * i + 1], _mask([0, 8, 1, 9, 2, 10, 3, 11])), v4i32)
+          for i in range(4)]
+    l2 = [b.bitcast(b.shuffle_vector(l1[2 * i], l1[2 * i + 1], _mask([0, 4, 1, 5])), v2i64) for i in range(2)]
+    words = b.bitcast(b.shuffle_vector(l2[0], l2[1], _mask([0, 2])), v8i16)
+    return b.fpext(b.bitcast(words, ir.VectorType(f16, 8)), v8f)
+
+
+def _build_dot16_avx2(mod: ir.Module, name: str) -> ir.Function:
+    """``dot16`` for AVX2 without VNNI: two passes of 8 rows (one ymm of row sums each; 16 rows'
+    vectors would not fit AVX2's 16 registers). Per row and block, the codes as [low nibbles |
+    high nibbles] (one broadcast load, ``vpsrlvq`` by 0 / 4, ``and``) and one ``vpmaddubsw``
+    against the activations: 16 int16 pair sums, |.| <= 2 * 15 * 127. The 8 rows' pair sums are
+    added in int16 while they fit (three ``vphaddw`` levels: 16 products, |.| <= 30480 < 2**15,
+    exact), then widened: each row's block sum but the offset, which is the same for every row
+    (the sum of ``xo``'s 8 lanes, -8 * sum(x)), added once. The same exact integers as the
+    16-lane path, then the same convert, multiply and FMA per row: the same bits."""
+    fn, b = _function(mod, name, ir.VoidType(), 7)
+    wa, rb, xa, xda, xoa, nb, oa = fn.args
+    xp, xop, xdp = (_ptr(b, a, i8) for a in (xa, xoa, xda))
+    v4i64 = ir.VectorType(i64, 4)
+    zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
+    op = _ptr(b, oa, i8)
+    for half in range(2):
+        wp = _ptr(b, b.add(wa, b.mul(rb, _c(8 * half))), i8)
+
+        def block(b: ir.IRBuilder, blk: ir.Value, accs: list, wp: ir.Value = wp) -> list:
+            boff = b.mul(blk, _c(Q4_BYTES))
+            xoff = b.shl(blk, _c(5))
+            x = _load(b, xp, xoff, v32i8)
+            # the next 8 rows: by their turn (or the next tile's) they are in cache
+            prefetch_ahead(b, wp, b.add(b.mul(rb, _c(8)), b.mul(blk, _c(8 * Q4_BYTES))), 8 * Q4_BYTES + 64)
+            pairs = []
+            for r in range(8):
+                q = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
+                qq = b.bitcast(b.shuffle_vector(q, q, _mask(list(range(16)) * 2)), v4i64)
+                nib = b.bitcast(b.lshr(qq, ir.Constant(v4i64, [0, 0, 4, 4])), v32i8)
+                pairs.append(_maddubs(b, b.and_(nib, _vconst(v32i8, 15)), x))
+            l1 = [_phaddw(b, pairs[2 * i], pairs[2 * i + 1]) for i in range(4)]
+            # 128-bit half h of l3: the 8 rows' sums over the activations' half h
+            l3 = _phaddw(b, _phaddw(b, l1[0], l1[1]), _phaddw(b, l1[2], l1[3]))
+            s = b.add(b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8)))), v8i32),
+                      b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8, 16)))), v8i32))
+            xo = _load(b, xop, xoff, v8i32)
+            s = b.add(s, _splat8i(b, _hsum_i32(b, xo)))
+            xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
+            return [_fma(b, b.sitofp(s, v8f), b.fmul(_scales8(b, wp, rb, boff), _splat(b, xd)), accs[0])]
+
+        (fin,) = _loop(b, nb, [zero], block)
+        b.store(fin, b.bitcast(_gep(b, op, _c(32 * half)), v8f.as_pointer()), align=4)
+    b.ret_void()
+    return fn
+
+
+def _splat8i(b: ir.IRBuilder, s: ir.Value) -> ir.Value:
+    v = b.insert_element(ir.Constant(v8i32, ir.Undefined), s, ir.Constant(i32, 0))
+    return b.shuffle_vector(v, v, _mask([0] * 8))
 
 
 def _build_dot1(mod: ir.Module, name: str) -> ir.Function:
