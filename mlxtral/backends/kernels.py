@@ -348,21 +348,20 @@ class _Job:
 
 
 def _run_one(x: np.ndarray, w: QTensor, w2: QTensor | None) -> np.ndarray:
-    kind = _KINDS[w.qtype]
+    T = x.shape[0]
+    out = np.empty((T, w.shape[0]), dtype=np.float32)
+    kind, wd, ch, wa = _winfo(w, T)
     if kind in _Q8K_KINDS:  # K-quants, IQ4_XS: their own activation type, through a one-task job
         job = _Job(1)
-        out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
         job.add(x, w, out, w2)
         job.run()
         return out
-    wd = _wdata(w)
-    wd2 = _wdata(w2) if w2 is not None else wd
-    out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    wa2 = _winfo(w2, T)[3] if w2 is not None else wa
     pool = _get_pool()
     with _run_lock:
         quant = kind not in _FLOAT_KINDS and not _exact
-        return _nb.run_one(pool.ctl, kind, w2 is not None, quant, wd.ctypes.data, wd2.ctypes.data,
-                           wd.strides[0], wd.shape[0], w.shape[1], x, out, _chunk_rows(w, x.shape[0]))
+        return _nb.run_one(pool.ctl, kind, w2 is not None, quant, wa, wa2, wd.strides[0], wd.shape[0],
+                           w.shape[1], x, out, ch)
 
 
 _TILE = 16  # rows of a Q4_0 / K-quant tile (_kernels_tile.ROWS: a test checks)
