@@ -267,13 +267,15 @@ def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
     return fn
 
 
-def _build_dot16(mod: ir.Module, name: str) -> ir.Function:
-    """void dot16(w, rb, xq, xd, xo, nb, out): 16 rows as they lie (``rb`` bytes apart) . one token
-    -> out[0..15]."""
+def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
+    """void dot16(w, rb, xq, xd, xo, nb, n, out): 16 rows as they lie (``rb`` bytes apart) . ``nt``
+    tokens (activation rows ``n`` int8 apart, as ``gemm``'s) -> out[16 t .. 16 t + 15] for token t.
+    More than one token only on the AVX2 path (:data:`DOT16_NT`)."""
     if HAVE_AVX2 and not HAVE_VNNI:
-        return _build_dot16_avx2(mod, name)
-    fn, b = _function(mod, name, ir.VoidType(), 7)
-    wa, rb, xa, xda, xoa, nb, oa = fn.args
+        return _build_dot16_avx2(mod, name, nt)
+    assert nt == 1, "dot16 takes one token a pass here"
+    fn, b = _function(mod, name, ir.VoidType(), 8)
+    wa, rb, xa, xda, xoa, nb, _, oa = fn.args
     wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
 
     def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
@@ -325,18 +327,22 @@ def _scales8(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir.
     return b.fpext(b.bitcast(words, ir.VectorType(f16, 8)), v8f)
 
 
-def _build_dot16_avx2(mod: ir.Module, name: str) -> ir.Function:
+def _build_dot16_avx2(mod: ir.Module, name: str, nt: int) -> ir.Function:
     """``dot16`` for AVX2 without VNNI: two passes of 8 rows (one ymm of row sums each; 16 rows'
-    vectors would not fit AVX2's 16 registers). Per row and block, the codes as [low nibbles |
-    high nibbles] (one broadcast load, ``vpsrlvq`` by 0 / 4, ``and``) and one ``vpmaddubsw``
-    against the activations: 16 int16 pair sums, |.| <= 2 * 15 * 127. The 8 rows' pair sums are
-    added in int16 while they fit (three ``vphaddw`` levels: 16 products, |.| <= 30480 < 2**15,
-    exact), then widened: each row's block sum but the offset, which is the same for every row
-    (the sum of ``xo``'s 8 lanes, -8 * sum(x)), added once. The same exact integers as the
-    16-lane path, then the same convert, multiply and FMA per row: the same bits."""
-    fn, b = _function(mod, name, ir.VoidType(), 7)
-    wa, rb, xa, xda, xoa, nb, oa = fn.args
-    xp, xop, xdp = (_ptr(b, a, i8) for a in (xa, xoa, xda))
+    vectors would not fit AVX2's 16 registers), each row's codes unpacked once for ``nt`` tokens.
+    Per row and block, the codes as [low nibbles | high nibbles] (one broadcast load, ``vpsrlvq``
+    by 0 / 4, ``and``) and, per token, one ``vpmaddubsw`` against its activations: 16 int16 pair
+    sums, |.| <= 2 * 15 * 127. A token's 8 rows' pair sums are added in int16 while they fit
+    (three ``vphaddw`` levels: 16 products, |.| <= 30480 < 2**15, exact), then widened: each row's
+    block sum but the offset, which is the same for every row (the sum of ``xo``'s 8 lanes,
+    -8 * sum(x)), added once. The same exact integers as the 16-lane path, then the same convert,
+    multiply and FMA per row and token: the same bits at any ``nt``."""
+    fn, b = _function(mod, name, ir.VoidType(), 8)
+    wa, rb, xa, xda, xoa, nb, n, oa = fn.args
+    toks = range(nt)
+    xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in toks]
+    xops = [_ptr(b, b.add(xoa, b.mul(n, _c(t))), i8) for t in toks]
+    xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
     v4i64 = ir.VectorType(i64, 4)
     zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
     op = _ptr(b, oa, i8)
@@ -346,27 +352,35 @@ def _build_dot16_avx2(mod: ir.Module, name: str) -> ir.Function:
         def block(b: ir.IRBuilder, blk: ir.Value, accs: list, wp: ir.Value = wp) -> list:
             boff = b.mul(blk, _c(Q4_BYTES))
             xoff = b.shl(blk, _c(5))
-            x = _load(b, xp, xoff, v32i8)
+            xs = [_load(b, xp, xoff, v32i8) for xp in xps]
             # the next 8 rows: by their turn (or the next tile's) they are in cache
             prefetch_ahead(b, wp, b.add(b.mul(rb, _c(8)), b.mul(blk, _c(8 * Q4_BYTES))), 8 * Q4_BYTES + 64)
-            pairs = []
-            for r in range(8):
+
+            def codes(r: int) -> ir.Value:
                 q = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
                 qq = b.bitcast(b.shuffle_vector(q, q, _mask(list(range(16)) * 2)), v4i64)
                 nib = b.bitcast(b.lshr(qq, ir.Constant(v4i64, [0, 0, 4, 4])), v32i8)
-                pairs.append(_maddubs(b, b.and_(nib, _vconst(v32i8, 15)), x))
-            l1 = [_phaddw(b, pairs[2 * i], pairs[2 * i + 1]) for i in range(4)]
-            # 128-bit half h of l3: the 8 rows' sums over the activations' half h
-            l3 = _phaddw(b, _phaddw(b, l1[0], l1[1]), _phaddw(b, l1[2], l1[3]))
-            s = b.add(b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8)))), v8i32),
-                      b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8, 16)))), v8i32))
-            xo = _load(b, xop, xoff, v8i32)
-            s = b.add(s, _splat8i(b, _hsum_i32(b, xo)))
-            xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
-            return [_fma(b, b.sitofp(s, v8f), b.fmul(_scales8(b, wp, rb, boff), _splat(b, xd)), accs[0])]
+                return b.and_(nib, _vconst(v32i8, 15))
 
-        (fin,) = _loop(b, nb, [zero], block)
-        b.store(fin, b.bitcast(_gep(b, op, _c(32 * half)), v8f.as_pointer()), align=4)
+            l1: list[list] = [[] for _ in toks]  # per token, rows (2i, 2i + 1)'s pair sums added
+            for i in range(4):
+                ca, cb = codes(2 * i), codes(2 * i + 1)
+                for t in toks:
+                    l1[t].append(_phaddw(b, _maddubs(b, ca, xs[t]), _maddubs(b, cb, xs[t])))
+            d = _scales8(b, wp, rb, boff)
+            new = []
+            for t in toks:
+                # 128-bit half h of l3: the 8 rows' sums over the activations' half h
+                l3 = _phaddw(b, _phaddw(b, l1[t][0], l1[t][1]), _phaddw(b, l1[t][2], l1[t][3]))
+                s = b.add(b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8)))), v8i32),
+                          b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8, 16)))), v8i32))
+                s = b.add(s, _splat8i(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32))))
+                xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
+                new.append(_fma(b, b.sitofp(s, v8f), b.fmul(d, _splat(b, xd)), accs[t]))
+            return new
+
+        for t, fin in enumerate(_loop(b, nb, [zero] * nt, block)):
+            b.store(fin, b.bitcast(_gep(b, op, _c(4 * ROWS * t + 32 * half)), v8f.as_pointer()), align=4)
     b.ret_void()
     return fn
 
@@ -438,12 +452,20 @@ def gemm_q4_0(typingctx, k, buf, nb, xq, xd, xo, n, out, ostride):
     return sig, codegen
 
 
+# tokens one pass of dot16 takes: on AVX2 without VNNI a row's codes are unpacked once for up to 4
+# (the tiles' repack costs more than that there); with VNNI one (more was measured slower)
+DOT16_NT = 4 if HAVE_AVX2 and not HAVE_VNNI else 1
+
+
 @intrinsic
-def dot16_q4_0(typingctx, w, rb, xq, xd, xo, nb, out):
-    sig = types.void(*([types.int64] * 7))
+def dot16_q4_0(typingctx, k, w, rb, xq, xd, xo, nb, n, out):
+    """16 rows as they lie against ``k`` (1 .. DOT16_NT) tokens: ``_build_dot16``."""
+    sig = types.void(*([types.int64] * 9))
 
     def codegen(context, builder, signature, args):
-        builder.call(_get_fn(builder.module, f"mlxtral_dot16_q4_0_{ISA}", _build_dot16), list(args))
+        cases = {nt: (f"mlxtral_dot16x{nt}_q4_0_{ISA}", partial(_build_dot16, nt=nt))
+                 for nt in range(1, DOT16_NT + 1)}
+        _switch_call(builder, args[0], cases, list(args[1:]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -460,7 +482,10 @@ def dot1_q4_0(typingctx, w, xq, xd, xo, nb):
 
 
 _CACHE = not FORCED_GENERIC  # as _kernels_nb: a forced lower ISA neither loads nor writes the cache
-TILE_MIN_T = 2  # tokens from which a task's rows are repacked into tiles (fewer: dotted where they lie)
+# tokens from which a task's rows are repacked into tiles (fewer: dotted where they lie). Measured
+# on AVX2 (EPYC, 3584 x 1024): dot16 4 tokens a pass 90 / 55-70 / 52-64 us a token at T = 2 / 8 / 32,
+# the tiles 240-300 / 55-70 / 43; with VNNI the tiles win from 2
+TILE_MIN_T = 2 if DOT16_NT == 1 else 8
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -491,13 +516,16 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
     g = np.empty(NT_MAX * ROWS, dtype=np.float32)
     u = np.empty(NT_MAX * ROWS, dtype=np.float32)
     if T < TILE_MIN_T:
-        for t in range(T):
-            xq, xd, xo = xqa + t * n, xda + t * nb * 4, xoa + t * n
+        t0 = 0
+        while t0 < T:  # DOT16_NT tokens a pass over the rows as they lie
+            k = min(DOT16_NT, T - t0)
+            xq, xd, xo = xqa + t0 * n, xda + t0 * nb * 4, xoa + t0 * n
             for r in range(r0, r16, ROWS):
-                dot16_q4_0(wa + r * rb, rb, xq, xd, xo, nb, g.ctypes.data)
+                dot16_q4_0(k, wa + r * rb, rb, xq, xd, xo, nb, n, g.ctypes.data)
                 if swig:
-                    dot16_q4_0(wa2 + r * rb, rb, xq, xd, xo, nb, u.ctypes.data)
-                _emit(out, os_, t, r, 1, g, u, swig)
+                    dot16_q4_0(k, wa2 + r * rb, rb, xq, xd, xo, nb, n, u.ctypes.data)
+                _emit(out, os_, t0, r, k, g, u, swig)
+            t0 += k
     else:
         nm = 2 if swig else 1
         buf = np.empty(nm * nb * TILE_BLOCK_BYTES, dtype=np.uint8)
