@@ -658,6 +658,37 @@ def attend_f16(q, k, v, p0, window, out):
     return out
 
 
+@njit(cache=_CACHE, nogil=True)
+def top_k_softmax(logits, k, idx, w):
+    """Top-k routing of every row: logits [T, E] float32 -> idx [T, k] (the k largest, ties to the
+    lower id, NaN last: a stable descending sort's first k) and w [T, k] float32 = exp(l - l_top)
+    over their sum, summed in rank order. One loop per row, so the same arithmetic at any T."""
+    T, E = logits.shape
+    for t in range(T):
+        row = logits[t]
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                taken = False
+                for i in range(j):
+                    if idx[t, i] == e:
+                        taken = True
+                if taken:
+                    continue
+                v = row[e]
+                if best < 0 or v > row[best] or (row[best] != row[best] and v == v):
+                    best = e
+            idx[t, j] = best
+        top = row[idx[t, 0]]
+        tot = np.float32(0.0)
+        for j in range(k):
+            ej = np.exp(row[idx[t, j]] - top)
+            w[t, j] = ej
+            tot = ej if j == 0 else tot + ej
+        for j in range(k):
+            w[t, j] = w[t, j] / tot
+
+
 @njit(cache=_CACHE, nogil=True, fastmath=True)
 def rms_norm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, float32 [T, n] (one call, vectorized)."""

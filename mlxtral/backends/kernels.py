@@ -515,6 +515,17 @@ def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int 
     return attend(q[None], k, v, S - 1, window).reshape(-1)
 
 
+def top_k_softmax(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Router logits [T, E] float32 -> (the top ``k`` experts [T, k] int64, their softmax weights
+    [T, k] float32) in one numba call (``_kernels_nb.top_k_softmax``); None without numba."""
+    if not HAVE_NUMBA or logits.ndim != 2 or logits.dtype != np.float32 or not 0 < k <= logits.shape[1]:
+        return None
+    T = logits.shape[0]
+    idx, w = np.empty((T, k), dtype=np.int64), np.empty((T, k), dtype=np.float32)
+    _nb.top_k_softmax(np.ascontiguousarray(logits), k, idx, w)
+    return idx, w
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x [T, n] / rms(x) * weight, float32, in one numba call (NumPy without numba)."""
     if not HAVE_NUMBA or x.ndim != 2 or x.dtype != np.float32 or weight.dtype != np.float32:
@@ -595,6 +606,7 @@ def _load_all() -> None:
     kc = rng.standard_normal((2, 8, 16)).astype(np.float32)
     q4 = rng.standard_normal((4, 16)).astype(np.float32)
     attend_one(q4, kc, kc, 5)
+    top_k_softmax(rng.standard_normal((2, 8)).astype(np.float32), 2)
     attend_one(q4, kc.astype(np.float16), kc.astype(np.float16), 5)
     kq = [QTensor(t, (8, 256), np.zeros((8, b), dtype=np.uint8)) for t, b in
           (("Q4_K", 144), ("Q6_K", 210), ("Q5_K", 176), ("Q3_K", 110), ("Q2_K", 84), ("IQ4_XS", 136))]

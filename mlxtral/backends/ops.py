@@ -163,6 +163,9 @@ def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     over all, renormalised), its sum taken in rank order.
     """
     logits = router_logits(x, router)  # [T, E]
+    fast = _kernels.top_k_softmax(logits, k)  # the steps below, one numba call
+    if fast is not None:
+        return fast
     if x.shape[0] == 1:  # decode: the same element-wise arithmetic on one row, less NumPy overhead
         top = np.argsort(-logits[0], kind="stable")[:k]  # [k]
         e1 = np.exp(logits[0, top] - logits[0, top[0]])  # [k]
