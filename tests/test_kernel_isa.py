@@ -21,9 +21,10 @@ if kernels.HAVE_NUMBA:
     from mlxtral.backends import _kernels_ir as ir
 HERE = Path(__file__).parent
 
-# (qtype, out rows, in) - in/32 odd and even (the dot's tail block), T 1 (decode), 9 (dot4 + tail)
+# (qtype, out rows, in) - in/32 odd and even (the dot's tail block), T 1 (decode), 6 (dot4 + 2; AVX2's
+# Q4_0 16-row dots 4 + 2 tokens a pass, the others' tiles), 9 (dot4 + tail; tiles everywhere)
 CASES = [("Q4_0", 37, 224), ("Q4_1", 19, 96), ("Q8_0", 41, 160), ("Q8_0", 8, 32), ("Q4_0", 5, 1024)]
-TOKENS = (1, 9)
+TOKENS = (1, 6, 9)
 
 _CODE = """
 import sys, numpy as np

@@ -27,7 +27,11 @@ give; decode keeps the row dots.
 
 Without VNNI the integer dot goes through ``vpmaddubsw`` + ``vpmaddwd`` (``_kernels_ir._dot_u8s8``:
 the codes are 0..15, so the int16 pairs never saturate) and LLVM splits the 16-lane vectors where
-the target has no 512-bit registers: the same integers, the same float steps, the same bits.
+the target has no 512-bit registers: the same integers, the same float steps, the same bits. On
+AVX2 the decode dot has its own shape (``_build_dot16_avx2``: 8 rows a pass in one ymm, int16 sums
+by ``vphaddw`` while exact, up to 4 tokens per unpacked row, :data:`DOT16_NT`), ~2x the split
+16-lane version, and the tiles start at 8 tokens (:data:`TILE_MIN_T`): there the repack and the
+emulated 16-lane dots cost more than they save below that.
 """
 from __future__ import annotations
 
