@@ -125,6 +125,7 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self._ws: np.ndarray | None = None  # [2, n] float64 scratch
         self._sorted: np.ndarray | None = None  # [V] float32, ascending
+        self._weights: np.ndarray | None = None  # [V rounded up to blocks] float32
         self._desc: np.ndarray | None = None  # [V] float64, descending
 
     def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
@@ -136,6 +137,8 @@ class Sampler:
         if p.temperature == 0.0:
             return int(np.argmax(x))
         if not p.top_k or p.top_k >= x.shape[0]:
+            if p.top_p == 1.0 and p.min_p == 0.0:
+                return self._draw_in_id_order(x)
             return self._draw_sorted_values(x)
         cand = np.argpartition(-x, p.top_k - 1)[: p.top_k]
         cl = x[cand].astype(np.float64)
@@ -180,6 +183,39 @@ class Sampler:
         cdf = np.cumsum(probs, out=c[:n])
         cdf /= cdf[-1]
         return min(int(cdf.searchsorted(self.rng.random(), side="right")), n - 1)
+
+    _BLOCK = 256  # ids per block of the two-level inverse CDF
+
+    def _draw_in_id_order(self, x: np.ndarray) -> int:
+        """Temperature alone (no top-k, top-p, min-p): one uniform draw against the cumulative
+        softmax in id order, which needs no sort: P(id) = exp((x_id - max) / T) / sum, the weights
+        in float32 (each within an ulp), their sums in float64. The cumulative sum is two-level
+        (per block of 256 ids, then within the block the draw lands in), so it costs ~0.1 ms on
+        32k logits, not the ~0.7 ms of sorting them, exp and cumsum in float64 over all.
+        Non-finite logits go the sorted way (numpy's own refusal of NaN, as before)."""
+        m = x.max()
+        if not np.isfinite(m):
+            return self._draw_sorted_values(x)
+        V, B = x.shape[0], self._BLOCK
+        nblk = -(-V // B)
+        if self._weights is None or self._weights.shape[0] != nblk * B:
+            self._weights = np.empty(nblk * B, dtype=np.float32)  # [nblk * B], zero-padded
+        e = self._weights
+        np.subtract(x, m, out=e[:V])  # <= 0, the top one 0
+        if self.p.temperature != 1.0:
+            e[:V] /= np.float32(self.p.temperature)
+        np.exp(e[:V], out=e[:V])  # (0, 1]; -inf logits give 0
+        e[V:] = 0.0
+        blocks = e.reshape(nblk, B).sum(axis=1, dtype=np.float64)  # [nblk]
+        cum = np.cumsum(blocks)  # [nblk]
+        target = self.rng.random() * cum[-1]  # in [0, total)
+        k = min(int(cum.searchsorted(target, side="right")), nblk - 1)
+        within = np.cumsum(e[k * B : (k + 1) * B], dtype=np.float64)  # [B]
+        within += cum[k - 1] if k else 0.0
+        j = int(within.searchsorted(target, side="right"))
+        if j >= B or e[k * B + j] == 0.0:  # rounding between the two levels: the block's last live id
+            j = int(np.flatnonzero(e[k * B : (k + 1) * B])[-1])
+        return k * B + j
 
     def _draw_sorted_values(self, x: np.ndarray) -> int:
         """No top-k: the same draw as sorting every id by descending logit (ties by id, a stable

@@ -1,5 +1,7 @@
-"""The sampler's fast paths (no argsort of the whole vocabulary) draw exactly what the previous
-implementation drew: the same token for the same seed, logits and parameters, ties included."""
+"""The sampler's fast paths (no argsort of the whole vocabulary). With top-k, top-p or min-p they
+draw exactly what the previous implementation drew: the same token for the same seed, logits and
+parameters, ties included. At a temperature alone the draw runs in id order (no sort at all): the
+same distribution, tested by frequency, not the same token for a seed."""
 from __future__ import annotations
 
 import time
@@ -67,12 +69,23 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("params", PARAMS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def _id_order(params: dict, vocab: int = 32000) -> bool:
+    """Whether the sampler draws in id order (a temperature alone: no top-k below the vocabulary,
+    no top-p, no min-p)."""
+    k = params.get("top_k", 0)
+    return (params.get("temperature", 0.0) > 0 and (k == 0 or k >= vocab)
+            and params.get("top_p", 1.0) == 1.0 and params.get("min_p", 0.0) == 0.0)
+
+
+@pytest.mark.parametrize("params", [p for p in PARAMS if not _id_order(p)],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
 @pytest.mark.parametrize("kind", ["normal", "ties", "flat", "peaked"])
 def test_same_tokens_as_before(params, kind):
     rng = np.random.default_rng(hash((kind, tuple(params.items()))) % 2**32)
     for seed in range(12):
         vocab = int(rng.choice([2, 7, 1000, 32000]))
+        if _id_order(params, vocab):  # top-k of the whole vocabulary: the id-order draw (below)
+            continue
         new, old = (cls(SamplingParams(seed=seed, **params)) for cls in (Sampler, OldSampler))
         history: list[int] = []
         for _ in range(6):  # the generators must stay in step token after token
@@ -80,6 +93,54 @@ def test_same_tokens_as_before(params, kind):
             a, b = new(x, history), old(x, history)
             assert a == b, (seed, vocab)
             history.append(a)
+
+
+def _softmax(x: np.ndarray, t: float) -> np.ndarray:
+    z = (x.astype(np.float64) - x.max()) / t
+    p = np.exp(z)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("params", [p for p in PARAMS if _id_order(p)],
+                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_id_order_draws_the_softmax(params):
+    """Frequencies over many draws within 5 standard deviations of the softmax at the temperature
+    (after the penalty), over a vocabulary of several blocks with the mass spread across them."""
+    rng = np.random.default_rng(7)
+    V = 700  # three blocks of 256, the last one partial
+    x = np.full(V, -12.0, np.float32)
+    heavy = [0, 255, 256, 300, 511, 512, 699]  # block edges, both sides
+    x[heavy] = rng.uniform(-1.0, 1.0, len(heavy)).astype(np.float32)
+    history = [300, 5]
+    s = Sampler(SamplingParams(seed=3, **params))
+    ref = x
+    if params.get("repetition_penalty", 1.0) != 1.0:
+        ref = apply_repetition_penalty(x, history, params["repetition_penalty"])
+    p = _softmax(ref, params["temperature"])
+    n = 40000
+    freq = np.bincount([s(x, history) for _ in range(n)], minlength=V) / n
+    sd = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= 5 * sd + 1e-4), np.abs(freq - p).max()
+
+
+def test_id_order_edge_cases():
+    """Reproducible for a seed; never an id of weight 0 (-inf logits, block edges, a partial last
+    block); one live id is always drawn; NaN refused as before."""
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    a, b = (Sampler(SamplingParams(temperature=1.0, seed=11)) for _ in range(2))
+    assert [a(x) for _ in range(50)] == [b(x) for _ in range(50)]
+    for live in ([255, 256], [0], [999], [511, 767, 999]):
+        y = np.full(1000, -np.inf, np.float32)
+        y[live] = 0.5
+        s = Sampler(SamplingParams(temperature=0.8, seed=2))
+        assert {s(y) for _ in range(300)} <= set(live)
+    tiny = np.array([3.0, -200.0, -np.inf], np.float32)  # exp underflows to 0 for the second at T 0.05
+    s = Sampler(SamplingParams(temperature=0.05, seed=0))
+    assert {s(tiny) for _ in range(200)} == {0}
+    nan = x.copy()
+    nan[3] = np.nan
+    with pytest.raises(ValueError):
+        Sampler(SamplingParams(temperature=1.0, seed=0))(nan)
 
 
 def test_no_full_sort_is_faster():
