@@ -218,11 +218,12 @@ class Sampler:
         return k * B + j
 
     def _draw_sorted_values(self, x: np.ndarray) -> int:
-        """No top-k: the same draw as sorting every id by descending logit (ties by id, a stable
-        sort), without the argsort of the whole vocabulary. The probabilities only need the sorted
-        *values* (an in-place SIMD sort of float32); the drawn rank ``i`` is then mapped back to its
-        id: the value at rank ``i`` and how many equal values come before it in the sorted order
-        pick the id among the ids holding that value, in id order, as the stable sort would."""
+        """No top-k, with top-p or min-p (or non-finite logits): the same draw as sorting every id
+        by descending logit (ties by id, a stable sort), without the argsort of the whole
+        vocabulary. The probabilities only need the sorted *values* (an in-place SIMD sort of
+        float32); the drawn rank ``i`` is then mapped back to its id: the value at rank ``i`` and
+        how many equal values come before it in the sorted order pick the id among the ids holding
+        that value, in id order, as the stable sort would."""
         V = x.shape[0]
         if self._sorted is None or self._sorted.shape[0] != V:
             self._sorted = np.empty(V, dtype=np.float32)
