@@ -559,79 +559,98 @@ def _softmax_weights(sc, n, m):
 @njit(cache=_CACHE, nogil=True)
 def attend_one(q, k, v, lo, hi, out):
     """Decode attention of one query row: q [H, hd] f32, k/v [KV, ctx, hd] f32 (the cache), keys
-    lo..hi-1 -> out [H, hd]. GQA: head h reads KV head h // (H / KV). One pass over the keys per
-    head for the scores, one for the values; the hd loops vectorize."""
+    lo..hi-1 -> out [H, hd]. GQA: head h reads KV head h // (H / KV). Per KV head, one pass over
+    its keys scores all of its query heads (each key row read once for them), one pass over its
+    values accumulates them; per head the arithmetic is a head's own, in key order (the dot per
+    key, the softmax, the values four keys at a time), whatever the grouping."""
     H, hd = q.shape
-    G = H // k.shape[0]
+    KV = k.shape[0]
+    G = H // KV
     scale = np.float32(1.0 / np.sqrt(hd))
     n = hi - lo
-    sc = np.empty(n, dtype=np.float32)
+    sc = np.empty((G, n), dtype=np.float32)
+    mx = np.empty(G, dtype=np.float32)
+    inv = np.empty(G, dtype=np.float32)
     hd16 = hd // 16 * 16
-    for h in range(H):
-        kv = h // G
-        qh = q[h]
-        qa = qh.ctypes.data
-        m = np.float32(-np.inf)
+    n4 = n // 4 * 4
+    for kv in range(KV):
+        for g in range(G):
+            mx[g] = np.float32(-np.inf)
         for s in range(n):
             kr = k[kv, lo + s]
-            acc = dot_f32(kr.ctypes.data, qa, hd)  # the first hd16 elements, vectorized
-            for d in range(hd16, hd):
-                acc += qh[d] * kr[d]
-            acc *= scale
-            sc[s] = acc
-            if acc > m:
-                m = acc
-        inv = _softmax_weights(sc, n, m)
-        o = out[h]
-        for d in range(hd):
-            o[d] = np.float32(0.0)
-        n4 = n // 4 * 4
+            ka = kr.ctypes.data
+            for g in range(G):
+                qh = q[kv * G + g]
+                acc = dot_f32(ka, qh.ctypes.data, hd)  # the first hd16 elements, vectorized
+                for d in range(hd16, hd):
+                    acc += qh[d] * kr[d]
+                acc *= scale
+                sc[g, s] = acc
+                if acc > mx[g]:
+                    mx[g] = acc
+        for g in range(G):
+            inv[g] = _softmax_weights(sc[g], n, mx[g])
+            o = out[kv * G + g]
+            for d in range(hd):
+                o[d] = np.float32(0.0)
         for s in range(0, n4, 4):  # four value rows per pass over o (a quarter of the o traffic)
-            p0, p1, p2, p3 = sc[s] * inv, sc[s + 1] * inv, sc[s + 2] * inv, sc[s + 3] * inv
             v0, v1, v2, v3 = v[kv, lo + s], v[kv, lo + s + 1], v[kv, lo + s + 2], v[kv, lo + s + 3]
-            for d in range(hd):
-                o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+            for g in range(G):
+                i = inv[g]
+                p0, p1, p2, p3 = sc[g, s] * i, sc[g, s + 1] * i, sc[g, s + 2] * i, sc[g, s + 3] * i
+                o = out[kv * G + g]
+                for d in range(hd):
+                    o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
         for s in range(n4, n):
-            p = sc[s] * inv
             vr = v[kv, lo + s]
-            for d in range(hd):
-                o[d] += p * vr[d]
+            for g in range(G):
+                p = sc[g, s] * inv[g]
+                o = out[kv * G + g]
+                for d in range(hd):
+                    o[d] += p * vr[d]
     return out
 
 
 @njit(cache=_CACHE, nogil=True)
 def attend_one_f16(q, k, v, lo, hi, out):
     """``attend_one`` on a float16 cache given as uint16 bits: k/v [KV, ctx, hd] read in place
-    (no float32 copy of the cache per step)."""
+    (no float32 copy of the cache per step); the same grouping by KV head."""
     H, hd = q.shape
-    G = H // k.shape[0]
+    KV = k.shape[0]
+    G = H // KV
     scale = np.float32(1.0 / np.sqrt(hd))
     n = hi - lo
     hd16 = hd // 16 * 16
-    sc = np.empty(n, dtype=np.float32)
-    for h in range(H):
-        kv = h // G
-        qh = q[h]
-        qa = qh.ctypes.data
-        m = np.float32(-np.inf)
+    sc = np.empty((G, n), dtype=np.float32)
+    mx = np.empty(G, dtype=np.float32)
+    inv = np.empty(G, dtype=np.float32)
+    for kv in range(KV):
+        for g in range(G):
+            mx[g] = np.float32(-np.inf)
         for s in range(n):
             kr = k[kv, lo + s]
-            acc = dot_f16(kr.ctypes.data, qa, hd)
-            for d in range(hd16, hd):
-                acc += qh[d] * half_to_f32(kr[d])
-            acc *= scale
-            sc[s] = acc
-            if acc > m:
-                m = acc
-        inv = _softmax_weights(sc, n, m)
-        o = out[h]
-        for d in range(hd):
-            o[d] = np.float32(0.0)
-        for s in range(n):
-            p = sc[s] * inv
-            vr = v[kv, lo + s]
+            ka = kr.ctypes.data
+            for g in range(G):
+                qh = q[kv * G + g]
+                acc = dot_f16(ka, qh.ctypes.data, hd)
+                for d in range(hd16, hd):
+                    acc += qh[d] * half_to_f32(kr[d])
+                acc *= scale
+                sc[g, s] = acc
+                if acc > mx[g]:
+                    mx[g] = acc
+        for g in range(G):
+            inv[g] = _softmax_weights(sc[g], n, mx[g])
+            o = out[kv * G + g]
             for d in range(hd):
-                o[d] += p * half_to_f32(vr[d])
+                o[d] = np.float32(0.0)
+        for s in range(n):
+            vr = v[kv, lo + s]
+            for g in range(G):
+                p = sc[g, s] * inv[g]
+                o = out[kv * G + g]
+                for d in range(hd):
+                    o[d] += p * half_to_f32(vr[d])
     return out
 
 
