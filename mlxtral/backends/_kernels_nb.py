@@ -556,6 +556,26 @@ def _softmax_weights(sc, n, m):
     return np.float32(1.0) / tot
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _keep_score(sc, mx, g, s, acc):
+    """Query head g's score for key s, and its running maximum."""
+    sc[g, s] = acc
+    if acc > mx[g]:
+        mx[g] = acc
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _group_weights(sc, mx, inv, out, kv, n):
+    """Each query head g of KV head ``kv``: its ``n`` scores -> softmax weights (1 / their sum in
+    inv[g]); its output row zeroed for the values' pass."""
+    G = mx.shape[0]
+    for g in range(G):
+        inv[g] = _softmax_weights(sc[g], n, mx[g])
+        o = out[kv * G + g]
+        for d in range(o.shape[0]):
+            o[d] = np.float32(0.0)
+
+
 @njit(cache=_CACHE, nogil=True)
 def attend_one(q, k, v, lo, hi, out):
     """Decode attention of one query row: q [H, hd] f32, k/v [KV, ctx, hd] f32 (the cache), keys
@@ -585,14 +605,8 @@ def attend_one(q, k, v, lo, hi, out):
                 for d in range(hd16, hd):
                     acc += qh[d] * kr[d]
                 acc *= scale
-                sc[g, s] = acc
-                if acc > mx[g]:
-                    mx[g] = acc
-        for g in range(G):
-            inv[g] = _softmax_weights(sc[g], n, mx[g])
-            o = out[kv * G + g]
-            for d in range(hd):
-                o[d] = np.float32(0.0)
+                _keep_score(sc, mx, g, s, acc)
+        _group_weights(sc, mx, inv, out, kv, n)
         for s in range(0, n4, 4):  # four value rows per pass over o (a quarter of the o traffic)
             v0, v1, v2, v3 = v[kv, lo + s], v[kv, lo + s + 1], v[kv, lo + s + 2], v[kv, lo + s + 3]
             for g in range(G):
@@ -636,14 +650,8 @@ def attend_one_f16(q, k, v, lo, hi, out):
                 for d in range(hd16, hd):
                     acc += qh[d] * half_to_f32(kr[d])
                 acc *= scale
-                sc[g, s] = acc
-                if acc > mx[g]:
-                    mx[g] = acc
-        for g in range(G):
-            inv[g] = _softmax_weights(sc[g], n, mx[g])
-            o = out[kv * G + g]
-            for d in range(hd):
-                o[d] = np.float32(0.0)
+                _keep_score(sc, mx, g, s, acc)
+        _group_weights(sc, mx, inv, out, kv, n)
         for s in range(n):
             vr = v[kv, lo + s]
             for g in range(G):
