@@ -965,6 +965,12 @@ def _root(
 
 def main() -> None:
     prepare_streams()
+    import warnings
+
+    # requests (imported by gguf -> mistral_common; mlxtral never uses it) warns at import when its
+    # optional charset detector cannot load, e.g. under a low ``ulimit -v``: not the user's concern,
+    # and it would make a one-line error three
+    warnings.filterwarnings("ignore", module=r"requests(\.|$)")
     from mlxtral.address_space import AddressSpaceError, check_startup
 
     try:  # before numba or a model is loaded: below a command's minimum, LLVM and glibc abort
