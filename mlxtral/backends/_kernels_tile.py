@@ -99,9 +99,10 @@ def _c(v: int) -> ir.Constant:
     return ir.Constant(i64, v)
 
 
-def _splat16(b: ir.IRBuilder, s: ir.Value, ty: ir.VectorType) -> ir.Value:
+def _splat_as(b: ir.IRBuilder, s: ir.Value, ty: ir.VectorType) -> ir.Value:
+    """The scalar ``s`` in every lane of a ``ty`` vector."""
     v = b.insert_element(ir.Constant(ty, ir.Undefined), s, ir.Constant(i32, 0))
-    return b.shuffle_vector(v, v, _mask([0] * 16))
+    return b.shuffle_vector(v, v, _mask([0] * ty.count))
 
 
 def _fma16(b: ir.IRBuilder, a: ir.Value, c: ir.Value, acc: ir.Value) -> ir.Value:
@@ -148,8 +149,8 @@ def _scales16(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir
     """The f16 scales of block ``boff`` of 16 rows ``rb`` bytes apart -> <16 x float> (one gather
     of the 4 bytes at each scale: AVX-512's ``vpgatherdd``)."""
     v16i64 = ir.VectorType(i64, 16)
-    base = _splat16(b, b.ptrtoint(_gep(b, wp, boff), i64), v16i64)
-    addrs = b.add(base, b.mul(_splat16(b, rb, v16i64), ir.Constant(v16i64, list(range(ROWS)))))
+    base = _splat_as(b, b.ptrtoint(_gep(b, wp, boff), i64), v16i64)
+    addrs = b.add(base, b.mul(_splat_as(b, rb, v16i64), ir.Constant(v16i64, list(range(ROWS)))))
     pty = ir.VectorType(i32.as_pointer(), 16)
     mty = ir.VectorType(ir.IntType(1), 16)
     fn = _intr(b.module, "llvm.masked.gather.v16i32.v16p0i32", v16i32, [pty, i32, mty, v16i32])
@@ -252,17 +253,17 @@ def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
         obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
         xoff = b.shl(blk, _c(5))
         dw = b.load(b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
-        isums = [_splat16(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32) for t in range(nt)]
+        isums = [_splat_as(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32) for t in range(nt)]
         for g in range(8):
             wq = b.bitcast(_gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g))), v16i32.as_pointer())
             w = b.load(wq, align=4)
             for t in range(nt):
-                xw = _splat16(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
+                xw = _splat_as(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
                 isums[t] = _dpbusd16(b, isums[t], w, xw)
         new = []
         for t in range(nt):
             xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
-            new.append(_fma16(b, b.sitofp(isums[t], v16f), b.fmul(dw, _splat16(b, xd, v16f)), accs[t]))
+            new.append(_fma16(b, b.sitofp(isums[t], v16f), b.fmul(dw, _splat_as(b, xd, v16f)), accs[t]))
         return new
 
     for t, fin in enumerate(_loop(b, nb, [ZERO16] * nt, block)):
@@ -305,7 +306,7 @@ def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
         s = _fold16(b, lanes)
         d = _scales16(b, wp, rb, boff)
         xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
-        return [_fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat16(b, xd, v16f)), accs[0])]
+        return [_fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat_as(b, xd, v16f)), accs[0])]
 
     (fin,) = _loop(b, nb, [ZERO16], block)
     _store16(b, oa, _c(0), fin)
@@ -378,7 +379,7 @@ def _build_dot16_avx2(mod: ir.Module, name: str, nt: int) -> ir.Function:
                 l3 = _phaddw(b, _phaddw(b, l1[t][0], l1[t][1]), _phaddw(b, l1[t][2], l1[t][3]))
                 s = b.add(b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8)))), v8i32),
                           b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8, 16)))), v8i32))
-                s = b.add(s, _splat8i(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32))))
+                s = b.add(s, _splat_as(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v8i32))
                 xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
                 new.append(_fma(b, b.sitofp(s, v8f), b.fmul(d, _splat(b, xd)), accs[t]))
             return new
@@ -387,11 +388,6 @@ def _build_dot16_avx2(mod: ir.Module, name: str, nt: int) -> ir.Function:
             b.store(fin, b.bitcast(_gep(b, op, _c(4 * ROWS * t + 32 * half)), v8f.as_pointer()), align=4)
     b.ret_void()
     return fn
-
-
-def _splat8i(b: ir.IRBuilder, s: ir.Value) -> ir.Value:
-    v = b.insert_element(ir.Constant(v8i32, ir.Undefined), s, ir.Constant(i32, 0))
-    return b.shuffle_vector(v, v, _mask([0] * 8))
 
 
 def _build_dot1(mod: ir.Module, name: str) -> ir.Function:
@@ -611,9 +607,9 @@ def _build_kq_gemm(mod: ir.Module, name: str, nt: int, off: int, mins: bool) -> 
                 acc = IZERO16
                 if off:
                     bsum = b.sext(_load(b, xp, b.add(bg0, _c(gb + 32 * t)), i16), i32)
-                    acc = _splat16(b, b.mul(bsum, ir.Constant(i32, off)), v16i32)
+                    acc = _splat_as(b, b.mul(bsum, ir.Constant(i32, off)), v16i32)
                 for j in range(4):
-                    xw = _splat16(b, _load(b, xp, b.add(xg0, _c(256 * t + 4 * j)), i32), v16i32)
+                    xw = _splat_as(b, _load(b, xp, b.add(xg0, _c(256 * t + 4 * j)), i32), v16i32)
                     acc = _dpbusd16(b, acc, ws[j], xw)
                 new.append(b.add(sums[t], b.mul(acc, sc)))
             return new
@@ -624,14 +620,14 @@ def _build_kq_gemm(mod: ir.Module, name: str, nt: int, off: int, mins: bool) -> 
             for h in range(8):
                 mp = vload(b, b.add(base, _c(_KQ_MINS + 64 * h)))
                 for t in range(nt):
-                    pair = _splat16(b, _load(b, xp, b.add(gx, _c(gb + 32 * t + 4 * h)), i32), v16i32)
+                    pair = _splat_as(b, _load(b, xp, b.add(gx, _c(gb + 32 * t + 4 * h)), i32), v16i32)
                     summ[t] = _pairs_dot16(b, summ[t], mp, pair)
         d = vload(b, base, v16f)
         dmin = vload(b, b.add(base, _c(64)), v16f)
         new = []
         for t in range(nt):  # row_dot_direct's float steps: acc + xd * (d * sumi - dmin * summ)
             s = b.fsub(b.fmul(d, b.sitofp(sumi[t], v16f)), b.fmul(dmin, b.sitofp(summ[t], v16f)))
-            xd = _splat16(b, _load(b, xp, b.add(gx, _c(gd + 4 * t)), f32), v16f)
+            xd = _splat_as(b, _load(b, xp, b.add(gx, _c(gd + 4 * t)), f32), v16f)
             new.append(b.fadd(accs[t], b.fmul(xd, s)))
         return new
 

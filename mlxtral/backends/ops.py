@@ -163,16 +163,9 @@ def route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     over all, renormalised), its sum taken in rank order.
     """
     logits = router_logits(x, router)  # [T, E]
-    fast = _kernels.top_k_softmax(logits, k)  # the steps below, one numba call
+    fast = _kernels.top_k_softmax(logits, k)  # the steps below, one numba call (None without numba)
     if fast is not None:
         return fast
-    if x.shape[0] == 1:  # decode: the same element-wise arithmetic on one row, less NumPy overhead
-        top = np.argsort(-logits[0], kind="stable")[:k]  # [k]
-        e1 = np.exp(logits[0, top] - logits[0, top[0]])  # [k]
-        t1 = e1[0]
-        for j in range(1, len(e1)):
-            t1 += e1[j]
-        return top[None], (e1 / t1).astype(np.float32, copy=False)[None]
     idx = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # [T, k], rank order
     sel = np.take_along_axis(logits, idx, axis=-1)  # [T, k]
     e = np.exp(sel - sel[:, :1])  # [T, k]; the top logit is the row's maximum
