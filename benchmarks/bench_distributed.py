@@ -337,7 +337,8 @@ class MemorySampler:
     def __init__(self, pids: Any, model: Path, n: int) -> None:
         import threading
 
-        self.find, self.pids, self.model = pids, [], str(model.resolve())  # find() -> the n pids, in rank order
+        self.find, self.pids = pids, []  # find() -> the ranks' pids, in rank order, once they exist
+        self.model = str(model.resolve())
         self.file = [0] * n
         self.anon = [0] * n
         self._stop = threading.Event()
