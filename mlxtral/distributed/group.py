@@ -8,9 +8,9 @@ it is named in ``MLX_MPI_LIBNAME`` when the launcher did not). A rank started by
 normally finalizes MPI first, or ``mpirun`` reports it as a crash (a rank that dies takes the job
 down: Open MPI's policy). Every collective runs under a watchdog: a peer that stops answering ends
 this rank with one line after ``MLXTRAL_DIST_TIMEOUT`` seconds (default 300) instead of a hang, and
-a peer that dies (its sockets close) ends it at once. MLX's own per-retry socket messages (``[ring] Socket 3 was
-closed by the peer`` ten times over) are filtered from this process's stderr, so the user sees one
-line.
+a peer that dies (its sockets close) ends it at once. MLX's own per-retry socket messages
+(``[ring] Socket 3 was closed by the peer`` ten times over) are filtered from this process's stderr,
+so the user sees one line.
 
 Ranks that share a host are pinned to disjoint cores (``MLXTRAL_DIST_PIN=0`` turns it off; ranks
 ``mpirun`` bound to a core each are left as they are): MLX's ring backend polls its sockets with a
