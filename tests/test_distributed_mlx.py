@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tiny_models as tm
-from test_distributed import MLXTRAL, ROOT, _launch
+from test_distributed import MLXTRAL, ROOT, _launch, _launch_mpi, needs_mpi
 
 from mlxtral.qtensor import QTensor
 
@@ -96,6 +96,20 @@ def test_cli_generate(models: dict[str, Path]) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["text"] == json.loads(one.stdout)["text"]  # rank 0 alone prints
     assert json.loads(r.stdout)["backend"] == "mlx"
+
+
+@needs_mpi
+def test_mpi_backend_equals_single_process(tmp_path: Path, models: dict[str, Path]) -> None:
+    """By rows on MLX's MPI backend (``mlx.launch --backend mpi``): the single process's bits."""
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "mpi.npz"
+    r = _launch_mpi(2, [sys.executable, str(script), str(models["moe"]), "expert-rows", "-", str(out),
+                        ",".join(map(str, IDS))])
+    assert "improperly" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    group, one = dict(np.load(out)), _run(tmp_path, models["moe"], "none", 1, "-")
+    for key in ("long", "short", "greedy"):
+        np.testing.assert_array_equal(group[key], one[key], err_msg=key)
 
 
 # ---- in one process: a rank's share against the whole model (no launcher) -----------------------
