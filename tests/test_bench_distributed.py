@@ -89,3 +89,30 @@ def test_file_share() -> None:
     p0, p1 = bd.placements("pipeline", 2, args)
     assert bd.file_share(sizes, p0, rows) == EMB + OUT + LAYER + E * EXPERT
     assert bd.file_share(sizes, p1, rows) == LAYER + E * EXPERT
+
+
+def test_labels_name_a_mode_and_a_backend() -> None:
+    assert bd.split_label("expert") == ("expert", "ring")
+    assert bd.split_label("expert-rows@mpi") == ("expert-rows", "mpi")
+
+
+def test_descendants_find_the_ranks_under_a_launcher() -> None:
+    """The MPI launch samples its ranks' memory: the processes under mpirun with the worker's flag."""
+    import subprocess
+    import sys
+    import time
+
+    inner = ("import subprocess, sys; "
+             "subprocess.run([sys.executable, '-c', 'import time; time.sleep(5)', '--worker'])")
+    p = subprocess.Popen([sys.executable, "-c", inner])
+    try:
+        found: list[int] = []
+        for _ in range(50):
+            found = bd._descendants(p.pid, "--worker")
+            if found:
+                break
+            time.sleep(0.1)
+        assert len(found) == 1 and found[0] != p.pid
+    finally:
+        p.kill()
+        p.wait()
