@@ -142,6 +142,7 @@ class NumpyBackend:
             if place.sliced:
                 self.ffn_cols = _cols(place.rows(args.hidden_dim))
                 self.out_cols = _cols(place.rows(args.dim))
+                self.ffn_widths, self.out_widths = place.widths(args.hidden_dim), place.widths(args.dim)
         tensors = native_tensors(tensors)  # MLX affine -> Q4_1/F16; GGUF blocks and floats as they are
         self.mapped_files = files_backing(q.data for q in tensors.values())  # checked before each forward
         self.embed = tensors.get("token_embd.weight")
@@ -153,6 +154,7 @@ class NumpyBackend:
             assert place is not None
             V = args.vocab_size
             self.vocab = slice(place.rank * V // place.size, (place.rank + 1) * V // place.size)
+            self.vocab_widths = [(r + 1) * V // place.size - r * V // place.size for r in range(place.size)]
             o, n = self.output, self.vocab.stop - self.vocab.start
             self.output = QTensor(o.qtype, (n, *o.shape[1:]), o.data[self.vocab])  # [V/n, dim] rows
         self.norm = _f32(tensors["output_norm.weight"]) if self.head or self.vocab is not None else None
@@ -227,10 +229,8 @@ class NumpyBackend:
         """Final norm and output projection: h [T, dim] -> [T, vocab] float32; ``pos`` (1-based)
         names the first position in the one-line error NaN/Inf logits raise."""
         out = ops.linear(ops.rms_norm(h, self.norm, self.args.norm_eps), self.output)  # [T, vocab or slice]
-        if self.vocab is not None:  # each rank's slice, the rest 0: one exact sum gives every logit
-            full = np.zeros((h.shape[0], self.args.vocab_size), dtype=np.float32)  # [T, vocab]
-            full[:, self.vocab] = out
-            out = self.group.all_sum(full, "the logits")  # type: ignore[union-attr]
+        if self.vocab is not None:  # each rank's slice of the vocabulary, side by side
+            out = self.group.concat(out, self.vocab_widths, "the logits")  # type: ignore[union-attr]
         if self.head:
             check_logits(out, pos)  # NaN/Inf weights: one line, not a sampler's error
         return out
@@ -372,25 +372,27 @@ class NumpyBackend:
 
     def _whole_hidden(self, hs: list[np.ndarray], li: int) -> list[np.ndarray]:
         """Expert parallel by rows: each expert's hidden activation [T_e, hidden] from every rank's
-        columns ``hs`` [T_e, hidden/n] (the others 0, one exact sum across the group), so down's
-        rows see what they see in one process. Otherwise ``hs`` as it is."""
+        columns ``hs`` [T_e, hidden/n] put side by side, so down's rows see what they see in one
+        process. Otherwise ``hs`` as it is."""
         if self.ffn_cols == slice(None) or not hs:
             return hs
         lens = [len(h) for h in hs]
-        buf = np.zeros((sum(lens), self.args.hidden_dim), dtype=np.float32)  # [sum T_e, hidden]
-        buf[:, self.ffn_cols] = np.concatenate(hs)
-        whole = self.group.all_sum(buf, f"layer {li}'s expert activations")  # type: ignore[union-attr]
+        whole = self.group.concat(np.concatenate(hs), self.ffn_widths,  # type: ignore[union-attr]
+                                  f"layer {li}'s expert activations")  # [sum T_e, hidden]
         ends = np.cumsum(lens)
         return [whole[e - n : e] for e, n in zip(ends.tolist(), lens, strict=True)]
 
     def _gather(self, pairs: np.ndarray, li: int) -> np.ndarray:
-        """Expert parallel: every rank filled the (token, rank) slots of its own experts (by rows:
-        its columns of every slot) and left the rest 0; one sum across the group completes every
-        slot exactly (x + 0 = x), so the combine that follows is the single process's, bit for
-        bit. pairs [T, k, dim]."""
+        """Expert parallel: every rank filled the (token, rank) slots of its own experts and left
+        the rest 0; one sum across the group completes every slot exactly (x + 0 = x). By rows
+        every rank filled its columns of every slot: they are put side by side. Either way the
+        combine that follows is the single process's, bit for bit. pairs [T, k, dim]."""
         if not self.split:
             return pairs
-        return self.group.all_sum(pairs, f"layer {li}'s experts")  # type: ignore[union-attr]
+        what = f"layer {li}'s experts"
+        if self.out_cols != slice(None):
+            return self.group.concat(pairs[..., self.out_cols], self.out_widths, what)  # type: ignore[union-attr]
+        return self.group.all_sum(pairs, what)  # type: ignore[union-attr]
 
     # ---- streamed experts -----------------------------------------------------------------
     @contextmanager

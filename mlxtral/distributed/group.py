@@ -329,6 +329,18 @@ class Group:
         out = self._run(what, lambda: mx.distributed.all_gather(a, group=self.group), x.nbytes)
         return np.array(out, copy=True).reshape(self.size, *x.shape)
 
+    def concat(self, x: np.ndarray, widths: list[int], what: str = "a collective") -> np.ndarray:
+        """Every rank's columns side by side: ``x`` [..., widths[rank]] -> [..., sum(widths)], rank
+        0's first. One ``all_gather`` (each rank's part padded to the widest), so each rank sends
+        its own columns only, not a zero-filled whole row for an ``all_sum`` to complete."""
+        if self.size == 1:
+            return x
+        w = max(widths)
+        part = np.zeros((*x.shape[:-1], w), dtype=x.dtype)  # [..., w]
+        part[..., : x.shape[-1]] = x
+        every = self.all_gather(part, what)  # [size, ..., w]
+        return np.concatenate([every[r, ..., : widths[r]] for r in range(self.size)], axis=-1)
+
     def send(self, x: np.ndarray, dst: int, what: str = "a send") -> None:
         mx = self.mx
         a = mx.array(np.ascontiguousarray(x))

@@ -72,6 +72,10 @@ class Placement:
         """This rank's rows of an expert matrix of ``n`` rows (all of them unless sliced)."""
         return _span(self.rank, self.size, n) if self.sliced else range(n)
 
+    def widths(self, n: int) -> list[int]:
+        """How many of ``n`` rows each rank holds, in rank order (``[n]`` unless sliced)."""
+        return [len(_span(r, self.size, n)) for r in range(self.size)] if self.sliced else [n]
+
     def share(self, name: str, t: Tensor) -> Tensor:
         """This rank's part of tensor ``name`` (one it :meth:`holds`): its rows of an expert matrix
         when sliced, as a view; any other tensor whole."""
