@@ -12,10 +12,10 @@ sums them. A token whose experts sit on one rank waits for it (with 8 experts on
 of every layer (``R`` its rows: the FFN width for gate and up, the model width for down), so every
 rank reads exactly 1/n of whatever experts a token picks. Each rank computes gate and up on its
 rows for every routed pair, one collective puts the pairs' hidden activations together (each
-rank's columns, the others 0: summed exactly), each rank projects them through its rows of down,
-and a second collective puts the outputs together. A rank's rows are one byte range per expert
-matrix. Twice the collectives and, for a prompt, ~4x the bytes on the wire (the activations cross
-it): for fast links, where the balance pays (see the README's measurements).
+rank's columns side by side; on MLX a zero-filled whole summed exactly), each rank projects them
+through its rows of down, and a second collective puts the outputs together. A rank's rows are one
+byte range per expert matrix. Twice the collectives and, for a prompt, ~2x the bytes on the wire
+(the activations cross it): for fast links, where the balance pays (see the README's measurements).
 
 Either way every number is computed as one process computes it (a row's dot product does not
 depend on which other rows or pairs are computed beside it), so logits are bit-identical.
