@@ -20,8 +20,8 @@ once, so the smallest MLX cache is one layer's experts.
 
 Across processes (:mod:`mlxtral.distributed`, a ``place``ment and a ``group``): **expert parallel**
 stacks only this rank's share: its whole experts (``expert``, a contiguous block, renumbered from
-0) or its rows of every expert (``expert-rows``: its columns of each pair's activation go through
-one ``all_sum`` before down, its columns of the output through another). Per MoE layer the routing
+0) or its rows of every expert (``expert-rows``: every rank's columns of each pair's activation
+are put side by side by one ``all_gather`` before down, of the output by another). Per MoE layer the routing
 is evaluated and read on the host (one evaluation per layer, which the collective needs anyway),
 so the rank runs only the token-expert pairs of its own experts, through the same kernels and the
 same sorted or unsorted path as one process; it scatters them into a zero [T*k, dim] buffer of all
@@ -157,9 +157,10 @@ class MLXBackend:
         self.split = (place is not None and place.split_experts and group is not None
                       and args.is_moe)  # expert parallel: one all_sum per layer (by rows: two)
         # by rows: this rank's columns of an expert's hidden activation and of its output
-        self.ffn_cols = self.out_cols = None
+        self.out_cols = None
         if place is not None and place.sliced:
-            self.ffn_cols, self.out_cols = place.rows(args.hidden_dim), place.rows(args.dim)
+            self.out_cols = place.rows(args.dim)
+            self.ffn_widths, self.out_widths = place.widths(args.hidden_dim), place.widths(args.dim)
         self.dtype = resolve_dtype(dtype)
         # MLX's CPU gather_mm is float32-only: float expert stacks stay float32 there.
         self.expert_float_dtype = self.dtype if on_metal() else mx.float32
@@ -393,7 +394,8 @@ class MLXBackend:
 
         The routing is read on the host, so only this rank's pairs run (none of another rank's
         costs compute or reads), sorted by expert (stably) where one process sorts them, each a
-        one-row product as in one process; the others stay 0 in the buffer the ``all_sum`` completes.
+        one-row product as in one process; the others stay 0 in the buffer the ``all_sum`` completes
+        (by rows every rank computes every pair, its columns, and they are put side by side).
         """
         assert self.group is not None and L.gate is not None and L.up is not None and L.down is not None
         T, k = inds.shape
@@ -405,22 +407,21 @@ class MLXBackend:
         sort = inds.size >= self.sort_threshold  # the path one process takes for these tokens
         if sort:
             mine = mine[np.argsort(flat[mine], kind="stable")]  # grouped by expert
-        part = mx.zeros((T * k, dim), dtype=x.dtype)  # [T*k, dim] the pairs; others' stay 0
+        rows = self.out_cols is not None  # by rows: every pair here, this rank's columns of it
+        part = mx.zeros((T * k, len(self.out_cols) if rows else dim), dtype=x.dtype)  # [T*k, its dim]
         if len(mine):
             xs = x[mx.array(mine // k)][:, None, :]  # [n, 1, dim]
             idx = mx.array((flat[mine] - e0).astype(np.uint32))  # [n] local expert ids
             g = L.gate.gather(xs, idx, sorted_indices=sort)  # [n, 1, hidden] (by rows: its columns)
             u = L.up.gather(xs, idx, sorted_indices=sort)
             hid = _swiglu(g, u)
-            if self.ffn_cols is not None:  # every rank's columns, the others 0: one exact sum
-                c = self.ffn_cols
-                whole = mx.zeros((len(mine), 1, self.args.hidden_dim), dtype=hid.dtype)  # [n, 1, hidden]
-                whole[..., c.start : c.stop] = hid
-                hid = self.group.all_sum_mx(whole, f"layer {li}'s expert activations")
+            if rows:  # every rank's columns side by side
+                hid = self.group.concat_mx(hid, self.ffn_widths, f"layer {li}'s expert activations")
             y = L.down.gather(hid, idx, sorted_indices=sort)  # [n, 1, dim] (by rows: its columns)
-            o = range(dim) if self.out_cols is None else self.out_cols
-            part[mx.array(mine), o.start : o.stop] = y.reshape(len(mine), -1).astype(x.dtype)
-        return self.group.all_sum_mx(part, f"layer {li}'s experts").reshape(T, k, dim)
+            part[mx.array(mine)] = y.reshape(len(mine), -1).astype(x.dtype)
+        if rows:
+            return self.group.concat_mx(part, self.out_widths, f"layer {li}'s experts").reshape(T, k, dim)
+        return self.group.all_sum_mx(part, f"layer {li}'s experts").reshape(T, k, dim)  # others' pairs 0
 
     def _guess(self, h: mx.array, li: int) -> mx.array | None:
         """The experts layer ``li``'s router picks for hidden state ``h`` (lazy) [T, k], or None."""

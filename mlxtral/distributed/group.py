@@ -320,6 +320,22 @@ class Group:
         mx.eval(a)
         return self._run(what, lambda: mx.distributed.all_sum(a, group=self.group), a.nbytes)
 
+    def concat_mx(self, a: Any, widths: list[int], what: str = "a collective") -> Any:
+        """:meth:`concat` on an MLX array ``a`` [..., widths[rank]], staying in MLX; ``a`` is
+        evaluated first, then gathered under the watchdog; returns the evaluated [..., sum(widths)]."""
+        mx = self.mx
+        if self.size == 1:
+            return a
+        w = max(widths)
+        if a.shape[-1] < w:
+            a = mx.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, w - a.shape[-1])])
+        mx.eval(a)
+        every = self._run(what, lambda: mx.distributed.all_gather(a, group=self.group), a.nbytes)
+        every = every.reshape(self.size, *a.shape)  # [size, ..., w]
+        out = mx.concatenate([every[r, ..., : widths[r]] for r in range(self.size)], axis=-1)
+        mx.eval(out)
+        return out
+
     def all_gather(self, x: np.ndarray, what: str = "a collective") -> np.ndarray:
         """Every rank's ``x`` stacked in rank order: [size, *x.shape]."""
         mx = self.mx
