@@ -155,7 +155,7 @@ class MLXBackend:
         self.held = range(args.n_layers) if place is None else place.layers  # layers this process runs
         self.local = range(args.n_ffn) if place is None else place.experts  # experts it stacks
         self.split = (place is not None and place.split_experts and group is not None
-                      and args.is_moe)  # expert parallel: one all_sum per layer (by rows: two)
+                      and args.is_moe)  # expert parallel: one collective per layer (by rows: two)
         # by rows: this rank's columns of an expert's hidden activation and of its output
         self.out_cols = None
         if place is not None and place.sliced:

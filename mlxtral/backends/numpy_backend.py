@@ -152,9 +152,9 @@ class NumpyBackend:
         self.vocab: slice | None = None
         if self.split and self.output is not None:
             assert place is not None
-            V = args.vocab_size
-            self.vocab = slice(place.rank * V // place.size, (place.rank + 1) * V // place.size)
-            self.vocab_widths = [(r + 1) * V // place.size - r * V // place.size for r in range(place.size)]
+            spans = place.spans(args.vocab_size)
+            self.vocab = _cols(spans[place.rank])
+            self.vocab_widths = [len(r) for r in spans]
             o, n = self.output, self.vocab.stop - self.vocab.start
             self.output = QTensor(o.qtype, (n, *o.shape[1:]), o.data[self.vocab])  # [V/n, dim] rows
         self.norm = _f32(tensors["output_norm.weight"]) if self.head or self.vocab is not None else None

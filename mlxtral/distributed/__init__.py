@@ -12,11 +12,10 @@ engine (``mx.distributed``: the ring backend over TCP, or MPI), started by ``mlx
 
 Expert parallel lives in the backends themselves (``NumpyBackend.moe``, ``MLXBackend``'s MoE layer):
 by rows, each rank computes its columns of every routed pair's activation and output and two
-collectives per layer put them together (on NumPy an ``all_gather`` of each rank's columns, on MLX
-an ``all_sum`` of zero-filled wholes); by whole experts, each rank computes its experts' (token,
-rank) slots and one ``all_sum`` per layer completes them. Either way every number is computed as in
-one process, so the result is the single process's bit for bit; on NumPy each rank also projects
-its slice of the vocabulary.
+collectives per layer put them together (an ``all_gather`` of each rank's columns); by whole
+experts, each rank computes its experts' (token, rank) slots and one ``all_sum`` per layer completes
+them. Either way every number is computed as in one process, so the result is the single process's
+bit for bit; on NumPy each rank also projects its slice of the vocabulary.
 """
 from mlxtral.distributed.placement import MODES
 

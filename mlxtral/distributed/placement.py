@@ -10,12 +10,12 @@ sums them. A token whose experts sit on one rank waits for it (with 8 experts on
 
 **By rows** (``expert-rows``): rank ``r`` holds rows ``[r*R/n, (r+1)*R/n)`` of every expert matrix
 of every layer (``R`` its rows: the FFN width for gate and up, the model width for down), so every
-rank reads exactly 1/n of whatever experts a token picks. Each rank computes gate and up on its
-rows for every routed pair, one collective puts the pairs' hidden activations together (each
-rank's columns side by side; on MLX a zero-filled whole summed exactly), each rank projects them
-through its rows of down, and a second collective puts the outputs together. A rank's rows are one
-byte range per expert matrix. Twice the collectives and, for a prompt, ~2x the bytes on the wire
-(the activations cross it): for fast links, where the balance pays (see the README's measurements).
+rank reads exactly 1/n of whatever experts a token picks. Each rank computes gate and up on its rows
+for every routed pair, one collective puts the pairs' hidden activations together (each rank's
+columns side by side, one ``all_gather``), each rank projects them through its rows of down, and a
+second collective puts the outputs together. A rank's rows are one byte range per expert matrix.
+Twice the collectives and, for a prompt, ~2x the bytes on the wire (the activations cross it): for
+fast links, where the balance pays (see the README's measurements).
 
 Either way every number is computed as one process computes it (a row's dot product does not
 depend on which other rows or pairs are computed beside it), so logits are bit-identical.
@@ -72,9 +72,13 @@ class Placement:
         """This rank's rows of an expert matrix of ``n`` rows (all of them unless sliced)."""
         return _span(self.rank, self.size, n) if self.sliced else range(n)
 
+    def spans(self, n: int) -> list[range]:
+        """Every rank's contiguous share of ``n`` rows (or vocabulary entries), in rank order."""
+        return [_span(r, self.size, n) for r in range(self.size)]
+
     def widths(self, n: int) -> list[int]:
         """How many of ``n`` rows each rank holds, in rank order (``[n]`` unless sliced)."""
-        return [len(_span(r, self.size, n)) for r in range(self.size)] if self.sliced else [n]
+        return [len(r) for r in self.spans(n)] if self.sliced else [n]
 
     def share(self, name: str, t: Tensor) -> Tensor:
         """This rank's part of tensor ``name`` (one it :meth:`holds`): its rows of an expert matrix
