@@ -156,6 +156,35 @@ def test_attend_rows_equal_decode(kv_dtype, window):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_attend_same_bits_at_any_thread_count(kv_dtype, window):
+    """Attention runs one work item per (query row, KV head) on every thread of the pool, each the
+    serial kernel's arithmetic: the same bits at 1, 2 and 3 threads, in prefill and decode, and
+    on a cache that is not contiguous (the serial path)."""
+    rng = np.random.default_rng(12)
+    H, KV, hd, ctx = 12, 3, 40, 48
+    k = rng.standard_normal((KV, ctx, hd)).astype(kv_dtype)
+    v = rng.standard_normal((KV, ctx, hd)).astype(kv_dtype)
+    q = rng.standard_normal((9, H, hd)).astype(np.float32)
+    old = kernels.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            kernels.set_num_threads(n)
+            runs.append((kernels.attend(q, k, v, 7, window), kernels.attend_one(q[-1], k, v, 16, window)))
+        wide_k = np.zeros((KV, ctx, 2 * hd), dtype=kv_dtype)
+        wide_v = np.zeros_like(wide_k)
+        wide_k[..., :hd], wide_v[..., :hd] = k, v
+        runs.append((kernels.attend(q, wide_k[..., :hd], wide_v[..., :hd], 7, window), runs[0][1]))
+    finally:
+        kernels.set_num_threads(old)
+    for rows, one in runs[1:]:
+        np.testing.assert_array_equal(rows, runs[0][0])
+        np.testing.assert_array_equal(one, runs[0][1])
+    np.testing.assert_array_equal(runs[0][0][-1], runs[0][1])
+
+
 _ATTEND_INPUTS = """
 import numpy as np
 from mlxtral.backends import kernels

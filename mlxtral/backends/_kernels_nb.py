@@ -64,6 +64,12 @@ F_KIND, F_MODE, F_QUANT, F_W, F_W2, F_ROWBYTES, F_NOUT, F_NIN, F_T = 0, 1, 2, 3,
 F_X, F_XQ, F_XD, F_XS, F_OUT, F_OSTRIDE, F_CHUNK, F_FIRST = 9, 10, 11, 12, 13, 14, 15, 16
 F_XG = 17  # K-quant prefill: the q8_K activations grouped for the tiles (_kernels_tile.kq_group_acts)
 F_SIZE = 18
+# an attention task (kernels.attend): one work item per (query row, KV head); its fields in the table
+K_ATTN = 15
+# addresses: q [T, H, hd] f32, the cache's k/v [KV, ctx, hd], out [T, H, hd]
+A_Q, A_K, A_V, A_OUT = F_X, F_W, F_W2, F_OUT
+A_H, A_HD, A_KV, A_CTX = F_NOUT, F_NIN, F_XS, F_ROWBYTES
+A_P0, A_WINDOW, A_F16 = F_XQ, F_XD, F_QUANT  # the first query's position, the window (0: none), f16 cache
 
 # control block (int64 words; hot words on their own cache lines)
 CTL_W = 0  # seq << 40 | nchunks << 20 | next chunk
@@ -322,6 +328,9 @@ def run_chunk(table, c):
     while ti + 1 < table.shape[0] and table[ti + 1, F_FIRST] <= c:
         ti += 1
     kind = table[ti, F_KIND]
+    if kind == K_ATTN:
+        attend_item(table[ti], c - table[ti, F_FIRST])
+        return
     swig = table[ti, F_MODE] == 1
     quant = table[ti, F_QUANT] != 0
     wa = table[ti, F_W]
@@ -577,15 +586,15 @@ def _group_weights(sc, mx, inv, out, kv, n):
 
 
 @njit(cache=_CACHE, nogil=True)
-def attend_one(q, k, v, lo, hi, out):
-    """Decode attention of one query row: q [H, hd] f32, k/v [KV, ctx, hd] f32 (the cache), keys
-    lo..hi-1 -> out [H, hd]. GQA: head h reads KV head h // (H / KV). Per KV head, one pass over
-    its keys scores all of its query heads (each key row read once for them), one pass over its
-    values accumulates them; per head the arithmetic is a head's own, in key order (the dot per
-    key, the softmax, the values four keys at a time), whatever the grouping."""
+def attend_kv(q, k, v, lo, hi, out, kv):
+    """Decode attention of one query row for the query heads of KV head ``kv``: q [H, hd] f32,
+    k/v [KV, ctx, hd] f32 (the cache), keys lo..hi-1 -> out[kv * G .. (kv + 1) * G] [G, hd]
+    (G = H / KV). One pass over the keys scores all G heads (each key row read once for them),
+    one pass over the values accumulates them; per head the arithmetic is a head's own, in key
+    order (the dot per key, the softmax, the values four keys at a time), whatever the grouping
+    or the thread."""
     H, hd = q.shape
-    KV = k.shape[0]
-    G = H // KV
+    G = H // k.shape[0]
     scale = np.float32(1.0 / np.sqrt(hd))
     n = hi - lo
     sc = np.empty((G, n), dtype=np.float32)
@@ -593,73 +602,120 @@ def attend_one(q, k, v, lo, hi, out):
     inv = np.empty(G, dtype=np.float32)
     hd16 = hd // 16 * 16
     n4 = n // 4 * 4
-    for kv in range(KV):
+    for g in range(G):
+        mx[g] = np.float32(-np.inf)
+    for s in range(n):
+        kr = k[kv, lo + s]
+        ka = kr.ctypes.data
         for g in range(G):
-            mx[g] = np.float32(-np.inf)
-        for s in range(n):
-            kr = k[kv, lo + s]
-            ka = kr.ctypes.data
-            for g in range(G):
-                qh = q[kv * G + g]
-                acc = dot_f32(ka, qh.ctypes.data, hd)  # the first hd16 elements, vectorized
-                for d in range(hd16, hd):
-                    acc += qh[d] * kr[d]
-                acc *= scale
-                _keep_score(sc, mx, g, s, acc)
-        _group_weights(sc, mx, inv, out, kv, n)
-        for s in range(0, n4, 4):  # four value rows per pass over o (a quarter of the o traffic)
-            v0, v1, v2, v3 = v[kv, lo + s], v[kv, lo + s + 1], v[kv, lo + s + 2], v[kv, lo + s + 3]
-            for g in range(G):
-                i = inv[g]
-                p0, p1, p2, p3 = sc[g, s] * i, sc[g, s + 1] * i, sc[g, s + 2] * i, sc[g, s + 3] * i
-                o = out[kv * G + g]
-                for d in range(hd):
-                    o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
-        for s in range(n4, n):
-            vr = v[kv, lo + s]
-            for g in range(G):
-                p = sc[g, s] * inv[g]
-                o = out[kv * G + g]
-                for d in range(hd):
-                    o[d] += p * vr[d]
-    return out
+            qh = q[kv * G + g]
+            acc = dot_f32(ka, qh.ctypes.data, hd)  # the first hd16 elements, vectorized
+            for d in range(hd16, hd):
+                acc += qh[d] * kr[d]
+            acc *= scale
+            _keep_score(sc, mx, g, s, acc)
+    _group_weights(sc, mx, inv, out, kv, n)
+    for s in range(0, n4, 4):  # four value rows per pass over o (a quarter of the o traffic)
+        v0, v1, v2, v3 = v[kv, lo + s], v[kv, lo + s + 1], v[kv, lo + s + 2], v[kv, lo + s + 3]
+        for g in range(G):
+            i = inv[g]
+            p0, p1, p2, p3 = sc[g, s] * i, sc[g, s + 1] * i, sc[g, s + 2] * i, sc[g, s + 3] * i
+            o = out[kv * G + g]
+            for d in range(hd):
+                o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+    for s in range(n4, n):
+        vr = v[kv, lo + s]
+        for g in range(G):
+            p = sc[g, s] * inv[g]
+            o = out[kv * G + g]
+            for d in range(hd):
+                o[d] += p * vr[d]
 
 
 @njit(cache=_CACHE, nogil=True)
-def attend_one_f16(q, k, v, lo, hi, out):
-    """``attend_one`` on a float16 cache given as uint16 bits: k/v [KV, ctx, hd] read in place
-    (no float32 copy of the cache per step); the same grouping by KV head."""
+def attend_kv_f16(q, k, v, lo, hi, out, kv):
+    """``attend_kv`` on a float16 cache given as uint16 bits: k/v [KV, ctx, hd] read in place
+    (no float32 copy of the cache per step)."""
     H, hd = q.shape
-    KV = k.shape[0]
-    G = H // KV
+    G = H // k.shape[0]
     scale = np.float32(1.0 / np.sqrt(hd))
     n = hi - lo
     hd16 = hd // 16 * 16
     sc = np.empty((G, n), dtype=np.float32)
     mx = np.empty(G, dtype=np.float32)
     inv = np.empty(G, dtype=np.float32)
-    for kv in range(KV):
+    for g in range(G):
+        mx[g] = np.float32(-np.inf)
+    for s in range(n):
+        kr = k[kv, lo + s]
+        ka = kr.ctypes.data
         for g in range(G):
-            mx[g] = np.float32(-np.inf)
-        for s in range(n):
-            kr = k[kv, lo + s]
-            ka = kr.ctypes.data
-            for g in range(G):
-                qh = q[kv * G + g]
-                acc = dot_f16(ka, qh.ctypes.data, hd)
-                for d in range(hd16, hd):
-                    acc += qh[d] * half_to_f32(kr[d])
-                acc *= scale
-                _keep_score(sc, mx, g, s, acc)
-        _group_weights(sc, mx, inv, out, kv, n)
-        for s in range(n):
-            vr = v[kv, lo + s]
-            for g in range(G):
-                p = sc[g, s] * inv[g]
-                o = out[kv * G + g]
-                for d in range(hd):
-                    o[d] += p * half_to_f32(vr[d])
+            qh = q[kv * G + g]
+            acc = dot_f16(ka, qh.ctypes.data, hd)
+            for d in range(hd16, hd):
+                acc += qh[d] * half_to_f32(kr[d])
+            acc *= scale
+            _keep_score(sc, mx, g, s, acc)
+    _group_weights(sc, mx, inv, out, kv, n)
+    for s in range(n):
+        vr = v[kv, lo + s]
+        for g in range(G):
+            p = sc[g, s] * inv[g]
+            o = out[kv * G + g]
+            for d in range(hd):
+                o[d] += p * half_to_f32(vr[d])
+
+
+@njit(cache=_CACHE, nogil=True)
+def attend_one(q, k, v, lo, hi, out):
+    """Decode attention of one query row: q [H, hd] f32, k/v [KV, ctx, hd] f32 (the cache), keys
+    lo..hi-1 -> out [H, hd]. GQA: head h reads KV head h // (H / KV); each KV head's heads by
+    ``attend_kv``."""
+    for kv in range(k.shape[0]):
+        attend_kv(q, k, v, lo, hi, out, kv)
     return out
+
+
+@njit(cache=_CACHE, nogil=True)
+def attend_one_f16(q, k, v, lo, hi, out):
+    """``attend_one`` on a float16 cache given as uint16 bits (read in place)."""
+    for kv in range(k.shape[0]):
+        attend_kv_f16(q, k, v, lo, hi, out, kv)
+    return out
+
+
+@njit(cache=_CACHE, nogil=True)
+def attend_item(row, i):
+    """Work item ``i`` of an attention task ``row``: query row i // KV, the heads of KV head i % KV."""
+    H, hd, KV, ctx = row[A_H], row[A_HD], row[A_KV], row[A_CTX]
+    t, kv = i // KV, i % KV
+    hi = row[A_P0] + t + 1
+    lo = max(0, hi - row[A_WINDOW]) if row[A_WINDOW] > 0 else 0
+    q = carray(ptr_f32(row[A_Q] + t * H * hd * 4), (H, hd))
+    out = carray(ptr_f32(row[A_OUT] + t * H * hd * 4), (H, hd))
+    if row[A_F16] != 0:
+        attend_kv_f16(q, carray(ptr_u16(row[A_K]), (KV, ctx, hd)), carray(ptr_u16(row[A_V]), (KV, ctx, hd)),
+                      lo, hi, out, kv)
+    else:
+        attend_kv(q, carray(ptr_f32(row[A_K]), (KV, ctx, hd)), carray(ptr_f32(row[A_V]), (KV, ctx, hd)),
+                  lo, hi, out, kv)
+
+
+@njit(cache=_CACHE, nogil=True)
+def fill_attend(table, q, k, v, p0, window, out, f16):
+    """Row 0 of a one-task job: the attention of queries q [T, H, hd] at positions p0.. over the
+    C-contiguous cache k/v [KV, ctx, hd] (float32, or with ``f16`` float16 as uint16) into
+    out [T, H, hd]; returns its number of work items (T * KV)."""
+    T, H, hd = q.shape
+    KV, ctx = k.shape[0], k.shape[1]
+    row = table[0]
+    row[:] = 0
+    row[F_KIND] = K_ATTN
+    row[A_Q], row[A_K], row[A_V], row[A_OUT] = q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data
+    row[A_H], row[A_HD], row[A_KV], row[A_CTX] = H, hd, KV, ctx
+    row[A_P0], row[A_WINDOW], row[A_F16] = p0, window, 1 if f16 else 0
+    row[F_T], row[F_FIRST] = T, 0
+    return T * KV
 
 
 @njit(cache=_CACHE, nogil=True)

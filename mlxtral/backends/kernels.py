@@ -499,6 +499,17 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty(q.shape, dtype=np.float32)  # [T, H, hd]
     win = int(window) if window is not None and window > 0 else 0
+    if (T * k.shape[0] > 1 and get_num_threads() > 1 and k.dtype in (np.float32, np.float16)
+            and k.dtype == v.dtype and k.flags.c_contiguous and v.flags.c_contiguous and k.shape == v.shape):
+        # every thread: one work item per (query row, KV head), each the serial path's arithmetic
+        f16 = k.dtype == np.float16
+        kk, vv = (k.view(np.uint16), v.view(np.uint16)) if f16 else (k, v)
+        table = np.empty((1, _nb.F_SIZE), dtype=np.int64)
+        n = _nb.fill_attend(table, q, kk, vv, p0, win, out, f16)
+        pool = _get_pool()
+        with _run_lock:
+            _nb.execute(pool.ctl, table, n)
+        return out.reshape(T, H * hd)
     if k.dtype == np.float16:  # read the half cache in place (F16C conversion in the loops)
         _nb.attend_f16(q, k.view(np.uint16), v.view(np.uint16), p0, win, out)
     elif k.dtype == np.float32:
@@ -605,9 +616,12 @@ def _load_all() -> None:
         rms_norm(rng.standard_normal((2, 64)).astype(np.float32), norm_w, 1e-5)
     kc = rng.standard_normal((2, 8, 16)).astype(np.float32)
     q4 = rng.standard_normal((4, 16)).astype(np.float32)
-    attend_one(q4, kc, kc, 5)
     top_k_softmax(rng.standard_normal((2, 8)).astype(np.float32), 2)
-    attend_one(q4, kc.astype(np.float16), kc.astype(np.float16), 5)
+    for c in (kc, kc.astype(np.float16)):  # every thread (the pool's items), and the serial path
+        attend_one(q4, c, c, 5)
+        bits = c.view(np.uint16) if c.dtype == np.float16 else c
+        serial = _nb.attend_f16 if c.dtype == np.float16 else _nb.attend
+        serial(q4[None], bits, bits, 4, 0, np.empty((1, 4, 16), dtype=np.float32))
     kq = [QTensor(t, (8, 256), np.zeros((8, b), dtype=np.uint8)) for t, b in
           (("Q4_K", 144), ("Q6_K", 210), ("Q5_K", 176), ("Q3_K", 110), ("Q2_K", 84), ("IQ4_XS", 136))]
     kq += [QTensor(t.qtype, t.shape, _read_only(t.data)) for t in kq]
