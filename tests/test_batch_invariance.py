@@ -185,6 +185,19 @@ def test_attend_same_bits_at_any_thread_count(kv_dtype, window):
     np.testing.assert_array_equal(runs[0][0][-1], runs[0][1])
 
 
+@pytest.mark.parametrize("hd", [128, 72, 12])
+def test_attend_f16_cache_is_the_f32_arithmetic_on_its_values(hd):
+    """A float16 cache is read in place, each row converted to float32 exactly, then the float32
+    kernel's steps: the bits of attention over that cache converted to float32."""
+    rng = np.random.default_rng(hd)
+    k = rng.standard_normal((2, 45, hd)).astype(np.float16)
+    v = rng.standard_normal((2, 45, hd)).astype(np.float16)
+    q = rng.standard_normal((7, 6, hd)).astype(np.float32)
+    for window in (None, 6):
+        np.testing.assert_array_equal(kernels.attend(q, k, v, 38, window),
+                                      kernels.attend(q, k.astype(np.float32), v.astype(np.float32), 38, window))
+
+
 _ATTEND_INPUTS = """
 import numpy as np
 from mlxtral.backends import kernels

@@ -588,6 +588,41 @@ def _build_float_dot(mod: ir.Module, name: str, kind: str) -> ir.Function:
     return fn
 
 
+def _build_f16_row(mod: ir.Module, name: str) -> ir.Function:
+    """void f16_row(src_addr, dst_addr, n): the first ``n // 8 * 8`` IEEE halves at ``src`` to
+    float32 at ``dst``, exactly, eight a step (``vcvtph2ps`` with F16C; the caller does the tail)."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [i64] * 3), name)
+    fn.linkage = "internal"
+    sa, da, n = fn.args
+    entry, loop, done = (fn.append_basic_block(s) for s in ("entry", "loop", "done"))
+    b = ir.IRBuilder(entry)
+    sp, dp = _ptr(b, sa, i8), _ptr(b, da, f32)
+    n8 = b.lshr(n, ir.Constant(i64, 3))
+    b.cbranch(b.icmp_unsigned(">", n8, ir.Constant(i64, 0)), loop, done)
+    b = ir.IRBuilder(loop)
+    i = b.phi(i64)
+    e = b.shl(i, ir.Constant(i64, 3))
+    b.store(_load_f8(b, sp, e, "f16"), b.bitcast(_gep(b, dp, e), v8f.as_pointer()), align=4)
+    inext = b.add(i, ir.Constant(i64, 1))
+    b.cbranch(b.icmp_unsigned("<", inext, n8), loop, done)
+    i.add_incoming(ir.Constant(i64, 0), entry)
+    i.add_incoming(inext, loop)
+    ir.IRBuilder(done).ret_void()
+    return fn
+
+
+@intrinsic
+def f16_row(typingctx, src, dst, n):
+    """``dst[:n // 8 * 8] = float32(src halves)`` by addresses (``_build_f16_row``)."""
+    sig = types.void(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):
+        builder.call(_get_fn(builder.module, "mlxtral_f16_row", _build_f16_row), list(args))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _get_fn(mod: ir.Module, name: str, build) -> ir.Function:
     try:
         return mod.get_global(name)

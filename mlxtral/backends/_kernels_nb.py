@@ -46,6 +46,7 @@ from mlxtral.backends._kernels_ir import (
     dot_q5_0,
     dot_q5_1,
     dot_q8_0,
+    f16_row,
     half_to_f32,
     ptr_f32,
     ptr_i64,
@@ -632,10 +633,20 @@ def attend_kv(q, k, v, lo, hi, out, kv):
                 o[d] += p * vr[d]
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _f16_to(bits, row, hd8):
+    """A cache row of float16 ``bits`` [hd] -> float32 ``row`` [hd], exactly (eight a step)."""
+    f16_row(bits.ctypes.data, row.ctypes.data, hd8)
+    for d in range(hd8, bits.shape[0]):
+        row[d] = half_to_f32(bits[d])
+
+
 @njit(cache=_CACHE, nogil=True)
 def attend_kv_f16(q, k, v, lo, hi, out, kv):
-    """``attend_kv`` on a float16 cache given as uint16 bits: k/v [KV, ctx, hd] read in place
-    (no float32 copy of the cache per step)."""
+    """``attend_kv`` on a float16 cache given as uint16 bits: k/v [KV, ctx, hd] read in place (no
+    float32 copy of the cache per step). Each key and value row is converted to float32 once
+    (exactly) for the G query heads, then ``attend_kv``'s steps: the bits ``attend_kv`` gives on the
+    cache converted to float32."""
     H, hd = q.shape
     G = H // k.shape[0]
     scale = np.float32(1.0 / np.sqrt(hd))
@@ -644,26 +655,40 @@ def attend_kv_f16(q, k, v, lo, hi, out, kv):
     sc = np.empty((G, n), dtype=np.float32)
     mx = np.empty(G, dtype=np.float32)
     inv = np.empty(G, dtype=np.float32)
+    row = np.empty(hd, dtype=np.float32)  # a key or value row in float32
+    ra = row.ctypes.data
+    hd8 = hd // 8 * 8
     for g in range(G):
         mx[g] = np.float32(-np.inf)
     for s in range(n):
-        kr = k[kv, lo + s]
-        ka = kr.ctypes.data
+        _f16_to(k[kv, lo + s], row, hd8)
         for g in range(G):
             qh = q[kv * G + g]
-            acc = dot_f16(ka, qh.ctypes.data, hd)
+            acc = dot_f32(ra, qh.ctypes.data, hd)
             for d in range(hd16, hd):
-                acc += qh[d] * half_to_f32(kr[d])
+                acc += qh[d] * row[d]
             acc *= scale
             _keep_score(sc, mx, g, s, acc)
     _group_weights(sc, mx, inv, out, kv, n)
-    for s in range(n):
-        vr = v[kv, lo + s]
+    n4 = n // 4 * 4
+    vb = np.empty((4, hd), dtype=np.float32)  # four value rows in float32
+    for s in range(0, n4, 4):  # as attend_kv: four value rows per pass over o
+        for j in range(4):
+            _f16_to(v[kv, lo + s + j], vb[j], hd8)
+        v0, v1, v2, v3 = vb[0], vb[1], vb[2], vb[3]
+        for g in range(G):
+            i = inv[g]
+            p0, p1, p2, p3 = sc[g, s] * i, sc[g, s + 1] * i, sc[g, s + 2] * i, sc[g, s + 3] * i
+            o = out[kv * G + g]
+            for d in range(hd):
+                o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+    for s in range(n4, n):
+        _f16_to(v[kv, lo + s], row, hd8)
         for g in range(G):
             p = sc[g, s] * inv[g]
             o = out[kv * G + g]
             for d in range(hd):
-                o[d] += p * half_to_f32(vr[d])
+                o[d] += p * row[d]
 
 
 @njit(cache=_CACHE, nogil=True)

@@ -58,9 +58,11 @@ How it is fast
   float32, exactly, then reused for every token). Each chunk of rows (~16 KB, or two tiles) stays
   in L1/L2 while every token passes over it. No BLAS (its summation order depends on the batch
   shape).
-* **Around the matmuls**: ``attend`` (attention over the KV cache as it lies, one numba call; each
-  query row, prefill or decode, through the same per-row kernel) and ``rms_norm`` replace a
-  handful of tiny NumPy/BLAS calls each (~30 us per tiny BLAS call).
+* **Around the matmuls**: ``attend`` (attention over the KV cache as it lies, one pool job of a
+  work item per (query row, KV head) on every thread; each query row, prefill or decode, through
+  the same per-row kernel; a float16 cache's rows converted to float32 exactly, eight halves a
+  step, then the float32 steps) and ``rms_norm`` replace a handful of tiny NumPy/BLAS calls each
+  (~30 us per tiny BLAS call).
 * **Portability**: the IR has an AVX-512 VNNI path (``vpdpbusd``), an AVX2 path and a portable
   vector path (what macOS arm64 and older x86 get), chosen from the CPU's features and giving
   identical bits; ``MLXTRAL_KERNEL_ISA=avx2|portable`` (or ``MLXTRAL_NO_AVX2=1``) forces a lower
