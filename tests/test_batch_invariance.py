@@ -139,6 +139,29 @@ def test_linear_rows_equal_one_token_calls(qtype):
     assert rel(one, ref_mm(x, w)) < 1e-5
 
 
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("qtype", BLOCK + FLOAT + ["Q5_0", "Q5_1"])
+def test_decode_jobs_equal_one_call_each(qtype, exact, monkeypatch):
+    """A decode step's several products in one numba call (``kernels._decode``: q/k/v, the experts'
+    gate/up pairs, their down projections) give each product the bits of its own call, whether
+    the tasks share one token or each brings its own; mixed kinds take the general job."""
+    from test_kernels import make
+
+    monkeypatch.setattr(kernels, "_exact", exact)
+    ws = [make(qtype, (n, 96), s) for n, s in ((77, 3), (32, 4), (45, 5))]
+    us = [make(qtype, (n, 96), s) for n, s in ((77, 6), (32, 7), (45, 8))]
+    xs = list(np.random.default_rng(3).standard_normal((3, 1, 96)).astype(np.float32))
+    for got, x, w in zip(kernels.linear_many(xs[0], ws), xs[:1] * 3, ws, strict=True):
+        np.testing.assert_array_equal(got, kernels.linear(x, w))
+    for got, x, w in zip(kernels.linear_experts(xs, ws), xs, ws, strict=True):
+        np.testing.assert_array_equal(got, kernels.linear(x, w))
+    for got, x, w, u in zip(kernels.swiglu_experts(xs, ws, us), xs, ws, us, strict=True):
+        np.testing.assert_array_equal(got, kernels.swiglu(x, w, u))
+    mixed = [ws[0], make("Q8_0" if qtype != "Q8_0" else "Q4_0", (32, 96), 9)]
+    for got, w in zip(kernels.linear_many(xs[1], mixed), mixed, strict=True):
+        np.testing.assert_array_equal(got, kernels.linear(xs[1], w))
+
+
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("window", [None, 4])
 def test_attend_rows_equal_decode(kv_dtype, window):
@@ -194,8 +217,8 @@ def test_attend_f16_cache_is_the_f32_arithmetic_on_its_values(hd):
     v = rng.standard_normal((2, 45, hd)).astype(np.float16)
     q = rng.standard_normal((7, 6, hd)).astype(np.float32)
     for window in (None, 6):
-        np.testing.assert_array_equal(kernels.attend(q, k, v, 38, window),
-                                      kernels.attend(q, k.astype(np.float32), v.astype(np.float32), 38, window))
+        as_f32 = kernels.attend(q, k.astype(np.float32), v.astype(np.float32), 38, window)
+        np.testing.assert_array_equal(kernels.attend(q, k, v, 38, window), as_f32)
 
 
 _ATTEND_INPUTS = """

@@ -549,6 +549,40 @@ def run_one(ctl, kind, swiglu, quant, wa, wa2, rb, nout, nin, x, out, ch):
     return out
 
 
+@njit(cache=_CACHE, nogil=True)
+def run_decode(ctl, X, quant, kind, swiglu, desc, out):
+    """One token against several weights of one block kind in a single call (a decode step's q/k/v,
+    its experts' gate/up pairs, their down projections): the job ``kernels._Job`` would build,
+    without its per-task Python. Task i: row ``desc[i, 0]`` of X [R, nin] against the weight at
+    ``desc[i, 1]`` (and ``desc[i, 2]``, the up half with ``swiglu``; rows ``desc[i, 3]`` bytes
+    apart, ``desc[i, 4]`` of them, ``desc[i, 5]`` a work item) into ``out`` [sum of the rows], the
+    tasks' outputs end to end. Every row of X is quantized once, on its own (as ``quantize_x``
+    does per token), so each task sees the bits it sees alone."""
+    n = desc.shape[0]
+    nin = X.shape[1]
+    xq, xd, xs = prep_x(X, quant, kind)
+    xg = np.zeros(1, dtype=np.uint8)
+    table = np.empty((n, F_SIZE), dtype=np.int64)
+    nchunks = 0
+    off = 0
+    for i in range(n):
+        r = desc[i, 0] if quant else 0
+        xr = desc[i, 0]
+        nout = desc[i, 4]
+        o = out[off : off + nout].reshape((1, nout))
+        nchunks = fill_task(table, i, kind, swiglu, quant, desc[i, 1], desc[i, 2], desc[i, 3], nout, nin,
+                            X[xr : xr + 1], xq[r : r + 1], xd[r : r + 1], xs[r : r + 1], xg, o, desc[i, 5],
+                            nchunks)
+        off += nout
+    execute(ctl, table, nchunks)
+    # read by address while execute ran: used after it, so numba frees none of them before
+    xq[0, 0] = xq[0, 0]
+    xd[0, 0] = xd[0, 0]
+    xs[0, 0] = xs[0, 0]
+    table[0, 0] = table[0, 0]
+    return out
+
+
 @njit(cache=_CACHE, nogil=True, inline="always")
 def _softmax_weights(sc, n, m):
     """Scores ``sc[:n]`` (maximum ``m``) -> exp(sc - m) in place; returns 1 / their sum.
