@@ -620,6 +620,30 @@ def _group_weights(sc, mx, inv, out, kv, n):
             o[d] = np.float32(0.0)
 
 
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _add_values4(sc, inv, out, kv, s, v0, v1, v2, v3):
+    """Value rows s..s+3 [hd] (float32), weighted by each query head's softmax, into its output
+    row: one pass over o for the four (a quarter of the o traffic)."""
+    G = inv.shape[0]
+    for g in range(G):
+        i = inv[g]
+        p0, p1, p2, p3 = sc[g, s] * i, sc[g, s + 1] * i, sc[g, s + 2] * i, sc[g, s + 3] * i
+        o = out[kv * G + g]
+        for d in range(o.shape[0]):
+            o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _add_values1(sc, inv, out, kv, s, vr):
+    """Value row s [hd] (float32) into each query head's output row (the rows past a multiple of 4)."""
+    G = inv.shape[0]
+    for g in range(G):
+        p = sc[g, s] * inv[g]
+        o = out[kv * G + g]
+        for d in range(o.shape[0]):
+            o[d] += p * vr[d]
+
+
 @njit(cache=_CACHE, nogil=True)
 def attend_kv(q, k, v, lo, hi, out, kv):
     """Decode attention of one query row for the query heads of KV head ``kv``: q [H, hd] f32,
@@ -650,21 +674,11 @@ def attend_kv(q, k, v, lo, hi, out, kv):
             acc *= scale
             _keep_score(sc, mx, g, s, acc)
     _group_weights(sc, mx, inv, out, kv, n)
+    vs = v[kv, lo:hi]  # [n, hd]
     for s in range(0, n4, 4):  # four value rows per pass over o (a quarter of the o traffic)
-        v0, v1, v2, v3 = v[kv, lo + s], v[kv, lo + s + 1], v[kv, lo + s + 2], v[kv, lo + s + 3]
-        for g in range(G):
-            i = inv[g]
-            p0, p1, p2, p3 = sc[g, s] * i, sc[g, s + 1] * i, sc[g, s + 2] * i, sc[g, s + 3] * i
-            o = out[kv * G + g]
-            for d in range(hd):
-                o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+        _add_values4(sc, inv, out, kv, s, vs[s], vs[s + 1], vs[s + 2], vs[s + 3])
     for s in range(n4, n):
-        vr = v[kv, lo + s]
-        for g in range(G):
-            p = sc[g, s] * inv[g]
-            o = out[kv * G + g]
-            for d in range(hd):
-                o[d] += p * vr[d]
+        _add_values1(sc, inv, out, kv, s, vs[s])
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -709,20 +723,10 @@ def attend_kv_f16(q, k, v, lo, hi, out, kv):
     for s in range(0, n4, 4):  # as attend_kv: four value rows per pass over o
         for j in range(4):
             _f16_to(v[kv, lo + s + j], vb[j], hd8)
-        v0, v1, v2, v3 = vb[0], vb[1], vb[2], vb[3]
-        for g in range(G):
-            i = inv[g]
-            p0, p1, p2, p3 = sc[g, s] * i, sc[g, s + 1] * i, sc[g, s + 2] * i, sc[g, s + 3] * i
-            o = out[kv * G + g]
-            for d in range(hd):
-                o[d] += p0 * v0[d] + p1 * v1[d] + p2 * v2[d] + p3 * v3[d]
+        _add_values4(sc, inv, out, kv, s, vb[0], vb[1], vb[2], vb[3])
     for s in range(n4, n):
         _f16_to(v[kv, lo + s], row, hd8)
-        for g in range(G):
-            p = sc[g, s] * inv[g]
-            o = out[kv * G + g]
-            for d in range(hd):
-                o[d] += p * row[d]
+        _add_values1(sc, inv, out, kv, s, row)
 
 
 @njit(cache=_CACHE, nogil=True)
