@@ -549,7 +549,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty(q.shape, dtype=np.float32)  # [T, H, hd]
     win = int(window) if window is not None and window > 0 else 0
-    if (T * k.shape[0] > 1 and get_num_threads() > 1 and k.dtype in (np.float32, np.float16)
+    if (1 < T * k.shape[0] <= _nb.MAX_CHUNKS and get_num_threads() > 1 and k.dtype in (np.float32, np.float16)
             and k.dtype == v.dtype and k.flags.c_contiguous and v.flags.c_contiguous and k.shape == v.shape):
         # every thread: one work item per (query row, KV head), each the serial path's arithmetic
         f16 = k.dtype == np.float16
