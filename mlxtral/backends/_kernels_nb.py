@@ -53,7 +53,7 @@ from mlxtral.backends._kernels_ir import (
     ptr_u8,
     ptr_u16,
 )
-from mlxtral.backends._kernels_kq import K_Q2_K, KQ_FIRST
+from mlxtral.backends._kernels_kq import K_Q2_K, KQ_FIRST, quantize_q8k
 from mlxtral.backends._kernels_kq import run_rows as kq_run_rows
 from mlxtral.backends._kernels_kq import run_rows_exact as kq_run_rows_exact
 from mlxtral.backends._kernels_tile import kq_run_rows as kq_tile_rows
@@ -556,11 +556,22 @@ def run_decode(ctl, X, quant, kind, swiglu, desc, out):
     without its per-task Python. Task i: row ``desc[i, 0]`` of X [R, nin] against the weight at
     ``desc[i, 1]`` (and ``desc[i, 2]``, the up half with ``swiglu``; rows ``desc[i, 3]`` bytes
     apart, ``desc[i, 4]`` of them, ``desc[i, 5]`` a work item) into ``out`` [sum of the rows], the
-    tasks' outputs end to end. Every row of X is quantized once, on its own (as ``quantize_x``
-    does per token), so each task sees the bits it sees alone."""
+    tasks' outputs end to end. Every row of X is quantized once, on its own (as ``quantize_x`` /
+    ``quantize_q8k`` do per token), so each task sees the bits it sees alone."""
+    if quant and q8k_kind(kind):  # K-quants, IQ4_XS: q8_K superblocks (no tiles at one token)
+        kq, kd, ks = quantize_q8k(X)
+        _decode_job(ctl, X, quant, kind, swiglu, desc, out, kq, kd, ks)
+    else:
+        xq, xd, xs = prep_x(X, quant, kind)
+        _decode_job(ctl, X, quant, kind, swiglu, desc, out, xq, xd, xs)
+    return out
+
+
+@njit(cache=_CACHE, nogil=True)
+def _decode_job(ctl, X, quant, kind, swiglu, desc, out, xq, xd, xs):
+    """``run_decode``'s job on the quantized rows xq / xd / xs of X (alive for the whole call)."""
     n = desc.shape[0]
     nin = X.shape[1]
-    xq, xd, xs = prep_x(X, quant, kind)
     xg = np.zeros(1, dtype=np.uint8)
     table = np.empty((n, F_SIZE), dtype=np.int64)
     nchunks = 0
@@ -575,12 +586,7 @@ def run_decode(ctl, X, quant, kind, swiglu, desc, out):
                             nchunks)
         off += nout
     execute(ctl, table, nchunks)
-    # read by address while execute ran: used after it, so numba frees none of them before
-    xq[0, 0] = xq[0, 0]
-    xd[0, 0] = xd[0, 0]
-    xs[0, 0] = xs[0, 0]
-    table[0, 0] = table[0, 0]
-    return out
+    table[0, 0] = table[0, 0]  # read by address while execute ran: used after it, so not freed before
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -835,17 +841,55 @@ def top_k_softmax(logits, k, idx, w):
             w[t, j] = w[t, j] / tot
 
 
-@njit(cache=_CACHE, nogil=True, fastmath=True)
+@njit(cache=_CACHE, nogil=True)
 def rms_norm(x, w, eps, out):
-    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, float32 [T, n] (one call, vectorized)."""
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, float32 [T, n] (one call).
+
+    The sum of squares in one written order (eight running sums, element i into sum i % 8, then
+    paired), no fastmath: the bits cannot depend on whether LLVM inlined this into a caller (the
+    decode step's one call, ``_decode_step_nb``) or compiled it on its own."""
     T, n = x.shape
+    n8 = n // 8 * 8
     for t in range(T):
         xt = x[t]
-        ss = np.float32(0.0)
-        for i in range(n):
-            ss += xt[i] * xt[i]
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+        for i in range(0, n8, 8):
+            s0 += xt[i] * xt[i]
+            s1 += xt[i + 1] * xt[i + 1]
+            s2 += xt[i + 2] * xt[i + 2]
+            s3 += xt[i + 3] * xt[i + 3]
+            s4 += xt[i + 4] * xt[i + 4]
+            s5 += xt[i + 5] * xt[i + 5]
+            s6 += xt[i + 6] * xt[i + 6]
+            s7 += xt[i + 7] * xt[i + 7]
+        for i in range(n8, n):
+            s0 += xt[i] * xt[i]
+        ss = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
         r = np.float32(1.0) / np.sqrt(ss / np.float32(n) + np.float32(eps))
         ot = out[t]
         for i in range(n):
             ot[i] = xt[i] * r * w[i]
     return out
+
+
+@njit(cache=_CACHE, nogil=True)
+def rope_row(x, cos, sin, p):
+    """Rotary embedding of every head of one position, in place: x [heads, hd] float32, pair i
+    (x[2i], x[2i+1]) for i < cos.shape[1] (the rotated dims / 2) turned by the angle of position
+    ``p`` (cos / sin [P, rd/2]): the complex product (a + ib)(c + is), each part rounded once."""
+    half = cos.shape[1]
+    for hh in range(x.shape[0]):
+        r = x[hh]
+        for i in range(half):
+            a, b = r[2 * i], r[2 * i + 1]
+            c, s = cos[p, i], sin[p, i]
+            r[2 * i] = a * c - b * s
+            r[2 * i + 1] = a * s + b * c
+
+
+@njit(cache=_CACHE, nogil=True)
+def rope(x, cos, sin, pos):
+    """``rope_row`` of each token: x [T, heads, hd] float32 at positions pos [T] (int64)."""
+    for t in range(x.shape[0]):
+        rope_row(x[t], cos, sin, pos[t])
+    return x

@@ -411,12 +411,10 @@ def linear_many(x: np.ndarray, ws: Sequence[QTensor]) -> list[np.ndarray]:
 
 def _decode(xs: Sequence[np.ndarray], ws: Sequence[QTensor], ups: Sequence[QTensor] | None = None
             ) -> list[np.ndarray] | None:
-    """A decode step's job (one token a task; every weight, and every ``ups`` twin, of one kind
-    with q8_0/q8_1 or float activations) in one numba call, ``_nb.run_decode``: the tasks, rows and
+    """A decode step's job (one token a task; every weight, and every ``ups`` twin, of one kind)
+    in one numba call, ``_nb.run_decode``: the tasks, rows and
     bits of the ``_Job`` path without its per-task Python. None when it does not apply."""
     kind = _KINDS[ws[0].qtype]
-    if kind in _Q8K_KINDS:
-        return None
     x0 = xs[0]
     same = True
     for x in xs:
@@ -596,6 +594,12 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return _nb.rms_norm(np.ascontiguousarray(x), np.ascontiguousarray(weight), float(eps), out)
 
 
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rotary embedding in place: x [T, heads, hd] float32 (C-contiguous) at positions pos [T]
+    int64, each below cos / sin's [P, rd/2] rows (the caller checks: the kernel reads unchecked)."""
+    return _nb.rope(x, cos, sin, pos)
+
+
 _warmed = False
 
 
@@ -667,6 +671,7 @@ def _load_all() -> None:
     kc = rng.standard_normal((2, 8, 16)).astype(np.float32)
     q4 = rng.standard_normal((4, 16)).astype(np.float32)
     top_k_softmax(rng.standard_normal((2, 8)).astype(np.float32), 2)
+    rope(q4.reshape(1, 4, 16).copy(), kc[0, :4, :8].copy(), kc[1, :4, :8].copy(), np.zeros(1, np.int64))
     for c in (kc, kc.astype(np.float16)):  # every thread (the pool's items), and the serial path
         attend_one(q4, c, c, 5)
         bits = c.view(np.uint16) if c.dtype == np.float16 else c

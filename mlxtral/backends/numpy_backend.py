@@ -172,7 +172,9 @@ class NumpyBackend:
                              min(args.max_position_embeddings, 4096))
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
         from mlxtral.backends import kernels
+        from mlxtral.backends.decode_step import DecodeStep
 
+        self.decode_step = DecodeStep.build(self)  # decode: every layer in one call where it applies
         kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
 
     # ---- cache ----------------------------------------------------------------------------
@@ -221,7 +223,12 @@ class NumpyBackend:
             # every query row, prefill or decode, through one kernel over the cache as it lies
             return ops.attend(q, ck, cv, p0, a.sliding_window)  # [T, H*hd]
 
-        h = self._layers(ids, slice(p0, S), attention, h)
+        step = self.decode_step
+        if (step is not None and T == 1 and h is None and cache.k.dtype == np.float32
+                and S <= self.rope.max_positions):
+            h = step(np.ascontiguousarray(self.embed.rows(ids), dtype=np.float32), cache)  # one call
+        else:
+            h = self._layers(ids, slice(p0, S), attention, h)
         cache.offset = S
         return h
 

@@ -82,20 +82,24 @@ class Rope:
         inv = 1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim))  # [rope_dim/2]
         ang = np.arange(max_positions, dtype=np.float64)[:, None] * inv[None, :]  # [P, rope_dim/2]
         self.cis = np.exp(1j * ang).astype(np.complex64)  # [P, rope_dim/2]
-
-    @property
-    def cos(self) -> np.ndarray:
-        return self.cis.real
-
-    @property
-    def sin(self) -> np.ndarray:
-        return self.cis.imag
+        self.cos = np.ascontiguousarray(self.cis.real)  # [P, rope_dim/2] f32 (the kernels' tables)
+        self.sin = np.ascontiguousarray(self.cis.imag)
 
     def __call__(self, x: np.ndarray, pos: np.ndarray | slice) -> np.ndarray:
-        """x [T, H, hd] (last axis contiguous) rotated in place at positions pos [T]; returns x."""
+        """x [T, H, hd] (last axis contiguous) rotated in place at positions pos [T]; returns x.
+        With numba, one kernel call (``_kernels_nb.rope``: the complex product, each part rounded
+        once, as the decode step computes it); else on a complex64 view."""
         xr = x[..., : self.rope_dim] if self.rope_dim < x.shape[-1] else x
         if xr.strides[-1] != 4:
             raise ValueError("Rope needs float32 rows with a contiguous last axis")
+        if _kernels.HAVE_NUMBA and x.dtype == np.float32 and x.flags.c_contiguous and x.ndim == 3:
+            p = (np.arange(pos.start, pos.stop, dtype=np.int64) if isinstance(pos, slice)
+                 else np.asarray(pos, dtype=np.int64))  # [T]
+            if len(p) != x.shape[0] or (len(p) and not 0 <= p.min() <= p.max() < self.max_positions):
+                raise ValueError(f"Rope: {len(p)} positions for {x.shape[0]} rows, or outside "
+                                 f"0..{self.max_positions - 1}")
+            _kernels.rope(x, self.cos, self.sin, p)
+            return x
         xc = xr.view(np.complex64)  # [T, H, rd/2]
         xc *= self.cis[pos][:, None, :]
         return x

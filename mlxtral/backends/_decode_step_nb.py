@@ -1,0 +1,133 @@
+"""numba side of :mod:`mlxtral.backends.decode_step`: one token through every layer in one call.
+
+Each step is the kernel the layer-by-layer path calls for it (``rms_norm``, ``run_decode`` for
+q/k/v, the output projection and the experts' two halves, ``rope_row``, ``fill_attend`` on the
+pool or the serial ``attend``, the router's F32 row dot, ``top_k_softmax``), with the same inputs
+and, where NumPy did the arithmetic (residual adds, the rank-order combine), the same float32
+operations in the same order: the bits of ``NumpyBackend._layers`` at T = 1, without its ~100 us
+of Python a layer.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit
+
+from mlxtral.backends._kernels_ir import ptr_f32
+from mlxtral.backends._kernels_nb import (
+    _CACHE,
+    F_SIZE,
+    MAX_CHUNKS,
+    _float_dot,
+    attend,
+    execute,
+    fill_attend,
+    rms_norm,
+    rope_row,
+    run_decode,
+    top_k_softmax,
+)
+
+# a layer's row of the plan (int64): addresses of its norms and its router (0: a dense model)
+P_ATTN_NORM, P_FFN_NORM, P_ROUTER = 0, 1, 2
+P_SIZE = 3
+# a product's row of a run_decode table (activation row, weight, up weight, row bytes, rows, rows
+# a work item), then its block kind
+D_X, D_W, D_W2, D_RB, D_NOUT, D_CH, D_KIND = 0, 1, 2, 3, 4, 5, 6
+D_SIZE = 7
+# an expert's row of the experts table: gate, up, down addresses; kinds, row bytes and rows a work
+# item of gate/up (one kind for both) and of down
+X_G, X_U, X_D, X_KGU, X_KD, X_RBGU, X_RBD, X_CHGU, X_CHD = 0, 1, 2, 3, 4, 5, 6, 7, 8
+X_SIZE = 9
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def quantized(kind, exact):
+    """Block kinds take int8 activations unless ``exact``; float kinds (F32, F16, BF16) never."""
+    return not exact and kind != 3 and kind != 4 and kind != 5
+
+
+@njit(cache=_CACHE, nogil=True)
+def run_kinds(ctl, X, exact, swiglu, desc, out):
+    """``run_decode`` of the products of desc [n, D_SIZE] into out [their rows, end to end], one
+    job per run of products of one kind (a Q4_K_M layer's q and k, then its Q6_K v)."""
+    n = desc.shape[0]
+    i = off = 0
+    while i < n:
+        kind = desc[i, D_KIND]
+        j, rows = i, 0
+        while j < n and desc[j, D_KIND] == kind:
+            rows += desc[j, D_NOUT]
+            j += 1
+        run_decode(ctl, X, quantized(kind, exact), kind, swiglu, desc[i:j], out[off : off + rows])
+        i, off = j, off + rows
+
+
+@njit(cache=_CACHE, nogil=True)
+def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, kc, vc, p0, window, cos, sin,
+                  counts, eps, exact):
+    """The token's hidden state h [1, dim] through every layer at position ``p0``, in place.
+
+    plan [L, P_SIZE]; qkv [L, 3, D_SIZE] and wo [L, 1, D_SIZE]: run_decode tables of q/k/v and
+    the output projection; experts [L, E, X_SIZE]: each expert's weights; ``hidden`` their
+    width, ``top`` the experts a token uses (a dense model: E = top = 1, no router). kc / vc
+    [L, KV, ctx, hd] float32, the cache: position p0 is written. cos / sin [P, rd/2] the rotary
+    tables; counts [L, E] the tokens each expert saw (incremented); window 0: none."""
+    L, dim = plan.shape[0], h.shape[1]
+    KV, hd = kc.shape[1], kc.shape[3]
+    nq, nkv = qkv[0, 0, D_NOUT], qkv[0, 1, D_NOUT]
+    H, E = nq // hd, experts.shape[1]
+    x = np.empty((1, dim), dtype=np.float32)  # a normed hidden state
+    y = np.empty(nq + 2 * nkv, dtype=np.float32)  # q | k | v
+    att = np.empty((1, H, hd), dtype=np.float32)
+    o = np.empty(dim, dtype=np.float32)  # the attention's output projection
+    logits = np.empty((1, E), dtype=np.float32)
+    idx = np.zeros((1, top), dtype=np.int64)  # a dense model's one expert, weight 1
+    w = np.ones((1, top), dtype=np.float32)
+    gu = np.empty(top * hidden, dtype=np.float32)  # [top, hidden] silu(gate) * up, rank order
+    dn = np.empty(top * dim, dtype=np.float32)  # [top, dim] each expert's output
+    gdesc = np.empty((top, D_SIZE), dtype=np.int64)
+    ddesc = np.empty((top, D_SIZE), dtype=np.int64)
+    table = np.empty((1, F_SIZE), dtype=np.int64)
+    pool_attention = threads > 1 and 1 < KV <= MAX_CHUNKS  # as kernels.attend chooses
+    for li in range(L):
+        P = plan[li]
+        rms_norm(h, carray(ptr_f32(P[P_ATTN_NORM]), (dim,)), eps, x)
+        run_kinds(ctl, x, exact, False, qkv[li], y)
+        q = y[:nq].reshape((1, H, hd))
+        k = y[nq : nq + nkv].reshape((KV, hd))
+        v = y[nq + nkv :].reshape((KV, hd))
+        rope_row(q[0], cos, sin, p0)
+        rope_row(k, cos, sin, p0)
+        kc[li, :, p0, :] = k
+        vc[li, :, p0, :] = v
+        if pool_attention:
+            execute(ctl, table, fill_attend(table, q, kc[li], vc[li], p0, window, att, False))
+        else:
+            attend(q, kc[li], vc[li], p0, window, att)
+        run_kinds(ctl, att.reshape((1, nq)), exact, False, wo[li], o)
+        for d in range(dim):
+            h[0, d] += o[d]
+        rms_norm(h, carray(ptr_f32(P[P_FFN_NORM]), (dim,)), eps, x)
+        if P[P_ROUTER] != 0:  # the router's F32 rows, as kernels.linear dots them
+            for e in range(E):
+                logits[0, e] = _float_dot(3, P[P_ROUTER] + e * dim * 4, x.ctypes.data, dim)
+            top_k_softmax(logits, top, idx, w)
+        for j in range(top):
+            e = idx[0, j]
+            counts[li, e] += 1
+            X = experts[li, e]
+            gdesc[j, D_X], gdesc[j, D_W], gdesc[j, D_W2], gdesc[j, D_KIND] = 0, X[X_G], X[X_U], X[X_KGU]
+            gdesc[j, D_RB], gdesc[j, D_NOUT], gdesc[j, D_CH] = X[X_RBGU], hidden, X[X_CHGU]
+            ddesc[j, D_X], ddesc[j, D_W], ddesc[j, D_W2], ddesc[j, D_KIND] = j, X[X_D], X[X_D], X[X_KD]
+            ddesc[j, D_RB], ddesc[j, D_NOUT], ddesc[j, D_CH] = X[X_RBD], dim, X[X_CHD]
+        run_kinds(ctl, x, exact, True, gdesc, gu)
+        run_kinds(ctl, gu.reshape((top, hidden)), exact, False, ddesc, dn)
+        for d in range(dim):  # ops.combine: y_0 + sum_j>0 w_j (y_j - y_0), then the residual
+            m = dn[d]
+            for j in range(1, top):
+                m += w[0, j] * (dn[j * dim + d] - dn[d])
+            h[0, d] += m
+    # read by address while execute ran: used after it, so numba frees none of them before
+    table[0, 0] = table[0, 0]
+    att[0, 0, 0] = att[0, 0, 0]
+    return h

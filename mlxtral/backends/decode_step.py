@@ -1,0 +1,100 @@
+"""A decode step in one compiled call: one token through every layer (``_decode_step_nb``).
+
+``NumpyBackend._layers`` runs a layer as a dozen kernel calls with Python between them: ~100 us a
+layer of dispatch, argument checks and small NumPy operations, ~1 ms a token on the 8-layer bench
+model, which llama.cpp's C graph does not pay. Here the weights' addresses, block kinds and work
+item sizes are laid out once in tables (a *plan*), and a token's whole pass, cache writes and
+expert counts included, is one numba call that runs the very kernels of the layer-by-layer path
+in its order: the same bits (a test checks every weight type, exact mode, a window, dense and
+MoE, at 1 and 2 threads).
+
+It applies where that path is plain: every layer and expert held in this process (no expert
+streaming, no distribution), a float32 KV cache, numba present, every expert's gate and up of
+one kind. :meth:`DecodeStep.build` returns None otherwise, and ``MLXTRAL_NO_DECODE_STEP=1``
+turns it off (for A/B measurements).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mlxtral.backends import kernels
+from mlxtral.env import env_flag
+from mlxtral.qtensor import QTensor
+
+if TYPE_CHECKING:
+    from mlxtral.backends.numpy_backend import KVCache, NumpyBackend
+
+
+class DecodeStep:
+    """The plan of a backend's weights for ``_decode_step_nb.decode_layers``."""
+
+    def __init__(self, backend: NumpyBackend) -> None:
+        self.backend = backend
+        self._threads = -1  # the work item sizes depend on the thread count: re-planned on a change
+
+    @classmethod
+    def build(cls, backend: NumpyBackend) -> DecodeStep | None:
+        a = backend.args
+        if (not kernels.HAVE_NUMBA or env_flag("MLXTRAL_NO_DECODE_STEP") or backend.experts is not None
+                or backend.place is not None or backend.kv_dtype != np.float32 or a.n_heads % a.n_kv_heads):
+            return None
+        for L in backend.layers:
+            if L is None or not L.w1:
+                return None
+            for w in [L.wq, L.wk, L.wv, L.wo, *L.w1, *L.w3, *L.w2]:
+                if not isinstance(w, QTensor) or w.qtype not in kernels._KINDS:
+                    return None
+            if any(g.qtype != u.qtype for g, u in zip(L.w1, L.w3, strict=True)):
+                return None  # the general path's two tasks and NumPy's SiLU
+        return cls(backend)
+
+    def _plan(self) -> None:
+        from mlxtral.backends import _decode_step_nb as nb
+
+        be, a = self.backend, self.backend.args
+        L = a.n_layers
+        E = len(be.layers[0].w1)  # type: ignore[union-attr]
+        self.plan = np.zeros((L, nb.P_SIZE), dtype=np.int64)
+        self.qkv = np.zeros((L, 3, nb.D_SIZE), dtype=np.int64)
+        self.wo = np.zeros((L, 1, nb.D_SIZE), dtype=np.int64)
+        self.experts = np.zeros((L, E, nb.X_SIZE), dtype=np.int64)
+        self.hidden = be.layers[0].w1[0].shape[0]  # type: ignore[union-attr]
+        self.top = a.n_experts_per_tok if be.layers[0].router is not None else 1  # type: ignore[union-attr]
+
+        def info(w: QTensor) -> tuple[int, int, int, int, int]:  # kind, address, row bytes, rows, item rows
+            kind, wd, ch, wa = kernels._winfo(w, 1)
+            return kind, wa, wd.strides[0], wd.shape[0], ch
+
+        def product(w: QTensor) -> tuple[int, ...]:  # its row of a run_decode table
+            kind, wa, rb, nout, ch = info(w)
+            return 0, wa, wa, rb, nout, ch, kind
+
+        for li, lw in enumerate(be.layers):
+            assert lw is not None
+            P = self.plan[li]
+            P[nb.P_ATTN_NORM], P[nb.P_FFN_NORM] = lw.attn_norm.ctypes.data, lw.ffn_norm.ctypes.data
+            P[nb.P_ROUTER] = 0 if lw.router is None else lw.router.ctypes.data
+            self.qkv[li] = [product(w) for w in (lw.wq, lw.wk, lw.wv)]
+            self.wo[li, 0] = product(lw.wo)
+            for e in range(E):
+                g, u, d = info(lw.w1[e]), info(lw.w3[e]), info(lw.w2[e])
+                self.experts[li, e] = g[1], u[1], d[1], g[0], d[0], g[2], d[2], g[4], d[4]
+        self._threads = kernels.get_num_threads()
+
+    def __call__(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
+        """h [1, dim] float32, the token's embedding, through every layer at position
+        ``cache.offset`` (written into the cache, which the caller advances) -> h, in place."""
+        from mlxtral.backends import _decode_step_nb as nb
+
+        if self._threads != kernels.get_num_threads():
+            self._plan()
+        be, a = self.backend, self.backend.args
+        win = int(a.sliding_window) if a.sliding_window is not None and a.sliding_window > 0 else 0
+        pool = kernels._get_pool()
+        with kernels._run_lock:
+            nb.decode_layers(pool.ctl, self._threads, h, self.plan, self.qkv, self.wo, self.experts,
+                             self.hidden, self.top, cache.k, cache.v, cache.offset, win, be.rope.cos,
+                             be.rope.sin, be.expert_counts, float(a.norm_eps), kernels._exact)
+        return h

@@ -1,0 +1,125 @@
+"""The decode step in one compiled call (``mlxtral.backends.decode_step``) computes what the
+layer-by-layer path computes, bit for bit: logits, the KV cache it writes and the expert counts,
+for every weight type (mixed as in a Q4_K_M file too), exact mode, a sliding window, partial
+RoPE, a dense model, at 1, 2 and 3 threads; and it stands aside where it does not apply."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_batch_invariance import tensors_of, tiny
+from tiny_models import tiny_args
+
+from mlxtral.backends import kernels, ops
+from mlxtral.backends.decode_step import DecodeStep
+from mlxtral.backends.numpy_backend import NumpyBackend
+
+pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba path disabled")
+
+
+def run_both(be, n_prompt: int = 5, n_decode: int = 9, seed: int = 0):
+    """Prompt then ``n_decode`` tokens one at a time, with and without the decode step."""
+    step = be.decode_step
+    assert step is not None
+    toks = np.random.default_rng(seed).integers(3, 32000, n_prompt + n_decode).tolist()
+    got = []
+    for s in (step, None):
+        be.decode_step = s
+        be.expert_counts[:] = 0
+        c = be.new_cache(32)
+        be.forward(toks[:n_prompt], c)
+        logits = np.array([be.forward([t], c) for t in toks[n_prompt:]])  # [n_decode, vocab]
+        kv = (c.k[:, :, : c.offset].copy(), c.v[:, :, : c.offset].copy())
+        got.append((logits, *kv, be.expert_counts.copy()))
+    be.decode_step = step
+    for a, b in zip(*got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "F32", "F16", "BF16",
+                                   "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
+def test_same_bits_as_layer_by_layer(qtype):
+    run_both(tiny(qtype, **(dict(dim=256, hidden_dim=256, head_dim=64) if qtype == "IQ4_XS" else {})))
+
+
+def test_mixed_kinds_as_a_q4_k_m_file():
+    """q and k Q4_K, v Q6_K (two jobs), the output projection Q5_K, an expert's down Q8_0."""
+    args = tiny_args(4, dim=256, hidden_dim=256, head_dim=64)
+    t = tensors_of(args, "Q4_K")
+    more = tensors_of(args, "Q6_K", seed=1)
+    t["blk.0.attn_v.weight"] = more["blk.0.attn_v.weight"]
+    t["blk.1.attn_output.weight"] = tensors_of(args, "Q5_K", seed=2)["blk.1.attn_output.weight"]
+    t["blk.1.ffn_down.2.weight"] = tensors_of(args, "Q8_0", seed=3)["blk.1.ffn_down.2.weight"]
+    run_both(NumpyBackend(args, t), n_decode=16)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("exact", [False, True])
+def test_same_bits_at_any_thread_count_and_in_exact_mode(threads, exact, monkeypatch):
+    monkeypatch.setattr(kernels, "_exact", exact)
+    old = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(threads)
+        run_both(tiny("Q4_0", sliding_window=4), n_decode=12)  # the window slides inside the run
+    finally:
+        kernels.set_num_threads(old)
+
+
+def test_dense_partial_rope_and_top_1():
+    run_both(tiny("Q8_0", n_experts=0))  # one always-on expert, no router
+    run_both(tiny("Q4_0", rope_dim=8))  # half of each head rotated
+    run_both(tiny("F16", n_experts=4, n_experts_per_tok=1))
+
+
+def test_rope_kernel_is_the_complex_product():
+    rope = ops.Rope(16, 1e6, 64)
+    x = np.random.default_rng(1).standard_normal((5, 3, 24)).astype(np.float32)  # rope_dim < hd
+    pos = np.array([0, 3, 63, 7, 7])
+    got = rope(x.copy(), pos)
+    want = x.copy()
+    c = want[..., :16].view(np.complex64)
+    c *= rope.cis[pos][:, None, :]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[..., 16:], x[..., 16:])
+    with pytest.raises(ValueError, match="outside"):
+        rope(x.copy(), np.array([0, 1, 2, 3, 64]))
+
+
+def test_stands_aside_where_it_does_not_apply():
+    be = tiny("Q4_0")
+    be.kv_dtype = np.dtype(np.float16)
+    assert DecodeStep.build(be) is None  # a float16 cache
+    be = tiny("Q4_0")
+    c = be.new_cache(8)
+    c.k, c.v = c.k.astype(np.float16), c.v.astype(np.float16)  # a cache not of its dtype: the general path
+    be.forward([1, 2], c)
+    assert be.forward([3], c).shape == (be.args.vocab_size,)
+
+
+def test_environment_turns_it_off(monkeypatch):
+    monkeypatch.setenv("MLXTRAL_NO_DECODE_STEP", "1")
+    assert tiny("Q4_0").decode_step is None
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
+def test_q8k_decode_jobs_equal_one_call_each(qtype, exact, monkeypatch):
+    """``kernels._decode`` (one numba call a decode job) on the q8_K kinds: each product the bits
+    of its own call (the general job), shared token or one per task."""
+    from tiny_models import random_gguf_blocks
+
+    from mlxtral.qtensor import QTensor
+
+    monkeypatch.setattr(kernels, "_exact", exact)
+    rng = np.random.default_rng(5)
+
+    def make(n: int) -> QTensor:
+        return QTensor(qtype, (n, 512), random_gguf_blocks(qtype, (n, 512), rng, 0.2))
+
+    ws, us = [make(n) for n in (48, 32, 16)], [make(n) for n in (48, 32, 16)]
+    xs = list(rng.standard_normal((3, 1, 512)).astype(np.float32))
+    for got, w in zip(kernels.linear_many(xs[0], ws), ws, strict=True):
+        np.testing.assert_array_equal(got, kernels.linear(xs[0], w))
+    for got, x, w in zip(kernels.linear_experts(xs, ws), xs, ws, strict=True):
+        np.testing.assert_array_equal(got, kernels.linear(x, w))
+    for got, x, w, u in zip(kernels.swiglu_experts(xs, ws, us), xs, ws, us, strict=True):
+        np.testing.assert_array_equal(got, kernels.swiglu(x, w, u))
