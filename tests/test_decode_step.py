@@ -1,7 +1,8 @@
 """The decode step in one compiled call (``mlxtral.backends.decode_step``) computes what the
 layer-by-layer path computes, bit for bit: logits, the KV cache it writes and the expert counts,
 for every weight type (mixed as in a Q4_K_M file too), exact mode, a sliding window, partial
-RoPE, a dense model, at 1, 2 and 3 threads; and it stands aside where it does not apply."""
+RoPE, a dense model, float32 and float16 caches, at 1, 2 and 3 threads; and it stands aside
+where it does not apply."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,6 @@ from test_batch_invariance import tensors_of, tiny
 from tiny_models import tiny_args
 
 from mlxtral.backends import kernels, ops
-from mlxtral.backends.decode_step import DecodeStep
 from mlxtral.backends.numpy_backend import NumpyBackend
 
 pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba path disabled")
@@ -84,15 +84,47 @@ def test_rope_kernel_is_the_complex_product():
         rope(x.copy(), np.array([0, 1, 2, 3, 64]))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float16_cache(threads):
+    """The cache written as NumPy casts to float16 and read by the float16 attention kernels."""
+    old = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(threads)
+        be = NumpyBackend(tiny_args(4, sliding_window=6), tensors_of(tiny_args(4, sliding_window=6), "Q8_0"),
+                          kv_dtype="float16")
+        run_both(be, n_decode=12)
+    finally:
+        kernels.set_num_threads(old)
+
+
+def test_float16_bits_as_numpy_rounds():
+    from mlxtral.backends._decode_step_nb import f16_bits
+
+    rng = np.random.default_rng(2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.concatenate([
+            rng.standard_normal(20000) * 10.0 ** rng.uniform(-9, 6, 20000),  # normal, subnormal, overflow
+            rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # any bits
+            np.array([0.0, -0.0, np.inf, -np.inf, 65504.0, 65520.0, 65519.99, 2.0**-24, 2.0**-25,
+                      2.0**-25 * 1.0001, 6.1035156e-05, -5.9604645e-08]),
+        ]).astype(np.float32)
+    got = np.empty(len(x), dtype=np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16)
+    f16_bits(x, got)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], want.view(np.uint16)[~nan])
+    assert np.isnan(got[nan].view(np.float16)).all()
+
+
 def test_stands_aside_where_it_does_not_apply():
     be = tiny("Q4_0")
-    be.kv_dtype = np.dtype(np.float16)
-    assert DecodeStep.build(be) is None  # a float16 cache
-    be = tiny("Q4_0")
     c = be.new_cache(8)
-    c.k, c.v = c.k.astype(np.float16), c.v.astype(np.float16)  # a cache not of its dtype: the general path
-    be.forward([1, 2], c)
-    assert be.forward([3], c).shape == (be.args.vocab_size,)
+    c.k = np.zeros((1, *c.k.shape[1:]), dtype=np.float32)  # not this model's cache: the general path
+    assert not be.decode_step.takes(c)
+    c = be.new_cache(8)
+    c.k, c.v = c.k.astype(np.float64), c.v.astype(np.float64)  # neither float32 nor float16
+    assert not be.decode_step.takes(c)
 
 
 def test_environment_turns_it_off(monkeypatch):

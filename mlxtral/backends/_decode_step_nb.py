@@ -12,13 +12,14 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit
 
-from mlxtral.backends._kernels_ir import ptr_f32
+from mlxtral.backends._kernels_ir import ptr_f32, ptr_u16
 from mlxtral.backends._kernels_nb import (
     _CACHE,
     F_SIZE,
     MAX_CHUNKS,
     _float_dot,
     attend,
+    attend_f16,
     execute,
     fill_attend,
     rms_norm,
@@ -63,17 +64,78 @@ def run_kinds(ctl, X, exact, swiglu, desc, out):
 
 
 @njit(cache=_CACHE, nogil=True)
-def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, kc, vc, p0, window, cos, sin,
-                  counts, eps, exact):
+def f16_bits(src, dst):
+    """float32 src [n] -> IEEE half bits dst [n] (uint16), rounded to nearest even as NumPy's
+    ``astype(np.float16)`` (``npy_floatbits_to_halfbits``): overflow to signed inf, underflow
+    to subnormals and signed zero, NaN kept a NaN."""
+    u = src.view(np.uint32)
+    for i in range(src.shape[0]):
+        f = np.uint32(u[i])
+        sgn = np.uint32((f & np.uint32(0x80000000)) >> np.uint32(16))
+        fe = f & np.uint32(0x7F800000)
+        fs = f & np.uint32(0x007FFFFF)
+        if fe >= np.uint32(0x47800000):  # inf, NaN, or too large: signed inf (NaN stays NaN)
+            h = np.uint32(0x7C00)
+            if fe == np.uint32(0x7F800000) and fs != 0:
+                h = np.uint32(0x7C00) + (fs >> np.uint32(13))
+                if h == np.uint32(0x7C00):
+                    h += np.uint32(1)
+        elif fe <= np.uint32(0x38000000):  # a subnormal half or signed zero
+            if fe < np.uint32(0x33000000):
+                h = np.uint32(0)
+            else:
+                e = fe >> np.uint32(23)
+                sig = (np.uint32(0x00800000) + fs) >> (np.uint32(113) - e)
+                if (sig & np.uint32(0x3FFF)) != np.uint32(0x1000) or (f & np.uint32(0x7FF)) != 0:
+                    sig += np.uint32(0x1000)
+                h = sig >> np.uint32(13)
+        else:
+            sig = fs
+            if (sig & np.uint32(0x3FFF)) != np.uint32(0x1000):
+                sig += np.uint32(0x1000)
+            h = (sig >> np.uint32(13)) + ((fe - np.uint32(0x38000000)) >> np.uint32(13))
+        dst[i] = np.uint16(sgn + h)
+
+
+@njit(cache=_CACHE, nogil=True)
+def store_and_attend(ka, va, f16, shape, li, p0, k, v, q, window, att, pool, ctl, table):
+    """Write position p0's k / v [KV, hd] into layer li of the cache at addresses ka / va (shape
+    [L, KV, ctx, hd], float32, or with ``f16`` float16 bits as NumPy casts them), then attend
+    q [1, H, hd] over it into att [1, H, hd]: on the pool, or serially, as ``kernels.attend``."""
+    if f16:
+        kh = carray(ptr_u16(ka), shape)
+        vh = carray(ptr_u16(va), shape)
+        for j in range(k.shape[0]):
+            f16_bits(k[j], kh[li, j, p0])
+            f16_bits(v[j], vh[li, j, p0])
+        if pool:
+            execute(ctl, table, fill_attend(table, q, kh[li], vh[li], p0, window, att, True))
+        else:
+            attend_f16(q, kh[li], vh[li], p0, window, att)
+    else:
+        kf = carray(ptr_f32(ka), shape)
+        vf = carray(ptr_f32(va), shape)
+        kf[li, :, p0, :] = k
+        vf[li, :, p0, :] = v
+        if pool:
+            execute(ctl, table, fill_attend(table, q, kf[li], vf[li], p0, window, att, False))
+        else:
+            attend(q, kf[li], vf[li], p0, window, att)
+
+
+@njit(cache=_CACHE, nogil=True)
+def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, f16, shape, p0, window,
+                  cos, sin, counts, eps, exact):
     """The token's hidden state h [1, dim] through every layer at position ``p0``, in place.
 
     plan [L, P_SIZE]; qkv [L, 3, D_SIZE] and wo [L, 1, D_SIZE]: run_decode tables of q/k/v and
     the output projection; experts [L, E, X_SIZE]: each expert's weights; ``hidden`` their
-    width, ``top`` the experts a token uses (a dense model: E = top = 1, no router). kc / vc
-    [L, KV, ctx, hd] float32, the cache: position p0 is written. cos / sin [P, rd/2] the rotary
+    width, ``top`` the experts a token uses (a dense model: E = top = 1, no router). ka / va the
+    addresses of the cache's k / v, ``shape`` [L, KV, ctx, hd], float32 or (``f16``) float16:
+    position p0 is written. cos / sin [P, rd/2] the rotary
     tables; counts [L, E] the tokens each expert saw (incremented); window 0: none."""
     L, dim = plan.shape[0], h.shape[1]
-    KV, hd = kc.shape[1], kc.shape[3]
+    KV, hd = shape[1], shape[3]
     nq, nkv = qkv[0, 0, D_NOUT], qkv[0, 1, D_NOUT]
     H, E = nq // hd, experts.shape[1]
     x = np.empty((1, dim), dtype=np.float32)  # a normed hidden state
@@ -98,12 +160,7 @@ def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, kc, vc, 
         v = y[nq + nkv :].reshape((KV, hd))
         rope_row(q[0], cos, sin, p0)
         rope_row(k, cos, sin, p0)
-        kc[li, :, p0, :] = k
-        vc[li, :, p0, :] = v
-        if pool_attention:
-            execute(ctl, table, fill_attend(table, q, kc[li], vc[li], p0, window, att, False))
-        else:
-            attend(q, kc[li], vc[li], p0, window, att)
+        store_and_attend(ka, va, f16, shape, li, p0, k, v, q, window, att, pool_attention, ctl, table)
         run_kinds(ctl, att.reshape((1, nq)), exact, False, wo[li], o)
         for d in range(dim):
             h[0, d] += o[d]

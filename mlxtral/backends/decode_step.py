@@ -9,7 +9,7 @@ in its order: the same bits (a test checks every weight type, exact mode, a wind
 MoE, at 1 and 2 threads).
 
 It applies where that path is plain: every layer and expert held in this process (no expert
-streaming, no distribution), a float32 KV cache, numba present, every expert's gate and up of
+streaming, no distribution), numba present, every expert's gate and up of
 one kind. :meth:`DecodeStep.build` returns None otherwise, and ``MLXTRAL_NO_DECODE_STEP=1``
 turns it off (for A/B measurements).
 """
@@ -38,7 +38,7 @@ class DecodeStep:
     def build(cls, backend: NumpyBackend) -> DecodeStep | None:
         a = backend.args
         if (not kernels.HAVE_NUMBA or env_flag("MLXTRAL_NO_DECODE_STEP") or backend.experts is not None
-                or backend.place is not None or backend.kv_dtype != np.float32 or a.n_heads % a.n_kv_heads):
+                or backend.place is not None or a.n_heads % a.n_kv_heads):
             return None
         for L in backend.layers:
             if L is None or not L.w1:
@@ -83,6 +83,15 @@ class DecodeStep:
                 self.experts[li, e] = g[1], u[1], d[1], g[0], d[0], g[2], d[2], g[4], d[4]
         self._threads = kernels.get_num_threads()
 
+    def takes(self, cache: KVCache) -> bool:
+        """A cache the compiled step can write where it lies (it reads by address: everything
+        checked here): float32 or float16 k and v, C-contiguous, [L, KV, ctx, hd] of this model."""
+        a = self.backend.args
+        k, v = cache.k, cache.v
+        return (k.dtype == v.dtype and k.dtype in (np.float32, np.float16) and k.shape == v.shape
+                and k.shape[:2] == (a.n_layers, a.n_kv_heads) and k.shape[3] == a.head_dim
+                and 0 <= cache.offset < k.shape[2] and k.flags.c_contiguous and v.flags.c_contiguous)
+
     def __call__(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
         """h [1, dim] float32, the token's embedding, through every layer at position
         ``cache.offset`` (written into the cache, which the caller advances) -> h, in place."""
@@ -95,6 +104,8 @@ class DecodeStep:
         pool = kernels._get_pool()
         with kernels._run_lock:
             nb.decode_layers(pool.ctl, self._threads, h, self.plan, self.qkv, self.wo, self.experts,
-                             self.hidden, self.top, cache.k, cache.v, cache.offset, win, be.rope.cos,
-                             be.rope.sin, be.expert_counts, float(a.norm_eps), kernels._exact)
+                             self.hidden, self.top, cache.k.ctypes.data, cache.v.ctypes.data,
+                             cache.k.dtype == np.float16, cache.k.shape, cache.offset, win,
+                             be.rope.cos, be.rope.sin, be.expert_counts, float(a.norm_eps),
+                             kernels._exact)
         return h

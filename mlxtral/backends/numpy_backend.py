@@ -224,8 +224,7 @@ class NumpyBackend:
             return ops.attend(q, ck, cv, p0, a.sliding_window)  # [T, H*hd]
 
         step = self.decode_step
-        if (step is not None and T == 1 and h is None and cache.k.dtype == np.float32
-                and S <= self.rope.max_positions):
+        if (step is not None and T == 1 and h is None and step.takes(cache) and S <= self.rope.max_positions):
             h = step(np.ascontiguousarray(self.embed.rows(ids), dtype=np.float32), cache)  # one call
         else:
             h = self._layers(ids, slice(p0, S), attention, h)
@@ -257,6 +256,8 @@ class NumpyBackend:
         own cache through the same per-row kernel as :meth:`forward`), so each sequence gets the
         logits it gets from ``forward(run, cache)`` alone, bit for bit.
         """
+        if self.decode_step is not None and len(runs) == len(caches) == 1 and len(runs[0]) == 1:
+            return self.forward(runs[0], caches[0])[None]  # one sequence decoding: the decode step
         h, ends, last = self.hidden_runs(runs, caches)
         if self.norm is None:  # another rank of a group computes the logits
             return np.empty(0, dtype=np.float32)
