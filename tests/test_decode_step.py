@@ -155,3 +155,17 @@ def test_q8k_decode_jobs_equal_one_call_each(qtype, exact, monkeypatch):
         np.testing.assert_array_equal(got, kernels.linear(x, w))
     for got, x, w, u in zip(kernels.swiglu_experts(xs, ws, us), xs, ws, us, strict=True):
         np.testing.assert_array_equal(got, kernels.swiglu(x, w, u))
+
+
+def test_a_lone_sequence_in_forward_runs_takes_the_step():
+    be = tiny("Q4_0")
+    caches = [be.new_cache(16) for _ in range(2)]
+    for c in caches:
+        be.forward([1, 2, 3], c)
+    got = be.forward_runs([[7]], caches[:1])  # the decode step
+    step, be.decode_step = be.decode_step, None
+    want = be.forward_runs([[7]], caches[1:])  # the batched layer loop
+    be.decode_step = step
+    assert got.shape == want.shape == (1, be.args.vocab_size)
+    np.testing.assert_array_equal(got, want)
+    assert caches[0].offset == caches[1].offset == 4

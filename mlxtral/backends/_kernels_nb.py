@@ -615,6 +615,24 @@ def _keep_score(sc, mx, g, s, acc):
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
+def _score_key(q, kv, kr, s, sc, mx, scale):
+    """Key s's row kr [hd] (float32, contiguous) against each query head g of KV head ``kv``:
+    q . k (``dot_f32`` on the first hd // 16 * 16, then the tail) times ``scale`` -> sc[g, s], and
+    g's running maximum in mx[g]."""
+    hd = q.shape[1]
+    G = mx.shape[0]
+    hd16 = hd // 16 * 16
+    ka = kr.ctypes.data
+    for g in range(G):
+        qh = q[kv * G + g]
+        acc = dot_f32(ka, qh.ctypes.data, hd)  # the first hd16 elements, vectorized
+        for d in range(hd16, hd):
+            acc += qh[d] * kr[d]
+        acc *= scale
+        _keep_score(sc, mx, g, s, acc)
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
 def _group_weights(sc, mx, inv, out, kv, n):
     """Each query head g of KV head ``kv``: its ``n`` scores -> softmax weights (1 / their sum in
     inv[g]); its output row zeroed for the values' pass."""
@@ -665,20 +683,11 @@ def attend_kv(q, k, v, lo, hi, out, kv):
     sc = np.empty((G, n), dtype=np.float32)
     mx = np.empty(G, dtype=np.float32)
     inv = np.empty(G, dtype=np.float32)
-    hd16 = hd // 16 * 16
     n4 = n // 4 * 4
     for g in range(G):
         mx[g] = np.float32(-np.inf)
     for s in range(n):
-        kr = k[kv, lo + s]
-        ka = kr.ctypes.data
-        for g in range(G):
-            qh = q[kv * G + g]
-            acc = dot_f32(ka, qh.ctypes.data, hd)  # the first hd16 elements, vectorized
-            for d in range(hd16, hd):
-                acc += qh[d] * kr[d]
-            acc *= scale
-            _keep_score(sc, mx, g, s, acc)
+        _score_key(q, kv, k[kv, lo + s], s, sc, mx, scale)
     _group_weights(sc, mx, inv, out, kv, n)
     vs = v[kv, lo:hi]  # [n, hd]
     for s in range(0, n4, 4):  # four value rows per pass over o (a quarter of the o traffic)
@@ -705,24 +714,16 @@ def attend_kv_f16(q, k, v, lo, hi, out, kv):
     G = H // k.shape[0]
     scale = np.float32(1.0 / np.sqrt(hd))
     n = hi - lo
-    hd16 = hd // 16 * 16
     sc = np.empty((G, n), dtype=np.float32)
     mx = np.empty(G, dtype=np.float32)
     inv = np.empty(G, dtype=np.float32)
     row = np.empty(hd, dtype=np.float32)  # a key or value row in float32
-    ra = row.ctypes.data
     hd8 = hd // 8 * 8
     for g in range(G):
         mx[g] = np.float32(-np.inf)
     for s in range(n):
         _f16_to(k[kv, lo + s], row, hd8)
-        for g in range(G):
-            qh = q[kv * G + g]
-            acc = dot_f32(ra, qh.ctypes.data, hd)
-            for d in range(hd16, hd):
-                acc += qh[d] * row[d]
-            acc *= scale
-            _keep_score(sc, mx, g, s, acc)
+        _score_key(q, kv, row, s, sc, mx, scale)
     _group_weights(sc, mx, inv, out, kv, n)
     n4 = n // 4 * 4
     vb = np.empty((4, hd), dtype=np.float32)  # four value rows in float32
