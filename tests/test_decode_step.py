@@ -118,6 +118,15 @@ def test_float16_bits_as_numpy_rounds():
 
 
 def test_stands_aside_where_it_does_not_apply():
+    from mlxtral.backends.decode_step import DecodeStep
+    from mlxtral.qtensor import QTensor
+
+    be = tiny("Q4_0")
+    be.layers[1].wo = QTensor.from_float(np.zeros((64, 32), dtype=np.float32))  # not [dim, H * hd]
+    assert DecodeStep.build(be) is None  # it reads by address: any shape it would assume wrongly
+    be = tiny("Q4_0")
+    be.layers[0].router = be.layers[0].router[:3]  # three router rows for four experts
+    assert DecodeStep.build(be) is None
     be = tiny("Q4_0")
     c = be.new_cache(8)
     c.k = np.zeros((1, *c.k.shape[1:]), dtype=np.float32)  # not this model's cache: the general path

@@ -40,11 +40,29 @@ class DecodeStep:
         if (not kernels.HAVE_NUMBA or env_flag("MLXTRAL_NO_DECODE_STEP") or backend.experts is not None
                 or backend.place is not None or a.n_heads % a.n_kv_heads):
             return None
+        first = backend.layers[0]
+        if first is None or not first.w1 or not all(isinstance(w, QTensor) for w in first.w1):
+            return None
+        # the compiled step reads by address, unchecked: every shape it assumes is checked here
+        dim, hd, H, KV = a.dim, a.head_dim, a.n_heads, a.n_kv_heads
+        E, hidden, routed = len(first.w1), first.w1[0].shape[0], first.router is not None
+        if (routed and not 0 < a.n_experts_per_tok <= E) or (not routed and E != 1):
+            return None
+        if (a.rope_dim or hd) > hd or backend.rope.cos.shape[1] * 2 != (a.rope_dim or hd):
+            return None
         for L in backend.layers:
-            if L is None or not L.w1:
+            if L is None or len(L.w1) != E or (L.router is not None) != routed:
                 return None
-            for w in [L.wq, L.wk, L.wv, L.wo, *L.w1, *L.w3, *L.w2]:
-                if not isinstance(w, QTensor) or w.qtype not in kernels._KINDS:
+            want = [(L.wq, (H * hd, dim)), (L.wk, (KV * hd, dim)), (L.wv, (KV * hd, dim)),
+                    (L.wo, (dim, H * hd))]
+            want += [(w, (hidden, dim)) for w in L.w1 + L.w3] + [(w, (dim, hidden)) for w in L.w2]
+            for w, shape in want:
+                if not isinstance(w, QTensor) or w.qtype not in kernels._KINDS or tuple(w.shape) != shape:
+                    return None
+            floats = [(L.attn_norm, (dim,)), (L.ffn_norm, (dim,))]
+            floats += [(L.router, (E, dim))] if routed else []
+            for f, shape in floats:
+                if f.dtype != np.float32 or f.shape != shape or not f.flags.c_contiguous:
                     return None
             if any(g.qtype != u.qtype for g, u in zip(L.w1, L.w3, strict=True)):
                 return None  # the general path's two tasks and NumPy's SiLU
