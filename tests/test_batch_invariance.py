@@ -140,24 +140,33 @@ def test_linear_rows_equal_one_token_calls(qtype):
 
 
 @pytest.mark.parametrize("exact", [False, True])
-@pytest.mark.parametrize("qtype", BLOCK + FLOAT + ["Q5_0", "Q5_1"])
+@pytest.mark.parametrize("qtype", BLOCK + FLOAT + ["Q5_0", "Q5_1"] + KQUANT + ["IQ4_XS"])
 def test_decode_jobs_equal_one_call_each(qtype, exact, monkeypatch):
     """A decode step's several products in one numba call (``kernels._decode``: q/k/v, the experts'
     gate/up pairs, their down projections) give each product the bits of its own call, whether
-    the tasks share one token or each brings its own; mixed kinds take the general job."""
+    the tasks share one token or each brings its own, q8_K kinds included; mixed kinds take the
+    general job."""
     from test_kernels import make
 
+    rng = np.random.default_rng(5)
+    n_in = 512 if qtype in KQUANT + ["IQ4_XS"] else 96  # whole 256-superblocks for the q8_K kinds
+
+    def weight(t: str, n: int, seed: int) -> QTensor:
+        if n_in == 96:
+            return make(t, (n, n_in), seed)
+        return QTensor(t, (n, n_in), random_gguf_blocks(t, (n, n_in), rng, 0.2))
+
     monkeypatch.setattr(kernels, "_exact", exact)
-    ws = [make(qtype, (n, 96), s) for n, s in ((77, 3), (32, 4), (45, 5))]
-    us = [make(qtype, (n, 96), s) for n, s in ((77, 6), (32, 7), (45, 8))]
-    xs = list(np.random.default_rng(3).standard_normal((3, 1, 96)).astype(np.float32))
+    ws = [weight(qtype, n, s) for n, s in ((77, 3), (32, 4), (45, 5))]
+    us = [weight(qtype, n, s) for n, s in ((77, 6), (32, 7), (45, 8))]
+    xs = list(np.random.default_rng(3).standard_normal((3, 1, n_in)).astype(np.float32))
     for got, x, w in zip(kernels.linear_many(xs[0], ws), xs[:1] * 3, ws, strict=True):
         np.testing.assert_array_equal(got, kernels.linear(x, w))
     for got, x, w in zip(kernels.linear_experts(xs, ws), xs, ws, strict=True):
         np.testing.assert_array_equal(got, kernels.linear(x, w))
     for got, x, w, u in zip(kernels.swiglu_experts(xs, ws, us), xs, ws, us, strict=True):
         np.testing.assert_array_equal(got, kernels.swiglu(x, w, u))
-    mixed = [ws[0], make("Q8_0" if qtype != "Q8_0" else "Q4_0", (32, 96), 9)]
+    mixed = [ws[0], make("Q8_0" if qtype != "Q8_0" else "Q4_0", (32, n_in), 9)]
     for got, w in zip(kernels.linear_many(xs[1], mixed), mixed, strict=True):
         np.testing.assert_array_equal(got, kernels.linear(xs[1], w))
 

@@ -141,31 +141,6 @@ def test_environment_turns_it_off(monkeypatch):
     assert tiny("Q4_0").decode_step is None
 
 
-@pytest.mark.parametrize("exact", [False, True])
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
-def test_q8k_decode_jobs_equal_one_call_each(qtype, exact, monkeypatch):
-    """``kernels._decode`` (one numba call a decode job) on the q8_K kinds: each product the bits
-    of its own call (the general job), shared token or one per task."""
-    from tiny_models import random_gguf_blocks
-
-    from mlxtral.qtensor import QTensor
-
-    monkeypatch.setattr(kernels, "_exact", exact)
-    rng = np.random.default_rng(5)
-
-    def make(n: int) -> QTensor:
-        return QTensor(qtype, (n, 512), random_gguf_blocks(qtype, (n, 512), rng, 0.2))
-
-    ws, us = [make(n) for n in (48, 32, 16)], [make(n) for n in (48, 32, 16)]
-    xs = list(rng.standard_normal((3, 1, 512)).astype(np.float32))
-    for got, w in zip(kernels.linear_many(xs[0], ws), ws, strict=True):
-        np.testing.assert_array_equal(got, kernels.linear(xs[0], w))
-    for got, x, w in zip(kernels.linear_experts(xs, ws), xs, ws, strict=True):
-        np.testing.assert_array_equal(got, kernels.linear(x, w))
-    for got, x, w, u in zip(kernels.swiglu_experts(xs, ws, us), xs, ws, us, strict=True):
-        np.testing.assert_array_equal(got, kernels.swiglu(x, w, u))
-
-
 def test_a_lone_sequence_in_forward_runs_takes_the_step():
     be = tiny("Q4_0")
     caches = [be.new_cache(16) for _ in range(2)]
