@@ -22,7 +22,8 @@ if kernels.HAVE_NUMBA:
 HERE = Path(__file__).parent
 
 # (qtype, out rows, in) - in/32 odd and even (the dot's tail block), T 1 (decode), 6 (dot4 + 2; AVX2's
-# Q4_0 16-row dots 4 + 2 tokens a pass, the others' tiles), 9 (dot4 + tail; tiles everywhere)
+# Q4_0 16-row dots all 6 in one pass, the other paths' Q4_0 tiles), 9 (dot4 + tail; AVX2's Q4_0 dots
+# 8 + 1, the tiles 8 + 1 elsewhere): every path bit for bit against the portable one, which tiles
 CASES = [("Q4_0", 37, 224), ("Q4_1", 19, 96), ("Q8_0", 41, 160), ("Q8_0", 8, 32), ("Q4_0", 5, 1024)]
 TOKENS = (1, 6, 9)
 

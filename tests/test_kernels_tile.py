@@ -1,6 +1,8 @@
 """Q4_0's kernels (``mlxtral.backends._kernels_tile``): the one arithmetic of its docstring, checked
-bit for bit against an independent NumPy model of it, through every path (16-row dots where the
-rows lie, repacked tiles at 8 / 4 / 2 / 1 tokens, single rows) and any row range."""
+bit for bit against an independent NumPy model of it, through every path this host takes (16-row
+dots where the rows lie, 1 to ``DOT16_NT`` tokens a pass; repacked tiles at 8 / 4 / 2 / 1 tokens where
+the host tiles (with VNNI, or the portable path: ``test_kernel_isa`` forces it); single rows) and any
+row range."""
 from __future__ import annotations
 
 import numpy as np

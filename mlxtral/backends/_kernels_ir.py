@@ -822,6 +822,7 @@ def _make_ptr(nbty):
 
 ptr_f32 = _make_ptr(types.float32)
 ptr_i64 = _make_ptr(types.int64)
+ptr_i32 = _make_ptr(types.int32)
 ptr_u8 = _make_ptr(types.uint8)
 ptr_u16 = _make_ptr(types.uint16)
 ptr_i8 = _make_ptr(types.int8)

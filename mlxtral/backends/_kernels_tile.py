@@ -28,10 +28,10 @@ give; decode keeps the row dots.
 Without VNNI the integer dot goes through ``vpmaddubsw`` + ``vpmaddwd`` (``_kernels_ir._dot_u8s8``:
 the codes are 0..15, so the int16 pairs never saturate) and LLVM splits the 16-lane vectors where
 the target has no 512-bit registers: the same integers, the same float steps, the same bits. On
-AVX2 the decode dot has its own shape (``_build_dot16_avx2``: 8 rows a pass in one ymm, int16 sums
-by ``vphaddw`` while exact, up to 4 tokens per unpacked row, :data:`DOT16_NT`), ~2x the split
-16-lane version, and the tiles start at 8 tokens (:data:`TILE_MIN_T`): there the repack and the
-emulated 16-lane dots cost more than they save below that.
+AVX2 the Q4_0 dot has its own shape (``_build_dot16_avx2``: 8 rows a pass, each block's codes
+transposed into the lanes once for up to 8 tokens, :data:`DOT16_NT`; a token then costs int16
+multiply-adds and adds, no horizontal sums). It beats the split 16-lane tiles at every batch size
+measured, so on AVX2 Q4_0 is never repacked (:data:`TILE_MIN_T`).
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ from mlxtral.backends._kernels_ir import (
     _get_fn,
     _intr,
     _load,
+    _madd_ones,
     _maddubs,
     _mask,
     _nibbles32,
@@ -66,6 +67,7 @@ from mlxtral.backends._kernels_ir import (
     i32,
     i64,
     prefetch_ahead,
+    ptr_i32,
     ptr_u8,
     v8f,
     v8i32,
@@ -279,8 +281,8 @@ def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
     if HAVE_AVX2 and not HAVE_VNNI:
         return _build_dot16_avx2(mod, name, nt)
     assert nt == 1, "dot16 takes one token a pass here"
-    fn, b = _function(mod, name, ir.VoidType(), 8)
-    wa, rb, xa, xda, xoa, nb, _, oa = fn.args
+    fn, b = _function(mod, name, ir.VoidType(), 9)
+    wa, rb, xa, xda, xoa, nb, _, oa, _ = fn.args
     wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
 
     def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
@@ -334,22 +336,26 @@ def _scales8(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir.
 
 def _build_dot16_avx2(mod: ir.Module, name: str, nt: int) -> ir.Function:
     """``dot16`` for AVX2 without VNNI: two passes of 8 rows (one ymm of row sums each; 16 rows'
-    vectors would not fit AVX2's 16 registers), each row's codes unpacked once for ``nt`` tokens.
-    Per row and block, the codes as [low nibbles | high nibbles] (one broadcast load, ``vpsrlvq``
-    by 0 / 4, ``and``) and, per token, one ``vpmaddubsw`` against its activations: 16 int16 pair
-    sums, |.| <= 2 * 15 * 127. A token's 8 rows' pair sums are added in int16 while they fit
-    (three ``vphaddw`` levels: 16 products, |.| <= 30480 < 2**15, exact), then widened: each row's
-    block sum but the offset, which is the same for every row (the sum of ``xo``'s 8 lanes,
-    -8 * sum(x)), added once. The same exact integers as the 16-lane path, then the same convert,
-    multiply and FMA per row and token: the same bits at any ``nt``."""
-    fn, b = _function(mod, name, ir.VoidType(), 8)
-    wa, rb, xa, xda, xoa, nb, n, oa = fn.args
+    vectors would not fit AVX2's 16 registers), each block's codes put in the lanes once for ``nt``
+    tokens. Per block, the 8 rows' 16 code bytes are transposed (two ``vinserti128`` loads and
+    8 unpacks): vector j's lane r holds row r's packed bytes 4j..4j+3, whose low nibbles are codes
+    4j..4j+3 and high nibbles codes 16+4j..16+4j+3; masked and shifted, 8 vectors of 4 codes a
+    lane. Per token, each against its 4 activations broadcast (``vpmaddubsw``: int16 pair sums,
+    |.| <= 2 * 15 * 127), the 8 added in int16 (16 products a lane, |.| <= 30480 < 2**15: exact)
+    and widened by one ``vpmaddwd``: lane r is row r's block sum but the offset, which is the same
+    for every row (the sum of ``xo``'s 8 lanes, -8 * sum(x)), added once. The same exact integers
+    as the 16-lane path, then the same convert, multiply and FMA per row and token: the same bits
+    at any ``nt``. No horizontal adds: a token costs 8 multiply-adds and 8 adds per 8 rows."""
+    fn, b = _function(mod, name, ir.VoidType(), 9)
+    wa, rb, xa, xda, _, nb, n, oa, xba = fn.args
     toks = range(nt)
     xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in toks]
-    xops = [_ptr(b, b.add(xoa, b.mul(n, _c(t))), i8) for t in toks]
     xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
+    xbps = [_ptr(b, b.add(xba, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
     v4i64 = ir.VectorType(i64, 4)
     zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
+    lo32, hi32 = _mask([0, 8, 1, 9, 4, 12, 5, 13]), _mask([2, 10, 3, 11, 6, 14, 7, 15])
+    lo64, hi64 = _mask([0, 4, 2, 6]), _mask([1, 5, 3, 7])
     op = _ptr(b, oa, i8)
     for half in range(2):
         wp = _ptr(b, b.add(wa, b.mul(rb, _c(8 * half))), i8)
@@ -357,29 +363,34 @@ def _build_dot16_avx2(mod: ir.Module, name: str, nt: int) -> ir.Function:
         def block(b: ir.IRBuilder, blk: ir.Value, accs: list, wp: ir.Value = wp) -> list:
             boff = b.mul(blk, _c(Q4_BYTES))
             xoff = b.shl(blk, _c(5))
-            xs = [_load(b, xp, xoff, v32i8) for xp in xps]
             # the next 8 rows: by their turn (or the next tile's) they are in cache
             prefetch_ahead(b, wp, b.add(b.mul(rb, _c(8)), b.mul(blk, _c(8 * Q4_BYTES))), 8 * Q4_BYTES + 64)
 
-            def codes(r: int) -> ir.Value:
-                q = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
-                qq = b.bitcast(b.shuffle_vector(q, q, _mask(list(range(16)) * 2)), v4i64)
-                nib = b.bitcast(b.lshr(qq, ir.Constant(v4i64, [0, 0, 4, 4])), v32i8)
-                return b.and_(nib, _vconst(v32i8, 15))
+            def qs(r: int) -> ir.Value:
+                return _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
 
-            l1: list[list] = [[] for _ in toks]  # per token, rows (2i, 2i + 1)'s pair sums added
-            for i in range(4):
-                ca, cb = codes(2 * i), codes(2 * i + 1)
-                for t in toks:
-                    l1[t].append(_phaddw(b, _maddubs(b, ca, xs[t]), _maddubs(b, cb, xs[t])))
+            # ys[i]: rows i and i + 4 (128-bit halves), as 4 + 4 dwords
+            both = _mask(list(range(32)))
+            ys = [b.bitcast(b.shuffle_vector(qs(i), qs(i + 4), both), v8i32) for i in range(4)]
+            ts = [b.bitcast(b.shuffle_vector(ys[a], ys[a + 1], m), v4i64)
+                  for a in (0, 2) for m in (lo32, hi32)]  # t0, t1 (rows 0 1 4 5), t2, t3 (rows 2 3 6 7)
+            ps = [b.shuffle_vector(ts[a], ts[a + 2], m) for a in (0, 1) for m in (lo64, hi64)]  # dword j
+            ws = [None] * 8
+            low = _vconst(v32i8, 15)
+            for j, p in enumerate(ps):
+                ws[j] = b.and_(b.bitcast(p, v32i8), low)
+                ws[4 + j] = b.and_(b.bitcast(b.lshr(p, ir.Constant(v4i64, [4] * 4)), v32i8), low)
             d = _scales8(b, wp, rb, boff)
             new = []
             for t in toks:
-                # 128-bit half h of l3: the 8 rows' sums over the activations' half h
-                l3 = _phaddw(b, _phaddw(b, l1[t][0], l1[t][1]), _phaddw(b, l1[t][2], l1[t][3]))
-                s = b.add(b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8)))), v8i32),
-                          b.sext(b.shuffle_vector(l3, l3, _mask(list(range(8, 16)))), v8i32))
-                s = b.add(s, _splat_as(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v8i32))
+                p16 = None
+                for j in range(8):
+                    xw = _load(b, xps[t], b.add(xoff, _c(4 * j)), i32)
+                    xb = b.bitcast(_splat_as(b, xw, v8i32), v32i8)
+                    m = _maddubs(b, ws[j], xb)
+                    p16 = m if p16 is None else b.add(p16, m)
+                xo = _load(b, xbps[t], b.shl(blk, _c(2)), i32)
+                s = b.add(_madd_ones(b, p16), _splat_as(b, xo, v8i32))
                 xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
                 new.append(_fma(b, b.sitofp(s, v8f), b.fmul(d, _splat(b, xd)), accs[t]))
             return new
@@ -452,15 +463,17 @@ def gemm_q4_0(typingctx, k, buf, nb, xq, xd, xo, n, out, ostride):
     return sig, codegen
 
 
-# tokens one pass of dot16 takes: on AVX2 without VNNI a row's codes are unpacked once for up to 4
-# (the tiles' repack costs more than that there); with VNNI one (more was measured slower)
-DOT16_NT = 4 if HAVE_AVX2 and not HAVE_VNNI else 1
+# tokens one pass of dot16 takes: on AVX2 without VNNI a block's codes are put in the lanes once for
+# up to 8 (the accumulators and the codes fill the 16 ymm registers); with VNNI one (more was
+# measured slower)
+DOT16_NT = 8 if HAVE_AVX2 and not HAVE_VNNI else 1
 
 
 @intrinsic
-def dot16_q4_0(typingctx, k, w, rb, xq, xd, xo, nb, n, out):
-    """16 rows as they lie against ``k`` (1 .. DOT16_NT) tokens: ``_build_dot16``."""
-    sig = types.void(*([types.int64] * 9))
+def dot16_q4_0(typingctx, k, w, rb, xq, xd, xo, nb, n, out, xb):
+    """16 rows as they lie against ``k`` (1 .. DOT16_NT) tokens: ``_build_dot16`` (``xb``: each
+    block's offset, the sum of its ``xo``, int32 [k, nb]; read by the AVX2 kernel)."""
+    sig = types.void(*([types.int64] * 10))
 
     def codegen(context, builder, signature, args):
         cases = {nt: (f"mlxtral_dot16x{nt}_q4_0_{ISA}", partial(_build_dot16, nt=nt))
@@ -482,10 +495,11 @@ def dot1_q4_0(typingctx, w, xq, xd, xo, nb):
 
 
 _CACHE = not FORCED_GENERIC  # as _kernels_nb: a forced lower ISA neither loads nor writes the cache
-# tokens from which a task's rows are repacked into tiles (fewer: dotted where they lie). Measured
-# on AVX2 (EPYC, 3584 x 1024): dot16 4 tokens a pass 90 / 55-70 / 52-64 us a token at T = 2 / 8 / 32,
-# the tiles 240-300 / 55-70 / 43; with VNNI the tiles win from 2
-TILE_MIN_T = 2 if DOT16_NT == 1 else 8
+# tokens from which a task's rows are repacked into tiles (fewer: dotted where they lie). With VNNI
+# (and on the portable path) the tiles win from 2. On AVX2 never: there the 16-lane dots are split
+# in two and the transposing dot16 was measured faster at every T (EPYC, 3584 x 1024, 2 threads:
+# 29 / 31 / 31 us a token at T = 8 / 64 / 256 against the tiles' 47 / 38 / 38)
+TILE_MIN_T = 2 if DOT16_NT == 1 else 1 << 62
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -504,6 +518,19 @@ def _emit(out, os_, t0, r, k, g, u, swig):
 
 
 @njit(cache=_CACHE, nogil=True)
+def _block_offsets(xoa, T, n):
+    """Each 32-block's offset, the sum of its 8 ``xo`` words (int32 [T, n/4] at ``xoa``) -> int32
+    [T, n/32]: integers, so the same sum ``dot16`` would take."""
+    xo = carray(ptr_i32(xoa), (T * (n // 4),))
+    nb = n // 32
+    xb = np.zeros(T * nb, dtype=np.int32)
+    for i in range(T * nb):
+        for j in range(8):
+            xb[i] += xo[i * 8 + j]
+    return xb
+
+
+@njit(cache=_CACHE, nogil=True)
 def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
     """Q4_0 output rows ``r0..r1`` of a task, every token: ``out[t * os_ + r]`` = row r . token t
     (or ``silu(gate) * up`` with ``swig``). Activations: ``quantize_x`` with offset 8 (xq int8
@@ -516,16 +543,18 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
     g = np.empty(NT_MAX * ROWS, dtype=np.float32)
     u = np.empty(NT_MAX * ROWS, dtype=np.float32)
     if T < TILE_MIN_T:
+        xb = _block_offsets(xoa, T, n)
         t0 = 0
         while t0 < T:  # DOT16_NT tokens a pass over the rows as they lie
             k = min(DOT16_NT, T - t0)
-            xq, xd, xo = xqa + t0 * n, xda + t0 * nb * 4, xoa + t0 * n
+            xq, xd, xo, xbt = xqa + t0 * n, xda + t0 * nb * 4, xoa + t0 * n, xb.ctypes.data + t0 * nb * 4
             for r in range(r0, r16, ROWS):
-                dot16_q4_0(k, wa + r * rb, rb, xq, xd, xo, nb, n, g.ctypes.data)
+                dot16_q4_0(k, wa + r * rb, rb, xq, xd, xo, nb, n, g.ctypes.data, xbt)
                 if swig:
-                    dot16_q4_0(k, wa2 + r * rb, rb, xq, xd, xo, nb, n, u.ctypes.data)
+                    dot16_q4_0(k, wa2 + r * rb, rb, xq, xd, xo, nb, n, u.ctypes.data, xbt)
                 _emit(out, os_, t0, r, k, g, u, swig)
             t0 += k
+        xb[0] = 0  # (kept alive until here: see above)
     else:
         nm = 2 if swig else 1
         buf = np.empty(nm * nb * TILE_BLOCK_BYTES, dtype=np.uint8)

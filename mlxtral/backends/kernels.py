@@ -305,12 +305,14 @@ def _winfo(w: QTensor, T: int) -> tuple[int, np.ndarray, int, int]:
     hit = _winfo_cache.get(key)
     if hit is None or hit[0] is not w or hit[4] != get_num_threads():
         wd = _wdata(w)
-        hit = (w, _KINDS[w.qtype], wd, _chunk_rows(w, 1), get_num_threads(), _chunk_rows(w, 2),
-               wd.ctypes.data)
+        # rows per item for 1 token, 2 .. _STREAM_T (tiles start at 2 or past _STREAM_T, so 2
+        # stands for them all) and more
+        chunks = (_chunk_rows(w, 1), _chunk_rows(w, 2), _chunk_rows(w, _STREAM_T + 1))
+        hit = (w, _KINDS[w.qtype], wd, chunks, get_num_threads(), wd.ctypes.data)
         if len(_winfo_cache) > 65536:
             _winfo_cache.clear()
         _winfo_cache[key] = hit  # holds w, so the id cannot be reused while cached
-    return hit[1], hit[2], hit[3] if T == 1 else hit[5], hit[6]
+    return hit[1], hit[2], hit[3][0 if T == 1 else (1 if T <= _STREAM_T else 2)], hit[5]
 
 
 class _Job:
@@ -373,21 +375,36 @@ _CHUNK_BYTES_MAX = env_int("MLXTRAL_CHUNK_KB_MAX", 4096, 16, 1 << 20, "KB") * 10
 _CHUNKS_PER_THREAD = env_int("MLXTRAL_CHUNKS_PER_THREAD", 4, 1, 64)
 
 
+# tokens up to which the rows stream by in long items, as for decode: one pass of Q4_0's dot16 on
+# AVX2 (8 tokens), two of the other dots' 4 (measured on AVX2 against 16 KB items: 3584 x 1024
+# Q4_0 at 2 / 4 / 8 tokens 90 / 134 / 232 us against 126 / 213 / 370; Q8_0, Q4_K 2-5% at 6-8)
+_STREAM_T = 8
+
+
+def _tiles(w: QTensor, T: int) -> bool:
+    """Whether T tokens of ``w`` run in repacked 16-row tiles (``_kernels_tile``)."""
+    if w.qtype == "Q4_0":
+        return T >= _tile.TILE_MIN_T
+    return _KINDS[w.qtype] in _KQ_KINDS and _tile.kq_tiles(T)
+
+
 def _chunk_rows(w: QTensor, T: int) -> int:
-    """Rows per work item. Decode: long sequential runs of rows keep the hardware prefetcher
+    """Rows per work item. Decode, and a few tokens (up to ``_STREAM_T``) dotted with each row
+    as it streams by: long sequential runs of rows keep the hardware prefetcher
     streaming (16 KB items ran at ~11 GB/s, 256 KB items at ~14), so a matrix is cut into
-    ``_CHUNKS_PER_THREAD`` items per thread (16 KB .. 4 MB each). Prefill: ~16 KB, which stays in
-    L1 while every token passes over it."""
+    ``_CHUNKS_PER_THREAD`` items per thread (16 KB .. 4 MB each). Prefill (more tokens, or tiles):
+    ~16 KB, which stays in L1 while every token passes over it."""
     row_bytes = w.data.strides[0] if w.data.ndim == 2 else w.data.nbytes // max(1, w.shape[0])
     row_bytes = max(1, row_bytes)
-    if T > 1:
+    prefill = T > _STREAM_T or (T > 1 and HAVE_NUMBA and _tiles(w, T))
+    if prefill:
         rows = max(8, min(64, 16384 // row_bytes))
     else:
         target = min(_CHUNK_BYTES_MAX, max(16384, w.nbytes // (_CHUNKS_PER_THREAD * get_num_threads())))
         rows = max(4, target // row_bytes)
     if w.qtype == "Q4_0":  # whole 16-row tiles (_kernels_tile.ROWS); prefill: two tiles an item
-        rows = max(_TILE, rows // _TILE * _TILE if T == 1 else 2 * _TILE)
-    elif T > 1 and _KINDS[w.qtype] in _KQ_KINDS:  # K-quant prefill: tiles too
+        rows = 2 * _TILE if prefill else max(_TILE, rows // _TILE * _TILE)
+    elif prefill and _KINDS[w.qtype] in _KQ_KINDS:  # K-quant prefill: tiles too (from KQ_TILE_MIN_T)
         rows = 2 * _TILE
     return rows
 
