@@ -157,3 +157,22 @@ def test_scheduler_refuses_an_empty_budget() -> None:
     for bad in (0, -3, 2.5):
         with pytest.raises(UsageError, match="prefill_chunk"):
             Scheduler(fake, prefill_chunk=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("window", [None, 5])
+def test_attend_runs_is_each_sequences_attend(dtype: type, window: int | None) -> None:
+    """Several sequences' attention in one kernel job (the mixed step's): each sequence gets the
+    bits of its own ``attend`` call, decode rows and prefill chunks alike, on either cache dtype."""
+    rng = np.random.default_rng(3)
+    H, KV, hd, ctx = 4, 2, 16, 32
+    runs = []
+    for T, p0 in ((1, 9), (6, 0), (1, 20), (3, 12)):
+        k = rng.standard_normal((KV, ctx, hd)).astype(dtype)
+        v = rng.standard_normal((KV, ctx, hd)).astype(dtype)
+        runs.append((rng.standard_normal((T, H, hd)).astype(np.float32), k, v, p0))
+    got = kernels.attend_runs(runs, window)
+    for (q, k, v, p0), g in zip(runs, got, strict=True):
+        np.testing.assert_array_equal(g, kernels.attend(q, k, v, p0, window))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.attend_runs([*runs, (runs[0][0], runs[0][1], runs[0][2], ctx)], window)

@@ -776,16 +776,23 @@ def fill_attend(table, q, k, v, p0, window, out, f16):
     """Row 0 of a one-task job: the attention of queries q [T, H, hd] at positions p0.. over the
     C-contiguous cache k/v [KV, ctx, hd] (float32, or with ``f16`` float16 as uint16) into
     out [T, H, hd]; returns its number of work items (T * KV)."""
+    return fill_attend_row(table, 0, 0, q, k, v, p0, window, out, f16)
+
+
+@njit(cache=_CACHE, nogil=True)
+def fill_attend_row(table, i, first, q, k, v, p0, window, out, f16):
+    """``fill_attend`` into row ``i`` of a job table, its work items numbered from ``first``;
+    returns the number after them (several sequences' attention in one job)."""
     T, H, hd = q.shape
     KV, ctx = k.shape[0], k.shape[1]
-    row = table[0]
+    row = table[i]
     row[:] = 0
     row[F_KIND] = K_ATTN
     row[A_Q], row[A_K], row[A_V], row[A_OUT] = q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data
     row[A_H], row[A_HD], row[A_KV], row[A_CTX] = H, hd, KV, ctx
     row[A_P0], row[A_WINDOW], row[A_F16] = p0, window, 1 if f16 else 0
-    row[F_T], row[F_FIRST] = T, 0
-    return T * KV
+    row[F_T], row[F_FIRST] = T, first
+    return first + T * KV
 
 
 @njit(cache=_CACHE, nogil=True)

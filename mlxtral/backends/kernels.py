@@ -564,16 +564,9 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty(q.shape, dtype=np.float32)  # [T, H, hd]
     win = int(window) if window is not None and window > 0 else 0
-    if (1 < T * k.shape[0] <= _nb.MAX_CHUNKS and get_num_threads() > 1 and k.dtype in (np.float32, np.float16)
-            and k.dtype == v.dtype and k.flags.c_contiguous and v.flags.c_contiguous and k.shape == v.shape):
+    if 1 < T * k.shape[0] <= _nb.MAX_CHUNKS and _pooled_cache(k, v):
         # every thread: one work item per (query row, KV head), each the serial path's arithmetic
-        f16 = k.dtype == np.float16
-        kk, vv = (k.view(np.uint16), v.view(np.uint16)) if f16 else (k, v)
-        table = np.empty((1, _nb.F_SIZE), dtype=np.int64)
-        n = _nb.fill_attend(table, q, kk, vv, p0, win, out, f16)
-        pool = _get_pool()
-        with _run_lock:
-            _nb.execute(pool.ctl, table, n)
+        _attend_job([(q, k, v, p0, out)], win)
         return out.reshape(T, H * hd)
     if k.dtype == np.float16:  # read the half cache in place (F16C conversion in the loops)
         _nb.attend_f16(q, k.view(np.uint16), v.view(np.uint16), p0, win, out)
@@ -583,6 +576,47 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
         k, v = k[:, :S].astype(np.float32), v[:, :S].astype(np.float32)
         _nb.attend(q, k, v, p0, win, out)
     return out.reshape(T, H * hd)
+
+
+def _pooled_cache(k: np.ndarray, v: np.ndarray) -> bool:
+    """Whether attention over the cache k/v runs on the pool (it reads the cache by address)."""
+    return (get_num_threads() > 1 and k.dtype in (np.float32, np.float16) and k.dtype == v.dtype
+            and k.flags.c_contiguous and v.flags.c_contiguous and k.shape == v.shape)
+
+
+def _attend_job(items: list[tuple], win: int) -> None:
+    """One pool job: for each (q [T, H, hd], k, v, p0, out [T, H, hd]), its (query row, KV head)
+    work items, each the serial path's arithmetic."""
+    table = np.empty((len(items), _nb.F_SIZE), dtype=np.int64)
+    n = 0
+    for i, (q, k, v, p0, out) in enumerate(items):
+        f16 = k.dtype == np.float16
+        kk, vv = (k.view(np.uint16), v.view(np.uint16)) if f16 else (k, v)
+        n = _nb.fill_attend_row(table, i, n, q, kk, vv, p0, win, out, f16)
+    pool = _get_pool()
+    with _run_lock:
+        _nb.execute(pool.ctl, table, n)
+
+
+def attend_runs(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
+                window: int | None = None) -> list[np.ndarray]:
+    """``attend`` for several sequences, each (q [T, H, hd], its cache k, v, p0): one pool job for
+    all (each work item is ``attend``'s, so each sequence's bits are its own call's) -> [T, H * hd]
+    per sequence."""
+    pooled = (HAVE_NUMBA and len(runs) > 1 and all(_pooled_cache(k, v) for _, k, v, _ in runs)
+              and len({k.dtype for _, k, _, _ in runs}) == 1
+              and sum(q.shape[0] * k.shape[0] for q, k, _, _ in runs) <= _nb.MAX_CHUNKS)
+    if not pooled:
+        return [attend(q, k, v, p0, window) for q, k, v, p0 in runs]
+    items = []
+    for q, k, v, p0 in runs:
+        if p0 + q.shape[0] > k.shape[1] or p0 < 0:
+            raise ValueError(f"queries at {p0}..{p0 + q.shape[0] - 1} do not fit a cache of "
+                             f"{k.shape[1]} positions")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        items.append((q, k, v, p0, np.empty(q.shape, dtype=np.float32)))
+    _attend_job(items, int(window) if window is not None and window > 0 else 0)
+    return [out.reshape(out.shape[0], -1) for *_, out in items]
 
 
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int | None = None) -> np.ndarray:

@@ -289,13 +289,14 @@ class NumpyBackend:
 
         def attention(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
             # q [T, H, hd], k/v [T, KV, hd] -> [T, H*hd]
-            att = np.empty((q.shape[0], q.shape[1] * q.shape[2]), dtype=np.float32)  # [T, H*hd]
+            runs = []
             for c, r0, r1, p in zip(caches, starts, ends.tolist(), p0s, strict=True):
                 ck, cv = c.k[li], c.v[li]  # [KV, ctx, hd]
                 ck[:, p : p + r1 - r0] = k[r0:r1].transpose(1, 0, 2)
                 cv[:, p : p + r1 - r0] = v[r0:r1].transpose(1, 0, 2)
-                att[r0:r1] = ops.attend(q[r0:r1], ck, cv, p, a.sliding_window)  # as forward does
-            return att
+                runs.append((q[r0:r1], ck, cv, p))
+            # every sequence in one job, each row as forward's ops.attend computes it
+            return np.concatenate(ops.attend_runs(runs, a.sliding_window))  # [T, H*hd]
 
         try:
             h = self._layers(ids, pos, attention, h)  # [T, dim]

@@ -48,6 +48,13 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
     return _kernels.attend(q, k, v, p0, window)
 
 
+def attend_runs(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
+                window: int | None = None) -> list[np.ndarray]:
+    """``attend`` for several sequences, each (q [T, H, hd], its cache k, v [KV, ctx, hd], p0), in one
+    kernel job -> [T, H*hd] per sequence, each the bits of its own ``attend``."""
+    return _kernels.attend_runs(runs, window)
+
+
 def attend_one(q: np.ndarray, k: np.ndarray, v: np.ndarray, S: int, window: int | None = None) -> np.ndarray:
     """Decode attention at position S - 1: q [H, hd], cache k/v [KV, ctx, hd] -> [H*hd]."""
     return _kernels.attend_one(q, k, v, S, window)
