@@ -112,17 +112,18 @@ def test_swiglu_experts_and_mixed_jobs(qtype: str) -> None:
 
 @pytest.mark.parametrize("qtype", K_TYPES)
 def test_batch_invariance_bit_identical(qtype: str) -> None:
-    """A token's products do not depend on the tokens beside it: T=1 rows equal the same rows of a
-    T=7 and a T=64 call, bit for bit (linear and fused SwiGLU, 1 and 2 threads)."""
+    """A token's products do not depend on the tokens beside it: T=1 rows equal the same rows of
+    T=2, 3, 6, 7 and 64 calls (the packed rows' 2-, 3- and 4-token dots, the tiles), bit for bit
+    (linear and fused SwiGLU, 1 and 2 threads)."""
     w, w2 = make(qtype, (80, 512), seed=7), make(qtype, (80, 512), seed=8)
     x = acts(64, 512, seed=9)
     one = np.concatenate([kernels.linear(x[t:t + 1], w) for t in range(64)])
     one_s = np.concatenate([kernels.swiglu(x[t:t + 1], w, w2) for t in range(64)])
     np.testing.assert_array_equal(kernels.linear(x, w), one)
     np.testing.assert_array_equal(kernels.swiglu(x, w, w2), one_s)
-    for t0 in (0, 7, 57):
-        np.testing.assert_array_equal(kernels.linear(x[t0:t0 + 7], w), one[t0:t0 + 7])
-        np.testing.assert_array_equal(kernels.swiglu_experts([x[t0:t0 + 7]], [w], [w2])[0], one_s[t0:t0 + 7])
+    for t0, k in ((0, 7), (7, 7), (57, 7), (3, 2), (20, 3), (40, 6)):
+        np.testing.assert_array_equal(kernels.linear(x[t0:t0 + k], w), one[t0:t0 + k])
+        np.testing.assert_array_equal(kernels.swiglu_experts([x[t0:t0 + k]], [w], [w2])[0], one_s[t0:t0 + k])
     n = kernels.get_num_threads()
     try:
         kernels.set_num_threads(1)

@@ -17,8 +17,9 @@ every path (AVX2, portable, any thread count) gives bit-identical floats.
 
 Decode dots each row where it lies (``row_dot_direct``); prefill with AVX2 takes each row's bits
 apart once (``u8_pack``: unsigned codes, scales and mins per 16 weights) and dots that with every
-token (``u8_dot``). Both give the same integers and take the same float steps in the same order,
-so a token's result never depends on the tokens beside it (batch invariance); exact mode
+token (``u8_dot``; ``u8_dotn`` for 2-4 tokens a call). Both give the same integers and take the
+same float steps in the same order, so a token's result never depends on the tokens beside it
+(batch invariance); exact mode
 (``run_rows_exact``) dequantizes a row once (``unpack_row`` / ``dequant_row``) and takes float
 dots. Kinds are the numbers of :data:`mlxtral.backends.kernels._KINDS` (``KQ_FIRST`` on).
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mlxtral.backends._kernels_ir import (
@@ -323,15 +323,15 @@ def _u8_sums(b: ir.IRBuilder, pp: ir.Value, xas: list, bas: list, kind: int) -> 
     return [_finish_sums(b, acc, full, mins, ba, off) for acc, ba in zip(accs, bas, strict=True)]
 
 
-def _build_u8_dot4(mod: ir.Module, name: str, kind: int) -> ir.Function:
-    """void u8_dot4(p, x, bs, x_stride, bs_stride, out): ``u8_dot`` for 4 tokens (codes
-    ``x_stride`` bytes apart, bsums ``bs_stride``), 4 int64 at ``out``: the same integers."""
+def _build_u8_dotn(mod: ir.Module, name: str, kind: int, nt: int) -> ir.Function:
+    """void u8_dotn(p, x, bs, x_stride, bs_stride, out): ``u8_dot`` for ``nt`` tokens (codes
+    ``x_stride`` bytes apart, bsums ``bs_stride``), nt int64 at ``out``: the same integers."""
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [_i64] * 6), name)
     fn.linkage = "internal"
     pa, xa, ba, xs, bstr, oa = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    xas = [b.add(xa, b.mul(xs, _c(_i64, t))) for t in range(4)]
-    bas = [b.add(ba, b.mul(bstr, _c(_i64, t))) for t in range(4)]
+    xas = [b.add(xa, b.mul(xs, _c(_i64, t))) for t in range(nt)]
+    bas = [b.add(ba, b.mul(bstr, _c(_i64, t))) for t in range(nt)]
     op = b.inttoptr(oa, _i64.as_pointer())
     for t, v in enumerate(_u8_sums(b, b.inttoptr(pa, _i8.as_pointer()), xas, bas, kind)):
         b.store(v, b.gep(op, [_c(_i64, t)]))
@@ -356,27 +356,36 @@ def _make_u8(kind: int, dot: bool):
     return u8
 
 
-def _make_u8_dot4(kind: int):
-    name = f"mlxtral_kq_u8_dot4_{kind}"
-
-    @intrinsic
-    def u8_4(typingctx, a, o, bs, xs, bstr):
-        sig = types.UniTuple(types.int64, 4)(*([types.int64] * 5))
-
-        def codegen(context, builder, signature, args):
-            fn = _get(builder.module, name, lambda m, nm: _build_u8_dot4(m, nm, kind))
-            buf = cgutils.alloca_once(builder, _i64, size=4)
-            builder.call(fn, [*args, builder.ptrtoint(buf, _i64)])
-            vals = [builder.load(builder.gep(buf, [_c(_i32, t)])) for t in range(4)]
-            return context.make_tuple(builder, signature.return_type, vals)
-
-        return sig, codegen
-
-    return u8_4
+U8_NT = (2, 3, 4)  # tokens one u8_dotn call takes
 
 
-u8_dot4_q4k, u8_dot4_q5k, u8_dot4_q6k = (_make_u8_dot4(k) for k in (K_Q4_K, K_Q5_K, K_Q6_K))
-u8_dot4_q3k, u8_dot4_q2k = (_make_u8_dot4(k) for k in (K_Q3_K, K_Q2_K))
+@intrinsic
+def u8_dotn(typingctx, kind, nt, a, o, bs, xs, bstr, out):
+    """``u8_dot`` of the unpacked superblock at ``a`` for ``nt`` (one of :data:`U8_NT`) tokens
+    (codes at ``o``, ``xs`` bytes apart; bsums at ``bs``, ``bstr`` apart) -> nt int64 at ``out``.
+    One switch on (kind, nt) to the function generated for them."""
+    sig = types.void(*([types.int64] * 8))
+
+    def codegen(context, builder, signature, args):
+        fn = builder.function
+        end = fn.append_basic_block("u8_dotn_end")
+        key = builder.add(builder.mul(args[0], _c(_i64, 8)), args[1])
+        sw = builder.switch(key, end)
+        for k in KQ_TYPES:
+            for n in U8_NT:
+                bb = fn.append_basic_block(f"u8_dotn_{k}_{n}")
+                sw.add_case(_c(_i64, 8 * k + n), bb)
+                with builder.goto_block(bb):
+                    f = _get(builder.module, f"mlxtral_kq_u8_dot{n}_{k}",
+                             lambda m, nm, k=k, n=n: _build_u8_dotn(m, nm, k, n))
+                    builder.call(f, list(args[2:]))
+                    builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 u8_dot_q4k, u8_pack_q4k = _make_u8(K_Q4_K, True), _make_u8(K_Q4_K, False)
 u8_dot_q5k, u8_pack_q5k = _make_u8(K_Q5_K, True), _make_u8(K_Q5_K, False)
 u8_dot_q6k, u8_pack_q6k = _make_u8(K_Q6_K, True), _make_u8(K_Q6_K, False)
@@ -526,19 +535,6 @@ def _u8_dot(kind, pa, xa, ba):
     return u8_dot_q2k(pa, xa, ba)
 
 
-@njit(cache=_CACHE, nogil=True, inline="always")
-def _u8_dot4(kind, pa, xa, ba, xs, bstr):
-    if kind == K_Q4_K:
-        return u8_dot4_q4k(pa, xa, ba, xs, bstr)
-    if kind == K_Q5_K:
-        return u8_dot4_q5k(pa, xa, ba, xs, bstr)
-    if kind == K_Q6_K:
-        return u8_dot4_q6k(pa, xa, ba, xs, bstr)
-    if kind == K_Q3_K:
-        return u8_dot4_q3k(pa, xa, ba, xs, bstr)
-    return u8_dot4_q2k(pa, xa, ba, xs, bstr)
-
-
 SB_CODES = QK_K + 16  # int16 per unpacked superblock: 256 scaled codes, 16 mins
 
 
@@ -606,6 +602,7 @@ def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
     dd = np.empty(2 * nb, dtype=np.float32)
     dm = np.empty(2 * nb, dtype=np.float32)
     g = np.empty(4, dtype=np.float32)  # each token's running sum
+    v = np.empty(4, dtype=np.int64)  # each token's two integer sums (u8_dotn)
     for r in range(r0, r1):
         for m in range(nm):
             ra = (wa if m == 0 else wa2) + r * rb
@@ -614,8 +611,8 @@ def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
                 dd[m * nb + b], dm[m * nb + b] = _super_scales(kind, w, b * tb)
                 _u8_pack(kind, ra + b * tb, buf.ctypes.data + (m * nb + b) * U8_BYTES)
         t0 = 0
-        while t0 < T:  # four tokens per pass over the packed row (its codes loaded once), then one
-            k = 4 if T - t0 >= 4 else 1
+        while t0 < T:  # up to four tokens per pass over the packed row (its codes loaded once)
+            k = min(4, T - t0)
             xo = xqa + t0 * nb * QK_K
             bo = bsa + t0 * nb * 32
             for m in range(nm):
@@ -623,9 +620,9 @@ def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
                 for b in range(nb):  # per token, the float steps in superblock order
                     o = m * nb + b
                     pb = buf.ctypes.data + o * U8_BYTES
-                    if k == 4:
-                        v = _u8_dot4(kind, pb, xo + b * QK_K, bo + b * 32, nb * QK_K, nb * 32)
-                        for j in range(4):
+                    if k > 1:
+                        u8_dotn(kind, k, pb, xo + b * QK_K, bo + b * 32, nb * QK_K, nb * 32, v.ctypes.data)
+                        for j in range(k):
                             g[j] += xd[(t0 + j) * nb + b] * _sb_float(dd[o], dm[o], v[j])
                     else:
                         g[0] += xd[t0 * nb + b] * _sb_float(dd[o], dm[o], _u8_dot(kind, pb, xo + b * QK_K,
@@ -634,6 +631,7 @@ def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
                     i = (t0 + j) * os_ + r
                     out[i] = g[j] if m == 0 else _silu_mul(out[i], g[j])
             t0 += k
+    v[0] = 0  # (kept alive while u8_dotn writes to it by address)
 
 
 @njit(cache=_CACHE, nogil=True)
