@@ -1,6 +1,6 @@
 """Q4_0's kernels (``mlxtral.backends._kernels_tile``): the one arithmetic of its docstring, checked
 bit for bit against an independent NumPy model of it, through every path this host takes (16-row
-dots where the rows lie, 1 to ``DOT16_NT`` tokens a pass; repacked tiles at 8 / 4 / 2 / 1 tokens where
+dots where the rows lie, 1 to ``DOT16_PASS`` tokens a pass; repacked tiles at 8 / 4 / 2 / 1 tokens where
 the host tiles (with VNNI, or the portable path: ``test_kernel_isa`` forces it); single rows) and any
 row range."""
 from __future__ import annotations
@@ -45,7 +45,7 @@ def model(w: np.ndarray, xq: np.ndarray, xd: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rows,n", [(37, 224), (48, 1024), (16, 32), (5, 96)])
-@pytest.mark.parametrize("T", [1, 2, 3, 7, 8, 13])
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 8, 13, 41])
 def test_every_path_is_the_model(rows, n, T):
     from numba import carray, njit
 

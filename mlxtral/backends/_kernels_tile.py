@@ -29,8 +29,9 @@ Without VNNI the integer dot goes through ``vpmaddubsw`` + ``vpmaddwd`` (``_kern
 the codes are 0..15, so the int16 pairs never saturate) and LLVM splits the 16-lane vectors where
 the target has no 512-bit registers: the same integers, the same float steps, the same bits. On
 AVX2 the Q4_0 dot has its own shape (``_build_dot16_avx2``: 8 rows a pass, each block's codes
-transposed into the lanes once for up to 8 tokens, :data:`DOT16_NT`; a token then costs int16
-multiply-adds and adds, no horizontal sums). It beats the split 16-lane tiles at every batch size
+transposed into the lanes once for up to 8 tokens, :data:`DOT16_NT`, and for up to
+:data:`DOT16_PASS` with the accumulators in memory, ``_build_dot16_avx2_many``; a token then costs
+int16 multiply-adds and adds, no horizontal sums). It beats the split 16-lane tiles at every batch size
 measured, so on AVX2 Q4_0 is never repacked (:data:`TILE_MIN_T`).
 """
 from __future__ import annotations
@@ -334,69 +335,123 @@ def _scales8(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir.
     return b.fpext(b.bitcast(words, ir.VectorType(f16, 8)), v8f)
 
 
+_LO32, _HI32 = _mask([0, 8, 1, 9, 4, 12, 5, 13]), _mask([2, 10, 3, 11, 6, 14, 7, 15])
+_LO64, _HI64 = _mask([0, 4, 2, 6]), _mask([1, 5, 3, 7])
+
+
+def _lanes8(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> tuple[list, ir.Value]:
+    """Block ``boff`` of 8 rows ``rb`` bytes apart -> (8 <32 x i8> vectors, lane r of vector j
+    holding row r's codes 4j..4j+3 (j < 4) or 16+4(j-4).. (j >= 4); the rows' scales <8 x float>).
+    The 8 rows' 16 code bytes are transposed (two ``vinserti128`` loads and 8 unpacks): vector j's
+    lane r is row r's packed bytes 4j..4j+3, whose low nibbles are codes 4j..4j+3 and high nibbles
+    codes 16+4j..16+4j+3."""
+    v4i64 = ir.VectorType(i64, 4)
+
+    def qs(r: int) -> ir.Value:
+        return _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
+
+    both = _mask(list(range(32)))
+    ys = [b.bitcast(b.shuffle_vector(qs(i), qs(i + 4), both), v8i32) for i in range(4)]  # rows i, i + 4
+    ts = [b.bitcast(b.shuffle_vector(ys[a], ys[a + 1], m), v4i64)
+          for a in (0, 2) for m in (_LO32, _HI32)]  # t0, t1 (rows 0 1 4 5), t2, t3 (rows 2 3 6 7)
+    ps = [b.shuffle_vector(ts[a], ts[a + 2], m) for a in (0, 1) for m in (_LO64, _HI64)]  # dword j
+    ws: list = [None] * 8
+    low = _vconst(v32i8, 15)
+    for j, p in enumerate(ps):
+        ws[j] = b.and_(b.bitcast(p, v32i8), low)
+        ws[4 + j] = b.and_(b.bitcast(b.lshr(p, ir.Constant(v4i64, [4] * 4)), v32i8), low)
+    return ws, _scales8(b, wp, rb, boff)
+
+
+def _token8(b: ir.IRBuilder, ws: list, d: ir.Value, xp: ir.Value, xbp: ir.Value, xdp: ir.Value,
+            blk: ir.Value, acc: ir.Value) -> ir.Value:
+    """One token's step for 8 rows' block ``blk`` (``_lanes8``): each code vector against its 4
+    activations broadcast (``vpmaddubsw``: int16 pair sums, |.| <= 2 * 15 * 127), the 8 added in
+    int16 (16 products a lane, |.| <= 30480 < 2**15: exact), widened by one ``vpmaddwd`` and the
+    block's offset added (the same for every row: -8 * sum(x), from ``xb``); then the convert,
+    multiply and FMA into ``acc``."""
+    xoff = b.shl(blk, _c(5))
+    p16 = None
+    for j in range(8):
+        xw = _load(b, xp, b.add(xoff, _c(4 * j)), i32)
+        m = _maddubs(b, ws[j], b.bitcast(_splat_as(b, xw, v8i32), v32i8))
+        p16 = m if p16 is None else b.add(p16, m)
+    xo = _load(b, xbp, b.shl(blk, _c(2)), i32)
+    s = b.add(_madd_ones(b, p16), _splat_as(b, xo, v8i32))
+    xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
+    return _fma(b, b.sitofp(s, v8f), b.fmul(d, _splat(b, xd)), acc)
+
+
+def _prefetch8(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, blk: ir.Value) -> None:
+    """The next 8 rows: by their turn (or the next tile's) they are in cache."""
+    prefetch_ahead(b, wp, b.add(b.mul(rb, _c(8)), b.mul(blk, _c(8 * Q4_BYTES))), 8 * Q4_BYTES + 64)
+
+
 def _build_dot16_avx2(mod: ir.Module, name: str, nt: int) -> ir.Function:
     """``dot16`` for AVX2 without VNNI: two passes of 8 rows (one ymm of row sums each; 16 rows'
-    vectors would not fit AVX2's 16 registers), each block's codes put in the lanes once for ``nt``
-    tokens. Per block, the 8 rows' 16 code bytes are transposed (two ``vinserti128`` loads and
-    8 unpacks): vector j's lane r holds row r's packed bytes 4j..4j+3, whose low nibbles are codes
-    4j..4j+3 and high nibbles codes 16+4j..16+4j+3; masked and shifted, 8 vectors of 4 codes a
-    lane. Per token, each against its 4 activations broadcast (``vpmaddubsw``: int16 pair sums,
-    |.| <= 2 * 15 * 127), the 8 added in int16 (16 products a lane, |.| <= 30480 < 2**15: exact)
-    and widened by one ``vpmaddwd``: lane r is row r's block sum but the offset, which is the same
-    for every row (the sum of ``xo``'s 8 lanes, -8 * sum(x)), added once. The same exact integers
-    as the 16-lane path, then the same convert, multiply and FMA per row and token: the same bits
-    at any ``nt``. No horizontal adds: a token costs 8 multiply-adds and 8 adds per 8 rows."""
+    vectors would not fit AVX2's 16 registers), each block's codes put in the lanes once
+    (``_lanes8``) for ``nt`` tokens (``_token8``), the accumulators in registers. The same exact
+    integers as the 16-lane path, then the same convert, multiply and FMA per row and token: the
+    same bits at any ``nt``. No horizontal adds: a token costs 8 multiply-adds and 8 adds per 8 rows."""
     fn, b = _function(mod, name, ir.VoidType(), 9)
     wa, rb, xa, xda, _, nb, n, oa, xba = fn.args
     toks = range(nt)
     xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in toks]
     xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
     xbps = [_ptr(b, b.add(xba, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
-    v4i64 = ir.VectorType(i64, 4)
     zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
-    lo32, hi32 = _mask([0, 8, 1, 9, 4, 12, 5, 13]), _mask([2, 10, 3, 11, 6, 14, 7, 15])
-    lo64, hi64 = _mask([0, 4, 2, 6]), _mask([1, 5, 3, 7])
     op = _ptr(b, oa, i8)
     for half in range(2):
         wp = _ptr(b, b.add(wa, b.mul(rb, _c(8 * half))), i8)
 
         def block(b: ir.IRBuilder, blk: ir.Value, accs: list, wp: ir.Value = wp) -> list:
-            boff = b.mul(blk, _c(Q4_BYTES))
-            xoff = b.shl(blk, _c(5))
-            # the next 8 rows: by their turn (or the next tile's) they are in cache
-            prefetch_ahead(b, wp, b.add(b.mul(rb, _c(8)), b.mul(blk, _c(8 * Q4_BYTES))), 8 * Q4_BYTES + 64)
-
-            def qs(r: int) -> ir.Value:
-                return _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
-
-            # ys[i]: rows i and i + 4 (128-bit halves), as 4 + 4 dwords
-            both = _mask(list(range(32)))
-            ys = [b.bitcast(b.shuffle_vector(qs(i), qs(i + 4), both), v8i32) for i in range(4)]
-            ts = [b.bitcast(b.shuffle_vector(ys[a], ys[a + 1], m), v4i64)
-                  for a in (0, 2) for m in (lo32, hi32)]  # t0, t1 (rows 0 1 4 5), t2, t3 (rows 2 3 6 7)
-            ps = [b.shuffle_vector(ts[a], ts[a + 2], m) for a in (0, 1) for m in (lo64, hi64)]  # dword j
-            ws = [None] * 8
-            low = _vconst(v32i8, 15)
-            for j, p in enumerate(ps):
-                ws[j] = b.and_(b.bitcast(p, v32i8), low)
-                ws[4 + j] = b.and_(b.bitcast(b.lshr(p, ir.Constant(v4i64, [4] * 4)), v32i8), low)
-            d = _scales8(b, wp, rb, boff)
-            new = []
-            for t in toks:
-                p16 = None
-                for j in range(8):
-                    xw = _load(b, xps[t], b.add(xoff, _c(4 * j)), i32)
-                    xb = b.bitcast(_splat_as(b, xw, v8i32), v32i8)
-                    m = _maddubs(b, ws[j], xb)
-                    p16 = m if p16 is None else b.add(p16, m)
-                xo = _load(b, xbps[t], b.shl(blk, _c(2)), i32)
-                s = b.add(_madd_ones(b, p16), _splat_as(b, xo, v8i32))
-                xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
-                new.append(_fma(b, b.sitofp(s, v8f), b.fmul(d, _splat(b, xd)), accs[t]))
-            return new
+            _prefetch8(b, wp, rb, blk)
+            ws, d = _lanes8(b, wp, rb, b.mul(blk, _c(Q4_BYTES)))
+            return [_token8(b, ws, d, xps[t], xbps[t], xdps[t], blk, accs[t]) for t in toks]
 
         for t, fin in enumerate(_loop(b, nb, [zero] * nt, block)):
             b.store(fin, b.bitcast(_gep(b, op, _c(4 * ROWS * t + 32 * half)), v8f.as_pointer()), align=4)
+    b.ret_void()
+    return fn
+
+
+def _build_dot16_avx2_many(mod: ir.Module, name: str) -> ir.Function:
+    """``_build_dot16_avx2`` for a runtime number of tokens (the 10th argument), the accumulators
+    in ``out`` (token t's 16 at 16 t, zeroed first): each block's codes go into the lanes once for
+    all of them (prefill), where the register version puts them there again every 8 tokens."""
+    fn, b = _function(mod, name, ir.VoidType(), 10)
+    wa, rb, xa, xda, _, nb, n, oa, xba, nt = fn.args
+    op = _ptr(b, oa, i8)
+    zero = ir.Constant(v8f, [ir.Constant(f32, 0.0)] * 8)
+
+    def acc_ptr(b: ir.IRBuilder, t: ir.Value, half: int) -> ir.Value:
+        return b.bitcast(_gep(b, op, b.add(b.mul(t, _c(4 * ROWS)), _c(32 * half))), v8f.as_pointer())
+
+    def clear(b: ir.IRBuilder, t: ir.Value, _: list) -> list:
+        for half in range(2):
+            b.store(zero, acc_ptr(b, t, half), align=4)
+        return []
+
+    _loop(b, nt, [], clear)
+    for half in range(2):
+        wp = _ptr(b, b.add(wa, b.mul(rb, _c(8 * half))), i8)
+
+        def block(b: ir.IRBuilder, blk: ir.Value, _: list, wp: ir.Value = wp, half: int = half) -> list:
+            _prefetch8(b, wp, rb, blk)
+            ws, d = _lanes8(b, wp, rb, b.mul(blk, _c(Q4_BYTES)))
+
+            def token(b: ir.IRBuilder, t: ir.Value, _: list) -> list:
+                xp = _ptr(b, b.add(xa, b.mul(n, t)), i8)
+                xdp = _ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), t)), i8)
+                xbp = _ptr(b, b.add(xba, b.mul(b.shl(nb, _c(2)), t)), i8)
+                ap = acc_ptr(b, t, half)
+                b.store(_token8(b, ws, d, xp, xbp, xdp, blk, b.load(ap, align=4)), ap, align=4)
+                return []
+
+            _loop(b, nt, [], token)
+            return []
+
+        _loop(b, nb, [], block)
     b.ret_void()
     return fn
 
@@ -467,18 +522,31 @@ def gemm_q4_0(typingctx, k, buf, nb, xq, xd, xo, n, out, ostride):
 # up to 8 (the accumulators and the codes fill the 16 ymm registers); with VNNI one (more was
 # measured slower)
 DOT16_NT = 8 if HAVE_AVX2 and not HAVE_VNNI else 1
+# tokens one pass of dot16 takes at most: past DOT16_NT (prefill on AVX2) the accumulators live in
+# the output buffer and each block's codes go into the lanes once for all of them
+DOT16_PASS = 32 if DOT16_NT > 1 else 1
 
 
 @intrinsic
 def dot16_q4_0(typingctx, k, w, rb, xq, xd, xo, nb, n, out, xb):
-    """16 rows as they lie against ``k`` (1 .. DOT16_NT) tokens: ``_build_dot16`` (``xb``: each
-    block's offset, the sum of its ``xo``, int32 [k, nb]; read by the AVX2 kernel)."""
+    """16 rows as they lie against ``k`` (1 .. DOT16_PASS) tokens: ``_build_dot16`` (``xb``: each
+    block's offset, the sum of its ``xo``, int32 [k, nb]; read by the AVX2 kernels), past
+    DOT16_NT tokens ``_build_dot16_avx2_many``."""
     sig = types.void(*([types.int64] * 10))
 
     def codegen(context, builder, signature, args):
         cases = {nt: (f"mlxtral_dot16x{nt}_q4_0_{ISA}", partial(_build_dot16, nt=nt))
                  for nt in range(1, DOT16_NT + 1)}
-        _switch_call(builder, args[0], cases, list(args[1:]))
+        if DOT16_PASS > DOT16_NT:  # more tokens: the accumulators in ``out``
+            many = builder.icmp_unsigned(">", args[0], ir.Constant(i64, DOT16_NT))
+            with builder.if_else(many) as (then, otherwise):
+                with then:
+                    fn = _get_fn(builder.module, f"mlxtral_dot16xn_q4_0_{ISA}", _build_dot16_avx2_many)
+                    builder.call(fn, [*args[1:], args[0]])
+                with otherwise:
+                    _switch_call(builder, args[0], cases, list(args[1:]))
+        else:
+            _switch_call(builder, args[0], cases, list(args[1:]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -540,13 +608,13 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
     r16 = r0 + (r1 - r0) // ROWS * ROWS
     # numba frees an array after its last use as an array, not after its address's: every use
     # below goes through the array (buf[0], g[0], ...) so none is freed while the IR writes to it
-    g = np.empty(NT_MAX * ROWS, dtype=np.float32)
-    u = np.empty(NT_MAX * ROWS, dtype=np.float32)
+    g = np.empty(max(NT_MAX, DOT16_PASS) * ROWS, dtype=np.float32)
+    u = np.empty(max(NT_MAX, DOT16_PASS) * ROWS, dtype=np.float32)
     if T < TILE_MIN_T:
         xb = _block_offsets(xoa, T, n)
         t0 = 0
-        while t0 < T:  # DOT16_NT tokens a pass over the rows as they lie
-            k = min(DOT16_NT, T - t0)
+        while t0 < T:  # up to DOT16_PASS tokens a pass over the rows as they lie
+            k = min(DOT16_PASS, T - t0)
             xq, xd, xo, xbt = xqa + t0 * n, xda + t0 * nb * 4, xoa + t0 * n, xb.ctypes.data + t0 * nb * 4
             for r in range(r0, r16, ROWS):
                 dot16_q4_0(k, wa + r * rb, rb, xq, xd, xo, nb, n, g.ctypes.data, xbt)
