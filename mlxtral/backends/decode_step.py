@@ -5,8 +5,8 @@ layer of dispatch, argument checks and small NumPy operations, ~1 ms a token on 
 model, which llama.cpp's C graph does not pay. Here the weights' addresses, block kinds and work
 item sizes are laid out once in tables (a *plan*), and a token's whole pass, cache writes and
 expert counts included, is one numba call that runs the very kernels of the layer-by-layer path
-in its order: the same bits (a test checks every weight type, exact mode, a window, dense and
-MoE, at 1 and 2 threads).
+in its order: the same bits (tests check every weight type, a mix of kinds in one layer, exact
+mode, a window, partial RoPE, dense and MoE, float32 and float16 caches, at 1 to 3 threads).
 
 It applies where that path is plain: every layer and expert held in this process (no expert
 streaming, no distribution), numba present, every expert's gate and up of
