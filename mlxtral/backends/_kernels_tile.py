@@ -317,11 +317,6 @@ def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
     return fn
 
 
-def _phaddw(b: ir.IRBuilder, u: ir.Value, v: ir.Value) -> ir.Value:
-    """AVX2 ``vphaddw``: per 128-bit half, u's adjacent int16 pairs summed, then v's (wrapping)."""
-    return b.call(_intr(b.module, "llvm.x86.avx2.phadd.w", v16i16, [v16i16, v16i16]), [u, v])
-
-
 def _scales8(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> ir.Value:
     """The f16 scales of block ``boff`` of 8 rows ``rb`` bytes apart -> <8 x float>: each row's
     block start loaded as <8 x i16> (within its 18 bytes) and their first words gathered by an

@@ -20,7 +20,9 @@ How it is fast
   lanes, so the convert, scale and FMA are paid once per block for 16 rows: decode dots 16 rows
   where they lie (their lane sums folded by a shuffle tree); prefill repacks each 16-row tile
   into llama.cpp's interleaved layout in L1/L2 and runs 8 tokens per pass (~3.5x the four-token
-  row dots). Both are one arithmetic, so batch invariance holds there too.
+  row dots). On AVX2 without VNNI its dot transposes each block's codes of 8 rows into the lanes
+  once for up to 8 tokens (32 in prefill), which beats the split tiles at every T there. All of
+  them are one arithmetic, so batch invariance holds there too.
   These inner loops are hand-written LLVM IR (``_kernels_ir``), called from numba; LLVM's own
   vectorizer does not find this on short per-block loops. Results differ from exact float32 by
   ~1e-3 relative (what llama.cpp does). ``set_exact(True)`` (or ``MLXTRAL_EXACT_KERNELS=1``)
@@ -52,8 +54,9 @@ How it is fast
 * **Prefill** (``T > 1``) computes every (row, token) with the very arithmetic of decode
   (**batch invariance**: a position's logits are bit-identical whatever the chunking of the
   prompt, one token at a time after a cache hit included). Block types quantize each token row to
-  int8 blocks on its own; Q4_0 (from 2 tokens) and the K-quants (from 16) repack 16-row tiles and
-  run 8 tokens per pass (``_kernels_tile``), the other block types dot a row four tokens at a
+  int8 blocks on its own; Q4_0 (from 2 tokens; on AVX2 never: its transposing dot, up to 32
+  tokens a pass) and the K-quants (from 16) repack 16-row tiles and run 8 tokens per pass
+  (``_kernels_tile``), the other block types dot a row four tokens at a
   time (``dot4_*``: each weight block unpacked once for four tokens, its sums in exactly the
   one-token ``dot_*``'s order, so the same bits; ~1.5x over one token at a time); float types dot
   with our own row kernel, one summation order at every T (F16/BF16 rows converted once to
