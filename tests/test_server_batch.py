@@ -174,5 +174,10 @@ def test_attend_runs_is_each_sequences_attend(dtype: type, window: int | None) -
     got = kernels.attend_runs(runs, window)
     for (q, k, v, p0), g in zip(runs, got, strict=True):
         np.testing.assert_array_equal(g, kernels.attend(q, k, v, p0, window))
+    other = np.float16 if dtype == np.float32 else np.float32  # caches of both dtypes in one job
+    mixed = [*runs, (runs[0][0], runs[0][1].astype(other), runs[0][2].astype(other), runs[0][3])]
+    got = kernels.attend_runs(mixed, window)
+    for (q, k, v, p0), g in zip(mixed, got, strict=True):
+        np.testing.assert_array_equal(g, kernels.attend(q, k, v, p0, window))
     with pytest.raises(ValueError, match="do not fit"):
         kernels.attend_runs([*runs, (runs[0][0], runs[0][1], runs[0][2], ctx)], window)

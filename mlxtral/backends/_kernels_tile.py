@@ -606,7 +606,8 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
     g = np.empty(max(NT_MAX, DOT16_PASS) * ROWS, dtype=np.float32)
     u = np.empty(max(NT_MAX, DOT16_PASS) * ROWS, dtype=np.float32)
     if T < TILE_MIN_T:
-        xb = _block_offsets(xoa, T, n)
+        # the block offsets: only the AVX2 dots read them (the 16-lane one takes xo itself)
+        xb = _block_offsets(xoa, T, n) if DOT16_NT > 1 else np.zeros(1, dtype=np.int32)
         t0 = 0
         while t0 < T:  # up to DOT16_PASS tokens a pass over the rows as they lie
             k = min(DOT16_PASS, T - t0)

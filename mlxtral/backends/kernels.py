@@ -556,8 +556,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
     per-row kernel (``_kernels_nb.attend_one``): prefill and decode compute one arithmetic."""
     T, H, hd = q.shape
     S = p0 + T
-    if S > k.shape[1] or p0 < 0:
-        raise ValueError(f"queries at {p0}..{S - 1} do not fit a cache of {k.shape[1]} positions")
+    _check_fits(T, p0, k)
     if not HAVE_NUMBA:
         from mlxtral.backends.ops import attention_kv
 
@@ -566,7 +565,7 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
                             v[:, lo:S].astype(np.float32, copy=False), p0 - lo, window)
     q = np.ascontiguousarray(q, dtype=np.float32)
     out = np.empty(q.shape, dtype=np.float32)  # [T, H, hd]
-    win = int(window) if window is not None and window > 0 else 0
+    win = _window(window)
     if 1 < T * k.shape[0] <= _nb.MAX_CHUNKS and _pooled_cache(k, v):
         # every thread: one work item per (query row, KV head), each the serial path's arithmetic
         _attend_job([(q, k, v, p0, out)], win)
@@ -579,6 +578,16 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | N
         k, v = k[:, :S].astype(np.float32), v[:, :S].astype(np.float32)
         _nb.attend(q, k, v, p0, win, out)
     return out.reshape(T, H * hd)
+
+
+def _check_fits(T: int, p0: int, k: np.ndarray) -> None:
+    if p0 + T > k.shape[1] or p0 < 0:
+        raise ValueError(f"queries at {p0}..{p0 + T - 1} do not fit a cache of {k.shape[1]} positions")
+
+
+def _window(window: int | None) -> int:
+    """The kernels' sliding window: 0 for none."""
+    return int(window) if window is not None and window > 0 else 0
 
 
 def _pooled_cache(k: np.ndarray, v: np.ndarray) -> bool:
@@ -607,18 +616,15 @@ def attend_runs(runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
     all (each work item is ``attend``'s, so each sequence's bits are its own call's) -> [T, H * hd]
     per sequence."""
     pooled = (HAVE_NUMBA and len(runs) > 1 and all(_pooled_cache(k, v) for _, k, v, _ in runs)
-              and len({k.dtype for _, k, _, _ in runs}) == 1
               and sum(q.shape[0] * k.shape[0] for q, k, _, _ in runs) <= _nb.MAX_CHUNKS)
     if not pooled:
         return [attend(q, k, v, p0, window) for q, k, v, p0 in runs]
     items = []
     for q, k, v, p0 in runs:
-        if p0 + q.shape[0] > k.shape[1] or p0 < 0:
-            raise ValueError(f"queries at {p0}..{p0 + q.shape[0] - 1} do not fit a cache of "
-                             f"{k.shape[1]} positions")
+        _check_fits(q.shape[0], p0, k)
         q = np.ascontiguousarray(q, dtype=np.float32)
         items.append((q, k, v, p0, np.empty(q.shape, dtype=np.float32)))
-    _attend_job(items, int(window) if window is not None and window > 0 else 0)
+    _attend_job(items, _window(window))
     return [out.reshape(out.shape[0], -1) for *_, out in items]
 
 
