@@ -2,7 +2,8 @@
 layer-by-layer path computes, bit for bit: logits, the KV cache it writes and the expert counts,
 for every weight type (mixed as in a Q4_K_M file too), exact mode, a sliding window, partial
 RoPE, a dense model, float32 and float16 caches, at 1, 2 and 3 threads; and it stands aside
-where it does not apply."""
+where it does not apply. Its batched form (several sequences, a token each, each in its own cache
+at its own position) gives each sequence the bits it gets alone."""
 from __future__ import annotations
 
 import numpy as np
@@ -153,3 +154,95 @@ def test_a_lone_sequence_in_forward_runs_takes_the_step():
     assert got.shape == want.shape == (1, be.args.vocab_size)
     np.testing.assert_array_equal(got, want)
     assert caches[0].offset == caches[1].offset == 4
+
+
+def run_batched(be, B: int = 4, n_decode: int = 6, seed: int = 0, ctx: int = 32):
+    """B sequences with prompts of different lengths, then ``n_decode`` steps of one token each
+    through ``forward_runs`` (the batched step), against each sequence alone through ``forward``
+    (the one-sequence step) and through the layer loop (no step): logits, caches, expert counts."""
+    step = be.decode_step
+    assert step is not None
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 32000, 1 + 3 * b % 7).tolist() for b in range(B)]
+    toks = rng.integers(3, 32000, (n_decode, B)).tolist()
+    got = []
+    for mode in ("batched", "alone", "layers"):
+        be.decode_step = None if mode == "layers" else step
+        be.expert_counts[:] = 0
+        caches = [be.new_cache(ctx) for _ in range(B)]
+        for p, c in zip(prompts, caches, strict=True):
+            be.forward(p, c)
+        rows = []
+        for t in toks:
+            if mode == "alone":
+                rows.append(np.array([be.forward([x], c) for x, c in zip(t, caches, strict=True)]))
+            else:
+                rows.append(be.forward_runs([[x] for x in t], caches))
+        assert all(c.offset == len(p) + n_decode for p, c in zip(prompts, caches, strict=True))
+        kv = [np.concatenate([c.k[:, :, : c.offset].ravel() for c in caches]),
+              np.concatenate([c.v[:, :, : c.offset].ravel() for c in caches])]
+        got.append((np.array(rows), *kv, be.expert_counts.copy()))
+    be.decode_step = step
+    for other in got[1:]:
+        for a, b in zip(got[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "F32", "F16", "BF16",
+                                   "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
+def test_batched_step_gives_each_sequence_its_own_bits(qtype):
+    run_batched(tiny(qtype, **(dict(dim=256, hidden_dim=256, head_dim=64) if qtype == "IQ4_XS" else {})))
+
+
+def test_batched_step_mixed_kinds_and_every_batch_size():
+    args = tiny_args(4, dim=256, hidden_dim=256, head_dim=64)
+    t = tensors_of(args, "Q4_K")
+    t["blk.0.attn_v.weight"] = tensors_of(args, "Q6_K", seed=1)["blk.0.attn_v.weight"]
+    t["blk.1.attn_output.weight"] = tensors_of(args, "Q5_K", seed=2)["blk.1.attn_output.weight"]
+    t["blk.1.ffn_down.2.weight"] = tensors_of(args, "Q8_0", seed=3)["blk.1.ffn_down.2.weight"]
+    be = NumpyBackend(args, t)
+    for B in (2, 3, 8, be.decode_step.max_batch, be.decode_step.max_batch + 1):  # the last: the layer loop
+        run_batched(be, B=B, n_decode=3, seed=B)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("exact", [False, True])
+def test_batched_step_at_any_thread_count_and_in_exact_mode(threads, exact, monkeypatch):
+    monkeypatch.setattr(kernels, "_exact", exact)
+    old = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(threads)
+        run_batched(tiny("Q4_0", sliding_window=4), B=5, n_decode=8)  # the window slides inside the run
+    finally:
+        kernels.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_step_dense_top_1_partial_rope_and_float16_caches(threads):
+    old = kernels.get_num_threads()
+    try:
+        kernels.set_num_threads(threads)
+        run_batched(tiny("Q8_0", n_experts=0))  # one always-on expert, no router: all rows to it
+        run_batched(tiny("F16", n_experts=4, n_experts_per_tok=1))
+        run_batched(tiny("Q4_0", rope_dim=8))
+        args = tiny_args(4, sliding_window=6)
+        run_batched(NumpyBackend(args, tensors_of(args, "Q8_0"), kv_dtype="float16"), B=3, n_decode=9)
+    finally:
+        kernels.set_num_threads(old)
+
+
+def test_batched_step_stands_aside_for_caches_it_cannot_take():
+    be = tiny("Q4_0")
+    caches = [be.new_cache(16) for _ in range(3)]
+    assert be.decode_step.takes_batch(caches)
+    assert not be.decode_step.takes_batch(caches[:1])  # one sequence: the one-sequence step
+    mixed = [*caches[:2], be.new_cache(16)]
+    mixed[2].k, mixed[2].v = mixed[2].k.astype(np.float16), mixed[2].v.astype(np.float16)
+    assert not be.decode_step.takes_batch(mixed)  # two cache dtypes: the layer loop (still each one's bits)
+    for c in mixed:
+        be.forward([1, 2], c)
+    got = be.forward_runs([[5], [6], [7]], mixed)
+    for c in mixed:
+        c.trim(2)
+    want = np.array([be.forward([t], c) for t, c in zip([5, 6, 7], mixed, strict=True)])
+    np.testing.assert_array_equal(got, want)

@@ -5,7 +5,7 @@ q/k/v, the output projection and the experts' two halves, ``rope_row``, ``fill_a
 pool or the serial ``attend``, the router's F32 row dot, ``top_k_softmax``), with the same inputs
 and, where NumPy did the arithmetic (residual adds, the rank-order combine), the same float32
 operations in the same order: the bits of ``NumpyBackend._layers`` at T = 1, without its ~100 us
-of Python a layer.
+of Python a layer. ``decode_batch`` is the same pass for several sequences, a token each.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 from numba import carray, njit
 
 from mlxtral.backends._kernels_ir import ptr_f32, ptr_u16
+from mlxtral.backends._kernels_kq import quantize_q8k
 from mlxtral.backends._kernels_nb import (
     _CACHE,
     F_SIZE,
@@ -22,6 +23,10 @@ from mlxtral.backends._kernels_nb import (
     attend_f16,
     execute,
     fill_attend,
+    fill_attend_row,
+    fill_task,
+    prep_x,
+    q8k_kind,
     rms_norm,
     rope_row,
     run_decode,
@@ -32,13 +37,18 @@ from mlxtral.backends._kernels_nb import (
 P_ATTN_NORM, P_FFN_NORM, P_ROUTER = 0, 1, 2
 P_SIZE = 3
 # a product's row of a run_decode table (activation row, weight, up weight, row bytes, rows, rows
-# a work item), then its block kind
-D_X, D_W, D_W2, D_RB, D_NOUT, D_CH, D_KIND = 0, 1, 2, 3, 4, 5, 6
-D_SIZE = 7
+# a work item), then its block kind, and its rows a work item at 2 .. STREAM_T tokens and at more
+D_X, D_W, D_W2, D_RB, D_NOUT, D_CH, D_KIND, D_CH2, D_CH3 = 0, 1, 2, 3, 4, 5, 6, 7, 8
+D_SIZE = 9
 # an expert's row of the experts table: gate, up, down addresses; kinds, row bytes and rows a work
-# item of gate/up (one kind for both) and of down
+# item of gate/up (one kind for both) and of down; then those rows at 2 .. STREAM_T tokens, and more
 X_G, X_U, X_D, X_KGU, X_KD, X_RBGU, X_RBD, X_CHGU, X_CHD = 0, 1, 2, 3, 4, 5, 6, 7, 8
-X_SIZE = 9
+X_CHGU2, X_CHD2, X_CHGU3, X_CHD3 = 9, 10, 11, 12
+X_SIZE = 13
+# a task's row of a run_tasks table: its first row of X and token count, weight, up weight, row
+# bytes, rows, rows a work item, block kind, and where its output [T, rows] starts in out (floats)
+R_X0, R_T, R_W, R_W2, R_RB, R_NOUT, R_CH, R_KIND, R_OUT = 0, 1, 2, 3, 4, 5, 6, 7, 8
+R_SIZE = 9
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -184,6 +194,207 @@ def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, 
             for j in range(1, top):
                 m += w[0, j] * (dn[j * dim + d] - dn[d])
             h[0, d] += m
+    # read by address while execute ran: used after it, so numba frees none of them before
+    table[0, 0] = table[0, 0]
+    att[0, 0, 0] = att[0, 0, 0]
+    return h
+
+
+# ---- several sequences, a token each ------------------------------------------------------------
+@njit(cache=_CACHE, nogil=True, inline="always")
+def chunk_rows(T, ch1, ch2, ch3, stream_t):
+    """Rows a work item at T tokens, as ``kernels._winfo`` picks them (1; 2 .. stream_t; more)."""
+    return ch1 if T == 1 else (ch2 if T <= stream_t else ch3)
+
+
+@njit(cache=_CACHE, nogil=True)
+def run_tasks(ctl, X, exact, swiglu, desc, out):
+    """Tasks of several tokens each: task i is rows ``desc[i, R_X0]`` .. + ``desc[i, R_T]`` of
+    X [R, nin] against its weight into out[desc[i, R_OUT]:] as [T, rows]; one job per run of
+    tasks of one kind, X quantized once for it, row by row (as ``kernels._Job`` quantizes each
+    task's rows: the same bits)."""
+    n = desc.shape[0]
+    i = 0
+    while i < n:
+        kind = desc[i, R_KIND]
+        j = i
+        while j < n and desc[j, R_KIND] == kind:
+            j += 1
+        quant = quantized(kind, exact)
+        if quant and q8k_kind(kind):  # K-quants, IQ4_XS: q8_K superblocks (tiles start past the batch)
+            kq, kd, ks = quantize_q8k(X)
+            _tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, kq, kd, ks)
+        else:
+            xq, xd, xs = prep_x(X, quant, kind)
+            _tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, xq, xd, xs)
+        i = j
+
+
+@njit(cache=_CACHE, nogil=True)
+def _tasks_job(ctl, X, quant, kind, swiglu, desc, out, xq, xd, xs):
+    """``run_tasks``' job of one kind on the quantized rows xq / xd / xs of X."""
+    n = desc.shape[0]
+    nin = X.shape[1]
+    xg = np.zeros(1, dtype=np.uint8)
+    table = np.empty((n, F_SIZE), dtype=np.int64)
+    nchunks = 0
+    for i in range(n):
+        x0, T, nout, o0 = desc[i, R_X0], desc[i, R_T], desc[i, R_NOUT], desc[i, R_OUT]
+        q0, qn = (x0, T) if quant else (0, 1)  # (placeholders when not quantized)
+        o = out[o0 : o0 + T * nout].reshape((T, nout))
+        nchunks = fill_task(table, i, kind, swiglu, quant, desc[i, R_W], desc[i, R_W2], desc[i, R_RB], nout,
+                            nin, X[x0 : x0 + T], xq[q0 : q0 + qn], xd[q0 : q0 + qn], xs[q0 : q0 + qn], xg, o,
+                            desc[i, R_CH], nchunks)
+    execute(ctl, table, nchunks)
+    table[0, 0] = table[0, 0]  # read by address while execute ran: used after it, so not freed before
+
+
+@njit(cache=_CACHE, nogil=True)
+def products(desc, T, stream_t, tasks):
+    """A layer's run_decode rows desc [n, D_SIZE] -> run_tasks rows ``tasks`` [n, R_SIZE]: every
+    product on rows 0 .. T of one X, outputs [T, rows] end to end."""
+    off = 0
+    for i in range(desc.shape[0]):
+        d = desc[i]
+        task(tasks[i], 0, T, d[D_W], d[D_W2], d[D_RB], d[D_NOUT], d[D_KIND], off,
+             chunk_rows(T, d[D_CH], d[D_CH2], d[D_CH3], stream_t))
+        off += T * d[D_NOUT]
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def task(t, x0, T, wa, wa2, rb, nout, kind, out, ch):
+    """Fill ``t``, a run_tasks row."""
+    t[R_X0], t[R_T], t[R_W], t[R_W2], t[R_RB] = x0, T, wa, wa2, rb
+    t[R_NOUT], t[R_KIND], t[R_OUT], t[R_CH] = nout, kind, out, ch
+
+
+@njit(cache=_CACHE, nogil=True)
+def store_and_attend_rows(ka, va, f16, L, ctx, li, p0, k, v, q, window, att, pool, ctl, table):
+    """``store_and_attend`` for B sequences, one query row each: row b's k / v [B, KV, hd] into its
+    own cache (addresses ka[b] / va[b], [L, KV, ctx[b], hd]) at position p0[b], then its q [B, H, hd]
+    over that cache into att [B, H, hd]: every row in one pool job, or serially."""
+    B, KV, hd = k.shape
+    first = 0
+    for b in range(B):
+        shape = (L, KV, ctx[b], hd)
+        p = p0[b]
+        if f16:
+            kh = carray(ptr_u16(ka[b]), shape)
+            vh = carray(ptr_u16(va[b]), shape)
+            for j in range(KV):
+                f16_bits(k[b, j], kh[li, j, p])
+                f16_bits(v[b, j], vh[li, j, p])
+            if pool:
+                first = fill_attend_row(table, b, first, q[b : b + 1], kh[li], vh[li], p, window,
+                                        att[b : b + 1], True)
+            else:
+                attend_f16(q[b : b + 1], kh[li], vh[li], p, window, att[b : b + 1])
+        else:
+            kf = carray(ptr_f32(ka[b]), shape)
+            vf = carray(ptr_f32(va[b]), shape)
+            kf[li, :, p, :] = k[b]
+            vf[li, :, p, :] = v[b]
+            if pool:
+                first = fill_attend_row(table, b, first, q[b : b + 1], kf[li], vf[li], p, window,
+                                        att[b : b + 1], False)
+            else:
+                attend(q[b : b + 1], kf[li], vf[li], p, window, att[b : b + 1])
+    if pool:
+        execute(ctl, table, first)
+
+
+@njit(cache=_CACHE, nogil=True)
+def decode_batch(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, f16, KV, hd, ctx, p0, window,
+                 cos, sin, counts, eps, exact, stream_t):
+    """``decode_layers`` for B sequences, a token each: h [B, dim] their hidden states, in place;
+    sequence b at position p0[b] of its own cache (addresses ka[b] / va[b], [L, KV, ctx[b], hd],
+    float32 or with ``f16`` float16, every one alike). Each product runs once on all B rows
+    (q/k/v, the output projection), each expert on the rows routed to it (its weights stream
+    once for the batch). A row's arithmetic is its own decode step's (the kernels are
+    batch-invariant) and each token's experts combine in rank order, so row b gets the bits
+    ``decode_layers`` gives it alone. ``stream_t``: ``kernels._STREAM_T``."""
+    B, dim = h.shape
+    L, E = plan.shape[0], experts.shape[1]
+    nq, nkv = qkv[0, 0, D_NOUT], qkv[0, 1, D_NOUT]
+    H = nq // hd
+    x = np.empty((B, dim), dtype=np.float32)  # the normed hidden states
+    y = np.empty(B * (nq + 2 * nkv), dtype=np.float32)  # q [B, nq] | k [B, nkv] | v [B, nkv]
+    att = np.empty((B, H, hd), dtype=np.float32)
+    o = np.empty(B * dim, dtype=np.float32)  # the attention's output projection [B, dim]
+    logits = np.empty((B, E), dtype=np.float32)
+    idx = np.zeros((B, top), dtype=np.int64)  # a dense model's one expert, weight 1
+    w = np.ones((B, top), dtype=np.float32)
+    xe = np.empty((B * top, dim), dtype=np.float32)  # x's rows grouped by expert, ascending
+    slot = np.empty((B, top), dtype=np.int64)  # the row of xe holding (token, rank)
+    gu = np.empty(B * top * hidden, dtype=np.float32)  # [B * top, hidden] silu(gate) * up, rows of xe
+    dn = np.empty(B * top * dim, dtype=np.float32)  # [B * top, dim] each (token, rank)'s expert output
+    n_e = np.zeros(E, dtype=np.int64)
+    start = np.zeros(E, dtype=np.int64)
+    pt3 = np.empty((3, R_SIZE), dtype=np.int64)
+    pt1 = np.empty((1, R_SIZE), dtype=np.int64)
+    gt = np.empty((E, R_SIZE), dtype=np.int64)
+    dt = np.empty((E, R_SIZE), dtype=np.int64)
+    table = np.empty((B, F_SIZE), dtype=np.int64)
+    pool_attention = threads > 1  # as kernels.attend_runs chooses for several sequences
+    for li in range(L):
+        P = plan[li]
+        rms_norm(h, carray(ptr_f32(P[P_ATTN_NORM]), (dim,)), eps, x)
+        products(qkv[li], B, stream_t, pt3)
+        run_tasks(ctl, x, exact, False, pt3, y)
+        q = y[: B * nq].reshape((B, H, hd))
+        k = y[B * nq : B * (nq + nkv)].reshape((B, KV, hd))
+        v = y[B * (nq + nkv) :].reshape((B, KV, hd))
+        for b in range(B):
+            rope_row(q[b], cos, sin, p0[b])
+            rope_row(k[b], cos, sin, p0[b])
+        store_and_attend_rows(ka, va, f16, L, ctx, li, p0, k, v, q, window, att, pool_attention, ctl, table)
+        products(wo[li], B, stream_t, pt1)
+        run_tasks(ctl, att.reshape((B, nq)), exact, False, pt1, o)
+        for b in range(B):
+            for d in range(dim):
+                h[b, d] += o[b * dim + d]
+        rms_norm(h, carray(ptr_f32(P[P_FFN_NORM]), (dim,)), eps, x)
+        if P[P_ROUTER] != 0:  # the router's F32 rows, as kernels.linear dots them
+            for b in range(B):
+                for e in range(E):
+                    logits[b, e] = _float_dot(3, P[P_ROUTER] + e * dim * 4, x.ctypes.data + b * dim * 4, dim)
+            top_k_softmax(logits, top, idx, w)
+        # group the (token, rank) pairs by expert, each expert's tokens in order (as kernels get them)
+        n_e[:] = 0
+        for b in range(B):
+            for j in range(top):
+                n_e[idx[b, j]] += 1
+        s = 0
+        for e in range(E):
+            start[e] = s
+            s += n_e[e]
+            counts[li, e] += n_e[e]
+        for b in range(B):
+            for j in range(top):
+                e = idx[b, j]
+                slot[b, j] = start[e]
+                xe[start[e]] = x[b]
+                start[e] += 1
+        ne = 0
+        for e in range(E):
+            T = n_e[e]
+            if T == 0:
+                continue
+            X, r0 = experts[li, e], start[e] - T  # its rows r0 .. r0 + T of xe
+            task(gt[ne], r0, T, X[X_G], X[X_U], X[X_RBGU], hidden, X[X_KGU], r0 * hidden,
+                 chunk_rows(T, X[X_CHGU], X[X_CHGU2], X[X_CHGU3], stream_t))
+            task(dt[ne], r0, T, X[X_D], X[X_D], X[X_RBD], dim, X[X_KD], r0 * dim,
+                 chunk_rows(T, X[X_CHD], X[X_CHD2], X[X_CHD3], stream_t))
+            ne += 1
+        run_tasks(ctl, xe, exact, True, gt[:ne], gu)
+        run_tasks(ctl, gu.reshape((B * top, hidden)), exact, False, dt[:ne], dn)
+        for b in range(B):  # ops.combine: y_0 + sum_j>0 w_j (y_j - y_0), then the residual
+            s0 = slot[b, 0] * dim
+            for d in range(dim):
+                m = dn[s0 + d]
+                for j in range(1, top):
+                    m += w[b, j] * (dn[slot[b, j] * dim + d] - dn[s0 + d])
+                h[b, d] += m
     # read by address while execute ran: used after it, so numba frees none of them before
     table[0, 0] = table[0, 0]
     att[0, 0, 0] = att[0, 0, 0]

@@ -8,6 +8,11 @@ expert counts included, is one numba call that runs the very kernels of the laye
 in its order: the same bits (tests check every weight type, a mix of kinds in one layer, exact
 mode, a window, partial RoPE, dense and MoE, float32 and float16 caches, at 1 to 3 threads).
 
+The server's decode steps (several sequences, a token each, each in its own cache at its own
+position) take the batched form, :meth:`DecodeStep.batch` (``decode_batch``): each product runs
+once on all the rows, each expert on the rows routed to it, so the weights stream once per step,
+and every row gets the bits its own step gives it (the kernels are batch-invariant).
+
 It applies where that path is plain: every layer and expert held in this process (no expert
 streaming, no distribution), numba present, every expert's gate and up of
 one kind. :meth:`DecodeStep.build` returns None otherwise, and ``MLXTRAL_NO_DECODE_STEP=1``
@@ -15,6 +20,7 @@ turns it off (for A/B measurements).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +39,11 @@ class DecodeStep:
     def __init__(self, backend: NumpyBackend) -> None:
         self.backend = backend
         self._threads = -1  # the work item sizes depend on the thread count: re-planned on a change
+        from mlxtral.backends._kernels_tile import KQ_TILE_MIN_T
+
+        # sequences :meth:`batch` takes: its products run at up to this many tokens, below the
+        # K-quant tiles' first count (they read activations grouped in a layout it does not make)
+        self.max_batch = KQ_TILE_MIN_T - 1
 
     @classmethod
     def build(cls, backend: NumpyBackend) -> DecodeStep | None:
@@ -81,13 +92,14 @@ class DecodeStep:
         self.hidden = be.layers[0].w1[0].shape[0]  # type: ignore[union-attr]
         self.top = a.n_experts_per_tok if be.layers[0].router is not None else 1  # type: ignore[union-attr]
 
-        def info(w: QTensor) -> tuple[int, int, int, int, int]:  # kind, address, row bytes, rows, item rows
+        def info(w: QTensor) -> tuple[int, ...]:  # kind, address, row bytes, rows, item rows at 1, 2, more
             kind, wd, ch, wa = kernels._winfo(w, 1)
-            return kind, wa, wd.strides[0], wd.shape[0], ch
+            ch2, ch3 = kernels._winfo(w, 2)[2], kernels._winfo(w, kernels._STREAM_T + 1)[2]
+            return kind, wa, wd.strides[0], wd.shape[0], ch, ch2, ch3
 
         def product(w: QTensor) -> tuple[int, ...]:  # its row of a run_decode table
-            kind, wa, rb, nout, ch = info(w)
-            return 0, wa, wa, rb, nout, ch, kind
+            kind, wa, rb, nout, ch, ch2, ch3 = info(w)
+            return 0, wa, wa, rb, nout, ch, kind, ch2, ch3
 
         for li, lw in enumerate(be.layers):
             assert lw is not None
@@ -98,7 +110,8 @@ class DecodeStep:
             self.wo[li, 0] = product(lw.wo)
             for e in range(E):
                 g, u, d = info(lw.w1[e]), info(lw.w3[e]), info(lw.w2[e])
-                self.experts[li, e] = g[1], u[1], d[1], g[0], d[0], g[2], d[2], g[4], d[4]
+                self.experts[li, e] = (g[1], u[1], d[1], g[0], d[0], g[2], d[2], g[4], d[4],
+                                       g[5], d[5], g[6], d[6])
         self._threads = kernels.get_num_threads()
 
     def takes(self, cache: KVCache) -> bool:
@@ -109,6 +122,35 @@ class DecodeStep:
         return (k.dtype == v.dtype and k.dtype in (np.float32, np.float16) and k.shape == v.shape
                 and k.shape[:2] == (a.n_layers, a.n_kv_heads) and k.shape[3] == a.head_dim
                 and 0 <= cache.offset < k.shape[2] and k.flags.c_contiguous and v.flags.c_contiguous)
+
+    def takes_batch(self, caches: Sequence[KVCache]) -> bool:
+        """Whether :meth:`batch` runs these caches: 2 .. ``max_batch`` of them, each one :meth:`takes`,
+        all of one dtype, none past the rotary table."""
+        return (1 < len(caches) <= self.max_batch and all(self.takes(c) for c in caches)
+                and len({c.k.dtype for c in caches}) == 1
+                and max(c.offset for c in caches) < self.backend.rope.max_positions)
+
+    def batch(self, h: np.ndarray, caches: Sequence[KVCache]) -> np.ndarray:
+        """h [B, dim] float32, B sequences' token embeddings, through every layer, sequence b at
+        position ``caches[b].offset`` of its own cache (written; the caller advances them) -> h, in
+        place: row b's bits are the ones :meth:`__call__` gives it alone."""
+        from mlxtral.backends import _decode_step_nb as nb
+
+        if self._threads != kernels.get_num_threads():
+            self._plan()
+        be, a = self.backend, self.backend.args
+        win = int(a.sliding_window) if a.sliding_window is not None and a.sliding_window > 0 else 0
+        ka = np.array([c.k.ctypes.data for c in caches], dtype=np.int64)
+        va = np.array([c.v.ctypes.data for c in caches], dtype=np.int64)
+        ctx = np.array([c.k.shape[2] for c in caches], dtype=np.int64)
+        p0 = np.array([c.offset for c in caches], dtype=np.int64)
+        pool = kernels._get_pool()
+        with kernels._run_lock:
+            nb.decode_batch(pool.ctl, self._threads, h, self.plan, self.qkv, self.wo, self.experts,
+                            self.hidden, self.top, ka, va, caches[0].k.dtype == np.float16, a.n_kv_heads,
+                            a.head_dim, ctx, p0, win, be.rope.cos, be.rope.sin, be.expert_counts,
+                            float(a.norm_eps), kernels._exact, kernels._STREAM_T)
+        return h
 
     def __call__(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
         """h [1, dim] float32, the token's embedding, through every layer at position

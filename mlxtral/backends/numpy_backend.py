@@ -286,6 +286,16 @@ class NumpyBackend:
         p0s = [c.offset for c in caches]  # each run's first position
         pos = np.concatenate([np.arange(p, p + n) for p, n in zip(p0s, lens.tolist(), strict=True)])  # [T]
         ids = [int(t) for r in runs for t in r]
+        step = self.decode_step
+        if h is None and step is not None and lens.max() == 1 and step.takes_batch(caches):
+            h = np.ascontiguousarray(self.embed.rows(ids), dtype=np.float32)  # [B, dim]
+            try:
+                step.batch(h, caches)  # every sequence's token through every layer in one call
+            except ZeroDivisionError:
+                raise non_finite_error(int(pos.max()) + 1) from None
+            for c in caches:
+                c.offset += 1
+            return h, ends, int(pos.max()) + 1
 
         def attention(li: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
             # q [T, H, hd], k/v [T, KV, hd] -> [T, H*hd]
