@@ -246,3 +246,17 @@ def test_batched_step_stands_aside_for_caches_it_cannot_take():
         c.trim(2)
     want = np.array([be.forward([t], c) for t, c in zip([5, 6, 7], mixed, strict=True)])
     np.testing.assert_array_equal(got, want)
+
+
+def test_warm_compiles_the_signatures_the_steps_run():
+    """``warm`` (the server calls it at start) compiles exactly what the first tokens run: nothing
+    new is compiled when they come."""
+    from mlxtral.backends import _decode_step_nb as nb
+
+    be = tiny("Q4_0")
+    be.decode_step.warm()
+    sigs = (set(nb.decode_layers.signatures), set(nb.decode_batch.signatures))
+    caches = [be.new_cache(8) for _ in range(3)]
+    be.forward_runs([[1], [2], [3]], caches)
+    be.forward([4], caches[0])
+    assert (set(nb.decode_layers.signatures), set(nb.decode_batch.signatures)) == sigs

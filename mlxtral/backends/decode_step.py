@@ -136,20 +136,9 @@ class DecodeStep:
         place: row b's bits are the ones :meth:`__call__` gives it alone."""
         from mlxtral.backends import _decode_step_nb as nb
 
-        if self._threads != kernels.get_num_threads():
-            self._plan()
-        be, a = self.backend, self.backend.args
-        win = int(a.sliding_window) if a.sliding_window is not None and a.sliding_window > 0 else 0
-        ka = np.array([c.k.ctypes.data for c in caches], dtype=np.int64)
-        va = np.array([c.v.ctypes.data for c in caches], dtype=np.int64)
-        ctx = np.array([c.k.shape[2] for c in caches], dtype=np.int64)
-        p0 = np.array([c.offset for c in caches], dtype=np.int64)
-        pool = kernels._get_pool()
+        args = self._batch_args(h, caches)
         with kernels._run_lock:
-            nb.decode_batch(pool.ctl, self._threads, h, self.plan, self.qkv, self.wo, self.experts,
-                            self.hidden, self.top, ka, va, caches[0].k.dtype == np.float16, a.n_kv_heads,
-                            a.head_dim, ctx, p0, win, be.rope.cos, be.rope.sin, be.expert_counts,
-                            float(a.norm_eps), kernels._exact, kernels._STREAM_T)
+            nb.decode_batch(*args)
         return h
 
     def __call__(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -157,15 +146,50 @@ class DecodeStep:
         ``cache.offset`` (written into the cache, which the caller advances) -> h, in place."""
         from mlxtral.backends import _decode_step_nb as nb
 
+        args = self._args(h, cache)
+        with kernels._run_lock:
+            nb.decode_layers(*args)
+        return h
+
+    def _common(self) -> tuple:
         if self._threads != kernels.get_num_threads():
             self._plan()
+        return (kernels._get_pool().ctl, self._threads)
+
+    def _window(self) -> int:
+        a = self.backend.args
+        return int(a.sliding_window) if a.sliding_window is not None and a.sliding_window > 0 else 0
+
+    def _args(self, h: np.ndarray, cache: KVCache) -> tuple:
+        """``decode_layers``' arguments."""
         be, a = self.backend, self.backend.args
-        win = int(a.sliding_window) if a.sliding_window is not None and a.sliding_window > 0 else 0
-        pool = kernels._get_pool()
-        with kernels._run_lock:
-            nb.decode_layers(pool.ctl, self._threads, h, self.plan, self.qkv, self.wo, self.experts,
-                             self.hidden, self.top, cache.k.ctypes.data, cache.v.ctypes.data,
-                             cache.k.dtype == np.float16, cache.k.shape, cache.offset, win,
-                             be.rope.cos, be.rope.sin, be.expert_counts, float(a.norm_eps),
-                             kernels._exact)
-        return h
+        return (*self._common(), h, self.plan, self.qkv, self.wo, self.experts, self.hidden, self.top,
+                cache.k.ctypes.data, cache.v.ctypes.data, cache.k.dtype == np.float16, cache.k.shape,
+                cache.offset, self._window(), be.rope.cos, be.rope.sin, be.expert_counts, float(a.norm_eps),
+                kernels._exact)
+
+    def _batch_args(self, h: np.ndarray, caches: Sequence[KVCache]) -> tuple:
+        """``decode_batch``'s arguments."""
+        be, a = self.backend, self.backend.args
+        ka = np.array([c.k.ctypes.data for c in caches], dtype=np.int64)
+        va = np.array([c.v.ctypes.data for c in caches], dtype=np.int64)
+        ctx = np.array([c.k.shape[2] for c in caches], dtype=np.int64)
+        p0 = np.array([c.offset for c in caches], dtype=np.int64)
+        return (*self._common(), h, self.plan, self.qkv, self.wo, self.experts, self.hidden, self.top, ka,
+                va, caches[0].k.dtype == np.float16, a.n_kv_heads, a.head_dim, ctx, p0, self._window(),
+                be.rope.cos, be.rope.sin, be.expert_counts, float(a.norm_eps), kernels._exact,
+                kernels._STREAM_T)
+
+    def warm(self, batch: bool = True) -> None:
+        """Compile the one-sequence step (and with ``batch`` the batched one) now, or load them
+        from numba's disk cache, rather than at the first token: compiled, each takes about a
+        minute, once per install (a server would stall every stream on its first batched step)."""
+        from numba import typeof
+
+        from mlxtral.backends import _decode_step_nb as nb
+
+        c = self.backend.new_cache(1)  # only its types are used: nothing runs
+        h = np.zeros((2, self.backend.args.dim), dtype=np.float32)
+        nb.decode_layers.compile(tuple(typeof(x) for x in self._args(h[:1], c)))
+        if batch:
+            nb.decode_batch.compile(tuple(typeof(x) for x in self._batch_args(h, [c, c])))
