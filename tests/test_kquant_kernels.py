@@ -113,15 +113,15 @@ def test_swiglu_experts_and_mixed_jobs(qtype: str) -> None:
 @pytest.mark.parametrize("qtype", K_TYPES)
 def test_batch_invariance_bit_identical(qtype: str) -> None:
     """A token's products do not depend on the tokens beside it: T=1 rows equal the same rows of
-    T=2, 3, 6, 7 and 64 calls (the packed rows' 2-, 3- and 4-token dots, the tiles), bit for bit
-    (linear and fused SwiGLU, 1 and 2 threads)."""
+    T=2, 3, 6, 7, 8, 12, 15 and 64 calls (the superblock dots of 2 to 8 tokens, a pass of 8 and one
+    of 4 or 7, the tiles), bit for bit (linear and fused SwiGLU, 1 and 2 threads)."""
     w, w2 = make(qtype, (80, 512), seed=7), make(qtype, (80, 512), seed=8)
     x = acts(64, 512, seed=9)
     one = np.concatenate([kernels.linear(x[t:t + 1], w) for t in range(64)])
     one_s = np.concatenate([kernels.swiglu(x[t:t + 1], w, w2) for t in range(64)])
     np.testing.assert_array_equal(kernels.linear(x, w), one)
     np.testing.assert_array_equal(kernels.swiglu(x, w, w2), one_s)
-    for t0, k in ((0, 7), (7, 7), (57, 7), (3, 2), (20, 3), (40, 6)):
+    for t0, k in ((0, 7), (7, 7), (57, 7), (3, 2), (20, 3), (40, 6), (1, 8), (30, 12), (49, 15)):
         np.testing.assert_array_equal(kernels.linear(x[t0:t0 + k], w), one[t0:t0 + k])
         np.testing.assert_array_equal(kernels.swiglu_experts([x[t0:t0 + k]], [w], [w2])[0], one_s[t0:t0 + k])
     n = kernels.get_num_threads()

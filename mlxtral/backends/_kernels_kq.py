@@ -15,11 +15,11 @@ out and put back as ``offset * sum(scale * bsum)``) times int8 activations by ``
 ``vpmaddwd`` with the scales; without AVX2, portable vector IR. Both integer sums are exact, so
 every path (AVX2, portable, any thread count) gives bit-identical floats.
 
-Decode dots each row where it lies (``row_dot_direct``); prefill with AVX2 takes each row's bits
-apart once (``u8_pack``: unsigned codes, scales and mins per 16 weights) and dots that with every
-token (``u8_dot``; ``u8_dotn`` for 2-4 tokens a call). Both give the same integers and take the
-same float steps in the same order, so a token's result never depends on the tokens beside it
-(batch invariance); exact mode
+Decode dots each row where it lies (``row_dot_direct``); a few tokens with AVX2 too, each
+superblock's bits taken apart once for up to 4 of them (``sb_dotn``); prefill's 16-row tiles
+(``_kernels_tile``) start from ``u8_pack``'s unpacked superblocks (unsigned codes, scales and mins
+per 16 weights). All give the same integers and take the same float steps in the same order, so a
+token's result never depends on the tokens beside it (batch invariance); exact mode
 (``run_rows_exact``) dequantizes a row once (``unpack_row`` / ``dequant_row``) and takes float
 dots. Kinds are the numbers of :data:`mlxtral.backends.kernels._KINDS` (``KQ_FIRST`` on).
 """
@@ -246,138 +246,134 @@ def _build_superblock(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Fun
     return fn
 
 
+def _codes_avx2(b: ir.IRBuilder, wp: ir.Value, kind: int) -> list:
+    """The superblock at ``wp``'s unsigned codes (0..63: each code minus its offset), one <32 x i8>
+    per 32-weight chunk, their bits taken apart with constant shifts and masks."""
+    v32i8 = _vec(_i8)
+    us = []
+    for k in range(8):
+        ao, sa, ma, bo, sb, mb, shl, _ = _chunk_params(kind, k)
+        u = b.and_(b.lshr(_load(b, wp, ao, v32i8), _c(v32i8, sa)), _c(v32i8, ma))
+        if mb:
+            hi = b.and_(b.lshr(_load(b, wp, bo, v32i8), _c(v32i8, sb)), _c(v32i8, mb))
+            u = b.add(u, b.shl(hi, _c(v32i8, shl)))
+        us.append(u)
+    return us
+
+
 def _superblock_dot_avx2(b: ir.IRBuilder, fn: ir.Function, wp: ir.Value, kind: int, svec: ir.Value,
                          mins: ir.Value | None, lane: list[int]) -> ir.Function:
     """``sb_dot`` as llama.cpp's AVX2 K-quant dots: unsigned codes u (0..63, the code minus its
     offset) times int8 x by ``vpmaddubsw`` (int16 pairs, |pair| <= 16002: no saturation), then
     ``vpmaddwd`` with the pairs' scales; the offset comes back as ``off * sum(scale * bsum)``."""
     _, oa, ba = fn.args
-    v32i8 = _vec(_i8)
-    v16i32 = ir.VectorType(_i32, 16)
-    acc = None
-    off = 0
-    for k in range(8):
-        ao, sa, ma, bo, sb, mb, shl, off = _chunk_params(kind, k)
-        u = b.and_(b.lshr(_load(b, wp, ao, v32i8), _c(v32i8, sa)), _c(v32i8, ma))
-        if mb:
-            hi = b.and_(b.lshr(_load(b, wp, bo, v32i8), _c(v32i8, sb)), _c(v32i8, mb))
-            u = b.add(u, b.shl(hi, _c(v32i8, shl)))
-        x = b.load(b.inttoptr(b.add(oa, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
-        sc = b.shuffle_vector(svec, svec, ir.Constant(v16i32, [lane[2 * k]] * 8 + [lane[2 * k + 1]] * 8))
-        acc = _acc_scaled(b, acc, _pmadd(b, u, x), sc)
-    sfull = b.shuffle_vector(svec, svec, ir.Constant(v16i32, lane)) if off else None
-    b.ret(_finish_sums(b, acc, sfull, mins, ba, off))
+    full = b.shuffle_vector(svec, svec, ir.Constant(ir.VectorType(_i32, 16), lane))
+    b.ret(_sums(b, _codes_avx2(b, wp, kind), full, mins, [oa], [ba], kind)[0])
     return fn
 
 
 U8_BYTES = 320  # an unpacked superblock (prefill, AVX2): 256 unsigned codes, 16 scales, 16 mins (int16)
 
 
-def _build_u8(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Function:
-    """Prefill with AVX2: ``dot``: i64 u8_dot(p, x, bs), ``sb_dot``'s two sums from a superblock
-    unpacked by void u8_pack(w, p, _) (unsigned codes, scales and mins per 16 weights at ``p``,
-    ``U8_BYTES``): the codes' bits are taken apart once per row, not once per token."""
-    ret = _i64 if dot else ir.VoidType()
-    fn = ir.Function(mod, ir.FunctionType(ret, [_i64] * 3), name)
+def _build_u8_pack(mod: ir.Module, name: str, kind: int) -> ir.Function:
+    """void u8_pack(w, p, _): the superblock at ``w`` unpacked at ``p`` (``U8_BYTES``: its unsigned
+    codes, then the scale and the min of each 16 weights, int16) for the prefill tiles
+    (``_kernels_tile``): the codes' bits are taken apart once per row, not once per token."""
+    fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [_i64] * 3), name)
     fn.linkage = "internal"
-    a0, a1, ba = fn.args
+    a0, a1, _ = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     v32i8, v16i16 = _vec(_i8), ir.VectorType(_i16, 16)
     v16i32 = ir.VectorType(_i32, 16)
-    if not dot:
-        wp, pp = b.inttoptr(a0, _i8.as_pointer()), b.inttoptr(a1, _i8.as_pointer())
-        prefetch_ahead(b, wp, _c(_i64, 0), KQ_TYPES[kind][1])  # prefill reads each row here once
-        svec, mins, lane = _scales(b, wp, kind)
-        full = b.shuffle_vector(svec, svec, ir.Constant(v16i32, lane))
-        b.store(full, b.bitcast(b.gep(pp, [_c(_i64, 256)]), v16i16.as_pointer()), align=1)
-        b.store(mins if mins is not None else ir.Constant(v16i16, [0] * 16),
-                b.bitcast(b.gep(pp, [_c(_i64, 288)]), v16i16.as_pointer()), align=1)
-        for k in range(8):
-            ao, sa, ma, bo, sb, mb, shl, _ = _chunk_params(kind, k)
-            u = b.and_(b.lshr(_load(b, wp, ao, v32i8), _c(v32i8, sa)), _c(v32i8, ma))
-            if mb:
-                hi = b.and_(b.lshr(_load(b, wp, bo, v32i8), _c(v32i8, sb)), _c(v32i8, mb))
-                u = b.add(u, b.shl(hi, _c(v32i8, shl)))
-            b.store(u, b.bitcast(b.gep(pp, [_c(_i64, 32 * k)]), v32i8.as_pointer()), align=1)
-        b.ret_void()
-        return fn
-    b.ret(_u8_sums(b, b.inttoptr(a0, _i8.as_pointer()), [a1], [ba], kind)[0])
+    wp, pp = b.inttoptr(a0, _i8.as_pointer()), b.inttoptr(a1, _i8.as_pointer())
+    prefetch_ahead(b, wp, _c(_i64, 0), KQ_TYPES[kind][1])  # prefill reads each row here once
+    svec, mins, lane = _scales(b, wp, kind)
+    full = b.shuffle_vector(svec, svec, ir.Constant(v16i32, lane))
+    b.store(full, b.bitcast(b.gep(pp, [_c(_i64, 256)]), v16i16.as_pointer()), align=1)
+    b.store(mins if mins is not None else ir.Constant(v16i16, [0] * 16),
+            b.bitcast(b.gep(pp, [_c(_i64, 288)]), v16i16.as_pointer()), align=1)
+    for k, u in enumerate(_codes_avx2(b, wp, kind)):
+        b.store(u, b.bitcast(b.gep(pp, [_c(_i64, 32 * k)]), v32i8.as_pointer()), align=1)
+    b.ret_void()
     return fn
 
 
-def _u8_sums(b: ir.IRBuilder, pp: ir.Value, xas: list, bas: list, kind: int) -> list:
-    """``sb_dot``'s two sums (sumi low 32 bits, summ high) of the unpacked superblock at ``pp``
-    against each token's q8_K codes at ``xas[t]`` and bsums at ``bas[t]``: the codes and their
-    scales are loaded and shuffled once for all the tokens."""
-    v32i8, v16i16, v16i32 = _vec(_i8), ir.VectorType(_i16, 16), ir.VectorType(_i32, 16)
+def _sums(b: ir.IRBuilder, us: list, full: ir.Value, mins: ir.Value | None, xas: list, bas: list,
+          kind: int) -> list:
+    """``sb_dot``'s two sums (sumi low 32 bits, summ high) of a superblock's unsigned codes ``us``
+    (``_codes_avx2``), its 16 scales ``full`` (<16 x i16>, one per 16 weights) and mins, against
+    each token's q8_K codes at ``xas[t]`` and bsums at ``bas[t]``: the codes and their scales are
+    taken apart and shuffled once for all the tokens."""
+    v32i8, v16i32 = _vec(_i8), ir.VectorType(_i32, 16)
     off = _chunk_params(kind, 0)[7]
-    full = _load(b, pp, 256, v16i16)
     accs: list = [None] * len(xas)
-    for k in range(8):
-        u = _load(b, pp, 32 * k, v32i8)
+    for k, u in enumerate(us):
         sc = b.shuffle_vector(full, full, ir.Constant(v16i32, [2 * k] * 8 + [2 * k + 1] * 8))
         for t, xa in enumerate(xas):
             x = b.load(b.inttoptr(b.add(xa, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
             accs[t] = _acc_scaled(b, accs[t], _pmadd(b, u, x), sc)
-    mins = _load(b, pp, 288, v16i16) if kind in (K_Q4_K, K_Q5_K, K_Q2_K) else None
     return [_finish_sums(b, acc, full, mins, ba, off) for acc, ba in zip(accs, bas, strict=True)]
 
 
-def _build_u8_dotn(mod: ir.Module, name: str, kind: int, nt: int) -> ir.Function:
-    """void u8_dotn(p, x, bs, x_stride, bs_stride, out): ``u8_dot`` for ``nt`` tokens (codes
-    ``x_stride`` bytes apart, bsums ``bs_stride``), nt int64 at ``out``: the same integers."""
+def _build_sb_dotn(mod: ir.Module, name: str, kind: int, nt: int) -> ir.Function:
+    """void sb_dotn(w, x, bs, x_stride, bs_stride, out): ``sb_dot`` of the superblock at ``w``
+    (read where it lies) for ``nt`` tokens (codes ``x_stride`` bytes apart, bsums ``bs_stride``),
+    nt int64 at ``out``: its codes and scales taken apart once for all of them, the same integers."""
     fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [_i64] * 6), name)
     fn.linkage = "internal"
-    pa, xa, ba, xs, bstr, oa = fn.args
+    wa, xa, ba, xs, bstr, oa = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
+    wp = b.inttoptr(wa, _i8.as_pointer())
+    prefetch_ahead(b, wp, _c(_i64, 0), KQ_TYPES[kind][1])  # rows stream through here, as in decode
+    svec, mins, lane = _scales(b, wp, kind)
+    full = b.shuffle_vector(svec, svec, ir.Constant(ir.VectorType(_i32, 16), lane))
     xas = [b.add(xa, b.mul(xs, _c(_i64, t))) for t in range(nt)]
     bas = [b.add(ba, b.mul(bstr, _c(_i64, t))) for t in range(nt)]
     op = b.inttoptr(oa, _i64.as_pointer())
-    for t, v in enumerate(_u8_sums(b, b.inttoptr(pa, _i8.as_pointer()), xas, bas, kind)):
+    for t, v in enumerate(_sums(b, _codes_avx2(b, wp, kind), full, mins, xas, bas, kind)):
         b.store(v, b.gep(op, [_c(_i64, t)]))
     b.ret_void()
     return fn
 
 
-def _make_u8(kind: int, dot: bool):
-    name = f"mlxtral_kq_u8_{'dot' if dot else 'pack'}_{kind}"
+def _make_u8_pack(kind: int):
+    name = f"mlxtral_kq_u8_pack_{kind}"
 
     @intrinsic
     def u8(typingctx, a, o, bs):
-        sig = (types.int64 if dot else types.void)(types.int64, types.int64, types.int64)
+        sig = types.void(types.int64, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
-            r = builder.call(_get(builder.module, name, lambda m, nm: _build_u8(m, nm, kind, dot)),
-                             list(args))
-            return r if dot else context.get_dummy_value()
+            builder.call(_get(builder.module, name, lambda m, nm: _build_u8_pack(m, nm, kind)), list(args))
+            return context.get_dummy_value()
 
         return sig, codegen
 
     return u8
 
 
-U8_NT = (2, 3, 4)  # tokens one u8_dotn call takes
+SB_NT = 8  # tokens one sb_dotn call takes at most
 
 
 @intrinsic
-def u8_dotn(typingctx, kind, nt, a, o, bs, xs, bstr, out):
-    """``u8_dot`` of the unpacked superblock at ``a`` for ``nt`` (one of :data:`U8_NT`) tokens
-    (codes at ``o``, ``xs`` bytes apart; bsums at ``bs``, ``bstr`` apart) -> nt int64 at ``out``.
-    One switch on (kind, nt) to the function generated for them."""
+def sb_dotn(typingctx, kind, nt, w, o, bs, xs, bstr, out):
+    """``sb_dot`` of the superblock at ``w`` for ``nt`` (1 .. SB_NT) tokens (codes at ``o``,
+    ``xs`` bytes apart; bsums at ``bs``, ``bstr`` apart) -> nt int64 at ``out``. One switch on
+    (kind, nt) to the function generated for them."""
     sig = types.void(*([types.int64] * 8))
 
     def codegen(context, builder, signature, args):
         fn = builder.function
-        end = fn.append_basic_block("u8_dotn_end")
+        end = fn.append_basic_block("sb_dotn_end")
         key = builder.add(builder.mul(args[0], _c(_i64, 8)), args[1])
         sw = builder.switch(key, end)
         for k in KQ_TYPES:
-            for n in U8_NT:
-                bb = fn.append_basic_block(f"u8_dotn_{k}_{n}")
+            for n in range(1, SB_NT + 1):
+                bb = fn.append_basic_block(f"sb_dotn_{k}_{n}")
                 sw.add_case(_c(_i64, 8 * k + n), bb)
                 with builder.goto_block(bb):
-                    f = _get(builder.module, f"mlxtral_kq_u8_dot{n}_{k}",
-                             lambda m, nm, k=k, n=n: _build_u8_dotn(m, nm, k, n))
+                    f = _get(builder.module, f"mlxtral_kq_sb_dot{n}_{k}",
+                             lambda m, nm, k=k, n=n: _build_sb_dotn(m, nm, k, n))
                     builder.call(f, list(args[2:]))
                     builder.branch(end)
         builder.position_at_end(end)
@@ -386,11 +382,8 @@ def u8_dotn(typingctx, kind, nt, a, o, bs, xs, bstr, out):
     return sig, codegen
 
 
-u8_dot_q4k, u8_pack_q4k = _make_u8(K_Q4_K, True), _make_u8(K_Q4_K, False)
-u8_dot_q5k, u8_pack_q5k = _make_u8(K_Q5_K, True), _make_u8(K_Q5_K, False)
-u8_dot_q6k, u8_pack_q6k = _make_u8(K_Q6_K, True), _make_u8(K_Q6_K, False)
-u8_dot_q3k, u8_pack_q3k = _make_u8(K_Q3_K, True), _make_u8(K_Q3_K, False)
-u8_dot_q2k, u8_pack_q2k = _make_u8(K_Q2_K, True), _make_u8(K_Q2_K, False)
+u8_pack_q4k, u8_pack_q5k, u8_pack_q6k = (_make_u8_pack(k) for k in (K_Q4_K, K_Q5_K, K_Q6_K))
+u8_pack_q3k, u8_pack_q2k = _make_u8_pack(K_Q3_K), _make_u8_pack(K_Q2_K)
 
 
 def _make_superblock(kind: int, dot: bool):
@@ -522,19 +515,6 @@ def _u8_pack(kind, oa, pa):
         u8_pack_q2k(oa, pa, 0)
 
 
-@njit(cache=_CACHE, nogil=True, inline="always")
-def _u8_dot(kind, pa, xa, ba):
-    if kind == K_Q4_K:
-        return u8_dot_q4k(pa, xa, ba)
-    if kind == K_Q5_K:
-        return u8_dot_q5k(pa, xa, ba)
-    if kind == K_Q6_K:
-        return u8_dot_q6k(pa, xa, ba)
-    if kind == K_Q3_K:
-        return u8_dot_q3k(pa, xa, ba)
-    return u8_dot_q2k(pa, xa, ba)
-
-
 SB_CODES = QK_K + 16  # int16 per unpacked superblock: 256 scaled codes, 16 mins
 
 
@@ -584,8 +564,8 @@ def _silu_mul(g, u):
 def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
     """Output rows ``r0..r1`` of a task, every token: ``out[t * os_ + r]`` = row r . token t (or the
     fused ``silu(gate) * up`` with ``swig``). One token: each row dotted where it lies; more (with
-    AVX2): each row's codes unpacked once (``_u8_pack``) and dotted with every token. Both are the
-    same arithmetic: a token's result never depends on the tokens beside it (batch invariance)."""
+    AVX2): each superblock's codes taken apart once for up to SB_NT tokens (``sb_dotn``). Both are
+    the same arithmetic: a token's result never depends on the tokens beside it (batch invariance)."""
     nb = n // QK_K
     xd = carray(ptr_f32(xda), (T * nb,))
     if T == 1 or not HAVE_AVX2:
@@ -597,41 +577,29 @@ def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
                 out[t * os_ + r] = g
         return
     tb = _tb(kind)
-    nm = 2 if swig else 1  # matrices: gate (or the only one), then up; superblock m * nb + b
-    buf = np.empty(nm * nb * U8_BYTES, dtype=np.uint8)
-    dd = np.empty(2 * nb, dtype=np.float32)
-    dm = np.empty(2 * nb, dtype=np.float32)
-    g = np.empty(4, dtype=np.float32)  # each token's running sum
-    v = np.empty(4, dtype=np.int64)  # each token's two integer sums (u8_dotn)
+    g = np.empty(SB_NT, dtype=np.float32)  # each token's running sum
+    v = np.empty(SB_NT, dtype=np.int64)  # each token's two integer sums (sb_dotn)
     for r in range(r0, r1):
-        for m in range(nm):
-            ra = (wa if m == 0 else wa2) + r * rb
-            w = carray(ptr_u8(ra), (nb * tb,))
-            for b in range(nb):
-                dd[m * nb + b], dm[m * nb + b] = _super_scales(kind, w, b * tb)
-                _u8_pack(kind, ra + b * tb, buf.ctypes.data + (m * nb + b) * U8_BYTES)
         t0 = 0
-        while t0 < T:  # up to four tokens per pass over the packed row (its codes loaded once)
-            k = min(4, T - t0)
+        while t0 < T:  # up to SB_NT tokens a pass over the row (in L1 after the first)
+            k = min(SB_NT, T - t0)
             xo = xqa + t0 * nb * QK_K
             bo = bsa + t0 * nb * 32
-            for m in range(nm):
+            for m in range(2 if swig else 1):  # gate (or the only matrix), then up
+                ra = (wa if m == 0 else wa2) + r * rb
+                w = carray(ptr_u8(ra), (nb * tb,))
                 g[:] = 0.0
                 for b in range(nb):  # per token, the float steps in superblock order
-                    o = m * nb + b
-                    pb = buf.ctypes.data + o * U8_BYTES
-                    if k > 1:
-                        u8_dotn(kind, k, pb, xo + b * QK_K, bo + b * 32, nb * QK_K, nb * 32, v.ctypes.data)
-                        for j in range(k):
-                            g[j] += xd[(t0 + j) * nb + b] * _sb_float(dd[o], dm[o], v[j])
-                    else:
-                        g[0] += xd[t0 * nb + b] * _sb_float(dd[o], dm[o], _u8_dot(kind, pb, xo + b * QK_K,
-                                                                                   bo + b * 32))
+                    d, dmin = _super_scales(kind, w, b * tb)
+                    sb_dotn(kind, k, ra + b * tb, xo + b * QK_K, bo + b * 32, nb * QK_K, nb * 32,
+                            v.ctypes.data)
+                    for j in range(k):
+                        g[j] += xd[(t0 + j) * nb + b] * _sb_float(d, dmin, v[j])
                 for j in range(k):
                     i = (t0 + j) * os_ + r
                     out[i] = g[j] if m == 0 else _silu_mul(out[i], g[j])
             t0 += k
-    v[0] = 0  # (kept alive while u8_dotn writes to it by address)
+    v[0] = 0  # (kept alive while sb_dotn writes to it by address)
 
 
 @njit(cache=_CACHE, nogil=True)
