@@ -18,18 +18,28 @@ from mlxtral.backends._kernels_nb import (
     _CACHE,
     F_SIZE,
     MAX_CHUNKS,
+    R_CH,
+    R_KIND,
+    R_NOUT,
+    R_OUT,
+    R_RB,
+    R_SIZE,
+    R_T,
+    R_W,
+    R_W2,
+    R_X0,
     _float_dot,
     attend,
     attend_f16,
     execute,
     fill_attend,
     fill_attend_row,
-    fill_task,
     prep_x,
     q8k_kind,
     rms_norm,
     rope_row,
     run_decode,
+    tasks_job,
     top_k_softmax,
 )
 
@@ -45,10 +55,6 @@ D_SIZE = 9
 X_G, X_U, X_D, X_KGU, X_KD, X_RBGU, X_RBD, X_CHGU, X_CHD = 0, 1, 2, 3, 4, 5, 6, 7, 8
 X_CHGU2, X_CHD2, X_CHGU3, X_CHD3 = 9, 10, 11, 12
 X_SIZE = 13
-# a task's row of a run_tasks table: its first row of X and token count, weight, up weight, row
-# bytes, rows, rows a work item, block kind, and where its output [T, rows] starts in out (floats)
-R_X0, R_T, R_W, R_W2, R_RB, R_NOUT, R_CH, R_KIND, R_OUT = 0, 1, 2, 3, 4, 5, 6, 7, 8
-R_SIZE = 9
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -209,10 +215,9 @@ def chunk_rows(T, ch1, ch2, ch3, stream_t):
 
 @njit(cache=_CACHE, nogil=True)
 def run_tasks(ctl, X, exact, swiglu, desc, out):
-    """Tasks of several tokens each: task i is rows ``desc[i, R_X0]`` .. + ``desc[i, R_T]`` of
-    X [R, nin] against its weight into out[desc[i, R_OUT]:] as [T, rows]; one job per run of
-    tasks of one kind, X quantized once for it, row by row (as ``kernels._Job`` quantizes each
-    task's rows: the same bits)."""
+    """Tasks of several tokens each (``tasks_job`` rows desc [n, R_SIZE]): one job per run of tasks
+    of one kind, X quantized once for it, row by row (as ``kernels._Job`` quantizes each task's
+    rows: the same bits)."""
     n = desc.shape[0]
     i = 0
     while i < n:
@@ -223,30 +228,11 @@ def run_tasks(ctl, X, exact, swiglu, desc, out):
         quant = quantized(kind, exact)
         if quant and q8k_kind(kind):  # K-quants, IQ4_XS: q8_K superblocks (tiles start past the batch)
             kq, kd, ks = quantize_q8k(X)
-            _tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, kq, kd, ks)
+            tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, kq, kd, ks)
         else:
             xq, xd, xs = prep_x(X, quant, kind)
-            _tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, xq, xd, xs)
+            tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, xq, xd, xs)
         i = j
-
-
-@njit(cache=_CACHE, nogil=True)
-def _tasks_job(ctl, X, quant, kind, swiglu, desc, out, xq, xd, xs):
-    """``run_tasks``' job of one kind on the quantized rows xq / xd / xs of X."""
-    n = desc.shape[0]
-    nin = X.shape[1]
-    xg = np.zeros(1, dtype=np.uint8)
-    table = np.empty((n, F_SIZE), dtype=np.int64)
-    nchunks = 0
-    for i in range(n):
-        x0, T, nout, o0 = desc[i, R_X0], desc[i, R_T], desc[i, R_NOUT], desc[i, R_OUT]
-        q0, qn = (x0, T) if quant else (0, 1)  # (placeholders when not quantized)
-        o = out[o0 : o0 + T * nout].reshape((T, nout))
-        nchunks = fill_task(table, i, kind, swiglu, quant, desc[i, R_W], desc[i, R_W2], desc[i, R_RB], nout,
-                            nin, X[x0 : x0 + T], xq[q0 : q0 + qn], xd[q0 : q0 + qn], xs[q0 : q0 + qn], xg, o,
-                            desc[i, R_CH], nchunks)
-    execute(ctl, table, nchunks)
-    table[0, 0] = table[0, 0]  # read by address while execute ran: used after it, so not freed before
 
 
 @njit(cache=_CACHE, nogil=True)

@@ -549,6 +549,12 @@ def run_one(ctl, kind, swiglu, quant, wa, wa2, rb, nout, nin, x, out, ch):
     return out
 
 
+# a task's row of a tasks_job table: its first row of X and token count, weight, up weight, row
+# bytes, rows, rows a work item, block kind, and where its output [T, rows] starts in out (floats)
+R_X0, R_T, R_W, R_W2, R_RB, R_NOUT, R_CH, R_KIND, R_OUT = 0, 1, 2, 3, 4, 5, 6, 7, 8
+R_SIZE = 9
+
+
 @njit(cache=_CACHE, nogil=True)
 def run_decode(ctl, X, quant, kind, swiglu, desc, out):
     """One token against several weights of one block kind in a single call (a decode step's q/k/v,
@@ -558,33 +564,41 @@ def run_decode(ctl, X, quant, kind, swiglu, desc, out):
     apart, ``desc[i, 4]`` of them, ``desc[i, 5]`` a work item) into ``out`` [sum of the rows], the
     tasks' outputs end to end. Every row of X is quantized once, on its own (as ``quantize_x`` /
     ``quantize_q8k`` do per token), so each task sees the bits it sees alone."""
+    n = desc.shape[0]
+    tasks = np.empty((n, R_SIZE), dtype=np.int64)
+    off = 0
+    for i in range(n):
+        t = tasks[i]
+        t[R_X0], t[R_T], t[R_W], t[R_W2], t[R_RB] = desc[i, 0], 1, desc[i, 1], desc[i, 2], desc[i, 3]
+        t[R_NOUT], t[R_CH], t[R_KIND], t[R_OUT] = desc[i, 4], desc[i, 5], kind, off
+        off += desc[i, 4]
     if quant and q8k_kind(kind):  # K-quants, IQ4_XS: q8_K superblocks (no tiles at one token)
         kq, kd, ks = quantize_q8k(X)
-        _decode_job(ctl, X, quant, kind, swiglu, desc, out, kq, kd, ks)
+        tasks_job(ctl, X, quant, kind, swiglu, tasks, out, kq, kd, ks)
     else:
         xq, xd, xs = prep_x(X, quant, kind)
-        _decode_job(ctl, X, quant, kind, swiglu, desc, out, xq, xd, xs)
+        tasks_job(ctl, X, quant, kind, swiglu, tasks, out, xq, xd, xs)
     return out
 
 
 @njit(cache=_CACHE, nogil=True)
-def _decode_job(ctl, X, quant, kind, swiglu, desc, out, xq, xd, xs):
-    """``run_decode``'s job on the quantized rows xq / xd / xs of X (alive for the whole call)."""
-    n = desc.shape[0]
+def tasks_job(ctl, X, quant, kind, swiglu, tasks, out, xq, xd, xs):
+    """One job of tasks of one ``kind`` on X [R, nin] and its quantized rows xq / xd / xs (alive for
+    the whole call): task i is rows ``tasks[i, R_X0]`` .. + ``tasks[i, R_T]`` of X against its
+    weight into out[tasks[i, R_OUT]:] as [T, rows]."""
+    n = tasks.shape[0]
     nin = X.shape[1]
     xg = np.zeros(1, dtype=np.uint8)
     table = np.empty((n, F_SIZE), dtype=np.int64)
     nchunks = 0
-    off = 0
     for i in range(n):
-        r = desc[i, 0] if quant else 0
-        xr = desc[i, 0]
-        nout = desc[i, 4]
-        o = out[off : off + nout].reshape((1, nout))
-        nchunks = fill_task(table, i, kind, swiglu, quant, desc[i, 1], desc[i, 2], desc[i, 3], nout, nin,
-                            X[xr : xr + 1], xq[r : r + 1], xd[r : r + 1], xs[r : r + 1], xg, o, desc[i, 5],
-                            nchunks)
-        off += nout
+        t = tasks[i]
+        x0, T, nout, o0 = t[R_X0], t[R_T], t[R_NOUT], t[R_OUT]
+        q0, qn = (x0, T) if quant else (0, 1)  # (placeholders when not quantized)
+        o = out[o0 : o0 + T * nout].reshape((T, nout))
+        nchunks = fill_task(table, i, kind, swiglu, quant, t[R_W], t[R_W2], t[R_RB], nout, nin,
+                            X[x0 : x0 + T], xq[q0 : q0 + qn], xd[q0 : q0 + qn], xs[q0 : q0 + qn], xg, o,
+                            t[R_CH], nchunks)
     execute(ctl, table, nchunks)
     table[0, 0] = table[0, 0]  # read by address while execute ran: used after it, so not freed before
 
