@@ -352,7 +352,7 @@ def _make_u8_pack(kind: int):
     return u8
 
 
-SB_NT = 8  # tokens one sb_dotn call takes at most
+SB_NT = 4  # tokens one sb_dotn call takes at most (8: 10% faster at 8 tokens, ~10 MB more peak RSS of code)
 
 
 @intrinsic
