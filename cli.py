@@ -241,11 +241,20 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
     kw = dict(backend=backend, max_context=max_context, experts_per_token=experts_per_token,
               memory_budget=memory_budget, prefetch=prefetch, distributed=distributed)
     if quiet or follower_rank() is not None:
-        return mlxtral.load(path, **kw)
+        return _warm(mlxtral.load(path, **kw))
     with err_console.status(f"loading {path.name}...", spinner="dots"):
-        m = mlxtral.load(path, **kw)
+        m = _warm(mlxtral.load(path, **kw))
     if m.streaming:
         err_console.print(f"[dim]{m.memory_plan.describe()}[/dim]", highlight=False, soft_wrap=True)
+    return m
+
+
+def _warm(m: Any) -> Any:
+    """The one-call decode step compiled (after an install, about a minute) or loaded from numba's
+    disk cache now, while loading shows, rather than before the first token."""
+    step = getattr(m.backend, "decode_step", None)
+    if step is not None:
+        step.warm(batch=False)
     return m
 
 
