@@ -17,29 +17,44 @@ from mlxtral.backends.numpy_backend import NumpyBackend
 pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba path disabled")
 
 
-def run_both(be, n_prompt: int = 5, n_decode: int = 9, seed: int = 0):
-    """Prompt then ``n_decode`` tokens one at a time, with and without the decode step."""
+def run_batched(be, B: int = 4, n_decode: int = 6, seed: int = 0, ctx: int = 32, n_prompt: int = 1):
+    """B sequences with prompts of different lengths (from ``n_prompt`` tokens), then ``n_decode``
+    steps of one token each through ``forward_runs`` (the batched step; with B = 1 the
+    one-sequence step), against each sequence alone through ``forward`` (the one-sequence step)
+    and through the layer loop (no step): logits, caches, expert counts."""
     step = be.decode_step
     assert step is not None
-    toks = np.random.default_rng(seed).integers(3, 32000, n_prompt + n_decode).tolist()
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 32000, n_prompt + 3 * b % 7).tolist() for b in range(B)]
+    toks = rng.integers(3, 32000, (n_decode, B)).tolist()
     got = []
-    for s in (step, None):
-        be.decode_step = s
+    for mode in ("batched", "alone", "layers"):
+        be.decode_step = None if mode == "layers" else step
         be.expert_counts[:] = 0
-        c = be.new_cache(32)
-        be.forward(toks[:n_prompt], c)
-        logits = np.array([be.forward([t], c) for t in toks[n_prompt:]])  # [n_decode, vocab]
-        kv = (c.k[:, :, : c.offset].copy(), c.v[:, :, : c.offset].copy())
-        got.append((logits, *kv, be.expert_counts.copy()))
+        caches = [be.new_cache(ctx) for _ in range(B)]
+        for p, c in zip(prompts, caches, strict=True):
+            be.forward(p, c)
+        rows = []
+        for t in toks:
+            if mode == "alone":
+                rows.append(np.array([be.forward([x], c) for x, c in zip(t, caches, strict=True)]))
+            else:
+                rows.append(be.forward_runs([[x] for x in t], caches))
+        assert all(c.offset == len(p) + n_decode for p, c in zip(prompts, caches, strict=True))
+        kv = [np.concatenate([c.k[:, :, : c.offset].ravel() for c in caches]),
+              np.concatenate([c.v[:, :, : c.offset].ravel() for c in caches])]
+        got.append((np.array(rows), *kv, be.expert_counts.copy()))
     be.decode_step = step
-    for a, b in zip(*got, strict=True):
-        np.testing.assert_array_equal(a, b)
+    for other in got[1:]:
+        for a, b in zip(got[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "F32", "F16", "BF16",
                                    "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
 def test_same_bits_as_layer_by_layer(qtype):
-    run_both(tiny(qtype, **(dict(dim=256, hidden_dim=256, head_dim=64) if qtype == "IQ4_XS" else {})))
+    run_batched(tiny(qtype, **(dict(dim=256, hidden_dim=256, head_dim=64) if qtype == "IQ4_XS" else {})),
+                B=1, n_prompt=5, n_decode=9)
 
 
 def test_mixed_kinds_as_a_q4_k_m_file():
@@ -50,25 +65,27 @@ def test_mixed_kinds_as_a_q4_k_m_file():
     t["blk.0.attn_v.weight"] = more["blk.0.attn_v.weight"]
     t["blk.1.attn_output.weight"] = tensors_of(args, "Q5_K", seed=2)["blk.1.attn_output.weight"]
     t["blk.1.ffn_down.2.weight"] = tensors_of(args, "Q8_0", seed=3)["blk.1.ffn_down.2.weight"]
-    run_both(NumpyBackend(args, t), n_decode=16)
+    run_batched(NumpyBackend(args, t), B=1, n_prompt=5, n_decode=16)
 
 
+@pytest.mark.parametrize("B, n_prompt, n_decode", [(1, 5, 12), (5, 1, 8)])  # one sequence; a batch
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("exact", [False, True])
-def test_same_bits_at_any_thread_count_and_in_exact_mode(threads, exact, monkeypatch):
+def test_same_bits_at_any_thread_count_and_in_exact_mode(threads, exact, B, n_prompt, n_decode, monkeypatch):
     monkeypatch.setattr(kernels, "_exact", exact)
     old = kernels.get_num_threads()
     try:
         kernels.set_num_threads(threads)
-        run_both(tiny("Q4_0", sliding_window=4), n_decode=12)  # the window slides inside the run
+        # the window slides inside the run
+        run_batched(tiny("Q4_0", sliding_window=4), B=B, n_prompt=n_prompt, n_decode=n_decode)
     finally:
         kernels.set_num_threads(old)
 
 
 def test_dense_partial_rope_and_top_1():
-    run_both(tiny("Q8_0", n_experts=0))  # one always-on expert, no router
-    run_both(tiny("Q4_0", rope_dim=8))  # half of each head rotated
-    run_both(tiny("F16", n_experts=4, n_experts_per_tok=1))
+    run_batched(tiny("Q8_0", n_experts=0), B=1, n_prompt=5, n_decode=9)  # one always-on expert, no router
+    run_batched(tiny("Q4_0", rope_dim=8), B=1, n_prompt=5, n_decode=9)  # half of each head rotated
+    run_batched(tiny("F16", n_experts=4, n_experts_per_tok=1), B=1, n_prompt=5, n_decode=9)
 
 
 def test_rope_kernel_is_the_complex_product():
@@ -93,7 +110,7 @@ def test_float16_cache(threads):
         kernels.set_num_threads(threads)
         be = NumpyBackend(tiny_args(4, sliding_window=6), tensors_of(tiny_args(4, sliding_window=6), "Q8_0"),
                           kv_dtype="float16")
-        run_both(be, n_decode=12)
+        run_batched(be, B=1, n_prompt=5, n_decode=12)
     finally:
         kernels.set_num_threads(old)
 
@@ -156,38 +173,6 @@ def test_a_lone_sequence_in_forward_runs_takes_the_step():
     assert caches[0].offset == caches[1].offset == 4
 
 
-def run_batched(be, B: int = 4, n_decode: int = 6, seed: int = 0, ctx: int = 32):
-    """B sequences with prompts of different lengths, then ``n_decode`` steps of one token each
-    through ``forward_runs`` (the batched step), against each sequence alone through ``forward``
-    (the one-sequence step) and through the layer loop (no step): logits, caches, expert counts."""
-    step = be.decode_step
-    assert step is not None
-    rng = np.random.default_rng(seed)
-    prompts = [rng.integers(3, 32000, 1 + 3 * b % 7).tolist() for b in range(B)]
-    toks = rng.integers(3, 32000, (n_decode, B)).tolist()
-    got = []
-    for mode in ("batched", "alone", "layers"):
-        be.decode_step = None if mode == "layers" else step
-        be.expert_counts[:] = 0
-        caches = [be.new_cache(ctx) for _ in range(B)]
-        for p, c in zip(prompts, caches, strict=True):
-            be.forward(p, c)
-        rows = []
-        for t in toks:
-            if mode == "alone":
-                rows.append(np.array([be.forward([x], c) for x, c in zip(t, caches, strict=True)]))
-            else:
-                rows.append(be.forward_runs([[x] for x in t], caches))
-        assert all(c.offset == len(p) + n_decode for p, c in zip(prompts, caches, strict=True))
-        kv = [np.concatenate([c.k[:, :, : c.offset].ravel() for c in caches]),
-              np.concatenate([c.v[:, :, : c.offset].ravel() for c in caches])]
-        got.append((np.array(rows), *kv, be.expert_counts.copy()))
-    be.decode_step = step
-    for other in got[1:]:
-        for a, b in zip(got[0], other, strict=True):
-            np.testing.assert_array_equal(a, b)
-
-
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "F32", "F16", "BF16",
                                    "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "IQ4_XS"])
 def test_batched_step_gives_each_sequence_its_own_bits(qtype):
@@ -203,18 +188,6 @@ def test_batched_step_mixed_kinds_and_every_batch_size():
     be = NumpyBackend(args, t)
     for B in (2, 3, 8, be.decode_step.max_batch, be.decode_step.max_batch + 1):  # the last: the layer loop
         run_batched(be, B=B, n_decode=3, seed=B)
-
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("exact", [False, True])
-def test_batched_step_at_any_thread_count_and_in_exact_mode(threads, exact, monkeypatch):
-    monkeypatch.setattr(kernels, "_exact", exact)
-    old = kernels.get_num_threads()
-    try:
-        kernels.set_num_threads(threads)
-        run_batched(tiny("Q4_0", sliding_window=4), B=5, n_decode=8)  # the window slides inside the run
-    finally:
-        kernels.set_num_threads(old)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -13,33 +13,23 @@ import numpy as np
 from numba import carray, njit
 
 from mlxtral.backends._kernels_ir import ptr_f32, ptr_u16
-from mlxtral.backends._kernels_kq import quantize_q8k
 from mlxtral.backends._kernels_nb import (
     _CACHE,
     F_SIZE,
     MAX_CHUNKS,
-    R_CH,
     R_KIND,
-    R_NOUT,
-    R_OUT,
-    R_RB,
     R_SIZE,
-    R_T,
-    R_W,
-    R_W2,
-    R_X0,
     _float_dot,
     attend,
     attend_f16,
     execute,
     fill_attend,
     fill_attend_row,
-    prep_x,
-    q8k_kind,
     rms_norm,
     rope_row,
     run_decode,
-    tasks_job,
+    run_job,
+    task,
     top_k_softmax,
 )
 
@@ -215,9 +205,9 @@ def chunk_rows(T, ch1, ch2, ch3, stream_t):
 
 @njit(cache=_CACHE, nogil=True)
 def run_tasks(ctl, X, exact, swiglu, desc, out):
-    """Tasks of several tokens each (``tasks_job`` rows desc [n, R_SIZE]): one job per run of tasks
-    of one kind, X quantized once for it, row by row (as ``kernels._Job`` quantizes each task's
-    rows: the same bits)."""
+    """Tasks of several tokens each (``tasks_job`` rows desc [n, R_SIZE]): one ``run_job`` per run of
+    tasks of one kind, X quantized once for it, row by row (as ``kernels._Job`` quantizes each
+    task's rows: the same bits)."""
     n = desc.shape[0]
     i = 0
     while i < n:
@@ -225,19 +215,13 @@ def run_tasks(ctl, X, exact, swiglu, desc, out):
         j = i
         while j < n and desc[j, R_KIND] == kind:
             j += 1
-        quant = quantized(kind, exact)
-        if quant and q8k_kind(kind):  # K-quants, IQ4_XS: q8_K superblocks (tiles start past the batch)
-            kq, kd, ks = quantize_q8k(X)
-            tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, kq, kd, ks)
-        else:
-            xq, xd, xs = prep_x(X, quant, kind)
-            tasks_job(ctl, X, quant, kind, swiglu, desc[i:j], out, xq, xd, xs)
+        run_job(ctl, X, quantized(kind, exact), kind, swiglu, desc[i:j], out)
         i = j
 
 
 @njit(cache=_CACHE, nogil=True)
 def products(desc, T, stream_t, tasks):
-    """A layer's run_decode rows desc [n, D_SIZE] -> run_tasks rows ``tasks`` [n, R_SIZE]: every
+    """A layer's run_decode rows desc [n, D_SIZE] -> tasks_job rows ``tasks`` [n, R_SIZE]: every
     product on rows 0 .. T of one X, outputs [T, rows] end to end."""
     off = 0
     for i in range(desc.shape[0]):
@@ -245,13 +229,6 @@ def products(desc, T, stream_t, tasks):
         task(tasks[i], 0, T, d[D_W], d[D_W2], d[D_RB], d[D_NOUT], d[D_KIND], off,
              chunk_rows(T, d[D_CH], d[D_CH2], d[D_CH3], stream_t))
         off += T * d[D_NOUT]
-
-
-@njit(cache=_CACHE, nogil=True, inline="always")
-def task(t, x0, T, wa, wa2, rb, nout, kind, out, ch):
-    """Fill ``t``, a run_tasks row."""
-    t[R_X0], t[R_T], t[R_W], t[R_W2], t[R_RB] = x0, T, wa, wa2, rb
-    t[R_NOUT], t[R_KIND], t[R_OUT], t[R_CH] = nout, kind, out, ch
 
 
 @njit(cache=_CACHE, nogil=True)

@@ -568,17 +568,30 @@ def run_decode(ctl, X, quant, kind, swiglu, desc, out):
     tasks = np.empty((n, R_SIZE), dtype=np.int64)
     off = 0
     for i in range(n):
-        t = tasks[i]
-        t[R_X0], t[R_T], t[R_W], t[R_W2], t[R_RB] = desc[i, 0], 1, desc[i, 1], desc[i, 2], desc[i, 3]
-        t[R_NOUT], t[R_CH], t[R_KIND], t[R_OUT] = desc[i, 4], desc[i, 5], kind, off
+        task(tasks[i], desc[i, 0], 1, desc[i, 1], desc[i, 2], desc[i, 3], desc[i, 4], kind, off, desc[i, 5])
         off += desc[i, 4]
-    if quant and q8k_kind(kind):  # K-quants, IQ4_XS: q8_K superblocks (no tiles at one token)
+    run_job(ctl, X, quant, kind, swiglu, tasks, out)
+    return out
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def task(t, x0, T, wa, wa2, rb, nout, kind, out, ch):
+    """Fill ``t``, a tasks_job row."""
+    t[R_X0], t[R_T], t[R_W], t[R_W2], t[R_RB] = x0, T, wa, wa2, rb
+    t[R_NOUT], t[R_KIND], t[R_OUT], t[R_CH] = nout, kind, out, ch
+
+
+@njit(cache=_CACHE, nogil=True)
+def run_job(ctl, X, quant, kind, swiglu, tasks, out):
+    """``tasks_job`` with X's rows quantized for ``kind`` (when ``quant``), each on its own (as
+    ``quantize_x`` / ``quantize_q8k`` do per token): q8_K superblocks for the K-quants and IQ4_XS
+    (tiles only start past the tokens these jobs take), int8 blocks for the rest."""
+    if quant and q8k_kind(kind):
         kq, kd, ks = quantize_q8k(X)
         tasks_job(ctl, X, quant, kind, swiglu, tasks, out, kq, kd, ks)
     else:
         xq, xd, xs = prep_x(X, quant, kind)
         tasks_job(ctl, X, quant, kind, swiglu, tasks, out, xq, xd, xs)
-    return out
 
 
 @njit(cache=_CACHE, nogil=True)

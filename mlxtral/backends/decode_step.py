@@ -156,17 +156,13 @@ class DecodeStep:
             self._plan()
         return (kernels._get_pool().ctl, self._threads)
 
-    def _window(self) -> int:
-        a = self.backend.args
-        return int(a.sliding_window) if a.sliding_window is not None and a.sliding_window > 0 else 0
-
     def _args(self, h: np.ndarray, cache: KVCache) -> tuple:
         """``decode_layers``' arguments."""
         be, a = self.backend, self.backend.args
         return (*self._common(), h, self.plan, self.qkv, self.wo, self.experts, self.hidden, self.top,
                 cache.k.ctypes.data, cache.v.ctypes.data, cache.k.dtype == np.float16, cache.k.shape,
-                cache.offset, self._window(), be.rope.cos, be.rope.sin, be.expert_counts, float(a.norm_eps),
-                kernels._exact)
+                cache.offset, kernels._window(a.sliding_window), be.rope.cos, be.rope.sin, be.expert_counts,
+                float(a.norm_eps), kernels._exact)
 
     def _batch_args(self, h: np.ndarray, caches: Sequence[KVCache]) -> tuple:
         """``decode_batch``'s arguments."""
@@ -176,9 +172,9 @@ class DecodeStep:
         ctx = np.array([c.k.shape[2] for c in caches], dtype=np.int64)
         p0 = np.array([c.offset for c in caches], dtype=np.int64)
         return (*self._common(), h, self.plan, self.qkv, self.wo, self.experts, self.hidden, self.top, ka,
-                va, caches[0].k.dtype == np.float16, a.n_kv_heads, a.head_dim, ctx, p0, self._window(),
-                be.rope.cos, be.rope.sin, be.expert_counts, float(a.norm_eps), kernels._exact,
-                kernels._STREAM_T)
+                va, caches[0].k.dtype == np.float16, a.n_kv_heads, a.head_dim, ctx, p0,
+                kernels._window(a.sliding_window), be.rope.cos, be.rope.sin, be.expert_counts,
+                float(a.norm_eps), kernels._exact, kernels._STREAM_T)
 
     def warm(self, batch: bool = True) -> None:
         """Compile the one-sequence step (and with ``batch`` the batched one) now, or load them
