@@ -389,12 +389,22 @@ def test_placement_splits() -> None:
 
 
 def test_stderr_filter_drops_only_mlx_retries() -> None:
-    from mlxtral.distributed.group import _mlx_retry
+    from mlxtral.distributed.group import _mlx_retry, _unpieced
 
     assert _mlx_retry(b"[ring] Socket 8 was closed by the peer")
     assert _mlx_retry(b"\x1b[33m[ring] Too many send/recv errors. Failing pending tasks...")
     assert not _mlx_retry(b"error: rank 1: lost the other ranks")
     assert not _mlx_retry(b"  File \"x.py\", line 1, in <module> [ring]")
+    # two threads' pieces interleaved (seen when a peer died): lines made only of pieces go too
+    assert _mlx_retry(b" was closed by the peer")
+    assert _mlx_retry(b"[ring] Socket 7[ring]  Socket 9 was closed by the peer was closed by the peer")
+    assert _mlx_retry(b"[ring]")
+    assert not _mlx_retry(b"Socket 7 was closed by the peer: error: rank 0 lost the others")
+    assert not _mlx_retry(b"  ") and not _mlx_retry(b"")
+    # a piece before this process's own line is taken off it
+    assert _unpieced(b"[ring]error: rank 0: lost the other ranks") == b"error: rank 0: lost the other ranks"
+    assert _unpieced(b"  indented: [ring] kept") == b"  indented: [ring] kept"
+    assert _unpieced(b"Socket 3 is a word here") == b"Socket 3 is a word here"
 
 
 RUNS_SCRIPT = """

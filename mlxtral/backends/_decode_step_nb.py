@@ -130,6 +130,84 @@ def store_and_attend(ka, va, f16, shape, li, p0, k, v, q, window, att, pool, ctl
 
 
 @njit(cache=_CACHE, nogil=True)
+def attention_layer(ctl, h, P, qkv, wo, li, ka, va, f16, shape, p0, window, cos, sin, eps, exact, pool,
+                    x, y, att, o, table):
+    """Layer li's attention block on the token's hidden state h [1, dim], in place: the norm,
+    q/k/v (run_decode tables qkv [3, D_SIZE]), RoPE at p0, k / v into layer li of the cache (see
+    ``store_and_attend``), attention, the output projection (wo [1, D_SIZE]) and the residual.
+    x [1, dim], y [nq + 2 nkv], att [1, H, hd], o [dim], table [1, F_SIZE]: scratch."""
+    dim = h.shape[1]
+    KV, hd = shape[1], shape[3]
+    nq, nkv = qkv[0, D_NOUT], qkv[1, D_NOUT]
+    rms_norm(h, carray(ptr_f32(P[P_ATTN_NORM]), (dim,)), eps, x)
+    run_kinds(ctl, x, exact, False, qkv, y)
+    q = y[:nq].reshape((1, nq // hd, hd))
+    k = y[nq : nq + nkv].reshape((KV, hd))
+    v = y[nq + nkv :].reshape((KV, hd))
+    rope_row(q[0], cos, sin, p0)
+    rope_row(k, cos, sin, p0)
+    store_and_attend(ka, va, f16, shape, li, p0, k, v, q, window, att, pool, ctl, table)
+    run_kinds(ctl, att.reshape((1, nq)), exact, False, wo, o)
+    for d in range(dim):
+        h[0, d] += o[d]
+
+
+@njit(cache=_CACHE, nogil=True)
+def route(h, P, eps, x, logits, idx, w):
+    """The FFN's norm of h [1, dim] into x, and (a MoE layer) the router: the token's top
+    idx [1, top] experts and their weights w [1, top] (a dense layer keeps expert 0, weight 1)."""
+    dim, E = h.shape[1], logits.shape[1]
+    rms_norm(h, carray(ptr_f32(P[P_FFN_NORM]), (dim,)), eps, x)
+    if P[P_ROUTER] != 0:  # the router's F32 rows, as kernels.linear dots them
+        for e in range(E):
+            logits[0, e] = _float_dot(3, P[P_ROUTER] + e * dim * 4, x.ctypes.data, dim)
+        top_k_softmax(logits, idx.shape[1], idx, w)
+
+
+@njit(cache=_CACHE, nogil=True)
+def experts_one(ctl, x, X, idx, mine, counts, hidden, exact, gdesc, ddesc, gu, dn):
+    """The token's experts idx [1, top] (X [E, X_SIZE] their layer's rows of the experts table)
+    that this process holds (``mine`` [E]) on x [1, dim]: expert rank j's output in row j of
+    dn [top * dim]; the other ranks' rows 0 (another process fills them). counts [E] += 1 for
+    every expert the token uses."""
+    top, dim = idx.shape[1], x.shape[1]
+    n = 0
+    for j in range(top):
+        e = idx[0, j]
+        counts[e] += 1
+        if not mine[e]:
+            continue
+        R = X[e]
+        gdesc[n, D_X], gdesc[n, D_W], gdesc[n, D_W2], gdesc[n, D_KIND] = 0, R[X_G], R[X_U], R[X_KGU]
+        gdesc[n, D_RB], gdesc[n, D_NOUT], gdesc[n, D_CH] = R[X_RBGU], hidden, R[X_CHGU]
+        ddesc[n, D_X], ddesc[n, D_W], ddesc[n, D_W2], ddesc[n, D_KIND] = n, R[X_D], R[X_D], R[X_KD]
+        ddesc[n, D_RB], ddesc[n, D_NOUT], ddesc[n, D_CH] = R[X_RBD], dim, R[X_CHD]
+        n += 1
+    run_kinds(ctl, x, exact, True, gdesc[:n], gu)  # [n, hidden] silu(gate) * up
+    run_kinds(ctl, gu[: n * hidden].reshape((n, hidden)), exact, False, ddesc[:n], dn)  # [n, dim]
+    if n < top:  # spread to rank order, from the last (row n - 1 -> j >= n - 1)
+        for j in range(top - 1, -1, -1):
+            if mine[idx[0, j]]:
+                n -= 1
+                if n != j:
+                    dn[j * dim : (j + 1) * dim] = dn[n * dim : (n + 1) * dim]
+            else:
+                dn[j * dim : (j + 1) * dim] = 0.0
+
+
+@njit(cache=_CACHE, nogil=True)
+def combine(h, dn, w):
+    """ops.combine of the token's expert outputs dn [top * dim] (rank order) with weights
+    w [1, top]: y_0 + sum_j>0 w_j (y_j - y_0), added to h [1, dim] (the residual)."""
+    dim, top = h.shape[1], w.shape[1]
+    for d in range(dim):
+        m = dn[d]
+        for j in range(1, top):
+            m += w[0, j] * (dn[j * dim + d] - dn[d])
+        h[0, d] += m
+
+
+@njit(cache=_CACHE, nogil=True)
 def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, f16, shape, p0, window,
                   cos, sin, counts, eps, exact):
     """The token's hidden state h [1, dim] through every layer at position ``p0``, in place.
@@ -140,56 +218,49 @@ def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, 
     addresses of the cache's k / v, ``shape`` [L, KV, ctx, hd], float32 or (``f16``) float16:
     position p0 is written. cos / sin [P, rd/2] the rotary
     tables; counts [L, E] the tokens each expert saw (incremented); window 0: none."""
+    mine = np.ones(experts.shape[1], dtype=np.bool_)
+    w = np.ones((1, top), dtype=np.float32)
+    dn = np.empty(top * h.shape[1], dtype=np.float32)
+    for li in range(plan.shape[0]):
+        decode_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, shape, p0, window,
+                    cos, sin, counts, eps, exact, li, False, mine, w, dn)
+        combine(h, dn, w)
+    return h
+
+
+@njit(cache=_CACHE, nogil=True)
+def decode_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, shape, p0, window,
+                cos, sin, counts, eps, exact, li, first, mine, w, dn):
+    """A layer of ``decode_layers`` up to its experts' outputs, for expert parallel: with ``first``,
+    first the previous layer's combine (dn and w, dn completed by the other processes); then,
+    if li < L, layer li's attention, routing (into w [1, top]) and the experts this process
+    holds (``mine`` [E]), their outputs into dn [top * dim] in rank order, 0 where another
+    process's expert goes."""
     L, dim = plan.shape[0], h.shape[1]
+    if first:
+        combine(h, dn, w)
+    if li >= L:
+        return h
     KV, hd = shape[1], shape[3]
     nq, nkv = qkv[0, 0, D_NOUT], qkv[0, 1, D_NOUT]
-    H, E = nq // hd, experts.shape[1]
+    E, top = experts.shape[1], w.shape[1]
     x = np.empty((1, dim), dtype=np.float32)  # a normed hidden state
     y = np.empty(nq + 2 * nkv, dtype=np.float32)  # q | k | v
-    att = np.empty((1, H, hd), dtype=np.float32)
+    att = np.empty((1, nq // hd, hd), dtype=np.float32)
     o = np.empty(dim, dtype=np.float32)  # the attention's output projection
     logits = np.empty((1, E), dtype=np.float32)
     idx = np.zeros((1, top), dtype=np.int64)  # a dense model's one expert, weight 1
-    w = np.ones((1, top), dtype=np.float32)
     gu = np.empty(top * hidden, dtype=np.float32)  # [top, hidden] silu(gate) * up, rank order
-    dn = np.empty(top * dim, dtype=np.float32)  # [top, dim] each expert's output
     gdesc = np.empty((top, D_SIZE), dtype=np.int64)
     ddesc = np.empty((top, D_SIZE), dtype=np.int64)
     table = np.empty((1, F_SIZE), dtype=np.int64)
     pool_attention = threads > 1 and 1 < KV <= MAX_CHUNKS  # as kernels.attend chooses
-    for li in range(L):
-        P = plan[li]
-        rms_norm(h, carray(ptr_f32(P[P_ATTN_NORM]), (dim,)), eps, x)
-        run_kinds(ctl, x, exact, False, qkv[li], y)
-        q = y[:nq].reshape((1, H, hd))
-        k = y[nq : nq + nkv].reshape((KV, hd))
-        v = y[nq + nkv :].reshape((KV, hd))
-        rope_row(q[0], cos, sin, p0)
-        rope_row(k, cos, sin, p0)
-        store_and_attend(ka, va, f16, shape, li, p0, k, v, q, window, att, pool_attention, ctl, table)
-        run_kinds(ctl, att.reshape((1, nq)), exact, False, wo[li], o)
-        for d in range(dim):
-            h[0, d] += o[d]
-        rms_norm(h, carray(ptr_f32(P[P_FFN_NORM]), (dim,)), eps, x)
-        if P[P_ROUTER] != 0:  # the router's F32 rows, as kernels.linear dots them
-            for e in range(E):
-                logits[0, e] = _float_dot(3, P[P_ROUTER] + e * dim * 4, x.ctypes.data, dim)
-            top_k_softmax(logits, top, idx, w)
-        for j in range(top):
-            e = idx[0, j]
-            counts[li, e] += 1
-            X = experts[li, e]
-            gdesc[j, D_X], gdesc[j, D_W], gdesc[j, D_W2], gdesc[j, D_KIND] = 0, X[X_G], X[X_U], X[X_KGU]
-            gdesc[j, D_RB], gdesc[j, D_NOUT], gdesc[j, D_CH] = X[X_RBGU], hidden, X[X_CHGU]
-            ddesc[j, D_X], ddesc[j, D_W], ddesc[j, D_W2], ddesc[j, D_KIND] = j, X[X_D], X[X_D], X[X_KD]
-            ddesc[j, D_RB], ddesc[j, D_NOUT], ddesc[j, D_CH] = X[X_RBD], dim, X[X_CHD]
-        run_kinds(ctl, x, exact, True, gdesc, gu)
-        run_kinds(ctl, gu.reshape((top, hidden)), exact, False, ddesc, dn)
-        for d in range(dim):  # ops.combine: y_0 + sum_j>0 w_j (y_j - y_0), then the residual
-            m = dn[d]
-            for j in range(1, top):
-                m += w[0, j] * (dn[j * dim + d] - dn[d])
-            h[0, d] += m
+    P = plan[li]
+    attention_layer(ctl, h, P, qkv[li], wo[li], li, ka, va, f16, shape, p0, window, cos, sin, eps, exact,
+                    pool_attention, x, y, att, o, table)
+    w[:] = 1.0
+    route(h, P, eps, x, logits, idx, w)
+    experts_one(ctl, x, experts[li], idx, mine, counts[li], hidden, exact, gdesc, ddesc, gu, dn)
     # read by address while execute ran: used after it, so numba frees none of them before
     table[0, 0] = table[0, 0]
     att[0, 0, 0] = att[0, 0, 0]

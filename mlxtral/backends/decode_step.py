@@ -20,7 +20,7 @@ turns it off (for A/B measurements).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -48,25 +48,31 @@ class DecodeStep:
     @classmethod
     def build(cls, backend: NumpyBackend) -> DecodeStep | None:
         a = backend.args
+        place = backend.place
         if (not kernels.HAVE_NUMBA or env_flag("MLXTRAL_NO_DECODE_STEP") or backend.experts is not None
-                or backend.place is not None or a.n_heads % a.n_kv_heads):
+                or (place is not None and place.sliced) or a.n_heads % a.n_kv_heads):
             return None
-        first = backend.layers[0]
-        if first is None or not first.w1 or not all(isinstance(w, QTensor) for w in first.w1):
+        layers = [backend.layers[li] for li in backend.held]  # a pipeline rank's: its own
+        first = layers[0]
+        if first is None or not first.w1:
+            return None
+        mine = np.flatnonzero(backend.mine).tolist()  # expert parallel: this rank's experts
+        if not mine or not all(isinstance(first.w1[e], QTensor) for e in mine):
             return None
         # the compiled step reads by address, unchecked: every shape it assumes is checked here
         dim, hd, H, KV = a.dim, a.head_dim, a.n_heads, a.n_kv_heads
-        E, hidden, routed = len(first.w1), first.w1[0].shape[0], first.router is not None
+        E, hidden, routed = len(first.w1), first.w1[mine[0]].shape[0], first.router is not None
         if (routed and not 0 < a.n_experts_per_tok <= E) or (not routed and E != 1):
             return None
         if (a.rope_dim or hd) > hd or backend.rope.cos.shape[1] * 2 != (a.rope_dim or hd):
             return None
-        for L in backend.layers:
+        for L in layers:
             if L is None or len(L.w1) != E or (L.router is not None) != routed:
                 return None
             want = [(L.wq, (H * hd, dim)), (L.wk, (KV * hd, dim)), (L.wv, (KV * hd, dim)),
                     (L.wo, (dim, H * hd))]
-            want += [(w, (hidden, dim)) for w in L.w1 + L.w3] + [(w, (dim, hidden)) for w in L.w2]
+            want += [(L.w1[e], (hidden, dim)) for e in mine] + [(L.w3[e], (hidden, dim)) for e in mine]
+            want += [(L.w2[e], (dim, hidden)) for e in mine]
             for w, shape in want:
                 if not isinstance(w, QTensor) or w.qtype not in kernels._KINDS or tuple(w.shape) != shape:
                     return None
@@ -75,7 +81,7 @@ class DecodeStep:
             for f, shape in floats:
                 if f.dtype != np.float32 or f.shape != shape or not f.flags.c_contiguous:
                     return None
-            if any(g.qtype != u.qtype for g, u in zip(L.w1, L.w3, strict=True)):
+            if any(L.w1[e].qtype != L.w3[e].qtype for e in mine):
                 return None  # the general path's two tasks and NumPy's SiLU
         return cls(backend)
 
@@ -83,14 +89,16 @@ class DecodeStep:
         from mlxtral.backends import _decode_step_nb as nb
 
         be, a = self.backend, self.backend.args
-        L = a.n_layers
-        E = len(be.layers[0].w1)  # type: ignore[union-attr]
+        layers = [be.layers[li] for li in be.held]
+        L = len(layers)
+        E = len(layers[0].w1)  # type: ignore[union-attr]
         self.plan = np.zeros((L, nb.P_SIZE), dtype=np.int64)
         self.qkv = np.zeros((L, 3, nb.D_SIZE), dtype=np.int64)
         self.wo = np.zeros((L, 1, nb.D_SIZE), dtype=np.int64)
         self.experts = np.zeros((L, E, nb.X_SIZE), dtype=np.int64)
-        self.hidden = be.layers[0].w1[0].shape[0]  # type: ignore[union-attr]
-        self.top = a.n_experts_per_tok if be.layers[0].router is not None else 1  # type: ignore[union-attr]
+        mine = np.flatnonzero(be.mine).tolist()
+        self.hidden = layers[0].w1[mine[0]].shape[0]  # type: ignore[union-attr]
+        self.top = a.n_experts_per_tok if layers[0].router is not None else 1  # type: ignore[union-attr]
 
         def info(w: QTensor) -> tuple[int, ...]:  # kind, address, row bytes, rows, item rows at 1, 2, more
             kind, wd, ch, wa = kernels._winfo(w, 1)
@@ -101,14 +109,14 @@ class DecodeStep:
             kind, wa, rb, nout, ch, ch2, ch3 = info(w)
             return 0, wa, wa, rb, nout, ch, kind, ch2, ch3
 
-        for li, lw in enumerate(be.layers):
+        for li, lw in enumerate(layers):  # a pipeline rank's: row i is layer held[i]
             assert lw is not None
             P = self.plan[li]
             P[nb.P_ATTN_NORM], P[nb.P_FFN_NORM] = lw.attn_norm.ctypes.data, lw.ffn_norm.ctypes.data
             P[nb.P_ROUTER] = 0 if lw.router is None else lw.router.ctypes.data
             self.qkv[li] = [product(w) for w in (lw.wq, lw.wk, lw.wv)]
             self.wo[li, 0] = product(lw.wo)
-            for e in range(E):
+            for e in mine:  # another rank's expert: its row stays 0, never read
                 g, u, d = info(lw.w1[e]), info(lw.w3[e]), info(lw.w2[e])
                 self.experts[li, e] = (g[1], u[1], d[1], g[0], d[0], g[2], d[2], g[4], d[4],
                                        g[5], d[5], g[6], d[6])
@@ -120,13 +128,13 @@ class DecodeStep:
         a = self.backend.args
         k, v = cache.k, cache.v
         return (k.dtype == v.dtype and k.dtype in (np.float32, np.float16) and k.shape == v.shape
-                and k.shape[:2] == (a.n_layers, a.n_kv_heads) and k.shape[3] == a.head_dim
+                and k.shape[:2] == (len(self.backend.held), a.n_kv_heads) and k.shape[3] == a.head_dim
                 and 0 <= cache.offset < k.shape[2] and k.flags.c_contiguous and v.flags.c_contiguous)
 
     def takes_batch(self, caches: Sequence[KVCache]) -> bool:
         """Whether :meth:`batch` runs these caches: 2 .. ``max_batch`` of them, each one :meth:`takes`,
         all of one dtype, none past the rotary table."""
-        return (1 < len(caches) <= self.max_batch and all(self.takes(c) for c in caches)
+        return (not self.backend.split and 1 < len(caches) <= self.max_batch and all(self.takes(c) for c in caches)
                 and len({c.k.dtype for c in caches}) == 1
                 and max(c.offset for c in caches) < self.backend.rope.max_positions)
 
@@ -151,6 +159,32 @@ class DecodeStep:
             nb.decode_layers(*args)
         return h
 
+    def split(self, h: np.ndarray, cache: KVCache,
+              gather: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+        """Expert parallel: :meth:`__call__` a layer at a time, this process computing the token's
+        experts it holds; ``gather(pairs [1, top, dim], layer)`` completes each layer's expert
+        outputs from every process's share before the combine (the layer loop's ``_gather``): the
+        bits of one process."""
+        from mlxtral.backends import _decode_step_nb as nb
+
+        a = self._args(h, cache)
+        args = (*a[:8], *a[9:])  # decode_part's: decode_layers' but ``top`` (w's width)
+        L, dim = len(self.backend.held), h.shape[1]
+        w = np.ones((1, self.top), dtype=np.float32)
+        dn = np.zeros(self.top * dim, dtype=np.float32)
+        mine = self.backend.mine
+        for li in range(L + 1):
+            with kernels._run_lock:
+                nb.decode_part(*args, li, li > 0, mine, w, dn)
+            if li < L:
+                dn[:] = gather(dn.reshape(1, self.top, dim), li).reshape(-1)
+        return h
+
+    def _counts(self) -> np.ndarray:
+        """Tokens per expert [L, E] of this process's layers (a view of the backend's)."""
+        held = self.backend.held
+        return self.backend.expert_counts[held.start : held.stop]
+
     def _common(self) -> tuple:
         if self._threads != kernels.get_num_threads():
             self._plan()
@@ -161,7 +195,7 @@ class DecodeStep:
         be, a = self.backend, self.backend.args
         return (*self._common(), h, self.plan, self.qkv, self.wo, self.experts, self.hidden, self.top,
                 cache.k.ctypes.data, cache.v.ctypes.data, cache.k.dtype == np.float16, cache.k.shape,
-                cache.offset, kernels._window(a.sliding_window), be.rope.cos, be.rope.sin, be.expert_counts,
+                cache.offset, kernels._window(a.sliding_window), be.rope.cos, be.rope.sin, self._counts(),
                 float(a.norm_eps), kernels._exact)
 
     def _batch_args(self, h: np.ndarray, caches: Sequence[KVCache]) -> tuple:
@@ -173,7 +207,7 @@ class DecodeStep:
         p0 = np.array([c.offset for c in caches], dtype=np.int64)
         return (*self._common(), h, self.plan, self.qkv, self.wo, self.experts, self.hidden, self.top, ka,
                 va, caches[0].k.dtype == np.float16, a.n_kv_heads, a.head_dim, ctx, p0,
-                kernels._window(a.sliding_window), be.rope.cos, be.rope.sin, be.expert_counts,
+                kernels._window(a.sliding_window), be.rope.cos, be.rope.sin, self._counts(),
                 float(a.norm_eps), kernels._exact, kernels._STREAM_T)
 
     def warm(self, batch: bool = True) -> None:

@@ -224,8 +224,9 @@ class NumpyBackend:
             return ops.attend(q, ck, cv, p0, a.sliding_window)  # [T, H*hd]
 
         step = self.decode_step
-        if (step is not None and T == 1 and h is None and step.takes(cache) and S <= self.rope.max_positions):
-            h = step(np.ascontiguousarray(self.embed.rows(ids), dtype=np.float32), cache)  # one call
+        if step is not None and T == 1 and step.takes(cache) and S <= self.rope.max_positions:
+            x = np.ascontiguousarray(self.embed.rows(ids) if h is None else h, dtype=np.float32)  # [1, dim]
+            h = step.split(x, cache, self._gather) if self.split else step(x, cache)  # one call (a layer)
         else:
             h = self._layers(ids, slice(p0, S), attention, h)
         cache.offset = S
@@ -287,8 +288,8 @@ class NumpyBackend:
         pos = np.concatenate([np.arange(p, p + n) for p, n in zip(p0s, lens.tolist(), strict=True)])  # [T]
         ids = [int(t) for r in runs for t in r]
         step = self.decode_step
-        if h is None and step is not None and lens.max() == 1 and step.takes_batch(caches):
-            h = np.ascontiguousarray(self.embed.rows(ids), dtype=np.float32)  # [B, dim]
+        if step is not None and lens.max() == 1 and step.takes_batch(caches):
+            h = np.ascontiguousarray(self.embed.rows(ids) if h is None else h, dtype=np.float32)  # [B, dim]
             try:
                 step.batch(h, caches)  # every sequence's token through every layer in one call
             except ZeroDivisionError:

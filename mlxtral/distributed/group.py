@@ -161,6 +161,7 @@ class _StderrFilter:
 
     real_fd: int | None = None
     pump: threading.Thread | None = None
+    closed = False
 
     @classmethod
     def install(cls) -> None:
@@ -198,6 +199,7 @@ class _StderrFilter:
             return
         cls.pump.join(2.0)
         cls.pump = None
+        cls.closed = True  # a pump still reading (a write in flight) passes nothing more on
 
     @staticmethod
     def _pump(r: int, out: int) -> None:
@@ -208,15 +210,15 @@ class _StderrFilter:
             except OSError:
                 return
             if not chunk:
-                if buf:
-                    os.write(out, buf)
+                if buf and not _mlx_retry(buf) and not _StderrFilter.closed:  # a last piece without its end
+                    os.write(out, _unpieced(buf))
                 return
             buf += chunk
             *lines, buf = buf.split(b"\n")
-            keep = b"".join(line + b"\n" for line in lines if not _mlx_retry(line))
+            keep = b"".join(_unpieced(line) + b"\n" for line in lines if not _mlx_retry(line))
             if len(buf) > 65536:  # a line without an end: pass it through as it is
                 keep, buf = keep + buf, b""
-            if keep:
+            if keep and not _StderrFilter.closed:
                 try:
                     os.write(out, keep)
                 except OSError:
@@ -239,10 +241,26 @@ def end_with(code: int, message: str = "") -> None:
 
 
 _RETRY = re.compile(rb"^(?:\x1b\[[0-9;]{0,16}m)?\s{0,8}\[ring\] ")
+# MLX's threads write "[ring] Socket 7 was closed by the peer" a piece at a time, so two threads'
+# pieces interleave with each other and with this process's own lines ("[ring]error: ...")
+_PIECES = re.compile(rb"(?:\s|\x1b\[[0-9;]{0,16}m|\[ring\]|Socket \d{1,9}|was closed by the peer\.?)+")
 
 
 def _mlx_retry(line: bytes) -> bool:
-    return _RETRY.match(line) is not None
+    """An MLX retry line, or a line made only of the pieces of one."""
+    if _RETRY.match(line) is not None:
+        return True
+    rest = _unpieced(line)
+    return len(rest) < len(line) and not rest.strip()
+
+
+def _unpieced(line: bytes) -> bytes:
+    """``line`` without the MLX pieces it starts with (when there is one: ``[ring]`` or the end of
+    a "closed by the peer" line); any other line as it is."""
+    m = _PIECES.match(line[:4096])
+    if m is None or not (b"[ring]" in m.group() or b"closed by the peer" in m.group()):
+        return line
+    return line[m.end():]
 
 
 class Group:
