@@ -52,8 +52,10 @@ parts = []
 for r in m.stream(ids, max_tokens=12, temperature=0, session=s):
     parts.append(r.token)
 text = m.generate(ids[:3], max_tokens=6, temperature=1.0, seed=7)  # sampled once, on rank 0
+be = getattr(m.backend, "backend", m.backend)  # rank 0's own backend under a group
 np.savez(out, logits=lg, greedy=np.array([t for t in parts if t is not None], dtype=np.int64),
-         sampled=np.array(text, dtype=str), counts=m.expert_counts())
+         sampled=np.array(text, dtype=str), counts=m.expert_counts(),
+         step=np.array(getattr(be, "decode_step", None) is not None))
 m.close()
 """
 
@@ -123,6 +125,13 @@ def _distributed(tmp_path: Path, model: Path, ids: list[int], n: int, mode: str,
     return dict(np.load(out))
 
 
+def _stepped(got: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A run whose decode went through the compiled decode step (a layer a call on an expert
+    rank, its layers in one call on a pipeline rank), as in one process."""
+    assert bool(got["step"]), "the ranks took the layer loop, not the compiled decode step"
+    return got
+
+
 def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
     np.testing.assert_array_equal(a["logits"], b["logits"])  # bit for bit
     np.testing.assert_array_equal(a["greedy"], b["greedy"])
@@ -161,13 +170,13 @@ IDS = [1, 415, 2936, 9060, 285, 10575, 754, 272, 17898, 3914, 304, 868, 13, 2870
 @pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert", 3), ("expert-rows", 2),
                                          ("expert-rows", 3), ("pipeline", 2), ("pipeline", 3)])
 def test_tiny_moe_equals_single_process(tmp_path: Path, tiny_moe: Path, mode: str, n: int) -> None:
-    _same(_distributed(tmp_path, tiny_moe, IDS, n, mode), _single(tmp_path, tiny_moe, IDS))
+    _same(_stepped(_distributed(tmp_path, tiny_moe, IDS, n, mode)), _single(tmp_path, tiny_moe, IDS))
 
 
 @pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert-rows", 2), ("expert-rows", 3),
                                          ("pipeline", 3)])
 def test_bench_shape_equals_single_process(tmp_path: Path, bench_model: Path, mode: str, n: int) -> None:
-    _same(_distributed(tmp_path, bench_model, IDS, n, mode), _single(tmp_path, bench_model, IDS))
+    _same(_stepped(_distributed(tmp_path, bench_model, IDS, n, mode)), _single(tmp_path, bench_model, IDS))
 
 
 @pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert-rows", 2), ("pipeline", 2)])
@@ -179,7 +188,7 @@ def test_demo_equals_single_process(tmp_path: Path, mode: str, n: int) -> None:
     except Exception as e:  # noqa: BLE001 - the demo's source weights are an optional package
         pytest.skip(f"no demo model: {e}")
     ids = [1, 504, 3458, 282, 4649, 314]
-    _same(_distributed(tmp_path, demo, ids, n, mode), _single(tmp_path, demo, ids))
+    _same(_stepped(_distributed(tmp_path, demo, ids, n, mode)), _single(tmp_path, demo, ids))
 
 
 @pytest.mark.parametrize("mode", ["expert", "expert-rows", "pipeline"])

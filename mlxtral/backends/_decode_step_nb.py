@@ -165,12 +165,12 @@ def route(h, P, eps, x, logits, idx, w):
 
 
 @njit(cache=_CACHE, nogil=True)
-def experts_one(ctl, x, X, idx, mine, counts, hidden, exact, gdesc, ddesc, gu, dn):
-    """The token's experts idx [1, top] (X [E, X_SIZE] their layer's rows of the experts table)
-    that this process holds (``mine`` [E]) on x [1, dim]: expert rank j's output in row j of
-    dn [top * dim]; the other ranks' rows 0 (another process fills them). counts [E] += 1 for
-    every expert the token uses."""
-    top, dim = idx.shape[1], x.shape[1]
+def gate_up(ctl, x, X, idx, mine, counts, hidden, exact, gu):
+    """silu(gate) * up of the token's experts idx [1, top] (X [E, X_SIZE] their layer's rows of
+    the experts table) that this process holds (``mine`` [E]) on x [1, dim], rank order, into
+    rows of gu [top * hidden]; returns how many. counts [E] += 1 for every expert the token uses."""
+    top = idx.shape[1]
+    desc = np.empty((top, D_SIZE), dtype=np.int64)
     n = 0
     for j in range(top):
         e = idx[0, j]
@@ -178,21 +178,38 @@ def experts_one(ctl, x, X, idx, mine, counts, hidden, exact, gdesc, ddesc, gu, d
         if not mine[e]:
             continue
         R = X[e]
-        gdesc[n, D_X], gdesc[n, D_W], gdesc[n, D_W2], gdesc[n, D_KIND] = 0, R[X_G], R[X_U], R[X_KGU]
-        gdesc[n, D_RB], gdesc[n, D_NOUT], gdesc[n, D_CH] = R[X_RBGU], hidden, R[X_CHGU]
-        ddesc[n, D_X], ddesc[n, D_W], ddesc[n, D_W2], ddesc[n, D_KIND] = n, R[X_D], R[X_D], R[X_KD]
-        ddesc[n, D_RB], ddesc[n, D_NOUT], ddesc[n, D_CH] = R[X_RBD], dim, R[X_CHD]
+        desc[n, D_X], desc[n, D_W], desc[n, D_W2], desc[n, D_KIND] = 0, R[X_G], R[X_U], R[X_KGU]
+        desc[n, D_RB], desc[n, D_NOUT], desc[n, D_CH] = R[X_RBGU], hidden, R[X_CHGU]
         n += 1
-    run_kinds(ctl, x, exact, True, gdesc[:n], gu)  # [n, hidden] silu(gate) * up
-    run_kinds(ctl, gu[: n * hidden].reshape((n, hidden)), exact, False, ddesc[:n], dn)  # [n, dim]
+    run_kinds(ctl, x, exact, True, desc[:n], gu)
+    return n
+
+
+@njit(cache=_CACHE, nogil=True)
+def down(ctl, gu, X, idx, mine, dout, exact, dn):
+    """The down projections (``dout`` rows each) of the token's experts this process holds, on
+    gu [n, hidden] (``gate_up``'s rows, rank order): expert rank j's output in row j of
+    dn [top * dout]; the other ranks' rows 0 (another process fills them)."""
+    top = idx.shape[1]
+    desc = np.empty((top, D_SIZE), dtype=np.int64)
+    n = 0
+    for j in range(top):
+        e = idx[0, j]
+        if not mine[e]:
+            continue
+        R = X[e]
+        desc[n, D_X], desc[n, D_W], desc[n, D_W2], desc[n, D_KIND] = n, R[X_D], R[X_D], R[X_KD]
+        desc[n, D_RB], desc[n, D_NOUT], desc[n, D_CH] = R[X_RBD], dout, R[X_CHD]
+        n += 1
+    run_kinds(ctl, gu[:n], exact, False, desc[:n], dn)  # [n, dout]
     if n < top:  # spread to rank order, from the last (row n - 1 -> j >= n - 1)
         for j in range(top - 1, -1, -1):
             if mine[idx[0, j]]:
                 n -= 1
                 if n != j:
-                    dn[j * dim : (j + 1) * dim] = dn[n * dim : (n + 1) * dim]
+                    dn[j * dout : (j + 1) * dout] = dn[n * dout : (n + 1) * dout]
             else:
-                dn[j * dim : (j + 1) * dim] = 0.0
+                dn[j * dout : (j + 1) * dout] = 0.0
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -219,23 +236,26 @@ def decode_layers(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, 
     position p0 is written. cos / sin [P, rd/2] the rotary
     tables; counts [L, E] the tokens each expert saw (incremented); window 0: none."""
     mine = np.ones(experts.shape[1], dtype=np.bool_)
+    idx = np.zeros((1, top), dtype=np.int64)
     w = np.ones((1, top), dtype=np.float32)
+    gu = np.empty(top * hidden, dtype=np.float32)
     dn = np.empty(top * h.shape[1], dtype=np.float32)
     for li in range(plan.shape[0]):
         decode_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, shape, p0, window,
-                    cos, sin, counts, eps, exact, li, False, mine, w, dn)
+                    cos, sin, counts, eps, exact, li, False, mine, idx, w, gu, dn, True)
         combine(h, dn, w)
     return h
 
 
 @njit(cache=_CACHE, nogil=True)
 def decode_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, shape, p0, window,
-                cos, sin, counts, eps, exact, li, first, mine, w, dn):
+                cos, sin, counts, eps, exact, li, first, mine, idx, w, gu, dn, down_too):
     """A layer of ``decode_layers`` up to its experts' outputs, for expert parallel: with ``first``,
     first the previous layer's combine (dn and w, dn completed by the other processes); then,
-    if li < L, layer li's attention, routing (into w [1, top]) and the experts this process
-    holds (``mine`` [E]), their outputs into dn [top * dim] in rank order, 0 where another
-    process's expert goes."""
+    if li < L, layer li's attention, routing (into idx / w [1, top]), gate and up of the experts
+    this process holds (``mine`` [E]) into gu [top * hidden] and, with ``down_too``, their down
+    projections into dn [top * dim] in rank order, 0 where another process's expert goes (by
+    rows, :func:`decode_down` runs them on every process's gate/up columns put together)."""
     L, dim = plan.shape[0], h.shape[1]
     if first:
         combine(h, dn, w)
@@ -243,28 +263,34 @@ def decode_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, sh
         return h
     KV, hd = shape[1], shape[3]
     nq, nkv = qkv[0, 0, D_NOUT], qkv[0, 1, D_NOUT]
-    E, top = experts.shape[1], w.shape[1]
     x = np.empty((1, dim), dtype=np.float32)  # a normed hidden state
     y = np.empty(nq + 2 * nkv, dtype=np.float32)  # q | k | v
     att = np.empty((1, nq // hd, hd), dtype=np.float32)
     o = np.empty(dim, dtype=np.float32)  # the attention's output projection
-    logits = np.empty((1, E), dtype=np.float32)
-    idx = np.zeros((1, top), dtype=np.int64)  # a dense model's one expert, weight 1
-    gu = np.empty(top * hidden, dtype=np.float32)  # [top, hidden] silu(gate) * up, rank order
-    gdesc = np.empty((top, D_SIZE), dtype=np.int64)
-    ddesc = np.empty((top, D_SIZE), dtype=np.int64)
+    logits = np.empty((1, experts.shape[1]), dtype=np.float32)
     table = np.empty((1, F_SIZE), dtype=np.int64)
     pool_attention = threads > 1 and 1 < KV <= MAX_CHUNKS  # as kernels.attend chooses
     P = plan[li]
     attention_layer(ctl, h, P, qkv[li], wo[li], li, ka, va, f16, shape, p0, window, cos, sin, eps, exact,
                     pool_attention, x, y, att, o, table)
-    w[:] = 1.0
+    idx[0, :] = 0  # a dense model's one expert, weight 1
+    w[0, :] = 1.0
     route(h, P, eps, x, logits, idx, w)
-    experts_one(ctl, x, experts[li], idx, mine, counts[li], hidden, exact, gdesc, ddesc, gu, dn)
+    n = gate_up(ctl, x, experts[li], idx, mine, counts[li], hidden, exact, gu)
+    if down_too:
+        down(ctl, gu[: n * hidden].reshape((n, hidden)), experts[li], idx, mine, dim, exact, dn)
     # read by address while execute ran: used after it, so numba frees none of them before
     table[0, 0] = table[0, 0]
     att[0, 0, 0] = att[0, 0, 0]
     return h
+
+
+@njit(cache=_CACHE, nogil=True)
+def decode_down(ctl, experts, li, idx, mine, gu, dout, exact, dn):
+    """Expert parallel by rows: layer li's down projections (this process's ``dout`` rows of each)
+    of the token's experts idx [1, top] on gu [top, hidden] (every process's gate/up columns put
+    together) into dn [top * dout], rank order."""
+    down(ctl, gu, experts[li], idx, mine, dout, exact, dn)
 
 
 # ---- several sequences, a token each ------------------------------------------------------------

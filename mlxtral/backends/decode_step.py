@@ -50,7 +50,7 @@ class DecodeStep:
         a = backend.args
         place = backend.place
         if (not kernels.HAVE_NUMBA or env_flag("MLXTRAL_NO_DECODE_STEP") or backend.experts is not None
-                or (place is not None and place.sliced) or a.n_heads % a.n_kv_heads):
+                or a.n_heads % a.n_kv_heads):
             return None
         layers = [backend.layers[li] for li in backend.held]  # a pipeline rank's: its own
         first = layers[0]
@@ -61,8 +61,15 @@ class DecodeStep:
             return None
         # the compiled step reads by address, unchecked: every shape it assumes is checked here
         dim, hd, H, KV = a.dim, a.head_dim, a.n_heads, a.n_kv_heads
-        E, hidden, routed = len(first.w1), first.w1[mine[0]].shape[0], first.router is not None
+        E, routed = len(first.w1), first.router is not None
         if (routed and not 0 < a.n_experts_per_tok <= E) or (not routed and E != 1):
+            return None
+        # an expert's gate/up rows, down's rows and columns (by rows: this rank's share of each)
+        hidden, (dout, hin) = first.w1[mine[0]].shape[0], first.w2[mine[0]].shape
+        if place is not None and place.sliced:
+            if hidden != len(place.rows(hin)) or dout != len(place.rows(dim)):
+                return None
+        elif (hidden, dout) != (hin, dim):
             return None
         if (a.rope_dim or hd) > hd or backend.rope.cos.shape[1] * 2 != (a.rope_dim or hd):
             return None
@@ -72,7 +79,7 @@ class DecodeStep:
             want = [(L.wq, (H * hd, dim)), (L.wk, (KV * hd, dim)), (L.wv, (KV * hd, dim)),
                     (L.wo, (dim, H * hd))]
             want += [(L.w1[e], (hidden, dim)) for e in mine] + [(L.w3[e], (hidden, dim)) for e in mine]
-            want += [(L.w2[e], (dim, hidden)) for e in mine]
+            want += [(L.w2[e], (dout, hin)) for e in mine]
             for w, shape in want:
                 if not isinstance(w, QTensor) or w.qtype not in kernels._KINDS or tuple(w.shape) != shape:
                     return None
@@ -97,7 +104,8 @@ class DecodeStep:
         self.wo = np.zeros((L, 1, nb.D_SIZE), dtype=np.int64)
         self.experts = np.zeros((L, E, nb.X_SIZE), dtype=np.int64)
         mine = np.flatnonzero(be.mine).tolist()
-        self.hidden = layers[0].w1[mine[0]].shape[0]  # type: ignore[union-attr]
+        self.hidden = layers[0].w1[mine[0]].shape[0]  # type: ignore[union-attr]  # gate/up rows held
+        self.dout, self.hin = layers[0].w2[mine[0]].shape  # type: ignore[union-attr]  # down's rows held, its width
         self.top = a.n_experts_per_tok if layers[0].router is not None else 1  # type: ignore[union-attr]
 
         def info(w: QTensor) -> tuple[int, ...]:  # kind, address, row bytes, rows, item rows at 1, 2, more
@@ -134,8 +142,8 @@ class DecodeStep:
     def takes_batch(self, caches: Sequence[KVCache]) -> bool:
         """Whether :meth:`batch` runs these caches: 2 .. ``max_batch`` of them, each one :meth:`takes`,
         all of one dtype, none past the rotary table."""
-        return (not self.backend.split and 1 < len(caches) <= self.max_batch and all(self.takes(c) for c in caches)
-                and len({c.k.dtype for c in caches}) == 1
+        return (not self.backend.split and 1 < len(caches) <= self.max_batch
+                and all(self.takes(c) for c in caches) and len({c.k.dtype for c in caches}) == 1
                 and max(c.offset for c in caches) < self.backend.rope.max_positions)
 
     def batch(self, h: np.ndarray, caches: Sequence[KVCache]) -> np.ndarray:
@@ -159,25 +167,40 @@ class DecodeStep:
             nb.decode_layers(*args)
         return h
 
-    def split(self, h: np.ndarray, cache: KVCache,
-              gather: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
-        """Expert parallel: :meth:`__call__` a layer at a time, this process computing the token's
-        experts it holds; ``gather(pairs [1, top, dim], layer)`` completes each layer's expert
-        outputs from every process's share before the combine (the layer loop's ``_gather``): the
-        bits of one process."""
+    def split(self, h: np.ndarray, cache: KVCache, gather: Callable[[np.ndarray, int], np.ndarray],
+              whole: Callable[[list[np.ndarray], int], list[np.ndarray]]) -> np.ndarray:
+        """Expert parallel: :meth:`__call__` a layer at a time, this process computing its share of
+        the token's experts (whole experts, or by rows its rows of each); ``gather(pairs [1, top,
+        dim], layer)`` completes a layer's expert outputs from every process's share before the
+        combine, and by rows ``whole([gu [top, hidden share]], layer)`` puts every process's gate/up
+        columns together before down (the layer loop's ``_gather`` and ``_whole_hidden``): the bits
+        of one process."""
         from mlxtral.backends import _decode_step_nb as nb
 
+        be = self.backend
         a = self._args(h, cache)
         args = (*a[:8], *a[9:])  # decode_part's: decode_layers' but ``top`` (w's width)
-        L, dim = len(self.backend.held), h.shape[1]
-        w = np.ones((1, self.top), dtype=np.float32)
-        dn = np.zeros(self.top * dim, dtype=np.float32)
-        mine = self.backend.mine
+        L, dim, top, rows = len(be.held), h.shape[1], self.top, be.out_cols != slice(None)
+        idx = np.zeros((1, top), dtype=np.int64)
+        w = np.ones((1, top), dtype=np.float32)
+        gu = np.empty((top, self.hidden), dtype=np.float32)
+        dn = np.zeros(top * dim, dtype=np.float32)
+        pairs = np.zeros((1, top, dim), dtype=np.float32)
+        mine, ctl, exact = be.mine, a[0], a[-1]
         for li in range(L + 1):
             with kernels._run_lock:
-                nb.decode_part(*args, li, li > 0, mine, w, dn)
-            if li < L:
-                dn[:] = gather(dn.reshape(1, self.top, dim), li).reshape(-1)
+                nb.decode_part(*args, li, li > 0, mine, idx, w, gu.reshape(-1), dn, not rows)
+            if li == L:
+                break
+            if rows:  # every rank's columns of gate/up, then its rows of down
+                part = np.ascontiguousarray(whole([gu], li)[0], dtype=np.float32)  # [top, hin]
+                out = np.empty(top * self.dout, dtype=np.float32)
+                with kernels._run_lock:
+                    nb.decode_down(ctl, self.experts, li, idx, mine, part, self.dout, exact, out)
+                pairs[0, :, be.out_cols] = out.reshape(top, self.dout)
+            else:
+                pairs[0] = dn.reshape(top, dim)
+            dn[:] = gather(pairs, li).reshape(-1)
         return h
 
     def _counts(self) -> np.ndarray:
