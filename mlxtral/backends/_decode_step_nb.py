@@ -6,6 +6,9 @@ pool or the serial ``attend``, the router's F32 row dot, ``top_k_softmax``), wit
 and, where NumPy did the arithmetic (residual adds, the rank-order combine), the same float32
 operations in the same order: the bits of ``NumpyBackend._layers`` at T = 1, without its ~100 us
 of Python a layer. ``decode_batch`` is the same pass for several sequences, a token each.
+A layer is made of ``attention_layer``, ``route``, ``gate_up``, ``down`` and ``combine``;
+``decode_part`` (and by rows ``decode_down``) run them a layer a call for an expert-parallel rank,
+whose layers wait for a collective between their experts and their combine.
 """
 from __future__ import annotations
 

@@ -13,10 +13,16 @@ position) take the batched form, :meth:`DecodeStep.batch` (``decode_batch``): ea
 once on all the rows, each expert on the rows routed to it, so the weights stream once per step,
 and every row gets the bits its own step gives it (the kernels are batch-invariant).
 
-It applies where that path is plain: every layer and expert held in this process (no expert
-streaming, no distribution), numba present, every expert's gate and up of
-one kind. :meth:`DecodeStep.build` returns None otherwise, and ``MLXTRAL_NO_DECODE_STEP=1``
-turns it off (for A/B measurements).
+Across processes (:mod:`mlxtral.distributed`) a pipeline rank runs its own layers in one call; an
+expert-parallel rank runs a layer a call (:meth:`DecodeStep.split`, ``decode_part``), because each
+layer's expert outputs are completed by a collective before the next layer can start: attention,
+routing and this rank's share of the token's experts in one call, the collective in Python, the
+combine at the start of the next call (by rows, down runs in a second call, ``decode_down``, after
+every rank's gate/up columns are put together). The bits are one process's.
+
+It applies where that path is plain: every layer and expert this process holds resident (no expert
+streaming), numba present, every expert's gate and up of one kind. :meth:`DecodeStep.build`
+returns None otherwise, and ``MLXTRAL_NO_DECODE_STEP=1`` turns it off (for A/B measurements).
 """
 from __future__ import annotations
 

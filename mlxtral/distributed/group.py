@@ -376,7 +376,11 @@ class Group:
         its own columns only, not a zero-filled whole row for an ``all_sum`` to complete."""
         if self.size == 1:
             return x
-        return np.array(self.concat_mx(self.mx.array(np.ascontiguousarray(x)), widths, what), copy=True)
+        w = max(widths)
+        part = np.zeros((*x.shape[:-1], w), dtype=x.dtype)  # padded to the widest (zeros, never read)
+        part[..., : x.shape[-1]] = x
+        every = self.all_gather(part, what)  # [size, ..., w]
+        return np.concatenate([every[r, ..., : widths[r]] for r in range(self.size)], axis=-1)
 
     def send(self, x: np.ndarray, dst: int, what: str = "a send") -> None:
         mx = self.mx
