@@ -334,6 +334,9 @@ def load(
     if group is not None and share is not None:
         from mlxtral.distributed.runner import follow, leader
 
+        step = getattr(be, "decode_step", None)
+        if step is not None:  # every rank's compiled decode step now (or from the disk cache), not
+            step.warm(batch=False)  # at the first token, which would wait for the slowest rank's
         group.barrier("the start-up", wait=False)  # every rank loaded (a dead one: one line)
         if not share.head:
             follow(be, group, share)  # never returns

@@ -184,22 +184,17 @@ class DecodeStep:
         from mlxtral.backends import _decode_step_nb as nb
 
         be = self.backend
-        a = self._args(h, cache)
-        args = (*a[:8], *a[9:])  # decode_part's: decode_layers' but ``top`` (w's width)
+        args, (idx, w, gu, dn) = self._part_args(h, cache)
         L, dim, top, rows = len(be.held), h.shape[1], self.top, be.out_cols != slice(None)
-        idx = np.zeros((1, top), dtype=np.int64)
-        w = np.ones((1, top), dtype=np.float32)
-        gu = np.empty((top, self.hidden), dtype=np.float32)
-        dn = np.zeros(top * dim, dtype=np.float32)
         pairs = np.zeros((1, top, dim), dtype=np.float32)
-        mine, ctl, exact = be.mine, a[0], a[-1]
+        mine, ctl, exact = be.mine, args[0], args[-1]
         for li in range(L + 1):
             with kernels._run_lock:
-                nb.decode_part(*args, li, li > 0, mine, idx, w, gu.reshape(-1), dn, not rows)
+                nb.decode_part(*args, li, li > 0, mine, idx, w, gu, dn, not rows)
             if li == L:
                 break
-            if rows:  # every rank's columns of gate/up, then its rows of down
-                part = np.ascontiguousarray(whole([gu], li)[0], dtype=np.float32)  # [top, hin]
+            if rows:  # every rank's columns of gate/up [top, hin], then its rows of down
+                part = np.ascontiguousarray(whole([gu.reshape(top, -1)], li)[0], dtype=np.float32)
                 out = np.empty(top * self.dout, dtype=np.float32)
                 with kernels._run_lock:
                     nb.decode_down(ctl, self.experts, li, idx, mine, part, self.dout, exact, out)
@@ -208,6 +203,15 @@ class DecodeStep:
                 pairs[0] = dn.reshape(top, dim)
             dn[:] = gather(pairs, li).reshape(-1)
         return h
+
+    def _part_args(self, h: np.ndarray, cache: KVCache) -> tuple[tuple, tuple[np.ndarray, ...]]:
+        """``decode_part``'s arguments up to the layer (``decode_layers``' but ``top``, w's width), and
+        its buffers: idx [1, top], w [1, top], gu [top * hidden], dn [top * dim]."""
+        a = self._args(h, cache)
+        top = self.top
+        bufs = (np.zeros((1, top), dtype=np.int64), np.ones((1, top), dtype=np.float32),
+                np.empty(top * self.hidden, dtype=np.float32), np.zeros(top * h.shape[1], dtype=np.float32))
+        return (*a[:8], *a[9:]), bufs
 
     def _counts(self) -> np.ndarray:
         """Tokens per expert [L, E] of this process's layers (a view of the backend's)."""
@@ -247,8 +251,19 @@ class DecodeStep:
 
         from mlxtral.backends import _decode_step_nb as nb
 
-        c = self.backend.new_cache(1)  # only its types are used: nothing runs
-        h = np.zeros((2, self.backend.args.dim), dtype=np.float32)
+        be = self.backend
+        c = be.new_cache(1)  # only its types are used: nothing runs
+        h = np.zeros((2, be.args.dim), dtype=np.float32)
+        if be.split:  # an expert-parallel rank: the step a layer a call (split's calls)
+            args, (idx, w, gu, dn) = self._part_args(h[:1], c)
+            sig = (*args, 0, False, be.mine, idx, w, gu, dn, True)
+            nb.decode_part.compile(tuple(typeof(x) for x in sig))
+            if be.out_cols != slice(None):
+                part = np.zeros((self.top, self.hin), dtype=np.float32)
+                out = np.zeros(self.top * self.dout, dtype=np.float32)
+                sig = (args[0], self.experts, 0, idx, be.mine, part, self.dout, args[-1], out)
+                nb.decode_down.compile(tuple(typeof(x) for x in sig))
+            return
         nb.decode_layers.compile(tuple(typeof(x) for x in self._args(h[:1], c)))
         if batch:
             nb.decode_batch.compile(tuple(typeof(x) for x in self._batch_args(h, [c, c])))
