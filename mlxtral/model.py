@@ -336,7 +336,7 @@ def load(
 
         step = getattr(be, "decode_step", None)
         if step is not None:  # every rank's compiled decode step now (or from the disk cache), not
-            step.warm(batch=False)  # at the first token, which would wait for the slowest rank's
+            step.warm(batch=False)  # at the first token, where every rank would wait for the slowest
         group.barrier("the start-up", wait=False)  # every rank loaded (a dead one: one line)
         if not share.head:
             follow(be, group, share)  # never returns
