@@ -233,7 +233,7 @@ def dequantize(data: np.ndarray, qtype: str, shape: tuple[int, ...] | None = Non
     if qtype == "BF16":
         out[...] = bf16_bits_to_f32(data).reshape(shape)
         return out
-    if qtype not in _BLOCK_QUANTIZERS:  # Q5_0/Q5_1, K-quants, IQ4: gguf.quants' dequantizers, chunked
+    if qtype not in _BLOCK_QUANTIZERS:  # Q5_0/Q5_1, K-quants, IQ4: mlxtral.quant.dequant, chunked
         from mlxtral.quant.dequant import dequantize_blocks
 
         out[...] = dequantize_blocks(data, qtype, shape)

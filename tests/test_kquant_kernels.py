@@ -316,3 +316,22 @@ def test_teacher_forced_logits_match_llamacpp_on_its_q4_k_m(tmp_path: Path) -> N
         errs[name] = (float(err.max()), float(err.mean()))
     (kmax, kmean), (qmax, qmean) = errs["Q4_K_M"], errs["Q8_0"]
     assert kmean < 2.0 * qmean and kmax < 3.0 * qmax, errs
+
+
+def test_running_a_kquant_model_never_imports_gguf(tmp_path: Path) -> None:
+    """The embedding lookup of a K-quant model dequantizes its rows with our own NumPy code: the
+    ``gguf`` package (which pulls in mistral-common and pydantic, ~45 MB of peak RSS) is not
+    imported to load, prefill or decode."""
+    import subprocess
+    import sys
+
+    args = tiny_args(**K_ARGS)
+    path = write_raw_gguf(tmp_path / "m.gguf", raw_gguf_tensors(args, Q4_K_M, seed=17), args)
+    code = ("import sys, mlxtral\n"
+            f"m = mlxtral.load({str(path)!r}, backend='numpy', max_context=64, tokenizer=False)\n"
+            "ids = [1, *range(3, 12)]\n"
+            "m.logits(ids); m.logits(ids[:1])\n"
+            "print(sorted(k for k in sys.modules if k == 'gguf' or k.startswith('gguf.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -79,10 +79,52 @@ def test_gguf_dequantize_identical(case: str, qtype: str) -> None:
     np.testing.assert_array_equal(qt.dequantize(), ref)
 
 
-def test_dequantize_blocks_k_quant_goes_through_gguf() -> None:
-    # A Q6_K block of zeros decodes to zeros through gguf.quants.
-    data = np.zeros((2, 210), np.uint8)
-    np.testing.assert_array_equal(dequantize_blocks(data, "Q6_K", (2, 256)), np.zeros((2, 256), np.float32))
+NATIVE_TYPES = ["Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+
+
+def _random_blocks(qtype: str, n: int, seed: int, finite: bool) -> np.ndarray:
+    """``n`` blocks of random bytes; with ``finite``, every f16 field a random finite half."""
+    from mlxtral.qtensor import BLOCK_TYPES
+
+    _, ts = BLOCK_TYPES[qtype]
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n, ts), dtype=np.uint8)
+    if finite:
+        halves = {"Q5_0": [0], "Q5_1": [0, 2], "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2],
+                  "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}[qtype]
+        for off in halves:
+            h = (rng.standard_normal(n) * 0.01).astype(np.float16)
+            b[:, off : off + 2] = h.view(np.uint8).reshape(n, 2)
+    return b
+
+
+@pytest.mark.parametrize("qtype", NATIVE_TYPES)
+@pytest.mark.parametrize("finite", [True, False])
+def test_native_dequantize_equals_gguf_quants(qtype: str, finite: bool) -> None:
+    # Our NumPy dequantizers give gguf.quants' (llama.cpp's reference) values bit for bit, on
+    # random codes and scales (with ``finite`` False, the f16 fields take every bit pattern too:
+    # infinities and NaNs propagate the same way), across chunk boundaries.
+    from mlxtral.qtensor import BLOCK_TYPES
+
+    bs, _ = BLOCK_TYPES[qtype]
+    data = _random_blocks(qtype, 1100 if bs == 32 else 300, 7, finite)
+    with np.errstate(all="ignore"):
+        ref = gguf.quants.dequantize(data.reshape(1, -1), gguf.GGMLQuantizationType[qtype]).reshape(-1)
+        ours = dequantize_blocks(data, qtype, ref.shape)
+        whole = QTensor(qtype, (data.shape[0], bs), data).dequantize().reshape(-1)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(whole, ref)
+
+
+def test_dequantize_blocks_rarer_types_go_through_gguf() -> None:
+    # A type without a NumPy dequantizer of ours (here TQ2_0) is read by gguf.quants.
+    from mlxtral.quant.dequant import _gguf_dequantize
+
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.TQ2_0][1]
+    data = np.zeros((2, size), np.uint8)
+    np.testing.assert_array_equal(_gguf_dequantize(data, "TQ2_0", (2, 256)), np.zeros((2, 256), np.float32))
+    with pytest.raises(ValueError, match="unknown GGUF type"):
+        _gguf_dequantize(data, "Q9_9", (2, 256))
 
 
 def test_chunking_does_not_change_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
