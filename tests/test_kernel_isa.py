@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mlxtral.backends import kernels
+from mlxtral.errors import UsageError
 
 pytestmark = pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba path disabled")
 
@@ -81,7 +82,7 @@ def ref_int8(x: np.ndarray, w) -> np.ndarray:
 
 
 def available() -> list[str]:
-    return list(ir.ISAS[ir.ISAS.index(ir.HOST_ISA):])
+    return list(ir._LOWER[ir.HOST_ISA])
 
 
 def run_forced(isa: str, tmp_path: Path) -> tuple[dict, str]:
@@ -124,8 +125,24 @@ def test_best_isa_from_features():
     assert ir._best_isa(vnni - {"avx512vl"}) == "avx2"
     assert ir._best_isa({"avx2", "fma", "f16c"}) == "avx2"
     assert ir._best_isa({"avx2", "fma"}) == "portable"  # the IR's half loads need F16C
-    assert ir._best_isa({"neon", "dotprod"}) == "portable"
+    assert ir._best_isa({"neon", "dotprod"}) == "neondot"  # ARM: tests/test_kernel_arm.py
+    assert ir._best_isa({"neon"}) == "portable"
     assert ir._best_isa(set()) == "portable"
+
+
+@pytest.mark.parametrize("best, want, ok", [
+    ("avx2", "neondot", False), ("vnni", "neondot", False), ("neondot", "avx2", False),
+    ("neondot", "vnni", False), ("neondot", "portable", True), ("neondot", "neondot", True),
+    ("avx2", "portable", True), ("portable", "neondot", False),
+])
+def test_a_path_of_another_family_is_refused(best, want, ok, monkeypatch):
+    monkeypatch.setenv("MLXTRAL_KERNEL_ISA", want)
+    monkeypatch.delenv("MLXTRAL_NO_AVX2", raising=False)
+    if ok:
+        assert ir._chosen_isa(best) == want
+    else:
+        with pytest.raises(UsageError, match=f"this CPU has no {want}"):
+            ir._chosen_isa(best)
 
 
 def _import_kernels(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
@@ -135,7 +152,7 @@ def _import_kernels(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("sse9", "MLXTRAL_KERNEL_ISA=sse9: expected one of auto, vnni, avx2, portable"),
+    ("sse9", "MLXTRAL_KERNEL_ISA=sse9: expected one of auto, vnni, avx2, neondot, portable"),
     ("\x1b[31mred", "MLXTRAL_KERNEL_ISA=\\x1b[31mred: expected one of"),
     ("x" * 10000, "MLXTRAL_KERNEL_ISA=xxxxxxxx"),
 ])

@@ -8,13 +8,19 @@ worker threads. The loops keep an ``<8 x float>`` accumulator per block pair; a 
 
 * ``vnni`` (x86 with AVX-512 VNNI + VL): one ``vpdpbusd`` on 256 bits, as llama.cpp does there;
 * ``avx2``: ``vpmaddubsw`` (-> int16 pairs) + ``vpmaddwd`` (-> int32), as llama.cpp's AVX2 path;
-* ``portable``: the same two steps in portable vector IR (LLVM lowers them on any target, ARM
-  included; slower).
+* ``neondot`` (ARM with the dot-product extension: Apple M1 and later, Graviton 2 and later):
+  two ``sdot`` on 128 bits each, as llama.cpp's ARM path (``vdotq_s32``). ``sdot`` multiplies
+  signed bytes by signed bytes: the unsigned codes that go in are below 128 (4- and 5-bit codes),
+  and Q8_0 / IQ4_NL take their signed values straight (no sign trick, no +128 offset);
+* ``portable``: the same two steps in portable vector IR (LLVM lowers them on any target; slower).
 
-The three give bit-identical results (the int16 pairs never saturate: |w| <= 128, |x| <= 127).
-``MLXTRAL_KERNEL_ISA=avx2|portable`` forces a lower path (for tests and comparisons; ``vnni`` or
-``avx2`` on a CPU without them is refused); ``MLXTRAL_NO_AVX2=1`` is ``portable``. Kernels
-compiled on a forced path are not written to numba's disk cache.
+The four give bit-identical results (the int16 pairs never saturate: |w| <= 128, |x| <= 127; the
+sums are exact integers on every path). The ARM path cannot run on the x86 hosts this project is
+built on: ``tests/test_kernel_arm.py`` compiles its IR for AArch64 and runs the machine code in
+an emulator (unicorn), against the host's own path, bit for bit.
+``MLXTRAL_KERNEL_ISA=avx2|portable`` forces a lower path (for tests and comparisons; a path this
+CPU lacks is refused); ``MLXTRAL_NO_AVX2=1`` is ``portable``. Kernels compiled on a forced path
+are not written to numba's disk cache.
 
 Q4_0 has its own kernels (``_kernels_tile``: whole-block sums, 16 rows in the lanes) built from
 these helpers. Q5_0 / Q5_1 (5-bit codes: the nibbles plus ``qh``'s bits, unsigned 0..31) go the
@@ -51,8 +57,11 @@ from numba.extending import intrinsic
 from mlxtral.env import env_choice, env_flag
 from mlxtral.errors import UsageError
 
-ISAS = ("vnni", "avx2", "portable")  # best first
+ISAS = ("vnni", "avx2", "neondot", "portable")
 ISA_CHOICES = ("auto", *ISAS)
+# what a host with each best path may force instead (itself, then lower paths of its family)
+_LOWER = {"vnni": ("vnni", "avx2", "portable"), "avx2": ("avx2", "portable"),
+          "neondot": ("neondot", "portable"), "portable": ("portable",)}
 
 
 def _target_features() -> set[str]:
@@ -75,11 +84,13 @@ def _best_isa(feats: set[str]) -> str:
         return "vnni"
     if {"avx2", "fma", "f16c"} <= feats:
         return "avx2"
+    if {"neon", "dotprod"} <= feats:  # LLVM's AArch64 feature names
+        return "neondot"
     return "portable"
 
 
 def _chosen_isa(best: str) -> str:
-    """``MLXTRAL_KERNEL_ISA`` (auto, vnni, avx2, portable) against what this CPU has."""
+    """``MLXTRAL_KERNEL_ISA`` (auto, vnni, avx2, neondot, portable) against what this CPU has."""
     want = env_choice("MLXTRAL_KERNEL_ISA", ISA_CHOICES) or "auto"
     if env_flag("MLXTRAL_NO_AVX2"):
         if want not in ("auto", "portable"):
@@ -87,7 +98,7 @@ def _chosen_isa(best: str) -> str:
         want = "portable"
     if want == "auto":
         return best
-    if ISAS.index(want) < ISAS.index(best):
+    if want not in _LOWER[best]:
         raise UsageError(f"MLXTRAL_KERNEL_ISA={want}: this CPU has no {want} (the best it runs is {best})")
     return want
 
@@ -99,6 +110,7 @@ ISA = _chosen_isa(HOST_ISA)
 FORCED_GENERIC = ISA != HOST_ISA
 HAVE_AVX2 = ISA in ("vnni", "avx2")
 HAVE_VNNI = ISA == "vnni"
+HAVE_NEONDOT = ISA == "neondot"
 if HAVE_AVX2:
     llvm_binding.initialize_native_asmparser()  # for the one line of inline asm in _half
 
@@ -163,6 +175,7 @@ i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64
 f32, f16 = ir.FloatType(), ir.HalfType()
 v8f = ir.VectorType(f32, 8)
 v8i32 = ir.VectorType(i32, 8)
+v4i32 = ir.VectorType(i32, 4)
 v16i16 = ir.VectorType(i16, 16)
 v16i8 = ir.VectorType(i8, 16)
 v32i8 = ir.VectorType(i8, 32)
@@ -242,12 +255,23 @@ def _dot_u8s8(b: ir.IRBuilder, u: ir.Value, s: ir.Value, init: ir.Value | None =
         fn = _intr(b.module, "llvm.x86.avx512.vpdpbusd.256", v8i32, [v8i32, v8i32, v8i32])
         acc = _vconst(v8i32, 0) if init is None else init
         return b.call(fn, [acc, b.bitcast(u, v8i32), b.bitcast(s, v8i32)])
+    if HAVE_NEONDOT:  # signed x signed: u < 128 here, or signed codes (see _signed_codes)
+        fn = _intr(b.module, "llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
+        acc = _vconst(v8i32, 0) if init is None else init
+        halves = [b.call(fn, [b.shuffle_vector(acc, acc, _mask(list(range(4 * h, 4 * h + 4)))),
+                              b.shuffle_vector(u, u, _mask(list(range(16 * h, 16 * h + 16)))),
+                              b.shuffle_vector(s, s, _mask(list(range(16 * h, 16 * h + 16))))])
+                  for h in (0, 1)]
+        return b.shuffle_vector(halves[0], halves[1], _mask(list(range(8))))
     s4 = _madd_ones(b, _maddubs(b, u, s))
     return s4 if init is None else b.add(s4, init)
 
 
 def _abs_sign(b: ir.IRBuilder, w: ir.Value, x: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """(|w|, x * sign(w)) for a signed x signed dot through maddubs."""
+    """(|w|, x * sign(w)) for a signed x signed dot through maddubs; on ``neondot`` (w, x) as they
+    are: ``sdot`` multiplies signed bytes."""
+    if HAVE_NEONDOT:
+        return w, x
     if HAVE_AVX2:
         fn = _intr(b.module, "llvm.x86.avx2.psign.b", v32i8, [v32i8, v32i8])
         return b.call(fn, [w, w]), b.call(fn, [x, w])
@@ -338,7 +362,8 @@ X_OFFSET = {"q4_0": 8, "q5_0": 16, "q8_0": 128, "iq4_nl": 128, "q4_1": 0, "q5_1"
 
 
 def _signed_codes(kind: str) -> bool:
-    """Codes that go in through the sign trick (signed weights, no offset): Q8_0 / IQ4_NL off VNNI."""
+    """Codes that go in signed (no offset): Q8_0 / IQ4_NL off VNNI (AVX2 and portable: the sign
+    trick; ``neondot``: straight into ``sdot``)."""
     return _BLOCK[kind][1] in ("q8", "iq4") and not HAVE_VNNI
 
 
@@ -885,13 +910,16 @@ def atomic_add(typingctx, arr, idx, val):
 
 @intrinsic
 def cpu_pause(typingctx):
-    """A spin-wait hint (x86 ``pause``; nothing elsewhere)."""
+    """A spin-wait hint (x86 ``pause``, ARM ``yield``; nothing elsewhere)."""
     sig = types.void()
 
     def codegen(context, builder, signature, args):
         if HAVE_AVX2:
             fn = _intr(builder.module, "llvm.x86.sse2.pause", ir.VoidType(), [])
             builder.call(fn, [])
+        elif HAVE_NEONDOT:
+            fn = _intr(builder.module, "llvm.aarch64.hint", ir.VoidType(), [i32])
+            builder.call(fn, [ir.Constant(i32, 1)])  # YIELD
         return context.get_dummy_value()
 
     return sig, codegen

@@ -68,10 +68,11 @@ How it is fast
   the same per-row kernel; a float16 cache's rows converted to float32 exactly, eight halves a
   step, then the float32 steps) and ``rms_norm`` replace a handful of tiny NumPy/BLAS calls each
   (~30 us per tiny BLAS call).
-* **Portability**: the IR has an AVX-512 VNNI path (``vpdpbusd``), an AVX2 path and a portable
-  vector path (what macOS arm64 and older x86 get), chosen from the CPU's features and giving
-  identical bits; ``MLXTRAL_KERNEL_ISA=avx2|portable`` (or ``MLXTRAL_NO_AVX2=1``) forces a lower
-  one (not disk-cached), for tests.
+* **Portability**: the IR has an AVX-512 VNNI path (``vpdpbusd``), an AVX2 path, an ARM
+  dot-product path (``sdot``: Apple M1 and later; tested in an emulator, ``tests/test_kernel_arm.py``)
+  and a portable vector path (older x86, ARM without the extension), chosen from the CPU's features
+  and giving identical bits; ``MLXTRAL_KERNEL_ISA=avx2|portable`` (or ``MLXTRAL_NO_AVX2=1``) forces
+  a lower one (not disk-cached), for tests.
 
 Without numba (not installed, or ``MLXTRAL_NO_NUMBA=1``) everything falls back to NumPy:
 dequantize (in row chunks) and matmul. ``HAVE_NUMBA`` tells which path is live. ``warmup()``
