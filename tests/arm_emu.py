@@ -146,7 +146,7 @@ class ArmObject:
 
     def call(self, name: str, args: list[int], ret: str = "f32") -> float | int | None:
         """Call ``name`` with integer arguments (the first 8 in x0-x7, the rest on the stack, as
-        AAPCS64 passes them); ``ret`` "f32" returns s0, "i32" w0, "void" None."""
+        AAPCS64 passes them); ``ret`` "f32" returns s0, "i32" w0, "i64" x0, "void" None."""
         from unicorn.arm64_const import UC_ARM64_REG_LR, UC_ARM64_REG_S0, UC_ARM64_REG_SP, UC_ARM64_REG_X0
 
         sp = STACK_TOP - 4096
@@ -164,4 +164,6 @@ class ArmObject:
         if ret == "i32":
             w0 = self.uc.reg_read(UC_ARM64_REG_X0) & 0xFFFFFFFF
             return int(np.array([w0], np.uint32).view(np.int32)[0])
+        if ret == "i64":
+            return int(np.array([self.uc.reg_read(UC_ARM64_REG_X0)], np.uint64).view(np.int64)[0])
         return None

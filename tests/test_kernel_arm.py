@@ -3,7 +3,8 @@ IR is built as an ARM host builds it, compiled for AArch64, and run in an emulat
 CPU with the dot-product extension); its results must equal, bit for bit, the same kernel built for
 this host's own path and for the portable one (the integer sums are exact on every path; the float
 steps are the same IR). Row dots of every 32-block type (one token and 2-4 at once), IQ4_XS
-superblocks, and the Q4_0 tile kernels (one row, 16 rows, a repacked tile against 1-8 tokens)."""
+superblocks, the Q4_0 tile kernels (one row, 16 rows, a repacked tile against 1-8 tokens), and
+every K-quant's superblock dot (one token and 2-4 at once)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +20,7 @@ from mlxtral.backends import _kernels_ir as K
 
 pytest.importorskip("unicorn")
 tile = pytest.importorskip("mlxtral.backends._kernels_tile")
+kq = pytest.importorskip("mlxtral.backends._kernels_kq")
 from arm_emu import TRIPLE, ArmObject, compile_object  # noqa: E402
 
 HOST = K.HOST_ISA if K.HOST_ISA in ("vnni", "avx2") else "portable"
@@ -31,7 +33,7 @@ def building_for(isa: str) -> Iterator[None]:
     build a function)."""
     flags = {"ISA": isa, "HAVE_AVX2": isa in ("vnni", "avx2"), "HAVE_VNNI": isa == "vnni",
              "HAVE_NEONDOT": isa == "neondot"}
-    saved = [(m, k, getattr(m, k)) for m in (K, tile) for k in flags if hasattr(m, k)]
+    saved = [(m, k, getattr(m, k)) for m in (K, tile, kq) for k in flags if hasattr(m, k)]
     try:
         for m, k, _ in saved:
             setattr(m, k, flags[k])
@@ -64,7 +66,7 @@ def run_host(isa: str, build, args: list, ret: str) -> tuple:
     ee = llvm.create_mcjit_compiler(mod, tm)
     ee.finalize_object()
     _ENGINES.append(ee)
-    cty = {"f32": ctypes.c_float, "i32": ctypes.c_int32, "void": None}[ret]
+    cty = {"f32": ctypes.c_float, "i32": ctypes.c_int32, "i64": ctypes.c_int64, "void": None}[ret]
     fn = ctypes.CFUNCTYPE(cty, *[ctypes.c_int64] * len(args))(ee.get_function_address("f"))
     live = [a[1].copy() if isinstance(a, tuple) else a for a in args]
     r = fn(*[x.ctypes.data if isinstance(x, np.ndarray) else int(x) for x in live])
@@ -88,7 +90,7 @@ def same_everywhere(build, args: list, ret: str) -> None:
     for isa, (r, outs) in got.items():
         if ret == "f32":
             assert np.float32(r).tobytes() == np.float32(want_r).tobytes(), (isa, r, want_r)
-        elif ret == "i32":
+        elif ret in ("i32", "i64"):
             assert r == want_r, (isa, r, want_r)
         for o, w in zip(outs, want_out, strict=True):
             np.testing.assert_array_equal(o, w, err_msg=isa)
@@ -210,6 +212,47 @@ def test_q4_0_repacked_tile(nt: int) -> None:
                     [packed, nb, xq, xd, xo, nb * 32, ("out", out), tile.ROWS], "void")
 
 
+def _superblocks(kind: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` K-quant superblocks: random codes and scale bytes, finite f16 d (and dmin)."""
+    size = kq.KQ_TYPES[kind][1]
+    w = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    halves = {kq.K_Q4_K: (0, 2), kq.K_Q5_K: (0, 2), kq.K_Q6_K: (208,), kq.K_Q3_K: (108,), kq.K_Q2_K: (80, 82)}
+    for off in halves[kind]:
+        w[:, off : off + 2] = _halves(rng, n)
+    return w
+
+
+def _q8k(ntok: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """q8_K activations of one superblock for ``ntok`` tokens: codes and their 16 sums of 16."""
+    x = rng.integers(-127, 128, (ntok, 256), dtype=np.int8)
+    return x, x.reshape(ntok, 16, 16).sum(-1, dtype=np.int16)
+
+
+KQ = ["Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K"]
+
+
+@pytest.mark.parametrize("name", KQ)
+def test_kquant_superblock(name: str) -> None:
+    kind = next(k for k, (n, _) in kq.KQ_TYPES.items() if n == name)
+    rng = np.random.default_rng([20, kind])
+    for _ in range(3):
+        w = _superblocks(kind, 1, rng)
+        x, bs = _q8k(1, rng)
+        same_everywhere(lambda m, n: kq._build_superblock(m, n, kind, True), [w, x, bs], "i64")
+
+
+@pytest.mark.parametrize("name", KQ)
+@pytest.mark.parametrize("nt", range(1, kq.SB_NT + 1))
+def test_kquant_superblock_many_tokens(name: str, nt: int) -> None:
+    kind = next(k for k, (n, _) in kq.KQ_TYPES.items() if n == name)
+    rng = np.random.default_rng([21, kind, nt])
+    w = _superblocks(kind, 1, rng)
+    x, bs = _q8k(nt, rng)
+    out = np.zeros(nt, np.int64)
+    same_everywhere(lambda m, n: kq._build_sb_dotn(m, n, kind, nt),
+                    [w, x, bs, x.strides[0], bs.strides[0], ("out", out)], "void")
+
+
 def test_sdot_is_what_the_arm_path_compiles_to() -> None:
     """The ARM build really uses the dot-product instruction (and the host's does not)."""
     import llvmlite.binding as llvm
@@ -221,3 +264,6 @@ def test_sdot_is_what_the_arm_path_compiles_to() -> None:
     asm = tm.emit_assembly(mod)
     assert "sdot" in asm
     assert "sdot" not in module_ir(HOST, lambda m, n: K._build_block_dot(m, n, "q8_0"), TRIPLE)
+    mod = llvm.parse_assembly(module_ir("neondot", lambda m, n: kq._build_superblock(m, n, kq.K_Q4_K, True),
+                                        TRIPLE))
+    assert "sdot" in tm.emit_assembly(mod)

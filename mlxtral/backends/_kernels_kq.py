@@ -33,7 +33,10 @@ from numba.extending import intrinsic
 from mlxtral.backends._kernels_ir import (
     FORCED_GENERIC,
     HAVE_AVX2,
+    HAVE_NEONDOT,
     HAVE_VNNI,
+    ISA,
+    _dot_u8s8,
     dot_f32,
     half_to_f32,
     prefetch_ahead,
@@ -78,17 +81,32 @@ def _reduce(b: ir.IRBuilder, acc: ir.Value) -> ir.Value:
     return b.call(red, [acc])
 
 
+def _pair_sums(b: ir.IRBuilder, p: ir.Value) -> ir.Value:
+    """<2n x iK> -> <n x iK>: lane i = p[2i] + p[2i+1]."""
+    n = p.type.count
+    ev = b.shuffle_vector(p, p, ir.Constant(ir.VectorType(_i32, n // 2), list(range(0, n, 2))))
+    od = b.shuffle_vector(p, p, ir.Constant(ir.VectorType(_i32, n // 2), list(range(1, n, 2))))
+    return b.add(ev, od)
+
+
 def _pmadd(b: ir.IRBuilder, u: ir.Value, x: ir.Value) -> ir.Value:
-    """``vpmaddubsw``: <32 x i8> unsigned u times signed x -> <16 x i16> pair sums."""
+    """``vpmaddubsw``: <32 x i8> unsigned u times signed x -> <16 x i16> pair sums (off x86 the
+    same in portable IR: the callers' pairs never saturate)."""
     v32i8, v16i16 = _vec(_i8), ir.VectorType(_i16, 16)
+    if not HAVE_AVX2:
+        return _pair_sums(b, b.mul(b.zext(u, _vec(_i16)), b.sext(x, _vec(_i16))))
     fn = _get(b.module, "llvm.x86.avx2.pmadd.ub.sw",
               lambda m, nm: ir.Function(m, ir.FunctionType(v16i16, [v32i8, v32i8]), nm))
     return b.call(fn, [u, x])
 
 
 def _madd16(b: ir.IRBuilder, a: ir.Value, c: ir.Value) -> ir.Value:
-    """``vpmaddwd``: <16 x i16> . <16 x i16> -> <8 x i32> pair sums (exact for our operands)."""
+    """``vpmaddwd``: <16 x i16> . <16 x i16> -> <8 x i32> pair sums (exact for our operands; off
+    x86 the same in portable IR)."""
     v16i16, v8i32 = ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
+    if not HAVE_AVX2:
+        v16i32 = ir.VectorType(_i32, 16)
+        return _pair_sums(b, b.mul(b.sext(a, v16i32), b.sext(c, v16i32)))
     fn = _get(b.module, "llvm.x86.avx2.pmadd.wd",
               lambda m, nm: ir.Function(m, ir.FunctionType(v8i32, [v16i16, v16i16]), nm))
     return b.call(fn, [a, c])
@@ -208,7 +226,7 @@ def _build_superblock(mod: ir.Module, name: str, kind: int, dot: bool) -> ir.Fun
     if dot:  # decode streams rows through here (sb_codes is exact mode's, on a row it just read)
         prefetch_ahead(b, wp, _c(_i64, 0), KQ_TYPES[kind][1])
     svec, mins, lane = _scales(b, wp, kind)
-    if dot and HAVE_AVX2:
+    if dot and (HAVE_AVX2 or HAVE_NEONDOT):
         return _superblock_dot_avx2(b, fn, wp, kind, svec, mins, lane)
     acc = None
     for k in range(8):
@@ -265,7 +283,9 @@ def _superblock_dot_avx2(b: ir.IRBuilder, fn: ir.Function, wp: ir.Value, kind: i
                          mins: ir.Value | None, lane: list[int]) -> ir.Function:
     """``sb_dot`` as llama.cpp's AVX2 K-quant dots: unsigned codes u (0..63, the code minus its
     offset) times int8 x by ``vpmaddubsw`` (int16 pairs, |pair| <= 16002: no saturation), then
-    ``vpmaddwd`` with the pairs' scales; the offset comes back as ``off * sum(scale * bsum)``."""
+    ``vpmaddwd`` with the pairs' scales; the offset comes back as ``off * sum(scale * bsum)``. On
+    ARM (``neondot``) the same sums of 4 by ``sdot`` (codes below 64 are valid signed bytes), times
+    their scales, as llama.cpp's ARM K-quant dots."""
     _, oa, ba = fn.args
     full = b.shuffle_vector(svec, svec, ir.Constant(ir.VectorType(_i32, 16), lane))
     b.ret(_sums(b, _codes_avx2(b, wp, kind), full, mins, [oa], [ba], kind)[0])
@@ -307,11 +327,19 @@ def _sums(b: ir.IRBuilder, us: list, full: ir.Value, mins: ir.Value | None, xas:
     v32i8, v16i32 = _vec(_i8), ir.VectorType(_i32, 16)
     off = _chunk_params(kind, 0)[7]
     accs: list = [None] * len(xas)
+    v8i32 = ir.VectorType(_i32, 8)
     for k, u in enumerate(us):
         sc = b.shuffle_vector(full, full, ir.Constant(v16i32, [2 * k] * 8 + [2 * k + 1] * 8))
+        if HAVE_NEONDOT:  # the scale of each sum of 4 (lanes 0-3: group 2k, 4-7: group 2k + 1)
+            lanes = ir.Constant(v8i32, [2 * k] * 4 + [2 * k + 1] * 4)
+            sc4 = b.sext(b.shuffle_vector(full, full, lanes), v8i32)
         for t, xa in enumerate(xas):
             x = b.load(b.inttoptr(b.add(xa, _c(_i64, 32 * k)), v32i8.as_pointer()), align=1)
-            accs[t] = _acc_scaled(b, accs[t], _pmadd(b, u, x), sc)
+            if HAVE_NEONDOT:  # lane j: bytes 4j..4j+3 (as the pairs of pairs below), times its scale
+                p = b.mul(_dot_u8s8(b, u, x), sc4)
+                accs[t] = p if accs[t] is None else b.add(accs[t], p)
+            else:
+                accs[t] = _acc_scaled(b, accs[t], _pmadd(b, u, x), sc)
     return [_finish_sums(b, acc, full, mins, ba, off) for acc, ba in zip(accs, bas, strict=True)]
 
 
@@ -387,7 +415,7 @@ u8_pack_q3k, u8_pack_q2k = _make_u8_pack(K_Q3_K), _make_u8_pack(K_Q2_K)
 
 
 def _make_superblock(kind: int, dot: bool):
-    name = f"mlxtral_kq_sb_{'dot' if dot else 'codes'}_{kind}_{'avx2' if HAVE_AVX2 else 'portable'}"
+    name = f"mlxtral_kq_sb_{'dot' if dot else 'codes'}_{kind}_{ISA}"
 
     @intrinsic
     def sb(typingctx, w, o, bs):
@@ -564,11 +592,12 @@ def _silu_mul(g, u):
 def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
     """Output rows ``r0..r1`` of a task, every token: ``out[t * os_ + r]`` = row r . token t (or the
     fused ``silu(gate) * up`` with ``swig``). One token: each row dotted where it lies; more (with
-    AVX2): each superblock's codes taken apart once for up to SB_NT tokens (``sb_dotn``). Both are
-    the same arithmetic: a token's result never depends on the tokens beside it (batch invariance)."""
+    AVX2 or ARM's dot product): each superblock's codes taken apart once for up to SB_NT tokens
+    (``sb_dotn``). Both are the same arithmetic: a token's result never depends on the tokens
+    beside it (batch invariance)."""
     nb = n // QK_K
     xd = carray(ptr_f32(xda), (T * nb,))
-    if T == 1 or not HAVE_AVX2:
+    if T == 1 or not (HAVE_AVX2 or HAVE_NEONDOT):
         for t in range(T):
             for r in range(r0, r1):
                 g = row_dot_direct(kind, wa + r * rb, n, xqa, xd, bsa, t)
