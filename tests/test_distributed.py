@@ -430,6 +430,8 @@ got = [be.forward_runs([[1, 415, 2936], [1, 9060], [1, 285, 10575, 754, 272]], c
 for step in range(3):  # then decode steps, the three sequences at their own positions
     got.append(be.forward_runs([[13 + step], [28705 + step], [304 + step]], caches))
 np.save(out, np.stack(got))  # [4, 3, vocab]
+from mlxtral.backends import _decode_step_nb as nb
+np.save(out + ".sigs.npy", [len(nb.batch_part.signatures), len(nb.decode_batch.signatures)])
 m.close()
 """
 
@@ -438,7 +440,7 @@ m.close()
 def test_batched_steps_equal_single_process(tmp_path: Path, tiny_moe: Path, mode: str, n: int) -> None:
     """The server's steps (``forward_runs``: several sequences, each a run at its own position) on
     a group give the single process's logits bit for bit, in every mode (pipeline: the runs go
-    round the ring together)."""
+    round the ring together; expert parallel: the batched decode step a layer a call)."""
     script = tmp_path / "runs.py"
     script.write_text(RUNS_SCRIPT)
     subprocess.run([sys.executable, str(script), str(tiny_moe), "none", str(tmp_path / "one.npy")],
@@ -446,6 +448,8 @@ def test_batched_steps_equal_single_process(tmp_path: Path, tiny_moe: Path, mode
     r = _launch(n, [str(script), str(tiny_moe), mode, str(tmp_path / "group.npy")])
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "group.npy"), np.load(tmp_path / "one.npy"))
+    if mode != "pipeline":  # an expert-parallel rank's decode steps: the compiled step a layer a call
+        assert np.load(tmp_path / "group.npy.sigs.npy").tolist() == [1, 0]
 
 
 @pytest.mark.parametrize("mode", ["expert", "pipeline"])

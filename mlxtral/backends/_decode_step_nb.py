@@ -8,7 +8,8 @@ operations in the same order: the bits of ``NumpyBackend._layers`` at T = 1, wit
 of Python a layer. ``decode_batch`` is the same pass for several sequences, a token each.
 A layer is made of ``attention_layer``, ``route``, ``gate_up``, ``down`` and ``combine``;
 ``decode_part`` (and by rows ``decode_down``) run them a layer a call for an expert-parallel rank,
-whose layers wait for a collective between their experts and their combine.
+whose layers wait for a collective between their experts and their combine; ``batch_part`` /
+``batch_down`` / ``batch_combine`` are the same for ``decode_batch``, which is built from them.
 """
 from __future__ import annotations
 
@@ -377,7 +378,54 @@ def decode_batch(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, f
     batch-invariant) and each token's experts combine in rank order, so row b gets the bits
     ``decode_layers`` gives it alone. ``stream_t``: ``kernels._STREAM_T``."""
     B, dim = h.shape
+    E = experts.shape[1]
+    mine = np.ones(E, dtype=np.bool_)
+    idx = np.zeros((B, top), dtype=np.int64)
+    w = np.ones((B, top), dtype=np.float32)
+    slot = np.zeros((B, top), dtype=np.int64)
+    n_e = np.zeros(E, dtype=np.int64)
+    gu = np.empty(B * top * hidden, dtype=np.float32)
+    dn = np.empty(B * top * dim, dtype=np.float32)
+    for li in range(plan.shape[0]):
+        batch_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, KV, hd, ctx, p0, window,
+                   cos, sin, counts, eps, exact, stream_t, li, False, mine, idx, w, slot, n_e, gu, dn, True)
+        batch_combine(h, dn, w, slot)
+    return h
+
+
+@njit(cache=_CACHE, nogil=True)
+def batch_combine(h, dn, w, slot):
+    """``combine`` for B rows: row b's (token, rank) outputs are rows slot[b, j] of dn [B * top * dim]
+    (grouped by expert); ops.combine's y_0 + sum_j>0 w_j (y_j - y_0), then the residual."""
+    B, dim = h.shape
+    top = w.shape[1]
+    for b in range(B):
+        s0 = slot[b, 0] * dim
+        for d in range(dim):
+            m = dn[s0 + d]
+            for j in range(1, top):
+                m += w[b, j] * (dn[slot[b, j] * dim + d] - dn[s0 + d])
+            h[b, d] += m
+
+
+@njit(cache=_CACHE, nogil=True)
+def batch_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, KV, hd, ctx, p0, window,
+               cos, sin, counts, eps, exact, stream_t, li, first, mine, idx, w, slot, n_e, gu, dn, down_too):
+    """A layer of ``decode_batch`` up to its experts' outputs (``decode_part`` for B sequences): with
+    ``first``, first the previous layer's combine (``batch_combine``: dn, w and slot, dn completed by
+    the other processes); then, if li < L, layer li's attention for every row, routing (into idx /
+    w [B, top]), the (token, rank) pairs grouped by expert (row slot[b, j] of the group, n_e [E] the
+    pairs of each expert), the gate and up of the experts this process holds (``mine`` [E]) into
+    those rows of gu [B * top * hidden] and, with ``down_too``, their down projections into rows of
+    dn [B * top * dim], 0 where another process's expert goes (by rows, :func:`batch_down` runs
+    them on every process's gate/up columns put together)."""
+    B, dim = h.shape
     L, E = plan.shape[0], experts.shape[1]
+    if first:
+        batch_combine(h, dn, w, slot)
+    if li >= L:
+        return h
+    top = idx.shape[1]
     nq, nkv = qkv[0, 0, D_NOUT], qkv[0, 1, D_NOUT]
     H = nq // hd
     x = np.empty((B, dim), dtype=np.float32)  # the normed hidden states
@@ -385,13 +433,7 @@ def decode_batch(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, f
     att = np.empty((B, H, hd), dtype=np.float32)
     o = np.empty(B * dim, dtype=np.float32)  # the attention's output projection [B, dim]
     logits = np.empty((B, E), dtype=np.float32)
-    idx = np.zeros((B, top), dtype=np.int64)  # a dense model's one expert, weight 1
-    w = np.ones((B, top), dtype=np.float32)
     xe = np.empty((B * top, dim), dtype=np.float32)  # x's rows grouped by expert, ascending
-    slot = np.empty((B, top), dtype=np.int64)  # the row of xe holding (token, rank)
-    gu = np.empty(B * top * hidden, dtype=np.float32)  # [B * top, hidden] silu(gate) * up, rows of xe
-    dn = np.empty(B * top * dim, dtype=np.float32)  # [B * top, dim] each (token, rank)'s expert output
-    n_e = np.zeros(E, dtype=np.int64)
     start = np.zeros(E, dtype=np.int64)
     pt3 = np.empty((3, R_SIZE), dtype=np.int64)
     pt1 = np.empty((1, R_SIZE), dtype=np.int64)
@@ -399,66 +441,86 @@ def decode_batch(ctl, threads, h, plan, qkv, wo, experts, hidden, top, ka, va, f
     dt = np.empty((E, R_SIZE), dtype=np.int64)
     table = np.empty((B, F_SIZE), dtype=np.int64)
     pool_attention = threads > 1  # as kernels.attend_runs chooses for several sequences
-    for li in range(L):
-        P = plan[li]
-        rms_norm(h, carray(ptr_f32(P[P_ATTN_NORM]), (dim,)), eps, x)
-        products(qkv[li], B, stream_t, pt3)
-        run_tasks(ctl, x, exact, False, pt3, y)
-        q = y[: B * nq].reshape((B, H, hd))
-        k = y[B * nq : B * (nq + nkv)].reshape((B, KV, hd))
-        v = y[B * (nq + nkv) :].reshape((B, KV, hd))
+    P = plan[li]
+    rms_norm(h, carray(ptr_f32(P[P_ATTN_NORM]), (dim,)), eps, x)
+    products(qkv[li], B, stream_t, pt3)
+    run_tasks(ctl, x, exact, False, pt3, y)
+    q = y[: B * nq].reshape((B, H, hd))
+    k = y[B * nq : B * (nq + nkv)].reshape((B, KV, hd))
+    v = y[B * (nq + nkv) :].reshape((B, KV, hd))
+    for b in range(B):
+        rope_row(q[b], cos, sin, p0[b])
+        rope_row(k[b], cos, sin, p0[b])
+    store_and_attend_rows(ka, va, f16, L, ctx, li, p0, k, v, q, window, att, pool_attention, ctl, table)
+    products(wo[li], B, stream_t, pt1)
+    run_tasks(ctl, att.reshape((B, nq)), exact, False, pt1, o)
+    for b in range(B):
+        for d in range(dim):
+            h[b, d] += o[b * dim + d]
+    rms_norm(h, carray(ptr_f32(P[P_FFN_NORM]), (dim,)), eps, x)
+    idx[:, :] = 0  # a dense model's one expert, weight 1
+    w[:, :] = 1.0
+    if P[P_ROUTER] != 0:  # the router's F32 rows, as kernels.linear dots them
         for b in range(B):
-            rope_row(q[b], cos, sin, p0[b])
-            rope_row(k[b], cos, sin, p0[b])
-        store_and_attend_rows(ka, va, f16, L, ctx, li, p0, k, v, q, window, att, pool_attention, ctl, table)
-        products(wo[li], B, stream_t, pt1)
-        run_tasks(ctl, att.reshape((B, nq)), exact, False, pt1, o)
-        for b in range(B):
-            for d in range(dim):
-                h[b, d] += o[b * dim + d]
-        rms_norm(h, carray(ptr_f32(P[P_FFN_NORM]), (dim,)), eps, x)
-        if P[P_ROUTER] != 0:  # the router's F32 rows, as kernels.linear dots them
-            for b in range(B):
-                for e in range(E):
-                    logits[b, e] = _float_dot(3, P[P_ROUTER] + e * dim * 4, x.ctypes.data + b * dim * 4, dim)
-            top_k_softmax(logits, top, idx, w)
-        # group the (token, rank) pairs by expert, each expert's tokens in order (as kernels get them)
-        n_e[:] = 0
-        for b in range(B):
-            for j in range(top):
-                n_e[idx[b, j]] += 1
-        s = 0
-        for e in range(E):
-            start[e] = s
-            s += n_e[e]
-            counts[li, e] += n_e[e]
-        for b in range(B):
-            for j in range(top):
-                e = idx[b, j]
-                slot[b, j] = start[e]
-                xe[start[e]] = x[b]
-                start[e] += 1
-        ne = 0
-        for e in range(E):
-            T = n_e[e]
-            if T == 0:
-                continue
-            X, r0 = experts[li, e], start[e] - T  # its rows r0 .. r0 + T of xe
-            task(gt[ne], r0, T, X[X_G], X[X_U], X[X_RBGU], hidden, X[X_KGU], r0 * hidden,
-                 chunk_rows(T, X[X_CHGU], X[X_CHGU2], X[X_CHGU3], stream_t))
-            task(dt[ne], r0, T, X[X_D], X[X_D], X[X_RBD], dim, X[X_KD], r0 * dim,
-                 chunk_rows(T, X[X_CHD], X[X_CHD2], X[X_CHD3], stream_t))
-            ne += 1
-        run_tasks(ctl, xe, exact, True, gt[:ne], gu)
+            for e in range(E):
+                logits[b, e] = _float_dot(3, P[P_ROUTER] + e * dim * 4, x.ctypes.data + b * dim * 4, dim)
+        top_k_softmax(logits, top, idx, w)
+    # group the (token, rank) pairs by expert, each expert's tokens in order (as kernels get them)
+    n_e[:] = 0
+    for b in range(B):
+        for j in range(top):
+            n_e[idx[b, j]] += 1
+    s = 0
+    for e in range(E):
+        start[e] = s
+        s += n_e[e]
+        counts[li, e] += n_e[e]
+    for b in range(B):
+        for j in range(top):
+            e = idx[b, j]
+            slot[b, j] = start[e]
+            xe[start[e]] = x[b]
+            start[e] += 1
+    ne = 0
+    for e in range(E):
+        T = n_e[e]
+        r0 = start[e] - T  # its rows r0 .. r0 + T of xe
+        if T == 0:
+            continue
+        if not mine[e]:  # another process's expert: its rows of dn are 0 (the sum fills them)
+            if down_too:
+                dn[r0 * dim : (r0 + T) * dim] = 0.0
+            continue
+        X = experts[li, e]
+        task(gt[ne], r0, T, X[X_G], X[X_U], X[X_RBGU], hidden, X[X_KGU], r0 * hidden,
+             chunk_rows(T, X[X_CHGU], X[X_CHGU2], X[X_CHGU3], stream_t))
+        task(dt[ne], r0, T, X[X_D], X[X_D], X[X_RBD], dim, X[X_KD], r0 * dim,
+             chunk_rows(T, X[X_CHD], X[X_CHD2], X[X_CHD3], stream_t))
+        ne += 1
+    run_tasks(ctl, xe, exact, True, gt[:ne], gu)
+    if down_too:
         run_tasks(ctl, gu.reshape((B * top, hidden)), exact, False, dt[:ne], dn)
-        for b in range(B):  # ops.combine: y_0 + sum_j>0 w_j (y_j - y_0), then the residual
-            s0 = slot[b, 0] * dim
-            for d in range(dim):
-                m = dn[s0 + d]
-                for j in range(1, top):
-                    m += w[b, j] * (dn[slot[b, j] * dim + d] - dn[s0 + d])
-                h[b, d] += m
     # read by address while execute ran: used after it, so numba frees none of them before
     table[0, 0] = table[0, 0]
     att[0, 0, 0] = att[0, 0, 0]
     return h
+
+
+@njit(cache=_CACHE, nogil=True)
+def batch_down(ctl, experts, li, n_e, mine, gu, dout, exact, stream_t, dn):
+    """Expert parallel by rows, B sequences: layer li's down projections (this process's ``dout`` rows
+    of each) of the pairs ``batch_part`` grouped by expert (n_e [E] each expert's), on gu
+    [B * top, hidden] (every process's gate/up columns put together) into dn [B * top * dout]."""
+    E = n_e.shape[0]
+    dt = np.empty((E, R_SIZE), dtype=np.int64)
+    ne = 0
+    r0 = 0
+    for e in range(E):
+        T = n_e[e]
+        if T > 0 and mine[e]:
+            X = experts[li, e]
+            task(dt[ne], r0, T, X[X_D], X[X_D], X[X_RBD], dout, X[X_KD], r0 * dout,
+                 chunk_rows(T, X[X_CHD], X[X_CHD2], X[X_CHD3], stream_t))
+            ne += 1
+        r0 += T
+    run_tasks(ctl, gu, exact, False, dt[:ne], dn)

@@ -18,7 +18,8 @@ expert-parallel rank runs a layer a call (:meth:`DecodeStep.split`, ``decode_par
 layer's expert outputs are completed by a collective before the next layer can start: attention,
 routing and this rank's share of the token's experts in one call, the collective in Python, the
 combine at the start of the next call (by rows, down runs in a second call, ``decode_down``, after
-every rank's gate/up columns are put together). The bits are one process's.
+every rank's gate/up columns are put together). The bits are one process's. A server's batched
+steps go the same way there (:meth:`DecodeStep.split_batch`, ``batch_part`` / ``batch_down``).
 
 It applies where that path is plain: every layer and expert this process holds resident (no expert
 streaming), numba present, every expert's gate and up of one kind. :meth:`DecodeStep.build`
@@ -146,9 +147,10 @@ class DecodeStep:
                 and 0 <= cache.offset < k.shape[2] and k.flags.c_contiguous and v.flags.c_contiguous)
 
     def takes_batch(self, caches: Sequence[KVCache]) -> bool:
-        """Whether :meth:`batch` runs these caches: 2 .. ``max_batch`` of them, each one :meth:`takes`,
-        all of one dtype, none past the rotary table."""
-        return (not self.backend.split and 1 < len(caches) <= self.max_batch
+        """Whether :meth:`batch` (on an expert-parallel rank :meth:`split_batch`) runs these caches:
+        2 .. ``max_batch`` of them, each one :meth:`takes`, all of one dtype, none past the rotary
+        table."""
+        return (1 < len(caches) <= self.max_batch
                 and all(self.takes(c) for c in caches) and len({c.k.dtype for c in caches}) == 1
                 and max(c.offset for c in caches) < self.backend.rope.max_positions)
 
@@ -204,6 +206,48 @@ class DecodeStep:
             dn[:] = gather(pairs, li).reshape(-1)
         return h
 
+    def split_batch(self, h: np.ndarray, caches: Sequence[KVCache],
+                    gather: Callable[[np.ndarray, int], np.ndarray],
+                    whole: Callable[[list[np.ndarray], int], list[np.ndarray]]) -> np.ndarray:
+        """:meth:`batch` on an expert-parallel rank, a layer a call (:meth:`split` for B sequences):
+        ``gather(pairs [B, top, dim], layer)`` completes the layer's (token, rank) outputs, in the
+        order ``batch_part`` grouped them (by expert: the same on every rank, which all route
+        alike); by rows ``whole`` puts the gate/up columns together before down. Row b gets the
+        bits one process's :meth:`batch` gives it."""
+        from mlxtral.backends import _decode_step_nb as nb
+
+        be = self.backend
+        args, (idx, w, slot, n_e, gu, dn) = self._batch_part_args(h, caches)
+        L, (B, dim), top, rows = len(be.held), h.shape, self.top, be.out_cols != slice(None)
+        mine, ctl, exact, stream_t = be.mine, args[0], args[-2], args[-1]
+        for li in range(L + 1):
+            with kernels._run_lock:
+                nb.batch_part(*args, li, li > 0, mine, idx, w, slot, n_e, gu, dn, not rows)
+            if li == L:
+                break
+            if rows:  # every rank's columns of gate/up [B * top, hin], then its rows of down
+                part = np.ascontiguousarray(whole([gu.reshape(B * top, -1)], li)[0], dtype=np.float32)
+                out = np.empty(B * top * self.dout, dtype=np.float32)
+                with kernels._run_lock:
+                    nb.batch_down(ctl, self.experts, li, n_e, mine, part, self.dout, exact, stream_t, out)
+                pairs = np.zeros((B, top, dim), dtype=np.float32)
+                pairs[..., be.out_cols] = out.reshape(B, top, self.dout)
+            else:
+                pairs = dn.reshape(B, top, dim)
+            dn[:] = gather(pairs, li).reshape(-1)
+        return h
+
+    def _batch_part_args(self, h: np.ndarray, caches: Sequence[KVCache]
+                         ) -> tuple[tuple, tuple[np.ndarray, ...]]:
+        """``batch_part``'s arguments up to the layer (``decode_batch``'s but ``top``), and its
+        buffers: idx, w, slot [B, top], n_e [E], gu [B * top * hidden], dn [B * top * dim]."""
+        a = self._batch_args(h, caches)
+        (B, dim), top, E = h.shape, self.top, self.experts.shape[1]
+        bufs = (np.zeros((B, top), dtype=np.int64), np.ones((B, top), dtype=np.float32),
+                np.zeros((B, top), dtype=np.int64), np.zeros(E, dtype=np.int64),
+                np.empty(B * top * self.hidden, dtype=np.float32), np.zeros(B * top * dim, dtype=np.float32))
+        return (*a[:8], *a[9:]), bufs
+
     def _part_args(self, h: np.ndarray, cache: KVCache) -> tuple[tuple, tuple[np.ndarray, ...]]:
         """``decode_part``'s arguments up to the layer (``decode_layers``' but ``top``, w's width), and
         its buffers: idx [1, top], w [1, top], gu [top * hidden], dn [top * dim]."""
@@ -258,11 +302,20 @@ class DecodeStep:
             args, (idx, w, gu, dn) = self._part_args(h[:1], c)
             sig = (*args, 0, False, be.mine, idx, w, gu, dn, True)
             nb.decode_part.compile(tuple(typeof(x) for x in sig))
-            if be.out_cols != slice(None):
+            rows = be.out_cols != slice(None)
+            if rows:
                 part = np.zeros((self.top, self.hin), dtype=np.float32)
                 out = np.zeros(self.top * self.dout, dtype=np.float32)
                 sig = (args[0], self.experts, 0, idx, be.mine, part, self.dout, args[-1], out)
                 nb.decode_down.compile(tuple(typeof(x) for x in sig))
+            if batch:  # split_batch's calls
+                args, (idx, w, slot, n_e, gu, dn) = self._batch_part_args(h, [c, c])
+                sig = (*args, 0, False, be.mine, idx, w, slot, n_e, gu, dn, True)
+                nb.batch_part.compile(tuple(typeof(x) for x in sig))
+                if rows:
+                    part = np.zeros((2 * self.top, self.hin), dtype=np.float32)
+                    sig = (args[0], self.experts, 0, n_e, be.mine, part, self.dout, args[-2], args[-1], out)
+                    nb.batch_down.compile(tuple(typeof(x) for x in sig))
             return
         nb.decode_layers.compile(tuple(typeof(x) for x in self._args(h[:1], c)))
         if batch:

@@ -291,7 +291,10 @@ class NumpyBackend:
         if step is not None and lens.max() == 1 and step.takes_batch(caches):
             h = np.ascontiguousarray(self.embed.rows(ids) if h is None else h, dtype=np.float32)  # [B, dim]
             try:
-                step.batch(h, caches)  # every sequence's token through every layer in one call
+                if self.split:  # expert parallel: a layer a call, the collectives between
+                    step.split_batch(h, caches, self._gather, self._whole_hidden)
+                else:
+                    step.batch(h, caches)  # every sequence's token through every layer in one call
             except ZeroDivisionError:
                 raise non_finite_error(int(pos.max()) + 1) from None
             for c in caches:
