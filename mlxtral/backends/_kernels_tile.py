@@ -15,9 +15,12 @@ same here, for 16 rows (``<16 x i32>``: one zmm with AVX-512):
   stays in L1/L2: per block, the 16 scales as float32, then 8 vectors whose lane ``r`` holds 4
   codes of row ``r`` (unpacked to bytes). Every token then costs 8 ``vpdpbusd`` per block for all
   16 rows, the activations' 4 bytes broadcast, plus one convert, multiply and FMA.
-* decode (``dot16_q4_0``): the rows as they lie in the file (the stream is memory-bound), one
-  ``vpdpbusd`` per row and block, the 16 rows' lane sums folded by a shuffle tree into one vector
-  of block sums, then the same convert, multiply and FMA.
+* decode and a few tokens (``dot16_q4_0``, up to 16 with VNNI): the rows as they lie in the file
+  (the stream is memory-bound). With VNNI each block's codes of the 16 rows are transposed into the
+  repacked layout in registers (``_lanes16``) once for up to 8 tokens, which then take the tile's
+  steps; on the portable and ARM paths one ``vpdpbusd`` (``sdot``) per row and block, the 16 rows'
+  lane sums folded by a shuffle tree into one vector of block sums, then the same convert, multiply
+  and FMA.
 * rows past a multiple of 16 (``dot1_q4_0``): one row, the same steps on scalars.
 
 The K-quants (section below) keep ``_kernels_kq``'s arithmetic, already whole-superblock (exact
@@ -92,6 +95,7 @@ TILE_BLOCK_BYTES = 4 * ROWS + 8 * 4 * ROWS  # repacked block: 16 float scales, 8
 NT_MAX = 8  # tokens per pass over a repacked tile
 
 v16i32 = ir.VectorType(i32, 16)
+v4i32 = ir.VectorType(i32, 4)
 v16f = ir.VectorType(f32, 16)
 v64i8 = ir.VectorType(i8, 64)
 v16i16 = ir.VectorType(i16, 16)
@@ -275,44 +279,123 @@ def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
     return fn
 
 
-def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
-    """void dot16(w, rb, xq, xd, xo, nb, n, out): 16 rows as they lie (``rb`` bytes apart) . ``nt``
-    tokens (activation rows ``n`` int8 apart, as ``gemm``'s) -> out[16 t .. 16 t + 15] for token t.
-    More than one token only on the AVX2 path (:data:`DOT16_NT`)."""
-    if HAVE_AVX2 and not HAVE_VNNI:
-        return _build_dot16_avx2(mod, name, nt)
-    assert nt == 1, "dot16 takes one token a pass here"
+def _unpack32(b: ir.IRBuilder, u: ir.Value, v: ir.Value, hi: bool, width: int) -> ir.Value:
+    """AVX-512's ``vpunpck{l,h}{dq,qdq}`` on <16 x i32>: in each 128-bit lane, the low (or high)
+    halves of ``u`` and ``v`` interleaved by ``width`` (1: dwords, 2: qwords)."""
+    h = 2 if hi else 0
+    idx = []
+    for lane in range(4):
+        base = 4 * lane + h
+        if width == 1:
+            idx += [base, 16 + base, base + 1, 16 + base + 1]
+        else:
+            idx += [base, base + 1, 16 + base, 16 + base + 1]
+    return b.shuffle_vector(u, v, _mask(idx))
+
+
+def _lanes16(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> list:
+    """Block ``boff`` of 16 rows ``rb`` bytes apart -> 8 <16 x i32> code vectors laid out as a
+    repacked tile's (``_build_repack``): lane r of vector j holds row r's codes 4j..4j+3 (j < 4) or
+    16+4(j-4).. (j >= 4). The rows' 16 code bytes are transposed in registers (four rows to a zmm,
+    then a 4 x 4 dword transpose in each 128-bit lane), their nibbles split by an and and a shift."""
+    rows = [_load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v4i32) for r in range(ROWS)]
+    quads = []
+    for k in range(4):  # lane L of quad k: row k + 4L
+        lo = b.shuffle_vector(rows[k], rows[k + 4], _mask(list(range(8))))
+        hi = b.shuffle_vector(rows[k + 8], rows[k + 12], _mask(list(range(8))))
+        quads.append(b.shuffle_vector(lo, hi, _mask(list(range(16)))))
+    t0, t1 = (_unpack32(b, quads[0], quads[1], h, 1) for h in (False, True))
+    t2, t3 = (_unpack32(b, quads[2], quads[3], h, 1) for h in (False, True))
+    dwords = [_unpack32(b, t0, t2, False, 2), _unpack32(b, t0, t2, True, 2),
+              _unpack32(b, t1, t3, False, 2), _unpack32(b, t1, t3, True, 2)]  # dword j of every row
+    low = ir.Constant(v16i32, [0x0F0F0F0F] * 16)
+    four = ir.Constant(v16i32, [4] * 16)
+    return [b.and_(d, low) for d in dwords] + [b.and_(b.lshr(d, four), low) for d in dwords]
+
+
+def _build_dot16_vnni(mod: ir.Module, name: str, nt: int) -> ir.Function:
+    """``dot16`` with VNNI: each block's codes of the 16 rows put in the lanes once (``_lanes16``)
+    for ``nt`` tokens, which then take exactly the repacked tile's steps (``_build_gemm``): per
+    token 8 ``vpdpbusd`` against the activations' 4 bytes broadcast, from the block's offset, and
+    one convert, multiply and FMA; no horizontal sums, no repacked copy."""
     fn, b = _function(mod, name, ir.VoidType(), 9)
-    wa, rb, xa, xda, xoa, nb, _, oa, _ = fn.args
-    wp, xp, xop, xdp = (_ptr(b, a, i8) for a in (wa, xa, xoa, xda))
+    wa, rb, xa, xda, xoa, nb, n, oa, _ = fn.args
+    wp = _ptr(b, wa, i8)
+    toks = range(nt)
+    xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in toks]
+    xops = [_ptr(b, b.add(xoa, b.mul(n, _c(t))), i8) for t in toks]
+    xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
 
     def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
         boff = b.mul(blk, _c(Q4_BYTES))
         xoff = b.shl(blk, _c(5))
-        x = _load(b, xp, xoff, v32i8)
-        xo = _load(b, xop, xoff, v8i32)
         # the next tile (16 rows further), 16 x 18 bytes a block: by its turn it is in cache
         ahead = b.add(b.mul(rb, _c(ROWS)), b.mul(blk, _c(ROWS * Q4_BYTES)))
         prefetch_ahead(b, wp, ahead, ROWS * Q4_BYTES + 64)
-        x2 = b.shuffle_vector(x, x, _mask(list(range(32)) * 2))  # the block's activations, twice
-        xo2 = b.bitcast(b.shuffle_vector(xo, xo, _mask(list(range(8)) * 2)), v16i32)
-        lanes = []
-        for r in range(0, ROWS, 2):  # rows r and r + 1 in one 512-bit dot
+        ws = _lanes16(b, wp, rb, boff)
+        d = _scales16(b, wp, rb, boff)
+        new = []
+        for t in toks:
+            isum = _splat_as(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32)
+            for g in range(8):
+                xw = _splat_as(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
+                isum = _dpbusd16(b, isum, ws[g], xw)
+            xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
+            new.append(_fma16(b, b.sitofp(isum, v16f), b.fmul(d, _splat_as(b, xd, v16f)), accs[t]))
+        return new
+
+    for t, fin in enumerate(_loop(b, nb, [ZERO16] * nt, block)):
+        _store16(b, oa, _c(4 * ROWS * t), fin)
+    b.ret_void()
+    return fn
+
+
+def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
+    """void dot16(w, rb, xq, xd, xo, nb, n, out): 16 rows as they lie (``rb`` bytes apart) . ``nt``
+    tokens (activation rows ``n`` int8 apart, as ``gemm``'s) -> out[16 t .. 16 t + 15] for token t.
+    Each block's codes are unpacked once (8 vectors, two rows each) for the ``nt`` tokens; a token
+    then costs 8 ``vpdpbusd``, the fold and one convert, multiply and FMA."""
+    if HAVE_AVX2 and not HAVE_VNNI:
+        return _build_dot16_avx2(mod, name, nt)
+    if HAVE_VNNI:
+        return _build_dot16_vnni(mod, name, nt)
+    fn, b = _function(mod, name, ir.VoidType(), 9)
+    wa, rb, xa, xda, xoa, nb, n, oa, _ = fn.args
+    wp = _ptr(b, wa, i8)
+    toks = range(nt)
+    xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in toks]
+    xops = [_ptr(b, b.add(xoa, b.mul(n, _c(t))), i8) for t in toks]
+    xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
+
+    def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
+        boff = b.mul(blk, _c(Q4_BYTES))
+        xoff = b.shl(blk, _c(5))
+        # the next tile (16 rows further), 16 x 18 bytes a block: by its turn it is in cache
+        ahead = b.add(b.mul(rb, _c(ROWS)), b.mul(blk, _c(ROWS * Q4_BYTES)))
+        prefetch_ahead(b, wp, ahead, ROWS * Q4_BYTES + 64)
+        codes = []
+        for r in range(0, ROWS, 2):  # rows r and r + 1 in one 512-bit vector
             qa = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
             qb = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r + 1)), _c(2))), v16i8)
             q = b.shuffle_vector(qa, qb, _mask(list(range(32))))
             lo = b.and_(q, _vconst(v32i8, 15))
             hi = b.lshr(q, _vconst(v32i8, 4))  # row a: lo[0:16] hi[0:16], row b: lo[16:32] hi[16:32]
             order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
-            codes = b.shuffle_vector(lo, hi, _mask(order))
-            lanes.append(_dpbusd16(b, xo2, b.bitcast(codes, v16i32), b.bitcast(x2, v16i32)))
-        s = _fold16(b, lanes)
+            codes.append(b.bitcast(b.shuffle_vector(lo, hi, _mask(order)), v16i32))
         d = _scales16(b, wp, rb, boff)
-        xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
-        return [_fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat_as(b, xd, v16f)), accs[0])]
+        new = []
+        for t in toks:
+            x = _load(b, xps[t], xoff, v32i8)
+            xo = _load(b, xops[t], xoff, v8i32)
+            x2 = b.bitcast(b.shuffle_vector(x, x, _mask(list(range(32)) * 2)), v16i32)  # twice
+            xo2 = b.bitcast(b.shuffle_vector(xo, xo, _mask(list(range(8)) * 2)), v16i32)
+            s = _fold16(b, [_dpbusd16(b, xo2, c, x2) for c in codes])
+            xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
+            new.append(_fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat_as(b, xd, v16f)), accs[t]))
+        return new
 
-    (fin,) = _loop(b, nb, [ZERO16], block)
-    _store16(b, oa, _c(0), fin)
+    for t, fin in enumerate(_loop(b, nb, [ZERO16] * nt, block)):
+        _store16(b, oa, _c(4 * ROWS * t), fin)
     b.ret_void()
     return fn
 
@@ -513,13 +596,14 @@ def gemm_q4_0(typingctx, k, buf, nb, xq, xd, xo, n, out, ostride):
     return sig, codegen
 
 
-# tokens one pass of dot16 takes: on AVX2 without VNNI a block's codes are put in the lanes once for
-# up to 8 (the accumulators and the codes fill the 16 ymm registers); with VNNI one (more was
-# measured slower)
-DOT16_NT = 8 if HAVE_AVX2 and not HAVE_VNNI else 1
+# tokens one pass of dot16 takes: a block's codes are put in the lanes once for up to 8 (on AVX2
+# without VNNI the accumulators and the codes fill the 16 ymm registers; with VNNI 16 a pass was no
+# faster at 12 and 16 tokens); the portable and ARM paths one (they repack from 2)
+DOT16_NT = 8 if HAVE_AVX2 else 1
 # tokens one pass of dot16 takes at most: past DOT16_NT (prefill on AVX2) the accumulators live in
 # the output buffer and each block's codes go into the lanes once for all of them
-DOT16_PASS = 32 if DOT16_NT > 1 else 1
+_AVX2_DOTS = HAVE_AVX2 and not HAVE_VNNI  # the dots that read xb
+DOT16_PASS = 32 if _AVX2_DOTS else DOT16_NT
 
 
 @intrinsic
@@ -559,10 +643,12 @@ def dot1_q4_0(typingctx, w, xq, xd, xo, nb):
 
 _CACHE = not FORCED_GENERIC  # as _kernels_nb: a forced lower ISA neither loads nor writes the cache
 # tokens from which a task's rows are repacked into tiles (fewer: dotted where they lie). With VNNI
-# (and on the portable path) the tiles win from 2. On AVX2 never: there the 16-lane dots are split
+# past two passes of dot16 (Xeon, 3584 x 1024 from DRAM, 2 threads: 2 / 4 / 8 / 12 / 16 tokens
+# 110 / 124 / 162 / 299 / 354 us where the tiles from 2 took 213 / 245 / 308 / 345 / 408; from ~20
+# the tiles win); on the portable and ARM paths from 2. On AVX2 never: there the 16-lane dots are split
 # in two and the transposing dot16 was measured faster at every T (EPYC, 3584 x 1024, 2 threads:
 # 29 / 31 / 31 us a token at T = 8 / 64 / 256 against the tiles' 47 / 38 / 38)
-TILE_MIN_T = 2 if DOT16_NT == 1 else 1 << 62
+TILE_MIN_T = 2 if DOT16_NT == 1 else (2 * DOT16_NT + 1 if HAVE_VNNI else 1 << 62)
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -607,7 +693,7 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
     u = np.empty(max(NT_MAX, DOT16_PASS) * ROWS, dtype=np.float32)
     if T < TILE_MIN_T:
         # the block offsets: only the AVX2 dots read them (the 16-lane one takes xo itself)
-        xb = _block_offsets(xoa, T, n) if DOT16_NT > 1 else np.zeros(1, dtype=np.int32)
+        xb = _block_offsets(xoa, T, n) if _AVX2_DOTS else np.zeros(1, dtype=np.int32)
         t0 = 0
         while t0 < T:  # up to DOT16_PASS tokens a pass over the rows as they lie
             k = min(DOT16_PASS, T - t0)
