@@ -283,6 +283,34 @@ def test_no_numba_env():
     assert abs(float(s1) - 8 / (1 + np.exp(-1))) < 1e-5
 
 
+def test_released_linking_modules_link_again():
+    """After warmup every loaded kernel's parsed linking module is dropped (its bitcode kept): a
+    function compiled later that calls one is linked from the re-parsed bitcode and computes the
+    same bits; the machine code that was running never changed."""
+    import numba
+
+    from mlxtral.backends import _kernels_nb as nb
+    from mlxtral.backends import jit_memory
+
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("no numba")
+    kernels.warmup()
+    libs = [c.library for c in nb.rms_norm.overloads.values()]
+    assert libs and all(lib.__dict__.get("_mlxtral_bitcode") for lib in libs)
+    jit_memory.release_linking_modules(kernels._our_dispatchers())  # again: those stay as they are
+    assert all(lib.__dict__.get("_mlxtral_bitcode") for lib in libs)
+
+    @numba.njit
+    def calls_it(x, w):
+        out = np.empty(x.shape, dtype=np.float32)
+        return nb.rms_norm(x, w, 1e-5, out)
+
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    w = np.linspace(0.5, 1.5, 64, dtype=np.float32)
+    assert np.array_equal(calls_it(x, w), kernels.rms_norm(x, w, 1e-5))
+    assert any(lib.__dict__.get("_mlxtral_shared") is not None for lib in libs)  # parsed on demand
+
+
 def test_no_compilation_after_warmup(tmp_path):
     """Loading a model warms every kernel specialization it will use (read-only memory-mapped
     weights included), so LLVM never runs again and its pages can stay released."""

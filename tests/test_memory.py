@@ -1,6 +1,7 @@
 """Memory estimate and the "does not fit" check (available memory monkeypatched)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,30 @@ def test_ulimit_v_never_aborts(tmp_path: Path, args: list[str]) -> None:
             assert f"not enough address space: ulimit -v is {mb} MB, mlxtral needs about " in last, (mb, last)
             assert last.endswith("or unlimited)"), last
     assert results[300] == 1 and results[1500] in (0, 1)  # the smallest is refused at the entry
+
+
+def _rss_anon_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError("no RssAnon")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page accounting")
+def test_kv_cache_pages_fill_as_positions_are_written():
+    """A cache sized for a long context costs RAM for the positions written, not the whole
+    context: no transparent huge pages (NumPy advises them for arrays of 4 MB and more, and one
+    write per 2 MB stretch then made all of it resident)."""
+    from mlxtral.backends.numpy_backend import KVCache
+    from mlxtral.config import ModelArgs
+
+    args = ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=128, hidden_dim=512,
+                     vocab_size=64, n_experts=1, n_experts_per_tok=1)
+    before = _rss_anon_kb()
+    c = KVCache(args, 8192, np.float32)  # 2 x 32 MB
+    c.k[:, :, :16] = 1.0  # 16 positions of every layer and head: 128 KB of 4 KB pages
+    c.v[:, :, :16] = 1.0
+    grown = _rss_anon_kb() - before
+    assert c.nbytes == 2 * 4 * 2 * 8192 * 128 * 4
+    assert grown < 8 * 1024, f"{grown} KB resident for 16 positions"

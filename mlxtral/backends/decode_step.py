@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mlxtral.backends import kernels
+from mlxtral.backends.jit_memory import release_new
 from mlxtral.env import env_flag
 from mlxtral.qtensor import QTensor
 
@@ -163,6 +164,7 @@ class DecodeStep:
         args = self._batch_args(h, caches)
         with kernels._run_lock:
             nb.decode_batch(*args)
+        release_new(nb.decode_batch)  # loaded at its first call: give back its linking module
         return h
 
     def __call__(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -173,6 +175,7 @@ class DecodeStep:
         args = self._args(h, cache)
         with kernels._run_lock:
             nb.decode_layers(*args)
+        release_new(nb.decode_layers)  # loaded at its first call: give back its linking module
         return h
 
     def split(self, h: np.ndarray, cache: KVCache, gather: Callable[[np.ndarray, int], np.ndarray],
@@ -204,6 +207,7 @@ class DecodeStep:
             else:
                 pairs[0] = dn.reshape(top, dim)
             dn[:] = gather(pairs, li).reshape(-1)
+        release_new(nb.decode_part, nb.decode_down)
         return h
 
     def split_batch(self, h: np.ndarray, caches: Sequence[KVCache],
@@ -235,6 +239,7 @@ class DecodeStep:
             else:
                 pairs = dn.reshape(B, top, dim)
             dn[:] = gather(pairs, li).reshape(-1)
+        release_new(nb.batch_part, nb.batch_down)
         return h
 
     def _batch_part_args(self, h: np.ndarray, caches: Sequence[KVCache]
@@ -290,7 +295,9 @@ class DecodeStep:
     def warm(self, batch: bool = True) -> None:
         """Compile the one-sequence step (and with ``batch`` the batched one) now, or load them
         from numba's disk cache, rather than at the first token: compiled, each takes about a
-        minute, once per install (a server would stall every stream on its first batched step)."""
+        minute, once per install (a server would stall every stream on its first batched step).
+        Loading parses each one's LLVM IR, ~30 MB, given back at once (:mod:`jit_memory`): here,
+        before the weights are paged in, rather than at the first token, on top of them."""
         from numba import typeof
 
         from mlxtral.backends import _decode_step_nb as nb
@@ -316,7 +323,9 @@ class DecodeStep:
                     part = np.zeros((2 * self.top, self.hin), dtype=np.float32)
                     sig = (args[0], self.experts, 0, n_e, be.mine, part, self.dout, args[-2], args[-1], out)
                     nb.batch_down.compile(tuple(typeof(x) for x in sig))
+            release_new(nb.decode_part, nb.decode_down, nb.batch_part, nb.batch_down)
             return
         nb.decode_layers.compile(tuple(typeof(x) for x in self._args(h[:1], c)))
         if batch:
             nb.decode_batch.compile(tuple(typeof(x) for x in self._batch_args(h, [c, c])))
+        release_new(nb.decode_layers, nb.decode_batch)

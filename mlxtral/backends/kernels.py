@@ -17,11 +17,13 @@ How it is fast
   llama.cpp's sign trick, the same integers). Q4_1 / Q5_1 add their min times q8_1's block sum.
   The K-quants and IQ4_XS dot q8_K superblocks (integer sums per 256 weights, one float step each).
   Q4_0 (``_kernels_tile``) sums each whole block in the integers and keeps 16 rows in the vector
-  lanes, so the convert, scale and FMA are paid once per block for 16 rows: decode dots 16 rows
-  where they lie (their lane sums folded by a shuffle tree); prefill repacks each 16-row tile
-  into llama.cpp's interleaved layout in L1/L2 and runs 8 tokens per pass (~3.5x the four-token
-  row dots). On AVX2 without VNNI its dot transposes each block's codes of 8 rows into the lanes
-  once for up to 8 tokens (32 in prefill), which beats the split tiles at every T there. All of
+  lanes, so the convert, scale and FMA are paid once per block for 16 rows: decode and up to 16
+  tokens dot 16 rows where they lie (with VNNI each block's codes transposed into the lanes in
+  registers once for up to 8 tokens; elsewhere their lane sums folded by a shuffle tree); longer
+  prefill repacks each 16-row tile into llama.cpp's interleaved layout in L1/L2 and runs 8 tokens
+  per pass (~3.5x the four-token row dots). On AVX2 without VNNI its dot transposes each block's
+  codes of 8 rows into the lanes once for up to 8 tokens (32 in prefill), which beats the split
+  tiles at every T there. All of
   them are one arithmetic, so batch invariance holds there too.
   These inner loops are hand-written LLVM IR (``_kernels_ir``), called from numba; LLVM's own
   vectorizer does not find this on short per-block loops. Results differ from exact float32 by
@@ -87,6 +89,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mlxtral.backends import MAX_THREADS, check_threads, default_threads
+from mlxtral.backends.jit_memory import release_compiler_pages, release_linking_modules
 from mlxtral.env import env_flag, env_float, env_int
 from mlxtral.qtensor import QTensor
 
@@ -666,49 +669,31 @@ _warmed = False
 
 def warmup() -> None:
     """Compile (or load from numba's disk cache) every kernel and start the worker threads, once
-    per process; then let LLVM's pages go (:func:`release_compiler_pages`)."""
+    per process; then give back what loading left behind (:mod:`mlxtral.backends.jit_memory`:
+    the parsed linking modules, LLVM's code pages)."""
     global _warmed
     if not HAVE_NUMBA or _warmed:
         return
     _load_all()
     _warmed = True
+    release_linking_modules(_our_dispatchers())
     release_compiler_pages()
 
 
-_MADV_PAGEOUT = 21  # Linux >= 5.4
-
-
-def release_compiler_pages() -> int:
-    """Page out llvmlite's read-only mappings; returns the bytes advised.
-
-    Compiling or loading numba's cached kernels runs LLVM, which pages in ~65 MB of llvmlite's
-    180 MB shared library; once every kernel is loaded, none of that code runs again (the kernels
-    are native code in their own memory). These are clean file-backed pages, so MADV_PAGEOUT loses
-    nothing: should LLVM run again (a new specialization), they fault back in from the file.
-    Linux only; elsewhere, or on an older kernel, a no-op."""
+def _our_dispatchers() -> list:
+    """Every numba dispatcher in mlxtral's loaded modules."""
     import sys
 
-    if not sys.platform.startswith("linux"):
-        return 0
-    import ctypes
+    from numba.core.dispatcher import Dispatcher
 
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as f:
-            maps = f.read().splitlines()
-    except (OSError, AttributeError):
-        return 0
-    done = 0
-    for line in maps:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or "llvmlite" not in parts[5] or parts[1][1] == "w":
+    found: dict[int, object] = {}
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not (name == "mlxtral" or name.startswith("mlxtral.")):
             continue
-        lo, hi = (int(x, 16) for x in parts[0].split("-"))
-        if madvise(lo, hi - lo, _MADV_PAGEOUT) == 0:
-            done += hi - lo
-    return done
+        for v in list(vars(mod).values()):
+            if isinstance(v, Dispatcher):
+                found[id(v)] = v
+    return list(found.values())
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

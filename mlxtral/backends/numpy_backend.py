@@ -25,6 +25,7 @@ import numpy as np
 
 from mlxtral.backends import ops
 from mlxtral.backends.numerics import check_logits, non_finite_error
+from mlxtral.backends.pages import lazy_zeros
 from mlxtral.config import ModelArgs
 from mlxtral.distributed.group import Group
 from mlxtral.distributed.placement import Placement
@@ -95,15 +96,16 @@ class KVCache:
 
     Layout ``[L, KV, ctx, hd]``: each KV head's keys are contiguous rows, so attention reads
     ``k[li, :, :S]`` in place (no copy or transpose per step), one query row at a time in prefill
-    as in decode. ``np.zeros`` maps pages lazily, so an unused context costs address space, not RAM.
+    as in decode. Pages are mapped lazily (:func:`~mlxtral.backends.pages.lazy_zeros`, no huge
+    pages), so an unused context costs address space, not RAM.
     """
 
     def __init__(self, args: ModelArgs, max_context: int, dtype: np.dtype | type = np.float32,
                  n_layers: int | None = None) -> None:
         n_layers = args.n_layers if n_layers is None else n_layers  # a pipeline rank: its layers only
         shape = (n_layers, args.n_kv_heads, max_context, args.head_dim)  # [L, KV, ctx, hd]
-        self.k = np.zeros(shape, dtype=dtype)
-        self.v = np.zeros(shape, dtype=dtype)
+        self.k = lazy_zeros(shape, dtype)
+        self.v = lazy_zeros(shape, dtype)
         self.max_context = max_context
         self.offset = 0  # positions filled
 
@@ -176,6 +178,8 @@ class NumpyBackend:
 
         self.decode_step = DecodeStep.build(self)  # decode: every layer in one call where it applies
         kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
+        if self.decode_step is not None and kernels.HAVE_NUMBA:
+            self.decode_step.warm(batch=False)  # loaded (and its memory given back) before the weights
 
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:
