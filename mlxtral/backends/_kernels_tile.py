@@ -313,52 +313,31 @@ def _lanes16(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> lis
     return [b.and_(d, low) for d in dwords] + [b.and_(b.lshr(d, four), low) for d in dwords]
 
 
-def _build_dot16_vnni(mod: ir.Module, name: str, nt: int) -> ir.Function:
-    """``dot16`` with VNNI: each block's codes of the 16 rows put in the lanes once (``_lanes16``)
-    for ``nt`` tokens, which then take exactly the repacked tile's steps (``_build_gemm``): per
-    token 8 ``vpdpbusd`` against the activations' 4 bytes broadcast, from the block's offset, and
-    one convert, multiply and FMA; no horizontal sums, no repacked copy."""
-    fn, b = _function(mod, name, ir.VoidType(), 9)
-    wa, rb, xa, xda, xoa, nb, n, oa, _ = fn.args
-    wp = _ptr(b, wa, i8)
-    toks = range(nt)
-    xps = [_ptr(b, b.add(xa, b.mul(n, _c(t))), i8) for t in toks]
-    xops = [_ptr(b, b.add(xoa, b.mul(n, _c(t))), i8) for t in toks]
-    xdps = [_ptr(b, b.add(xda, b.mul(b.shl(nb, _c(2)), _c(t))), i8) for t in toks]
-
-    def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
-        boff = b.mul(blk, _c(Q4_BYTES))
-        xoff = b.shl(blk, _c(5))
-        # the next tile (16 rows further), 16 x 18 bytes a block: by its turn it is in cache
-        ahead = b.add(b.mul(rb, _c(ROWS)), b.mul(blk, _c(ROWS * Q4_BYTES)))
-        prefetch_ahead(b, wp, ahead, ROWS * Q4_BYTES + 64)
-        ws = _lanes16(b, wp, rb, boff)
-        d = _scales16(b, wp, rb, boff)
-        new = []
-        for t in toks:
-            isum = _splat_as(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32)
-            for g in range(8):
-                xw = _splat_as(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
-                isum = _dpbusd16(b, isum, ws[g], xw)
-            xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
-            new.append(_fma16(b, b.sitofp(isum, v16f), b.fmul(d, _splat_as(b, xd, v16f)), accs[t]))
-        return new
-
-    for t, fin in enumerate(_loop(b, nb, [ZERO16] * nt, block)):
-        _store16(b, oa, _c(4 * ROWS * t), fin)
-    b.ret_void()
-    return fn
+def _pairs16(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> list:
+    """Block ``boff`` of 16 rows -> 8 <16 x i32> code vectors, vector i holding rows 2i and 2i+1
+    (each row's 32 codes in 8 lanes, in the activations' order): for the fold (``_fold16``)."""
+    codes = []
+    for r in range(0, ROWS, 2):  # rows r and r + 1 in one 512-bit vector
+        qa = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
+        qb = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r + 1)), _c(2))), v16i8)
+        q = b.shuffle_vector(qa, qb, _mask(list(range(32))))
+        lo = b.and_(q, _vconst(v32i8, 15))
+        hi = b.lshr(q, _vconst(v32i8, 4))  # row a: lo[0:16] hi[0:16], row b: lo[16:32] hi[16:32]
+        order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
+        codes.append(b.bitcast(b.shuffle_vector(lo, hi, _mask(order)), v16i32))
+    return codes
 
 
 def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
     """void dot16(w, rb, xq, xd, xo, nb, n, out): 16 rows as they lie (``rb`` bytes apart) . ``nt``
     tokens (activation rows ``n`` int8 apart, as ``gemm``'s) -> out[16 t .. 16 t + 15] for token t.
-    Each block's codes are unpacked once (8 vectors, two rows each) for the ``nt`` tokens; a token
-    then costs 8 ``vpdpbusd``, the fold and one convert, multiply and FMA."""
+    Each block's codes are put in registers once for the ``nt`` tokens. With VNNI transposed into
+    the repacked tile's lanes (``_lanes16``): a token then takes exactly the tile's steps
+    (``_build_gemm``), 8 ``vpdpbusd`` against its 4 bytes broadcast from the block's offset, no
+    horizontal sums. Elsewhere (portable, ARM) two rows a vector (``_pairs16``): a token costs 8
+    dot products and the fold. Then one convert, multiply and FMA per token."""
     if HAVE_AVX2 and not HAVE_VNNI:
         return _build_dot16_avx2(mod, name, nt)
-    if HAVE_VNNI:
-        return _build_dot16_vnni(mod, name, nt)
     fn, b = _function(mod, name, ir.VoidType(), 9)
     wa, rb, xa, xda, xoa, nb, n, oa, _ = fn.args
     wp = _ptr(b, wa, i8)
@@ -373,25 +352,26 @@ def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
         # the next tile (16 rows further), 16 x 18 bytes a block: by its turn it is in cache
         ahead = b.add(b.mul(rb, _c(ROWS)), b.mul(blk, _c(ROWS * Q4_BYTES)))
         prefetch_ahead(b, wp, ahead, ROWS * Q4_BYTES + 64)
-        codes = []
-        for r in range(0, ROWS, 2):  # rows r and r + 1 in one 512-bit vector
-            qa = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v16i8)
-            qb = _load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r + 1)), _c(2))), v16i8)
-            q = b.shuffle_vector(qa, qb, _mask(list(range(32))))
-            lo = b.and_(q, _vconst(v32i8, 15))
-            hi = b.lshr(q, _vconst(v32i8, 4))  # row a: lo[0:16] hi[0:16], row b: lo[16:32] hi[16:32]
-            order = [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)]
-            codes.append(b.bitcast(b.shuffle_vector(lo, hi, _mask(order)), v16i32))
+        codes = _lanes16(b, wp, rb, boff) if HAVE_VNNI else _pairs16(b, wp, rb, boff)
         d = _scales16(b, wp, rb, boff)
-        new = []
-        for t in toks:
-            x = _load(b, xps[t], xoff, v32i8)
+
+        def sums(t: int) -> ir.Value:  # token t's 16 exact block sums
             xo = _load(b, xops[t], xoff, v8i32)
+            if HAVE_VNNI:
+                s = _splat_as(b, _hsum_i32(b, xo), v16i32)
+                for g in range(8):
+                    xw = _splat_as(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
+                    s = _dpbusd16(b, s, codes[g], xw)
+                return s
+            x = _load(b, xps[t], xoff, v32i8)
             x2 = b.bitcast(b.shuffle_vector(x, x, _mask(list(range(32)) * 2)), v16i32)  # twice
             xo2 = b.bitcast(b.shuffle_vector(xo, xo, _mask(list(range(8)) * 2)), v16i32)
-            s = _fold16(b, [_dpbusd16(b, xo2, c, x2) for c in codes])
+            return _fold16(b, [_dpbusd16(b, xo2, c, x2) for c in codes])
+
+        new = []
+        for t in toks:
             xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
-            new.append(_fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat_as(b, xd, v16f)), accs[t]))
+            new.append(_fma16(b, b.sitofp(sums(t), v16f), b.fmul(d, _splat_as(b, xd, v16f)), accs[t]))
         return new
 
     for t, fin in enumerate(_loop(b, nb, [ZERO16] * nt, block)):
