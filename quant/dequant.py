@@ -32,14 +32,15 @@ from mlxtral.qtensor import BLOCK_TYPES
 from mlxtral.quant import ggml
 
 QK_K = 256
-IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 _CHUNK_WEIGHTS = 1 << 18  # weights a working chunk (1 MB of float32 out; temporaries a few times that)
 _F32 = np.float32
 _U8 = np.uint8
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    """Two bytes a row -> float32 [n, 1]."""
+# Block-field decoders also used by mlxtral.quant.gguf_affine: f16_column, bits_le, k4_scale_min.
+def f16_column(b: np.ndarray) -> np.ndarray:
+    """Two bytes a row (uint8 [n, 2]) -> float32 [n, 1]."""
     return np.ascontiguousarray(b).view(np.float16).astype(_F32)
 
 
@@ -55,22 +56,23 @@ def _nibbles(qs: np.ndarray, run: int) -> np.ndarray:
     return _bits(qs.reshape(n * (qs.shape[1] // run), run), [0, 4], 0x0F).reshape(n, -1)
 
 
-def _qh_bits(qh: np.ndarray) -> np.ndarray:
-    """Q5_0/Q5_1 ``qh`` bytes [n, 4] (a little-endian u32) -> bit j of the u32 as uint8 [n, 32]."""
-    return np.unpackbits(qh, axis=1, bitorder="little")
+def bits_le(word_bytes: np.ndarray, n: int) -> np.ndarray:
+    """Little-endian bit ``k`` of ``word_bytes`` [b, nbytes] for k < n -> uint8 [b, n] (Q5_0/Q5_1's
+    ``qh``: a u32's 32 bits)."""
+    return np.unpackbits(word_bytes, axis=-1, bitorder="little")[:, :n]
 
 
 def _q5_0(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 6:], 16) | (_qh_bits(b[:, 2:6]) << _U8(4))  # [n, 32] 0..31
-    return _f16(b[:, 0:2]) * (q.astype(np.int8) - np.int8(16)).astype(_F32)
+    q = _nibbles(b[:, 6:], 16) | (bits_le(b[:, 2:6], 32) << _U8(4))  # [n, 32] 0..31
+    return f16_column(b[:, 0:2]) * (q.astype(np.int8) - np.int8(16)).astype(_F32)
 
 
 def _q5_1(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 8:], 16) | (_qh_bits(b[:, 4:8]) << _U8(4))  # [n, 32]
-    return _f16(b[:, 0:2]) * q.astype(_F32) + _f16(b[:, 2:4])
+    q = _nibbles(b[:, 8:], 16) | (bits_le(b[:, 4:8], 32) << _U8(4))  # [n, 32]
+    return f16_column(b[:, 0:2]) * q.astype(_F32) + f16_column(b[:, 2:4])
 
 
-def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def k4_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K/Q5_K's 12 packed bytes [n, 12] -> 6-bit scales and mins, uint8 [n, 8] each."""
     lo, mn, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
     sc = np.concatenate([lo & _U8(0x3F), (hi & _U8(0x0F)) | ((lo >> _U8(2)) & _U8(0x30))], axis=1)
@@ -89,7 +91,8 @@ def _minus_min(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray, q
 def _q2_k(b: np.ndarray) -> np.ndarray:
     n, s = b.shape[0], b[:, 0:16]
     q = _bits(b[:, 16:80].reshape(2 * n, 32), [0, 2, 4, 6], 0x03)  # [2n, 4, 32]: 8 runs of 32
-    return _minus_min(_f16(b[:, 80:82]), _f16(b[:, 82:84]), s & _U8(0x0F), s >> _U8(4), q.reshape(n, 16, 16))
+    d, dmin = f16_column(b[:, 80:82]), f16_column(b[:, 82:84])
+    return _minus_min(d, dmin, s & _U8(0x0F), s >> _U8(4), q.reshape(n, 16, 16))
 
 
 def _q3_k(b: np.ndarray) -> np.ndarray:
@@ -101,22 +104,22 @@ def _q3_k(b: np.ndarray) -> np.ndarray:
     low = _bits(b[:, 32:96].reshape(2 * n, 32), [0, 2, 4, 6], 0x03).reshape(n, 16, 16)
     high = _bits(b[:, 0:32], list(range(8)), 0x01).reshape(n, 16, 16) ^ _U8(1)  # set: no -4
     q = (low.astype(np.int8) - (high << _U8(2)).astype(np.int8)).astype(_F32)
-    return ((_f16(b[:, 108:110]) * sc)[:, :, None] * q).reshape(n, QK_K)
+    return ((f16_column(b[:, 108:110]) * sc)[:, :, None] * q).reshape(n, QK_K)
 
 
 def _q4_k(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
-    sc, m = _scale_min_k4(b[:, 4:16])
+    sc, m = k4_scale_min(b[:, 4:16])
     q = _nibbles(b[:, 16:144], 32).reshape(n, 8, 32)
-    return _minus_min(_f16(b[:, 0:2]), _f16(b[:, 2:4]), sc, m, q)
+    return _minus_min(f16_column(b[:, 0:2]), f16_column(b[:, 2:4]), sc, m, q)
 
 
 def _q5_k(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
-    sc, m = _scale_min_k4(b[:, 4:16])
+    sc, m = k4_scale_min(b[:, 4:16])
     low = _nibbles(b[:, 48:176], 32).reshape(n, 8, 32)
     high = _bits(b[:, 16:48], list(range(8)), 0x01)  # [n, 8, 32]: bit j of byte l is code 32 j + l's
-    return _minus_min(_f16(b[:, 0:2]), _f16(b[:, 2:4]), sc, m, low | (high << _U8(4)))
+    return _minus_min(f16_column(b[:, 0:2]), f16_column(b[:, 2:4]), sc, m, low | (high << _U8(4)))
 
 
 def _q6_k(b: np.ndarray) -> np.ndarray:
@@ -124,12 +127,12 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
     low = _nibbles(b[:, 0:128], 64).reshape(n, 8, 32)
     high = _bits(b[:, 128:192].reshape(2 * n, 32), [0, 2, 4, 6], 0x03).reshape(n, 8, 32)
     q = ((low | (high << _U8(4))).astype(np.int8) - np.int8(32)).astype(_F32).reshape(n, 16, 16)
-    dl = _f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(_F32)  # [n, 16]
+    dl = f16_column(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(_F32)  # [n, 16]
     return (dl[:, :, None] * q).reshape(n, QK_K)
 
 
 def _iq4_nl(b: np.ndarray) -> np.ndarray:
-    return _f16(b[:, 0:2]) * IQ4_VALUES[_nibbles(b[:, 2:18], 16)].astype(_F32)
+    return f16_column(b[:, 0:2]) * IQ4_VALUES[_nibbles(b[:, 2:18], 16)].astype(_F32)
 
 
 def _iq4_xs(b: np.ndarray) -> np.ndarray:
@@ -139,7 +142,7 @@ def _iq4_xs(b: np.ndarray) -> np.ndarray:
     lo = _bits(b[:, 4:8], [0, 4], 0x0F).transpose(0, 2, 1).reshape(n, 8)  # byte j: sub-blocks 2j, 2j+1
     sc = ((lo | (hi << _U8(4))).astype(np.int8) - np.int8(32)).astype(_F32)
     v = IQ4_VALUES[_nibbles(b[:, 8:136], 16)].astype(_F32).reshape(n, 8, 32)
-    return ((_f16(b[:, 0:2]) * sc)[:, :, None] * v).reshape(n, QK_K)
+    return ((f16_column(b[:, 0:2]) * sc)[:, :, None] * v).reshape(n, QK_K)
 
 
 _NATIVE: dict[str, Callable[[np.ndarray], np.ndarray]] = {

@@ -36,7 +36,7 @@ import numpy as np
 
 from mlxtral.qtensor import BLOCK_TYPES, AffineTensor, Tensor
 from mlxtral.quant.affine import affine_quantize, load_dtype, pack_codes, unpack_codes
-from mlxtral.quant.dequant import dequantize_blocks
+from mlxtral.quant.dequant import IQ4_VALUES, bits_le, dequantize_blocks, f16_column, k4_scale_min
 
 GROUP = 32
 # GGUF type -> (MLX bits, exact): the form the MLX backend keeps each type in
@@ -46,33 +46,14 @@ MLX_FORM: dict[str, tuple[int, bool]] = {
     "IQ4_NL": (8, True), "IQ4_XS": (8, True),
     "Q2_K": (8, False), "Q3_K": (8, False), "Q6_K": (8, False),
 }
-IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 _CHUNK = 1 << 12  # blocks decoded at a time (up to 1 M weights)
 _MAX_THREADS = 8
 _F32 = np.float32
 
 
-def _f16(b: np.ndarray) -> np.ndarray:
-    """Two bytes per block (uint8 ``[n, 2]``) -> float32 ``[n, 1]``."""
-    return np.ascontiguousarray(b).view(np.float16).astype(_F32)
-
-
 def _nibbles(qs: np.ndarray) -> np.ndarray:
     """16 bytes ``[..., 16]`` -> 32 codes: low nibbles are elements 0-15, high ones 16-31."""
     return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
-
-
-def _bits_of(word_bytes: np.ndarray, n: int) -> np.ndarray:
-    """Little-endian bit ``k`` of ``word_bytes`` ``[b, nbytes]`` for k < n -> uint8 ``[b, n]``."""
-    return np.unpackbits(word_bytes, axis=-1, bitorder="little")[:, :n]
-
-
-def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K's 12 scale bytes ``[n, 12]`` -> 6-bit (scale, min) ``[n, 8]`` each."""
-    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
-    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    return sc.astype(_F32), mn.astype(_F32)
 
 
 def _k_low(qs: np.ndarray) -> np.ndarray:
@@ -110,8 +91,8 @@ _Q4_CODES = {"Q4_0": slice(2, 18), "Q4_1": slice(4, 20)}  # where each block's 1
 
 def _q4_scale_bias(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0 (scale ``d``, bias ``-8 d``) or Q4_1 (scale ``d``, bias ``m``): float32 ``[n, 1]`` each."""
-    d = _f16(blocks[:, 0:2])
-    return d, (d * _F32(-8) if qtype == "Q4_0" else _f16(blocks[:, 2:4]))
+    d = f16_column(blocks[:, 0:2])
+    return d, (d * _F32(-8) if qtype == "Q4_0" else f16_column(blocks[:, 2:4]))
 
 
 def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,16 +102,16 @@ def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.n
     if qtype in _Q4_CODES:
         return _nibbles(blocks[:, _Q4_CODES[qtype]]), *_q4_scale_bias(blocks, qtype)
     if qtype == "Q8_0":
-        d = _f16(blocks[:, 0:2])
+        d = f16_column(blocks[:, 0:2])
         return blocks[:, 2:34] ^ np.uint8(0x80), d, d * _F32(-128)
     if qtype in ("Q5_0", "Q5_1"):
         o = 2 if qtype == "Q5_0" else 4
-        d = _f16(blocks[:, 0:2])
-        q = _nibbles(blocks[:, o + 4 : o + 20]) | (_bits_of(blocks[:, o : o + 4], 32) << np.uint8(4))
-        return q, d, (d * _F32(-16) if qtype == "Q5_0" else _f16(blocks[:, 2:4]))
+        d = f16_column(blocks[:, 0:2])
+        q = _nibbles(blocks[:, o + 4 : o + 20]) | (bits_le(blocks[:, o : o + 4], 32) << np.uint8(4))
+        return q, d, (d * _F32(-16) if qtype == "Q5_0" else f16_column(blocks[:, 2:4]))
     if qtype in ("Q4_K", "Q5_K"):
-        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
-        sc, mn = _k_scale_min(blocks[:, 4:16])
+        d, dmin = f16_column(blocks[:, 0:2]), f16_column(blocks[:, 2:4])
+        sc, mn = (v.astype(_F32) for v in k4_scale_min(blocks[:, 4:16]))
         if qtype == "Q4_K":
             q = _k_low(blocks[:, 16:144])
         else:  # bit 4 of element k of sub-block j: bit j of qh byte k
@@ -138,10 +119,10 @@ def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.n
             q = _k_low(blocks[:, 48:176]) | (hi.transpose(0, 2, 1).reshape(n, 256) << np.uint8(4))
         return q, d * sc, -(dmin * mn)
     if qtype == "IQ4_NL":
-        d = _f16(blocks[:, 0:2])
+        d = f16_column(blocks[:, 0:2])
         return (IQ4_VALUES[_nibbles(blocks[:, 2:18])] + 128).astype(np.uint8), d, d * _F32(-128)
     if qtype == "IQ4_XS":
-        d = _f16(blocks[:, 0:2])
+        d = f16_column(blocks[:, 0:2])
         sh = np.ascontiguousarray(blocks[:, 2:4]).view(np.uint16)  # [n, 1]
         sl = blocks[:, 4:8]
         low = (sl[:, :, None] >> np.array([0, 4], np.uint8)) & np.uint8(0x0F)  # [n, 4, 2]
