@@ -334,9 +334,7 @@ def load(
     if group is not None and share is not None:
         from mlxtral.distributed.runner import follow, leader
 
-        step = getattr(be, "decode_step", None)
-        if step is not None:  # every rank's compiled decode step now (or from the disk cache), not
-            step.warm(batch=False)  # at the first token, where every rank would wait for the slowest
+        # every rank's decode step is already loaded (NumpyBackend warms it), not at the first token
         group.barrier("the start-up", wait=False)  # every rank loaded (a dead one: one line)
         if not share.head:
             follow(be, group, share)  # never returns

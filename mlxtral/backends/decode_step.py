@@ -164,7 +164,7 @@ class DecodeStep:
         args = self._batch_args(h, caches)
         with kernels._run_lock:
             nb.decode_batch(*args)
-        release_new(nb.decode_batch)  # loaded at its first call: give back its linking module
+        release_new(nb.decode_batch)  # loaded at its first call (unless warm ran): give back its IR
         return h
 
     def __call__(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
@@ -175,7 +175,6 @@ class DecodeStep:
         args = self._args(h, cache)
         with kernels._run_lock:
             nb.decode_layers(*args)
-        release_new(nb.decode_layers)  # loaded at its first call: give back its linking module
         return h
 
     def split(self, h: np.ndarray, cache: KVCache, gather: Callable[[np.ndarray, int], np.ndarray],
@@ -207,7 +206,6 @@ class DecodeStep:
             else:
                 pairs[0] = dn.reshape(top, dim)
             dn[:] = gather(pairs, li).reshape(-1)
-        release_new(nb.decode_part, nb.decode_down)
         return h
 
     def split_batch(self, h: np.ndarray, caches: Sequence[KVCache],
@@ -239,7 +237,7 @@ class DecodeStep:
             else:
                 pairs = dn.reshape(B, top, dim)
             dn[:] = gather(pairs, li).reshape(-1)
-        release_new(nb.batch_part, nb.batch_down)
+        release_new(nb.batch_part, nb.batch_down)  # as batch's
         return h
 
     def _batch_part_args(self, h: np.ndarray, caches: Sequence[KVCache]

@@ -179,7 +179,9 @@ class NumpyBackend:
         self.decode_step = DecodeStep.build(self)  # decode: every layer in one call where it applies
         kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
         if self.decode_step is not None and kernels.HAVE_NUMBA:
-            self.decode_step.warm(batch=False)  # loaded (and its memory given back) before the weights
+            # the one-token step (every rank's too) loaded now, its memory given back before the
+            # weights are paged in; the batched one at its first use, or a server's warm
+            self.decode_step.warm(batch=False)
 
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:
