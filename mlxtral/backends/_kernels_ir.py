@@ -17,7 +17,7 @@ worker threads. The loops keep an ``<8 x float>`` accumulator per block pair; a 
 The four give bit-identical results (the int16 pairs never saturate: |w| <= 128, |x| <= 127; the
 sums are exact integers on every path). The ARM path cannot run on the x86 hosts this project is
 built on: ``tests/test_kernel_arm.py`` compiles its IR for AArch64 and runs the machine code in
-an emulator (unicorn), against the host's own path, bit for bit.
+an emulator (unicorn), against the host's AVX2 (or portable) path, bit for bit.
 ``MLXTRAL_KERNEL_ISA=avx2|portable`` forces a lower path (for tests and comparisons; a path this
 CPU lacks is refused); ``MLXTRAL_NO_AVX2=1`` is ``portable``. Kernels compiled on a forced path
 are not written to numba's disk cache.

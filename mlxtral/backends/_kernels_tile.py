@@ -73,6 +73,7 @@ from mlxtral.backends._kernels_ir import (
     prefetch_ahead,
     ptr_i32,
     ptr_u8,
+    v4i32,
     v8f,
     v8i32,
     v16i8,
@@ -95,7 +96,6 @@ TILE_BLOCK_BYTES = 4 * ROWS + 8 * 4 * ROWS  # repacked block: 16 float scales, 8
 NT_MAX = 8  # tokens per pass over a repacked tile
 
 v16i32 = ir.VectorType(i32, 16)
-v4i32 = ir.VectorType(i32, 4)
 v16f = ir.VectorType(f32, 16)
 v64i8 = ir.VectorType(i8, 64)
 v16i16 = ir.VectorType(i16, 16)
@@ -204,6 +204,11 @@ def _loop(b: ir.IRBuilder, n: ir.Value, inits: list, body) -> list:
     return fins
 
 
+def _code_rows(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> list:
+    """The 16 code bytes of block ``boff`` of each of 16 rows ``rb`` bytes apart: 16 <4 x i32>."""
+    return [_load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v4i32) for r in range(ROWS)]
+
+
 def _build_repack(mod: ir.Module, name: str) -> ir.Function:
     """void repack(w, rb, nb, buf): 16 rows of ``nb`` Q4_0 blocks (``rb`` bytes apart) -> ``buf``
     [nb][TILE_BLOCK_BYTES]: the scales as <16 x float>, then vector g (0..7) with lane r = the codes
@@ -216,8 +221,7 @@ def _build_repack(mod: ir.Module, name: str) -> ir.Function:
         boff = b.mul(blk, _c(Q4_BYTES))
         obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
         b.store(_scales16(b, wp, rb, boff), b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
-        v4i32 = ir.VectorType(i32, 4)
-        cat = [_load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v4i32) for r in range(ROWS)]
+        cat = _code_rows(b, wp, rb, boff)
         while len(cat) > 1:  # concatenate the 16 x <4 x i32> into one <64 x i32> (row-major)
             n = cat[0].type.count
             pairs = zip(cat[::2], cat[1::2], strict=True)
@@ -298,7 +302,7 @@ def _lanes16(b: ir.IRBuilder, wp: ir.Value, rb: ir.Value, boff: ir.Value) -> lis
     repacked tile's (``_build_repack``): lane r of vector j holds row r's codes 4j..4j+3 (j < 4) or
     16+4(j-4).. (j >= 4). The rows' 16 code bytes are transposed in registers (four rows to a zmm,
     then a 4 x 4 dword transpose in each 128-bit lane), their nibbles split by an and and a shift."""
-    rows = [_load(b, wp, b.add(boff, b.add(b.mul(rb, _c(r)), _c(2))), v4i32) for r in range(ROWS)]
+    rows = _code_rows(b, wp, rb, boff)
     quads = []
     for k in range(4):  # lane L of quad k: row k + 4L
         lo = b.shuffle_vector(rows[k], rows[k + 4], _mask(list(range(8))))

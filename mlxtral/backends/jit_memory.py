@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from mlxtral.backends.pages import madvise_fn
+
 _MADV_PAGEOUT = 21  # Linux >= 5.4
 
 
@@ -38,13 +40,13 @@ def release_compiler_pages() -> int:
     kernel without ``MADV_PAGEOUT``). Another process mapping the same library keeps its pages in."""
     if not sys.platform.startswith("linux"):
         return 0
-    libc = _libc()
+    madvise = madvise_fn()
+    if madvise is None:
+        return 0
     try:
-        madvise = libc.madvise
-        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         with open("/proc/self/maps") as f:
             maps = f.read().splitlines()
-    except (OSError, AttributeError):
+    except OSError:
         return 0
     done = 0
     for line in maps:

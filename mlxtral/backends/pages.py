@@ -21,7 +21,8 @@ _MADV_NOHUGEPAGE = 15
 _HUGE_ADVISED = 4 << 20  # NumPy's threshold for MADV_HUGEPAGE
 
 
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def madvise_fn() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """libc's ``madvise(addr, length, advice)``, or None where there is none."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
@@ -35,7 +36,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     a = np.zeros(shape, dtype=dtype)
     if not sys.platform.startswith("linux") or a.nbytes < _HUGE_ADVISED:
         return a
-    madvise = _madvise()
+    madvise = madvise_fn()
     if madvise is not None:
         page = mmap.PAGESIZE
         lo = -(-a.ctypes.data // page) * page  # the pages wholly inside the array
