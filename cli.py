@@ -826,11 +826,11 @@ def perplexity(
         for t in report.kld_tables(res, header):
             con.print(t, highlight=False)
         return
-    if kl_base is not None:
-        for other in (text_file, m.path):
-            if kl_base.exists() and other.exists() and os.path.samefile(kl_base, other):
-                fail(f"--kl-divergence-base {kl_base} is the {'text' if other == text_file else 'model'}: "
-                     "name a new file", 2)
+    if kl_base is not None:  # never the text, a file of the model, or a file that is not a base
+        from convert.output_guard import check_output, source_paths
+
+        check_output(kl_base, is_dir=False, force=True, kind=kld_mod.BASE_FILE,
+                     sources=[q for p in (text_file, m.path) if os.path.lexists(p) for q in source_paths(p)])
     with report.progress_bar(err_console, "perplexity", enabled=not as_json) as prog:
         r = m.perplexity(text, ctx=ctx, chunks=chunks, progress=prog, kl_base=kl_base)
     if as_json:

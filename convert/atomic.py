@@ -15,7 +15,7 @@ from typing import Any
 
 from mlxtral.errors import MlxtralError, Terminated, UsageError
 
-from .output_guard import check_output, check_replaceable
+from .output_guard import GGUF_FILE, FileKind, check_output, check_replaceable
 
 _CATCH = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 _DEFER = (signal.SIGINT, *_CATCH)
@@ -83,21 +83,22 @@ def _deliver(signum: int, handler: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_output(out: Path, *, is_dir: bool, force: bool = False,
-                  sources: list[Path] | None = None) -> Iterator[Path]:
+                  sources: list[Path] | None = None, kind: FileKind = GGUF_FILE) -> Iterator[Path]:
     """Yield a temporary path beside ``out``; on success it becomes ``out``, on any exception
     (KeyboardInterrupt, SIGTERM and SIGHUP included) it is deleted and ``out`` is left untouched.
 
     ``out`` is checked first (:func:`.output_guard.check_output`: never a source, inside one or
-    holding one; an existing one only with ``force`` and only if it is what we write). Without
+    holding one; an existing one only with ``force`` and only if it is what we write: a folder, or
+    a file of ``kind``). Without
     ``force`` the final rename never replaces what appeared at ``out`` meanwhile (another
     conversion to the same name): that one stays and this one fails with "already exists"."""
     out = Path(out)
-    check_output(out, is_dir=is_dir, force=force, sources=sources)
+    check_output(out, is_dir=is_dir, force=force, sources=sources, kind=kind)
     with terminate_as_exception():
-        yield from _atomic(out, is_dir, force)
+        yield from _atomic(out, is_dir, force, kind)
 
 
-def _atomic(out: Path, is_dir: bool, force: bool) -> Iterator[Path]:
+def _atomic(out: Path, is_dir: bool, force: bool, kind: FileKind) -> Iterator[Path]:
     prefix = f".{out.name}.tmp-"
     try:
         if is_dir:
@@ -117,7 +118,7 @@ def _atomic(out: Path, is_dir: bool, force: bool) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
         if force:
-            _replace(tmp, out, is_dir)
+            _replace(tmp, out, is_dir, kind)
         else:
             _place_new(tmp, out)
     except BaseException as e:
@@ -190,13 +191,13 @@ def _noreplace_call() -> Callable[[bytes, bytes], int] | None:
     return None
 
 
-def _replace(tmp: Path, out: Path, is_dir: bool) -> None:
+def _replace(tmp: Path, out: Path, is_dir: bool, kind: FileKind) -> None:
     """Put ``tmp`` at ``out``. A file over a file (or nothing) is one atomic ``os.replace``. When a
     folder is involved (the new OUT or the old one), the old OUT is moved aside first, then ``tmp``
     takes its place, then the old one is deleted: signals are deferred over those steps, and if the
     second rename fails the old OUT is put back, so OUT is never missing."""
     with signals_deferred():
-        check_replaceable(out, is_dir=is_dir)  # again: what is there now, not what was at the start
+        check_replaceable(out, is_dir=is_dir, kind=kind)  # again: what is there now, not at the start
         folder = tmp.is_dir() or (out.is_dir() and not out.is_symlink())
         if not folder or not os.path.lexists(out):
             os.replace(tmp, out)

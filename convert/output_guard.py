@@ -14,6 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlxtral.errors import UsageError
@@ -84,8 +85,22 @@ def check_not_source(out: Path, sources: list[Path]) -> None:
         raise UsageError("the output is a link to a source file", out)
 
 
-def check_replaceable(out: Path, *, is_dir: bool) -> None:
-    """An existing OUT (``--force``) must be what we write: a GGUF file, or a model folder."""
+@dataclass(frozen=True)
+class FileKind:
+    """What an output file is, to recognise one that may be replaced: its first bytes, its name in
+    messages, and what asked for the replacement."""
+
+    magic: bytes
+    name: str
+    flag: str
+
+
+GGUF_FILE = FileKind(b"GGUF", "a GGUF file", "--force")
+
+
+def check_replaceable(out: Path, *, is_dir: bool, kind: FileKind = GGUF_FILE) -> None:
+    """An existing OUT (``--force``) must be what we write: a file of ``kind`` (a GGUF file unless
+    told), or a model folder."""
     try:
         st = os.lstat(out)
     except FileNotFoundError:
@@ -94,12 +109,12 @@ def check_replaceable(out: Path, *, is_dir: bool) -> None:
         return  # replacing a link replaces the link, never what it points to
     if not is_dir:
         if not stat.S_ISREG(st.st_mode):
-            raise UsageError("is not a file; --force replaces only a GGUF file", out)
+            raise UsageError(f"is not a file; {kind.flag} replaces only {kind.name}", out)
         with open(out, "rb") as f:
-            magic = f.read(4)
-        if st.st_size and magic != b"GGUF":
-            raise UsageError("is not a GGUF file; --force replaces only a GGUF file (choose another name)",
-                             out)
+            magic = f.read(len(kind.magic))
+        if st.st_size and magic != kind.magic:
+            raise UsageError(f"is not {kind.name}; {kind.flag} replaces only {kind.name} (choose another "
+                             "name)", out)
         return
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError("is a file; an MLX output is a folder and --force replaces only a model folder", out)
@@ -117,13 +132,14 @@ def check_replaceable(out: Path, *, is_dir: bool) -> None:
                          "folder: choose another OUT or empty it yourself", out)
 
 
-def check_output(out: Path, *, is_dir: bool, force: bool, sources: list[Path] | None = None) -> None:
+def check_output(out: Path, *, is_dir: bool, force: bool, sources: list[Path] | None = None,
+                 kind: FileKind = GGUF_FILE) -> None:
     """Everything about OUT that can be known before the work starts (see the module's doc)."""
     if sources:
         check_not_source(out, sources)
     if os.path.lexists(out):
         if not force:
             raise UsageError("already exists (use --force to replace it)", out)
-        check_replaceable(out, is_dir=is_dir)
+        check_replaceable(out, is_dir=is_dir, kind=kind)
     if not out.parent.is_dir():
         raise UsageError("the parent folder does not exist", out)

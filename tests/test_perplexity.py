@@ -353,11 +353,66 @@ def test_cli_errors(vocab_path: Path, tmp_path: Path) -> None:
         ([], 2, "-f FILE"),
         (["-f", str(text), "--kl-divergence"], 2, "needs --kl-divergence-base"),
         (["--kl-divergence-base", str(text), "--kl-divergence"], 1, "does not look like"),
-        (["-f", str(text), "-c", "16", "--kl-divergence-base", str(text)], 2, "is the text"),
+        (["-f", str(text), "-c", "16", "--kl-divergence-base", str(text)], 2, "is the source itself"),
+        (["-f", str(text), "-c", "16", "--kl-divergence-base", str(vocab_path)], 2, "is the source itself"),
+        (["-f", str(text), "-c", "16", "--kl-divergence-base", str(short)], 2,
+         "is not a KL-divergence base file"),
     ]
     for extra, code, msg in cases:
         c, _, err = run("perplexity", str(vocab_path), *extra)
         assert c == code and msg in err and len(err.strip().splitlines()) == 1, (extra, c, err)
+
+
+def test_base_never_replaces_a_model_file_or_another_file(tmp_path: Path) -> None:
+    """A base named after a file of the model's folder (or any file that is not a base) is refused
+    before the work starts, and the file is left as it was; an old base is replaced."""
+    from tiny_models import write_hf
+
+    args = tiny_args(max_position_embeddings=64)
+    folder = write_hf(tmp_path / "hf", random_weights(args, 6), args)
+    weights = folder / "model.safetensors"
+    before = weights.read_bytes()
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT + "\n")
+    code, _, err = run("perplexity", str(folder), "-f", str(text), "-c", "16", "--chunks", "1",
+                       "--kl-divergence-base", str(weights))
+    assert code == 2 and "would be inside the source" in err and len(err.strip().splitlines()) == 1, err
+    assert weights.read_bytes() == before
+    m = mlxtral.load(folder, backend="numpy")
+    with pytest.raises(UsageError, match="inside the source|source itself"):
+        m.perplexity(TEXT, ctx=16, chunks=1, kl_base=weights)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(UsageError, match="not a KL-divergence base file"):
+        m.perplexity(TEXT, ctx=16, chunks=1, kl_base=notes)
+    assert notes.read_text() == "mine"
+    base = tmp_path / "b.kld"
+    m.perplexity(TEXT, ctx=16, chunks=1, kl_base=base)
+    old = base.read_bytes()
+    m.perplexity(TEXT, ctx=16, chunks=2, kl_base=base)  # a base replaces a base
+    assert base.read_bytes() != old and sorted(p.name for p in tmp_path.iterdir()) == [
+        "b.kld", "hf", "notes.txt", "t.txt"]
+
+
+def test_interrupted_base_leaves_the_old_one(raw_path: Path, tmp_path: Path) -> None:
+    m = load_raw(raw_path)
+    ids = ids_of(3 * CTX, seed=8)
+    base = tmp_path / "base.kld"
+    m.perplexity(ids, ctx=CTX, kl_base=base)
+    old = base.read_bytes()
+    calls = [0]
+    logits = m.logits
+
+    def dies(*a: object, **k: object) -> np.ndarray:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return logits(*a, **k)
+
+    m.logits = dies  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        m.perplexity(ids_of(3 * CTX, seed=9), ctx=CTX, kl_base=base)
+    assert base.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["base.kld"]
 
 
 def test_help() -> None:

@@ -17,6 +17,7 @@ program is read by the other. All integers and floats little-endian:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.output_guard import FileKind
 from mlxtral.errors import FormatError, MlxtralError, UsageError
 from mlxtral.evaluation.perplexity import (
     NllSums,
@@ -40,6 +42,7 @@ from mlxtral.evaluation.perplexity import (
 
 MAGIC = b"_logits_"
 HEADER_BYTES = len(MAGIC) + 3 * 4
+BASE_FILE = FileKind(MAGIC, "a KL-divergence base file", "--kl-divergence-base")  # what a base may replace
 PERCENTILES = (("max", 1.0), ("p99_9", 0.999), ("p99", 0.99), ("p95", 0.95), ("p90", 0.90),
                ("median", None), ("p10", 0.10), ("p5", 0.05), ("p1", 0.01), ("p0_1", 0.001), ("min", 0.0))
 DELTA_P_PERCENTILES = (("max", 1.0), ("p99_9", 0.999), ("p99", 0.99), ("p95", 0.95), ("p90", 0.90),
@@ -109,21 +112,24 @@ def _check_output(path: Path) -> None:
 
 
 class BaseWriter:
-    """Writes a base file beside ``path`` under a temporary name and puts it in place on success
-    (a failed or interrupted run leaves the old file, or nothing)."""
+    """Writes a base file under a temporary name beside ``path`` and puts it in place on success,
+    as ``convert`` writes its output (:func:`convert.atomic.atomic_output`): a failed or interrupted
+    run (Ctrl-C, SIGTERM, SIGHUP) leaves the old file, or nothing. ``path`` may replace only a base
+    file, never a file of the model (any file of its folder) or the text."""
 
     def __init__(self, path: str | os.PathLike[str], n_ctx: int, n_vocab: int, n_chunk: int,
-                 tokens: np.ndarray) -> None:
+                 tokens: np.ndarray, protect: Sequence[str | os.PathLike[str]] = ()) -> None:
+        from convert.output_guard import check_output, source_paths
+
         self.path = Path(path)
         _check_output(self.path)
-        self.n_vocab = n_vocab
+        self.sources = [q for p in protect if os.path.lexists(p) for q in source_paths(Path(p))]
+        check_output(self.path, is_dir=False, force=True, sources=self.sources, kind=BASE_FILE)
+        self.n_ctx, self.n_vocab, self.n_chunk = n_ctx, n_vocab, n_chunk
+        self.tokens = tokens
         self.expected = n_chunk * scored_per_chunk(n_ctx)
         self.rows = 0
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.f = open(self.tmp, "wb")  # noqa: SIM115
-        self.f.write(MAGIC)
-        self.f.write(np.asarray([n_ctx, n_vocab, n_chunk], dtype="<i4").tobytes())
-        self.f.write(np.asarray(tokens[:n_chunk * n_ctx], dtype="<i4").tobytes())
+        self._stack = contextlib.ExitStack()
 
     def add(self, logits: np.ndarray) -> None:
         """One chunk's scored logits, float32 [n, vocab]."""
@@ -134,14 +140,25 @@ class BaseWriter:
         self.rows += logits.shape[0]
 
     def __enter__(self) -> BaseWriter:
+        from convert.atomic import atomic_output
+
+        with self._stack as stack:
+            tmp = stack.enter_context(atomic_output(self.path, is_dir=False, force=True, sources=self.sources,
+                                                    kind=BASE_FILE))
+            self.f = stack.enter_context(open(tmp, "wb"))  # noqa: SIM115
+            self.f.write(MAGIC)
+            self.f.write(np.asarray([self.n_ctx, self.n_vocab, self.n_chunk], dtype="<i4").tobytes())
+            self.f.write(np.asarray(self.tokens[: self.n_chunk * self.n_ctx], dtype="<i4").tobytes())
+            self._stack = stack.pop_all()  # kept open until __exit__
         return self
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self.f.close()
-        if exc_type is None and self.rows == self.expected:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None and self.rows != self.expected:  # never put a short base in place
+            err = MlxtralError(f"only {self.rows} of {self.expected} rows were computed; the base was not "
+                               "written", self.path)
+            self._stack.__exit__(MlxtralError, err, None)
+            raise err
+        return bool(self._stack.__exit__(exc_type, exc, tb))
 
 
 # ---- reading a base -------------------------------------------------------------------------------------

@@ -212,7 +212,9 @@ def perplexity(model: Any, text: str | Sequence[int], ctx: int = DEFAULT_CTX, ch
         return perplexity_of_tokens(model.logits, tokens, ctx, n_chunks, bos, progress)
     from mlxtral.evaluation.kld import BaseWriter
 
-    with BaseWriter(kl_base, ctx, model.config.vocab_size, n_chunks, tokens) as writer:
+    model_path = getattr(model, "path", None)  # the base never replaces a file of the model
+    with BaseWriter(kl_base, ctx, model.config.vocab_size, n_chunks, tokens,
+                    protect=[model_path] if model_path is not None else []) as writer:
         return perplexity_of_tokens(model.logits, tokens, ctx, n_chunks, bos, progress,
                                     on_chunk=lambda i, lg, tg: writer.add(lg))
 
