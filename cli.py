@@ -827,7 +827,7 @@ def perplexity(
             con.print(t, highlight=False)
         return
     if kl_base is not None:  # never the text, a file of the model, or a file that is not a base
-        from convert.output_guard import check_output, source_paths
+        from mlxtral.convert.output_guard import check_output, source_paths
 
         check_output(kl_base, is_dir=False, force=True, kind=kld_mod.BASE_FILE,
                      sources=[q for p in (text_file, m.path) if os.path.lexists(p) for q in source_paths(p)])

@@ -427,6 +427,13 @@ def test_sample_text(tmp_path: Path) -> None:
     assert main([str(tmp_path / "t.txt")]) == 0
     text = (tmp_path / "t.txt").read_text(encoding="utf-8")
     assert text == sample_text() and len(text) > 100_000
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    for argv in ([str(mine)], [str(tmp_path)], [str(tmp_path / "no" / "t.txt")], ["--force", str(tmp_path)]):
+        assert main(argv) == 2, argv  # one line, nothing replaced, no traceback
+    assert mine.read_text() == "mine"
+    assert main(["--force", str(mine)]) == 0 and mine.read_text(encoding="utf-8") == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "t.txt"]
 
 
 def test_read_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.output_guard import FileKind
+from mlxtral.convert.output_guard import FileKind
 from mlxtral.errors import FormatError, MlxtralError, UsageError
 from mlxtral.evaluation.perplexity import (
     NllSums,
@@ -119,7 +119,7 @@ class BaseWriter:
 
     def __init__(self, path: str | os.PathLike[str], n_ctx: int, n_vocab: int, n_chunk: int,
                  tokens: np.ndarray, protect: Sequence[str | os.PathLike[str]] = ()) -> None:
-        from convert.output_guard import check_output, source_paths
+        from mlxtral.convert.output_guard import check_output, source_paths
 
         self.path = Path(path)
         _check_output(self.path)
@@ -140,7 +140,7 @@ class BaseWriter:
         self.rows += logits.shape[0]
 
     def __enter__(self) -> BaseWriter:
-        from convert.atomic import atomic_output
+        from mlxtral.convert.atomic import atomic_output
 
         with self._stack as stack:
             tmp = stack.enter_context(atomic_output(self.path, is_dir=False, force=True, sources=self.sources,

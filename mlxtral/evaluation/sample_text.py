@@ -9,6 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mlxtral.convert.output_guard import FileKind
+from mlxtral.display import term_safe
+from mlxtral.errors import MlxtralError, UsageError
+
 
 def sample_text() -> str:
     """The pydoc topics joined in sorted key order (the same text for a given Python version)."""
@@ -17,20 +21,34 @@ def sample_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics)) + "\n"
 
 
-def write_sample_text(path: str | Path) -> int:
-    """Write :func:`sample_text` as UTF-8 to ``path``; returns its size in bytes."""
+TEXT_FILE = FileKind(b"", "a file", "--force")  # --force replaces a regular file, nothing else
+
+
+def write_sample_text(path: str | Path, force: bool = False) -> int:
+    """Write :func:`sample_text` as UTF-8 to ``path`` (atomically; an existing file only with
+    ``force``); returns its size in bytes."""
+    from mlxtral.convert.atomic import atomic_output
+
     data = sample_text().encode("utf-8")
-    Path(path).write_bytes(data)
+    with atomic_output(Path(path), is_dir=False, force=force, kind=TEXT_FILE) as tmp:
+        tmp.write_bytes(data)
     return len(data)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        sys.stderr.write("usage: python -m mlxtral.evaluation.sample_text OUT.txt\n")
+    force = "--force" in args
+    args = [a for a in args if a != "--force"]
+    if len(args) != 1 or args[0].startswith("-"):
+        sys.stderr.write("usage: python -m mlxtral.evaluation.sample_text [--force] OUT.txt\n")
         return 2
-    n = write_sample_text(args[0])
-    sys.stderr.write(f"wrote {args[0]} ({n} bytes, Python {sys.version.split()[0]}'s pydoc topics)\n")
+    try:
+        n = write_sample_text(args[0], force)
+    except MlxtralError as e:
+        sys.stderr.write(f"error: {term_safe(str(e), 500)}\n")
+        return 2 if isinstance(e, UsageError) else 1
+    sys.stderr.write(f"wrote {term_safe(args[0], 300)} ({n} bytes, Python {sys.version.split()[0]}'s pydoc "
+                     "topics)\n")
     return 0
 
 
