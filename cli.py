@@ -544,10 +544,11 @@ def serve(
     distributed: str = DistributedOpt,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
-    from mlxtral.server import bind, check_installed, run
+    from mlxtral.server import bind, check_api_key, check_installed, run
 
     follow_if_not_rank0(distributed, model, backend, max_context, None, threads, memory_budget)
     check_installed()
+    check_api_key(api_key)
     cache_bytes = 0
     if prompt_cache.strip() not in ("0", ""):
         from mlxtral.expert_cache.plan import parse_size

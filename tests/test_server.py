@@ -31,9 +31,10 @@ CTX = 512
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[bytes], url: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, err: list[str]) -> None:
         self.proc = proc
         self.url = url  # http://127.0.0.1:PORT
+        self.err = err  # the server's stderr lines so far
         self.client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
     def http(self, method: str, path: str, body: Any = None, key: str | None = KEY, raw: bytes | None = None
@@ -48,6 +49,31 @@ class Server:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
+
+
+def _drain(f: Any, into: list[str]) -> None:
+    """Keep the server's stderr pipe drained, its lines kept (bounded)."""
+    for line in iter(f.readline, b""):
+        if len(into) < 10_000:
+            into.append(line.decode(errors="replace"))
+
+
+def _raw(s: Server, head: bytes, parts: list[bytes], pause: float = 0.0) -> bytes:
+    """Send a request by hand (``head`` then ``parts``) and return what came back (b"" if the server
+    closed the connection first)."""
+    host, port = s.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as c:
+        try:
+            c.sendall(head)
+            for p in parts:
+                c.sendall(p)
+                time.sleep(pause)
+        except OSError:
+            pass  # the server answered (and closed) before the whole body was sent
+        try:
+            return c.recv(65536)
+        except OSError:
+            return b""
 
 
 def start_server(model: Path, *args: str) -> Server:
@@ -65,8 +91,8 @@ def start_server(model: Path, *args: str) -> Server:
         seen.append(line)
         if " on http://" in line:
             url = line.rsplit(" on ", 1)[1].strip().removesuffix("/v1")
-            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
-            return Server(proc, url)
+            threading.Thread(target=_drain, args=(proc.stderr, seen), daemon=True).start()
+            return Server(proc, url, seen)
     proc.kill()
     raise AssertionError(f"the server did not start: {''.join(seen)}")
 
@@ -310,6 +336,51 @@ def test_disconnect_frees_the_slot(server: Server, stream: bool) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("the disconnected request still holds its slot")
+
+
+def test_hostile_bodies_are_answered_and_leave_no_traceback(server: Server) -> None:
+    """A chunked body past the limit is cut off as it arrives (413), JSON nested past the parser's
+    depth is a 400, an unknown parameter's name is echoed cut, and a client that leaves in the
+    middle of its body leaves no traceback in the server's log."""
+    auth = f"Authorization: Bearer {KEY}\r\n".encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n" + auth + b"\r\n"
+    mib = b"x" * (1 << 20)
+    got = _raw(server, head, [b"%x\r\n%s\r\n" % (len(mib), mib)] * 12 + [b"0\r\n\r\n"])
+    assert got.startswith(b"HTTP/1.1 413"), got[:200]
+    code, out = server.http("POST", "/v1/chat/completions",
+                            raw=b'{"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert code == 400 and "nested too deeply" in _is_error(out)["message"]
+    code, out = server.http("POST", "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "x"}], "k" * 1_000_000: 1})
+    e = _is_error(out)
+    assert code == 400 and len(e["message"]) < 200 and len(e["param"]) < 100
+    n = len(server.err)
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n" + auth
+            + b"Content-Type: application/json\r\n\r\n")
+    assert _raw(server, head, [b'{"pro'], pause=0.2) == b""  # no answer: the client left
+    time.sleep(0.5)
+    assert server.http("GET", "/health")[0] == 200
+    assert not any("Traceback" in line or "Exception" in line for line in server.err[n:]), server.err[n:]
+
+
+def test_sigterm_does_not_wait_for_a_stalled_body(model_file: Path) -> None:
+    s = start_server(model_file)
+    host, port = s.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as c:
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.5)
+        t0 = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(20) == 0
+        assert time.time() - t0 < 8
+    assert not any("Traceback" in line for line in s.err), s.err
+
+
+def test_empty_api_key_is_refused(model_file: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "mlxtral.cli", "serve", str(model_file), "--port", "0",
+                        "--api-key", ""], capture_output=True, timeout=60)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and err.count("\n") == 0 and "--api-key is empty" in err
 
 
 # ---- the command line ------------------------------------------------------------------------------

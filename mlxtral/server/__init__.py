@@ -51,12 +51,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_api_key(key: str | None) -> None:
+    """An empty key would serve without one: refused (``--api-key "$KEY"`` with KEY unset)."""
+    if key is not None and not key.strip():
+        raise UsageError("--api-key is empty (an unset variable?): give the key, or leave the option out "
+                         "to serve without one")
+
+
 def run(model: Any, sock: socket.socket, *, model_name: str | None = None, parallel: int = 8,
         max_queue: int = 64, api_key: str | None = None, prompt_cache_bytes: int = 2 << 30,
         prefill_chunk: int = 128, graceful_timeout: float = 30.0, on_ready: Any = None) -> None:
     """Serve until SIGINT/SIGTERM: new connections stop, requests in flight finish (at most
     ``graceful_timeout`` seconds), then the scheduler stops."""
     import uvicorn
+
+    check_api_key(api_key)
 
     from mlxtral.server.app import create_app
     from mlxtral.server.prompt_cache import PromptCache, kv_bytes_per_token
@@ -71,7 +80,9 @@ def run(model: Any, sock: socket.socket, *, model_name: str | None = None, paral
     sched = Scheduler(model, parallel=parallel, max_queue=max_queue, prefill_chunk=prefill_chunk,
                       prompt_cache=cache)
     sched.start()
-    app = create_app(model, sched, model_name or model.path.name, api_key=api_key)
+    server: Any = None
+    app = create_app(model, sched, model_name or model.path.name, api_key=api_key,
+                     stopping=lambda: server is not None and server.should_exit)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30)
     server = uvicorn.Server(config)

@@ -18,7 +18,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -35,6 +35,15 @@ from mlxtral.server.protocol import (
 from mlxtral.server.scheduler import Handle, Scheduler
 
 MAX_BODY = 8 * 1024 * 1024  # bytes of a request body
+BODY_SECONDS = 60.0  # a request body arrives within this (a client that trickles one is answered 408)
+
+
+class _Gone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -65,7 +74,10 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
-def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str | None = None) -> Any:
+def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str | None = None,
+               stopping: Callable[[], bool] = lambda: False) -> Any:
+    """The application; ``stopping()`` tells when the server is stopping (request bodies still
+    arriving are then given up)."""
     created = int(time.time())
 
     async def health(request: Request) -> Response:
@@ -79,17 +91,45 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
                      "n_experts": c.n_experts, "n_experts_per_tok": c.n_experts_per_tok,
                      "vocab_size": c.vocab_size}}]})
 
+    async def read_body(request: Request) -> bytes:
+        """The body, counted as it arrives (a chunked one has no length to check first): at most
+        MAX_BODY bytes, within BODY_SECONDS, and given up when the server stops."""
+        size = request.headers.get("content-length") or "0"
+        if not size.isdigit() or len(size) > 18 or int(size) > MAX_BODY:
+            raise ApiError(413, f"the request body is {_cut(size)} bytes; at most {MAX_BODY}")
+
+        async def receive() -> bytes:
+            buf = bytearray()
+            async for part in request.stream():
+                buf += part
+                if len(buf) > MAX_BODY:
+                    raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+            return bytes(buf)
+
+        task = asyncio.ensure_future(receive())
+        deadline = time.monotonic() + BODY_SECONDS
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if stopping():
+                    raise ApiError(503, "the server is stopping", code="server_stopping")
+                if time.monotonic() > deadline:
+                    raise ApiError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s")
+        except ClientDisconnect:
+            raise _Gone from None
+        finally:
+            task.cancel()
+
     async def read_json(request: Request) -> Any:
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_BODY:
-            raise ApiError(413, f"the request body is {size} bytes; at most {MAX_BODY}")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body is {len(raw)} bytes; at most {MAX_BODY}")
+        raw = await read_body(request)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+            raise ApiError(400, f"the request body is not valid JSON ({_cut(str(e))})") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
 
     def endpoint(parse: Callable[[Any, Any], GenRequest]) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
@@ -105,6 +145,8 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
                 scheduler.submit(h)
             except ApiError as e:
                 return _error(e)
+            except _Gone:  # the client left before its request arrived: nobody to answer
+                return Response(status_code=400)
             watcher = asyncio.ensure_future(_watch_disconnect(request, h))
             if req.stream:
                 return StreamingResponse(_stream(h, watcher), media_type="text/event-stream",

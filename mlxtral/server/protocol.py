@@ -130,7 +130,8 @@ def _check_fields(body: Any, allowed: set[str]) -> None:
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(k for k in body if k not in allowed and k not in _IGNORED and k not in _NEUTRAL)
     if unknown:
-        raise ApiError(400, f"unknown or unsupported parameter {unknown[0]!r}", unknown[0])
+        name = _shown(unknown[0])  # a key's length is the client's choice: cut like every echoed value
+        raise ApiError(400, f"unknown or unsupported parameter {name}", name[1:-1])
     for k, neutral in _NEUTRAL.items():
         if k in body and not neutral(body[k]):
             raise ApiError(400, f"{k} is not supported by this server", k)
