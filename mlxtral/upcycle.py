@@ -54,6 +54,8 @@ def upcycle(
         raise UsageError(f"--experts must be between 1 and 256, got {experts}")
     if not 1 <= top_k <= experts:
         raise UsageError(f"--top-k must be between 1 and the number of experts ({experts}), got {top_k}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise UsageError(f"--seed must be a whole number from 0 to 2^64-1, got {str(seed)[:40]}")
     if not src.exists():
         raise FormatError("no such file", src)
     if src.is_dir():

@@ -288,6 +288,20 @@ def build_cases(root: Path) -> list[Case]:
     cases.append(Case("upcycle onto its own source via a link --force", "data",
                       CLI + ["upcycle", str(proj / "model.gguf"), str(proj / "model.gguf"), "--force"],
                       guard=proj))
+    text = root / "text.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log; " * 40)
+    hfk = hf_folder(root / "hfkld")
+    cases.append(Case("perplexity --kl-divergence-base onto the model folder's weights", "data",
+                      CLI + ["perplexity", str(hfk), "-f", str(text), "--ctx", "16", "--chunks", "1",
+                             "--kl-divergence-base", str(hfk / "model.safetensors")],
+                      guard=hfk, expect="inside the source"))
+    cases.append(Case("perplexity --kl-divergence-base onto a file of the user's", "data",
+                      CLI + ["perplexity", str(G), "-f", str(text), "--ctx", "16", "--chunks", "1",
+                             "--kl-divergence-base", str(proj / "notes.txt")],
+                      guard=proj, expect="not a KL-divergence base file"))
+    cases.append(Case("sample_text onto a file of the user's", "data",
+                      [sys.executable, "-m", "mlxtral.evaluation.sample_text", str(proj / "notes.txt")],
+                      guard=proj, expect="already exists"))
 
     # hangs and unbounded memory
     dag = dag_pickle_folder(root / "dag")
@@ -324,6 +338,12 @@ def build_cases(root: Path) -> list[Case]:
                       CLI + ["generate", str(G), "-p", "hi", "-n", "2", "--seed", "-1"], allow_success=True))
     cases.append(Case("--seed 2^70", "traceback",
                       CLI + ["generate", str(G), "-p", "hi", "-n", "2", "--seed", str(2 ** 70)]))
+    cases.append(Case("upcycle --seed -1", "traceback",
+                      CLI + ["upcycle", str(G), str(root / "up.gguf"), "--experts", "2", "--seed", "-1"],
+                      expect="--seed"))
+    cases.append(Case("sample_text into a missing folder", "traceback",
+                      [sys.executable, "-m", "mlxtral.evaluation.sample_text", str(root / "no" / "t.txt")],
+                      expect="parent folder"))
     cases.append(Case("safetensors header with a 5000-digit integer", "traceback",
                       CLI + ["info", str(safetensors_big_int(root / "bigint"))]))
     cases.append(Case("a Q8_K tensor in convert", "traceback",
