@@ -476,7 +476,9 @@ def generate(
     else:
         ids = m.prompt_ids(prompt, chat=False)
     from mlxtral.chat import deferred_sigint, stream_interruptibly
+    from mlxtral.display import text_safe
 
+    shown = text_safe if sys.stdout.isatty() else str  # a terminal sees control characters, not obeys them
     parts: list[str] = []
     stats = None
     with deferred_sigint() as flag:
@@ -485,7 +487,7 @@ def generate(
         for r in stream_interruptibly(gen, flag):
             parts.append(r.text)
             if not as_json and r.text:
-                sys.stdout.write(r.text)
+                sys.stdout.write(shown(r.text))
                 sys.stdout.flush()
             if r.stats is not None:
                 stats = r.stats

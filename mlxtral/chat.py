@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from mlxtral.display import text_safe
 from mlxtral.errors import ContextOverflowError, MlxtralError
 from mlxtral.sampling import RANDOM_SEED, SEED_MAX
 from mlxtral.wording import plural
@@ -118,6 +119,9 @@ class ChatLoop:
     echo: bool = False  # write each user line to ``err`` as "> line" (piped input, for transcripts)
 
     def __post_init__(self) -> None:
+        # text written to a terminal has its control characters shown, not obeyed (display.text_safe)
+        self._out_text = text_safe if _isatty(self.out) else str
+        self._err_text = text_safe if _isatty(self.err) else str
         self.session = self.model.new_session()
         self.messages: list[dict[str, str]] = []
         self._fed: list[int] | None = None  # prompt ids + generated ids of the last answer
@@ -170,7 +174,7 @@ class ChatLoop:
                 for r in stream_interruptibly(self.model.stream(ids, session=self.session, **opts), flag):
                     if r.text:
                         parts.append(r.text)
-                        self.out.write(r.text)
+                        self.out.write(self._out_text(r.text))
                         self.out.flush()
                     if r.token is not None:
                         gen.append(r.token)
@@ -255,7 +259,7 @@ class ChatLoop:
                     break
                 continue
             if self.echo:
-                self.err.write(f"> {text}\n")
+                self.err.write(f"> {self._err_text(text)}\n")
                 self.err.flush()
             try:
                 if self.answer(text) is not None:
@@ -264,6 +268,13 @@ class ChatLoop:
                 self.err.write(f"error: {e}; /reset to start a new conversation\n")
                 self.err.flush()
         return n
+
+
+def _isatty(f: TextIO) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def read_piped(stream: TextIO) -> Iterator[str]:

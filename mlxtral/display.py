@@ -11,7 +11,8 @@ written by whoever made the file. Three functions make such values fit for an er
 - :func:`term_safe` renders control characters (C0, DEL, C1: ESC/CSI/OSC sequences), bidi
   overrides and other invisible format characters visibly as ``\\x1b``/``\\u202e`` escapes, so file
   text can neither drive the terminal nor reorder what is shown. The CLI applies it to every error
-  line and to ``info``'s tables.
+  line and to ``info``'s tables; :func:`text_safe`, its lighter form that keeps line breaks, to
+  generated text and echoed input written to a terminal.
 """
 from __future__ import annotations
 
@@ -47,6 +48,20 @@ def term_safe(text: str, limit: int | None = None) -> str:
     if limit is not None and (cut or len(text) > limit):
         return text[: max(limit - 3, 0)] + "..."
     return text
+
+
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def text_safe(text: str) -> str:
+    """Generated text for a terminal: line breaks and tabs kept, every other control character
+    (ESC, CSI, OSC: a vocabulary's token can hold ``\x1b]52;...``, which writes the clipboard) and
+    the bidi controls written as visible escapes; everything else (emoji joiners included) as is.
+    For a pipe or a file the CLI writes the text unchanged."""
+    if text.isprintable() or all(c in "\n\t" or c.isprintable() for c in text):
+        return text
+    return "".join(_escape_char(c) if (c not in "\n\t" and unicodedata.category(c) == "Cc") or c in _BIDI
+                   else c for c in text)
 
 
 def plain(value: Any, limit: int = 100) -> str:

@@ -48,7 +48,8 @@ class ContextOverflowError(MlxtralError):
         """``n`` positions asked of a KV cache of ``context``."""
         from mlxtral.wording import plural
 
-        return cls(f"{plural(n, 'token')} do not fit the context of {context} (raise max_context)")
+        return cls(f"{plural(n, 'token')} do not fit the context of {context} (raise max_context; on the "
+                   "command line: --max-context)")
 
 
 class NumericalError(MlxtralError):

@@ -113,7 +113,7 @@ def prefill(backend: Backend, session: Session, ids: Sequence[int], chunk: int) 
     if len(ids) >= cache.max_context:
         raise ContextOverflowError(
             f"the prompt has {plural(len(ids), 'token')} but the context holds {cache.max_context}: "
-            "shorten it or load the model with a larger max_context"
+            "shorten it or load the model with a larger max_context (on the command line: --max-context)"
         )
     n = min(common_prefix(session.tokens, ids), len(ids) - 1)  # recompute at least one token
     cache.trim(n)

@@ -251,6 +251,39 @@ def test_chat_seed_steps_stay_in_range(models: dict[str, Path]) -> None:
         assert seeds == want
 
 
+def test_generated_text_cannot_drive_a_terminal(models: dict[str, Path]) -> None:
+    """A vocabulary's token (or piped input echoed back) holding ESC/OSC sequences reaches a
+    terminal as visible escapes; a pipe gets the text unchanged."""
+    import io
+    from types import SimpleNamespace
+
+    import mlxtral
+    from mlxtral.chat import ChatLoop, SamplingOptions
+    from mlxtral.display import text_safe
+
+    evil = "hi\x1b]52;c;cm0gLXJm\x07\x1b[2J\u202e\r done\n\tok \U0001f468\u200d\U0001f469"
+    assert text_safe(evil) == ("hi\\x1b]52;c;cm0gLXJm\\x07\\x1b[2J\\u202e\\x0d done\n\tok "
+                               "\U0001f468\u200d\U0001f469")
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    m = mlxtral.load(models["moe"])
+    real = m.stream
+
+    def stream(*a: Any, **kw: Any) -> Any:
+        for r in real(*a, **kw):
+            yield SimpleNamespace(**{**vars(r), "text": evil}) if r.text else r
+
+    m.stream = stream  # type: ignore[method-assign]
+    for cls, raw in ((Tty, False), (io.StringIO, True)):
+        out, err = cls(), cls()
+        ChatLoop(m, SamplingOptions(max_tokens=2, temperature=0.0), out=out, err=err, echo=True).run([evil])
+        assert ("\x1b" in out.getvalue() + err.getvalue()) == raw
+        assert "\U0001f468\u200d\U0001f469" in out.getvalue()
+
+
 # ---- 3. threads: bounded, and the pool can never write past its control block ------------------------
 
 
