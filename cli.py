@@ -337,13 +337,16 @@ PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
                            help="When experts stream, read the next layer's likely experts ahead.")
 
 
+STDIN_PROMPT_MAX = 16 << 20  # bytes of a prompt read from standard input (-p -)
+
+
 def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
                     max_tokens: int, seed: int | None, stop: list[str] | None = None) -> int | None:
     """Every sampling flag checked (finite, in range; UsageError, exit 2); the seed (-1: None, random)."""
     from mlxtral.generate import check_stops
     from mlxtral.sampling import FLAG_NAMES, check_sampling, check_whole
 
-    check_whole("--max-tokens", max_tokens, 0)
+    check_whole("--max-tokens", max_tokens, -1, note=" (-1: no limit)")
     check_stops(stop or [], "--stop")
     return check_sampling(temp, top_k, top_p, min_p, repeat_penalty, seed, names=FLAG_NAMES)["seed"]  # type: ignore[return-value]
 
@@ -362,7 +365,7 @@ def chat(
     model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
     system: str = typer.Option(None, "--system", "-sys", help="System prompt."),  # noqa: B008
     max_tokens: int = typer.Option(512, "--max-tokens", "-n",
-                                   help="Longest answer, in tokens."),
+                                   help="Longest answer, in tokens (-1: no limit but the context)."),
     temp: float = typer.Option(0.7, "--temp", help="Temperature, 0 to 100 (0 = greedy)."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
@@ -391,6 +394,7 @@ def chat(
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, memory_budget=memory_budget,
                    prefetch=prefetch, distributed=distributed)
+    max_tokens = m.max_context if max_tokens == -1 else max_tokens  # llama.cpp's -n -1: the context bounds it
     opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
     loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
     interactive = sys.stdin.isatty()
@@ -433,7 +437,7 @@ def generate(
     model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
     prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
     max_tokens: int = typer.Option(256, "--max-tokens", "-n",
-                                   help="Tokens to generate at most."),
+                                   help="Tokens to generate at most (-1: until the end or a full context)."),
     temp: float = typer.Option(0.0, "--temp", help="Temperature, 0 to 100 (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
@@ -443,7 +447,7 @@ def generate(
     seed: int = typer.Option(None, "--seed", "-s", help="Random seed, 0 to 2^64-1; -1: random."),  # noqa: B008
     chat_: bool = typer.Option(False, "--chat", help="Apply the model's chat template to the prompt."),
     system: str = typer.Option(None, "--system", "-sys",  # noqa: B008
-                               help="System prompt (with --chat)."),
+                               help="System prompt (implies --chat)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),  # noqa: B008
     backend: str = BackendOpt,
     max_context: int = MaxContextOpt,
@@ -460,10 +464,12 @@ def generate(
                         prefetch)
     need_stdout()
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, stop)
-    if system and not chat_:
-        fail("--system needs --chat", 2)
-    if prompt == "-":
-        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    chat_ = chat_ or system is not None  # a system prompt is a chat's (llama-cli's -sys implies chat too)
+    if prompt == "-":  # bounded: no context holds more (a prompt that fits is tokenized whole)
+        raw = sys.stdin.buffer.read(STDIN_PROMPT_MAX + 1)
+        if len(raw) > STDIN_PROMPT_MAX:
+            fail(f"the prompt on standard input is over {STDIN_PROMPT_MAX >> 20} MiB: no context holds it", 2)
+        prompt = raw.decode("utf-8", errors="replace")
     if not prompt:
         fail("the prompt is empty", 2)
     apply_threads(threads)
@@ -482,6 +488,7 @@ def generate(
     parts: list[str] = []
     stats = None
     with deferred_sigint() as flag:
+        max_tokens = m.max_context if max_tokens == -1 else max_tokens
         gen = m.stream(ids, max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                        repetition_penalty=repeat_penalty, seed=seed, stop=stop or ())
         for r in stream_interruptibly(gen, flag):

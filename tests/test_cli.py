@@ -212,9 +212,24 @@ def test_generate_expert_stats(models: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("flags", [["--temp", "-1"], ["--top-p", "0"], ["--min-p", "1.5"],
-                                   ["--max-tokens", "-3"], ["--backend", "cuda"], ["--system", "x"]])
+                                   ["--max-tokens", "-3"], ["--backend", "cuda"]])
 def test_generate_bad_flags_exit_2(models: dict[str, Path], flags: list[str]) -> None:
     assert_one_line_error(run("generate", models["moe"], "-p", "Hi", *flags), 2)
+
+
+def test_generate_llamacpp_habits(models: dict[str, Path]) -> None:
+    """-n -1 runs until the end of the answer or a full context; -sys implies --chat; a prompt on
+    standard input past what any context holds is refused before it is read whole."""
+    r = run("generate", models["moe"], "-p", "Hi", "-n", "-1", "--max-context", "24", "--temp", "0", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["stats"]["finish_reason"] in ("stop", "context_length")
+    assert d["stats"]["prompt_tokens"] + d["stats"]["generation_tokens"] >= 23 or d["stats"]["finish_reason"] == "stop"
+    r = run("generate", models["moe"], "-p", "Hi", "-sys", "Be brief.", "-n", "2", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["chat"] is True, r.output
+    err = assert_one_line_error(run("generate", models["moe"], "-p", "-", "-n", "1",
+                                    input=b"x" * ((16 << 20) + 1)), 2)
+    assert "16 MiB" in err
 
 
 def test_generate_context_overflow(models: dict[str, Path]) -> None:

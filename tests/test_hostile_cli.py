@@ -141,7 +141,7 @@ BAD_SAMPLING = [
     ("--repeat-penalty", "nan"), ("--repeat-penalty", "1e-300"), ("--repeat-penalty", "0"),
     ("--repeat-penalty", "-1"), ("--repeat-penalty", "inf"), ("--repeat-penalty", "11"),
     ("--top-k", "-1"), ("--seed", "-2"), ("--seed", str(2**64)), ("--seed", "9" * 40),
-    ("--max-tokens", "-1"),
+    ("--max-tokens", "-2"),
 ]
 
 
