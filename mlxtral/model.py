@@ -296,6 +296,10 @@ def load(
         tokenizer = tokenizer and share.head  # only rank 0 tokenizes
     if name == "numpy" and dtype not in (None, "float32"):
         raise UsageError(f"the NumPy backend computes in float32 (dtype {dtype!r} applies to MLX)")
+    if name == "numpy" and kv_dtype not in (None, "float32", "float16"):
+        from mlxtral.display import show
+
+        raise UsageError(f"kv_dtype {show(kv_dtype)}: the NumPy backend's KV cache is float32 or float16")
     if name == "mlx" and dtype is not None:
         kv_dtype = dtype
     from mlxtral.expert_cache import POLICIES, plan_memory

@@ -251,6 +251,15 @@ def test_chat_seed_steps_stay_in_range(models: dict[str, Path]) -> None:
         assert seeds == want
 
 
+@pytest.mark.parametrize("kv", ["int8", "bfloat16", "banana", "complex64"])
+def test_kv_dtype_is_checked(models: dict[str, Path], kv: str) -> None:
+    import mlxtral
+    from mlxtral.errors import UsageError
+
+    with pytest.raises(UsageError, match="float32 or float16"):
+        mlxtral.load(models["moe"], backend="numpy", kv_dtype=kv)
+
+
 def test_generated_text_cannot_drive_a_terminal(models: dict[str, Path]) -> None:
     """A vocabulary's token (or piped input echoed back) holding ESC/OSC sequences reaches a
     terminal as visible escapes; a pipe gets the text unchanged."""
