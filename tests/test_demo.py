@@ -148,3 +148,27 @@ def test_upcycled_demo_loads_in_llamacpp_and_matches(upcycled: Path) -> None:
     up = llama(upcycled)
     assert str(up["n_expert"]) == "8"
     assert up["tokens"] == ours
+
+
+@needs_smollm2
+def test_readme_piped_chat_transcript(upcycled: Path) -> None:
+    """The README's piped chat (greedy, --max-tokens 60) is what the demo model answers: both
+    answers and the cached-prefix count, as printed there."""
+    import io
+    import re
+
+    import mlxtral
+    from mlxtral.chat import ChatLoop, SamplingOptions
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    cmd = "$ printf 'Hi! Who are you?\\nWhat is the capital of France?\\n'"
+    block = readme.split(cmd, 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    want = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("> ")]
+    m = mlxtral.load(upcycled, backend="numpy")
+    out, err = io.StringIO(), io.StringIO()
+    loop = ChatLoop(m, SamplingOptions(max_tokens=60, temperature=0.0), out=out, err=err)
+    loop.run(["Hi! Who are you?", "What is the capital of France?"])
+    assert [t.text for t in loop.turns] == want
+    cached = re.search(r"\(\+(\d+) cached\)", block)
+    assert cached is not None and f"(+{cached.group(1)} cached)" in err.getvalue()
