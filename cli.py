@@ -997,7 +997,24 @@ def main() -> None:
     except AddressSpaceError as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(e.exit_code) from None
+    _wide_help_when_piped()
     app(prog_name="mlxtral")
+
+
+HELP_WIDTH = 160  # columns of --help written to a pipe or a file (rich's 80 cut option names)
+
+
+def _wide_help_when_piped() -> None:
+    """``mlxtral chat --help | grep`` keeps whole option names: typer lays help out at rich's 80
+    columns when stdout is not a terminal, and cuts the names that do not fit."""
+    try:
+        piped = not sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        piped = True
+    if piped and not os.environ.get("COLUMNS") and not os.environ.get("TERMINAL_WIDTH"):
+        import typer.rich_utils
+
+        typer.rich_utils.MAX_WIDTH = HELP_WIDTH
 
 
 if __name__ == "__main__":

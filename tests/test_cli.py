@@ -638,3 +638,16 @@ def test_script_interactive_chat_ctrl_c_stops_the_answer(models: dict[str, Path]
             except (ProcessLookupError, ChildProcessError):
                 pass
         os.close(fd)
+
+
+@pytest.mark.parametrize("cmd", ["chat", "generate", "serve", "convert", "bench", "perplexity"])
+def test_help_written_to_a_pipe_is_not_cut(cmd: str) -> None:
+    """The README's promise: output to a pipe is never cut at 80 columns (typer's help included)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    r = subprocess.run([sys.executable, "-m", "mlxtral.cli", cmd, "--help"], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0 and "…" not in r.stdout, r.stdout
+    if cmd in ("chat", "generate"):
+        assert "--experts-per-token" in r.stdout
