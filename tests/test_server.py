@@ -125,6 +125,14 @@ def _complete(s: Server, prompt: str, n: int = 12, **kw: Any) -> Any:
 def test_models_and_health(server: Server) -> None:
     ids = [m.id for m in server.client.models.list().data]
     assert ids == ["tiny.gguf"]
+    got = server.client.models.retrieve("tiny.gguf")  # GET /v1/models/{id}
+    assert got.id == "tiny.gguf" and got.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("gpt-4")
+    r = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=2, extra_body={"prediction": None, "audio": None,
+                                                                        "function_call": None})
+    assert r.choices[0].message.content is not None
     code, body = server.http("GET", "/health", key=None)  # /health needs no key
     assert code == 200 and body["status"] == "ok" and body["slots"] == 8
 

@@ -1,7 +1,7 @@
 """The HTTP side of ``mlxtral serve``: Starlette routes, server-sent events, errors as OpenAI objects.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (also without the /v1 prefix, as
-llama-server), GET /v1/models, GET /health. With an API key every route but /health needs
+llama-server), GET /v1/models, GET /v1/models/{id}, GET /health. With an API key every route but /health needs
 ``Authorization: Bearer KEY``. A client that goes away cancels its sequence (its slot is free at the
 next step).
 """
@@ -83,13 +83,23 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", **scheduler.status()})
 
-    async def models(request: Request) -> Response:
+    def model_object() -> dict[str, Any]:
         c = model.config
-        return JSONResponse({"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "mlxtral",
-            "meta": {"backend": model.backend_name, "context": model.max_context, "n_layers": c.n_layers,
-                     "n_experts": c.n_experts, "n_experts_per_tok": c.n_experts_per_tok,
-                     "vocab_size": c.vocab_size}}]})
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "mlxtral",
+                "meta": {"backend": model.backend_name, "context": model.max_context, "n_layers": c.n_layers,
+                         "n_experts": c.n_experts, "n_experts_per_tok": c.n_experts_per_tok,
+                         "vocab_size": c.vocab_size}}
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_object()]})
+
+    async def one_model(request: Request) -> Response:
+        """GET /v1/models/{id} (the openai client's ``models.retrieve``): the served model."""
+        wanted = request.path_params["model_id"]
+        if wanted != model_name:
+            return _error(ApiError(404, f"no model {_cut(wanted, 80)!r}: this server serves {model_name!r}",
+                                   "model", code="model_not_found"))
+        return JSONResponse(model_object())
 
     async def read_body(request: Request) -> bytes:
         """The body, counted as it arrives (a chunked one has no length to check first): at most
@@ -227,6 +237,8 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", one_model, methods=["GET"]),
+        Route("/models/{model_id:path}", one_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_ep, methods=["POST"]),
         Route("/chat/completions", chat_ep, methods=["POST"]),
         Route("/v1/completions", completion_ep, methods=["POST"]),

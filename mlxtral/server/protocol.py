@@ -35,7 +35,9 @@ _IGNORED = {"model", "user", "store", "metadata", "service_tier", "parallel_tool
 # Accepted at their neutral value only (400 otherwise, rather than silently ignored).
 _NEUTRAL = {"logit_bias": lambda v: not v, "best_of": lambda v: v in (None, 1), "echo": lambda v: not v,
             "suffix": lambda v: not v, "tools": lambda v: not v, "tool_choice": lambda v: v in (None, "none"),
-            "functions": lambda v: not v}
+            "functions": lambda v: not v, "function_call": lambda v: v in (None, "none"),
+            "prediction": lambda v: v is None, "audio": lambda v: v is None,
+            "web_search_options": lambda v: v is None}
 _COMMON = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "frequency_penalty",
            "presence_penalty", "repetition_penalty", "n", "stream", "stream_options", "logprobs"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
