@@ -237,7 +237,8 @@ def load(
     stream_experts: bool | None = None,
     distributed: str | None = None,
 ) -> Model:
-    """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder.
+    """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder; ``"demo"`` (when
+    no such file or folder exists here) is the built-in demo model, built once into the cache.
 
     ``dtype``: the MLX backend's compute dtype ("float16", "bfloat16", "float32"; default float16
     on Metal, float32 on MLX's CPU backend, whose gather ops are float32-only); its KV cache uses
@@ -264,6 +265,10 @@ def load(
     from mlxtral.formats.detect import open_checkpoint
 
     name = resolve_backend(backend)
+    if str(path) == "demo" and not os.path.lexists(path):  # as on the command line: the built-in demo
+        from mlxtral.demo import ensure_demo_model
+
+        path = ensure_demo_model()
     ckpt = open_checkpoint(Path(path))
     ckpt.args = ckpt.args.with_experts_per_token(experts_per_token)
     model_ctx = ckpt.args.max_position_embeddings

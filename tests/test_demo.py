@@ -172,3 +172,17 @@ def test_readme_piped_chat_transcript(upcycled: Path) -> None:
     assert [t.text for t in loop.turns] == want
     cached = re.search(r"\(\+(\d+) cached\)", block)
     assert cached is not None and f"(+{cached.group(1)} cached)" in err.getvalue()
+
+
+@needs_smollm2
+def test_load_demo_by_name(upcycled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlxtral.load("demo")`` is the demo model, as ``demo`` is on the command line; a file or
+    folder named demo in the working directory is loaded instead."""
+    import mlxtral
+
+    monkeypatch.setenv("MLXTRAL_CACHE", str(upcycled.parent))
+    monkeypatch.chdir(tmp_path)
+    assert mlxtral.load("demo", tokenizer=False).path == upcycled
+    (tmp_path / "demo").mkdir()
+    with pytest.raises(mlxtral.MlxtralError):
+        mlxtral.load("demo")
