@@ -120,7 +120,9 @@ def describe(path: str | Path, max_context: int | None = None,
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    from mlxtral.memory import size_text
+
+    return size_text(n)
 
 
 def _count(n: float) -> str:

@@ -26,7 +26,10 @@ from mlxtral.formats import Checkpoint
 from mlxtral.qtensor import Tensor
 
 GB = 1e9
-RUNTIME_BYTES = 300 * 1024 * 1024  # interpreter, NumPy/numba/MLX libraries, tokenizer
+RUNTIME_BYTES = 300 * 1024 * 1024  # interpreter, NumPy/numba/MLX libraries, tokenizer (MLX backend)
+# the NumPy backend's process (interpreter, NumPy, numba's runtime and kernels, tokenizer): measured
+# ~125 MB resident besides weights and KV cache on the bench model (anonymous ~90 MB, libraries ~35 MB)
+NUMPY_RUNTIME_BYTES = 192 * 1024 * 1024
 PREFILL_CHUNK = 512  # tokens per prefill step (Model.stream's default)
 _F32_NAMES = ("_norm.weight", "ffn_gate_inp.weight")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -44,8 +47,15 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.working
 
     def describe(self) -> str:
-        return (f"~{self.total / GB:.1f} GB (weights {self.weights / GB:.1f} GB + KV cache "
-                f"{self.kv_cache / GB:.1f} GB + working set {self.working / GB:.1f} GB)")
+        return (f"~{size_text(self.total)} (weights {size_text(self.weights)} + KV cache "
+                f"{size_text(self.kv_cache)} + working set {size_text(self.working)})")
+
+
+def size_text(n: float) -> str:
+    """Bytes as people read them here: 52.1 GB, 0.45 GB, 67.1 MB (one rounding for every line)."""
+    if n >= 10 * GB:
+        return f"{n / GB:.1f} GB"
+    return f"{n / GB:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _is_mapped(a: np.ndarray) -> bool:
@@ -129,11 +139,17 @@ def estimate(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | N
             kv_item = 4
     kv = 2 * a.n_layers * max_context * a.n_kv_heads * a.head_dim * kv_item
     t = min(PREFILL_CHUNK, max_context)
-    scores = 3 * a.n_heads * t * max_context * 4  # scores, mask, softmax of one layer, f32
-    upcast = 2 * max_context * a.n_kv_heads * a.head_dim * 4 if kv_item != 4 else 0
     acts = t * (6 * a.dim + 3 * a.hidden_dim * max(a.n_experts_per_tok, 1)) * 4
-    logits = t * a.vocab_size * 4
-    return MemoryEstimate(weights, kv, RUNTIME_BYTES + scores + upcast + acts + logits, held)
+    if backend == "mlx":
+        scores = 3 * a.n_heads * t * max_context * 4  # scores, mask, softmax of one layer, f32
+        upcast = 2 * max_context * a.n_kv_heads * a.head_dim * 4 if kv_item != 4 else 0
+        logits = t * a.vocab_size * 4
+        return MemoryEstimate(weights, kv, RUNTIME_BYTES + scores + upcast + acts + logits, held)
+    # NumPy: attention runs over the cache as it lies, a row of scores per thread (no [H, T, ctx]
+    # matrix), a float16 cache is read in place, and a generation's prefill keeps its last logits only
+    scores = 2 * a.n_heads * max_context * 4
+    logits = a.vocab_size * 4
+    return MemoryEstimate(weights, kv, NUMPY_RUNTIME_BYTES + scores + acts + logits, held)
 
 
 # ---- what the machine has -----------------------------------------------------------------------
@@ -256,7 +272,8 @@ def address_space_needed(ckpt: Checkpoint, est: MemoryEstimate, backend: str) ->
                 seen.add(id(q.data))
                 in_place += q.nbytes
     return (max(est.weights - in_place - est.held, 0) + est.kv_cache + address_space.KERNELS
-            + min(max(est.working - RUNTIME_BYTES, 0), address_space.WORKING))
+            + min(max(est.working - (RUNTIME_BYTES if backend == "mlx" else NUMPY_RUNTIME_BYTES), 0),
+                  address_space.WORKING))
 
 
 def check_address_space(ckpt: Checkpoint, est: MemoryEstimate, backend: str) -> None:
@@ -272,7 +289,8 @@ def check_address_space(ckpt: Checkpoint, est: MemoryEstimate, backend: str) -> 
         raise address_space.AddressSpaceError(e.message, ckpt.path) from None
 
 
-ADVICE = "try a smaller quantization (mlxtral convert SRC OUT --q4) or a smaller --max-context"
+ADVICE = ("try a smaller --max-context (the KV cache grows with it) or a smaller quantization (mlxtral "
+          "convert SRC OUT --q4, or --q3-k-m / --q2-k from a 4-bit or larger file)")
 
 
 def check_fits(est: MemoryEstimate, path: str | Path | None = None, available: int | None = None,
