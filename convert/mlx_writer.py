@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from mlxtral.config import ModelArgs
-from mlxtral.errors import TokenizerError
+from mlxtral.errors import FormatError, TokenizerError
 from mlxtral.formats import Checkpoint
-from mlxtral.qtensor import AffineTensor
+from mlxtral.qtensor import AffineTensor, QTensor
 from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
 from mlxtral.quant.ggml import dequantize, squared_error_terms
 
-from .policy import Precision, mlx_quantizes
+from .policy import Precision, exact_repack, mlx_quantizes
 from .preflight import same_affine
 from .safetensors_writer import SafetensorsWriter
 from .tensors import (
@@ -93,6 +93,7 @@ class MlxModule:
     dtype: str  # float dtype of the weight (unquantized) or of scales/biases
     permute_heads: int = 0  # q/k: number of heads to permute rows by
     copy: bool = False  # MLX affine sources in this very quantization: codes, scales, biases copied
+    exact: bool = False  # GGUF Q4_0/Q4_1/Q8_0 sources, groups of 32: repacked exactly (float16 scales)
 
     def tensors(self, bits: int | None, group_size: int) -> dict[str, tuple[str, tuple[int, ...]]]:
         st = _ST_DTYPE[self.dtype]
@@ -119,7 +120,11 @@ def plan_mlx(ckpt: Checkpoint, prec: Precision, group_size: int) -> list[MlxModu
             {t.scale_dtype for t in srcs if isinstance(t, AffineTensor)}) == 1
         if copy:  # keep the source's scales as they are: no requantization, no rounding
             dtype = srcs[0].scale_dtype  # type: ignore[union-attr]
-        out.append(MlxModule(mlx_module_name(name, args.is_moe), parts, shape, q, dtype, heads, copy))
+        kind = f"affine{prec.bits}/g{group_size}"
+        exact = q and not copy and all(isinstance(t, QTensor) and exact_repack(t.qtype, kind) for t in srcs)
+        if exact:  # the blocks' float16 scales, as they are
+            dtype = "float16"
+        out.append(MlxModule(mlx_module_name(name, args.is_moe), parts, shape, q, dtype, heads, copy, exact))
     return out
 
 
@@ -240,6 +245,24 @@ def _copy_affine(w: SafetensorsWriter, mod: str, e: int, src: AffineTensor, head
     rep.copied = True
 
 
+def _repack_blocks(w: SafetensorsWriter, mod: str, e: int, src: QTensor, heads: int,
+                   rep: TensorReport) -> None:
+    """Write GGUF Q4_0/Q4_1/Q8_0 blocks as MLX affine groups of 32 with the same numbers
+    (:func:`mlxtral.quant.gguf_affine.gguf_to_affine`: scale ``d``, bias ``m`` or ``-8d`` /
+    ``-128d``), q/k rows in Hugging Face's order."""
+    from mlxtral.quant.gguf_affine import gguf_to_affine
+
+    arrays = gguf_to_affine(src.data, src.qtype, tuple(src.shape), scale_dtype=np.float16)
+    if not all(np.isfinite(a).all() for a in arrays[1:]):
+        raise FormatError(f"tensor {mod}: its blocks' scales overflow float16 as MLX biases (-8d or -128d); "
+                          "convert with --allow-requantize --group-size 64 or to --f16")
+    for suffix, arr in zip((".weight", ".scales", ".biases"), arrays, strict=True):
+        data = hf_permute(arr, heads) if heads else arr
+        w.write(mod + suffix, data, offset=e * data.nbytes)
+        rep.nbytes += data.nbytes
+    rep.copied = True  # the same numbers, repacked
+
+
 def write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int = 64, *,
               max_shard_bytes: int = MAX_SHARD_BYTES, progress: Progress | None = None
               ) -> list[TensorReport]:
@@ -286,6 +309,12 @@ def _write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int,
                         _copy_affine(w, mod, e, src, m.permute_heads, rep)
                         if progress is not None:
                             progress(src.nbytes)
+                        continue
+                    if m.exact and isinstance(src, QTensor):
+                        _repack_blocks(w, mod, e, src, m.permute_heads, rep)
+                        if progress is not None:
+                            progress(src.nbytes)
+                        release_pages(src.data)
                         continue
                     x = source_f32(src)
                     if m.permute_heads:

@@ -31,6 +31,7 @@ requantizing it could only add error.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -109,10 +110,30 @@ def is_quantized_type(qtype: str) -> bool:
     return qtype not in FLOAT_QTYPES
 
 
+# GGUF types an MLX affine output of these bits holds exactly, in groups of 32 with float16 scales
+# (mlxtral.quant.gguf_affine: Q4_0 -> scale d, bias -8d; Q4_1 -> d, m; Q8_0 -> d, -128d)
+EXACT_TO_MLX = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+_AFFINE = re.compile(r"affine(\d)/g(\d{2,3})")
+
+
+def exact_repack(src_qtype: str, out_qtype: str) -> bool:
+    """Whether a ``src_qtype`` tensor is written as ``out_qtype`` without quantizing again: GGUF
+    Q4_0/Q4_1/Q8_0 -> MLX affine of the same bits in groups of 32 (float16 scales), and MLX affine
+    of 2 to 4 bits -> GGUF Q4_1 (codes fit a nibble; a group's scale and bias, rounded to float16,
+    repeat per 32 weights: exact for float16 scales, and bfloat16 ones in float16's normal range)."""
+    bits = EXACT_TO_MLX.get(src_qtype)
+    if bits is not None:
+        return out_qtype == f"affine{bits}/g32"
+    m = _AFFINE.fullmatch(src_qtype)
+    return m is not None and out_qtype == "Q4_1" and int(m[1]) <= 4 and int(m[2]) % 32 == 0
+
+
 def requantized(src_qtype: str, out_qtype: str) -> bool:
     """Whether writing a ``src_qtype`` tensor as ``out_qtype`` quantizes already quantized values
-    again (a copy of the same type and a float output do not)."""
-    return is_quantized_type(src_qtype) and is_quantized_type(out_qtype) and src_qtype != out_qtype
+    again (a copy of the same type, an exact repack (:func:`exact_repack`) and a float output do
+    not)."""
+    return (is_quantized_type(src_qtype) and is_quantized_type(out_qtype) and src_qtype != out_qtype
+            and not exact_repack(src_qtype, out_qtype))
 
 
 def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str, src_qtype: str | None = None,
@@ -132,6 +153,8 @@ def gguf_tensor_type(name: str, shape: tuple[int, ...], qtype: str, src_qtype: s
         want = mix_tensor_type(qtype, name, shape, model)
     if want != qtype and src_qtype in LEGACY:
         want = src_qtype  # quantized already: more bits cannot bring back what it lost; copied
+    elif want != qtype and src_qtype is not None and exact_repack(src_qtype, qtype):
+        want = qtype  # an MLX 4-bit source: repacked exactly beats requantized to more bits
     if want.startswith("Q") and shape[-1] % 32:
         want = "F16"
     return want

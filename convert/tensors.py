@@ -20,6 +20,8 @@ from mlxtral.errors import FormatError
 from mlxtral.qtensor import AffineTensor, QTensor, Tensor
 from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
 
+from .policy import exact_repack
+
 T = TypeVar("T")
 
 
@@ -281,6 +283,8 @@ def encode_gguf(t: Tensor, qtype: str, report: TensorReport) -> np.ndarray:
     if t.qtype == qtype:
         report.copied = True
         return np.asarray(t.data)
+    if isinstance(t, AffineTensor) and exact_repack(t.qtype, qtype):
+        return _affine_to_q4_1(t, report)
     odtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(qtype, np.uint8)
     out = np.empty(quantized_shape(tuple(t.shape), qtype), dtype=odtype)
     n_rows, read = row_reader(t)
@@ -294,6 +298,30 @@ def encode_gguf(t: Tensor, qtype: str, report: TensorReport) -> np.ndarray:
         return squared_error_terms(x, dequantize(orows[lo:hi], qtype))
 
     for num, den in map_rows(work, n_rows, t.shape[-1] if t.shape else 1):
+        report.num += num
+        report.den += den
+    return out
+
+
+def _affine_to_q4_1(t: AffineTensor, report: TensorReport) -> np.ndarray:
+    """An MLX 2-4-bit tensor as GGUF Q4_1, codes and groups kept (:func:`.policy.exact_repack`);
+    exact when every scale and bias is a float16 value, else its error is measured and reported."""
+    from mlxtral.quant.affine import load_dtype
+    from mlxtral.quant.ggml import dequantize
+    from mlxtral.quant.gguf_affine import affine_to_q4_1
+
+    out = affine_to_q4_1(t.data, t.scales, t.biases, t.group_size, t.scale_dtype, t.bits)
+    exact = all(np.array_equal(v, v.astype(np.float16).astype(np.float32))
+                for v in (load_dtype(t.scales, t.scale_dtype), load_dtype(t.biases, t.scale_dtype)))
+    if exact:
+        report.copied = True  # the same numbers, repacked
+        return out
+    n_rows, read = row_reader(t)  # bfloat16 scales outside float16's normal range: rounded, measured
+    orows = out.reshape(n_rows, -1)
+    def work(lo: int, hi: int) -> tuple[float, float]:
+        return squared_error_terms(read(lo, hi), dequantize(orows[lo:hi], "Q4_1"))
+
+    for num, den in map_rows(work, n_rows, t.shape[-1]):
         report.num += num
         report.den += den
     return out

@@ -124,13 +124,14 @@ def test_k_quants_need_the_flag_too(tmp_path: Path, q4k_gguf: Path, qtype: str, 
 
 @needs_mlx
 def test_mlx_sources_and_outputs(tmp_path: Path, q41_gguf: Path) -> None:
-    """MLX affine -> GGUF or another MLX quantization requantizes (refused); the same quantization
-    copies codes, scales and biases bit for bit; GGUF blocks -> MLX affine requantize."""
+    """MLX affine -> GGUF Q4_0 or another MLX quantization requantizes (refused, naming --q4_1,
+    which keeps the numbers); the same quantization copies codes, scales and biases bit for bit;
+    GGUF blocks -> MLX affine in groups of 64 requantize."""
     from mlxtral.formats.detect import open_checkpoint
 
     args = tiny_args()
     src, _ = write_mlx(tmp_path / "mlx4", random_weights(args), args, bits=4, group_size=64)
-    for kw, want, way in ((dict(out=tmp_path / "o.gguf"), "affine4/g64 -> Q4_0", None),
+    for kw, want, way in ((dict(out=tmp_path / "o.gguf"), "affine4/g64 -> Q4_0", "--q4_1 to copy"),
                           (dict(out=tmp_path / "o-mlx", group_size=32), "affine4/g64 -> affine4/g32",
                            "--q4 --group-size 64 to copy"),
                           (dict(out=tmp_path / "o-mlx", qtype="q8"), "affine4/g64 -> affine8/g64",
@@ -152,6 +153,45 @@ def test_mlx_sources_and_outputs(tmp_path: Path, q41_gguf: Path) -> None:
     with pytest.raises(UsageError, match=r"Q4_1 -> affine4/g64"):
         convert(q41_gguf, tmp_path / "g-mlx", "mlx", "q4", progress=False)
     convert(src, tmp_path / "f.gguf", qtype="f16", progress=False)  # dequantizing: allowed
+
+
+@needs_mlx
+@pytest.mark.parametrize("qtype,prec", [("Q4_0", "q4"), ("Q4_1", "q4"), ("Q8_0", "q8")])
+def test_gguf_blocks_to_mlx_groups_of_32_exactly(tmp_path: Path, qtype: str, prec: str) -> None:
+    """GGUF Q4_0/Q4_1/Q8_0 -> MLX of the same bits in groups of 32 is a repack (scale d, bias m,
+    -8d or -128d in float16), not a requantization: no flag needed, and the same numbers come out."""
+    from mlxtral.formats.detect import open_checkpoint
+
+    args = tiny_args()
+    g = write_raw_gguf(tmp_path / f"t.{qtype}.gguf", raw_gguf_tensors(args, qtype), args, vocab=True)
+    res = convert(g, tmp_path / "mlx", "mlx", prec, group_size=32, progress=False)
+    quantized = [r for r in res.reports if r.qtype.startswith("affine")]
+    assert quantized and all(r.copied and r.rel_rmse == 0 for r in quantized)
+    a, b = open_checkpoint(g), open_checkpoint(tmp_path / "mlx")
+    for name, t in a.tensors.items():
+        u = b.tensors[name]
+        if hasattr(u, "scales"):
+            assert u.scale_dtype == "float16"
+            np.testing.assert_array_equal(u.dequantize(), t.dequantize(), err_msg=name)
+
+
+@needs_mlx
+def test_mlx_4bit_to_gguf_q4_1_exactly(tmp_path: Path) -> None:
+    """MLX 4-bit (float16 scales, any group size) -> GGUF --q4_1 keeps every code, scale and bias
+    (a group's repeated per 32 weights): no flag, output.weight stays Q4_1 rather than a
+    requantized Q6_K, and the numbers are the same."""
+    from mlxtral.formats.detect import open_checkpoint
+
+    args = tiny_args()
+    src, _ = write_mlx(tmp_path / "mlx4", random_weights(args), args, bits=4, group_size=64)
+    res = convert(src, tmp_path / "o.gguf", qtype="q4_1", progress=False)
+    four = [r for r in res.reports if r.src_qtype == "affine4/g64"]
+    assert four and all(r.qtype == "Q4_1" and r.copied and r.rel_rmse == 0 for r in four)
+    a, b = open_checkpoint(src), open_checkpoint(tmp_path / "o.gguf")
+    for name, t in a.tensors.items():
+        if getattr(t, "bits", None) == 4:
+            assert b.tensors[name].qtype == "Q4_1"
+            np.testing.assert_array_equal(b.tensors[name].dequantize(), t.dequantize(), err_msg=name)
 
 
 def test_cli_requantize_flag_and_default_in_help(tmp_path: Path, q41_gguf: Path) -> None:
