@@ -100,21 +100,32 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
     a failed write of the output (a full disk...) raises :class:`.atomic.OutputError` naming OUT.
     """
     src, out = Path(src), Path(out)
+    guessed = fmt is None and out.suffix.lower() != ".gguf"  # MLX because OUT is not named .gguf
     fmt = infer_format(out, fmt)
-    prec = parse_precision(qtype, fmt)
-    if fmt == "mlx" and group_size not in (32, 64, 128):
-        raise UsageError(f"--group-size must be 32, 64 or 128, got {group_size}")
-    if not src.exists():
-        raise FormatError("not found", src)
-    sources = source_paths(src)
-    check_output(out, is_dir=(fmt == "mlx"), force=force, sources=sources)
-    ckpt = _open(src)
-    from mlxtral.formats.mapped import install_sigbus_guard
+    try:
+        prec = parse_precision(qtype, fmt)
+        if fmt == "mlx" and group_size not in (32, 64, 128):
+            raise UsageError(f"--group-size must be 32, 64 or 128, got {group_size}")
+        if not src.exists():
+            raise FormatError("not found", src)
+        sources = source_paths(src)
+        check_output(out, is_dir=(fmt == "mlx"), force=force, sources=sources)
+        ckpt = _open(src)
+        from mlxtral.formats.mapped import install_sigbus_guard
 
-    install_sigbus_guard()  # a source truncated while it is read: one line, not a silent death
-    from .preflight import preflight
+        install_sigbus_guard()  # a source truncated while it is read: one line, not a silent death
+        from .preflight import preflight
 
-    checked = preflight(ckpt, fmt, prec, group_size, allow_requantize)  # before the bar: fail fast
+        checked = preflight(ckpt, fmt, prec, group_size, allow_requantize)  # before the bar: fail fast
+    except UsageError as e:
+        if not guessed:
+            raise
+        # say why the output is an MLX folder: OUT's name chose it, not the user
+        raise UsageError(f"{e.message} (writing an MLX folder because {out.name!r} does not end in .gguf; "
+                         "name it .gguf or pass --format gguf for a GGUF file)", e.path) from None
+    if guessed and console is not None and progress:
+        console.print(f"[dim]{out.name} does not end in .gguf: writing an MLX folder (--format gguf for a "
+                      "GGUF file)[/dim]", highlight=False)
     bytes_in = sum(t.nbytes for t in ckpt.tensors.values())
     bar, task = _progress_bar(progress, bytes_in, console)
     t0 = time.perf_counter()

@@ -532,3 +532,12 @@ def test_convert_demo(tmp_path: Path) -> None:
     # and a source that has them already is copied, not requantized
     assert (src["token_embd.weight"].qtype, got["token_embd.weight"].qtype) == ("Q8_0", "Q8_0")
     assert np.array_equal(got["token_embd.weight"].data, src["token_embd.weight"].data)
+
+
+def test_mlx_chosen_by_the_name_says_so(tmp_path: Path, q41_gguf: Path) -> None:
+    """OUT without .gguf means an MLX folder; a refusal then says that the name chose it."""
+    line = _one_line_error(runner.invoke(app, ["convert", str(q41_gguf), str(tmp_path / "noext"), "--q8"]), 2)
+    assert "Q4_1 -> affine8/g64" in line and "does not end in .gguf" in line and "--format gguf" in line
+    line = _one_line_error(runner.invoke(app, ["convert", str(q41_gguf), str(tmp_path / "x"), "--q8",
+                                               "--format", "mlx"]), 2)
+    assert "does not end in .gguf" not in line
