@@ -543,6 +543,12 @@ def serve(
                                            "longer)."),
     api_key: str = typer.Option(None, "--api-key",  # noqa: B008
                                 help="Require 'Authorization: Bearer KEY' on every request but /health."),
+    alias: str = typer.Option(None, "--alias", "-a",  # noqa: B008
+                              help="The model id clients see in /v1/models and responses (default: the "
+                                   "file's name)."),
+    log_requests: bool = typer.Option(True, "--log-requests/--no-log-requests",
+                                      help="A line on stderr per finished request (tokens, tok/s, "
+                                           "time to first token, finish)."),
     prompt_cache: str = typer.Option("2GB", "--prompt-cache",
                                      help="Memory for KV caches of finished requests, reused by prompts "
                                           "sharing a prefix (0: off)."),
@@ -558,6 +564,8 @@ def serve(
     follow_if_not_rank0(distributed, model, backend, max_context, None, threads, memory_budget)
     check_installed()
     check_api_key(api_key)
+    if alias is not None and not (0 < len(alias) <= 256 and alias.isprintable()):
+        fail("--alias must be 1 to 256 printable characters", 2)
     cache_bytes = 0
     if prompt_cache.strip() not in ("0", ""):
         from mlxtral.expert_cache.plan import parse_size
@@ -570,12 +578,17 @@ def serve(
     shown = f"[{h}]" if ":" in h else h
 
     def ready() -> None:
-        sys.stderr.write(f"mlxtral serve: {m.path.name} (backend {m.backend_name}, context {m.max_context}, "
+        sys.stderr.write(f"mlxtral serve: {alias or m.path.name} (backend {m.backend_name}, context "
+                         f"{m.max_context}, "
                          f"{parallel} slots) on http://{shown}:{p}/v1\n")
         sys.stderr.flush()
 
+    def log(line: str) -> None:
+        sys.stderr.write(f"mlxtral serve: {line}\n")
+        sys.stderr.flush()
+
     run(m, sock, parallel=parallel, max_queue=max_queue, api_key=api_key, prompt_cache_bytes=cache_bytes,
-        prefill_chunk=prefill_chunk, on_ready=ready)
+        prefill_chunk=prefill_chunk, on_ready=ready, model_name=alias, log=log if log_requests else None)
     sys.stderr.write("mlxtral serve: stopped\n")
 
 

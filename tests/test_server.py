@@ -384,6 +384,23 @@ def test_sigterm_does_not_wait_for_a_stalled_body(model_file: Path) -> None:
     assert not any("Traceback" in line for line in s.err), s.err
 
 
+def test_alias_and_request_log(model_file: Path) -> None:
+    """--alias names the model for clients; every finished request is a line on stderr."""
+    s = start_server(model_file, "--alias", "my-moe")
+    try:
+        assert [m.id for m in s.client.models.list().data] == ["my-moe"]
+        r = s.client.completions.create(model="my-moe", prompt="Hello", max_tokens=3, temperature=0)
+        assert r.model == "my-moe"
+        deadline = time.time() + 10
+        while not any("completion: prompt" in line for line in s.err) and time.time() < deadline:
+            time.sleep(0.05)
+        line = next(line for line in s.err if "completion: prompt" in line)
+        assert "3 generated" in line and "tok/s" in line and "finish length" in line, line
+    finally:
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(20)
+
+
 def test_empty_api_key_is_refused(model_file: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "mlxtral.cli", "serve", str(model_file), "--port", "0",
                         "--api-key", ""], capture_output=True, timeout=60)

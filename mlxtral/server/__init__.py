@@ -60,9 +60,11 @@ def check_api_key(key: str | None) -> None:
 
 def run(model: Any, sock: socket.socket, *, model_name: str | None = None, parallel: int = 8,
         max_queue: int = 64, api_key: str | None = None, prompt_cache_bytes: int = 2 << 30,
-        prefill_chunk: int = 128, graceful_timeout: float = 30.0, on_ready: Any = None) -> None:
+        prefill_chunk: int = 128, graceful_timeout: float = 30.0, on_ready: Any = None,
+        log: Any = None) -> None:
     """Serve until SIGINT/SIGTERM: new connections stop, requests in flight finish (at most
-    ``graceful_timeout`` seconds), then the scheduler stops."""
+    ``graceful_timeout`` seconds), then the scheduler stops. ``log(line)`` gets a line per finished
+    request."""
     import uvicorn
 
     check_api_key(api_key)
@@ -82,7 +84,7 @@ def run(model: Any, sock: socket.socket, *, model_name: str | None = None, paral
     sched.start()
     server: Any = None
     app = create_app(model, sched, model_name or model.path.name, api_key=api_key,
-                     stopping=lambda: server is not None and server.should_exit)
+                     stopping=lambda: server is not None and server.should_exit, log=log)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30)
     server = uvicorn.Server(config)

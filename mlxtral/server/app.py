@@ -74,10 +74,28 @@ class _ApiKey:
         await self.app(scope, receive, send)
 
 
+def request_line(h: Handle) -> str:
+    """One line for the log about a finished request: its route, tokens, speed and how it ended."""
+    secs = time.perf_counter() - h.submitted
+    last = h.last
+    kind = "chat" if h.req.kind == "chat" else "completion"
+    if last is None:
+        return f"{kind}: the client left after {secs:.2f} s"
+    if last.error is not None:
+        return f"{kind}: error {last.error.status} after {secs:.2f} s"
+    u = last.usage or {}
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    gen = u.get("completion_tokens", 0)
+    ttft = f", first token {h.first_token - h.submitted:.2f} s" if h.first_token is not None else ""
+    return (f"{kind}: prompt {u.get('prompt_tokens', 0)} tokens ({cached} cached), {gen} generated in "
+            f"{secs:.2f} s ({gen / secs if secs > 0 else 0:.1f} tok/s{ttft}), finish {last.finish}")
+
+
 def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str | None = None,
-               stopping: Callable[[], bool] = lambda: False) -> Any:
+               stopping: Callable[[], bool] = lambda: False, log: Callable[[str], None] | None = None
+               ) -> Any:
     """The application; ``stopping()`` tells when the server is stopping (request bodies still
-    arriving are then given up)."""
+    arriving are then given up); ``log`` gets a line per finished request."""
     created = int(time.time())
 
     async def health(request: Request) -> Response:
@@ -173,6 +191,8 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
         if not h.done:
             h.cancel()
             scheduler.wake()
+        if log is not None:
+            log(request_line(h))
 
     async def _watch_disconnect(request: Request, h: Handle) -> None:
         while True:

@@ -63,6 +63,7 @@ class Handle:
         self.done = False  # the last event was read
         self.submitted = time.perf_counter()
         self.first_token: float | None = None
+        self.last: Event | None = None  # the final event (finish and usage, or an error), once read
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -76,6 +77,8 @@ class Handle:
     async def events(self) -> AsyncIterator[Event]:
         while True:
             ev = await self.queue.get()
+            if ev.finish is not None or ev.error is not None:
+                self.last = ev
             yield ev
             if ev.finish is not None or ev.error is not None:
                 return
