@@ -103,6 +103,7 @@ def describe(path: str | Path, max_context: int | None = None,
         "path": str(ckpt.path),
         "name": name or ckpt.path.name,
         "format": ckpt.format,
+        "file_type": _file_type(md.get("general.file_type")),
         "architecture": "mixtral (sparse MoE)" if a.is_moe else "llama (dense)",
         "config": a.to_dict(),
         "params_total": total,
@@ -117,6 +118,18 @@ def describe(path: str | Path, max_context: int | None = None,
         "memory": mem,
         "tokenizer": tok_info,
     }
+
+
+def _file_type(v: Any) -> str | None:
+    """A GGUF's ``general.file_type`` as llama.cpp names it (``Q4_K_M``), or None."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 16:
+        return None
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(v).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"unknown ({v})"
 
 
 def _gb(n: float) -> str:
@@ -153,7 +166,7 @@ def render(d: dict[str, Any]) -> Any:
            else "dense (one always-on FFN)")
     rows = [
         ("file", d["path"]),
-        ("format", d["format"]),
+        ("format", d["format"] + (f", file type {d['file_type']}" if d.get("file_type") else "")),
         ("architecture", d["architecture"]),
         ("layers / dim", f"{c['n_layers']} / {c['dim']}"),
         ("heads", f"{c['n_heads']} query, {c['n_kv_heads']} KV, head dim {c['head_dim']}"),

@@ -106,7 +106,7 @@ def test_info_json(models: dict[str, Path]) -> None:
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     a = tiny_args()
-    assert d["format"] == "gguf"
+    assert d["format"] == "gguf" and d["file_type"] == "F32"  # general.file_type 0, llama.cpp's name
     assert d["config"]["n_experts"] == 4 and d["config"]["n_experts_per_tok"] == 2
     total, active = a.param_counts()
     assert d["params_total"] == total and d["params_active"] == active
