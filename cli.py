@@ -435,7 +435,9 @@ def chat(
 @handle_errors
 def generate(
     model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
+    prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
+    prompt_file: Path = typer.Option(None, "--file", "-f",  # noqa: B008
+                                     help="Read the prompt from this file (UTF-8), as llama-cli's -f."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n",
                                    help="Tokens to generate at most (-1: until the end or a full context)."),
     temp: float = typer.Option(0.0, "--temp", help="Temperature, 0 to 100 (0 = greedy)."),
@@ -465,6 +467,13 @@ def generate(
     need_stdout()
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, stop)
     chat_ = chat_ or system is not None  # a system prompt is a chat's (llama-cli's -sys implies chat too)
+    if (prompt is None) == (prompt_file is None):
+        fail("give the prompt with -p TEXT (or -p - for stdin) or -f FILE, one of them", 2)
+    if prompt_file is not None:
+        from mlxtral.errors import MlxtralError
+        from mlxtral.formats.files import read_side_file
+
+        prompt = read_side_file(prompt_file, MlxtralError, limit=STDIN_PROMPT_MAX).decode("utf-8", "replace")
     if prompt == "-":  # bounded: no context holds more (a prompt that fits is tokenized whole)
         raw = sys.stdin.buffer.read(STDIN_PROMPT_MAX + 1)
         if len(raw) > STDIN_PROMPT_MAX:

@@ -233,6 +233,18 @@ def test_generate_llamacpp_habits(models: dict[str, Path]) -> None:
     assert "16 MiB" in err
 
 
+def test_generate_prompt_from_a_file(models: dict[str, Path], tmp_path: Path) -> None:
+    """-f FILE is the prompt, as llama-cli's; exactly one of -p and -f."""
+    f = tmp_path / "p.txt"
+    f.write_text("Once upon a time")
+    a = json.loads(run("generate", models["moe"], "-f", str(f), "-n", "3", "--json").stdout)
+    b = json.loads(run("generate", models["moe"], "-p", "Once upon a time", "-n", "3", "--json").stdout)
+    assert a["text"] == b["text"] and a["prompt"] == "Once upon a time"
+    assert "-f FILE" in assert_one_line_error(run("generate", models["moe"], "-n", "1"), 2)
+    assert "-f FILE" in assert_one_line_error(run("generate", models["moe"], "-p", "x", "-f", str(f)), 2)
+    assert "not found" in assert_one_line_error(run("generate", models["moe"], "-f", str(tmp_path / "no")), 1)
+
+
 def test_generate_context_overflow(models: dict[str, Path]) -> None:
     err = assert_one_line_error(run("generate", models["moe"], "-p", "word " * 40, "--max-context", "8"))
     assert "context" in err
