@@ -87,9 +87,11 @@ def script_error(p: subprocess.CompletedProcess, code: int) -> str:
 # ---- 1. short flags mean what they mean in llama.cpp --------------------------------------------------
 
 # llama-cli / llama-bench: -t threads, -p prompt (bench: prompt tokens), -n tokens to predict (bench:
-# tokens to generate), -c context size, -s seed, -r repetitions (bench), -sys system prompt, -h help.
+# tokens to generate), -c context size, -s seed, -r repetitions (bench), -sys system prompt, -f the
+# prompt's file (perplexity: the text's), -a alias (llama-server), -h help.
 LLAMA_SHORT = {"-t": {"threads"}, "-p": {"prompt", "n_prompt"}, "-n": {"max_tokens", "n_gen"},
-               "-c": {"max_context"}, "-s": {"seed"}, "-r": {"repeats"}, "-sys": {"system"}, "-h": {"help"}}
+               "-c": {"max_context"}, "-s": {"seed"}, "-r": {"repeats"}, "-sys": {"system"}, "-h": {"help"},
+               "-f": {"prompt_file", "text_file"}, "-a": {"alias"}}
 
 
 def _short_flags(cmd_name: str) -> dict[str, str]:
