@@ -186,8 +186,12 @@ def handle_errors(fn: F) -> F:
             sys.stderr.write(f"\nterminated (signal {e.signum}); nothing was left behind\n")
             raise typer.Exit(128 + e.signum) from None
         except (KeyboardInterrupt, SystemError) as e:
-            from mlxtral.chat import is_interrupt
+            from mlxtral.chat import is_interrupt, terminated_by
 
+            term = terminated_by(e)  # SIGTERM/SIGHUP landing in a kernel: numba wraps it in SystemError
+            if term is not None:
+                sys.stderr.write(f"\nterminated (signal {term.signum}); nothing was left behind\n")
+                raise typer.Exit(128 + term.signum) from None
             if not is_interrupt(e):
                 from mlxtral.address_space import explain
 

@@ -93,6 +93,7 @@ class FileKind:
     magic: bytes
     name: str
     flag: str
+    strict: bool = False  # replaced without the user's --force: never a link, never an empty file
 
 
 GGUF_FILE = FileKind(b"GGUF", "a GGUF file", "--force")
@@ -106,13 +107,16 @@ def check_replaceable(out: Path, *, is_dir: bool, kind: FileKind = GGUF_FILE) ->
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
+        if kind.strict and not is_dir:
+            raise UsageError(f"is a symbolic link; {kind.flag} replaces only {kind.name} (name the file "
+                             "itself, or a new one)", out)
         return  # replacing a link replaces the link, never what it points to
     if not is_dir:
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"is not a file; {kind.flag} replaces only {kind.name}", out)
         with open(out, "rb") as f:
             magic = f.read(len(kind.magic))
-        if st.st_size and magic != kind.magic:
+        if (st.st_size or kind.strict) and magic != kind.magic:
             raise UsageError(f"is not {kind.name}; {kind.flag} replaces only {kind.name} (choose another "
                              "name)", out)
         return

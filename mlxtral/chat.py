@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from mlxtral.display import text_safe
-from mlxtral.errors import ContextOverflowError, MlxtralError
+from mlxtral.errors import ContextOverflowError, MlxtralError, Terminated
 from mlxtral.sampling import RANDOM_SEED, SEED_MAX
 from mlxtral.wording import plural
 
@@ -37,6 +37,19 @@ def is_interrupt(e: BaseException) -> bool:
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
         seen += 1
     return False
+
+
+def terminated_by(e: BaseException) -> Terminated | None:
+    """The :class:`~mlxtral.errors.Terminated` (SIGTERM/SIGHUP) behind ``e``, such as the
+    SystemError numba raises when the signal's exception lands in a kernel; None if there is none."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 5:
+        if isinstance(cur, Terminated):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return None
 
 
 @contextmanager

@@ -386,6 +386,16 @@ def test_base_never_replaces_a_model_file_or_another_file(tmp_path: Path) -> Non
     with pytest.raises(UsageError, match="not a KL-divergence base file"):
         m.perplexity(TEXT, ctx=16, chunks=1, kl_base=notes)
     assert notes.read_text() == "mine"
+    (tmp_path / "link").symlink_to(notes)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "empty").write_bytes(b"")
+    for name, why in (("link", "symbolic link"), ("dangling", "symbolic link"), ("empty", "not a KL")):
+        with pytest.raises(UsageError, match=why):
+            m.perplexity(TEXT, ctx=16, chunks=1, kl_base=tmp_path / name)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "dangling").is_symlink()
+    assert (tmp_path / "empty").read_bytes() == b"" and notes.read_text() == "mine"
+    for name in ("link", "dangling", "empty"):
+        (tmp_path / name).unlink()
     base = tmp_path / "b.kld"
     m.perplexity(TEXT, ctx=16, chunks=1, kl_base=base)
     old = base.read_bytes()

@@ -42,7 +42,8 @@ from mlxtral.evaluation.perplexity import (
 
 MAGIC = b"_logits_"
 HEADER_BYTES = len(MAGIC) + 3 * 4
-BASE_FILE = FileKind(MAGIC, "a KL-divergence base file", "--kl-divergence-base")  # what a base may replace
+# what a base may replace (with no --force asked: never a link or an empty file)
+BASE_FILE = FileKind(MAGIC, "a KL-divergence base file", "--kl-divergence-base", strict=True)
 PERCENTILES = (("max", 1.0), ("p99_9", 0.999), ("p99", 0.99), ("p95", 0.95), ("p90", 0.90),
                ("median", None), ("p10", 0.10), ("p5", 0.05), ("p1", 0.01), ("p0_1", 0.001), ("min", 0.0))
 DELTA_P_PERCENTILES = (("max", 1.0), ("p99_9", 0.999), ("p99", 0.99), ("p95", 0.95), ("p90", 0.90),
