@@ -252,10 +252,13 @@ def _repack_blocks(w: SafetensorsWriter, mod: str, e: int, src: QTensor, heads: 
     ``-128d``), q/k rows in Hugging Face's order."""
     from mlxtral.quant.gguf_affine import gguf_to_affine
 
-    arrays = gguf_to_affine(src.data, src.qtype, tuple(src.shape), scale_dtype=np.float16)
-    if not all(np.isfinite(a).all() for a in arrays[1:]):
-        raise FormatError(f"tensor {mod}: its blocks' scales overflow float16 as MLX biases (-8d or -128d); "
-                          "convert with --allow-requantize --group-size 64 or to --f16")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arrays = gguf_to_affine(src.data, src.qtype, tuple(src.shape), scale_dtype=np.float16)
+    if not np.isfinite(arrays[1]).all():  # the scale is the block's d as stored
+        raise FormatError(f"tensor {mod}: its {src.qtype} blocks hold NaN or infinite scales (a damaged file)")
+    if not np.isfinite(arrays[2]).all():
+        raise FormatError(f"tensor {mod}: a {src.qtype} block's scale is too large for the MLX bias (-8d or "
+                          "-128d) to fit float16; convert to --bf16 or --f32 instead")
     for suffix, arr in zip((".weight", ".scales", ".biases"), arrays, strict=True):
         data = hf_permute(arr, heads) if heads else arr
         w.write(mod + suffix, data, offset=e * data.nbytes)

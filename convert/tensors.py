@@ -310,12 +310,21 @@ def _affine_to_q4_1(t: AffineTensor, report: TensorReport) -> np.ndarray:
     from mlxtral.quant.ggml import dequantize
     from mlxtral.quant.gguf_affine import affine_to_q4_1
 
+    values = (load_dtype(t.scales, t.scale_dtype), load_dtype(t.biases, t.scale_dtype))
+    if not all(np.isfinite(v).all() for v in values):
+        raise FormatError(f"tensor {report.name}: its MLX scales or biases hold NaN or infinity (a damaged "
+                          "file)")
+    with np.errstate(over="ignore"):
+        halves = [v.astype(np.float16) for v in values]
+    if not all(np.isfinite(h).all() for h in halves):
+        raise FormatError(f"tensor {report.name}: its MLX scales or biases exceed float16's range, which a "
+                          "Q4_1 block stores; convert it to --bf16 or --f32 instead")
     out = affine_to_q4_1(t.data, t.scales, t.biases, t.group_size, t.scale_dtype, t.bits)
-    exact = all(np.array_equal(v, v.astype(np.float16).astype(np.float32))
-                for v in (load_dtype(t.scales, t.scale_dtype), load_dtype(t.biases, t.scale_dtype)))
-    if exact:
-        report.copied = True  # the same numbers, repacked
+    if all(np.array_equal(v, h.astype(np.float32)) for v, h in zip(values, halves, strict=True)):
+        if report.den == 0:  # no part of this tensor was rounded so far
+            report.copied = True  # the same numbers, repacked
         return out
+    report.copied = False
     n_rows, read = row_reader(t)  # bfloat16 scales outside float16's normal range: rounded, measured
     orows = out.reshape(n_rows, -1)
     def work(lo: int, hi: int) -> tuple[float, float]:

@@ -541,3 +541,42 @@ def test_mlx_chosen_by_the_name_says_so(tmp_path: Path, q41_gguf: Path) -> None:
     line = _one_line_error(runner.invoke(app, ["convert", str(q41_gguf), str(tmp_path / "x"), "--q8",
                                                "--format", "mlx"]), 2)
     assert "does not end in .gguf" not in line
+
+
+@needs_mlx
+def test_exact_repacks_refuse_scales_they_cannot_hold(tmp_path: Path) -> None:
+    """A scale or bias beyond float16 (MLX bfloat16 -> Q4_1; Q4_0 d whose -8d overflows) or a NaN
+    one is one line naming the tensor, and no output is left; a tensor with a rounded part is not
+    reported as copied."""
+    import struct
+
+    from mlxtral.errors import FormatError
+
+    args = tiny_args()
+    src, _ = write_mlx(tmp_path / "mlx", random_weights(args), args, bits=4, group_size=64, scale_dtype="bf16")
+    sc = next((tmp_path / "mlx").glob("*.safetensors"))
+    raw = bytearray(sc.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    name = next(k for k in header if k.endswith("up_proj.scales"))
+    off = 8 + n + header[name]["data_offsets"][0]
+    raw[off : off + 2] = np.array([1e30], np.float32).view(np.uint16)[1:].tobytes()  # bfloat16 1e30
+    sc.write_bytes(bytes(raw))
+    with pytest.raises(FormatError, match="exceed float16's range"):
+        convert(src, tmp_path / "o.gguf", qtype="q4_1", progress=False)
+    assert not (tmp_path / "o.gguf").exists()
+    g = write_raw_gguf(tmp_path / "t.gguf", raw_gguf_tensors(args, "Q4_0"), args, vocab=True)
+    from mlxtral.formats.gguf_parse import parse_gguf
+
+    t = next(t for t in parse_gguf(g).tensors if t.name == "blk.0.attn_q.weight")
+    data = g.read_bytes()
+    i = data.find(bytes(np.asarray(t.data).reshape(-1)[:18]))  # the tensor's first block (random bytes)
+    assert i > 0
+    for value, why in ((np.float16(20000.0), "too large"), (np.float16(np.nan), "NaN")):
+        bad = tmp_path / "bad.gguf"
+        patched = bytearray(data)
+        patched[i : i + 2] = np.array([value], np.float16).tobytes()
+        bad.write_bytes(bytes(patched))
+        with pytest.raises(FormatError, match=why):
+            convert(bad, tmp_path / "o-mlx", "mlx", "q4", group_size=32, progress=False)
+        assert not (tmp_path / "o-mlx").exists()
