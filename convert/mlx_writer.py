@@ -255,7 +255,8 @@ def _repack_blocks(w: SafetensorsWriter, mod: str, e: int, src: QTensor, heads: 
     with np.errstate(over="ignore", invalid="ignore"):
         arrays = gguf_to_affine(src.data, src.qtype, tuple(src.shape), scale_dtype=np.float16)
     if not np.isfinite(arrays[1]).all():  # the scale is the block's d as stored
-        raise FormatError(f"tensor {mod}: its {src.qtype} blocks hold NaN or infinite scales (a damaged file)")
+        raise FormatError(f"tensor {mod}: its {src.qtype} blocks hold NaN or infinite scales (a damaged "
+                          "file)")
     if not np.isfinite(arrays[2]).all():
         raise FormatError(f"tensor {mod}: a {src.qtype} block's scale is too large for the MLX bias (-8d or "
                           "-128d) to fit float16; convert to --bf16 or --f32 instead")

@@ -553,7 +553,8 @@ def test_exact_repacks_refuse_scales_they_cannot_hold(tmp_path: Path) -> None:
     from mlxtral.errors import FormatError
 
     args = tiny_args()
-    src, _ = write_mlx(tmp_path / "mlx", random_weights(args), args, bits=4, group_size=64, scale_dtype="bf16")
+    src, _ = write_mlx(tmp_path / "mlx", random_weights(args), args, bits=4, group_size=64,
+                       scale_dtype="bf16")
     sc = next((tmp_path / "mlx").glob("*.safetensors"))
     raw = bytearray(sc.read_bytes())
     n = struct.unpack("<Q", raw[:8])[0]
