@@ -238,12 +238,13 @@ def resolve_model(model: str | None) -> Path:
 
 def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
                quiet: bool = False, memory_budget: str | None = None, prefetch: bool = True,
-               distributed: str | None = None) -> Any:
+               distributed: str | None = None, logits_rows: int = 1) -> Any:
     import mlxtral
 
     path = resolve_model(model)
     kw = dict(backend=backend, max_context=max_context, experts_per_token=experts_per_token,
-              memory_budget=memory_budget, prefetch=prefetch, distributed=distributed)
+              memory_budget=memory_budget, prefetch=prefetch, distributed=distributed,
+              logits_rows=logits_rows)
     if quiet or follower_rank() is not None:
         return _warm(mlxtral.load(path, **kw))
     with err_console.status(f"loading {path.name}...", spinner="dots"):
@@ -843,8 +844,14 @@ def perplexity(
         ppl_mod.check_ctx(ctx, name="--ctx")
     text = ppl_mod.read_text(text_file) if text_file is not None else None
     apply_threads(threads)
-    m = load_model(model, backend, None, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                   prefetch=prefetch)
+    from mlxtral.errors import OutOfMemoryError
+
+    try:
+        m = load_model(model, backend, None, experts_per_token, quiet=as_json, memory_budget=memory_budget,
+                       prefetch=prefetch, logits_rows=ctx)  # a chunk's logits at once: in the memory plan
+    except OutOfMemoryError as e:
+        fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: a "
+             "smaller --ctx needs less)", e.exit_code)
     ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")
     info = {"model": str(m.path), "backend": m.backend_name, "text": str(text_file) if text_file else None}
     from rich.markup import escape

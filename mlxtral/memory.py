@@ -126,8 +126,11 @@ def _weights(ckpt: Checkpoint, backend: str, kv_dtype: str | None,
     return total, held
 
 
-def estimate(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | None = None) -> MemoryEstimate:
-    """What loading ``ckpt`` on ``backend`` ("numpy" or "mlx") with ``max_context`` will need."""
+def estimate(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | None = None,
+             logits_rows: int = 1) -> MemoryEstimate:
+    """What loading ``ckpt`` on ``backend`` ("numpy" or "mlx") with ``max_context`` will need;
+    ``logits_rows``: the positions whose logits a forward returns at once (a generation: its last
+    one; perplexity: a whole chunk, with its log-softmax beside)."""
     a = ckpt.args
     weights, held = _weights(ckpt, backend, kv_dtype)
     if backend == "mlx":
@@ -148,7 +151,7 @@ def estimate(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | N
     # NumPy: attention runs over the cache as it lies, a row of scores per thread (no [H, T, ctx]
     # matrix), a float16 cache is read in place, and a generation's prefill keeps its last logits only
     scores = 2 * a.n_heads * max_context * 4
-    logits = a.vocab_size * 4
+    logits = a.vocab_size * 4 * (1 if logits_rows <= 1 else 3 * logits_rows)  # + log-softmax, a copy
     return MemoryEstimate(weights, kv, NUMPY_RUNTIME_BYTES + scores + acts + logits, held)
 
 

@@ -236,6 +236,7 @@ def load(
     eviction: str = "lfu",
     stream_experts: bool | None = None,
     distributed: str | None = None,
+    logits_rows: int = 1,
 ) -> Model:
     """Load a GGUF file, an HF folder, a Mistral original folder, or an MLX folder; ``"demo"`` (when
     no such file or folder exists here) is the built-in demo model, built once into the cache.
@@ -246,6 +247,8 @@ def load(
     float32) and, when ``dtype`` is not given, the MLX dtype.
 
     ``memory_budget``: bytes (or "12GB", "150MB") the run may use; default the memory available.
+    ``logits_rows``: the positions whose logits one forward will return (1 for generation; a
+    perplexity run's whole chunk), counted in the working set the budget must hold.
     If the whole model fits it is loaded; otherwise the experts stream from the file through an
     expert cache that fills the rest of the budget (``prefetch``: read the next layer's likely
     experts ahead; ``eviction``: "lfu" or "lru"), and ``model.memory_plan`` says so. Only when the
@@ -322,7 +325,7 @@ def load(
     plan = None
     if check_memory or memory_budget is not None or stream_experts:
         plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget, layout=layout,
-                           stream=stream_experts)
+                           stream=stream_experts, logits_rows=logits_rows)
     if plan is not None and plan.streaming:
         be = _streaming_backend(ckpt, name, plan, kv_dtype, prefetch, eviction, layout, share, group)
     elif name == "numpy":

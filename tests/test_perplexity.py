@@ -466,3 +466,20 @@ def test_progress_reports_every_chunk(raw_path: Path) -> None:
     seen: list[tuple[int, int]] = []
     r = m.perplexity(ids_of(3 * CTX), ctx=CTX, progress=lambda d, n, p: seen.append((d, n)))
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)] and r.chunks == 3
+
+
+def test_memory_plan_counts_a_chunks_logits(vocab_path: Path, tmp_path: Path) -> None:
+    """perplexity holds a chunk's logits at once: the memory plan counts them, and a budget that
+    cannot hold them is refused before the run, naming --ctx."""
+    from mlxtral.expert_cache import plan_memory
+    from mlxtral.formats.detect import open_checkpoint
+
+    ckpt = open_checkpoint(vocab_path)
+    one = plan_memory(ckpt, "numpy", 64, stream=False).full.working
+    chunk = plan_memory(ckpt, "numpy", 64, stream=False, logits_rows=64).full.working
+    assert chunk - one >= 3 * 63 * ckpt.args.vocab_size * 4
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    code, _, err = run("perplexity", str(vocab_path), "-f", str(text), "--ctx", "16",
+                       "--memory-budget", "10MB")
+    assert code == 1 and "--ctx" in err and len(err.strip().splitlines()) == 1, err

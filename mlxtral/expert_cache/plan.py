@@ -113,7 +113,7 @@ def _expert_form_bytes(ckpt: Checkpoint, backend: str, kv_dtype: str | None) -> 
 def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | None = None,
                 budget: int | str | None = None,
                 layout: ExpertLayout | Callable[[], ExpertLayout] | None = None,
-                stream: bool | None = None) -> MemoryPlan:
+                stream: bool | None = None, logits_rows: int = 1) -> MemoryPlan:
     """Decide how ``ckpt`` runs on ``backend`` within ``budget`` (default: the memory available).
 
     ``stream``: None decides by size; True plans streaming even if the model fits (a MoE model);
@@ -124,7 +124,7 @@ def plan_memory(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str 
     from mlxtral.expert_cache.reader import slot_bytes
 
     given = parse_size(budget)
-    full = estimate(ckpt, backend, max_context, kv_dtype)
+    full = estimate(ckpt, backend, max_context, kv_dtype, logits_rows)
     memory.check_address_space(ckpt, full, backend)  # ulimit -v: the mapped file counts too
     if given is None:
         avail = memory.available_memory()
