@@ -592,8 +592,10 @@ def serve(
     shown = f"[{h}]" if ":" in h else h
 
     def ready() -> None:
-        sys.stderr.write(f"mlxtral serve: {alias or m.path.name} (backend {m.backend_name}, context "
-                         f"{m.max_context}, "
+        from mlxtral.display import term_safe
+
+        sys.stderr.write(f"mlxtral serve: {term_safe(alias or m.path.name, 200)} (backend {m.backend_name}, "
+                         f"context {m.max_context}, "
                          f"{parallel} slots) on http://{shown}:{p}/v1\n")
         sys.stderr.flush()
 

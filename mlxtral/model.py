@@ -304,6 +304,11 @@ def load(
         tokenizer = tokenizer and share.head  # only rank 0 tokenizes
     if name == "numpy" and dtype not in (None, "float32"):
         raise UsageError(f"the NumPy backend computes in float32 (dtype {dtype!r} applies to MLX)")
+    if kv_dtype is not None and not isinstance(kv_dtype, str):  # np.float16, np.dtype("float16")...
+        try:
+            kv_dtype = np.dtype(kv_dtype).name
+        except TypeError:
+            pass
     if name == "numpy" and kv_dtype not in (None, "float32", "float16"):
         from mlxtral.display import show
 

@@ -37,9 +37,14 @@ def write_sample_text(path: str | Path, force: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    force = "--force" in args
-    args = [a for a in args if a != "--force"]
-    if len(args) != 1 or args[0].startswith("-"):
+    if "--" in args:  # what follows is a name, even one that starts with '-'
+        i = args.index("--")
+        head, names = args[:i], args[i + 1 :]
+    else:
+        head, names = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
+    force = "--force" in head
+    args = names if not set(head) - {"--force"} else []
+    if len(args) != 1:
         sys.stderr.write("usage: python -m mlxtral.evaluation.sample_text [--force] OUT.txt\n")
         return 2
     try:

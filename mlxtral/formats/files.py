@@ -94,8 +94,8 @@ def read_side_file(path: str | Path, error: type[MlxtralError] = FormatError,
         if not stat.S_ISREG(st.st_mode):
             raise error("not a regular file (a pipe, device or socket is refused)", path)
         if st.st_size > cap:
-            raise error(f"is {_size(st.st_size)}: larger than a {Path(path).name} file can be "
-                        f"(at most {_size(cap)})", path)
+            kind = f"a {Path(path).name} file" if limit is None else "this file"  # the caller named the cap
+            raise error(f"is {_size(st.st_size)}: larger than {kind} can be (at most {_size(cap)})", path)
         if _NONBLOCK:
             os.set_blocking(fd, True)
         chunks: list[bytes] = []

@@ -36,6 +36,7 @@ from mlxtral.server.scheduler import Handle, Scheduler
 
 MAX_BODY = 8 * 1024 * 1024  # bytes of a request body
 BODY_SECONDS = 60.0  # a request body arrives within this (a client that trickles one is answered 408)
+MAX_BODIES = 8 * MAX_BODY  # bytes of bodies being received at once, all connections: past it, 503
 
 
 class _Gone(Exception):
@@ -97,6 +98,7 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
     """The application; ``stopping()`` tells when the server is stopping (request bodies still
     arriving are then given up); ``log`` gets a line per finished request."""
     created = int(time.time())
+    inflight = [0]  # bytes of request bodies being received right now, every connection together
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", **scheduler.status()})
@@ -127,12 +129,21 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
             raise ApiError(413, f"the request body is {_cut(size)} bytes; at most {MAX_BODY}")
 
         async def receive() -> bytes:
-            buf = bytearray()
-            async for part in request.stream():
-                buf += part
-                if len(buf) > MAX_BODY:
-                    raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
-            return bytes(buf)
+            parts: list[bytes] = []
+            n = 0
+            try:
+                async for part in request.stream():
+                    n += len(part)
+                    inflight[0] += len(part)
+                    if n > MAX_BODY:
+                        raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+                    if inflight[0] > MAX_BODIES:
+                        raise ApiError(503, "too many request bodies arriving at once; retry shortly",
+                                       code="server_busy")
+                    parts.append(part)
+                return b"".join(parts)
+            finally:
+                inflight[0] -= n
 
         task = asyncio.ensure_future(receive())
         deadline = time.monotonic() + BODY_SECONDS
