@@ -61,7 +61,8 @@ class ApiError(Exception):
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded"}
+          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+          503: "server_overloaded"}
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
