@@ -846,14 +846,20 @@ def perplexity(
         ppl_mod.check_ctx(ctx, name="--ctx")
     text = ppl_mod.read_text(text_file) if text_file is not None else None
     apply_threads(threads)
-    from mlxtral.errors import OutOfMemoryError
+    from mlxtral.errors import OutOfMemoryError, UsageError
 
     try:
-        m = load_model(model, backend, None, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                       prefetch=prefetch, logits_rows=ctx)  # a chunk's logits at once: in the memory plan
+        # a chunk at a time from an empty cache: the KV cache holds --ctx positions, and a chunk's
+        # logits are computed at once (both in the memory plan)
+        m = load_model(model, backend, ctx, experts_per_token, quiet=as_json, memory_budget=memory_budget,
+                       prefetch=prefetch, logits_rows=ctx)
     except OutOfMemoryError as e:
         fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: a "
              "smaller --ctx needs less)", e.exit_code)
+    except UsageError as e:
+        if "exceeds the model's context length" not in str(e):
+            raise
+        fail(f"--ctx {str(e).split('max_context ', 1)[-1].replace('exceeds', 'is above')}", 2)
     ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")
     info = {"model": str(m.path), "backend": m.backend_name, "text": str(text_file) if text_file else None}
     from rich.markup import escape

@@ -72,8 +72,10 @@ class GenerationStats:
         )
         c = self.expert_cache
         if c:
-            line += (f" | experts: {c['hit_rate']:.0%} hits, prefetch {c['prefetch_accuracy']:.0%} accurate, "
-                     f"{c['bytes_read_per_token'] / 1e6:.0f} MB read/token")
+            ahead = (f"prefetch {c['prefetch_accuracy']:.0%} accurate" if c.get("prefetched")
+                     else "no prefetch")  # --no-prefetch (or nothing read ahead): no accuracy to state
+            mb = c["bytes_read_per_token"] / 1e6
+            line += f" | experts: {c['hit_rate']:.0%} hits, {ahead}, {mb:.0f} MB read/token"
         return line
 
 

@@ -100,8 +100,9 @@ class ExpertStats:
         return ExpertStats(**{n: getattr(self, n) - getattr(other, n) for n in names})
 
     def summary(self) -> str:
-        return (f"expert cache: {self.hit_rate:.0%} hits, prefetch {self.prefetch_accuracy:.0%} accurate, "
-                f"{self.bytes_per_token / 1e6:.0f} MB read per token")
+        ahead = f"prefetch {self.prefetch_accuracy:.0%} accurate" if self.prefetched else "no prefetch"
+        mb = self.bytes_per_token / 1e6
+        return f"expert cache: {self.hit_rate:.0%} hits, {ahead}, {mb:.0f} MB read per token"
 
 
 class ExpertCache:
