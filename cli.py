@@ -182,13 +182,10 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MlxtralError as e:
             fail(" ".join(str(e).split()), e.exit_code)
-        except Terminated as e:
-            sys.stderr.write(f"\nterminated (signal {e.signum}); nothing was left behind\n")
-            raise typer.Exit(128 + e.signum) from None
-        except (KeyboardInterrupt, SystemError) as e:
+        except (Terminated, KeyboardInterrupt, SystemError) as e:
             from mlxtral.chat import is_interrupt, terminated_by
 
-            term = terminated_by(e)  # SIGTERM/SIGHUP landing in a kernel: numba wraps it in SystemError
+            term = terminated_by(e)  # SIGTERM/SIGHUP, bare or wrapped in numba's SystemError by a kernel
             if term is not None:
                 sys.stderr.write(f"\nterminated (signal {term.signum}); nothing was left behind\n")
                 raise typer.Exit(128 + term.signum) from None
@@ -345,6 +342,11 @@ PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
 STDIN_PROMPT_MAX = 16 << 20  # bytes of a prompt read from standard input (-p -)
 
 
+def _token_limit(max_tokens: int, m: Any) -> int:
+    """``--max-tokens``, with llama.cpp's -1 (no limit) as the model's context, which bounds it."""
+    return m.max_context if max_tokens == -1 else max_tokens
+
+
 def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
                     max_tokens: int, seed: int | None, stop: list[str] | None = None) -> int | None:
     """Every sampling flag checked (finite, in range; UsageError, exit 2); the seed (-1: None, random)."""
@@ -399,7 +401,7 @@ def chat(
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, memory_budget=memory_budget,
                    prefetch=prefetch, distributed=distributed)
-    max_tokens = m.max_context if max_tokens == -1 else max_tokens  # llama.cpp's -n -1: the context bounds it
+    max_tokens = _token_limit(max_tokens, m)
     opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
     loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
     interactive = sys.stdin.isatty()
@@ -499,10 +501,10 @@ def generate(
     from mlxtral.display import text_safe
 
     shown = text_safe if sys.stdout.isatty() else str  # a terminal sees control characters, not obeys them
+    max_tokens = _token_limit(max_tokens, m)
     parts: list[str] = []
     stats = None
     with deferred_sigint() as flag:
-        max_tokens = m.max_context if max_tokens == -1 else max_tokens
         gen = m.stream(ids, max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                        repetition_penalty=repeat_penalty, seed=seed, stop=stop or ())
         for r in stream_interruptibly(gen, flag):

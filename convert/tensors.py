@@ -327,6 +327,7 @@ def _affine_to_q4_1(t: AffineTensor, report: TensorReport) -> np.ndarray:
     report.copied = False
     n_rows, read = row_reader(t)  # bfloat16 scales outside float16's normal range: rounded, measured
     orows = out.reshape(n_rows, -1)
+
     def work(lo: int, hi: int) -> tuple[float, float]:
         return squared_error_terms(read(lo, hi), dequantize(orows[lo:hi], "Q4_1"))
 

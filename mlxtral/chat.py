@@ -28,28 +28,25 @@ HELP = """commands:
   /exit         leave (Ctrl-D too); Ctrl-C stops the current answer"""
 
 
+def _behind(e: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``e``'s chain (causes and contexts, 5 deep), or None: numba
+    turns an exception a signal handler raises inside a kernel into a SystemError over it."""
+    for _ in range(5):
+        if e is None or isinstance(e, kind):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def is_interrupt(e: BaseException) -> bool:
     """A KeyboardInterrupt, or the SystemError numba turns one into when it lands in a kernel."""
-    seen = 0
-    while e is not None and seen < 5:
-        if isinstance(e, KeyboardInterrupt):
-            return True
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-        seen += 1
-    return False
+    return _behind(e, KeyboardInterrupt) is not None
 
 
 def terminated_by(e: BaseException) -> Terminated | None:
     """The :class:`~mlxtral.errors.Terminated` (SIGTERM/SIGHUP) behind ``e``, such as the
     SystemError numba raises when the signal's exception lands in a kernel; None if there is none."""
-    seen = 0
-    cur: BaseException | None = e
-    while cur is not None and seen < 5:
-        if isinstance(cur, Terminated):
-            return cur
-        cur = cur.__cause__ or cur.__context__
-        seen += 1
-    return None
+    return _behind(e, Terminated)  # type: ignore[return-value]
 
 
 @contextmanager

@@ -30,6 +30,11 @@ RUNTIME_BYTES = 300 * 1024 * 1024  # interpreter, NumPy/numba/MLX libraries, tok
 # the NumPy backend's process (interpreter, NumPy, numba's runtime and kernels, tokenizer): measured
 # ~125 MB resident besides weights and KV cache on the bench model (anonymous ~90 MB, libraries ~35 MB)
 NUMPY_RUNTIME_BYTES = 192 * 1024 * 1024
+def runtime_bytes(backend: str) -> int:
+    """The process itself, beside weights, KV cache and activations, on ``backend``."""
+    return RUNTIME_BYTES if backend == "mlx" else NUMPY_RUNTIME_BYTES
+
+
 PREFILL_CHUNK = 512  # tokens per prefill step (Model.stream's default)
 _F32_NAMES = ("_norm.weight", "ffn_gate_inp.weight")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -147,12 +152,12 @@ def estimate(ckpt: Checkpoint, backend: str, max_context: int, kv_dtype: str | N
         scores = 3 * a.n_heads * t * max_context * 4  # scores, mask, softmax of one layer, f32
         upcast = 2 * max_context * a.n_kv_heads * a.head_dim * 4 if kv_item != 4 else 0
         logits = t * a.vocab_size * 4
-        return MemoryEstimate(weights, kv, RUNTIME_BYTES + scores + upcast + acts + logits, held)
+        return MemoryEstimate(weights, kv, runtime_bytes(backend) + scores + upcast + acts + logits, held)
     # NumPy: attention runs over the cache as it lies, a row of scores per thread (no [H, T, ctx]
     # matrix), a float16 cache is read in place, and a generation's prefill keeps its last logits only
     scores = 2 * a.n_heads * max_context * 4
     logits = a.vocab_size * 4 * (1 if logits_rows <= 1 else 3 * logits_rows)  # + log-softmax, a copy
-    return MemoryEstimate(weights, kv, NUMPY_RUNTIME_BYTES + scores + acts + logits, held)
+    return MemoryEstimate(weights, kv, runtime_bytes(backend) + scores + acts + logits, held)
 
 
 # ---- what the machine has -----------------------------------------------------------------------
@@ -275,8 +280,7 @@ def address_space_needed(ckpt: Checkpoint, est: MemoryEstimate, backend: str) ->
                 seen.add(id(q.data))
                 in_place += q.nbytes
     return (max(est.weights - in_place - est.held, 0) + est.kv_cache + address_space.KERNELS
-            + min(max(est.working - (RUNTIME_BYTES if backend == "mlx" else NUMPY_RUNTIME_BYTES), 0),
-                  address_space.WORKING))
+            + min(max(est.working - runtime_bytes(backend), 0), address_space.WORKING))
 
 
 def check_address_space(ckpt: Checkpoint, est: MemoryEstimate, backend: str) -> None:
