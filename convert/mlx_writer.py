@@ -308,7 +308,7 @@ def _write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int,
                 rep = TensorReport(mod, kind, m.shape)
                 for e, part in enumerate(m.parts):
                     src = ckpt.tensors[part]
-                    rep.src_qtype = src.qtype
+                    rep.src_qtype = getattr(src, "stored", "") or src.qtype
                     if m.copy and isinstance(src, AffineTensor):
                         _copy_affine(w, mod, e, src, m.permute_heads, rep)
                         if progress is not None:

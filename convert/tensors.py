@@ -279,7 +279,7 @@ def encode_gguf(t: Tensor, qtype: str, report: TensorReport) -> np.ndarray:
     """
     from mlxtral.quant.ggml import dequantize, quantize, quantized_shape
 
-    report.src_qtype = report.src_qtype or t.qtype
+    report.src_qtype = report.src_qtype or getattr(t, "stored", "") or t.qtype
     if t.qtype == qtype:
         report.copied = True
         return np.asarray(t.data)

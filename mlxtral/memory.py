@@ -23,7 +23,7 @@ import numpy as np
 
 from mlxtral.errors import OutOfMemoryError
 from mlxtral.formats import Checkpoint
-from mlxtral.qtensor import Tensor
+from mlxtral.qtensor import F32_NAMES, Tensor
 
 GB = 1e9
 RUNTIME_BYTES = 300 * 1024 * 1024  # interpreter, NumPy/numba/MLX libraries, tokenizer (MLX backend)
@@ -36,7 +36,6 @@ def runtime_bytes(backend: str) -> int:
 
 
 PREFILL_CHUNK = 512  # tokens per prefill step (Model.stream's default)
-_F32_NAMES = ("_norm.weight", "ffn_gate_inp.weight")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -103,7 +102,7 @@ def tensor_bytes(ckpt: Checkpoint, name: str, q: Tensor, backend: str, float_byt
         return native_form(q)[1]  # GGUF blocks as stored, MLX 4-bit as Q4_1: after this check
     n = _numel(q.shape)
     form = mlx_form(q)
-    if name.endswith(_F32_NAMES):
+    if F32_NAMES.search(name):
         return 4 * n
     if form is not None:  # packed codes + a scale and a bias per group
         return n * form[0] // 8 + 2 * (n // form[1]) * float_bytes

@@ -20,9 +20,14 @@ compute on into ones they do, and the MLX backend reads them directly.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
+
+#: Tensors every loader keeps as float32 whatever the file stores (norms and the MoE router):
+#: they are small, and llama.cpp and mlx-lm hold them in float32 too.
+F32_NAMES = re.compile(r"(_norm\.weight|ffn_gate_inp\.weight)$")
 
 # name -> (block size in weights, bytes per block)
 BLOCK_TYPES: dict[str, tuple[int, int]] = {
@@ -86,6 +91,7 @@ class QTensor:
     qtype: str
     shape: tuple[int, ...]
     data: np.ndarray
+    stored: str = ""  # the file's type when the loader changed it (a BF16 norm held as F32)
 
     def __post_init__(self) -> None:
         if self.qtype in FLOAT_TYPES:
@@ -250,3 +256,10 @@ class AffineTensor:
 
 
 Tensor = QTensor | AffineTensor
+
+
+def as_f32(t: Tensor) -> QTensor:
+    """``t`` dequantized to an F32 QTensor that remembers the type it was stored as."""
+    if isinstance(t, QTensor) and t.qtype == "F32":
+        return t
+    return QTensor("F32", tuple(t.shape), t.dequantize(), stored=t.qtype)

@@ -43,3 +43,20 @@ def test_mlx_folder_to_gguf(tmp_path: Path, bits: int, gs: int) -> None:
     assert_values_equal(tmp_path / "f32.gguf", folder)  # q/k rows un-permuted with their groups
     assert convert(folder, tmp_path / "q4.gguf", qtype="q4", verify=True, progress=False,
                    allow_requantize=True).verified
+
+
+@pytest.mark.parametrize("out", ["out.gguf", "mlx_out"])
+def test_summary_names_the_stored_type_of_norms(tmp_path: Path, out: str) -> None:
+    """Norms and the router are held as float32 once loaded; the table's source column still says
+    what the file stores (BF16 here), and the output column what was written."""
+    from tiny_models import write_hf
+
+    if out == "mlx_out":
+        pytest.importorskip("mlx.core")
+    args = tiny_args()
+    src = write_hf(tmp_path / "hf", random_weights(args, seed=3), args, dtype="bf16")
+    r = convert(src, tmp_path / out, qtype="q8" if out.endswith(".gguf") else "q4", progress=False)
+    by_name = {x.name: x for x in r.reports}
+    norm = next(x for n, x in by_name.items() if "attn_norm" in n or "input_layernorm" in n)
+    assert norm.src_qtype == "BF16"
+    assert {x.src_qtype for x in r.reports} == {"BF16"}

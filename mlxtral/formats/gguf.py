@@ -24,13 +24,12 @@ from mlxtral.display import plain
 from mlxtral.errors import FormatError
 from mlxtral.formats import Checkpoint, TokenizerSource
 from mlxtral.formats.gguf_parse import GGUFTensor, parse_gguf
-from mlxtral.qtensor import BLOCK_TYPES, FLOAT_TYPES, QTensor
+from mlxtral.qtensor import BLOCK_TYPES, F32_NAMES, FLOAT_TYPES, QTensor, as_f32
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 _DENSE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
 _LEGACY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 # Norms and the router are computed in float32 whatever the file stores.
-_F32_NAMES = re.compile(r"(_norm\.weight|ffn_gate_inp\.weight)$")
 
 
 def field_value(field: Any) -> Any:
@@ -69,7 +68,7 @@ def _as_f32(q: QTensor, name: str, path: Path) -> QTensor:
     if q.qtype == "F32":
         return q
     try:
-        return QTensor("F32", q.shape, q.dequantize())
+        return as_f32(q)
     except (NotImplementedError, ValueError) as e:
         raise FormatError(f"tensor {plain(name)}: cannot dequantize type {q.qtype} "
                           f"({plain(str(e))})", path) from None
@@ -98,7 +97,7 @@ def sanitize(raw: dict[str, QTensor], path: Path, n_experts: int | None = None) 
                 put(f"blk.{m[1]}.ffn_{m[2]}.{e}.weight", q.expert(e), name)
         elif m := _DENSE.match(name):
             put(f"blk.{m[1]}.ffn_{m[2]}.0.weight", q, name)
-        elif _F32_NAMES.search(name):
+        elif F32_NAMES.search(name):
             put(name, _as_f32(q, name, path), name)
         else:
             put(name, q, name)

@@ -35,7 +35,7 @@ from mlxtral.formats.detect import validate_shapes, validate_tensors
 from mlxtral.formats.files import read_side_json
 from mlxtral.formats.safetensors import SafeTensor, open_safetensors
 from mlxtral.formats.torch_zip import load_torch_zip
-from mlxtral.qtensor import AffineTensor, QTensor, Tensor
+from mlxtral.qtensor import F32_NAMES, AffineTensor, QTensor, Tensor, as_f32
 
 _L = r"^model\.layers\.(\d+)\."
 HF_RULES: list[tuple[re.Pattern[str], str]] = [
@@ -58,7 +58,6 @@ HF_RULES: list[tuple[re.Pattern[str], str]] = [
 ]
 # Buffers some old checkpoints saved: recomputed from the config, never weights.
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.inner_attention\.rope\.freqs|^rope\.freqs)$")
-_F32_NAMES = re.compile(r"(_norm\.weight|ffn_gate_inp\.weight)$")
 _QK = re.compile(r"^blk\.\d+\.attn_([qk])\.weight$")
 
 
@@ -109,8 +108,8 @@ def finish(tensors: dict[str, Tensor], args: ModelArgs, hf_qk: bool) -> dict[str
     """Common last step: norms and routers to float32, HF q/k rows back to interleaved."""
     out: dict[str, Tensor] = {}
     for name, q in tensors.items():
-        if _F32_NAMES.search(name) and q.qtype != "F32":
-            q = QTensor("F32", q.shape, q.dequantize())
+        if F32_NAMES.search(name):
+            q = as_f32(q)
         elif hf_qk and (m := _QK.match(name)):
             q = unpermute_qk(q, args.n_heads if m[1] == "q" else args.n_kv_heads)
         out[name] = q
