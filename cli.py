@@ -235,13 +235,13 @@ def resolve_model(model: str | None) -> Path:
 
 def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
                quiet: bool = False, memory_budget: str | None = None, prefetch: bool = True,
-               distributed: str | None = None, logits_rows: int = 1) -> Any:
+               distributed: str | None = None, logits_rows: int = 1, dtype: str | None = None) -> Any:
     import mlxtral
 
     path = resolve_model(model)
     kw = dict(backend=backend, max_context=max_context, experts_per_token=experts_per_token,
               memory_budget=memory_budget, prefetch=prefetch, distributed=distributed,
-              logits_rows=logits_rows)
+              logits_rows=logits_rows, dtype=dtype)
     if quiet or follower_rank() is not None:
         return _warm(mlxtral.load(path, **kw))
     with err_console.status(f"loading {path.name}...", spinner="dots"):
@@ -270,13 +270,14 @@ def follower_rank() -> int | None:
 
 def follow_if_not_rank0(distributed: str | None, model: str | None, backend: str, max_context: int | None,
                         experts_per_token: int | None, threads: int | None, memory_budget: str | None = None,
-                        prefetch: bool = True) -> None:
+                        prefetch: bool = True, dtype: str | None = None) -> None:
     """With --distributed, every rank but 0 loads its share and follows rank 0's forwards (never
     returning): it reads no prompt or stdin, binds no port and prints nothing but errors."""
     if distributed is None or follower_rank() is None:
         return
     apply_threads(threads)
-    load_model(model, backend, max_context, experts_per_token, True, memory_budget, prefetch, distributed)
+    load_model(model, backend, max_context, experts_per_token, True, memory_budget, prefetch, distributed,
+               dtype=dtype)
     raise typer.Exit(0)  # load() ends a follower's process itself
 
 
@@ -321,6 +322,9 @@ def print_expert_stats(model: Any, as_json: bool = False) -> dict[str, Any] | No
 # Short flags mean what they mean in llama.cpp (llama-cli, llama-bench): -t threads, -c context,
 # -n tokens, -p prompt (bench: prompt tokens), -s seed, -r repetitions (bench); none else.
 BackendOpt = typer.Option("auto", "--backend", help="auto (MLX with Metal, else NumPy), numpy or mlx.")
+DtypeOpt = typer.Option(None, "--dtype",
+                        help="The MLX backend's compute dtype: float16 (the default on Metal), bfloat16 or "
+                             "float32 (the default on MLX's CPU); NumPy computes in float32.")
 MaxContextOpt = typer.Option(None, "--max-context", "-c", min=1,
                              help="KV cache size in tokens (default: the smaller of the model's and 4096).")
 ExpertsOpt = typer.Option(None, "--experts-per-token", min=1,
@@ -382,6 +386,7 @@ def chat(
     seed: int = typer.Option(None, "--seed", "-s",  # noqa: B008
                              help="Random seed (reproducible answers), 0 to 2^64-1; -1: random."),
     backend: str = BackendOpt,
+    dtype: str | None = DtypeOpt,
     max_context: int = MaxContextOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
@@ -395,12 +400,12 @@ def chat(
     from mlxtral.chat import ChatLoop, SamplingOptions, read_interactive, read_piped
 
     follow_if_not_rank0(distributed, model, backend, max_context, experts_per_token, threads, memory_budget,
-                        prefetch)
+                        prefetch, dtype)
     need_stdout()
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed)
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, memory_budget=memory_budget,
-                   prefetch=prefetch, distributed=distributed)
+                   prefetch=prefetch, distributed=distributed, dtype=dtype)
     max_tokens = _token_limit(max_tokens, m)
     opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
     loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
@@ -459,6 +464,7 @@ def generate(
                                help="System prompt (implies --chat)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),  # noqa: B008
     backend: str = BackendOpt,
+    dtype: str | None = DtypeOpt,
     max_context: int = MaxContextOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
@@ -470,7 +476,7 @@ def generate(
 ) -> None:
     """Generate text from a prompt, streamed to stdout; the stats line goes to stderr."""
     follow_if_not_rank0(distributed, model, backend, max_context, experts_per_token, threads, memory_budget,
-                        prefetch)
+                        prefetch, dtype)
     need_stdout()
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, stop)
     chat_ = chat_ or system is not None  # a system prompt is a chat's (llama-cli's -sys implies chat too)
@@ -490,7 +496,7 @@ def generate(
         fail("the prompt is empty", 2)
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                   prefetch=prefetch, distributed=distributed)
+                   prefetch=prefetch, distributed=distributed, dtype=dtype)
     if chat_:
         msgs = [{"role": "system", "content": system}] if system else []
         msgs.append({"role": "user", "content": prompt})
@@ -569,6 +575,7 @@ def serve(
                                      help="Memory for KV caches of finished requests, reused by prompts "
                                           "sharing a prefix (0: off)."),
     backend: str = BackendOpt,
+    dtype: str | None = DtypeOpt,
     max_context: int = MaxContextOpt,
     threads: int = ThreadsOpt,
     memory_budget: str = BudgetOpt,
@@ -577,7 +584,7 @@ def serve(
     """Serve a model over an OpenAI-compatible HTTP API."""
     from mlxtral.server import bind, check_api_key, check_installed, run
 
-    follow_if_not_rank0(distributed, model, backend, max_context, None, threads, memory_budget)
+    follow_if_not_rank0(distributed, model, backend, max_context, None, threads, memory_budget, dtype=dtype)
     check_installed()
     check_api_key(api_key)
     if alias is not None and not (0 < len(alias) <= 256 and alias.isprintable()):
@@ -589,7 +596,8 @@ def serve(
         cache_bytes = parse_size(prompt_cache) or 0
     apply_threads(threads)
     sock = bind(host, port)  # before the model loads: a taken port is one line at once
-    m = load_model(model, backend, max_context, None, memory_budget=memory_budget, distributed=distributed)
+    m = load_model(model, backend, max_context, None, memory_budget=memory_budget, distributed=distributed,
+                   dtype=dtype)
     h, p = sock.getsockname()[:2]
     shown = f"[{h}]" if ":" in h else h
 
@@ -660,6 +668,7 @@ def bench(
                                 help="Threads for our kernels and for llama.cpp, 1 to 256 (default: all "
                                 "cores, at most 256)."),
     backend: str = BackendOpt,
+    dtype: str | None = DtypeOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -679,11 +688,11 @@ def bench(
         check_number("--bandwidth", bandwidth, 0.001, 1e5)
     need = max(n_prompt, n_gen + 1) + 1
     follow_if_not_rank0(distributed, model, backend, need, experts_per_token, threads, memory_budget,
-                        prefetch)
+                        prefetch, dtype)
     apply_threads(threads)
     path = resolve_model(model)
     m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                   prefetch=prefetch, distributed=distributed)
+                   prefetch=prefetch, distributed=distributed, dtype=dtype)
     status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -818,6 +827,7 @@ def perplexity(
                                  "--kl-divergence)."),
     kl: bool = typer.Option(False, "--kl-divergence", help="Compare with --kl-divergence-base."),
     backend: str = BackendOpt,
+    dtype: str | None = DtypeOpt,
     experts_per_token: int = ExpertsOpt,
     threads: int = ThreadsOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -854,7 +864,7 @@ def perplexity(
         # a chunk at a time from an empty cache: the KV cache holds --ctx positions, and a chunk's
         # logits are computed at once (both in the memory plan)
         m = load_model(model, backend, ctx, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                       prefetch=prefetch, logits_rows=ctx)
+                       prefetch=prefetch, logits_rows=ctx, dtype=dtype)
     except OutOfMemoryError as e:
         fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: a "
              "smaller --ctx needs less)", e.exit_code)

@@ -302,16 +302,21 @@ def load(
         if name != "numpy":
             stream_experts = False
         tokenizer = tokenizer and share.head  # only rank 0 tokenizes
+    from mlxtral.display import show
+
     if name == "numpy" and dtype not in (None, "float32"):
-        raise UsageError(f"the NumPy backend computes in float32 (dtype {dtype!r} applies to MLX)")
+        raise UsageError(f"the NumPy backend computes in float32 (dtype {show(dtype)} applies to the MLX "
+                         "backend)")
+    if name == "mlx" and dtype is not None:
+        from mlxtral.backends.mlx_backend import resolve_dtype
+
+        resolve_dtype(dtype)  # an unknown one is refused before any weight is read
     if kv_dtype is not None and not isinstance(kv_dtype, str):  # np.float16, np.dtype("float16")...
         try:
             kv_dtype = np.dtype(kv_dtype).name
         except TypeError:
             pass
     if name == "numpy" and kv_dtype not in (None, "float32", "float16"):
-        from mlxtral.display import show
-
         raise UsageError(f"kv_dtype {show(kv_dtype)}: the NumPy backend's KV cache is float32 or float16")
     if name == "mlx" and dtype is not None:
         kv_dtype = dtype

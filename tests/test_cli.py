@@ -173,6 +173,25 @@ def test_generate_backend_numpy(models: dict[str, Path]) -> None:
     assert "generation: " in r.stderr
 
 
+def test_dtype_flag(models: dict[str, Path]) -> None:
+    """--dtype reaches the MLX backend (the API's dtype); NumPy computes in float32 and says so; an
+    unknown dtype is one line before the weights are read."""
+    r = run("generate", models["moe"], "-p", "Hi", "-n", "2", "--backend", "numpy", "--dtype", "float16")
+    assert "NumPy backend computes in float32" in assert_one_line_error(r, 2)
+    assert run("generate", models["moe"], "-p", "Hi", "-n", "2", "--backend", "numpy", "--dtype",
+               "float32").exit_code == 0
+    pytest.importorskip("mlx.core")
+    import mlxtral
+
+    r = run("generate", models["moe"], "-p", "Hi", "-n", "2", "--backend", "mlx", "--dtype", "int8" * 500)
+    assert "unsupported MLX dtype" in assert_one_line_error(r, 2) and len(r.stderr) < 400
+    r = run("generate", models["moe"], "-p", "Hello there", "-n", "4", "--backend", "mlx", "--dtype",
+            "bfloat16", "--json")
+    assert r.exit_code == 0, r.output
+    want = mlxtral.load(models["moe"], backend="mlx", dtype="bfloat16").generate("Hello there", max_tokens=4)
+    assert json.loads(r.stdout)["text"] == want
+
+
 def test_chat_help_example_uses_a_greeting() -> None:
     r = run("chat", "--help")
     assert r.exit_code == 0

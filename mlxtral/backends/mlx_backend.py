@@ -67,7 +67,9 @@ def resolve_dtype(dtype: str | None) -> mx.Dtype:
         return mx.float16 if on_metal() else mx.float32
     key = str(dtype).lower().removeprefix("mlx.core.")
     if key not in DTYPES:
-        raise UsageError(f"unsupported MLX dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        from mlxtral.display import show
+
+        raise UsageError(f"unsupported MLX dtype {show(str(dtype))}: choose one of {', '.join(DTYPES)}")
     return DTYPES[key]
 
 
