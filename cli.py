@@ -235,17 +235,24 @@ def resolve_model(model: str | None) -> Path:
 
 def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
                quiet: bool = False, memory_budget: str | None = None, prefetch: bool = True,
-               distributed: str | None = None, logits_rows: int = 1, dtype: str | None = None) -> Any:
+               distributed: str | None = None, logits_rows: int = 1, dtype: str | None = None,
+               asked: str | None = None) -> Any:
+    """``mlxtral.load`` with the command's flags; ``asked``: what on the command line set
+    ``max_context`` (default ``--max-context N``), for the line refusing more than the model's."""
     import mlxtral
+    from mlxtral.errors import ContextLengthError
 
     path = resolve_model(model)
     kw = dict(backend=backend, max_context=max_context, experts_per_token=experts_per_token,
               memory_budget=memory_budget, prefetch=prefetch, distributed=distributed,
               logits_rows=logits_rows, dtype=dtype)
-    if quiet or follower_rank() is not None:
-        return _warm(mlxtral.load(path, **kw))
-    with err_console.status(f"loading {path.name}...", spinner="dots"):
-        m = _warm(mlxtral.load(path, **kw))
+    try:
+        if quiet or follower_rank() is not None:
+            return _warm(mlxtral.load(path, **kw))
+        with err_console.status(f"loading {path.name}...", spinner="dots"):
+            m = _warm(mlxtral.load(path, **kw))
+    except ContextLengthError as e:
+        fail(f"{asked or f'--max-context {e.asked}'}: above the model's context length {e.limit}", 2)
     if m.streaming:
         err_console.print(f"[dim]{m.memory_plan.describe()}[/dim]", highlight=False, soft_wrap=True)
     return m
@@ -692,7 +699,8 @@ def bench(
     apply_threads(threads)
     path = resolve_model(model)
     m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                   prefetch=prefetch, distributed=distributed, dtype=dtype)
+                   prefetch=prefetch, distributed=distributed, dtype=dtype,
+                   asked=f"-p {n_prompt} and -n {n_gen} need {need} positions")
     status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -864,14 +872,10 @@ def perplexity(
         # a chunk at a time from an empty cache: the KV cache holds --ctx positions, and a chunk's
         # logits are computed at once (both in the memory plan)
         m = load_model(model, backend, ctx, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                       prefetch=prefetch, logits_rows=ctx, dtype=dtype)
+                       prefetch=prefetch, logits_rows=ctx, dtype=dtype, asked=f"--ctx {ctx}")
     except OutOfMemoryError as e:
         fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: a "
              "smaller --ctx needs less)", e.exit_code)
-    except UsageError as e:
-        if "exceeds the model's context length" not in str(e):
-            raise
-        fail(f"--ctx {str(e).split('max_context ', 1)[-1].replace('exceeds', 'is above')}", 2)
     ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")
     info = {"model": str(m.path), "backend": m.backend_name, "text": str(text_file) if text_file else None}
     from rich.markup import escape

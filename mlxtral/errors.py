@@ -66,6 +66,14 @@ class UsageError(MlxtralError):
     exit_code = 2
 
 
+class ContextLengthError(UsageError):
+    """A KV cache longer than the model's context length was asked for."""
+
+    def __init__(self, asked: int, limit: int) -> None:
+        super().__init__(f"max_context {asked} exceeds the model's context length {limit}")
+        self.asked, self.limit = asked, limit
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP arrived during work that must clean up (a conversion): raised from the
     signal handler so that ``finally``/``except`` blocks run; the CLI exits ``128 + signum``."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.config import ModelArgs
-from mlxtral.errors import MlxtralError, UsageError
+from mlxtral.errors import ContextLengthError, MlxtralError, UsageError
 from mlxtral.formats import Checkpoint
 from mlxtral.generate import GenerationResponse, Session, stream_generate
 from mlxtral.sampling import SamplingParams
@@ -280,7 +280,7 @@ def load(
     if max_context < 1:
         raise UsageError(f"max_context must be >= 1, got {max_context}")
     if max_context > model_ctx:
-        raise UsageError(f"max_context {max_context} exceeds the model's context length {model_ctx}")
+        raise ContextLengthError(max_context, model_ctx)
     group = share = layout = whole_info = None
     if distributed is not None:
         from mlxtral.distributed.setup import join

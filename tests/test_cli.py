@@ -192,6 +192,18 @@ def test_dtype_flag(models: dict[str, Path]) -> None:
     assert json.loads(r.stdout)["text"] == want
 
 
+def test_context_above_the_model_names_the_flag(models: dict[str, Path]) -> None:
+    """The line names what the user typed (-c, bench's -p/-n), not the API's max_context."""
+    import mlxtral
+
+    limit = mlxtral.load(models["moe"]).config.max_position_embeddings
+    r = run("generate", models["moe"], "-p", "Hi", "-c", str(limit + 1))
+    assert assert_one_line_error(r, 2) == (f"error: --max-context {limit + 1}: above the model's context "
+                                           f"length {limit}")
+    r = run("bench", models["moe"], "-p", str(limit), "-n", "4")
+    assert f"-p {limit} and -n 4 need {limit + 1} positions" in assert_one_line_error(r, 2)
+
+
 def test_chat_help_example_uses_a_greeting() -> None:
     r = run("chat", "--help")
     assert r.exit_code == 0

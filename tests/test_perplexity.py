@@ -347,7 +347,7 @@ def test_cli_errors(vocab_path: Path, tmp_path: Path) -> None:
         (["-f", str(short), "--ctx", "16"], 2, "needs at least 32"),
         (["-f", str(text), "--ctx", "15"], 2, "--ctx 15 is odd"),
         (["-f", str(text), "--ctx", "2"], 2, "--ctx 2 is too small"),
-        (["-f", str(text), "--ctx", "128"], 2, "--ctx 128 is above the model's context length 64"),
+        (["-f", str(text), "--ctx", "128"], 2, "--ctx 128: above the model's context length 64"),
         (["-f", str(text), "--chunks", "0"], 2, "--chunks 0"),
         (["-f", str(fifo)], 1, "not a regular file"),
         ([], 2, "-f FILE"),
