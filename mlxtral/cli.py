@@ -707,6 +707,9 @@ def bench(
     try:
         res = run_bench(m, n_prompt, n_gen, repeats,
                         progress=(lambda s: status.update(f"benchmarking: {s}")) if status else None)
+        # every rank's figures now, as the runs left them: the bandwidth probe below would add its
+        # buffers to rank 0's peak RSS
+        ranks = m.backend.stats() if distributed is not None else None
         if status:
             status.update("measuring memory bandwidth...")
         bw_measured = bandwidth is None
@@ -738,7 +741,7 @@ def bench(
         "expert_cache": m.expert_cache_stats(),
     }
     if distributed is not None:
-        out["distributed"] = {"mode": distributed, "ranks": m.backend.stats()}
+        out["distributed"] = {"mode": distributed, "ranks": ranks}
     if llama is not None:
         out["llama_cpp"] = llama
         out["ratio_vs_llama_cpp"] = {
