@@ -261,9 +261,9 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
 def _warm(m: Any) -> Any:
     """The one-call decode step compiled (after an install, about a minute) or loaded from numba's
     disk cache now, while loading shows, rather than before the first token."""
-    step = getattr(m.backend, "decode_step", None)
-    if step is not None:
-        step.warm(batch=False)
+    warm = getattr(m.backend, "warm", None)
+    if warm is not None:
+        warm(batch=False)
     return m
 
 

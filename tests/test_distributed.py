@@ -499,3 +499,38 @@ def test_serve_across_ranks(tmp_path: Path, tiny_moe: Path, mode: str) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait(30)
+
+
+def test_warm_reaches_every_rank() -> None:
+    """Rank 0's ``warm`` (a server's, before it listens) is a command: every follower compiles or
+    loads its decode steps then, side by side with rank 0, not at the first batched request."""
+    from mlxtral.distributed import runner
+    from mlxtral.distributed.protocol import STOP, Command, send
+
+    class Local:
+        def __init__(self) -> None:
+            self.warmed: list[bool] = []
+            self.name, self.args = "numpy", None
+
+        def warm(self, batch: bool = True) -> None:
+            self.warmed.append(batch)
+
+    class Wire:  # what rank 0 puts on the wire, handed to the follower in order
+        rank, size = 0, 2
+        sent: list[np.ndarray] = []
+
+        def all_sum(self, x: np.ndarray, what: str = "", wait: bool = True) -> np.ndarray:
+            if self.rank == 0:
+                self.sent.append(x.copy())
+                return x
+            return self.sent.pop(0)
+
+    lead, follow = Local(), Local()
+    leader = runner.DistributedBackend(lead, Wire(), None)  # type: ignore[arg-type]
+    leader.warm(batch=True)
+    send(Wire(), Command(STOP))
+    leader._broken = "done"  # nothing to stop at exit
+    w = Wire()
+    w.rank = 1
+    runner._Follower(follow, w, None).run()  # type: ignore[arg-type]
+    assert lead.warmed == [True] and follow.warmed == [True] and not Wire.sent

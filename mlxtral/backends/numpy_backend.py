@@ -178,10 +178,9 @@ class NumpyBackend:
 
         self.decode_step = DecodeStep.build(self)  # decode: every layer in one call where it applies
         kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
-        if self.decode_step is not None and kernels.HAVE_NUMBA:
-            # the one-token step (every rank's too) loaded now, its memory given back before the
-            # weights are paged in; the batched one at its first use, or a server's warm
-            self.decode_step.warm(batch=False)
+        # the one-token step (every rank's too) loaded now, its memory given back before the
+        # weights are paged in; the batched one at its first use, or a server's warm
+        self.warm(batch=False)
 
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:
@@ -472,6 +471,14 @@ class NumpyBackend:
                 u = xt @ L.w3[e].dequantize().T
                 out[t] += wt * ((ops.silu(g) * u) @ L.w2[e].dequantize().T)[0]
         return out
+
+    def warm(self, batch: bool = True) -> None:
+        """The decode step compiled, or loaded from numba's disk cache, now rather than at the first
+        token (``batch``: the batched one a server steps with too)."""
+        from mlxtral.backends import kernels
+
+        if self.decode_step is not None and kernels.HAVE_NUMBA:
+            self.decode_step.warm(batch=batch)
 
     def close(self) -> None:
         if self.experts is not None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from mlxtral.distributed.group import DistributedError, Group
 
-FORWARD, RUNS, STATS, STOP, COUNTS = 1, 2, 3, 4, 5
+FORWARD, RUNS, STATS, STOP, COUNTS, WARM = 1, 2, 3, 4, 5, 6
 HEADER, FIELDS, INLINE = 64, 16, 48
 MAX_PAYLOAD = 1 << 26  # words: far beyond any context; a header that claims more is corrupt
 
@@ -44,7 +44,7 @@ def receive(group: Group) -> Command:
     waits for its user; a rank 0 that dies ends the wait at once)."""
     hdr = group.all_sum(np.zeros(HEADER, dtype=np.int32), "waiting for rank 0", wait=False)
     op, n = int(hdr[0]), int(hdr[1])
-    if op not in (FORWARD, RUNS, STATS, STOP, COUNTS) or not 0 <= n <= MAX_PAYLOAD:
+    if op not in (FORWARD, RUNS, STATS, STOP, COUNTS, WARM) or not 0 <= n <= MAX_PAYLOAD:
         raise DistributedError(f"rank {group.rank}: an unreadable command from rank 0 (op {op}, {n} words)")
     if n <= INLINE:
         payload = hdr[FIELDS : FIELDS + n].copy()

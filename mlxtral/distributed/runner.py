@@ -26,7 +26,7 @@ import numpy as np
 from mlxtral.distributed import pipeline, protocol
 from mlxtral.distributed.group import DistributedError, Group, end_with
 from mlxtral.distributed.placement import Placement
-from mlxtral.distributed.protocol import COUNTS, FORWARD, RUNS, STATS, STOP, Command
+from mlxtral.distributed.protocol import COUNTS, FORWARD, RUNS, STATS, STOP, WARM, Command
 from mlxtral.errors import ContextOverflowError
 
 STAT_FIELDS = ("peak_rss_bytes", "comm_seconds", "comm_bytes", "forward_seconds")
@@ -142,6 +142,12 @@ class DistributedBackend:
         out = self._guarded(lambda: _run(self.backend, self.group, self.place, ids, cache.local, all_logits))
         return out  # type: ignore[no-any-return]
 
+    def warm(self, batch: bool = True) -> None:
+        """Every rank compiles (or loads) its decode steps now, side by side, rather than one after
+        another in the first forward that needs them (a server's first batched step)."""
+        self._command(WARM, [int(batch)], [])
+        _warm(self.backend, batch)
+
     def stats(self) -> list[dict[str, float]]:
         """Every rank's peak RSS, time and bytes in communication, time in forwards (rank order)."""
         self._command(STATS, [], [])
@@ -196,6 +202,12 @@ def _run_runs(backend: Any, group: Group, place: Placement, runs: Sequence[Seque
     return backend.forward_runs(runs, caches)  # type: ignore[no-any-return]
 
 
+def _warm(be: Any, batch: bool) -> None:
+    warm = getattr(be, "warm", None)
+    if warm is not None:
+        warm(batch=batch)
+
+
 def _sum_counts(group: Group, be: Any) -> np.ndarray:
     c = np.asarray(be.expert_counts)  # [L, E]
     return group.all_sum(np.minimum(c, 2**31 - 1).astype(np.int32), "gathering statistics").astype(np.int64)
@@ -245,6 +257,9 @@ class _Follower:
                 continue
             if cmd.op == COUNTS:
                 _sum_counts(self.group, self.backend)
+                continue
+            if cmd.op == WARM:
+                _warm(self.backend, bool(f[0]))
                 continue
             if cmd.op == FORWARD:
                 cid, ctx, off, T, all_logits, n_free = f[:6]

@@ -73,9 +73,9 @@ def run(model: Any, sock: socket.socket, *, model_name: str | None = None, paral
     from mlxtral.server.prompt_cache import PromptCache, kv_bytes_per_token
     from mlxtral.server.scheduler import Scheduler
 
-    step = getattr(model.backend, "decode_step", None)
-    if step is not None:  # compiled now (or loaded from the disk cache), not on the first requests
-        step.warm(batch=parallel > 1)
+    warm = getattr(model.backend, "warm", None)
+    if warm is not None:  # compiled now (or loaded from the disk cache), not on the first requests:
+        warm(batch=parallel > 1)  # on every rank when the model is split across processes
     itemsize = getattr(getattr(model.backend, "kv_dtype", None), "itemsize", 4)
     cache = PromptCache(prompt_cache_bytes, kv_bytes_per_token(model.config, itemsize)) \
         if prompt_cache_bytes > 0 else None
