@@ -261,9 +261,9 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
 def _warm(m: Any) -> Any:
     """The one-call decode step compiled (after an install, about a minute) or loaded from numba's
     disk cache now, while loading shows, rather than before the first token."""
-    step = getattr(m.backend, "decode_step", None)
-    if step is not None:
-        step.warm(batch=False)
+    warm = getattr(m.backend, "warm", None)
+    if warm is not None:
+        warm(batch=False)
     return m
 
 
@@ -707,6 +707,9 @@ def bench(
     try:
         res = run_bench(m, n_prompt, n_gen, repeats,
                         progress=(lambda s: status.update(f"benchmarking: {s}")) if status else None)
+        # every rank's figures now, as the runs left them: the bandwidth probe below would add its
+        # buffers to rank 0's peak RSS
+        ranks = m.backend.stats() if distributed is not None else None
         if status:
             status.update("measuring memory bandwidth...")
         bw_measured = bandwidth is None
@@ -738,7 +741,7 @@ def bench(
         "expert_cache": m.expert_cache_stats(),
     }
     if distributed is not None:
-        out["distributed"] = {"mode": distributed, "ranks": m.backend.stats()}
+        out["distributed"] = {"mode": distributed, "ranks": ranks}
     if llama is not None:
         out["llama_cpp"] = llama
         out["ratio_vs_llama_cpp"] = {
@@ -866,7 +869,7 @@ def perplexity(
         ppl_mod.check_ctx(ctx, name="--ctx")
     text = ppl_mod.read_text(text_file) if text_file is not None else None
     apply_threads(threads)
-    from mlxtral.errors import OutOfMemoryError, UsageError
+    from mlxtral.errors import OutOfMemoryError
 
     try:
         # a chunk at a time from an empty cache: the KV cache holds --ctx positions, and a chunk's

@@ -23,3 +23,10 @@ def test_every_package_folder_is_listed() -> None:
             found.add(".".join([name, *rel.parts]))
     assert found - listed == set(), "add these to [tool.setuptools] packages"
     assert listed - found == set()
+
+
+def test_the_cli_module_is_the_top_level_file() -> None:
+    """``mlxtral/cli.py`` is a link to ``../cli.py`` (one file, installed as mlxtral.cli): an editor
+    or ``sed -i`` that replaces the link with a copy would fork the two without any test noticing."""
+    link = ROOT / "mlxtral" / "cli.py"
+    assert link.is_symlink() and link.resolve() == (ROOT / "cli.py").resolve()
