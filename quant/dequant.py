@@ -38,7 +38,7 @@ _F32 = np.float32
 _U8 = np.uint8
 
 
-# Block-field decoders also used by mlxtral.quant.gguf_affine: f16_column, bits_le, k4_scale_min.
+# Block-field decoders also used by mlxtral.quant.gguf_affine: f16_column, nibbles, bits_le, k4_scale_min.
 def f16_column(b: np.ndarray) -> np.ndarray:
     """Two bytes a row (uint8 [n, 2]) -> float32 [n, 1]."""
     return np.ascontiguousarray(b).view(np.float16).astype(_F32)
@@ -49,7 +49,7 @@ def _bits(b: np.ndarray, shifts: list[int], mask: int) -> np.ndarray:
     return (b[:, None, :] >> np.array(shifts, _U8)[None, :, None]) & _U8(mask)
 
 
-def _nibbles(qs: np.ndarray, run: int) -> np.ndarray:
+def nibbles(qs: np.ndarray, run: int) -> np.ndarray:
     """Nibble bytes [n, m] in runs of ``run`` bytes: each run's low nibbles, then its high ones
     -> uint8 [n, 2 * m]."""
     n = qs.shape[0]
@@ -63,12 +63,12 @@ def bits_le(word_bytes: np.ndarray, n: int) -> np.ndarray:
 
 
 def _q5_0(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 6:], 16) | (bits_le(b[:, 2:6], 32) << _U8(4))  # [n, 32] 0..31
+    q = nibbles(b[:, 6:], 16) | (bits_le(b[:, 2:6], 32) << _U8(4))  # [n, 32] 0..31
     return f16_column(b[:, 0:2]) * (q.astype(np.int8) - np.int8(16)).astype(_F32)
 
 
 def _q5_1(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 8:], 16) | (bits_le(b[:, 4:8], 32) << _U8(4))  # [n, 32]
+    q = nibbles(b[:, 8:], 16) | (bits_le(b[:, 4:8], 32) << _U8(4))  # [n, 32]
     return f16_column(b[:, 0:2]) * q.astype(_F32) + f16_column(b[:, 2:4])
 
 
@@ -110,21 +110,21 @@ def _q3_k(b: np.ndarray) -> np.ndarray:
 def _q4_k(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
     sc, m = k4_scale_min(b[:, 4:16])
-    q = _nibbles(b[:, 16:144], 32).reshape(n, 8, 32)
+    q = nibbles(b[:, 16:144], 32).reshape(n, 8, 32)
     return _minus_min(f16_column(b[:, 0:2]), f16_column(b[:, 2:4]), sc, m, q)
 
 
 def _q5_k(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
     sc, m = k4_scale_min(b[:, 4:16])
-    low = _nibbles(b[:, 48:176], 32).reshape(n, 8, 32)
+    low = nibbles(b[:, 48:176], 32).reshape(n, 8, 32)
     high = _bits(b[:, 16:48], list(range(8)), 0x01)  # [n, 8, 32]: bit j of byte l is code 32 j + l's
     return _minus_min(f16_column(b[:, 0:2]), f16_column(b[:, 2:4]), sc, m, low | (high << _U8(4)))
 
 
 def _q6_k(b: np.ndarray) -> np.ndarray:
     n = b.shape[0]
-    low = _nibbles(b[:, 0:128], 64).reshape(n, 8, 32)
+    low = nibbles(b[:, 0:128], 64).reshape(n, 8, 32)
     high = _bits(b[:, 128:192].reshape(2 * n, 32), [0, 2, 4, 6], 0x03).reshape(n, 8, 32)
     q = ((low | (high << _U8(4))).astype(np.int8) - np.int8(32)).astype(_F32).reshape(n, 16, 16)
     dl = f16_column(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(_F32)  # [n, 16]
@@ -132,7 +132,7 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
 
 
 def _iq4_nl(b: np.ndarray) -> np.ndarray:
-    return f16_column(b[:, 0:2]) * IQ4_VALUES[_nibbles(b[:, 2:18], 16)].astype(_F32)
+    return f16_column(b[:, 0:2]) * IQ4_VALUES[nibbles(b[:, 2:18], 16)].astype(_F32)
 
 
 def _iq4_xs(b: np.ndarray) -> np.ndarray:
@@ -141,7 +141,7 @@ def _iq4_xs(b: np.ndarray) -> np.ndarray:
     hi = ((hi >> np.arange(0, 16, 2, dtype=np.uint16)[None, :]) & np.uint16(3)).astype(_U8)  # [n, 8]
     lo = _bits(b[:, 4:8], [0, 4], 0x0F).transpose(0, 2, 1).reshape(n, 8)  # byte j: sub-blocks 2j, 2j+1
     sc = ((lo | (hi << _U8(4))).astype(np.int8) - np.int8(32)).astype(_F32)
-    v = IQ4_VALUES[_nibbles(b[:, 8:136], 16)].astype(_F32).reshape(n, 8, 32)
+    v = IQ4_VALUES[nibbles(b[:, 8:136], 16)].astype(_F32).reshape(n, 8, 32)
     return ((f16_column(b[:, 0:2]) * sc)[:, :, None] * v).reshape(n, QK_K)
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from mlxtral.qtensor import BLOCK_TYPES, AffineTensor, Tensor
 from mlxtral.quant.affine import affine_quantize, load_dtype, pack_codes, unpack_codes
-from mlxtral.quant.dequant import IQ4_VALUES, bits_le, dequantize_blocks, f16_column, k4_scale_min
+from mlxtral.quant.dequant import IQ4_VALUES, bits_le, dequantize_blocks, f16_column, k4_scale_min, nibbles
 
 GROUP = 32
 # GGUF type -> (MLX bits, exact): the form the MLX backend keeps each type in
@@ -49,18 +49,6 @@ MLX_FORM: dict[str, tuple[int, bool]] = {
 _CHUNK = 1 << 12  # blocks decoded at a time (up to 1 M weights)
 _MAX_THREADS = 8
 _F32 = np.float32
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """16 bytes ``[..., 16]`` -> 32 codes: low nibbles are elements 0-15, high ones 16-31."""
-    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
-
-
-def _k_low(qs: np.ndarray) -> np.ndarray:
-    """Q4_K/Q5_K's 128 nibble bytes -> low 4 bits of 256 codes: sub-block ``j`` is nibble ``j % 2``
-    of bytes ``32 (j // 2)`` .. ``+31``."""
-    q = qs.reshape(-1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    return (q & np.uint8(0x0F)).reshape(-1, 256)
 
 
 def _nibble_lut() -> np.ndarray:
@@ -100,27 +88,27 @@ def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.n
     scales, biases float32 ``[n, block_size / 32]``)."""
     n = blocks.shape[0]
     if qtype in _Q4_CODES:
-        return _nibbles(blocks[:, _Q4_CODES[qtype]]), *_q4_scale_bias(blocks, qtype)
+        return nibbles(blocks[:, _Q4_CODES[qtype]], 16), *_q4_scale_bias(blocks, qtype)
     if qtype == "Q8_0":
         d = f16_column(blocks[:, 0:2])
         return blocks[:, 2:34] ^ np.uint8(0x80), d, d * _F32(-128)
     if qtype in ("Q5_0", "Q5_1"):
         o = 2 if qtype == "Q5_0" else 4
         d = f16_column(blocks[:, 0:2])
-        q = _nibbles(blocks[:, o + 4 : o + 20]) | (bits_le(blocks[:, o : o + 4], 32) << np.uint8(4))
+        q = nibbles(blocks[:, o + 4 : o + 20], 16) | (bits_le(blocks[:, o : o + 4], 32) << np.uint8(4))
         return q, d, (d * _F32(-16) if qtype == "Q5_0" else f16_column(blocks[:, 2:4]))
     if qtype in ("Q4_K", "Q5_K"):
         d, dmin = f16_column(blocks[:, 0:2]), f16_column(blocks[:, 2:4])
         sc, mn = (v.astype(_F32) for v in k4_scale_min(blocks[:, 4:16]))
         if qtype == "Q4_K":
-            q = _k_low(blocks[:, 16:144])
+            q = nibbles(blocks[:, 16:144], 32)
         else:  # bit 4 of element k of sub-block j: bit j of qh byte k
             hi = np.unpackbits(blocks[:, 16:48, None], axis=-1, bitorder="little")  # [n, 32, 8]
-            q = _k_low(blocks[:, 48:176]) | (hi.transpose(0, 2, 1).reshape(n, 256) << np.uint8(4))
+            q = nibbles(blocks[:, 48:176], 32) | (hi.transpose(0, 2, 1).reshape(n, 256) << np.uint8(4))
         return q, d * sc, -(dmin * mn)
     if qtype == "IQ4_NL":
         d = f16_column(blocks[:, 0:2])
-        return (IQ4_VALUES[_nibbles(blocks[:, 2:18])] + 128).astype(np.uint8), d, d * _F32(-128)
+        return (IQ4_VALUES[nibbles(blocks[:, 2:18], 16)] + 128).astype(np.uint8), d, d * _F32(-128)
     if qtype == "IQ4_XS":
         d = f16_column(blocks[:, 0:2])
         sh = np.ascontiguousarray(blocks[:, 2:4]).view(np.uint16)  # [n, 1]
@@ -129,7 +117,7 @@ def decode(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray, np.n
         high = (sh >> (2 * np.arange(8, dtype=np.uint16))) & np.uint16(3)  # [n, 8]
         ls = low.reshape(n, 8).astype(_F32) + high.astype(_F32) * 16 - 32
         scale = d * ls
-        q = _nibbles(blocks[:, 8:136].reshape(n, 8, 16)).reshape(n, 256)
+        q = nibbles(blocks[:, 8:136], 16)
         return (IQ4_VALUES[q] + 128).astype(np.uint8), scale, scale * _F32(-128)
     raise ValueError(f"{qtype} has no exact MLX affine form")
 
