@@ -218,14 +218,9 @@ def down(ctl, gu, X, idx, mine, dout, exact, dn):
 
 @njit(cache=_CACHE, nogil=True)
 def combine(h, dn, w):
-    """ops.combine of the token's expert outputs dn [top * dim] (rank order) with weights
-    w [1, top]: y_0 + sum_j>0 w_j (y_j - y_0), added to h [1, dim] (the residual)."""
-    dim, top = h.shape[1], w.shape[1]
-    for d in range(dim):
-        m = dn[d]
-        for j in range(1, top):
-            m += w[0, j] * (dn[j * dim + d] - dn[d])
-        h[0, d] += m
+    """:func:`batch_combine` for one token, whose expert outputs dn [top * dim] are in rank order
+    (weights w [1, top], h [1, dim])."""
+    batch_combine(h, dn, w, np.arange(w.shape[1]).reshape(1, w.shape[1]))
 
 
 @njit(cache=_CACHE, nogil=True)
