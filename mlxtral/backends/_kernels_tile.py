@@ -249,6 +249,20 @@ ZERO16 = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
 IZERO16 = ir.Constant(v16i32, [ir.Constant(i32, 0)] * 16)
 
 
+def _token16(b: ir.IRBuilder, codes: list, xp: ir.Value, xop: ir.Value, xdp: ir.Value, blk: ir.Value,
+             d: ir.Value, acc: ir.Value) -> ir.Value:
+    """One token's VNNI step for 16 rows' block ``blk`` (codes in a repacked tile's lanes, scales
+    ``d`` <16 x float>): the block's offset sum to start, 8 ``vpdpbusd`` against the token's 4
+    bytes broadcast (16 exact block sums), then one convert, multiply and FMA into ``acc``. The
+    tile GEMM (prefill) and ``dot16`` (decode) both take this step: one arithmetic at every T."""
+    xoff = b.shl(blk, _c(5))
+    s = _splat_as(b, _hsum_i32(b, _load(b, xop, xoff, v8i32)), v16i32)
+    for g in range(8):
+        s = _dpbusd16(b, s, codes[g], _splat_as(b, _load(b, xp, b.add(xoff, _c(4 * g)), i32), v16i32))
+    xd = _load(b, xdp, b.shl(blk, _c(2)), f32)
+    return _fma16(b, b.sitofp(s, v16f), b.fmul(d, _splat_as(b, xd, v16f)), acc)
+
+
 def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
     """void gemm(buf, nb, xq, xd, xo, n, out, ostride): a repacked 16-row tile against ``nt`` tokens
     (activation rows ``n`` int8 apart; ``xd`` nb floats apart, ``xo`` n bytes apart); token t's
@@ -262,20 +276,10 @@ def _build_gemm(mod: ir.Module, name: str, nt: int) -> ir.Function:
 
     def block(b: ir.IRBuilder, blk: ir.Value, accs: list) -> list:
         obase = b.mul(blk, _c(TILE_BLOCK_BYTES))
-        xoff = b.shl(blk, _c(5))
         dw = b.load(b.bitcast(_gep(b, bp, obase), v16f.as_pointer()), align=4)
-        isums = [_splat_as(b, _hsum_i32(b, _load(b, xops[t], xoff, v8i32)), v16i32) for t in range(nt)]
-        for g in range(8):
-            wq = b.bitcast(_gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g))), v16i32.as_pointer())
-            w = b.load(wq, align=4)
-            for t in range(nt):
-                xw = _splat_as(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
-                isums[t] = _dpbusd16(b, isums[t], w, xw)
-        new = []
-        for t in range(nt):
-            xd = _load(b, xdps[t], b.shl(blk, _c(2)), f32)
-            new.append(_fma16(b, b.sitofp(isums[t], v16f), b.fmul(dw, _splat_as(b, xd, v16f)), accs[t]))
-        return new
+        codes = [b.load(b.bitcast(_gep(b, bp, b.add(obase, _c(4 * ROWS + 64 * g))), v16i32.as_pointer()),
+                        align=4) for g in range(8)]
+        return [_token16(b, codes, xps[t], xops[t], xdps[t], blk, dw, accs[t]) for t in range(nt)]
 
     for t, fin in enumerate(_loop(b, nb, [ZERO16] * nt, block)):
         _store16(b, oa, b.mul(ostride, _c(4 * t)), fin)
@@ -359,14 +363,11 @@ def _build_dot16(mod: ir.Module, name: str, nt: int = 1) -> ir.Function:
         codes = _lanes16(b, wp, rb, boff) if HAVE_VNNI else _pairs16(b, wp, rb, boff)
         d = _scales16(b, wp, rb, boff)
 
-        def sums(t: int) -> ir.Value:  # token t's 16 exact block sums
+        if HAVE_VNNI:  # the tile's own step
+            return [_token16(b, codes, xps[t], xops[t], xdps[t], blk, d, accs[t]) for t in toks]
+
+        def sums(t: int) -> ir.Value:  # token t's 16 exact block sums, two rows a vector
             xo = _load(b, xops[t], xoff, v8i32)
-            if HAVE_VNNI:
-                s = _splat_as(b, _hsum_i32(b, xo), v16i32)
-                for g in range(8):
-                    xw = _splat_as(b, _load(b, xps[t], b.add(xoff, _c(4 * g)), i32), v16i32)
-                    s = _dpbusd16(b, s, codes[g], xw)
-                return s
             x = _load(b, xps[t], xoff, v32i8)
             x2 = b.bitcast(b.shuffle_vector(x, x, _mask(list(range(32)) * 2)), v16i32)  # twice
             xo2 = b.bitcast(b.shuffle_vector(xo, xo, _mask(list(range(8)) * 2)), v16i32)
