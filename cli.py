@@ -519,7 +519,7 @@ def generate(
     stats = None
     with deferred_sigint() as flag:
         gen = m.stream(ids, max_tokens=max_tokens, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                       repetition_penalty=repeat_penalty, seed=seed, stop=stop or ())
+                       repetition_penalty=repeat_penalty, seed=seed, stop=stop or (), chat=chat_)
         for r in stream_interruptibly(gen, flag):
             parts.append(r.text)
             if not as_json and r.text:

@@ -181,7 +181,8 @@ class ChatLoop:
         finish = "interrupted"
         try:
             with deferred_sigint() as flag:
-                for r in stream_interruptibly(self.model.stream(ids, session=self.session, **opts), flag):
+                answer = self.model.stream(ids, session=self.session, chat=True, **opts)
+                for r in stream_interruptibly(answer, flag):
                     if r.text:
                         parts.append(r.text)
                         self.out.write(self._out_text(r.text))

@@ -193,8 +193,12 @@ def stream_generate(
     stop: Sequence[str] = (),
     eos_ids: set[int] | None = None,
     prefill_chunk: int = 512,
+    continues: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Yield one response per generated token; the last one carries the stats.
+
+    ``continues``: the text continues the prompt's (a completion: its first piece keeps its leading
+    space); otherwise it is an answer of its own (a chat turn).
 
     The session keeps every token fed through the model; a sampled EOS (or the final token at
     ``max_tokens``) is not fed, so the next turn's prompt re-supplies it.
@@ -215,7 +219,7 @@ def stream_generate(
     stats.cached_tokens = reused
     t1 = time.perf_counter()
     stats.prompt_time = t1 - t0
-    decoder = tokenizer.stream_decoder()
+    decoder = tokenizer.stream_decoder(after=prompt_ids if continues else ())
     matcher = _StopMatcher(stop)
     history = list(prompt_ids)
     finish = "length"

@@ -163,9 +163,15 @@ class Model:
     ) -> Iterator[GenerationResponse]:
         """Yield responses as tokens come: ``r.text`` (new text), ``r.token``; the last has ``r.stats``.
 
+        ``chat``: a string prompt is put in the chat template; ids are a chat template's (the answer
+        is text of its own, without a SentencePiece vocabulary's leading space). A raw prompt's
+        text continues it, as a completion: " Paris" after "The capital of France is".
+
         Without ``session`` the model's own session is used, so a prompt that extends the previous
         one (a chat) reuses its KV cache.
         """
+        if not isinstance(prompt, str):
+            prompt = list(prompt)  # read once (an iterator too)
         ids = self.prompt_ids(prompt, chat)
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed=seed)
         if session is None:
@@ -176,8 +182,14 @@ class Model:
             stop = [stop]
         yield from stream_generate(
             self.backend, self.tokenizer, ids, session, max_tokens=max_tokens, sampling=params,
-            stop=stop, prefill_chunk=prefill_chunk,
+            stop=stop, prefill_chunk=prefill_chunk, continues=not self._is_chat(prompt, chat),
         )
+
+    @staticmethod
+    def _is_chat(prompt: str | Messages | Sequence[int], chat: bool | None) -> bool:
+        """Whether ``prompt`` is a chat (messages, a string with ``chat``, ids of a chat template
+        with ``chat``): its answer is text of its own; otherwise the text continues the prompt's."""
+        return bool(chat) or (len(prompt) > 0 and isinstance(prompt[0], dict))  # type: ignore[index]
 
     def generate(self, prompt: str | Messages | Sequence[int], max_tokens: int = 256, **kw: Any) -> str:
         """The whole answer as a string (see :meth:`stream` for the arguments)."""

@@ -21,7 +21,7 @@ class ByteTokenizer:
 
     eos_ids = {0}
 
-    def stream_decoder(self):
+    def stream_decoder(self, after=()):
         buf = bytearray()
 
         class D:
@@ -360,3 +360,30 @@ def test_padded_embedding_never_samples_past_the_tokenizer(tmp_path, backend: st
     ids = [r.token for r in m.stream(m.tokenizer.encode("hello", bos=True), max_tokens=6,
                                      temperature=temperature, seed=0) if r.token is not None]
     assert ids and all(i < 32000 for i in ids)
+
+
+def test_completion_keeps_its_leading_space_and_a_chat_answer_drops_it(hf_dir) -> None:
+    """On a SentencePiece vocabulary the first new piece of a completion keeps its space (" Paris"
+    after "The capital of France is", as llama.cpp and OpenAI's completions give it): prompt +
+    text is the text of prompt + answer. A chat answer is text of its own and starts without it."""
+    model = mlxtral.load(hf_dir, backend="numpy")
+    tok = model.tokenizer
+    assert tok.strip_leading_space
+    p, q = tok.encode("The capital of France is"), tok.encode("The capital of France is Paris")
+    assert q[: len(p)] == p
+    for after, want in ((p, " Paris"), ((), "Paris")):
+        dec = tok.stream_decoder(after=after)
+        assert "".join(dec.add(i) for i in q[len(p):]) + dec.flush() == want
+    for prompt, chat in ((PROMPT, None), ([{"role": "user", "content": PROMPT}], None), (PROMPT, True)):
+        ids = model.prompt_ids(prompt, chat)
+        out = list(model.stream(prompt, max_tokens=8, chat=chat, session=model.new_session()))
+        gen = [r.token for r in out[:-1]]
+        text = "".join(r.text for r in out)
+        if isinstance(prompt, str) and not chat:
+            assert text == tok.decode(ids + gen)[len(tok.decode(ids)):]
+        else:
+            assert text == tok.decode(gen)
+        # ids given with chat=True are a chat's; without it, a completion's
+        as_chat = chat or not isinstance(prompt, str)
+        assert "".join(r.text for r in model.stream(ids, max_tokens=8, chat=as_chat,
+                                                    session=model.new_session())) == text

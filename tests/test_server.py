@@ -208,6 +208,10 @@ def test_logprobs(server: Server) -> None:
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    # the text is the tokens' pieces (a completion's first one keeps its leading space), and each
+    # offset points at its token's piece
+    assert "".join(lp.tokens) == c.choices[0].text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
 
 
 def test_prompt_cache_reports_cached_tokens(server: Server) -> None:

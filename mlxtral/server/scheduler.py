@@ -99,7 +99,8 @@ class _Seq:
         self.sampler = Sampler(h.req.sampling)
         self.history = list(self.ids)
         self.generated: list[int] = []
-        self.decoder = tokenizer.stream_decoder()
+        # a completion continues its prompt's text; a chat answer is text of its own
+        self.decoder = tokenizer.stream_decoder(after=self.ids if h.req.kind == "completion" else ())
         self.matcher = _StopMatcher(h.req.stop)
 
 

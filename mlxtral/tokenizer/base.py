@@ -178,9 +178,17 @@ class Tokenizer(ABC):
         except TokenizerError:
             return None
 
-    def stream_decoder(self, special: bool = False) -> StreamDecoder:
-        """An incremental decoder: ``add(id)`` returns only complete new text."""
-        return StreamDecoder(self, special)
+    def stream_decoder(self, special: bool = False, after: Iterable[int] = ()) -> StreamDecoder:
+        """An incremental decoder: ``add(id)`` returns only complete new text. ``after``: the ids
+        the text continues (a completion's prompt): once they hold text, the first new piece keeps
+        its leading space (" Paris" after "The capital of France is"), as llama.cpp and OpenAI's
+        completions give it; a chat answer starts its own text (no ``after``) and drops it."""
+        dec = StreamDecoder(self, special)
+        for i in after:
+            if self._piece_for_decode(int(i), True, False)[1]:
+                dec._first = False
+                break
+        return dec
 
     # ------------------------------------------------------------------ helpers
     def _eot_ids(self) -> set[int]:
