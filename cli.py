@@ -351,6 +351,35 @@ PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",
 
 
 STDIN_PROMPT_MAX = 16 << 20  # bytes of a prompt read from standard input (-p -)
+EscapeOpt = typer.Option(True, "--escape/--no-escape", "-e",
+                         help="Read \\n, \\r, \\t, \\', \\\", \\\\ and \\xHH in -p, -sys and --stop "
+                              "as the characters they name (as llama-cli does; not in -f or stdin).")
+_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", "'": b"'", '"': b'"', "\\": b"\\"}
+
+
+def process_escapes(text: str) -> str:
+    """llama.cpp's ``string_process_escapes``: ``\\n`` ``\\r`` ``\\t`` ``\\'`` ``\\"`` ``\\\\`` and
+    ``\\xHH`` (a byte: UTF-8 written as bytes comes out whole) become what they name; any other
+    backslash stays as typed. One pass over the text."""
+    if "\\" not in text:
+        return text
+    out, i, n = bytearray(), 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n:
+            e = text[i + 1]
+            if e in _ESCAPES:
+                out += _ESCAPES[e]
+                i += 2
+                continue
+            hx = text[i + 2 : i + 4]
+            if e == "x" and len(hx) == 2 and all(h in "0123456789abcdefABCDEF" for h in hx):
+                out.append(int(hx, 16))
+                i += 4
+                continue
+        out += c.encode("utf-8", "surrogatepass")
+        i += 1
+    return out.decode("utf-8", errors="replace")
 
 
 def _token_limit(max_tokens: int, m: Any) -> int:
@@ -470,6 +499,7 @@ def generate(
     system: str = typer.Option(None, "--system", "-sys",  # noqa: B008
                                help="System prompt (implies --chat)."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),  # noqa: B008
+    escape: bool = EscapeOpt,
     backend: str = BackendOpt,
     dtype: str | None = DtypeOpt,
     max_context: int = MaxContextOpt,
@@ -485,6 +515,9 @@ def generate(
     follow_if_not_rank0(distributed, model, backend, max_context, experts_per_token, threads, memory_budget,
                         prefetch, dtype)
     need_stdout()
+    if escape:
+        stop = [process_escapes(x) for x in stop] if stop else stop
+        system = process_escapes(system) if system is not None else None
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed, stop)
     chat_ = chat_ or system is not None  # a system prompt is a chat's (llama-cli's -sys implies chat too)
     if (prompt is None) == (prompt_file is None):
@@ -494,11 +527,14 @@ def generate(
         from mlxtral.formats.files import read_side_file
 
         prompt = read_side_file(prompt_file, MlxtralError, limit=STDIN_PROMPT_MAX).decode("utf-8", "replace")
-    if prompt == "-":  # bounded: no context holds more (a prompt that fits is tokenized whole)
+        prompt = prompt.removesuffix("\n")  # as llama-cli -f: the last line break is not the prompt
+    elif prompt == "-":  # bounded: no context holds more (a prompt that fits is tokenized whole)
         raw = sys.stdin.buffer.read(STDIN_PROMPT_MAX + 1)
         if len(raw) > STDIN_PROMPT_MAX:
             fail(f"the prompt on standard input is over {STDIN_PROMPT_MAX >> 20} MiB: no context holds it", 2)
         prompt = raw.decode("utf-8", errors="replace")
+    elif escape:
+        prompt = process_escapes(prompt)
     if not prompt:
         fail("the prompt is empty", 2)
     apply_threads(threads)

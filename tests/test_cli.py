@@ -204,6 +204,28 @@ def test_context_above_the_model_names_the_flag(models: dict[str, Path]) -> None
     assert f"-p {limit} and -n 4 need {limit + 1} positions" in assert_one_line_error(r, 2)
 
 
+def test_generate_escapes_and_prompt_file_as_llama_cli(models: dict[str, Path], tmp_path: Path) -> None:
+    """-p's \\n is a line break (llama-cli's -e, on by default; --no-escape keeps it as typed); -f's
+    last line break is dropped; a file holding "-" is its text, not a request to read stdin."""
+    from cli import process_escapes
+
+    assert process_escapes(r"Q: 2+2?\nA:\t\\n \x41\xc3\xa9 \q \x4") == "Q: 2+2?\nA:\t\\n A\u00e9 \\q \\x4"
+
+    def prompt(*a: str, input: str | None = None) -> str:  # noqa: A002
+        r = run("generate", models["moe"], *a, "-n", "1", "--json", input=input)
+        assert r.exit_code == 0, r.output
+        return str(json.loads(r.stdout)["prompt"])
+
+    assert prompt("-p", r"one\ntwo") == "one\ntwo"
+    assert prompt("-p", r"one\ntwo", "--no-escape") == r"one\ntwo"
+    f = tmp_path / "p.txt"
+    f.write_text("The three primary colors are\n")
+    assert prompt("-f", str(f)) == "The three primary colors are"
+    f.write_text("-")
+    assert prompt("-f", str(f), input="from stdin") == "-"
+    assert prompt("-p", "-", input=r"a\nb") == r"a\nb"  # stdin is taken as it is
+
+
 def test_chat_help_example_uses_a_greeting() -> None:
     r = run("chat", "--help")
     assert r.exit_code == 0
