@@ -565,8 +565,8 @@ def generate(
                 stats = r.stats
     interrupted = stats is not None and stats.finish_reason == "interrupted"
     if as_json:
-        out: dict[str, Any] = {"model": str(m.path), "backend": m.backend_name, "prompt": prompt,
-                               "chat": chat_, "text": "".join(parts),
+        out: dict[str, Any] = {"model": str(m.path), "backend": m.backend_name, "dtype": m.dtype,
+                               "prompt": prompt, "chat": chat_, "text": "".join(parts),
                                "finish_reason": stats.finish_reason if stats else None,
                                "stats": stats.as_dict() if stats else None}
         if expert_stats:
@@ -765,7 +765,7 @@ def bench(
     tg_mean = res["tg_tok_s"].mean
     seeds = seed_rows(bw, active, tg_mean)
     out = {
-        "model": str(path), "backend": m.backend_name, "format": m.checkpoint.format,
+        "model": str(path), "backend": m.backend_name, "dtype": m.dtype, "format": m.checkpoint.format,
         "n_experts": m.config.n_experts, "experts_per_token": m.config.n_experts_per_tok,
         "pp": n_prompt, "tg": n_gen, "repeats": repeats, "threads": threads or os.cpu_count() or 1,
         "pp_tok_s": res["pp_tok_s"].as_dict(), "tg_tok_s": res["tg_tok_s"].as_dict(),
@@ -804,7 +804,8 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
     from mlxtral.display import term_safe
 
     # a file name is neither rich markup nor terminal control
-    title = Text(f"{term_safe(Path(out['model']).name, 200)} ({out['backend']})", style="italic")
+    title = Text(f"{term_safe(Path(out['model']).name, 200)} ({out['backend']}, {out['dtype']})",
+                 style="italic")
     con.print(title, highlight=False, overflow="ignore", crop=False)  # a whole line: never wrapped in a name
     t = Table()
     for col, just in (("engine", "left"), ("test", "left"), ("tok/s", "right"), ("best", "right")):
@@ -916,7 +917,8 @@ def perplexity(
         fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: a "
              "smaller --ctx needs less)", e.exit_code)
     ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")
-    info = {"model": str(m.path), "backend": m.backend_name, "text": str(text_file) if text_file else None}
+    info = {"model": str(m.path), "backend": m.backend_name, "dtype": m.dtype,
+            "text": str(text_file) if text_file else None}
     from rich.markup import escape
 
     from mlxtral.display import term_safe

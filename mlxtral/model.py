@@ -79,6 +79,12 @@ class Model:
         return self.backend.name
 
     @property
+    def dtype(self) -> str:
+        """The compute dtype: "float32" on NumPy; MLX's float16, bfloat16 or float32."""
+        dt = getattr(self.backend, "dtype", None)
+        return "float32" if dt is None else str(dt).removeprefix("mlx.core.")
+
+    @property
     def chat_template(self) -> str | None:
         return getattr(self.tokenizer, "chat_template_name", None)
 
@@ -234,6 +240,9 @@ class Model:
         return None if c is None else np.asarray(c)
 
 
+MLX_DTYPES = ("float16", "bfloat16", "float32")  # what the MLX backend computes in
+
+
 def load(
     path: str | os.PathLike[str],
     backend: str = "auto",
@@ -316,13 +325,14 @@ def load(
         tokenizer = tokenizer and share.head  # only rank 0 tokenizes
     from mlxtral.display import show
 
-    if name == "numpy" and dtype not in (None, "float32"):
-        raise UsageError(f"the NumPy backend computes in float32 (dtype {show(dtype)} applies to the MLX "
-                         "backend)")
-    if name == "mlx" and dtype is not None:
-        from mlxtral.backends.mlx_backend import resolve_dtype
-
-        resolve_dtype(dtype)  # an unknown one is refused before any weight is read
+    if dtype is not None:  # refused before any weight is read
+        key = str(dtype).lower().removeprefix("mlx.core.")
+        if key not in MLX_DTYPES:
+            raise UsageError(f"unknown dtype {show(dtype)}: choose one of {', '.join(MLX_DTYPES)} (the MLX "
+                             "backend's compute dtype)")
+        if name == "numpy" and key != "float32":
+            raise UsageError(f"the NumPy backend computes in float32: dtype {key} is for the MLX backend "
+                             "(--backend mlx)")
     if kv_dtype is not None and not isinstance(kv_dtype, str):  # np.float16, np.dtype("float16")...
         try:
             kv_dtype = np.dtype(kv_dtype).name

@@ -78,6 +78,7 @@ class DistributedBackend:
         self.name = backend.name
         self.args = backend.args
         self.kv_dtype = getattr(backend, "kv_dtype", None)
+        self.dtype = getattr(backend, "dtype", None)  # MLX's compute dtype
         self._freed: list[int] = []
         self._next = 1
         self._broken: str | None = None
