@@ -126,13 +126,14 @@ def add_tokenizer(w: Any, tok: TokenizerSource | None, args: ModelArgs) -> None:
     prepare_tokenizer(tok, args)(w)
 
 
-def prepare_tokenizer(tok: TokenizerSource | None, args: ModelArgs) -> VocabWriter:
+def prepare_tokenizer(tok: TokenizerSource | None, args: ModelArgs,
+                      source: Path | None = None) -> VocabWriter:
     """Read and check the tokenizer a GGUF output embeds, before any tensor is written: a source
     GGUF's keys (copied), a SentencePiece ``tokenizer.model`` (``llama``) or a byte-level BPE
     ``tokenizer.json`` (``gpt2``). Returns what adds its keys to the writer."""
     if tok is None:
         raise TokenizerError("the source has no tokenizer (need tokenizer.model, tokenizer.json or a GGUF "
-                             "vocabulary)")
+                             "vocabulary)", source)
     if tok.kind == "gguf":
         md = tok.metadata
         if not md.get("tokenizer.ggml.tokens"):
@@ -295,7 +296,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = No
     import gguf
 
     check_tensors(ckpt.args, ckpt.tensors, str(ckpt.path))
-    vocab = vocab or prepare_tokenizer(ckpt.tokenizer, ckpt.args)
+    vocab = vocab or prepare_tokenizer(ckpt.tokenizer, ckpt.args, ckpt.path)
     plan = plan_gguf(ckpt, qtype)
     w = writer_class()(path=None, arch="llama")
     add_model_metadata(w, ckpt.args, qtype, name or model_name(ckpt))

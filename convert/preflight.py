@@ -188,7 +188,7 @@ def preflight(ckpt: Checkpoint, fmt: str, prec: Precision, group_size: int,
     if fmt == "gguf":
         from .gguf_writer import prepare_tokenizer
 
-        return Preflight(vocab=prepare_tokenizer(ckpt.tokenizer, ckpt.args))
+        return Preflight(vocab=prepare_tokenizer(ckpt.tokenizer, ckpt.args, ckpt.path))
     check_mlx_tokenizer(ckpt)
     return Preflight()
 

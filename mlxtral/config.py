@@ -82,7 +82,8 @@ class ModelArgs:
         if not self.is_moe:
             raise UsageError("experts_per_token only applies to a mixture-of-experts model")
         if not 1 <= k <= self.n_experts:
-            raise UsageError(f"experts_per_token must be between 1 and {self.n_experts}, got {k}")
+            raise UsageError(f"experts per token (--experts-per-token) must be between 1 and "
+                             f"{self.n_experts}, got {k}")
         d = asdict(self)
         d["n_experts_per_tok"] = k
         return ModelArgs(**d)

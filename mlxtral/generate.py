@@ -114,8 +114,9 @@ def prefill(backend: Backend, session: Session, ids: Sequence[int], chunk: int) 
     cache = session.cache
     if len(ids) >= cache.max_context:
         raise ContextOverflowError(
-            f"the prompt has {plural(len(ids), 'token')} but the context holds {cache.max_context}: "
-            "shorten it or load the model with a larger max_context (on the command line: --max-context)"
+            f"the prompt has {plural(len(ids), 'token')} and the context holds {cache.max_context}, leaving "
+            "no room for an answer: shorten it or load the model with a larger max_context (on the command "
+            "line: --max-context)"
         )
     n = min(common_prefix(session.tokens, ids), len(ids) - 1)  # recompute at least one token
     cache.trim(n)

@@ -60,3 +60,16 @@ def test_summary_names_the_stored_type_of_norms(tmp_path: Path, out: str) -> Non
     norm = next(x for n, x in by_name.items() if "attn_norm" in n or "input_layernorm" in n)
     assert norm.src_qtype == "BF16"
     assert {x.src_qtype for x in r.reports} == {"BF16"}
+
+
+def test_a_source_without_a_tokenizer_is_named(tmp_path: Path) -> None:
+    from tiny_models import write_hf
+
+    from mlxtral.errors import TokenizerError
+
+    args = tiny_args()
+    src = write_hf(tmp_path / "hf", random_weights(args, seed=3), args, tokenizer=False)
+    with pytest.raises(TokenizerError) as e:
+        convert(src, tmp_path / "out.gguf", qtype="q8", progress=False)
+    assert str(e.value).startswith(f"{src}: the source has no tokenizer")
+    assert not (tmp_path / "out.gguf").exists()
