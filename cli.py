@@ -1010,9 +1010,10 @@ def convert(
     src: str = typer.Argument(..., help="GGUF file or model folder (HF, Mistral original, MLX); "  # noqa: B008
                               "'demo': the built-in demo model."),
     out: Path = typer.Argument(..., help="Output GGUF file or MLX folder."),  # noqa: B008
-    q4: bool = typer.Option(False, "--q4", help="4-bit (GGUF Q4_0 / MLX 4-bit); the default."),
+    q4: bool = typer.Option(False, "--q4", "--q4_0", "--q4-0",
+                            help="4-bit (GGUF Q4_0 / MLX 4-bit); the default."),
     q4_1: bool = typer.Option(False, "--q4_1", "--q4-1", help="4-bit with offsets (GGUF Q4_1)."),
-    q8: bool = typer.Option(False, "--q8", help="8-bit (GGUF Q8_0 / MLX 8-bit)."),
+    q8: bool = typer.Option(False, "--q8", "--q8_0", "--q8-0", help="8-bit (GGUF Q8_0 / MLX 8-bit)."),
     f16: bool = typer.Option(False, "--f16", help="float16."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16."),
     f32: bool = typer.Option(False, "--f32", help="float32."),
@@ -1044,7 +1045,8 @@ def convert(
     flags = (q4, q4_1, q8, f16, bf16, f32, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
     chosen = [name for name, on in zip(_CONVERT_TYPES + _KQUANT_MIXES, flags, strict=True) if on]
     if len(chosen) > 1:
-        fail(f"choose one output type, got {', '.join('--' + c for c in chosen)}", 2)
+        shown = {"q4_0": "q4", "q8_0": "q8"}  # the flags' first names
+        fail(f"choose one output type, got {', '.join('--' + shown.get(c, c) for c in chosen)}", 2)
     if fmt is not None and fmt.lower() not in ("gguf", "mlx"):
         fail(f"--format {fmt}: expected gguf or mlx", 2)
     from mlxtral.convert import convert as do_convert

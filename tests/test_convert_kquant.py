@@ -392,3 +392,13 @@ def test_legacy_types_follow_llamacpp() -> None:
     tied = ModelArgs(dim=512, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=64, vocab_size=1000,
                      hidden_dim=1024, tie_word_embeddings=True)
     assert gguf_tensor_type("token_embd.weight", (1000, 512), "Q4_0", "F32", tied) == "Q6_K"
+
+
+def test_cli_llama_quantize_type_names(tmp_path: Path, sources: dict[str, tuple[Path, ModelArgs]]) -> None:
+    """--q4_0 / --q8_0 (llama-quantize's names) are --q4 / --q8; a clash names flags that exist."""
+    src, _ = sources["B"]
+    r = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "o.gguf"), "--q8_0"])
+    assert r.exit_code == 0, r.output
+    assert file_type_of(tmp_path / "o.gguf") == 7  # MOSTLY_Q8_0
+    r = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "p.gguf"), "--q4_0", "--q8"])
+    assert r.exit_code == 2 and "got --q4, --q8" in r.output
