@@ -225,12 +225,17 @@ def resolve_model(model: str | None) -> Path:
         return Path(model).expanduser()
     from mlxtral.demo import ensure_demo_model
 
-    def on_build(src: Path, out: Path) -> None:
+    status = err_console.status("building the demo model...", spinner="dots")
+
+    def on_build(src: Path, out: Path) -> None:  # only when it is not built yet: no spinner otherwise
         err_console.print(f"[dim]building the demo model once: {src.name} upcycled to 8 experts, top-2 "
                           f"-> {out}[/dim]")
+        status.start()
 
-    with err_console.status("building the demo model...", spinner="dots"):
+    try:
         return ensure_demo_model(on_build=on_build)
+    finally:
+        status.stop()
 
 
 def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
@@ -457,7 +462,7 @@ def chat(
 
         name = escape(term_safe(m.path.name, 200))  # a file name is neither markup nor terminal control
         err_console.print(f"[bold]{name}[/bold] [dim]({kind}, {plural(c.n_layers, 'layer')}, "
-                          f"backend {m.backend_name}, context {m.max_context})[/dim]")
+                          f"backend {m.backend_name}, context {m.max_context})[/dim]", highlight=False)
         err_console.print("[dim]/help for commands, Ctrl-C stops an answer, Ctrl-D leaves[/dim]")
         out_console = _Console()
         try:

@@ -8,8 +8,10 @@ tensor against the source.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,18 @@ def _progress_bar(enabled: bool, total: int, console: Any = None) -> tuple[Any, 
     return bar, task
 
 
+@contextlib.contextmanager
+def _says_why_mlx(guessed: bool, out: Path) -> Iterator[None]:
+    """A refusal of what an MLX folder cannot hold says the folder was OUT's name's choice."""
+    try:
+        yield
+    except UsageError as e:
+        if not guessed:
+            raise
+        raise UsageError(f"{e.message} (writing an MLX folder because {out.name!r} does not end in .gguf; "
+                         "name it .gguf or pass --format gguf for a GGUF file)", e.path) from None
+
+
 def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str = "q4",
             group_size: int = 64, force: bool = False, verify: bool = False, progress: bool = True,
             console: Any = None, max_shard_bytes: int | None = None,
@@ -102,27 +116,22 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
     src, out = Path(src), Path(out)
     guessed = fmt is None and out.suffix.lower() != ".gguf"  # MLX because OUT is not named .gguf
     fmt = infer_format(out, fmt)
-    try:
+    with _says_why_mlx(guessed, out):
         prec = parse_precision(qtype, fmt)
         if fmt == "mlx" and group_size not in (32, 64, 128):
             raise UsageError(f"--group-size must be 32, 64 or 128, got {group_size}")
-        if not src.exists():
-            raise FormatError("not found", src)
-        sources = source_paths(src)
-        check_output(out, is_dir=(fmt == "mlx"), force=force, sources=sources)
-        ckpt = _open(src)
-        from mlxtral.formats.mapped import install_sigbus_guard
+    if not src.exists():
+        raise FormatError("not found", src)
+    sources = source_paths(src)
+    check_output(out, is_dir=(fmt == "mlx"), force=force, sources=sources)
+    ckpt = _open(src)
+    from mlxtral.formats.mapped import install_sigbus_guard
 
-        install_sigbus_guard()  # a source truncated while it is read: one line, not a silent death
-        from .preflight import preflight
+    install_sigbus_guard()  # a source truncated while it is read: one line, not a silent death
+    from .preflight import preflight
 
+    with _says_why_mlx(guessed, out):
         checked = preflight(ckpt, fmt, prec, group_size, allow_requantize)  # before the bar: fail fast
-    except UsageError as e:
-        if not guessed:
-            raise
-        # say why the output is an MLX folder: OUT's name chose it, not the user
-        raise UsageError(f"{e.message} (writing an MLX folder because {out.name!r} does not end in .gguf; "
-                         "name it .gguf or pass --format gguf for a GGUF file)", e.path) from None
     if guessed and console is not None and progress:
         console.print(f"[dim]{out.name} does not end in .gguf: writing an MLX folder (--format gguf for a "
                       "GGUF file)[/dim]", highlight=False)

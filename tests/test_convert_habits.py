@@ -541,6 +541,10 @@ def test_mlx_chosen_by_the_name_says_so(tmp_path: Path, q41_gguf: Path) -> None:
     line = _one_line_error(runner.invoke(app, ["convert", str(q41_gguf), str(tmp_path / "x"), "--q8",
                                                "--format", "mlx"]), 2)
     assert "does not end in .gguf" not in line
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    line = _one_line_error(runner.invoke(app, ["convert", str(q41_gguf), str(tmp_path / "taken"), "--q8"]), 2)
+    assert "does not end in .gguf" not in line  # nothing to do with the format: the folder is taken
 
 
 @needs_mlx
