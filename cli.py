@@ -476,6 +476,8 @@ def chat(
     loop.run(lines)
     if expert_stats:
         print_expert_stats(m)
+    if loop.failed and loop.echo:  # piped: a script learns that a turn was refused
+        raise typer.Exit(1)
 
 
 # ---- generate -------------------------------------------------------------------------------------

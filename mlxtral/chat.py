@@ -137,6 +137,7 @@ class ChatLoop:
         self._fed: list[int] | None = None  # prompt ids + generated ids of the last answer
         self._clean_end = False  # the last answer ended with the template's end of turn
         self.turns: list[Turn] = []
+        self.failed = 0  # turns refused (a message the context cannot hold)
         self._seed_step = 0
 
     # ---- conversation state ----------------------------------------------------------------
@@ -167,9 +168,29 @@ class ChatLoop:
         return self.model.apply_chat_template(msgs)
 
     # ---- one answer ------------------------------------------------------------------------
+    def _fit(self, user_text: str) -> list[int]:
+        """The prompt ids for ``user_text``; when the conversation and room for an answer (the
+        smaller of --max-tokens and a quarter of the context) no longer fit, its oldest turns are
+        dropped, as llama-cli's context shift drops old tokens (the system prompt stays)."""
+        ids = self.prompt_ids(user_text)
+        ctx = self.session.cache.max_context
+        mt = self.options.max_tokens
+        room = min(mt if mt > 0 else ctx, max(ctx // 4, 1))
+        dropped = 0
+        while len(ids) + room > ctx and self.messages:
+            self.messages = self.messages[2:]  # the oldest user message and its answer
+            self._fed = None  # the cache no longer holds a prefix of the conversation's text
+            dropped += 1
+            ids = self.prompt_ids(user_text)
+        if dropped:
+            what = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+            self.err.write(f"[dropped {what} to fit the context of {plural(ctx, 'token')}]\n")
+            self.err.flush()
+        return ids
+
     def answer(self, user_text: str) -> Turn | None:
         """Stream the model's answer to ``user_text`` to ``out``; None if nothing was generated."""
-        ids = self.prompt_ids(user_text)
+        ids = self._fit(user_text)
         opts = self.options.kwargs()
         seed = opts["seed"]
         if seed is not None and seed != RANDOM_SEED:  # a different but reproducible draw each turn
@@ -211,8 +232,9 @@ class ChatLoop:
         if finish == "interrupted":
             self.err.write("[stopped]\n")
         elif finish == "context_length":
-            self.err.write(f"[the context is full ({plural(self.session.cache.max_context, 'token')}): "
-                           "/reset to start a new conversation, or use a larger --max-context]\n")
+            self.err.write(f"[the context is full ({plural(self.session.cache.max_context, 'token')}): the "
+                           "next turn drops the oldest ones; /reset starts a new conversation, a larger "
+                           "--max-context holds more]\n")
         elif finish == "length":
             self.err.write(f"[cut at --max-tokens {self.options.max_tokens}]\n")
         if stats is not None and self.show_stats:
@@ -259,7 +281,8 @@ class ChatLoop:
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self, lines: Iterable[str]) -> int:
-        """Answer every line (commands start with '/'); returns the number of answers."""
+        """Answer every line (commands start with '/'); returns the number of answers
+        (``failed``: the turns refused, a message longer than the context)."""
         n = 0
         for line in lines:
             text = line.rstrip("\r\n")
@@ -276,7 +299,8 @@ class ChatLoop:
                 if self.answer(text) is not None:
                     n += 1
             except ContextOverflowError as e:
-                self.err.write(f"error: {e}; /reset to start a new conversation\n")
+                self.failed += 1
+                self.err.write(f"error: {e}\n")
                 self.err.flush()
         return n
 

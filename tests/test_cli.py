@@ -359,10 +359,32 @@ def test_chat_loop_extends_the_cached_ids(models: dict[str, Path]) -> None:
 
 
 def test_chat_context_overflow_keeps_the_chat(models: dict[str, Path]) -> None:
+    """A message the context cannot hold is refused (and a piped chat exits 1 at its end); the
+    short question after it is still answered."""
     r = run("chat", models["moe"], "-n", "2", "--max-context", "16", input="word " * 30 + "\nHi\n")
-    assert r.exit_code == 0, r.output
-    assert "error: " in r.stderr and "/reset" in r.stderr
+    assert r.exit_code == 1, r.output
+    assert "error: " in r.stderr and "no room for an answer" in r.stderr
     assert r.stderr.count("prompt: ") == 1  # the short question was still answered
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_fills(models: dict[str, Path]) -> None:
+    """As llama-cli's context shift: a conversation past the context loses its oldest turns (the
+    system prompt stays), the next turn is answered, and the kept turns are the newest."""
+    import io
+
+    import mlxtral
+    from mlxtral.chat import ChatLoop, SamplingOptions
+
+    m = mlxtral.load(models["moe"], max_context=96)
+    err = io.StringIO()
+    loop = ChatLoop(m, SamplingOptions(max_tokens=8, temperature=0.0), system="Be brief.",
+                    out=io.StringIO(), err=err)
+    questions = [f"Question number {i}: tell me about the color of the sky." for i in range(8)]
+    assert loop.run(questions) == 8 and loop.failed == 0
+    assert "[dropped the oldest turn" in err.getvalue()
+    users = [x["content"] for x in loop.messages if x["role"] == "user"]
+    assert users == questions[-len(users):] and len(users) < 8
+    assert len(loop._fit("next")) + 8 <= 96  # the next turn is fitted the same way
 
 
 def test_expert_stats_shares_and_balance() -> None:
