@@ -337,7 +337,7 @@ BackendOpt = typer.Option("auto", "--backend", help="auto (MLX with Metal, else 
 DtypeOpt = typer.Option(None, "--dtype",
                         help="The MLX backend's compute dtype: float16 (the default on Metal), bfloat16 or "
                              "float32 (the default on MLX's CPU); NumPy computes in float32.")
-MaxContextOpt = typer.Option(None, "--max-context", "-c", min=1,
+MaxContextOpt = typer.Option(None, "--max-context", "-c", "--ctx-size", min=1,
                              help="KV cache size in tokens (default: the smaller of the model's and 4096).")
 ExpertsOpt = typer.Option(None, "--experts-per-token", min=1,
                           help="Override the file's experts per token (top-k), e.g. 1 for speed.")
@@ -416,7 +416,7 @@ def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_
 def chat(
     model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
     system: str = typer.Option(None, "--system", "-sys", help="System prompt."),  # noqa: B008
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n",
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", "--n-predict",
                                    help="Longest answer, in tokens (-1: no limit but the context)."),
     temp: float = typer.Option(0.7, "--temp", help="Temperature, 0 to 100 (0 = greedy)."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling (1 = off)."),
@@ -493,7 +493,7 @@ def generate(
     prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
     prompt_file: Path = typer.Option(None, "--file", "-f",  # noqa: B008
                                      help="Read the prompt from this file (UTF-8), as llama-cli's -f."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n",
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", "--n-predict",
                                    help="Tokens to generate at most (-1: until the end or a full context)."),
     temp: float = typer.Option(0.0, "--temp", help="Temperature, 0 to 100 (0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (1 = off)."),

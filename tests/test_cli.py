@@ -279,6 +279,8 @@ def test_generate_llamacpp_habits(models: dict[str, Path]) -> None:
     st = d["stats"]
     assert st["finish_reason"] == "stop" or (st["finish_reason"] == "context_length"
                                              and st["prompt_tokens"] + st["generation_tokens"] >= 23)
+    r = run("generate", models["moe"], "-p", "Hi", "--n-predict", "2", "--ctx-size", "32", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["stats"]["generation_tokens"] <= 2, r.output
     r = run("generate", models["moe"], "-p", "Hi", "-sys", "Be brief.", "-n", "2", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["chat"] is True, r.output
     err = assert_one_line_error(run("generate", models["moe"], "-p", "-", "-n", "1",
