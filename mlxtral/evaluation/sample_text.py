@@ -42,10 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         head, names = args[:i], args[i + 1 :]
     else:
         head, names = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
+    usage = "usage: python -m mlxtral.evaluation.sample_text [--force] OUT.txt\n"
+    if {"-h", "--help"} & set(head):
+        sys.stdout.write(usage)
+        return 0
     force = "--force" in head
     args = names if not set(head) - {"--force"} else []
     if len(args) != 1:
-        sys.stderr.write("usage: python -m mlxtral.evaluation.sample_text [--force] OUT.txt\n")
+        sys.stderr.write(usage)
+        return 2
+    if not args[0]:
+        sys.stderr.write("error: the output file name is empty\n")
         return 2
     try:
         n = write_sample_text(args[0], force)

@@ -35,8 +35,11 @@ def bind(host: str, port: int) -> socket.socket:
         raise UsageError(f"--port must be from 0 to 65535, got {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise UsageError(f"cannot listen on {host!r}: {e.strerror}") from None
+    except (socket.gaierror, UnicodeError) as e:  # UnicodeError: a name IDNA cannot encode
+        from mlxtral.display import show
+
+        why = e.strerror if isinstance(e, socket.gaierror) else "not a valid host name"
+        raise UsageError(f"cannot listen on {show(host, 100)}: {why}") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -46,7 +49,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         what = "the port is in use (another server?)" if e.errno == 98 else (e.strerror or str(e))
-        raise MlxtralError(f"cannot listen on {host}:{port}: {what}") from None
+        from mlxtral.display import show
+
+        raise MlxtralError(f"cannot listen on {show(host, 100)}:{port}: {what}") from None
     sock.set_inheritable(True)
     return sock
 

@@ -40,13 +40,18 @@ def schema_grammar(schema: Any) -> str:
     fill max_tokens with blanks; a schema's own ``x-guidance`` options take precedence."""
     llg = _llg()
     if isinstance(schema, dict):
-        schema = {**schema, "x-guidance": {**_WHITESPACE, **(schema.get("x-guidance") or {})}}
+        own = schema.get("x-guidance") or {}
+        if not isinstance(own, dict):
+            raise ApiError(400, "response_format: the schema's x-guidance must be an object",
+                           "response_format")
+        schema = {**schema, "x-guidance": {**_WHITESPACE, **own}}
     try:
         lark = "start: /[ \\t\\n]{0,4}/ doc\ndoc: %json " + json.dumps(schema)
         g = llg.LLMatcher.grammar_from_lark(lark)
         err = llg.LLMatcher.validate_grammar(g)
     except (ValueError, TypeError) as e:
-        raise ApiError(400, f"response_format: invalid JSON schema ({e})", "response_format") from None
+        raise ApiError(400, f"response_format: invalid JSON schema ({str(e)[:300]})",
+                       "response_format") from None
     if err:
         raise ApiError(400, f"response_format: unsupported JSON schema ({err.splitlines()[0][:300]})",
                        "response_format")

@@ -97,8 +97,12 @@ def _number(body: Mapping[str, Any], name: str, default: float, lo: float, hi: f
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) \
-            or not lo <= float(v) <= hi:
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(float(v)) \
+            and lo <= float(v) <= hi
+    except OverflowError:  # an integer of a thousand digits
+        ok = False
+    if not ok:
         raise ApiError(400, f"{name} must be a number from {lo:g} to {hi:g}, got {_shown(v)}", name)
     return float(v)
 
@@ -124,6 +128,10 @@ def _bool(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
 
 
 def _shown(v: Any) -> str:
+    """``v`` for a message, at most 60 characters (a string's repr; anything else its JSON; an
+    integer of thousands of digits cut before Python has to write it all)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**60:
+        return f"an integer of {len(str(v))} digits" if abs(v) < 10**4000 else "an integer of 4000+ digits"
     s = json.dumps(v) if not isinstance(v, str) else repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 
@@ -187,7 +195,7 @@ def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
 def _n(body: Mapping[str, Any]) -> None:
     n = _whole(body, "n", 1, 1)
     if n != 1:
-        raise ApiError(400, f"n must be 1 (one choice per request), got {n}", "n")
+        raise ApiError(400, f"n must be 1 (one choice per request), got {_shown(n)}", "n")
 
 
 def response_format_grammar(body: Mapping[str, Any]) -> str | None:
@@ -273,7 +281,8 @@ def parse_completion(body: Any, model: Any) -> GenRequest:
         v = model.config.vocab_size
         bad = [i for i in p if not 0 <= i < v]
         if bad:
-            raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary (0..{v - 1})", "prompt")
+            raise ApiError(400, f"prompt token {_shown(bad[0])} is outside the vocabulary (0..{v - 1})",
+                           "prompt")
         ids = list(p)
     else:
         raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)",
