@@ -584,3 +584,32 @@ def test_bind_refuses_a_host_name_in_one_line(host: str) -> None:
     with pytest.raises(MlxtralError) as e:
         bind(host, 0)
     assert str(e.value).startswith("cannot listen on ") and len(str(e.value)) < 300
+
+
+def test_prompt_cache_counts_what_a_trimmed_cache_holds() -> None:
+    """A cached session trimmed to a few tokens still holds the buffers (MLX) or the pages (NumPy)
+    of every position it filled: the byte cap counts those, or it would never evict (an attacker's
+    long prompts, then short ones sharing their first tokens, grew an MLX server without bound)."""
+    from tiny_models import tiny_args
+
+    from mlxtral.backends.numpy_backend import KVCache as NpCache
+    from mlxtral.generate import Session
+    from mlxtral.server.prompt_cache import PromptCache
+
+    args = tiny_args()
+    per_pos = 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4
+    c = NpCache(args, 1024)
+    c.offset = 300
+    c.trim(3)
+    assert c.offset == 3 and c.held_bytes == 300 * per_pos
+    pc = PromptCache(max_bytes=1 << 30, bytes_per_token=per_pos)
+    assert pc.size(Session(c, [1, 2, 3])) == 300 * per_pos
+    mx = pytest.importorskip("mlx.core")
+    from mlxtral.backends.mlx_backend import KVCache as MlxCache
+
+    m = MlxCache(1, args.n_kv_heads, args.head_dim, 4096, mx.float32)
+    k = mx.zeros((1, args.n_kv_heads, 300, args.head_dim))
+    m.update(0, 0, k, k)
+    m.offset = 300
+    m.trim(3)
+    assert pc.size(Session(m, [1, 2, 3])) == m.nbytes == 2 * 512 * args.n_kv_heads * args.head_dim * 4

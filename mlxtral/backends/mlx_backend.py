@@ -136,6 +136,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys + self.values if a is not None)
 
+    @property
+    def held_bytes(self) -> int:
+        """The memory this cache holds: its buffers, whatever ``trim`` forgot of them."""
+        return self.nbytes
+
 
 class MLXBackend:
     name = "mlx"

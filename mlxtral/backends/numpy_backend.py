@@ -107,7 +107,17 @@ class KVCache:
         self.k = lazy_zeros(shape, dtype)
         self.v = lazy_zeros(shape, dtype)
         self.max_context = max_context
+        self.high = 0  # the most positions ever filled: their pages stay resident
         self.offset = 0  # positions filled
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @offset.setter
+    def offset(self, n: int) -> None:
+        self._offset = n
+        self.high = max(self.high, n)
 
     def trim(self, n: int) -> None:
         """Forget everything after the first ``n`` positions (for prefix reuse)."""
@@ -116,6 +126,12 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    @property
+    def held_bytes(self) -> int:
+        """The memory this cache holds: the pages of every position it ever filled (``trim`` forgets
+        positions, the pages stay)."""
+        return self.nbytes * self.high // self.max_context
 
 
 class NumpyBackend:

@@ -60,6 +60,10 @@ class DistCache:
     def nbytes(self) -> int:
         return int(self.local.nbytes)
 
+    @property
+    def held_bytes(self) -> int:
+        return int(getattr(self.local, "held_bytes", self.local.nbytes))
+
 
 def _run(backend: Any, group: Group, place: Placement, ids: Sequence[int], cache: Any,
          all_logits: bool) -> np.ndarray | None:

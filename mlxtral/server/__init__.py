@@ -49,9 +49,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         what = "the port is in use (another server?)" if e.errno == 98 else (e.strerror or str(e))
-        from mlxtral.display import show
+        from mlxtral.display import term_safe
 
-        raise MlxtralError(f"cannot listen on {show(host, 100)}:{port}: {what}") from None
+        raise MlxtralError(f"cannot listen on {term_safe(host, 100)}:{port}: {what}") from None
     sock.set_inheritable(True)
     return sock
 

@@ -6,7 +6,8 @@ prefill. Where the KV caches are NumPy arrays the shared prefix is copied into t
 session and the entry stays cached (so concurrent requests with one system prompt all reuse it);
 otherwise the session leaves the cache while its sequence runs. Every finished sequence's session
 comes back as the most recent entry. The size of an entry is the KV bytes its
-tokens occupy; the least recently used entries go first when the total passes ``max_bytes``.
+cache holds (its buffers, not only its tokens); the least recently used entries go first when the
+total passes ``max_bytes``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,10 @@ class PromptCache:
         self._next = 0
 
     def size(self, s: Session) -> int:
-        return len(s.tokens) * self.bytes_per_token
+        """The memory an entry holds: its cache's buffers (an MLX cache trimmed to a few tokens keeps
+        them whole), at least its tokens' KV bytes."""
+        held = getattr(s.cache, "held_bytes", 0)
+        return max(int(held), len(s.tokens) * self.bytes_per_token)
 
     @property
     def nbytes(self) -> int:
