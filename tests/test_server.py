@@ -613,3 +613,25 @@ def test_prompt_cache_counts_what_a_trimmed_cache_holds() -> None:
     m.offset = 300
     m.trim(3)
     assert pc.size(Session(m, [1, 2, 3])) == m.nbytes == 2 * 512 * args.n_kv_heads * args.head_dim * 4
+
+
+def test_text_no_context_holds_is_refused_before_tokenizing(server: Server) -> None:
+    """A prompt longer than any context of this server can hold is a 400 from its length alone (an
+    8 MB prompt was tokenized whole first: minutes of CPU, going on after its client left)."""
+    text = "a" * ((8 << 20) - 200)  # the body limit's worth
+    for path, body, param in (("/v1/completions", {"prompt": text}, "prompt"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]},
+                               "messages")):
+        code, out = server.http("POST", path, body)
+        e = _is_error(out)
+        assert code == 400 and e["code"] == "context_length_exceeded" and e["param"] == param, out
+        assert "characters" in e["message"]  # counted, not tokenized
+
+
+def test_max_chars_never_refuses_a_text_that_fits(model_file: Path) -> None:
+    import mlxtral
+
+    tok = mlxtral.load(model_file, backend="numpy", max_context=64).tokenizer
+    for text in ("Hello there", "a" * 1000, " " * 500, "e\u0301" * 300, "日本語のテキスト" * 50,
+                 "\n\n\t" * 99, "[INST] hi [/INST]" * 20, "\U0001F600" * 100):
+        assert len(text) <= tok.max_chars(len(tok.encode(text))), text[:20]

@@ -255,6 +255,7 @@ def parse_chat(body: Any, model: Any) -> GenRequest:
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     messages = [_message_text(k, m) for k, m in enumerate(msgs)]
+    _text_fits(model, sum(len(m["content"]) for m in messages), "messages")
     try:
         ids = model.apply_chat_template(messages)
     except MlxtralError as e:
@@ -276,6 +277,7 @@ def parse_completion(body: Any, model: Any) -> GenRequest:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]  # one prompt in a batch of one
     if isinstance(p, str):
+        _text_fits(model, len(p), "prompt")
         ids = model.encode(p)
     elif isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p):
         v = model.config.vocab_size
@@ -293,6 +295,14 @@ def parse_completion(body: Any, model: Any) -> GenRequest:
     mt = _whole(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1)
     lp = _whole(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
     return _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
+
+
+def _text_fits(model: Any, n_chars: int, param: str) -> None:
+    """Text that no context of this server can hold is refused before it is tokenized."""
+    limit = model.tokenizer.max_chars(model.max_context)
+    if n_chars > limit:
+        raise ApiError(400, f"the {param} has {n_chars} characters: more than the context of "
+                            f"{model.max_context} tokens can hold", param, "context_length_exceeded")
 
 
 def _finish(body: Mapping[str, Any], kind: str, ids: list[int], max_tokens: int | None, logprobs: bool,

@@ -135,6 +135,16 @@ class Tokenizer(ABC):
     def token_bytes(self, i: int) -> bytes:
         """Surface bytes of id ``i`` in decoded text (control tokens: their text)."""
 
+    def max_chars(self, n_tokens: int) -> int:
+        """A bound on the characters ``n_tokens`` tokens can encode: text longer than this cannot fit
+        them and is refused without being tokenized (an 8 MB prompt took minutes for a 4096-token
+        context). Each token covers at most its longest piece's bytes; 4x spare for normalization."""
+        if self._longest is None:
+            self._longest = max((len(self.token_bytes(i)) for i in range(self.vocab_size)), default=1)
+        return 4 * (n_tokens + 1) * max(self._longest, 1)
+
+    _longest: int | None = None
+
     # ------------------------------------------------------------------ decoding
     def _check_id(self, i: int) -> None:
         if not 0 <= i < self.vocab_size:
