@@ -635,3 +635,61 @@ def test_max_chars_never_refuses_a_text_that_fits(model_file: Path) -> None:
     for text in ("Hello there", "a" * 1000, " " * 500, "e\u0301" * 300, "日本語のテキスト" * 50,
                  "\n\n\t" * 99, "[INST] hi [/INST]" * 20, "\U0001F600" * 100):
         assert len(text) <= tok.max_chars(len(tok.encode(text))), text[:20]
+
+
+def test_connections_without_a_request_are_closed() -> None:
+    """A connection whose request headers do not come within HEADER_TIMEOUT (none, or a part of
+    them: a slowloris) is closed; past the cap a new connection closes the longest-idle one, so
+    idle sockets can neither exhaust the descriptors nor lock new clients out."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from mlxtral.server.connections import GuardedH11Protocol
+
+    class Transport:
+        def __init__(self) -> None:
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return {"sockname": ("127.0.0.1", 1), "peername": ("127.0.0.1", 2)}.get(name, default)
+
+        def pause_reading(self) -> None: ...
+        def resume_reading(self) -> None: ...
+        def write(self, data: bytes) -> None: ...
+
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    config = uvicorn.Config(app, http=GuardedH11Protocol)
+    config.load()
+    loop = asyncio.new_event_loop()
+    state = ServerState()
+    try:
+        def connect() -> tuple[GuardedH11Protocol, Transport]:
+            p = GuardedH11Protocol(config=config, server_state=state, app_state={}, _loop=loop)
+            t = Transport()
+            p.connection_made(t)  # type: ignore[arg-type]
+            return p, t
+
+        p, t = connect()
+        p.data_received(b"POST /v1/completions HTTP/1.1\r\nX-a: ")  # part of a header, then nothing
+        assert p._deadline is not None and not t.closed
+        p._headers_late()  # what the deadline calls
+        assert t.closed
+        p.connection_lost(None)
+        old = GuardedH11Protocol.limit
+        GuardedH11Protocol.limit = 2
+        try:
+            conns = [connect() for _ in range(3)]  # the third closes the first, the longest idle
+            assert [t.closed for _, t in conns] == [True, False, False]
+        finally:
+            GuardedH11Protocol.limit = old
+    finally:
+        loop.close()

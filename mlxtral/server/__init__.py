@@ -90,8 +90,14 @@ def run(model: Any, sock: socket.socket, *, model_name: str | None = None, paral
     server: Any = None
     app = create_app(model, sched, model_name or model.path.name, api_key=api_key,
                      stopping=lambda: server is not None and server.should_exit, log=log)
+    import logging
+
+    from mlxtral.server.connections import AcceptErrorFilter, GuardedH11Protocol
+
+    logging.getLogger("asyncio").addFilter(AcceptErrorFilter())
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30)
+                            http=GuardedH11Protocol, timeout_graceful_shutdown=graceful_timeout,
+                            timeout_keep_alive=30)
     server = uvicorn.Server(config)
     if on_ready is not None:
         on_ready()
