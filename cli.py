@@ -919,10 +919,12 @@ def perplexity(
         # a chunk at a time from an empty cache: the KV cache holds --ctx positions, and a chunk's
         # logits are computed at once (both in the memory plan)
         m = load_model(model, backend, ctx, experts_per_token, quiet=as_json, memory_budget=memory_budget,
-                       prefetch=prefetch, logits_rows=ctx, dtype=dtype, asked=f"--ctx {ctx}")
+                       prefetch=prefetch, logits_rows=ctx, dtype=dtype,
+                       asked=f"{kl_base} was computed with ctx {ctx}" if kl else f"--ctx {ctx}")
     except OutOfMemoryError as e:
-        fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: a "
-             "smaller --ctx needs less)", e.exit_code)
+        why = f"{kl_base} was computed with ctx {ctx}" if kl else "a smaller --ctx needs less"
+        fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: {why})",
+             e.exit_code)
     ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")
     info = {"model": str(m.path), "backend": m.backend_name, "dtype": m.dtype,
             "text": str(text_file) if text_file else None}

@@ -291,6 +291,15 @@ def test_base_refusals(raw_path: Path, tmp_path: Path) -> None:
         m.kl_divergence(tmp_path / "missing.kld")
     with pytest.raises(UsageError, match="is a folder"):
         m.perplexity(ids, ctx=CTX, kl_base=tmp_path)
+    # a sparse file whose header claims a context (or a token count) beyond any: refused from the
+    # header, before the tokens are read (1.2 GB went in before the context check)
+    for n_ctx, n_chunk in ((100_000_000, 1), (1 << 16, 1 << 10)):
+        sparse = tmp_path / f"sparse{n_ctx}.kld"
+        with open(sparse, "wb") as f:
+            f.write(kld.MAGIC + np.array([n_ctx, 1, n_chunk], dtype="<i4").tobytes())
+            f.truncate(kld.file_size(n_ctx, 1, n_chunk))
+        with pytest.raises(FormatError, match="bad header|more than the"):
+            kld.read_base(sparse)
 
 
 # ---- the command line ------------------------------------------------------------------------------------

@@ -186,6 +186,10 @@ class BaseFile:
         return np.asarray(np.memmap(self.path, dtype="<u2", mode="r", offset=off, shape=(n, nv)))
 
 
+MAX_BASE_CTX = 1 << 20  # positions: beyond any model's context
+MAX_BASE_TOKENS = 1 << 24  # tokens read whole (64 MB); a real base of that many is ~0.5 TB of records
+
+
 def read_base(path: str | os.PathLike[str]) -> BaseFile:
     """The header of a base file (ours or llama-perplexity's), checked: magic, sane sizes, and a file
     size that matches them exactly. FormatError, one line, otherwise."""
@@ -204,8 +208,11 @@ def read_base(path: str | os.PathLike[str]) -> BaseFile:
             raise FormatError("does not look like a file of log-probabilities (llama-perplexity's "
                               "--kl-divergence-base format)", p)
         n_ctx, n_vocab, n_chunk = (int(x) for x in np.frombuffer(head, dtype="<i4", offset=8, count=3))
-        if n_ctx < 3 or n_vocab < 1 or n_chunk < 1:
+        if n_ctx < 3 or n_vocab < 1 or n_chunk < 1 or n_ctx > MAX_BASE_CTX:
             raise FormatError(f"bad header: n_ctx {n_ctx}, n_vocab {n_vocab}, n_chunk {n_chunk}", p)
+        if n_chunk * n_ctx > MAX_BASE_TOKENS:  # read before the records: bounded whatever the header says
+            raise FormatError(f"holds {n_chunk} chunks of {n_ctx} tokens, more than the {MAX_BASE_TOKENS} "
+                              "tokens a base file is read with (a base that large would be terabytes)", p)
         size = os.fstat(f.fileno()).st_size
         want = file_size(n_ctx, n_vocab, n_chunk)
         if size != want:
