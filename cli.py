@@ -744,6 +744,7 @@ def bench(
     m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
                    prefetch=prefetch, distributed=distributed, dtype=dtype,
                    asked=f"-p {n_prompt} and -n {n_gen} need {need} positions")
+    load_before = _load_average()
     status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -782,6 +783,7 @@ def bench(
         "seeds": seeds,
         "memory_plan": m.memory_plan.as_dict() if m.memory_plan is not None else None,
         "expert_cache": m.expert_cache_stats(),
+        "load_average": load_before,  # the 1-minute load when the runs began (None: not known here)
     }
     if distributed is not None:
         out["distributed"] = {"mode": distributed, "ranks": ranks}
@@ -800,6 +802,14 @@ def bench(
     _print_bench(out, res)
     if expert_stats:
         print_expert_stats(m)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the system does not keep one)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
@@ -829,6 +839,11 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
                 t.add_row("llama.cpp", label, f"{ll[key]:.2f} (best)",
                           f"{ll[key]:.2f}  (ours x{r[key.split('_')[0]]:.2f})")
     con.print(t)
+    load, cores = out.get("load_average"), os.cpu_count() or 1
+    if load is not None and load > cores / 2:
+        con.print(f"[yellow]the machine was busy when the runs began (load {load:.1f} on {cores} cores): "
+                  "these figures, and the ratios to llama.cpp, are not to be trusted[/yellow]",
+                  highlight=False)
     if out.get("expert_cache"):
         from mlxtral.expert_stats import cache_table
 

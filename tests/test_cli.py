@@ -421,6 +421,18 @@ def test_bench_json(models: dict[str, Path]) -> None:
     assert m3["efficiency"] == pytest.approx(13 / (400 / 25.8), rel=1e-3)
     assert m3["scaled_here_tok_s"] == pytest.approx(m3["efficiency"] * d["ceiling_tg_tok_s"], rel=1e-2)
     assert np.array(d["expert_stats"]["counts"]).shape == (2, 4)
+    assert d["load_average"] is None or d["load_average"] >= 0
+
+
+def test_bench_says_when_the_machine_was_busy(models: dict[str, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded machine makes the figures (and llama.cpp ratios) meaningless: the table says so."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))
+    r = run("bench", models["dense"], "-p", "8", "-n", "2", "-r", "1", "--bandwidth", "10")
+    assert r.exit_code == 0 and "the machine was busy" in r.stdout and "load 50.0" in r.stdout, r.output
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    quiet = run("bench", models["dense"], "-p", "8", "-n", "2", "-r", "1", "--bandwidth", "10")
+    assert "busy" not in quiet.stdout
 
 
 def test_bench_table_and_bad_compare(models: dict[str, Path]) -> None:
