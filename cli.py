@@ -274,8 +274,10 @@ def _warm(m: Any) -> Any:
 
 def follower_rank() -> int | None:
     """This process's rank when ``mlx.launch`` started it and it is not rank 0, else None."""
-    from mlxtral.distributed.group import launched_rank
-
+    try:
+        from mlxtral.distributed.group import launched_rank
+    except MemoryError:  # called by fail(), maybe for a MemoryError: its line must still come out
+        return None
     r = launched_rank()
     return r if r else None
 

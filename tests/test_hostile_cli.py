@@ -91,7 +91,7 @@ def script_error(p: subprocess.CompletedProcess, code: int) -> str:
 # prompt's file (perplexity: the text's), -a alias (llama-server), -h help.
 LLAMA_SHORT = {"-t": {"threads"}, "-p": {"prompt", "n_prompt"}, "-n": {"max_tokens", "n_gen"},
                "-c": {"max_context"}, "-s": {"seed"}, "-r": {"repeats"}, "-sys": {"system"}, "-h": {"help"},
-               "-f": {"prompt_file", "text_file"}, "-a": {"alias"}}
+               "-f": {"prompt_file", "text_file"}, "-a": {"alias"}, "-e": {"escape"}}
 
 
 def _short_flags(cmd_name: str) -> dict[str, str]:
