@@ -932,14 +932,15 @@ def perplexity(
     apply_threads(threads)
     from mlxtral.errors import OutOfMemoryError
 
+    base_ctx = f"{kl_base} was computed with ctx {ctx}"  # with --kl-divergence: what set the context
     try:
         # a chunk at a time from an empty cache: the KV cache holds --ctx positions, and a chunk's
         # logits are computed at once (both in the memory plan)
         m = load_model(model, backend, ctx, experts_per_token, quiet=as_json, memory_budget=memory_budget,
                        prefetch=prefetch, logits_rows=ctx, dtype=dtype,
-                       asked=f"{kl_base} was computed with ctx {ctx}" if kl else f"--ctx {ctx}")
+                       asked=base_ctx if kl else f"--ctx {ctx}")
     except OutOfMemoryError as e:
-        why = f"{kl_base} was computed with ctx {ctx}" if kl else "a smaller --ctx needs less"
+        why = base_ctx if kl else "a smaller --ctx needs less"
         fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: {why})",
              e.exit_code)
     ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")

@@ -27,7 +27,7 @@ import numpy as np
 from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError, TokenizerError
 from mlxtral.formats import Checkpoint
-from mlxtral.qtensor import AffineTensor, QTensor
+from mlxtral.qtensor import AffineTensor, QTensor, stored_qtype
 from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
 from mlxtral.quant.ggml import dequantize, squared_error_terms
 
@@ -308,7 +308,7 @@ def _write_mlx(ckpt: Checkpoint, folder: Path, prec: Precision, group_size: int,
                 rep = TensorReport(mod, kind, m.shape)
                 for e, part in enumerate(m.parts):
                     src = ckpt.tensors[part]
-                    rep.src_qtype = getattr(src, "stored", "") or src.qtype
+                    rep.src_qtype = stored_qtype(src)
                     if m.copy and isinstance(src, AffineTensor):
                         _copy_affine(w, mod, e, src, m.permute_heads, rep)
                         if progress is not None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from mlxtral.config import ModelArgs
 from mlxtral.errors import FormatError
-from mlxtral.qtensor import AffineTensor, QTensor, Tensor
+from mlxtral.qtensor import AffineTensor, QTensor, Tensor, stored_qtype
 from mlxtral.quant.ggml import rmse_from_terms, squared_error_terms
 
 from .policy import exact_repack
@@ -279,7 +279,7 @@ def encode_gguf(t: Tensor, qtype: str, report: TensorReport) -> np.ndarray:
     """
     from mlxtral.quant.ggml import dequantize, quantize, quantized_shape
 
-    report.src_qtype = report.src_qtype or getattr(t, "stored", "") or t.qtype
+    report.src_qtype = report.src_qtype or stored_qtype(t)
     if t.qtype == qtype:
         report.copied = True
         return np.asarray(t.data)

@@ -240,9 +240,6 @@ class Model:
         return None if c is None else np.asarray(c)
 
 
-MLX_DTYPES = ("float16", "bfloat16", "float32")  # what the MLX backend computes in
-
-
 def load(
     path: str | os.PathLike[str],
     backend: str = "auto",
@@ -326,10 +323,9 @@ def load(
     from mlxtral.display import show
 
     if dtype is not None:  # refused before any weight is read
-        key = str(dtype).lower().removeprefix("mlx.core.")
-        if key not in MLX_DTYPES:
-            raise UsageError(f"unknown dtype {show(dtype)}: choose one of {', '.join(MLX_DTYPES)} (the MLX "
-                             "backend's compute dtype)")
+        from mlxtral.backends import mlx_dtype_name
+
+        key = mlx_dtype_name(dtype)
         if name == "numpy" and key != "float32":
             raise UsageError(f"the NumPy backend computes in float32: dtype {key} is for the MLX backend "
                              "(--backend mlx)")

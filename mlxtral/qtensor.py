@@ -263,3 +263,8 @@ def as_f32(t: Tensor) -> QTensor:
     if isinstance(t, QTensor) and t.qtype == "F32":
         return t
     return QTensor("F32", tuple(t.shape), t.dequantize(), stored=t.qtype)
+
+
+def stored_qtype(t: Tensor) -> str:
+    """The type the file stores ``t`` as (a BF16 norm held as F32 says BF16)."""
+    return getattr(t, "stored", "") or t.qtype

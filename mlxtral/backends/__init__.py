@@ -35,4 +35,20 @@ def check_threads(n: object, name: str = "threads") -> int:
     return int(n)
 
 
+MLX_DTYPES = ("float16", "bfloat16", "float32")  # what the MLX backend computes in
+
+
+def mlx_dtype_name(dtype: object) -> str:
+    """``dtype`` ("float16", "BFloat16", ``mx.float32``...) as one of :data:`MLX_DTYPES`;
+    :class:`UsageError` naming the choices otherwise. No MLX import: NumPy runs check it too."""
+    from mlxtral.display import show
+    from mlxtral.errors import UsageError
+
+    key = str(dtype).lower().removeprefix("mlx.core.")
+    if key not in MLX_DTYPES:
+        raise UsageError(f"unknown dtype {show(dtype)}: choose one of {', '.join(MLX_DTYPES)} (the MLX "
+                         "backend's compute dtype)")
+    return key
+
+
 default_threads()  # before numba's import reads the variable

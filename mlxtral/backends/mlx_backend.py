@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from mlxtral.backends import MLX_DTYPES, mlx_dtype_name
 from mlxtral.backends.mlx_sampling import make_sampler
 from mlxtral.backends.mlx_weights import Weight, float_array, to_weight, to_weight_stack
 from mlxtral.backends.numerics import check_logits, non_finite_error
@@ -51,7 +52,7 @@ from mlxtral.expert_cache.layout import KINDS
 from mlxtral.qtensor import QTensor, Tensor
 from mlxtral.sampling import SamplingParams
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {name: getattr(mx, name) for name in MLX_DTYPES}  # mlx_dtype_name's names -> MLX types
 SORT_THRESHOLD = 64  # token-expert pairs from which the MoE sorts by expert (mlx-lm's choice)
 
 
@@ -65,12 +66,7 @@ def on_metal() -> bool:
 def resolve_dtype(dtype: str | None) -> mx.Dtype:
     if dtype is None:
         return mx.float16 if on_metal() else mx.float32
-    key = str(dtype).lower().removeprefix("mlx.core.")
-    if key not in DTYPES:
-        from mlxtral.display import show
-
-        raise UsageError(f"unsupported MLX dtype {show(str(dtype))}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[key]
+    return DTYPES[mlx_dtype_name(dtype)]
 
 
 @mx.compile
