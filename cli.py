@@ -158,6 +158,9 @@ def write_json(obj: Any, keep_unicode: bool = False) -> None:
 # ---- shared helpers -------------------------------------------------------------------------------
 
 
+OUT_OF_MEMORY = "out of memory: try a smaller model, a smaller --max-context, or a quantized file"
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``. File-derived text in the
     message (tensor names, metadata, paths) cannot drive the terminal: control characters, ESC/CSI/OSC
@@ -205,12 +208,14 @@ def handle_errors(fn: F) -> F:
                 pass
             raise typer.Exit(0) from None
         except (MemoryError, RuntimeError, OSError, ImportError) as e:
-            from mlxtral.address_space import explain
+            from mlxtral.address_space import explain, out_of_memory, release_reserve
 
+            if out_of_memory(e) is not None:
+                release_reserve()
             if (why := explain(e)) is not None:  # under ulimit -v: not enough address space
                 fail(str(why), why.exit_code)
             if isinstance(e, MemoryError):
-                fail("out of memory: try a smaller model, a smaller --max-context, or a quantized file")
+                fail(OUT_OF_MEMORY)
             if not isinstance(e, OSError):
                 raise
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
@@ -276,7 +281,7 @@ def follower_rank() -> int | None:
     """This process's rank when ``mlx.launch`` started it and it is not rank 0, else None."""
     try:
         from mlxtral.distributed.group import launched_rank
-    except MemoryError:  # called by fail(), maybe for a MemoryError: its line must still come out
+    except (MemoryError, OSError):  # called by fail(), maybe for a MemoryError: its line must come out
         return None
     r = launched_rank()
     return r if r else None
@@ -1118,15 +1123,41 @@ def main() -> None:
     # optional charset detector cannot load, e.g. under a low ``ulimit -v``: not the user's concern,
     # and it would make a one-line error three
     warnings.filterwarnings("ignore", module=r"requests(\.|$)")
-    from mlxtral.address_space import AddressSpaceError, check_startup
+    from mlxtral.address_space import AddressSpaceError, check_startup, hold_reserve
 
     try:  # before numba or a model is loaded: below a command's minimum, LLVM and glibc abort
         check_startup(sys.argv[1:])
     except AddressSpaceError as e:
         sys.stderr.write(f"error: {e}\n")
         raise SystemExit(e.exit_code) from None
+    hold_reserve()
+    import mlxtral.display  # noqa: F401 - fail()'s one import, loaded while there is memory for it
+
     _wide_help_when_piped()
-    app(prog_name="mlxtral")
+    try:
+        app(prog_name="mlxtral")
+    except Exception as e:  # noqa: BLE001 - reporting a failure failed in its turn
+        _last_resort(e)
+        raise
+
+
+def _last_resort(e: BaseException) -> None:
+    """When memory ran out and reporting it ran out too (an import, an ``__exit__`` or the line
+    itself raising again while unwinding), still one line and exit 1; returns for anything else."""
+    from mlxtral.address_space import explain, out_of_memory, release_reserve
+
+    oom = out_of_memory(e)
+    if oom is None:
+        return
+    release_reserve()
+    cur: BaseException | None = e
+    for _ in range(64):  # the frames the tracebacks hold may be what filled the memory
+        if cur is None:
+            break
+        cur.__traceback__, cur = None, cur.__context__
+    why = explain(oom)
+    os.write(2, f"error: {why if why is not None else OUT_OF_MEMORY}\n".encode())
+    raise SystemExit(1) from None
 
 
 HELP_WIDTH = 160  # columns of --help written to a pipe or a file (rich's 80 cut option names)

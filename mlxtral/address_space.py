@@ -36,6 +36,11 @@ _MIN_BY_COMMAND = {"chat": MIN_RUN, "generate": MIN_RUN, "bench": MIN_RUN, "conv
 
 _NO_ROOM = ("failed to map segment", "cannot allocate memory", "cannot map", "out of memory")
 _expected = 0  # the address space the current work was estimated to need (for messages)
+# Address space held from the start and given back when memory runs out, so that reporting the
+# failure (unwinding, a module import, the line itself) does not fail in its turn. Untouched
+# zero pages: it costs no RAM. Included in the measured minimums above.
+RESERVE = 16 * MB
+_reserve: bytearray | None = None
 
 
 class AddressSpaceError(OutOfMemoryError):
@@ -111,6 +116,33 @@ def command_minimum(argv: Sequence[str]) -> int:
 def check_startup(argv: Sequence[str]) -> None:
     """At the CLI's entry, before numba or a model is loaded: the command's measured minimum."""
     check(command_minimum(argv))
+
+
+def hold_reserve() -> None:
+    """Take the reserve (at the CLI's start), if there is room for it."""
+    global _reserve
+    try:
+        _reserve = bytearray(RESERVE)
+    except MemoryError:
+        _reserve = None
+
+
+def release_reserve() -> None:
+    """Give the reserve back: memory ran out and the failure is being reported."""
+    global _reserve
+    _reserve = None
+
+
+def out_of_memory(e: BaseException) -> BaseException | None:
+    """The exception in ``e``'s chain (``e`` itself, or what it interrupted) that says memory or
+    address space ran out, or None. A failure to report a failure is reported as the first one."""
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 64:
+        if isinstance(cur, MemoryError) or (isinstance(cur, OSError) and cur.errno == 12):
+            return cur
+        cur, seen = cur.__context__, seen + 1
+    return None
 
 
 def explain(e: BaseException, what: str = "") -> AddressSpaceError | None:

@@ -96,7 +96,11 @@ def describe(path: str | Path, max_context: int | None = None,
                         "eos_ids": sorted(tok.eos_ids), "chat_template": template,
                         "has_jinja_template": bool(tok.chat_template)}
         except Exception as e:  # the tokenizer's own error is shown, the rest still useful
-            tok_info = {"kind": ckpt.tokenizer.kind, "error": str(e)}
+            from mlxtral.address_space import out_of_memory
+
+            if out_of_memory(e) is not None:  # not the tokenizer's fault: the command's one line
+                raise
+            tok_info = {"kind": ckpt.tokenizer.kind, "error": str(e) or type(e).__name__}
     md = ckpt.metadata or {}
     name = md.get("general.name") if isinstance(md.get("general.name"), str) else None
     return {
@@ -191,7 +195,7 @@ def render(d: dict[str, Any]) -> Any:
         rows.append(("runs here as", mode["summary"] if mode["mode"] != "refused"
                      else f"refused: {mode['reason']}"))
     tok = d["tokenizer"]
-    if tok.get("error"):
+    if "error" in tok:
         rows.append(("tokenizer", f"{tok['kind']}: error: {tok['error']}"))
     elif tok.get("kind"):
         rows.append(("tokenizer", f"{tok['kind']}, {tok['vocab_size']} tokens, BOS {tok['bos_id']}, "

@@ -308,6 +308,72 @@ def test_file_larger_than_the_address_space_is_one_line(tmp_path: Path) -> None:
     assert "raise it" in out and "\n" not in out
 
 
+_REPORT_FAILS = """
+import errno, sys
+import mlxtral.cli as cli
+import mlxtral.info
+
+def describe(*a, **k):  # memory runs out in the command
+    raise MemoryError
+
+def follower_rank():  # and again while its line is being written (an import, in CI)
+    raise OSError(errno.ENOMEM, "Cannot allocate memory", "/x/mlxtral/distributed")
+
+mlxtral.info.describe = describe
+cli.follower_rank = follower_rank
+sys.argv = ["mlxtral", "info", sys.argv[1]]
+cli.main()
+"""
+
+
+def test_failure_while_reporting_out_of_memory_is_still_one_line(tmp_path: Path, gguf_path: Path) -> None:
+    """Memory ran out, and reporting it ran out too (in CI: fail()'s import under ulimit -v, then
+    every __exit__ on the way up): still one line and exit 1, not a chain of tracebacks."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", _REPORT_FAILS, str(gguf_path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == ("error: out of memory: try a smaller model, a smaller --max-context, "
+                        "or a quantized file\n")
+
+
+def test_out_of_memory_found_in_the_chain() -> None:
+    from mlxtral.address_space import out_of_memory
+
+    first = MemoryError()
+    try:
+        try:
+            raise first
+        except MemoryError:
+            raise KeyError("x") from None  # from None hides the cause, not the context
+    except KeyError as e:
+        assert out_of_memory(e) is first
+    assert out_of_memory(OSError(12, "Cannot allocate memory")) is not None
+    assert out_of_memory(OSError(2, "No such file")) is None
+    loop = ValueError()
+    loop.__context__ = loop  # a cycle ends
+    assert out_of_memory(loop) is None
+
+
+def test_info_does_not_call_memory_a_tokenizer_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mlxtral import info, tokenizer
+
+    args = tiny_args(vocab_size=32000)
+    p = write_gguf(tmp_path / "v.gguf", random_weights(args, seed=4), args)
+
+    def no_memory(*a: object, **k: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(tokenizer, "load_tokenizer", no_memory)
+    with pytest.raises(MemoryError):
+        info.describe(p)
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda *a, **k: (_ for _ in ()).throw(ValueError()))
+    d = info.describe(p)
+    assert d["tokenizer"]["error"] == "ValueError"  # an error without text is still named
+    info.render(d)
+
+
 def _have_demo() -> bool:
     from mlxtral.demo import source_path
     from mlxtral.errors import MlxtralError

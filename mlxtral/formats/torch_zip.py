@@ -389,6 +389,8 @@ def load_torch_zip(path: str | Path) -> tuple[dict[str, SafeTensor], mmap.mmap]:
         raise UnsafeCheckpointError(e.message, path) from None
     except FormatError as e:
         raise FormatError(e.message, path) from None
+    except MemoryError:  # not the file's fault: the command's out-of-memory line
+        raise
     except Exception as e:  # any malformed pickle: never a traceback for the user
         raise FormatError(f"corrupt data.pkl ({e.__class__.__name__}: {_detail(e)})", path) from None
     return _state_dict(obj, path), mm
