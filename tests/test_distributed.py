@@ -348,6 +348,44 @@ def test_a_killed_rank_ends_the_others(tmp_path: Path, tiny_moe: Path, victim: i
     _one_error_line(err)
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux")
+def test_an_idle_follower_sleeps(tmp_path: Path, tiny_moe: Path) -> None:
+    """While rank 0's chat waits for its user, the follower sleeps on the doorbell: it used a third
+    of a core polling inside the collective (7 CPU-seconds per 20 s). Then it answers as before."""
+    hosts = _hostfile(tmp_path, 2)
+    ranks = [_rank(i, hosts, _chat(tiny_moe)) for i in range(2)]
+    try:
+        out = []
+        for msg in ("Hello", "Again"):
+            ranks[0].stdin.write(msg + "\n")  # type: ignore[union-attr]
+            ranks[0].stdin.flush()  # type: ignore[union-attr]
+            line = ""
+            deadline = time.time() + 120
+            while time.time() < deadline and not line.strip():
+                line = ranks[0].stdout.readline()  # type: ignore[union-attr]
+            out.append(line)
+            if msg == "Hello":
+                time.sleep(1)
+                c0 = _cpu_seconds(ranks[1].pid)
+                time.sleep(4)
+                idle = _cpu_seconds(ranks[1].pid) - c0
+        assert all(x.strip() for x in out), out
+        assert idle < 0.5, f"the idle follower used {idle:.2f} CPU-seconds in 4 s"
+        _, err = ranks[0].communicate("", timeout=60)
+        assert ranks[0].returncode == 0, err
+        assert ranks[1].wait(60) == 0
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+
+
 def test_a_hung_rank_ends_the_others_after_the_timeout(tmp_path: Path, tiny_moe: Path) -> None:
     hosts = _hostfile(tmp_path, 2)
     ranks = [_rank(i, hosts, _chat(tiny_moe), MLXTRAL_DIST_TIMEOUT="3") for i in range(2)]

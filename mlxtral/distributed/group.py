@@ -298,6 +298,8 @@ class Group:
         self.comm_seconds = 0.0  # time spent in collectives (waiting included)
         self.comm_bytes = 0  # bytes this rank contributed to collectives and sends
         self.pinned: list[int] = []
+        self.doorbell: Any = None  # rank 0 rings before each command (distributed.doorbell)
+        self.doorbell_tried = False
 
     def _finalize_if_stopped(self) -> None:
         """At rank 0's exit: MPI_Finalize waits for every rank, so only after the others were told to

@@ -34,6 +34,8 @@ def send(group: Group, cmd: Command) -> None:
     hdr[2 : 2 + len(cmd.fields)] = cmd.fields
     if n <= INLINE:
         hdr[FIELDS : FIELDS + n] = cmd.payload
+    if (bell := getattr(group, "doorbell", None)) is not None:
+        bell.ring()
     group.all_sum(hdr, "a command")
     if n > INLINE:
         group.all_sum(np.ascontiguousarray(cmd.payload, dtype=np.int32), "a command")
@@ -41,7 +43,11 @@ def send(group: Group, cmd: Command) -> None:
 
 def receive(group: Group) -> Command:
     """The other ranks: the next command from rank 0 (waits as long as rank 0 is idle: a chat that
-    waits for its user; a rank 0 that dies ends the wait at once)."""
+    waits for its user; a rank 0 that dies ends the wait at once). With a doorbell the wait is a
+    sleep until rank 0 rings, not a poll inside the collective."""
+    if (bell := getattr(group, "doorbell", None)) is not None and not bell.wait():
+        raise DistributedError(f"rank {group.rank}: lost the other ranks while waiting for rank 0 "
+                               f"(the doorbell closed)")
     hdr = group.all_sum(np.zeros(HEADER, dtype=np.int32), "waiting for rank 0", wait=False)
     op, n = int(hdr[0]), int(hdr[1])
     if op not in (FORWARD, RUNS, STATS, STOP, COUNTS, WARM) or not 0 <= n <= MAX_PAYLOAD:

@@ -1,0 +1,149 @@
+"""The distributed doorbell (mlxtral.distributed.doorbell) on a group of threads: set-up, the
+token check, ringing, a rank 0 that ends, and a group without a host file."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mlxtral.distributed import doorbell
+
+
+class ThreadGroup:
+    """``all_sum`` across threads, one per rank."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.barrier = threading.Barrier(size)
+        self.parts: list[Any] = [None] * size
+        self.result: Any = None
+
+    def rank_view(self, rank: int) -> Any:
+        outer = self
+
+        class View:
+            def __init__(self) -> None:
+                self.rank, self.size = rank, outer.size
+
+            def all_sum(self, x: np.ndarray, what: str = "", wait: bool = True) -> np.ndarray:
+                outer.parts[rank] = x.copy()
+                if outer.barrier.wait(30) == 0:
+                    outer.result = sum(outer.parts)
+                outer.barrier.wait(30)
+                out = outer.result.copy()
+                outer.barrier.wait(30)
+                return out  # type: ignore[no-any-return]
+
+        return View()
+
+
+def _connect_all(size: int) -> list[doorbell.Doorbell | None]:
+    g = ThreadGroup(size)
+    bells: list[doorbell.Doorbell | None] = [None] * size
+
+    def run(r: int) -> None:
+        bells[r] = doorbell.connect(g.rank_view(r))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return bells
+
+
+def _hosts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, host: str = "127.0.0.1") -> None:
+    f = tmp_path / "hosts.json"
+    f.write_text(json.dumps([[f"{host}:{5000 + i}"] for i in range(n)]))
+    monkeypatch.setenv("MLX_HOSTFILE", str(f))
+    monkeypatch.delenv("MLXTRAL_DIST_DOORBELL", raising=False)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_ring_wakes_every_follower_and_a_closed_rank0_ends_the_wait(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     size: int) -> None:
+    _hosts(tmp_path, monkeypatch, size)
+    bells = _connect_all(size)
+    assert all(b is not None for b in bells)
+    lead, followers = bells[0], bells[1:]
+    assert lead is not None and len(lead.socks) == size - 1
+    for _ in range(3):
+        lead.ring()
+        assert all(f is not None and f.wait() for f in followers)
+    lead.close()
+    assert all(f is not None and not f.wait() for f in followers)  # rank 0 ended: no hang
+    for f in followers:
+        assert f is not None
+        f.close()
+
+
+def test_without_a_host_file_no_rank_has_a_doorbell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLX_HOSTFILE", raising=False)
+    assert _connect_all(2) == [None, None]
+    _hosts(tmp_path, monkeypatch, 2)
+    monkeypatch.setenv("MLXTRAL_DIST_DOORBELL", "0")
+    assert _connect_all(2) == [None, None]
+
+
+@pytest.mark.parametrize("text", ["", "[]", "[[]]", "{}", '"x"', "[[5]]", '[["nohost"]]', '[["a b:1"]]',
+                                  "[" * 100000, "\xff"])
+def test_a_bad_host_file_is_no_doorbell(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "hosts.json"
+    f.write_text(text, encoding="utf-8", errors="surrogateescape")
+    assert doorbell.rank0_host({"MLX_HOSTFILE": str(f)}) is None
+    assert doorbell.rank0_host({"MLX_HOSTFILE": str(tmp_path / "missing.json")}) is None
+    assert doorbell.rank0_host({}) is None
+
+
+def test_host_file_forms() -> None:
+    import tempfile
+
+    for hosts, want in [([["10.0.0.1:5000", "10.0.0.2:5001"], ["10.0.0.3:5000"]], "10.0.0.1"),
+                        ([["[::1]:5000"], ["[::1]:5001"]], "::1"), (["127.0.0.1:5000"], "127.0.0.1")]:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(hosts, f)
+        assert doorbell.rank0_host({"MLX_HOSTFILE": f.name}) == want
+        Path(f.name).unlink()
+
+
+def test_rank0_accepts_only_followers_with_the_token() -> None:
+    """Whoever else connects to rank 0's port (a scanner, an attacker, a stray follower of another
+    group) is closed: it can neither take a follower's place nor stall the set-up past its deadline."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    token = b"t" * doorbell.TOKEN_BYTES
+    deadline = time.monotonic() + 10
+    strangers = []
+    for hello in (b"wrong token.....\x01\x00\x00\x00", token + (7).to_bytes(4, "little"), b"short"):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(hello)
+        strangers.append(s)
+    silent = socket.create_connection(("127.0.0.1", port))  # says nothing: dropped after its 2 s
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.extend(doorbell._accept(listener, token, 2, deadline)))
+    t.start()
+    mine = [doorbell._dial("127.0.0.1", port, token, r, deadline) for r in (1, 2)]
+    t.join(30)
+    assert len(got) == 2 and all(m is not None for m in mine)
+    bell = doorbell.Doorbell(got)
+    bell.ring()
+    assert all(m is not None and m.recv(1) == b"\x01" for m in mine)
+    for s in [*strangers, silent, *mine, *got, listener]:
+        if s is not None:
+            s.close()
+
+
+def test_a_follower_that_never_comes_fails_the_setup_in_time() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    t0 = time.monotonic()
+    assert doorbell._accept(listener, b"t" * doorbell.TOKEN_BYTES, 1, t0 + 0.5) == []
+    assert time.monotonic() - t0 < 5
+    listener.close()
+    assert doorbell._dial("127.0.0.1", 1, b"t" * 16, 1, time.monotonic() + 0.3) is None
