@@ -655,6 +655,10 @@ def serve(
     sock = bind(host, port)  # before the model loads: a taken port is one line at once
     m = load_model(model, backend, max_context, None, memory_budget=memory_budget, distributed=distributed,
                    dtype=dtype)
+    if distributed is not None:  # a server never reads stdin: mlx.launch's relay need not poll it
+        from mlxtral.distributed.relay import quiet_relay
+
+        quiet_relay()
     h, p = sock.getsockname()[:2]
     shown = f"[{h}]" if ":" in h else h
 

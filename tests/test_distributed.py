@@ -539,6 +539,39 @@ def test_serve_across_ranks(tmp_path: Path, tiny_moe: Path, mode: str) -> None:
                 p.wait(30)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux")
+def test_an_idle_server_under_mlx_launch_costs_no_cpu(tmp_path: Path, tiny_moe: Path) -> None:
+    """`mlx.launch -n 2 ... serve --distributed expert`, idle: the follower sleeps on the doorbell and
+    the launcher's relay no longer spins on the ranks' stdin pipes (23 CPU-seconds per 20 s before)."""
+    import urllib.request
+
+    port = _free_port(1)
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port(2)), "--python",
+           sys.executable, "--", *MLXTRAL, "serve", str(tiny_moe), "--backend", "numpy", "--port", str(port),
+           "--distributed", "expert"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         cwd=ROOT, start_new_session=True)  # stdin a pipe that stays open, as a terminal
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.3)
+        time.sleep(1)
+        pids = [p.pid, *(int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                          text=True).stdout.split())]
+        assert len(pids) == 3, pids  # the launcher and its two ranks
+        before = [_cpu_seconds(x) for x in pids]
+        time.sleep(3)
+        used = [_cpu_seconds(x) - b for x, b in zip(pids, before, strict=True)]
+        assert max(used) < 0.5, f"CPU-seconds in 3 idle seconds (launcher, ranks): {used}"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+
+
 def test_warm_reaches_every_rank() -> None:
     """Rank 0's ``warm`` (a server's, before it listens) is a command: every follower compiles or
     loads its decode steps then, side by side with rank 0, not at the first batched request."""

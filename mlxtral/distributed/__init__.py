@@ -9,6 +9,8 @@ engine (``mx.distributed``: the ring backend over TCP, or MPI), started by ``mlx
 - :mod:`~mlxtral.distributed.protocol`: the commands rank 0 broadcasts (one per forward).
 - :mod:`~mlxtral.distributed.doorbell`: rank 0 rings before each command, so that the ranks
   waiting for one sleep instead of polling inside the collective.
+- :mod:`~mlxtral.distributed.relay`: a rank that never reads stdin fills the pipe ``mlx.launch``
+  would otherwise poll.
 - :mod:`~mlxtral.distributed.runner`: rank 0's backend and the other ranks' loop.
 - :mod:`~mlxtral.distributed.pipeline`: the pipeline forward, micro-batched.
 

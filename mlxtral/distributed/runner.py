@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mlxtral.distributed import pipeline, protocol
+from mlxtral.distributed import pipeline, protocol, relay
 from mlxtral.distributed.group import DistributedError, Group, end_with
 from mlxtral.distributed.placement import Placement
 from mlxtral.distributed.protocol import COUNTS, FORWARD, RUNS, STATS, STOP, WARM, Command
@@ -288,6 +288,7 @@ def follow(backend: Any, group: Group, place: Placement) -> None:
     """The loop of every rank but 0; ends the process when rank 0 says stop (status 0) or goes
     away (one line, status 1). Ctrl-C is rank 0's to handle: the followers ignore it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    relay.quiet_relay()  # a follower never reads stdin
     code, msg = 0, ""
     try:
         _Follower(backend, group, place).run()
