@@ -246,9 +246,10 @@ def resolve_model(model: str | None) -> Path:
 def load_model(model: str | None, backend: str, max_context: int | None, experts_per_token: int | None,
                quiet: bool = False, memory_budget: str | None = None, prefetch: bool = True,
                distributed: str | None = None, logits_rows: int = 1, dtype: str | None = None,
-               asked: str | None = None) -> Any:
+               asked: str | None = None, reads_stdin: bool = False) -> Any:
     """``mlxtral.load`` with the command's flags; ``asked``: what on the command line set
-    ``max_context`` (default ``--max-context N``), for the line refusing more than the model's."""
+    ``max_context`` (default ``--max-context N``), for the line refusing more than the model's;
+    ``reads_stdin``: the command reads stdin after loading (chat)."""
     import mlxtral
     from mlxtral.errors import ContextLengthError
 
@@ -265,6 +266,10 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
         fail(f"{asked or f'--max-context {e.asked}'}: above the model's context length {e.limit}", 2)
     if m.streaming:
         err_console.print(f"[dim]{m.memory_plan.describe()}[/dim]", highlight=False, soft_wrap=True)
+    if distributed is not None and not reads_stdin:  # mlx.launch's relay need not poll rank 0's stdin
+        from mlxtral.distributed.relay import quiet_relay
+
+        quiet_relay()
     return m
 
 
@@ -453,7 +458,7 @@ def chat(
     seed = _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, max_tokens, seed)
     apply_threads(threads)
     m = load_model(model, backend, max_context, experts_per_token, memory_budget=memory_budget,
-                   prefetch=prefetch, distributed=distributed, dtype=dtype)
+                   prefetch=prefetch, distributed=distributed, dtype=dtype, reads_stdin=True)
     max_tokens = _token_limit(max_tokens, m)
     opts = SamplingOptions(max_tokens, temp, top_k, top_p, min_p, repeat_penalty, seed)
     loop = ChatLoop(m, opts, system=system, show_stats=not no_stats)
@@ -655,10 +660,6 @@ def serve(
     sock = bind(host, port)  # before the model loads: a taken port is one line at once
     m = load_model(model, backend, max_context, None, memory_budget=memory_budget, distributed=distributed,
                    dtype=dtype)
-    if distributed is not None:  # a server never reads stdin: mlx.launch's relay need not poll it
-        from mlxtral.distributed.relay import quiet_relay
-
-        quiet_relay()
     h, p = sock.getsockname()[:2]
     shown = f"[{h}]" if ":" in h else h
 

@@ -4,7 +4,7 @@
 the rank's stdout and stderr *and its stdin pipe for writing*. A pipe with room is always
 writable, so the wait returns at once and the thread spins for as long as the rank runs: measured
 here, an idle 2-rank ``serve`` cost the launcher 5.8 CPU-seconds per 5 s (more than a core of a
-2-core machine). A rank that never reads its stdin (every rank but 0, and rank 0 of ``serve``)
+2-core machine). A rank that never reads its stdin (every rank but 0, and rank 0 but in ``chat``)
 fills that pipe once (64 KiB the kernel holds, never read): the pipe is then not writable, and
 the relay sleeps until there is output (measured: 0.01 CPU-seconds per 5 s).
 
