@@ -224,6 +224,17 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def pick_model(command: str, model: str | None, flag: str | None, required: bool) -> str | None:
+    """MODEL, or ``-m``/``--model`` MODEL (llama.cpp's and mlx-lm's habit): one of them; for the
+    commands whose model has no default, one is needed (exit 2, as click's missing argument)."""
+    where = f"mlxtral {command}: "
+    if model is not None and flag is not None:
+        fail(f"{where}the model is given twice ({model!r} and -m {flag!r}): give MODEL or -m MODEL", 2)
+    if model is None and flag is None and required:
+        fail(f"{where}missing the model: give MODEL or -m MODEL", 2)
+    return model if model is not None else flag
+
+
 def resolve_model(model: str | None) -> Path:
     """A model path; ``None`` or ``demo`` (when no such file exists) is the built-in demo model."""
     if model is not None and (model != DEMO or Path(model).exists()):
@@ -359,6 +370,8 @@ ThreadsOpt = typer.Option(None, "--threads", "-t",
 BudgetOpt = typer.Option(None, "--memory-budget",
                          help="Memory the run may use, e.g. 12GB or 150MB (default: what is available). "
                               "A model larger than this streams its experts from disk.")
+ModelOpt = typer.Option(None, "--model", "-m", metavar="MODEL", show_default=False,
+                        help="The model, in place of MODEL (llama.cpp's -m, mlx-lm's --model).")
 DistributedOpt = typer.Option(None, "--distributed",
                               help="expert (whole experts), expert-rows (every expert's rows) or "
                                    "pipeline (layers): split the model across the processes mlx.launch "
@@ -427,6 +440,7 @@ def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_
 @handle_errors
 def chat(
     model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
+    model_opt: str = ModelOpt,
     system: str = typer.Option(None, "--system", "-sys", help="System prompt."),  # noqa: B008
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", "--n-predict",
                                    help="Longest answer, in tokens (-1: no limit but the context)."),
@@ -450,6 +464,7 @@ def chat(
     distributed: str = DistributedOpt,
 ) -> None:
     """Chat with a model (the built-in demo model when MODEL is omitted)."""
+    model = pick_model("chat", model, model_opt, False)
     from mlxtral.chat import ChatLoop, SamplingOptions, read_interactive, read_piped
 
     follow_if_not_rank0(distributed, model, backend, max_context, experts_per_token, threads, memory_budget,
@@ -501,7 +516,8 @@ def chat(
              "  echo 'Summarize: ...' | mlxtral generate model.gguf -p - --chat")
 @handle_errors
 def generate(
-    model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    model: str = typer.Argument(None, help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    model_opt: str = ModelOpt,
     prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
     prompt_file: Path = typer.Option(None, "--file", "-f",  # noqa: B008
                                      help="Read the prompt from this file (UTF-8), as llama-cli's -f."),
@@ -531,6 +547,7 @@ def generate(
     distributed: str = DistributedOpt,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; the stats line goes to stderr."""
+    model = pick_model("generate", model, model_opt, True)
     follow_if_not_rank0(distributed, model, backend, max_context, experts_per_token, threads, memory_budget,
                         prefetch, dtype)
     need_stdout()
@@ -613,6 +630,7 @@ def generate(
 @handle_errors
 def serve(
     model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
+    model_opt: str = ModelOpt,
     host: str = typer.Option("127.0.0.1", "--host",
                              help="Address to listen on (default: this machine only)."),
     port: int = typer.Option(8080, "--port", help="Port to listen on (0: any free port)."),
@@ -644,6 +662,7 @@ def serve(
     distributed: str = DistributedOpt,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
+    model = pick_model("serve", model, model_opt, False)
     from mlxtral.server import bind, check_api_key, check_installed, run
 
     follow_if_not_rank0(distributed, model, backend, max_context, None, threads, memory_budget, dtype=dtype)
@@ -688,7 +707,8 @@ def serve(
              "  mlxtral info demo")
 @handle_errors
 def info(
-    model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    model: str = typer.Argument(None, help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    model_opt: str = ModelOpt,
     max_context: int = MaxContextOpt,
     experts_per_token: int = ExpertsOpt,
     backend: str = BackendOpt,
@@ -696,6 +716,7 @@ def info(
     memory_budget: str = BudgetOpt,
 ) -> None:
     """Describe a model: format, architecture, parameters (all and active), tensor types, memory."""
+    model = pick_model("info", model, model_opt, True)
     from mlxtral.info import describe, render
 
     need_stdout()
@@ -715,7 +736,8 @@ def info(
              "  mlxtral bench model.gguf --compare llama.cpp --llamacpp-python ~/llamacpp/bin/python")
 @handle_errors
 def bench(
-    model: str = typer.Argument(..., help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    model: str = typer.Argument(None, help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
+    model_opt: str = ModelOpt,
     n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=0, help="Prompt tokens to prefill (pp)."),
     n_gen: int = typer.Option(128, "--n-gen", "-n", min=0, help="Tokens to generate one at a time (tg)."),
     repeats: int = typer.Option(3, "--repetitions", "-r", min=1, help="Timed runs of each test."),
@@ -739,6 +761,7 @@ def bench(
     distributed: str = DistributedOpt,
 ) -> None:
     """Measure prompt processing and generation speed (llama-bench style), against the seed figures."""
+    model = pick_model("bench", model, model_opt, True)
     from mlxtral.bench import measure_bandwidth, run_bench, run_llamacpp, seed_rows
     from mlxtral.info import active_weight_bytes
     from mlxtral.sampling import check_number
@@ -897,6 +920,7 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
 @handle_errors
 def perplexity(
     model: str = typer.Argument(None, help="GGUF file or model folder; omitted: the built-in demo model."),  # noqa: B008
+    model_opt: str = ModelOpt,
     text_file: Path = typer.Option(None, "--file", "-f",  # noqa: B008
                                    help="The text (UTF-8). Optional with --kl-divergence (the base holds "
                                    "the tokens; given, it must be the base's text)."),
@@ -917,6 +941,7 @@ def perplexity(
     prefetch: bool = PrefetchOpt,
 ) -> None:
     """Perplexity (llama-perplexity's protocol) and KL divergence against a reference run."""
+    model = pick_model("perplexity", model, model_opt, False)
     from mlxtral.evaluation import kld as kld_mod
     from mlxtral.evaluation import perplexity as ppl_mod
     from mlxtral.evaluation import report

@@ -91,7 +91,7 @@ def script_error(p: subprocess.CompletedProcess, code: int) -> str:
 # prompt's file (perplexity: the text's), -a alias (llama-server), -h help.
 LLAMA_SHORT = {"-t": {"threads"}, "-p": {"prompt", "n_prompt"}, "-n": {"max_tokens", "n_gen"},
                "-c": {"max_context"}, "-s": {"seed"}, "-r": {"repeats"}, "-sys": {"system"}, "-h": {"help"},
-               "-f": {"prompt_file", "text_file"}, "-a": {"alias"}, "-e": {"escape"}}
+               "-f": {"prompt_file", "text_file"}, "-a": {"alias"}, "-e": {"escape"}, "-m": {"model_opt"}}
 
 
 def _short_flags(cmd_name: str) -> dict[str, str]:
@@ -114,8 +114,9 @@ def test_short_flags_mean_what_they_mean_in_llamacpp(cmd: str) -> None:
         assert opt in LLAMA_SHORT and name in LLAMA_SHORT[opt], (cmd, opt, name)
     if cmd not in ("info", "convert", "upcycle"):
         assert shorts.get("-t") == "threads"
-    for gone in ("-b", "-m"):  # llama.cpp: batch size, model path
-        assert gone not in shorts
+    assert "-b" not in shorts  # llama.cpp: batch size
+    if cmd not in ("convert", "upcycle"):  # llama.cpp's -m, mlx-lm's --model: the model
+        assert shorts.get("-m") == "model_opt"
 
 
 def test_t_is_threads_and_temperature_is_temp_only(models: dict[str, Path], restore_threads: Any) -> None:
@@ -131,7 +132,23 @@ def test_t_is_threads_and_temperature_is_temp_only(models: dict[str, Path], rest
             "-sys", "Be brief.", "--chat", "--json")
     assert r.exit_code == 0, r.output
     assert run("generate", models["moe"], "-p", "Hi", "-b", "numpy").exit_code == 2  # no -b
-    assert run("generate", models["moe"], "-p", "Hi", "-m", "1GB").exit_code == 2  # no -m
+    assert run("generate", models["moe"], "-p", "Hi", "-m", "1GB").exit_code == 2  # -m is the model: twice
+
+
+@pytest.mark.parametrize("flag", ["-m", "--model"])
+def test_the_model_as_llamacpp_and_mlx_lm_give_it(models: dict[str, Path], flag: str) -> None:
+    """``-m MODEL`` (llama-cli) and ``--model MODEL`` (mlx_lm.generate) in place of MODEL: the same
+    run; both, or neither where the model has no default, is one line and exit 2."""
+    plain = run("generate", models["moe"], "-p", "Hello there", "-n", "6", "--json")
+    flagged = run("generate", flag, models["moe"], "-p", "Hello there", "-n", "6", "--json")
+    assert plain.exit_code == flagged.exit_code == 0, flagged.output
+    assert json.loads(flagged.stdout)["text"] == json.loads(plain.stdout)["text"]
+    assert run("info", flag, models["moe"], "--json").exit_code == 0
+    for cmd in ("generate", "info", "bench"):
+        r = run(cmd, "-p", "8") if cmd != "info" else run(cmd)
+        assert r.exit_code == 2 and "missing the model: give MODEL or -m MODEL" in r.output, r.output
+    r = run("info", models["moe"], flag, models["moe"])
+    assert r.exit_code == 2 and "the model is given twice" in r.output, r.output
 
 
 # ---- 2. sampling parameters: finite and in range ------------------------------------------------------
