@@ -31,6 +31,52 @@ def _hide_flag_types(params: list[Any]) -> list[Any]:
     return params
 
 
+def _click() -> Any:
+    """The click typer runs on (typer >= 0.2x carries its own)."""
+    click: Any = getattr(typer.core, "_click", None)
+    if click is None:
+        import click
+    return click
+
+
+# llama.cpp's multi-letter flags, which click would read as a one-letter flag and its value
+# (``-ngl 99`` as ``-n gl``): refused by name, with what to do instead
+LLAMA_LONG_SHORTS = {
+    "-ngl": "mlxtral offloads no layers: --backend mlx runs the whole model on Apple's GPU, numpy on the CPU",
+    "-fa": "llama.cpp's flash-attention switch: mlxtral has none",
+    "-cnv": "for a conversation use 'mlxtral chat'", "-no-cnv": "'mlxtral generate' answers once",
+    "-tb": "--threads (-t) sets the threads of prompt and generation alike",
+    "-ctk": "mlxtral has no KV-cache type flag", "-ctv": "mlxtral has no KV-cache type flag",
+    "-sm": "to split a model across processes or machines see --distributed",
+    "-ts": "to split a model across processes or machines see --distributed",
+}
+
+
+def _refuse_run_together(cmd: Any, ctx: Any, args: list[str]) -> None:
+    """An unknown single-dash word (``-ngl``, ``-fa``, ``-cnv``) where an option may stand is refused
+    by name, not read as ``-n gl``. Values (the word after an option that takes one) are skipped."""
+    known, takes_value = set(), set()
+    for p in cmd.params:
+        opts = [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+        known.update(opts)
+        if getattr(p, "param_type_name", "") == "option" and not getattr(p, "is_flag", False):
+            takes_value.update(o for o in opts if "=" not in o)
+    i = 0
+    while i < min(len(args), 1 << 16):
+        a = args[i]
+        if a == "--":
+            return
+        if a in takes_value:
+            i += 2
+            continue
+        if 3 <= len(a) <= 64 and a[0] == "-" and a[1] != "-" and a[1:].replace("-", "").isalpha() \
+                and a.isascii() and a not in known:
+            hint = LLAMA_LONG_SHORTS.get(a)
+            raise _click().exceptions.NoSuchOption(a, message=f"No such option: {a}" + (f" ({hint})" if hint
+                                                   else ""), ctx=ctx)
+        i += 1
+
+
 class _Group(typer.core.TyperGroup):
     """The ``mlxtral`` command group: every command's ``--help`` shows no type after a plain flag."""
 
@@ -41,16 +87,21 @@ class _Group(typer.core.TyperGroup):
         cmd = super().get_command(ctx, cmd_name)
         if cmd is not None:
             _hide_flag_types(cmd.get_params(ctx))
+            if not getattr(cmd, "_checks_run_together", False):
+                parse = cmd.parse_args
+
+                def parse_args(c: Any, args: list[str], _cmd: Any = cmd, _parse: Any = parse) -> Any:
+                    _refuse_run_together(_cmd, c, args)
+                    return _parse(c, args)
+
+                cmd.parse_args, cmd._checks_run_together = parse_args, True
         return cmd
 
     def main(self, *args: Any, standalone_mode: bool = True, **kw: Any) -> Any:
         """As click's, but a wrong argument (unknown option, bad value, missing argument) is one line
         ``error: <command>: <problem> (see <command> --help)`` with exit 2, like every other error,
         not a framed block."""
-        click: Any = getattr(typer.core, "_click", None)  # typer >= 0.2x carries its own click
-        if click is None:
-            import click
-
+        click = _click()
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kw)
         message = None
@@ -227,11 +278,11 @@ def handle_errors(fn: F) -> F:
 def pick_model(command: str, model: str | None, flag: str | None, required: bool) -> str | None:
     """MODEL, or ``-m``/``--model`` MODEL (llama.cpp's and mlx-lm's habit): one of them; for the
     commands whose model has no default, one is needed (exit 2, as click's missing argument)."""
-    where = f"mlxtral {command}: "
+    where, see = f"mlxtral {command}: ", f" (see 'mlxtral {command} --help')"
     if model is not None and flag is not None:
-        fail(f"{where}the model is given twice ({model!r} and -m {flag!r}): give MODEL or -m MODEL", 2)
+        fail(f"{where}the model is given twice ({model!r} and -m {flag!r}): give MODEL or -m MODEL{see}", 2)
     if model is None and flag is None and required:
-        fail(f"{where}missing the model: give MODEL or -m MODEL", 2)
+        fail(f"{where}missing the model: give MODEL or -m MODEL{see}", 2)
     return model if model is not None else flag
 
 

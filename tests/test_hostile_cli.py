@@ -135,6 +135,23 @@ def test_t_is_threads_and_temperature_is_temp_only(models: dict[str, Path], rest
     assert run("generate", models["moe"], "-p", "Hi", "-m", "1GB").exit_code == 2  # -m is the model: twice
 
 
+@pytest.mark.parametrize("cmd", ["generate", "chat", "bench", "serve", "info", "perplexity", "convert"])
+@pytest.mark.parametrize("word", ["-ngl", "-fa", "-cnv", "-no-cnv", "-tb", "-xyz"])
+def test_llamacpp_multi_letter_flags_are_refused_by_name(cmd: str, word: str) -> None:
+    """click reads ``-ngl 99`` as ``-n gl`` and ``-fa`` as ``-f a``: the error named the wrong flag."""
+    r = run(cmd, "model.gguf", *(["out.gguf"] if cmd == "convert" else []), word, "2")
+    assert r.exit_code == 2, r.output
+    assert f"No such option: {word}" in one_line_error(r, 2)
+
+
+def test_a_dash_word_as_a_value_is_still_a_value(models: dict[str, Path]) -> None:
+    r = run("generate", models["moe"], "-p", "-hello", "-n", "2", "--json")  # the prompt "-hello"
+    assert r.exit_code == 0, r.output
+    assert run("generate", models["moe"], "-p", "Hi", "-sys", "-be-brief", "-n", "2", "--json").exit_code == 0
+    r = run("generate", models["moe"], "-p", "Hi", "-n", "2", "--", "-ngl")  # after --: an argument
+    assert r.exit_code == 2 and "unexpected extra argument" in r.output, r.output
+
+
 @pytest.mark.parametrize("flag", ["-m", "--model"])
 def test_the_model_as_llamacpp_and_mlx_lm_give_it(models: dict[str, Path], flag: str) -> None:
     """``-m MODEL`` (llama-cli) and ``--model MODEL`` (mlx_lm.generate) in place of MODEL: the same
