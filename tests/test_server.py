@@ -318,6 +318,26 @@ def test_bad_parameters_are_400(server: Server, body: dict[str, Any], param: str
     assert len(e["message"]) < 400  # a huge value is not echoed whole
 
 
+def test_llama_server_parameter_names(server: Server) -> None:
+    """llama-server's ``repeat_penalty`` and ``n_predict`` mean mlx-lm's/OpenAI's
+    ``repetition_penalty`` and ``max_tokens``; both names at once must agree."""
+    msgs = [{"role": "user", "content": "Hello"}]
+    base = {"messages": msgs, "temperature": 0}
+    url = "/v1/chat/completions"
+    code, a = server.http("POST", url, {**base, "max_tokens": 5, "repetition_penalty": 1.3})
+    code2, b = server.http("POST", url, {**base, "n_predict": 5, "repeat_penalty": 1.3})
+    assert code == code2 == 200, (a, b)
+    assert a["choices"][0]["message"] == b["choices"][0]["message"] and b["usage"]["completion_tokens"] <= 5
+    code, c = server.http("POST", "/v1/completions", {"prompt": "The quick", "n_predict": -1,
+                                                      "temperature": 0})
+    assert code == 200 and c["usage"]["completion_tokens"] > 16  # -1: to the end of the context, not 16
+    code, e = server.http("POST", "/v1/chat/completions", {**base, "repeat_penalty": 1.1,
+                                                          "repetition_penalty": 1.2})
+    assert code == 400 and _is_error(e)["param"] == "repeat_penalty"
+    code, e = server.http("POST", "/v1/chat/completions", {**base, "n_predict": 0})
+    assert code == 400 and _is_error(e)["param"] == "max_tokens"
+
+
 def test_context_overflow_names_the_numbers(server: Server) -> None:
     code, out = server.http("POST", "/v1/completions", {"prompt": list(range(100, 100 + CTX + 5))})
     e = _is_error(out)

@@ -3,7 +3,9 @@ response / stream-chunk builders. No web framework here, so every rule is testab
 
 Supported parameters: messages / prompt, max_tokens (max_completion_tokens), temperature, top_p,
 top_k, min_p, seed, stop, frequency_penalty, presence_penalty (OpenAI's additive penalties over
-the generated tokens), repetition_penalty (llama.cpp's multiplicative one over the last 64 tokens),
+the generated tokens), repetition_penalty (mlx-lm's name; llama-server's repeat_penalty is taken too:
+the multiplicative penalty over the last 64 tokens), n_predict (llama-server's max_tokens; -1: to the
+end of the context),
 logprobs / top_logprobs (of the model's distribution, before penalties and grammar masks),
 n (1 only), stream, stream_options.include_usage, response_format (text, json_object,
 json_schema). Known OpenAI fields without an effect here (model, user, store, metadata, ...) are
@@ -28,6 +30,7 @@ from mlxtral.sampling import SamplingParams, check_seed
 MAX_TOP_LOGPROBS = 20  # chat (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # legacy completions (OpenAI's limit)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy endpoint's documented default
+UNTIL_CONTEXT_END = 1 << 30  # a max_tokens every context cuts
 
 # Accepted, no effect (documented above).
 _IGNORED = {"model", "user", "store", "metadata", "service_tier", "parallel_tool_calls", "modalities",
@@ -38,8 +41,11 @@ _NEUTRAL = {"logit_bias": lambda v: not v, "best_of": lambda v: v in (None, 1), 
             "functions": lambda v: not v, "function_call": lambda v: v in (None, "none"),
             "prediction": lambda v: v is None, "audio": lambda v: v is None,
             "web_search_options": lambda v: v is None}
-_COMMON = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "frequency_penalty",
-           "presence_penalty", "repetition_penalty", "n", "stream", "stream_options", "logprobs"}
+# llama-server's names for the same parameters (a client written for it sends these)
+ALIASES = {"repeat_penalty": "repetition_penalty", "n_predict": "max_tokens"}
+_COMMON = {*ALIASES, "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+           "frequency_penalty", "presence_penalty", "repetition_penalty", "n", "stream", "stream_options",
+           "logprobs"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "response_format"}
 
@@ -136,7 +142,8 @@ def _shown(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def _check_fields(body: Any, allowed: set[str]) -> None:
+def _check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
+    """The body with llama-server's aliases under their OpenAI names (both given and different: 400)."""
     if not isinstance(body, Mapping):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(k for k in body if k not in allowed and k not in _IGNORED and k not in _NEUTRAL)
@@ -146,6 +153,17 @@ def _check_fields(body: Any, allowed: set[str]) -> None:
     for k, neutral in _NEUTRAL.items():
         if k in body and not neutral(body[k]):
             raise ApiError(400, f"{k} is not supported by this server", k)
+    out = dict(body)
+    for alias, name in ALIASES.items():
+        if alias not in out:
+            continue
+        v = out.pop(alias)
+        if alias == "n_predict" and isinstance(v, int) and not isinstance(v, bool) and v == -1:
+            v = UNTIL_CONTEXT_END  # llama-server's -1 (cut to the context like any max_tokens)
+        if name in out and out[name] != v:
+            raise ApiError(400, f"{alias} and {name} are the same parameter: give one", alias)
+        out[name] = v
+    return out
 
 
 def _stops(body: Mapping[str, Any]) -> list[str]:
@@ -250,7 +268,7 @@ def _message_text(k: int, m: Any) -> dict[str, str]:
 
 
 def parse_chat(body: Any, model: Any) -> GenRequest:
-    _check_fields(body, CHAT_FIELDS)
+    body = _check_fields(body, CHAT_FIELDS)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "messages must be a non-empty list", "messages")
@@ -272,7 +290,7 @@ def parse_chat(body: Any, model: Any) -> GenRequest:
 
 
 def parse_completion(body: Any, model: Any) -> GenRequest:
-    _check_fields(body, COMPLETION_FIELDS)
+    body = _check_fields(body, COMPLETION_FIELDS)
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]  # one prompt in a batch of one
