@@ -194,8 +194,11 @@ class Model:
     @staticmethod
     def _is_chat(prompt: str | Messages | Sequence[int], chat: bool | None) -> bool:
         """Whether ``prompt`` is a chat (messages, a string with ``chat``, ids of a chat template
-        with ``chat``): its answer is text of its own; otherwise the text continues the prompt's."""
-        return bool(chat) or (len(prompt) > 0 and isinstance(prompt[0], dict))  # type: ignore[index]
+        with ``chat``): its answer is text of its own; otherwise the text continues the prompt's (as
+        it does a conversation ending with an assistant message: a prefill)."""
+        if len(prompt) > 0 and isinstance(prompt[0], dict):
+            return prompt[-1].get("role") != "assistant"  # type: ignore[index,union-attr]
+        return bool(chat)
 
     def generate(self, prompt: str | Messages | Sequence[int], max_tokens: int = 256, **kw: Any) -> str:
         """The whole answer as a string (see :meth:`stream` for the arguments)."""

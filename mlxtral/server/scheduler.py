@@ -100,7 +100,7 @@ class _Seq:
         self.history = list(self.ids)
         self.generated: list[int] = []
         # a completion continues its prompt's text; a chat answer is text of its own
-        self.decoder = tokenizer.stream_decoder(after=self.ids if h.req.kind == "completion" else ())
+        self.decoder = tokenizer.stream_decoder(after=self.ids if h.req.continues else ())
         self.matcher = _StopMatcher(h.req.stop)
 
 

@@ -35,8 +35,10 @@ as control ids); messages' contents are plain text (:meth:`Tokenizer.encode_plai
 content ever becomes a control or user-defined token, whatever the vocabulary calls the markers.
 Adjacent text (a role name and its content) is tokenized together, as the rendered template is.
 
-Messages are mappings with ``role`` (``system`` first only, then ``user`` and ``assistant``
-alternating, starting with ``user``) and ``content`` (str). Anything else raises ``ChatError``.
+Messages are mappings with ``role`` (``system``, ``user``, ``assistant``) and ``content`` (str).
+The Mistral format needs ``system`` first only, then ``user`` and ``assistant`` alternating from
+``user``; ChatML takes any order. A last ``assistant`` message is continued (a prefill). Anything
+else raises ``ChatError``.
 
 Multi-turn chat with a reused KV cache: ``chat_delta`` gives the ids that follow the previous
 turn, see its docstring.
@@ -139,8 +141,13 @@ def default_system_prompt(template: str | None) -> str | None:
         pos = k + 1
 
 
-def validate_messages(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> None:
-    """Raise ChatError unless: optional system first, then user/assistant alternating from user."""
+def validate_messages(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool,
+                      alternate: bool = True) -> None:
+    """Raise ChatError unless every message is a mapping with a known role and string content, and
+    the conversation has a user or assistant message. ``alternate`` (the Mistral format, whose
+    ``[INST]`` blocks need it, as mistral-common checks): an optional system message first, then
+    user/assistant alternating from user. ChatML takes any order, as its Jinja template renders it.
+    A last assistant message with ``add_generation_prompt`` is a prefill: the answer continues it."""
     if not messages:
         raise ChatError("the conversation is empty")
     expect = "user"
@@ -152,21 +159,25 @@ def validate_messages(messages: Sequence[Mapping[str, Any]], add_generation_prom
             raise ChatError(f"message {k} has unknown role {show(role)} (expected system, user or assistant)")
         if not isinstance(content, str):
             raise ChatError(f"message {k} ({role}) content must be a string, not {type(content).__name__}")
+        if not alternate:
+            continue
         if role == "system":
             if k != 0:
-                raise ChatError(f"message {k} is a system message: only the first message may be one")
+                raise ChatError(f"message {k} is a system message: the Mistral format takes one, first")
             continue
         if role != expect:
             raise ChatError(
-                f"message {k} is {show(role)} but {expect!r} was expected: roles must alternate "
-                "user/assistant, starting with user (after an optional system message)"
+                f"message {k} is {show(role)} but {expect!r} was expected: the Mistral format needs "
+                "user/assistant turns alternating, starting with user (after an optional system message)"
             )
         expect = "assistant" if role == "user" else "user"
-    if messages[-1]["role"] == "system":
+    if all(m["role"] == "system" for m in messages):
         raise ChatError("the conversation has a system message but no user message")
-    if add_generation_prompt and messages[-1]["role"] != "user":
-        last = messages[-1]["role"]
-        raise ChatError(f"the last message must be from the user to prompt an answer, not {show(last)}")
+
+
+def _prefill(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> bool:
+    """The last message is an assistant's to continue (llama-server's assistant prefill)."""
+    return add_generation_prompt and messages[-1]["role"] == "assistant"
 
 
 def _special_id(tokenizer: Tokenizer, text: str) -> int:
@@ -211,7 +222,8 @@ def _encode_parts(tokenizer: Tokenizer, parts: Sequence[_Part | int]) -> list[in
     return out
 
 
-def _mistral_segments(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]]) -> list[list[int]]:
+def _mistral_segments(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], prefill: bool = False
+                      ) -> list[list[int]]:
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise _template_error(tokenizer, "the Mistral chat format needs BOS and EOS tokens")
     version = mistral_version(tokenizer)
@@ -239,7 +251,8 @@ def _mistral_segments(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]
                 segs.append(_encode_parts(tokenizer, [inst, *text, end_inst]))  # type: ignore[list-item]
         else:
             answer = content if version == "v1" else content.rstrip(" ")
-            segs.append([*tokenizer.encode_plain(answer), tokenizer.eos_id])
+            open_end = prefill and k == len(messages) - 1  # to be continued: no EOS
+            segs.append([*tokenizer.encode_plain(answer), *([] if open_end else [tokenizer.eos_id])])
     segs.append([])  # the generation prompt is the user turn itself
     return segs
 
@@ -248,8 +261,9 @@ def _segments(
     tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, template: str
 ) -> list[list[int]]:
     """The prompt as id lists (a head, one per message, a tail) whose concatenation is the prompt."""
+    prefill = _prefill(messages, add_generation_prompt)
     if template == "mistral":
-        return _mistral_segments(tokenizer, messages)
+        return _mistral_segments(tokenizer, messages, prefill)
     if template == "chatml":
         start, end = _special_id(tokenizer, "<|im_start|>"), _special_id(tokenizer, _IM_END)
         head: list[int] = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
@@ -257,10 +271,12 @@ def _segments(
         if messages[0]["role"] != "system" and default is not None:
             head += _encode_parts(tokenizer, [start, ("system\n" + default, True), end, ("\n", True)])
         segs = [head]
-        for m in messages:
-            segs.append(_encode_parts(tokenizer, [start, (m["role"] + "\n", True), (m["content"], False), end,
-                                                  ("\n", True)]))
-        segs.append(_encode_parts(tokenizer, [start, ("assistant\n", True)]) if add_generation_prompt else [])
+        for k, m in enumerate(messages):
+            close: list[_Part | int] = [] if prefill and k == len(messages) - 1 else [end, ("\n", True)]
+            segs.append(_encode_parts(tokenizer, [start, (m["role"] + "\n", True), (m["content"], False),
+                                                  *close]))
+        opening = add_generation_prompt and not prefill
+        segs.append(_encode_parts(tokenizer, [start, ("assistant\n", True)]) if opening else [])
         return segs
 
     raise TokenizerError(f"unknown chat template {show(template, 30)} (known: {', '.join(TEMPLATES)})")
@@ -276,8 +292,8 @@ def apply_chat_template(
 
     ``template`` forces ``"mistral"`` or ``"chatml"``; by default it is ``template_name(tokenizer)``.
     """
-    validate_messages(messages, add_generation_prompt)
     name = template or template_name(tokenizer)
+    validate_messages(messages, add_generation_prompt, alternate=name == "mistral")
     return [i for seg in _segments(tokenizer, messages, add_generation_prompt, name) for i in seg]
 
 
@@ -298,10 +314,10 @@ def chat_delta(
     produced for its last answer (``</s>``, ``<|im_end|>``), fed back to the model: the delta
     then also holds what the template writes after that token (ChatML: ``"\\n"``).
     """
-    validate_messages(messages, add_generation_prompt)
+    name = template or template_name(tokenizer)
+    validate_messages(messages, add_generation_prompt, alternate=name == "mistral")
     if len(messages) < 2 or messages[-1]["role"] != "user" or messages[-2]["role"] != "assistant":
         raise ChatError("chat_delta needs a conversation ending with an assistant answer then a user message")
-    name = template or template_name(tokenizer)
     prefix = [i for seg in _segments(tokenizer, messages[:-1], False, name) for i in seg]
     full = [i for seg in _segments(tokenizer, messages, add_generation_prompt, name) for i in seg]
     if full[: len(prefix)] != prefix:
