@@ -279,8 +279,17 @@ class Group:
             if lib is not None:
                 os.environ["MLX_MPI_LIBNAME"] = lib
         _StderrFilter.install()
+        deadline = time.monotonic() + _timeout()
         try:
-            self.group = mx.distributed.init(strict=True, backend=self.backend)
+            while True:
+                try:
+                    self.group = mx.distributed.init(strict=True, backend=self.backend)
+                    break
+                except RuntimeError as e:
+                    # the ring gives up on a peer that is not listening after ~30 s: a rank that
+                    # starts slowly (a loaded machine, a cold disk) is waited for up to the timeout
+                    if "couldn't connect" not in str(e).lower() or time.monotonic() > deadline:
+                        raise
         except (RuntimeError, ValueError) as e:
             hint = ""
             if self.backend == "mpi":
