@@ -1123,6 +1123,9 @@ def convert(
     src: str = typer.Argument(..., help="GGUF file or model folder (HF, Mistral original, MLX); "  # noqa: B008
                               "'demo': the built-in demo model."),
     out: Path = typer.Argument(..., help="Output GGUF file or MLX folder."),  # noqa: B008
+    type_: str = typer.Argument(None, metavar="[TYPE]", show_default=False,  # noqa: B008
+                                help="The output type as llama-quantize takes it (Q4_K_M, Q8_0, F16...), "
+                                "in place of its flag."),
     q4: bool = typer.Option(False, "--q4", "--q4_0", "--q4-0",
                             help="4-bit (GGUF Q4_0 / MLX 4-bit); the default."),
     q4_1: bool = typer.Option(False, "--q4_1", "--q4-1", help="4-bit with offsets (GGUF Q4_1)."),
@@ -1157,8 +1160,16 @@ def convert(
     SRC 'demo' is the built-in demo model."""
     flags = (q4, q4_1, q8, f16, bf16, f32, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
     chosen = [name for name, on in zip(_CONVERT_TYPES + _KQUANT_MIXES, flags, strict=True) if on]
+    shown = {"q4_0": "q4", "q8_0": "q8"}  # the flags' first names
+    if type_ is not None:
+        key = type_.strip().lower().replace("-", "_")
+        if key not in _CONVERT_TYPES + _KQUANT_MIXES:
+            known = ", ".join(t.upper() for t in _CONVERT_TYPES + _KQUANT_MIXES)
+            fail(f"convert: unknown type {type_[:40]!r} (known: {known})", 2)
+        if chosen and chosen != [key]:
+            fail(f"choose one output type, got {type_[:40]} and --{shown.get(chosen[0], chosen[0])}", 2)
+        chosen = [key]
     if len(chosen) > 1:
-        shown = {"q4_0": "q4", "q8_0": "q8"}  # the flags' first names
         fail(f"choose one output type, got {', '.join('--' + shown.get(c, c) for c in chosen)}", 2)
     if fmt is not None and fmt.lower() not in ("gguf", "mlx"):
         fail(f"--format {fmt}: expected gguf or mlx", 2)

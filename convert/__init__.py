@@ -230,5 +230,7 @@ def print_summary(result: ConvertResult, console: Any = None) -> None:
                       f"{size / 1e6:,.1f} MB", err)
     console.print(table)
     gbps = result.bytes_in / max(result.seconds, 1e-9) / 1e6
-    console.print(f"{result.bytes_in / 1e9:.2f} GB -> {result.bytes_out / 1e9:.2f} GB in "
+    from mlxtral.memory import size_text
+
+    console.print(f"{size_text(result.bytes_in)} -> {size_text(result.bytes_out)} in "
                   f"{result.seconds:.1f} s ({gbps:.0f} MB/s){'; verified' if result.verified else ''}")

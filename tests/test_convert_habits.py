@@ -208,6 +208,23 @@ def test_cli_requantize_flag_and_default_in_help(tmp_path: Path, q41_gguf: Path)
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["output.weight"] == "Q4_1"
 
 
+def test_type_as_llama_quantize_takes_it(tmp_path: Path, q41_gguf: Path) -> None:
+    """``convert IN OUT Q8_0`` as ``llama-quantize IN OUT Q8_0``: the same file as ``--q8_0``; an
+    unknown type or a clash with a flag is one line and exit 2."""
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    base = ["convert", str(q41_gguf)]
+    assert runner.invoke(app, [*base, str(a), "Q8_0", "--allow-requantize"]).exit_code == 0
+    assert runner.invoke(app, [*base, str(b), "--q8_0", "--allow-requantize"]).exit_code == 0
+    types = [{t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors} for p in (a, b)]
+    assert types[0] == types[1] and types[0]["blk.0.attn_q.weight"] == "Q8_0"
+    assert runner.invoke(app, [*base, str(a), "q4_k_m", "--allow-requantize", "--force"]).exit_code == 0
+    line = _one_line_error(runner.invoke(app, [*base, str(tmp_path / "c.gguf"), "Q9_X"]), 2)
+    assert "unknown type 'Q9_X'" in line and "Q4_K_M" in line
+    line = _one_line_error(runner.invoke(app, [*base, str(tmp_path / "c.gguf"), "Q8_0", "--q4"]), 2)
+    assert "choose one output type" in line
+    assert not (tmp_path / "c.gguf").exists()
+
+
 # ---- 2. a tensor type we cannot read: one line, before the progress bar --------------------------
 
 _DIM = 256  # a row of every block type
