@@ -151,24 +151,29 @@ def test_a_follower_that_never_comes_fails_the_setup_in_time() -> None:
 
 # ---- mlx.launch's relay (mlxtral.distributed.relay) ------------------------------------------------
 _FILL = """
-import sys, time
+import os, sys, time
 from mlxtral.distributed.relay import quiet_relay
+while not os.path.exists(os.path.join(sys.argv[1], "ready")):  # the test's fake /proc is complete
+    time.sleep(0.01)
 print(quiet_relay(sys.argv[1]), flush=True)
 time.sleep(60)  # alive while the test looks at the pipe (a closed reader makes it writable again)
 """
+LAUNCHER = b"/usr/bin/python3\0/venv/bin/mlx.launch\0-n\0002\0"
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd/0").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize(("parent", "piped", "filled"), [
-    (b"/usr/bin/python3\0/venv/bin/mlx.launch\0-n\0002\0", True, True),
-    (b"python\0-m\0pytest\0", True, False),  # not the launcher: its pipe is left alone
-    (b"/venv/bin/mlx.launch\0", False, False),  # stdin a file: nothing to fill
+@pytest.mark.parametrize(("parent", "piped", "ends", "filled"), [
+    (LAUNCHER, True, "real", True),
+    (b"python\0-m\0pytest\0", True, "real", False),  # not the launcher: its pipe is left alone
+    (b"bash\0-c\0python -m mlxtral.cli generate ... 2>>mlx.launch.log\0", True, "real", False),  # a mention
+    (LAUNCHER, True, "read", False),  # the parent holds the pipe's read end only: someone else writes it
+    (LAUNCHER, False, "real", False),  # stdin a file: nothing to fill
 ])
 def test_a_rank_fills_its_stdin_pipe_only_under_mlx_launch(tmp_path: Path, parent: bytes, piped: bool,
-                                                           filled: bool) -> None:
+                                                           ends: str, filled: bool) -> None:
     """mlx.launch's relay thread selects on the rank's stdin for writing: a rank that never reads
     stdin fills the pipe once, so the relay sleeps instead of spinning (measured: an idle 2-rank
-    serve cost the launcher 23 CPU-seconds per 20 s, now 0)."""
+    serve cost the launcher 23 CPU-seconds per 20 s, now 0). Only a pipe the launcher writes."""
     import os
     import select
     import subprocess
@@ -177,12 +182,23 @@ def test_a_rank_fills_its_stdin_pipe_only_under_mlx_launch(tmp_path: Path, paren
     proc = tmp_path / "proc"
     (proc / "self").mkdir(parents=True)
     (proc / "self" / "fd").symlink_to("/proc/self/fd")  # the real one, as the child sees it
-    (proc / str(os.getpid())).mkdir()
-    (proc / str(os.getpid()) / "cmdline").write_bytes(parent)  # the child's parent is this process
+    me = proc / str(os.getpid())  # the child's parent is this process
+    me.mkdir()
+    (me / "cmdline").write_bytes(parent)
     with open(tmp_path / "in.txt", "w+b") as file:
         p = subprocess.Popen([sys.executable, "-c", _FILL, str(proc)], stdout=subprocess.PIPE, text=True,
                              stdin=subprocess.PIPE if piped else file)
         try:
+            if ends == "real":
+                (me / "fd").symlink_to(f"/proc/{os.getpid()}/fd")
+                (me / "fdinfo").symlink_to(f"/proc/{os.getpid()}/fdinfo")
+            else:
+                assert p.stdin is not None
+                (me / "fd").mkdir()
+                (me / "fdinfo").mkdir()
+                (me / "fd" / "7").symlink_to(f"pipe:[{os.fstat(p.stdin.fileno()).st_ino}]")
+                (me / "fdinfo" / "7").write_text("pos:\t0\nflags:\t0100000\n")  # O_RDONLY
+            (proc / "ready").touch()
             assert p.stdout is not None
             n = int(p.stdout.readline())
             if piped:

@@ -8,8 +8,9 @@ here, an idle 2-rank ``serve`` cost the launcher 5.8 CPU-seconds per 5 s (more t
 fills that pipe once (64 KiB the kernel holds, never read): the pipe is then not writable, and
 the relay sleeps until there is output (measured: 0.01 CPU-seconds per 5 s).
 
-Only when the parent process is ``mlx.launch`` and stdin is a pipe: a rank started by hand, by
-``mpirun``, over ssh, or with stdin from a file or a terminal is left alone. The launcher's own main
+Only when stdin is a pipe whose write end the parent holds and the parent runs ``mlx.launch``: a
+rank started by hand, by ``mpirun``, over ssh, or with stdin from a file, a terminal or a pipe of
+someone else's is left alone. The launcher's own main
 loop still spins when *its* stdin is ``/dev/null`` (it reads the end of file over and over): give
 it a pipe that stays open, or start the ranks yourself.
 """
@@ -23,12 +24,30 @@ MAX_FILL = 1 << 20  # pipes hold 64 KiB by default; never write more than this
 
 
 def _parent_is_mlx_launch(proc: str = "/proc") -> bool:
+    """The parent runs ``mlx.launch`` (one of its first arguments is that script, not a mention of
+    it anywhere) and holds the write end of this process's stdin pipe: the pipe is the launcher's,
+    shared with nobody else."""
+    ppid = os.getppid()
     try:
-        with open(f"{proc}/{os.getppid()}/cmdline", "rb") as f:
-            cmd = f.read(1 << 16)
-    except OSError:
+        with open(f"{proc}/{ppid}/cmdline", "rb") as f:
+            argv = f.read(1 << 16).split(b"\0")[:3]  # python, the script (or mlx.launch itself)
+        if not any(os.path.basename(a) == b"mlx.launch" for a in argv):
+            return False
+        mine = os.fstat(0).st_ino
+        fds = os.listdir(f"{proc}/{ppid}/fd")[:4096]
+    except (OSError, ValueError):
         return False
-    return any(s in cmd for s in (b"mlx.launch", b"mlx/_distributed_utils", b"mlx._distributed_utils"))
+    for fd in fds:
+        try:
+            if os.readlink(f"{proc}/{ppid}/fd/{fd}") != f"pipe:[{mine}]":
+                continue
+            with open(f"{proc}/{ppid}/fdinfo/{fd}") as f:
+                flags = next((ln.split()[1] for ln in f if ln.startswith("flags:")), "0")
+            if int(flags, 8) & os.O_ACCMODE == os.O_WRONLY:
+                return True
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
 
 
 def quiet_relay(proc: str = "/proc") -> int:
