@@ -88,8 +88,63 @@ def test_without_a_host_file_no_rank_has_a_doorbell(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("MLX_HOSTFILE", raising=False)
     assert _connect_all(2) == [None, None]
     _hosts(tmp_path, monkeypatch, 2)
-    monkeypatch.setenv("MLXTRAL_DIST_DOORBELL", "0")
-    assert _connect_all(2) == [None, None]
+    for off in ("0", "no", "false"):
+        monkeypatch.setenv("MLXTRAL_DIST_DOORBELL", off)
+        assert _connect_all(2) == [None, None]
+    monkeypatch.setenv("MLXTRAL_DIST_DOORBELL", "yes")
+    assert all(b is not None for b in _connect_all(2))
+
+
+def test_a_rank_without_the_doorbell_means_none_at_once(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``MLXTRAL_DIST_DOORBELL=0`` on one rank only: every rank knows from the first collective, and
+    rank 0 does not wait for a follower that will never dial."""
+    _hosts(tmp_path, monkeypatch, 3)
+    monkeypatch.setattr(doorbell, "enabled", lambda: threading.current_thread().name != "rank2")
+    g = ThreadGroup(3)
+    bells: list[Any] = [1, 1, 1]
+
+    def run(r: int) -> None:
+        bells[r] = doorbell.connect(g.rank_view(r))
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert bells == [None, None, None] and time.monotonic() - t0 < 2
+
+
+def test_a_trickling_connection_cannot_hold_the_setup() -> None:
+    """One byte every 0.5 s kept rank 0 in its accept loop for 37 s (the 2 s applied to each recv):
+    now a connection's whole hello has 2 s, and the real follower still gets in."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    token = b"t" * doorbell.TOKEN_BYTES
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            while not stop.is_set():
+                try:
+                    s.sendall(b"x")
+                except OSError:
+                    return
+                stop.wait(0.5)
+
+    threading.Thread(target=trickle, daemon=True).start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.extend(doorbell._accept(listener, token, 1, t0 + 10)))
+    t.start()
+    mine = doorbell._dial("127.0.0.1", port, token, 1, t0 + 10)
+    t.join(30)
+    stop.set()
+    assert len(got) == 1 and mine is not None and time.monotonic() - t0 < 5
+    for s in [*got, mine, listener]:
+        s.close()
 
 
 @pytest.mark.parametrize("text", ["", "[]", "[[]]", "{}", '"x"', "[[5]]", '[["nohost"]]', '[["a b:1"]]',

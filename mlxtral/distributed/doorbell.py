@@ -11,7 +11,8 @@ costs a wake-up (tens of microseconds) against a forward's milliseconds.
 Rank 0 listens on its own address from the ring's host file (``MLX_HOSTFILE``, written by
 ``mlx.launch``); a follower proves it is one with a random token rank 0 broadcast in a collective.
 Where there is no host file (MPI) or a connection fails, every rank agrees to go without, and the
-followers wait inside the collective as before. ``MLXTRAL_DIST_DOORBELL=0`` turns it off.
+followers wait inside the collective as before. ``MLXTRAL_DIST_DOORBELL=0`` (on any rank) turns it
+off.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mlxtral.env import env_int
+from mlxtral.env import env_flag, raw
 
 TOKEN_BYTES = 16
 SETUP_SECONDS = 10.0  # for every follower to connect, or the group goes without a doorbell
@@ -81,27 +82,21 @@ class Doorbell:
 
 
 def _accept(listener: socket.socket, token: bytes, want: int, deadline: float) -> list[socket.socket]:
-    """Rank 0: ``want`` followers, each sending the token and its rank; anything else is closed."""
+    """Rank 0: ``want`` followers, each sending the token and its rank within 2 s of connecting
+    (all of it: a connection that trickles bytes is cut at its 2 s); anything else is closed. Ends
+    by ``deadline`` whatever connects."""
     got: dict[int, socket.socket] = {}
-    attempts = 0
-    while len(got) < want and attempts < 64 * want:
+    while len(got) < want:
         left = deadline - time.monotonic()
         if left <= 0:
             break
-        attempts += 1
         listener.settimeout(left)
         try:
             conn, _ = listener.accept()
         except OSError:
             break
         try:
-            conn.settimeout(min(2.0, max(0.1, left)))
-            hello = b""
-            while len(hello) < TOKEN_BYTES + 4:
-                part = conn.recv(TOKEN_BYTES + 4 - len(hello))
-                if not part:
-                    break
-                hello += part
+            hello = _read_hello(conn, min(time.monotonic() + 2.0, deadline))
             rank = int.from_bytes(hello[TOKEN_BYTES:], "little") if len(hello) == TOKEN_BYTES + 4 else 0
             if not secrets.compare_digest(hello[:TOKEN_BYTES], token) or not 0 < rank <= want or rank in got:
                 conn.close()
@@ -116,6 +111,20 @@ def _accept(listener: socket.socket, token: bytes, want: int, deadline: float) -
             c.close()
         return []
     return [got[r] for r in sorted(got)]
+
+
+def _read_hello(conn: socket.socket, until: float) -> bytes:
+    hello = b""
+    while len(hello) < TOKEN_BYTES + 4:
+        left = until - time.monotonic()
+        if left <= 0:
+            break
+        conn.settimeout(left)
+        part = conn.recv(TOKEN_BYTES + 4 - len(hello))
+        if not part:
+            break
+        hello += part
+    return hello
 
 
 def _dial(host: str, port: int, token: bytes, rank: int, deadline: float) -> socket.socket | None:
@@ -138,34 +147,49 @@ def _dial(host: str, port: int, token: bytes, rank: int, deadline: float) -> soc
             return None
 
 
-def connect(group: Any) -> Doorbell | None:
+def enabled() -> bool:
+    """``MLXTRAL_DIST_DOORBELL``: on unless set off (0, false, no, off)."""
+    return raw("MLXTRAL_DIST_DOORBELL") is None or env_flag("MLXTRAL_DIST_DOORBELL")
+
+
+def connect(group: Any, timeout: float | None = None) -> Doorbell | None:
     """Every rank together, once at start-up: the doorbell, or None on every rank (the followers
-    then wait inside the collective)."""
+    then wait inside the collective). In the first collective rank 0 publishes its port and token
+    and every rank says whether it can take part (a host file, the doorbell on): unless all can,
+    nobody waits for anybody. The connections then take at most ``SETUP_SECONDS`` (and half the
+    collectives' timeout, so that no rank's watchdog fires while rank 0 accepts)."""
     if group.size == 1:
         return None
-    host = rank0_host() if env_int("MLXTRAL_DIST_DOORBELL", 1, 0, 1) else None
-    words = np.zeros(1 + TOKEN_BYTES // 4, dtype=np.int32)  # [port, token...]: only rank 0's are not 0
+    host = rank0_host() if enabled() else None
+    n_tok = TOKEN_BYTES // 4
+    words = np.zeros(1 + n_tok + group.size, dtype=np.int32)  # [port, token..., able per rank]
     listener = None
     if group.rank == 0 and host is not None:
         try:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             listener = socket.create_server((host, 0), family=family, backlog=max(8, group.size))
             words[0] = listener.getsockname()[1]
-            words[1:] = np.frombuffer(secrets.token_bytes(TOKEN_BYTES), dtype=np.int32)
+            words[1 : 1 + n_tok] = np.frombuffer(secrets.token_bytes(TOKEN_BYTES), dtype=np.int32)
         except OSError:
             listener = None
+    words[1 + n_tok + group.rank] = 1 if host is not None and (group.rank != 0 or listener is not None) else 0
     words = group.all_sum(words, "the start-up")
-    port, token = int(words[0]), words[1:].tobytes()
+    port, token = int(words[0]), words[1 : 1 + n_tok].tobytes()
+    able = bool((words[1 + n_tok :] == 1).all()) and 0 < port < 65536 and host is not None
     socks: list[socket.socket] = []
-    if 0 < port < 65536 and host is not None:
-        deadline = time.monotonic() + SETUP_SECONDS
+    if able:
+        limit = timeout if timeout is not None else getattr(group, "timeout", 300)
+        wait = min(SETUP_SECONDS, max(0.5, limit / 2))
+        deadline = time.monotonic() + wait
         if listener is not None:
             socks = _accept(listener, token, group.size - 1, deadline)
         elif group.rank != 0:
-            s = _dial(host, port, token, group.rank, deadline)
+            s = _dial(host, port, token, group.rank, deadline)  # type: ignore[arg-type]
             socks = [s] if s is not None else []
     if listener is not None:
         listener.close()
+    if not able:
+        return None
     ok = group.all_sum(np.array([1 if socks else 0], dtype=np.int32), "the start-up")
     bell = Doorbell(socks)
     if int(ok[0]) != group.size:
