@@ -609,6 +609,52 @@ def test_scheduler_matches_the_generation_loop(model_file: Path, backend: str) -
         sched.stop()
 
 
+def test_memory_running_out_fails_the_request_not_the_server(model_file: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session's KV cache that cannot be allocated (under ulimit -v: numpy's MemoryError in
+    new_session) killed the scheduler thread, and every later request hung. Now that request gets
+    a 503 and the next one its answer; a step that fails ends its sequences, not the worker."""
+    import asyncio
+
+    import mlxtral
+    from mlxtral.sampling import SamplingParams
+    from mlxtral.server.protocol import GenRequest
+    from mlxtral.server.scheduler import Handle, Scheduler
+
+    m = mlxtral.load(model_file, backend="numpy", max_context=128)
+    want = m.generate([1, 415, 2936], max_tokens=6, session=m.new_session(), temperature=0.0)
+    real = m.new_session
+    calls = {"n": 0}
+
+    def new_session() -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("Unable to allocate 90.0 MiB for an array with shape (30, 3, 4096, 64)")
+        return real()
+
+    monkeypatch.setattr(m, "new_session", new_session)
+    sched = Scheduler(m, parallel=2, prefill_chunk=8)
+
+    async def ask() -> tuple[str, Any]:
+        h = Handle(GenRequest("completion", [1, 415, 2936], 6, SamplingParams(temperature=0.0)),
+                   asyncio.get_running_loop())
+        sched.submit(h)
+        text, err = "", None
+        async for ev in h.events():
+            text += ev.text
+            err = err or ev.error
+        return text, err
+
+    sched.start()
+    try:
+        _, err = asyncio.run(ask())
+        assert err is not None and err.status == 503 and err.code == "out_of_memory", err
+        assert asyncio.run(ask()) == (want, None)  # the worker lives on
+        assert sched._thread.is_alive()
+    finally:
+        sched.stop()
+
+
 @pytest.mark.parametrize("host", ["a" * 64, "x..y", "a." * 3000])
 def test_bind_refuses_a_host_name_in_one_line(host: str) -> None:
     """A label IDNA cannot encode (UnicodeError, not gaierror) is a usage error; the name is cut."""

@@ -92,9 +92,13 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     grammar: str | None = None  # an llguidance grammar (from response_format)
-    continues: bool = False  # the text continues the prompt's: a completion, or a prefilled answer
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    continues: bool | None = None  # the text continues the prompt's (default: a completion's does;
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])  # a prefilled chat answer's too)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if self.continues is None:
+            self.continues = self.kind == "completion"
 
 
 # ---- field checks ----------------------------------------------------------------------------------
@@ -315,9 +319,7 @@ def parse_completion(body: Any, model: Any) -> GenRequest:
     _n(body)
     mt = _whole(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1)
     lp = _whole(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
-    req = _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
-    req.continues = True
-    return req
+    return _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
 
 
 def _text_fits(model: Any, n_chars: int, param: str) -> None:

@@ -40,6 +40,20 @@ from mlxtral.server.protocol import ApiError, GenRequest, usage
 _GONE = ApiError(499, "the client closed the request", type="client_closed", code="cancelled")
 
 
+def _failure(e: BaseException, what: str) -> ApiError:
+    """The client's error for a failure in the worker: memory that ran out is a 503 (another
+    request may fit later), with the address-space line under ``ulimit -v``; the rest a 500."""
+    from mlxtral.address_space import explain, out_of_memory
+    from mlxtral.errors import MlxtralError
+
+    if out_of_memory(e) is not None:
+        why = explain(e)
+        detail = str(why) if why is not None else "out of memory"
+        return ApiError(503, f"{what}: {detail}", type="server_error", code="out_of_memory")
+    msg = e.message if isinstance(e, MlxtralError) else f"{type(e).__name__}: {e}"
+    return ApiError(500, f"{what}: {msg}", type="server_error")
+
+
 @dataclass
 class Event:
     """New text (and the logprobs of the tokens behind it); the last event has ``finish``."""
@@ -176,9 +190,18 @@ class Scheduler:
                     h = self._waiting.popleft()
                     if h.cancelled:
                         h.put(Event(error=_GONE))
-                    else:
+                        continue
+                    try:
                         self._admit(h)
-            self._step()
+                    except Exception as e:  # noqa: BLE001 - this request's failure, not the server's
+                        h.put(Event(error=_failure(e, "no room for another session")))
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the worker must outlive any step
+                for seq in list(self._active):
+                    seq.h.put(Event(error=_failure(e, "generation failed")))
+                    seq.session.reset()
+                    self._release(seq)
             self.steps += 1
         err = ApiError(503, "the server is shutting down", code="shutting_down")
         for seq in list(self._active):
@@ -246,12 +269,9 @@ class Scheduler:
         try:
             fn(arg)
         except Exception as e:  # noqa: BLE001 - some sequences' failure must not stop the others
-            from mlxtral.errors import MlxtralError
-
-            msg = e.message if isinstance(e, MlxtralError) else f"{type(e).__name__}: {e}"
             for seq in seqs:
                 if seq in self._active:
-                    seq.h.put(Event(error=ApiError(500, f"generation failed: {msg}", type="server_error")))
+                    seq.h.put(Event(error=_failure(e, "generation failed")))
                     seq.session.reset()
                     self._release(seq)
 
