@@ -207,11 +207,16 @@ def test_logprobs(server: Server) -> None:
                                          logprobs=2)
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and lp.text_offset[0] == len("Hello")
     # the text is the tokens' pieces (a completion's first one keeps its leading space), and each
-    # offset points at its token's piece
+    # offset points at its token's piece in prompt + text (OpenAI's and llama-cpp-python's)
     assert "".join(lp.tokens) == c.choices[0].text
-    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    full = "Hello" + c.choices[0].text
+    assert [full[o : o + len(t)] for o, t in zip(lp.text_offset, lp.tokens, strict=True)] == lp.tokens
+    parts = [ch.choices[0].logprobs for ch in server.client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=5, temperature=0, logprobs=2, stream=True)
+        if ch.choices and ch.choices[0].logprobs]
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset  # streamed the same
 
 
 def test_prompt_cache_reports_cached_tokens(server: Server) -> None:

@@ -231,7 +231,7 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
 
     async def _stream(h: Handle, watcher: asyncio.Future[Any]) -> AsyncIterator[str]:
         req = h.req
-        offset = 0
+        offset = req.prompt_chars
         try:
             if req.kind == "chat":
                 yield _sse(chunk(req, model_name, "", None, first=True))

@@ -92,6 +92,7 @@ class GenRequest:
     stream: bool = False
     include_usage: bool = False
     grammar: str | None = None  # an llguidance grammar (from response_format)
+    prompt_chars: int = 0  # a completion's prompt text length: its logprobs' text_offset starts there
     continues: bool | None = None  # the text continues the prompt's (default: a completion's does;
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])  # a prefilled chat answer's too)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -319,7 +320,10 @@ def parse_completion(body: Any, model: Any) -> GenRequest:
     _n(body)
     mt = _whole(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1)
     lp = _whole(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
-    return _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
+    req = _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
+    if lp is not None:  # OpenAI's text_offset counts prompt + completion (as llama-cpp-python's)
+        req.prompt_chars = len(p) if isinstance(p, str) else len(model.tokenizer.decode(ids))
+    return req
 
 
 def _text_fits(model: Any, n_chars: int, param: str) -> None:
@@ -381,7 +385,7 @@ def full_response(req: GenRequest, model_name: str, text: str, finish: str, entr
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish,
-                  "logprobs": completion_logprobs(entries) if req.logprobs else None}
+                  "logprobs": completion_logprobs(entries, req.prompt_chars) if req.logprobs else None}
         obj = "text_completion"
     return {"id": _id(req), "object": obj, "created": req.created, "model": model_name,
             "system_fingerprint": "mlxtral", "choices": [choice], "usage": use}
