@@ -520,6 +520,10 @@ def test_queue_full_is_503() -> None:
         with pytest.raises(ApiError) as e:
             sched.submit(Handle(req, loop))
         assert e.value.status == 503 and e.value.code == "queue_full"
+        assert "1 of 1 slots running and 2 of 2 queue places taken" in e.value.message, e.value.message
+        from mlxtral.server.app import _error
+
+        assert _error(e.value).headers["retry-after"] == "1"
     finally:
         loop.close()
 

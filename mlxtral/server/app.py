@@ -49,6 +49,8 @@ def _cut(text: str, limit: int = 120) -> str:
 
 def _error(e: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    if e.status == 503 and e.code in ("queue_full", "out_of_memory"):
+        headers = {"Retry-After": "1"}  # a slot or memory may be free in a moment
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 

@@ -155,9 +155,12 @@ class Scheduler:
                 raise ApiError(503, "the server is shutting down", code="shutting_down")
             free = max(0, self.parallel - len(self._active))  # slots the worker fills at its next step
             if len(self._waiting) >= self.max_queue + free:
-                raise ApiError(503, f"the server is busy: {len(self._active)} requests running and "
-                                    f"{len(self._waiting)} waiting (the queue holds {self.max_queue}); "
-                                    "retry later", code="queue_full")
+                # requests taken but not yet started count as running: they have their slots
+                running = len(self._active) + min(len(self._waiting), free)
+                queued = len(self._waiting) - min(len(self._waiting), free)
+                raise ApiError(503, f"the server is busy: {running} of {self.parallel} slots running and "
+                                    f"{queued} of {self.max_queue} queue places taken; retry later",
+                               code="queue_full")
             self._waiting.append(h)
             self._cv.notify()
 
