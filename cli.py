@@ -911,18 +911,20 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
                  style="italic")
     con.print(title, highlight=False, overflow="ignore", crop=False)  # a whole line: never wrapped in a name
     t = Table()
-    for col, just in (("engine", "left"), ("test", "left"), ("tok/s", "right"), ("best", "right")):
+    for col, just in (("engine", "left"), ("threads", "right"), ("test", "left"), ("tok/s", "right"),
+                      ("best", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
+    threads = str(out["threads"])  # as llama-bench's column: both engines run with -t
     for key, label in (("pp_tok_s", f"pp{out['pp']}"), ("tg_tok_s", f"tg{out['tg']}")):
         tm = res[key]
         if tm.runs:
-            t.add_row("mlxtral", label, str(tm), f"{tm.best:.2f}")
+            t.add_row("mlxtral", threads, label, str(tm), f"{tm.best:.2f}")
     ll = out.get("llama_cpp")
     if ll:
         r = out["ratio_vs_llama_cpp"]
         for key, label in (("pp_tok_s", f"pp{out['pp']}"), ("tg_tok_s", f"tg{out['tg']}")):
             if ll.get(key):  # llama.cpp's runner reports its best run only
-                t.add_row("llama.cpp", label, f"{ll[key]:.2f} (best)",
+                t.add_row("llama.cpp", threads, label, f"{ll[key]:.2f} (best)",
                           f"{ll[key]:.2f}  (ours x{r[key.split('_')[0]]:.2f})")
     con.print(t)
     load, cores = out.get("load_average"), os.cpu_count() or 1
@@ -940,6 +942,13 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
               f"bandwidth {out['bandwidth_gbs']:.1f} GB/s "
               f"({'measured' if out['bandwidth_measured'] else 'given'})"
               f" -> decode ceiling {out['ceiling_tg_tok_s']:.1f} tok/s", highlight=False)
+    ceiling = out["ceiling_tg_tok_s"]
+    if out["tg"] and ceiling and res["tg_tok_s"].best > ceiling * 1.05:
+        why = ("the bandwidth probe read low (was the machine loaded?); measure again, or give --bandwidth"
+               if out["bandwidth_measured"] else "the --bandwidth given is below what decode reached "
+               "(or the weights fit in the CPU's caches)")
+        con.print(f"[yellow]decode ran above that ceiling: {why}; the efficiencies below are too high"
+                  "[/yellow]", highlight=False)
     if out["tg"]:
         s = Table(title="decode vs the seed figures, scaled to this machine's bandwidth and this model",
                   title_justify="left")

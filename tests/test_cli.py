@@ -433,6 +433,8 @@ def test_bench_says_when_the_machine_was_busy(models: dict[str, Path],
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     quiet = run("bench", models["dense"], "-p", "8", "-n", "2", "-r", "1", "--bandwidth", "10")
     assert "busy" not in quiet.stdout
+    low = run("bench", models["dense"], "-p", "8", "-n", "2", "-r", "1", "--bandwidth", "0.001")
+    assert "decode ran above that ceiling: the --bandwidth given is below" in " ".join(low.stdout.split())
 
 
 def test_bench_table_and_bad_compare(models: dict[str, Path]) -> None:
