@@ -387,3 +387,10 @@ def test_completion_keeps_its_leading_space_and_a_chat_answer_drops_it(hf_dir) -
         as_chat = chat or not isinstance(prompt, str)
         assert "".join(r.text for r in model.stream(ids, max_tokens=8, chat=as_chat,
                                                     session=model.new_session())) == text
+    # a conversation ending with an assistant message is continued (a prefill): its answer goes on
+    # from that text, as the completion of the same ids does, space kept
+    msgs = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "Well, the"}]
+    ids = model.prompt_ids(msgs)
+    assert ids[-1] != tok.eos_id  # the message is left open
+    text = model.generate(msgs, max_tokens=8, session=model.new_session())
+    assert text == model.generate(ids, max_tokens=8, session=model.new_session())
