@@ -789,8 +789,10 @@ def info(
 def bench(
     model: str = typer.Argument(None, help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
     model_opt: str = ModelOpt,
-    n_prompt: int = typer.Option(512, "--n-prompt", "-p", min=0, help="Prompt tokens to prefill (pp)."),
-    n_gen: int = typer.Option(128, "--n-gen", "-n", min=0, help="Tokens to generate one at a time (tg)."),
+    n_prompt: str = typer.Option("512", "--n-prompt", "-p", metavar="N[,N...]",
+                                 help="Prompt tokens to prefill (pp): a count or a comma list."),
+    n_gen: str = typer.Option("128", "--n-gen", "-n", metavar="N[,N...]",
+                              help="Tokens to generate one at a time (tg): a count or a comma list."),
     repeats: int = typer.Option(3, "--repetitions", "-r", min=1, help="Timed runs of each test."),
     bandwidth: float = typer.Option(None, "--bandwidth",
                                     help="This machine's memory bandwidth in GB/s, 0.001 to 100000 "
@@ -813,7 +815,7 @@ def bench(
 ) -> None:
     """Measure prompt processing and generation speed (llama-bench style), against the seed figures."""
     model = pick_model("bench", model, model_opt, True)
-    from mlxtral.bench import measure_bandwidth, run_bench, run_llamacpp, seed_rows
+    from mlxtral.bench import Timing, measure_bandwidth, parse_counts, run_llamacpp, run_tests, seed_rows
     from mlxtral.info import active_weight_bytes
     from mlxtral.sampling import check_number
 
@@ -822,21 +824,24 @@ def bench(
         fail(f"--compare {compare[:40]}: only 'llama.cpp' is supported", 2)
     if bandwidth is not None:
         check_number("--bandwidth", bandwidth, 0.001, 1e5)
-    need = max(n_prompt, n_gen + 1) + 1
+    pps, tgs = parse_counts("-p", n_prompt), parse_counts("-n", n_gen)
+    if not any(pps + tgs):
+        fail("-p and -n must be >= 0 and not both 0", 2)
+    need = max(max(pps), max(tgs) + 1) + 1
     follow_if_not_rank0(distributed, model, backend, need, experts_per_token, threads, memory_budget,
                         prefetch, dtype)
     apply_threads(threads)
     path = resolve_model(model)
     m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
                    prefetch=prefetch, distributed=distributed, dtype=dtype,
-                   asked=f"-p {n_prompt} and -n {n_gen} need {need} positions")
+                   asked=f"-p {max(pps)} and -n {max(tgs)} need {need} positions")
     load_before = _load_average()
     status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
     if status:
         status.start()
     try:
-        res = run_bench(m, n_prompt, n_gen, repeats,
-                        progress=(lambda s: status.update(f"benchmarking: {s}")) if status else None)
+        tests, peak = run_tests(m, pps, tgs, repeats,
+                                progress=(lambda s: status.update(f"benchmarking: {s}")) if status else None)
         # every rank's figures now, as the runs left them: the bandwidth probe below would add its
         # buffers to rank 0's peak RSS
         ranks = m.backend.stats() if distributed is not None else None
@@ -850,20 +855,30 @@ def bench(
                 fail("--compare llama.cpp needs a GGUF file", 2)
             if status:
                 status.update("running llama.cpp on the same file...")
-            llama = run_llamacpp(path, n_prompt, n_gen, repeats, threads or os.cpu_count() or 1,
+            llama = run_llamacpp(path, [n for n in pps if n], [n for n in tgs if n], repeats,
+                                 threads or os.cpu_count() or 1,
                                  python=llamacpp_python)
     finally:
         if status:
             status.stop()
     active = active_weight_bytes(m.checkpoint)
-    tg_mean = res["tg_tok_s"].mean
-    seeds = seed_rows(bw, active, tg_mean)
+    first = {t.kind: t for t in reversed(tests)}  # the first pp and the first tg test
+    pp_t = first["pp"].timing if "pp" in first else Timing([])
+    tg_t = first["tg"].timing if "tg" in first else Timing([])
+    seeds = seed_rows(bw, active, tg_t.mean)
+    lbest = (llama or {}).get("tests") or {}
+    rows = [{"test": t.label, "n_prompt": t.n if t.kind == "pp" else 0, "n_gen": t.n if t.kind == "tg" else 0,
+             "tok_s": t.timing.as_dict(), "llama_cpp_tok_s": lbest.get(t.label),
+             "ratio_vs_llama_cpp": round(t.timing.best / lbest[t.label], 3) if lbest.get(t.label) else None}
+            for t in tests]
     out = {
         "model": str(path), "backend": m.backend_name, "dtype": m.dtype, "format": m.checkpoint.format,
         "n_experts": m.config.n_experts, "experts_per_token": m.config.n_experts_per_tok,
-        "pp": n_prompt, "tg": n_gen, "repeats": repeats, "threads": threads or os.cpu_count() or 1,
-        "pp_tok_s": res["pp_tok_s"].as_dict(), "tg_tok_s": res["tg_tok_s"].as_dict(),
-        "peak_memory_bytes": res["peak_memory"], "active_bytes_per_token": active,
+        "pp": first["pp"].n if "pp" in first else 0, "tg": first["tg"].n if "tg" in first else 0,
+        "repeats": repeats, "threads": threads or os.cpu_count() or 1,
+        "pp_tok_s": pp_t.as_dict(), "tg_tok_s": tg_t.as_dict(),  # the first -p and -n values' tests
+        "tests": rows,  # every test, as llama-bench's rows
+        "peak_memory_bytes": peak, "active_bytes_per_token": active,
         "bandwidth_gbs": round(bw, 3), "bandwidth_measured": bw_measured,
         "ceiling_tg_tok_s": round(bw * 1e9 / active, 2) if active else None,
         "seeds": seeds,
@@ -876,8 +891,8 @@ def bench(
     if llama is not None:
         out["llama_cpp"] = llama
         out["ratio_vs_llama_cpp"] = {
-            "pp": round(res["pp_tok_s"].best / llama["pp_tok_s"], 3) if llama.get("pp_tok_s") else None,
-            "tg": round(res["tg_tok_s"].best / llama["tg_tok_s"], 3) if llama.get("tg_tok_s") else None,
+            "pp": round(pp_t.best / llama["pp_tok_s"], 3) if llama.get("pp_tok_s") and pp_t.runs else None,
+            "tg": round(tg_t.best / llama["tg_tok_s"], 3) if llama.get("tg_tok_s") and tg_t.runs else None,
             "note": "best of the runs on both sides",
         }
     if expert_stats:
@@ -885,7 +900,7 @@ def bench(
     if as_json:
         write_json(out)
         return
-    _print_bench(out, res)
+    _print_bench(out, tests)
     if expert_stats:
         print_expert_stats(m)
 
@@ -898,7 +913,7 @@ def _load_average() -> float | None:
         return None
 
 
-def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
+def _print_bench(out: dict[str, Any], tests: list[Any]) -> None:
     from rich.table import Table
 
     con = _Console()
@@ -915,17 +930,15 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
                       ("best", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     threads = str(out["threads"])  # as llama-bench's column: both engines run with -t
-    for key, label in (("pp_tok_s", f"pp{out['pp']}"), ("tg_tok_s", f"tg{out['tg']}")):
-        tm = res[key]
-        if tm.runs:
-            t.add_row("mlxtral", threads, label, str(tm), f"{tm.best:.2f}")
+    for test in tests:
+        t.add_row("mlxtral", threads, test.label, str(test.timing), f"{test.timing.best:.2f}")
     ll = out.get("llama_cpp")
     if ll:
-        r = out["ratio_vs_llama_cpp"]
-        for key, label in (("pp_tok_s", f"pp{out['pp']}"), ("tg_tok_s", f"tg{out['tg']}")):
-            if ll.get(key):  # llama.cpp's runner reports its best run only
-                t.add_row("llama.cpp", threads, label, f"{ll[key]:.2f} (best)",
-                          f"{ll[key]:.2f}  (ours x{r[key.split('_')[0]]:.2f})")
+        for row in out["tests"]:
+            best = row["llama_cpp_tok_s"]
+            if best:  # llama.cpp's runner reports its best run only
+                t.add_row("llama.cpp", threads, row["test"], f"{best:.2f} (best)",
+                          f"{best:.2f}  (ours x{row['ratio_vs_llama_cpp']:.2f})")
     con.print(t)
     load, cores = out.get("load_average"), os.cpu_count() or 1
     if load is not None and load > cores / 2:
@@ -943,13 +956,14 @@ def _print_bench(out: dict[str, Any], res: dict[str, Any]) -> None:
               f"({'measured' if out['bandwidth_measured'] else 'given'})"
               f" -> decode ceiling {out['ceiling_tg_tok_s']:.1f} tok/s", highlight=False)
     ceiling = out["ceiling_tg_tok_s"]
-    if out["tg"] and ceiling and res["tg_tok_s"].best > ceiling * 1.05:
+    tg_best = max((test.timing.best for test in tests if test.kind == "tg"), default=0.0)
+    if tg_best and ceiling and tg_best > ceiling * 1.05:
         why = ("the bandwidth probe read low (was the machine loaded?); measure again, or give --bandwidth"
                if out["bandwidth_measured"] else "the --bandwidth given is below what decode reached "
                "(or the weights fit in the CPU's caches)")
         con.print(f"[yellow]decode ran above that ceiling: {why}; the efficiencies below are too high"
                   "[/yellow]", highlight=False)
-    if out["tg"]:
+    if tg_best:
         s = Table(title="decode vs the seed figures, scaled to this machine's bandwidth and this model",
                   title_justify="left")
         for col in ("setup", "tok/s there", "of its ceiling", "tok/s here at that efficiency"):

@@ -96,14 +96,41 @@ def seed_rows(bandwidth_gbs: float, active_bytes: int, ours_tg: float) -> list[d
     return rows
 
 
-def run_bench(model: Any, pp: int = 512, tg: int = 128, repeats: int = 3, seed: int = 0,
-              warmup: bool = True, progress: Any = None) -> dict[str, Any]:
-    """Time prefill of ``pp`` tokens and decode of ``tg`` tokens on a loaded :class:`mlxtral.Model`."""
-    if pp < 0 or tg < 0 or (pp == 0 and tg == 0):
+MAX_TESTS = 16  # values in one -p or -n list
+
+
+def parse_counts(flag: str, text: str) -> list[int]:
+    """``-p``/``-n`` as llama-bench takes them: a token count or a comma list of them (``128,512``),
+    each 0 or more; repeats dropped, order kept. :class:`UsageError` otherwise."""
+    parts = text.split(",") if len(text) <= 20 * MAX_TESTS else []
+    if not 0 < len(parts) <= MAX_TESTS or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        raise UsageError(f"{flag} {text[:40]!r}: a token count or a comma list of at most {MAX_TESTS} "
+                         "(e.g. 128,512), each 0 or more")
+    return list(dict.fromkeys(int(p) for p in parts))
+
+
+@dataclass
+class Test:
+    kind: str  # "pp" (a prompt prefilled) or "tg" (tokens decoded one at a time)
+    n: int
+    timing: Timing
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}{self.n}"
+
+
+def run_tests(model: Any, pps: list[int], tgs: list[int], repeats: int = 3, seed: int = 0,
+              warmup: bool = True, progress: Any = None) -> tuple[list[Test], int]:
+    """Time each prefill of ``pps`` and each decode of ``tgs`` (0s skipped) on a loaded
+    :class:`mlxtral.Model`, the tests taken in turn within each repetition (a drift of the machine
+    spreads over all of them). -> (the tests in the order given, pp first; peak memory in bytes)."""
+    tests = [Test("pp", n, Timing([])) for n in pps if n] + [Test("tg", n, Timing([])) for n in tgs if n]
+    if not tests:
         raise UsageError("-p and -n must be >= 0 and not both 0")
     if repeats < 1:
         raise UsageError(f"-r must be >= 1, got {repeats}")
-    need = max(pp, tg + 1)
+    need = max(max(pps, default=0), max(tgs, default=0) + 1)
     if need > model.config.max_position_embeddings:
         raise UsageError(f"-p/-n need {plural(need, 'position')} but the model's context is "
                          f"{model.config.max_position_embeddings}")
@@ -119,39 +146,29 @@ def run_bench(model: Any, pp: int = 512, tg: int = 128, repeats: int = 3, seed: 
             ids[0] = bos
         return ids
 
-    def one_pp() -> float:
-        ids = prompt(pp)
+    def one(t: Test) -> float:
+        ids = prompt(t.n)
         cache.trim(0)
         t0 = time.perf_counter()
-        be.forward(ids, cache)
-        return pp / (time.perf_counter() - t0)
-
-    def one_tg() -> float:
-        ids = prompt(tg)
-        cache.trim(0)
-        t0 = time.perf_counter()
-        for t in ids:
-            be.forward([t], cache)
-        return tg / (time.perf_counter() - t0)
+        if t.kind == "pp":
+            be.forward(ids, cache)
+        else:
+            for tok in ids:
+                be.forward([tok], cache)
+        return t.n / (time.perf_counter() - t0)
 
     if warmup:
         if progress:
             progress("warm-up")
         cache.trim(0)
-        be.forward(prompt(min(max(pp, 2), 16)), cache)
+        be.forward(prompt(min(max(max(pps, default=0), 2), 16)), cache)
         be.forward(prompt(1), cache)
-    pps, tgs = [], []
     for r in range(repeats):
-        if pp:
+        for t in tests:
             if progress:
-                progress(f"pp{pp} run {r + 1}/{repeats}")
-            pps.append(one_pp())
-        if tg:
-            if progress:
-                progress(f"tg{tg} run {r + 1}/{repeats}")
-            tgs.append(one_tg())
-    return {"pp": pp, "tg": tg, "repeats": repeats, "pp_tok_s": Timing(pps), "tg_tok_s": Timing(tgs),
-            "peak_memory": max(peak_rss(), int(be.peak_memory()))}  # the process's, as the stats line
+                progress(f"{t.label} run {r + 1}/{repeats}")
+            t.timing.runs.append(one(t))
+    return tests, max(peak_rss(), int(be.peak_memory()))  # the process's, as the stats line
 
 
 # ---- llama.cpp ---------------------------------------------------------------------------------
@@ -161,27 +178,35 @@ import json, resource, sys, time
 import numpy as np
 from llama_cpp import Llama
 model = sys.argv[1]
-pp, tg, threads, repeat = (int(x) for x in sys.argv[2:6])
-llm = Llama(model_path=model, n_ctx=pp + tg + 8, n_batch=max(pp, 8), n_threads=threads,
+pps, tgs = ([int(x) for x in a.split(",") if int(x)] for a in sys.argv[2:4])
+threads, repeat = int(sys.argv[4]), int(sys.argv[5])
+top = max(pps + tgs + [1])
+llm = Llama(model_path=model, n_ctx=top + 8, n_batch=max(pps + [8]), n_threads=threads,
             n_threads_batch=threads, verbose=False)
 rng = np.random.default_rng(0)
 n_vocab = llm.n_vocab()
-pps, tgs = [], []
+runs = {f"pp{n}": [] for n in pps} | {f"tg{n}": [] for n in tgs}
+llm.eval([llm.token_bos()] + [3] * min(top - 1, 15))  # warm-up, untimed (as ours)
+llm.eval([4])
 for _ in range(repeat):
-    llm.reset()
-    if pp:
-        prompt = [llm.token_bos()] + rng.integers(3, n_vocab, pp - 1).tolist()
-        t0 = time.perf_counter(); llm.eval(prompt); pps.append(pp / (time.perf_counter() - t0))
-    llm.reset()
-    if tg:
-        steps = rng.integers(3, n_vocab, tg).tolist()
+    for n in pps:
+        llm.reset()
+        prompt = [llm.token_bos()] + rng.integers(3, n_vocab, n - 1).tolist()
+        t0 = time.perf_counter(); llm.eval(prompt); runs[f"pp{n}"].append(n / (time.perf_counter() - t0))
+    for n in tgs:
+        llm.reset()
+        steps = rng.integers(3, n_vocab, n).tolist()
         t0 = time.perf_counter()
         for tok in steps:
             llm.eval([tok])
-        tgs.append(tg / (time.perf_counter() - t0))
+        runs[f"tg{n}"].append(n / (time.perf_counter() - t0))
 rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"engine": "llama.cpp", "pp_tok_s": max(pps, default=0.0), "tg_tok_s": max(tgs, default=0.0),
-                  "pp_runs": pps, "tg_runs": tgs, "peak_rss_mb": rss_mb}))
+best = {k: max(v) for k, v in runs.items()}
+print(json.dumps({"engine": "llama.cpp", "pp_tok_s": best[f"pp{pps[0]}"] if pps else 0.0,
+                  "tg_tok_s": best[f"tg{tgs[0]}"] if tgs else 0.0, "tests": best,
+                  "pp_runs": runs[f"pp{pps[0]}"] if pps else [],
+                  "tg_runs": runs[f"tg{tgs[0]}"] if tgs else [],
+                  "peak_rss_mb": rss_mb}))
 '''
 
 
@@ -220,19 +245,22 @@ def shared_speed_script() -> Path | None:
     return p if p.is_file() else None
 
 
-def run_llamacpp(model_path: str | Path, pp: int, tg: int, repeats: int, threads: int,
+def run_llamacpp(model_path: str | Path, pps: list[int], tgs: list[int], repeats: int, threads: int,
                  python: str | None = None, timeout: float = 1800) -> dict[str, Any]:
-    """llama.cpp's pp/tg on the same file, in a subprocess. Raises MlxtralError when unavailable."""
+    """llama.cpp's pp/tg tests on the same file, in a subprocess: ``tests`` {label: best tok/s},
+    and ``pp_tok_s``/``tg_tok_s`` of the first of each. Raises MlxtralError when unavailable."""
     py = find_llamacpp_python(python)
     if py is None:
         raise MlxtralError("llama.cpp comparison needs llama-cpp-python: pass --llamacpp-python PATH "
                            "(an interpreter that can `import llama_cpp`) or set MLXTRAL_LLAMACPP_PYTHON")
     script = shared_speed_script()
-    if script is not None and pp > 0 and tg > 0:
-        cmd = [py, str(script), str(model_path), "--pp", str(pp), "--tg", str(tg), "--threads", str(threads),
-               "--repeat", str(repeats)]
+    shared = script is not None and len(pps) == len(tgs) == 1 and pps[0] > 0 and tgs[0] > 0
+    if shared:
+        cmd = [py, str(script), str(model_path), "--pp", str(pps[0]), "--tg", str(tgs[0]), "--threads",
+               str(threads), "--repeat", str(repeats)]
     else:
-        cmd = [py, "-c", _SNIPPET, str(model_path), str(pp), str(tg), str(threads), str(repeats)]
+        cmd = [py, "-c", _SNIPPET, str(model_path), ",".join(map(str, pps)), ",".join(map(str, tgs)),
+               str(threads), str(repeats)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -242,6 +270,8 @@ def run_llamacpp(model_path: str | Path, pp: int, tg: int, repeats: int, threads
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise MlxtralError(f"llama.cpp failed on {model_path}: {tail}")
     res = json.loads(lines[-1])
+    if "tests" not in res:  # the shared script's output: its one pp and one tg test
+        res["tests"] = {f"pp{pps[0]}": res.get("pp_tok_s"), f"tg{tgs[0]}": res.get("tg_tok_s")}
     res["python"] = py
-    res["script"] = str(script) if script is not None and pp > 0 and tg > 0 else "embedded"
+    res["script"] = str(script) if shared else "embedded"
     return res

@@ -424,6 +424,23 @@ def test_bench_json(models: dict[str, Path]) -> None:
     assert d["load_average"] is None or d["load_average"] >= 0
 
 
+def test_bench_comma_lists(models: dict[str, Path]) -> None:
+    """-p and -n take llama-bench's comma lists: a row per test, pp first, repeats dropped."""
+    r = run("bench", models["moe"], "-p", "8,16,8", "-n", "0,4", "-r", "1", "--bandwidth", "20", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert [t["test"] for t in d["tests"]] == ["pp8", "pp16", "tg4"]
+    assert [(t["n_prompt"], t["n_gen"]) for t in d["tests"]] == [(8, 0), (16, 0), (0, 4)]
+    assert all(len(t["tok_s"]["runs"]) == 1 and t["tok_s"]["best"] > 0 for t in d["tests"])
+    assert d["pp"] == 8 and d["tg"] == 4 and d["pp_tok_s"] == d["tests"][0]["tok_s"]
+    assert d["tg_tok_s"] == d["tests"][2]["tok_s"]
+    table = run("bench", models["dense"], "-p", "4,8", "-n", "2", "-r", "1", "--bandwidth", "10")
+    assert table.exit_code == 0 and all(x in table.stdout for x in ("pp4", "pp8", "tg2")), table.output
+    for bad in ("8,x", "1-8", "", ",", "-4", "1," * 17 + "1", "9" * 10):
+        assert_one_line_error(run("bench", models["dense"], "-p", bad), 2)
+    assert_one_line_error(run("bench", models["dense"], "-p", "0,0", "-n", "0"), 2)
+
+
 def test_bench_says_when_the_machine_was_busy(models: dict[str, Path],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A loaded machine makes the figures (and llama.cpp ratios) meaningless: the table says so."""
