@@ -27,8 +27,12 @@ MIN_CONVERT = 576 * MB  # convert, upcycle (quantizer threads): 520 MB
 MIN_OTHER = 384 * MB  # info, --help and the rest (no compiler): 344 MB
 # What loading the compute kernels adds once the model is open (numba, llvmlite, the compiled
 # kernels, the kernel threads' stacks): measured 241 MB (the demo model under ulimit -v: LLVM aborts
-# below that, 2026-12-04; it was 175 MB before the K-quant and batched kernels), plus a margin.
-KERNELS = 272 * MB
+# below that, 2026-12-04; it was 175 MB before the K-quant and batched kernels), plus a third: LLVM
+# aborts (a signal, no line) when compiling runs out, and code generation differs from CPU to CPU.
+KERNELS = 320 * MB
+# Compiling the kernels after an install (a child process, mlxtral.backends.precompile): its peak
+# address space, measured 1376 MB (Xeon with AVX-512, numba 0.68, 2026-12-04), plus a third.
+COMPILE = 1792 * MB
 # The working set of a short prompt; a longer one that does not fit fails later as a MemoryError,
 # which is caught (:func:`explain`): only LLVM and thread starts abort, and those come at load.
 WORKING = 32 * MB

@@ -191,7 +191,9 @@ class NumpyBackend:
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
         from mlxtral.backends import kernels
         from mlxtral.backends.decode_step import DecodeStep
+        from mlxtral.backends.precompile import ensure_compiled
 
+        ensure_compiled()  # a cold cache filled by a child process: compiling's memory leaves with it
         self.decode_step = DecodeStep.build(self)  # decode: every layer in one call where it applies
         kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
         # the one-token step (every rank's too) loaded now, its memory given back before the

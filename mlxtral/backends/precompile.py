@@ -1,0 +1,111 @@
+"""The CPU kernels compiled in a child process, once per install, not in the process that runs.
+
+numba compiles the kernels at their first use and keeps them in its disk cache. Compiling is the
+costliest thing a run ever does, and its cost stays: measured on the demo model (Xeon, numba
+0.68), a first run's peak RSS was 1.44 GB against 0.58 GB with the cache warm (LLVM's heap is not
+given back), and its address space peaked at 2.0 GB, so under a ``ulimit -v`` that a warm run
+fits, LLVM aborted the process (a signal, no line). On a 16 GB laptop running Mixtral that extra
+gigabyte would sit beside the model for the whole session.
+
+So when the cache is cold, :func:`ensure_compiled` runs ``python -m mlxtral.backends.precompile``:
+the child builds a tiny random model, loads every kernel (``kernels.warmup``: model-independent,
+every block kind) and compiles both decode steps (one sequence and batched; float32 and float16
+KV caches), which fills the cache and exits, taking its memory with it. The parent then loads
+what the child wrote, as every later run does. What a model needs beyond that (an expert-parallel
+rank's steps) still compiles in-process, as before.
+
+Cold means: numba's index for the one-sequence decode step holds no entry for this CPU (numba keys
+its entries on the CPU's name and features, and drops an index whose source changed). A child that
+fails under ``ulimit -v`` (LLVM's abort: a signal) ends the run with one line, before this process
+would abort the same way; without a limit, this process compiles, as it did.
+``MLXTRAL_NO_PRECOMPILE=1`` turns it off.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+
+from mlxtral.env import env_flag
+
+_done = False  # this process asked a child once (whatever came of it): never twice
+
+
+def _index_has_this_cpu(dispatcher: Any) -> bool:
+    """Whether numba's disk cache holds an entry of ``dispatcher`` for this CPU, fresh for its
+    source (numba's own index, read as numba reads it: an obsolete one reads as empty)."""
+    from numba.core.registry import cpu_target
+
+    cache = getattr(dispatcher, "_cache", None)
+    cache_file = getattr(cache, "_cache_file", None)
+    if cache_file is None:  # a dispatcher without a disk cache (a forced ISA): nothing to fill
+        return True
+    try:
+        index = cache_file._load_index()
+    except Exception:  # unreadable, truncated, another numba's: numba would recompile
+        return False
+    magic = cpu_target.target_context.codegen().magic_tuple()
+    return any(isinstance(k, tuple) and len(k) > 1 and k[1] == magic for k in index)
+
+
+def is_cold() -> bool:
+    """Whether a first run's compiling is ahead (numba's cache holds no decode step for this CPU)."""
+    from mlxtral.backends import _decode_step_nb as nb
+    from mlxtral.backends import kernels
+
+    if not kernels.HAVE_NUMBA or not nb._CACHE:
+        return False
+    return not _index_has_this_cpu(nb.decode_layers)
+
+
+def ensure_compiled() -> None:
+    """Fill numba's cache in a child process when it is cold (see the module's text). Raises
+    :class:`AddressSpaceError` (one line) when the child was killed under an address-space limit."""
+    global _done
+    if _done or env_flag("MLXTRAL_NO_PRECOMPILE") or not is_cold():
+        return
+    _done = True
+    env = dict(os.environ, MLXTRAL_NO_PRECOMPILE="1")
+    try:
+        r = subprocess.run([sys.executable, "-m", "mlxtral.backends.precompile"], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, timeout=3600)
+    except (OSError, subprocess.SubprocessError):
+        return  # no child: this process compiles, as it did
+    if r.returncode == 0:
+        return
+    from mlxtral import address_space
+
+    if address_space.limit() is not None:  # LLVM's abort, or a MemoryError: it would abort here too
+        raise address_space.error(address_space.COMPILE, "compiling the CPU kernels (once after an install)")
+    # no limit (the OOM killer, a user's kill, a failure this process will meet and report): this
+    # process compiles, as it did
+
+
+def _tiny() -> tuple[Any, dict[str, Any]]:
+    """A 2-layer random MoE (4 experts, top 2), float32 weights: the kernels' types, not a model."""
+    from mlxtral.config import ModelArgs
+    from mlxtral.formats import expected_shapes
+    from mlxtral.qtensor import QTensor
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                     vocab_size=256, norm_eps=1e-5, rope_theta=1e6, n_experts=4, n_experts_per_tok=2,
+                     max_position_embeddings=64)
+    rng = np.random.default_rng(0)
+    tensors = {name: QTensor.from_float((0.1 * rng.standard_normal(shape)).astype(np.float32))
+               for name, shape in expected_shapes(args).items()}
+    return args, tensors
+
+
+def main() -> None:
+    from mlxtral.backends.numpy_backend import NumpyBackend
+
+    args, tensors = _tiny()
+    for kv in ("float32", "float16"):
+        NumpyBackend(args, tensors, kv_dtype=kv).warm(batch=True)  # warmup() and both decode steps
+
+
+if __name__ == "__main__":
+    main()
