@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,8 @@ def ensure_compiled() -> None:
         return
     _done = True
     env = dict(os.environ, MLXTRAL_NO_PRECOMPILE="1")
+    here = str(Path(__file__).resolve().parents[2])  # this mlxtral, however this process found it
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     try:
         r = subprocess.run([sys.executable, "-m", "mlxtral.backends.precompile"], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, timeout=3600)
