@@ -171,17 +171,22 @@ class ChatLoop:
     def _fit(self, user_text: str) -> list[int]:
         """The prompt ids for ``user_text``; when the conversation and room for an answer (the
         smaller of --max-tokens and a quarter of the context) no longer fit, its oldest turns are
-        dropped, as llama-cli's context shift drops old tokens (the system prompt stays)."""
+        dropped, as llama-cli's context shift drops old tokens (the system prompt stays); none when
+        the message would not fit even alone (it is refused, the conversation kept)."""
         ids = self.prompt_ids(user_text)
         ctx = self.session.cache.max_context
         mt = self.options.max_tokens
         room = min(mt if mt > 0 else ctx, max(ctx // 4, 1))
+        kept = self.messages, self._fed
         dropped = 0
         while len(ids) + room > ctx and self.messages:
             self.messages = self.messages[2:]  # the oldest user message and its answer
             self._fed = None  # the cache no longer holds a prefix of the conversation's text
             dropped += 1
             ids = self.prompt_ids(user_text)
+        if dropped and len(ids) >= ctx:  # refused whatever is dropped: the conversation stays whole
+            self.messages, self._fed = kept
+            return self.prompt_ids(user_text)
         if dropped:
             what = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
             self.err.write(f"[dropped {what} to fit the context of {plural(ctx, 'token')}]\n")

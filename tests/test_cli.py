@@ -387,6 +387,12 @@ def test_chat_drops_the_oldest_turns_when_the_context_fills(models: dict[str, Pa
     users = [x["content"] for x in loop.messages if x["role"] == "user"]
     assert users == questions[-len(users):] and len(users) < 8
     assert len(loop._fit("next")) + 8 <= 96  # the next turn is fitted the same way
+    # a message too long to answer even alone is refused and drops nothing
+    kept, before = list(loop.messages), err.getvalue().count("[dropped")
+    assert loop.run(["word " * 200]) == 0 and loop.failed == 1
+    assert loop.messages == kept and err.getvalue().count("[dropped") == before
+    assert loop.run(["Hi"]) == 1  # answered after the newest kept turns
+    assert loop.messages[-2]["content"] == "Hi" and loop.messages[-4] == kept[-2]
 
 
 def test_expert_stats_shares_and_balance() -> None:
