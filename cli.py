@@ -569,7 +569,8 @@ def chat(
 def generate(
     model: str = typer.Argument(None, help="GGUF file or model folder ('demo': the built-in demo model)."),  # noqa: B008
     model_opt: str = ModelOpt,
-    prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt ('-' reads it from stdin)."),  # noqa: B008
+    prompt: str = typer.Option(None, "--prompt", "-p",  # noqa: B008
+                               help="The prompt ('-' reads stdin, its last line break dropped as -f's)."),
     prompt_file: Path = typer.Option(None, "--file", "-f",  # noqa: B008
                                      help="Read the prompt from this file (UTF-8), as llama-cli's -f."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", "--n-predict",
@@ -619,7 +620,7 @@ def generate(
         raw = sys.stdin.buffer.read(STDIN_PROMPT_MAX + 1)
         if len(raw) > STDIN_PROMPT_MAX:
             fail(f"the prompt on standard input is over {STDIN_PROMPT_MAX >> 20} MiB: no context holds it", 2)
-        prompt = raw.decode("utf-8", errors="replace")
+        prompt = raw.decode("utf-8", errors="replace").removesuffix("\n")  # as -f: `echo ... |` adds one
     elif escape:
         prompt = process_escapes(prompt)
     if not prompt:

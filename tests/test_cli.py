@@ -224,6 +224,9 @@ def test_generate_escapes_and_prompt_file_as_llama_cli(models: dict[str, Path], 
     f.write_text("-")
     assert prompt("-f", str(f), input="from stdin") == "-"
     assert prompt("-p", "-", input=r"a\nb") == r"a\nb"  # stdin is taken as it is
+    # as -f, stdin's last line break (echo's) is not the prompt: `echo TEXT | -p -` is `-f` of it
+    assert prompt("-p", "-", input="The three primary colors are\n") == "The three primary colors are"
+    assert prompt("-p", "-", input="two\n\n") == "two\n"
 
 
 def test_chat_help_example_uses_a_greeting() -> None:
