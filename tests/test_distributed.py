@@ -320,6 +320,7 @@ def test_settings_that_differ_are_refused(tmp_path: Path, tiny_moe: Path) -> Non
     _, eb = b.communicate(timeout=120)
     assert a.returncode == 1 and b.returncode == 1
     assert "rank 1 runs a different model or different settings than rank 0" in ea, ea
+    assert "--starting-port" in ea  # two launches on one host meet at the same ports
     assert len(ea.strip().splitlines()) == 1 and "Traceback" not in ea + eb, ea + eb
 
 

@@ -439,7 +439,8 @@ class Group:
             who = ", ".join(str(r) for r in differ[:8])
             verb = "runs" if len(differ) == 1 else "run"
             raise DistributedError(f"rank {who} {verb} a different model or different settings than rank 0 "
-                                   f"({describe} must be the same on every rank)")
+                                   f"({describe} must be the same on every rank; or another mlx.launch job "
+                                   "on this host took the same ports: give one of them --starting-port)")
 
     def barrier(self, what: str, wait: bool = True) -> None:
         self.all_sum(np.zeros(1, dtype=np.int32), what, wait)
