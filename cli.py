@@ -1128,9 +1128,27 @@ def upcycle(
 
 # ---- convert --------------------------------------------------------------------------------------
 
-_CONVERT_TYPES = ("q4_0", "q4_1", "q8_0", "f16", "bf16", "f32")
+_CONVERT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "bf16", "f32")
 # llama.cpp's K-quant mixes (GGUF output only; per-tensor types as llama-quantize: convert/kquant_mix.py)
 _KQUANT_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+_TYPE_ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # llama-quantize's
+
+
+def _convert_type(text: str) -> str | None:
+    """A TYPE as llama-quantize takes it: a name (any case, dashes or underscores), one of its
+    aliases (Q4_K for Q4_K_M...) or its file-type number (2 for Q4_0, 15 for Q4_K_M...); None if
+    unknown."""
+    import gguf
+
+    key = text.strip().lower().replace("-", "_")
+    key = _TYPE_ALIASES.get(key, key)
+    if key.isdigit() and len(key) <= 3:
+        for name in _CONVERT_TYPES + _KQUANT_MIXES:
+            member = "ALL_F32" if name == "f32" else f"MOSTLY_{name.upper()}"
+            if member in gguf.LlamaFileType.__members__ and int(gguf.LlamaFileType[member]) == int(key):
+                return name
+        return None
+    return key if key in _CONVERT_TYPES + _KQUANT_MIXES else None
 
 
 def _mix_option(key: str) -> Any:
@@ -1153,6 +1171,8 @@ def convert(
     q4: bool = typer.Option(False, "--q4", "--q4_0", "--q4-0",
                             help="4-bit (GGUF Q4_0 / MLX 4-bit); the default."),
     q4_1: bool = typer.Option(False, "--q4_1", "--q4-1", help="4-bit with offsets (GGUF Q4_1)."),
+    q5_0: bool = typer.Option(False, "--q5_0", "--q5-0", help="5-bit (GGUF Q5_0)."),
+    q5_1: bool = typer.Option(False, "--q5_1", "--q5-1", help="5-bit with offsets (GGUF Q5_1)."),
     q8: bool = typer.Option(False, "--q8", "--q8_0", "--q8-0", help="8-bit (GGUF Q8_0 / MLX 8-bit)."),
     f16: bool = typer.Option(False, "--f16", help="float16."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16."),
@@ -1182,14 +1202,18 @@ def convert(
 
     Without a precision flag: --q4 (GGUF Q4_0 with output.weight Q6_K as llama.cpp; MLX 4-bit, groups of 64).
     SRC 'demo' is the built-in demo model."""
-    flags = (q4, q4_1, q8, f16, bf16, f32, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
+    flags = (q4, q4_1, q5_0, q5_1, q8, f16, bf16, f32,
+             q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
     chosen = [name for name, on in zip(_CONVERT_TYPES + _KQUANT_MIXES, flags, strict=True) if on]
     shown = {"q4_0": "q4", "q8_0": "q8"}  # the flags' first names
     if type_ is not None:
-        key = type_.strip().lower().replace("-", "_")
-        if key not in _CONVERT_TYPES + _KQUANT_MIXES:
+        key = _convert_type(type_)
+        if key is None:
             known = ", ".join(t.upper() for t in _CONVERT_TYPES + _KQUANT_MIXES)
-            fail(f"convert: unknown type {type_[:40]!r} (known: {known})", 2)
+            fail(f"convert: unknown type {type_[:40]!r} (known: {known}, Q3_K/Q4_K/Q5_K for their _M "
+                 "mixes, or llama-quantize's file-type numbers)", 2)
+        if fmt is None:  # llama-quantize's form writes GGUF whatever OUT is called
+            fmt = "gguf"
         if chosen and chosen != [key]:
             fail(f"choose one output type, got {type_[:40]} and --{shown.get(chosen[0], chosen[0])}", 2)
         chosen = [key]

@@ -49,7 +49,8 @@ MIXES: dict[str, tuple[str, str]] = {
 }
 # llama.cpp's Q4_0/Q4_1/Q8_0 file types go through the same function: only the rules that name no mix
 # apply to them (output and tied embedding, the 8-expert attn_k/attn_v)
-LEGACY: dict[str, str] = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q8_0": "MOSTLY_Q8_0"}
+LEGACY: dict[str, str] = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
+                          "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0"}
 QK_K = 256
 # tensor_type_fallback: a 256-block type on rows that are not a multiple of 256
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}

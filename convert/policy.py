@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 PRECISIONS: dict[str, tuple[str, int | None]] = {
     "q4": ("Q4_0", 4),
     "q4_1": ("Q4_1", None),
+    "q5_0": ("Q5_0", None),
+    "q5_1": ("Q5_1", None),
     "q8": ("Q8_0", 8),
     "f16": ("F16", None),
     "bf16": ("BF16", None),
@@ -63,7 +65,7 @@ PRECISIONS: dict[str, tuple[str, int | None]] = {
     "q5_k_m": ("Q5_K_M", None),
     "q6_k": ("Q6_K", None),
 }
-GGUF_QTYPES = ("Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32")
+GGUF_QTYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32")
 DEFAULT_PRECISION = "q4"
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_HELP = "no precision flag: --q4 (GGUF Q4_0, output.weight Q6_K as llama.cpp; MLX 4-bit, groups of 64)"
@@ -91,8 +93,8 @@ def parse_precision(name: str, fmt: str) -> Precision:
     if key not in PRECISIONS:
         raise UsageError(f"unknown precision {name!r}; use one of {', '.join(PRECISIONS)}")
     qtype, bits = PRECISIONS[key]
-    if fmt == "mlx" and key == "q4_1":
-        raise UsageError("--q4_1 is a GGUF type; MLX output takes --q4, --q8, --f16, --bf16 or --f32")
+    if fmt == "mlx" and key in ("q4_1", "q5_0", "q5_1"):
+        raise UsageError(f"--{key} is a GGUF type; MLX output takes --q4, --q8, --f16, --bf16 or --f32")
     if fmt == "mlx" and is_mix(qtype):
         raise UsageError(f"--{key} is a GGUF K-quant mix; MLX output takes --q4, --q8, --f16, --bf16 or "
                          "--f32 (write a .gguf file for K-quants)")
@@ -172,6 +174,8 @@ def gguf_file_type(qtype: str) -> int:
         "BF16": gguf.LlamaFileType.MOSTLY_BF16,
         "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[qtype])
 

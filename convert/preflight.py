@@ -103,8 +103,8 @@ def _lossless_choices(ckpt: Checkpoint, fmt: str, group_size: int) -> list[str]:
 
     out = []
     groups = (group_size,) if fmt == "gguf" else tuple(dict.fromkeys((group_size, 32, 64, 128)))
-    for key in ("q4", "q4_1", "q8"):
-        if fmt == "mlx" and key == "q4_1":
+    for key in ("q4", "q4_1", "q5_0", "q5_1", "q8"):
+        if fmt == "mlx" and key in ("q4_1", "q5_0", "q5_1"):
             continue
         for gs in groups:
             if _requantized(ckpt, fmt, parse_precision(key, fmt), gs)[0] == 0:

@@ -225,6 +225,39 @@ def test_type_as_llama_quantize_takes_it(tmp_path: Path, q41_gguf: Path) -> None
     assert not (tmp_path / "c.gguf").exists()
 
 
+def test_llama_quantize_types_aliases_numbers_and_names(tmp_path: Path, q41_gguf: Path) -> None:
+    """As llama-quantize: Q5_0 / Q5_1 (gguf-py's blocks, bit for bit), Q4_K for Q4_K_M (and Q3_K,
+    Q5_K), file-type numbers (15 is Q4_K_M, 7 Q8_0), and a GGUF file whatever OUT is called."""
+    base = ["convert", str(q41_gguf)]
+
+    def types(p: Path) -> dict[str, str]:
+        return {t.name: t.tensor_type.name for t in gguf.GGUFReader(p).tensors}
+
+    made = {}
+    for arg in ("Q4_K_M", "q4-k", "15", "Q8_0", "7", "Q5_0", "q5_1"):
+        out = tmp_path / f"out-{arg}"  # no .gguf: llama-quantize's form writes GGUF anyway
+        r = runner.invoke(app, [*base, str(out), arg, "--allow-requantize"])
+        assert r.exit_code == 0, r.output
+        assert out.is_file() and out.read_bytes()[:4] == b"GGUF"
+        made[arg] = types(out)
+    assert made["Q4_K_M"] == made["q4-k"] == made["15"] and made["Q8_0"] == made["7"]
+    assert made["Q5_0"]["blk.0.attn_q.weight"] == "Q5_0" and made["q5_1"]["blk.0.attn_q.weight"] == "Q5_1"
+    r = gguf.GGUFReader(tmp_path / "out-Q5_0")
+    assert int(r.fields["general.file_type"].parts[-1][0]) == int(gguf.LlamaFileType.MOSTLY_Q5_0)
+    for t in ("Q5_0", "Q5_1"):  # the blocks are gguf-py's quantization of the dequantized source
+        src = next(x for x in gguf.GGUFReader(q41_gguf).tensors if x.name == "blk.0.attn_q.weight")
+        got = next(x for x in gguf.GGUFReader(tmp_path / f"out-{t if t == 'Q5_0' else 'q5_1'}").tensors
+                   if x.name == "blk.0.attn_q.weight")
+        want = gguf.quants.quantize(gguf.quants.dequantize(src.data, src.tensor_type),
+                                    gguf.GGMLQuantizationType[t])
+        np.testing.assert_array_equal(np.asarray(got.data), want)
+    for bad in ("99", "IQ4_NL", "Q4_K_X", "1e3"):
+        line = _one_line_error(runner.invoke(app, [*base, str(tmp_path / "x.gguf"), bad]), 2)
+        assert "unknown type" in line
+    line = _one_line_error(runner.invoke(app, [*base, str(tmp_path / "m"), "--q5_0", "--format", "mlx"]), 2)
+    assert "--q5_0 is a GGUF type" in line
+
+
 # ---- 2. a tensor type we cannot read: one line, before the progress bar --------------------------
 
 _DIM = 256  # a row of every block type

@@ -374,7 +374,7 @@ def test_legacy_types_follow_llamacpp() -> None:
 
     moe = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=32000,
                     hidden_dim=14336, n_experts=8, n_experts_per_tok=2)
-    for q in ("Q4_0", "Q4_1"):
+    for q in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):
         assert gguf_tensor_type("output.weight", (32000, 4096), q, "F16", moe) == "Q6_K"
         assert gguf_tensor_type("output.weight", (32000, 576), q, "F16", moe) == "Q8_0"
         assert gguf_tensor_type("token_embd.weight", (32000, 4096), q, "F16", moe) == q  # untied
