@@ -706,6 +706,13 @@ def serve(
     prompt_cache: str = typer.Option("2GB", "--prompt-cache",
                                      help="Memory for KV caches of finished requests, reused by prompts "
                                           "sharing a prefix (0: off)."),
+    temp: float = typer.Option(0.8, "--temp", help="Temperature of a request that gives none (llama-server's "
+                               "default; 0 = greedy)."),
+    top_k: int = typer.Option(40, "--top-k", help="top_k of a request that gives none (0 = off)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="top_p of a request that gives none (1 = off)."),
+    min_p: float = typer.Option(0.05, "--min-p", help="min_p of a request that gives none (0 = off)."),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty",
+                                         help="repetition_penalty of a request that gives none (1 = off)."),
     backend: str = BackendOpt,
     dtype: str | None = DtypeOpt,
     max_context: int = MaxContextOpt,
@@ -715,11 +722,14 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API."""
     model = pick_model("serve", model, model_opt, False)
+    from mlxtral.sampling import SamplingParams
     from mlxtral.server import bind, check_api_key, check_installed, run
 
     follow_if_not_rank0(distributed, model, backend, max_context, None, threads, memory_budget, dtype=dtype)
     check_installed()
     check_api_key(api_key)
+    _check_sampling(temp, top_p, top_k, min_p, repeat_penalty, 1, None)
+    sampling = SamplingParams(temp, top_k, top_p, min_p, repeat_penalty)
     if alias is not None and not (0 < len(alias) <= 256 and alias.isprintable()):
         fail("--alias must be 1 to 256 printable characters", 2)
     cache_bytes = 0
@@ -747,7 +757,8 @@ def serve(
         sys.stderr.flush()
 
     run(m, sock, parallel=parallel, max_queue=max_queue, api_key=api_key, prompt_cache_bytes=cache_bytes,
-        prefill_chunk=prefill_chunk, on_ready=ready, model_name=alias, log=log if log_requests else None)
+        prefill_chunk=prefill_chunk, on_ready=ready, model_name=alias, log=log if log_requests else None,
+        sampling=sampling)
     sys.stderr.write("mlxtral serve: stopped\n")
 
 

@@ -782,3 +782,41 @@ def test_connections_without_a_request_are_closed() -> None:
             GuardedH11Protocol.limit = old
     finally:
         loop.close()
+
+
+def test_sampling_defaults_as_llama_server(model_file: Path) -> None:
+    """A request that leaves a sampling parameter out gets llama-server's default (temperature 0.8,
+    top_k 40, top_p 0.95, min_p 0.05), or serve's --temp/--top-k/--top-p/--min-p/--repeat-penalty;
+    a parameter the request gives is its own."""
+    import mlxtral
+    from mlxtral.sampling import SamplingParams
+    from mlxtral.server.protocol import DEFAULT_SAMPLING, parse_chat, parse_completion
+
+    m = mlxtral.load(model_file, backend="numpy", max_context=64)
+    msgs = {"messages": [{"role": "user", "content": "Hi"}]}
+    s = parse_chat(msgs, m).sampling
+    assert (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty) == (0.8, 40, 0.95, 0.05, 1.0)
+    assert parse_completion({"prompt": "Hi"}, m).sampling == DEFAULT_SAMPLING
+    mine = SamplingParams(0.0, 0, 1.0, 0.0, 1.1)
+    s = parse_chat(msgs, m, mine).sampling
+    assert (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty) == (0.0, 0, 1.0, 0.0, 1.1)
+    s = parse_chat({**msgs, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}, m).sampling
+    assert (s.temperature, s.top_k, s.top_p, s.min_p) == (1.0, 0, 1.0, 0.0)
+
+
+def test_serve_sampling_flags(model_file: Path) -> None:
+    """serve --temp 0: requests without a temperature are greedy (the same text every time); a bad
+    value is one line before anything loads."""
+    s = start_server(model_file, "--temp", "0")
+    try:
+        texts = {s.client.completions.create(model="tiny", prompt="Once", max_tokens=8).choices[0].text
+                 for _ in range(3)}
+        assert len(texts) == 1, texts
+    finally:
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(20)
+    for bad in (["--top-p", "0"], ["--temp", "-1"], ["--min-p", "1"], ["--top-k", "-2"]):
+        cmd = [sys.executable, "-m", "mlxtral.cli", "serve", str(model_file), "--port", "0", *bad]
+        r = subprocess.run(cmd, capture_output=True, timeout=60)
+        err = r.stderr.decode().strip()
+        assert r.returncode == 2 and err.count("\n") == 0 and err.startswith("error: "), (bad, err)

@@ -66,10 +66,11 @@ def check_api_key(key: str | None) -> None:
 def run(model: Any, sock: socket.socket, *, model_name: str | None = None, parallel: int = 8,
         max_queue: int = 64, api_key: str | None = None, prompt_cache_bytes: int = 2 << 30,
         prefill_chunk: int = 128, graceful_timeout: float = 30.0, on_ready: Any = None,
-        log: Any = None) -> None:
+        log: Any = None, sampling: Any = None) -> None:
     """Serve until SIGINT/SIGTERM: new connections stop, requests in flight finish (at most
     ``graceful_timeout`` seconds), then the scheduler stops. ``log(line)`` gets a line per finished
-    request."""
+    request; ``sampling`` (a SamplingParams): what a request that leaves a parameter out gets
+    (default: llama-server's, ``protocol.DEFAULT_SAMPLING``)."""
     import uvicorn
 
     check_api_key(api_key)
@@ -88,8 +89,11 @@ def run(model: Any, sock: socket.socket, *, model_name: str | None = None, paral
                       prompt_cache=cache)
     sched.start()
     server: Any = None
+    from mlxtral.server.protocol import DEFAULT_SAMPLING
+
     app = create_app(model, sched, model_name or model.path.name, api_key=api_key,
-                     stopping=lambda: server is not None and server.should_exit, log=log)
+                     stopping=lambda: server is not None and server.should_exit, log=log,
+                     sampling=sampling or DEFAULT_SAMPLING)
     import logging
 
     from mlxtral.server.connections import AcceptErrorFilter, GuardedH11Protocol

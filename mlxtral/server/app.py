@@ -22,7 +22,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mlxtral.sampling import SamplingParams
 from mlxtral.server.protocol import (
+    DEFAULT_SAMPLING,
     ApiError,
     GenRequest,
     chunk,
@@ -95,10 +97,11 @@ def request_line(h: Handle) -> str:
 
 
 def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str | None = None,
-               stopping: Callable[[], bool] = lambda: False, log: Callable[[str], None] | None = None
-               ) -> Any:
+               stopping: Callable[[], bool] = lambda: False, log: Callable[[str], None] | None = None,
+               sampling: SamplingParams = DEFAULT_SAMPLING) -> Any:
     """The application; ``stopping()`` tells when the server is stopping (request bodies still
-    arriving are then given up); ``log`` gets a line per finished request."""
+    arriving are then given up); ``log`` gets a line per finished request; ``sampling``: what a
+    request that leaves a sampling parameter out gets."""
     created = int(time.time())
     inflight = [0]  # bytes of request bodies being received right now, every connection together
 
@@ -172,11 +175,11 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
         except RecursionError:
             raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
 
-    def endpoint(parse: Callable[[Any, Any], GenRequest]) -> Callable[[Request], Any]:
+    def endpoint(parse: Callable[[Any, Any, SamplingParams], GenRequest]) -> Callable[[Request], Any]:
         async def handler(request: Request) -> Response:
             try:
                 body = await read_json(request)
-                req = await run_in_threadpool(parse, body, model)
+                req = await run_in_threadpool(parse, body, model, sampling)
                 constraint = None
                 if req.grammar is not None:
                     from mlxtral.server.grammar import Constraint

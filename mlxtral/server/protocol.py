@@ -186,16 +186,22 @@ def _stops(body: Mapping[str, Any]) -> list[str]:
         raise ApiError(400, str(e), "stop") from None
 
 
-def _sampling(body: Mapping[str, Any]) -> SamplingParams:
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)  # OpenAI's range and default
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+# what a request that leaves a sampling parameter out gets: llama-server's defaults (a local model
+# sampled at OpenAI's temperature 1 with nothing cut is often incoherent); serve's --temp, --top-k,
+# --top-p, --min-p and --repeat-penalty change them
+DEFAULT_SAMPLING = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+
+
+def _sampling(body: Mapping[str, Any], default: SamplingParams = DEFAULT_SAMPLING) -> SamplingParams:
+    temperature = _number(body, "temperature", default.temperature, 0.0, 2.0)  # OpenAI's range
+    top_p = _number(body, "top_p", default.top_p, 0.0, 1.0)
     if top_p == 0.0:
         raise ApiError(400, "top_p must be above 0 (1 = off)", "top_p")
-    top_k = _whole(body, "top_k", 0, 0)
-    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+    top_k = _whole(body, "top_k", default.top_k, 0)
+    min_p = _number(body, "min_p", default.min_p, 0.0, 1.0)
     if min_p >= 1.0:
         raise ApiError(400, "min_p must be below 1 (0 = off)", "min_p")
-    rep = _number(body, "repetition_penalty", 1.0, 0.5, 10.0)
+    rep = _number(body, "repetition_penalty", default.repetition_penalty, 0.5, 10.0)
     try:
         seed = check_seed("seed", body.get("seed"))
     except UsageError as e:
@@ -273,7 +279,7 @@ def _message_text(k: int, m: Any) -> dict[str, str]:
     return {"role": role, "content": content}  # type: ignore[dict-item]
 
 
-def parse_chat(body: Any, model: Any) -> GenRequest:
+def parse_chat(body: Any, model: Any, default: SamplingParams = DEFAULT_SAMPLING) -> GenRequest:
     body = _check_fields(body, CHAT_FIELDS)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -292,12 +298,12 @@ def parse_chat(body: Any, model: Any) -> GenRequest:
     top = _whole(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS) or 0
     if top and not lp:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    req = _finish(body, "chat", ids, mt, lp, top, model)
+    req = _finish(body, "chat", ids, mt, lp, top, model, default)
     req.continues = messages[-1]["role"] == "assistant"  # a prefill: the answer goes on from its text
     return req
 
 
-def parse_completion(body: Any, model: Any) -> GenRequest:
+def parse_completion(body: Any, model: Any, default: SamplingParams = DEFAULT_SAMPLING) -> GenRequest:
     body = _check_fields(body, COMPLETION_FIELDS)
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
@@ -320,7 +326,7 @@ def parse_completion(body: Any, model: Any) -> GenRequest:
     _n(body)
     mt = _whole(body, "max_tokens", DEFAULT_COMPLETION_MAX_TOKENS, 1)
     lp = _whole(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
-    req = _finish(body, "completion", ids, mt, lp is not None, lp or 0, model)
+    req = _finish(body, "completion", ids, mt, lp is not None, lp or 0, model, default)
     if lp is not None:  # OpenAI's text_offset counts prompt + completion (as llama-cpp-python's)
         req.prompt_chars = len(p) if isinstance(p, str) else len(model.tokenizer.decode(ids))
     return req
@@ -335,7 +341,7 @@ def _text_fits(model: Any, n_chars: int, param: str) -> None:
 
 
 def _finish(body: Mapping[str, Any], kind: str, ids: list[int], max_tokens: int | None, logprobs: bool,
-            top: int, model: Any) -> GenRequest:
+            top: int, model: Any, default: SamplingParams = DEFAULT_SAMPLING) -> GenRequest:
     ctx = model.max_context
     if len(ids) >= ctx:
         raise ApiError(400, f"the prompt has {len(ids)} tokens but the context holds {ctx}: shorten it "
@@ -345,7 +351,8 @@ def _finish(body: Mapping[str, Any], kind: str, ids: list[int], max_tokens: int 
         max_tokens = min(max_tokens, ctx - len(ids))  # not a 400 for a client's habitual max_tokens
     stream, include = _stream(body)
     return GenRequest(
-        kind=kind, prompt_ids=ids, max_tokens=max_tokens, sampling=_sampling(body), stop=_stops(body),
+        kind=kind, prompt_ids=ids, max_tokens=max_tokens, sampling=_sampling(body, default),
+        stop=_stops(body),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         logprobs=logprobs, top_logprobs=top, stream=stream, include_usage=include,
