@@ -219,6 +219,28 @@ def test_logprobs(server: Server) -> None:
     assert [o for p in parts for o in p.text_offset] == lp.text_offset  # streamed the same
 
 
+def test_chat_logprobs_add_up_to_the_content(server: Server, model_file: Path) -> None:
+    """A chat answer starts its own text (no leading space on its first piece, SentencePiece): its
+    first logprobs entry, and the alternatives beside it, are shown the same way, so the entries'
+    bytes add up to the content (OpenAI's), streamed or not."""
+    import mlxtral
+    from mlxtral.server.scheduler import Scheduler
+
+    tok = mlxtral.load(model_file, backend="numpy", max_context=64).tokenizer
+    the = tok.encode("the", bos=False)[-1]  # "▁the"
+    dec = tok.stream_decoder()
+    assert Scheduler._token_info(the, -0.5, dec)["token"] == "the"
+    dec.add(the)
+    assert Scheduler._token_info(the, -0.5, dec)["token"] == " the"
+    assert Scheduler._token_info(tok.eos_id, -0.5, dec)["bytes"] == []
+    for prompt in ("Hello", "Tell me a story", "Why?"):
+        msgs = [{"role": "user", "content": prompt}]
+        r = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0,
+                                                  logprobs=True, top_logprobs=2)
+        got = b"".join(bytes(e.bytes) for e in r.choices[0].logprobs.content)
+        assert got == r.choices[0].message.content.encode(), (got, r.choices[0].message.content)
+
+
 def test_prompt_cache_reports_cached_tokens(server: Server) -> None:
     system = "You are a helpful assistant who answers in one short sentence. " * 4
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "What is a fox?"}]

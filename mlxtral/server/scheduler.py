@@ -335,7 +335,7 @@ class Scheduler:
             seq.h.first_token = time.perf_counter()
         seq.history.append(tok)
         seq.generated.append(tok)
-        entries = [self._entry(tok, entry_lp, req.top_logprobs)] if entry_lp is not None else []
+        entries = [self._entry(tok, entry_lp, req.top_logprobs, seq.decoder)] if entry_lp is not None else []
         if con is not None and tok not in self.eos:
             con.consume(tok)
         if tok in self.eos:  # not shown, nor in the logprobs
@@ -360,20 +360,22 @@ class Scheduler:
         seq.h.put(Event(tail, finish=reason, usage=use))
         self._release(seq)
 
-    def _entry(self, tok: int, lp: np.ndarray, top: int) -> dict[str, Any]:
-        e = self._token_info(tok, float(lp[tok]))
+    def _entry(self, tok: int, lp: np.ndarray, top: int, decoder: Any) -> dict[str, Any]:
+        """The logprobs of token ``tok`` and the ``top`` likeliest, each as the text would show it
+        here (``decoder``, before it adds ``tok``): a chat answer's first piece without its leading
+        space, so that the entries' bytes add up to the text, as OpenAI's do."""
+        e = self._token_info(tok, float(lp[tok]), decoder)
         if top:
             best = np.argpartition(-lp, top - 1)[:top]
             best = best[np.argsort(-lp[best], kind="stable")]
-            e["top_logprobs"] = [self._token_info(int(i), float(lp[i])) for i in best]
+            e["top_logprobs"] = [self._token_info(int(i), float(lp[i]), decoder) for i in best]
         else:
             e["top_logprobs"] = []
         return e
 
-    def _token_info(self, tok: int, lp: float) -> dict[str, Any]:
-        from mlxtral.tokenizer.base import CONTROL
-
-        b = b"" if self.tok.token_type(tok) == CONTROL else self.tok.token_bytes(tok)
+    @staticmethod
+    def _token_info(tok: int, lp: float, decoder: Any) -> dict[str, Any]:
+        b = decoder.piece(tok)  # control tokens: no text
         return {"token": b.decode("utf-8", errors="replace"), "logprob": max(lp, -9999.0), "bytes": list(b)}
 
 

@@ -232,6 +232,11 @@ class StreamDecoder:
             self._first = False
         return self._utf8.decode(b)
 
+    def piece(self, token_id: int) -> bytes:
+        """The bytes ``add(token_id)`` would add now: a token as this text shows it (a chat answer's
+        first piece without its leading space), for logprobs that add up to the text."""
+        return self._tok._piece_for_decode(int(token_id), self._first, self._special)[0]
+
     def flush(self) -> str:
         """The text still held back (an incomplete UTF-8 sequence becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)
