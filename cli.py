@@ -319,9 +319,14 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
     kw = dict(backend=backend, max_context=max_context, experts_per_token=experts_per_token,
               memory_budget=memory_budget, prefetch=prefetch, distributed=distributed,
               logits_rows=logits_rows, dtype=dtype)
+    from mlxtral.backends import precompile
+
     try:
+        if follower_rank() is not None:  # silent: rank 0 says it
+            precompile.notice = lambda line: None
         if quiet or follower_rank() is not None:
             return _warm(mlxtral.load(path, **kw))
+        precompile.notice = lambda line: err_console.print(f"[dim]{line}[/dim]", highlight=False)
         with err_console.status(f"loading {path.name}...", spinner="dots"):
             m = _warm(mlxtral.load(path, **kw))
     except ContextLengthError as e:

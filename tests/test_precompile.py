@@ -56,6 +56,7 @@ def test_a_cold_cache_is_filled_by_a_child_and_the_run_holds_none_of_it(tiny: Pa
     argv = [str(SCRIPT), "generate", str(tiny), "-p", "Hi", "-n", "3", "--json"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "compiling the CPU kernels, once after an install" in r.stderr  # said, even to a pipe
     assert not _cold(env)
     cold_peak = json.loads(r.stdout)["stats"]["peak_memory"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)

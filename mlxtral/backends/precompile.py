@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,15 @@ import numpy as np
 from mlxtral.env import env_flag
 
 _done = False  # this process asked a child once (whatever came of it): never twice
+NOTICE = "compiling the CPU kernels, once after an install (about two minutes)..."
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(f"mlxtral: {line}\n")
+    sys.stderr.flush()
+
+
+notice: Callable[[str], None] = _say  # how the wait is announced (the CLI shows it its own way)
 
 
 def _index_has_this_cpu(dispatcher: Any) -> bool:
@@ -69,6 +79,7 @@ def ensure_compiled() -> None:
     if _done or env_flag("MLXTRAL_NO_PRECOMPILE") or not is_cold():
         return
     _done = True
+    notice(NOTICE)  # on a terminal or not: two silent minutes look like a hang
     env = dict(os.environ, MLXTRAL_NO_PRECOMPILE="1")
     here = str(Path(__file__).resolve().parents[2])  # this mlxtral, however this process found it
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
