@@ -473,6 +473,17 @@ def _token_limit(max_tokens: int, m: Any) -> int:
     return m.max_context if max_tokens == -1 else max_tokens
 
 
+def _read_stdin(limit: int, distributed: str | None) -> bytes:
+    """Standard input, at most ``limit`` bytes; under ``mlx.launch`` (which never closes a rank's
+    stdin) until the launcher's own input has ended."""
+    if distributed is not None:
+        from mlxtral.distributed import relay
+
+        if relay.under_launcher_pipe():
+            return relay.relayed_input(limit)
+    return sys.stdin.buffer.read(limit)
+
+
 def _check_sampling(temp: float, top_p: float, top_k: int, min_p: float, repeat_penalty: float,
                     max_tokens: int, seed: int | None, stop: list[str] | None = None) -> int | None:
     """Every sampling flag checked (finite, in range; UsageError, exit 2); the seed (-1: None, random)."""
@@ -556,6 +567,11 @@ def chat(
     else:
         loop.echo = True
         lines = read_piped(sys.stdin)
+        if distributed is not None:
+            from mlxtral.distributed import relay
+
+            if relay.under_launcher_pipe():  # mlx.launch never closes it: ends with the launcher's input
+                lines = relay.relayed_lines()
     loop.run(lines)
     if expert_stats:
         print_expert_stats(m)
@@ -622,7 +638,7 @@ def generate(
         prompt = read_side_file(prompt_file, MlxtralError, limit=STDIN_PROMPT_MAX).decode("utf-8", "replace")
         prompt = prompt.removesuffix("\n")  # as llama-cli -f: the last line break is not the prompt
     elif prompt == "-":  # bounded: no context holds more (a prompt that fits is tokenized whole)
-        raw = sys.stdin.buffer.read(STDIN_PROMPT_MAX + 1)
+        raw = _read_stdin(STDIN_PROMPT_MAX + 1, distributed)
         if len(raw) > STDIN_PROMPT_MAX:
             fail(f"the prompt on standard input is over {STDIN_PROMPT_MAX >> 20} MiB: no context holds it", 2)
         prompt = raw.decode("utf-8", errors="replace").removesuffix("\n")  # as -f: `echo ... |` adds one

@@ -606,3 +606,45 @@ def test_warm_reaches_every_rank() -> None:
     w.rank = 1
     runner._Follower(follow, w, None).run()  # type: ignore[arg-type]
     assert lead.warmed == [True] and follow.warmed == [True] and not Wire.sent
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux")
+def test_a_piped_chat_under_mlx_launch_ends_with_its_input(tiny_moe: Path) -> None:
+    """mlx.launch never closes rank 0's stdin when its own input ends: the chat reads until the
+    launcher's input pipe has no writer left and is empty, answers every line, and exits 0."""
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port(2)), "--python",
+           sys.executable, "--", *MLXTRAL, "chat", str(tiny_moe), "--backend", "numpy", "--temp", "0",
+           "-n", "3", "--distributed", "expert"]
+    r = subprocess.run(cmd, input=b"Hi!\nWhat is 2+2?\n", capture_output=True, timeout=180, cwd=ROOT)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err[-2000:]
+    assert err.count("> ") >= 2 and "What is 2+2?" in err and err.count("prompt: ") == 2, err[-2000:]
+
+
+def test_relayed_lines_end_when_the_input_has_ended() -> None:
+    from mlxtral.distributed import relay
+
+    r, w = os.pipe()
+    os.write(w, b"one\ntwo\nthr")
+    checks = []
+
+    def ended() -> bool:
+        checks.append(1)
+        return True
+
+    assert list(relay.relayed_lines(ended, fd=r, every=0.05)) == ["one\n", "two\n", "thr"]
+    assert len(checks) == 2  # two quiet checks in a row, nothing read between
+    os.close(r)
+    os.close(w)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux")
+def test_generate_prompt_from_stdin_under_mlx_launch(tiny_moe: Path) -> None:
+    """`echo hello | mlx.launch ... generate -p -` reads the prompt until the launcher's input ends
+    (it hung: mlx.launch never closes rank 0's stdin, and rank 1 gave up blaming the network)."""
+    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port(2)), "--python",
+           sys.executable, "--", *MLXTRAL, "generate", str(tiny_moe), "-p", "-", "-n", "2", "--backend",
+           "numpy", "--distributed", "expert", "--json"]
+    r = subprocess.run(cmd, input=b"hello\n", capture_output=True, timeout=180, cwd=ROOT)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert json.loads(r.stdout.decode().strip().splitlines()[-1])["prompt"] == "hello"

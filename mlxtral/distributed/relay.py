@@ -13,14 +13,24 @@ rank started by hand, by ``mpirun``, over ssh, or with stdin from a file, a term
 someone else's is left alone. The launcher's own main
 loop still spins when *its* stdin is ``/dev/null`` (it reads the end of file over and over): give
 it a pipe that stays open, or start the ranks yourself.
+
+``mlx.launch`` also never closes a rank's stdin when its own input ends, so a piped ``chat`` under it
+would wait for a next line for ever. :func:`relayed_lines` reads rank 0's stdin and ends when the
+launcher's input has ended (:func:`launcher_input_ended`: ``/dev/null``, a file read to its end, or
+a pipe no process can write to any more, emptied) and nothing more came for two checks in a row.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import stat
+from collections.abc import Callable, Iterator
 
 MAX_FILL = 1 << 20  # pipes hold 64 KiB by default; never write more than this
+MAX_PROCS = 1 << 16  # processes looked at for a writer of the launcher's input pipe
+MAX_FDS = 4096  # descriptors looked at in each
+MAX_LINE = 16 << 20  # a line longer than this is passed on in pieces (the chat refuses it anyway)
 
 
 def _parent_is_mlx_launch(proc: str = "/proc") -> bool:
@@ -70,3 +80,114 @@ def quiet_relay(proc: str = "/proc") -> int:
         with contextlib.suppress(OSError):
             os.close(fd)
     return n
+
+
+def _pending(fd: int) -> int:
+    import fcntl
+    import termios
+
+    buf = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return int.from_bytes(buf, "little")
+
+
+def _has_writer(ino: int, proc: str) -> bool:
+    """Whether any process this one can see holds pipe ``ino`` open for writing."""
+    link = f"pipe:[{ino}]"
+    try:
+        pids = [d for d in os.listdir(proc)[:MAX_PROCS] if d.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")[:MAX_FDS]
+        except OSError:
+            continue  # gone, or another user's: a writer there is not seen (it ends its way)
+        for fd in fds:
+            try:
+                if os.readlink(f"{proc}/{pid}/fd/{fd}") != link:
+                    continue
+                with open(f"{proc}/{pid}/fdinfo/{fd}") as f:
+                    flags = next((ln.split()[1] for ln in f if ln.startswith("flags:")), "0")
+                if int(flags, 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                    return True
+            except (OSError, ValueError, IndexError):
+                continue
+    return False
+
+
+def launcher_input_ended(proc: str = "/proc") -> bool:
+    """Whether the input of ``mlx.launch`` (this process's parent, checked as for
+    :func:`quiet_relay`) has ended: ``/dev/null``, a regular file read to its end, or a pipe that
+    no process can write to any more with nothing left in it. False for a terminal or when unsure."""
+    ppid = os.getppid()
+    try:
+        st = os.stat(f"{proc}/{ppid}/fd/0")
+        if stat.S_ISCHR(st.st_mode):
+            return st.st_rdev == os.makedev(1, 3)  # /dev/null; a terminal never ends this way
+        if stat.S_ISREG(st.st_mode):
+            with open(f"{proc}/{ppid}/fdinfo/0") as f:
+                pos = next((int(ln.split()[1]) for ln in f if ln.startswith("pos:")), -1)
+            return pos >= st.st_size
+        if not stat.S_ISFIFO(st.st_mode):
+            return False
+        fd = os.open(f"{proc}/{ppid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # another reader: reads nothing
+        try:
+            if _pending(fd):
+                return False
+        finally:
+            os.close(fd)
+        return not _has_writer(st.st_ino, proc)
+    except (OSError, ValueError):
+        return False
+
+
+def under_launcher_pipe() -> bool:
+    """This process's stdin is ``mlx.launch``'s relay pipe."""
+    try:
+        return stat.S_ISFIFO(os.fstat(0).st_mode) and _parent_is_mlx_launch()
+    except OSError:
+        return False
+
+
+def relayed_lines(ended: Callable[[], bool] = launcher_input_ended, fd: int = 0,
+                  every: float = 1.0) -> Iterator[str]:
+    """The lines of ``fd`` (rank 0's stdin under ``mlx.launch``), invalid UTF-8 replaced, until it
+    ends or ``ended()`` holds at two checks ``every`` seconds apart with nothing read between."""
+    buf = b""
+    quiet = 0
+    while True:
+        ready, _, _ = select.select([fd], [], [], every)
+        if not ready:
+            quiet = quiet + 1 if ended() else 0
+            if quiet >= 2:
+                break
+            continue
+        quiet = 0
+        data = os.read(fd, 1 << 16)
+        if not data:
+            break
+        buf += data
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) > MAX_LINE:
+                    yield buf.decode("utf-8", errors="replace")
+                    buf = b""
+                break
+            line, buf = buf[: nl + 1], buf[nl + 1 :]
+            yield line.decode("utf-8", errors="replace")
+    if buf:
+        yield buf.decode("utf-8", errors="replace")
+
+
+def relayed_input(limit: int, ended: Callable[[], bool] = launcher_input_ended, fd: int = 0,
+                  every: float = 1.0) -> bytes:
+    """All of ``fd`` (rank 0's stdin under ``mlx.launch``), as :func:`relayed_lines` ends it, at
+    most ``limit`` + 1 bytes (the caller refuses more)."""
+    out = bytearray()
+    for line in relayed_lines(ended, fd, every):
+        out += line.encode("utf-8", errors="surrogatepass")
+        if len(out) > limit:
+            break
+    return bytes(out)
