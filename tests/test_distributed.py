@@ -648,3 +648,31 @@ def test_generate_prompt_from_stdin_under_mlx_launch(tiny_moe: Path) -> None:
     r = subprocess.run(cmd, input=b"hello\n", capture_output=True, timeout=180, cwd=ROOT)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert json.loads(r.stdout.decode().strip().splitlines()[-1])["prompt"] == "hello"
+
+
+def test_a_rank_0_whose_peers_never_come_ends_with_one_line(tmp_path: Path, tiny_moe: Path) -> None:
+    """MLX's join waits in accept() holding the GIL, where no thread of ours runs: a guard process
+    ends rank 0 with one line after MLXTRAL_DIST_TIMEOUT (+5 s), not a hang."""
+    hosts = _hostfile(tmp_path, 2)
+    t0 = time.time()
+    a = _rank(0, hosts, [*MLXTRAL, "generate", str(tiny_moe), "-p", "hi", "-n", "1", "--backend", "numpy",
+                         "--distributed", "expert"], MLXTRAL_DIST_TIMEOUT="3")
+    _, err = a.communicate(timeout=120)
+    assert a.returncode != 0 and time.time() - t0 < 60
+    assert err.strip() == ("error: rank 0: the other ranks did not join within 8 s (is every rank started, "
+                           "with the same host file? MLXTRAL_DIST_TIMEOUT sets the wait)"), err
+
+
+@pytest.mark.parametrize("kind", ["missing", "fifo", "folder"])
+def test_a_bad_host_file_is_one_line(tmp_path: Path, tiny_moe: Path, kind: str) -> None:
+    path = tmp_path / "hosts"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    argv = [*MLXTRAL, "generate", str(tiny_moe), "-p", "hi", "-n", "1", "--distributed", "expert"]
+    r = subprocess.run(argv, env={**os.environ, "MLX_RANK": "1", "MLX_HOSTFILE": str(path)},
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    err = r.stderr.strip()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and f"MLX_HOSTFILE={path}: " in err, err
+    assert ("not found" if kind == "missing" else "not a regular file") in err

