@@ -1238,6 +1238,10 @@ def convert(
              q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
     chosen = [name for name, on in zip(_CONVERT_TYPES + _KQUANT_MIXES, flags, strict=True) if on]
     shown = {"q4_0": "q4", "q8_0": "q8"}  # the flags' first names
+    if type_ is None and fmt is None and not str(out).isdigit() and _convert_type(str(out)) is not None \
+            and not out.exists():  # llama-quantize's `IN TYPE` without OUT: not a folder named Q8_0 at Q4_0
+        fail(f"convert: OUT {str(out)[:40]!r} is a type's name: give the output path too (mlxtral convert "
+             f"IN OUT {str(out)[:40]}); for an MLX folder of that name, add --format mlx", 2)
     if type_ is not None:
         key = _convert_type(type_)
         if key is None:

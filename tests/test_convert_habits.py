@@ -256,6 +256,19 @@ def test_llama_quantize_types_aliases_numbers_and_names(tmp_path: Path, q41_gguf
         assert "unknown type" in line
     line = _one_line_error(runner.invoke(app, [*base, str(tmp_path / "m"), "--q5_0", "--format", "mlx"]), 2)
     assert "--q5_0 is a GGUF type" in line
+    # llama-quantize's `IN TYPE` (no OUT) is refused, not a 4-bit MLX folder named Q8_0
+    import os
+
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        line = _one_line_error(runner.invoke(app, [*base, "Q8_0"]), 2)
+        assert "is a type's name: give the output path too" in line and not (tmp_path / "Q8_0").exists()
+        r = runner.invoke(app, [*base, "Q8_0", "--format", "mlx", "--q8", "--allow-requantize"])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / "Q8_0" / "config.json").is_file()
+    finally:
+        os.chdir(here)
 
 
 # ---- 2. a tensor type we cannot read: one line, before the progress bar --------------------------
