@@ -842,3 +842,27 @@ def test_serve_sampling_flags(model_file: Path) -> None:
         r = subprocess.run(cmd, capture_output=True, timeout=60)
         err = r.stderr.decode().strip()
         assert r.returncode == 2 and err.count("\n") == 0 and err.startswith("error: "), (bad, err)
+
+
+def test_no_thread_for_a_request_is_a_503(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose set-up cannot start a thread (memory short under ulimit -v) is a 503
+    out_of_memory with Retry-After and one log line, not a 500 with a traceback in the log."""
+    from starlette.testclient import TestClient
+
+    import mlxtral
+    from mlxtral.server import app as app_mod
+    from mlxtral.server.scheduler import Scheduler
+
+    m = mlxtral.load(model_file, backend="numpy", max_context=64)
+    lines: list[str] = []
+    sched = Scheduler(m, parallel=1, max_queue=1)  # not started: nothing runs
+
+    def no_thread(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(app_mod, "parse_completion", no_thread)
+    client = TestClient(app_mod.create_app(m, sched, "tiny", log=lines.append))
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["error"]["code"] == "out_of_memory" and "thread" in r.json()["error"]["message"]
+    assert len(lines) == 1 and "setting up the request" in lines[0]

@@ -34,7 +34,7 @@ from mlxtral.server.protocol import (
     parse_completion,
     usage_chunk,
 )
-from mlxtral.server.scheduler import Handle, Scheduler
+from mlxtral.server.scheduler import Handle, Scheduler, failure
 
 MAX_BODY = 8 * 1024 * 1024  # bytes of a request body
 BODY_SECONDS = 60.0  # a request body arrives within this (a client that trickles one is answered 408)
@@ -191,6 +191,13 @@ def create_app(model: Any, scheduler: Scheduler, model_name: str, api_key: str |
                 return _error(e)
             except _Gone:  # the client left before its request arrived: nobody to answer
                 return Response(status_code=400)
+            except (MemoryError, RuntimeError, OSError) as e:  # no thread or memory for its set-up
+                failed = failure(e, "setting up the request")
+                if failed.status != 503:
+                    raise
+                if log is not None:
+                    log(failed.message)
+                return _error(failed)
             watcher = asyncio.ensure_future(_watch_disconnect(request, h))
             if req.stream:
                 return StreamingResponse(_stream(h, watcher), media_type="text/event-stream",

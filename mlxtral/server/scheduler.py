@@ -40,15 +40,16 @@ from mlxtral.server.protocol import ApiError, GenRequest, usage
 _GONE = ApiError(499, "the client closed the request", type="client_closed", code="cancelled")
 
 
-def _failure(e: BaseException, what: str) -> ApiError:
+def failure(e: BaseException, what: str) -> ApiError:
     """The client's error for a failure in the worker: memory that ran out is a 503 (another
     request may fit later), with the address-space line under ``ulimit -v``; the rest a 500."""
     from mlxtral.address_space import explain, out_of_memory
     from mlxtral.errors import MlxtralError
 
-    if out_of_memory(e) is not None:
+    thread = isinstance(e, RuntimeError) and "can't start new thread" in str(e)[:200]  # threads are memory
+    if out_of_memory(e) is not None or thread:
         why = explain(e)
-        detail = str(why) if why is not None else "out of memory"
+        detail = str(why) if why is not None else ("cannot start a thread" if thread else "out of memory")
         return ApiError(503, f"{what}: {detail}", type="server_error", code="out_of_memory")
     msg = e.message if isinstance(e, MlxtralError) else f"{type(e).__name__}: {e}"
     return ApiError(500, f"{what}: {msg}", type="server_error")
@@ -197,12 +198,12 @@ class Scheduler:
                     try:
                         self._admit(h)
                     except Exception as e:  # noqa: BLE001 - this request's failure, not the server's
-                        h.put(Event(error=_failure(e, "no room for another session")))
+                        h.put(Event(error=failure(e, "no room for another session")))
             try:
                 self._step()
             except Exception as e:  # noqa: BLE001 - the worker must outlive any step
                 for seq in list(self._active):
-                    seq.h.put(Event(error=_failure(e, "generation failed")))
+                    seq.h.put(Event(error=failure(e, "generation failed")))
                     seq.session.reset()
                     self._release(seq)
             self.steps += 1
@@ -274,7 +275,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - some sequences' failure must not stop the others
             for seq in seqs:
                 if seq in self._active:
-                    seq.h.put(Event(error=_failure(e, "generation failed")))
+                    seq.h.put(Event(error=failure(e, "generation failed")))
                     seq.session.reset()
                     self._release(seq)
 
