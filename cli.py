@@ -868,6 +868,12 @@ def bench(
     m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
                    prefetch=prefetch, distributed=distributed, dtype=dtype,
                    asked=f"-p {max(pps)} and -n {max(tgs)} need {need} positions")
+    if bandwidth is None:  # the probe runs after the tests: a limit it cannot fit refused before them
+        from mlxtral import address_space
+        from mlxtral.bench import probe_address_space
+
+        address_space.check_room(probe_address_space(), "the memory-bandwidth probe (give --bandwidth GB/s "
+                                 "to skip it)")
     load_before = _load_average()
     status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
     if status:

@@ -61,8 +61,21 @@ class Timing:
         return f"{self.mean:.2f} ± {self.std:.2f}"
 
 
-def measure_bandwidth(mb: int = 256, threads: int | None = None, repeats: int = 3) -> float:
+PROBE_MB = 256
+
+
+def probe_address_space(mb: int = PROBE_MB, threads: int | None = None) -> int:
+    """Bytes of address space :func:`measure_bandwidth` maps: its array and its threads' stacks."""
+    threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    return (mb << 20) + threads * (8 << 20) + (16 << 20)
+
+
+def measure_bandwidth(mb: int = PROBE_MB, threads: int | None = None, repeats: int = 3) -> float:
     """Read bandwidth in GB/s: ``threads`` threads summing their slices of a ``mb`` MB array."""
+    from mlxtral import address_space
+
+    address_space.check_room(probe_address_space(mb, threads), "the memory-bandwidth probe (give "
+                             "--bandwidth GB/s to skip it)")
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
     n = mb * (1 << 20) // 8
     a = np.ones(n, dtype=np.float64)

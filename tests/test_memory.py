@@ -447,3 +447,18 @@ def test_kv_cache_pages_fill_as_positions_are_written():
     grown = _rss_anon_kb() - before
     assert c.nbytes == 2 * 4 * 2 * 8192 * 128 * 4
     assert grown < 8 * 1024, f"{grown} KB resident for 16 positions"
+
+
+def test_the_bandwidth_probe_is_refused_where_it_cannot_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench's probe maps 256 MB and its threads' stacks: under a limit it cannot fit it says so
+    (and how to skip it) before mapping anything; that figure is what it needs, not a guess."""
+    from mlxtral import address_space
+    from mlxtral.bench import measure_bandwidth, probe_address_space
+
+    now = address_space.in_use()
+    if now is None:
+        pytest.skip("no /proc")
+    monkeypatch.setattr(address_space, "limit", lambda: now + (100 << 20))
+    with pytest.raises(address_space.AddressSpaceError, match="memory-bandwidth probe .give --bandwidth"):
+        measure_bandwidth()
+    assert probe_address_space(256, 2) > 256 << 20
