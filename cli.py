@@ -841,14 +841,28 @@ def bench(
     dtype: str | None = DtypeOpt,
     experts_per_token: int = ExpertsOpt,
     expert_stats: bool = ExpertStatsOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (as -o json)."),
+    output: str = typer.Option("table", "--output", "-o",
+                               help="table, md, csv, json or jsonl (llama-bench's -o: a row per test "
+                                    "and engine in md/csv/jsonl)."),
     memory_budget: str = BudgetOpt,
     prefetch: bool = PrefetchOpt,
     distributed: str = DistributedOpt,
 ) -> None:
     """Measure prompt processing and generation speed (llama-bench style), against the seed figures."""
     model = pick_model("bench", model, model_opt, True)
-    from mlxtral.bench import Timing, measure_bandwidth, parse_counts, run_llamacpp, run_tests, seed_rows
+    from mlxtral.bench import (
+        OUTPUTS,
+        Timing,
+        format_rows,
+        measure_bandwidth,
+        model_figures,
+        parse_counts,
+        result_rows,
+        run_llamacpp,
+        run_tests,
+        seed_rows,
+    )
     from mlxtral.info import active_weight_bytes
     from mlxtral.sampling import check_number
 
@@ -857,6 +871,11 @@ def bench(
         fail(f"--compare {compare[:40]}: only 'llama.cpp' is supported", 2)
     if bandwidth is not None:
         check_number("--bandwidth", bandwidth, 0.001, 1e5)
+    output = output.strip().lower()
+    if output not in OUTPUTS:
+        fail(f"-o {output[:40]!r}: one of {', '.join(OUTPUTS)}", 2)
+    as_json = as_json or output == "json"
+    quiet = as_json or output != "table"  # a script reads stdout: no spinner, no tables
     pps, tgs = parse_counts("-p", n_prompt), parse_counts("-n", n_gen)
     if not any(pps + tgs):
         fail("-p and -n must be >= 0 and not both 0", 2)
@@ -865,7 +884,7 @@ def bench(
                         prefetch, dtype)
     apply_threads(threads)
     path = resolve_model(model)
-    m = load_model(str(path), backend, need, experts_per_token, quiet=as_json, memory_budget=memory_budget,
+    m = load_model(str(path), backend, need, experts_per_token, quiet=quiet, memory_budget=memory_budget,
                    prefetch=prefetch, distributed=distributed, dtype=dtype,
                    asked=f"-p {max(pps)} and -n {max(tgs)} need {need} positions")
     if bandwidth is None:  # the probe runs after the tests: a limit it cannot fit refused before them
@@ -875,7 +894,7 @@ def bench(
         address_space.check_room(probe_address_space(), "the memory-bandwidth probe (give --bandwidth GB/s "
                                  "to skip it)")
     load_before = _load_average()
-    status = err_console.status("benchmarking...", spinner="dots") if not as_json else None
+    status = err_console.status("benchmarking...", spinner="dots") if not quiet else None
     if status:
         status.start()
     try:
@@ -917,6 +936,7 @@ def bench(
         "repeats": repeats, "threads": threads or os.cpu_count() or 1,
         "pp_tok_s": pp_t.as_dict(), "tg_tok_s": tg_t.as_dict(),  # the first -p and -n values' tests
         "tests": rows,  # every test, as llama-bench's rows
+        **model_figures(m.checkpoint),  # model_type, model_size, model_n_params (llama-bench's)
         "peak_memory_bytes": peak, "active_bytes_per_token": active,
         "bandwidth_gbs": round(bw, 3), "bandwidth_measured": bw_measured,
         "ceiling_tg_tok_s": round(bw * 1e9 / active, 2) if active else None,
@@ -938,6 +958,10 @@ def bench(
         out["expert_stats"] = print_expert_stats(m, as_json=True) if as_json else None
     if as_json:
         write_json(out)
+        return
+    if output != "table":
+        sys.stdout.write(format_rows(result_rows(out), output))
+        sys.stdout.flush()
         return
     _print_bench(out, tests)
     if expert_stats:

@@ -184,6 +184,85 @@ def run_tests(model: Any, pps: list[int], tgs: list[int], repeats: int = 3, seed
     return tests, max(peak_rss(), int(be.peak_memory()))  # the process's, as the stats line
 
 
+# ---- llama-bench's output formats ---------------------------------------------------------------
+
+OUTPUTS = ("table", "md", "csv", "json", "jsonl")
+CSV_FIELDS = ("engine", "model_filename", "model_type", "model_size", "model_n_params", "backends",
+              "n_threads", "n_prompt", "n_gen", "avg_ts", "stddev_ts", "samples_ts")
+
+
+def model_figures(ckpt: Any) -> dict[str, Any]:
+    """llama-bench's model_type ("mixtral Q4_K_M"), model_size (bytes) and model_n_params."""
+    from collections import Counter
+
+    import gguf
+
+    a = ckpt.args
+    ft = (ckpt.metadata or {}).get("general.file_type")
+    kind = None
+    if isinstance(ft, int) and not isinstance(ft, bool):
+        try:
+            kind = gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            kind = None
+    by_type = Counter({q.qtype: 0 for q in ckpt.tensors.values()})
+    for q in ckpt.tensors.values():
+        by_type[q.qtype] += q.nbytes
+    kind = kind or (by_type.most_common(1)[0][0] if by_type else "?")
+    return {"model_type": f"{'mixtral' if a.is_moe else 'llama'} {kind}",
+            "model_size": sum(q.nbytes for q in ckpt.tensors.values()),
+            "model_n_params": a.param_counts()[0]}
+
+
+def result_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """A row per test and engine, in llama-bench's csv/json field names (those that apply): ours
+    with every run, llama.cpp's with its best run (all its runner reports)."""
+    rows = []
+    base = {"model_filename": out["model"], "model_type": out.get("model_type", ""),
+            "model_size": out.get("model_size", 0), "model_n_params": out.get("model_n_params", 0),
+            "n_threads": out["threads"]}
+    for t in out["tests"]:
+        runs = t["tok_s"]["runs"]
+        rows.append({"engine": "mlxtral", **base, "backends": out["backend"], "n_prompt": t["n_prompt"],
+                     "n_gen": t["n_gen"], "avg_ts": t["tok_s"]["mean"], "stddev_ts": t["tok_s"]["std"],
+                     "samples_ts": runs})
+        if t.get("llama_cpp_tok_s"):
+            best = t["llama_cpp_tok_s"]
+            rows.append({"engine": "llama.cpp", **base, "backends": "CPU", "n_prompt": t["n_prompt"],
+                         "n_gen": t["n_gen"], "avg_ts": best, "stddev_ts": None, "samples_ts": [best]})
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
+    """``rows`` (:func:`result_rows`) as llama-bench's ``-o md``, ``csv`` or ``jsonl``."""
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(CSV_FIELDS)
+        for r in rows:
+            w.writerow([";".join(f"{x:.3f}" for x in r[k]) if k == "samples_ts" else
+                        ("" if r[k] is None else r[k]) for k in CSV_FIELDS])
+        return buf.getvalue()
+    from mlxtral.display import term_safe
+
+    lines = ["| model | size | params | backend | threads | test | t/s |",
+             "| ------------------------------ | ---------: | ---------: | ---------- | ------: "
+             "| ------------: | -------------------: |"]
+    for r in rows:
+        test = (f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}")
+        ts = f"{r['avg_ts']:.2f}" + (f" ± {r['stddev_ts']:.2f}" if r["stddev_ts"] is not None else " (best)")
+        engine = r["engine"] if r["engine"] != "mlxtral" else f"mlxtral {r['backends']}"
+        name = term_safe(r["model_type"], 80).replace("|", "/")
+        lines.append(f"| {name} | {r['model_size'] / (1 << 30):.2f} GiB | {r['model_n_params'] / 1e9:.2f} B "
+                     f"| {engine} | {r['n_threads']} | {test} | {ts} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---- llama.cpp ---------------------------------------------------------------------------------
 
 _SNIPPET = r'''

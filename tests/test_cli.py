@@ -450,6 +450,28 @@ def test_bench_comma_lists(models: dict[str, Path]) -> None:
     assert_one_line_error(run("bench", models["dense"], "-p", "0,0", "-n", "0"), 2)
 
 
+def test_bench_output_formats_as_llama_bench(models: dict[str, Path]) -> None:
+    """-o md / csv / jsonl: a row per test in llama-bench's field names; -o json is --json."""
+    import csv
+    import io
+
+    args = ["bench", models["moe"], "-p", "8,16", "-n", "2", "-r", "2", "--bandwidth", "10"]
+    r = run(*args, "-o", "csv")
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [(x["n_prompt"], x["n_gen"]) for x in rows] == [("8", "0"), ("16", "0"), ("0", "2")]
+    assert all(float(x["avg_ts"]) > 0 and len(x["samples_ts"].split(";")) == 2 for x in rows)
+    assert rows[0]["model_type"].startswith("mixtral ") and int(rows[0]["model_n_params"]) > 0
+    r = run(*args, "-o", "jsonl")
+    assert [json.loads(line)["n_gen"] for line in r.stdout.splitlines()] == [0, 0, 2]
+    r = run(*args, "-o", "md")
+    lines = r.stdout.splitlines()
+    assert lines[0] == "| model | size | params | backend | threads | test | t/s |" and len(lines) == 5
+    assert "| pp16 |" in r.stdout and "| tg2 |" in r.stdout and " ± " in r.stdout
+    assert json.loads(run(*args, "-o", "json").stdout)["tests"][2]["test"] == "tg2"
+    assert_one_line_error(run(*args, "-o", "xml"), 2)
+
+
 def test_bench_says_when_the_machine_was_busy(models: dict[str, Path],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A loaded machine makes the figures (and llama.cpp ratios) meaningless: the table says so."""
