@@ -54,7 +54,12 @@ def test_a_cold_cache_is_filled_by_a_child_and_the_run_holds_none_of_it(tiny: Pa
     env = _env(tmp_path / "numba")
     assert _cold(env)
     argv = [str(SCRIPT), "generate", str(tiny), "-p", "Hi", "-n", "3", "--json"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env, stdin=subprocess.DEVNULL)
+    here = tmp_path / "cwd"  # the child never imports from the working directory (-m would put it first)
+    here.mkdir()
+    (here / "numpy.py").write_text("open('RAN', 'w').write('numpy.py from the working directory')\n")
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env, stdin=subprocess.DEVNULL,
+                       cwd=here)
+    assert not (here / "RAN").exists()
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compiling the CPU kernels, once after an install" in r.stderr  # said, even to a pipe
     assert not _cold(env)
@@ -62,6 +67,13 @@ def test_a_cold_cache_is_filled_by_a_child_and_the_run_holds_none_of_it(tiny: Pa
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-2000:]
     warm_peak = json.loads(r.stdout)["stats"]["peak_memory"]
+    # a damaged index (truncated): numba raises on it at every load; one line naming the cache
+    index = next((tmp_path / "numba").rglob("*decode_layers*.nbi"))
+    index.write_bytes(index.read_bytes()[:20])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    err = r.stderr.strip()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err[-2000:]
+    assert err.startswith("error: numba's kernel cache is damaged") and "NUMBA_CACHE_DIR" in err, err
     # compiling in-process left ~0.9 GB more (measured on the demo): the run after a child's
     # compile is a warm run, within noise
     assert cold_peak < warm_peak * 1.25 + (32 << 20), (cold_peak, warm_peak)

@@ -16,6 +16,7 @@ the same either way, so streaming changes no number.
 """
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -191,14 +192,17 @@ class NumpyBackend:
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
         from mlxtral.backends import kernels
         from mlxtral.backends.decode_step import DecodeStep
-        from mlxtral.backends.precompile import ensure_compiled
+        from mlxtral.backends.precompile import cache_dir, damaged_cache, ensure_compiled
 
         ensure_compiled()  # a cold cache filled by a child process: compiling's memory leaves with it
         self.decode_step = DecodeStep.build(self)  # decode: every layer in one call where it applies
-        kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
-        # the one-token step (every rank's too) loaded now, its memory given back before the
-        # weights are paged in; the batched one at its first use, or a server's warm
-        self.warm(batch=False)
+        try:
+            kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
+            # the one-token step (every rank's too) loaded now, its memory given back before the
+            # weights are paged in; the batched one at its first use, or a server's warm
+            self.warm(batch=False)
+        except (pickle.UnpicklingError, EOFError) as e:  # a cache file numba cannot read, every run
+            raise damaged_cache(cache_dir(), e) from None
 
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:

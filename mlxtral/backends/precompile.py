@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.env import env_flag
+from mlxtral.errors import MlxtralError
 
 _done = False  # this process asked a child once (whatever came of it): never twice
 NOTICE = "compiling the CPU kernels, once after an install (about two minutes)..."
@@ -45,9 +46,17 @@ def _say(line: str) -> None:
 notice: Callable[[str], None] = _say  # how the wait is announced (the CLI shows it its own way)
 
 
+def damaged_cache(where: str, e: BaseException) -> MlxtralError:
+    """The one line for a numba cache file that cannot be read (numba raises on it, every run)."""
+    why = f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__
+    return MlxtralError(f"numba's kernel cache is damaged ({why}) in {where[:300]}: delete that folder's "
+                        "*.nbi and *.nbc files, or point NUMBA_CACHE_DIR at an empty folder")
+
+
 def _index_has_this_cpu(dispatcher: Any) -> bool:
     """Whether numba's disk cache holds an entry of ``dispatcher`` for this CPU, fresh for its
-    source (numba's own index, read as numba reads it: an obsolete one reads as empty)."""
+    source (numba's own index, read as numba reads it: an obsolete one reads as empty). An index
+    that cannot be read is :func:`damaged_cache` (numba would raise on it)."""
     from numba.core.registry import cpu_target
 
     cache = getattr(dispatcher, "_cache", None)
@@ -56,10 +65,17 @@ def _index_has_this_cpu(dispatcher: Any) -> bool:
         return True
     try:
         index = cache_file._load_index()
-    except Exception:  # unreadable, truncated, another numba's: numba would recompile
-        return False
+    except Exception as e:  # truncated, another format: numba raises on it at every load
+        raise damaged_cache(str(getattr(cache, "cache_path", "numba's cache")), e) from None
     magic = cpu_target.target_context.codegen().magic_tuple()
     return any(isinstance(k, tuple) and len(k) > 1 and k[1] == magic for k in index)
+
+
+def cache_dir() -> str:
+    """Where numba keeps the kernels' cache (for messages)."""
+    from mlxtral.backends import _decode_step_nb as nb
+
+    return str(getattr(getattr(nb.decode_layers, "_cache", None), "cache_path", "numba's cache folder"))
 
 
 def is_cold() -> bool:
@@ -72,9 +88,12 @@ def is_cold() -> bool:
     return not _index_has_this_cpu(nb.decode_layers)
 
 
+_MEMORY = ("MemoryError", "LLVM ERROR", "Cannot allocate memory", "out of memory", "can't start new thread")
+
+
 def ensure_compiled() -> None:
     """Fill numba's cache in a child process when it is cold (see the module's text). Raises
-    :class:`AddressSpaceError` (one line) when the child was killed under an address-space limit."""
+    :class:`AddressSpaceError` (one line) when the child ran out of address space under a limit."""
     global _done
     if _done or env_flag("MLXTRAL_NO_PRECOMPILE") or not is_cold():
         return
@@ -83,19 +102,24 @@ def ensure_compiled() -> None:
     env = dict(os.environ, MLXTRAL_NO_PRECOMPILE="1")
     here = str(Path(__file__).resolve().parents[2])  # this mlxtral, however this process found it
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    # -P: never the working directory on sys.path (-m puts it first: a numpy.py there would run)
+    argv = [sys.executable, "-P", "-m", "mlxtral.backends.precompile", str(os.getpid())]
     try:
-        r = subprocess.run([sys.executable, "-m", "mlxtral.backends.precompile"], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, timeout=3600)
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env=env, timeout=3600)
     except (OSError, subprocess.SubprocessError):
         return  # no child: this process compiles, as it did
     if r.returncode == 0:
         return
     from mlxtral import address_space
 
-    if address_space.limit() is not None:  # LLVM's abort, or a MemoryError: it would abort here too
+    lim = address_space.limit()
+    tail = r.stderr[-4096:].decode("utf-8", errors="replace")
+    ran_out = r.returncode < 0 or any(m in tail for m in _MEMORY)  # LLVM aborts: a signal
+    if lim is not None and ran_out and lim < 2 * address_space.COMPILE:
         raise address_space.error(address_space.COMPILE, "compiling the CPU kernels (once after an install)")
-    # no limit (the OOM killer, a user's kill, a failure this process will meet and report): this
-    # process compiles, as it did
+    # anything else (the OOM killer, a user's kill, a failure this process will meet and report in
+    # its own words): this process compiles, as it did
 
 
 def _tiny() -> tuple[Any, dict[str, Any]]:
@@ -113,7 +137,24 @@ def _tiny() -> tuple[Any, dict[str, Any]]:
     return args, tensors
 
 
+def _die_with(parent: int) -> None:
+    """Linux: this child is killed when the process that started it dies (a SIGTERM or SIGKILL to
+    it leaves no compiler running on alone)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].isascii() and sys.argv[1].isdigit():
+        _die_with(int(sys.argv[1]))
     from mlxtral.backends.numpy_backend import NumpyBackend
 
     args, tensors = _tiny()
