@@ -676,3 +676,26 @@ def test_a_bad_host_file_is_one_line(tmp_path: Path, tiny_moe: Path, kind: str) 
     err = r.stderr.strip()
     assert r.returncode == 1 and len(err.splitlines()) == 1 and f"MLX_HOSTFILE={path}: " in err, err
     assert ("not found" if kind == "missing" else "not a regular file") in err
+
+
+def test_the_end_of_input_is_what_the_kernel_says() -> None:
+    """A pipe has ended when the kernel reports no writer left (any process, any namespace) and
+    nothing unread; a socket when its peer shut down: never a guess from the processes in view."""
+    import socket as socket_
+
+    from mlxtral.distributed import relay
+
+    r, w = os.pipe()
+    assert not relay._hung_up(r)  # a writer holds it
+    os.write(w, b"x")
+    os.close(w)
+    assert not relay._hung_up(r)  # no writer, but a byte unread
+    os.read(r, 1)
+    assert relay._hung_up(r)
+    os.close(r)
+    a, b = socket_.socketpair()
+    assert not relay._hung_up(b.fileno())
+    a.shutdown(socket_.SHUT_WR)
+    assert relay._hung_up(b.fileno())
+    a.close()
+    b.close()

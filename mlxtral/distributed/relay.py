@@ -17,7 +17,8 @@ it a pipe that stays open, or start the ranks yourself.
 ``mlx.launch`` also never closes a rank's stdin when its own input ends, so a piped ``chat`` under it
 would wait for a next line for ever. :func:`relayed_lines` reads rank 0's stdin and ends when the
 launcher's input has ended (:func:`launcher_input_ended`: ``/dev/null``, a file read to its end, or
-a pipe no process can write to any more, emptied) and nothing more came for two checks in a row.
+a pipe or socket the kernel says has no writer left, emptied) and nothing more came for two checks
+in a row.
 """
 from __future__ import annotations
 
@@ -28,8 +29,6 @@ import stat
 from collections.abc import Callable, Iterator
 
 MAX_FILL = 1 << 20  # pipes hold 64 KiB by default; never write more than this
-MAX_PROCS = 1 << 16  # processes looked at for a writer of the launcher's input pipe
-MAX_FDS = 4096  # descriptors looked at in each
 MAX_LINE = 16 << 20  # a line longer than this is passed on in pieces (the chat refuses it anyway)
 
 
@@ -91,35 +90,45 @@ def _pending(fd: int) -> int:
     return int.from_bytes(buf, "little")
 
 
-def _has_writer(ino: int, proc: str) -> bool:
-    """Whether any process this one can see holds pipe ``ino`` open for writing."""
-    link = f"pipe:[{ino}]"
+_POLLRDHUP = 0x2000  # Linux: the peer shut its side down (select.POLLRDHUP where Python has it)
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether ``fd`` (a pipe's or a socket's read side) has nothing left and no writer: the kernel
+    says so (POLLHUP: the pipe's writers are gone, in any process or namespace; POLLRDHUP: the
+    socket's peer shut down), not a guess from the processes this one can see."""
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP | _POLLRDHUP)
+    events = 0
+    for _, ev in p.poll(0):
+        events |= ev
+    return bool(events & (select.POLLHUP | _POLLRDHUP)) and not _pending(fd)
+
+
+def _parents_socket(ppid: int) -> int | None:
+    """A duplicate of the parent's fd 0, a socket (``pidfd_getfd``, Linux 5.6+; None where the
+    system or its ptrace policy refuses)."""
+    import ctypes
+
     try:
-        pids = [d for d in os.listdir(proc)[:MAX_PROCS] if d.isdigit()]
-    except OSError:
-        return True
-    for pid in pids:
-        try:
-            fds = os.listdir(f"{proc}/{pid}/fd")[:MAX_FDS]
-        except OSError:
-            continue  # gone, or another user's: a writer there is not seen (it ends its way)
-        for fd in fds:
-            try:
-                if os.readlink(f"{proc}/{pid}/fd/{fd}") != link:
-                    continue
-                with open(f"{proc}/{pid}/fdinfo/{fd}") as f:
-                    flags = next((ln.split()[1] for ln in f if ln.startswith("flags:")), "0")
-                if int(flags, 8) & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                    return True
-            except (OSError, ValueError, IndexError):
-                continue
-    return False
+        pidfd = os.pidfd_open(ppid)
+    except (OSError, AttributeError):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(438, pidfd, 0, 0)  # SYS_pidfd_getfd (x86-64 and arm64 alike)
+        return fd if fd >= 0 else None
+    except (OSError, AttributeError):
+        return None
+    finally:
+        os.close(pidfd)
 
 
 def launcher_input_ended(proc: str = "/proc") -> bool:
     """Whether the input of ``mlx.launch`` (this process's parent, checked as for
-    :func:`quiet_relay`) has ended: ``/dev/null``, a regular file read to its end, or a pipe that
-    no process can write to any more with nothing left in it. False for a terminal or when unsure."""
+    :func:`quiet_relay`) has ended: ``/dev/null``, a regular file read to its end, or a pipe or socket
+    with nothing left whose writers are all gone. False for a terminal or when it cannot tell (the
+    chat then waits, as it did, rather than end early and drop a line)."""
     ppid = os.getppid()
     try:
         st = os.stat(f"{proc}/{ppid}/fd/0")
@@ -129,15 +138,19 @@ def launcher_input_ended(proc: str = "/proc") -> bool:
             with open(f"{proc}/{ppid}/fdinfo/0") as f:
                 pos = next((int(ln.split()[1]) for ln in f if ln.startswith("pos:")), -1)
             return pos >= st.st_size
-        if not stat.S_ISFIFO(st.st_mode):
-            return False
-        fd = os.open(f"{proc}/{ppid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # another reader: reads nothing
-        try:
-            if _pending(fd):
+        if stat.S_ISFIFO(st.st_mode):
+            fd = os.open(f"{proc}/{ppid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)  # another reader: reads nothing
+        elif stat.S_ISSOCK(st.st_mode):
+            got = _parents_socket(ppid)
+            if got is None:
                 return False
+            fd = got
+        else:
+            return False
+        try:
+            return _hung_up(fd)
         finally:
             os.close(fd)
-        return not _has_writer(st.st_ino, proc)
     except (OSError, ValueError):
         return False
 
