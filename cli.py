@@ -1204,7 +1204,9 @@ def _convert_type(text: str) -> str | None:
 
     key = text.strip().lower().replace("-", "_")
     key = _TYPE_ALIASES.get(key, key)
-    if key.isdigit() and len(key) <= 3:
+    if key.isascii() and key.isdigit():  # ASCII digits only: '²' is a digit to str.isdigit, not to int()
+        if len(key) > 3:
+            return None
         for name in _CONVERT_TYPES + _KQUANT_MIXES:
             member = "ALL_F32" if name == "f32" else f"MOSTLY_{name.upper()}"
             if member in gguf.LlamaFileType.__members__ and int(gguf.LlamaFileType[member]) == int(key):
@@ -1268,8 +1270,9 @@ def convert(
              q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k)
     chosen = [name for name, on in zip(_CONVERT_TYPES + _KQUANT_MIXES, flags, strict=True) if on]
     shown = {"q4_0": "q4", "q8_0": "q8"}  # the flags' first names
-    if type_ is None and fmt is None and not str(out).isdigit() and _convert_type(str(out)) is not None \
-            and not out.exists():  # llama-quantize's `IN TYPE` without OUT: not a folder named Q8_0 at Q4_0
+    looks_typed = not (str(out).isascii() and str(out).isdigit()) and _convert_type(str(out)) is not None
+    if type_ is None and fmt is None and looks_typed and not out.exists():
+        # llama-quantize's `IN TYPE` without OUT: not a folder named Q8_0 at Q4_0
         fail(f"convert: OUT {str(out)[:40]!r} is a type's name: give the output path too (mlxtral convert "
              f"IN OUT {str(out)[:40]}); for an MLX folder of that name, add --format mlx", 2)
     if type_ is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def parse_counts(flag: str, text: str) -> list[int]:
     """``-p``/``-n`` as llama-bench takes them: a token count or a comma list of them (``128,512``),
     each 0 or more; repeats dropped, order kept. :class:`UsageError` otherwise."""
     parts = text.split(",") if len(text) <= 20 * MAX_TESTS else []
-    if not 0 < len(parts) <= MAX_TESTS or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+    if not 0 < len(parts) <= MAX_TESTS or not all(re.fullmatch(r"[0-9]{1,9}", p.strip()) for p in parts):
         raise UsageError(f"{flag} {text[:40]!r}: a token count or a comma list of at most {MAX_TESTS} "
                          "(e.g. 128,512), each 0 or more")
     return list(dict.fromkeys(int(p) for p in parts))

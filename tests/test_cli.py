@@ -445,7 +445,7 @@ def test_bench_comma_lists(models: dict[str, Path]) -> None:
     assert d["tg_tok_s"] == d["tests"][2]["tok_s"]
     table = run("bench", models["dense"], "-p", "4,8", "-n", "2", "-r", "1", "--bandwidth", "10")
     assert table.exit_code == 0 and all(x in table.stdout for x in ("pp4", "pp8", "tg2")), table.output
-    for bad in ("8,x", "1-8", "", ",", "-4", "1," * 17 + "1", "9" * 10):
+    for bad in ("8,x", "1-8", "", ",", "-4", "1," * 17 + "1", "9" * 10, "1,\u00b2", "\u0663"):
         assert_one_line_error(run("bench", models["dense"], "-p", bad), 2)
     assert_one_line_error(run("bench", models["dense"], "-p", "0,0", "-n", "0"), 2)
 

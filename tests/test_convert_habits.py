@@ -251,7 +251,7 @@ def test_llama_quantize_types_aliases_numbers_and_names(tmp_path: Path, q41_gguf
         want = gguf.quants.quantize(gguf.quants.dequantize(src.data, src.tensor_type),
                                     gguf.GGMLQuantizationType[t])
         np.testing.assert_array_equal(np.asarray(got.data), want)
-    for bad in ("99", "IQ4_NL", "Q4_K_X", "1e3"):
+    for bad in ("99", "IQ4_NL", "Q4_K_X", "1e3", "\u00b2", "\u0663", "0015"):
         line = _one_line_error(runner.invoke(app, [*base, str(tmp_path / "x.gguf"), bad]), 2)
         assert "unknown type" in line
     line = _one_line_error(runner.invoke(app, [*base, str(tmp_path / "m"), "--q5_0", "--format", "mlx"]), 2)
