@@ -15,9 +15,14 @@ what the child wrote, as every later run does. What a model needs beyond that (a
 rank's steps) still compiles in-process, as before.
 
 Cold means: numba's index for the one-sequence decode step holds no entry for this CPU (numba keys
-its entries on the CPU's name and features, and drops an index whose source changed). A child that
-fails under ``ulimit -v`` (LLVM's abort: a signal) ends the run with one line, before this process
-would abort the same way; without a limit, this process compiles, as it did.
+its entries on the CPU's name and features, and drops an index whose source changed); an index
+numba cannot read is one line naming the cache (numba raises on it at every load).
+
+The child runs ``python -P`` (never the working directory on ``sys.path``: a ``numpy.py`` there
+would run) and dies with its parent (``PR_SET_PDEATHSIG``). A child that dies of a signal or a
+memory error under a ``ulimit -v`` below twice what compiling needs ends the run with one line
+(LLVM's abort would end this process the same way, with none); any other failure leaves the
+compiling to this process, as before, which reports it in its own words.
 ``MLXTRAL_NO_PRECOMPILE=1`` turns it off.
 """
 from __future__ import annotations
