@@ -88,10 +88,11 @@ def script_error(p: subprocess.CompletedProcess, code: int) -> str:
 
 # llama-cli / llama-bench: -t threads, -p prompt (bench: prompt tokens), -n tokens to predict (bench:
 # tokens to generate), -c context size, -s seed, -r repetitions (bench), -sys system prompt, -f the
-# prompt's file (perplexity: the text's), -a alias (llama-server), -h help.
+# prompt's file (perplexity: the text's), -a alias (llama-server), -h help, -o output format (bench).
 LLAMA_SHORT = {"-t": {"threads"}, "-p": {"prompt", "n_prompt"}, "-n": {"max_tokens", "n_gen"},
                "-c": {"max_context"}, "-s": {"seed"}, "-r": {"repeats"}, "-sys": {"system"}, "-h": {"help"},
-               "-f": {"prompt_file", "text_file"}, "-a": {"alias"}, "-e": {"escape"}, "-m": {"model_opt"}}
+               "-f": {"prompt_file", "text_file"}, "-a": {"alias"}, "-e": {"escape"}, "-m": {"model_opt"},
+               "-o": {"output"}}
 
 
 def _short_flags(cmd_name: str) -> dict[str, str]:
