@@ -163,10 +163,10 @@ def under_launcher_pipe() -> bool:
         return False
 
 
-def relayed_lines(ended: Callable[[], bool] = launcher_input_ended, fd: int = 0,
-                  every: float = 1.0) -> Iterator[str]:
-    """The lines of ``fd`` (rank 0's stdin under ``mlx.launch``), invalid UTF-8 replaced, until it
-    ends or ``ended()`` holds at two checks ``every`` seconds apart with nothing read between."""
+def _relayed(ended: Callable[[], bool], fd: int, every: float) -> Iterator[bytes]:
+    """The raw lines of ``fd`` (each with its line break; one longer than :data:`MAX_LINE` in
+    pieces), until it ends or ``ended()`` holds at two checks ``every`` seconds apart with nothing
+    read between."""
     buf = b""
     quiet = 0
     while True:
@@ -185,22 +185,30 @@ def relayed_lines(ended: Callable[[], bool] = launcher_input_ended, fd: int = 0,
             nl = buf.find(b"\n")
             if nl < 0:
                 if len(buf) > MAX_LINE:
-                    yield buf.decode("utf-8", errors="replace")
+                    yield buf
                     buf = b""
                 break
             line, buf = buf[: nl + 1], buf[nl + 1 :]
-            yield line.decode("utf-8", errors="replace")
+            yield line
     if buf:
-        yield buf.decode("utf-8", errors="replace")
+        yield buf
+
+
+def relayed_lines(ended: Callable[[], bool] = launcher_input_ended, fd: int = 0,
+                  every: float = 1.0) -> Iterator[str]:
+    """The lines of ``fd`` (rank 0's stdin under ``mlx.launch``), invalid UTF-8 replaced (as
+    ``chat.read_piped``), until it ends or the launcher's input has ended (:func:`_relayed`)."""
+    for line in _relayed(ended, fd, every):
+        yield line.decode("utf-8", errors="replace")
 
 
 def relayed_input(limit: int, ended: Callable[[], bool] = launcher_input_ended, fd: int = 0,
                   every: float = 1.0) -> bytes:
-    """All of ``fd`` (rank 0's stdin under ``mlx.launch``), as :func:`relayed_lines` ends it, at
+    """All of ``fd`` (rank 0's stdin under ``mlx.launch``), ended as :func:`relayed_lines` ends, at
     most ``limit`` + 1 bytes (the caller refuses more)."""
     out = bytearray()
-    for line in relayed_lines(ended, fd, every):
-        out += line.encode("utf-8", errors="surrogatepass")
+    for line in _relayed(ended, fd, every):
+        out += line
         if len(out) > limit:
             break
     return bytes(out)
