@@ -177,7 +177,7 @@ class ChatLoop:
         ctx = self.session.cache.max_context
         mt = self.options.max_tokens
         room = min(mt if mt > 0 else ctx, max(ctx // 4, 1))
-        kept = self.messages, self._fed
+        kept = self.messages, self._fed, ids
         dropped = 0
         while len(ids) + room > ctx and self.messages:
             self.messages = self.messages[2:]  # the oldest user message and its answer
@@ -185,8 +185,8 @@ class ChatLoop:
             dropped += 1
             ids = self.prompt_ids(user_text)
         if dropped and len(ids) >= ctx:  # refused whatever is dropped: the conversation stays whole
-            self.messages, self._fed = kept
-            return self.prompt_ids(user_text)
+            self.messages, self._fed, ids = kept
+            return ids
         if dropped:
             what = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
             self.err.write(f"[dropped {what} to fit the context of {plural(ctx, 'token')}]\n")
