@@ -1200,18 +1200,12 @@ def _convert_type(text: str) -> str | None:
     """A TYPE as llama-quantize takes it: a name (any case, dashes or underscores), one of its
     aliases (Q4_K for Q4_K_M...) or its file-type number (2 for Q4_0, 15 for Q4_K_M...); None if
     unknown."""
-    import gguf
+    from mlxtral.info import file_type_name
 
     key = text.strip().lower().replace("-", "_")
     key = _TYPE_ALIASES.get(key, key)
     if key.isascii() and key.isdigit():  # ASCII digits only: '²' is a digit to str.isdigit, not to int()
-        if len(key) > 3:
-            return None
-        for name in _CONVERT_TYPES + _KQUANT_MIXES:
-            member = "ALL_F32" if name == "f32" else f"MOSTLY_{name.upper()}"
-            if member in gguf.LlamaFileType.__members__ and int(gguf.LlamaFileType[member]) == int(key):
-                return name
-        return None
+        key = (file_type_name(int(key)) or "").lower() if len(key) <= 3 else ""  # 15 -> q4_k_m
     return key if key in _CONVERT_TYPES + _KQUANT_MIXES else None
 
 

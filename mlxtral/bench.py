@@ -196,20 +196,15 @@ def model_figures(ckpt: Any) -> dict[str, Any]:
     """llama-bench's model_type ("mixtral Q4_K_M"), model_size (bytes) and model_n_params."""
     from collections import Counter
 
-    import gguf
+    from mlxtral.info import file_type_name
 
     a = ckpt.args
-    ft = (ckpt.metadata or {}).get("general.file_type")
-    kind = None
-    if isinstance(ft, int) and not isinstance(ft, bool):
-        try:
-            kind = gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            kind = None
-    by_type = Counter({q.qtype: 0 for q in ckpt.tensors.values()})
-    for q in ckpt.tensors.values():
-        by_type[q.qtype] += q.nbytes
-    kind = kind or (by_type.most_common(1)[0][0] if by_type else "?")
+    kind = file_type_name((ckpt.metadata or {}).get("general.file_type"))
+    if kind is None or kind.startswith("unknown"):  # not a GGUF, or a type llama.cpp does not name
+        by_type: Counter[str] = Counter()
+        for q in ckpt.tensors.values():
+            by_type[q.qtype] += q.nbytes
+        kind = by_type.most_common(1)[0][0] if by_type else "?"  # the type most bytes are in
     return {"model_type": f"{'mixtral' if a.is_moe else 'llama'} {kind}",
             "model_size": sum(q.nbytes for q in ckpt.tensors.values()),
             "model_n_params": a.param_counts()[0]}

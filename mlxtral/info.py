@@ -107,7 +107,7 @@ def describe(path: str | Path, max_context: int | None = None,
         "path": str(ckpt.path),
         "name": name or ckpt.path.name,
         "format": ckpt.format,
-        "file_type": _file_type(md.get("general.file_type")),
+        "file_type": file_type_name(md.get("general.file_type")),
         "architecture": "mixtral (sparse MoE)" if a.is_moe else "llama (dense)",
         "config": a.to_dict(),
         "params_total": total,
@@ -124,7 +124,7 @@ def describe(path: str | Path, max_context: int | None = None,
     }
 
 
-def _file_type(v: Any) -> str | None:
+def file_type_name(v: Any) -> str | None:
     """A GGUF's ``general.file_type`` as llama.cpp names it (``Q4_K_M``), or None."""
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 16:
         return None
