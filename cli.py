@@ -321,10 +321,11 @@ def load_model(model: str | None, backend: str, max_context: int | None, experts
               logits_rows=logits_rows, dtype=dtype)
     from mlxtral.backends import precompile
 
+    follower = follower_rank() is not None
     try:
-        if follower_rank() is not None:  # silent: rank 0 says it
+        if follower:  # silent: rank 0 says it
             precompile.notice = lambda line: None
-        if quiet or follower_rank() is not None:
+        if quiet or follower:
             return _warm(mlxtral.load(path, **kw))
         precompile.notice = lambda line: err_console.print(f"[dim]{line}[/dim]", highlight=False)
         with err_console.status(f"loading {path.name}...", spinner="dots"):
@@ -854,6 +855,7 @@ def bench(
     from mlxtral.bench import (
         OUTPUTS,
         Timing,
+        check_probe_fits,
         format_rows,
         measure_bandwidth,
         model_figures,
@@ -888,11 +890,7 @@ def bench(
                    prefetch=prefetch, distributed=distributed, dtype=dtype,
                    asked=f"-p {max(pps)} and -n {max(tgs)} need {need} positions")
     if bandwidth is None:  # the probe runs after the tests: a limit it cannot fit refused before them
-        from mlxtral import address_space
-        from mlxtral.bench import probe_address_space
-
-        address_space.check_room(probe_address_space(), "the memory-bandwidth probe (give --bandwidth GB/s "
-                                 "to skip it)")
+        check_probe_fits()
     load_before = _load_average()
     status = err_console.status("benchmarking...", spinner="dots") if not quiet else None
     if status:

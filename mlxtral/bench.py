@@ -65,19 +65,28 @@ class Timing:
 PROBE_MB = 256
 
 
+def _probe_threads(threads: int | None) -> int:
+    return threads or max(1, min(os.cpu_count() or 1, 8))
+
+
 def probe_address_space(mb: int = PROBE_MB, threads: int | None = None) -> int:
     """Bytes of address space :func:`measure_bandwidth` maps: its array and its threads' stacks."""
-    threads = threads or max(1, min(os.cpu_count() or 1, 8))
-    return (mb << 20) + threads * (8 << 20) + (16 << 20)
+    return (mb << 20) + _probe_threads(threads) * (8 << 20) + (16 << 20)
 
 
-def measure_bandwidth(mb: int = PROBE_MB, threads: int | None = None, repeats: int = 3) -> float:
-    """Read bandwidth in GB/s: ``threads`` threads summing their slices of a ``mb`` MB array."""
+def check_probe_fits(mb: int = PROBE_MB, threads: int | None = None) -> None:
+    """:class:`AddressSpaceError` when ``ulimit -v`` leaves no room for the probe, naming it and
+    ``--bandwidth`` (bench checks before its runs, the probe again before it maps)."""
     from mlxtral import address_space
 
     address_space.check_room(probe_address_space(mb, threads), "the memory-bandwidth probe (give "
                              "--bandwidth GB/s to skip it)")
-    threads = threads or max(1, min(os.cpu_count() or 1, 8))
+
+
+def measure_bandwidth(mb: int = PROBE_MB, threads: int | None = None, repeats: int = 3) -> float:
+    """Read bandwidth in GB/s: ``threads`` threads summing their slices of a ``mb`` MB array."""
+    check_probe_fits(mb, threads)
+    threads = _probe_threads(threads)
     n = mb * (1 << 20) // 8
     a = np.ones(n, dtype=np.float64)
     parts = np.array_split(a, threads)
