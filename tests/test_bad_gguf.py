@@ -313,6 +313,7 @@ def test_too_many_dims(tmp_path: Path) -> None:
 @pytest.mark.parametrize("dims,match", [
     ((2**40, 2**40), "overflow 64 bits"),
     ((2**62, 2**62), "overflow 64 bits"),
+    ((0, 2**62), "overflow 64 bits"),  # an empty tensor of a shape no array can have
     ((32, 2**40), "runs past the end of the file"),
     ((32, -1), "negative dimension"),
 ])

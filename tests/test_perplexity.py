@@ -289,6 +289,16 @@ def test_base_refusals(raw_path: Path, tmp_path: Path) -> None:
         m.kl_divergence(junk)
     with pytest.raises(MlxtralError, match="not found"):
         m.kl_divergence(tmp_path / "missing.kld")
+    # records whose scale / minimum are NaN (or a negative scale) read as perfect agreement (KL 0):
+    # refused, naming the chunk and token
+    data = base.read_bytes()
+    at = len(data) - 2 * kld.record_len(320)  # the last record: chunk 2's last scored token
+    for j, (scale, lo) in enumerate(((np.nan, -3.0), (1e-3, np.inf), (-1e-3, -3.0))):
+        bad = tmp_path / f"nan{j}.kld"
+        bad.write_bytes(data[:at] + np.array([scale, lo], dtype="<f4").tobytes() + data[at + 8 :])
+        with pytest.raises(FormatError, match=rf"chunk 2, token {kld.scored_per_chunk(CTX)}: scale .* "
+                                              "not a record's"):
+            m.kl_divergence(bad)
     with pytest.raises(UsageError, match="is a folder"):
         m.perplexity(ids, ctx=CTX, kl_base=tmp_path)
     # a sparse file whose header claims a context (or a token count) beyond any: refused from the

@@ -86,6 +86,8 @@ def test_safetensors_truncated(tmp_path: Path) -> None:
     ({"a": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 8]}}, b"\0" * 8, None,
      "needs"),
     ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs"),
+    ({"a": {"dtype": "F32", "shape": [1 << 40, 1 << 40, 0], "data_offsets": [0, 0]}}, b"", None,
+     "bad shape"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, None, "bad data_offsets"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 8, None, "bad data_offsets"),
     ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "bad shape"),
@@ -192,6 +194,7 @@ def _tensor_pickle(key: str, numel: int, size: tuple[int, ...], stride: tuple[in
     ((1 << 20, 1 << 20), (1 << 20, 1), 64, "runs past its storage"),
     ((4, 4), (4, 1), 32, "holds 32 bytes"),
     ((4, 4), (-4, 1), 64, "bad tensor stride"),
+    ((1 << 30, 1 << 30, 0), (0, 0, 1), 64, "bad tensor size"),  # empty, of a shape no array has
 ])
 def test_pth_lying_geometry(tmp_path: Path, size, stride, storage_bytes: int, match) -> None:
     pkl = _tensor_pickle("0", 16, size, stride)

@@ -237,6 +237,20 @@ class ChunkKL:
     same_top: np.ndarray  # bool [n]
 
 
+def _check_records(records: np.ndarray, path: Path, chunk: int) -> None:
+    """Every record's scale and minimum log-probability finite, the scale not negative (a base
+    holding NaN would otherwise read as perfect agreement: every KL term NaN, then dropped)."""
+    rec = np.ascontiguousarray(records, dtype="<u2")
+    scale = rec[:, 0:2].copy().view("<f4")[:, 0]  # [n]
+    min_lp = rec[:, 2:4].copy().view("<f4")[:, 0]  # [n]
+    bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(min_lp) & (scale >= 0)))
+    if bad.size:
+        j = int(bad[0])
+        raise FormatError(f"chunk {chunk + 1}, token {j + 1}: scale {float(scale[j])!r} and minimum "
+                          f"log-probability {float(min_lp[j])!r} are not a record's (finite, scale >= 0): "
+                          "damaged or not a llama-perplexity base", path)
+
+
 def kl_chunk(logits: np.ndarray, records: np.ndarray, targets: np.ndarray, n_vocab: int) -> ChunkKL:
     """llama.cpp's ``log_softmax(n_vocab, logits, base_log_prob, tok, kld)`` for each row:
     ``KL = sum_i p_base_i (log p_base_i - log p_i)`` over the entries with ``log p_base > -16``.
@@ -434,7 +448,9 @@ def kl_divergence(model: Any, base_path: str | os.PathLike[str], text: str | Seq
         progress(0, n_chunks, float("nan"))
     for i, logits, targets in iter_chunks(model.logits, base.tokens, base.n_ctx, n_chunks,
                                           bos_for_chunks(model.tokenizer)):
-        c = kl_chunk(logits, base.chunk_records(i), targets, base.n_vocab)
+        records = base.chunk_records(i)
+        _check_records(records, base.path, i)
+        c = kl_chunk(logits, records, targets, base.n_vocab)
         sums.add(c)
         rows.append(_chunk_row(i, c))
         running.add(c.nll)

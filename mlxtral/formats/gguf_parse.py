@@ -358,11 +358,12 @@ def _tensor_layout(path: Path, name: str, dims: tuple[int, ...], ttype: int) -> 
     if dims and dims[0] % bs:
         raise FormatError(f"tensor {show(name)}: {qtype} rows must be a multiple of {bs} elements, "
                           f"got {dims[0]}", path)
-    numel = 1
+    numel = span = 1
     for d in dims:
         numel *= d  # Python ints: no overflow here, checked below
+        span *= max(d, 1)  # an empty [2**62, 2**62, 0] is no array either
     nbytes = numel // bs * ts
-    if numel > INT64_MAX or nbytes > INT64_MAX:
+    if numel > INT64_MAX or nbytes > INT64_MAX or span // bs * ts > INT64_MAX:
         raise FormatError(f"tensor {show(name)} dims {list(dims)} overflow 64 bits", path)
     return qtype, nbytes
 

@@ -165,9 +165,12 @@ def _check_entry(name: str, info: Any, data_len: int, path: Path) -> _Entry:
     if end > data_len:
         raise FormatError(f"tensor {show(name)}: data_offsets {offs} run past the end of the data "
                           f"({data_len} bytes): truncated or lying header", path)
-    numel = 1
+    numel = span = 1
     for d in shape:
         numel *= d  # Python ints: no overflow
+        span *= max(d, 1)
+    if numel == 0 and span > MAX_DIM:  # an empty [2**40, 2**40, 0]: no array is that shape
+        raise FormatError(f"tensor {show(name)}: bad shape {show(shape)}", path)
     nbytes = numel * DTYPES[dtype].itemsize
     if nbytes != end - begin:
         raise FormatError(f"tensor {show(name)}: shape {shape} of {dtype} needs {nbytes} bytes but "

@@ -23,6 +23,7 @@ back as :class:`TorchTensor` (dtype code in safetensors spelling, shape, view).
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
 import pickle
@@ -121,6 +122,8 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
     for d in size:
         numel *= d
     if numel == 0:
+        if math.prod(max(d, 1) for d in size) >= 1 << 40:  # an empty [2**39, 2**39, 0]: no array
+            raise FormatError(f"bad tensor size {size}")
         return SafeTensor(storage.dtype, size, np.zeros(size, dtype=arr.dtype))
     if any(s < 0 for s in stride):
         raise FormatError(f"negative stride {stride}")
