@@ -294,6 +294,25 @@ def test_mlx_quantized_folder(root: Path, weights, bits: int, gs: int, sdt: str,
     assert_same(nat, ref, atol=tol)
 
 
+def test_mlx_mixed_precision_null_group_size_and_other_modes(root: Path, weights) -> None:
+    """mlx-lm's mixed-precision folders (``--quant-predicate mixed_3_6``) give a module's group size
+    as null (MLX's default for the mode, also the top level's): it loads as that; a mode other than
+    affine (mxfp4: no biases) is named, not reported as missing biases."""
+    pytest.importorskip("mlx.core")
+    folder, ref = write_mlx(root / "mlx_mixed", weights, ARGS, bits=4, group_size=64)
+    cfg = json.loads((folder / "config.json").read_text())
+    routers = [k for k in cfg["quantization"] if k.endswith("block_sparse_moe.gate")]
+    assert routers
+    for k in routers:
+        cfg["quantization"][k] = {"group_size": None, "bits": 8, "mode": "affine"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_same(open_checkpoint(folder).tensors, ref, atol=1e-6)
+    cfg["quantization"][routers[0]] = {"group_size": None, "bits": 4, "mode": "mxfp4"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="mode 'mxfp4' is not supported"):
+        open_checkpoint(folder)
+
+
 def test_mlx_unquantized_detected_by_switch_mlp_names(root: Path, weights) -> None:
     folder = root / "mlx_plain"
     folder.mkdir()

@@ -54,7 +54,10 @@ def _quant_params(module: str, quant: dict[str, Any], path: Path) -> tuple[int, 
     if mode != "affine":
         raise FormatError(f"{plain(module)}: MLX quantization mode {show(mode)} is not supported "
                           "(affine only)", path)
-    bits, gs = spec.get("bits"), spec.get("group_size")
+    # mlx-lm's mixed-precision configs (--quant-predicate) give a module's group size as null: MLX's
+    # default for the mode, which mlx-lm also writes at the top level
+    bits = spec.get("bits") if spec.get("bits") is not None else quant.get("bits", 4)
+    gs = spec.get("group_size") if spec.get("group_size") is not None else quant.get("group_size", 64)
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, gs))
     if not ints or bits not in AFFINE_BITS or gs not in AFFINE_GROUPS:
         raise FormatError(f"{plain(module)}: unsupported quantization bits={show(bits)} "
@@ -65,14 +68,14 @@ def _quant_params(module: str, quant: dict[str, Any], path: Path) -> tuple[int, 
 def _quant_layout(module: str, parts: dict[str, SafeTensor], quant: dict[str, Any] | None,
                   path: Path) -> tuple[int, int, tuple[int, ...]]:
     """Check a quantized module's parts: (bits, group size, logical shape ``[..., out, in]``)."""
+    if quant is None:
+        raise FormatError(f"{plain(module)} is quantized but config.json has no 'quantization'", path)
+    qp = _quant_params(module, quant, path)  # an unsupported mode (mxfp4: no biases) is named first
+    if qp is None:
+        raise FormatError(f"{plain(module)} has scales but config.json says it is not quantized", path)
     w, s, b = parts.get("weight"), parts.get("scales"), parts.get("biases")
     if w is None or s is None or b is None:
         raise FormatError(f"{plain(module)}: quantized module needs weight, scales and biases", path)
-    if quant is None:
-        raise FormatError(f"{plain(module)} is quantized but config.json has no 'quantization'", path)
-    qp = _quant_params(module, quant, path)
-    if qp is None:
-        raise FormatError(f"{plain(module)} has scales but config.json says it is not quantized", path)
     bits, gs = qp
     if w.dtype != "U32" or s.dtype not in SCALE_DTYPES or b.dtype != s.dtype:
         raise FormatError(f"{plain(module)}: expected uint32 weight and float scales/biases, got {w.dtype}, "
