@@ -94,6 +94,15 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """One full forward over ``ids`` from an empty cache: float32 ``[len(ids), vocab]``."""
+        not_ids = UsageError("logits() takes a list of token ids (model.encode(text) makes them from text)")
+        if isinstance(ids, (str, bytes)):
+            raise not_ids
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise not_ids from None
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+            raise not_ids
         ids = [int(i) for i in ids]
         if not ids:
             raise UsageError("logits() needs at least one token")

@@ -210,6 +210,19 @@ class Tokenizer(ABC):
                 ids.add(i)
         return ids
 
+    # the names Hugging Face and mlx-lm tokenizers use
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_id
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return set(self.eos_ids)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
 
