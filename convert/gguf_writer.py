@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mlxtral.config import ModelArgs
+from mlxtral.display import show
 from mlxtral.errors import FormatError, TokenizerError
 from mlxtral.formats import Checkpoint, TokenizerSource
 from mlxtral.quant.ggml import quantized_shape
@@ -81,6 +82,43 @@ def add_model_metadata(w: Any, args: ModelArgs, qtype: str, name: str) -> None:
         w.add_expert_used_count(args.n_experts_per_tok)
     w.add_file_type(gguf_file_type(qtype))
     w.add_quantization_version(QUANTIZATION_VERSION)
+
+
+# keys the writer sets itself (add_model_metadata, the writer's alignment)
+_WRITTEN_KEYS = ("general.architecture", "general.name", "general.alignment", "general.type",
+                 "general.file_type", "general.quantization_version")
+
+
+def copy_gguf_keys(w: Any, gf: Any, keys: Any, src: Path) -> None:
+    """Copy metadata ``keys`` of the parsed GGUF ``gf`` (:class:`~mlxtral.formats.gguf_parse.GGUFFile`)
+    into writer ``w`` with their own value types, as llama-quantize copies a source's keys."""
+    import gguf
+
+    array = gguf.GGUFValueType.ARRAY
+    for key in keys:
+        val = gf.metadata[key]
+        vtype = gguf.GGUFValueType(gf.value_types[key])
+        if vtype == array:
+            if not val:  # the writer refuses empty arrays; llama.cpp treats them as absent
+                continue
+            sub = gguf.GGUFValueType(gf.array_types[key])
+            if sub == array:
+                raise FormatError(f"metadata key {show(key)}: nested arrays cannot be copied", src)
+            w.add_key_value(key, val, vtype, sub)
+        else:
+            w.add_key_value(key, val, vtype)
+
+
+def copy_general_keys(w: Any, ckpt: Checkpoint) -> None:
+    """A GGUF source's ``general.*`` keys (license, author, base models, tags...) that the writer does
+    not set itself, as llama-quantize keeps them; other sources have none to copy."""
+    from mlxtral.formats.gguf_parse import GGUFFile
+
+    gf = next((k for k in ckpt.keepalive if isinstance(k, GGUFFile)), None)
+    if ckpt.format != "gguf" or gf is None:
+        return
+    keys = [k for k in gf.metadata if k.startswith("general.") and k not in _WRITTEN_KEYS]
+    copy_gguf_keys(w, gf, keys, ckpt.path)
 
 
 def read_sentencepiece(path: Path) -> Any:
@@ -300,6 +338,7 @@ def write_gguf(ckpt: Checkpoint, out: Path, qtype: str, *, name: str | None = No
     plan = plan_gguf(ckpt, qtype)
     w = writer_class()(path=None, arch="llama")
     add_model_metadata(w, ckpt.args, qtype, name or model_name(ckpt))
+    copy_general_keys(w, ckpt)
     vocab(w)
     for t in plan:
         w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), tensor_nbytes(t.shape, t.qtype),

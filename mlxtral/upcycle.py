@@ -47,7 +47,7 @@ def upcycle(
     """
     import gguf
 
-    from mlxtral.formats.gguf_parse import ARRAY, parse_gguf
+    from mlxtral.formats.gguf_parse import parse_gguf
 
     src, out = Path(src_gguf), Path(out_gguf)
     if experts < 1 or experts > 256:
@@ -61,6 +61,7 @@ def upcycle(
     if src.is_dir():
         raise FormatError("is a folder: upcycle takes a dense GGUF file", src)
     from mlxtral.convert.atomic import atomic_output
+    from mlxtral.convert.gguf_writer import copy_gguf_keys
     from mlxtral.convert.output_guard import check_output, source_paths
 
     sources = source_paths(src)
@@ -92,19 +93,7 @@ def upcycle(
 
     with atomic_output(out, is_dir=False, force=force, sources=sources) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
-        for key, val in md.items():
-            if key in _SKIP_KEYS:
-                continue
-            vtype = gguf.GGUFValueType(f.value_types[key])
-            if vtype == ARRAY:
-                if not val:  # the writer refuses empty arrays; llama.cpp treats them as absent
-                    continue
-                sub = gguf.GGUFValueType(f.array_types[key])
-                if sub == ARRAY:
-                    raise FormatError(f"metadata key {show(key)}: nested arrays cannot be copied", src)
-                w.add_key_value(key, val, vtype, sub)
-            else:
-                w.add_key_value(key, val, vtype)
+        copy_gguf_keys(w, f, [k for k in md if k not in _SKIP_KEYS], src)
         w.add_key_value(f"{arch}.expert_count", experts, gguf.GGUFValueType.UINT32)
         w.add_key_value(f"{arch}.expert_used_count", top_k, gguf.GGUFValueType.UINT32)
         base = md.get("general.name") if isinstance(md.get("general.name"), str) else src.stem

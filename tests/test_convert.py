@@ -69,6 +69,31 @@ def ckpt(tokenizer_model: Path) -> Checkpoint:
     return tiny_checkpoint(tiny_args(), tokenizer_model)
 
 
+def test_gguf_to_gguf_keeps_the_general_keys(tmp_path: Path) -> None:
+    """A GGUF source's general.* keys (license, author, languages...) go to the output with their
+    types, as llama-quantize keeps them; the keys the writer sets are the writer's."""
+    from tiny_models import raw_gguf_tensors, write_raw_gguf
+
+    from mlxtral.formats.detect import open_checkpoint
+
+    args = tiny_args(vocab=32000)  # write_raw_gguf's vocabulary: Mixtral's
+    general = {"general.license": "apache-2.0", "general.organization": "Org", "general.basename": "tiny",
+               "general.languages": ["en", "fr"], "general.base_model.count": 1,
+               "general.file_type": 7, "general.name": "src name"}
+    src = write_raw_gguf(tmp_path / "src.gguf", raw_gguf_tensors(args, "Q8_0"), args, vocab=True,
+                         general=general)
+    out = tmp_path / "out.gguf"
+    write_gguf(open_checkpoint(src), out, "F16")
+    r = gguf.GGUFReader(out)
+    md = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert md["general.license"] == "apache-2.0" and md["general.organization"] == "Org"
+    assert md["general.languages"] == ["en", "fr"] and md["general.base_model.count"] == 1
+    assert r.fields["general.base_model.count"].types == [gguf.GGUFValueType.UINT32]
+    assert md["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)  # the writer's, once
+    assert md["general.name"] == "src name"
+    assert sum(k == "general.file_type" for k in r.fields) == 1
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
 def test_gguf_roundtrip(tmp_path: Path, ckpt: Checkpoint, qtype: str) -> None:
     out = tmp_path / "m.gguf"

@@ -490,12 +490,21 @@ def raw_gguf_tensors(args: ModelArgs, qtype: str | dict[str, str], seed: int = 0
     return out
 
 
-def write_raw_gguf(path: Path, tensors: dict[str, QTensor], args: ModelArgs, vocab: bool = False) -> Path:
+def write_raw_gguf(path: Path, tensors: dict[str, QTensor], args: ModelArgs, vocab: bool = False,
+                   general: dict[str, Any] | None = None) -> Path:
     """Internal-layout tensors as they are (raw blocks of any type), experts merged into
-    ``ffn_*_exps``, arch ``llama``; the real vocabulary only with ``vocab``."""
+    ``ffn_*_exps``, arch ``llama``; the real vocabulary only with ``vocab``; ``general``: more
+    ``general.*`` keys (str, int as uint32, list of str)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in (general or {}).items():
+        if isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+        else:
+            w.add_array(k, v)
     for add, v in ((w.add_context_length, args.max_position_embeddings), (w.add_embedding_length, args.dim),
                    (w.add_block_count, args.n_layers), (w.add_feed_forward_length, args.hidden_dim),
                    (w.add_head_count, args.n_heads), (w.add_head_count_kv, args.n_kv_heads),
