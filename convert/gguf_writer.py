@@ -184,9 +184,9 @@ def prepare_tokenizer(tok: TokenizerSource | None, args: ModelArgs,
     else:
         folder = path.parent if path is not None else None
     if (path is None or not path.is_file()) and folder is not None and (folder / "tokenizer.json").is_file():
-        from .tokenizer_files import gpt2_vocab_from_folder
+        from .tokenizer_files import gguf_vocab_from_folder
 
-        bpe = gpt2_vocab_from_folder(folder, args.vocab_size)
+        bpe = gguf_vocab_from_folder(folder, args.vocab_size)
         return lambda w: copy_gguf_tokenizer(w, bpe)
     if path is None or not path.is_file():
         raise TokenizerError("GGUF output needs a tokenizer beside the weights: a SentencePiece "

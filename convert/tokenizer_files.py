@@ -17,11 +17,13 @@
   GGUF's ``tokenizer.chat_template``.
 
 And the reverse, for GGUF output: a byte-level BPE ``tokenizer.json`` (read by our own loader, so
-the GGUF tokenizes exactly as the folder does) as a ``gpt2`` vocabulary (:func:`gpt2_vocab_from_folder`):
+the GGUF tokenizes exactly as the folder does) as a ``gpt2`` vocabulary (:func:`gguf_vocab_from_folder`):
 tokens in id order (holes and the padding up to the model's vocabulary as ``[PADi]``, unused),
 token types (added tokens: control when ``special``, else user-defined), merges as ``"a b"``, the
 ``tokenizer.ggml.pre`` name whose llama.cpp pre-tokenizer splits text as the file's does, the
-bos/eos/unk/pad ids, ``add_bos_token`` and the chat template.
+bos/eos/unk/pad ids, ``add_bos_token`` and the chat template. A SentencePiece-style
+``tokenizer.json`` alone (no ``tokenizer.model``: what mlx_lm.convert writes for Mixtral with
+transformers 5) becomes a ``llama`` vocabulary (:func:`llama_vocab_from_tokenizer`).
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ from .spm_proto import (
 )
 
 __all__ = ["write_gguf_tokenizer", "spm_model_from_gguf", "tokenizer_json_from_gguf",
-           "tokenizer_json_from_spm", "write_spm_tokenizer_json", "gpt2_vocab_from_folder", "pre_name"]
+           "tokenizer_json_from_spm", "write_spm_tokenizer_json", "gguf_vocab_from_folder",
+           "llama_vocab_from_tokenizer", "pre_name"]
 
 
 def _text(v: Any) -> str:
@@ -326,16 +329,52 @@ def _merge_text(a: str, b: str, path: Path) -> str:
     return f"{a} {b}"
 
 
-def gpt2_vocab_from_folder(folder: Path, vocab_size: int) -> dict[str, Any]:
-    """``tokenizer.ggml.*`` values (and ``tokenizer.chat_template``) for the byte-level BPE
-    ``tokenizer.json`` of ``folder``, as loaded by :func:`mlxtral.tokenizer.hf.load_hf_tokenizer`,
-    padded to ``vocab_size`` tokens; every problem is a one-line error naming the file."""
+def llama_vocab_from_tokenizer(tok: Any, vocab_size: int, path: Path) -> dict[str, Any]:
+    """``tokenizer.ggml.*`` values of a ``llama`` (SentencePiece) GGUF vocabulary for a
+    SentencePiece-style tokenizer.json loaded on its own (no tokenizer.model): a piece's score is
+    minus the rank of the first merge that makes it, so llama.cpp's best-score-first merging takes
+    the merges in their order; pieces no merge makes score below every merge."""
+    n = tok.vocab_size
+    if n > vocab_size:
+        raise TokenizerError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} "
+                             "rows; a GGUF needs one row per token", path)
+    tokens = [tok.id_to_piece(i) or f"[PAD{i}]" for i in range(n)]
+    tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
+    types = [tok.token_type(i) for i in range(n)] + [UNUSED] * (vocab_size - n)
+    made: dict[str, int] = {}
+    for (a, b), r in tok._ranks.items():
+        made.setdefault(a + b, r)
+    lowest = -float(len(tok._ranks) + 1)
+    scores = [-float(made[t]) if t in made else (lowest if len(t) > 1 else 0.0) for t in tokens]
+    md: dict[str, Any] = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": tok.bos_id,
+        "tokenizer.ggml.eos_token_id": tok.eos_id,
+        "tokenizer.ggml.unknown_token_id": tok.unk_id,
+        "tokenizer.ggml.add_bos_token": bool(tok.add_bos),
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_space_prefix": bool(tok.add_space_prefix),
+        "tokenizer.chat_template": tok.chat_template,
+    }
+    return {k: v for k, v in md.items() if v is not None}
+
+
+def gguf_vocab_from_folder(folder: Path, vocab_size: int) -> dict[str, Any]:
+    """``tokenizer.ggml.*`` values (and ``tokenizer.chat_template``) for the byte-level BPE (or
+    SentencePiece-style) ``tokenizer.json`` of ``folder``, as loaded by
+    :func:`mlxtral.tokenizer.hf.load_hf_tokenizer`, padded to ``vocab_size`` tokens; every problem
+    is a one-line error naming the file."""
     from mlxtral.config import read_json
     from mlxtral.tokenizer.hf import load_hf_tokenizer
 
     folder = Path(folder)
     path = folder / "tokenizer.json"
     tok = load_hf_tokenizer(folder)
+    if tok.kind == "llama" and getattr(tok, "_ranks", None) is not None:  # SentencePiece-style json
+        return llama_vocab_from_tokenizer(tok, vocab_size, path)
     if tok.kind != "bpe":
         raise TokenizerError(f"expected a byte-level BPE tokenizer.json, got a {tok.kind} tokenizer", folder)
     n = tok.vocab_size

@@ -648,6 +648,57 @@ def test_tokenizer_json_from_spm_matches_sentencepiece(tokenizer_model: Path, wh
             assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ref.encode(t)), repr(t)
 
 
+@pytest.mark.parametrize("style", ["normalizer", "metaspace"])
+def test_spm_tokenizer_json_alone_matches_sentencepiece(tmp_path: Path, style: str) -> None:
+    """A folder with a SentencePiece-style tokenizer.json and no tokenizer.model (what mlx_lm.convert
+    writes for Mixtral with transformers 5) tokenizes like sentencepiece and like Hugging Face's
+    tokenizers on the same file, and decodes back: transformers' legacy normalizer (Prepend +
+    Replace) and the Metaspace pre-tokenizer. BOS from tokenizer_config.json or, without
+    add_bos_token there, from the post-processor's template."""
+    import sentencepiece as spm
+    tokenizers = pytest.importorskip("tokenizers")
+
+    from mlxtral.convert.spm_proto import parse_model
+    from mlxtral.convert.tokenizer_files import tokenizer_json_from_spm
+    from mlxtral.tokenizer.hf import load_hf_tokenizer
+
+    data = tokenizer_json_from_spm(parse_model(REAL_TOKENIZER.read_bytes()))
+    if style == "metaspace":
+        data["normalizer"] = None
+        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                                 "split": False}
+    data["post_processor"] = {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    ours = load_hf_tokenizer(tmp_path)
+    assert (ours.bos_id, ours.eos_id, ours.add_bos) == (1, 2, True)
+    ref = spm.SentencePieceProcessor(model_file=str(REAL_TOKENIZER))
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    texts = [t for t in TOKENIZER_TEXTS + _random_texts(300, seed=3) if not any(
+        c in t for c in ("<s>", "</s>", "<unk>"))]  # control tokens in text: special in tokenizers only
+    for t in texts:
+        ids = ours.encode(t, bos=True)
+        assert ids == hf.encode(t).ids, repr(t)
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), repr(t)
+        if style == "normalizer" or not t.startswith((" ", "\u2581")):  # Metaspace: none before one
+            assert ids == [1, *ref.encode(t)], repr(t)
+            assert ours.decode(ids) == ref.decode(ref.encode(t)), repr(t)
+    if style == "metaspace":
+        return
+    # a GGUF written from it carries a llama vocabulary (scores from the merges' ranks) that
+    # llama.cpp's SentencePiece merging (our GGUF tokenizer) runs as sentencepiece does
+    from mlxtral.convert.tokenizer_files import gguf_vocab_from_folder
+    from mlxtral.tokenizer.gguf import from_gguf_metadata
+
+    md = gguf_vocab_from_folder(tmp_path, 32000)
+    assert md["tokenizer.ggml.model"] == "llama" and md["tokenizer.ggml.add_space_prefix"] is True
+    gg = from_gguf_metadata(md)
+    for t in texts:
+        assert gg.encode(t, bos=True) == [1, *ref.encode(t)], repr(t)
+
+
 # ---- failures while writing: the original exception, OUT named, nothing left, no worker left -------
 
 

@@ -432,7 +432,15 @@ def test_load_errors(tmp_path):
     spm_json = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": True},
                 "normalizer": {"type": "Replace"}, "decoder": {"type": "ByteFallback"}}
     (empty / "tokenizer.json").write_text(json.dumps(spm_json))
-    with pytest.raises(TokenizerError, match="needs its tokenizer.model"):
+    with pytest.raises(TokenizerError, match="step 'Replace' is not supported"):  # no pattern: not spaces
+        load_tokenizer(TokenizerSource("hf", empty))
+    spm_json["normalizer"] = {"type": "Lowercase"}
+    (empty / "tokenizer.json").write_text(json.dumps(spm_json))
+    with pytest.raises(TokenizerError, match="step 'Lowercase' is not supported"):
+        load_tokenizer(TokenizerSource("hf", empty))
+    spm_json["normalizer"] = {"type": "Prepend", "prepend": "\u2581"}
+    (empty / "tokenizer.json").write_text(json.dumps(spm_json))
+    with pytest.raises(TokenizerError, match="does not turn spaces into U\\+2581"):
         load_tokenizer(TokenizerSource("hf", empty))
     with pytest.raises(TokenizerError, match="kind"):
         load_tokenizer(TokenizerSource("tiktoken", empty))

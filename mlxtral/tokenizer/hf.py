@@ -1,7 +1,9 @@
-"""Tokenizers of Hugging Face folders: ``tokenizer.model`` (SentencePiece) or a byte-level BPE
-``tokenizer.json``, plus ``tokenizer_config.json`` (special tokens) and the chat template
-(``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``'s, in that order, as
-transformers looks for it).
+"""Tokenizers of Hugging Face folders: ``tokenizer.model`` (SentencePiece) or a ``tokenizer.json``
+(byte-level BPE; or SentencePiece-style: BPE merges by rank over characters with byte fallback,
+spaces as U+2581 by transformers' legacy normalizer or a ``Metaspace`` pre-tokenizer, as
+mlx_lm.convert writes Llama/Mistral folders with transformers 5), plus ``tokenizer_config.json``
+(special tokens) and the chat template (``chat_template.jinja``, ``chat_template.json`` or
+``tokenizer_config.json``'s, in that order, as transformers looks for it).
 
 Every file is read through :func:`mlxtral.formats.files.read_side_file` (regular files only, a
 size cap per kind) and every value is checked for its JSON type before use: a malformed file is
@@ -18,6 +20,8 @@ from mlxtral.display import show
 from mlxtral.errors import TokenizerError
 from mlxtral.formats.files import read_side_json, read_side_text
 from mlxtral.tokenizer.base import CONTROL, NORMAL, UNUSED, USER_DEFINED, Tokenizer
+
+SPACE = "\u2581"
 
 _MAX_PRE_DEPTH = 8  # nested pre-tokenizer Sequences
 MAX_ID_HOLES = 1024  # ids may leave holes: up to twice the entries listed, plus this
@@ -177,6 +181,114 @@ def _added_tokens(data: dict[str, Any], path: Path) -> list[tuple[int, str, bool
     return out
 
 
+def _token_table(data: dict[str, Any], vocab: dict[str, Any], path: Path) -> tuple[list[str], list[int]]:
+    """(tokens, types) by id from ``model.vocab`` and ``added_tokens``; ids bounded by what the file
+    lists, so the table is never much larger than the file."""
+    added = _added_tokens(data, path)
+    n_entries = len(vocab) + len(added)
+    limit = 2 * n_entries + MAX_ID_HOLES
+    why = f"ids must be integers from 0 to {limit - 1} ({len(vocab)} entries + {len(added)} added tokens)"
+    by_id: dict[int, tuple[str, int]] = {}
+    for t, i in vocab.items():
+        if not _is_int(i) or not 0 <= i < limit:
+            raise TokenizerError(f"model.vocab gives {show(t, 40)} the id {show(i, 30)}: {why}", path)
+        by_id[i] = (t, NORMAL)
+    for i, content, special in added:
+        if not 0 <= i < limit:
+            raise TokenizerError(f"added token {show(content, 40)} has the id {i}: {why}", path)
+        by_id[i] = (content, CONTROL if special else USER_DEFINED)
+    if not by_id:
+        raise TokenizerError("empty vocabulary", path)
+    table = [by_id.get(i, ("", UNUSED)) for i in range(max(by_id) + 1)]
+    return [t for t, _ in table], [k for _, k in table]
+
+
+def _space_prefix(data: dict[str, Any], path: Path) -> tuple[bool, bool]:
+    """How a SentencePiece-style tokenizer.json prefixes text with U+2581: (prefix, only when the
+    text does not start with a space). Its normalizer (``Prepend`` + ``Replace`` of spaces,
+    transformers' legacy Llama/Mistral files) always prefixes; its pre-tokenizer ``Metaspace``
+    (``prepend_scheme`` "always") unless the text starts with one. Anything else is refused by name."""
+    norm, pre = data.get("normalizer"), data.get("pre_tokenizer")
+    steps: list[Any] = []
+    for node in (norm, pre):
+        if isinstance(node, dict) and node.get("type") == "Sequence":
+            subs = node.get("normalizers", node.get("pretokenizers"))
+            if not isinstance(subs, list):
+                raise TokenizerError("a Sequence normalizer / pre-tokenizer needs a list", path)
+            steps += subs
+        elif node is not None:
+            steps.append(node)
+    prefix = replaced = unless = False
+    for st in steps:
+        kind = st.get("type") if isinstance(st, dict) else None
+        if kind == "Prepend" and st.get("prepend") == SPACE:
+            prefix = True
+        elif kind == "Replace" and st.get("pattern") == {"String": " "} and st.get("content") == SPACE:
+            replaced = True
+        elif kind == "Metaspace" and st.get("replacement", SPACE) == SPACE:
+            scheme = st.get("prepend_scheme", "always" if st.get("add_prefix_space", True) else "never")
+            if scheme not in ("always", "never"):
+                raise TokenizerError(f"Metaspace prepend_scheme {show(scheme, 30)} is not supported "
+                                     "(always, never)", path)
+            replaced, unless = True, True
+            prefix = prefix or scheme == "always"
+        else:
+            raise TokenizerError(f"a SentencePiece-style tokenizer.json step {show(kind, 30)} is not "
+                                 "supported (Prepend, Replace of spaces by U+2581, Metaspace)", path)
+    if not replaced:
+        raise TokenizerError("a SentencePiece-style tokenizer.json that does not turn spaces into U+2581 "
+                             "is not supported", path)
+    return prefix, unless
+
+
+def _adds_bos(data: dict[str, Any], config: dict[str, Any], bos: str | None) -> bool:
+    """``add_bos_token`` when tokenizer_config.json says, else whether the post-processor's single
+    template starts with the BOS token (transformers 5 writes only that)."""
+    if isinstance(config.get("add_bos_token"), bool):
+        return bool(config["add_bos_token"])
+    post = data.get("post_processor")
+    single = post.get("single") if isinstance(post, dict) else None
+    if isinstance(single, list) and single and isinstance(single[0], dict):
+        sp = single[0].get("SpecialToken")
+        return isinstance(sp, dict) and bos is not None and sp.get("id") == bos
+    return False
+
+
+def _spm_from_tokenizer_json(path: Path, data: dict[str, Any], model: dict[str, Any], vocab: dict[str, Any],
+                             merges: list[Any], config: dict[str, Any], config_path: Path,
+                             template: str | None) -> Tokenizer:
+    """A SentencePiece-style tokenizer.json on its own (what mlx_lm.convert writes for Llama and
+    Mistral with transformers 5, no tokenizer.model): its BPE merges by rank over characters, spaces
+    as U+2581, bytes with no piece as ``<0xHH>`` tokens, as Hugging Face's tokenizers runs it."""
+    from mlxtral.tokenizer.base import BYTE, UNKNOWN, byte_value
+    from mlxtral.tokenizer.bpe import parse_merges
+    from mlxtral.tokenizer.llama_spm import LlamaSpmTokenizer
+
+    prefix, unless_space = _space_prefix(data, path)
+    tokens, types = _token_table(data, vocab, path)
+    unk = model.get("unk_token")
+    for i, t in enumerate(tokens):
+        if types[i] == NORMAL and byte_value(t) is not None:
+            types[i] = BYTE
+        elif t and t == unk:
+            types[i] = UNKNOWN
+    ids = {t: i for i, t in enumerate(tokens) if t}
+    bos, eos = _token_text(config, "bos_token", config_path), _token_text(config, "eos_token", config_path)
+    try:
+        tok = LlamaSpmTokenizer(tokens, None, types, bos_id=ids.get(bos) if bos else None,
+                                eos_id=ids.get(eos) if eos else None,
+                                unk_id=ids.get(unk) if isinstance(unk, str) else None,
+                                add_bos=_adds_bos(data, config, bos), add_space_prefix=prefix,
+                                chat_template=template, merges=parse_merges(merges))
+    except TokenizerError as e:
+        if e.path is None:
+            raise TokenizerError(e.message, path) from None
+        raise
+    tok.prefix_unless_space = unless_space
+    tok.source = str(path)
+    return tok
+
+
 def _bpe_from_tokenizer_json(path: Path, config: dict[str, Any], config_path: Path,
                              template: str | None) -> Tokenizer:
     from mlxtral.tokenizer.bpe import ByteLevelBPETokenizer
@@ -197,36 +309,13 @@ def _bpe_from_tokenizer_json(path: Path, config: dict[str, Any], config_path: Pa
     if not isinstance(merges, list):
         raise TokenizerError(f"model.merges must be a list, not {_kind(merges)}", path)
     if data.get("normalizer") is not None or model.get("byte_fallback"):
-        raise TokenizerError(
-            "a SentencePiece-style tokenizer.json (normalizer / byte fallback) needs its tokenizer.model "
-            "beside it; only byte-level BPE tokenizer.json files are read on their own",
-            path,
-        )
+        return _spm_from_tokenizer_json(path, data, model, vocab, merges, config, config_path, template)
     decoder = data.get("decoder")
     if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
         raise TokenizerError("only byte-level BPE tokenizer.json is supported (no ByteLevel decoder)", path)
     patterns: list[Any] = []
     _pre_patterns(data.get("pre_tokenizer"), path, patterns)
-    added = _added_tokens(data, path)
-
-    # ids bounded by what the file lists: the token table is never much larger than the file
-    n_entries = len(vocab) + len(added)
-    limit = 2 * n_entries + MAX_ID_HOLES
-    why = f"ids must be integers from 0 to {limit - 1} ({len(vocab)} entries + {len(added)} added tokens)"
-    by_id: dict[int, tuple[str, int]] = {}
-    for t, i in vocab.items():
-        if not _is_int(i) or not 0 <= i < limit:
-            raise TokenizerError(f"model.vocab gives {show(t, 40)} the id {show(i, 30)}: {why}", path)
-        by_id[i] = (t, NORMAL)
-    for i, content, special in added:
-        if not 0 <= i < limit:
-            raise TokenizerError(f"added token {show(content, 40)} has the id {i}: {why}", path)
-        by_id[i] = (content, CONTROL if special else USER_DEFINED)
-    if not by_id:
-        raise TokenizerError("empty vocabulary", path)
-    n = max(by_id) + 1
-    tokens = [by_id.get(i, ("", UNUSED))[0] for i in range(n)]
-    types = [by_id.get(i, ("", UNUSED))[1] for i in range(n)]
+    tokens, types = _token_table(data, vocab, path)
     ids = {t: i for i, t in enumerate(tokens) if t}
 
     def special(name: str) -> int | None:

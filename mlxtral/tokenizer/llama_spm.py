@@ -46,7 +46,9 @@ class LlamaSpmTokenizer(Tokenizer):
         add_bos: bool = True,
         add_space_prefix: bool = True,
         chat_template: str | None = None,
+        merges: dict[tuple[str, str], int] | None = None,
     ) -> None:
+        self._ranks = merges  # ranked merges (a tokenizer.json's BPE model) instead of the scores
         self._tokens = list(tokens)
         n = self.vocab_size = len(self._tokens)
         if not n:
@@ -67,6 +69,7 @@ class LlamaSpmTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.unk_id = bos_id, eos_id, unk_id
         self.add_bos = add_bos and bos_id is not None
         self.add_space_prefix = add_space_prefix
+        self.prefix_unless_space = False  # Hugging Face's Metaspace: no prefix on text that starts with one
         self.strip_leading_space = add_space_prefix  # decode drops the prefix encode added
         self.chat_template = chat_template
         self._byte_ids = [self._ids.get(f"<0x{b:02X}>") for b in range(256)]
@@ -103,9 +106,11 @@ class LlamaSpmTokenizer(Tokenizer):
     # ------------------------------------------------------------------ encoding
     def _merge(self, text: str) -> tuple[int, ...]:
         """llama.cpp's llm_tokenizer_spm on one (already escaped) string."""
-        ids, scores = self._merge_ids, self._scores
+        ids, scores, ranks = self._merge_ids, self._scores, self._ranks
 
         def priority(a: str, b: str) -> float | None:
+            if ranks is not None:  # Hugging Face's BPE with byte fallback: the lowest-ranked merge first
+                return ranks.get((a, b))
             tid = ids.get(a + b)
             return None if tid is None else -scores[tid]  # the best-scored piece first
 
@@ -154,7 +159,7 @@ class LlamaSpmTokenizer(Tokenizer):
     def _encode_fragment(self, text: str, out: list[int], plain: bool) -> None:
         # merging only ever produces mergeable (normal) tokens, the fallback byte tokens and <unk>:
         # plain text needs nothing more
-        if self.add_space_prefix:
+        if self.add_space_prefix and not (self.prefix_unless_space and text.startswith((" ", SPACE))):
             text = " " + text
         self._encode_text(text.replace(" ", SPACE), out)
 
