@@ -139,13 +139,13 @@ def check_mlx_tokenizer(ckpt: Checkpoint) -> None:
     """The tokenizer files an MLX output needs can be written (what ``copy_tokenizer`` would refuse)."""
     tok = ckpt.tokenizer
     if tok is not None and tok.kind == "gguf":
-        from .tokenizer_files import spm_model_from_gguf, tokenizer_json_from_gguf
+        from .tokenizer_files import check_piece_lengths, spm_model_from_gguf, tokenizer_json_from_gguf
 
         model = tok.metadata.get("tokenizer.ggml.model")
         kind = model.decode("utf-8", "replace") if isinstance(model, bytes) else model
         try:
             if kind == "llama":
-                spm_model_from_gguf(tok.metadata)
+                check_piece_lengths(spm_model_from_gguf(tok.metadata))
             elif kind == "gpt2":
                 tokenizer_json_from_gguf(tok.metadata)
             else:
@@ -161,6 +161,17 @@ def check_mlx_tokenizer(ckpt: Checkpoint) -> None:
     names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
     if not tok.path.is_file() and not any((folder / n).is_file() for n in names):
         raise TokenizerError("no tokenizer files found", folder)
+    model = folder / "tokenizer.model"
+    if model.is_file() and not (folder / "tokenizer.json").is_file():  # one is written from it
+        from mlxtral.formats.files import read_side_file
+
+        from .spm_proto import parse_model
+        from .tokenizer_files import check_piece_lengths
+
+        try:
+            check_piece_lengths(parse_model(read_side_file(model, TokenizerError), model))
+        except TokenizerError as e:
+            raise TokenizerError(e.message, e.path or model) from None
 
 
 def check_address_space(ckpt: Checkpoint) -> None:

@@ -151,6 +151,19 @@ def tokenizer_json_from_gguf(md: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+MAX_PIECE_CHARS = 1024  # sentencepiece trains pieces of at most 16 characters by default
+
+
+def check_piece_lengths(m: SpmModel) -> None:
+    """Refuse a normal piece longer than :data:`MAX_PIECE_CHARS`: the tokenizer.json's merges list
+    every split of every piece, memory in the square of its length (a 200 KB piece: ~40 GB)."""
+    for i, p in enumerate(m.pieces):
+        n = len(p.decode("utf-8", "replace")) if len(p) > MAX_PIECE_CHARS else 0  # chars <= bytes
+        if m.types[i] == NORMAL and n > MAX_PIECE_CHARS:
+            raise TokenizerError(f"piece {i} is {n} characters long: a SentencePiece vocabulary's normal "
+                                 f"pieces are short (at most {MAX_PIECE_CHARS} here)")
+
+
 def tokenizer_json_from_spm(m: SpmModel) -> dict[str, Any]:
     """A Hugging Face ``tokenizer.json`` (dict) equivalent to a SentencePiece BPE model, built as
     transformers' ``LlamaConverter`` builds it: the merges are every split of a normal piece into
@@ -164,6 +177,7 @@ def tokenizer_json_from_spm(m: SpmModel) -> dict[str, Any]:
     for i, t in enumerate(texts):
         vocab.setdefault(t, i)
     normal = {t: i for i, t in enumerate(texts) if m.types[i] == NORMAL and vocab[t] == i}
+    check_piece_lengths(m)
     ranked = []
     for piece, pid in normal.items():
         local = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
@@ -227,7 +241,10 @@ def write_spm_tokenizer_json(model_file: Path, folder: Path) -> list[str]:
     m = parse_model(read_side_file(model_file, TokenizerError), model_file)
     if m.model_type != BPE:
         return []
-    doc = tokenizer_json_from_spm(m)
+    try:
+        doc = tokenizer_json_from_spm(m)
+    except TokenizerError as e:
+        raise TokenizerError(e.message, e.path or model_file) from None
     (Path(folder) / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
     return ["tokenizer.json"]
 

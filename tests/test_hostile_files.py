@@ -501,3 +501,21 @@ def test_pickle_global_escaped_on_the_command_line(tmp_path: Path) -> None:
     assert r.exit_code == 1
     err = one_line(r.stderr)
     assert "pickle wants x\\x1b]0;owned\\x07" in err and not any(c in err for c in ESCAPES), repr(err)
+
+
+def test_long_vocabulary_piece_refused_before_mlx_output(tmp_path: Path) -> None:
+    """An MLX folder's tokenizer.json lists every split of every piece: a 40k-character piece in a
+    GGUF vocabulary took 1.7 GB (200k: ~40 GB). Refused before any work, naming the file."""
+    from hostile_run import _rewrite_gguf
+    from tiny_models import raw_gguf_tensors, tiny_args, write_raw_gguf
+
+    from mlxtral.convert import convert
+    from mlxtral.errors import TokenizerError
+
+    args = tiny_args()
+    src = write_raw_gguf(tmp_path / "v.gguf", raw_gguf_tensors(args, "Q8_0"), args, vocab=True)
+    bad = _rewrite_gguf(src, tmp_path / "long.gguf", tokens={1000: b"x" * 5000})
+    out = tmp_path / "out-mlx"
+    with pytest.raises(TokenizerError, match=r"long\.gguf: piece 1000 is 5000 characters long"):
+        convert(bad, out, "mlx", "q8", allow_requantize=True, progress=False)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["long.gguf", "v.gguf"]
