@@ -519,3 +519,18 @@ def test_long_vocabulary_piece_refused_before_mlx_output(tmp_path: Path) -> None
     with pytest.raises(TokenizerError, match=r"long\.gguf: piece 1000 is 5000 characters long"):
         convert(bad, out, "mlx", "q8", allow_requantize=True, progress=False)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["long.gguf", "v.gguf"]
+
+
+def test_a_mapped_file_whose_name_is_not_utf8(tmp_path: Path) -> None:
+    """/proc/self/maps lists mapped files by name, bytes and all: a model named b'mod\\xe8le.gguf'
+    (a Latin-1 name) crashed every run with a UnicodeDecodeError after it loaded."""
+    import mmap
+
+    from mlxtral.backends.jit_memory import release_compiler_pages
+
+    name = os.fsencode(tmp_path) + b"/mod\xe8le.bin"
+    with open(name, "wb") as f:
+        f.write(b"\0" * 4096)
+    with open(name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert m[0] == 0
+        assert release_compiler_pages() >= 0

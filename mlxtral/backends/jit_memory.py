@@ -44,7 +44,7 @@ def release_compiler_pages() -> int:
     if madvise is None:
         return 0
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:  # paths need not be UTF-8
             maps = f.read().splitlines()
     except OSError:
         return 0
