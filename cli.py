@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
+from mlxtral.display import markup_safe
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -295,8 +297,8 @@ def resolve_model(model: str | None) -> Path:
     status = err_console.status("building the demo model...", spinner="dots")
 
     def on_build(src: Path, out: Path) -> None:  # only when it is not built yet: no spinner otherwise
-        err_console.print(f"[dim]building the demo model once: {src.name} upcycled to 8 experts, top-2 "
-                          f"-> {out}[/dim]")
+        err_console.print(f"[dim]building the demo model once: {markup_safe(src.name)} upcycled to 8 "
+                          f"experts, top-2 -> {markup_safe(out)}[/dim]")
         status.start()
 
     try:
@@ -1182,8 +1184,8 @@ def upcycle(
     from mlxtral.wording import plural
 
     size = out.stat().st_size
-    err_console.print(f"wrote {out} ({size / 1e6:.1f} MB): {plural(experts, 'expert')}, top-{top_k}",
-                      highlight=False)
+    err_console.print(f"wrote {markup_safe(out)} ({size / 1e6:.1f} MB): {plural(experts, 'expert')}, "
+                      f"top-{top_k}", highlight=False)
 
 
 # ---- convert --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mlxtral.display import markup_safe
 from mlxtral.errors import FormatError, UsageError
 
 from .atomic import atomic_output
@@ -133,8 +134,8 @@ def convert(src: str | Path, out: str | Path, fmt: str | None = None, qtype: str
     with _says_why_mlx(guessed, out):
         checked = preflight(ckpt, fmt, prec, group_size, allow_requantize)  # before the bar: fail fast
     if guessed and console is not None and progress:
-        console.print(f"[dim]{out.name} does not end in .gguf: writing an MLX folder (--format gguf for a "
-                      "GGUF file)[/dim]", highlight=False)
+        console.print(f"[dim]{markup_safe(out.name)} does not end in .gguf: writing an MLX folder (--format "
+                      "gguf for a GGUF file)[/dim]", highlight=False)
     bytes_in = sum(t.nbytes for t in ckpt.tensors.values())
     bar, task = _progress_bar(progress, bytes_in, console)
     t0 = time.perf_counter()
@@ -214,7 +215,7 @@ def print_summary(result: ConvertResult, console: Any = None) -> None:
 
     console = console or Console()
     reps = result.reports
-    table = Table(title=f"{result.out} ({result.fmt})")
+    table = Table(title=f"{markup_safe(result.out)} ({result.fmt})")
     for col in ("tensor", "count", "source", "output", "size", "rel. RMSE (worst)"):
         table.add_column(col, justify="right" if col in ("count", "size") else "left")
     groups: dict[str, list[TensorReport]] = {}

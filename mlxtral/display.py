@@ -53,6 +53,14 @@ def term_safe(text: str, limit: int | None = None) -> str:
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
+def markup_safe(value: Any, limit: int = 300) -> str:
+    """``value`` (a path, a file name) for a rich markup string: terminal-safe (:func:`term_safe`)
+    and escaped, so ``x[/dim]`` or ``[bold]`` in it is text, never markup."""
+    from rich.markup import escape
+
+    return escape(term_safe(str(value), limit))
+
+
 def text_safe(text: str) -> str:
     """Generated text for a terminal: line breaks and tabs kept, every other control character
     (ESC, CSI, OSC: a vocabulary's token can hold ``\x1b]52;...``, which writes the clipboard) and

@@ -534,3 +534,21 @@ def test_a_mapped_file_whose_name_is_not_utf8(tmp_path: Path) -> None:
     with open(name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         assert m[0] == 0
         assert release_compiler_pages() >= 0
+
+
+@pytest.mark.parametrize("out", ["x[/dim]out.gguf", "v[bold]/o.gguf", "e\x1b[2J\x1b]0;T\x07.gguf"])
+def test_paths_are_never_markup_or_terminal_control(out: str) -> None:
+    """OUT is shown as written: 'x[/dim]' raised rich's MarkupError after the file was written
+    (exit 1 on a finished conversion), '[bold]' vanished, ESC sequences reached the terminal."""
+    from rich.console import Console
+
+    from mlxtral.convert import ConvertResult, print_summary
+    from mlxtral.display import markup_safe
+
+    con = Console(record=True, width=200, force_terminal=True)
+    print_summary(ConvertResult(Path(out), "gguf", [], 1.0, 10, 10), console=con)
+    con.print(f"wrote {markup_safe(out)}")
+    text = con.export_text(styles=False)
+    assert "\x1b" not in text
+    shown = out.replace("\x1b", "\\x1b").replace("\x07", "\\x07")
+    assert text.count(shown) == 2, text
