@@ -552,3 +552,16 @@ def test_paths_are_never_markup_or_terminal_control(out: str) -> None:
     assert "\x1b" not in text
     shown = out.replace("\x1b", "\\x1b").replace("\x07", "\\x07")
     assert text.count(shown) == 2, text
+
+
+def test_numba_disable_jit_runs_the_numpy_kernels(tmp_path: Path) -> None:
+    """NUMBA_DISABLE_JIT=1 (numba's own debugging switch) gave a 75-line traceback: the kernels'
+    LLVM intrinsics cannot run as Python. The NumPy kernels run instead."""
+    from tiny_models import raw_gguf_tensors, tiny_args, write_raw_gguf
+
+    args = tiny_args()
+    src = write_raw_gguf(tmp_path / "m.gguf", raw_gguf_tensors(args, "Q8_0"), args, vocab=True)
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    r = subprocess.run([sys.executable, "-m", "mlxtral.cli", "generate", str(src), "-p", "hi", "-n", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]

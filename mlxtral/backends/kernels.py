@@ -123,8 +123,10 @@ _MODE_LINEAR, _MODE_SWIGLU = 0, 1
 HAVE_NUMBA = False
 if not env_flag("MLXTRAL_NO_NUMBA"):
     try:
-        import numba  # noqa: F401
+        import numba
 
+        if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the kernels' intrinsics cannot run as Python
+            raise ImportError("numba's JIT is disabled")
         from mlxtral.backends import _kernels_kq as _kq
         from mlxtral.backends import _kernels_nb as _nb
         from mlxtral.backends import _kernels_tile as _tile
