@@ -195,6 +195,9 @@ def _tensor_pickle(key: str, numel: int, size: tuple[int, ...], stride: tuple[in
     ((4, 4), (4, 1), 32, "holds 32 bytes"),
     ((4, 4), (-4, 1), 64, "bad tensor stride"),
     ((1 << 30, 1 << 30, 0), (0, 0, 1), 64, "bad tensor size"),  # empty, of a shape no array has
+    ((1 << 20, 1 << 20), (0, 0), 64, "more than once"),  # one float posing as 4 TB: an expanded view
+    ((4, 4), (1, 1), 64, "more than once"),  # overlapping rows
+    ((4, 4), (1, 4), 64, None),  # a transposed (column-major) view is fine
 ])
 def test_pth_lying_geometry(tmp_path: Path, size, stride, storage_bytes: int, match) -> None:
     pkl = _tensor_pickle("0", 16, size, stride)

@@ -127,6 +127,14 @@ def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any
         return SafeTensor(storage.dtype, size, np.zeros(size, dtype=arr.dtype))
     if any(s < 0 for s in stride):
         raise FormatError(f"negative stride {stride}")
+    # no element read twice (stride 0: an expanded view), as in any saved weight; else a tiny file
+    # poses as a huge model. Dims by stride: each must step past everything the smaller ones reach
+    reach = 0
+    for st, d in sorted((st, d) for d, st in zip(size, stride, strict=True) if d > 1):
+        if st <= reach:
+            raise FormatError(f"tensor of size {size} with stride {stride} reads its elements more than "
+                              "once (an expanded or overlapping view): not a saved weight")
+        reach += (d - 1) * st
     last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride, strict=True))
     if last >= arr.shape[0]:
         raise FormatError(f"tensor of size {size} at offset {storage_offset} runs past its storage "
