@@ -301,6 +301,21 @@ def test_base_refusals(raw_path: Path, tmp_path: Path) -> None:
             m.kl_divergence(bad)
     with pytest.raises(UsageError, match="is a folder"):
         m.perplexity(ids, ctx=CTX, kl_base=tmp_path)
+    # the base replaced or cut while a run reads it (chunk by chunk): one line, not a mmap traceback
+    # and not another file's records read under the first one's header
+    bf = kld.read_base(base)
+    assert bf.chunk_records(1).shape == (kld.scored_per_chunk(CTX), kld.record_len(320))
+    data = base.read_bytes()
+    swapped = tmp_path / "swapped.kld"
+    swapped.write_bytes(data)
+    os.replace(swapped, base)  # the same bytes, another file
+    with pytest.raises(FormatError, match="changed or went away while being read"):
+        bf.chunk_records(1)
+    bf = kld.read_base(base)
+    base.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match="changed or went away while being read"):
+        bf.chunk_records(1)
+    base.write_bytes(data)
     # a sparse file whose header claims a context (or a token count) beyond any: refused from the
     # header, before the tokens are read (1.2 GB went in before the context check)
     for n_ctx, n_chunk in ((100_000_000, 1), (1 << 16, 1 << 10)):

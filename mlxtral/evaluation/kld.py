@@ -174,6 +174,7 @@ class BaseFile:
     n_vocab: int
     n_chunk: int
     tokens: np.ndarray  # int64 [n_chunk * n_ctx]
+    ident: tuple[int, ...] = ()  # (device, inode, size, mtime) when the header was read: the same file
 
     @property
     def records_offset(self) -> int:
@@ -183,7 +184,21 @@ class BaseFile:
         """uint16 [n_ctx - 1 - n_ctx/2, nv] of chunk ``i``."""
         n, nv = scored_per_chunk(self.n_ctx), record_len(self.n_vocab)
         off = self.records_offset + 2 * i * n * nv
-        return np.asarray(np.memmap(self.path, dtype="<u2", mode="r", offset=off, shape=(n, nv)))
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.ident if self.ident else (
+                    st.st_size == file_size(self.n_ctx, self.n_vocab, self.n_chunk))
+                if not same:
+                    raise ValueError("changed")
+                f.seek(off)
+                data = f.read(2 * n * nv)  # one chunk's records, read while the file is checked
+        except (OSError, ValueError):
+            raise FormatError("changed or went away while being read (another run writing it?)",
+                              self.path) from None
+        if len(data) != 2 * n * nv:
+            raise FormatError("changed or went away while being read (another run writing it?)", self.path)
+        return np.frombuffer(data, dtype="<u2").reshape(n, nv)
 
 
 MAX_BASE_CTX = 1 << 20  # positions: beyond any model's context
@@ -219,8 +234,9 @@ def read_base(path: str | os.PathLike[str]) -> BaseFile:
             raise FormatError(f"is {size} bytes but its header (ctx {n_ctx}, vocabulary {n_vocab}, "
                               f"{n_chunk} chunks) means {want}: truncated or not a base file", p)
         raw = f.read(4 * n_chunk * n_ctx)
+        st = os.fstat(f.fileno())
     tokens = np.frombuffer(raw, dtype="<i4").astype(np.int64)
-    return BaseFile(p, n_ctx, n_vocab, n_chunk, tokens)
+    return BaseFile(p, n_ctx, n_vocab, n_chunk, tokens, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 # ---- comparing --------------------------------------------------------------------------------------
