@@ -185,6 +185,9 @@ def test_catastrophic_split_regex_stops_at_the_deadline(tmp_path: Path,
     ("x" * 5000, "characters long"),
     ("(", "does not compile"),
     ("[z-a]", "does not compile"),
+    ("(?R)?a", "as a subroutine"),  # recursion: regex raised MemoryError, reported as out of memory
+    ("(a)(?1)", "as a subroutine"),
+    ("(?P<x>a)(?&x)", "as a subroutine"),
 ])
 def test_split_regex_refused_before_compiling(tmp_path: Path, pattern: str, why: str) -> None:
     folder = tok_folder(tmp_path / "t", _with_split(pattern))

@@ -98,6 +98,9 @@ def _show(pattern: str) -> str:
     return show(pattern, 60)
 
 
+_CALL = regex.compile(r"\(\?(?:R|[+-]?\d|&|P>)")  # a group called as a subroutine (recursion)
+
+
 def check_pattern(pattern: str) -> str | None:
     """Why ``pattern`` (from a file) is not compiled, or None if it may be.
 
@@ -138,6 +141,8 @@ def check_pattern(pattern: str) -> str | None:
             depth += 1
             if depth > MAX_GROUP_DEPTH:
                 return f"its groups nest deeper than {MAX_GROUP_DEPTH}"
+            if _CALL.match(pattern, i):  # (?R), (?1), (?-1), (?&name), (?P>name): recursion
+                return f"it calls a group as a subroutine (at character {i}): no tokenizer needs that"
         elif c == ")":
             depth = max(depth - 1, 0)
         elif c == "{":
