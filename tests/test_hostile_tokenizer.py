@@ -1041,3 +1041,16 @@ def test_malformed_tekken(tmp_path: Path, case: str) -> None:
     with pytest.raises(TokenizerError) as e:
         load_tokenizer(TokenizerSource("tekken", path))
     one_line(e.value, path)
+
+
+def test_special_tokens_bounded_in_all() -> None:
+    """Added tokens of 256 characters each, 24.6 MB of them in a tokenizer.json, built a 3.1 GB
+    trie before the vocabulary size check refused the file: their total is bounded first."""
+    from mlxtral.errors import TokenizerError
+    from mlxtral.tokenizer.special import MAX_SPECIAL_TOTAL, SpecialSplitter
+
+    many = [(f"<{i:08d}" + "x" * 240 + ">", i) for i in range(MAX_SPECIAL_TOTAL // 250 + 1)]
+    with pytest.raises(TokenizerError, match="special and added tokens of .* characters in all"):
+        SpecialSplitter(many, [])
+    ok = SpecialSplitter(many[:100], [("<s>", 10**6)])
+    assert ok.split("a<s>" + many[3][0], True) == ["a", 10**6, 3]

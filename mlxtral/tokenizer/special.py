@@ -17,6 +17,9 @@ from mlxtral.errors import TokenizerError
 
 #: Longest special or added token text matched in text (real ones are under 40 characters).
 MAX_SPECIAL_LEN = 256
+#: All special and added token texts together (a trie node is ~100 bytes a character: ~200 MB at
+#: most; the largest real sets, thousands of reserved tokens, are a few hundred kB).
+MAX_SPECIAL_TOTAL = 1 << 20
 
 _END = ""  # trie key of the token id ending at a node (token texts are never empty)
 _Trie = dict[str, "_Trie | int"]
@@ -79,10 +82,15 @@ class SpecialSplitter:
         self._always = {t: i for t, i in always if t}
         self._all = dict(self._always)
         self._all.update({t: i for t, i in on_request if t})
+        total = 0
         for t, i in self._all.items():
             if len(t) > MAX_SPECIAL_LEN:
                 raise TokenizerError(f"special token {i} is {len(t)} characters long "
                                      f"(special and added tokens are at most {MAX_SPECIAL_LEN})")
+            total += len(t)
+        if total > MAX_SPECIAL_TOTAL:
+            raise TokenizerError(f"{len(self._all)} special and added tokens of {total} characters in all "
+                                 f"(at most {MAX_SPECIAL_TOTAL})")
         self._m_always = _Matcher(self._always) if self._always else None
         self._m_all = _Matcher(self._all) if self._all else None
 
