@@ -1054,3 +1054,18 @@ def test_special_tokens_bounded_in_all() -> None:
         SpecialSplitter(many, [])
     ok = SpecialSplitter(many[:100], [("<s>", 10**6)])
     assert ok.split("a<s>" + many[3][0], True) == ["a", 10**6, 3]
+
+
+def test_a_long_run_is_merged_a_slice_at_a_time() -> None:
+    """A line of 16M characters without a space is one word: merged whole it held ~300 bytes a
+    character (5 GB); slices of MAX_MERGE_SYMBOLS bound that, each merged as a word of its own."""
+    from mlxtral.tokenizer.merge import MAX_MERGE_SYMBOLS, merge_pairs
+
+    def prio(a: str, b: str) -> float | None:
+        return float(len(a + b)) if len(a + b) <= 4 else None  # "aa" then "aaaa"
+
+    n = 2 * MAX_MERGE_SYMBOLS + 6
+    got = merge_pairs(["a"] * n, prio)
+    assert "".join(got) == "a" * n
+    assert got == merge_pairs(["a"] * MAX_MERGE_SYMBOLS, prio) * 2 + merge_pairs(["a"] * 6, prio)
+    assert merge_pairs(["a"] * 6, prio) == ["aaaa", "aa"]

@@ -9,10 +9,23 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
+#: Symbols merged at once. A longer run (a 16 MB line without a space: one "word") is merged in
+#: slices of this many, each on its own: ~300 bytes of Python objects a symbol, so ~20 MB at most
+#: instead of ~5 GB; the ids differ from a whole merge only around each cut.
+MAX_MERGE_SYMBOLS = 1 << 16
+
 
 def merge_pairs(syms: list[str], priority: Callable[[str, str], float | None]) -> list[str]:
     """Merge a copy of ``syms``: while some adjacent pair ``(a, b)`` has a priority (lower
-    is merged first; None: never), join the best one, leftmost on ties. Returns the symbols left."""
+    is merged first; None: never), join the best one, leftmost on ties. Returns the symbols left.
+    More than :data:`MAX_MERGE_SYMBOLS` are merged a slice at a time."""
+    if len(syms) > MAX_MERGE_SYMBOLS:
+        return [s for k in range(0, len(syms), MAX_MERGE_SYMBOLS)
+                for s in _merge(syms[k : k + MAX_MERGE_SYMBOLS], priority)]
+    return _merge(syms, priority)
+
+
+def _merge(syms: list[str], priority: Callable[[str, str], float | None]) -> list[str]:
     syms = list(syms)
     n = len(syms)
     if n < 2:
