@@ -9,6 +9,7 @@ with :func:`mlxtral.upcycle.upcycle` and keep the result in the user's cache dir
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +86,9 @@ def ensure_demo_model(progress: Callable[[int, int], None] | None = None,
     out = demo_path(src)
     if out.is_file():
         return out
+    if os.path.lexists(out):  # a folder, pipe or dangling link where the demo model goes: not ours
+        raise MlxtralError("is in the way of the demo model (not a file): move it away, or set "
+                           "MLXTRAL_CACHE to another folder", out)
     if on_build is not None:
         on_build(src, out)
     try:

