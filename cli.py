@@ -1115,7 +1115,8 @@ def perplexity(
         why = base_ctx if kl else "a smaller --ctx needs less"
         fail(f"{' '.join(str(e).split())} (the working set holds {ctx} positions' logits at once: {why})",
              e.exit_code)
-    ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl, name="--ctx")
+    ppl_mod.check_ctx(ctx, m.config.max_position_embeddings, allow_odd=kl,
+                      name=f"{kl_base}: its context" if kl else "--ctx")
     info = {"model": str(m.path), "backend": m.backend_name, "dtype": m.dtype,
             "text": str(text_file) if text_file else None}
     from rich.markup import escape

@@ -376,7 +376,12 @@ def test_cli_errors(vocab_path: Path, tmp_path: Path) -> None:
     short.write_text("just a few words")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
+    ctx3 = tmp_path / "ctx3.kld"  # a base whose own context is too small: the file is named, no flag
+    with open(ctx3, "wb") as f:
+        f.write(kld.MAGIC + np.array([3, 320, 1], dtype="<i4").tobytes())
+        f.truncate(kld.file_size(3, 320, 1))
     cases = [
+        (["--kl-divergence-base", str(ctx3), "--kl-divergence"], 2, "ctx3.kld: its context 3 is too small"),
         (["-f", str(tmp_path / "missing.txt")], 1, "file not found"),
         (["-f", str(short), "--ctx", "16"], 2, "needs at least 32"),
         (["-f", str(text), "--ctx", "15"], 2, "--ctx 15 is odd"),

@@ -450,7 +450,10 @@ def kl_divergence(model: Any, base_path: str | os.PathLike[str], text: str | Seq
     import time
 
     base = read_base(base_path)
-    check_ctx(base.n_ctx, model.config.max_position_embeddings, allow_odd=True)
+    try:
+        check_ctx(base.n_ctx, model.config.max_position_embeddings, allow_odd=True, name="its context")
+    except UsageError as e:  # the base's own context: name the file, not a flag
+        raise UsageError(e.message, base.path) from None
     check_base_matches(base, model.config.vocab_size, None if text is None else tokenize(model, text))
     if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer))
                                or chunks < 1):
