@@ -31,7 +31,7 @@ from mlxtral.qtensor import AffineTensor, QTensor, stored_qtype
 from mlxtral.quant.affine import affine_dequantize, affine_quantize, affine_shapes, store_dtype
 from mlxtral.quant.ggml import dequantize, squared_error_terms
 
-from .policy import Precision, exact_repack, mlx_quantizes
+from .policy import FLOAT32_SCALES, Precision, exact_repack, mlx_quantizes
 from .preflight import same_affine
 from .safetensors_writer import SafetensorsWriter
 from .tensors import (
@@ -122,8 +122,8 @@ def plan_mlx(ckpt: Checkpoint, prec: Precision, group_size: int) -> list[MlxModu
             dtype = srcs[0].scale_dtype  # type: ignore[union-attr]
         kind = f"affine{prec.bits}/g{group_size}"
         exact = q and not copy and all(isinstance(t, QTensor) and exact_repack(t.qtype, kind) for t in srcs)
-        if exact:  # the blocks' float16 scales, as they are
-            dtype = "float16"
+        if exact:  # the blocks' float16 scales, as they are (K-quants: their products, float32)
+            dtype = "float32" if srcs[0].qtype in FLOAT32_SCALES else "float16"
         out.append(MlxModule(mlx_module_name(name, args.is_moe), parts, shape, q, dtype, heads, copy, exact))
     return out
 
@@ -249,11 +249,13 @@ def _repack_blocks(w: SafetensorsWriter, mod: str, e: int, src: QTensor, heads: 
                    rep: TensorReport) -> None:
     """Write GGUF Q4_0/Q4_1/Q8_0 blocks as MLX affine groups of 32 with the same numbers
     (:func:`mlxtral.quant.gguf_affine.gguf_to_affine`: scale ``d``, bias ``m`` or ``-8d`` /
-    ``-128d``), q/k rows in Hugging Face's order."""
+    ``-128d``; Q4_K/Q5_K: each sub-block's ``d*sc`` and ``-dmin*m`` in float32), q/k rows in
+    Hugging Face's order."""
     from mlxtral.quant.gguf_affine import gguf_to_affine
 
+    sdt = np.float32 if src.qtype in FLOAT32_SCALES else np.float16
     with np.errstate(over="ignore", invalid="ignore"):
-        arrays = gguf_to_affine(src.data, src.qtype, tuple(src.shape), scale_dtype=np.float16)
+        arrays = gguf_to_affine(src.data, src.qtype, tuple(src.shape), scale_dtype=sdt)
     if not np.isfinite(arrays[1]).all():  # the scale is the block's d as stored
         raise FormatError(f"tensor {mod}: its {src.qtype} blocks hold NaN or infinite scales (a damaged "
                           "file)")

@@ -114,13 +114,17 @@ def is_quantized_type(qtype: str) -> bool:
 
 # GGUF types an MLX affine output of these bits holds exactly, in groups of 32 with float16 scales
 # (mlxtral.quant.gguf_affine: Q4_0 -> scale d, bias -8d; Q4_1 -> d, m; Q8_0 -> d, -128d)
-EXACT_TO_MLX = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+EXACT_TO_MLX = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+# K-quant groups' scale and min are a float16 times a 6-bit integer: exact in float32 scales only
+FLOAT32_SCALES = {"Q4_K", "Q5_K"}
 _AFFINE = re.compile(r"affine(\d)/g(\d{2,3})")
 
 
 def exact_repack(src_qtype: str, out_qtype: str) -> bool:
     """Whether a ``src_qtype`` tensor is written as ``out_qtype`` without quantizing again: GGUF
-    Q4_0/Q4_1/Q8_0 -> MLX affine of the same bits in groups of 32 (float16 scales), and MLX affine
+    Q4_0/Q4_1/Q8_0 -> MLX affine of the same bits in groups of 32 (float16 scales), Q4_K/Q5_K ->
+    affine 4/5-bit groups of 32 (each 32-weight sub-block's ``d*sc`` and ``-dmin*m``, float32
+    scales), and MLX affine
     of 2 to 4 bits -> GGUF Q4_1 (codes fit a nibble; a group's scale and bias, rounded to float16,
     repeat per 32 weights: exact for float16 scales, and bfloat16 ones in float16's normal range)."""
     bits = EXACT_TO_MLX.get(src_qtype)

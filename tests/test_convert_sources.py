@@ -73,3 +73,26 @@ def test_a_source_without_a_tokenizer_is_named(tmp_path: Path) -> None:
         convert(src, tmp_path / "out.gguf", qtype="q8", progress=False)
     assert str(e.value).startswith(f"{src}: the source has no tokenizer")
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_q4_k_to_mlx_is_an_exact_repack(tmp_path: Path) -> None:
+    """Q4_K's 32-weight sub-blocks are affine 4-bit groups: scale d*sc, bias -dmin*m, exact in
+    float32 scales. --q4 --group-size 32 writes them without requantizing (it was a 7.6% relative
+    RMSE requantization that needed --allow-requantize), equal to the source's values."""
+    pytest.importorskip("mlx.core")
+    args = tiny_args(**K_ARGS)
+    src = write_raw_gguf(tmp_path / "k.gguf", raw_gguf_tensors(args, {"ffn_": "Q4_K", "*": "Q8_0"}, seed=1),
+                         args, vocab=True)
+    out = tmp_path / "mlx"
+    r = convert(src, out, "mlx", "q4", group_size=32, progress=False, allow_requantize=True)  # Q8_0 -> 4
+    reps = {x.name: x for x in r.reports}
+    assert all(x.copied for n, x in reps.items() if "switch_mlp" in n), reps
+    got, want = open_checkpoint(out), open_checkpoint(src)
+    for e in range(args.n_experts):
+        name = f"blk.1.ffn_down.{e}.weight"
+        assert got.tensors[name].qtype == "affine4/g32"
+        np.testing.assert_array_equal(got.tensors[name].dequantize(), want.tensors[name].dequantize())
+    # a pure Q4_K body needs no --allow-requantize
+    src4 = write_raw_gguf(tmp_path / "k4.gguf", raw_gguf_tensors(args, {"*": "Q4_K"}, seed=2), args,
+                          vocab=True)
+    convert(src4, tmp_path / "mlx4", "mlx", "q4", group_size=32, progress=False)
