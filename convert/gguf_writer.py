@@ -117,7 +117,11 @@ def copy_general_keys(w: Any, ckpt: Checkpoint) -> None:
     gf = next((k for k in ckpt.keepalive if isinstance(k, GGUFFile)), None)
     if ckpt.format != "gguf" or gf is None:
         return
-    keys = [k for k in gf.metadata if k.startswith("general.") and k not in _WRITTEN_KEYS]
+    import gguf
+
+    array = int(gguf.GGUFValueType.ARRAY)
+    keys = [k for k in gf.metadata if k.startswith("general.") and k not in _WRITTEN_KEYS
+            and not (gf.value_types[k] == array and gf.array_types.get(k) == array)]  # nested: dropped
     copy_gguf_keys(w, gf, keys, ckpt.path)
 
 

@@ -79,7 +79,7 @@ def test_gguf_to_gguf_keeps_the_general_keys(tmp_path: Path) -> None:
     args = tiny_args(vocab=32000)  # write_raw_gguf's vocabulary: Mixtral's
     general = {"general.license": "apache-2.0", "general.organization": "Org", "general.basename": "tiny",
                "general.languages": ["en", "fr"], "general.base_model.count": 1,
-               "general.file_type": 7, "general.name": "src name"}
+               "general.file_type": 7, "general.name": "src name", "general.nested": [["a"], ["b", "c"]]}
     src = write_raw_gguf(tmp_path / "src.gguf", raw_gguf_tensors(args, "Q8_0"), args, vocab=True,
                          general=general)
     out = tmp_path / "out.gguf"
@@ -92,6 +92,7 @@ def test_gguf_to_gguf_keeps_the_general_keys(tmp_path: Path) -> None:
     assert md["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)  # the writer's, once
     assert md["general.name"] == "src name"
     assert sum(k == "general.file_type" for k in r.fields) == 1
+    assert "general.nested" not in md  # arrays of arrays: not copied (the writer cannot), not fatal
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
