@@ -87,11 +87,15 @@ def quantize_log_probs(logits: np.ndarray) -> np.ndarray:
     return out
 
 
+def _scale_and_min(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A record's float32 ``scale`` and ``min_log_prob`` (its first 4 uint16): [n, 1] each."""
+    return rec[:, 0:2].copy().view("<f4"), rec[:, 2:4].copy().view("<f4")
+
+
 def dequantize_log_probs(records: np.ndarray, n_vocab: int) -> np.ndarray:
     """uint16 [n, nv] -> float32 [n, vocab] log-probabilities ``scale * q + min_log_prob``."""
     rec = np.ascontiguousarray(records, dtype="<u2")
-    scale = rec[:, 0:2].copy().view("<f4")  # [n, 1]
-    min_lp = rec[:, 2:4].copy().view("<f4")  # [n, 1]
+    scale, min_lp = _scale_and_min(rec)  # [n, 1]
     return (scale * rec[:, 4:4 + n_vocab].astype(np.float32) + min_lp).astype(np.float32)
 
 
@@ -174,31 +178,46 @@ class BaseFile:
     n_vocab: int
     n_chunk: int
     tokens: np.ndarray  # int64 [n_chunk * n_ctx]
-    ident: tuple[int, ...] = ()  # (device, inode, size, mtime) when the header was read: the same file
+    ident: tuple[int, ...]  # _identity of the file when the header was read
 
     @property
     def records_offset(self) -> int:
         return HEADER_BYTES + 4 * self.n_chunk * self.n_ctx
 
     def chunk_records(self, i: int) -> np.ndarray:
-        """uint16 [n_ctx - 1 - n_ctx/2, nv] of chunk ``i``."""
+        """uint16 [n_ctx - 1 - n_ctx/2, nv] of chunk ``i``, read from the file the header came from
+        and checked (:func:`_check_records`)."""
         n, nv = scored_per_chunk(self.n_ctx), record_len(self.n_vocab)
-        off = self.records_offset + 2 * i * n * nv
+        data = b""
         try:
             with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                same = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.ident if self.ident else (
-                    st.st_size == file_size(self.n_ctx, self.n_vocab, self.n_chunk))
-                if not same:
-                    raise ValueError("changed")
-                f.seek(off)
-                data = f.read(2 * n * nv)  # one chunk's records, read while the file is checked
-        except (OSError, ValueError):
-            raise FormatError("changed or went away while being read (another run writing it?)",
-                              self.path) from None
-        if len(data) != 2 * n * nv:
+                if _identity(os.fstat(f.fileno())) == self.ident:
+                    f.seek(self.records_offset + 2 * i * n * nv)
+                    data = f.read(2 * n * nv)
+        except OSError:
+            pass
+        if len(data) != 2 * n * nv:  # replaced, cut or gone since the header was read
             raise FormatError("changed or went away while being read (another run writing it?)", self.path)
-        return np.frombuffer(data, dtype="<u2").reshape(n, nv)
+        records = np.frombuffer(data, dtype="<u2").reshape(n, nv)
+        _check_records(records, self.path, i)
+        return records
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """(device, inode, size, mtime): the same file, unchanged."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_records(records: np.ndarray, path: Path, chunk: int) -> None:
+    """Every record's scale and minimum log-probability finite, the scale not negative (a base
+    holding NaN would otherwise read as perfect agreement: every KL term NaN, then dropped)."""
+    scale, min_lp = (a[:, 0] for a in _scale_and_min(records))  # [n]
+    bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(min_lp) & (scale >= 0)))
+    if bad.size:
+        j = int(bad[0])
+        raise FormatError(f"chunk {chunk + 1}, token {j + 1}: scale {float(scale[j])!r} and minimum "
+                          f"log-probability {float(min_lp[j])!r} are not a record's (finite, scale >= 0): "
+                          "damaged or not a llama-perplexity base", path)
 
 
 MAX_BASE_CTX = 1 << 20  # positions: beyond any model's context
@@ -234,9 +253,9 @@ def read_base(path: str | os.PathLike[str]) -> BaseFile:
             raise FormatError(f"is {size} bytes but its header (ctx {n_ctx}, vocabulary {n_vocab}, "
                               f"{n_chunk} chunks) means {want}: truncated or not a base file", p)
         raw = f.read(4 * n_chunk * n_ctx)
-        st = os.fstat(f.fileno())
+        ident = _identity(os.fstat(f.fileno()))
     tokens = np.frombuffer(raw, dtype="<i4").astype(np.int64)
-    return BaseFile(p, n_ctx, n_vocab, n_chunk, tokens, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return BaseFile(p, n_ctx, n_vocab, n_chunk, tokens, ident)
 
 
 # ---- comparing --------------------------------------------------------------------------------------
@@ -251,20 +270,6 @@ class ChunkKL:
     nll: np.ndarray  # float64 [n]
     nll_base: np.ndarray  # float64 [n]
     same_top: np.ndarray  # bool [n]
-
-
-def _check_records(records: np.ndarray, path: Path, chunk: int) -> None:
-    """Every record's scale and minimum log-probability finite, the scale not negative (a base
-    holding NaN would otherwise read as perfect agreement: every KL term NaN, then dropped)."""
-    rec = np.ascontiguousarray(records, dtype="<u2")
-    scale = rec[:, 0:2].copy().view("<f4")[:, 0]  # [n]
-    min_lp = rec[:, 2:4].copy().view("<f4")[:, 0]  # [n]
-    bad = np.flatnonzero(~(np.isfinite(scale) & np.isfinite(min_lp) & (scale >= 0)))
-    if bad.size:
-        j = int(bad[0])
-        raise FormatError(f"chunk {chunk + 1}, token {j + 1}: scale {float(scale[j])!r} and minimum "
-                          f"log-probability {float(min_lp[j])!r} are not a record's (finite, scale >= 0): "
-                          "damaged or not a llama-perplexity base", path)
 
 
 def kl_chunk(logits: np.ndarray, records: np.ndarray, targets: np.ndarray, n_vocab: int) -> ChunkKL:
@@ -467,9 +472,7 @@ def kl_divergence(model: Any, base_path: str | os.PathLike[str], text: str | Seq
         progress(0, n_chunks, float("nan"))
     for i, logits, targets in iter_chunks(model.logits, base.tokens, base.n_ctx, n_chunks,
                                           bos_for_chunks(model.tokenizer)):
-        records = base.chunk_records(i)
-        _check_records(records, base.path, i)
-        c = kl_chunk(logits, records, targets, base.n_vocab)
+        c = kl_chunk(logits, base.chunk_records(i), targets, base.n_vocab)
         sums.add(c)
         rows.append(_chunk_row(i, c))
         running.add(c.nll)
