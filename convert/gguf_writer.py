@@ -112,16 +112,13 @@ def copy_gguf_keys(w: Any, gf: Any, keys: Any, src: Path) -> None:
 def copy_general_keys(w: Any, ckpt: Checkpoint) -> None:
     """A GGUF source's ``general.*`` keys (license, author, base models, tags...) that the writer does
     not set itself, as llama-quantize keeps them; other sources have none to copy."""
-    from mlxtral.formats.gguf_parse import GGUFFile
+    from mlxtral.formats.gguf_parse import ARRAY, GGUFFile
 
-    gf = next((k for k in ckpt.keepalive if isinstance(k, GGUFFile)), None)
-    if ckpt.format != "gguf" or gf is None:
+    gf = next((k for k in ckpt.keepalive if isinstance(k, GGUFFile)), None) if ckpt.format == "gguf" else None
+    if gf is None:
         return
-    import gguf
-
-    array = int(gguf.GGUFValueType.ARRAY)
     keys = [k for k in gf.metadata if k.startswith("general.") and k not in _WRITTEN_KEYS
-            and not (gf.value_types[k] == array and gf.array_types.get(k) == array)]  # nested: dropped
+            and not (gf.value_types[k] == ARRAY and gf.array_types.get(k) == ARRAY)]  # nested: dropped
     copy_gguf_keys(w, gf, keys, ckpt.path)
 
 

@@ -20,8 +20,7 @@ from mlxtral.display import show
 from mlxtral.errors import TokenizerError
 from mlxtral.formats.files import read_side_json, read_side_text
 from mlxtral.tokenizer.base import CONTROL, NORMAL, UNUSED, USER_DEFINED, Tokenizer
-
-SPACE = "\u2581"
+from mlxtral.tokenizer.llama_spm import SPACE
 
 _MAX_PRE_DEPTH = 8  # nested pre-tokenizer Sequences
 MAX_ID_HOLES = 1024  # ids may leave holes: up to twice the entries listed, plus this
