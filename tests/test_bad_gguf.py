@@ -13,6 +13,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from tiny_models import add_kv
 
 from mlxtral.errors import FormatError
 from mlxtral.formats.gguf_parse import GGML_TYPES, MAX_ARRAY_LEN, parse_gguf
@@ -30,15 +31,7 @@ def write(path: Path, kv: dict | None = None, tensors: dict | None = None, arch:
     w = gguf.GGUFWriter(str(path), arch)
     if alignment is not None:
         w.add_custom_alignment(alignment)
-    for k, v in (kv or {}).items():
-        if isinstance(v, tuple):
-            w.add_key_value(k, *v)
-        elif isinstance(v, list):
-            w.add_array(k, v)
-        elif isinstance(v, str):
-            w.add_string(k, v)
-        else:
-            w.add_uint32(k, v)
+    add_kv(w, kv)
     for name, t in (tensors or {}).items():
         if isinstance(t, tuple):
             w.add_tensor(name, t[0], raw_dtype=t[1])

@@ -490,6 +490,20 @@ def raw_gguf_tensors(args: ModelArgs, qtype: str | dict[str, str], seed: int = 0
     return out
 
 
+def add_kv(w: Any, kv: dict[str, Any] | None) -> None:
+    """Key/values into a gguf.GGUFWriter: a string, an int (uint32), a list (an array), or
+    ``(value, vtype[, subtype])`` to give the types."""
+    for k, v in (kv or {}).items():
+        if isinstance(v, tuple):
+            w.add_key_value(k, *v)
+        elif isinstance(v, list):
+            w.add_array(k, v)
+        elif isinstance(v, str):
+            w.add_string(k, v)
+        else:
+            w.add_uint32(k, v)
+
+
 def write_raw_gguf(path: Path, tensors: dict[str, QTensor], args: ModelArgs, vocab: bool = False,
                    general: dict[str, Any] | None = None) -> Path:
     """Internal-layout tensors as they are (raw blocks of any type), experts merged into
@@ -498,13 +512,7 @@ def write_raw_gguf(path: Path, tensors: dict[str, QTensor], args: ModelArgs, voc
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
-    for k, v in (general or {}).items():
-        if isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, int):
-            w.add_uint32(k, v)
-        else:
-            w.add_array(k, v)
+    add_kv(w, general)
     for add, v in ((w.add_context_length, args.max_position_embeddings), (w.add_embedding_length, args.dim),
                    (w.add_block_count, args.n_layers), (w.add_feed_forward_length, args.hidden_dim),
                    (w.add_head_count, args.n_heads), (w.add_head_count_kv, args.n_kv_heads),
