@@ -362,6 +362,7 @@ def load(
 
         tok = load_tokenizer(ckpt.tokenizer)
         check_tokenizer_fits(tok, ckpt.args.vocab_size, ckpt.path)
+        ckpt.drop_vocabulary()  # the tokenizer holds it now: not twice (~4 MB for 32k pieces)
     plan = None
     if check_memory or memory_budget is not None or stream_experts:
         plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget, layout=layout,

@@ -393,3 +393,17 @@ def test_numpy_fallback_computes_the_same_model(tmp_path, qtype):
     finally:
         kernels.set_exact(False)
     np.testing.assert_allclose(np.load(out), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
+def test_a_prefills_experts_in_groups_compute_as_all_at_once(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long prompt's experts run in groups of bounded hidden activation (``_MOE_GROUP_BYTES``):
+    one expert a group gives the bits of every expert in one group."""
+    import mlxtral.backends.numpy_backend as nb
+
+    b = tiny(qtype)
+    ids = prompt(48)
+    whole = chunked(b, ids, 48)
+    monkeypatch.setattr(nb, "_MOE_GROUP_BYTES", 1)
+    assert len(b._expert_groups([10, 20, 30])) == 3
+    assert np.array_equal(chunked(b, ids, 48), whole)

@@ -847,9 +847,10 @@ def kq_group_acts(xq, xd, bs):
     if not kq_tiles(T):
         return np.zeros(1, dtype=np.uint8)
     xg = np.empty(T * nsb * KQ_GROUP_BYTES, dtype=np.uint8)
-    xq = xq.reshape(T * n).view(np.uint8)
-    bs = bs.reshape(T * nsb * 16).view(np.uint8)
-    xd = xd.reshape(T * nsb).view(np.uint8)
+    # the bytes of each, under new names (numba's AOT compiler does not retype a rebound name)
+    xqb = xq.reshape(T * n).view(np.uint8)
+    bsb = bs.reshape(T * nsb * 16).view(np.uint8)
+    xdb = xd.reshape(T * nsb).view(np.uint8)
     t0 = 0
     o = 0
     while t0 < T:
@@ -857,11 +858,11 @@ def kq_group_acts(xq, xd, bs):
         for sb in range(nsb):
             for t in range(k):
                 src = (t0 + t) * n + sb * 256
-                xg[o + t * 256: o + t * 256 + 256] = xq[src: src + 256]
+                xg[o + t * 256: o + t * 256 + 256] = xqb[src: src + 256]
                 sbs = ((t0 + t) * nsb + sb) * 32
-                xg[o + k * 256 + t * 32: o + k * 256 + t * 32 + 32] = bs[sbs: sbs + 32]
+                xg[o + k * 256 + t * 32: o + k * 256 + t * 32 + 32] = bsb[sbs: sbs + 32]
                 sd = ((t0 + t) * nsb + sb) * 4
-                xg[o + k * 288 + t * 4: o + k * 288 + t * 4 + 4] = xd[sd: sd + 4]
+                xg[o + k * 288 + t * 4: o + k * 288 + t * 4 + 4] = xdb[sd: sd + 4]
             o += k * KQ_GROUP_BYTES
         t0 += k
     return xg

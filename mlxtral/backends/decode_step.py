@@ -37,6 +37,8 @@ from mlxtral.backends.jit_memory import release_new
 from mlxtral.env import env_flag
 from mlxtral.qtensor import QTensor
 
+_MODULE = "_decode_step_nb"  # the compiled functions: the native library's, or numba's
+
 if TYPE_CHECKING:
     from mlxtral.backends.numpy_backend import KVCache, NumpyBackend
 
@@ -47,11 +49,9 @@ class DecodeStep:
     def __init__(self, backend: NumpyBackend) -> None:
         self.backend = backend
         self._threads = -1  # the work item sizes depend on the thread count: re-planned on a change
-        from mlxtral.backends._kernels_tile import KQ_TILE_MIN_T
-
         # sequences :meth:`batch` takes: its products run at up to this many tokens, below the
         # K-quant tiles' first count (they read activations grouped in a layout it does not make)
-        self.max_batch = KQ_TILE_MIN_T - 1
+        self.max_batch = kernels._tile.KQ_TILE_MIN_T - 1
 
     @classmethod
     def build(cls, backend: NumpyBackend) -> DecodeStep | None:
@@ -101,8 +101,7 @@ class DecodeStep:
         return cls(backend)
 
     def _plan(self) -> None:
-        from mlxtral.backends import _decode_step_nb as nb
-
+        nb = kernels.step_module()
         be, a = self.backend, self.backend.args
         layers = [be.layers[li] for li in be.held]
         L = len(layers)
@@ -159,7 +158,7 @@ class DecodeStep:
         """h [B, dim] float32, B sequences' token embeddings, through every layer, sequence b at
         position ``caches[b].offset`` of its own cache (written; the caller advances them) -> h, in
         place: row b's bits are the ones :meth:`__call__` gives it alone."""
-        from mlxtral.backends import _decode_step_nb as nb
+        nb = kernels.step_module()
 
         args = self._batch_args(h, caches)
         with kernels._run_lock:
@@ -170,7 +169,7 @@ class DecodeStep:
     def __call__(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
         """h [1, dim] float32, the token's embedding, through every layer at position
         ``cache.offset`` (written into the cache, which the caller advances) -> h, in place."""
-        from mlxtral.backends import _decode_step_nb as nb
+        nb = kernels.step_module()
 
         args = self._args(h, cache)
         with kernels._run_lock:
@@ -185,7 +184,7 @@ class DecodeStep:
         combine, and by rows ``whole([gu [top, hidden share]], layer)`` puts every process's gate/up
         columns together before down (the layer loop's ``_gather`` and ``_whole_hidden``): the bits
         of one process."""
-        from mlxtral.backends import _decode_step_nb as nb
+        nb = kernels.step_module()
 
         be = self.backend
         args, (idx, w, gu, dn) = self._part_args(h, cache)
@@ -216,7 +215,7 @@ class DecodeStep:
         order ``batch_part`` grouped them (by expert: the same on every rank, which all route
         alike); by rows ``whole`` puts the gate/up columns together before down. Row b gets the
         bits one process's :meth:`batch` gives it."""
-        from mlxtral.backends import _decode_step_nb as nb
+        nb = kernels.step_module()
 
         be = self.backend
         args, (idx, w, slot, n_e, gu, dn) = self._batch_part_args(h, caches)
@@ -296,34 +295,43 @@ class DecodeStep:
         minute, once per install (a server would stall every stream on its first batched step).
         Loading parses each one's LLVM IR, ~30 MB, given back at once (:mod:`jit_memory`): here,
         before the weights are paged in, rather than at the first token, on top of them."""
+        calls = self._warm_calls(batch)
+        if kernels.NATIVE is not None:  # compiled ahead of time: numba only for what it lacks
+            calls = [(name, sig) for name, sig in calls if not kernels.NATIVE.has(_MODULE, name, sig)]
+            if not calls:
+                return
         from numba import typeof
 
-        from mlxtral.backends import _decode_step_nb as nb
+        from mlxtral.backends import _decode_step_nb as nb  # numba's own (JIT)
 
+        for name, sig in calls:
+            getattr(nb, name).compile(tuple(typeof(x) for x in sig))
+        release_new(*(getattr(nb, name) for name, _ in calls))
+
+    def _warm_calls(self, batch: bool) -> list[tuple[str, tuple]]:
+        """(entry point, arguments of the types a step will call it with) for :meth:`warm`."""
         be = self.backend
         c = be.new_cache(1)  # only its types are used: nothing runs
         h = np.zeros((2, be.args.dim), dtype=np.float32)
+        calls: list[tuple[str, tuple]] = []
         if be.split:  # an expert-parallel rank: the step a layer a call (split's calls)
             args, (idx, w, gu, dn) = self._part_args(h[:1], c)
-            sig = (*args, 0, False, be.mine, idx, w, gu, dn, True)
-            nb.decode_part.compile(tuple(typeof(x) for x in sig))
+            calls.append(("decode_part", (*args, 0, False, be.mine, idx, w, gu, dn, True)))
             rows = be.out_cols != slice(None)
             if rows:
                 part = np.zeros((self.top, self.hin), dtype=np.float32)
                 out = np.zeros(self.top * self.dout, dtype=np.float32)
-                sig = (args[0], self.experts, 0, idx, be.mine, part, self.dout, args[-1], out)
-                nb.decode_down.compile(tuple(typeof(x) for x in sig))
+                calls.append(("decode_down", (args[0], self.experts, 0, idx, be.mine, part, self.dout,
+                                              args[-1], out)))
             if batch:  # split_batch's calls
                 args, (idx, w, slot, n_e, gu, dn) = self._batch_part_args(h, [c, c])
-                sig = (*args, 0, False, be.mine, idx, w, slot, n_e, gu, dn, True)
-                nb.batch_part.compile(tuple(typeof(x) for x in sig))
+                calls.append(("batch_part", (*args, 0, False, be.mine, idx, w, slot, n_e, gu, dn, True)))
                 if rows:
                     part = np.zeros((2 * self.top, self.hin), dtype=np.float32)
-                    sig = (args[0], self.experts, 0, n_e, be.mine, part, self.dout, args[-2], args[-1], out)
-                    nb.batch_down.compile(tuple(typeof(x) for x in sig))
-            release_new(nb.decode_part, nb.decode_down, nb.batch_part, nb.batch_down)
-            return
-        nb.decode_layers.compile(tuple(typeof(x) for x in self._args(h[:1], c)))
+                    calls.append(("batch_down", (args[0], self.experts, 0, n_e, be.mine, part, self.dout,
+                                                 args[-2], args[-1], out)))
+            return calls
+        calls.append(("decode_layers", self._args(h[:1], c)))
         if batch:
-            nb.decode_batch.compile(tuple(typeof(x) for x in self._batch_args(h, [c, c])))
-        release_new(nb.decode_layers, nb.decode_batch)
+            calls.append(("decode_batch", self._batch_args(h, [c, c])))
+        return calls

@@ -85,10 +85,11 @@ from __future__ import annotations
 import atexit
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from mlxtral.backends import MAX_THREADS, check_threads, default_threads
+from mlxtral.backends import MAX_THREADS, aot, check_threads, default_threads
 from mlxtral.backends.jit_memory import release_compiler_pages, release_linking_modules
 from mlxtral.env import env_flag, env_float, env_int
 from mlxtral.qtensor import QTensor
@@ -120,8 +121,19 @@ _KQ_KINDS = frozenset((6, 7, 8, 9, 10))  # the K-quants
 _Q8K_KINDS = _KQ_KINDS | {14}
 _MODE_LINEAR, _MODE_SWIGLU = 0, 1
 
-HAVE_NUMBA = False
-if not env_flag("MLXTRAL_NO_NUMBA"):
+HAVE_NUMBA = False  # the compiled kernels are live (from the native library, or numba's JIT)
+NATIVE: Any = None  # the ahead-of-time library (mlxtral.backends.aot) the kernels run from, if any
+_NO_GROUP = np.zeros(1, dtype=np.uint8)  # activations not grouped (no K-quant tiles)
+
+
+def _bind_native(lib: Any) -> None:
+    global _nb, _kq, _tile, NATIVE, HAVE_NUMBA
+    _nb, _kq, _tile = (lib.module(m) for m in ("_kernels_nb", "_kernels_kq", "_kernels_tile"))
+    NATIVE, HAVE_NUMBA = lib, True
+
+
+def _bind_jit() -> None:
+    global _nb, _kq, _tile, HAVE_NUMBA
     try:
         import numba
 
@@ -131,7 +143,6 @@ if not env_flag("MLXTRAL_NO_NUMBA"):
         from mlxtral.backends import _kernels_nb as _nb
         from mlxtral.backends import _kernels_tile as _tile
 
-        _NO_GROUP = np.zeros(1, dtype=np.uint8)  # activations not grouped (no K-quant tiles)
         HAVE_NUMBA = True
     except ImportError:  # pragma: no cover - numba is a declared dependency
         _nb = None
@@ -141,8 +152,42 @@ if not env_flag("MLXTRAL_NO_NUMBA"):
         if (why := explain(e, "loading numba (llvmlite)")) is None:
             raise
         raise why from None
-else:
-    _nb = None
+
+
+def use_native() -> bool:
+    """Run the kernels from the native library from now on, if this host has one (the precompile
+    child has just built it); whatever numba loaded stays, unused. -> whether they do."""
+    global _pool
+    if NATIVE is not None:
+        return True
+    lib = aot.load(retry=True)
+    if lib is None:
+        return False
+    with _pool_lock:
+        if _pool is not None:  # its workers spin in the JIT's loop: new ones take the library's
+            _pool.stop()
+            _pool = None
+        _bind_native(lib)
+    return True
+
+
+def step_module() -> Any:
+    """The decode step's functions and constants (``_decode_step_nb``): the library's, or numba's."""
+    if NATIVE is not None:
+        return NATIVE.module("_decode_step_nb")
+    from mlxtral.backends import _decode_step_nb
+
+    return _decode_step_nb
+
+
+_nb: Any = None
+_kq: Any = None
+_tile: Any = None
+if not env_flag("MLXTRAL_NO_NUMBA"):
+    if (_lib := aot.load()) is not None:
+        _bind_native(_lib)
+    else:
+        _bind_jit()
 
 _exact = env_flag("MLXTRAL_EXACT_KERNELS")
 _SPIN_MS = env_float("MLXTRAL_SPIN_MS", 20.0, 0.0, 1000.0, "milliseconds")
@@ -678,6 +723,8 @@ def warmup() -> None:
         return
     _load_all()
     _warmed = True
+    if NATIVE is not None:  # nothing to load, no LLVM in the process
+        return
     release_linking_modules(_our_dispatchers())
     release_compiler_pages()
 

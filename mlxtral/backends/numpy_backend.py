@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,14 +29,18 @@ from mlxtral.backends import ops
 from mlxtral.backends.numerics import check_logits, non_finite_error
 from mlxtral.backends.pages import lazy_zeros
 from mlxtral.config import ModelArgs
-from mlxtral.distributed.group import Group
-from mlxtral.distributed.placement import Placement
 from mlxtral.errors import ContextOverflowError
-from mlxtral.expert_cache import ExpertCache
 from mlxtral.expert_cache.layout import KINDS, is_expert
-from mlxtral.formats.mapped import check_unchanged, files_backing, install_sigbus_guard
+from mlxtral.formats.mapped import check_unchanged, files_backing, install_sigbus_guard, row_reader
 from mlxtral.formats.native import native_tensors, to_native
 from mlxtral.qtensor import QTensor, Tensor
+
+if TYPE_CHECKING:  # not imported to run: a process that never splits a model does not pay for them
+    from mlxtral.distributed.group import Group
+    from mlxtral.distributed.placement import Placement
+    from mlxtral.expert_cache import ExpertCache
+
+_MOE_GROUP_BYTES = 2 << 20  # a prefill's experts run in groups of about this much hidden activation
 
 
 @dataclass
@@ -141,7 +146,11 @@ class NumpyBackend:
     def __init__(self, args: ModelArgs, tensors: dict[str, Tensor], kv_dtype: str = "float32",
                  experts: ExpertCache | None = None, place: Placement | None = None,
                  group: Group | None = None) -> None:
-        install_sigbus_guard()  # a model file truncated under its maps: one line (before numba's warm-up)
+        from mlxtral.backends import kernels
+
+        # a model file truncated under its maps: one line (the native library's handler, else one
+        # compiled now, before numba's warm-up)
+        install_sigbus_guard(None if kernels.NATIVE is None else kernels.NATIVE.sigbus_handler)
         self.args = args
         self.experts = experts  # None: every expert resident
         if experts is not None:  # experts stream: the file's other tensors only
@@ -166,6 +175,9 @@ class NumpyBackend:
         self.mapped_files = files_backing(q.data for q in tensors.values())  # checked before each forward
         self.embed = tensors.get("token_embd.weight")
         self.output = tensors.get("output.weight", self.embed)
+        # its rows read from the file, unless the output projection reads the whole table anyway
+        self._embed_file = (row_reader(self.embed.data) if isinstance(self.embed, QTensor)
+                            and self.output is not self.embed else None)
         # expert parallel: every rank projects its slice of the vocabulary (rank 0 alone would
         # read the whole output matrix per token while the others wait); pipeline: rank 0 alone
         self.vocab: slice | None = None
@@ -190,7 +202,6 @@ class NumpyBackend:
         self.rope = ops.Rope(args.rope_dim or args.head_dim, args.rope_theta,
                              min(args.max_position_embeddings, 4096))
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
-        from mlxtral.backends import kernels
         from mlxtral.backends.decode_step import DecodeStep
         from mlxtral.backends.precompile import cache_dir, damaged_cache, ensure_compiled
 
@@ -203,6 +214,14 @@ class NumpyBackend:
             self.warm(batch=False)
         except (pickle.UnpicklingError, EOFError) as e:  # a cache file numba cannot read, every run
             raise damaged_cache(cache_dir(), e) from None
+
+    def embed_rows(self, ids: Sequence[int]) -> np.ndarray:
+        """The embeddings of ``ids`` [T] -> [T, dim] float32."""
+        if self._embed_file is None:
+            return self.embed.rows(ids)  # type: ignore[union-attr]
+        e = self.embed
+        idx = np.asarray(ids, dtype=np.int64)
+        return QTensor(e.qtype, (len(idx), e.shape[-1]), self._embed_file.rows(idx)).dequantize()
 
     # ---- cache ----------------------------------------------------------------------------
     def new_cache(self, max_context: int) -> KVCache:
@@ -252,7 +271,7 @@ class NumpyBackend:
 
         step = self.decode_step
         if step is not None and T == 1 and step.takes(cache) and S <= self.rope.max_positions:
-            x = np.ascontiguousarray(self.embed.rows(ids) if h is None else h, dtype=np.float32)  # [1, dim]
+            x = np.ascontiguousarray(self.embed_rows(ids) if h is None else h, dtype=np.float32)  # [1, dim]
             h = step.split(x, cache, self._gather, self._whole_hidden) if self.split else step(x, cache)
         else:
             h = self._layers(ids, slice(p0, S), attention, h)
@@ -316,7 +335,7 @@ class NumpyBackend:
         ids = [int(t) for r in runs for t in r]
         step = self.decode_step
         if step is not None and lens.max() == 1 and step.takes_batch(caches):
-            h = np.ascontiguousarray(self.embed.rows(ids) if h is None else h, dtype=np.float32)  # [B, dim]
+            h = np.ascontiguousarray(self.embed_rows(ids) if h is None else h, dtype=np.float32)  # [B, dim]
             try:
                 if self.split:  # expert parallel: a layer a call, the collectives between
                     step.split_batch(h, caches, self._gather, self._whole_hidden)
@@ -358,7 +377,7 @@ class NumpyBackend:
         ids = np.asarray(ids, dtype=np.int64)
         T = len(ids)
         H, KV, hd = a.n_heads, a.n_kv_heads, a.head_dim
-        h = self.embed.rows(ids) if h is None else h  # [T, dim]
+        h = self.embed_rows(ids) if h is None else h  # [T, dim]
         self._read_ahead(h, self.held.start)
         for li in self.held:
             L = self.layers[li]
@@ -369,6 +388,7 @@ class NumpyBackend:
             self.rope(q, pos)
             self.rope(k, pos)
             h += ops.linear(attention(li - self.held.start, q, k, v.reshape(T, KV, hd)), L.wo)
+            del q, k, v  # not held through the MoE
             x = ops.rms_norm(h, L.ffn_norm, a.norm_eps)
             h += self.moe(x, L, li, ahead=h)
         if self.experts is not None:
@@ -408,17 +428,38 @@ class NumpyBackend:
         bounds = np.concatenate([[0], np.cumsum(counts)])  # [E+1] where each expert's pairs start in order
         sels = [order[bounds[e] : bounds[e + 1]] for e in experts]
         toks = [sel // k for sel in sels]  # tokens of each expert (each at most once)
-        group = max(len(experts), 1) if self.experts is None else self._group_size
-        ys: list[np.ndarray] = []
-        for g0 in range(0, len(experts), group):
-            es = experts[g0 : g0 + group].tolist()
-            with self._expert_weights(li, es, ahead if g0 + group >= len(experts) else None) as (w1, w3, w2):
-                hs = ops.swiglu_experts([x[t] for t in toks[g0 : g0 + group]], w1, w3)
-                ys += ops.linear_experts(self._whole_hidden(hs, li), w2)
         flat_pairs = pairs.reshape(T * k, -1)  # [T*k, dim], token-major
-        for sel, y in zip(sels, ys, strict=True):
-            flat_pairs[sel, self.out_cols] = y  # every (token, rank) pair is some expert's exactly once
+        groups = self._expert_groups([len(t) for t in toks])
+        for n, (g0, g1) in enumerate(groups):
+            es = experts[g0:g1].tolist()
+            with self._expert_weights(li, es, ahead if n == len(groups) - 1 else None) as (w1, w3, w2):
+                hs = ops.swiglu_experts([x[t] for t in toks[g0:g1]], w1, w3)  # [T_e, hidden] each
+                ys = ops.linear_experts(self._whole_hidden(hs, li), w2)  # [T_e, dim] each
+                del hs  # before the next group's are made
+            for sel, y in zip(sels[g0:g1], ys, strict=True):
+                flat_pairs[sel, self.out_cols] = y  # every (token, rank) pair is some expert's exactly once
         return ops.combine(self._gather(pairs, li), w)  # as decode combines: rank order
+
+    def _expert_groups(self, tokens: list[int]) -> list[tuple[int, int]]:
+        """The experts in use (their token counts, in order) in groups run together, as [start,
+        end) spans: at most what the streaming cache holds, and at most ``_MOE_GROUP_BYTES`` of
+        hidden activations unless one expert alone is more (a 512-token prompt's would be 14 MB on
+        the bench model, 59 MB on Mixtral: the prefill's largest buffer). Every row computes as in
+        one group (batch invariance), and every rank of a group forms the same groups."""
+        cap = max(len(tokens), 1) if self.experts is None else self._group_size
+        cols = self.ffn_cols
+        width = self.args.hidden_dim if cols == slice(None) else cols.stop - cols.start
+        rows = max(1, _MOE_GROUP_BYTES // (4 * max(width, 1)))
+        groups: list[tuple[int, int]] = []
+        g0, held = 0, 0
+        for i, n in enumerate(tokens):
+            if i > g0 and (i - g0 >= cap or held + n > rows):
+                groups.append((g0, i))
+                g0, held = i, 0
+            held += n
+        if g0 < len(tokens):
+            groups.append((g0, len(tokens)))
+        return groups
 
     def _whole_hidden(self, hs: list[np.ndarray], li: int) -> list[np.ndarray]:
         """Expert parallel by rows: each expert's hidden activation [T_e, hidden] from every rank's

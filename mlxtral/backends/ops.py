@@ -88,9 +88,20 @@ class Rope:
         self.max_positions = max_positions
         inv = 1.0 / (theta ** (np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim))  # [rope_dim/2]
         ang = np.arange(max_positions, dtype=np.float64)[:, None] * inv[None, :]  # [P, rope_dim/2]
-        self.cis = np.exp(1j * ang).astype(np.complex64)  # [P, rope_dim/2]
-        self.cos = np.ascontiguousarray(self.cis.real)  # [P, rope_dim/2] f32 (the kernels' tables)
-        self.sin = np.ascontiguousarray(self.cis.imag)
+        cis = np.exp(1j * ang).astype(np.complex64)  # [P, rope_dim/2]
+        self.cos = np.ascontiguousarray(cis.real)  # [P, rope_dim/2] f32 (the kernels' tables)
+        self.sin = np.ascontiguousarray(cis.imag)
+        self._cis: np.ndarray | None = None
+
+    @property
+    def cis(self) -> np.ndarray:
+        """[P, rope_dim/2] complex64, the same numbers as ``cos`` and ``sin`` (made at first use:
+        only the NumPy path without the kernels rotates with it)."""
+        if self._cis is None:
+            cis = np.empty(self.cos.shape, dtype=np.complex64)
+            cis.real, cis.imag = self.cos, self.sin
+            self._cis = cis
+        return self._cis
 
     def __call__(self, x: np.ndarray, pos: np.ndarray | slice) -> np.ndarray:
         """x [T, H, hd] (last axis contiguous) rotated in place at positions pos [T]; returns x.

@@ -84,11 +84,17 @@ def cache_dir() -> str:
 
 
 def is_cold() -> bool:
-    """Whether a first run's compiling is ahead (numba's cache holds no decode step for this CPU)."""
-    from mlxtral.backends import _decode_step_nb as nb
-    from mlxtral.backends import kernels
+    """Whether a first run's compiling is ahead: the kernels' native library is not built yet for
+    this host (and no build failed), or numba's cache holds no decode step for this CPU."""
+    from mlxtral.backends import aot, kernels
 
-    if not kernels.HAVE_NUMBA or not nb._CACHE:
+    if not kernels.HAVE_NUMBA or kernels.NATIVE is not None:
+        return False
+    if aot.wanted() and aot.failure() is None:  # the native library is still to build
+        return True
+    from mlxtral.backends import _decode_step_nb as nb
+
+    if not nb._CACHE:
         return False
     return not _index_has_this_cpu(nb.decode_layers)
 
@@ -115,6 +121,9 @@ def ensure_compiled() -> None:
     except (OSError, subprocess.SubprocessError):
         return  # no child: this process compiles, as it did
     if r.returncode == 0:
+        from mlxtral.backends import kernels
+
+        kernels.use_native()  # the library the child built, when it could
         return
     from mlxtral import address_space
 
@@ -165,6 +174,9 @@ def main() -> None:
     args, tensors = _tiny()
     for kv in ("float32", "float16"):
         NumpyBackend(args, tensors, kv_dtype=kv).warm(batch=True)  # warmup() and both decode steps
+    from mlxtral.backends import aot_build
+
+    aot_build.build_or_note()  # what ran above, compiled again into the native library
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ from typing import Any
 from mlxtral.config import ModelArgs
 from mlxtral.qtensor import Tensor
 
+VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.merges")
+
 
 @dataclass
 class TokenizerSource:
@@ -61,6 +64,14 @@ class Checkpoint:
     tokenizer: TokenizerSource | None
     metadata: dict[str, Any] = field(default_factory=dict)  # format-specific extras (GGUF kv, ...)
     keepalive: list[Any] = field(default_factory=list)  # open mmaps/readers backing the tensors
+
+    def drop_vocabulary(self) -> None:
+        """Forget the GGUF vocabulary arrays (pieces, scores, types, merges) once a tokenizer has been
+        made from them; the other keys (and the chat template) stay."""
+        for md in (self.metadata, self.tokenizer.metadata if self.tokenizer is not None else None):
+            for key in VOCABULARY_KEYS:
+                if md:
+                    md.pop(key, None)
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
