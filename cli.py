@@ -945,6 +945,10 @@ def bench(
         "expert_cache": m.expert_cache_stats(),
         "load_average": load_before,  # the 1-minute load when the runs began (None: not known here)
     }
+    if m.backend_name == "numpy":  # native library, numba's JIT or NumPy; and the dot-product path
+        from mlxtral.backends import kernels
+
+        out["kernels"], out["kernel_isa"] = kernels.describe()
     if distributed is not None:
         out["distributed"] = {"mode": distributed, "ranks": ranks}
     if llama is not None:
@@ -985,7 +989,8 @@ def _print_bench(out: dict[str, Any], tests: list[Any]) -> None:
     from mlxtral.display import term_safe
 
     # a file name is neither rich markup nor terminal control
-    title = Text(f"{term_safe(Path(out['model']).name, 200)} ({out['backend']}, {out['dtype']})",
+    kernels = f", kernels: {out['kernels']} ({out['kernel_isa']})" if out.get("kernels") else ""
+    title = Text(f"{term_safe(Path(out['model']).name, 200)} ({out['backend']}, {out['dtype']}{kernels})",
                  style="italic")
     con.print(title, highlight=False, overflow="ignore", crop=False)  # a whole line: never wrapped in a name
     t = Table()

@@ -97,17 +97,7 @@ def worker(model: str, pps: list[int], tg: int, threads: int, repeat: int, kv_dt
                 best(f"temp1_pp{pp}", p)
     return {"engine": "mlxtral", "model": model, "threads": threads, "pps": pps, "tg": tg, **res,
             "peak_rss_mb": round(peak_rss() / 2**20, 1), "load_s": round(load_s, 2),
-            "kernels": "numba" if kernels.HAVE_NUMBA else "numpy", "isa": _isa()}
-
-
-def _isa() -> str:
-    """Which dot-product path the kernels run (``MLXTRAL_KERNEL_ISA`` forces a lower one)."""
-    try:
-        from mlxtral.backends import _kernels_ir
-    except ImportError:
-        return "numpy"
-    old = "avx2" if getattr(_kernels_ir, "HAVE_AVX2", False) else "portable"  # before ISA existed
-    return str(getattr(_kernels_ir, "ISA", old))
+            **dict(zip(("kernels", "isa"), kernels.describe(), strict=True))}
 
 
 # ---- the driver ---------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [f32, kq, q40]
 
 
-def test_the_library_runs_without_numba_and_computes_the_jits_bits(models: list[Path], tmp_path: Path) -> None:
+def test_the_library_runs_without_numba_and_gives_the_jits_bits(models: list[Path], tmp_path: Path) -> None:
     for i, model in enumerate(models):
         native = _run(model, tmp_path / f"n{i}.npy")
         jit = _run(model, tmp_path / f"j{i}.npy", MLXTRAL_NO_AOT="1")
@@ -106,8 +106,8 @@ def test_a_call_no_export_takes_goes_to_numba() -> None:
     aot.misses.discard("_kernels_nb.spin_pauses")
 
 
-def test_a_library_for_something_else_or_a_bad_manifest_is_not_loaded(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_library_for_another_key_or_a_bad_manifest_is_not_loaded(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLXTRAL_KERNEL_DIR", str(tmp_path))
     for k in ("MLXTRAL_NO_AOT", "MLXTRAL_KERNEL_ISA", "MLXTRAL_NO_NUMBA"):
         monkeypatch.delenv(k, raising=False)

@@ -396,7 +396,7 @@ def test_numpy_fallback_computes_the_same_model(tmp_path, qtype):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
-def test_a_prefills_experts_in_groups_compute_as_all_at_once(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_experts_in_groups_compute_as_all_at_once(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A long prompt's experts run in groups of bounded hidden activation (``_MOE_GROUP_BYTES``):
     one expert a group gives the bits of every expert in one group."""
     import mlxtral.backends.numpy_backend as nb
@@ -407,3 +407,21 @@ def test_a_prefills_experts_in_groups_compute_as_all_at_once(qtype: str, monkeyp
     monkeypatch.setattr(nb, "_MOE_GROUP_BYTES", 1)
     assert len(b._expert_groups([10, 20, 30])) == 3
     assert np.array_equal(chunked(b, ids, 48), whole)
+
+
+def test_a_long_forward_runs_in_pieces_with_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NumpyBackend.forward`` runs more than ``_PREFILL_PIECE`` tokens a piece at a time (a bounded
+    working set): the logits are the whole prompt's, and a prompt past the context is refused
+    before any piece runs."""
+    import mlxtral.backends.numpy_backend as nb
+    from mlxtral.errors import ContextOverflowError
+
+    b = tiny("Q8_0")
+    ids = prompt(40)
+    whole = chunked(b, ids, 40)
+    monkeypatch.setattr(nb, "_PREFILL_PIECE", 16)
+    assert np.array_equal(chunked(b, ids, 40), whole)
+    cache = b.new_cache(30)
+    with pytest.raises(ContextOverflowError):
+        b.forward(ids, cache)
+    assert cache.offset == 0

@@ -171,6 +171,18 @@ def use_native() -> bool:
     return True
 
 
+def describe() -> tuple[str, str]:
+    """(how the kernels run: ``native`` (the library), ``numba`` (its JIT) or ``numpy``, their
+    dot-product path: vnni, avx2, neondot, portable or numpy)."""
+    if NATIVE is not None:
+        return "native", NATIVE.isa
+    if not HAVE_NUMBA:
+        return "numpy", "numpy"
+    from mlxtral.backends import _kernels_ir
+
+    return "numba", _kernels_ir.ISA
+
+
 def step_module() -> Any:
     """The decode step's functions and constants (``_decode_step_nb``): the library's, or numba's."""
     if NATIVE is not None:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # not imported to run: a process that never splits a model do
     from mlxtral.expert_cache import ExpertCache
 
 _MOE_GROUP_BYTES = 2 << 20  # a prefill's experts run in groups of about this much hidden activation
+_PREFILL_PIECE = 256  # a forward of more tokens runs in pieces of this many (its activations' peak)
 
 
 @dataclass
@@ -200,7 +201,7 @@ class NumpyBackend:
         # the table covers the contexts caches are made for (new_cache grows it), not the file's
         # context length: a GGUF claiming 50M positions must not cost 16 GB of angles
         self.rope = ops.Rope(args.rope_dim or args.head_dim, args.rope_theta,
-                             min(args.max_position_embeddings, 4096))
+                             min(args.max_position_embeddings, 1024))
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
         from mlxtral.backends.decode_step import DecodeStep
         from mlxtral.backends.precompile import cache_dir, damaged_cache, ensure_compiled
@@ -244,6 +245,12 @@ class NumpyBackend:
 
     def _forward(self, ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
         p0 = cache.offset
+        if len(ids) > _PREFILL_PIECE:  # in pieces of a bounded working set: the same bits (batch invariance)
+            if p0 + len(ids) > cache.max_context:  # refused before any piece runs
+                raise ContextOverflowError.tokens(p0 + len(ids), cache.max_context)
+            parts = [self._forward(ids[s : s + _PREFILL_PIECE], cache, all_logits)
+                     for s in range(0, len(ids), _PREFILL_PIECE)]
+            return np.concatenate(parts) if all_logits else parts[-1]
         h = self.hidden(ids, cache)  # [T, dim]
         if self.norm is None:  # another rank of a group computes the logits
             return np.empty(0, dtype=np.float32)
