@@ -143,3 +143,37 @@ def test_a_failed_build_is_noted_and_the_next_run_is_not_cold(tmp_path: Path) ->
     assert first.startswith("None 'RuntimeError: no C compiler")
     assert cold in ("True", "False")  # cold only if numba's own cache is (never the library again)
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_manifest_of_another_build_is_not_loaded(models: list[Path], tmp_path: Path) -> None:
+    lib = aot.load(retry=True)  # (the models fixture's first run built it)
+    if lib is None:
+        pytest.skip("no native library in this process")
+    _, man, _ = aot.paths()
+    code = "from mlxtral.backends import aot; print(aot.load() is not None)"
+    seen = []
+    for bump in (0, 1):
+        d = tmp_path / str(bump)
+        d.mkdir()
+        (d / lib.path.name).write_bytes(lib.path.read_bytes())
+        manifest = json.loads(man.read_text())
+        manifest["build_id"] += bump
+        (d / man.name).write_text(json.dumps(manifest))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env=_env(MLXTRAL_KERNEL_DIR=str(d)))
+        assert r.returncode == 0, r.stderr[-2000:]
+        seen.append(r.stdout.strip())
+    assert seen == ["True", "False"]
+
+
+def test_a_build_removes_only_its_own_stale_libraries(tmp_path: Path) -> None:
+    from mlxtral.backends.aot_build import _remove_stale
+
+    key, old = "a" * 20, "b" * 20
+    names = [f"mlxtral_kernels_{old}.json", f"mlxtral_kernels_{old}.cpython-311-x86_64-linux-gnu.so",
+             f"mlxtral_kernels_{old}.failed", f"mlxtral_kernels_{key}.json", "mlxtral_kernels_notes.txt",
+             f"mlxtral_kernels_{old}.json.bak", "model.gguf"]
+    for n in names:
+        (tmp_path / n).write_text("x")
+    _remove_stale(tmp_path, key)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])

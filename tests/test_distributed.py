@@ -54,7 +54,11 @@ for r in m.stream(ids, max_tokens=12, temperature=0, session=s):
 text = m.generate(ids[:3], max_tokens=6, temperature=1.0, seed=7)  # sampled once, on rank 0
 be = getattr(m.backend, "backend", m.backend)  # rank 0's own backend under a group
 from mlxtral.backends import _decode_step_nb as nb
-sigs = [len(getattr(nb, f).signatures) for f in ("decode_layers", "decode_part", "decode_down")]
+from mlxtral.backends import kernels
+lib = kernels.NATIVE.module("_decode_step_nb") if kernels.NATIVE is not None else None
+# numba's specializations, and the native library's exports (compiled ahead of time)
+sigs = [len(getattr(nb, f).signatures) + (len(getattr(lib, f).table) if lib is not None else 0)
+        for f in ("decode_layers", "decode_part", "decode_down")]
 np.savez(out, logits=lg, greedy=np.array([t for t in parts if t is not None], dtype=np.int64),
          sampled=np.array(text, dtype=str), counts=m.expert_counts(),
          step=np.array(getattr(be, "decode_step", None) is not None), sigs=np.array(sigs))
@@ -131,7 +135,8 @@ def _stepped(got: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A run whose decode went through the compiled decode step (a layer a call on an expert
     rank, its layers in one call on a pipeline rank), as in one process."""
     assert bool(got["step"]), "the ranks took the layer loop, not the compiled decode step"
-    # load() warmed the step each rank runs: one compiled signature each, the one that ran
+    # load() warmed the step each rank runs (or the native library has it): one compiled signature
+    # each, the one that ran
     assert got["sigs"].max() == 1 and got["sigs"].sum() >= 1, got["sigs"]
     return got
 

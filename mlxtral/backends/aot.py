@@ -197,9 +197,11 @@ class Library:
         self.isa = str(manifest.get("isa", "?"))
         self.modules: dict[str, Module] = {}
         for mod, spec in manifest["modules"].items():
+            exported = spec["entries"]
             entries = {}
-            for name, exports in spec["entries"].items():
-                entries[name] = Entry(mod, name, {from_json(k): getattr(ext, sym) for k, sym in exports})
+            for name in ENTRY_POINTS.get(mod, ()):  # one the build never saw called: numba's, always
+                table = {from_json(k): getattr(ext, sym) for k, sym in exported.get(name, ())}
+                entries[name] = Entry(mod, name, table)
             consts = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec["constants"].items()}
             self.modules[mod] = Module(mod, entries, consts)
 
@@ -242,6 +244,8 @@ def load(retry: bool = False) -> Library | None:
             return None
         ext = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(ext)
+        if ext.build_id() != manifest.get("build_id"):  # a library and a manifest of two builds
+            return None
         _library = Library(lib_path, manifest, ext)
     except (OSError, ImportError, ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable or from another build: the JIT runs, as without one

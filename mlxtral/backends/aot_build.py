@@ -14,7 +14,8 @@ the same Python function into one extension module. Three settings make it the J
   error model) is not exported: the pycc flags would not be its flags. Its calls stay on numba.
 
 The library is written under a temporary name and renamed into place, the manifest last (a
-library without its manifest is never loaded). A failed build leaves a note
+library without its manifest is never loaded, nor one whose build id differs from its manifest's:
+two processes building at once). A failed build leaves a note
 (``mlxtral_kernels_<key>.failed``) so that later runs do not try again and ``mlxtral info`` can
 say why; the kernels then run through numba's JIT.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -166,6 +168,13 @@ def build() -> Path:
     from numba.core import types
 
     cc.export("sigbus_handler", types.UniTuple(types.int64, 3)())(_sigbus_export().py_func)
+    ident = int.from_bytes(os.urandom(7), "little")  # pairs this library with this manifest
+    manifest["build_id"] = ident
+
+    def build_id():  # type: ignore[no-untyped-def]
+        return ident  # (a closure's value: a constant in the compiled code)
+
+    cc.export("build_id", types.int64())(build_id)
     with tempfile.TemporaryDirectory(prefix="build-", dir=target) as tmp:
         cc.output_dir = tmp
         cc.compile()
@@ -175,7 +184,20 @@ def build() -> Path:
     tmp_man.write_text(json.dumps(manifest), encoding="utf-8")
     os.replace(tmp_man, man_path)
     note.unlink(missing_ok=True)
+    _remove_stale(target, key)
     return lib_path
+
+
+def _remove_stale(folder: Path, key: str) -> None:
+    """Our own earlier libraries in ``folder`` (built from other sources, or for another CPU: a new
+    one after every upgrade); only names this module writes, never anything else there."""
+    if os.name != "posix":  # a loaded library cannot be removed elsewhere
+        return
+    own = re.compile(r"mlxtral_kernels_([0-9a-f]{20})(\.json|\.failed|\..*\.so|\.so)")
+    for p in folder.iterdir():
+        m = own.fullmatch(p.name)
+        if m and m.group(1) != key and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
 
 
 def build_or_note() -> Path | None:

@@ -141,8 +141,9 @@ _seen: dict[int, int] = {}  # id(dispatcher) -> how many overloads it had when l
 def release_new(*dispatchers: Any) -> None:
     """:func:`release_linking_modules` for those of ``dispatchers`` that loaded a specialization
     since the last call (a kernel loaded at its first use, after warmup): a dictionary lookup
-    a dispatcher when nothing is new, so it can follow every call."""
-    new = [d for d in dispatchers if _seen.get(id(d)) != len(d.overloads)]
+    a dispatcher when nothing is new, so it can follow every call. Functions of the native library
+    (:mod:`mlxtral.backends.aot`, no LLVM IR held) are passed over."""
+    new = [d for d in dispatchers if hasattr(d, "overloads") and _seen.get(id(d)) != len(d.overloads)]
     if new:
         for d in new:
             _seen[id(d)] = len(d.overloads)
