@@ -31,6 +31,10 @@ be = m.backend
 c = be.new_cache(64)
 out = [be.forward(list(range(1, 20)), c, all_logits=True)]
 out += [be.forward([t], c)[None] for t in (5, 6, 7)]
+caches = [be.new_cache(64) for _ in range(2)]  # a server's steps: prompts, then a token each
+out.append(be.forward_runs([[1, 2, 3], [1, 9]], caches))
+out.append(be.forward_runs([[4], [5]], caches))
+m.generate("Hello", max_tokens=4, temperature=1.0, seed=3)  # the sampler, the chat path
 np.save(sys.argv[2], np.concatenate(out))
 print(json.dumps({"native": kernels.NATIVE is not None, "numba": "numba" in sys.modules,
                   "llvmlite": "llvmlite" in sys.modules, "misses": sorted(aot.misses)}))

@@ -394,6 +394,7 @@ def truncating_forward(self, *a, **k):
             os.truncate(path, 4096)
         if mode == "sigbus":  # skip the stat check: the kernels touch the missing pages
             nb.check_unchanged = lambda files: None
+            self._embed_file = None  # and the embedding through the map, not read from the file
     return forward(self, *a, **k)
 nb.NumpyBackend.forward = truncating_forward
 from mlxtral.cli import app

@@ -112,6 +112,18 @@ def wanted() -> bool:
     return os.environ.get("MLXTRAL_KERNEL_ISA", "auto").strip().lower() in ("", "auto")
 
 
+def to_build() -> bool:
+    """Whether this run's precompile child is to build the library before the first kernel runs
+    (wanted, not built, no failure noted, precompiling not turned off)."""
+    if not wanted() or env_flag("MLXTRAL_NO_PRECOMPILE") or failure() is not None:
+        return False
+    try:
+        lib, man, _ = paths()
+        return not (lib.is_file() and man.is_file())
+    except OSError:
+        return False
+
+
 def directory() -> Path:
     """Where the library lives: ``MLXTRAL_KERNEL_DIR``, else beside numba's cache of the kernels
     (``NUMBA_CACHE_DIR``, or this package's ``__pycache__`` when writable, as numba does), else the

@@ -76,13 +76,17 @@ How it is fast
   and giving identical bits; ``MLXTRAL_KERNEL_ISA=avx2|portable`` (or ``MLXTRAL_NO_AVX2=1``) forces
   a lower one (not disk-cached), for tests.
 
+The numba functions run from the native library compiled ahead of time (:mod:`mlxtral.backends.aot`:
+``NATIVE``, no numba or LLVM in the process) when this host has one, else through numba's JIT.
 Without numba (not installed, or ``MLXTRAL_NO_NUMBA=1``) everything falls back to NumPy:
-dequantize (in row chunks) and matmul. ``HAVE_NUMBA`` tells which path is live. ``warmup()``
-compiles every kernel (cached on disk by numba, so this is paid once per machine).
+dequantize (in row chunks) and matmul. ``HAVE_NUMBA`` tells whether compiled kernels are live,
+:func:`describe` which. ``warmup()`` loads every kernel (JIT: from numba's disk cache, so compiling
+is paid once per machine) and starts the worker threads.
 """
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -160,7 +164,7 @@ def use_native() -> bool:
     global _pool
     if NATIVE is not None:
         return True
-    lib = aot.load(retry=True)
+    lib = aot.load(retry=True) if HAVE_NUMBA else None
     if lib is None:
         return False
     with _pool_lock:
@@ -178,6 +182,8 @@ def describe() -> tuple[str, str]:
         return "native", NATIVE.isa
     if not HAVE_NUMBA:
         return "numpy", "numpy"
+    if isinstance(_nb, _Deferred):
+        _bind_jit()
     from mlxtral.backends import _kernels_ir
 
     return "numba", _kernels_ir.ISA
@@ -192,12 +198,31 @@ def step_module() -> Any:
     return _decode_step_nb
 
 
+class _Deferred:
+    """Stands for numba's kernel modules until one is used: a run whose native library is still to
+    be built (by the precompile child, before the first kernel runs) then never imports numba, and
+    holds none of its memory once it runs from the library."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if isinstance(globals()[self.name], _Deferred):
+            _bind_jit()
+        return getattr(globals()[self.name], attr)
+
+
 _nb: Any = None
 _kq: Any = None
 _tile: Any = None
 if not env_flag("MLXTRAL_NO_NUMBA"):
     if (_lib := aot.load()) is not None:
         _bind_native(_lib)
+    elif aot.to_build() and importlib.util.find_spec("numba") is not None:
+        _nb, _kq, _tile = _Deferred("_nb"), _Deferred("_kq"), _Deferred("_tile")
+        HAVE_NUMBA = True
     else:
         _bind_jit()
 

@@ -148,7 +148,9 @@ class NumpyBackend:
                  experts: ExpertCache | None = None, place: Placement | None = None,
                  group: Group | None = None) -> None:
         from mlxtral.backends import kernels
+        from mlxtral.backends.precompile import cache_dir, damaged_cache, ensure_compiled
 
+        ensure_compiled()  # a cold cache filled (the native library built) by a child process
         # a model file truncated under its maps: one line (the native library's handler, else one
         # compiled now, before numba's warm-up)
         install_sigbus_guard(None if kernels.NATIVE is None else kernels.NATIVE.sigbus_handler)
@@ -204,9 +206,7 @@ class NumpyBackend:
                              min(args.max_position_embeddings, 1024))
         self.expert_counts = np.zeros((args.n_layers, args.n_ffn), dtype=np.int64)  # tokens per expert
         from mlxtral.backends.decode_step import DecodeStep
-        from mlxtral.backends.precompile import cache_dir, damaged_cache, ensure_compiled
 
-        ensure_compiled()  # a cold cache filled by a child process: compiling's memory leaves with it
         self.decode_step = DecodeStep.build(self)  # decode: every layer in one call where it applies
         try:
             kernels.warmup()  # every kernel loaded now, once per process, then LLVM's pages released
