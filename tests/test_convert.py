@@ -919,15 +919,21 @@ def test_force_replace_defers_signals(monkeypatch: pytest.MonkeyPatch, tmp_path:
         os.kill(os.getpid(), signum)  # right after each rename: handled once all of them are done
 
     monkeypatch.setattr(atomic.os, "replace", replace_then_signal)
-    with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else Terminated):
-        with atomic_output(out, is_dir=new_dir, force=True) as tmp:
-            (tmp / "model.safetensors").write_bytes(b"new") if new_dir else tmp.write_bytes(b"GGUFnew")
+    # Python's own SIGINT handler, whatever this process was started with (a shell's background job
+    # starts with SIGINT ignored, and an ignored signal stays ignored: test_terminate_as_exception...)
+    harness = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else Terminated):
+            with atomic_output(out, is_dir=new_dir, force=True) as tmp:
+                (tmp / "model.safetensors").write_bytes(b"new") if new_dir else tmp.write_bytes(b"GGUFnew")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, harness)
     monkeypatch.setattr(atomic.os, "replace", real)
     assert present == ([True] if old_kind == "file" and not new_dir else [False, True])
     got = ((out / "model.safetensors") if new_dir else out).read_bytes()
     assert got == (b"new" if new_dir else b"GGUFnew")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_terminate_as_exception_keeps_ignored_signals() -> None:
