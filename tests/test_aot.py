@@ -181,3 +181,17 @@ def test_a_build_removes_only_its_own_stale_libraries(tmp_path: Path) -> None:
         (tmp_path / n).write_text("x")
     _remove_stale(tmp_path, key)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+
+
+def test_the_builder_runs_numbas_own_and_builds_nothing_from_nothing(tmp_path: Path) -> None:
+    """The precompile child runs the JIT's kernels even where a library exists (a library built
+    from a run of the library would export nothing), and a build with no compiled kernel fails."""
+    code = ("from mlxtral.backends import aot, kernels, aot_build\n"
+            "print(aot.load() is None, kernels.describe()[0])\n"
+            "try:\n    aot_build.build()\nexcept RuntimeError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env=_env(MLXTRAL_KERNEL_DIR=str(tmp_path), MLXTRAL_AOT_BUILDING="1",
+                                MLXTRAL_NO_PRECOMPILE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["True numba", "no kernel was compiled in this process"]
+    assert not list(tmp_path.glob("*.so"))

@@ -241,7 +241,7 @@ def load(retry: bool = False) -> Library | None:
     if _library is not None or (_tried and not retry):
         return _library
     _tried = True
-    if not wanted():
+    if not wanted() or env_flag("MLXTRAL_AOT_BUILDING"):  # (the builder runs numba's own)
         return None
     try:
         key = library_key()

@@ -165,6 +165,8 @@ def build() -> Path:
             if exports:
                 entries[name] = exports
         manifest["modules"][modname] = {"entries": entries, "constants": _constants(mod)}
+    if n == 0:  # this process ran no kernel through numba (it ran a library's): nothing to build from
+        raise RuntimeError("no kernel was compiled in this process")
     from numba.core import types
 
     cc.export("sigbus_handler", types.UniTuple(types.int64, 3)())(_sigbus_export().py_func)

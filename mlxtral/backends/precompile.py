@@ -88,7 +88,7 @@ def is_cold() -> bool:
     this host (and no build failed), or numba's cache holds no decode step for this CPU."""
     from mlxtral.backends import aot, kernels
 
-    if not kernels.HAVE_NUMBA or kernels.NATIVE is not None:
+    if not kernels.HAVE_NUMBA or kernels.use_native():  # (built since this process looked)
         return False
     if aot.wanted() and aot.failure() is None:  # the native library is still to build
         return True
@@ -110,7 +110,7 @@ def ensure_compiled() -> None:
         return
     _done = True
     notice(NOTICE)  # on a terminal or not: two silent minutes look like a hang
-    env = dict(os.environ, MLXTRAL_NO_PRECOMPILE="1")
+    env = dict(os.environ, MLXTRAL_NO_PRECOMPILE="1", MLXTRAL_AOT_BUILDING="1")  # the JIT's kernels there
     here = str(Path(__file__).resolve().parents[2])  # this mlxtral, however this process found it
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     # -P: never the working directory on sys.path (-m puts it first: a numpy.py there would run)
