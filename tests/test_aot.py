@@ -117,7 +117,8 @@ def test_a_library_for_another_key_or_a_bad_manifest_is_not_loaded(tmp_path: Pat
         monkeypatch.delenv(k, raising=False)
     lib, man, _ = aot.paths()
     lib.write_bytes(b"\x7fELF not really")
-    for text in ("{", json.dumps({"format": aot.FORMAT, "key": "someone-else"}), "[]", "x" * 100):
+    for text in ("{", json.dumps({"format": aot.FORMAT, "key": "someone-else"}), "[]", "x" * 100,
+                 "[" * 100000 + "]" * 100000):
         man.write_text(text)
         monkeypatch.setattr(aot, "_library", None)
         assert aot.load(retry=True) is None

@@ -259,8 +259,8 @@ def load(retry: bool = False) -> Library | None:
         if ext.build_id() != manifest.get("build_id"):  # a library and a manifest of two builds
             return None
         _library = Library(lib_path, manifest, ext)
-    except (OSError, ImportError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # unreadable or from another build: the JIT runs, as without one
+    except (OSError, ImportError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None  # unreadable, nested past reason, or from another build: the JIT runs, as without one
     return _library
 
 
