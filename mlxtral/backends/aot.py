@@ -25,6 +25,7 @@ numba's JIT, as before.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -57,7 +58,8 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
                         "batch_down"),
 }
 SOURCES = ("_kernels_nb.py", "_kernels_kq.py", "_kernels_tile.py", "_kernels_iq.py", "_kernels_ir.py",
-           "_decode_step_nb.py", "aot.py", "aot_build.py")
+           "_decode_step_nb.py", "aot.py", "aot_build.py",
+           "precompile.py", "decode_step.py")  # the build's workload: which calls it exports
 _MAX_MANIFEST = 4 << 20
 
 misses: set[str] = set()  # entry points a call fell back to numba for (the build never saw its types)
@@ -82,8 +84,10 @@ def _cpu_identity() -> str:
     return "|".join(parts)
 
 
-def library_key() -> str:
-    """What a library must have been built for to be loaded here (see the module's text)."""
+@functools.cache
+def _installed() -> bytes:
+    """The digest of the kernels' sources and of numba's and llvmlite's versions: read once per
+    process (a start-up asks for the key several times)."""
     h = blake2b(digest_size=16)
     for name in SOURCES:
         with open(HERE / name, "rb") as f:
@@ -95,6 +99,13 @@ def library_key() -> str:
             h.update(pkg.encode() + ((origin.parent / "_version.py").read_bytes() if origin else b"none"))
         except OSError:
             h.update(pkg.encode() + b"?")
+    return h.digest()
+
+
+def library_key() -> str:
+    """What a library must have been built for to be loaded here (see the module's text)."""
+    h = blake2b(digest_size=16)
+    h.update(_installed())
     for part in (str(FORMAT), sys.version, sys.implementation.cache_tag or "", _cpu_identity(),
                  os.environ.get("NUMBA_CPU_NAME", ""), os.environ.get("NUMBA_CPU_FEATURES", ""),
                  os.environ.get("NUMBA_OPT", "")):

@@ -289,13 +289,16 @@ class DecodeStep:
                 kernels._window(a.sliding_window), be.rope.cos, be.rope.sin, self._counts(),
                 float(a.norm_eps), kernels._exact, kernels._STREAM_T)
 
-    def warm(self, batch: bool = True) -> None:
+    def warm(self, batch: bool = True, split: bool = False) -> None:
         """Compile the one-sequence step (and with ``batch`` the batched one) now, or load them
         from numba's disk cache, rather than at the first token: compiled, each takes about a
         minute, once per install (a server would stall every stream on its first batched step).
         Loading parses each one's LLVM IR, ~30 MB, given back at once (:mod:`jit_memory`): here,
-        before the weights are paged in, rather than at the first token, on top of them."""
+        before the weights are paged in, rather than at the first token, on top of them. With
+        ``split``, an expert-parallel rank's calls too (the native library's build)."""
         calls = self._warm_calls(batch)
+        if split and not self.backend.split:
+            calls += self.split_calls(batch, rows=True)
         if kernels.NATIVE is not None:  # compiled ahead of time: numba only for what it lacks
             calls = [(name, sig) for name, sig in calls if not kernels.NATIVE.has(_MODULE, name, sig)]
             if not calls:
@@ -311,27 +314,35 @@ class DecodeStep:
     def _warm_calls(self, batch: bool) -> list[tuple[str, tuple]]:
         """(entry point, arguments of the types a step will call it with) for :meth:`warm`."""
         be = self.backend
+        if be.split:  # an expert-parallel rank: the step a layer a call (split's calls)
+            return self.split_calls(batch, rows=be.out_cols != slice(None))
+        c = be.new_cache(1)  # only its types are used: nothing runs
+        h = np.zeros((2, be.args.dim), dtype=np.float32)
+        calls = [("decode_layers", self._args(h[:1], c))]
+        if batch:
+            calls.append(("decode_batch", self._batch_args(h, [c, c])))
+        return calls
+
+    def split_calls(self, batch: bool, rows: bool) -> list[tuple[str, tuple]]:
+        """An expert-parallel rank's calls (:meth:`split`, with ``batch`` :meth:`split_batch`; by
+        ``rows`` down's too), of the types it makes them with: a rank's own :meth:`warm`, and the
+        native library's build, which a single process makes (every rank then runs without numba)."""
+        be = self.backend
         c = be.new_cache(1)  # only its types are used: nothing runs
         h = np.zeros((2, be.args.dim), dtype=np.float32)
         calls: list[tuple[str, tuple]] = []
-        if be.split:  # an expert-parallel rank: the step a layer a call (split's calls)
-            args, (idx, w, gu, dn) = self._part_args(h[:1], c)
-            calls.append(("decode_part", (*args, 0, False, be.mine, idx, w, gu, dn, True)))
-            rows = be.out_cols != slice(None)
+        args, (idx, w, gu, dn) = self._part_args(h[:1], c)
+        calls.append(("decode_part", (*args, 0, False, be.mine, idx, w, gu, dn, True)))
+        out = np.zeros(self.top * self.dout, dtype=np.float32)
+        if rows:
+            part = np.zeros((self.top, self.hin), dtype=np.float32)
+            calls.append(("decode_down", (args[0], self.experts, 0, idx, be.mine, part, self.dout,
+                                          args[-1], out)))
+        if batch:  # split_batch's calls
+            args, (idx, w, slot, n_e, gu, dn) = self._batch_part_args(h, [c, c])
+            calls.append(("batch_part", (*args, 0, False, be.mine, idx, w, slot, n_e, gu, dn, True)))
             if rows:
-                part = np.zeros((self.top, self.hin), dtype=np.float32)
-                out = np.zeros(self.top * self.dout, dtype=np.float32)
-                calls.append(("decode_down", (args[0], self.experts, 0, idx, be.mine, part, self.dout,
-                                              args[-1], out)))
-            if batch:  # split_batch's calls
-                args, (idx, w, slot, n_e, gu, dn) = self._batch_part_args(h, [c, c])
-                calls.append(("batch_part", (*args, 0, False, be.mine, idx, w, slot, n_e, gu, dn, True)))
-                if rows:
-                    part = np.zeros((2 * self.top, self.hin), dtype=np.float32)
-                    calls.append(("batch_down", (args[0], self.experts, 0, n_e, be.mine, part, self.dout,
-                                                 args[-2], args[-1], out)))
-            return calls
-        calls.append(("decode_layers", self._args(h[:1], c)))
-        if batch:
-            calls.append(("decode_batch", self._batch_args(h, [c, c])))
+                part = np.zeros((2 * self.top, self.hin), dtype=np.float32)
+                calls.append(("batch_down", (args[0], self.experts, 0, n_e, be.mine, part, self.dout,
+                                             args[-2], args[-1], out)))
         return calls

@@ -173,7 +173,9 @@ def main() -> None:
 
     args, tensors = _tiny()
     for kv in ("float32", "float16"):
-        NumpyBackend(args, tensors, kv_dtype=kv).warm(batch=True)  # warmup() and both decode steps
+        be = NumpyBackend(args, tensors, kv_dtype=kv)  # warmup() and the one-token decode step
+        if be.decode_step is not None:  # both decode steps, and an expert-parallel rank's pieces
+            be.decode_step.warm(batch=True, split=True)
     from mlxtral.backends import aot_build
 
     aot_build.build_or_note()  # what ran above, compiled again into the native library
