@@ -594,6 +594,14 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
         for e in est:
             e["tg_vs_single"] = round(e["tg_tok_s"] / s_tg, 2)
             e["pp_vs_single"] = round(e["pp_tok_s"] / s_pp, 2)
+        # this host's ceiling: rank 0's token without its time in collectives (every wait for the
+        # other rank included), as if communication were free and instant and the ranks even
+        tg = statistics.median(r["tg_tok_s"] for r in rs)
+        busy = 1 / tg - comm_s[0]
+        ceiling = {"token_ms": round(1e3 / tg, 3), "comm_ms": round(comm_s[0] * 1e3, 3),
+                   "per_collective_us": round(comm_s[0] / max(n_coll, 1) * 1e6, 1),
+                   "tg_tok_s": round(1 / busy, 2) if busy > 0 else None,
+                   "tg_vs_single": round(1 / busy / s_tg, 3) if busy > 0 else None}
         out[label] = {
             "tg_tok_s": round(statistics.median(r["tg_tok_s"] for r in rs), 2),
             "pp_tok_s": round(statistics.median(r["pp_tok_s"] for r in rs), 1),
@@ -610,6 +618,7 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
             "rss_vs_held": [round(x / h, 2) for x, h in zip(rss, held, strict=True)],
             **_memory(rs, places),
             "two_machines": est,
+            "free_comm": ceiling,
         }
     return out
 
@@ -665,6 +674,14 @@ def print_report(doc: dict) -> None:
         for mode in modes:
             con.print(f"{mode} per-round ratios: decode {s[mode]['tg_ratios']}, "
                       f"prefill {s[mode]['pp_ratios']}; RSS / held {s[mode]['rss_vs_held']}")
+        for mode in modes:
+            c = s[mode].get("free_comm")
+            if c and c["tg_tok_s"]:
+                con.print(f"{mode} on this host: a decode token {c['token_ms']:.2f} ms, rank 0 "
+                          f"{c['comm_ms']:.2f} ms of it in {s[mode]['collectives_per_token']:.3g} "
+                          f"collectives ({c['per_collective_us']:.0f} us each, waiting included); "
+                          f"without them at most {c['tg_tok_s']:.1f} tok/s "
+                          f"([bold]{c['tg_vs_single']:.2f}x[/bold] single)")
         bw = one["effective_gb_s"]
         con.print(f"[bold]Two machines of this kind[/bold]: B = {one['bytes_per_token'] / 1e6:.1f} "
                   f"MB/token x {one['tg_tok_s']:.1f} tok/s = {bw:.2f} GB/s per machine")

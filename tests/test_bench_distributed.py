@@ -116,3 +116,24 @@ def test_descendants_find_the_ranks_under_a_launcher() -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_the_free_communication_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0's token without its time in collectives: what the ranks would give on this host if
+    communication were free and instant (the report's one-host ceiling)."""
+    import argparse
+
+    monkeypatch.setattr(bd, "tensor_bytes", lambda model: (_args(), _sizes()))
+    used = _used([[[0, 2], [1, 3]]] * 3).tolist()
+    single = {"tg_tok_s": 100.0, "pp_tok_s": 400.0, "decode_used": used, "peak_rss": [1e8], "base_rss": 1e7,
+              "prefill_used": np.ones((L, E)).tolist()}
+    expert = {**single, "tg_tok_s": 50.0, "peak_rss": [6e7, 6e7], "decode_comm_s": [0.008, 0.007],
+              "decode_comm_bytes": [8192, 8192], "decode_forward_s": [0.019, 0.019], "decode_collectives": 10,
+              "prefill_comm_bytes": [1e5, 1e5], "prefill_collectives": 3}
+    a = argparse.Namespace(pp=16, tg=8, ranks=2)
+    c = bd.summarize("m.gguf", [{"single": single, "expert": expert}], a)["expert"]["free_comm"]
+    # 20 ms a token, 8 of them in 10 collectives: 12 ms without them, 83.3 tok/s, 0.83x of 100
+    assert c["token_ms"] == pytest.approx(20) and c["comm_ms"] == pytest.approx(8)
+    assert c["per_collective_us"] == pytest.approx(800)
+    assert c["tg_tok_s"] == pytest.approx(83.33, abs=0.01)
+    assert c["tg_vs_single"] == pytest.approx(0.833, abs=1e-3)
