@@ -81,7 +81,8 @@ from typing import Any
 HERE = Path(__file__).resolve()
 MAKER = HERE.parents[2] / "shared" / "bench" / "make_moe_gguf.py"
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
-CONFIGS = ("single", "expert", "expert-rows", "pipeline")
+CONFIGS = ("single", "expert", "expert-rows", "pipeline", "collectives")
+MODES = CONFIGS[1:4]
 BACKENDS = ("ring", "mpi")
 BUSY = ("bench_serve", "bench_vs_llamacpp")  # other heavy benchmarks: wait while they run
 THREAD_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -292,6 +293,67 @@ def worker(model: str, mode: str, pp: int, tg: int, threads: int, repeat: int) -
     m.close()
     return {"config": mode, "threads": threads, "load_s": round(load_s, 2), "base_rss": base_rss,
             "peak_rss": rss, **out}
+
+
+GAPS_US = (0, 300, 1000)  # busy work before each timed collective (a decode layer computes ~1 ms)
+
+
+def collectives_worker(n: int = 400) -> dict | None:
+    """Every rank: one collective after ``G`` us of busy work on each rank (as a decode step
+    computes between its collectives), ``n`` times per case: expert parallel's ``all_sum`` of a
+    token's two 4 KB expert outputs and by rows' ``concat`` of 2 x 4 KB, both through mlxtral's
+    group (NumPy in and out, as a decode step calls them), and MLX's bare ``all_sum`` of an MLX
+    array. The cost of a collective is the time from the later rank's arrival to this rank's
+    return: the collective itself, not the wait for the other rank. Rank 0 returns the medians
+    and 90th percentiles; the others None."""
+    import numpy as np
+
+    from mlxtral.distributed.group import get_group
+
+    g = get_group()
+    g.pin_cores()
+    mx = g.mx
+    x = np.random.default_rng(g.rank).standard_normal(2048).astype(np.float32)  # [top=2, dim=1024]
+    a = mx.array(x)
+    half = x[: len(x) // g.size]
+    cases = {"all_sum 8 KB (expert)": lambda: g.all_sum(x),
+             f"concat {g.size} x {half.nbytes // 1024} KB (expert-rows)":
+                 lambda: g.concat(half, [len(half)] * g.size),
+             "MLX all_sum 8 KB, bare": lambda: mx.eval(mx.distributed.all_sum(a, group=g.group))}
+    rows = []
+    for what, run in cases.items():
+        for gap in GAPS_US:
+            times = np.zeros((n, 2))  # [n, (arrival, return)]
+            for i in range(n + 20):
+                end = time.perf_counter() + gap * 1e-6
+                while time.perf_counter() < end:
+                    pass
+                t0 = time.perf_counter()
+                run()
+                if i >= 20:  # the first ones warm up
+                    times[i - 20] = t0, time.perf_counter()
+            every = g.all_gather(times.reshape(-1).view(np.int32), "the timings")  # [size, 4n] int32
+            every = every.view(np.float64).reshape(g.size, n, 2)  # one host: one clock
+            cost = (every[g.rank, :, 1] - every[:, :, 0].max(axis=0)) * 1e6  # after the later arrival
+            rows.append({"what": what, "gap_us": gap, "median_us": round(float(np.median(cost)), 1),
+                         "p90_us": round(float(np.percentile(cost, 90)), 1)})
+    return {"config": "collectives", "rows": rows} if g.rank == 0 else None
+
+
+def print_collectives(label: str, res: dict, con: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"One collective between the ranks ({label}): from the later rank's arrival to "
+                    f"rank 0's return, us (median / 90th percentile)")
+    t.add_column("collective")
+    for gap in GAPS_US:
+        t.add_column(f"after {gap} us of work", justify="right")
+    by: dict[str, dict[int, str]] = {}
+    for r in res["rows"]:
+        by.setdefault(r["what"], {})[r["gap_us"]] = f"{r['median_us']:.0f} / {r['p90_us']:.0f}"
+    for what, cells in by.items():
+        t.add_row(what, *(cells.get(gap, "-") for gap in GAPS_US))
+    con.print(t)
 
 
 # ---- the driver ------------------------------------------------------------------------------------
@@ -700,6 +762,8 @@ def print_report(doc: dict) -> None:
                           f"{one['pp_tok_s']:.0f} tok/s = {e['pp_compute_ms']:.0f} ms + "
                           f"{d['prefill_collectives']:g} x {lat:.0f} us + {pb / 1e6:.2f} MB x 8 / "
                           f"{e['link']} -> [bold]{e['pp_tok_s']:.0f} tok/s[/bold] ({e['pp_vs_single']:.2f}x)")
+    for b, res in doc.get("collectives", {}).items():
+        print_collectives(b, res, con)
     con.print("comm ms/token on one host includes waiting for the other rank's share (an upper bound on the "
               "communication itself); weight MB/token leaves out KV-cache reads.")
 
@@ -724,11 +788,21 @@ def main() -> int:
                    help="start the ranks like mlx.launch does (direct) or through mlx.launch itself")
     p.add_argument("--timeout", type=float, default=900, help="seconds per launch")
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for other benchmarks")
+    p.add_argument("--collectives", action="store_true",
+                   help="also time one collective between the ranks, on every backend, after 0, 300 "
+                        "and 1000 us of work (what a decode step pays a layer)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     a = p.parse_args()
     if a.pp < 2 or a.tg < 3:
         p.error("--pp takes at least 2 tokens and --tg at least 3")
     if a.worker:
+        if a.config == "collectives":
+            from mlxtral.distributed.group import end_with
+
+            got = collectives_worker()
+            if got is not None:
+                print(json.dumps(got), flush=True)
+            end_with(0)  # under mpirun: MPI finalized on every rank
         res = worker(a.worker, a.config, a.pp, a.tg, a.threads, a.repeat)
         print(json.dumps(res), flush=True)
         return 0
@@ -740,9 +814,9 @@ def main() -> int:
         models.append(str(ensure_demo_model()))
     modes = [m for m in a.modes.split(",") if m]
     backends = [b for b in a.backends.split(",") if b]
-    bad = [x for x in modes if x not in CONFIGS[1:]] + [b for b in backends if b not in BACKENDS]
+    bad = [x for x in modes if x not in MODES] + [b for b in backends if b not in BACKENDS]
     if bad:
-        p.error(f"unknown mode or backend {bad[0][:40]!r}: modes {', '.join(CONFIGS[1:])}; backends "
+        p.error(f"unknown mode or backend {bad[0][:40]!r}: modes {', '.join(MODES)}; backends "
                 f"{', '.join(BACKENDS)}")
     configs = ["single", *(m if b == "ring" else f"{m}@{b}" for b in backends for m in modes)]
     raw: dict[str, list[dict]] = {m: [] for m in models}
@@ -761,11 +835,18 @@ def main() -> int:
                     print(f"round {rnd + 1} {Path(model).name} {cfg}: decode {r['tg_tok_s']:.1f} tok/s, "
                           f"prefill {r['pp_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
             raw[model].append(row)
+    collectives = {}
+    if a.collectives:  # after the rounds: one launch per backend
+        for b in backends:
+            waited += wait_quiet(a.max_wait)
+            label = "collectives" if b == "ring" else f"collectives@{b}"
+            collectives[b] = run_config(Path(models[0]), label, a, port)
+            port += 4
     doc = {"cpu": cpu_name(), "threads": a.threads, "ranks": a.ranks, "pp": a.pp, "tg": a.tg,
            "launcher": a.launcher, "backends": backends,
            "repeat": a.repeat, "rounds": a.rounds, "waited_s": waited,
            "load_avg": f"{min(loads):.1f} .. {max(loads):.1f}",
-           "summary": {m: summarize(m, raw[m], a) for m in models}}
+           "summary": {m: summarize(m, raw[m], a) for m in models}, "collectives": collectives}
     if a.json:
         for rows in raw.values():  # the per-token routing is long: keep the rest
             for row in rows:

@@ -194,11 +194,13 @@ class Entry:
         self.module, self.name, self.table = module, name, table
 
     def __call__(self, *args: Any) -> Any:
-        key = tuple(map(type_key, args))
-        fn = self.table.get(key)
-        if fn is None:
-            fn = self._jit()
-        return fn(*args)
+        return self.resolve(args)(*args)
+
+    def resolve(self, args: tuple) -> Callable:
+        """The function a call with ``args`` runs (the export, or numba's): a caller that makes
+        the same call many times (a layer a call) looks it up once."""
+        fn = self.table.get(tuple(map(type_key, args)))
+        return self._jit() if fn is None else fn
 
     def _jit(self) -> Callable:
         misses.add(f"{self.module}.{self.name}")

@@ -28,7 +28,7 @@ returns None otherwise, and ``MLXTRAL_NO_DECODE_STEP=1`` turns it off (for A/B m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,13 @@ _MODULE = "_decode_step_nb"  # the compiled functions: the native library's, or 
 
 if TYPE_CHECKING:
     from mlxtral.backends.numpy_backend import KVCache, NumpyBackend
+
+
+def _resolve(fn: Any, args: tuple) -> Callable:
+    """The function a call of ``fn`` with ``args`` runs: the native library's export (looked up
+    once by the arguments' types), or numba's dispatcher as it is."""
+    resolve = getattr(fn, "resolve", None)
+    return fn if resolve is None else resolve(args)  # type: ignore[no-any-return]
 
 
 class DecodeStep:
@@ -176,35 +183,42 @@ class DecodeStep:
             nb.decode_layers(*args)
         return h
 
-    def split(self, h: np.ndarray, cache: KVCache, gather: Callable[[np.ndarray, int], np.ndarray],
-              whole: Callable[[list[np.ndarray], int], list[np.ndarray]]) -> np.ndarray:
+    def split(self, h: np.ndarray, cache: KVCache) -> np.ndarray:
         """Expert parallel: :meth:`__call__` a layer at a time, this process computing its share of
-        the token's experts (whole experts, or by rows its rows of each); ``gather(pairs [1, top,
-        dim], layer)`` completes a layer's expert outputs from every process's share before the
-        combine, and by rows ``whole([gu [top, hidden share]], layer)`` puts every process's gate/up
-        columns together before down (the layer loop's ``_gather`` and ``_whole_hidden``): the bits
-        of one process."""
+        the token's experts (whole experts, or by rows its rows of each); after each layer's call
+        one collective completes the layer's expert outputs [top, dim] from every process's share
+        (an exact sum with zeros elsewhere, or by rows every process's columns side by side)
+        before the next call combines them; by rows a first one puts every process's gate/up
+        columns together before down: the bits of one process, with nothing between the kernels
+        and the collectives but one copy each."""
         nb = kernels.step_module()
 
-        be = self.backend
+        be, group = self.backend, self.backend.group
+        assert group is not None
         args, (idx, w, gu, dn) = self._part_args(h, cache)
         L, dim, top, rows = len(be.held), h.shape[1], self.top, be.out_cols != slice(None)
-        pairs = np.zeros((1, top, dim), dtype=np.float32)
         mine, ctl, exact = be.mine, args[0], args[-1]
+        # every layer's call has the same types: the function each runs is looked up once
+        part_fn = _resolve(nb.decode_part, (*args, 0, False, mine, idx, w, gu, dn, not rows))
+        if rows:
+            part = np.empty((top, self.hin), dtype=np.float32)  # every rank's gate/up columns
+            out = np.empty((top, self.dout), dtype=np.float32)  # this rank's columns of down
+            acts, outs, flat = gu.reshape(top, -1), dn.reshape(top, dim), out.reshape(-1)
+            down_fn = _resolve(nb.decode_down,
+                               (ctl, self.experts, 0, idx, mine, part, self.dout, exact, flat))
         for li in range(L + 1):
             with kernels._run_lock:
-                nb.decode_part(*args, li, li > 0, mine, idx, w, gu, dn, not rows)
+                part_fn(*args, li, li > 0, mine, idx, w, gu, dn, not rows)
             if li == L:
                 break
+            what = f"layer {li}'s experts"
             if rows:  # every rank's columns of gate/up [top, hin], then its rows of down
-                part = np.ascontiguousarray(whole([gu.reshape(top, -1)], li)[0], dtype=np.float32)
-                out = np.empty(top * self.dout, dtype=np.float32)
+                group.concat_into(acts, be.ffn_widths, part, what)
                 with kernels._run_lock:
-                    nb.decode_down(ctl, self.experts, li, idx, mine, part, self.dout, exact, out)
-                pairs[0, :, be.out_cols] = out.reshape(top, self.dout)
+                    down_fn(ctl, self.experts, li, idx, mine, part, self.dout, exact, flat)
+                group.concat_into(out, be.out_widths, outs, what)
             else:
-                pairs[0] = dn.reshape(top, dim)
-            dn[:] = gather(pairs, li).reshape(-1)
+                group.all_sum_into(dn, what)
         return h
 
     def split_batch(self, h: np.ndarray, caches: Sequence[KVCache],

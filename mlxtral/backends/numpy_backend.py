@@ -279,7 +279,7 @@ class NumpyBackend:
         step = self.decode_step
         if step is not None and T == 1 and step.takes(cache) and S <= self.rope.max_positions:
             x = np.ascontiguousarray(self.embed_rows(ids) if h is None else h, dtype=np.float32)  # [1, dim]
-            h = step.split(x, cache, self._gather, self._whole_hidden) if self.split else step(x, cache)
+            h = step.split(x, cache) if self.split else step(x, cache)
         else:
             h = self._layers(ids, slice(p0, S), attention, h)
         cache.offset = S

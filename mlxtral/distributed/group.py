@@ -458,6 +458,30 @@ class Group:
         every = self.all_gather(part, what)  # [size, ..., w]
         return np.concatenate([every[r, ..., : widths[r]] for r in range(self.size)], axis=-1)
 
+    def concat_into(self, x: np.ndarray, widths: list[int], out: np.ndarray, what: str = "a collective"
+                    ) -> None:
+        """:meth:`concat` written into ``out`` [..., sum(widths)]: a decode step's per-layer path.
+        With every width equal (an even split) the gathered array is read where MLX left it and
+        put in place with one copy, no padding and no intermediate arrays."""
+        w = widths[0]
+        if self.size == 1 or any(v != w for v in widths) or not x.flags.c_contiguous:
+            out[...] = self.concat(x, widths, what)
+            return
+        mx = self.mx
+        a = mx.array(x.reshape(1, -1))
+        got = self._run(what, lambda: mx.distributed.all_gather(a, group=self.group), x.nbytes)
+        every = np.asarray(got).reshape(self.size, *x.shape)  # [size, ..., w], MLX's memory
+        out.reshape(*x.shape[:-1], self.size, w)[...] = np.moveaxis(every, 0, -2)
+
+    def all_sum_into(self, x: np.ndarray, what: str = "a collective") -> None:
+        """:meth:`all_sum` of ``x`` written back into ``x`` (C-contiguous)."""
+        if self.size == 1:
+            return
+        mx = self.mx
+        a = mx.array(x)
+        got = self._run(what, lambda: mx.distributed.all_sum(a, group=self.group), x.nbytes)
+        x[...] = np.asarray(got)
+
     def send(self, x: np.ndarray, dst: int, what: str = "a send") -> None:
         mx = self.mx
         a = mx.array(np.ascontiguousarray(x))
