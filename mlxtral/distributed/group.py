@@ -464,7 +464,8 @@ class Group:
         With every width equal (an even split) the gathered array is read where MLX left it and
         put in place with one copy, no padding and no intermediate arrays."""
         w = widths[0]
-        if self.size == 1 or any(v != w for v in widths) or not x.flags.c_contiguous:
+        if (self.size == 1 or any(v != w for v in widths) or not x.flags.c_contiguous
+                or not out.flags.c_contiguous):  # (a reshape of ``out`` must be a view of it)
             out[...] = self.concat(x, widths, what)
             return
         mx = self.mx
