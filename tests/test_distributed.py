@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -417,6 +418,50 @@ def test_a_hung_rank_ends_the_others_after_the_timeout(tmp_path: Path, tiny_moe:
     finally:
         ranks[1].send_signal(signal.SIGKILL)
         ranks[1].wait(30)
+
+
+def _two_rank_group(other: np.ndarray, op: str) -> Any:
+    """A rank 0 of 2 whose collectives answer with ``other`` as rank 1's part (no launch): the
+    NumPy side of the group's collectives, against MLX's own arrays."""
+    import mlx.core as mx
+
+    from mlxtral.distributed.group import Group
+
+    g = object.__new__(Group)
+    g.size, g.rank, g.mx, g.group = 2, 0, mx, None
+
+    def run(what: str, build: Any, nbytes: int, wait: bool = True) -> Any:
+        mine = np.array(build())  # not launched: MLX's group of one gives this rank's own part
+        if op == "sum":
+            return mx.array(mine + other.reshape(mine.shape))
+        return mx.array(np.concatenate([mine.reshape(1, -1), other.reshape(1, -1)]))  # [2, n]
+
+    g._run = run
+    return g
+
+
+def test_collectives_into_the_steps_buffers() -> None:
+    """``concat_into`` (an even split: one copy out of MLX's result, every rank's columns side by
+    side; an uneven one or a strided target: the general ``concat``) and ``all_sum_into`` give
+    what ``concat`` and a plain sum give."""
+    rng = np.random.default_rng(0)
+    mine, other = rng.standard_normal((2, 3, 4)).astype(np.float32)  # [top, w] each
+    want = np.concatenate([mine, other], axis=-1)  # [3, 8]
+    out = np.zeros((3, 8), dtype=np.float32)
+    _two_rank_group(other, "cat").concat_into(mine, [4, 4], out)
+    np.testing.assert_array_equal(out, want)
+    strided = np.zeros((3, 16), dtype=np.float32)[:, ::2]  # a reshape of it would be a copy
+    _two_rank_group(other, "cat").concat_into(mine, [4, 4], strided)
+    np.testing.assert_array_equal(strided, want)
+    uneven_other = rng.standard_normal((3, 3)).astype(np.float32)  # widths [4, 3]: padded to 4
+    padded = np.zeros((3, 4), dtype=np.float32)
+    padded[:, :3] = uneven_other
+    out = np.zeros((3, 7), dtype=np.float32)
+    _two_rank_group(padded, "cat").concat_into(mine, [4, 3], out)
+    np.testing.assert_array_equal(out, np.concatenate([mine, uneven_other], axis=-1))
+    x = mine.reshape(-1).copy()
+    _two_rank_group(other, "sum").all_sum_into(x)
+    np.testing.assert_array_equal(x, (mine + other).reshape(-1))
 
 
 def test_placement_splits() -> None:
