@@ -221,35 +221,39 @@ class DecodeStep:
                 group.all_sum_into(dn, what)
         return h
 
-    def split_batch(self, h: np.ndarray, caches: Sequence[KVCache],
-                    gather: Callable[[np.ndarray, int], np.ndarray],
-                    whole: Callable[[list[np.ndarray], int], list[np.ndarray]]) -> np.ndarray:
+    def split_batch(self, h: np.ndarray, caches: Sequence[KVCache]) -> np.ndarray:
         """:meth:`batch` on an expert-parallel rank, a layer a call (:meth:`split` for B sequences):
-        ``gather(pairs [B, top, dim], layer)`` completes the layer's (token, rank) outputs, in the
-        order ``batch_part`` grouped them (by expert: the same on every rank, which all route
-        alike); by rows ``whole`` puts the gate/up columns together before down. Row b gets the
-        bits one process's :meth:`batch` gives it."""
+        one collective a layer completes its (token, rank) outputs [B, top, dim], in the order
+        ``batch_part`` grouped them (by expert: the same on every rank, which all route alike); by
+        rows a first one puts the gate/up columns together before down. Row b gets the bits one
+        process's :meth:`batch` gives it."""
         nb = kernels.step_module()
 
-        be = self.backend
+        be, group = self.backend, self.backend.group
+        assert group is not None
         args, (idx, w, slot, n_e, gu, dn) = self._batch_part_args(h, caches)
         L, (B, dim), top, rows = len(be.held), h.shape, self.top, be.out_cols != slice(None)
         mine, ctl, exact, stream_t = be.mine, args[0], args[-2], args[-1]
+        part_fn = _resolve(nb.batch_part, (*args, 0, False, mine, idx, w, slot, n_e, gu, dn, not rows))
+        if rows:
+            part = np.empty((B * top, self.hin), dtype=np.float32)  # every rank's gate/up columns
+            out = np.empty((B * top, self.dout), dtype=np.float32)  # this rank's columns of down
+            acts, outs, flat = gu.reshape(B * top, -1), dn.reshape(B * top, dim), out.reshape(-1)
+            down_fn = _resolve(nb.batch_down,
+                               (ctl, self.experts, 0, n_e, mine, part, self.dout, exact, stream_t, flat))
         for li in range(L + 1):
             with kernels._run_lock:
-                nb.batch_part(*args, li, li > 0, mine, idx, w, slot, n_e, gu, dn, not rows)
+                part_fn(*args, li, li > 0, mine, idx, w, slot, n_e, gu, dn, not rows)
             if li == L:
                 break
+            what = f"layer {li}'s experts"
             if rows:  # every rank's columns of gate/up [B * top, hin], then its rows of down
-                part = np.ascontiguousarray(whole([gu.reshape(B * top, -1)], li)[0], dtype=np.float32)
-                out = np.empty(B * top * self.dout, dtype=np.float32)
+                group.concat_into(acts, be.ffn_widths, part, what)
                 with kernels._run_lock:
-                    nb.batch_down(ctl, self.experts, li, n_e, mine, part, self.dout, exact, stream_t, out)
-                pairs = np.zeros((B, top, dim), dtype=np.float32)
-                pairs[..., be.out_cols] = out.reshape(B, top, self.dout)
+                    down_fn(ctl, self.experts, li, n_e, mine, part, self.dout, exact, stream_t, flat)
+                group.concat_into(out, be.out_widths, outs, what)
             else:
-                pairs = dn.reshape(B, top, dim)
-            dn[:] = gather(pairs, li).reshape(-1)
+                group.all_sum_into(dn, what)
         release_new(nb.batch_part, nb.batch_down)  # as batch's
         return h
 

@@ -345,7 +345,7 @@ class NumpyBackend:
             h = np.ascontiguousarray(self.embed_rows(ids) if h is None else h, dtype=np.float32)  # [B, dim]
             try:
                 if self.split:  # expert parallel: a layer a call, the collectives between
-                    step.split_batch(h, caches, self._gather, self._whole_hidden)
+                    step.split_batch(h, caches)
                 else:
                     step.batch(h, caches)  # every sequence's token through every layer in one call
             except ZeroDivisionError:
