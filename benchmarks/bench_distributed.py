@@ -665,7 +665,7 @@ def summarize(model: str, rounds: list[dict], a: argparse.Namespace) -> dict:
                    "tg_tok_s": round(1 / busy, 2) if busy > 0 else None,
                    "tg_vs_single": round(1 / busy / s_tg, 3) if busy > 0 else None}
         out[label] = {
-            "tg_tok_s": round(statistics.median(r["tg_tok_s"] for r in rs), 2),
+            "tg_tok_s": round(tg, 2),
             "pp_tok_s": round(statistics.median(r["pp_tok_s"] for r in rs), 1),
             "tg_ratios": [round(x, 3) for x in tg_ratio], "tg_ratio": round(statistics.median(tg_ratio), 3),
             "pp_ratios": [round(x, 3) for x in pp_ratio], "pp_ratio": round(statistics.median(pp_ratio), 3),

@@ -402,14 +402,25 @@ class Group:
                 self.comm_bytes += nbytes
         return out
 
-    def all_sum(self, x: np.ndarray, what: str = "a collective", wait: bool = True) -> np.ndarray:
-        """The element-wise sum of every rank's ``x`` (same shape and dtype on every rank)."""
+    def _summed(self, x: np.ndarray, what: str, wait: bool = True) -> np.ndarray:
+        """The sum of every rank's ``x``, read where MLX left it (a view of MLX's result)."""
         mx = self.mx
-        if self.size == 1:
-            return x
         a = mx.array(np.ascontiguousarray(x))
         out = self._run(what, lambda: mx.distributed.all_sum(a, group=self.group), x.nbytes, wait)
-        return np.array(out, copy=True)
+        return np.asarray(out)
+
+    def _gathered(self, x: np.ndarray, what: str) -> np.ndarray:
+        """Every rank's ``x`` stacked in rank order [size, *x.shape], a view of MLX's result."""
+        mx = self.mx
+        a = mx.array(np.ascontiguousarray(x).reshape(1, -1))
+        out = self._run(what, lambda: mx.distributed.all_gather(a, group=self.group), x.nbytes)
+        return np.asarray(out).reshape(self.size, *x.shape)
+
+    def all_sum(self, x: np.ndarray, what: str = "a collective", wait: bool = True) -> np.ndarray:
+        """The element-wise sum of every rank's ``x`` (same shape and dtype on every rank)."""
+        if self.size == 1:
+            return x
+        return self._summed(x, what, wait).copy()
 
     def all_sum_mx(self, a: Any, what: str = "a collective") -> Any:
         """:meth:`all_sum` on an MLX array, staying in MLX (the MLX backend's expert parallel):
@@ -439,12 +450,9 @@ class Group:
 
     def all_gather(self, x: np.ndarray, what: str = "a collective") -> np.ndarray:
         """Every rank's ``x`` stacked in rank order: [size, *x.shape]."""
-        mx = self.mx
         if self.size == 1:
             return x[None]
-        a = mx.array(np.ascontiguousarray(x).reshape(1, -1))
-        out = self._run(what, lambda: mx.distributed.all_gather(a, group=self.group), x.nbytes)
-        return np.array(out, copy=True).reshape(self.size, *x.shape)
+        return self._gathered(x, what).copy()
 
     def concat(self, x: np.ndarray, widths: list[int], what: str = "a collective") -> np.ndarray:
         """Every rank's columns side by side: ``x`` [..., widths[rank]] -> [..., sum(widths)], rank
@@ -468,20 +476,13 @@ class Group:
                 or not out.flags.c_contiguous):  # (a reshape of ``out`` must be a view of it)
             out[...] = self.concat(x, widths, what)
             return
-        mx = self.mx
-        a = mx.array(x.reshape(1, -1))
-        got = self._run(what, lambda: mx.distributed.all_gather(a, group=self.group), x.nbytes)
-        every = np.asarray(got).reshape(self.size, *x.shape)  # [size, ..., w], MLX's memory
+        every = self._gathered(x, what)  # [size, ..., w], MLX's memory
         out.reshape(*x.shape[:-1], self.size, w)[...] = np.moveaxis(every, 0, -2)
 
     def all_sum_into(self, x: np.ndarray, what: str = "a collective") -> None:
         """:meth:`all_sum` of ``x`` written back into ``x`` (C-contiguous)."""
-        if self.size == 1:
-            return
-        mx = self.mx
-        a = mx.array(x)
-        got = self._run(what, lambda: mx.distributed.all_sum(a, group=self.group), x.nbytes)
-        x[...] = np.asarray(got)
+        if self.size > 1:
+            x[...] = self._summed(x, what)
 
     def send(self, x: np.ndarray, dst: int, what: str = "a send") -> None:
         mx = self.mx
