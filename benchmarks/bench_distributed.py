@@ -295,11 +295,23 @@ def worker(model: str, mode: str, pp: int, tg: int, threads: int, repeat: int) -
             "peak_rss": rss, **out}
 
 
-GAPS_US = (0, 300, 1000)  # busy work before each timed collective (a decode layer computes ~1 ms)
+# what each rank does before each timed collective: spin for 0, 300 or 1000 us (a decode layer
+# computes ~0.5-1 ms between its collectives), or read 16 MB as a layer's kernels stream their
+# weights (~1-2 ms, and every cache cold after it, as in a decode step)
+WORK = ("0 us", "300 us", "1000 us", "16 MB read")
+
+
+def _work(what: str, big: Any) -> None:
+    if what.endswith("read"):
+        big.sum()
+        return
+    end = time.perf_counter() + int(what.split()[0]) * 1e-6
+    while time.perf_counter() < end:
+        pass
 
 
 def collectives_worker(n: int = 400) -> dict | None:
-    """Every rank: one collective after ``G`` us of busy work on each rank (as a decode step
+    """Every rank: one collective after each of :data:`WORK` on each rank (as a decode step
     computes between its collectives), ``n`` times per case: expert parallel's ``all_sum`` of a
     token's two 4 KB expert outputs and by rows' ``concat`` of 2 x 4 KB, both through mlxtral's
     group (NumPy in and out, as a decode step calls them), and MLX's bare ``all_sum`` of an MLX
@@ -316,18 +328,17 @@ def collectives_worker(n: int = 400) -> dict | None:
     x = np.random.default_rng(g.rank).standard_normal(2048).astype(np.float32)  # [top=2, dim=1024]
     a = mx.array(x)
     half = x[: len(x) // g.size]
+    big = np.ones(1 << 22, dtype=np.float32)  # 16 MB
     cases = {"all_sum 8 KB (expert)": lambda: g.all_sum(x),
              f"concat {g.size} x {half.nbytes // 1024} KB (expert-rows)":
                  lambda: g.concat(half, [len(half)] * g.size),
              "MLX all_sum 8 KB, bare": lambda: mx.eval(mx.distributed.all_sum(a, group=g.group))}
     rows = []
     for what, run in cases.items():
-        for gap in GAPS_US:
+        for work in WORK:
             times = np.zeros((n, 2))  # [n, (arrival, return)]
             for i in range(n + 20):
-                end = time.perf_counter() + gap * 1e-6
-                while time.perf_counter() < end:
-                    pass
+                _work(work, big)
                 t0 = time.perf_counter()
                 run()
                 if i >= 20:  # the first ones warm up
@@ -335,7 +346,7 @@ def collectives_worker(n: int = 400) -> dict | None:
             every = g.all_gather(times.reshape(-1).view(np.int32), "the timings")  # [size, 4n] int32
             every = every.view(np.float64).reshape(g.size, n, 2)  # one host: one clock
             cost = (every[g.rank, :, 1] - every[:, :, 0].max(axis=0)) * 1e6  # after the later arrival
-            rows.append({"what": what, "gap_us": gap, "median_us": round(float(np.median(cost)), 1),
+            rows.append({"what": what, "after": work, "median_us": round(float(np.median(cost)), 1),
                          "p90_us": round(float(np.percentile(cost, 90)), 1)})
     return {"config": "collectives", "rows": rows} if g.rank == 0 else None
 
@@ -346,13 +357,13 @@ def print_collectives(label: str, res: dict, con: Any) -> None:
     t = Table(title=f"One collective between the ranks ({label}): from the later rank's arrival to "
                     f"rank 0's return, us (median / 90th percentile)")
     t.add_column("collective")
-    for gap in GAPS_US:
-        t.add_column(f"after {gap} us of work", justify="right")
-    by: dict[str, dict[int, str]] = {}
+    for work in WORK:
+        t.add_column(f"after {work}" + (" of work" if work.endswith("us") else ""), justify="right")
+    by: dict[str, dict[str, str]] = {}
     for r in res["rows"]:
-        by.setdefault(r["what"], {})[r["gap_us"]] = f"{r['median_us']:.0f} / {r['p90_us']:.0f}"
+        by.setdefault(r["what"], {})[r["after"]] = f"{r['median_us']:.0f} / {r['p90_us']:.0f}"
     for what, cells in by.items():
-        t.add_row(what, *(cells.get(gap, "-") for gap in GAPS_US))
+        t.add_row(what, *(cells.get(work, "-") for work in WORK))
     con.print(t)
 
 
@@ -790,7 +801,7 @@ def main() -> int:
     p.add_argument("--max-wait", type=float, default=1800, help="seconds to wait for other benchmarks")
     p.add_argument("--collectives", action="store_true",
                    help="also time one collective between the ranks, on every backend, after 0, 300 "
-                        "and 1000 us of work (what a decode step pays a layer)")
+                        "and 1000 us of spinning and after reading 16 MB (what a decode step pays a layer)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     a = p.parse_args()
     if a.pp < 2 or a.tg < 3:

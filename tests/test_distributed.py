@@ -441,9 +441,9 @@ def _two_rank_group(other: np.ndarray, op: str) -> Any:
 
 
 def test_collectives_into_the_steps_buffers() -> None:
-    """``concat_into`` (an even split: one copy out of MLX's result, every rank's columns side by
-    side; an uneven one or a strided target: the general ``concat``) and ``all_sum_into`` give
-    what ``concat`` and a plain sum give."""
+    """``concat_into`` (an even split sent as it is, an uneven one padded to the widest; each
+    rank's columns copied into place, a strided target too) and ``all_sum_into`` give what a plain
+    concatenation and a plain sum give; ``concat`` is ``concat_into`` a new array."""
     rng = np.random.default_rng(0)
     mine, other = rng.standard_normal((2, 3, 4)).astype(np.float32)  # [top, w] each
     want = np.concatenate([mine, other], axis=-1)  # [3, 8]
@@ -459,6 +459,7 @@ def test_collectives_into_the_steps_buffers() -> None:
     out = np.zeros((3, 7), dtype=np.float32)
     _two_rank_group(padded, "cat").concat_into(mine, [4, 3], out)
     np.testing.assert_array_equal(out, np.concatenate([mine, uneven_other], axis=-1))
+    np.testing.assert_array_equal(_two_rank_group(padded, "cat").concat(mine, [4, 3]), out)
     x = mine.reshape(-1).copy()
     _two_rank_group(other, "sum").all_sum_into(x)
     np.testing.assert_array_equal(x, (mine + other).reshape(-1))

@@ -460,24 +460,28 @@ class Group:
         its own columns only, not a zero-filled whole row for an ``all_sum`` to complete."""
         if self.size == 1:
             return x
-        w = max(widths)
-        part = np.zeros((*x.shape[:-1], w), dtype=x.dtype)  # padded to the widest (zeros, never read)
-        part[..., : x.shape[-1]] = x
-        every = self.all_gather(part, what)  # [size, ..., w]
-        return np.concatenate([every[r, ..., : widths[r]] for r in range(self.size)], axis=-1)
+        out = np.empty((*x.shape[:-1], sum(widths)), dtype=x.dtype)
+        self.concat_into(x, widths, out, what)
+        return out
 
     def concat_into(self, x: np.ndarray, widths: list[int], out: np.ndarray, what: str = "a collective"
                     ) -> None:
-        """:meth:`concat` written into ``out`` [..., sum(widths)]: a decode step's per-layer path.
-        With every width equal (an even split) the gathered array is read where MLX left it and
-        put in place with one copy, no padding and no intermediate arrays."""
-        w = widths[0]
-        if (self.size == 1 or any(v != w for v in widths) or not x.flags.c_contiguous
-                or not out.flags.c_contiguous):  # (a reshape of ``out`` must be a view of it)
-            out[...] = self.concat(x, widths, what)
+        """:meth:`concat` written into ``out`` [..., sum(widths)] (a decode step's per-layer path):
+        each rank's columns copied once out of MLX's result into their place. An even split sends
+        ``x`` as it is; uneven widths pad it to the widest first (zeros, never read)."""
+        if self.size == 1:
+            out[...] = x
             return
-        every = self._gathered(x, what)  # [size, ..., w], MLX's memory
-        out.reshape(*x.shape[:-1], self.size, w)[...] = np.moveaxis(every, 0, -2)
+        w = max(widths)
+        part = x
+        if x.shape[-1] != w:
+            part = np.zeros((*x.shape[:-1], w), dtype=x.dtype)
+            part[..., : x.shape[-1]] = x
+        every = self._gathered(part, what)  # [size, ..., w], MLX's memory
+        start = 0
+        for r, n in enumerate(widths):
+            out[..., start:start + n] = every[r, ..., :n]
+            start += n
 
     def all_sum_into(self, x: np.ndarray, what: str = "a collective") -> None:
         """:meth:`all_sum` of ``x`` written back into ``x`` (C-contiguous)."""
