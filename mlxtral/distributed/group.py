@@ -478,10 +478,7 @@ class Group:
             part = np.zeros((*x.shape[:-1], w), dtype=x.dtype)
             part[..., : x.shape[-1]] = x
         every = self._gathered(part, what)  # [size, ..., w], MLX's memory
-        start = 0
-        for r, n in enumerate(widths):
-            out[..., start:start + n] = every[r, ..., :n]
-            start += n
+        np.concatenate([every[r, ..., :n] for r, n in enumerate(widths)], axis=-1, out=out)
 
     def all_sum_into(self, x: np.ndarray, what: str = "a collective") -> None:
         """:meth:`all_sum` of ``x`` written back into ``x`` (C-contiguous)."""
