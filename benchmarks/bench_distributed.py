@@ -298,14 +298,14 @@ def worker(model: str, mode: str, pp: int, tg: int, threads: int, repeat: int) -
 # what each rank does before each timed collective: spin for 0, 300 or 1000 us (a decode layer
 # computes ~0.5-1 ms between its collectives), or read 16 MB as a layer's kernels stream their
 # weights (~1-2 ms, and every cache cold after it, as in a decode step)
-WORK = ("0 us", "300 us", "1000 us", "16 MB read")
+WORK = (("0 us", 0), ("300 us", 300), ("1000 us", 1000), ("16 MB read", None))  # (label, us spun)
 
 
-def _work(what: str, big: Any) -> None:
-    if what.endswith("read"):
+def _work(spin_us: int | None, big: Any) -> None:
+    if spin_us is None:
         big.sum()
         return
-    end = time.perf_counter() + int(what.split()[0]) * 1e-6
+    end = time.perf_counter() + spin_us * 1e-6
     while time.perf_counter() < end:
         pass
 
@@ -335,10 +335,10 @@ def collectives_worker(n: int = 400) -> dict | None:
              "MLX all_sum 8 KB, bare": lambda: mx.eval(mx.distributed.all_sum(a, group=g.group))}
     rows = []
     for what, run in cases.items():
-        for work in WORK:
+        for work, spin_us in WORK:
             times = np.zeros((n, 2))  # [n, (arrival, return)]
             for i in range(n + 20):
-                _work(work, big)
+                _work(spin_us, big)
                 t0 = time.perf_counter()
                 run()
                 if i >= 20:  # the first ones warm up
@@ -357,13 +357,13 @@ def print_collectives(label: str, res: dict, con: Any) -> None:
     t = Table(title=f"One collective between the ranks ({label}): from the later rank's arrival to "
                     f"rank 0's return, us (median / 90th percentile)")
     t.add_column("collective")
-    for work in WORK:
-        t.add_column(f"after {work}" + (" of work" if work.endswith("us") else ""), justify="right")
+    for work, spin_us in WORK:
+        t.add_column(f"after {work}" + (" of work" if spin_us is not None else ""), justify="right")
     by: dict[str, dict[str, str]] = {}
     for r in res["rows"]:
         by.setdefault(r["what"], {})[r["after"]] = f"{r['median_us']:.0f} / {r['p90_us']:.0f}"
     for what, cells in by.items():
-        t.add_row(what, *(cells.get(work, "-") for work in WORK))
+        t.add_row(what, *(cells.get(work, "-") for work, _ in WORK))
     con.print(t)
 
 
