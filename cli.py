@@ -432,7 +432,8 @@ BudgetOpt = typer.Option(None, "--memory-budget",
 ModelOpt = typer.Option(None, "--model", "-m", metavar="MODEL", show_default=False,
                         help="The model, in place of MODEL (llama.cpp's -m, mlx-lm's --model).")
 DistributedOpt = typer.Option(None, "--distributed",
-                              help="expert (whole experts), expert-rows (every expert's rows) or "
+                              help="expert (whole experts), expert-rows (a slice of every expert; on 2 "
+                                   "NumPy ranks half of its width, one sum a layer) or "
                                    "pipeline (layers): split the model across the processes mlx.launch "
                                    "started (mlx.launch -n 2 --backend ring -- mlxtral ...).")
 PrefetchOpt = typer.Option(True, "--prefetch/--no-prefetch",

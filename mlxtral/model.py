@@ -311,7 +311,7 @@ def load(
         raise UsageError(f"max_context must be >= 1, got {max_context}")
     if max_context > model_ctx:
         raise ContextLengthError(max_context, model_ctx)
-    group = share = layout = whole_info = None
+    group = share = layout = whole_info = whole = None
     if distributed is not None:
         from mlxtral.distributed.setup import join
         from mlxtral.expert_cache.layout import expert_layout
@@ -367,6 +367,13 @@ def load(
     if check_memory or memory_budget is not None or stream_experts:
         plan = plan_memory(ckpt, name, max_context, kv_dtype, memory_budget, layout=layout,
                            stream=stream_experts, logits_rows=logits_rows)
+    if share is not None and name == "numpy":  # by rows on 2 ranks: halves of the FFN width?
+        from mlxtral.distributed.setup import half_tensors, halve
+
+        assert group is not None and whole is not None
+        share = halve(group, share, whole, plan is not None and plan.streaming)
+        if share.halves:
+            ckpt.tensors = half_tensors(share, whole)  # type: ignore[assignment]
     if plan is not None and plan.streaming:
         be = _streaming_backend(ckpt, name, plan, kv_dtype, prefetch, eviction, layout, share, group)
     elif name == "numpy":

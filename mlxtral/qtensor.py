@@ -146,6 +146,19 @@ class QTensor:
         """Rows ``[r0, r1)`` of a 2-D tensor, as a zero-copy view (a row's blocks are its own)."""
         return QTensor(self.qtype, (r1 - r0, *self.shape[1:]), self.data[r0:r1])
 
+    def col_range(self, c0: int, c1: int) -> QTensor:
+        """Columns ``[c0, c1)`` of a 2-D tensor, as a zero-copy view whose rows keep the whole
+        tensor's stride (the kernels address a row by it). Block types cut on block boundaries."""
+        if self.ndim != 2 or not 0 <= c0 <= c1 <= self.shape[1]:
+            raise ValueError(f"columns [{c0}, {c1}) of a {self.shape} tensor")
+        b0, b1 = c0, c1
+        if self.qtype in BLOCK_TYPES:
+            bs, ts = BLOCK_TYPES[self.qtype]
+            if c0 % bs or c1 % bs:
+                raise ValueError(f"{self.qtype} columns [{c0}, {c1}) do not fall on {bs}-blocks")
+            b0, b1 = c0 // bs * ts, c1 // bs * ts
+        return QTensor(self.qtype, (self.shape[0], c1 - c0), self.data[:, b0:b1])
+
     # ---- reference math ------------------------------------------------------------------
     def dequantize(self) -> np.ndarray:
         """The whole tensor as float32 (slow reference; allocates shape x 4 bytes)."""
@@ -157,7 +170,7 @@ class QTensor:
             return bf16_to_f32(self.data)
         from mlxtral.quant import dequantize_blocks
 
-        return dequantize_blocks(self.data, self.qtype, self.shape)
+        return dequantize_blocks(np.ascontiguousarray(self.data), self.qtype, self.shape)
 
     def rows(self, idx: np.ndarray | list[int]) -> np.ndarray:
         """Rows ``idx`` of a 2-D tensor as float32 ``[len(idx), in]`` (embedding lookup)."""

@@ -61,7 +61,9 @@ lib = kernels.NATIVE.module("_decode_step_nb") if kernels.NATIVE is not None els
 # numba's specializations, and the native library's exports (compiled ahead of time)
 sigs = [len(getattr(nb, f).signatures) + (len(getattr(lib, f).table) if lib is not None else 0)
         for f in ("decode_layers", "decode_part", "decode_down")]
+place = getattr(be, "place", None)  # halves: by rows, one half of every expert's width a rank
 np.savez(out, logits=lg, greedy=np.array([t for t in parts if t is not None], dtype=np.int64),
+         halves=np.array(place is not None and place.halves),
          sampled=np.array(text, dtype=str), counts=m.expert_counts(),
          step=np.array(getattr(be, "decode_step", None) is not None), sigs=np.array(sigs),
          native=np.array(lib is not None), jit=np.array(jit))
@@ -184,13 +186,18 @@ IDS = [1, 415, 2936, 9060, 285, 10575, 754, 272, 17898, 3914, 304, 868, 13, 2870
 @pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert", 3), ("expert-rows", 2),
                                          ("expert-rows", 3), ("pipeline", 2), ("pipeline", 3)])
 def test_tiny_moe_equals_single_process(tmp_path: Path, tiny_moe: Path, mode: str, n: int) -> None:
-    _same(_stepped(_distributed(tmp_path, tiny_moe, IDS, n, mode)), _single(tmp_path, tiny_moe, IDS))
+    got = _stepped(_distributed(tmp_path, tiny_moe, IDS, n, mode))
+    _same(got, _single(tmp_path, tiny_moe, IDS))
+    # by rows on 2 ranks: halves of every expert's width, one sum a layer (3 ranks: gathers)
+    assert bool(got["halves"]) == (mode == "expert-rows" and n == 2)
 
 
 @pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert-rows", 2), ("expert-rows", 3),
                                          ("pipeline", 3)])
 def test_bench_shape_equals_single_process(tmp_path: Path, bench_model: Path, mode: str, n: int) -> None:
-    _same(_stepped(_distributed(tmp_path, bench_model, IDS, n, mode)), _single(tmp_path, bench_model, IDS))
+    got = _stepped(_distributed(tmp_path, bench_model, IDS, n, mode))
+    _same(got, _single(tmp_path, bench_model, IDS))
+    assert bool(got["halves"]) == (mode == "expert-rows" and n == 2)
 
 
 @pytest.mark.parametrize(("mode", "n"), [("expert", 2), ("expert-rows", 2), ("pipeline", 2)])
@@ -212,6 +219,7 @@ def test_streamed_experts_under_a_per_rank_budget(tmp_path: Path, bench_model: P
     change."""
     got = _distributed(tmp_path, bench_model, IDS, 2, mode, TEST_BUDGET="450MB")
     _same(got, _single(tmp_path, bench_model, IDS))
+    assert not got["halves"]  # a rank that streams reads one byte range per matrix: gathers
 
 
 @needs_mpi
@@ -483,6 +491,20 @@ def test_placement_splits() -> None:
     assert rows[1].share("blk.2.ffn_down.5.weight", w).shape == (3, 4)
     np.testing.assert_array_equal(rows[1].share("blk.2.ffn_down.5.weight", w).data, w.data[3:6])  # a view
     assert rows[1].share("blk.2.attn_q.weight", w) is w  # not an expert: whole
+    # halves (by rows on 2 ranks, chosen at load): gate/up rows and down's columns cut where
+    # ops.down_split cuts every down product in one process (hidden 96: at 32)
+    import dataclasses
+
+    from mlxtral.backends.ops import down_split
+
+    halves = [dataclasses.replace(place("expert-rows", r, 2, moe), halves=True) for r in range(2)]
+    assert not any(h.sliced for h in halves) and down_split(96) == 32 and down_split(3584) == 1792
+    assert [h.half(96) for h in halves] == [range(0, 32), range(32, 96)]
+    g = QTensor.from_float(np.arange(96 * 4, dtype=np.float32).reshape(96, 4))  # gate [hidden, dim]
+    d = QTensor.from_float(np.arange(4 * 96, dtype=np.float32).reshape(4, 96))  # down [dim, hidden]
+    np.testing.assert_array_equal(halves[1].share("blk.0.ffn_gate.1.weight", g).data, g.data[32:])
+    np.testing.assert_array_equal(halves[0].share("blk.0.ffn_down.1.weight", d).data, d.data[:, :32])
+    assert halves[0].share("blk.0.attn_q.weight", d) is d
     pipe = [place("pipeline", r, 4, moe) for r in range(4)]
     assert [list(s.layers) for s in pipe] == [[0], [1, 2], [3], [4, 5]]
     assert pipe[0].holds("token_embd.weight") and not pipe[1].holds("token_embd.weight")

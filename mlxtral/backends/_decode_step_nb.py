@@ -22,7 +22,12 @@ from mlxtral.backends._kernels_nb import (
     F_SIZE,
     MAX_CHUNKS,
     R_KIND,
+    R_OUT,
     R_SIZE,
+    R_TWIN,
+    R_W,
+    R_W2,
+    R_X0,
     _float_dot,
     attend,
     attend_f16,
@@ -48,7 +53,9 @@ D_SIZE = 9
 # item of gate/up (one kind for both) and of down; then those rows at 2 .. STREAM_T tokens, and more
 X_G, X_U, X_D, X_KGU, X_KD, X_RBGU, X_RBD, X_CHGU, X_CHD = 0, 1, 2, 3, 4, 5, 6, 7, 8
 X_CHGU2, X_CHD2, X_CHGU3, X_CHD3 = 9, 10, 11, 12
-X_SIZE = 13
+# then where down is cut in two (ops.down_split; 0: whole) and the byte offset of its second half
+X_SPLIT, X_BOFF = 13, 14
+X_SIZE = 15
 
 
 @njit(cache=_CACHE, nogil=True, inline="always")
@@ -190,22 +197,63 @@ def gate_up(ctl, x, X, idx, mine, counts, hidden, exact, gu):
 
 
 @njit(cache=_CACHE, nogil=True)
+def down_tasks(ctl, X, exact, dt, s, boff, out):
+    """``run_tasks`` of down projections dt [n, R_SIZE] on X [P, hidden] into out (zeros where no
+    task writes), each cut at column ``s`` as ``ops.down_experts`` cuts it (0: whole): its first
+    half on X[:, :s], its second on X[:, s:] against its weight ``boff[i]`` bytes on (the offset
+    of column s in a row of its block type), out = lo + hi. Equal halves run in one job, X's halves
+    stacked [2P, s] and each second half the twin of its first (a row's halves read together);
+    unequal ones in two."""
+    n = dt.shape[0]
+    if n == 0:
+        return
+    if s == 0:
+        run_tasks(ctl, X, exact, False, dt, out)
+        return
+    P, H = X.shape
+    m = out.shape[0]
+    buf = np.zeros(2 * m, dtype=np.float32)  # [lo | hi]
+    hi = dt.copy()
+    for i in range(n):
+        hi[i, R_W] += boff[i]
+        hi[i, R_W2] += boff[i]
+        hi[i, R_OUT] += m
+    if 2 * s == H:
+        X2 = np.empty((2 * P, s), dtype=np.float32)
+        X2[:P] = X[:, :s]
+        X2[P:] = X[:, s:]
+        both = np.empty((2 * n, R_SIZE), dtype=np.int64)
+        for i in range(n):
+            hi[i, R_X0] += P
+            hi[i, R_TWIN] = 1
+            both[2 * i] = dt[i]
+            both[2 * i + 1] = hi[i]
+        run_tasks(ctl, X2, exact, False, both, buf)
+    else:
+        run_tasks(ctl, np.ascontiguousarray(X[:, :s]), exact, False, dt, buf)
+        run_tasks(ctl, np.ascontiguousarray(X[:, s:]), exact, False, hi, buf)
+    for i in range(m):
+        out[i] = buf[i] + buf[m + i]
+
+
+@njit(cache=_CACHE, nogil=True)
 def down(ctl, gu, X, idx, mine, dout, exact, dn):
     """The down projections (``dout`` rows each) of the token's experts this process holds, on
     gu [n, hidden] (``gate_up``'s rows, rank order): expert rank j's output in row j of
     dn [top * dout]; the other ranks' rows 0 (another process fills them)."""
     top = idx.shape[1]
-    desc = np.empty((top, D_SIZE), dtype=np.int64)
-    n = 0
+    dt = np.empty((top, R_SIZE), dtype=np.int64)
+    boff = np.empty(top, dtype=np.int64)
+    n = cut = 0
     for j in range(top):
         e = idx[0, j]
         if not mine[e]:
             continue
         R = X[e]
-        desc[n, D_X], desc[n, D_W], desc[n, D_W2], desc[n, D_KIND] = n, R[X_D], R[X_D], R[X_KD]
-        desc[n, D_RB], desc[n, D_NOUT], desc[n, D_CH] = R[X_RBD], dout, R[X_CHD]
+        task(dt[n], n, 1, R[X_D], R[X_D], R[X_RBD], dout, R[X_KD], n * dout, R[X_CHD])
+        cut, boff[n] = R[X_SPLIT], R[X_BOFF]  # cut: the same for every expert (down_split of the width)
         n += 1
-    run_kinds(ctl, gu[:n], exact, False, desc[:n], dn)  # [n, dout]
+    down_tasks(ctl, gu[:n], exact, dt[:n], cut, boff[:n], dn[: n * dout])  # [n, dout]
     if n < top:  # spread to rank order, from the last (row n - 1 -> j >= n - 1)
         for j in range(top - 1, -1, -1):
             if mine[idx[0, j]]:
@@ -476,7 +524,8 @@ def batch_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, KV,
             slot[b, j] = start[e]
             xe[start[e]] = x[b]
             start[e] += 1
-    ne = 0
+    ne = cut = 0
+    boff = np.empty(E, dtype=np.int64)
     for e in range(E):
         T = n_e[e]
         r0 = start[e] - T  # its rows r0 .. r0 + T of xe
@@ -491,10 +540,11 @@ def batch_part(ctl, threads, h, plan, qkv, wo, experts, hidden, ka, va, f16, KV,
              chunk_rows(T, X[X_CHGU], X[X_CHGU2], X[X_CHGU3], stream_t))
         task(dt[ne], r0, T, X[X_D], X[X_D], X[X_RBD], dim, X[X_KD], r0 * dim,
              chunk_rows(T, X[X_CHD], X[X_CHD2], X[X_CHD3], stream_t))
+        cut, boff[ne] = X[X_SPLIT], X[X_BOFF]
         ne += 1
     run_tasks(ctl, xe, exact, True, gt[:ne], gu)
     if down_too:
-        run_tasks(ctl, gu.reshape((B * top, hidden)), exact, False, dt[:ne], dn)
+        down_tasks(ctl, gu.reshape((B * top, hidden)), exact, dt[:ne], cut, boff[:ne], dn[: B * top * dim])
     # read by address while execute ran: used after it, so numba frees none of them before
     table[0, 0] = table[0, 0]
     att[0, 0, 0] = att[0, 0, 0]
@@ -508,7 +558,8 @@ def batch_down(ctl, experts, li, n_e, mine, gu, dout, exact, stream_t, dn):
     [B * top, hidden] (every process's gate/up columns put together) into dn [B * top * dout]."""
     E = n_e.shape[0]
     dt = np.empty((E, R_SIZE), dtype=np.int64)
-    ne = 0
+    ne = cut = 0
+    boff = np.empty(E, dtype=np.int64)
     r0 = 0
     for e in range(E):
         T = n_e[e]
@@ -516,6 +567,7 @@ def batch_down(ctl, experts, li, n_e, mine, gu, dout, exact, stream_t, dn):
             X = experts[li, e]
             task(dt[ne], r0, T, X[X_D], X[X_D], X[X_RBD], dout, X[X_KD], r0 * dout,
                  chunk_rows(T, X[X_CHD], X[X_CHD2], X[X_CHD3], stream_t))
+            cut, boff[ne] = X[X_SPLIT], X[X_BOFF]
             ne += 1
         r0 += T
-    run_tasks(ctl, gu, exact, False, dt[:ne], dn)
+    down_tasks(ctl, gu, exact, dt[:ne], cut, boff[:ne], dn[: gu.shape[0] * dout])

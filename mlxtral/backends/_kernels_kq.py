@@ -589,6 +589,17 @@ def _silu_mul(g, u):
 
 
 @njit(cache=_CACHE, nogil=True)
+def run_rows_twins(kind, wa, rb, n, r0, r1, xqa, xda, bsa, out, wb, nb_, xqb, xdb, bsb, outb):
+    """:func:`run_rows` at one token (not fused) of two twins, a cut product's halves, row by row:
+    a row's two halves read one after the other, each the bits :func:`run_rows` gives it alone."""
+    xd = carray(ptr_f32(xda), (n // QK_K,))
+    xe = carray(ptr_f32(xdb), (nb_ // QK_K,))
+    for r in range(r0, r1):
+        out[r] = row_dot_direct(kind, wa + r * rb, n, xqa, xd, bsa, 0)
+        outb[r] = row_dot_direct(kind, wb + r * rb, nb_, xqb, xe, bsb, 0)
+
+
+@njit(cache=_CACHE, nogil=True)
 def run_rows(kind, swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, bsa, out, os_):
     """Output rows ``r0..r1`` of a task, every token: ``out[t * os_ + r]`` = row r . token t (or the
     fused ``silu(gate) * up`` with ``swig``). One token: each row dotted where it lies; more (with

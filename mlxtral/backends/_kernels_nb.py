@@ -56,15 +56,21 @@ from mlxtral.backends._kernels_ir import (
 from mlxtral.backends._kernels_kq import K_Q2_K, KQ_FIRST, quantize_q8k
 from mlxtral.backends._kernels_kq import run_rows as kq_run_rows
 from mlxtral.backends._kernels_kq import run_rows_exact as kq_run_rows_exact
+from mlxtral.backends._kernels_kq import run_rows_twins as kq_run_rows_twins
 from mlxtral.backends._kernels_tile import kq_run_rows as kq_tile_rows
 from mlxtral.backends._kernels_tile import kq_tiles
 from mlxtral.backends._kernels_tile import run_rows as q4_0_run_rows
+from mlxtral.backends._kernels_tile import run_rows_twins as q4_0_run_rows_twins
 
 # job table fields
 F_KIND, F_MODE, F_QUANT, F_W, F_W2, F_ROWBYTES, F_NOUT, F_NIN, F_T = 0, 1, 2, 3, 4, 5, 6, 7, 8
 F_X, F_XQ, F_XD, F_XS, F_OUT, F_OSTRIDE, F_CHUNK, F_FIRST = 9, 10, 11, 12, 13, 14, 15, 16
 F_XG = 17  # K-quant prefill: the q8_K activations grouped for the tiles (_kernels_tile.kq_group_acts)
-F_SIZE = 18
+# a task's twin, or -1: the second half of a cut down product (ops.down_split), whose rows run in
+# this task's work items beside its own (a row's two halves read one after the other), no items of
+# its own
+F_PAIR = 18
+F_SIZE = 19
 # an attention task (kernels.attend): one work item per (query row, KV head); its fields in the table
 K_ATTN = 15
 # addresses: q [T, H, hd] f32, the cache's k/v [KV, ctx, hd], out [T, H, hd]
@@ -322,16 +328,79 @@ def q8k_kind(kind):
     return (kind >= KQ_FIRST and kind <= K_Q2_K) or kind == K_IQ4_XS
 
 
+PAIR_BYTES = 1 << 22  # a twin pair's rows alternate in groups of about this many bytes of a half
+
+
 @njit(cache=_CACHE, nogil=True)
 def run_chunk(table, c):
-    """Compute work item ``c`` of a job: ``F_CHUNK`` output rows of one task, all its tokens."""
+    """Compute work item ``c`` of a job: ``F_CHUNK`` output rows of one task, all its tokens (and
+    the same rows of its twin, group by group)."""
     ti = 0
     while ti + 1 < table.shape[0] and table[ti + 1, F_FIRST] <= c:
         ti += 1
-    kind = table[ti, F_KIND]
-    if kind == K_ATTN:
+    if table[ti, F_KIND] == K_ATTN:
         attend_item(table[ti], c - table[ti, F_FIRST])
         return
+    ch = table[ti, F_CHUNK]
+    r0 = (c - table[ti, F_FIRST]) * ch
+    r1 = min(r0 + ch, table[ti, F_NOUT])
+    tw = table[ti, F_PAIR]
+    if tw < 0:
+        task_rows(table, ti, r0, r1)
+        return
+    if twin_rows(table, ti, tw, r0, r1):
+        return
+    half = max(1, table[tw, F_W] - table[ti, F_W])  # the twin's weight starts a half row on
+    step = max(32, PAIR_BYTES // half // 32 * 32)  # whole 16-row tiles
+    for g0 in range(r0, r1, step):
+        g1 = min(g0 + step, r1)
+        task_rows(table, ti, g0, g1)
+        task_rows(table, tw, g0, g1)
+
+
+@njit(cache=_CACHE, nogil=True)
+def twin_rows(table, ti, tw, r0, r1):
+    """One token's rows ``r0..r1`` of task ``ti`` and of its twin ``tw`` with a row's two halves
+    read one after the other: each task's values are the bits :func:`task_rows` gives it alone
+    (the same row dots, in another order of rows). False where this does not apply (several
+    tokens, fused, IQ4_XS, exact block kinds): the caller runs the two in groups of rows."""
+    kind = table[ti, F_KIND]
+    quant = table[ti, F_QUANT] != 0
+    if table[ti, F_T] != 1 or table[ti, F_MODE] == 1 or kind == K_IQ4_XS:
+        return False
+    wa, rb, n = table[ti, F_W], table[ti, F_ROWBYTES], table[ti, F_NIN]
+    wb, rbb, nb_ = table[tw, F_W], table[tw, F_ROWBYTES], table[tw, F_NIN]
+    if rbb != rb:
+        return False
+    out = carray(ptr_f32(table[ti, F_OUT]), (table[ti, F_NOUT],))
+    outb = carray(ptr_f32(table[tw, F_OUT]), (table[tw, F_NOUT],))
+    xq, xd, xs = table[ti, F_XQ], table[ti, F_XD], table[ti, F_XS]
+    xqb, xdb, xsb = table[tw, F_XQ], table[tw, F_XD], table[tw, F_XS]
+    if q8k_kind(kind):
+        if not quant:
+            return False
+        kq_run_rows_twins(kind, wa, rb, n, r0, r1, xq, xd, xs, out, wb, nb_, xqb, xdb, xsb, outb)
+    elif kind == 0 and quant:
+        q4_0_run_rows_twins(wa, rb, n, r0, r1, xq, xd, xs, out, wb, nb_, xqb, xdb, xsb, outb)
+    elif quant:
+        nb, nbb = n // 32, nb_ // 32
+        for r in range(r0, r1):
+            out[r] = _block_dot(kind, wa + r * rb, xq, xd, xs, nb)
+            outb[r] = _block_dot(kind, wb + r * rb, xqb, xdb, xsb, nbb)
+    elif kind == 3 or kind == 4 or kind == 5:
+        xa, xb = table[ti, F_X], table[tw, F_X]
+        for r in range(r0, r1):
+            out[r] = _float_dot(kind, wa + r * rb, xa, n)
+            outb[r] = _float_dot(kind, wb + r * rb, xb, nb_)
+    else:
+        return False
+    return True
+
+
+@njit(cache=_CACHE, nogil=True)
+def task_rows(table, ti, r0, r1):
+    """Output rows ``r0..r1`` of task ``ti`` of a job table, all its tokens."""
+    kind = table[ti, F_KIND]
     swig = table[ti, F_MODE] == 1
     quant = table[ti, F_QUANT] != 0
     wa = table[ti, F_W]
@@ -340,10 +409,7 @@ def run_chunk(table, c):
     nout = table[ti, F_NOUT]
     n = table[ti, F_NIN]
     T = table[ti, F_T]
-    ch = table[ti, F_CHUNK]
     os_ = table[ti, F_OSTRIDE]
-    r0 = (c - table[ti, F_FIRST]) * ch
-    r1 = min(r0 + ch, nout)
     out = carray(ptr_f32(table[ti, F_OUT]), ((T - 1) * os_ + nout,))
     xa = table[ti, F_X]
     if kind == K_IQ4_XS:  # _kernels_iq: q8_K activations, or float32 ones in exact mode
@@ -528,7 +594,18 @@ def fill_task(table, i, kind, swiglu, quant, wa, wa2, rb, nout, nin, x, xq, xd, 
     table[i, F_OSTRIDE] = out.strides[0] // 4
     table[i, F_CHUNK] = ch
     table[i, F_FIRST] = first
+    table[i, F_PAIR] = -1
     return first + (nout + ch - 1) // ch
+
+
+@njit(cache=_CACHE, nogil=True)
+def pair_task(table, i, first):
+    """Make task ``i`` the twin of task ``i - 1`` (same rows, same tokens): its rows run in the
+    other's work items (:func:`run_chunk`), so it has none of its own. ``first``: the chunk index
+    after task ``i - 1``'s chunks (returned, as :func:`fill_task` returns)."""
+    table[i - 1, F_PAIR] = i
+    table[i, F_FIRST] = first
+    return first
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -550,9 +627,10 @@ def run_one(ctl, kind, swiglu, quant, wa, wa2, rb, nout, nin, x, out, ch):
 
 
 # a task's row of a tasks_job table: its first row of X and token count, weight, up weight, row
-# bytes, rows, rows a work item, block kind, and where its output [T, rows] starts in out (floats)
-R_X0, R_T, R_W, R_W2, R_RB, R_NOUT, R_CH, R_KIND, R_OUT = 0, 1, 2, 3, 4, 5, 6, 7, 8
-R_SIZE = 9
+# bytes, rows, rows a work item, block kind, and where its output [T, rows] starts in out (floats);
+# then 1 if it is the twin of the task before it (``pair_task``), else 0
+R_X0, R_T, R_W, R_W2, R_RB, R_NOUT, R_CH, R_KIND, R_OUT, R_TWIN = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
+R_SIZE = 10
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -578,7 +656,7 @@ def run_decode(ctl, X, quant, kind, swiglu, desc, out):
 def task(t, x0, T, wa, wa2, rb, nout, kind, out, ch):
     """Fill ``t``, a tasks_job row."""
     t[R_X0], t[R_T], t[R_W], t[R_W2], t[R_RB] = x0, T, wa, wa2, rb
-    t[R_NOUT], t[R_KIND], t[R_OUT], t[R_CH] = nout, kind, out, ch
+    t[R_NOUT], t[R_KIND], t[R_OUT], t[R_CH], t[R_TWIN] = nout, kind, out, ch, 0
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -609,9 +687,12 @@ def tasks_job(ctl, X, quant, kind, swiglu, tasks, out, xq, xd, xs):
         x0, T, nout, o0 = t[R_X0], t[R_T], t[R_NOUT], t[R_OUT]
         q0, qn = (x0, T) if quant else (0, 1)  # (placeholders when not quantized)
         o = out[o0 : o0 + T * nout].reshape((T, nout))
+        first = nchunks
         nchunks = fill_task(table, i, kind, swiglu, quant, t[R_W], t[R_W2], t[R_RB], nout, nin,
                             X[x0 : x0 + T], xq[q0 : q0 + qn], xd[q0 : q0 + qn], xs[q0 : q0 + qn], xg, o,
                             t[R_CH], nchunks)
+        if t[R_TWIN] and i > 0:
+            nchunks = pair_task(table, i, first)
     execute(ctl, table, nchunks)
     table[0, 0] = table[0, 0]  # read by address while execute ran: used after it, so not freed before
 

@@ -716,6 +716,28 @@ def run_rows(swig, wa, wa2, rb, n, T, r0, r1, xqa, xda, xoa, out, os_):
             out[t * os_ + r] = _silu_mul(v, dot1_q4_0(wa2 + r * rb, xq, xd, xo, nb)) if swig else v
 
 
+@njit(cache=_CACHE, nogil=True)
+def run_rows_twins(wa, rb, n, r0, r1, xqa, xda, xoa, out, wb, nb_, xqb, xdb, xob, outb):
+    """:func:`run_rows` at one token (not fused) of two twins, a cut product's halves: for each 16
+    rows, the first half's dot then the second's, so a row's two halves are read one after the
+    other. Each half's values are the bits :func:`run_rows` gives it alone (out, outb)."""
+    nb, nbb = n // 32, nb_ // 32
+    g = np.empty(max(NT_MAX, DOT16_PASS) * ROWS, dtype=np.float32)
+    xa = _block_offsets(xoa, 1, n) if _AVX2_DOTS else np.zeros(1, dtype=np.int32)
+    xb = _block_offsets(xob, 1, nb_) if _AVX2_DOTS else np.zeros(1, dtype=np.int32)
+    r16 = r0 + (r1 - r0) // ROWS * ROWS
+    for r in range(r0, r16, ROWS):
+        dot16_q4_0(1, wa + r * rb, rb, xqa, xda, xoa, nb, n, g.ctypes.data, xa.ctypes.data)
+        _emit(out, 0, 0, r, 1, g, g, False)
+        dot16_q4_0(1, wb + r * rb, rb, xqb, xdb, xob, nbb, nb_, g.ctypes.data, xb.ctypes.data)
+        _emit(outb, 0, 0, r, 1, g, g, False)
+    for r in range(r16, r1):
+        out[r] = dot1_q4_0(wa + r * rb, xqa, xda, xoa, nb)
+        outb[r] = dot1_q4_0(wb + r * rb, xqb, xdb, xob, nbb)
+    xa[0] = 0  # (kept alive until here: see run_rows)
+    xb[0] = 0
+
+
 # ---- the K-quants: the same tiles over superblocks -------------------------------------------------
 # A K-quant superblock's two exact integer sums (``_kernels_kq``: sumi = sum_g scale_g * sum_k
 # (code_k + off) x_k, summ = sum_g min_g * bsum_g over its 16 groups of 16 weights), then its float

@@ -51,7 +51,8 @@ FORMAT = 1
 # the numba modules the library is built from, and the functions Python calls in each
 ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "_kernels_nb": ("worker_loop", "spin_pauses", "execute", "attend", "attend_f16", "top_k_softmax",
-                    "run_one", "run_decode", "rope", "rms_norm", "prep_x", "fill_task", "fill_attend_row"),
+                    "run_one", "run_decode", "rope", "rms_norm", "prep_x", "fill_task", "pair_task",
+                    "fill_attend_row"),
     "_kernels_kq": ("quantize_q8k",),
     "_kernels_tile": ("kq_tiles", "kq_group_acts"),
     "_decode_step_nb": ("decode_layers", "decode_batch", "decode_part", "decode_down", "batch_part",

@@ -18,8 +18,11 @@ expert-parallel rank runs a layer a call (:meth:`DecodeStep.split`, ``decode_par
 layer's expert outputs are completed by a collective before the next layer can start: attention,
 routing and this rank's share of the token's experts in one call, the collective in Python, the
 combine at the start of the next call (by rows, down runs in a second call, ``decode_down``, after
-every rank's gate/up columns are put together). The bits are one process's. A server's batched
-steps go the same way there (:meth:`DecodeStep.split_batch`, ``batch_part`` / ``batch_down``).
+every rank's gate/up columns are put together; by halves, a rank's down is one half of every
+expert's, whole to it, and the collective adds the halves). The bits are one process's: every down
+product here is cut where ``ops.down_split`` cuts it, each half summed on its own and the two added
+(``down_tasks``, the halves of a row read together). A server's batched steps go the same way there
+(:meth:`DecodeStep.split_batch`, ``batch_part`` / ``batch_down``).
 
 It applies where that path is plain: every layer and expert this process holds resident (no expert
 streaming), numba present, every expert's gate and up of one kind. :meth:`DecodeStep.build`
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mlxtral.backends import kernels
+from mlxtral.backends import kernels, ops
 from mlxtral.backends.jit_memory import release_new
 from mlxtral.env import env_flag
 from mlxtral.qtensor import QTensor
@@ -141,8 +144,18 @@ class DecodeStep:
             for e in mine:  # another rank's expert: its row stays 0, never read
                 g, u, d = info(lw.w1[e]), info(lw.w3[e]), info(lw.w2[e])
                 self.experts[li, e] = (g[1], u[1], d[1], g[0], d[0], g[2], d[2], g[4], d[4],
-                                       g[5], d[5], g[6], d[6])
+                                       g[5], d[5], g[6], d[6], *self._cut(lw.w2[e]))
         self._threads = kernels.get_num_threads()
+
+    def _cut(self, w: QTensor) -> tuple[int, int]:
+        """(column, byte offset) where down weight ``w`` is cut in two (``ops.down_split``), or
+        (0, 0): whole, as a rank holding one half of it computes it."""
+        place = self.backend.place
+        hw = None if place is not None and place.halves else ops.down_halves(w)
+        if hw is None:
+            return 0, 0
+        s, _, hi = hw
+        return s, hi.data.ctypes.data - kernels._wdata(w).ctypes.data
 
     def takes(self, cache: KVCache) -> bool:
         """A cache the compiled step can write where it lies (it reads by address: everything

@@ -103,6 +103,7 @@ __all__ = [
     "linear",
     "linear_many",
     "linear_experts",
+    "linear_twins",
     "swiglu",
     "swiglu_experts",
     "attend",
@@ -381,8 +382,8 @@ def _wdata(w: QTensor) -> np.ndarray:
     d = w.data
     if w.qtype == "F16":
         d = d.view(np.uint16)
-    if not d.flags.c_contiguous:
-        d = np.ascontiguousarray(d)
+    if d.ndim != 2 or d.strides[1] != d.itemsize or d.strides[0] < d.shape[1] * d.itemsize:
+        d = np.ascontiguousarray(d)  # rows may lie apart (a column window), each row's bytes not
     return d
 
 
@@ -436,6 +437,13 @@ class _Job:
                                      wd.shape[0], w.shape[1], x, *acts, out, ch, self.nchunks)
         self.n += 1
 
+    def add_twin(self, x: np.ndarray, w: QTensor, out: np.ndarray) -> None:
+        """:meth:`add` a task whose rows run beside the same rows of the task added just before (a
+        cut product's second half: ``_nb.pair_task``)."""
+        first = self.nchunks
+        self.add(x, w, out)
+        self.nchunks = _nb.pair_task(self.table, self.n - 1, first)
+
     def run(self) -> None:
         if self.n == 0:
             return
@@ -485,7 +493,7 @@ def _chunk_rows(w: QTensor, T: int) -> int:
     streaming (16 KB items ran at ~11 GB/s, 256 KB items at ~14), so a matrix is cut into
     ``_CHUNKS_PER_THREAD`` items per thread (16 KB .. 4 MB each). Prefill (more tokens, or tiles):
     ~16 KB, which stays in L1 while every token passes over it."""
-    row_bytes = w.data.strides[0] if w.data.ndim == 2 else w.data.nbytes // max(1, w.shape[0])
+    row_bytes = w.data.nbytes // max(1, w.shape[0])  # a row's own bytes (a column window's too)
     row_bytes = max(1, row_bytes)
     prefill = T > _STREAM_T or (T > 1 and HAVE_NUMBA and _tiles(w, T))
     if prefill:
@@ -526,7 +534,7 @@ def _decode(xs: Sequence[np.ndarray], ws: Sequence[QTensor], ups: Sequence[QTens
     x0 = xs[0]
     same = True
     for x in xs:
-        if x.shape[0] != 1:
+        if x.shape[0] != 1 or x.shape[1] != x0.shape[1]:
             return None
         same = same and x is x0
     rows = []
@@ -574,6 +582,36 @@ def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.n
         outs.append(out)
     job.run()
     return outs
+
+
+def linear_twins(xs: Sequence[np.ndarray], ws: Sequence[QTensor], xs2: Sequence[np.ndarray],
+                 ws2: Sequence[QTensor]) -> list[np.ndarray]:
+    """``[x @ w.T + x2 @ w2.T ...]`` in one job, the two products of each term twin tasks (their
+    same rows in one work item): a cut down projection's two halves (``ops.down_experts``), each
+    summed as alone, then added in float32."""
+    if not (len(xs) == len(ws) == len(xs2) == len(ws2)):
+        raise ValueError("linear_twins needs one x per weight")
+    xs = [_check(x, w) for x, w in zip(xs, ws, strict=True)]
+    xs2 = [_check(x, w) for x, w in zip(xs2, ws2, strict=True)]
+    if not HAVE_NUMBA:
+        return [_linear_numpy(x, w) + _linear_numpy(x2, w2)
+                for x, w, x2, w2 in zip(xs, ws, xs2, ws2, strict=True)]
+    job = _Job(2 * len(ws))
+    pairs = []
+    for x, w, x2, w2 in zip(xs, ws, xs2, ws2, strict=True):
+        if w.shape[0] != w2.shape[0] or x.shape[0] != x2.shape[0] or _KINDS[w.qtype] != _KINDS[w2.qtype]:
+            raise ValueError(f"twins {w.qtype}{w.shape} and {w2.qtype}{w2.shape} differ")
+        lo = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+        hi = np.empty_like(lo)
+        if x.shape[0] > _STREAM_T:  # prefill: each half's tiles on their own (measured faster)
+            job.add(x, w, lo)
+            job.add(x2, w2, hi)
+        elif x.shape[0] > 0:  # a few tokens: a row's halves read together
+            job.add(x, w, lo)
+            job.add_twin(x2, w2, hi)
+        pairs.append((lo, hi))
+    job.run()
+    return [np.add(lo, hi, out=lo) for lo, hi in pairs]  # lo + hi, in lo's memory
 
 
 def swiglu(x: np.ndarray, w_gate: QTensor, w_up: QTensor) -> np.ndarray:
@@ -826,4 +864,5 @@ def _load_all() -> None:
             swiglu(x, w, w)
             linear_many(x, [w, w])  # multi-task jobs: another entry point
             linear_experts([x, x], [w, w])
+            linear_twins([x], [w], [x], [w])  # a cut down projection's job
             swiglu_experts([x, x], [w, w], [w, w])

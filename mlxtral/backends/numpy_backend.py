@@ -413,8 +413,7 @@ class NumpyBackend:
         T = x.shape[0]
         if L.router is None:
             self.expert_counts[li, 0] += T
-            (hid,) = ops.swiglu_experts([x], L.w1[:1], L.w3[:1])
-            return ops.linear(hid, L.w2[0])
+            return ops.ffn_experts([x], L.w1[:1], L.w3[:1], L.w2[:1])[0]
         idx, w = ops.route(x, L.router, self.args.n_experts_per_tok)  # [T, k], [T, k]
         k = idx.shape[1]
         pairs = np.zeros((T, k, x.shape[1]), dtype=np.float32)  # [T, k, dim] each (token, rank)'s output
@@ -423,8 +422,7 @@ class NumpyBackend:
             ranks = [j for j, e in enumerate(idx[0].tolist()) if self.mine[e]]  # all in one process
             if ranks:
                 with self._expert_weights(li, idx[0, ranks].tolist(), ahead) as (w1, w3, w2):
-                    hs = self._whole_hidden(ops.swiglu_experts([x] * len(ranks), w1, w3), li)
-                    for j, y in zip(ranks, ops.linear_experts(hs, w2), strict=True):
+                    for j, y in zip(ranks, self._ffn([x] * len(ranks), w1, w3, w2, li), strict=True):
                         pairs[0, j, self.out_cols] = y[0]
             return ops.combine(self._gather(pairs, li), w)  # in rank order
         flat = idx.ravel()  # token-expert pairs, token-major
@@ -440,12 +438,21 @@ class NumpyBackend:
         for n, (g0, g1) in enumerate(groups):
             es = experts[g0:g1].tolist()
             with self._expert_weights(li, es, ahead if n == len(groups) - 1 else None) as (w1, w3, w2):
-                hs = ops.swiglu_experts([x[t] for t in toks[g0:g1]], w1, w3)  # [T_e, hidden] each
-                ys = ops.linear_experts(self._whole_hidden(hs, li), w2)  # [T_e, dim] each
-                del hs  # before the next group's are made
+                ys = self._ffn([x[t] for t in toks[g0:g1]], w1, w3, w2, li)  # [T_e, dim] each
             for sel, y in zip(sels[g0:g1], ys, strict=True):
                 flat_pairs[sel, self.out_cols] = y  # every (token, rank) pair is some expert's exactly once
         return ops.combine(self._gather(pairs, li), w)  # as decode combines: rank order
+
+    def _ffn(self, xs: list[np.ndarray], w1: list[QTensor], w3: list[QTensor], w2: list[QTensor], li: int
+             ) -> list[np.ndarray]:
+        """The experts' FFN on their tokens xs [T_e, dim] -> [T_e, dim] each: by rows with every
+        rank's activations put together between its halves; on a rank holding one half of every
+        expert's width, that half; else one process's cut FFN (``ops.ffn_experts``)."""
+        if self.ffn_cols != slice(None):
+            return ops.down_experts(self._whole_hidden(ops.swiglu_experts(xs, w1, w3), li), w2)
+        if self.place is not None and self.place.halves:
+            return ops.linear_experts(ops.swiglu_experts(xs, w1, w3), w2)
+        return ops.ffn_experts(xs, w1, w3, w2)
 
     def _expert_groups(self, tokens: list[int]) -> list[tuple[int, int]]:
         """The experts in use (their token counts, in order) in groups run together, as [start,
@@ -483,8 +490,10 @@ class NumpyBackend:
     def _gather(self, pairs: np.ndarray, li: int) -> np.ndarray:
         """Expert parallel: every rank filled the (token, rank) slots of its own experts and left
         the rest 0; one sum across the group completes every slot exactly (x + 0 = x). By rows
-        every rank filled its columns of every slot: they are put side by side. Either way the
-        combine that follows is the single process's, bit for bit. pairs [T, k, dim]."""
+        every rank filled its columns of every slot: they are put side by side; by halves every
+        rank filled every slot with its half of down, and the sum adds the two as one process
+        does. Either way the combine that follows is the single process's, bit for bit. pairs
+        [T, k, dim]."""
         if not self.split:
             return pairs
         what = f"layer {li}'s experts"

@@ -3,10 +3,12 @@
 The matrix products go to :mod:`mlxtral.backends.kernels` (numba kernels on the raw GGUF blocks,
 with a pure-NumPy fallback inside): ``linear``, ``linear_many`` (several weights, one input, one
 pool job: q/k/v), ``swiglu_experts`` and ``linear_experts`` (the two halves of the MoE FFN, every
-selected expert in one job each).
+selected expert in one job each). ``ffn_experts`` / ``down_experts`` run an FFN with its down
+product cut in two fixed halves (``down_split``), as every forward does.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +42,79 @@ def swiglu_experts(
 def linear_experts(xs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.ndarray]:
     """``[x @ w.T ...]`` in one kernel job (the experts' down projections)."""
     return _kernels.linear_experts(xs, ws)
+
+
+def down_split(hidden: int) -> int:
+    """Where every FFN down product is cut in two (0: not cut). A down projection sums ``hidden``
+    products a row; this one always adds two fixed halves, columns ``[0, s)`` and ``[s, hidden)``,
+    each summed as the kernels sum a row, then ``lo + hi`` in float32. So two processes that hold
+    a half each (expert parallel by rows on 2 ranks, :mod:`mlxtral.distributed.placement`) add
+    their halves in one collective and get one process's bits. ``s`` falls on a 256-column
+    boundary when ``hidden`` allows (K-quant superblocks), else on a 32-column one (the other
+    block types); the halves are equal whenever ``hidden`` is a multiple of 512 (Mixtral's 14336)."""
+    step = 256 if hidden % 256 == 0 else 32
+    return step * (hidden // step // 2)
+
+
+_halves: weakref.WeakKeyDictionary[QTensor, tuple[int, QTensor, QTensor]] = weakref.WeakKeyDictionary()
+
+
+def down_halves(w: QTensor) -> tuple[int, QTensor, QTensor] | None:
+    """(s, columns [0, s), columns [s, in)) of down weight ``w`` [out, in] as views (kept per
+    weight), or None when it is not cut (``down_split`` 0, or its blocks do not fall on ``s``)."""
+    hit = _halves.get(w)
+    if hit is None:
+        s = down_split(w.shape[1])
+        if s == 0:
+            return None
+        try:
+            hit = (s, w.col_range(0, s), w.col_range(s, w.shape[1]))
+        except ValueError:
+            return None
+        _halves[w] = hit
+    return hit
+
+
+_row_halves: weakref.WeakKeyDictionary[QTensor, tuple[QTensor, QTensor]] = weakref.WeakKeyDictionary()
+
+
+def _rows_cut(w: QTensor, s: int) -> tuple[QTensor, QTensor]:
+    """Rows [0, s) and [s, out) of gate or up weight ``w``, as views (kept per weight)."""
+    hit = _row_halves.get(w)
+    if hit is None or hit[0].shape[0] != s:
+        hit = (w.row_range(0, s), w.row_range(s, w.shape[0]))
+        _row_halves[w] = hit
+    return hit
+
+
+def ffn_experts(xs: Sequence[np.ndarray], gates: Sequence[QTensor], ups: Sequence[QTensor],
+                downs: Sequence[QTensor]) -> list[np.ndarray]:
+    """Every expert's FFN, ``down(silu(x @ gate.T) * (x @ up.T))`` [T, dim], down cut as
+    :func:`down_experts` cuts it: gate and up run as two row halves, so each half of the hidden
+    activation comes out on its own (no copies of it), then down's two halves."""
+    cuts = [down_halves(w) for w in downs]
+    if not cuts or any(c is None for c in cuts):
+        return down_experts(swiglu_experts(xs, gates, ups), downs)
+    gs = [_rows_cut(g, c[0]) for g, c in zip(gates, cuts, strict=True)]  # type: ignore[index]
+    us = [_rows_cut(u, c[0]) for u, c in zip(ups, cuts, strict=True)]  # type: ignore[index]
+    n = len(downs)
+    hs = swiglu_experts([*xs, *xs], [g[0] for g in gs] + [g[1] for g in gs],
+                        [u[0] for u in us] + [u[1] for u in us])  # [h's first halves, its second]
+    return _kernels.linear_twins(hs[:n], [c[1] for c in cuts], hs[n:], [c[2] for c in cuts])  # type: ignore[index]
+
+
+def down_experts(hs: Sequence[np.ndarray], ws: Sequence[QTensor]) -> list[np.ndarray]:
+    """The FFN's down projections ``[h @ w.T ...]`` (h [T, hidden], w [dim, hidden]), every one
+    the sum of its two fixed halves (:func:`down_split`), all in one kernel job."""
+    halves = [down_halves(w) for w in ws]
+    if all(hw is None for hw in halves):
+        return linear_experts(hs, ws)
+    if any(hw is None for hw in halves):  # (never within one layer: down_split is the width's)
+        return [down_experts([h], [w])[0] for h, w in zip(hs, ws, strict=True)]
+    return _kernels.linear_twins([h[:, : hw[0]] for h, hw in zip(hs, halves, strict=True)],  # type: ignore[index]
+                                 [hw[1] for hw in halves],  # type: ignore[index]
+                                 [h[:, hw[0] :] for h, hw in zip(hs, halves, strict=True)],  # type: ignore[index]
+                                 [hw[2] for hw in halves])  # type: ignore[index]
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, window: int | None = None) -> np.ndarray:

@@ -17,6 +17,15 @@ second collective puts the outputs together. A rank's rows are one byte range pe
 Twice the collectives and, for a prompt, ~2x the bytes on the wire (the activations cross it): for
 fast links, where the balance pays (see the README's measurements).
 
+**Halves** (``expert-rows`` on 2 ranks of the NumPy backend, chosen at load when no rank streams
+its experts: :func:`mlxtral.distributed.setup.halve`): rank 0 holds the FFN columns before
+``ops.down_split(hidden)`` of every expert (gate's and up's rows, down's columns), rank 1 the rest.
+One process cuts every down product there too and adds the two halves in float32, so each rank
+computes one half of the pairs' outputs as one process computes it, and one ``all_sum`` a layer
+(``lo + hi``: two addends, the same sum in either order) completes them: the collectives of
+``expert`` with the balance of ``expert-rows``. A rank's half of down is a private copy of its
+columns (a row's two halves share pages).
+
 Either way every number is computed as one process computes it (a row's dot product does not
 depend on which other rows or pairs are computed beside it), so logits are bit-identical.
 Attention, norms, routers, the embedding and the output are on every rank; on NumPy each rank
@@ -51,6 +60,7 @@ class Placement:
     size: int
     experts: range  # the experts this rank computes, in every layer it holds
     layers: range  # the layers this rank holds
+    halves: bool = False  # by rows on 2 ranks: each rank one half of every expert's FFN width
 
     @property
     def head(self) -> bool:
@@ -65,12 +75,21 @@ class Placement:
 
     @property
     def sliced(self) -> bool:
-        """Every expert split by rows over more than one rank (mode ``expert-rows``)."""
-        return self.mode == "expert-rows" and self.size > 1
+        """Every expert split by rows over more than one rank (mode ``expert-rows``), its
+        activations and outputs gathered (not :attr:`halves`)."""
+        return self.mode == "expert-rows" and self.size > 1 and not self.halves
 
     def rows(self, n: int) -> range:
         """This rank's rows of an expert matrix of ``n`` rows (all of them unless sliced)."""
         return _span(self.rank, self.size, n) if self.sliced else range(n)
+
+    def half(self, hidden: int) -> range:
+        """With :attr:`halves`, this rank's half of an FFN width of ``hidden``: rank 0 the columns
+        before ``ops.down_split(hidden)``, rank 1 the rest."""
+        from mlxtral.backends.ops import down_split
+
+        s = down_split(hidden)
+        return range(0, s) if self.rank == 0 else range(s, hidden)
 
     def spans(self, n: int) -> list[range]:
         """Every rank's contiguous share of ``n`` rows (or vocabulary entries), in rank order."""
@@ -81,11 +100,19 @@ class Placement:
         return [len(r) for r in self.spans(n)] if self.sliced else [n]
 
     def share(self, name: str, t: Tensor) -> Tensor:
-        """This rank's part of tensor ``name`` (one it :meth:`holds`): its rows of an expert matrix
-        when sliced, as a view; any other tensor whole."""
-        if not self.sliced or _EXPERT.match(name) is None:
+        """This rank's part of tensor ``name`` (one it :meth:`holds`), as a view: its rows of an
+        expert matrix when sliced; with :attr:`halves` its half of gate's and up's rows and of
+        down's columns; any other tensor whole."""
+        m = _EXPERT.match(name)
+        if m is None or not (self.sliced or self.halves):
             return t
-        r = self.rows(t.shape[0])
+        if self.halves:
+            down = ".ffn_down." in name
+            r = self.half(t.shape[1] if down else t.shape[0])
+            if down:
+                return t.col_range(r.start, r.stop)  # type: ignore[union-attr]
+        else:
+            r = self.rows(t.shape[0])
         return t.row_range(r.start, r.stop)
 
     @property
@@ -107,6 +134,9 @@ class Placement:
         return self.head or self.mode != "pipeline"
 
     def describe(self) -> str:
+        if self.halves:
+            return (f"rank {self.rank}/{self.size}: half of every expert's FFN width (down's partial "
+                    "outputs summed)")
         if self.mode == "expert-rows":
             return f"rank {self.rank}/{self.size}: 1/{self.size} of the rows of every expert"
         if self.mode == "expert":

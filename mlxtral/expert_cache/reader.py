@@ -283,3 +283,20 @@ def read_copy(a: np.ndarray) -> np.ndarray:
     finally:
         os.close(fd)
     return out
+
+
+def read_columns(a: np.ndarray, c0: int, c1: int, chunk: int = 4 << 20) -> np.ndarray:
+    """A private copy of columns ``[c0, c1)`` of ``a`` [rows, cols], a view of a memory-mapped
+    file: rows read ``chunk`` bytes at a time (:func:`read_copy`, which drops the page cache's range
+    after) and their columns kept, so the process never maps the columns it does not keep (a
+    rank's half of down; rows of 2 KB share their pages). Not a file view: a plain copy."""
+    from mlxtral.expert_cache.layout import file_range
+
+    out = np.empty((a.shape[0], c1 - c0), dtype=a.dtype)
+    if file_range(a) is None:
+        out[:] = a[:, c0:c1]
+        return out
+    step = max(1, chunk // max(1, a.strides[0]))
+    for r in range(0, a.shape[0], step):
+        out[r : r + step] = read_copy(a[r : r + step])[:, c0:c1]
+    return out
