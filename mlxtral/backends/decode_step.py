@@ -108,6 +108,8 @@ class DecodeStep:
                     return None
             if any(L.w1[e].qtype != L.w3[e].qtype for e in mine):
                 return None  # the general path's two tasks and NumPy's SiLU
+            if any(kernels._wdata(L.w2[e]).ctypes.data != L.w2[e].data.ctypes.data for e in mine):
+                return None  # down read from a copy: its second half's offset is taken on w.data
         return cls(backend)
 
     def _plan(self) -> None:
@@ -155,7 +157,7 @@ class DecodeStep:
         if hw is None:
             return 0, 0
         s, _, hi = hw
-        return s, hi.data.ctypes.data - kernels._wdata(w).ctypes.data
+        return s, hi.data.ctypes.data - w.data.ctypes.data  # w.data is what the step reads (build)
 
     def takes(self, cache: KVCache) -> bool:
         """A cache the compiled step can write where it lies (it reads by address: everything
