@@ -328,13 +328,10 @@ def q8k_kind(kind):
     return (kind >= KQ_FIRST and kind <= K_Q2_K) or kind == K_IQ4_XS
 
 
-PAIR_BYTES = 1 << 22  # a twin pair's rows alternate in groups of about this many bytes of a half
-
-
 @njit(cache=_CACHE, nogil=True)
 def run_chunk(table, c):
     """Compute work item ``c`` of a job: ``F_CHUNK`` output rows of one task, all its tokens (and
-    the same rows of its twin, group by group)."""
+    the same rows of its twin)."""
     ti = 0
     while ti + 1 < table.shape[0] and table[ti + 1, F_FIRST] <= c:
         ti += 1
@@ -348,14 +345,9 @@ def run_chunk(table, c):
     if tw < 0:
         task_rows(table, ti, r0, r1)
         return
-    if twin_rows(table, ti, tw, r0, r1):
-        return
-    half = max(1, table[tw, F_W] - table[ti, F_W])  # the twin's weight starts a half row on
-    step = max(32, PAIR_BYTES // half // 32 * 32)  # whole 16-row tiles
-    for g0 in range(r0, r1, step):
-        g1 = min(g0 + step, r1)
-        task_rows(table, ti, g0, g1)
-        task_rows(table, tw, g0, g1)
+    if not twin_rows(table, ti, tw, r0, r1):  # several tokens: the item's rows of one, then the other
+        task_rows(table, ti, r0, r1)
+        task_rows(table, tw, r0, r1)
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -363,7 +355,7 @@ def twin_rows(table, ti, tw, r0, r1):
     """One token's rows ``r0..r1`` of task ``ti`` and of its twin ``tw`` with a row's two halves
     read one after the other: each task's values are the bits :func:`task_rows` gives it alone
     (the same row dots, in another order of rows). False where this does not apply (several
-    tokens, fused, IQ4_XS, exact block kinds): the caller runs the two in groups of rows."""
+    tokens, fused, IQ4_XS, exact block kinds): the caller runs the item's rows of one, then of the other."""
     kind = table[ti, F_KIND]
     quant = table[ti, F_QUANT] != 0
     if table[ti, F_T] != 1 or table[ti, F_MODE] == 1 or kind == K_IQ4_XS:

@@ -78,10 +78,12 @@ def down_halves(w: QTensor) -> tuple[int, QTensor, QTensor] | None:
 _row_halves: weakref.WeakKeyDictionary[QTensor, tuple[QTensor, QTensor]] = weakref.WeakKeyDictionary()
 
 
-def _rows_cut(w: QTensor, s: int) -> tuple[QTensor, QTensor]:
-    """Rows [0, s) and [s, out) of gate or up weight ``w``, as views (kept per weight)."""
+def _rows_cut(w: QTensor) -> tuple[QTensor, QTensor]:
+    """Rows [0, s) and [s, hidden) of gate or up weight ``w`` [hidden, dim] (``s`` where
+    :func:`down_split` cuts its down), as views (kept per weight)."""
     hit = _row_halves.get(w)
-    if hit is None or hit[0].shape[0] != s:
+    if hit is None:
+        s = down_split(w.shape[0])
         hit = (w.row_range(0, s), w.row_range(s, w.shape[0]))
         _row_halves[w] = hit
     return hit
@@ -95,8 +97,8 @@ def ffn_experts(xs: Sequence[np.ndarray], gates: Sequence[QTensor], ups: Sequenc
     cuts = [down_halves(w) for w in downs]
     if not cuts or any(c is None for c in cuts):
         return down_experts(swiglu_experts(xs, gates, ups), downs)
-    gs = [_rows_cut(g, c[0]) for g, c in zip(gates, cuts, strict=True)]  # type: ignore[index]
-    us = [_rows_cut(u, c[0]) for u, c in zip(ups, cuts, strict=True)]  # type: ignore[index]
+    gs = [_rows_cut(g) for g in gates]
+    us = [_rows_cut(u) for u in ups]
     n = len(downs)
     hs = swiglu_experts([*xs, *xs], [g[0] for g in gs] + [g[1] for g in gs],
                         [u[0] for u in us] + [u[1] for u in us])  # [h's first halves, its second]

@@ -64,16 +64,9 @@ def halve(group: Group, share: Placement, tensors: dict[str, Tensor], streams: b
 
 
 def _cuttable(q: Tensor) -> bool:
-    from mlxtral.backends.ops import down_split
+    from mlxtral.backends.ops import down_halves
 
-    s = down_split(q.shape[1])
-    if not isinstance(q, QTensor) or q.ndim != 2 or s == 0:
-        return False
-    try:
-        q.col_range(0, s)
-    except ValueError:
-        return False
-    return True
+    return isinstance(q, QTensor) and q.ndim == 2 and down_halves(q) is not None
 
 
 def half_tensors(share: Placement, whole: dict[str, Tensor]) -> dict[str, Tensor]:
